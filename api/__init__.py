@@ -1,0 +1,1 @@
+"""The stateless HTTP front: routes, streaming, errors. It never imports torch."""

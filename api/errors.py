@@ -1,0 +1,122 @@
+"""One error envelope for the whole API (OpenAI's): ``{"error": {message, type, param, code}}``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis.exceptions
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("streamq.api")
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+    504: "timeout",
+}
+
+
+class ApiError(Exception):
+    """An error the API answers with, in the envelope, with its HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or _TYPES.get(status, "api_error")
+        self.param = param
+        self.code = code
+        self.headers = headers
+        self.body = body  # extra top-level members (e.g. the job view with a 409)
+
+    def envelope(self) -> dict[str, Any]:
+        return error_envelope(self.message, self.type, self.param, self.code) | (self.body or {})
+
+
+def error_envelope(
+    message: str, type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.envelope(), status_code=exc.status, headers=exc.headers)
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or None
+
+
+def _validation_response(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        first = next(e for e in errors if e.get("type") == "json_invalid")
+        detail = first.get("ctx", {}).get("error", "")
+        return error_response(ApiError(422, f"the request body is not valid JSON: {detail}".rstrip(": ")))
+    messages = []
+    for e in errors:
+        where = _param(tuple(e.get("loc", ())))
+        text = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+        messages.append(f"{where}: {text}" if where else text)
+    first_param = _param(tuple(errors[0].get("loc", ()))) if errors else None
+    return error_response(ApiError(400, "; ".join(messages), param=first_param))
+
+
+def _http_response(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    message = exc.detail if isinstance(exc.detail, str) else "request failed"
+    return error_response(ApiError(exc.status_code, message, headers=getattr(exc, "headers", None)))
+
+
+def _api_error_response(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(exc)
+
+
+def _redis_response(_: Request, exc: Exception) -> JSONResponse:
+    log.warning("Redis is unreachable: %s", exc)
+    return error_response(
+        ApiError(503, "the job store (Redis) is unreachable; try again shortly", headers={"Retry-After": "1"})
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error_response)
+    app.add_exception_handler(RequestValidationError, _validation_response)
+    app.add_exception_handler(StarletteHTTPException, _http_response)
+    app.add_exception_handler(redis.exceptions.ConnectionError, _redis_response)
+    app.add_exception_handler(redis.exceptions.TimeoutError, _redis_response)
+
+
+def job_failure_error(event: str, data: dict[str, Any]) -> ApiError:
+    """The HTTP error for a job that ended without an answer (routes that wait for the answer)."""
+    if event == "canceled":
+        return ApiError(409, "the job was canceled before it finished", code="job_canceled")
+    kind = str(data.get("type") or "generation_error")
+    message = str(data.get("message") or "the job failed")
+    status = {"invalid_request_error": 400, "timeout": 504}.get(kind, 502)
+    return ApiError(status, message, type=kind)

@@ -1,0 +1,206 @@
+"""Creating, reading and canceling jobs: the front's side of a job's life in Redis and RQ."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+
+import anyio.to_thread
+import redis
+import redis.asyncio as aioredis
+from rq.job import Job
+from rq.queue import Queue
+
+from api.errors import ApiError
+from api.worker_directory import WorkerDirectory
+from shared import keys
+from shared.job_state import EVENT_CANCELED, EVENT_QUEUED, FINISH_SCRIPT, encode, finish_args, view_from_hash
+from shared.schemas import FINAL_STATUSES, GenerationRequest, JobRequest, JobView
+from shared.settings import Settings
+
+log = logging.getLogger("streamq.api")
+
+TASK = "worker.tasks.generate"  # enqueued by name: the front never imports the worker
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def new_job_id() -> str:
+    """128 random bits, hex: unguessable."""
+    return secrets.token_hex(16)
+
+
+class JobService:
+    def __init__(
+        self,
+        settings: Settings,
+        connection: aioredis.Redis,
+        rq_connection: redis.Redis,
+        directory: WorkerDirectory,
+    ) -> None:
+        self._settings = settings
+        self._redis = connection
+        self._rq = rq_connection
+        self.directory = directory
+        self._finish = connection.register_script(FINISH_SCRIPT)
+
+    # ----- creating -------------------------------------------------------------------------
+    def generation_request(self, request: JobRequest) -> GenerationRequest:
+        """The request resolved against the server's defaults and limits (or a 400)."""
+        s = self._settings
+        if request.max_tokens is not None and request.max_tokens > s.max_tokens_limit:
+            raise ApiError(
+                400,
+                f"max_tokens must be at most {s.max_tokens_limit}, got {request.max_tokens}",
+                param="max_tokens",
+            )
+        if request.max_tokens is not None:
+            max_tokens = request.max_tokens
+        elif request.max_length is not None:  # ChatGLM style: max_length bounds the answer
+            max_tokens = s.max_tokens_limit
+        else:
+            max_tokens = s.default_max_tokens
+        stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+        return GenerationRequest(
+            messages=request.chat_messages(),
+            max_tokens=max_tokens,
+            max_length=request.max_length,
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_p=1.0 if request.top_p is None else request.top_p,
+            top_k=request.top_k or 0,
+            stop=stop,
+            seed=request.seed,
+        )
+
+    async def submit(self, request: JobRequest) -> JobView:
+        """Validate, pick the model, and create the job and its RQ job in one transaction."""
+        generation = self.generation_request(request)
+        model = await self.directory.resolve(request.model)
+        job_id = new_job_id()
+        created_at = time.time()
+        await anyio.to_thread.run_sync(self._enqueue, job_id, model, generation, created_at)
+        log.info("job %s: queued for %s", job_id, model)
+        return JobView(
+            id=job_id,
+            model=model,
+            status="queued",
+            position=await self.position(job_id, model),
+            created_at=created_at,
+        )
+
+    def _enqueue(self, job_id: str, model: str, generation: GenerationRequest, created_at: float) -> None:
+        s = self._settings
+        life = s.queue_ttl + s.job_timeout + s.result_ttl
+        queue = Queue(keys.queue_name(model), connection=self._rq)
+        with self._rq.pipeline(transaction=True) as pipe:
+            queue.enqueue_call(
+                TASK,
+                args=(job_id,),
+                job_id=job_id,
+                timeout=s.job_timeout,
+                ttl=s.queue_ttl,
+                result_ttl=s.result_ttl,
+                failure_ttl=s.result_ttl,
+                description=f"streamq job {job_id} for {model}",
+                pipeline=pipe,
+            )
+            pipe.hset(
+                keys.job(job_id),
+                mapping={
+                    "id": job_id,
+                    "model": model,
+                    "status": "queued",
+                    "created_at": repr(created_at),
+                    "request": generation.model_dump_json(),
+                },
+            )
+            pipe.expire(keys.job(job_id), life)
+            pipe.set(keys.text(job_id), "", ex=life)
+            pipe.xadd(
+                keys.events(job_id),
+                {"event": EVENT_QUEUED, "data": encode({"model": model})},
+                maxlen=s.stream_maxlen,
+                approximate=True,
+            )
+            pipe.expire(keys.events(job_id), life)
+            pipe.execute()
+
+    # ----- reading --------------------------------------------------------------------------
+    async def position(self, job_id: str, model: str) -> int | None:
+        pos = await self._redis.lpos(keys.rq_queue(model), job_id)
+        return pos if isinstance(pos, int) else None
+
+    async def find(self, job_id: str) -> JobView | None:
+        if not _JOB_ID.match(job_id):
+            return None
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hgetall(keys.job(job_id))
+        pipe.get(keys.text(job_id))
+        fields, text = await pipe.execute()
+        if not fields or "status" not in fields:
+            return None
+        position = await self.position(job_id, fields["model"]) if fields["status"] == "queued" else None
+        return view_from_hash(job_id, fields, text or "", position)
+
+    async def get(self, job_id: str) -> JobView:
+        view = await self.find(job_id)
+        if view is None:
+            raise ApiError(404, f"no job with id '{job_id}'", param="id", code="job_not_found")
+        return view
+
+    # ----- canceling ------------------------------------------------------------------------
+    async def cancel(self, job_id: str) -> JobView:
+        """Cancel a job. A queued one is taken off its queue before any worker sees it; a
+        running one stops at its next step. Returns the job's view; 409 if it had ended."""
+        view = await self.get(job_id)
+        if view.status in FINAL_STATUSES:
+            raise ApiError(
+                409,
+                f"job '{job_id}' has already ended ({view.status})",
+                code="job_already_ended",
+                body={"job": view.model_dump(mode="json")},
+            )
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hset(keys.job(job_id), "cancel", "1")
+        pipe.lrem(keys.rq_queue(view.model), 1, job_id)
+        pipe.publish(keys.CANCEL_CHANNEL, job_id)
+        _, removed, _ = await pipe.execute()
+        if removed:
+            await self._finish_canceled_queued(job_id)
+        else:
+            await self._wait_final(job_id)
+        log.info("job %s: cancel requested (%s)", job_id, "while queued" if removed else "while running")
+        return await self.get(job_id)
+
+    async def _finish_canceled_queued(self, job_id: str) -> None:
+        s = self._settings
+        await self._finish(
+            keys=[keys.job(job_id), keys.events(job_id), keys.text(job_id)],
+            args=finish_args(
+                "canceled",
+                EVENT_CANCELED,
+                {"completion_tokens": 0},
+                s.result_ttl,
+                s.stream_maxlen,
+                {"finish_reason": "canceled", "finished_at": time.time()},
+            ),
+        )
+        await anyio.to_thread.run_sync(self._file_rq_cancel, job_id)
+
+    def _file_rq_cancel(self, job_id: str) -> None:
+        """Keep RQ's registries true: the RQ job is canceled too (it never ran)."""
+        try:
+            job = Job.fetch(job_id, connection=self._rq)
+            job.cancel()
+            job.cleanup(ttl=self._settings.result_ttl, remove_from_queue=False)
+        except Exception as exc:  # bookkeeping only: the job is already canceled for streamq
+            log.warning("job %s: RQ bookkeeping of the cancel failed: %s", job_id, exc)
+
+    async def _wait_final(self, job_id: str) -> None:
+        deadline = time.monotonic() + self._settings.cancel_wait
+        while time.monotonic() < deadline:
+            if await self._redis.hget(keys.job(job_id), "status") in FINAL_STATUSES:
+                return
+            await asyncio.sleep(0.02)

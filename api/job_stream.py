@@ -1,0 +1,119 @@
+"""Following one job's events for a client: from the stream hub, with live queue positions,
+keep-alive ticks and client-disconnect detection. The SSE route, the seed's chunked stream
+and the waiting routes all read a job through ``follow_job``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+
+from api.job_service import JobService
+from api.stream_hub import StreamHub
+from shared import keys
+from shared.job_state import EVENT_DELTA, EVENT_QUEUED, EVENT_STARTED, FINAL_EVENTS
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One event of a job. ``id`` is its stream entry id (None for a live position update)."""
+
+    id: str | None
+    event: str
+    data: dict[str, Any]
+
+    @property
+    def final(self) -> bool:
+        return self.event in FINAL_EVENTS
+
+
+class ClientGone(Exception):
+    """The HTTP client went away while its job was being followed."""
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def follow_job(
+    jobs: JobService,
+    hub: StreamHub,
+    job_id: str,
+    model: str,
+    last_id: str,
+    request: Request | None,
+    ping_interval: float,
+    position_interval: float,
+) -> AsyncGenerator[JobEvent | None, None]:
+    """Yield the job's events after ``last_id`` until its final event, and None as a
+    keep-alive tick after ``ping_interval`` seconds without one. While the job waits in its
+    queue, a ``queued`` event (without id) reports each change of its position. Raises
+    ClientGone when ``request``'s client disconnects."""
+    sub = await hub.subscribe(keys.events(job_id), last_id)
+    gone = asyncio.ensure_future(_wait_disconnect(request)) if request is not None else None
+    waiting = True  # until a started/delta/final event shows the job left its queue
+    position: int | None = None
+    last_sent = time.monotonic()
+    try:
+        while True:
+            timeout = min(
+                ping_interval - (time.monotonic() - last_sent), position_interval if waiting else 1e9
+            )
+            get = asyncio.ensure_future(sub.queue.get())
+            done, _ = await asyncio.wait(
+                {get, gone} if gone is not None else {get},
+                timeout=max(timeout, 0.0),
+                return_when="FIRST_COMPLETED",
+            )
+            if gone is not None and gone in done:
+                get.cancel()
+                raise ClientGone()
+            if get in done:
+                entry_id, fields = get.result()
+                event = fields.get("event", "")
+                data = json.loads(fields.get("data") or "{}")
+                if event == EVENT_QUEUED:
+                    position = await jobs.position(job_id, model)
+                    data = {**data, "position": position}
+                elif event in (EVENT_STARTED, EVENT_DELTA) or event in FINAL_EVENTS:
+                    waiting = False
+                last_sent = time.monotonic()
+                yield JobEvent(entry_id, event, data)
+                if event in FINAL_EVENTS:
+                    return
+                continue
+            get.cancel()
+            if waiting:
+                now_at = await jobs.position(job_id, model)
+                if now_at != position and now_at is not None:
+                    position = now_at
+                    last_sent = time.monotonic()
+                    yield JobEvent(None, EVENT_QUEUED, {"model": model, "position": position})
+                    continue
+            if time.monotonic() - last_sent >= ping_interval:
+                last_sent = time.monotonic()
+                yield None
+    finally:
+        hub.unsubscribe(sub)
+        if gone is not None:
+            gone.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await gone
+
+
+def sse_message(event: JobEvent | None) -> bytes:
+    """Server-Sent Events framing; None is the keep-alive comment."""
+    if event is None:
+        return b": ping\n\n"
+    head = f"id: {event.id}\n" if event.id else ""
+    data = json.dumps(event.data, separators=(",", ":"), ensure_ascii=False)
+    return f"{head}event: {event.event}\ndata: {data}\n\n".encode()

@@ -1,0 +1,89 @@
+"""The job API: submit, poll, stream (SSE), cancel."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.responses import StreamingResponse
+
+from api.errors import ApiError
+from api.job_stream import ClientGone, follow_job, sse_message
+from api.state import Front, get_front
+from shared.schemas import JobRequest, JobView
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+FrontDep = Annotated[Front, Depends(get_front)]
+_EVENT_ID = re.compile(r"^\d+(-\d+)?$")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+
+
+@router.post("", status_code=202, responses={400: {}, 404: {}, 422: {}, 503: {}})
+async def create_job(body: JobRequest, response: Response, front: FrontDep) -> JobView:
+    """Queue a chat job. Answers 202 with the job's view; follow it at ``/v1/jobs/{id}/events``."""
+    view = await front.jobs.submit(body)
+    response.headers["Location"] = f"/v1/jobs/{view.id}"
+    return view
+
+
+@router.get("/{job_id}", responses={404: {}})
+async def get_job(job_id: str, front: FrontDep) -> JobView:
+    """The job's status, queue position, answer so far, usage and timings."""
+    return await front.jobs.get(job_id)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, 400: {}, 404: {}},
+)
+async def job_events(
+    job_id: str,
+    request: Request,
+    front: FrontDep,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
+    """Server-Sent Events: ``queued`` (position), ``started``, ``delta`` ({text}), then one of
+    ``done`` / ``error`` / ``canceled``. Send ``Last-Event-ID`` to get only the events after it."""
+    if last_event_id is not None and not _EVENT_ID.match(last_event_id.strip()):
+        raise ApiError(
+            400, "Last-Event-ID must be an event id such as 1700000000000-0", param="Last-Event-ID"
+        )
+    view = await front.jobs.get(job_id)
+    s = front.settings
+    events = follow_job(
+        front.jobs,
+        front.hub,
+        job_id,
+        view.model,
+        (last_event_id or "0-0").strip(),
+        request,
+        s.ping_interval,
+        s.position_poll_interval,
+    )
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for event in events:
+                yield sse_message(event)
+        except ClientGone:
+            return  # the job runs on (detached); the client may re-attach with Last-Event-ID
+        finally:
+            await events.aclose()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+@router.post("/{job_id}/cancel", responses={404: {}, 409: {}})
+async def cancel_job(job_id: str, front: FrontDep) -> JobView:
+    """Cancel a queued or running job; 409 (with the job) if it had already ended."""
+    return await front.jobs.cancel(job_id)
+
+
+@router.delete("/{job_id}", responses={404: {}, 409: {}})
+async def delete_job(job_id: str, front: FrontDep) -> JobView:
+    """Same as ``POST /v1/jobs/{id}/cancel``."""
+    return await front.jobs.cancel(job_id)

@@ -1,0 +1,145 @@
+"""One multiplexed reader per front process for every job stream its clients wait on.
+
+Each waiting client holds a Subscription (a stream key, the last entry id it has, and an
+asyncio queue). A single task keeps one blocking ``XREAD`` over all those keys on one
+dedicated Redis connection and hands each entry to the subscriptions that have not seen it.
+A new subscription wakes the reader through a small per-front wake-up stream, so it joins
+the read at once instead of after the block timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import cast
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from shared import keys
+
+log = logging.getLogger("streamq.api")
+
+Entry = tuple[str, dict[str, str]]
+
+
+def _id_tuple(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class Subscription:
+    def __init__(self, key: str, last_id: str) -> None:
+        self.key = key
+        self.last_id = last_id
+        self.queue: asyncio.Queue[Entry] = asyncio.Queue()
+
+
+class StreamHub:
+    def __init__(
+        self,
+        reader: aioredis.Redis,
+        writer: aioredis.Redis,
+        front_id: str,
+        block_ms: int = 10_000,
+        count: int = 500,
+    ) -> None:
+        self._reader = reader  # its own connection: it blocks in XREAD
+        self._writer = writer  # the shared pool: wake-ups
+        self._wake_key = keys.hub_wakeup(front_id)
+        self._block_ms = block_ms
+        self._count = count
+        self._subs: dict[str, set[Subscription]] = {}
+        self._cursors: dict[str, str] = {}
+        self._blocking = False
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._subs)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="streamq-stream-hub")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            # redis-py may turn the cancel of a blocked read into a timeout error; the
+            # _stopping flag ends the loop then.
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._task, timeout=5)
+        with contextlib.suppress(RedisError):
+            await self._writer.delete(self._wake_key)
+
+    async def subscribe(self, key: str, last_id: str = "0-0") -> Subscription:
+        """Entries of stream ``key`` after ``last_id`` (and all later ones) go to the subscription's queue."""
+        sub = Subscription(key, last_id)
+        self._subs.setdefault(key, set()).add(sub)
+        cursor = self._cursors.get(key)
+        if cursor is None or _id_tuple(last_id) < _id_tuple(cursor):
+            self._cursors[key] = last_id
+        self._changed.set()
+        if self._blocking:  # the XREAD in flight does not know this key yet
+            try:
+                pipe = self._writer.pipeline(transaction=False)
+                pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1)
+                pipe.expire(self._wake_key, 3600)
+                await pipe.execute()
+            except RedisError:
+                self.unsubscribe(sub)
+                raise
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        subs = self._subs.get(sub.key)
+        if subs is None:
+            return
+        subs.discard(sub)
+        if not subs:
+            del self._subs[sub.key]
+            self._cursors.pop(sub.key, None)
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while not self._stopping:
+            if not self._subs:
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            asked = dict(self._cursors)
+            streams: dict[str, str] = {**asked, self._wake_key: "$"}
+            self._blocking = True
+            try:
+                reply = cast(
+                    list[tuple[str, list[Entry]]],
+                    await self._reader.xread(streams, count=self._count, block=self._block_ms),  # type: ignore[arg-type]
+                )
+            except RedisError as exc:
+                if self._stopping:
+                    return
+                log.warning("stream reader lost Redis (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            finally:
+                self._blocking = False
+            backoff = 0.1
+            for key, entries in reply or []:
+                if key != self._wake_key and entries:
+                    self._deliver(key, entries, asked.get(key))
+
+    def _deliver(self, key: str, entries: list[Entry], asked_from: str | None) -> None:
+        # Move the cursor on unless a new subscription moved it back meanwhile (its backlog is
+        # then read again next time; subscriptions skip entries they already have).
+        if self._cursors.get(key) == asked_from:
+            self._cursors[key] = entries[-1][0]
+        for sub in tuple(self._subs.get(key, ())):
+            last = _id_tuple(sub.last_id)
+            for entry_id, fields in entries:
+                if _id_tuple(entry_id) > last:
+                    sub.queue.put_nowait((entry_id, fields))
+                    sub.last_id = entry_id

@@ -1,0 +1,96 @@
+"""Which workers are alive and which models they serve, read from their heartbeats."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import cast
+
+import redis.asyncio as aioredis
+
+from api.errors import ApiError
+from shared import keys
+from shared.settings import Settings
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    name: str
+    model: str
+    device: str
+    last_heartbeat: float
+    current_job: str
+
+
+class WorkerDirectory:
+    def __init__(self, connection: aioredis.Redis, settings: Settings, cache_seconds: float = 1.0) -> None:
+        self._redis = connection
+        self._ttl = settings.worker_ttl
+        self._expected = settings.model_list()
+        self._cache_seconds = cache_seconds
+        self._cached: tuple[float, list[WorkerInfo]] | None = None
+
+    async def live_workers(self) -> list[WorkerInfo]:
+        now = time.time()
+        names = cast(list[str], await self._redis.zrangebyscore(keys.WORKERS, now - self._ttl, "+inf"))
+        if not names:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(keys.worker(name))
+        infos = await pipe.execute()
+        workers = [
+            WorkerInfo(
+                name=name,
+                model=info.get("model", ""),
+                device=info.get("device", ""),
+                last_heartbeat=float(info.get("last_heartbeat") or 0),
+                current_job=info.get("current_job", ""),
+            )
+            for name, info in zip(names, infos, strict=True)
+            if info
+        ]
+        self._cached = (time.monotonic(), workers)
+        return workers
+
+    async def _workers(self, fresh: bool = False) -> list[WorkerInfo]:
+        if not fresh and self._cached and time.monotonic() - self._cached[0] < self._cache_seconds:
+            return self._cached[1]
+        return await self.live_workers()
+
+    async def served_models(self, fresh: bool = False) -> dict[str, int]:
+        """Model name → number of live workers serving it."""
+        counts: dict[str, int] = {}
+        for w in await self._workers(fresh):
+            counts[w.model] = counts.get(w.model, 0) + 1
+        return counts
+
+    async def readiness(self) -> tuple[bool, dict[str, int]]:
+        """Ready when every expected model (STREAMQ_MODELS) has a live worker, and some worker is live."""
+        models = await self.served_models(fresh=True)
+        expected = {m: models.get(m, 0) for m in self._expected}
+        ready = bool(models) and all(expected.values())
+        return ready, {**models, **expected}
+
+    async def resolve(self, requested: str | None) -> str:
+        """The model a job goes to, or the ApiError that explains why none fits."""
+        models = await self.served_models()
+        if requested and requested not in models:
+            models = await self.served_models(fresh=True)
+        names = ", ".join(sorted(models)) or "none"
+        if requested:
+            if requested in models:
+                return requested
+            raise ApiError(
+                404,
+                f"model '{requested}' is not served by any live worker (served: {names})",
+                param="model",
+                code="model_not_found",
+            )
+        if len(models) == 1:
+            return next(iter(models))
+        if not models:
+            raise ApiError(
+                503, "no worker is serving a model yet; try again shortly", headers={"Retry-After": "5"}
+            )
+        raise ApiError(400, f"several models are served ({names}): name one in 'model'", param="model")

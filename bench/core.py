@@ -1,0 +1,144 @@
+"""Core path: submit → first delta latency, and the front's Redis connections under many streams.
+
+Everything runs here, in one go, on this machine: a private redis-server, one front under
+uvicorn, one worker with the tiny model. Baselines are measured in the same run:
+  * latency: the same prompt's first token generated in-process (no queue, no Redis, no HTTP);
+  * connections: one blocking Redis connection per open stream (the design the hub replaces).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+from shared.schemas import ChatMessage, GenerationRequest
+from tests.processes import RedisServer, start_front, start_worker, wait_workers
+
+PROMPT = "Say something about queues."
+MAX_TOKENS = 16
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def in_process_first_token(model_dir: Path, runs: int) -> list[float]:
+    import torch
+
+    from worker.model_loading import load_backend
+
+    torch.set_num_threads(1)
+    backend = load_backend(str(model_dir), device="cpu", dtype="float32")
+    req = GenerationRequest(
+        messages=[ChatMessage(role="user", content=PROMPT)], max_tokens=MAX_TOKENS, temperature=0.0, top_p=1.0
+    )
+    out = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        steps = backend.generate(req)
+        next(steps)
+        out.append(time.perf_counter() - start)
+        steps.close()
+    return out
+
+
+def submit_to_first_delta(url: str, runs: int) -> tuple[list[float], list[float]]:
+    """Client view (POST sent → first delta read from SSE) and server view (created → first token)."""
+    client_side, server_side = [], []
+    body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
+    with httpx.Client(timeout=30) as client:
+        for _ in range(runs):
+            start = time.perf_counter()
+            job = client.post(f"{url}/v1/jobs", json=body).json()
+            with client.stream("GET", f"{url}/v1/jobs/{job['id']}/events") as response:
+                for line in response.iter_lines():
+                    if line == "event: delta":
+                        client_side.append(time.perf_counter() - start)
+                    if line == "event: done":
+                        break
+            view = client.get(f"{url}/v1/jobs/{job['id']}").json()
+            server_side.append(view["started_at"] - view["created_at"])
+    return client_side, server_side
+
+
+async def hold_streams(url: str, redis_url: str, count: int) -> dict[str, Any]:
+    """Open ``count`` SSE streams on live jobs; count the front's Redis connections meanwhile."""
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=count + 10)) as client:
+        ids = []
+        for _ in range(count):
+            r = await client.post(f"{url}/v1/jobs", json={"prompt": PROMPT, "max_tokens": 64})
+            ids.append(r.json()["id"])
+        opened = asyncio.Event()
+        open_count = 0
+
+        async def listen(job_id: str) -> None:
+            nonlocal open_count
+            async with client.stream("GET", f"{url}/v1/jobs/{job_id}/events") as response:
+                open_count += 1
+                if open_count == count:
+                    opened.set()
+                async for line in response.aiter_lines():
+                    if line.startswith("event: ") and line[7:] in ("done", "error", "canceled"):
+                        return
+
+        tasks = [asyncio.create_task(listen(i)) for i in ids]
+        await asyncio.wait_for(opened.wait(), timeout=60)
+        await asyncio.sleep(1.0)
+        r = redis.Redis.from_url(redis_url, decode_responses=True)
+        front_conns = sum(1 for c in r.client_list() if c.get("name") == "streamq-front")
+        for job_id in ids:
+            await client.post(f"{url}/v1/jobs/{job_id}/cancel")
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+        return {"streams": count, "front_connections": front_conns}
+
+
+def run_core(jobs: int, streams: int) -> None:
+    from worker.tiny_model import make_tiny_model
+
+    workdir = Path(tempfile.mkdtemp(prefix="streamq-bench-"))
+    model = make_tiny_model(workdir / "streamq-tiny")
+    server = RedisServer()
+    env = {"STREAMQ_REDIS_URL": server.url, "STREAMQ_TORCH_THREADS": "1"}
+    worker = start_worker(env, workdir, str(model), "bench-worker")
+    front, url = start_front(env, workdir, "bench-front")
+    try:
+        wait_workers(url, 1)
+        baseline = in_process_first_token(model, jobs)
+        submit_to_first_delta(url, 5)  # warm-up
+        client_side, queue_wait = submit_to_first_delta(url, jobs)
+        fanout = asyncio.run(hold_streams(url, server.url, streams))
+    finally:
+        front.stop()
+        worker.stop()
+        server.close()
+
+    ms = 1000.0
+    print(
+        f"\nstreamq core benchmark — {platform.machine()}, {os.cpu_count()} cores, "
+        f"tiny model on CPU, {jobs} jobs"
+    )
+    print(f"{'measure':<52}{'p50 ms':>10}{'p95 ms':>10}")
+    rows = [
+        ("baseline: first token in-process (no queue/HTTP)", baseline),
+        ("submit → first delta at the client (HTTP+RQ+SSE)", client_side),
+        ("  of which: enqueue → worker start (RQ)", queue_wait),
+    ]
+    for name, values in rows:
+        print(f"{name:<52}{pct(values, 0.5) * ms:>10.2f}{pct(values, 0.95) * ms:>10.2f}")
+    overhead = pct(client_side, 0.5) - pct(baseline, 0.5)
+    print(f"{'stack overhead over baseline (p50)':<52}{overhead * ms:>10.2f}")
+    print(f"\n{'fan-out':<52}{'value':>10}")
+    print(f"{'open SSE streams':<52}{fanout['streams']:>10}")
+    print(f"{'Redis connections held by the front':<52}{fanout['front_connections']:>10}")
+    print(f"{'baseline: one connection per stream':<52}{fanout['streams']:>10}")
+    ratio = fanout["streams"] / max(1, fanout["front_connections"])
+    print(f"{'connections saved (baseline / streamq)':<52}{ratio:>9.0f}x")

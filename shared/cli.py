@@ -1,0 +1,99 @@
+"""The ``streamq`` command: ``up``, ``api``, ``worker``, ``make-tiny-model``.
+
+Heavy imports happen inside each command, so ``streamq api`` never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from shared.settings import Settings, load_settings
+
+
+def _with(settings: Settings, **changes: object) -> Settings:
+    """The settings with the options given on the command line (None = not given)."""
+    return settings.model_copy(update={k: v for k, v in changes.items() if v is not None})
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamq", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser(
+        "up", help="run Redis (private, unless STREAMQ_REDIS_URL is set), the front and workers"
+    )
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--model", help="hub name or local folder (default: the tiny demo model)")
+    up.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    up.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    up.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+
+    api = sub.add_parser("api", help="run the HTTP front (uvicorn)")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--log-level", default="info")
+
+    worker = sub.add_parser("worker", help="run a worker that serves one model")
+    worker.add_argument("--model", help="hub name or local folder (default: STREAMQ_MODEL)")
+    worker.add_argument("--served-name", help="the model name clients use (default: folder or hub name)")
+    worker.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    worker.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    worker.add_argument("--trust-remote-code", action="store_true", default=None, help="needed for ChatGLM")
+    worker.add_argument("--name", help="worker name (default: random)")
+    worker.add_argument("--burst", action="store_true", help="quit when the queue is empty")
+
+    tiny = sub.add_parser("make-tiny-model", help="build a small random-weight chat model into DIR")
+    tiny.add_argument("dir")
+    tiny.add_argument("--shape", default="tiny", help="tiny (default) or qwen2.5-0.5b")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = load_settings()
+    if args.command == "api":
+        import uvicorn
+
+        from api.app import create_app
+
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+        return 0
+    if args.command == "worker":
+        from worker.main import run_worker
+
+        settings = _with(
+            settings,
+            model=args.model,
+            served_name=args.served_name,
+            device=args.device,
+            dtype=args.dtype,
+            trust_remote_code=args.trust_remote_code,
+        )
+        if not settings.model:
+            print("streamq worker: give --model NAME_OR_PATH (or set STREAMQ_MODEL)", file=sys.stderr)
+            return 2
+        return run_worker(settings, name=args.name, burst=args.burst)
+    if args.command == "make-tiny-model":
+        from worker.tiny_model import make_tiny_model
+
+        path = make_tiny_model(args.dir, shape=args.shape)
+        print(f"tiny model written to {path}")
+        return 0
+    if args.command == "up":
+        from shared.launcher import run_up
+
+        return run_up(
+            _with(settings, device=args.device, dtype=args.dtype),
+            args.host,
+            args.port,
+            args.model,
+            args.workers,
+        )
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Every Redis key and channel name streamq uses, in one place.
+
+A job's own keys share the hash tag ``{<job id>}`` so they land on one slot of a Redis
+Cluster and a Lua script may touch them together.
+"""
+
+from __future__ import annotations
+
+from rq.defaults import RQ_KEY_PREFIX
+
+PREFIX = "streamq"
+
+# Pub/sub channel on which cancel requests are announced to workers (the job hash's
+# `cancel` field is the durable copy of the same request).
+CANCEL_CHANNEL = f"{PREFIX}:cancel"
+# Sorted set of live workers: member = worker name, score = last heartbeat (unix seconds).
+WORKERS = f"{PREFIX}:workers"
+
+
+def job(job_id: str) -> str:
+    """Hash with the job's request, state, timings and usage."""
+    return f"{PREFIX}:job:{{{job_id}}}"
+
+
+def events(job_id: str) -> str:
+    """Stream of the job's events (queued, started, delta, done | error | canceled)."""
+    return f"{PREFIX}:events:{{{job_id}}}"
+
+
+def text(job_id: str) -> str:
+    """String holding the answer generated so far (appended to as deltas are published)."""
+    return f"{PREFIX}:text:{{{job_id}}}"
+
+
+def worker(name: str) -> str:
+    """Hash describing one worker process (model, device, pid, host, current job)."""
+    return f"{PREFIX}:worker:{name}"
+
+
+def hub_wakeup(front_id: str) -> str:
+    """Stream a front process writes to when its multiplexed reader must pick up new streams."""
+    return f"{PREFIX}:hub:{front_id}"
+
+
+def queue_name(model: str) -> str:
+    """The RQ queue name for a served model (one queue per model)."""
+    return f"{PREFIX}:{model}"
+
+
+def rq_queue(model: str) -> str:
+    """The Redis list behind the model's RQ queue (what autoscalers watch)."""
+    return f"{RQ_KEY_PREFIX}:queue:{queue_name(model)}"

@@ -1,0 +1,187 @@
+"""``streamq up``: the whole stack on one machine, in one command.
+
+Starts a private redis-server (unless STREAMQ_REDIS_URL is set), the front and N workers
+as child processes, waits until /readyz says ready, prints how to use it, and on Ctrl-C or
+SIGTERM stops every child and removes the private Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import FrameType
+
+from shared.settings import Settings
+
+TINY_MODEL_NAME = "streamq-tiny"
+REDIS_HINT = (
+    "streamq up needs redis-server on PATH to run a private Redis (or set STREAMQ_REDIS_URL).\n"
+    "Install it with: sudo apt-get install redis-server   (Debian/Ubuntu)\n"
+    "             or: brew install redis                 (macOS)"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_private_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise FileNotFoundError(REDIS_HINT)
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("the private redis-server did not start")
+
+
+def ensure_tiny_model(cache: Path) -> Path:
+    """The demo model, built on first use (atomically: a half-built folder is never used)."""
+    target = cache / TINY_MODEL_NAME
+    if (target / "config.json").exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    print(f"building the tiny demo model into {target} (first run only)...", flush=True)
+    building = Path(tempfile.mkdtemp(prefix=".tiny-", dir=cache))
+    subprocess.run([sys.executable, "-m", "shared.cli", "make-tiny-model", str(building)], check=True)
+    shutil.rmtree(target, ignore_errors=True)
+    building.rename(target)
+    return target
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _stop_all(procs: list[subprocess.Popen[bytes]], grace: float = 15.0) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_up(settings: Settings, host: str, port: int, model: str | None, workers: int) -> int:
+    stop = {"signal": 0}
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    workdir = Path(tempfile.mkdtemp(prefix="streamq-up-"))
+    redis_proc: subprocess.Popen[bytes] | None = None
+    children: list[subprocess.Popen[bytes]] = []
+    try:
+        redis_url = settings.redis_url
+        if redis_url is None:
+            try:
+                redis_proc, redis_url = start_private_redis(workdir)
+            except FileNotFoundError as exc:
+                print(exc, file=sys.stderr)
+                return 2
+        model_path = model or str(ensure_tiny_model(settings.cache_path()))
+        env = {**os.environ, "STREAMQ_REDIS_URL": redis_url}
+        if settings.torch_threads is None:
+            env["STREAMQ_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
+        python = [sys.executable, "-m", "shared.cli"]
+        children.append(subprocess.Popen([*python, "api", "--host", host, "--port", str(port)], env=env))
+        for _ in range(workers):
+            children.append(subprocess.Popen([*python, "worker", "--model", model_path], env=env))
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        while not _ready(url):
+            if stop["signal"]:
+                return 0
+            dead = [p for p in children if p.poll() is not None]
+            if dead:
+                print(
+                    f"streamq up: a child process exited early (exit code {dead[0].returncode})",
+                    file=sys.stderr,
+                )
+                return 1
+            time.sleep(0.25)
+        _print_banner(url, model_path, workers, redis_url, private=redis_proc is not None)
+        while not stop["signal"]:
+            dead = [p for p in children if p.poll() is not None]
+            if dead:
+                print(
+                    f"streamq up: a child process exited (exit code {dead[0].returncode}); stopping",
+                    file=sys.stderr,
+                )
+                return 1
+            time.sleep(0.25)
+        print("\nstreamq up: stopping...", flush=True)
+        return 0
+    finally:
+        _stop_all(children)
+        if redis_proc is not None:
+            _stop_all([redis_proc], grace=5)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _print_banner(url: str, model: str, workers: int, redis_url: str, private: bool) -> None:
+    where = "private, removed on exit" if private else "shared"
+    print(
+        f"""
+streamq is up at {url}
+  model:   {model}  ({workers} worker{"s" if workers != 1 else ""})
+  redis:   {redis_url}  ({where})
+  docs:    {url}/docs
+
+Stream an answer (job API, Server-Sent Events):
+  JOB=$(curl -s {url}/v1/jobs -H 'Content-Type: application/json' \\
+        -d '{{"messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 64}}' \\
+        | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+  curl -N {url}/v1/jobs/$JOB/events
+
+The seed's streaming API (each chunk is <^> + the answer so far):
+  curl -N {url}/stream -H 'Content-Type: application/json' -d '{{"prompt": "Hello!", "history": []}}'
+
+Press Ctrl-C to stop.
+""",
+        flush=True,
+    )

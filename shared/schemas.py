@@ -1,0 +1,136 @@
+"""Request and response models shared by the front and the workers."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+JobStatus = Literal["queued", "running", "finished", "failed", "canceled"]
+FINAL_STATUSES: frozenset[str] = frozenset({"finished", "failed", "canceled"})
+FinishReason = Literal["stop", "length", "canceled", "error"]
+
+MAX_STOP_SEQUENCES = 8
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class SamplingFields(BaseModel):
+    """The sampling settings every job request takes (job API and the seed's API)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, description="served model name; optional when one model is served")
+    max_tokens: int | None = Field(None, ge=1, description="most new tokens to generate")
+    max_length: int | None = Field(
+        None, ge=1, description="ChatGLM's limit: prompt tokens + new tokens (must exceed the prompt)"
+    )
+    temperature: float | None = Field(None, ge=0, le=2, description="0 means greedy")
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, description="0 means no top-k cut")
+    stop: str | list[str] | None = Field(None, description="text that ends the answer (not included)")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        items = [value] if isinstance(value, str) else (value or [])
+        if len(items) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+        if any(item == "" for item in items):
+            raise ValueError("stop sequences must not be empty")
+        return value
+
+
+class JobRequest(SamplingFields):
+    """Body of ``POST /v1/jobs``: OpenAI-style ``messages``, or ChatGLM's ``prompt`` + ``history``."""
+
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    history: list[tuple[str, str]] | None = Field(
+        None, description="ChatGLM history: [[query, response], ...]; only with prompt"
+    )
+
+    @model_validator(mode="after")
+    def _check_input(self) -> JobRequest:
+        if self.messages is None and self.prompt is None:
+            raise ValueError("give either 'messages' or 'prompt'")
+        if self.messages is not None and self.prompt is not None:
+            raise ValueError("give either 'messages' or 'prompt', not both")
+        if self.messages is not None:
+            if self.history:
+                raise ValueError("'history' goes with 'prompt'; put earlier turns in 'messages' instead")
+            if not self.messages:
+                raise ValueError("'messages' must not be empty")
+            if self.messages[-1].role != "user":
+                raise ValueError("the last message must have role 'user'")
+        return self
+
+    def chat_messages(self) -> list[ChatMessage]:
+        """The conversation as OpenAI-style messages, whichever form it came in."""
+        if self.messages is not None:
+            return list(self.messages)
+        turns: list[ChatMessage] = []
+        for query, response in self.history or []:
+            turns.append(ChatMessage(role="user", content=query))
+            turns.append(ChatMessage(role="assistant", content=response))
+        turns.append(ChatMessage(role="user", content=self.prompt or ""))
+        return turns
+
+
+class GenerationRequest(BaseModel):
+    """What a worker needs to run a job: stored with the job, resolved against server limits."""
+
+    messages: list[ChatMessage]
+    max_tokens: int
+    max_length: int | None = None
+    temperature: float
+    top_p: float
+    top_k: int = 0
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class JobError(BaseModel):
+    type: str
+    message: str
+
+
+class JobView(BaseModel):
+    """The state of one job as ``GET /v1/jobs/{id}`` shows it. Times are unix seconds."""
+
+    id: str
+    model: str
+    status: JobStatus
+    position: int | None = Field(None, description="0-based place in the model's queue while queued")
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    usage: Usage = Field(default_factory=Usage)
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker: str | None = None
+    error: JobError | None = None
+
+
+class Timings(BaseModel):
+    queue_seconds: float
+    first_token_seconds: float | None
+    generation_seconds: float
+    tokens_per_second: float | None
+
+
+class DoneEvent(BaseModel):
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings

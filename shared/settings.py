@@ -1,0 +1,74 @@
+"""All configuration, read once from ``STREAMQ_*`` environment variables and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class Settings(BaseSettings):
+    """streamq's settings. Every field can be set as ``STREAMQ_<FIELD>`` (upper case)."""
+
+    model_config = SettingsConfigDict(env_prefix="STREAMQ_", extra="ignore")
+
+    # Redis. None means "not configured": `streamq up` then starts a private redis-server.
+    redis_url: str | None = None
+    redis_socket_timeout: float = Field(5.0, gt=0, description="seconds before a Redis command gives up")
+    redis_max_connections: int = Field(
+        6, ge=2, description="front: size of its shared Redis pool (plus 1 stream reader and 2 for RQ)"
+    )
+
+    # Models this deployment must serve (comma-separated served names): /readyz is false while
+    # one of them has no live worker. Empty: ready as soon as any worker is live.
+    models: str = ""
+
+    # The worker serves `model` (a hub name or a local folder) under `served_name`.
+    model: str | None = None
+    served_name: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    cache_dir: str | None = Field(None, description="where `streamq up` keeps the tiny demo model")
+    trust_remote_code: bool = Field(False, description="allow a model's own code (ChatGLM needs it)")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker (default: all cores)")
+
+    # Generation limits and defaults.
+    default_max_tokens: int = Field(512, ge=1)
+    max_tokens_limit: int = Field(4096, ge=1)
+
+    # Job lifetimes (seconds).
+    queue_ttl: int = Field(3600, ge=1, description="a queued job not started by then expires")
+    job_timeout: int = Field(1800, ge=1, description="longest run of one job on a worker")
+    result_ttl: int = Field(3600, ge=1, description="how long a finished job's state and stream are kept")
+    stream_maxlen: int = Field(20000, ge=100, description="approximate cap on events per job stream")
+
+    # Streaming.
+    publish_interval_ms: int = Field(
+        40, ge=0, description="a worker coalesces tokens and writes a job's stream at most this often"
+    )
+    ping_interval: float = Field(15.0, gt=0, description="SSE keep-alive comment while idle, seconds")
+    position_poll_interval: float = Field(
+        1.0, gt=0, description="how often a waiting stream re-checks its queue position"
+    )
+    cancel_wait: float = Field(5.0, ge=0, description="cancel waits this long for a running job to stop")
+
+    # Workers' liveness.
+    heartbeat_interval: float = Field(2.0, gt=0)
+    worker_ttl: float = Field(10.0, gt=0, description="a worker silent this long is no longer live")
+
+    def redis_url_or_default(self) -> str:
+        return self.redis_url or DEFAULT_REDIS_URL
+
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else Path.home() / ".cache" / "streamq"
+
+    def model_list(self) -> list[str]:
+        return [m.strip() for m in self.models.split(",") if m.strip()]
+
+
+def load_settings() -> Settings:
+    """Read the settings from the environment (call once per process, then pass the object down)."""
+    return Settings()

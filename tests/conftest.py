@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.processes import RedisServer, Service, start_front, start_worker, wait_workers
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's own tiny model, built once per test session (random weights, local tokenizer)."""
+    from worker.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "streamq-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_backend(tiny_model: Path) -> Any:
+    """The tiny model loaded in this process, as the workers load it (CPU, float32, 1 thread)."""
+    import torch
+
+    from worker.model_loading import load_backend
+
+    torch.set_num_threads(1)
+    return load_backend(str(tiny_model), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.close()
+
+
+@dataclass
+class Stack:
+    """Two fronts and two workers on one private Redis, all real processes."""
+
+    redis: RedisServer
+    model_dir: Path
+    env: dict[str, str]
+    logdir: Path
+    url: str
+    url2: str
+    services: list[Service] = field(default_factory=list)
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {s.name}\n{s.log()[-4000:]}" for s in self.services)
+
+
+@pytest.fixture(scope="session")
+def stack(
+    redis_server: RedisServer, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    logdir = tmp_path_factory.mktemp("logs")
+    env = {
+        "STREAMQ_REDIS_URL": redis_server.url,
+        "STREAMQ_TORCH_THREADS": "1",
+        "STREAMQ_POSITION_POLL_INTERVAL": "0.1",
+    }
+    services = [start_worker(env, logdir, str(tiny_model), f"worker-{i}") for i in (1, 2)]
+    front1, url1 = start_front(env, logdir, "front-1")
+    front2, url2 = start_front(env, logdir, "front-2")
+    services += [front1, front2]
+    stack = Stack(redis_server, tiny_model, env, logdir, url1, url2, services)
+    try:
+        wait_workers(url1, 2)
+    except TimeoutError:
+        pytest.fail("the workers did not come up:\n" + stack.logs())
+    yield stack
+    for service in services:
+        service.stop()

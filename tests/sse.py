@@ -1,0 +1,57 @@
+"""A small Server-Sent Events reader for tests (what a browser's EventSource does)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+
+@dataclass
+class SSE:
+    event: str
+    data: Any
+    id: str | None
+
+
+def read_events(response: httpx.Response) -> Iterator[SSE | None]:
+    """Events as they arrive; None for a comment line (keep-alive)."""
+    event, data, event_id = "message", [], None
+    for line in response.iter_lines():
+        if line == "":
+            if data:
+                yield SSE(event, json.loads("\n".join(data)), event_id)
+            event, data, event_id = "message", [], None
+        elif line.startswith(":"):
+            yield None
+        else:
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
+            elif name == "id":
+                event_id = value
+
+
+def follow(client: httpx.Client, url: str, job_id: str, last_event_id: str | None = None) -> list[SSE]:
+    """All events of a job until its final one."""
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    events: list[SSE] = []
+    with client.stream("GET", f"{url}/v1/jobs/{job_id}/events", headers=headers) as response:
+        assert response.status_code == 200, response.read()
+        for event in read_events(response):
+            if event is None:
+                continue
+            events.append(event)
+            if event.event in ("done", "error", "canceled"):
+                break
+    return events
+
+
+def text_of(events: list[SSE]) -> str:
+    return "".join(e.data["text"] for e in events if e.event == "delta")

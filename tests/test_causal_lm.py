@@ -1,0 +1,106 @@
+"""The model path on the tiny model: loading, chat template, sampling settings, limits, stop."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.schemas import ChatMessage, GenerationRequest
+from worker.backend import InvalidJobRequest
+
+
+def request(prompt: str = "Tell me about Redis", **overrides: Any) -> GenerationRequest:
+    fields: dict[str, Any] = {
+        "messages": [ChatMessage(role="user", content=prompt)],
+        "max_tokens": 24,
+        "temperature": 0.0,
+        "top_p": 1.0,
+    }
+    return GenerationRequest(**(fields | overrides))
+
+
+def run(backend: Any, req: GenerationRequest) -> tuple[str, str | None, int]:
+    steps = list(backend.generate(req))
+    return "".join(s.delta for s in steps), steps[-1].finish_reason, steps[-1].completion_tokens
+
+
+def test_the_tiny_model_folder_loads_with_the_auto_classes(tiny_model: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
+    assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert model.config.model_type == "qwen2"
+    assert model.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_the_prompt_is_built_with_the_chat_template(tiny_backend: Any) -> None:
+    ids = tiny_backend.encode(
+        [ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="hi")]
+    )
+    assert tiny_backend.tokenizer.decode(ids) == (
+        "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_greedy_is_repeatable_and_prompts_give_different_answers(tiny_backend: Any) -> None:
+    first = run(tiny_backend, request("alpha"))
+    assert first == run(tiny_backend, request("alpha"))
+    assert first[0] != run(tiny_backend, request("beta"))[0]
+
+
+def test_a_seed_makes_sampling_repeatable(tiny_backend: Any) -> None:
+    seeded = request(temperature=1.0, top_p=0.95, seed=11, max_tokens=16)
+    assert run(tiny_backend, seeded) == run(tiny_backend, seeded)
+    others = {run(tiny_backend, seeded.model_copy(update={"seed": s}))[0] for s in range(12, 18)}
+    assert len(others) > 1
+
+
+def test_max_tokens_and_max_length_bound_the_answer(tiny_backend: Any) -> None:
+    _text, reason, tokens = run(tiny_backend, request(max_tokens=7))
+    assert (reason, tokens) == ("length", 7)
+    prompt_tokens = len(tiny_backend.encode(request().messages))
+    _, reason, tokens = run(tiny_backend, request(max_tokens=100, max_length=prompt_tokens + 5))
+    assert (reason, tokens) == ("length", 5)
+
+
+def test_max_length_not_above_the_prompt_is_refused(tiny_backend: Any) -> None:
+    prompt_tokens = len(tiny_backend.encode(request().messages))
+    with pytest.raises(InvalidJobRequest, match=f"max_length \\({prompt_tokens}\\) must be greater"):
+        run(tiny_backend, request(max_length=prompt_tokens))
+
+
+def test_a_stop_sequence_ends_the_answer_before_it(tiny_backend: Any) -> None:
+    full, _, _ = run(tiny_backend, request(max_tokens=40))
+    stop = full[10:13]
+    assert len(stop.strip()) > 0
+    text, reason, _ = run(tiny_backend, request(max_tokens=40, stop=[stop]))
+    assert reason == "stop"
+    assert text == full[: full.index(stop)]
+
+
+def test_stream_chat_follows_chatglm_contract(tiny_backend: Any) -> None:
+    answers = []
+    for answer, history in tiny_backend.stream_chat(
+        tiny_backend.tokenizer, "and then?", [("hi", "hello")], max_length=60, top_p=0.7, temperature=0
+    ):
+        answers.append(answer)
+        assert history == [("hi", "hello"), ("and then?", answer)]
+    assert len(answers) > 1
+    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(answers))
+
+
+def test_device_and_dtype_choice() -> None:
+    from worker.model_loading import default_served_name, resolve_device, resolve_dtype
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_dtype("auto", "cpu") == "float32"
+    with pytest.raises(ValueError, match="device must be one of"):
+        resolve_device("tpu")
+    assert default_served_name("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"

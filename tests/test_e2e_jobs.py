@@ -1,0 +1,223 @@
+"""The job API end to end: real fronts (uvicorn), real workers with the tiny model, real Redis."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+
+from shared.schemas import ChatMessage, GenerationRequest
+from tests.conftest import Stack
+from tests.sse import follow, text_of
+
+pytestmark = pytest.mark.e2e
+
+
+def greedy_answer(backend: Any, content: str, max_tokens: int) -> str:
+    """What the tiny model answers, run in this process: the reference for the stack's answers."""
+    req = GenerationRequest(
+        messages=[ChatMessage(role="user", content=content)],
+        max_tokens=max_tokens,
+        temperature=0.0,
+        top_p=1.0,
+    )
+    return "".join(step.delta for step in backend.generate(req))
+
+
+def submit(client: httpx.Client, url: str, **body: Any) -> dict[str, Any]:
+    response = client.post(f"{url}/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    assert response.headers["Location"] == f"/v1/jobs/{response.json()['id']}"
+    return dict(response.json())
+
+
+def test_submit_stream_and_poll(stack: Stack, tiny_backend: Any) -> None:
+    with httpx.Client(timeout=30) as client:
+        job = submit(
+            client,
+            stack.url,
+            messages=[{"role": "user", "content": "What is a queue?"}],
+            max_tokens=40,
+            temperature=0,
+        )
+        assert job["status"] in ("queued", "running") and len(job["id"]) == 32
+        events = follow(client, stack.url, job["id"])
+        names = [e.event for e in events]
+        assert names[0] == "queued" and names[-1] == "done"
+        assert "started" in names and "delta" in names
+        assert all(e.id for e in events)  # every stored event carries its stream entry id
+        done = events[-1].data
+        assert done["finish_reason"] in ("stop", "length")
+        assert done["usage"]["completion_tokens"] > 0 and done["usage"]["prompt_tokens"] > 0
+        assert set(done["timings"]) >= {"queue_seconds", "first_token_seconds", "generation_seconds"}
+
+        view = client.get(f"{stack.url}/v1/jobs/{job['id']}").json()
+        assert view["status"] == "finished"
+        assert view["text"] == text_of(events) == greedy_answer(tiny_backend, "What is a queue?", 40)
+        assert view["usage"] == done["usage"]
+        assert view["worker"] in ("worker-1", "worker-2")
+        assert view["created_at"] <= view["started_at"] <= view["finished_at"]
+
+
+def test_sse_headers_and_resume_from_another_front(stack: Stack) -> None:
+    with httpx.Client(timeout=30) as client:
+        job = submit(client, stack.url, prompt="resume me", max_tokens=60, temperature=0)
+        everything = follow(client, stack.url, job["id"])
+        assert len(everything) >= 4
+        cut = len(everything) // 2
+        # A client that saw the first half re-attaches to the other front process.
+        rest = follow(client, stack.url2, job["id"], last_event_id=everything[cut - 1].id)
+        assert [(e.id, e.event, e.data) for e in rest] == [(e.id, e.event, e.data) for e in everything[cut:]]
+        assert text_of(everything[:cut]) + text_of(rest) == text_of(everything)
+        with client.stream("GET", f"{stack.url2}/v1/jobs/{job['id']}/events") as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            assert response.headers["cache-control"] == "no-cache"
+            assert response.headers["x-accel-buffering"] == "no"
+
+
+def test_twenty_concurrent_jobs_each_get_their_own_answer(stack: Stack, tiny_backend: Any) -> None:
+    prompts = [f"question number {i}: tell me something" for i in range(20)]
+    expected = {p: greedy_answer(tiny_backend, p, 24) for p in prompts}
+    assert len(set(expected.values())) > 10  # the prompts do lead to different answers
+
+    def one(prompt: str) -> tuple[str, str, str]:
+        with httpx.Client(timeout=60) as client:
+            url = stack.url if hash(prompt) % 2 else stack.url2
+            job = submit(client, url, prompt=prompt, max_tokens=24, temperature=0)
+            events = follow(client, url, job["id"])
+            view = client.get(f"{url}/v1/jobs/{job['id']}").json()
+            return text_of(events), view["text"], view["worker"]
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        results = dict(zip(prompts, pool.map(one, prompts), strict=True))
+    for prompt, (streamed, stored, _) in results.items():
+        assert streamed == stored == expected[prompt], prompt
+    assert {worker for _, _, worker in results.values()} == {"worker-1", "worker-2"}
+
+
+def test_queue_position_goes_down_while_waiting(stack: Stack) -> None:
+    with httpx.Client(timeout=60) as client:
+        # Keep both workers busy, then queue three more behind them.
+        jobs = [
+            submit(client, stack.url, prompt=f"long {i}", max_tokens=700, temperature=0) for i in range(5)
+        ]
+        last = jobs[-1]
+        assert last["position"] is not None and last["position"] >= 1
+        positions: list[int] = []
+        queued_events: list[int] = []
+
+        def watch_events() -> None:
+            for event in follow(client, stack.url2, last["id"]):
+                if event.event == "queued" and event.data.get("position") is not None:
+                    queued_events.append(event.data["position"])
+
+        watcher = threading.Thread(target=watch_events)
+        watcher.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            view = client.get(f"{stack.url}/v1/jobs/{last['id']}").json()
+            if view["status"] != "queued":
+                break
+            positions.append(view["position"])
+            time.sleep(0.02)
+        watcher.join(timeout=60)
+        assert len(set(positions)) >= 2, positions
+        assert positions == sorted(positions, reverse=True)
+        assert len(queued_events) >= 2 and queued_events == sorted(queued_events, reverse=True)
+        for job in jobs:
+            follow(client, stack.url, job["id"])
+
+
+def test_cancel_a_queued_and_a_running_job(stack: Stack) -> None:
+    r = stack.redis.client()
+    with httpx.Client(timeout=60) as client:
+        busy = [
+            submit(client, stack.url, prompt=f"busy {i}", max_tokens=2000, temperature=0) for i in range(2)
+        ]
+        queued = submit(client, stack.url, prompt="never runs", max_tokens=10)
+        assert queued["status"] == "queued"
+        canceled = client.post(f"{stack.url}/v1/jobs/{queued['id']}/cancel")
+        assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
+        assert [e.event for e in follow(client, stack.url, queued["id"])] == ["queued", "canceled"]
+        assert r.hget(f"rq:job:{queued['id']}", "status") == b"canceled"
+
+        running = busy[0]
+        while client.get(f"{stack.url}/v1/jobs/{running['id']}").json()["status"] == "queued":
+            time.sleep(0.01)
+        stopped = client.post(f"{stack.url2}/v1/jobs/{running['id']}/cancel").json()
+        assert stopped["status"] == "canceled" and stopped["finish_reason"] == "canceled"
+        assert stopped["usage"]["completion_tokens"] < 2000
+        events = follow(client, stack.url, running["id"])
+        assert events[-1].event == "canceled" and [e.event for e in events].count("canceled") == 1
+        time.sleep(0.5)  # a canceled job stays canceled: nothing overwrites it later
+        assert client.get(f"{stack.url}/v1/jobs/{running['id']}").json()["status"] == "canceled"
+        assert r.hget(f"rq:job:{running['id']}", "status") == b"canceled"
+
+        again = client.post(f"{stack.url}/v1/jobs/{running['id']}/cancel")
+        assert again.status_code == 409
+        assert again.json()["error"]["code"] == "job_already_ended"
+        assert again.json()["job"]["status"] == "canceled"
+        assert client.delete(f"{stack.url}/v1/jobs/{busy[1]['id']}").json()["status"] == "canceled"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "says"),
+    [
+        ({"max_tokens": 5}, 400, None, "either 'messages' or 'prompt'"),
+        ({"prompt": "x", "temperature": -1}, 400, "temperature", "greater than or equal to 0"),
+        ({"prompt": "x", "top_p": 0}, 400, "top_p", "greater than 0"),
+        ({"prompt": "x", "top_p": 1.01}, 400, "top_p", "less than or equal to 1"),
+        ({"prompt": "x", "max_tokens": 10**6}, 400, "max_tokens", "at most"),
+        ({"prompt": "x", "model": "no-such-model"}, 404, "model", "not served"),
+        ({"messages": "hello"}, 400, "messages", "valid list"),
+    ],
+)
+def test_bad_job_requests_get_a_clear_4xx(
+    stack: Stack, body: dict[str, Any], status: int, param: str | None, says: str
+) -> None:
+    before = stack.redis.client().dbsize()
+    response = httpx.post(f"{stack.url}/v1/jobs", json=body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert says in error["message"]
+    assert error["param"] == param
+    assert error["type"] in ("invalid_request_error", "not_found_error")
+    assert stack.redis.client().dbsize() == before  # no half-created job
+
+
+def test_malformed_json_unknown_job_and_bad_event_id(stack: Stack) -> None:
+    response = httpx.post(
+        f"{stack.url}/v1/jobs", content=b'{"prompt": "x",', headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 422 and "not valid JSON" in response.json()["error"]["message"]
+    for path in ("/v1/jobs/0123456789abcdef0123456789abcdef", "/v1/jobs/nope", "/v1/jobs/nope/events"):
+        missing = httpx.get(f"{stack.url}{path}")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "job_not_found"
+    assert httpx.post(f"{stack.url}/v1/jobs/0123456789abcdef0123456789abcdef/cancel").status_code == 404
+    job = httpx.post(f"{stack.url}/v1/jobs", json={"prompt": "x", "max_tokens": 2}).json()
+    bad = httpx.get(f"{stack.url}/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "yesterday"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "Last-Event-ID"
+
+
+def test_max_length_not_above_the_prompt_fails_the_job_with_the_reason(stack: Stack) -> None:
+    with httpx.Client(timeout=30) as client:
+        job = submit(client, stack.url, prompt="a prompt of several tokens", max_length=3)
+        events = follow(client, stack.url, job["id"])
+        assert events[-1].event == "error"
+        assert events[-1].data["type"] == "invalid_request_error"
+        assert "max_length (3) must be greater than the prompt" in events[-1].data["message"]
+        view = client.get(f"{stack.url}/v1/jobs/{job['id']}").json()
+        assert view["status"] == "failed" and view["error"]["type"] == "invalid_request_error"
+
+
+def test_readiness_and_health(stack: Stack) -> None:
+    assert httpx.get(f"{stack.url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{stack.url}/readyz")
+    assert ready.status_code == 200
+    body = ready.json()
+    assert body["ready"] is True and body["redis"] is True
+    assert body["models"]["streamq-tiny"] == 2

@@ -1,0 +1,48 @@
+"""Job requests: what is accepted, what is refused and why."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from shared.schemas import JobRequest
+
+
+def test_prompt_and_history_become_messages() -> None:
+    request = JobRequest(prompt="and now?", history=[("hi", "hello"), ("who are you", "a model")])
+    assert [(m.role, m.content) for m in request.chat_messages()] == [
+        ("user", "hi"),
+        ("assistant", "hello"),
+        ("user", "who are you"),
+        ("assistant", "a model"),
+        ("user", "and now?"),
+    ]
+
+
+def test_messages_are_kept_as_given() -> None:
+    request = JobRequest.model_validate(
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}
+    )
+    assert [m.role for m in request.chat_messages()] == ["system", "user"]
+
+
+@pytest.mark.parametrize(
+    ("body", "complaint"),
+    [
+        ({}, "either 'messages' or 'prompt'"),
+        ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "not both"),
+        ({"messages": []}, "must not be empty"),
+        ({"messages": [{"role": "assistant", "content": "x"}]}, "last message must have role 'user'"),
+        ({"prompt": "a", "temperature": -0.1}, "greater than or equal to 0"),
+        ({"prompt": "a", "top_p": 0}, "greater than 0"),
+        ({"prompt": "a", "top_p": 1.5}, "less than or equal to 1"),
+        ({"prompt": "a", "max_tokens": 0}, "greater than or equal to 1"),
+        ({"prompt": "a", "stop": ["x"] * 9}, "at most 8 stop sequences"),
+        ({"prompt": "a", "stop": ""}, "must not be empty"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "'system', 'user' or 'assistant'"),
+    ],
+)
+def test_bad_requests_are_refused_with_the_reason(body: dict[str, object], complaint: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        JobRequest.model_validate(body)
+    assert complaint in str(info.value)

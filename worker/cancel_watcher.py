@@ -1,0 +1,66 @@
+"""Hears cancel requests at once: a pub/sub listener that flags the jobs this process runs.
+
+The flag in the job's hash (read at every flush) is the durable copy of a cancel; this
+listener only makes it take effect at the very next generation step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis
+
+from shared import keys
+
+log = logging.getLogger("streamq.worker")
+
+
+class CancelWatcher:
+    def __init__(self, connection: redis.Redis) -> None:
+        self._redis = connection
+        self._watched: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="streamq-cancel-watcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def watch(self, job_id: str) -> threading.Event:
+        """An event that is set when a cancel of ``job_id`` is announced."""
+        event = threading.Event()
+        with self._lock:
+            self._watched[job_id] = event
+        return event
+
+    def unwatch(self, job_id: str) -> None:
+        with self._lock:
+            self._watched.pop(job_id, None)
+
+    def _run(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(keys.CANCEL_CHANNEL)
+                backoff = 0.5
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=0.5)
+                    if message and message["type"] == "message":
+                        job_id = message["data"]
+                        job_id = job_id.decode() if isinstance(job_id, bytes) else str(job_id)
+                        with self._lock:
+                            event = self._watched.get(job_id)
+                        if event is not None:
+                            event.set()
+            except redis.RedisError as exc:
+                log.warning("cancel listener lost Redis (%s); retrying in %.1fs", exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+            finally:
+                pubsub.close()

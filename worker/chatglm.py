@@ -1,0 +1,95 @@
+"""ChatGLM models that bring their own ``stream_chat`` (loaded with trust_remote_code).
+
+They are driven through that method, one job at a time: the answer it yields grows step
+by step, and the job's deltas are the new text at each step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from shared.schemas import GenerationRequest
+from worker.backend import GenerationStep, answer_budget
+
+
+def has_own_stream_chat(model: Any) -> bool:
+    return callable(getattr(model, "stream_chat", None))
+
+
+def to_query_and_history(request: GenerationRequest) -> tuple[str, list[tuple[str, str]]]:
+    """ChatGLM's (query, [(query, response), ...]) from OpenAI-style messages.
+
+    A system message is put before the first query, as ChatGLM-6B has no system role.
+    """
+    system = "\n".join(m.content for m in request.messages if m.role == "system")
+    turns = [m for m in request.messages if m.role != "system"]
+    history: list[tuple[str, str]] = []
+    pending: str | None = None
+    for message in turns[:-1]:
+        if message.role == "user":
+            pending = message.content
+        elif pending is not None:
+            history.append((pending, message.content))
+            pending = None
+    query = turns[-1].content
+    if system:
+        if history:
+            history[0] = (f"{system}\n\n{history[0][0]}", history[0][1])
+        else:
+            query = f"{system}\n\n{query}"
+    return query, history
+
+
+class ChatGLMChat:
+    """Adapter from a model's own ``stream_chat(tokenizer, query, history, max_length, top_p,
+    temperature)`` to the job runner's steps. Stop sequences and seeds are applied here; top_k is
+    passed through when the model accepts it."""
+
+    def __init__(self, model: Any, tokenizer: Any, name: str, device: str, dtype: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = device
+        self.dtype = dtype
+        self.context_length: int | None = getattr(model.config, "seq_length", None) or getattr(
+            model.config, "max_position_embeddings", None
+        )
+
+    def _count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def generate(self, request: GenerationRequest) -> Iterator[GenerationStep]:
+        import torch
+
+        query, history = to_query_and_history(request)
+        n_prompt = self._count(query) + sum(self._count(q) + self._count(a) for q, a in history)
+        budget = answer_budget(request, n_prompt, self.context_length)
+        if request.seed is not None:
+            torch.manual_seed(request.seed)
+        answer = ""
+        steps = 0
+        kwargs: dict[str, Any] = {"do_sample": request.temperature > 0}
+        stream = self.model.stream_chat(
+            self.tokenizer,
+            query,
+            history,
+            max_length=n_prompt + budget,
+            top_p=request.top_p,
+            temperature=max(request.temperature, 1e-5),
+            **kwargs,
+        )
+        for response, _history in stream:
+            steps += 1
+            if not response.startswith(answer):  # the model rewrote its answer: keep what was sent
+                continue
+            delta = response[len(answer) :]
+            answer = response
+            cut = min((i for i in (answer.find(s) for s in request.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                keep = cut - (len(answer) - len(delta))
+                yield GenerationStep(delta[: max(keep, 0)], n_prompt, steps, "stop")
+                return
+            yield GenerationStep(delta, n_prompt, steps)
+        completion = self._count(answer)
+        yield GenerationStep("", n_prompt, completion, "length" if completion >= budget else "stop")

@@ -1,0 +1,77 @@
+"""Announces a live worker: which model it serves, on what device, what it is running.
+
+The front reads this to route jobs, answer /readyz and list models; an entry older than
+``worker_ttl`` seconds is treated as gone (a killed worker drops out by itself).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import redis
+
+from shared import keys
+from shared.settings import Settings
+
+log = logging.getLogger("streamq.worker")
+
+
+class Heartbeat:
+    def __init__(
+        self, connection: redis.Redis, settings: Settings, worker_name: str, info: dict[str, str]
+    ) -> None:
+        self._redis = connection
+        self._interval = settings.heartbeat_interval
+        self._ttl = settings.worker_ttl
+        self.worker_name = worker_name
+        self._info = {
+            **info,
+            "pid": str(os.getpid()),
+            "host": socket.gethostname(),
+            "started_at": str(time.time()),
+        }
+        self.current_job = ""
+        self.jobs_done = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="streamq-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.beat()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.zrem(keys.WORKERS, self.worker_name)
+            pipe.delete(keys.worker(self.worker_name))
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("could not remove worker %s from the registry: %s", self.worker_name, exc)
+
+    def beat(self) -> None:
+        now = time.time()
+        pipe = self._redis.pipeline(transaction=True)
+        fields: dict[Any, Any] = {
+            **self._info,
+            "last_heartbeat": str(now),
+            "current_job": self.current_job,
+            "jobs_done": str(self.jobs_done),
+        }
+        pipe.hset(keys.worker(self.worker_name), mapping=fields)
+        pipe.expire(keys.worker(self.worker_name), int(self._ttl * 3) + 1)
+        pipe.zadd(keys.WORKERS, {self.worker_name: now})
+        pipe.execute()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.beat()
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)

@@ -1,0 +1,93 @@
+"""Loading a model once per worker: device and dtype choice, ``from_pretrained``, backend choice."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, cast
+
+from worker.backend import ChatBackend
+
+log = logging.getLogger("streamq.worker")
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+    if device != "auto":
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    import torch
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if dtype != "auto":
+        return dtype
+    if device == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device == "mps":
+        return "float16"
+    return "float32"
+
+
+def default_served_name(name_or_path: str) -> str:
+    """A local folder is served under its folder name, a hub model under its hub name."""
+    path = Path(name_or_path).expanduser()
+    return path.resolve().name if path.is_dir() else name_or_path
+
+
+def configure_threads(device: str, threads: int | None) -> None:
+    """On the CPU, one OpenMP team sized for this process (several workers share the cores)."""
+    import torch
+
+    if device == "cpu":
+        torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
+
+
+def load_backend(
+    name_or_path: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    served_name: str | None = None,
+    trust_remote_code: bool = False,
+) -> ChatBackend:
+    """Load tokenizer and model with the Auto classes and wrap them for the job runner."""
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from worker.causal_lm import CausalLMChat
+    from worker.chatglm import ChatGLMChat, has_own_stream_chat
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    name = served_name or default_served_name(name_or_path)
+    log.info("loading %s on %s (%s)", name_or_path, device, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+        )
+    except ValueError:
+        if not trust_remote_code:
+            raise
+        # ChatGLM-6B registers its model under AutoModel only.
+        model = AutoModel.from_pretrained(name_or_path, dtype=getattr(torch, dtype), trust_remote_code=True)
+    model = cast(Any, model).to(device).eval()
+    if has_own_stream_chat(model):
+        return ChatGLMChat(model, tokenizer, name, device, dtype)
+    return CausalLMChat(model, tokenizer, name, device, dtype)
