@@ -36,29 +36,36 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_private_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def start_private_redis(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """A redis-server that keeps nothing on disk, on ``port`` (default: a free one), answering PING."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise FileNotFoundError(REDIS_HINT)
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            exe,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    port = port or free_port()
+    args = [
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+    ]
+    proc = subprocess.Popen([exe, *args], stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
                 conn.sendall(b"PING\r\n")
@@ -106,6 +113,9 @@ def _stop_all(procs: list[subprocess.Popen[bytes]], grace: float = 15.0) -> None
 
 
 def run_up(settings: Settings, host: str, port: int, model: str | None, workers: int) -> int:
+    if port_in_use(host, port):
+        print(f"streamq up: port {port} on {host} is in use; choose another with --port", file=sys.stderr)
+        return 2
     stop = {"signal": 0}
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -133,26 +143,18 @@ def run_up(settings: Settings, host: str, port: int, model: str | None, workers:
         for _ in range(workers):
             children.append(subprocess.Popen([*python, "worker", "--model", model_path], env=env))
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-        while not _ready(url):
-            if stop["signal"]:
-                return 0
-            dead = [p for p in children if p.poll() is not None]
-            if dead:
-                print(
-                    f"streamq up: a child process exited early (exit code {dead[0].returncode})",
-                    file=sys.stderr,
-                )
-                return 1
-            time.sleep(0.25)
-        _print_banner(url, model_path, workers, redis_url, private=redis_proc is not None)
+        announced = False
         while not stop["signal"]:
             dead = [p for p in children if p.poll() is not None]
             if dead:
                 print(
-                    f"streamq up: a child process exited (exit code {dead[0].returncode}); stopping",
+                    f"streamq up: a child process exited (code {dead[0].returncode}); stopping",
                     file=sys.stderr,
                 )
                 return 1
+            if not announced and _ready(url):
+                _print_banner(url, model_path, workers, redis_url, private=redis_proc is not None)
+                announced = True
             time.sleep(0.25)
         print("\nstreamq up: stopping...", flush=True)
         return 0

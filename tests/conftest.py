@@ -29,6 +29,31 @@ def tiny_backend(tiny_model: Path) -> Any:
     return load_backend(str(tiny_model), device="cpu", dtype="float32")
 
 
+LONG_TOKENS = 1500
+
+
+@pytest.fixture(scope="session")
+def long_prompts(tiny_backend: Any) -> list[str]:
+    """Prompts whose greedy answer runs the full LONG_TOKENS (no early end of sequence): jobs
+    that keep a worker busy for a while, checked here rather than assumed."""
+    from shared.schemas import ChatMessage, GenerationRequest
+
+    found = []
+    for i in range(20):
+        prompt = f"keep talking {i}"
+        req = GenerationRequest(
+            messages=[ChatMessage(role="user", content=prompt)],
+            max_tokens=LONG_TOKENS,
+            temperature=0.0,
+            top_p=1.0,
+        )
+        if list(tiny_backend.generate(req))[-1].finish_reason == "length":
+            found.append(prompt)
+        if len(found) == 3:
+            return found
+    pytest.fail("the tiny model ended every candidate prompt early")
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     server = RedisServer()
@@ -61,6 +86,7 @@ def stack(
         "STREAMQ_REDIS_URL": redis_server.url,
         "STREAMQ_TORCH_THREADS": "1",
         "STREAMQ_POSITION_POLL_INTERVAL": "0.1",
+        "STREAMQ_PING_INTERVAL": "0.5",
     }
     services = [start_worker(env, logdir, str(tiny_model), f"worker-{i}") for i in (1, 2)]
     front1, url1 = start_front(env, logdir, "front-1")

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from shared.launcher import free_port
+from shared.launcher import free_port, start_private_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,35 +34,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        exe = shutil.which("redis-server")
-        assert exe, "redis-server must be on PATH for these tests"
-        self.proc = subprocess.Popen(
-            [
-                exe,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self.dir,
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        client.close()
+        self.proc, _ = start_private_redis(Path(self.dir), self.port)
 
     def client(self, **kwargs: object) -> redis.Redis:
         return redis.Redis.from_url(self.url, **kwargs)  # type: ignore[arg-type]

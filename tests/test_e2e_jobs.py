@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from shared.schemas import ChatMessage, GenerationRequest
-from tests.conftest import Stack
+from tests.conftest import LONG_TOKENS, Stack
 from tests.sse import follow, text_of
 
 pytestmark = pytest.mark.e2e
@@ -62,6 +62,19 @@ def test_submit_stream_and_poll(stack: Stack, tiny_backend: Any) -> None:
         assert view["worker"] in ("worker-1", "worker-2")
         assert view["created_at"] <= view["started_at"] <= view["finished_at"]
 
+        # Tokens are coalesced: at most one delta per publish interval (40 ms), plus the first.
+        deltas = sum(e.event == "delta" for e in events)
+        assert deltas <= done["timings"]["generation_seconds"] / 0.04 + 2
+        # Every key of a finished job expires after the result TTL (3600 s by default).
+        r = stack.redis.client()
+        for key in (
+            f"streamq:job:{{{job['id']}}}",
+            f"streamq:events:{{{job['id']}}}",
+            f"streamq:text:{{{job['id']}}}",
+        ):
+            assert 0 < r.ttl(key) <= 3600
+        assert r.xinfo_stream(f"streamq:events:{{{job['id']}}}")["length"] == len(events)
+
 
 def test_sse_headers_and_resume_from_another_front(stack: Stack) -> None:
     with httpx.Client(timeout=30) as client:
@@ -99,11 +112,17 @@ def test_twenty_concurrent_jobs_each_get_their_own_answer(stack: Stack, tiny_bac
     assert {worker for _, _, worker in results.values()} == {"worker-1", "worker-2"}
 
 
-def test_queue_position_goes_down_while_waiting(stack: Stack) -> None:
+def cancel_all(client: httpx.Client, url: str, jobs: list[dict[str, Any]]) -> None:
+    for job in jobs:
+        client.post(f"{url}/v1/jobs/{job['id']}/cancel")
+
+
+def test_queue_position_goes_down_while_waiting(stack: Stack, long_prompts: list[str]) -> None:
     with httpx.Client(timeout=60) as client:
         # Keep both workers busy, then queue three more behind them.
         jobs = [
-            submit(client, stack.url, prompt=f"long {i}", max_tokens=700, temperature=0) for i in range(5)
+            submit(client, stack.url, prompt=long_prompts[i % 3], max_tokens=LONG_TOKENS, temperature=0)
+            for i in range(5)
         ]
         last = jobs[-1]
         assert last["position"] is not None and last["position"] >= 1
@@ -128,15 +147,32 @@ def test_queue_position_goes_down_while_waiting(stack: Stack) -> None:
         assert len(set(positions)) >= 2, positions
         assert positions == sorted(positions, reverse=True)
         assert len(queued_events) >= 2 and queued_events == sorted(queued_events, reverse=True)
-        for job in jobs:
-            follow(client, stack.url, job["id"])
+        cancel_all(client, stack.url, jobs)
 
 
-def test_cancel_a_queued_and_a_running_job(stack: Stack) -> None:
+def test_a_waiting_stream_gets_keep_alive_pings(stack: Stack, long_prompts: list[str]) -> None:
+    with httpx.Client(timeout=60) as client:
+        jobs = [
+            submit(client, stack.url, prompt=long_prompts[i % 3], max_tokens=LONG_TOKENS, temperature=0)
+            for i in range(4)
+        ]
+        waiting = submit(client, stack.url, prompt="wait", max_tokens=4)  # two places behind a busy pair
+        pings = 0
+        with client.stream("GET", f"{stack.url}/v1/jobs/{waiting['id']}/events") as response:
+            for line in response.iter_lines():
+                pings += line == ": ping"  # STREAMQ_PING_INTERVAL is 0.5 s in this stack
+                if pings == 2 or line == "event: started":
+                    break
+        cancel_all(client, stack.url, [*jobs, waiting])
+        assert pings == 2
+
+
+def test_cancel_a_queued_and_a_running_job(stack: Stack, long_prompts: list[str]) -> None:
     r = stack.redis.client()
     with httpx.Client(timeout=60) as client:
         busy = [
-            submit(client, stack.url, prompt=f"busy {i}", max_tokens=2000, temperature=0) for i in range(2)
+            submit(client, stack.url, prompt=p, max_tokens=LONG_TOKENS, temperature=0)
+            for p in long_prompts[:2]
         ]
         queued = submit(client, stack.url, prompt="never runs", max_tokens=10)
         assert queued["status"] == "queued"
@@ -150,7 +186,7 @@ def test_cancel_a_queued_and_a_running_job(stack: Stack) -> None:
             time.sleep(0.01)
         stopped = client.post(f"{stack.url2}/v1/jobs/{running['id']}/cancel").json()
         assert stopped["status"] == "canceled" and stopped["finish_reason"] == "canceled"
-        assert stopped["usage"]["completion_tokens"] < 2000
+        assert stopped["usage"]["completion_tokens"] < LONG_TOKENS
         events = follow(client, stack.url, running["id"])
         assert events[-1].event == "canceled" and [e.event for e in events].count("canceled") == 1
         time.sleep(0.5)  # a canceled job stays canceled: nothing overwrites it later

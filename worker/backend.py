@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from shared.schemas import GenerationRequest
 
@@ -17,6 +17,17 @@ class GenerationStep:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None = None  # set on the last step only: "stop" or "length"
+
+
+class LoadedModel:
+    """A model and its tokenizer, loaded on a device, served under ``name``."""
+
+    def __init__(self, model: Any, tokenizer: Any, name: str, device: str, dtype: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = device
+        self.dtype = dtype
 
 
 class InvalidJobRequest(ValueError):

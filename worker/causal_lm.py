@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from shared.schemas import ChatMessage, GenerationRequest
-from worker.backend import GenerationStep, answer_budget
+from worker.backend import GenerationStep, LoadedModel, answer_budget
 from worker.sampling import SamplingParams, sample_next
 from worker.text_decoding import IncrementalDecoder, StopMatcher
 
@@ -25,15 +25,11 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
-class CausalLMChat:
+class CausalLMChat(LoadedModel):
     """Drives a causal LM one token at a time, following ChatGLM's ``stream_chat`` contract."""
 
     def __init__(self, model: Any, tokenizer: Any, name: str, device: str, dtype: str) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.name = name
-        self.device = device
-        self.dtype = dtype
+        super().__init__(model, tokenizer, name, device, dtype)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from shared.schemas import GenerationRequest
-from worker.backend import GenerationStep, answer_budget
+from worker.backend import GenerationStep, LoadedModel, answer_budget
 
 
 def has_own_stream_chat(model: Any) -> bool:
@@ -41,17 +41,13 @@ def to_query_and_history(request: GenerationRequest) -> tuple[str, list[tuple[st
     return query, history
 
 
-class ChatGLMChat:
+class ChatGLMChat(LoadedModel):
     """Adapter from a model's own ``stream_chat(tokenizer, query, history, max_length, top_p,
     temperature)`` to the job runner's steps. Stop sequences and seeds are applied here; top_k is
     passed through when the model accepts it."""
 
     def __init__(self, model: Any, tokenizer: Any, name: str, device: str, dtype: str) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.name = name
-        self.device = device
-        self.dtype = dtype
+        super().__init__(model, tokenizer, name, device, dtype)
         self.context_length: int | None = getattr(model.config, "seq_length", None) or getattr(
             model.config, "max_position_embeddings", None
         )

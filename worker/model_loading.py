@@ -88,6 +88,21 @@ def load_backend(
         # ChatGLM-6B registers its model under AutoModel only.
         model = AutoModel.from_pretrained(name_or_path, dtype=getattr(torch, dtype), trust_remote_code=True)
     model = cast(Any, model).to(device).eval()
+    backend: ChatBackend
     if has_own_stream_chat(model):
-        return ChatGLMChat(model, tokenizer, name, device, dtype)
-    return CausalLMChat(model, tokenizer, name, device, dtype)
+        backend = ChatGLMChat(model, tokenizer, name, device, dtype)
+    else:
+        backend = CausalLMChat(model, tokenizer, name, device, dtype)
+    warm_up(backend)
+    return backend
+
+
+def warm_up(backend: ChatBackend) -> None:
+    """Run a two-token job once, so the first user's job does not pay for first-call allocations."""
+    from shared.schemas import ChatMessage, GenerationRequest
+
+    request = GenerationRequest(
+        messages=[ChatMessage(role="user", content="hi")], max_tokens=2, temperature=0.0, top_p=1.0
+    )
+    for _ in backend.generate(request):
+        pass
