@@ -77,6 +77,8 @@ def _validation_response(_: Request, exc: Exception) -> JSONResponse:
         first = next(e for e in errors if e.get("type") == "json_invalid")
         detail = first.get("ctx", {}).get("error", "")
         return error_response(ApiError(422, f"the request body is not valid JSON: {detail}".rstrip(": ")))
+    if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") == "missing" for e in errors):
+        return error_response(ApiError(400, "the request has no body: send a JSON object"))
     messages = []
     for e in errors:
         where = _param(tuple(e.get("loc", ())))
@@ -98,9 +100,16 @@ def _api_error_response(_: Request, exc: Exception) -> JSONResponse:
 
 
 def _redis_response(_: Request, exc: Exception) -> JSONResponse:
-    log.warning("Redis is unreachable: %s", exc)
+    log.warning("Redis failed: %s", exc)
     return error_response(
-        ApiError(503, "the job store (Redis) is unreachable; try again shortly", headers={"Retry-After": "1"})
+        ApiError(503, f"the job store (Redis) failed: {exc}; try again shortly", headers={"Retry-After": "1"})
+    )
+
+
+def _unexpected_response(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(
+        ApiError(500, "internal error; the failure is logged on the server", type="api_error")
     )
 
 
@@ -108,8 +117,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error_response)
     app.add_exception_handler(RequestValidationError, _validation_response)
     app.add_exception_handler(StarletteHTTPException, _http_response)
-    app.add_exception_handler(redis.exceptions.ConnectionError, _redis_response)
-    app.add_exception_handler(redis.exceptions.TimeoutError, _redis_response)
+    app.add_exception_handler(redis.exceptions.RedisError, _redis_response)
+    app.add_exception_handler(Exception, _unexpected_response)
 
 
 def job_failure_error(event: str, data: dict[str, Any]) -> ApiError:
@@ -118,5 +127,5 @@ def job_failure_error(event: str, data: dict[str, Any]) -> ApiError:
         return ApiError(409, "the job was canceled before it finished", code="job_canceled")
     kind = str(data.get("type") or "generation_error")
     message = str(data.get("message") or "the job failed")
-    status = {"invalid_request_error": 400, "timeout": 504}.get(kind, 502)
+    status = {"invalid_request_error": 400, "timeout": 504, "stream_interrupted": 503}.get(kind, 502)
     return ApiError(status, message, type=kind)

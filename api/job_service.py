@@ -11,13 +11,14 @@ import time
 import anyio.to_thread
 import redis
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 from rq.job import Job
 from rq.queue import Queue
 
 from api.errors import ApiError
 from api.worker_directory import WorkerDirectory
 from shared import keys
-from shared.job_state import EVENT_CANCELED, EVENT_QUEUED, FINISH_SCRIPT, encode, finish_args, view_from_hash
+from shared.job_state import CANCEL_SCRIPT, EVENT_QUEUED, cancel_args, encode, view_from_hash
 from shared.schemas import FINAL_STATUSES, GenerationRequest, JobRequest, JobView
 from shared.settings import Settings
 
@@ -44,7 +45,7 @@ class JobService:
         self._redis = connection
         self._rq = rq_connection
         self.directory = directory
-        self._finish = connection.register_script(FINISH_SCRIPT)
+        self._cancel = connection.register_script(CANCEL_SCRIPT)
 
     # ----- creating -------------------------------------------------------------------------
     def generation_request(self, request: JobRequest) -> GenerationRequest:
@@ -82,13 +83,11 @@ class JobService:
         created_at = time.time()
         await anyio.to_thread.run_sync(self._enqueue, job_id, model, generation, created_at)
         log.info("job %s: queued for %s", job_id, model)
-        return JobView(
-            id=job_id,
-            model=model,
-            status="queued",
-            position=await self.position(job_id, model),
-            created_at=created_at,
-        )
+        try:
+            position = await self.position(job_id, model)
+        except RedisError:  # the job exists and will run; its place is only a nicety here
+            position = None
+        return JobView(id=job_id, model=model, status="queued", position=position, created_at=created_at)
 
     def _enqueue(self, job_id: str, model: str, generation: GenerationRequest, created_at: float) -> None:
         s = self._settings
@@ -144,6 +143,10 @@ class JobService:
         position = await self.position(job_id, fields["model"]) if fields["status"] == "queued" else None
         return view_from_hash(job_id, fields, text or "", position)
 
+    async def last_event_id(self, job_id: str) -> str | None:
+        newest = await self._redis.xrevrange(keys.events(job_id), count=1)
+        return str(newest[0][0]) if newest else None
+
     async def get(self, job_id: str) -> JobView:
         view = await self.find(job_id)
         if view is None:
@@ -155,39 +158,34 @@ class JobService:
         """Cancel a job. A queued one is taken off its queue before any worker sees it; a
         running one stops at its next step. Returns the job's view; 409 if it had ended."""
         view = await self.get(job_id)
-        if view.status in FINAL_STATUSES:
-            raise ApiError(
-                409,
-                f"job '{job_id}' has already ended ({view.status})",
-                code="job_already_ended",
-                body={"job": view.model_dump(mode="json")},
-            )
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.hset(keys.job(job_id), "cancel", "1")
-        pipe.lrem(keys.rq_queue(view.model), 1, job_id)
-        pipe.publish(keys.CANCEL_CHANNEL, job_id)
-        _, removed, _ = await pipe.execute()
-        if removed:
-            await self._finish_canceled_queued(job_id)
-        else:
-            await self._wait_final(job_id)
-        log.info("job %s: cancel requested (%s)", job_id, "while queued" if removed else "while running")
-        return await self.get(job_id)
-
-    async def _finish_canceled_queued(self, job_id: str) -> None:
         s = self._settings
-        await self._finish(
-            keys=[keys.job(job_id), keys.events(job_id), keys.text(job_id)],
-            args=finish_args(
-                "canceled",
-                EVENT_CANCELED,
-                {"completion_tokens": 0},
+        answer = await self._cancel(
+            keys=[keys.job(job_id), keys.events(job_id), keys.text(job_id), keys.rq_queue(view.model)],
+            args=cancel_args(
+                job_id,
                 s.result_ttl,
                 s.stream_maxlen,
                 {"finish_reason": "canceled", "finished_at": time.time()},
             ),
         )
-        await anyio.to_thread.run_sync(self._file_rq_cancel, job_id)
+        if answer == "missing":
+            raise ApiError(404, f"no job with id '{job_id}'", param="id", code="job_not_found")
+        if answer in FINAL_STATUSES:
+            ended = await self.get(job_id)
+            raise ApiError(
+                409,
+                f"job '{job_id}' has already ended ({ended.status})",
+                code="job_already_ended",
+                body={"job": ended.model_dump(mode="json")},
+            )
+        if answer == "ok":  # it was still queued: canceled here, before any worker saw it
+            log.info("job %s: canceled while queued", job_id)
+            await anyio.to_thread.run_sync(self._file_rq_cancel, job_id)
+        else:  # running: its worker stops at the next token
+            await self._redis.publish(keys.CANCEL_CHANNEL, job_id)
+            log.info("job %s: cancel requested while running", job_id)
+            await self._wait_final(job_id)
+        return await self.get(job_id)
 
     def _file_rq_cancel(self, job_id: str) -> None:
         """Keep RQ's registries true: the RQ job is canceled too (it never ran)."""

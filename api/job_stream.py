@@ -15,7 +15,7 @@ from typing import Any
 from starlette.requests import Request
 
 from api.job_service import JobService
-from api.stream_hub import StreamHub
+from api.stream_hub import StreamHub, StreamInterrupted
 from shared import keys
 from shared.job_state import EVENT_DELTA, EVENT_QUEUED, EVENT_STARTED, FINAL_EVENTS
 
@@ -57,8 +57,10 @@ async def follow_job(
     """Yield the job's events after ``last_id`` until its final event, and None as a
     keep-alive tick after ``ping_interval`` seconds without one. While the job waits in its
     queue, a ``queued`` event (without id) reports each change of its position. Raises
-    ClientGone when ``request``'s client disconnects."""
+    ClientGone when ``request``'s client disconnects, StreamInterrupted when Redis cannot be read
+    (the client may resume later from the last id it got)."""
     sub = await hub.subscribe(keys.events(job_id), last_id)
+    get: asyncio.Future[Any] | None = None
     gone = asyncio.ensure_future(_wait_disconnect(request)) if request is not None else None
     waiting = True  # until a started/delta/final event shows the job left its queue
     position: int | None = None
@@ -78,7 +80,10 @@ async def follow_job(
                 get.cancel()
                 raise ClientGone()
             if get in done:
-                entry_id, fields = get.result()
+                entry = get.result()
+                if entry is None:
+                    raise StreamInterrupted(sub.interrupted or "the job's stream was interrupted")
+                entry_id, fields = entry
                 event = fields.get("event", "")
                 data = json.loads(fields.get("data") or "{}")
                 if event == EVENT_QUEUED:
@@ -104,10 +109,11 @@ async def follow_job(
                 yield None
     finally:
         hub.unsubscribe(sub)
-        if gone is not None:
-            gone.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await gone
+        for task in (get, gone):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
 
 def sse_message(event: JobEvent | None) -> bytes:

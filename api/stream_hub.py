@@ -22,18 +22,31 @@ from shared import keys
 log = logging.getLogger("streamq.api")
 
 Entry = tuple[str, dict[str, str]]
+_MAX_PART = 2**64 - 1
 
 
-def _id_tuple(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
+def parse_entry_id(entry_id: str) -> tuple[int, int]:
+    """A stream entry id ("<ms>-<seq>" or "<ms>") as a pair; ValueError if Redis would refuse it."""
+    ms, dash, seq = entry_id.partition("-")
+    if not ms.isdigit() or (dash and not seq.isdigit()):
+        raise ValueError(f"not a stream entry id: {entry_id!r}")
+    pair = int(ms), int(seq or 0)
+    if max(pair) > _MAX_PART:
+        raise ValueError(f"stream entry id out of range: {entry_id!r}")
+    return pair
+
+
+class StreamInterrupted(Exception):
+    """The hub could not read the streams (Redis unreachable): resume later with the last id."""
 
 
 class Subscription:
     def __init__(self, key: str, last_id: str) -> None:
         self.key = key
         self.last_id = last_id
-        self.queue: asyncio.Queue[Entry] = asyncio.Queue()
+        # Entries in order; None once the hub can no longer serve this subscription.
+        self.queue: asyncio.Queue[Entry | None] = asyncio.Queue()
+        self.interrupted: str | None = None
 
 
 class StreamHub:
@@ -56,6 +69,7 @@ class StreamHub:
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._wake_cursor = "0-0"
 
     @property
     def stream_count(self) -> int:
@@ -77,10 +91,11 @@ class StreamHub:
 
     async def subscribe(self, key: str, last_id: str = "0-0") -> Subscription:
         """Entries of stream ``key`` after ``last_id`` (and all later ones) go to the subscription's queue."""
+        parse_entry_id(last_id)
         sub = Subscription(key, last_id)
         self._subs.setdefault(key, set()).add(sub)
         cursor = self._cursors.get(key)
-        if cursor is None or _id_tuple(last_id) < _id_tuple(cursor):
+        if cursor is None or parse_entry_id(last_id) < parse_entry_id(cursor):
             self._cursors[key] = last_id
         self._changed.set()
         if self._blocking:  # the XREAD in flight does not know this key yet
@@ -111,7 +126,7 @@ class StreamHub:
                 await self._changed.wait()
                 continue
             asked = dict(self._cursors)
-            streams: dict[str, str] = {**asked, self._wake_key: "$"}
+            streams: dict[str, str] = {**asked, self._wake_key: self._wake_cursor}
             self._blocking = True
             try:
                 reply = cast(
@@ -121,7 +136,8 @@ class StreamHub:
             except RedisError as exc:
                 if self._stopping:
                     return
-                log.warning("stream reader lost Redis (%s); retrying in %.1fs", exc, backoff)
+                log.warning("stream reader failed (%s); retrying in %.1fs", exc, backoff)
+                self._interrupt_all(f"the job store (Redis) could not be read: {exc}")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
@@ -129,17 +145,33 @@ class StreamHub:
                 self._blocking = False
             backoff = 0.1
             for key, entries in reply or []:
-                if key != self._wake_key and entries:
+                if key == self._wake_key:
+                    self._wake_cursor = entries[-1][0]
+                elif entries:
                     self._deliver(key, entries, asked.get(key))
 
     def _deliver(self, key: str, entries: list[Entry], asked_from: str | None) -> None:
-        # Move the cursor on unless a new subscription moved it back meanwhile (its backlog is
-        # then read again next time; subscriptions skip entries they already have).
+        if asked_from is None:
+            return
+        # Move the cursor on unless a new subscription moved it back meanwhile: its backlog is
+        # then read again next time, and the others skip entries they already have.
         if self._cursors.get(key) == asked_from:
             self._cursors[key] = entries[-1][0]
+        read_from = parse_entry_id(asked_from)
         for sub in tuple(self._subs.get(key, ())):
-            last = _id_tuple(sub.last_id)
+            last = parse_entry_id(sub.last_id)
+            if last < read_from:
+                continue  # it joined during this read and needs older entries first
             for entry_id, fields in entries:
-                if _id_tuple(entry_id) > last:
+                if parse_entry_id(entry_id) > last:
                     sub.queue.put_nowait((entry_id, fields))
                     sub.last_id = entry_id
+
+    def _interrupt_all(self, reason: str) -> None:
+        """End every subscription: its follower reports the interruption; clients resume later."""
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.interrupted = reason
+                sub.queue.put_nowait(None)
+        self._subs.clear()
+        self._cursors.clear()

@@ -35,18 +35,47 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', 'started', 'da
 return 'running'
 """
 
+# Lua helpers shared by the scripts that end a job. KEYS[1..3]: job hash, events, text.
+_FINISH_LUA = """
+local function is_final(s) return s == 'finished' or s == 'failed' or s == 'canceled' end
+local function finish(status, event, data, ttl, maxlen, first_field)
+  redis.call('HSET', KEYS[1], 'status', status, unpack(ARGV, first_field))
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'event', event, 'data', data)
+  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ttl) end
+end
+"""
+
 # Writes a job's final state once. KEYS: job hash, events, text.
 # ARGV: status, event name, event data, ttl, maxlen, then field/value pairs to set.
 # Returns "ok", "missing", or the final status that was already there.
-FINISH_SCRIPT = """
+FINISH_SCRIPT = (
+    _FINISH_LUA
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
-if status == 'finished' or status == 'failed' or status == 'canceled' then return status end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 6))
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[2], 'data', ARGV[3])
-for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+if is_final(status) then return status end
+finish(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], 6)
 return 'ok'
 """
+)
+
+# Cancels a job. KEYS: job hash, events, text, the model's RQ queue list.
+# ARGV: job id, event data, ttl, maxlen, then field/value pairs to set.
+# A job still in its queue is taken off it and ends canceled here ("ok"); otherwise its cancel
+# flag is set for the worker running it ("running"). Returns "missing" or the final status if
+# the job had already ended.
+CANCEL_SCRIPT = (
+    _FINISH_LUA
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if is_final(status) then return status end
+redis.call('HSET', KEYS[1], 'cancel', '1')
+if redis.call('LREM', KEYS[4], 1, ARGV[1]) == 0 then return 'running' end
+finish('canceled', 'canceled', ARGV[2], ARGV[3], ARGV[4], 5)
+return 'ok'
+"""
+)
 
 
 def encode(data: Mapping[str, Any] | None) -> str:
@@ -54,15 +83,20 @@ def encode(data: Mapping[str, Any] | None) -> str:
     return json.dumps(data or {}, separators=(",", ":"), ensure_ascii=False)
 
 
+def _pairs(fields: Mapping[str, Any]) -> list[Any]:
+    return [item for name, value in fields.items() if value is not None for item in (name, value)]
+
+
 def finish_args(
     status: str, event: str, data: Mapping[str, Any], ttl: int, maxlen: int, fields: Mapping[str, Any]
 ) -> list[Any]:
     """ARGV for FINISH_SCRIPT."""
-    args: list[Any] = [status, event, encode(data), ttl, maxlen]
-    for name, value in fields.items():
-        if value is not None:
-            args.extend([name, value])
-    return args
+    return [status, event, encode(data), ttl, maxlen, *_pairs(fields)]
+
+
+def cancel_args(job_id: str, ttl: int, maxlen: int, fields: Mapping[str, Any]) -> list[Any]:
+    """ARGV for CANCEL_SCRIPT."""
+    return [job_id, encode({"completion_tokens": 0}), ttl, maxlen, *_pairs(fields)]
 
 
 def _float(value: str | None) -> float | None:

@@ -63,7 +63,8 @@ def start_private_redis(workdir: Path, port: int | None = None) -> tuple[subproc
         "--dir",
         str(workdir),
     ]
-    proc = subprocess.Popen([exe, *args], stdout=subprocess.DEVNULL)
+    # Its own session: a terminal's Ctrl-C reaches the launcher, which stops Redis last.
+    proc = subprocess.Popen([exe, *args], stdout=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and proc.poll() is None:
         try:
@@ -85,7 +86,11 @@ def ensure_tiny_model(cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     print(f"building the tiny demo model into {target} (first run only)...", flush=True)
     building = Path(tempfile.mkdtemp(prefix=".tiny-", dir=cache))
-    subprocess.run([sys.executable, "-m", "shared.cli", "make-tiny-model", str(building)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "shared.cli", "make-tiny-model", str(building)],
+        check=True,
+        start_new_session=True,
+    )
     shutil.rmtree(target, ignore_errors=True)
     building.rename(target)
     return target
@@ -97,6 +102,12 @@ def _ready(url: str) -> bool:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False
+
+
+def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    # Own session: Ctrl-C in the terminal reaches only the launcher, which then stops the
+    # children in order (front, workers, Redis) instead of all at once.
+    return subprocess.Popen([sys.executable, "-m", "shared.cli", *args], env=env, start_new_session=True)
 
 
 def _stop_all(procs: list[subprocess.Popen[bytes]], grace: float = 15.0) -> None:
@@ -113,6 +124,9 @@ def _stop_all(procs: list[subprocess.Popen[bytes]], grace: float = 15.0) -> None
 
 
 def run_up(settings: Settings, host: str, port: int, model: str | None, workers: int) -> int:
+    if workers < 1:
+        print("streamq up: --workers must be at least 1", file=sys.stderr)
+        return 2
     if port_in_use(host, port):
         print(f"streamq up: port {port} on {host} is in use; choose another with --port", file=sys.stderr)
         return 2
@@ -138,12 +152,12 @@ def run_up(settings: Settings, host: str, port: int, model: str | None, workers:
         env = {**os.environ, "STREAMQ_REDIS_URL": redis_url}
         if settings.torch_threads is None:
             env["STREAMQ_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
-        python = [sys.executable, "-m", "shared.cli"]
-        children.append(subprocess.Popen([*python, "api", "--host", host, "--port", str(port)], env=env))
-        for _ in range(workers):
-            children.append(subprocess.Popen([*python, "worker", "--model", model_path], env=env))
+        children.append(_spawn(["api", "--host", host, "--port", str(port)], env))
+        children += [_spawn(["worker", "--model", model_path], env) for _ in range(workers)]
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         announced = False
+        started = time.monotonic()
+        hinted = False
         while not stop["signal"]:
             dead = [p for p in children if p.poll() is not None]
             if dead:
@@ -155,11 +169,15 @@ def run_up(settings: Settings, host: str, port: int, model: str | None, workers:
             if not announced and _ready(url):
                 _print_banner(url, model_path, workers, redis_url, private=redis_proc is not None)
                 announced = True
+            elif not announced and not hinted and time.monotonic() - started > 60:
+                print(f"streamq up: still waiting for {url}/readyz (loading the model?)", file=sys.stderr)
+                hinted = True
             time.sleep(0.25)
         print("\nstreamq up: stopping...", flush=True)
         return 0
     finally:
-        _stop_all(children)
+        _stop_all(children[:1])  # the front first: its clients can resume elsewhere
+        _stop_all(children[1:], grace=30)  # then the workers, with time to finish their jobs
         if redis_proc is not None:
             _stop_all([redis_proc], grace=5)
         shutil.rmtree(workdir, ignore_errors=True)

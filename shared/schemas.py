@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 JobStatus = Literal["queued", "running", "finished", "failed", "canceled"]
 FINAL_STATUSES: frozenset[str] = frozenset({"finished", "failed", "canceled"})
@@ -13,11 +13,23 @@ FinishReason = Literal["stop", "length", "canceled", "error"]
 MAX_STOP_SEQUENCES = 8
 
 
+def _encodable(value: str) -> str:
+    """Refuse text that is not valid Unicode (lone surrogates such as "\\ud800" in JSON)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (it holds a lone surrogate)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class SamplingFields(BaseModel):
@@ -25,16 +37,19 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = Field(None, description="served model name; optional when one model is served")
-    max_tokens: int | None = Field(None, ge=1, description="most new tokens to generate")
+    model: Text | None = Field(None, description="served model name; optional when one model is served")
+    max_tokens: int | None = Field(None, ge=1, strict=True, description="most new tokens to generate")
     max_length: int | None = Field(
-        None, ge=1, description="ChatGLM's limit: prompt tokens + new tokens (must exceed the prompt)"
+        None,
+        ge=1,
+        strict=True,
+        description="ChatGLM's limit: prompt tokens + new tokens (must exceed the prompt)",
     )
-    temperature: float | None = Field(None, ge=0, le=2, description="0 means greedy")
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, description="0 means no top-k cut")
-    stop: str | list[str] | None = Field(None, description="text that ends the answer (not included)")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    temperature: float | None = Field(None, ge=0, le=2, strict=True, description="0 means greedy")
+    top_p: float | None = Field(None, gt=0, le=1, strict=True)
+    top_k: int | None = Field(None, ge=0, strict=True, description="0 means no top-k cut")
+    stop: Text | list[Text] | None = Field(None, description="text that ends the answer (not included)")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, strict=True)
 
     @field_validator("stop")
     @classmethod
@@ -51,8 +66,8 @@ class JobRequest(SamplingFields):
     """Body of ``POST /v1/jobs``: OpenAI-style ``messages``, or ChatGLM's ``prompt`` + ``history``."""
 
     messages: list[ChatMessage] | None = None
-    prompt: str | None = None
-    history: list[tuple[str, str]] | None = Field(
+    prompt: Text | None = None
+    history: list[tuple[Text, Text]] | None = Field(
         None, description="ChatGLM history: [[query, response], ...]; only with prompt"
     )
 

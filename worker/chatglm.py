@@ -11,6 +11,7 @@ from typing import Any
 
 from shared.schemas import GenerationRequest
 from worker.backend import GenerationStep, LoadedModel, answer_budget
+from worker.text_decoding import StopMatcher
 
 
 def has_own_stream_chat(model: Any) -> bool:
@@ -44,7 +45,7 @@ def to_query_and_history(request: GenerationRequest) -> tuple[str, list[tuple[st
 class ChatGLMChat(LoadedModel):
     """Adapter from a model's own ``stream_chat(tokenizer, query, history, max_length, top_p,
     temperature)`` to the job runner's steps. Stop sequences and seeds are applied here; top_k is
-    passed through when the model accepts it."""
+    not (ChatGLM's stream_chat has no such parameter)."""
 
     def __init__(self, model: Any, tokenizer: Any, name: str, device: str, dtype: str) -> None:
         super().__init__(model, tokenizer, name, device, dtype)
@@ -65,7 +66,7 @@ class ChatGLMChat(LoadedModel):
             torch.manual_seed(request.seed)
         answer = ""
         steps = 0
-        kwargs: dict[str, Any] = {"do_sample": request.temperature > 0}
+        stops = StopMatcher(request.stop)
         stream = self.model.stream_chat(
             self.tokenizer,
             query,
@@ -73,19 +74,18 @@ class ChatGLMChat(LoadedModel):
             max_length=n_prompt + budget,
             top_p=request.top_p,
             temperature=max(request.temperature, 1e-5),
-            **kwargs,
+            do_sample=request.temperature > 0,
         )
         for response, _history in stream:
             steps += 1
             if not response.startswith(answer):  # the model rewrote its answer: keep what was sent
                 continue
-            delta = response[len(answer) :]
+            text, stopped = stops.push(response[len(answer) :])
             answer = response
-            cut = min((i for i in (answer.find(s) for s in request.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                keep = cut - (len(answer) - len(delta))
-                yield GenerationStep(delta[: max(keep, 0)], n_prompt, steps, "stop")
+            if stopped:
+                yield GenerationStep(text, n_prompt, steps, "stop")
                 return
-            yield GenerationStep(delta, n_prompt, steps)
+            yield GenerationStep(text, n_prompt, steps)
         completion = self._count(answer)
-        yield GenerationStep("", n_prompt, completion, "length" if completion >= budget else "stop")
+        finish = "length" if completion >= budget else "stop"
+        yield GenerationStep(stops.flush(), n_prompt, completion, finish)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -15,7 +17,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        # Below MIN_TEMPERATURE the scaled logits overflow; such a temperature means greedy anyway.
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -22,8 +22,9 @@ from pydantic import Field
 from api.errors import job_failure_error
 from api.job_stream import ClientGone, JobEvent, follow_job
 from api.state import Front, get_front
-from shared.job_state import EVENT_DELTA, EVENT_DONE
-from shared.schemas import JobRequest, SamplingFields
+from api.stream_hub import StreamInterrupted
+from shared.job_state import EVENT_DELTA, EVENT_DONE, EVENT_ERROR
+from shared.schemas import JobRequest, SamplingFields, Text
 
 log = logging.getLogger("streamq.api")
 router = APIRouter(tags=["chatglm-compatible"])
@@ -35,11 +36,11 @@ JOB_HEADER = "X-Streamq-Job-Id"  # lets a client poll, cancel or re-attach to th
 class ChatGLMRequest(SamplingFields):
     """ChatGLM-6B's request, with its defaults."""
 
-    prompt: str
-    history: list[tuple[str, str]] | None = None
-    max_length: int | None = Field(2048, ge=1, description="prompt + answer tokens")
-    temperature: float | None = Field(0.95, ge=0, le=2)
-    top_p: float | None = Field(0.7, gt=0, le=1)
+    prompt: Text
+    history: list[tuple[Text, Text]] | None = None
+    max_length: int | None = Field(2048, ge=1, strict=True, description="prompt + answer tokens")
+    temperature: float | None = Field(0.95, ge=0, le=2, strict=True)
+    top_p: float | None = Field(0.7, gt=0, le=1, strict=True)
 
     def job_request(self) -> JobRequest:
         return JobRequest.model_validate(self.model_dump())
@@ -58,10 +59,14 @@ def _cancel_soon(front: Front, job_id: str) -> None:
 
 
 async def _next_output(events: AsyncGenerator[JobEvent | None, None]) -> JobEvent:
-    """The next delta or final event (queue positions and keep-alive ticks are skipped)."""
-    async for event in events:
-        if event is not None and (event.event == EVENT_DELTA or event.final):
-            return event
+    """The next delta or final event (queue positions and keep-alive ticks are skipped); an
+    interrupted stream reads as a final error event."""
+    try:
+        async for event in events:
+            if event is not None and (event.event == EVENT_DELTA or event.final):
+                return event
+    except StreamInterrupted as exc:
+        return JobEvent(None, EVENT_ERROR, {"type": "stream_interrupted", "message": str(exc)})
     raise RuntimeError("the job's event stream ended without a final event")
 
 

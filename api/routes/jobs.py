@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -12,12 +11,12 @@ from fastapi.responses import StreamingResponse
 from api.errors import ApiError
 from api.job_stream import ClientGone, follow_job, sse_message
 from api.state import Front, get_front
-from shared.schemas import JobRequest, JobView
+from api.stream_hub import StreamInterrupted, parse_entry_id
+from shared.schemas import FINAL_STATUSES, JobRequest, JobView
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 FrontDep = Annotated[Front, Depends(get_front)]
-_EVENT_ID = re.compile(r"^\d+(-\d+)?$")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
 
 
@@ -38,21 +37,37 @@ async def get_job(job_id: str, front: FrontDep) -> JobView:
 @router.get(
     "/{job_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}, 400: {}, 404: {}},
+    responses={
+        200: {"content": {"text/event-stream": {}}},
+        204: {"description": "the job has ended and Last-Event-ID was its final event"},
+        400: {},
+        404: {},
+    },
 )
 async def job_events(
     job_id: str,
     request: Request,
     front: FrontDep,
     last_event_id: Annotated[str | None, Header()] = None,
-) -> StreamingResponse:
+) -> Response:
     """Server-Sent Events: ``queued`` (position), ``started``, ``delta`` ({text}), then one of
-    ``done`` / ``error`` / ``canceled``. Send ``Last-Event-ID`` to get only the events after it."""
-    if last_event_id is not None and not _EVENT_ID.match(last_event_id.strip()):
-        raise ApiError(
-            400, "Last-Event-ID must be an event id such as 1700000000000-0", param="Last-Event-ID"
-        )
+    ``done`` / ``error`` / ``canceled``. Send ``Last-Event-ID`` to get only the events after it;
+    204 when that was the job's final event."""
     view = await front.jobs.get(job_id)
+    if last_event_id is not None:
+        last_event_id = last_event_id.strip()
+        try:
+            after = parse_entry_id(last_event_id)
+        except ValueError:
+            raise ApiError(
+                400, "Last-Event-ID must be an event id such as 1700000000000-0", param="Last-Event-ID"
+            ) from None
+        newest = await front.jobs.last_event_id(job_id)
+        if newest is not None and after >= parse_entry_id(newest):
+            if view.status in FINAL_STATUSES:
+                return Response(status_code=204)  # it has every event; EventSource stops here
+            if after > parse_entry_id(newest):
+                raise ApiError(400, "Last-Event-ID is not an event of this job", param="Last-Event-ID")
     s = front.settings
     events = follow_job(
         front.jobs,
@@ -71,6 +86,9 @@ async def job_events(
                 yield sse_message(event)
         except ClientGone:
             return  # the job runs on (detached); the client may re-attach with Last-Event-ID
+        except StreamInterrupted:
+            # A resumable end: EventSource reconnects with Last-Event-ID by itself.
+            yield b": interrupted, reconnect with Last-Event-ID\n\n"
         finally:
             await events.aclose()
 
