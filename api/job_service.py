@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import secrets
@@ -19,6 +20,7 @@ from api.errors import ApiError
 from api.worker_directory import WorkerDirectory
 from shared import keys
 from shared.job_state import CANCEL_SCRIPT, EVENT_QUEUED, cancel_args, encode, view_from_hash
+from shared.limits import InvalidJobRequest, answer_budget, may_not_fit
 from shared.schemas import FINAL_STATUSES, GenerationRequest, JobRequest, JobView
 from shared.settings import Settings
 
@@ -79,6 +81,9 @@ class JobService:
         """Validate, pick the model, and create the job and its RQ job in one transaction."""
         generation = self.generation_request(request)
         model = await self.directory.resolve(request.model)
+        context_length = await self.directory.context_length(model)
+        if may_not_fit(generation, context_length):
+            await self._check_prompt_length(model, generation)
         job_id = new_job_id()
         created_at = time.time()
         await anyio.to_thread.run_sync(self._enqueue, job_id, model, generation, created_at)
@@ -88,6 +93,27 @@ class JobService:
         except RedisError:  # the job exists and will run; its place is only a nicety here
             position = None
         return JobView(id=job_id, model=model, status="queued", position=position, created_at=created_at)
+
+    async def _check_prompt_length(self, model: str, generation: GenerationRequest) -> None:
+        """Ask a worker of the model for the prompt's token count and refuse (400) a request that
+        cannot fit. Without an answer in time the job is accepted: its worker checks it again."""
+        reply = keys.count_reply(secrets.token_hex(8))
+        question = json.dumps({"reply": reply, "messages": [m.model_dump() for m in generation.messages]})
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.lpush(keys.count_requests(model), question)
+        pipe.expire(keys.count_requests(model), 60)
+        await pipe.execute()
+        answer = await self._redis.blpop([reply], timeout=self._settings.count_timeout)
+        if answer is None:
+            log.warning("no worker of %s counted a prompt in time; the worker will check it", model)
+            return
+        count = json.loads(answer[1])
+        if "error" in count:
+            raise ApiError(400, f"the model cannot render these messages: {count['error']}", param="messages")
+        try:
+            answer_budget(generation, int(count["prompt_tokens"]), count.get("context_length"))
+        except InvalidJobRequest as exc:
+            raise ApiError(400, str(exc), param=exc.param) from None
 
     def _enqueue(self, job_id: str, model: str, generation: GenerationRequest, created_at: float) -> None:
         s = self._settings

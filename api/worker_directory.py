@@ -20,6 +20,7 @@ class WorkerInfo:
     device: str
     last_heartbeat: float
     current_job: str
+    context_length: int | None
 
 
 class WorkerDirectory:
@@ -46,6 +47,7 @@ class WorkerDirectory:
                 device=info.get("device", ""),
                 last_heartbeat=float(info.get("last_heartbeat") or 0),
                 current_job=info.get("current_job", ""),
+                context_length=int(info["context_length"]) if info.get("context_length") else None,
             )
             for name, info in zip(names, infos, strict=True)
             if info
@@ -64,6 +66,11 @@ class WorkerDirectory:
         for w in await self._workers(fresh):
             counts[w.model] = counts.get(w.model, 0) + 1
         return counts
+
+    async def context_length(self, model: str) -> int | None:
+        """The smallest context of the model's live workers (None if none says)."""
+        known = [w.context_length for w in await self._workers() if w.model == model and w.context_length]
+        return min(known) if known else None
 
     async def readiness(self) -> tuple[bool, dict[str, int]]:
         """Ready when every expected model (STREAMQ_MODELS) has a live worker, and some worker is live."""

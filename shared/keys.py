@@ -50,3 +50,13 @@ def queue_name(model: str) -> str:
 def rq_queue(model: str) -> str:
     """The Redis list behind the model's RQ queue (what autoscalers watch)."""
     return f"{RQ_KEY_PREFIX}:queue:{queue_name(model)}"
+
+
+def count_requests(model: str) -> str:
+    """List of prompt-length questions from fronts, answered by the model's workers."""
+    return f"{PREFIX}:count:{model}"
+
+
+def count_reply(request_id: str) -> str:
+    """List a front waits on (BLPOP) for the answer to one prompt-length question."""
+    return f"{PREFIX}:count-reply:{request_id}"

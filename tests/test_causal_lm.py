@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from shared.limits import InvalidJobRequest
 from shared.schemas import ChatMessage, GenerationRequest
-from worker.backend import InvalidJobRequest
 
 
 def request(prompt: str = "Tell me about Redis", **overrides: Any) -> GenerationRequest:
@@ -104,3 +104,28 @@ def test_device_and_dtype_choice() -> None:
     with pytest.raises(ValueError, match="device must be one of"):
         resolve_device("tpu")
     assert default_served_name("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def test_the_prompt_counter_answers_with_the_models_own_count(tiny_backend: Any) -> None:
+    import json
+
+    import fakeredis
+
+    from worker.prompt_counter import PromptCounter
+
+    counter = PromptCounter(fakeredis.FakeRedis(), tiny_backend)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "你好"}]
+    reply, count = counter.answer(json.dumps({"reply": "r1", "messages": messages}))  # type: ignore[misc]
+    expected = len(tiny_backend.encode([ChatMessage(**m) for m in messages]))
+    assert (reply, count) == ("r1", {"prompt_tokens": expected, "context_length": 4096})
+    assert counter.answer(b"not json") is None
+
+
+def test_the_front_asks_for_a_count_only_when_the_prompt_might_not_fit() -> None:
+    from shared.limits import may_not_fit
+
+    short = request("hello")
+    assert not may_not_fit(short, 4096)
+    assert may_not_fit(request("hello", max_length=100), 4096)
+    assert may_not_fit(request("x" * 4000), 4096)
+    assert not may_not_fit(request("x" * 4000), None)

@@ -36,6 +36,7 @@ def test_up_runs_the_whole_stack_and_cleans_up(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own process group, as in a terminal
     )
     banner = []
     try:
@@ -57,9 +58,10 @@ def test_up_runs_the_whole_stack_and_cleans_up(tmp_path: Path) -> None:
             assert follow(client, url, job["id"])[-1].event == "done"
         assert redis.Redis.from_url(redis_url).ping()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole foreground group
+        out, _ = proc.communicate(timeout=90)
     assert proc.returncode == 0, out
+    assert "streamq up: stopping..." in out
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(redis_url).ping()  # the private Redis is gone
     with pytest.raises(httpx.ConnectError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,7 @@ import pytest
 
 from shared.schemas import ChatMessage, GenerationRequest
 from tests.conftest import LONG_TOKENS, Stack
+from tests.processes import start_front
 from tests.sse import follow, text_of
 
 pytestmark = pytest.mark.e2e
@@ -210,13 +212,21 @@ def test_cancel_a_queued_and_a_running_job(stack: Stack, long_prompts: list[str]
         ({"prompt": "x", "max_tokens": 10**6}, 400, "max_tokens", "at most"),
         ({"prompt": "x", "model": "no-such-model"}, 404, "model", "not served"),
         ({"messages": "hello"}, 400, "messages", "valid list"),
+        ({"prompt": "\ud800"}, 400, "prompt", "valid Unicode"),
+        ({"messages": [{"role": "user", "content": "a\udfffb"}]}, 400, "messages.0.content", "valid Unicode"),
+        ({"prompt": "x", "model": "\ud800"}, 400, "model", "valid Unicode"),
+        ({"prompt": "x", "max_tokens": "5"}, 400, "max_tokens", "valid integer"),
+        ({"prompt": "x", "max_tokens": True}, 400, "max_tokens", "valid integer"),
+        ({"prompt": "x", "temperature": "hot"}, 400, "temperature", "valid number"),
     ],
 )
 def test_bad_job_requests_get_a_clear_4xx(
     stack: Stack, body: dict[str, Any], status: int, param: str | None, says: str
 ) -> None:
     before = stack.redis.client().dbsize()
-    response = httpx.post(f"{stack.url}/v1/jobs", json=body)
+    # json.dumps escapes as ASCII, so lone surrogates travel as the \\uXXXX escapes a client sends.
+    headers = {"Content-Type": "application/json"}
+    response = httpx.post(f"{stack.url}/v1/jobs", content=json.dumps(body), headers=headers)
     assert response.status_code == status
     error = response.json()["error"]
     assert says in error["message"]
@@ -230,24 +240,69 @@ def test_malformed_json_unknown_job_and_bad_event_id(stack: Stack) -> None:
         f"{stack.url}/v1/jobs", content=b'{"prompt": "x",', headers={"Content-Type": "application/json"}
     )
     assert response.status_code == 422 and "not valid JSON" in response.json()["error"]["message"]
+    empty = httpx.post(f"{stack.url}/v1/jobs", headers={"Content-Type": "application/json"})
+    assert empty.status_code == 400 and "no body" in empty.json()["error"]["message"]
     for path in ("/v1/jobs/0123456789abcdef0123456789abcdef", "/v1/jobs/nope", "/v1/jobs/nope/events"):
         missing = httpx.get(f"{stack.url}{path}")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "job_not_found"
     assert httpx.post(f"{stack.url}/v1/jobs/0123456789abcdef0123456789abcdef/cancel").status_code == 404
     job = httpx.post(f"{stack.url}/v1/jobs", json={"prompt": "x", "max_tokens": 2}).json()
-    bad = httpx.get(f"{stack.url}/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "yesterday"})
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "Last-Event-ID"
+    for bad_id in ("yesterday", "99999999999999999999999", "1-18446744073709551616"):
+        bad = httpx.get(f"{stack.url}/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": bad_id})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "Last-Event-ID"
 
 
-def test_max_length_not_above_the_prompt_fails_the_job_with_the_reason(stack: Stack) -> None:
+def test_resuming_after_the_final_event_ends_at_once(stack: Stack, long_prompts: list[str]) -> None:
     with httpx.Client(timeout=30) as client:
-        job = submit(client, stack.url, prompt="a prompt of several tokens", max_length=3)
+        job = submit(client, stack.url, prompt="short", max_tokens=5)
         events = follow(client, stack.url, job["id"])
-        assert events[-1].event == "error"
-        assert events[-1].data["type"] == "invalid_request_error"
-        assert "max_length (3) must be greater than the prompt" in events[-1].data["message"]
-        view = client.get(f"{stack.url}/v1/jobs/{job['id']}").json()
-        assert view["status"] == "failed" and view["error"]["type"] == "invalid_request_error"
+        after_end = client.get(
+            f"{stack.url2}/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": events[-1].id}
+        )
+        assert after_end.status_code == 204  # EventSource stops reconnecting on 204
+        running = submit(client, stack.url, prompt=long_prompts[0], max_tokens=LONG_TOKENS, temperature=0)
+        future = client.get(
+            f"{stack.url}/v1/jobs/{running['id']}/events", headers={"Last-Event-ID": "99999999999999-0"}
+        )
+        assert future.status_code == 400 and "not an event of this job" in future.json()["error"]["message"]
+        cancel_all(client, stack.url, [running])
+
+
+def test_prompt_length_limits_are_checked_with_the_workers_tokenizer(stack: Stack, tiny_backend: Any) -> None:
+    prompt = "a prompt of several tokens"
+    prompt_tokens = len(tiny_backend.encode([ChatMessage(role="user", content=prompt)]))
+    before = stack.redis.client().dbsize()
+    with httpx.Client(timeout=30) as client:
+        refused = client.post(f"{stack.url}/v1/jobs", json={"prompt": prompt, "max_length": prompt_tokens})
+        assert refused.status_code == 400
+        assert refused.json()["error"] == {
+            "message": f"max_length ({prompt_tokens}) must be greater than the prompt's length "
+            f"({prompt_tokens} tokens)",
+            "type": "invalid_request_error",
+            "param": "max_length",
+            "code": None,
+        }
+        huge = client.post(f"{stack.url}/v1/jobs", json={"prompt": "Redis streams " * 3000, "max_tokens": 5})
+        assert huge.status_code == 400 and huge.json()["error"]["param"] == "messages"
+        assert "the model's context holds 4096" in huge.json()["error"]["message"]
+        assert stack.redis.client().dbsize() == before  # nothing was created for either
+
+        job = submit(client, stack.url, prompt=prompt, max_length=prompt_tokens + 3, temperature=0)
+        done = follow(client, stack.url, job["id"])[-1]
+        assert done.event == "done" and done.data["usage"]["completion_tokens"] <= 3
+
+
+def test_not_ready_while_an_expected_model_has_no_worker(stack: Stack) -> None:
+    front, url = start_front(
+        {**stack.env, "STREAMQ_MODELS": "streamq-tiny,absent-model"}, stack.logdir, "front-3"
+    )
+    try:
+        ready = httpx.get(f"{url}/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["models"] == {"streamq-tiny": 2, "absent-model": 0}
+        assert ready.json()["redis"] is True and ready.json()["ready"] is False
+    finally:
+        front.stop()
 
 
 def test_readiness_and_health(stack: Stack) -> None:

@@ -6,9 +6,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import pytest
 import redis.asyncio as aioredis
 
-from api.stream_hub import StreamHub, Subscription
+from api.stream_hub import StreamHub, Subscription, parse_entry_id
 from tests.processes import RedisServer
 
 T = TypeVar("T")
@@ -43,8 +44,9 @@ def run(
 async def drain(sub: Subscription, count: int) -> list[str]:
     out = []
     for _ in range(count):
-        _, fields = await asyncio.wait_for(sub.queue.get(), timeout=10)
-        out.append(fields["v"])
+        item = await asyncio.wait_for(sub.queue.get(), timeout=10)
+        assert item is not None
+        out.append(item[1]["v"])
     return out
 
 
@@ -90,3 +92,86 @@ def test_subscriptions_resume_after_their_last_id(redis_server: RedisServer) -> 
         assert hub.stream_count == 0
 
     run(redis_server, body)
+
+
+def test_a_follower_joining_mid_read_gets_the_older_entries_first() -> None:
+    """Unit check of the delivery rule: entries read from a cursor newer than a follower's last
+    id are held back from it; the next read, from its older id, gives it everything in order."""
+    hub = StreamHub(None, None, front_id="unit")  # type: ignore[arg-type]
+
+    async def body() -> None:
+        tailing = Subscription("k", "5-0")
+        hub._subs["k"] = {tailing}
+        hub._cursors["k"] = "5-0"
+        joining = await_subscribe(hub, "k", "0-0")  # joins while a read from 5-0 is in flight
+        hub._deliver("k", [("6-0", {"v": "6"})], asked_from="5-0")
+        assert [e[0] for e in drain_now(tailing)] == ["6-0"]
+        assert drain_now(joining) == []
+        hub._deliver("k", [(f"{n}-0", {"v": str(n)}) for n in range(1, 7)], asked_from="0-0")
+        assert [e[0] for e in drain_now(joining)] == ["1-0", "2-0", "3-0", "4-0", "5-0", "6-0"]
+        assert drain_now(tailing) == []
+
+    asyncio.run(body())
+
+
+def await_subscribe(hub: StreamHub, key: str, last_id: str) -> Subscription:
+    sub = Subscription(key, last_id)
+    hub._subs.setdefault(key, set()).add(sub)
+    hub._cursors[key] = last_id
+    return sub
+
+
+def drain_now(sub: Subscription) -> list[tuple[str, dict[str, str]]]:
+    out = []
+    while not sub.queue.empty():
+        item = sub.queue.get_nowait()
+        assert item is not None
+        out.append(item)
+    return out
+
+
+def test_followers_joining_a_busy_stream_miss_nothing(redis_server: RedisServer) -> None:
+    async def body(hub: StreamHub, r: aioredis.Redis) -> None:
+        for trial in range(10):
+            key = f"t4:{trial}"
+            tail = await hub.subscribe(key)
+
+            async def produce(key: str = key) -> None:
+                for n in range(60):
+                    await r.xadd(key, {"v": str(n)})
+                    await asyncio.sleep(0.001)
+
+            producer = asyncio.create_task(produce())
+            await asyncio.sleep(0.01 + 0.003 * trial)
+            late = await hub.subscribe(key, "0-0")
+            await producer
+            assert await drain(tail, 60) == [str(n) for n in range(60)]
+            assert await drain(late, 60) == [str(n) for n in range(60)]
+            hub.unsubscribe(tail)
+            hub.unsubscribe(late)
+
+    run(redis_server, body, block_ms=5_000)
+
+
+def test_ids_redis_would_refuse_are_refused_before_reading() -> None:
+    hub = StreamHub(None, None, front_id="unit")  # type: ignore[arg-type]
+    for bad in ("99999999999999999999999", "1-18446744073709551616", "abc", "1-", "-1"):
+        with pytest.raises(ValueError, match="stream entry id"):
+            asyncio.run(hub.subscribe("k", bad))
+    assert parse_entry_id("18446744073709551615-0") == (2**64 - 1, 0)
+
+
+def test_followers_are_told_when_redis_goes_away() -> None:
+    server = RedisServer()
+    try:
+
+        async def body(hub: StreamHub, r: aioredis.Redis) -> None:
+            sub = await hub.subscribe("t5")
+            await asyncio.sleep(0.1)
+            server.stop()
+            assert await asyncio.wait_for(sub.queue.get(), timeout=10) is None
+            assert sub.interrupted and "could not be read" in sub.interrupted
+
+        run(server, body, block_ms=5_000)
+    finally:
+        server.close()

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from shared.schemas import GenerationRequest
+from shared.schemas import ChatMessage, GenerationRequest
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,6 @@ class LoadedModel:
         self.dtype = dtype
 
 
-class InvalidJobRequest(ValueError):
-    """The request cannot be served by this model (e.g. max_length is not above the prompt)."""
-
-
 class ChatBackend(Protocol):
     """A loaded chat model. ``generate`` yields steps until the answer ends; closing the
     iterator early (a cancel) stops generation at once."""
@@ -41,24 +37,11 @@ class ChatBackend(Protocol):
     name: str
     device: str
     dtype: str
+    tokenizer: Any
+    context_length: int | None
 
     def generate(self, request: GenerationRequest) -> Iterator[GenerationStep]: ...
 
-
-def answer_budget(request: GenerationRequest, prompt_tokens: int, context_length: int | None) -> int:
-    """How many new tokens the job may generate, or InvalidJobRequest when none fit."""
-    budget = request.max_tokens
-    if request.max_length is not None:
-        if request.max_length <= prompt_tokens:
-            raise InvalidJobRequest(
-                f"max_length ({request.max_length}) must be greater than the prompt's length "
-                f"({prompt_tokens} tokens)"
-            )
-        budget = min(budget, request.max_length - prompt_tokens)
-    if context_length is not None:
-        if prompt_tokens >= context_length:
-            raise InvalidJobRequest(
-                f"the prompt is {prompt_tokens} tokens long; the model's context holds {context_length}"
-            )
-        budget = min(budget, context_length - prompt_tokens)
-    return budget
+    def prompt_tokens(self, messages: list[ChatMessage], tokenizer: Any = None) -> int:
+        """The prompt's length in tokens (with ``tokenizer``, a copy for another thread, if given)."""
+        ...

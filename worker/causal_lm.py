@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
+from shared.limits import answer_budget
 from shared.schemas import ChatMessage, GenerationRequest
-from worker.backend import GenerationStep, LoadedModel, answer_budget
+from worker.backend import GenerationStep, LoadedModel
 from worker.sampling import SamplingParams, sample_next
 from worker.text_decoding import IncrementalDecoder, StopMatcher
 
@@ -33,14 +34,18 @@ class CausalLMChat(LoadedModel):
         self.eos_ids = _eos_ids(model, tokenizer)
         self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
 
-    def encode(self, messages: list[ChatMessage]) -> list[int]:
+    def encode(self, messages: list[ChatMessage], tokenizer: Any = None) -> list[int]:
         """Token ids of the conversation rendered with the tokenizer's chat template."""
+        tokenizer = tokenizer or self.tokenizer
         turns = [m.model_dump() for m in messages]
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
         else:  # a base model without a template: a plain transcript
             text = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant: "
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_tokens(self, messages: list[ChatMessage], tokenizer: Any = None) -> int:
+        return len(self.encode(messages, tokenizer))
 
     @torch.inference_mode()
     def generate(self, request: GenerationRequest) -> Iterator[GenerationStep]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from shared.schemas import GenerationRequest
-from worker.backend import GenerationStep, LoadedModel, answer_budget
+from shared.limits import answer_budget
+from shared.schemas import ChatMessage, GenerationRequest
+from worker.backend import GenerationStep, LoadedModel
 from worker.text_decoding import StopMatcher
 
 
@@ -18,13 +19,13 @@ def has_own_stream_chat(model: Any) -> bool:
     return callable(getattr(model, "stream_chat", None))
 
 
-def to_query_and_history(request: GenerationRequest) -> tuple[str, list[tuple[str, str]]]:
+def to_query_and_history(messages: list[ChatMessage]) -> tuple[str, list[tuple[str, str]]]:
     """ChatGLM's (query, [(query, response), ...]) from OpenAI-style messages.
 
     A system message is put before the first query, as ChatGLM-6B has no system role.
     """
-    system = "\n".join(m.content for m in request.messages if m.role == "system")
-    turns = [m for m in request.messages if m.role != "system"]
+    system = "\n".join(m.content for m in messages if m.role == "system")
+    turns = [m for m in messages if m.role != "system"]
     history: list[tuple[str, str]] = []
     pending: str | None = None
     for message in turns[:-1]:
@@ -53,14 +54,20 @@ class ChatGLMChat(LoadedModel):
             model.config, "max_position_embeddings", None
         )
 
-    def _count(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
+    def _count(self, text: str, tokenizer: Any = None) -> int:
+        return len((tokenizer or self.tokenizer).encode(text, add_special_tokens=False))
+
+    def prompt_tokens(self, messages: list[ChatMessage], tokenizer: Any = None) -> int:
+        query, history = to_query_and_history(messages)
+        return self._count(query, tokenizer) + sum(
+            self._count(q, tokenizer) + self._count(a, tokenizer) for q, a in history
+        )
 
     def generate(self, request: GenerationRequest) -> Iterator[GenerationStep]:
         import torch
 
-        query, history = to_query_and_history(request)
-        n_prompt = self._count(query) + sum(self._count(q) + self._count(a) for q, a in history)
+        query, history = to_query_and_history(request.messages)
+        n_prompt = self.prompt_tokens(request.messages)
         budget = answer_budget(request, n_prompt, self.context_length)
         if request.seed is not None:
             torch.manual_seed(request.seed)

@@ -18,9 +18,10 @@ from shared.job_state import (
     START_SCRIPT,
     encode,
 )
+from shared.limits import InvalidJobRequest
 from shared.schemas import GenerationRequest
 from shared.settings import Settings
-from worker.backend import ChatBackend, InvalidJobRequest
+from worker.backend import ChatBackend
 from worker.cancel_watcher import CancelWatcher
 from worker.publisher import JobPublisher
 

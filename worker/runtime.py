@@ -14,6 +14,7 @@ from worker.backend import ChatBackend
 from worker.cancel_watcher import CancelWatcher
 from worker.heartbeat import Heartbeat
 from worker.job_runner import JobRunner
+from worker.prompt_counter import PromptCounter
 
 
 class WorkerRuntime:
@@ -26,16 +27,25 @@ class WorkerRuntime:
             connection,
             settings,
             worker_name,
-            {"model": backend.name, "device": backend.device, "dtype": backend.dtype, "slots": "1"},
+            {
+                "model": backend.name,
+                "device": backend.device,
+                "dtype": backend.dtype,
+                "slots": "1",
+                "context_length": str(backend.context_length or ""),
+            },
         )
+        self.counter = PromptCounter(connection, backend)
         self.runner = JobRunner(connection, backend, settings, self.cancels, worker_name)
 
     def start(self) -> None:
         self.cancels.start()
+        self.counter.start()
         self.heartbeat.start()
 
     def stop(self) -> None:
         self.heartbeat.stop()
+        self.counter.stop()
         self.cancels.stop()
 
     def run_job(self, job_id: str) -> str:

@@ -1,0 +1,47 @@
+"""How long an answer may be, given its prompt: one rule for the front (before a job exists)
+and the worker (which holds the tokenizer)."""
+
+from __future__ import annotations
+
+from shared.schemas import GenerationRequest
+
+
+class InvalidJobRequest(ValueError):
+    """The request cannot be served by this model (e.g. max_length is not above the prompt)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def answer_budget(request: GenerationRequest, prompt_tokens: int, context_length: int | None) -> int:
+    """How many new tokens the job may generate, or InvalidJobRequest when none fit."""
+    budget = request.max_tokens
+    if request.max_length is not None:
+        if request.max_length <= prompt_tokens:
+            raise InvalidJobRequest(
+                f"max_length ({request.max_length}) must be greater than the prompt's length "
+                f"({prompt_tokens} tokens)",
+                param="max_length",
+            )
+        budget = min(budget, request.max_length - prompt_tokens)
+    if context_length is not None:
+        if prompt_tokens >= context_length:
+            raise InvalidJobRequest(
+                f"the prompt is {prompt_tokens} tokens long; the model's context holds {context_length}",
+                param="messages",
+            )
+        budget = min(budget, context_length - prompt_tokens)
+    return budget
+
+
+def may_not_fit(request: GenerationRequest, context_length: int | None) -> bool:
+    """Whether the prompt's token count is needed to accept the request: max_length is given, or
+    the text is long enough that it might not fit the context. A token holds at least one byte
+    (byte-level BPE; SentencePiece with byte fallback), so bytes + template room bound it."""
+    if request.max_length is not None:
+        return True
+    if context_length is None:
+        return False
+    size = sum(len(m.content.encode("utf-8")) for m in request.messages)
+    return size + 256 + 16 * len(request.messages) >= context_length
