@@ -17,6 +17,7 @@ from rq.job import Job
 from rq.queue import Queue
 
 from api.errors import ApiError
+from api.queue_positions import QueuePositions
 from api.worker_directory import WorkerDirectory
 from shared import keys
 from shared.job_state import CANCEL_SCRIPT, EVENT_QUEUED, cancel_args, encode, view_from_hash
@@ -48,6 +49,7 @@ class JobService:
         self._rq = rq_connection
         self.directory = directory
         self._cancel = connection.register_script(CANCEL_SCRIPT)
+        self.positions = QueuePositions(connection, max_age=settings.position_poll_interval)
 
     # ----- creating -------------------------------------------------------------------------
     def generation_request(self, request: JobRequest) -> GenerationRequest:
@@ -154,8 +156,8 @@ class JobService:
 
     # ----- reading --------------------------------------------------------------------------
     async def position(self, job_id: str, model: str) -> int | None:
-        pos = await self._redis.lpos(keys.rq_queue(model), job_id)
-        return pos if isinstance(pos, int) else None
+        """The job's exact place in its queue (None once it left it)."""
+        return await self.positions.exact(model, job_id)
 
     async def find(self, job_id: str) -> JobView | None:
         if not _JOB_ID.match(job_id):
@@ -166,7 +168,10 @@ class JobService:
         fields, text = await pipe.execute()
         if not fields or "status" not in fields:
             return None
-        position = await self.position(job_id, fields["model"]) if fields["status"] == "queued" else None
+        position = None
+        if fields["status"] == "queued":
+            # Off the list but not yet started: a worker is taking it right now, so it is next.
+            position = await self.position(job_id, fields["model"]) or 0
         return view_from_hash(job_id, fields, text or "", position)
 
     async def last_event_id(self, job_id: str) -> str | None:

@@ -87,7 +87,7 @@ async def follow_job(
                 event = fields.get("event", "")
                 data = json.loads(fields.get("data") or "{}")
                 if event == EVENT_QUEUED:
-                    position = await jobs.position(job_id, model)
+                    position = await jobs.positions.recent(model, job_id)
                     data = {**data, "position": position}
                 elif event in (EVENT_STARTED, EVENT_DELTA) or event in FINAL_EVENTS:
                     waiting = False
@@ -98,7 +98,7 @@ async def follow_job(
                 continue
             get.cancel()
             if waiting:
-                now_at = await jobs.position(job_id, model)
+                now_at = await jobs.positions.recent(model, job_id)
                 if now_at != position and now_at is not None:
                     position = now_at
                     last_sent = time.monotonic()

@@ -175,3 +175,27 @@ def test_followers_are_told_when_redis_goes_away() -> None:
         run(server, body, block_ms=5_000)
     finally:
         server.close()
+
+
+def test_queue_positions_come_from_one_read_per_interval(redis_server: RedisServer) -> None:
+    from api.queue_positions import QueuePositions
+    from shared import keys
+
+    async def main() -> None:
+        r = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+        queue = keys.rq_queue("positions-test")
+        await r.delete(queue)
+        await r.rpush(queue, "a", "b", "c")
+        positions = QueuePositions(r, max_age=0.3)
+        assert [await positions.recent("positions-test", j) for j in "abc"] == [0, 1, 2]
+        await r.lpop(queue)
+        await r.rpush(queue, "d")
+        # Within max_age the snapshot answers (c still shows 2); a newer job is looked up exactly.
+        assert await positions.recent("positions-test", "c") == 2
+        assert await positions.recent("positions-test", "d") == 2
+        await asyncio.sleep(0.35)
+        assert [await positions.recent("positions-test", j) for j in "abcd"] == [None, 0, 1, 2]
+        await r.delete(queue)
+        await r.aclose()
+
+    asyncio.run(main())
