@@ -67,46 +67,50 @@ async def follow_job(
     last_sent = time.monotonic()
     try:
         while True:
-            timeout = min(
-                ping_interval - (time.monotonic() - last_sent), position_interval if waiting else 1e9
-            )
-            get = asyncio.ensure_future(sub.queue.get())
-            done, _ = await asyncio.wait(
-                {get, gone} if gone is not None else {get},
-                timeout=max(timeout, 0.0),
-                return_when="FIRST_COMPLETED",
-            )
-            if gone is not None and gone in done:
-                get.cancel()
+            if gone is not None and gone.done():
                 raise ClientGone()
-            if get in done:
-                entry = get.result()
-                if entry is None:
-                    raise StreamInterrupted(sub.interrupted or "the job's stream was interrupted")
-                entry_id, fields = entry
-                event = fields.get("event", "")
-                data = json.loads(fields.get("data") or "{}")
-                if event == EVENT_QUEUED:
-                    position = await jobs.positions.recent(model, job_id)
-                    data = {**data, "position": position}
-                elif event in (EVENT_STARTED, EVENT_DELTA) or event in FINAL_EVENTS:
-                    waiting = False
-                last_sent = time.monotonic()
-                yield JobEvent(entry_id, event, data)
-                if event in FINAL_EVENTS:
-                    return
-                continue
-            get.cancel()
-            if waiting:
-                now_at = await jobs.positions.recent(model, job_id)
-                if now_at != position and now_at is not None:
-                    position = now_at
-                    last_sent = time.monotonic()
-                    yield JobEvent(None, EVENT_QUEUED, {"model": model, "position": position})
+            if sub.queue.empty():
+                timeout = min(
+                    ping_interval - (time.monotonic() - last_sent), position_interval if waiting else 1e9
+                )
+                get = asyncio.ensure_future(sub.queue.get())
+                done, _ = await asyncio.wait(
+                    {get, gone} if gone is not None else {get},
+                    timeout=max(timeout, 0.0),
+                    return_when="FIRST_COMPLETED",
+                )
+                if gone is not None and gone in done:
+                    raise ClientGone()
+                if get not in done:  # idle: report a new queue position, or keep the line alive
+                    get.cancel()
+                    if waiting:
+                        now_at = await jobs.positions.recent(model, job_id)
+                        if now_at != position and now_at is not None:
+                            position = now_at
+                            last_sent = time.monotonic()
+                            yield JobEvent(None, EVENT_QUEUED, {"model": model, "position": position})
+                            continue
+                    if time.monotonic() - last_sent >= ping_interval:
+                        last_sent = time.monotonic()
+                        yield None
                     continue
-            if time.monotonic() - last_sent >= ping_interval:
-                last_sent = time.monotonic()
-                yield None
+                entry = get.result()
+            else:  # events are waiting already: no task, no wait
+                entry = sub.queue.get_nowait()
+            if entry is None:
+                raise StreamInterrupted(sub.interrupted or "the job's stream was interrupted")
+            entry_id, fields = entry
+            event = fields.get("event", "")
+            data = json.loads(fields.get("data") or "{}")
+            if event == EVENT_QUEUED:
+                position = await jobs.positions.recent(model, job_id)
+                data = {**data, "position": position}
+            elif event in (EVENT_STARTED, EVENT_DELTA) or event in FINAL_EVENTS:
+                waiting = False
+            last_sent = time.monotonic()
+            yield JobEvent(entry_id, event, data)
+            if event in FINAL_EVENTS:
+                return
     finally:
         hub.unsubscribe(sub)
         for task in (get, gone):
