@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from rq.job import Job
 from rq.queue import Queue
+from rq.registry import CanceledJobRegistry
 
 from api.errors import ApiError
 from api.queue_positions import QueuePositions
@@ -42,11 +43,14 @@ class JobService:
         settings: Settings,
         connection: aioredis.Redis,
         rq_connection: redis.Redis,
+        count_connection: aioredis.Redis,
         directory: WorkerDirectory,
     ) -> None:
         self._settings = settings
         self._redis = connection
         self._rq = rq_connection
+        self._count_redis = count_connection
+        self._counting = asyncio.Semaphore(2)  # one per count connection
         self.directory = directory
         self._cancel = connection.register_script(CANCEL_SCRIPT)
         self.positions = QueuePositions(connection, max_age=settings.position_poll_interval)
@@ -91,21 +95,33 @@ class JobService:
         await anyio.to_thread.run_sync(self._enqueue, job_id, model, generation, created_at)
         log.info("job %s: queued for %s", job_id, model)
         try:
-            position = await self.position(job_id, model)
+            position = await self.position(job_id, model) or 0  # 0 if a worker took it already
         except RedisError:  # the job exists and will run; its place is only a nicety here
             position = None
         return JobView(id=job_id, model=model, status="queued", position=position, created_at=created_at)
 
     async def _check_prompt_length(self, model: str, generation: GenerationRequest) -> None:
         """Ask a worker of the model for the prompt's token count and refuse (400) a request that
-        cannot fit. Without an answer in time the job is accepted: its worker checks it again."""
+        cannot fit. Without an answer in time (or with both count connections busy) the job is
+        accepted: its worker checks it again and fails it with the reason."""
+        if self._counting.locked():
+            log.info("prompt counts are all busy; the worker will check this prompt's length")
+            return
+        timeout = self._settings.count_timeout
         reply = keys.count_reply(secrets.token_hex(8))
-        question = json.dumps({"reply": reply, "messages": [m.model_dump() for m in generation.messages]})
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.lpush(keys.count_requests(model), question)
-        pipe.expire(keys.count_requests(model), 60)
-        await pipe.execute()
-        answer = await self._redis.blpop([reply], timeout=self._settings.count_timeout)
+        question = json.dumps(
+            {
+                "reply": reply,
+                "deadline": time.time() + timeout,
+                "messages": [m.model_dump() for m in generation.messages],
+            }
+        )
+        async with self._counting:
+            pipe = self._count_redis.pipeline(transaction=False)
+            pipe.lpush(keys.count_requests(model), question)
+            pipe.expire(keys.count_requests(model), 60)
+            await pipe.execute()
+            answer = await self._count_redis.blpop([reply], timeout=timeout)
         if answer is None:
             log.warning("no worker of %s counted a prompt in time; the worker will check it", model)
             return
@@ -127,7 +143,9 @@ class JobService:
                 args=(job_id,),
                 job_id=job_id,
                 timeout=s.job_timeout,
-                ttl=s.queue_ttl,
+                # No RQ ttl: RQ would drop an expired job silently, leaving it "queued" for us;
+                # the worker that takes it fails it as expired instead (STREAMQ_QUEUE_TTL).
+                ttl=None,
                 result_ttl=s.result_ttl,
                 failure_ttl=s.result_ttl,
                 description=f"streamq job {job_id} for {model}",
@@ -224,6 +242,9 @@ class JobService:
             job = Job.fetch(job_id, connection=self._rq)
             job.cancel()
             job.cleanup(ttl=self._settings.result_ttl, remove_from_queue=False)
+            # Give the registry entry the same lifetime (StreamqWorker prunes it after that).
+            registry = CanceledJobRegistry(job.origin, connection=self._rq)
+            registry.add(job, ttl=self._settings.result_ttl, xx=True)
         except Exception as exc:  # bookkeeping only: the job is already canceled for streamq
             log.warning("job %s: RQ bookkeeping of the cancel failed: %s", job_id, exc)
 

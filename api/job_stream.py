@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import RedisError
 from starlette.requests import Request
 
 from api.job_service import JobService
@@ -44,6 +45,14 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
+async def _recent_position(jobs: JobService, model: str, job_id: str, known: int | None) -> int | None:
+    """The job's place in its queue; the last known one if Redis does not answer now."""
+    try:
+        return await jobs.positions.recent(model, job_id)
+    except RedisError:
+        return known
+
+
 async def follow_job(
     jobs: JobService,
     hub: StreamHub,
@@ -59,7 +68,10 @@ async def follow_job(
     queue, a ``queued`` event (without id) reports each change of its position. Raises
     ClientGone when ``request``'s client disconnects, StreamInterrupted when Redis cannot be read
     (the client may resume later from the last id it got)."""
-    sub = await hub.subscribe(keys.events(job_id), last_id)
+    try:
+        sub = await hub.subscribe(keys.events(job_id), last_id)
+    except RedisError as exc:
+        raise StreamInterrupted(f"the job store (Redis) failed: {exc}") from exc
     get: asyncio.Future[Any] | None = None
     gone = asyncio.ensure_future(_wait_disconnect(request)) if request is not None else None
     waiting = True  # until a started/delta/final event shows the job left its queue
@@ -84,7 +96,7 @@ async def follow_job(
                 if get not in done:  # idle: report a new queue position, or keep the line alive
                     get.cancel()
                     if waiting:
-                        now_at = await jobs.positions.recent(model, job_id)
+                        now_at = await _recent_position(jobs, model, job_id, position)
                         if now_at != position and now_at is not None:
                             position = now_at
                             last_sent = time.monotonic()
@@ -103,7 +115,7 @@ async def follow_job(
             event = fields.get("event", "")
             data = json.loads(fields.get("data") or "{}")
             if event == EVENT_QUEUED:
-                position = await jobs.positions.recent(model, job_id)
+                position = await _recent_position(jobs, model, job_id, position)
                 data = {**data, "position": position}
             elif event in (EVENT_STARTED, EVENT_DELTA) or event in FINAL_EVENTS:
                 waiting = False

@@ -11,6 +11,11 @@ import redis.asyncio as aioredis
 from fastapi import Request
 from redis import BlockingConnectionPool as SyncBlockingPool
 from redis import Redis as SyncRedis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry as SyncRetry
 
 from api.job_service import JobService
 from api.stream_hub import StreamHub
@@ -20,11 +25,31 @@ from shared.settings import Settings
 CLIENT_NAME = "streamq-front"  # how the front's connections show in CLIENT LIST
 
 
+def _async_client(
+    url: str, size: int, socket_timeout: float, connect_timeout: float | None = None
+) -> aioredis.Redis:
+    """A client on a bounded pool that retries a command once its connection was dropped (a
+    restarted Redis, a killed client) instead of failing the request that met the dead socket."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=size,
+        timeout=connect_timeout or socket_timeout,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout or socket_timeout,
+        decode_responses=True,
+        client_name=CLIENT_NAME,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=3),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
 @dataclass
 class Front:
     settings: Settings
     redis: aioredis.Redis
     hub_redis: aioredis.Redis
+    count_redis: aioredis.Redis
     rq_redis: SyncRedis
     hub: StreamHub
     jobs: JobService
@@ -35,25 +60,12 @@ class Front:
     async def open(cls, settings: Settings) -> Front:
         url = settings.redis_url_or_default()
         timeout = settings.redis_socket_timeout
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=settings.redis_max_connections,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            decode_responses=True,
-            client_name=CLIENT_NAME,
-        )
-        conn = aioredis.Redis(connection_pool=pool)
+        conn = _async_client(url, settings.redis_max_connections, timeout)
         hub_block_ms = 10_000
-        hub_conn = aioredis.Redis.from_url(
-            url,
-            max_connections=1,
-            socket_timeout=hub_block_ms / 1000 + timeout,
-            socket_connect_timeout=timeout,
-            decode_responses=True,
-            client_name=CLIENT_NAME,
-        )
+        # The stream hub's reader blocks in XREAD: its own connection, with room for the block.
+        hub_conn = _async_client(url, 1, hub_block_ms / 1000 + timeout, connect_timeout=timeout)
+        # Prompt-count questions wait on BLPOP: their own two connections, never the shared pool's.
+        count_conn = _async_client(url, 2, settings.count_timeout + timeout, connect_timeout=timeout)
         # RQ is synchronous; it runs in worker threads, on its own small pool (bytes, as RQ wants).
         rq_pool = SyncBlockingPool.from_url(
             url,
@@ -62,6 +74,8 @@ class Front:
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             client_name=CLIENT_NAME,
+            retry=SyncRetry(ExponentialBackoff(cap=0.5, base=0.02), retries=3),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
         rq_conn = SyncRedis(connection_pool=rq_pool)
         directory = WorkerDirectory(conn, settings)
@@ -71,15 +85,17 @@ class Front:
             settings=settings,
             redis=conn,
             hub_redis=hub_conn,
+            count_redis=count_conn,
             rq_redis=rq_conn,
             hub=hub,
-            jobs=JobService(settings, conn, rq_conn, directory),
+            jobs=JobService(settings, conn, rq_conn, count_conn, directory),
             directory=directory,
         )
 
     async def close(self) -> None:
         await self.hub.stop()
         await self.hub_redis.aclose()
+        await self.count_redis.aclose()
         await self.redis.aclose()
         self.rq_redis.close()
         self.rq_redis.connection_pool.disconnect()

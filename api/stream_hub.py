@@ -133,9 +133,11 @@ class StreamHub:
                     list[tuple[str, list[Entry]]],
                     await self._reader.xread(streams, count=self._count, block=self._block_ms),  # type: ignore[arg-type]
                 )
-            except RedisError as exc:
+            except Exception as exc:  # Redis errors above all; anything else must not stop the reader
                 if self._stopping:
                     return
+                if not isinstance(exc, RedisError):
+                    log.exception("stream reader failed")
                 log.warning("stream reader failed (%s); retrying in %.1fs", exc, backoff)
                 self._interrupt_all(f"the job store (Redis) could not be read: {exc}")
                 await asyncio.sleep(backoff)

@@ -59,7 +59,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         from api.app import create_app
 
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(
+            create_app(settings),
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            # Open SSE streams would hold a stopping front for as long as their jobs run: cut
+            # them after this grace; their clients re-attach elsewhere with Last-Event-ID.
+            timeout_graceful_shutdown=settings.shutdown_grace,
+        )
         return 0
     if args.command == "worker":
         from worker.main import run_worker

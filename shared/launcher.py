@@ -64,7 +64,9 @@ def start_private_redis(workdir: Path, port: int | None = None) -> tuple[subproc
         str(workdir),
     ]
     # Its own session: a terminal's Ctrl-C reaches the launcher, which stops Redis last.
-    proc = subprocess.Popen([exe, *args], stdout=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [exe, *args], stdout=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent
+    )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and proc.poll() is None:
         try:
@@ -104,23 +106,45 @@ def _ready(url: str) -> bool:
         return False
 
 
+def _die_with_parent() -> None:
+    """In a child, before exec: get SIGTERM if the launcher dies (even by SIGKILL). Linux only."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     # Own session: Ctrl-C in the terminal reaches only the launcher, which then stops the
     # children in order (front, workers, Redis) instead of all at once.
-    return subprocess.Popen([sys.executable, "-m", "shared.cli", *args], env=env, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", *args],
+        env=env,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
 
 
-def _stop_all(procs: list[subprocess.Popen[bytes]], grace: float = 15.0) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def _stop_all(
+    procs: list[subprocess.Popen[bytes]], grace: float, hurry: dict[str, int], signals: int = 1
+) -> None:
+    """SIGTERM each process (``signals`` times, ``grace`` seconds apart: a second SIGTERM is RQ's
+    cold shutdown), then SIGKILL what is left. A second Ctrl-C (``hurry``) cuts the waits short."""
+    for round_ in range(signals + 1):
+        alive = [p for p in procs if p.poll() is None]
+        if not alive:
+            return
+        for proc in alive:
+            if round_ < signals:
+                proc.send_signal(signal.SIGTERM)
+            else:
+                proc.kill()
+        deadline = time.monotonic() + (grace if round_ < signals else 10)
+        while any(p.poll() is None for p in alive) and time.monotonic() < deadline:
+            if hurry["signal"] > 1 and round_ < signals:
+                break
+            time.sleep(0.05)
 
 
 def run_up(settings: Settings, host: str, port: int, model: str | None, workers: int) -> int:
@@ -130,13 +154,13 @@ def run_up(settings: Settings, host: str, port: int, model: str | None, workers:
     if port_in_use(host, port):
         print(f"streamq up: port {port} on {host} is in use; choose another with --port", file=sys.stderr)
         return 2
-    stop = {"signal": 0}
+    stop = {"signal": 0}  # how many stop signals came: the first stops gently, a second at once
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        stop["signal"] = signum
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop["signal"] += 1
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     workdir = Path(tempfile.mkdtemp(prefix="streamq-up-"))
     redis_proc: subprocess.Popen[bytes] | None = None
     children: list[subprocess.Popen[bytes]] = []
@@ -149,7 +173,8 @@ def run_up(settings: Settings, host: str, port: int, model: str | None, workers:
                 print(exc, file=sys.stderr)
                 return 2
         model_path = model or str(ensure_tiny_model(settings.cache_path()))
-        env = {**os.environ, "STREAMQ_REDIS_URL": redis_url}
+        env = {**os.environ, "STREAMQ_REDIS_URL": redis_url, "STREAMQ_DEVICE": settings.device}
+        env["STREAMQ_DTYPE"] = settings.dtype
         if settings.torch_threads is None:
             env["STREAMQ_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
         children.append(_spawn(["api", "--host", host, "--port", str(port)], env))
@@ -176,10 +201,12 @@ def run_up(settings: Settings, host: str, port: int, model: str | None, workers:
         print("\nstreamq up: stopping...", flush=True)
         return 0
     finally:
-        _stop_all(children[:1])  # the front first: its clients can resume elsewhere
-        _stop_all(children[1:], grace=30)  # then the workers, with time to finish their jobs
+        _stop_all(children[:1], grace=10, hurry=stop)  # the front first: its clients resume elsewhere
+        # Then the workers: a warm stop lets a running job finish; a second SIGTERM (RQ's cold
+        # stop) fails it with a reason rather than leaving it "running".
+        _stop_all(children[1:], grace=15, hurry=stop, signals=2)
         if redis_proc is not None:
-            _stop_all([redis_proc], grace=5)
+            _stop_all([redis_proc], grace=5, hurry=stop)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

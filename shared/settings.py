@@ -54,6 +54,9 @@ class Settings(BaseSettings):
         1.0, gt=0, description="how often a waiting stream re-checks its queue position"
     )
     cancel_wait: float = Field(5.0, ge=0, description="cancel waits this long for a running job to stop")
+    shutdown_grace: int = Field(
+        5, ge=0, description="a stopping front waits this long for open streams before cutting them"
+    )
     count_timeout: float = Field(
         2.0, gt=0, description="how long the front waits for a worker to count a prompt's tokens"
     )

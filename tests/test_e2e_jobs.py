@@ -14,7 +14,7 @@ import pytest
 from shared.schemas import ChatMessage, GenerationRequest
 from tests.conftest import LONG_TOKENS, Stack
 from tests.processes import start_front
-from tests.sse import follow, text_of
+from tests.sse import SSE, follow, read_events, text_of
 
 pytestmark = pytest.mark.e2e
 
@@ -312,3 +312,28 @@ def test_readiness_and_health(stack: Stack) -> None:
     body = ready.json()
     assert body["ready"] is True and body["redis"] is True
     assert body["models"]["streamq-tiny"] == 2
+
+
+def test_dropped_redis_connections_are_reopened_without_failing_anyone(
+    stack: Stack, long_prompts: list[str]
+) -> None:
+    r = stack.redis.client(decode_responses=True)
+    with httpx.Client(timeout=30) as client:
+        job = submit(client, stack.url, prompt=long_prompts[1], max_tokens=LONG_TOKENS, temperature=0)
+        seen: list[SSE] = []
+        with client.stream("GET", f"{stack.url}/v1/jobs/{job['id']}/events") as response:
+            for event in read_events(response):
+                if event is None:
+                    continue
+                seen.append(event)
+                if event.event == "delta" and len(seen) == 3:
+                    for c in r.client_list():  # cut every connection the fronts hold
+                        if c.get("name") == "streamq-front":
+                            r.client_kill_filter(_id=c["id"])
+                    # The very next request on that front still succeeds (its pools reconnect).
+                    assert client.get(f"{stack.url}/v1/jobs/{job['id']}").status_code == 200
+                if event.event in ("done", "error", "canceled"):
+                    break
+        assert seen[-1].event == "done"  # the stream went on through the reconnect
+        view = client.get(f"{stack.url}/v1/jobs/{job['id']}").json()
+        assert text_of(seen) == view["text"]

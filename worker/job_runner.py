@@ -70,6 +70,12 @@ class JobRunner:
         created_at = float(fields["created_at"])
         started_at = time.time()
         publisher = JobPublisher(self._redis, job_id, self._settings)
+        waited = started_at - created_at
+        if waited > self._settings.queue_ttl:
+            limit = self._settings.queue_ttl
+            message = f"the job waited {waited:.0f} s in its queue, longer than the limit of {limit} s"
+            self._fail(publisher, "expired", message)
+            raise JobFailed(message)
         answer = self._start(
             keys=[keys.job(job_id), keys.events(job_id)],
             args=[

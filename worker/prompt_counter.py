@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import threading
+import time
 
 import redis
 
@@ -45,8 +46,11 @@ class PromptCounter:
             request = json.loads(raw)
             messages = [ChatMessage.model_validate(m) for m in request["messages"]]
             reply = str(request["reply"])
+            deadline = float(request.get("deadline", "inf"))
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring an unreadable prompt-count request")
+            return None
+        if time.time() > deadline:  # the front stopped waiting: answer the fresh questions instead
             return None
         try:
             count: dict[str, object] = {

@@ -12,6 +12,7 @@ and files canceled jobs in RQ's CanceledJobRegistry rather than as finished.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from rq.job import Job, JobStatus
@@ -77,6 +78,13 @@ class StreamqWorker(SimpleWorker):
             self.runtime = None
         super().teardown()
 
+    def clean_registries(self) -> None:
+        """RQ's own cleaning, and the canceled registry's, which RQ leaves to grow."""
+        super().clean_registries()
+        for queue in self.queues:
+            registry = CanceledJobRegistry(queue.name, self.connection, job_class=self.job_class)
+            self.connection.zremrangebyscore(registry.key, 0, time.time())
+
     def handle_job_success(
         self, job: Job, queue: Queue, started_job_registry: StartedJobRegistry, execution: Any
     ) -> None:
@@ -90,6 +98,6 @@ class StreamqWorker(SimpleWorker):
             self.cleanup_execution(job, pipeline=pipe, execution=execution)
             CanceledJobRegistry(
                 job.origin, self.connection, job_class=self.job_class, serializer=self.serializer
-            ).add(job, pipeline=pipe)
+            ).add(job, ttl=self.settings.result_ttl, pipeline=pipe)
             pipe.execute()
         log.info("job %s: canceled", job.id)

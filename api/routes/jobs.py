@@ -81,6 +81,7 @@ async def job_events(
     )
 
     async def body() -> AsyncIterator[bytes]:
+        yield b"retry: 1000\n\n"  # EventSource: reconnect after 1 s when the stream ends early
         try:
             async for event in events:
                 yield sse_message(event)
