@@ -19,7 +19,7 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     redis_socket_timeout: float = Field(5.0, gt=0, description="seconds before a Redis command gives up")
     redis_max_connections: int = Field(
-        6, ge=2, description="front: size of its shared Redis pool (plus 1 stream reader and 2 for RQ)"
+        5, ge=2, description="front: its shared pool (plus 1 stream reader, 2 for RQ, 2 for prompt counts)"
     )
 
     # Models this deployment must serve (comma-separated served names): /readyz is false while
