@@ -83,7 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not settings.model:
             print("streamq worker: give --model NAME_OR_PATH (or set STREAMQ_MODEL)", file=sys.stderr)
             return 2
-        return run_worker(settings, name=args.name, burst=args.burst)
+        try:
+            return run_worker(settings, name=args.name, burst=args.burst)
+        except (OSError, ValueError) as exc:  # a model that cannot be found or loaded
+            print(f"streamq worker: cannot serve {settings.model}: {exc}", file=sys.stderr)
+            return 1
     if args.command == "make-tiny-model":
         from worker.tiny_model import make_tiny_model
 

@@ -64,8 +64,14 @@ class StreamqWorker(SimpleWorker):
         backend = self._backend
         if backend is None:
             s = self.settings
-            configure_threads(resolve_device(s.device), s.torch_threads)
-            backend = load_backend(s.model or "", s.device, s.dtype, self.served_name, s.trust_remote_code)
+            try:
+                configure_threads(resolve_device(s.device), s.torch_threads)
+                trust = s.trust_remote_code
+                backend = load_backend(s.model or "", s.device, s.dtype, self.served_name, trust)
+            except BaseException as exc:
+                log.error("worker %s could not load %s: %s", self.name, s.model, exc)
+                self.register_death()  # no ghost in `rq info`
+                raise
         self.runtime = runtime.WorkerRuntime(self.settings, self.connection, self.name, backend)
         self.runtime.start()
         runtime.install(self.runtime)
