@@ -9,7 +9,6 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -21,13 +20,29 @@ from shared import keys
 from shared.job_state import EVENT_DELTA, EVENT_QUEUED, EVENT_STARTED, FINAL_EVENTS
 
 
-@dataclass(frozen=True)
 class JobEvent:
-    """One event of a job. ``id`` is its stream entry id (None for a live position update)."""
+    """One event of a job. ``id`` is its stream entry id (None for a live position update).
 
-    id: str | None
-    event: str
-    data: dict[str, Any]
+    It keeps the JSON text of its data as stored, so relaying a delta to an SSE client costs no
+    parse and no dump; ``data`` parses it on first use (the waiting routes read the text)."""
+
+    __slots__ = ("_data", "event", "id", "raw")
+
+    def __init__(self, id: str | None, event: str, raw: str) -> None:
+        self.id = id
+        self.event = event
+        self.raw = raw
+        self._data: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, id: str | None, event: str, data: dict[str, Any]) -> JobEvent:
+        return cls(id, event, json.dumps(data, separators=(",", ":"), ensure_ascii=False))
+
+    @property
+    def data(self) -> dict[str, Any]:
+        if self._data is None:
+            self._data = json.loads(self.raw or "{}")
+        return self._data
 
     @property
     def final(self) -> bool:
@@ -100,7 +115,7 @@ async def follow_job(
                         if now_at != position and now_at is not None:
                             position = now_at
                             last_sent = time.monotonic()
-                            yield JobEvent(None, EVENT_QUEUED, {"model": model, "position": position})
+                            yield JobEvent.of(None, EVENT_QUEUED, {"model": model, "position": position})
                             continue
                     if time.monotonic() - last_sent >= ping_interval:
                         last_sent = time.monotonic()
@@ -112,16 +127,15 @@ async def follow_job(
             if entry is None:
                 raise StreamInterrupted(sub.interrupted or "the job's stream was interrupted")
             entry_id, fields = entry
-            event = fields.get("event", "")
-            data = json.loads(fields.get("data") or "{}")
-            if event == EVENT_QUEUED:
+            item = JobEvent(entry_id, fields.get("event", ""), fields.get("data") or "{}")
+            if item.event == EVENT_QUEUED:  # the stored event says when; the place is told now
                 position = await _recent_position(jobs, model, job_id, position)
-                data = {**data, "position": position}
-            elif event in (EVENT_STARTED, EVENT_DELTA) or event in FINAL_EVENTS:
+                item = JobEvent.of(entry_id, EVENT_QUEUED, {**item.data, "position": position})
+            elif item.event in (EVENT_STARTED, EVENT_DELTA) or item.final:
                 waiting = False
             last_sent = time.monotonic()
-            yield JobEvent(entry_id, event, data)
-            if event in FINAL_EVENTS:
+            yield item
+            if item.final:
                 return
     finally:
         hub.unsubscribe(sub)
@@ -137,5 +151,4 @@ def sse_message(event: JobEvent | None) -> bytes:
     if event is None:
         return b": ping\n\n"
     head = f"id: {event.id}\n" if event.id else ""
-    data = json.dumps(event.data, separators=(",", ":"), ensure_ascii=False)
-    return f"{head}event: {event.event}\ndata: {data}\n\n".encode()
+    return f"{head}event: {event.event}\ndata: {event.raw}\n\n".encode()

@@ -66,7 +66,7 @@ async def _next_output(events: AsyncGenerator[JobEvent | None, None]) -> JobEven
             if event is not None and (event.event == EVENT_DELTA or event.final):
                 return event
     except StreamInterrupted as exc:
-        return JobEvent(None, EVENT_ERROR, {"type": "stream_interrupted", "message": str(exc)})
+        return JobEvent.of(None, EVENT_ERROR, {"type": "stream_interrupted", "message": str(exc)})
     raise RuntimeError("the job's event stream ended without a final event")
 
 
