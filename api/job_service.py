@@ -95,7 +95,7 @@ class JobService:
         await anyio.to_thread.run_sync(self._enqueue, job_id, model, generation, created_at)
         log.info("job %s: queued for %s", job_id, model)
         try:
-            position = await self.position(job_id, model) or 0  # 0 if a worker took it already
+            position = await self.queued_position(job_id, model)
         except RedisError:  # the job exists and will run; its place is only a nicety here
             position = None
         return JobView(id=job_id, model=model, status="queued", position=position, created_at=created_at)
@@ -177,6 +177,11 @@ class JobService:
         """The job's exact place in its queue (None once it left it)."""
         return await self.positions.exact(model, job_id)
 
+    async def queued_position(self, job_id: str, model: str) -> int:
+        """The place of a job whose status is queued: off the list but not yet started means a
+        worker is taking it right now, so it is next (0)."""
+        return await self.position(job_id, model) or 0
+
     async def find(self, job_id: str) -> JobView | None:
         if not _JOB_ID.match(job_id):
             return None
@@ -188,8 +193,7 @@ class JobService:
             return None
         position = None
         if fields["status"] == "queued":
-            # Off the list but not yet started: a worker is taking it right now, so it is next.
-            position = await self.position(job_id, fields["model"]) or 0
+            position = await self.queued_position(job_id, fields["model"])
         return view_from_hash(job_id, fields, text or "", position)
 
     async def last_event_id(self, job_id: str) -> str | None:

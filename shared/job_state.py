@@ -35,9 +35,12 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', 'started', 'da
 return 'running'
 """
 
-# Lua helpers shared by the scripts that end a job. KEYS[1..3]: job hash, events, text.
-_FINISH_LUA = """
-local function is_final(s) return s == 'finished' or s == 'failed' or s == 'canceled' end
+# The start of every script that ends a job (KEYS[1..3]: job hash, events, text): it answers
+# "missing" or the final status already there, else defines finish() for the rest to call.
+_ENDING_LUA = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if status == 'finished' or status == 'failed' or status == 'canceled' then return status end
 local function finish(status, event, data, ttl, maxlen, first_field)
   redis.call('HSET', KEYS[1], 'status', status, unpack(ARGV, first_field))
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'event', event, 'data', data)
@@ -49,11 +52,8 @@ end
 # ARGV: status, event name, event data, ttl, maxlen, then field/value pairs to set.
 # Returns "ok", "missing", or the final status that was already there.
 FINISH_SCRIPT = (
-    _FINISH_LUA
+    _ENDING_LUA
     + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'missing' end
-if is_final(status) then return status end
 finish(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], 6)
 return 'ok'
 """
@@ -65,11 +65,8 @@ return 'ok'
 # flag is set for the worker running it ("running"). Returns "missing" or the final status if
 # the job had already ended.
 CANCEL_SCRIPT = (
-    _FINISH_LUA
+    _ENDING_LUA
     + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'missing' end
-if is_final(status) then return status end
 redis.call('HSET', KEYS[1], 'cancel', '1')
 if redis.call('LREM', KEYS[4], 1, ARGV[1]) == 0 then return 'running' end
 finish('canceled', 'canceled', ARGV[2], ARGV[3], ARGV[4], 5)

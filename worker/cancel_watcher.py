@@ -12,24 +12,19 @@ import threading
 import redis
 
 from shared import keys
+from worker.background import BackgroundThread
 
 log = logging.getLogger("streamq.worker")
 
 
-class CancelWatcher:
+class CancelWatcher(BackgroundThread):
+    thread_name = "streamq-cancel-watcher"
+
     def __init__(self, connection: redis.Redis) -> None:
+        super().__init__()
         self._redis = connection
         self._watched: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="streamq-cancel-watcher", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
     def watch(self, job_id: str) -> threading.Event:
         """An event that is set when a cancel of ``job_id`` is announced."""

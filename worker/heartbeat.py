@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 from typing import Any
 
@@ -17,14 +16,18 @@ import redis
 
 from shared import keys
 from shared.settings import Settings
+from worker.background import BackgroundThread
 
 log = logging.getLogger("streamq.worker")
 
 
-class Heartbeat:
+class Heartbeat(BackgroundThread):
+    thread_name = "streamq-heartbeat"
+
     def __init__(
         self, connection: redis.Redis, settings: Settings, worker_name: str, info: dict[str, str]
     ) -> None:
+        super().__init__()
         self._redis = connection
         self._interval = settings.heartbeat_interval
         self._ttl = settings.worker_ttl
@@ -37,16 +40,13 @@ class Heartbeat:
         }
         self.current_job = ""
         self.jobs_done = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="streamq-heartbeat", daemon=True)
 
     def start(self) -> None:
         self.beat()
-        self._thread.start()
+        super().start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        super().stop()
         try:
             pipe = self._redis.pipeline(transaction=True)
             pipe.zrem(keys.WORKERS, self.worker_name)

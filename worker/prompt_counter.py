@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import threading
 import time
 
 import redis
@@ -19,26 +18,21 @@ import redis
 from shared import keys
 from shared.schemas import ChatMessage
 from worker.backend import ChatBackend
+from worker.background import BackgroundThread
 
 log = logging.getLogger("streamq.worker")
 REPLY_TTL = 30
 
 
-class PromptCounter:
+class PromptCounter(BackgroundThread):
+    thread_name = "streamq-prompt-counter"
+
     def __init__(self, connection: redis.Redis, backend: ChatBackend) -> None:
+        super().__init__()
         self._redis = connection
         self._backend = backend
         self._tokenizer = copy.deepcopy(backend.tokenizer)
         self._key = keys.count_requests(backend.name)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="streamq-prompt-counter", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
     def answer(self, raw: bytes | str) -> tuple[str, dict[str, object]] | None:
         """The reply key and the answer to one request (None if the request is unreadable)."""

@@ -1,0 +1,25 @@
+"""A worker's helper threads (heartbeat, cancel listener, prompt counter) start and stop alike."""
+
+from __future__ import annotations
+
+import threading
+
+
+class BackgroundThread:
+    """A daemon thread running ``_run`` until ``stop``; ``_run`` polls ``self._stop``."""
+
+    thread_name = "streamq-background"
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        raise NotImplementedError
