@@ -44,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--trust-remote-code", action="store_true", default=None, help="needed for ChatGLM")
     worker.add_argument("--name", help="worker name (default: random)")
     worker.add_argument("--burst", action="store_true", help="quit when the queue is empty")
+    worker.add_argument("--slots", type=int, help="jobs run at once (default: 8 on CPU, what fits on a GPU)")
+    worker.add_argument(
+        "--backend", choices=["model", "synthetic"], help="synthetic: no model, paced tokens (load tests)"
+    )
+    worker.add_argument("--tokens-per-second", type=float, help="pace of the synthetic backend")
 
     tiny = sub.add_parser("make-tiny-model", help="build a small random-weight chat model into DIR")
     tiny.add_argument("dir")
@@ -79,8 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=args.device,
             dtype=args.dtype,
             trust_remote_code=args.trust_remote_code,
+            slots=args.slots,
+            backend=args.backend,
+            synthetic_tokens_per_second=args.tokens_per_second,
         )
-        if not settings.model:
+        if settings.backend == "model" and not settings.model:
             print("streamq worker: give --model NAME_OR_PATH (or set STREAMQ_MODEL)", file=sys.stderr)
             return 2
         try:

@@ -8,7 +8,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 JobStatus = Literal["queued", "running", "finished", "failed", "canceled"]
 FINAL_STATUSES: frozenset[str] = frozenset({"finished", "failed", "canceled"})
-FinishReason = Literal["stop", "length", "canceled", "error"]
+FinishReason = Literal["stop", "length", "timeout", "canceled", "error"]
 
 MAX_STOP_SEQUENCES = 8
 

@@ -35,6 +35,20 @@ class Settings(BaseSettings):
     trust_remote_code: bool = Field(False, description="allow a model's own code (ChatGLM needs it)")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker (default: all cores)")
 
+    # The worker's engine.
+    backend: str = Field("model", description="'model' (load `model`) or 'synthetic' (a load-test stand-in)")
+    slots: int | None = Field(
+        None, ge=1, description="jobs one worker runs at once (default: 8 on CPU; on a GPU, what fits)"
+    )
+    max_seq_len: int | None = Field(
+        None, ge=16, description="prompt + answer tokens per job; the KV cache holds slots × this at most"
+    )
+    prefill_chunk: int = Field(512, ge=16, description="prompt tokens computed per engine step")
+    synthetic_tokens_per_second: float = Field(20.0, gt=0, description="pace of the synthetic backend")
+    drain_seconds: float = Field(
+        30.0, ge=0, description="a stopping worker lets running jobs finish for this long"
+    )
+
     # Generation limits and defaults.
     default_max_tokens: int = Field(512, ge=1)
     max_tokens_limit: int = Field(4096, ge=1)

@@ -30,6 +30,8 @@ def tiny_backend(tiny_model: Path) -> Any:
 
 
 LONG_TOKENS = 1500
+STACK_SLOTS = 2  # jobs each of the stack's two workers runs at once
+STACK_CAPACITY = 2 * STACK_SLOTS
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +65,7 @@ def redis_server() -> Iterator[RedisServer]:
 
 @dataclass
 class Stack:
-    """Two fronts and two workers on one private Redis, all real processes."""
+    """Two fronts and two workers (STACK_SLOTS slots each) on one private Redis, all real processes."""
 
     redis: RedisServer
     model_dir: Path
@@ -85,6 +87,7 @@ def stack(
     env = {
         "STREAMQ_REDIS_URL": redis_server.url,
         "STREAMQ_TORCH_THREADS": "1",
+        "STREAMQ_SLOTS": str(STACK_SLOTS),
         "STREAMQ_POSITION_POLL_INTERVAL": "0.1",
         "STREAMQ_PING_INTERVAL": "0.5",
     }

@@ -129,30 +129,3 @@ def test_the_front_asks_for_a_count_only_when_the_prompt_might_not_fit() -> None
     assert may_not_fit(request("hello", max_length=100), 4096)
     assert may_not_fit(request("x" * 4000), 4096)
     assert not may_not_fit(request("x" * 4000), None)
-
-
-def test_a_job_that_waited_past_the_queue_ttl_fails_as_expired(tiny_backend: Any, redis_server: Any) -> None:
-    import time
-
-    from shared import keys
-    from shared.settings import Settings
-    from worker.cancel_watcher import CancelWatcher
-    from worker.job_runner import JobFailed, JobRunner
-
-    r = redis_server.client(decode_responses=True)
-    settings = Settings(queue_ttl=1)
-    runner = JobRunner(r, tiny_backend, settings, CancelWatcher(r), "w-test")
-    r.hset(
-        keys.job("expiredjob"),
-        mapping={
-            "status": "queued",
-            "model": "m",
-            "created_at": time.time() - 5,
-            "request": request().model_dump_json(),
-        },
-    )
-    with pytest.raises(JobFailed, match="waited 5 s in its queue, longer than the limit of 1 s"):
-        runner.run("expiredjob")
-    state = r.hgetall(keys.job("expiredjob"))
-    assert (state["status"], state["error_type"]) == ("failed", "expired")
-    assert [f["event"] for _, f in r.xrange(keys.events("expiredjob"))] == ["error"]

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from shared.schemas import ChatMessage, GenerationRequest
-from tests.conftest import LONG_TOKENS, Stack
+from tests.conftest import LONG_TOKENS, STACK_CAPACITY, Stack
 from tests.processes import start_front
 from tests.sse import SSE, follow, read_events, text_of
 
@@ -121,10 +121,10 @@ def cancel_all(client: httpx.Client, url: str, jobs: list[dict[str, Any]]) -> No
 
 def test_queue_position_goes_down_while_waiting(stack: Stack, long_prompts: list[str]) -> None:
     with httpx.Client(timeout=60) as client:
-        # Keep both workers busy, then queue three more behind them.
+        # Keep every slot of both workers busy, then queue three more behind them.
         jobs = [
             submit(client, stack.url, prompt=long_prompts[i % 3], max_tokens=LONG_TOKENS, temperature=0)
-            for i in range(5)
+            for i in range(STACK_CAPACITY + 3)
         ]
         last = jobs[-1]
         assert last["position"] is not None and last["position"] >= 1
@@ -156,9 +156,9 @@ def test_a_waiting_stream_gets_keep_alive_pings(stack: Stack, long_prompts: list
     with httpx.Client(timeout=60) as client:
         jobs = [
             submit(client, stack.url, prompt=long_prompts[i % 3], max_tokens=LONG_TOKENS, temperature=0)
-            for i in range(4)
+            for i in range(STACK_CAPACITY + 2)
         ]
-        waiting = submit(client, stack.url, prompt="wait", max_tokens=4)  # two places behind a busy pair
+        waiting = submit(client, stack.url, prompt="wait", max_tokens=4)  # two places behind busy slots
         pings = 0
         with client.stream("GET", f"{stack.url}/v1/jobs/{waiting['id']}/events") as response:
             for line in response.iter_lines():
@@ -173,8 +173,8 @@ def test_cancel_a_queued_and_a_running_job(stack: Stack, long_prompts: list[str]
     r = stack.redis.client()
     with httpx.Client(timeout=60) as client:
         busy = [
-            submit(client, stack.url, prompt=p, max_tokens=LONG_TOKENS, temperature=0)
-            for p in long_prompts[:2]
+            submit(client, stack.url, prompt=long_prompts[i % 3], max_tokens=LONG_TOKENS, temperature=0)
+            for i in range(STACK_CAPACITY)
         ]
         queued = submit(client, stack.url, prompt="never runs", max_tokens=10)
         assert queued["status"] == "queued"
@@ -200,6 +200,7 @@ def test_cancel_a_queued_and_a_running_job(stack: Stack, long_prompts: list[str]
         assert again.json()["error"]["code"] == "job_already_ended"
         assert again.json()["job"]["status"] == "canceled"
         assert client.delete(f"{stack.url}/v1/jobs/{busy[1]['id']}").json()["status"] == "canceled"
+        cancel_all(client, stack.url, busy[2:])
 
 
 @pytest.mark.parametrize(

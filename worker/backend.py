@@ -30,9 +30,9 @@ class LoadedModel:
         self.dtype = dtype
 
 
-class ChatBackend(Protocol):
-    """A loaded chat model. ``generate`` yields steps until the answer ends; closing the
-    iterator early (a cancel) stops generation at once."""
+class ServedModel(Protocol):
+    """What a worker serves, as the worker's threads see it: a name, where it runs, and how
+    long a prompt is in its tokens."""
 
     name: str
     device: str
@@ -40,8 +40,13 @@ class ChatBackend(Protocol):
     tokenizer: Any
     context_length: int | None
 
-    def generate(self, request: GenerationRequest) -> Iterator[GenerationStep]: ...
-
     def prompt_tokens(self, messages: list[ChatMessage], tokenizer: Any = None) -> int:
         """The prompt's length in tokens (with ``tokenizer``, a copy for another thread, if given)."""
         ...
+
+
+class ChatBackend(ServedModel, Protocol):
+    """A loaded chat model. ``generate`` runs one job alone and yields steps until the answer
+    ends; closing the iterator early (a cancel) stops generation at once."""
+
+    def generate(self, request: GenerationRequest) -> Iterator[GenerationStep]: ...

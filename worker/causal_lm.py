@@ -10,9 +10,9 @@ import torch
 
 from shared.limits import answer_budget
 from shared.schemas import ChatMessage, GenerationRequest
+from worker.answer_tokens import AnswerTokens
 from worker.backend import GenerationStep, LoadedModel
 from worker.sampling import SamplingParams, sample_next
-from worker.text_decoding import IncrementalDecoder, StopMatcher
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -47,38 +47,37 @@ class CausalLMChat(LoadedModel):
     def prompt_tokens(self, messages: list[ChatMessage], tokenizer: Any = None) -> int:
         return len(self.encode(messages, tokenizer))
 
-    @torch.inference_mode()
-    def generate(self, request: GenerationRequest) -> Iterator[GenerationStep]:
-        prompt = self.encode(request.messages)
-        n_prompt = len(prompt)
-        budget = answer_budget(request, n_prompt, self.context_length)
-        params = SamplingParams(request.temperature, request.top_p, request.top_k)
+    def sampling(self, request: GenerationRequest) -> tuple[SamplingParams, torch.Generator]:
+        """A job's sampling settings and its own random generator (seeded when it asks)."""
         generator = torch.Generator(device=self.device)
         generator.manual_seed(request.seed if request.seed is not None else random.getrandbits(63))
-        decoder = IncrementalDecoder(self.tokenizer)
-        stops = StopMatcher(request.stop)
+        return SamplingParams(request.temperature, request.top_p, request.top_k), generator
 
+    def answer(self, request: GenerationRequest, n_prompt: int, limit: int | None = None) -> AnswerTokens:
+        """The job's answer state, with its budget (InvalidJobRequest when nothing fits)."""
+        context = self.context_length
+        if limit is not None:  # e.g. the batching engine's room per job
+            context = min(context, limit) if context else limit
+        budget = answer_budget(request, n_prompt, context)
+        return AnswerTokens(self.tokenizer, self.eos_ids, request.stop, budget)
+
+    @torch.inference_mode()
+    def generate(self, request: GenerationRequest) -> Iterator[GenerationStep]:
+        """One job alone, token by token with a KV cache (the batching engine's reference)."""
+        prompt = self.encode(request.messages)
+        n_prompt = len(prompt)
+        answer = self.answer(request, n_prompt)
+        params, generator = self.sampling(request)
         out = self.model(
             input_ids=torch.tensor([prompt], device=self.device), use_cache=True, logits_to_keep=1
         )
-        for produced in range(1, budget + 1):
-            token = sample_next(out.logits[0, -1], params, generator)
-            if token in self.eos_ids:
-                tail, _ = stops.push(decoder.flush())
-                yield GenerationStep(tail + stops.flush(), n_prompt, produced - 1, "stop")
+        while True:
+            text = answer.push(sample_next(out.logits[0, -1], params, generator))
+            yield GenerationStep(text, n_prompt, answer.completion_tokens, answer.finish_reason)
+            if answer.finish_reason is not None:
                 return
-            text, stopped = stops.push(decoder.push(token))
-            if stopped:
-                yield GenerationStep(text, n_prompt, produced, "stop")
-                return
-            if produced == budget:
-                tail, stopped = stops.push(decoder.flush())
-                text += tail if stopped else tail + stops.flush()
-                yield GenerationStep(text, n_prompt, produced, "stop" if stopped else "length")
-                return
-            yield GenerationStep(text, n_prompt, produced)
             out = self.model(
-                input_ids=torch.tensor([[token]], device=self.device),
+                input_ids=torch.tensor([[answer.token_ids[-1]]], device=self.device),
                 cache=out.cache,
                 use_cache=True,
             )

@@ -17,7 +17,7 @@ import redis
 
 from shared import keys
 from shared.schemas import ChatMessage
-from worker.backend import ChatBackend
+from worker.backend import ServedModel
 from worker.background import BackgroundThread
 
 log = logging.getLogger("streamq.worker")
@@ -27,7 +27,7 @@ REPLY_TTL = 30
 class PromptCounter(BackgroundThread):
     thread_name = "streamq-prompt-counter"
 
-    def __init__(self, connection: redis.Redis, backend: ChatBackend) -> None:
+    def __init__(self, connection: redis.Redis, backend: ServedModel) -> None:
         super().__init__()
         self._redis = connection
         self._backend = backend

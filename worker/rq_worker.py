@@ -1,7 +1,8 @@
-"""StreamqWorker: an RQ worker that loads the model once and runs jobs in its own process.
+"""StreamqWorker: an RQ worker that runs its jobs on the process's engine.
 
-It is a SimpleWorker (no fork per job: a forked child could not reuse the CUDA context),
-so it also runs the RQ way::
+It is a SimpleWorker (no fork per job: a forked child could not reuse the CUDA context).
+``streamq worker --slots K`` runs K of them as threads of one process, around one engine
+(see ``slot_pool``); it also runs the plain RQ way, as one slot::
 
     STREAMQ_MODEL=/path/to/model rq worker -w worker.rq_worker.StreamqWorker -u redis://...
 
@@ -15,38 +16,79 @@ import logging
 import time
 from typing import Any
 
+import redis
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.registry import CanceledJobRegistry, StartedJobRegistry
+from rq.timeouts import BaseDeathPenalty
 from rq.worker import SimpleWorker
 
 from shared import keys
 from shared.settings import Settings, load_settings
 from worker import runtime
-from worker.backend import ChatBackend
+from worker.backend import ServedModel
 from worker.job_runner import CANCELED
 from worker.model_loading import configure_threads, default_served_name, load_backend, resolve_device
 
 log = logging.getLogger("streamq.worker")
 
 
+class EngineDeadline(BaseDeathPenalty):
+    """No RQ timer: the engine stops a job at its deadline (finish_reason "timeout") itself."""
+
+    def setup_death_penalty(self) -> None:
+        pass
+
+    def cancel_death_penalty(self) -> None:
+        pass
+
+
+def served_name_of(settings: Settings) -> str:
+    if settings.served_name:
+        return settings.served_name
+    if settings.backend == "synthetic":
+        return "synthetic"
+    return default_served_name(settings.model or "")
+
+
+def load_worker_backend(settings: Settings, served: str) -> ServedModel:
+    """The model this worker serves (loaded once), or the synthetic stand-in."""
+    if settings.backend == "synthetic":
+        from worker.synthetic import SyntheticBackend
+
+        return SyntheticBackend(served, settings.synthetic_tokens_per_second)
+    if settings.backend != "model":
+        raise ValueError(f"backend must be 'model' or 'synthetic', not {settings.backend!r}")
+    if not settings.model:
+        raise ValueError("no model to serve: pass --model or set STREAMQ_MODEL")
+    configure_threads(resolve_device(settings.device), settings.torch_threads)
+    return load_backend(settings.model, settings.device, settings.dtype, served, settings.trust_remote_code)
+
+
+def build_runtime(
+    settings: Settings, connection: redis.Redis, name: str, backend: ServedModel
+) -> runtime.WorkerRuntime:
+    from worker.engine_setup import build_model
+
+    model, max_len = build_model(settings, backend)
+    return runtime.WorkerRuntime(settings, connection, name, backend, model, max_len)
+
+
 class StreamqWorker(SimpleWorker):
+    death_penalty_class = EngineDeadline
+
     def __init__(
         self,
         queues: Any = None,
         *args: Any,
         settings: Settings | None = None,
-        backend: ChatBackend | None = None,
+        worker_runtime: runtime.WorkerRuntime | None = None,
         **kwargs: Any,
     ) -> None:
         self.settings = settings or load_settings()
-        if backend is None and not self.settings.model:
+        if worker_runtime is None and self.settings.backend == "model" and not self.settings.model:
             raise ValueError("no model to serve: pass --model or set STREAMQ_MODEL")
-        served = (
-            backend.name
-            if backend
-            else (self.settings.served_name or default_served_name(self.settings.model or ""))
-        )
+        served = worker_runtime.backend.name if worker_runtime else served_name_of(self.settings)
         queue = keys.queue_name(served)
         given = queues if isinstance(queues, list | tuple) else [queues] if queues else []
         asked = [q if isinstance(q, str) else q.name for q in given]
@@ -56,29 +98,26 @@ class StreamqWorker(SimpleWorker):
             )
         super().__init__([queue], *args, **kwargs)
         self.served_name = served
-        self._backend = backend
-        self.runtime: runtime.WorkerRuntime | None = None
+        self.runtime = worker_runtime
+        self._owns_runtime = worker_runtime is None
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)
-        backend = self._backend
-        if backend is None:
-            s = self.settings
-            try:
-                configure_threads(resolve_device(s.device), s.torch_threads)
-                trust = s.trust_remote_code
-                backend = load_backend(s.model or "", s.device, s.dtype, self.served_name, trust)
-            except BaseException as exc:
-                log.error("worker %s could not load %s: %s", self.name, s.model, exc)
-                self.register_death()  # no ghost in `rq info`
-                raise
-        self.runtime = runtime.WorkerRuntime(self.settings, self.connection, self.name, backend)
+        if self.runtime is not None:
+            return
+        try:  # run on its own (`rq worker -w ...`): load the model here
+            backend = load_worker_backend(self.settings, self.served_name)
+        except BaseException as exc:
+            log.error("worker %s could not load %s: %s", self.name, self.settings.model, exc)
+            self.register_death()  # no ghost in `rq info`
+            raise
+        self.runtime = build_runtime(self.settings, self.connection, self.name, backend)
         self.runtime.start()
         runtime.install(self.runtime)
         log.info("worker %s serves %s on %s (%s)", self.name, backend.name, backend.device, backend.dtype)
 
     def teardown(self) -> None:
-        if self.runtime is not None:
+        if self.runtime is not None and self._owns_runtime:
             self.runtime.stop()
             runtime.install(None)
             self.runtime = None

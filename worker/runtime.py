@@ -1,28 +1,43 @@
-"""The per-process worker runtime: the loaded model and the threads that serve it.
+"""The per-process worker runtime: the loaded model, its engine and the threads that serve it.
 
-A StreamqWorker builds one at start-up and installs it; RQ's job function
-(``worker.tasks.generate``) finds it here. A job function run by a plain ``rq worker``
-(one that loaded no model) gets a clear error instead.
+A worker process builds one at start-up and installs it; RQ's job function
+(``worker.tasks.generate``) finds it here, in whichever slot thread runs the job. A job
+function run by a plain ``rq worker`` (one that loaded no model) gets a clear error instead.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+
 import redis
 
 from shared.settings import Settings
-from worker.backend import ChatBackend
+from worker.backend import ServedModel
 from worker.cancel_watcher import CancelWatcher
+from worker.engine import BatchModel, Engine
 from worker.heartbeat import Heartbeat
 from worker.job_runner import JobRunner
 from worker.prompt_counter import PromptCounter
+from worker.step_publisher import StepPublisher
+
+log = logging.getLogger("streamq.worker")
 
 
 class WorkerRuntime:
     def __init__(
-        self, settings: Settings, connection: redis.Redis, worker_name: str, backend: ChatBackend
+        self,
+        settings: Settings,
+        connection: redis.Redis,
+        worker_name: str,
+        backend: ServedModel,
+        model: BatchModel,
+        context_length: int | None,
     ) -> None:
         self.backend = backend
         self.cancels = CancelWatcher(connection)
+        self.publisher = StepPublisher(connection, settings)
+        self.engine = Engine(model, self.publisher)
         self.heartbeat = Heartbeat(
             connection,
             settings,
@@ -31,30 +46,41 @@ class WorkerRuntime:
                 "model": backend.name,
                 "device": backend.device,
                 "dtype": backend.dtype,
-                "slots": "1",
-                "context_length": str(backend.context_length or ""),
+                "slots": str(model.slots),
+                "context_length": str(context_length or ""),
             },
         )
         self.counter = PromptCounter(connection, backend)
-        self.runner = JobRunner(connection, backend, settings, self.cancels, worker_name)
+        self.runner = JobRunner(connection, self.engine, self.publisher, settings, self.cancels, worker_name)
+        self._running: dict[str, str] = {}
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         self.cancels.start()
         self.counter.start()
+        self.publisher.start()
+        self.engine.start()
         self.heartbeat.start()
 
     def stop(self) -> None:
+        """Stop the engine (jobs it still holds fail), write what is left, leave the worker list."""
+        self.engine.stop()
+        self.publisher.stop()
         self.heartbeat.stop()
         self.counter.stop()
         self.cancels.stop()
 
-    def run_job(self, job_id: str) -> str:
-        self.heartbeat.current_job = job_id
+    def run_job(self, job_id: str, slot_name: str) -> str:
+        with self._lock:
+            self._running[job_id] = slot_name
+            self.heartbeat.current_job = ",".join(self._running)
         try:
-            return self.runner.run(job_id)
+            return self.runner.run(job_id, slot_name)
         finally:
-            self.heartbeat.current_job = ""
-            self.heartbeat.jobs_done += 1
+            with self._lock:
+                self._running.pop(job_id, None)
+                self.heartbeat.current_job = ",".join(self._running)
+                self.heartbeat.jobs_done += 1
 
 
 _installed: WorkerRuntime | None = None

@@ -3,6 +3,8 @@ never imports this module (nor torch)."""
 
 from __future__ import annotations
 
+from rq import get_current_job
+
 from worker import runtime
 
 TASK = "worker.tasks.generate"
@@ -10,4 +12,6 @@ TASK = "worker.tasks.generate"
 
 def generate(job_id: str) -> str:
     """Run job ``job_id`` on this process's loaded model; returns its final status."""
-    return runtime.current().run_job(job_id)
+    rq_job = get_current_job()  # per thread: each slot runs its own
+    slot = (rq_job.worker_name if rq_job is not None else None) or ""
+    return runtime.current().run_job(job_id, slot)

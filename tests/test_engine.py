@@ -1,0 +1,212 @@
+"""The batching engine on the tiny model (fp32): jobs run together give what each gives alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from shared.schemas import ChatMessage, GenerationRequest
+from worker.batch_lm import BatchedCausalLM
+from worker.engine import Engine, EngineJob, JobOutput
+
+
+def request(prompt: str, **overrides: Any) -> GenerationRequest:
+    fields: dict[str, Any] = {
+        "messages": [ChatMessage(role="user", content=prompt)],
+        "max_tokens": 40,
+        "temperature": 0.0,
+        "top_p": 1.0,
+    }
+    return GenerationRequest(**(fields | overrides))
+
+
+def alone(backend: Any, req: GenerationRequest) -> tuple[str, str | None]:
+    steps = list(backend.generate(req))
+    return "".join(s.delta for s in steps), steps[-1].finish_reason
+
+
+def job(req: GenerationRequest, name: str = "") -> EngineJob:
+    now = time.time()
+    return EngineJob(name or f"job-{id(req)}", req, now, now, time.monotonic() + 600)
+
+
+class Collected:
+    """The engine's output, per job, as the publisher would receive it."""
+
+    def __init__(self) -> None:
+        self.outputs: list[tuple[int, JobOutput]] = []
+        self.steps = 0
+        self._lock = threading.Lock()
+        self.changed = threading.Condition(self._lock)
+
+    def put(self, outputs: list[JobOutput]) -> None:
+        with self.changed:
+            self.steps += 1
+            self.outputs += [(self.steps, o) for o in outputs]
+            self.changed.notify_all()
+
+    def text(self, j: EngineJob) -> str:
+        return "".join(o.text for _, o in self.outputs if o.job is j)
+
+    def end(self, j: EngineJob) -> JobOutput | None:
+        return next((o for _, o in self.outputs if o.job is j and o.finish_reason), None)
+
+    def wait(self, condition: Any, timeout: float = 60) -> None:
+        with self.changed:
+            assert self.changed.wait_for(condition, timeout), "timed out"
+
+
+def drive(model: BatchedCausalLM, jobs: list[EngineJob], join_at: dict[int, list[EngineJob]]) -> Collected:
+    """Step the model by hand: ``jobs`` from the start, others joining at given steps."""
+    seen = Collected()
+    for j in jobs:
+        model.add(j)
+    step = 0
+    while model.ready_in() == 0 or any(s > step for s in join_at):
+        step += 1
+        for j in join_at.get(step, []):
+            model.add(j)
+        if model.ready_in() == 0:
+            seen.put(model.step())
+    return seen
+
+
+@pytest.fixture
+def batched(tiny_backend: Any) -> BatchedCausalLM:
+    return BatchedCausalLM(tiny_backend, slots=4, max_len=512, prefill_chunk=16)
+
+
+def test_greedy_jobs_run_together_answer_as_they_do_alone(
+    tiny_backend: Any, batched: BatchedCausalLM
+) -> None:
+    # Prompts of different lengths (some longer than the prefill chunk, so prefilled in
+    # chunks), more jobs than slots, and jobs that join while others are mid-answer.
+    prompts = [f"question {i}: " + "tell me more " * (i % 4) for i in range(7)]
+    reqs = [request(p, max_tokens=30 + 5 * i) for i, p in enumerate(prompts)]
+    jobs = [job(r) for r in reqs]
+    seen = drive(batched, jobs[:5], {3: jobs[5:6], 9: jobs[6:]})
+    for j, r in zip(jobs, reqs, strict=True):
+        end = seen.end(j)
+        assert end is not None
+        assert (seen.text(j), end.finish_reason) == alone(tiny_backend, r)
+        assert end.completion_tokens == len(list(tiny_backend.generate(r))) or end.finish_reason == "stop"
+    assert batched.cache.capacity <= batched.cache.max_len
+
+
+def test_jobs_with_their_own_temperature_and_seed_sample_as_they_do_alone(
+    tiny_backend: Any, batched: BatchedCausalLM
+) -> None:
+    reqs = [
+        request("a story", temperature=0.7, seed=1, max_tokens=40),
+        request("a story", temperature=1.3, seed=2, top_p=0.9, max_tokens=40),
+        request("a poem", temperature=1.0, seed=3, top_k=5, max_tokens=40),
+        request("a poem", max_tokens=40),
+    ]
+    jobs = [job(r) for r in reqs]
+    seen = drive(batched, jobs, {})
+    answers = [seen.text(j) for j in jobs]
+    assert answers == [alone(tiny_backend, r)[0] for r in reqs]
+    assert answers[0] != answers[1]  # same prompt, different settings: different answers
+
+
+def test_a_stop_sequence_ends_its_own_job_only(tiny_backend: Any, batched: BatchedCausalLM) -> None:
+    free = request("stop test", max_tokens=40)
+    full, _ = alone(tiny_backend, free)
+    stop = full[10:14]
+    assert stop.strip() and full.index(stop) >= 10
+    stopped, other = job(request("stop test", max_tokens=40, stop=[stop])), job(free)
+    seen = drive(batched, [stopped, other], {})
+    assert seen.text(stopped) == full[: full.index(stop)]
+    assert seen.end(stopped).finish_reason == "stop"  # type: ignore[union-attr]
+    assert seen.text(other) == full and seen.end(other).finish_reason == "length"  # type: ignore[union-attr]
+
+
+def test_a_job_that_joins_gets_its_first_token_while_a_long_one_runs(
+    tiny_backend: Any, batched: BatchedCausalLM
+) -> None:
+    long_job = job(request("a long answer", max_tokens=300))
+    short = job(request("a short one", max_tokens=5))
+    seen = drive(batched, [long_job], {100: [short]})
+    long_tokens_before = sum(
+        1
+        for step, o in seen.outputs
+        if o.job is long_job and step <= min(s for s, o2 in seen.outputs if o2.job is short)
+    )
+    first_short = min(step for step, o in seen.outputs if o.job is short)
+    long_end = max(step for step, o in seen.outputs if o.job is long_job)
+    assert first_short < long_end
+    assert long_tokens_before < 110  # it joined at step 100 and got a token within a step or two
+    assert seen.end(short) is not None and seen.end(long_job).finish_reason == "length"  # type: ignore[union-attr]
+
+
+def test_more_jobs_than_slots_wait_for_a_free_row(tiny_backend: Any) -> None:
+    model = BatchedCausalLM(tiny_backend, slots=2, max_len=512)
+    jobs = [job(request(f"job {i}", max_tokens=20)) for i in range(6)]
+    for j in jobs:
+        model.add(j)
+    most = 0
+    while model.ready_in() == 0:
+        model.step()
+        most = max(most, model.running)
+    assert most == 2
+
+
+def test_a_job_longer_than_the_cache_allows_is_refused_clearly(tiny_backend: Any) -> None:
+    from shared.limits import InvalidJobRequest
+
+    model = BatchedCausalLM(tiny_backend, slots=2, max_len=32)
+    with pytest.raises(InvalidJobRequest, match="context holds 32"):
+        model.add(job(request("this prompt is long " * 10)))
+    fits = job(request("hi", max_tokens=500))
+    seen = drive(model, [fits], {})
+    assert seen.end(fits).finish_reason == "length"  # type: ignore[union-attr]
+    assert fits.prompt_tokens + fits.completion_tokens == 32
+
+
+def test_cancel_stops_a_job_within_one_step_and_frees_its_slot(
+    tiny_backend: Any, long_prompts: list[str]
+) -> None:
+    model = BatchedCausalLM(tiny_backend, slots=2, max_len=2048)
+    seen = Collected()
+    engine = Engine(model, seen)
+    engine.start()
+    try:
+        victim, other = job(request(long_prompts[0], max_tokens=1500)), job(request("go on", max_tokens=200))
+        engine.submit(victim)
+        engine.submit(other)
+        seen.wait(lambda: victim.completion_tokens >= 20)
+        victim.cancel.set()
+        canceled_at = seen.steps
+        seen.wait(lambda: seen.end(victim) is not None)
+        end_step = next(s for s, o in seen.outputs if o.job is victim and o.finish_reason)
+        assert seen.end(victim).finish_reason == "canceled"  # type: ignore[union-attr]
+        assert end_step <= canceled_at + 2  # the step in flight, then the cancel
+        late = job(request("take the slot", max_tokens=10))
+        engine.submit(late)
+        seen.wait(lambda: seen.end(late) is not None and seen.end(other) is not None)
+        assert seen.text(other) == alone(tiny_backend, other.request)[0]
+        assert seen.text(late) == alone(tiny_backend, late.request)[0]
+        assert seen.end(late).finish_reason in ("stop", "length")  # type: ignore[union-attr]
+    finally:
+        engine.stop()
+
+
+def test_a_job_past_its_deadline_ends_with_finish_reason_timeout(
+    tiny_backend: Any, long_prompts: list[str]
+) -> None:
+    model = BatchedCausalLM(tiny_backend, slots=2, max_len=2048)
+    seen = Collected()
+    engine = Engine(model, seen)
+    engine.start()
+    try:
+        slow = job(request(long_prompts[0], max_tokens=1500))
+        slow.deadline = time.monotonic() + 0.3
+        engine.submit(slow)
+        seen.wait(lambda: seen.end(slow) is not None)
+        assert seen.end(slow).finish_reason == "timeout"  # type: ignore[union-attr]
+        assert 0 < slow.completion_tokens < 1500
+    finally:
+        engine.stop()

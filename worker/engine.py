@@ -1,0 +1,189 @@
+"""The generation engine: one thread per worker process that runs every job it holds, step by step.
+
+Slot threads (one per RQ job being run, see ``slot_worker``) hand jobs in with ``submit`` and
+wait for their end. Each engine step:
+
+1. takes the jobs that arrived (they join between steps; none waits for a running one),
+2. drops jobs that were canceled or ran past their deadline (their rows are freed at once),
+3. runs one step of the model over all the jobs it holds (``BatchModel.step``: for a
+   transformers model, one forward pass over the batch),
+4. hands every job's new text to the publisher, which writes all of it in one round trip.
+
+The model is only ever touched from this thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from shared.limits import InvalidJobRequest
+from shared.schemas import GenerationRequest
+
+log = logging.getLogger("streamq.worker")
+
+
+@dataclass(eq=False)
+class EngineJob:
+    """One job inside the engine, from submit to its final state in Redis."""
+
+    job_id: str
+    request: GenerationRequest
+    created_at: float  # unix time the job was submitted
+    started_at: float  # unix time the job started
+    deadline: float  # monotonic time after which it stops with finish_reason "timeout"
+    cancel: threading.Event = field(default_factory=threading.Event)
+    ended: threading.Event = field(default_factory=threading.Event)  # set once its end is written
+    status: str = ""  # the final status written: finished, canceled, failed
+    error: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+
+
+@dataclass(frozen=True)
+class JobOutput:
+    """What one step did for one job: new text, counts, and its end when it ended."""
+
+    job: EngineJob
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None  # stop, length, timeout, canceled, error
+    error_type: str = ""
+    error_message: str = ""
+
+
+def ended(job: EngineJob, reason: str, error_type: str = "", message: str = "") -> JobOutput:
+    return JobOutput(job, "", job.prompt_tokens, job.completion_tokens, reason, error_type, message)
+
+
+class BatchModel(Protocol):
+    """What the engine drives: a model that holds up to ``slots`` jobs and advances them together."""
+
+    slots: int
+
+    def add(self, job: EngineJob) -> None:
+        """Take a job (InvalidJobRequest when it cannot be served, e.g. it does not fit)."""
+        ...
+
+    def remove(self, job: EngineJob) -> None:
+        """Drop a job before its end (a cancel or a deadline) and free what it held."""
+        ...
+
+    def step(self) -> list[JobOutput]:
+        """Advance the jobs held; a job whose output has ``finish_reason`` set is gone from the model."""
+        ...
+
+    def ready_in(self) -> float | None:
+        """Seconds until ``step`` has work (0: now), or None when the model holds no job."""
+        ...
+
+
+class OutputSink(Protocol):
+    def put(self, outputs: list[JobOutput]) -> None: ...
+
+
+class Engine:
+    thread_name = "streamq-engine"
+
+    def __init__(self, model: BatchModel, sink: OutputSink) -> None:
+        self.model = model
+        self._sink = sink
+        self._inbox: queue.SimpleQueue[EngineJob | None] = queue.SimpleQueue()
+        self._jobs: set[EngineJob] = set()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self.steps = 0
+
+    @property
+    def slots(self) -> int:
+        return self.model.slots
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop stepping; jobs still held end as failed ("worker_stopped")."""
+        self._stopping.set()
+        self._inbox.put(None)
+        self._thread.join(timeout=10)
+
+    def submit(self, job: EngineJob) -> None:
+        self._inbox.put(job)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._step()
+        except BaseException:
+            log.exception("the engine stopped on an error")
+            raise
+        finally:
+            left = list(self._jobs) + self._arrivals(0)
+            self._sink.put([ended(j, "error", "worker_stopped", "the worker stopped") for j in left])
+            self._jobs.clear()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _step(self) -> None:
+        outputs: list[JobOutput] = []
+        wait = self.model.ready_in()
+        for job in self._arrivals(wait):
+            try:
+                self.model.add(job)
+                self._jobs.add(job)
+            except InvalidJobRequest as exc:
+                outputs.append(ended(job, "error", "invalid_request_error", str(exc)))
+        outputs += self._drop_stopped()
+        if self._jobs and self.model.ready_in() == 0:
+            try:
+                outputs += self.model.step()
+            except Exception as exc:  # a bad step fails the jobs it held, not the worker
+                log.exception("a generation step failed")
+                message = f"{type(exc).__name__}: {exc}"
+                for job in list(self._jobs):
+                    self.model.remove(job)
+                    outputs.append(ended(job, "error", "generation_error", message))
+            self.steps += 1
+        for output in outputs:
+            if output.finish_reason is not None:
+                self._jobs.discard(output.job)
+        if outputs:
+            self._sink.put(outputs)
+
+    def _arrivals(self, wait: float | None) -> list[EngineJob]:
+        """New jobs: waits for one while there is nothing to compute (at most ``wait`` seconds)."""
+        arrived: list[EngineJob] = []
+        try:
+            if wait is None or wait > 0:
+                job = self._inbox.get(timeout=min(wait, 1.0) if wait is not None else 1.0)
+                if job is not None:
+                    arrived.append(job)
+            while True:
+                job = self._inbox.get_nowait()
+                if job is not None:
+                    arrived.append(job)
+        except queue.Empty:
+            pass
+        return arrived
+
+    def _drop_stopped(self) -> list[JobOutput]:
+        outputs = []
+        now = time.monotonic()
+        for job in list(self._jobs):
+            if job.cancel.is_set():
+                reason = "canceled"
+            elif now >= job.deadline:
+                reason = "timeout"
+            else:
+                continue
+            self.model.remove(job)
+            self._jobs.discard(job)
+            outputs.append(ended(job, reason))
+        return outputs

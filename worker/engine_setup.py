@@ -1,0 +1,68 @@
+"""Building a worker's engine model from its backend: which kind, how many slots, how much KV."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from shared.settings import Settings
+from worker.backend import ServedModel
+from worker.engine import BatchModel
+
+log = logging.getLogger("streamq.worker")
+
+CPU_SLOTS = 8
+SYNTHETIC_SLOTS = 100
+MAX_AUTO_SLOTS = 64
+DEFAULT_MAX_SEQ_LEN = 8192
+GPU_KV_SHARE = 0.8  # of the memory left free after loading the model
+
+
+def kv_bytes_per_token(model: Any) -> int:
+    """Bytes one token takes in the KV cache (keys and values, every layer)."""
+    config = model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    size = next(model.parameters()).element_size()
+    return int(2 * config.num_hidden_layers * heads * head_dim * size)
+
+
+def choose_slots(settings: Settings, backend: ServedModel, per_token: int, max_len: int) -> int:
+    if settings.slots is not None:
+        return settings.slots
+    if backend.device != "cuda":
+        return CPU_SLOTS
+    import torch
+
+    free, _total = torch.cuda.mem_get_info()
+    fit = int(free * GPU_KV_SHARE) // max(1, per_token * max_len)
+    return max(1, min(MAX_AUTO_SLOTS, fit))
+
+
+def build_model(settings: Settings, backend: ServedModel) -> tuple[BatchModel, int | None]:
+    """The engine's model and the longest job it takes (prompt + answer tokens; None: no limit)."""
+    from worker.causal_lm import CausalLMChat
+    from worker.chatglm import ChatGLMChat
+    from worker.serial_model import SerialModel
+    from worker.synthetic import SyntheticBackend, SyntheticModel
+
+    if isinstance(backend, SyntheticBackend):
+        return SyntheticModel(backend, settings.slots or SYNTHETIC_SLOTS), None
+    if isinstance(backend, ChatGLMChat):  # a model with its own stream_chat: one job per slot, unbatched
+        return SerialModel(backend, settings.slots or CPU_SLOTS), backend.context_length
+    if not isinstance(backend, CausalLMChat):
+        raise TypeError(f"no engine for a {type(backend).__name__}")
+    from worker.batch_lm import BatchedCausalLM
+
+    max_len = settings.max_seq_len or min(backend.context_length or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
+    if backend.context_length:
+        max_len = min(max_len, backend.context_length)
+    per_token = kv_bytes_per_token(backend.model)
+    slots = choose_slots(settings, backend, per_token, max_len)
+    log.info(
+        "engine: %d slots × %d tokens; KV cache at most %.0f MiB",
+        slots,
+        max_len,
+        slots * max_len * per_token / 2**20,
+    )
+    return BatchedCausalLM(backend, slots, max_len, settings.prefill_chunk), max_len

@@ -1,0 +1,57 @@
+"""Backends that cannot batch (ChatGLM's own ``stream_chat``): each job runs its own iterator.
+
+Every engine step advances each held job by one of its steps, so K jobs share the worker
+fairly (one job per slot, unbatched), a cancel still takes effect within one step, and the
+jobs go through the same publisher as batched ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from shared.limits import InvalidJobRequest
+from worker.backend import ChatBackend, GenerationStep
+from worker.engine import EngineJob, JobOutput, ended
+
+
+class SerialModel:
+    def __init__(self, backend: ChatBackend, slots: int) -> None:
+        self.backend = backend
+        self.slots = slots
+        self._steps: dict[EngineJob, Iterator[GenerationStep]] = {}
+
+    def add(self, job: EngineJob) -> None:
+        self._steps[job] = self.backend.generate(job.request)
+
+    def remove(self, job: EngineJob) -> None:
+        steps = self._steps.pop(job, None)
+        if steps is not None:
+            steps.close()  # type: ignore[attr-defined]
+
+    def ready_in(self) -> float | None:
+        return 0.0 if self._steps else None
+
+    def step(self) -> list[JobOutput]:
+        outputs = []
+        for job, steps in list(self._steps.items()):
+            try:
+                step = next(steps, None)
+            except InvalidJobRequest as exc:
+                self._steps.pop(job)
+                outputs.append(ended(job, "error", "invalid_request_error", str(exc)))
+                continue
+            except Exception as exc:
+                self._steps.pop(job)
+                outputs.append(ended(job, "error", "generation_error", f"{type(exc).__name__}: {exc}"))
+                continue
+            if step is None:  # ended without saying why: an answer that simply stopped
+                self._steps.pop(job)
+                outputs.append(ended(job, "stop"))
+                continue
+            job.prompt_tokens, job.completion_tokens = step.prompt_tokens, step.completion_tokens
+            outputs.append(
+                JobOutput(job, step.delta, step.prompt_tokens, step.completion_tokens, step.finish_reason)
+            )
+            if step.finish_reason is not None:
+                self.remove(job)
+        return outputs

@@ -1,0 +1,155 @@
+"""``streamq worker``: one process, one loaded model, one engine, K slot threads.
+
+Each slot is an RQ worker (a ``StreamqWorker``) running in its own thread: it takes one job
+at a time from the model's queue and waits while the engine runs it, so RQ's registries and
+``rq info`` show every job truthfully, and the process never takes more jobs than it has
+slots. The slot threads install no signal handlers and use no SIGALRM timer (the engine
+enforces deadlines); this main thread owns the signals:
+
+- first SIGTERM / SIGINT: stop taking jobs, let running ones finish for ``drain_seconds``;
+- second signal, or the drain time is up: stop the engine (jobs left end as failed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+from rq.exceptions import StopRequested
+from rq.job import Job
+from rq.queue import Queue
+
+from shared.settings import Settings
+from worker import runtime
+from worker.rq_worker import StreamqWorker, build_runtime, load_worker_backend, served_name_of
+
+log = logging.getLogger("streamq.worker")
+
+
+class SlotWorker(StreamqWorker):
+    """A StreamqWorker that runs in a thread of the pool, around the pool's engine."""
+
+    def _install_signal_handlers(self) -> None:
+        pass  # the pool's main thread handles signals
+
+    def subscribe(self) -> None:
+        pass  # RQ's per-worker command channel: the pool is stopped with signals instead
+
+    def procline(self, message: str) -> None:
+        pass  # one process title for the whole pool
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        """RQ's dequeue, in one-second waits, so that a stop request is seen while idle."""
+        if timeout is None:  # burst: one look at the queue
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        while not self._stop_requested:
+            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=1)
+            if result is not None:
+                return result
+        raise StopRequested()
+
+
+def worker_connection(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(
+        settings.redis_url_or_default(),
+        socket_timeout=None,  # slots block on their queue; RQ sets its own timeouts
+        socket_connect_timeout=settings.redis_socket_timeout,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
+class SlotPool:
+    def __init__(self, settings: Settings, name: str | None = None, burst: bool = False) -> None:
+        self.settings = settings
+        self.name = name or f"{socket.gethostname()}.{os.getpid()}"
+        self.burst = burst
+        self.connection = worker_connection(settings)
+        self._stop = threading.Event()
+        self._force = threading.Event()
+        self._slots: dict[int, tuple[SlotWorker, threading.Thread]] = {}
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self._stop.is_set():
+            log.warning("second stop signal: stopping now")
+            self._force.set()
+        else:
+            log.info("stop signal: taking no new jobs, draining for up to %.0fs", self.settings.drain_seconds)
+        self._stop.set()
+
+    def run(self) -> int:
+        served = served_name_of(self.settings)
+        backend = load_worker_backend(self.settings, served)
+        worker_runtime = build_runtime(self.settings, self.connection, self.name, backend)
+        worker_runtime.start()
+        runtime.install(worker_runtime)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        slots = worker_runtime.engine.slots
+        log.info("worker %s serves %s on %s with %d slots", self.name, served, backend.device, slots)
+        try:
+            for index in range(slots):
+                self._start_slot(index, worker_runtime)
+            self._supervise(worker_runtime)
+        finally:
+            self._shut_down(worker_runtime)
+        return 0
+
+    def _start_slot(self, index: int, worker_runtime: Any) -> None:
+        worker = SlotWorker(
+            None,
+            connection=self.connection,
+            settings=self.settings,
+            worker_runtime=worker_runtime,
+            name=f"{self.name}.{index}",
+        )
+        thread = threading.Thread(
+            target=worker.work,
+            kwargs={"burst": self.burst, "logging_level": "INFO"},
+            name=f"streamq-slot-{index}",
+            daemon=True,
+        )
+        self._slots[index] = (worker, thread)
+        thread.start()
+
+    def _supervise(self, worker_runtime: Any) -> None:
+        """Wait for a stop; restart a slot whose RQ loop ended on its own (e.g. Redis went away)."""
+        while not self._stop.wait(0.5):
+            for index, (_worker, thread) in list(self._slots.items()):
+                if thread.is_alive():
+                    continue
+                if self.burst:
+                    del self._slots[index]
+                else:
+                    log.warning("slot %d stopped; starting it again", index)
+                    time.sleep(1.0)
+                    self._start_slot(index, worker_runtime)
+            if self.burst and not self._slots:
+                return
+
+    def _shut_down(self, worker_runtime: Any) -> None:
+        for worker, _thread in self._slots.values():
+            worker._stop_requested = True
+        deadline = time.monotonic() + self.settings.drain_seconds
+        while (
+            any(t.is_alive() for _w, t in self._slots.values())
+            and time.monotonic() < deadline
+            and not self._force.is_set()
+        ):
+            time.sleep(0.1)
+        worker_runtime.stop()  # jobs still running end as failed ("worker_stopped")
+        for _worker, thread in self._slots.values():
+            thread.join(timeout=5)
+        runtime.install(None)

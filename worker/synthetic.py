@@ -1,0 +1,75 @@
+"""A model-free backend for load tests: ``streamq worker --backend synthetic --tokens-per-second R``.
+
+Each job "generates" ``max_tokens`` tokens at R tokens per second (a word per token), through
+the same engine, publisher and Redis path as a real model. Operators use it to size Redis and
+fronts (how many streams a front carries, how fast deltas reach clients) without a GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from shared.schemas import ChatMessage
+from worker.engine import EngineJob, JobOutput
+
+WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
+
+
+class SyntheticBackend:
+    """Stands where a loaded model would (name, device, prompt counting) for a synthetic worker."""
+
+    device = "none"
+    dtype = "none"
+    tokenizer: Any = None
+    context_length: int | None = None
+
+    def __init__(self, name: str, tokens_per_second: float) -> None:
+        self.name = name
+        self.tokens_per_second = tokens_per_second
+
+    def prompt_tokens(self, messages: list[ChatMessage], tokenizer: Any = None) -> int:
+        return sum(len(m.content.split()) + 4 for m in messages)
+
+
+@dataclass(eq=False)
+class _Paced:
+    job: EngineJob
+    due: float  # monotonic time of the next token
+
+
+class SyntheticModel:
+    def __init__(self, backend: SyntheticBackend, slots: int) -> None:
+        self.slots = slots
+        self._interval = 1.0 / backend.tokens_per_second
+        self._backend = backend
+        self._jobs: dict[EngineJob, _Paced] = {}
+
+    def add(self, job: EngineJob) -> None:
+        job.prompt_tokens = self._backend.prompt_tokens(job.request.messages)
+        self._jobs[job] = _Paced(job, time.monotonic())  # the first token comes at once
+
+    def remove(self, job: EngineJob) -> None:
+        self._jobs.pop(job, None)
+
+    def ready_in(self) -> float | None:
+        if not self._jobs:
+            return None
+        return max(0.0, min(p.due for p in self._jobs.values()) - time.monotonic())
+
+    def step(self) -> list[JobOutput]:
+        now = time.monotonic()
+        outputs = []
+        for job, paced in list(self._jobs.items()):
+            if paced.due > now:
+                continue
+            paced.due += self._interval
+            job.completion_tokens += 1
+            n = job.completion_tokens
+            done = n >= job.request.max_tokens
+            if done:
+                del self._jobs[job]
+            text = WORDS[n % len(WORDS)] + " "
+            outputs.append(JobOutput(job, text, job.prompt_tokens, n, "length" if done else None))
+        return outputs
