@@ -140,6 +140,9 @@ class Engine:
                 self._jobs.add(job)
             except InvalidJobRequest as exc:
                 outputs.append(ended(job, "error", "invalid_request_error", str(exc)))
+            except Exception as exc:  # e.g. a prompt its tokenizer cannot take
+                log.exception("job %s could not join the engine", job.job_id)
+                outputs.append(ended(job, "error", "generation_error", f"{type(exc).__name__}: {exc}"))
         outputs += self._drop_stopped()
         if self._jobs and self.model.ready_in() == 0:
             try:

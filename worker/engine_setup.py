@@ -65,4 +65,23 @@ def build_model(settings: Settings, backend: ServedModel) -> tuple[BatchModel, i
         max_len,
         slots * max_len * per_token / 2**20,
     )
-    return BatchedCausalLM(backend, slots, max_len, settings.prefill_chunk), max_len
+    model = BatchedCausalLM(backend, slots, max_len, settings.prefill_chunk)
+    warm_up(model)
+    return model, max_len
+
+
+def warm_up(model: BatchModel) -> None:
+    """Run a two-token job through the engine's model once, so that the first user's job does not
+    pay for the batched path's first-call allocations."""
+    import time
+
+    from shared.schemas import ChatMessage, GenerationRequest
+    from worker.engine import EngineJob
+
+    request = GenerationRequest(
+        messages=[ChatMessage(role="user", content="hi")], max_tokens=2, temperature=0.0, top_p=1.0
+    )
+    now = time.time()
+    model.add(EngineJob("warm-up", request, now, now, time.monotonic() + 60))
+    while model.ready_in() == 0:
+        model.step()

@@ -102,10 +102,10 @@ class SlotPool:
         try:
             for index in range(slots):
                 self._start_slot(index, worker_runtime)
-            self._supervise(worker_runtime)
+            healthy = self._supervise(worker_runtime)
         finally:
             self._shut_down(worker_runtime)
-        return 0
+        return 0 if healthy else 1
 
     def _start_slot(self, index: int, worker_runtime: Any) -> None:
         worker = SlotWorker(
@@ -124,9 +124,13 @@ class SlotPool:
         self._slots[index] = (worker, thread)
         thread.start()
 
-    def _supervise(self, worker_runtime: Any) -> None:
-        """Wait for a stop; restart a slot whose RQ loop ended on its own (e.g. Redis went away)."""
+    def _supervise(self, worker_runtime: Any) -> bool:
+        """Wait for a stop; restart a slot whose RQ loop ended on its own (e.g. Redis went away).
+        False when the engine died: the process exits non-zero, for its supervisor to restart."""
         while not self._stop.wait(0.5):
+            if not worker_runtime.engine.alive():
+                log.error("the engine stopped; the worker exits")
+                return False
             for index, (_worker, thread) in list(self._slots.items()):
                 if thread.is_alive():
                     continue
@@ -137,7 +141,8 @@ class SlotPool:
                     time.sleep(1.0)
                     self._start_slot(index, worker_runtime)
             if self.burst and not self._slots:
-                return
+                return True
+        return True
 
     def _shut_down(self, worker_runtime: Any) -> None:
         for worker, _thread in self._slots.values():

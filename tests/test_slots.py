@@ -1,0 +1,99 @@
+"""A worker process with K slots, end to end: K RQ workers in one process around one engine."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+from rq.worker import Worker
+
+from shared import keys
+from shared.schemas import ChatMessage, GenerationRequest
+from tests.conftest import Stack
+from tests.processes import Service, wait_for
+from tests.sse import follow, text_of
+
+pytestmark = pytest.mark.e2e
+
+
+def start_worker(stack: Stack, name: str, *args: str) -> Service:
+    service = Service(["worker", "--name", name, *args], stack.env, name, stack.logdir)
+    stack.services.append(service)
+    return service
+
+
+def serving(stack: Stack, model: str, count: int = 1) -> None:
+    def ready() -> bool:
+        return httpx.get(f"{stack.url}/readyz").json()["models"].get(model, 0) >= count
+
+    wait_for(ready, 90, f"a worker serving {model}")
+
+
+def greedy(backend: Any, prompt: str, max_tokens: int) -> str:
+    req = GenerationRequest(
+        messages=[ChatMessage(role="user", content=prompt)], max_tokens=max_tokens, temperature=0.0, top_p=1.0
+    )
+    return "".join(step.delta for step in backend.generate(req))
+
+
+def test_k_slots_run_at_most_k_jobs_at_once_and_all_finish_as_alone(
+    stack: Stack, tiny_backend: Any, long_prompts: list[str]
+) -> None:
+    slots = 3
+    worker = start_worker(
+        stack, "slotted-3", "--model", str(stack.model_dir), "--served-name", "slotted", "--slots", str(slots)
+    )
+    serving(stack, "slotted")
+    r = stack.redis.client(decode_responses=True)
+    prompts = [long_prompts[i % 3] if i % 2 else f"short question {i}" for i in range(3 * slots)]
+    with httpx.Client(timeout=60) as client:
+        jobs = [
+            client.post(
+                f"{stack.url}/v1/jobs",
+                json={"prompt": p, "model": "slotted", "max_tokens": 300, "temperature": 0},
+            ).json()
+            for p in prompts
+        ]
+        most_running, most_busy = 0, 0
+        while True:
+            statuses = [r.hget(keys.job(j["id"]), "status") for j in jobs]
+            most_running = max(most_running, statuses.count("running"))
+            rq_workers = [
+                w for w in Worker.all(connection=stack.redis.client()) if w.name.startswith("slotted-3")
+            ]
+            most_busy = max(most_busy, sum(1 for w in rq_workers if w.get_state() == "busy"))
+            if all(s in ("finished", "failed", "canceled") for s in statuses):
+                break
+            time.sleep(0.005)
+        assert len(rq_workers) == slots  # one RQ worker per slot, all in `rq info`
+        assert most_running == slots and most_busy >= 2
+        with ThreadPoolExecutor(4) as pool:
+            streams = list(pool.map(lambda j: follow(client, stack.url2, j["id"]), jobs))
+    for prompt, events in zip(prompts, streams, strict=True):
+        assert events[-1].event == "done"
+        assert text_of(events) == greedy(tiny_backend, prompt, 300)
+    worker.stop()
+    assert worker.proc.returncode == 0
+    assert not [w for w in Worker.all(connection=stack.redis.client()) if w.name.startswith("slotted-3")]
+
+
+def test_the_synthetic_backend_streams_paced_tokens_without_a_model(stack: Stack) -> None:
+    worker = start_worker(
+        stack, "synthetic-1", "--backend", "synthetic", "--tokens-per-second", "50", "--slots", "4"
+    )
+    serving(stack, "synthetic")
+    with httpx.Client(timeout=60) as client:
+        started = time.monotonic()
+        job = client.post(
+            f"{stack.url}/v1/jobs", json={"prompt": "load test", "model": "synthetic", "max_tokens": 20}
+        ).json()
+        events = follow(client, stack.url, job["id"])
+        took = time.monotonic() - started
+    assert events[-1].event == "done"
+    assert events[-1].data["usage"]["completion_tokens"] == 20
+    assert len(text_of(events).split()) == 20
+    assert took >= 19 / 50  # paced: 20 tokens at 50 per second
+    worker.stop()
