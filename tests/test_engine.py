@@ -59,7 +59,7 @@ class Collected:
             assert self.changed.wait_for(condition, timeout), "timed out"
 
 
-def drive(model: BatchedCausalLM, jobs: list[EngineJob], join_at: dict[int, list[EngineJob]]) -> Collected:
+def drive(model: Any, jobs: list[EngineJob], join_at: dict[int, list[EngineJob]]) -> Collected:
     """Step the model by hand: ``jobs`` from the start, others joining at given steps."""
     seen = Collected()
     for j in jobs:
@@ -210,3 +210,18 @@ def test_a_job_past_its_deadline_ends_with_finish_reason_timeout(
         assert 0 < slow.completion_tokens < 1500
     finally:
         engine.stop()
+
+
+def test_models_without_batching_run_one_job_per_slot_through_the_same_engine(tiny_backend: Any) -> None:
+    # ChatGLM's own stream_chat cannot batch: its jobs run as iterators, a step each per engine
+    # step (driven here through the tiny model's own single-job loop, which has the same shape).
+    from worker.serial_model import SerialModel
+
+    model = SerialModel(tiny_backend, slots=3)
+    reqs = [request(f"serial {i}", max_tokens=20 + i) for i in range(3)]
+    jobs = [job(r) for r in reqs]
+    seen = drive(model, jobs, {})
+    for j, r in zip(jobs, reqs, strict=True):
+        assert (seen.text(j), seen.end(j).finish_reason) == alone(tiny_backend, r)  # type: ignore[union-attr]
+    first_steps = [min(s for s, o in seen.outputs if o.job is j) for j in jobs]
+    assert first_steps == [1, 1, 1]  # interleaved, not one after another
