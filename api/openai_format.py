@@ -20,6 +20,12 @@ def sse_data(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
+def openai_finish_reason(reason: str) -> str:
+    """OpenAI knows ``stop`` and ``length``: an answer cut by any other limit (a time limit) is
+    reported as ``length``."""
+    return "stop" if reason == "stop" else "length"
+
+
 def openai_usage(usage: dict[str, Any] | None) -> dict[str, int]:
     prompt = int((usage or {}).get("prompt_tokens", 0))
     completion = int((usage or {}).get("completion_tokens", 0))
@@ -45,13 +51,14 @@ class CompletionFormat:
 
     def response(self, text: str, finish_reason: str, usage: dict[str, Any] | None) -> dict[str, Any]:
         """The whole answer (non-streaming)."""
+        reason = openai_finish_reason(finish_reason)
         choice: dict[str, Any]
         if self.kind == "chat":
             message = {"role": "assistant", "content": text, "refusal": None}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
             obj = "chat.completion"
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
             obj = "text_completion"
         return self._head(obj) | {"choices": [choice], "usage": openai_usage(usage)}
 
@@ -78,7 +85,7 @@ class CompletionFormat:
         return self._chunk(text, None)
 
     def final_chunk(self, finish_reason: str) -> dict[str, Any]:
-        return self._chunk(None if self.kind == "chat" else "", finish_reason)
+        return self._chunk(None if self.kind == "chat" else "", openai_finish_reason(finish_reason))
 
     def usage_chunk(self, usage: dict[str, Any] | None) -> dict[str, Any]:
         """The last chunk when ``stream_options.include_usage``: no choices, the usage."""

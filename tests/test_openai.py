@@ -235,15 +235,15 @@ def test_closing_a_stream_early_cancels_its_job(
         if chunk.choices[0].delta.content:
             break  # output has begun; then the client hangs up
     stream.close()
-    view = wait_until_ended(stack, job_id, timeout=10)
+    view = wait_until_ended(stack, job_id, timeout=10)  # it would end "finished", at 1500 tokens
     assert view["status"] == "canceled"
-    assert view["usage"]["completion_tokens"] < 1400
+    assert view["usage"]["completion_tokens"] < 1500
 
 
 def test_a_client_that_stops_waiting_cancels_its_job(stack: Stack, long_prompts: list[str]) -> None:
     started = time.time()
     with (
-        openai.OpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0, timeout=0.7) as impatient,
+        openai.OpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0, timeout=0.3) as impatient,
         pytest.raises(openai.APITimeoutError),
     ):
         impatient.chat.completions.create(
@@ -260,8 +260,8 @@ def test_a_client_that_stops_waiting_cancels_its_job(stack: Stack, long_prompts:
         and float(r.hget(key, "created_at") or 0) >= started
     ]
     assert len(mine) == 1
-    view = wait_until_ended(stack, mine[0], timeout=10)
-    assert view["status"] == "canceled" and view["usage"]["completion_tokens"] < 1400
+    view = wait_until_ended(stack, mine[0], timeout=10)  # it would end "finished", at 1500 tokens
+    assert view["status"] == "canceled" and view["usage"]["completion_tokens"] < 1500
 
 
 def test_a_background_stream_runs_on_when_its_client_goes(
