@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
-from api.routes import compat, health, jobs
+from api.routes import compat, health, jobs, openai_api
 from api.state import Front
 from shared.settings import Settings, load_settings
 
@@ -38,4 +38,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(health.router)
     app.include_router(compat.router)
+    app.include_router(openai_api.router)
     return app

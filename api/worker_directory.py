@@ -21,6 +21,7 @@ class WorkerInfo:
     last_heartbeat: float
     current_job: str
     context_length: int | None
+    started_at: float
 
 
 class WorkerDirectory:
@@ -48,6 +49,7 @@ class WorkerDirectory:
                 last_heartbeat=float(info.get("last_heartbeat") or 0),
                 current_job=info.get("current_job", ""),
                 context_length=int(info["context_length"]) if info.get("context_length") else None,
+                started_at=float(info.get("started_at") or 0),
             )
             for name, info in zip(names, infos, strict=True)
             if info
@@ -66,6 +68,13 @@ class WorkerDirectory:
         for w in await self._workers(fresh):
             counts[w.model] = counts.get(w.model, 0) + 1
         return counts
+
+    async def served_since(self) -> dict[str, float]:
+        """Model name → when the longest-running of its live workers started (fresh, unix seconds)."""
+        since: dict[str, float] = {}
+        for w in await self._workers(fresh=True):
+            since[w.model] = min(since.get(w.model, w.started_at), w.started_at)
+        return since
 
     async def context_length(self, model: str) -> int | None:
         """The smallest context of the model's live workers (None if none says)."""

@@ -1,0 +1,96 @@
+"""A job tied to the HTTP request that waits on it or streams it (the seed's routes, the OpenAI
+routes): it is followed from its first event, and canceled when its client goes away, unless
+the request asked to keep it running (detached). The job API (``/v1/jobs``) never cancels."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator
+
+from starlette.requests import Request
+
+from api.job_stream import JobEvent, follow_job
+from api.state import Front
+from api.stream_hub import StreamInterrupted
+from shared.job_state import EVENT_DELTA, EVENT_ERROR
+from shared.schemas import JobRequest, JobView
+
+log = logging.getLogger("streamq.api")
+
+JOB_HEADER = "X-Streamq-Job-Id"  # lets a client poll, cancel or re-attach to the job
+
+
+class ClientJob:
+    def __init__(
+        self, front: Front, view: JobView, events: AsyncGenerator[JobEvent | None, None], detached: bool
+    ) -> None:
+        self.front = front
+        self.view = view
+        self.detached = detached
+        self._events = events
+
+    @property
+    def id(self) -> str:
+        return self.view.id
+
+    @classmethod
+    async def submit(
+        cls, front: Front, body: JobRequest, request: Request, *, detached: bool = False
+    ) -> ClientJob:
+        """Create the job (or raise the ApiError that says why not) and start following it;
+        ``request`` is watched for the client's disconnect (ClientGone)."""
+        view = await front.jobs.submit(body)
+        s = front.settings
+        events = follow_job(
+            front.jobs,
+            front.hub,
+            view.id,
+            view.model,
+            "0-0",
+            request,
+            s.ping_interval,
+            s.position_poll_interval,
+        )
+        return cls(front, view, events, detached)
+
+    async def next_output(self, *, ticks: bool = False) -> JobEvent | None:
+        """The next delta or final event; queue positions and ``started`` are skipped, and so are
+        keep-alive ticks unless ``ticks`` (then None). An interrupted stream reads as a final
+        ``error`` event of type ``stream_interrupted``. Raises ClientGone."""
+        try:
+            async for event in self._events:
+                if event is None:
+                    if ticks:
+                        return None
+                elif event.event == EVENT_DELTA or event.final:
+                    return event
+        except StreamInterrupted as exc:
+            return JobEvent.of(None, EVENT_ERROR, {"type": "stream_interrupted", "message": str(exc)})
+        raise RuntimeError("the job's event stream ended without a final event")
+
+    async def next_event(self) -> JobEvent:
+        """The next delta or final event (no ticks)."""
+        event = await self.next_output()
+        assert event is not None
+        return event
+
+    def client_gone(self) -> None:
+        """The client went away (or its request was torn down): cancel the job without waiting,
+        unless it is detached."""
+        if self.detached:
+            log.info("job %s: its client went away; it runs on (detached)", self.id)
+            return
+        front, job_id = self.front, self.id
+
+        async def cancel() -> None:
+            with contextlib.suppress(Exception):
+                await front.jobs.cancel(job_id)
+
+        task = asyncio.get_running_loop().create_task(cancel())
+        front.background.add(task)
+        task.add_done_callback(front.background.discard)
+
+    async def close(self) -> None:
+        await self._events.aclose()

@@ -1,0 +1,155 @@
+"""The OpenAI-compatible API: ``POST /v1/chat/completions``, ``POST /v1/completions``,
+``GET /v1/models``.
+
+Each completion is an ordinary streamq job (its id in ``X-Streamq-Job-Id``, and in the
+completion's id), followed for the client like the seed's routes follow theirs: when the client
+goes away the job is canceled, unless the request set ``"background": true`` or sent
+``X-Streamq-Detach: 1``. Errors use the API's one envelope, which is OpenAI's; an error after a
+stream has begun is a last ``data:`` event holding that envelope (the openai SDK raises it as
+an ``APIError``), with no ``[DONE]`` after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from api.client_job import JOB_HEADER, ClientJob
+from api.errors import ApiError, job_failure_error
+from api.job_stream import ClientGone
+from api.openai_format import DONE, PING, CompletionFormat, Kind, model_list, model_object, sse_data
+from api.openai_schemas import ChatCompletionRequest, CompletionRequest, OpenAIFields
+from api.state import Front, get_front
+from shared.job_state import EVENT_DELTA, EVENT_DONE
+from shared.schemas import JobRequest
+
+log = logging.getLogger("streamq.api")
+router = APIRouter(prefix="/v1", tags=["openai-compatible"])
+FrontDep = Annotated[Front, Depends(get_front)]
+DetachHeader = Annotated[
+    str | None, Header(alias="X-Streamq-Detach", description="1: keep the job running if the client goes")
+]
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_ERRORS: dict[int | str, dict[str, Any]] = {400: {}, 404: {}, 409: {}, 422: {}, 502: {}, 503: {}, 504: {}}
+
+
+@router.post("/chat/completions", response_model=None, responses=_ERRORS)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, front: FrontDep, detach: DetachHeader = None
+) -> Response:
+    """OpenAI's chat completion: a ``chat.completion``, or with ``stream`` the
+    ``chat.completion.chunk`` events, then ``data: [DONE]``."""
+    return await _complete(front, request, "chat", body, body.job_request(), detach)
+
+
+@router.post("/completions", response_model=None, responses=_ERRORS)
+async def completions(
+    body: CompletionRequest, request: Request, front: FrontDep, detach: DetachHeader = None
+) -> Response:
+    """OpenAI's (legacy) text completion. The prompt reaches the model as one user message,
+    through its chat template."""
+    return await _complete(front, request, "text", body, body.job_request(), detach)
+
+
+@router.get("/models")
+async def list_models(front: FrontDep) -> dict[str, Any]:
+    """The models live workers serve right now (``created``: when the first of them started)."""
+    return model_list(await front.directory.served_since())
+
+
+@router.get("/models/{model:path}", responses={404: {}})
+async def get_model(model: str, front: FrontDep) -> dict[str, Any]:
+    """One served model; 404 ``model_not_found`` if no live worker serves it."""
+    since = await front.directory.served_since()
+    if model not in since:
+        raise ApiError(404, f"model '{model}' is not served by any live worker", code="model_not_found")
+    return model_object(model, since[model])
+
+
+def _wants_detach(body: OpenAIFields, header: str | None) -> bool:
+    return body.background or (header or "").strip().lower() in ("1", "true", "yes")
+
+
+async def _complete(
+    front: Front,
+    request: Request,
+    kind: Kind,
+    body: OpenAIFields,
+    job_request: JobRequest,
+    detach: str | None,
+) -> Response:
+    job = await ClientJob.submit(front, job_request, request, detached=_wants_detach(body, detach))
+    if body.user:
+        log.info("job %s: OpenAI %s completion for user %r", job.id, kind, body.user)
+    fmt = CompletionFormat(kind, job.id, job.view.model, int(job.view.created_at), body.include_usage)
+    headers = {JOB_HEADER: job.id}
+    if body.stream:
+        return StreamingResponse(
+            _stream(job, fmt), media_type="text/event-stream", headers=SSE_HEADERS | headers
+        )
+    return await _wait(job, fmt, headers)
+
+
+async def _wait(job: ClientJob, fmt: CompletionFormat, headers: dict[str, str]) -> Response:
+    """Wait for the whole answer; a job that ends without one is its HTTP error."""
+    parts: list[str] = []
+    try:
+        while True:
+            event = await job.next_event()
+            if event.event == EVENT_DELTA:
+                parts.append(event.data.get("text", ""))
+                continue
+            if event.event != EVENT_DONE:
+                error = job_failure_error(event.event, event.data)
+                error.headers = headers
+                raise error
+            break
+    except ClientGone:
+        job.client_gone()
+        return Response(status_code=499)
+    except asyncio.CancelledError:
+        job.client_gone()
+        raise
+    finally:
+        await job.close()
+    answer = fmt.response("".join(parts), event.data.get("finish_reason", "stop"), event.data.get("usage"))
+    return JSONResponse(answer, headers=headers)
+
+
+async def _stream(job: ClientJob, fmt: CompletionFormat) -> AsyncIterator[bytes]:
+    """The chunks: the role, then one per delta, the one with the finish reason, the usage
+    (when asked), ``[DONE]``. A keep-alive comment while the job waits in its queue."""
+    try:
+        first = fmt.first_chunk()
+        if first is not None:
+            yield sse_data(first)
+        while True:
+            event = await job.next_output(ticks=True)
+            if event is None:
+                yield PING
+            elif event.event == EVENT_DELTA:
+                yield sse_data(fmt.delta_chunk(event.data.get("text", "")))
+            elif event.event == EVENT_DONE:
+                yield sse_data(fmt.final_chunk(event.data.get("finish_reason", "stop")))
+                if fmt.include_usage:
+                    yield sse_data(fmt.usage_chunk(event.data.get("usage")))
+                yield DONE
+                return
+            else:
+                error = job_failure_error(event.event, event.data)
+                if error.type == "stream_interrupted":
+                    error.message += f"; the job may still run: re-attach at /v1/jobs/{job.id}/events"
+                yield sse_data(error.envelope())
+                return
+    except ClientGone:
+        job.client_gone()
+    except asyncio.CancelledError:
+        job.client_gone()
+        raise
+    finally:
+        await job.close()
