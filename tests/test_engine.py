@@ -225,3 +225,65 @@ def test_models_without_batching_run_one_job_per_slot_through_the_same_engine(ti
         assert (seen.text(j), seen.end(j).finish_reason) == alone(tiny_backend, r)  # type: ignore[union-attr]
     first_steps = [min(s for s, o in seen.outputs if o.job is j) for j in jobs]
     assert first_steps == [1, 1, 1]  # interleaved, not one after another
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral-window"])
+def test_other_architectures_batch_as_they_run_alone(tiny_backend: Any, arch: str) -> None:
+    # The tiny model is Qwen2-shaped; models built on other transformers classes take the
+    # attention mask differently (and Mistral here has a sliding window shorter than the answers).
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    from worker.causal_lm import CausalLMChat
+
+    tokenizer = tiny_backend.tokenizer
+    shape = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.4,
+        eos_token_id=tiny_backend.model.config.eos_token_id,
+    )
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**shape))
+    else:
+        model = MistralForCausalLM(MistralConfig(**shape, sliding_window=24))
+    backend = CausalLMChat(model.eval(), tokenizer, arch, "cpu", "float32")
+    batched = BatchedCausalLM(backend, slots=3, max_len=256, prefill_chunk=16)
+    reqs = [request(f"{arch} question {i} " + "more " * i, max_tokens=40) for i in range(4)]
+    jobs = [job(r) for r in reqs]
+    seen = drive(batched, jobs[:3], {5: jobs[3:]})
+    assert [seen.text(j) for j in jobs] == [alone(backend, r)[0] for r in reqs]
+
+
+def test_a_failing_step_fails_the_jobs_it_held_and_the_engine_goes_on(tiny_backend: Any) -> None:
+    model = BatchedCausalLM(tiny_backend, slots=2, max_len=512)
+    seen = Collected()
+    engine = Engine(model, seen)
+    real_forward = model._forward
+    calls = {"n": 0}
+
+    def failing_once(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_forward(*args, **kwargs)
+
+    model._forward = failing_once  # type: ignore[method-assign]
+    engine.start()
+    try:
+        first = [job(request(f"doomed {i}", max_tokens=30)) for i in range(2)]
+        for j in first:
+            engine.submit(j)
+        seen.wait(lambda: all(seen.end(j) is not None for j in first))
+        assert {seen.end(j).error_type for j in first} == {"generation_error"}  # type: ignore[union-attr]
+        after = job(request("after the failure", max_tokens=10))
+        engine.submit(after)
+        seen.wait(lambda: seen.end(after) is not None)
+        assert engine.alive() and seen.text(after) == alone(tiny_backend, after.request)[0]
+    finally:
+        engine.stop()

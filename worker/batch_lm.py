@@ -11,6 +11,7 @@ running never wait for more than one chunk.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,16 @@ from worker.causal_lm import CausalLMChat
 from worker.engine import EngineJob, JobOutput
 from worker.sampling import SamplingParams, sample_next
 from worker.slot_cache import SlotCache, decode_mask, extend_mask, prefill_mask
+
+
+def attention_windows(config: Any) -> dict[str, int | None]:
+    """The model's kinds of attention layer and each one's sliding window (None: full)."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        window = getattr(config, "sliding_window", None)
+        return {kind: window if kind == "sliding_attention" else None for kind in sorted(set(layer_types))}
+    uses_window = getattr(config, "use_sliding_window", True)
+    return {"full_attention": getattr(config, "sliding_window", None) if uses_window else None}
 
 
 @dataclass(eq=False)
@@ -43,8 +54,7 @@ class BatchedCausalLM:
         self._model = backend.model
         self._device = backend.device
         self._dtype: torch.dtype = next(backend.model.parameters()).dtype
-        layer_types = getattr(backend.model.config, "layer_types", None) or ["full_attention"]
-        self._mask_kinds = sorted(set(layer_types))
+        self._windows = attention_windows(backend.model.config)
         self._waiting: deque[_Sequence] = deque()
         self._prefilling: _Sequence | None = None  # a long prompt, a chunk per step; row len(active)
         self._active: list[_Sequence] = []  # running jobs; _active[i] holds cache row i
@@ -70,8 +80,9 @@ class BatchedCausalLM:
             self._prefilling = None
         elif sequence in self._waiting:
             self._waiting.remove(sequence)
-        else:
+        elif 0 <= sequence.row < len(self._active) and self._active[sequence.row] is sequence:
             self._release(sequence)
+        # else: taken for a prefill that failed before it got a row; nothing to free
 
     def ready_in(self) -> float | None:
         return 0.0 if self._held else None
@@ -96,17 +107,18 @@ class BatchedCausalLM:
         if self._prefilling is not None:
             return self._extend(self._prefilling)
         batch: list[_Sequence] = []
-        budget = self.prefill_chunk
+        width = 0
         while self._waiting and len(batch) < self._free_rows():
             size = len(self._waiting[0].prompt)
-            if size > budget:
+            # The pass computes width × rows tokens (padding included): keep that in budget.
+            if max(width, size) * (len(batch) + 1) > self.prefill_chunk:
                 if not batch:  # too long for one step: prefill it alone, a chunk per step
                     self._prefilling = self._waiting.popleft()
                     self._prefilling.row = len(self._active)
                     return self._extend(self._prefilling)
                 break
             batch.append(self._waiting.popleft())
-            budget -= size
+            width = max(width, size)
         return self._prefill_batch(batch) if batch else []
 
     def _prefill_batch(self, batch: list[_Sequence]) -> list[JobOutput]:
@@ -120,7 +132,7 @@ class BatchedCausalLM:
         out = self._forward(
             torch.tensor(ids, device=self._device),
             torch.tensor(positions, device=self._device),
-            prefill_mask(pads, width, self._dtype, self._device),
+            lambda window: prefill_mask(pads, width, self._dtype, self._device, window),
         )
         for sequence, row in zip(batch, rows, strict=True):
             sequence.row, sequence.position = row, len(sequence.prompt)
@@ -134,7 +146,7 @@ class BatchedCausalLM:
         out = self._forward(
             torch.tensor([sequence.prompt[start : start + count]], device=self._device),
             torch.arange(start, start + count, device=self._device)[None],
-            extend_mask(start, count, self._dtype, self._device),
+            lambda window: extend_mask(start, count, self._dtype, self._device, window),
         )
         sequence.position = start + count
         if sequence.position < len(sequence.prompt):
@@ -148,18 +160,30 @@ class BatchedCausalLM:
     def _decode(self) -> list[JobOutput]:
         running = list(self._active)
         inputs = torch.tensor([[s.answer.token_ids[-1]] for s in running], device=self._device)
-        positions = torch.tensor([s.position for s in running], device=self._device)
-        span = self.cache.bind_decode(len(running), positions)
-        out = self._forward(inputs, positions[:, None], decode_mask(positions, span, self._dtype))
+        at = [s.position for s in running]
+        positions = torch.tensor(at, device=self._device)
+        span = max(at) + 1
+        self.cache.bind_decode(len(running), positions, span)
+        out = self._forward(
+            inputs, positions[:, None], lambda window: decode_mask(positions, span, self._dtype, window)
+        )
         for sequence in running:
             sequence.position += 1
         return self._sample(running, out.logits[:, -1])
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> Any:
+    def _forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: Callable[[int | None], torch.Tensor]
+    ) -> Any:
+        # One kind of layer: a ready 4D mask, which every model takes as is. Several (e.g.
+        # full and sliding-window layers): a mask per kind, which those models accept.
+        if len(self._windows) == 1:
+            masks: Any = mask(next(iter(self._windows.values())))
+        else:
+            masks = {kind: mask(window) for kind, window in self._windows.items()}
         return self._model(
             input_ids=ids,
             position_ids=positions,
-            attention_mask=dict.fromkeys(self._mask_kinds, mask),
+            attention_mask=masks,
             cache=self.cache,
             use_cache=True,
             logits_to_keep=1,

@@ -88,6 +88,9 @@ class OutputSink(Protocol):
     def put(self, outputs: list[JobOutput]) -> None: ...
 
 
+STOP_WAIT = 300.0  # a step in flight (a long prefill on a CPU) is let finish before the jobs end
+
+
 class Engine:
     thread_name = "streamq-engine"
 
@@ -111,7 +114,7 @@ class Engine:
         """Stop stepping; jobs still held end as failed ("worker_stopped")."""
         self._stopping.set()
         self._inbox.put(None)
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=STOP_WAIT)
 
     def submit(self, job: EngineJob) -> None:
         self._inbox.put(job)

@@ -106,7 +106,8 @@ class JobRunner:
     def _end_here(self, job: EngineJob, output: Any) -> str:
         """Write a job's end from this thread (through the publisher, like every other write)."""
         self._publisher.put([output])
-        job.ended.wait()
+        if not job.ended.wait(STUCK_MARGIN):
+            raise JobFailed(f"job {job.job_id}: its end could not be written")
         return self._outcome(job)
 
     def _outcome(self, job: EngineJob) -> str:

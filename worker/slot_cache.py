@@ -40,14 +40,13 @@ class SlotCache:
 
     # What the next forward pass writes.
 
-    def bind_decode(self, rows: int, positions: torch.Tensor) -> int:
-        """One new token for rows ``0..rows-1``, at ``positions`` (a long tensor). Returns the
-        number of key positions attended (``max(positions) + 1``)."""
+    def bind_decode(self, rows: int, positions: torch.Tensor, span: int) -> None:
+        """One new token for rows ``0..rows-1``, at ``positions`` (a long tensor); ``span`` is
+        ``max(positions) + 1``, the number of key positions attended."""
         self._mode, self._positions = "decode", positions
         self._rows = list(range(rows))
-        self._span = int(positions.max()) + 1
-        self.ensure(self._span)
-        return self._span
+        self._span = span
+        self.ensure(span)
 
     def bind_extend(self, row: int, start: int, count: int) -> int:
         """``count`` tokens of one row's prompt, from position ``start`` (a chunk of a long
@@ -63,6 +62,7 @@ class SlotCache:
         over the batch's own keys; the cache keeps each row's real tokens at positions 0..n-1."""
         self._mode, self._rows, self._lengths = "prefill", rows, lengths
         self._pads = [width - n for n in lengths]
+        self._span = width
         self.ensure(max(lengths))
 
     # transformers' Cache interface (the parts the attention layers and the model use).
@@ -104,11 +104,13 @@ class SlotCache:
         if length <= self.capacity:
             return
         new = min(self.max_len, -(-length // GROWTH) * GROWTH)
-        for tensors in (self.keys, self.values):
-            for i, old in enumerate(tensors):
-                grown = old.new_zeros((*old.shape[:2], new, old.shape[3]))
-                grown[:, :, : self.capacity] = old
-                tensors[i] = grown
+        grown: list[list[torch.Tensor]] = [[], []]
+        for tensors, out in zip((self.keys, self.values), grown, strict=True):
+            for old in tensors:  # all allocated before any is replaced: an OOM leaves the cache whole
+                bigger = old.new_zeros((*old.shape[:2], new, old.shape[3]))
+                bigger[:, :, : self.capacity] = old
+                out.append(bigger)
+        self.keys, self.values = grown
         self.capacity = new
 
     def move(self, source: int, target: int, length: int) -> None:
@@ -128,25 +130,37 @@ class SlotCache:
         self.values.append(like.new_zeros(shape))
 
 
-def decode_mask(positions: torch.Tensor, span: int, dtype: torch.dtype) -> torch.Tensor:
+# Masks: ``window`` is a sliding-window layer's reach (a query sees the last ``window`` keys up
+# to itself); None for full attention.
+
+
+def _causal(queries: torch.Tensor, keys: torch.Tensor, window: int | None) -> torch.Tensor:
+    allowed = keys[None, :] <= queries[:, None]
+    if window is not None:
+        allowed &= keys[None, :] > queries[:, None] - window
+    return allowed
+
+
+def decode_mask(positions: torch.Tensor, span: int, dtype: torch.dtype, window: int | None) -> torch.Tensor:
     """Additive mask ``[rows, 1, 1, span]``: row b sees key positions ``0..positions[b]``."""
     keys = torch.arange(span, device=positions.device)
-    allowed = keys[None, :] <= positions[:, None]
-    return _additive(allowed[:, None, None, :], dtype)
+    return _additive(_causal(positions, keys, window)[:, None, None, :], dtype)
 
 
-def extend_mask(start: int, count: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
+def extend_mask(start: int, count: int, dtype: torch.dtype, device: Any, window: int | None) -> torch.Tensor:
     """Additive causal mask ``[1, 1, count, start + count]`` for a chunk after ``start`` cached tokens."""
     queries = torch.arange(start, start + count, device=device)
     keys = torch.arange(start + count, device=device)
-    return _additive((keys[None, :] <= queries[:, None])[None, None], dtype)
+    return _additive(_causal(queries, keys, window)[None, None], dtype)
 
 
-def prefill_mask(pads: list[int], width: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
+def prefill_mask(
+    pads: list[int], width: int, dtype: torch.dtype, device: Any, window: int | None
+) -> torch.Tensor:
     """Additive causal mask ``[batch, 1, width, width]`` for left-padded prompts: a token sees
     the tokens of its own prompt up to itself, never the padding."""
     positions = torch.arange(width, device=device)
-    causal = positions[None, :] <= positions[:, None]
+    causal = _causal(positions, positions, window)
     starts = torch.tensor(pads, device=device)
     real = positions[None, :] >= starts[:, None]
     allowed = causal[None] & real[:, None, :]

@@ -80,6 +80,7 @@ class SlotPool:
         self._stop = threading.Event()
         self._force = threading.Event()
         self._slots: dict[int, tuple[SlotWorker, threading.Thread]] = {}
+        self._generation = 0
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self._stop.is_set():
@@ -108,12 +109,14 @@ class SlotPool:
         return 0 if healthy else 1
 
     def _start_slot(self, index: int, worker_runtime: Any) -> None:
+        # A restarted slot gets a new name: its old RQ record may not have been removed (Redis
+        # was away when it stopped), and RQ refuses a second live worker of the same name.
+        self._generation += 1
+        name = (
+            f"{self.name}.{index}" if index not in self._slots else f"{self.name}.{index}-{self._generation}"
+        )
         worker = SlotWorker(
-            None,
-            connection=self.connection,
-            settings=self.settings,
-            worker_runtime=worker_runtime,
-            name=f"{self.name}.{index}",
+            None, connection=self.connection, settings=self.settings, worker_runtime=worker_runtime, name=name
         )
         thread = threading.Thread(
             target=worker.work,

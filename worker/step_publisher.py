@@ -106,13 +106,27 @@ class StepPublisher(BackgroundThread):
             try:
                 self._write(time.monotonic(), final=self._stop.is_set())
                 backoff = 0.05
+            except redis.ResponseError as exc:  # Redis refused (e.g. out of memory): do not loop
+                log.error("Redis refused job output (%s); the jobs concerned end failed", exc)
+                self._give_up(str(exc))
             except redis.RedisError as exc:  # kept and written again once Redis answers
                 log.warning("could not write job output to Redis (%s); retrying in %.2fs", exc, backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
+    def _give_up(self, reason: str) -> None:
+        """Drop what could not be written; release the jobs that were ending (as failed)."""
+        for p in list(self._pending.values()):
+            p.text = ""
+            if p.end is not None:
+                p.job.status, p.job.error = "failed", f"could not write its end to Redis: {reason}"
+                del self._pending[p.job]
+                p.job.ended.set()
+
     def _next_due(self) -> float | None:
         """Seconds until some buffered text is due (None: nothing buffered, wait for output)."""
+        if any(p.end is not None or (p.text and p.last_write is None) for p in self._pending.values()):
+            return 0.0  # a write that failed: try again at once (after the backoff)
         due = [
             p.last_write + self._interval - time.monotonic()
             for p in self._pending.values()
