@@ -1,19 +1,76 @@
-"""Run the benchmarks: ``python -m bench [--jobs N] [--streams N]``."""
+"""Run the benchmarks: ``python -m bench [--only core|throughput|fanout] [--quick] [--tokens N]``.
+
+core: submit → first delta and the front's Redis connections (bench/core.py);
+throughput: streamq against transformers, in-process and over HTTP (bench/throughput.py);
+fanout: 1,000 SSE clients on one front, and dispatch latency when idle (bench/fanout.py).
+Every process started here is stopped before it returns, on error or interrupt too.
+"""
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import signal
 import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
 
 from bench.core import run_core
+
+PARTS = ("core", "throughput", "fanout")
+SHAPES = ("tiny", "qwen2.5-0.5b")
+
+
+def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through every finally: children are stopped
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--jobs", type=int, default=50, help="sequential jobs for the latency rows")
-    parser.add_argument("--streams", type=int, default=200, help="concurrent SSE streams for the fan-out row")
+    parser.add_argument("--only", choices=PARTS, action="append", help="run this part only (repeatable)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument(
+        "--tokens", type=int, help="new tokens per request, throughput (default 128; quick 16)"
+    )
+    parser.add_argument("--models", help=f"throughput models, comma-separated (default: {','.join(SHAPES)})")
+    parser.add_argument("--systems", default="abcd", help="throughput rows to run (default abcd)")
+    parser.add_argument("--jobs", type=int, help="core: sequential jobs for the latency rows (default 50)")
+    parser.add_argument("--streams", type=int, help="core: concurrent SSE streams (default 200)")
+    parser.add_argument("--clients", type=int, help="fanout: concurrent SSE clients (default 1000)")
+    parser.add_argument("--fanout-workers", type=int, default=1, help="fanout: synthetic worker processes")
     args = parser.parse_args()
-    run_core(jobs=args.jobs, streams=args.streams)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    parts = args.only or list(PARTS)
+    quick = args.quick
+    workdir = Path(tempfile.mkdtemp(prefix="streamq-bench-"))
+    start = time.monotonic()
+    try:
+        if "core" in parts:
+            run_core(jobs=args.jobs or (10 if quick else 50), streams=args.streams or (50 if quick else 200))
+        if "throughput" in parts:
+            from bench.throughput import run_throughput
+
+            shapes = args.models.split(",") if args.models else list(SHAPES)
+            tokens = args.tokens or (16 if quick else 128)
+            run_throughput(workdir, tokens, shapes, args.systems)
+        if "fanout" in parts:
+            from bench.fanout import run_fanout
+
+            clients = args.clients or (100 if quick else 1000)
+            tokens = 60 if quick else 200
+            run_fanout(
+                workdir,
+                clients,
+                tokens,
+                idle_jobs=20 if quick else 200,
+                window=1.5 if quick else 5.0,
+                workers=args.fanout_workers,
+            )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\n(benchmarks took {time.monotonic() - start:.0f} s)")
     return 0
 
 
