@@ -116,6 +116,10 @@ def fan_out(
     failed = 0
     errors: list[str] = []
     for out in outs:
+        if not out.exists():
+            failed += 1
+            errors.append(f"client process wrote no {out.name}")
+            continue
         data = json.loads(out.read_text())
         latencies += data["latencies"]
         failed += data["failed"]

@@ -54,10 +54,13 @@ async def run(port: int, clients: int, tokens: int) -> dict[str, list]:  # type:
     submit = asyncio.Semaphore(SUBMIT_AT_ONCE)
     opened = [0]
     latencies: list[float] = []
-    results = await asyncio.gather(
-        *(client(port, tokens, submit, opened, clients, latencies) for _ in range(clients)),
-        return_exceptions=True,
-    )
+    tasks = [
+        asyncio.create_task(client(port, tokens, submit, opened, clients, latencies)) for _ in range(clients)
+    ]
+    await asyncio.wait(tasks, timeout=tokens / 20 + 120)  # a stream that never ends counts as failed
+    for task in tasks:
+        task.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
     if opened[0] < clients:
         print("OPEN", flush=True)  # some never opened: do not keep the parent waiting
     errors = [f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)]

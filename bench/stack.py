@@ -86,10 +86,18 @@ async def _hf_client(port: int, model: str, prompt: str, tokens: int, t0: float)
     return RequestTiming(first - t0, last - t0, usage or chunks)
 
 
-def _run_clients(make: object, prompts: list[str]) -> list[RequestTiming]:
+def _run_clients(make: object, prompts: list[str], tokens: int) -> list[RequestTiming]:
+    """All clients at once; a cell that does not end in time fails rather than hangs (a job that
+    never gets its final event, say)."""
+    limit = 120 + 0.5 * tokens * len(prompts)
+
     async def all_at_once() -> list[RequestTiming]:
         t0 = time.time()
-        return list(await asyncio.gather(*(make(p, t0) for p in prompts)))  # type: ignore[operator]
+        clients = asyncio.gather(*(make(p, t0) for p in prompts))  # type: ignore[operator]
+        try:
+            return list(await asyncio.wait_for(clients, limit))
+        except TimeoutError:
+            raise TimeoutError(f"the clients did not finish within {limit:.0f} s") from None
 
     return asyncio.run(all_at_once())
 
@@ -124,9 +132,9 @@ def streamq_stack(model_dir: Path, workdir: Path) -> Iterator[tuple[int, int]]:
 
 
 def streamq_cell(port: int, worker_pid: int, prompts: list[str], tokens: int) -> Cell:
-    _run_clients(lambda p, t0: _streamq_client(port, p, 2, t0), prompts[:1])  # warm-up
+    _run_clients(lambda p, t0: _streamq_client(port, p, 2, t0), prompts[:1], 2)  # warm-up
     reset_peak_rss(worker_pid)
-    cell = Cell(_run_clients(lambda p, t0: _streamq_client(port, p, tokens, t0), prompts))
+    cell = Cell(_run_clients(lambda p, t0: _streamq_client(port, p, tokens, t0), prompts, tokens))
     cell.rss_mib = proc_status(worker_pid, "VmHWM")
     return cell
 
@@ -205,8 +213,8 @@ def hf_server(
 
 
 def hf_cell(port: int, pid: int, model: str, prompts: list[str], tokens: int) -> Cell:
-    _run_clients(lambda p, t0: _hf_client(port, model, p, 2, t0), prompts[:1])  # warm-up
+    _run_clients(lambda p, t0: _hf_client(port, model, p, 2, t0), prompts[:1], 2)  # warm-up
     reset_peak_rss(pid)
-    cell = Cell(_run_clients(lambda p, t0: _hf_client(port, model, p, tokens, t0), prompts))
+    cell = Cell(_run_clients(lambda p, t0: _hf_client(port, model, p, tokens, t0), prompts, tokens))
     cell.rss_mib = proc_status(pid, "VmHWM")
     return cell

@@ -106,6 +106,8 @@ def run_model(shape: str, model_dir: Path, workdir: Path, tokens: int, systems: 
             with streamq_stack(model_dir, workdir) as (port, pid):
                 for c in CONCURRENCY["c"]:
                     _guard(results, "c", c, lambda c=c: streamq_cell(port, pid, prompts[:c], tokens))
+                    if results.cells[("c", c)].error:
+                        break  # the stack is not serving: the rest would only wait for it
         except Exception as exc:
             for c in CONCURRENCY["c"]:
                 results.cells.setdefault(("c", c), Cell(error=f"the stack did not start: {exc}"))
@@ -117,6 +119,8 @@ def run_model(shape: str, model_dir: Path, workdir: Path, tokens: int, systems: 
                     _guard(
                         results, "d", c, lambda c=c: hf_cell(port, pid, str(model_dir), prompts[:c], tokens)
                     )
+                    if results.cells[("d", c)].error:
+                        break
         except Exception as exc:
             for c in CONCURRENCY["d"]:
                 results.cells.setdefault(("d", c), Cell(error=f"transformers serve did not start: {exc}"))
