@@ -8,9 +8,11 @@ a late writer finds it already final and leaves it.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from typing import Any
 
+from shared import keys
 from shared.schemas import JobError, JobView, Usage
 
 # Names of the events in a job's stream.
@@ -22,17 +24,51 @@ EVENT_ERROR = "error"
 EVENT_CANCELED = "canceled"
 FINAL_EVENTS: frozenset[str] = frozenset({EVENT_DONE, EVENT_ERROR, EVENT_CANCELED})
 
-# Moves a queued job to running. KEYS: job hash, events. ARGV: worker, now, maxlen, event data.
-# Returns "running", "cancel" (a cancel was asked before it started), "missing", or the
-# job's current final status.
+# Moves a queued job to running under a new run id, and gives that run the job's lease.
+# KEYS: job hash, events, lease, running set. ARGV: worker, now, maxlen, event data, run id,
+# lease ms, job id. Returns "running", "cancel" (a cancel was asked before it started),
+# "taken" (another run holds a live lease), "missing", or the job's final status.
 START_SCRIPT = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
 if status ~= 'queued' and status ~= 'running' then return status end
 if redis.call('HGET', KEYS[1], 'cancel') then return 'cancel' end
-redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'started_at', ARGV[2])
+if status == 'running' and redis.call('EXISTS', KEYS[3]) == 1 then return 'taken' end
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'run', ARGV[5])
+redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
+redis.call('ZADD', KEYS[4], ARGV[2], ARGV[7])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', 'started', 'data', ARGV[4])
 return 'running'
+"""
+
+# A running job's new output, written only by the run that holds it.
+# KEYS: job hash, events, text, tokens. ARGV: run id, maxlen, delta event data (or ""), text
+# (or ""), prompt tokens, completion tokens, then the new token ids.
+# Returns 0, 1 (a cancel was asked), or -1 (this run no longer holds the job: stop, write nothing).
+DELTA_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'run') ~= ARGV[1] then return -1 end
+if ARGV[4] ~= '' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'delta', 'data', ARGV[3])
+  redis.call('APPEND', KEYS[3], ARGV[4])
+end
+redis.call('HSET', KEYS[1], 'prompt_tokens', ARGV[5], 'completion_tokens', ARGV[6])
+if #ARGV >= 7 then
+  redis.call('RPUSH', KEYS[4], unpack(ARGV, 7))
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[4], ttl) end
+end
+if redis.call('HGET', KEYS[1], 'cancel') then return 1 end
+return 0
+"""
+
+# Renews a run's lease. KEYS: job hash, lease. ARGV: run id, lease ms. Returns 1, or 0 when the
+# run no longer holds the job (it was handed to another worker): the run must stop.
+RENEW_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'run') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return 1
 """
 
 # The start of every script that ends a job (KEYS[1..3]: job hash, events, text): it answers
@@ -48,14 +84,55 @@ local function finish(status, event, data, ttl, maxlen, first_field)
 end
 """
 
-# Writes a job's final state once. KEYS: job hash, events, text.
-# ARGV: status, event name, event data, ttl, maxlen, then field/value pairs to set.
-# Returns "ok", "missing", or the final status that was already there.
+# Writes a job's final state once, from the run that holds it (or from no run: run id "").
+# KEYS: job hash, events, text, tokens, lease, running set.
+# ARGV: status, event name, event data, ttl, maxlen, run id, job id, then field/value pairs.
+# Returns "ok", "lost" (another run holds the job), "missing", or the final status already there.
 FINISH_SCRIPT = (
     _ENDING_LUA
     + """
-finish(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], 6)
+if ARGV[6] ~= '' and redis.call('HGET', KEYS[1], 'run') ~= ARGV[6] then return 'lost' end
+finish(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], 8)
+redis.call('DEL', KEYS[4], KEYS[5])
+redis.call('ZREM', KEYS[6], ARGV[7])
 return 'ok'
+"""
+)
+
+# Hands a running job back to its queue: its worker died (no lease; run id "") or is stopping
+# (its own run id). KEYS: job hash, events, text, tokens, lease, running set.
+# ARGV: job id, maxlen, ttl, attempts allowed, event data for a failure, then the failure's
+# field/value pairs... and, last, the run id.
+# Returns "requeued", "alive" (the lease is live), "lost", "failed" (attempts used up),
+# "canceled" (a cancel was pending), "missing", or the final status already there.
+REQUEUE_SCRIPT = (
+    _ENDING_LUA
+    + """
+local run = ARGV[#ARGV]
+if status ~= 'running' then redis.call('ZREM', KEYS[6], ARGV[1]) return status end
+if run ~= '' then
+  if redis.call('HGET', KEYS[1], 'run') ~= run then return 'lost' end
+elseif redis.call('EXISTS', KEYS[5]) == 1 then return 'alive' end
+redis.call('ZREM', KEYS[6], ARGV[1])
+redis.call('DEL', KEYS[5])
+if redis.call('HGET', KEYS[1], 'cancel') then
+  redis.call('HSET', KEYS[1], 'status', 'canceled', 'finish_reason', 'canceled')
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'canceled', 'data', '{}')
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+  return 'canceled'
+end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+if run == '' and attempts >= tonumber(ARGV[4]) then
+  redis.call('HSET', KEYS[1], 'status', 'failed', unpack(ARGV, 6, #ARGV - 1))
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'error', 'data', ARGV[5])
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+  return 'failed'
+end
+redis.call('HSET', KEYS[1], 'status', 'queued')
+redis.call('HDEL', KEYS[1], 'run')
+local data = cjson.encode({requeued = true, attempt = attempts})
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'queued', 'data', data)
+return 'requeued'
 """
 )
 
@@ -85,10 +162,42 @@ def _pairs(fields: Mapping[str, Any]) -> list[Any]:
 
 
 def finish_args(
-    status: str, event: str, data: Mapping[str, Any], ttl: int, maxlen: int, fields: Mapping[str, Any]
+    status: str,
+    event: str,
+    data: Mapping[str, Any],
+    ttl: int,
+    maxlen: int,
+    fields: Mapping[str, Any],
+    run: str = "",
+    job_id: str = "",
 ) -> list[Any]:
     """ARGV for FINISH_SCRIPT."""
-    return [status, event, encode(data), ttl, maxlen, *_pairs(fields)]
+    return [status, event, encode(data), ttl, maxlen, run, job_id, *_pairs(fields)]
+
+
+def ending_keys(job_id: str) -> list[str]:
+    """KEYS for FINISH_SCRIPT and REQUEUE_SCRIPT."""
+    return [
+        keys.job(job_id),
+        keys.events(job_id),
+        keys.text(job_id),
+        keys.tokens(job_id),
+        keys.lease(job_id),
+        keys.RUNNING,
+    ]
+
+
+def requeue_args(
+    job_id: str, maxlen: int, ttl: int, attempts: int, failure: Mapping[str, Any], run: str = ""
+) -> list[Any]:
+    """ARGV for REQUEUE_SCRIPT; ``failure`` is {type, message} for a job out of attempts."""
+    fields = {
+        "finish_reason": "error",
+        "finished_at": time.time(),
+        "error_type": failure["type"],
+        "error_message": failure["message"],
+    }
+    return [job_id, maxlen, ttl, attempts, encode(failure), *_pairs(fields), run]
 
 
 def cancel_args(job_id: str, ttl: int, maxlen: int, fields: Mapping[str, Any]) -> list[Any]:

@@ -60,3 +60,24 @@ def count_requests(model: str) -> str:
 def count_reply(request_id: str) -> str:
     """List a front waits on (BLPOP) for the answer to one prompt-length question."""
     return f"{PREFIX}:count-reply:{request_id}"
+
+
+def tokens(job_id: str) -> str:
+    """List of the answer's token ids so far, kept so that another worker can continue the job."""
+    return f"{PREFIX}:tokens:{{{job_id}}}"
+
+
+def lease(job_id: str) -> str:
+    """String (the run id) that exists while a worker holds the running job; it expires unless renewed."""
+    return f"{PREFIX}:lease:{{{job_id}}}"
+
+
+# Sorted set of running jobs (member = job id, score = start time), checked by the janitor.
+RUNNING = f"{PREFIX}:running"
+# Lock that makes one janitor at a time look for jobs whose worker died.
+JANITOR_LOCK = f"{PREFIX}:janitor"
+
+
+def drained(model: str) -> str:
+    """Sorted set of the model's recently ended jobs (score = end time), for its drain rate."""
+    return f"{PREFIX}:drained:{model}"

@@ -49,6 +49,13 @@ class Settings(BaseSettings):
         30.0, ge=0, description="a stopping worker lets running jobs finish for this long"
     )
 
+    # Crash recovery: a running job's lease, renewed by its worker; the janitor requeues a job
+    # whose lease lapsed (its worker died), for another worker to continue it.
+    lease_seconds: float = Field(5.0, gt=0, description="a running job's lease lapses after this long")
+    lease_renew_seconds: float = Field(1.0, gt=0, description="how often a worker renews its leases")
+    janitor_interval: float = Field(1.0, gt=0, description="how often the janitor looks for lapsed leases")
+    max_attempts: int = Field(3, ge=1, description="runs a job may start before a lost worker fails it")
+
     # Generation limits and defaults.
     default_max_tokens: int = Field(512, ge=1)
     max_tokens_limit: int = Field(4096, ge=1)

@@ -1,16 +1,29 @@
-"""The Lua scripts that move a job's state, against a real Redis: a job ends exactly once."""
+"""The Lua scripts that move a job's state, against a real Redis: a job ends exactly once, and
+only the run that holds a job writes to it."""
 
 from __future__ import annotations
 
 import redis
 
 from shared import keys
-from shared.job_state import CANCEL_SCRIPT, FINISH_SCRIPT, START_SCRIPT, cancel_args, finish_args
+from shared.job_state import (
+    CANCEL_SCRIPT,
+    DELTA_SCRIPT,
+    FINISH_SCRIPT,
+    RENEW_SCRIPT,
+    REQUEUE_SCRIPT,
+    START_SCRIPT,
+    cancel_args,
+    ending_keys,
+    finish_args,
+    requeue_args,
+)
 from tests.processes import RedisServer
 
 
 def _new_job(r: redis.Redis, job_id: str, model: str = "m") -> list[str]:
     r.hset(keys.job(job_id), mapping={"status": "queued", "model": model})
+    r.expire(keys.job(job_id), 300)
     r.rpush(keys.rq_queue(model), job_id)
     return [keys.job(job_id), keys.events(job_id), keys.text(job_id)]
 
@@ -19,38 +32,94 @@ def _events(r: redis.Redis, job_id: str) -> list[str]:
     return [fields["event"] for _, fields in r.xrange(keys.events(job_id))]
 
 
+def _start(r: redis.Redis, job_id: str, run: str, lease_ms: int = 5000) -> str:
+    start = r.register_script(START_SCRIPT)
+    start_keys = [keys.job(job_id), keys.events(job_id), keys.lease(job_id), keys.RUNNING]
+    return str(start(keys=start_keys, args=["w1", 1.0, 100, "{}", run, lease_ms, job_id]))
+
+
+def _delta(r: redis.Redis, job_id: str, run: str, text: str, ids: list[int]) -> int:
+    delta = r.register_script(DELTA_SCRIPT)
+    job_keys = [keys.job(job_id), keys.events(job_id), keys.text(job_id), keys.tokens(job_id)]
+    return int(delta(keys=job_keys, args=[run, 100, '{"text":"x"}', text, 3, len(ids), *ids]))
+
+
 def test_a_job_ends_once_and_a_late_finish_changes_nothing(redis_server: RedisServer) -> None:
     r = redis_server.client(decode_responses=True)
     job_keys = _new_job(r, "js1")
-    start, finish = r.register_script(START_SCRIPT), r.register_script(FINISH_SCRIPT)
-    assert start(keys=job_keys[:2], args=["w1", 1.0, 100, "{}"]) == "running"
-    done = finish_args("finished", "done", {}, 60, 100, {"finish_reason": "stop"})
-    assert finish(keys=job_keys, args=done) == "ok"
-    late = finish_args("canceled", "canceled", {}, 60, 100, {"finish_reason": "canceled"})
-    assert finish(keys=job_keys, args=late) == "finished"
+    finish = r.register_script(FINISH_SCRIPT)
+    assert _start(r, "js1", "run-a") == "running"
+    assert r.zscore(keys.RUNNING, "js1") is not None and r.get(keys.lease("js1")) == "run-a"
+    done = finish_args("finished", "done", {}, 60, 100, {"finish_reason": "stop"}, "run-a", "js1")
+    assert finish(keys=ending_keys("js1"), args=done) == "ok"
+    late = finish_args("canceled", "canceled", {}, 60, 100, {"finish_reason": "canceled"}, "run-a", "js1")
+    assert finish(keys=ending_keys("js1"), args=late) == "finished"
     assert r.hget(job_keys[0], "status") == "finished" and r.hget(job_keys[0], "finish_reason") == "stop"
     assert _events(r, "js1") == ["started", "done"]
     assert all(0 < r.ttl(k) <= 60 for k in job_keys[:2])
+    assert r.zscore(keys.RUNNING, "js1") is None and not r.exists(keys.lease("js1"))
 
 
 def test_cancel_takes_a_queued_job_off_its_queue_and_flags_a_running_one(redis_server: RedisServer) -> None:
     r = redis_server.client(decode_responses=True)
-    cancel, start = r.register_script(CANCEL_SCRIPT), r.register_script(START_SCRIPT)
+    cancel = r.register_script(CANCEL_SCRIPT)
 
     queued = _new_job(r, "js2")
     assert cancel(keys=[*queued, keys.rq_queue("m")], args=cancel_args("js2", 60, 100, {})) == "ok"
     assert r.lpos(keys.rq_queue("m"), "js2") is None
     assert r.hget(queued[0], "status") == "canceled" and _events(r, "js2") == ["canceled"]
     # A worker that had already popped it finds it canceled and does not start it.
-    assert start(keys=queued[:2], args=["w1", 1.0, 100, "{}"]) == "canceled"
+    assert _start(r, "js2", "run-b") == "canceled"
 
     running = _new_job(r, "js3")
     r.lrem(keys.rq_queue("m"), 1, "js3")  # a worker took it
     assert cancel(keys=[*running, keys.rq_queue("m")], args=cancel_args("js3", 60, 100, {})) == "running"
     assert r.hget(running[0], "cancel") == "1" and r.hget(running[0], "status") == "queued"
-    assert start(keys=running[:2], args=["w1", 1.0, 100, "{}"]) == "cancel"  # it will not run
+    assert _start(r, "js3", "run-c") == "cancel"  # it will not run
 
     assert cancel(keys=[*queued, keys.rq_queue("m")], args=cancel_args("js2", 60, 100, {})) == "canceled"
     assert (
         cancel(keys=["streamq:job:{none}", "e", "t", "q"], args=cancel_args("none", 60, 100, {})) == "missing"
     )
+
+
+def test_only_the_run_holding_a_job_writes_to_it(redis_server: RedisServer) -> None:
+    r = redis_server.client(decode_responses=True)
+    _new_job(r, "js4")
+    assert _start(r, "js4", "run-old") == "running"
+    assert _delta(r, "js4", "run-old", "Hello", [11, 12]) == 0
+    assert r.lrange(keys.tokens("js4"), 0, -1) == ["11", "12"] and r.ttl(keys.tokens("js4")) > 0
+    # Its lease lapses (the worker froze); the janitor hands the job back; another run starts it.
+    r.delete(keys.lease("js4"))
+    requeue = r.register_script(REQUEUE_SCRIPT)
+    lost = {"type": "worker_lost", "message": "gone"}
+    assert requeue(keys=ending_keys("js4"), args=requeue_args("js4", 100, 60, 3, lost)) == "requeued"
+    assert r.hget(keys.job("js4"), "status") == "queued"
+    assert _start(r, "js4", "run-new") == "running" and r.hget(keys.job("js4"), "attempts") == "2"
+    # The old run wakes up: it can neither write nor renew nor finish.
+    assert _delta(r, "js4", "run-old", " stale", [99]) == -1
+    renew = r.register_script(RENEW_SCRIPT)
+    assert renew(keys=[keys.job("js4"), keys.lease("js4")], args=["run-old", 5000]) == 0
+    finish = r.register_script(FINISH_SCRIPT)
+    stale = finish_args("finished", "done", {}, 60, 100, {"finish_reason": "stop"}, "run-old", "js4")
+    assert finish(keys=ending_keys("js4"), args=stale) == "lost"
+    assert _delta(r, "js4", "run-new", " world", [13]) == 0
+    assert r.get(keys.text("js4")) == "Hello world"
+    assert r.lrange(keys.tokens("js4"), 0, -1) == ["11", "12", "13"]
+    assert _events(r, "js4") == ["started", "delta", "queued", "started", "delta"]
+
+
+def test_a_job_whose_worker_keeps_dying_fails_after_its_attempts(redis_server: RedisServer) -> None:
+    r = redis_server.client(decode_responses=True)
+    _new_job(r, "js5")
+    requeue = r.register_script(REQUEUE_SCRIPT)
+    lost = {"type": "worker_lost", "message": "its worker was lost 2 times"}
+    for attempt in (1, 2):
+        assert _start(r, "js5", f"run-{attempt}") == "running"
+        args = requeue_args("js5", 100, 60, 2, lost)
+        assert requeue(keys=ending_keys("js5"), args=args) == "alive"  # the lease is live: leave it
+        r.delete(keys.lease("js5"))
+        assert requeue(keys=ending_keys("js5"), args=args) == ("requeued" if attempt == 1 else "failed")
+    state = r.hgetall(keys.job("js5"))
+    assert (state["status"], state["error_type"]) == ("failed", "worker_lost")
+    assert _events(r, "js5")[-1] == "error" and r.zscore(keys.RUNNING, "js5") is None

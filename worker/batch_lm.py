@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from shared.limits import InvalidJobRequest
 from worker.answer_tokens import AnswerTokens
 from worker.causal_lm import CausalLMChat
 from worker.engine import EngineJob, JobOutput
@@ -66,8 +67,14 @@ class BatchedCausalLM:
         prompt = self.backend.encode(job.request.messages)
         answer = self.backend.answer(job.request, len(prompt), self.cache.max_len)
         params, generator = self.backend.sampling(job.request)
-        sequence = _Sequence(job, prompt, answer, params, generator)
         job.prompt_tokens = len(prompt)
+        if job.resume_ids:  # continue an earlier run: its tokens are replayed, their text was sent
+            for token in job.resume_ids:
+                answer.push(token)
+            job.completion_tokens = answer.completion_tokens
+            if answer.finish_reason is not None:
+                raise InvalidJobRequest("the job's earlier run had already ended its answer")
+        sequence = _Sequence(job, prompt + job.resume_ids, answer, params, generator)
         self._waiting.append(sequence)
         self._held[job] = sequence
 
@@ -198,11 +205,20 @@ class BatchedCausalLM:
             params = sequence.params
             token = best[i] if params.greedy else sample_next(logits[i], params, sequence.generator)
             answer = sequence.answer
+            before = len(answer.token_ids)
             text = answer.push(token)
             job = sequence.job
             job.completion_tokens = answer.completion_tokens
+            new_ids = tuple(answer.token_ids[before:])
             outputs.append(
-                JobOutput(job, text, job.prompt_tokens, job.completion_tokens, answer.finish_reason)
+                JobOutput(
+                    job,
+                    text,
+                    job.prompt_tokens,
+                    job.completion_tokens,
+                    answer.finish_reason,
+                    token_ids=new_ids,
+                )
             )
             if answer.finish_reason is not None:
                 finished.append(sequence)

@@ -38,8 +38,12 @@ class EngineJob:
     deadline: float  # monotonic time after which it stops with finish_reason "timeout"
     cancel: threading.Event = field(default_factory=threading.Event)
     ended: threading.Event = field(default_factory=threading.Event)  # set once its end is written
-    status: str = ""  # the final status written: finished, canceled, failed
+    model: str = ""
+    run: str = ""  # the run id that holds the job's lease (see START_SCRIPT)
+    resume_ids: list[int] = field(default_factory=list)  # tokens an earlier run generated
+    status: str = ""  # how it ended here: finished, canceled, failed, requeued (handed back), lost
     error: str = ""
+    lost: bool = False  # another run holds the job now: write nothing more for it
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_token_at: float | None = None
@@ -53,9 +57,10 @@ class JobOutput:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str | None = None  # stop, length, timeout, canceled, error
+    finish_reason: str | None = None  # stop, length, timeout, canceled, error, handback
     error_type: str = ""
     error_message: str = ""
+    token_ids: tuple[int, ...] = ()  # the tokens behind ``text`` (kept for a continuation)
 
 
 def ended(job: EngineJob, reason: str, error_type: str = "", message: str = "") -> JobOutput:
@@ -111,7 +116,7 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop stepping; jobs still held end as failed ("worker_stopped")."""
+        """Stop stepping; jobs still held are handed back to their queue, for another worker."""
         self._stopping.set()
         self._inbox.put(None)
         self._thread.join(timeout=STOP_WAIT)
@@ -125,11 +130,13 @@ class Engine:
                 self._step()
         except BaseException:
             log.exception("the engine stopped on an error")
-            raise
-        finally:
             left = list(self._jobs) + self._arrivals(0)
-            self._sink.put([ended(j, "error", "worker_stopped", "the worker stopped") for j in left])
+            self._sink.put([ended(j, "error", "worker_stopped", "the worker's engine failed") for j in left])
             self._jobs.clear()
+            raise
+        left = list(self._jobs) + self._arrivals(0)
+        self._sink.put([ended(j, "handback") for j in left])
+        self._jobs.clear()
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -183,7 +190,9 @@ class Engine:
         outputs = []
         now = time.monotonic()
         for job in list(self._jobs):
-            if job.cancel.is_set():
+            if job.lost:
+                reason = "lost"
+            elif job.cancel.is_set():
                 reason = "canceled"
             elif now >= job.deadline:
                 reason = "timeout"

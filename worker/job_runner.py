@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from typing import Any
 
 import redis
@@ -19,12 +20,15 @@ from shared.schemas import GenerationRequest
 from shared.settings import Settings
 from worker.cancel_watcher import CancelWatcher
 from worker.engine import Engine, EngineJob, ended
+from worker.leases import LeaseKeeper
 from worker.step_publisher import StepPublisher
 
 log = logging.getLogger("streamq.worker")
 
 CANCELED = "canceled"
 FINISHED = "finished"
+REQUEUED = "requeued"  # handed back to its queue by a stopping worker, for another to continue
+LOST = "lost"  # another worker holds the job now (this one was taken for dead)
 STUCK_MARGIN = 30.0  # seconds past its deadline before a job the engine never ended is failed here
 
 
@@ -47,6 +51,7 @@ class JobRunner:
         publisher: StepPublisher,
         settings: Settings,
         cancel_watcher: CancelWatcher,
+        leases: LeaseKeeper,
         worker_name: str,
     ) -> None:
         self._redis = connection
@@ -54,6 +59,7 @@ class JobRunner:
         self._publisher = publisher
         self._settings = settings
         self._cancels = cancel_watcher
+        self._leases = leases
         self._worker_name = worker_name
         self._start = connection.register_script(START_SCRIPT)
 
@@ -69,29 +75,58 @@ class JobRunner:
         created_at = float(fields["created_at"])
         started_at = time.time()
         job = EngineJob(
-            job_id, request, created_at, started_at, time.monotonic() + self._settings.job_timeout
-        )
+            job_id,
+            request,
+            created_at,
+            started_at,
+            time.monotonic() + self._settings.job_timeout,
+            model=fields.get("model", ""),
+        )  # no run yet: an end written before the job starts is not fenced
         waited = started_at - created_at
         if waited > self._settings.queue_ttl:
             limit = self._settings.queue_ttl
             message = f"the job waited {waited:.0f} s in its queue, longer than the limit of {limit} s"
             return self._end_here(job, ended(job, "error", "expired", message))
-        answer = self._start(
-            keys=[keys.job(job_id), keys.events(job_id)],
-            args=[self._worker_name, started_at, self._settings.stream_maxlen, encode({"worker": slot_name})],
+        s = self._settings
+        run = f"{slot_name}:{uuid.uuid4().hex[:12]}"
+        pipe = self._redis.pipeline(transaction=False)
+        self._start(
+            keys=[keys.job(job_id), keys.events(job_id), keys.lease(job_id), keys.RUNNING],
+            args=[
+                self._worker_name,
+                started_at,
+                s.stream_maxlen,
+                encode({"worker": slot_name, "attempt": int(fields.get("attempts") or 0) + 1}),
+                run,
+                int(s.lease_seconds * 1000),
+                job_id,
+            ],
+            client=pipe,
         )
+        pipe.lrange(keys.tokens(job_id), 0, -1)  # what an earlier run generated, if any
+        answer, resume = pipe.execute()
         answer = answer.decode() if isinstance(answer, bytes) else str(answer)
+        job.resume_ids = [int(t) for t in resume]
         if answer == "cancel":
             return self._end_here(job, ended(job, "canceled"))
         if answer != "running":
             log.info("job %s: not started, its state is %s", job_id, answer)
             return answer
-        log.info("job %s: started on %s (waited %.3fs)", job_id, slot_name, waited)
+        job.run = run
+        log.info(
+            "job %s: started on %s (waited %.3fs%s)",
+            job_id,
+            slot_name,
+            waited,
+            f", continuing after {len(job.resume_ids)} tokens" if job.resume_ids else "",
+        )
         job.cancel = self._cancels.watch(job_id)
+        self._leases.hold(job)
         try:
             self._engine.submit(job)
             self._wait(job)
         finally:
+            self._leases.release(job)
             self._cancels.unwatch(job_id)
         return self._outcome(job)
 

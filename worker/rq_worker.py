@@ -27,7 +27,7 @@ from shared import keys
 from shared.settings import Settings, load_settings
 from worker import runtime
 from worker.backend import ServedModel
-from worker.job_runner import CANCELED
+from worker.job_runner import CANCELED, LOST, REQUEUED
 from worker.model_loading import configure_threads, default_served_name, load_backend, resolve_device
 
 log = logging.getLogger("streamq.worker")
@@ -133,7 +133,17 @@ class StreamqWorker(SimpleWorker):
     def handle_job_success(
         self, job: Job, queue: Queue, started_job_registry: StartedJobRegistry, execution: Any
     ) -> None:
-        """A job that ended canceled goes to RQ's canceled registry, not the finished one."""
+        """A job that ended canceled goes to RQ's canceled registry, not the finished one; a job
+        handed back goes to the front of its queue again; a job another worker took over is left
+        to that worker."""
+        if job._result in (REQUEUED, LOST):
+            with self.connection.pipeline() as pipe:
+                self.cleanup_execution(job, pipeline=pipe, execution=execution)
+                pipe.execute()
+            if job._result == REQUEUED:
+                queue.enqueue_job(job, at_front=True)
+                log.info("job %s: handed back to its queue", job.id)
+            return
         if job._result != CANCELED:
             super().handle_job_success(job, queue, started_job_registry, execution)
             return

@@ -17,7 +17,9 @@ from worker.backend import ServedModel
 from worker.cancel_watcher import CancelWatcher
 from worker.engine import BatchModel, Engine
 from worker.heartbeat import Heartbeat
+from worker.janitor import Janitor
 from worker.job_runner import JobRunner
+from worker.leases import LeaseKeeper
 from worker.prompt_counter import PromptCounter
 from worker.step_publisher import StepPublisher
 
@@ -51,7 +53,11 @@ class WorkerRuntime:
             },
         )
         self.counter = PromptCounter(connection, backend)
-        self.runner = JobRunner(connection, self.engine, self.publisher, settings, self.cancels, worker_name)
+        self.leases = LeaseKeeper(connection, settings)
+        self.janitor = Janitor(connection, settings)
+        self.runner = JobRunner(
+            connection, self.engine, self.publisher, settings, self.cancels, self.leases, worker_name
+        )
         self._running: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -60,12 +66,17 @@ class WorkerRuntime:
         self.counter.start()
         self.publisher.start()
         self.engine.start()
+        self.leases.start()
         self.heartbeat.start()
+        self.janitor.start()
 
     def stop(self) -> None:
-        """Stop the engine (jobs it still holds fail), write what is left, leave the worker list."""
+        """Stop the engine (jobs it still holds go back to their queue), write what is left, leave
+        the worker list."""
+        self.janitor.stop()
         self.engine.stop()
         self.publisher.stop()
+        self.leases.stop()
         self.heartbeat.stop()
         self.counter.stop()
         self.cancels.stop()

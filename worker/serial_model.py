@@ -21,6 +21,11 @@ class SerialModel:
         self._steps: dict[EngineJob, Iterator[GenerationStep]] = {}
 
     def add(self, job: EngineJob) -> None:
+        if job.resume_ids:
+            raise InvalidJobRequest(
+                "this model runs through its own stream_chat, which cannot continue an answer "
+                "another worker began; the job's worker was lost"
+            )
         self._steps[job] = self.backend.generate(job.request)
 
     def remove(self, job: EngineJob) -> None:

@@ -3,10 +3,12 @@
 The engine hands over each step's outputs and goes on computing; this thread writes them.
 A job's first text is written at once (time to first token), later text at most every
 ``publish_interval_ms`` (coalesced into one ``delta`` event), and its end at once. A round
-trip carries, for every job it writes, the ``delta`` event, the text, the token counts and
-a read of the job's cancel flag; and for every job that ended, its final state (the
-FINISH_SCRIPT writes it exactly once). While one round trip is in flight the next steps'
-outputs gather, so there is never more than one round trip per engine step.
+trip carries, for every job it writes, one DELTA_SCRIPT call (the ``delta`` event, the text,
+the token ids, the counts, and a read of the job's cancel flag, all only if this run still
+holds the job); and for every job that ended, its final state (FINISH_SCRIPT writes it
+exactly once) or, for a job handed back by a stopping worker, REQUEUE_SCRIPT. While one
+round trip is in flight the next steps' outputs gather, so there is never more than one
+round trip per engine step.
 """
 
 from __future__ import annotations
@@ -14,20 +16,23 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
 from shared import keys
 from shared.job_state import (
+    DELTA_SCRIPT,
     EVENT_CANCELED,
-    EVENT_DELTA,
     EVENT_DONE,
     EVENT_ERROR,
     FINISH_SCRIPT,
+    REQUEUE_SCRIPT,
     encode,
+    ending_keys,
     finish_args,
+    requeue_args,
 )
 from shared.settings import Settings
 from worker.background import BackgroundThread
@@ -35,12 +40,20 @@ from worker.engine import EngineJob, JobOutput
 
 log = logging.getLogger("streamq.worker")
 
+DRAIN_WINDOW = 120.0  # seconds of ended jobs kept per model for its drain rate
+
+
+def job_keys(job_id: str) -> list[str]:
+    """KEYS for DELTA_SCRIPT."""
+    return [keys.job(job_id), keys.events(job_id), keys.text(job_id), keys.tokens(job_id)]
+
 
 @dataclass(eq=False)
 class _Pending:
     job: EngineJob
     text: str = ""
     end: JobOutput | None = None
+    ids: list[int] = field(default_factory=list)
     last_write: float | None = None  # monotonic
     counts_dirty: bool = False
 
@@ -84,6 +97,8 @@ class StepPublisher(BackgroundThread):
         self._maxlen = settings.stream_maxlen
         self._result_ttl = settings.result_ttl
         self._finish = connection.register_script(FINISH_SCRIPT)
+        self._delta = connection.register_script(DELTA_SCRIPT)
+        self._requeue = connection.register_script(REQUEUE_SCRIPT)
         self._inbox: queue.SimpleQueue[list[JobOutput]] = queue.SimpleQueue()
         self._pending: dict[EngineJob, _Pending] = {}
         self.round_trips = 0
@@ -143,6 +158,7 @@ class StepPublisher(BackgroundThread):
                     if pending is None:
                         pending = self._pending[output.job] = _Pending(output.job)
                     pending.text += output.text
+                    pending.ids += output.token_ids
                     pending.counts_dirty = True
                     if output.text and output.job.first_token_at is None:
                         output.job.first_token_at = time.time()
@@ -163,47 +179,62 @@ class StepPublisher(BackgroundThread):
         if not due:
             return
         pipe = self._redis.pipeline(transaction=False)
-        reads: list[tuple[int, _Pending]] = []
+        writes: list[tuple[int, _Pending]] = []
         ends: list[tuple[int, _Pending, str]] = []
         finished_at = time.time()
         for p in due:
-            job_id = p.job.job_id
-            if p.text:
-                pipe.xadd(
-                    keys.events(job_id),
-                    {"event": EVENT_DELTA, "data": encode({"text": p.text})},
-                    maxlen=self._maxlen,
-                    approximate=True,
-                )
-                pipe.append(keys.text(job_id), p.text)
-            if p.counts_dirty:
-                pipe.hset(
-                    keys.job(job_id),
-                    mapping={
-                        "prompt_tokens": p.job.prompt_tokens,
-                        "completion_tokens": p.job.completion_tokens,
-                    },
-                )
+            job = p.job
+            if job.lost:
+                continue
+            if p.text or p.ids or p.counts_dirty:
+                data = encode({"text": p.text}) if p.text else ""
+                args: list[Any] = [job.run, self._maxlen, data, p.text, job.prompt_tokens]
+                args += [job.completion_tokens, *p.ids]
+                self._delta(keys=job_keys(job.job_id), args=args, client=pipe)
+                writes.append((len(pipe), p))
             if p.end is not None:
-                status, event, data, fields = final_record(p.end, finished_at)
-                args = finish_args(status, event, data, self._result_ttl, self._maxlen, fields)
-                job_keys = [keys.job(job_id), keys.events(job_id), keys.text(job_id)]
-                self._finish(keys=job_keys, args=args, client=pipe)
+                status = self._queue_end(pipe, p.end, finished_at)
                 ends.append((len(pipe), p, status))
-            else:
-                pipe.hget(keys.job(job_id), "cancel")
-                reads.append((len(pipe), p))
-        results = pipe.execute()
+        results = pipe.execute() if len(pipe) else []
         self.round_trips += 1
         for p in due:
-            p.text, p.counts_dirty, p.last_write = "", False, now
-        for index, p in reads:
-            if results[index - 1] is not None:
+            p.text, p.ids, p.counts_dirty, p.last_write = "", [], False, now
+        for index, p in writes:
+            flag = int(results[index - 1])
+            if flag == 1:
                 p.job.cancel.set()
+            elif flag == -1:  # another run holds the job now (this worker was thought dead)
+                p.job.lost = True
+                p.job.cancel.set()
+        for p in due:
+            if p.job.lost and p.end is not None:
+                self._release(p, "lost")
         for index, p, status in ends:
-            answer = results[index - 1]
-            answer = answer.decode() if isinstance(answer, bytes) else str(answer)
-            p.job.status = status if answer == "ok" else answer
-            p.job.error = p.end.error_message if p.end is not None else ""
-            del self._pending[p.job]
-            p.job.ended.set()
+            if p.job in self._pending:
+                answer = results[index - 1]
+                answer = answer.decode() if isinstance(answer, bytes) else str(answer)
+                self._release(p, status if answer in ("ok", "requeued") else answer)
+
+    def _queue_end(self, pipe: Any, end: JobOutput, finished_at: float) -> str:
+        """Queue the script that ends the job (or hands it back); returns the status it aims for."""
+        job = end.job
+        if end.finish_reason == "handback":
+            args = requeue_args(
+                job.job_id, self._maxlen, self._result_ttl, 0, {"type": "", "message": ""}, job.run
+            )
+            self._requeue(keys=ending_keys(job.job_id), args=args, client=pipe)
+            return "requeued"
+        status, event, data, fields = final_record(end, finished_at)
+        args = finish_args(status, event, data, self._result_ttl, self._maxlen, fields, job.run, job.job_id)
+        self._finish(keys=ending_keys(job.job_id), args=args, client=pipe)
+        if job.model:  # the model's drain rate: jobs ended per second (admission control)
+            pipe.zadd(keys.drained(job.model), {job.job_id: finished_at})
+            pipe.zremrangebyscore(keys.drained(job.model), "-inf", finished_at - DRAIN_WINDOW)
+            pipe.expire(keys.drained(job.model), int(DRAIN_WINDOW) + 60)
+        return status
+
+    def _release(self, p: _Pending, status: str) -> None:
+        p.job.status = status
+        p.job.error = p.end.error_message if p.end is not None else ""
+        self._pending.pop(p.job, None)
+        p.job.ended.set()

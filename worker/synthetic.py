@@ -48,6 +48,7 @@ class SyntheticModel:
 
     def add(self, job: EngineJob) -> None:
         job.prompt_tokens = self._backend.prompt_tokens(job.request.messages)
+        job.completion_tokens = len(job.resume_ids)  # a continued job goes on from there
         self._jobs[job] = _Paced(job, time.monotonic())  # the first token comes at once
 
     def remove(self, job: EngineJob) -> None:
@@ -71,5 +72,6 @@ class SyntheticModel:
             if done:
                 del self._jobs[job]
             text = WORDS[n % len(WORDS)] + " "
-            outputs.append(JobOutput(job, text, job.prompt_tokens, n, "length" if done else None))
+            reason = "length" if done else None
+            outputs.append(JobOutput(job, text, job.prompt_tokens, n, reason, token_ids=(n,)))
         return outputs

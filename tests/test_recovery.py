@@ -1,0 +1,119 @@
+"""Crash recovery on real processes: a killed or stopped worker's job goes on elsewhere, whole."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+from rq.job import Job
+from rq.registry import StartedJobRegistry
+
+from shared import keys
+from tests.conftest import LONG_TOKENS, Stack
+from tests.processes import Service, wait_for
+from tests.sse import SSE, follow, text_of
+from tests.test_e2e_jobs import greedy_answer
+
+pytestmark = pytest.mark.e2e
+
+
+def start_workers(stack: Stack, model: str, *extra: str, env: dict[str, str] | None = None) -> list[Service]:
+    services = []
+    for name in (f"{model}-a", f"{model}-b"):
+        args = ["worker", "--model", str(stack.model_dir), "--served-name", model, "--name", name, *extra]
+        service = Service(args, {**stack.env, **(env or {})}, name, stack.logdir)
+        stack.services.append(service)
+        services.append(service)
+
+    def both_live() -> bool:
+        return httpx.get(f"{stack.url}/readyz").json()["models"].get(model, 0) == 2
+
+    wait_for(both_live, 90, f"two workers serving {model}")
+    return services
+
+
+def run_and_read(stack: Stack, model: str, prompt: str) -> tuple[dict[str, Any], list[SSE], threading.Thread]:
+    """Submit a long greedy job and read its stream on one connection, in a thread."""
+    client = httpx.Client(timeout=120)
+    job = client.post(
+        f"{stack.url}/v1/jobs",
+        json={"prompt": prompt, "model": model, "max_tokens": LONG_TOKENS, "temperature": 0},
+    ).json()
+    events: list[SSE] = []
+    reader = threading.Thread(target=lambda: events.extend(follow(client, stack.url2, job["id"])))
+    reader.start()
+    return job, events, reader
+
+
+def running_on(stack: Stack, job_id: str, min_tokens: int) -> str:
+    """The worker process running the job once it has produced ``min_tokens``."""
+    seen: dict[str, Any] = {}
+
+    def far_enough() -> bool:
+        seen.update(httpx.get(f"{stack.url}/v1/jobs/{job_id}").json())
+        return seen["status"] == "running" and seen["usage"]["completion_tokens"] >= min_tokens
+
+    wait_for(far_enough, 60, "the job to be well under way")
+    return str(seen["worker"])
+
+
+def check_rq_has_no_ghost(stack: Stack, job_id: str, model: str) -> None:
+    r = stack.redis.client()
+    assert Job.fetch(job_id, connection=r).get_status() == "finished"
+    registry = StartedJobRegistry(keys.queue_name(model), connection=r)
+    assert not [e for e in registry.get_job_ids() if e.startswith(job_id)]
+    assert r.zscore(keys.RUNNING, job_id) is None
+
+
+def test_a_killed_workers_job_continues_on_another_and_the_stream_stays_whole(
+    stack: Stack, tiny_backend: Any, long_prompts: list[str]
+) -> None:
+    model = "recover-kill"
+    workers = start_workers(stack, model, "--slots", "2")
+    prompt = long_prompts[0]
+    job, events, reader = run_and_read(stack, model, prompt)
+    slot = running_on(stack, job["id"], 100)
+    victim = next(w for w in workers if slot == w.name)
+    victim.proc.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    def moved() -> bool:
+        view = httpx.get(f"{stack.url}/v1/jobs/{job['id']}").json()
+        return view["status"] != "queued" and view["worker"] != victim.name
+
+    wait_for(moved, 30, "the job to run again")
+    assert time.monotonic() - killed_at <= 10
+    reader.join(timeout=120)
+    assert [e.event for e in events].count("started") == 2
+    assert events[-1].event == "done"
+    assert text_of(events) == greedy_answer(tiny_backend, prompt, LONG_TOKENS)  # no gap, no repeat
+    assert events[-1].data["usage"]["completion_tokens"] == LONG_TOKENS
+    check_rq_has_no_ghost(stack, job["id"], model)
+
+    def dead_worker_gone() -> bool:
+        return httpx.get(f"{stack.url}/readyz").json()["models"].get(model, 0) == 1
+
+    wait_for(dead_worker_gone, 30, "the dead worker to leave the list")
+
+
+def test_a_stopping_worker_hands_its_job_back_after_the_drain_time(
+    stack: Stack, tiny_backend: Any, long_prompts: list[str]
+) -> None:
+    model = "recover-stop"
+    workers = start_workers(stack, model, "--slots", "1", env={"STREAMQ_DRAIN_SECONDS": "0.2"})
+    prompt = long_prompts[1]
+    job, events, reader = run_and_read(stack, model, prompt)
+    slot = running_on(stack, job["id"], 100)
+    stopping = next(w for w in workers if slot == w.name)
+    stopping.stop(signal.SIGTERM)
+    assert stopping.proc.returncode == 0
+    reader.join(timeout=120)
+    assert events[-1].event == "done"
+    assert text_of(events) == greedy_answer(tiny_backend, prompt, LONG_TOKENS)
+    check_rq_has_no_ghost(stack, job["id"], model)
+    view = httpx.get(f"{stack.url}/v1/jobs/{job['id']}").json()
+    assert view["worker"] != stopping.name

@@ -1,0 +1,135 @@
+"""Finds jobs whose worker died and hands them to another; clears dead workers from the lists.
+
+Every worker process runs one; a Redis lock lets one at a time do the rounds (every
+``janitor_interval`` seconds). A running job whose lease has lapsed (its worker stopped
+renewing it: killed, frozen, cut off) is requeued at the front of its model's RQ queue with
+its attempt count, and the next worker continues it from the tokens already generated (see
+``JobRunner``); after ``max_attempts`` runs it fails with an ``error`` event saying why. RQ's
+registries follow: the dead run's entry leaves the started registry and the job is queued
+again, so ``rq info`` shows no ghost. A worker process whose heartbeat stopped is removed from
+streamq's worker list and its RQ slot workers from RQ's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+import redis
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+from rq.queue import Queue
+from rq.registry import StartedJobRegistry
+from rq.worker import Worker
+
+from shared import keys
+from shared.job_state import REQUEUE_SCRIPT, ending_keys, requeue_args
+from shared.settings import Settings
+from worker.background import BackgroundThread
+
+log = logging.getLogger("streamq.worker")
+
+
+def _names(members: Any) -> list[str]:
+    return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+
+
+class Janitor(BackgroundThread):
+    thread_name = "streamq-janitor"
+
+    def __init__(self, connection: redis.Redis, settings: Settings) -> None:
+        super().__init__()
+        self._redis = connection
+        self._settings = settings
+        self._owner = uuid.uuid4().hex
+        self._requeue = connection.register_script(REQUEUE_SCRIPT)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._settings.janitor_interval):
+            try:
+                if self._lock():
+                    self.sweep()
+            except redis.RedisError as exc:
+                log.warning("janitor: Redis error: %s", exc)
+
+    def _lock(self) -> bool:
+        """Hold the janitor lock for a few rounds (renewed while we are the holder)."""
+        ms = int(self._settings.janitor_interval * 3000)
+        if self._redis.set(keys.JANITOR_LOCK, self._owner, nx=True, px=ms):
+            return True
+        held = self._redis.get(keys.JANITOR_LOCK)
+        if held is not None and (held.decode() if isinstance(held, bytes) else held) == self._owner:
+            self._redis.pexpire(keys.JANITOR_LOCK, ms)
+            return True
+        return False
+
+    def sweep(self) -> None:
+        self.requeue_orphans()
+        self.forget_dead_workers()
+
+    def requeue_orphans(self) -> list[str]:
+        """Requeue (or fail) running jobs whose lease lapsed; returns the ids it requeued."""
+        running = _names(self._redis.zrange(keys.RUNNING, 0, -1))
+        if not running:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in running:
+            pipe.exists(keys.lease(job_id))
+        orphans = [j for j, alive in zip(running, pipe.execute(), strict=True) if not alive]
+        requeued = []
+        s = self._settings
+        for job_id in orphans:
+            failure = {
+                "type": "worker_lost",
+                "message": f"the job's worker was lost {s.max_attempts} times; it is not run again",
+            }
+            answer = self._requeue(
+                keys=ending_keys(job_id),
+                args=requeue_args(job_id, s.stream_maxlen, s.result_ttl, s.max_attempts, failure),
+            )
+            answer = answer.decode() if isinstance(answer, bytes) else str(answer)
+            if answer in ("requeued", "failed", "canceled"):  # else it ended meanwhile
+                log.warning("janitor: job %s lost its worker: %s", job_id, answer)
+            if answer == "requeued":
+                self._requeue_in_rq(job_id)
+                requeued.append(job_id)
+            elif answer in ("failed", "canceled"):
+                self._file_in_rq(job_id, answer)
+        return requeued
+
+    def _requeue_in_rq(self, job_id: str) -> None:
+        try:
+            job = Job.fetch(job_id, connection=self._redis)
+        except NoSuchJobError:
+            log.error("janitor: job %s has no RQ record left; it stays queued in streamq only", job_id)
+            return
+        queue = Queue(job.origin, connection=self._redis)
+        StartedJobRegistry(queue=queue).remove_executions(job)
+        queue.enqueue_job(job, at_front=True)
+
+    def _file_in_rq(self, job_id: str, status: str) -> None:
+        try:
+            job = Job.fetch(job_id, connection=self._redis)
+        except NoSuchJobError:
+            return
+        queue = Queue(job.origin, connection=self._redis)
+        StartedJobRegistry(queue=queue).remove_executions(job)
+        job.set_status(status)  # type: ignore[arg-type]
+
+    def forget_dead_workers(self) -> None:
+        """Drop worker processes whose heartbeat stopped, and their RQ slot workers."""
+        cutoff = time.time() - self._settings.worker_ttl
+        dead = _names(self._redis.zrangebyscore(keys.WORKERS, "-inf", cutoff))
+        if not dead:
+            return
+        for worker in Worker.all(connection=self._redis):
+            if any(worker.name == n or worker.name.startswith(f"{n}.") for n in dead):
+                worker.register_death()
+        pipe = self._redis.pipeline(transaction=True)
+        for name in dead:
+            pipe.zrem(keys.WORKERS, name)
+            pipe.delete(keys.worker(name))
+        pipe.execute()
+        log.warning("janitor: removed dead worker(s) %s", ", ".join(dead))

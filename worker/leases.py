@@ -1,0 +1,68 @@
+"""Keeps the leases of the jobs this worker process runs: renewed every ``lease_renew_seconds``.
+
+A job's lease (``keys.lease``) lapses ``lease_seconds`` after its last renewal; the janitor
+then takes the worker for dead and hands the job to another. A renewal that finds another run
+holding the job (this worker was taken for dead, e.g. it stalled longer than the lease) marks
+the job lost: the engine drops it and nothing more is written for it from here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis
+
+from shared import keys
+from shared.job_state import RENEW_SCRIPT
+from shared.settings import Settings
+from worker.background import BackgroundThread
+from worker.engine import EngineJob
+
+log = logging.getLogger("streamq.worker")
+
+
+class LeaseKeeper(BackgroundThread):
+    thread_name = "streamq-leases"
+
+    def __init__(self, connection: redis.Redis, settings: Settings) -> None:
+        super().__init__()
+        self._redis = connection
+        self._every = settings.lease_renew_seconds
+        self._lease_ms = int(settings.lease_seconds * 1000)
+        self._renew = connection.register_script(RENEW_SCRIPT)
+        self._jobs: dict[str, EngineJob] = {}
+        self._lock = threading.Lock()
+
+    def hold(self, job: EngineJob) -> None:
+        with self._lock:
+            self._jobs[job.job_id] = job
+
+    def release(self, job: EngineJob) -> None:
+        with self._lock:
+            self._jobs.pop(job.job_id, None)
+
+    def renew(self) -> None:
+        with self._lock:
+            jobs = list(self._jobs.values())
+        if not jobs:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for job in jobs:
+            self._renew(
+                keys=[keys.job(job.job_id), keys.lease(job.job_id)],
+                args=[job.run, self._lease_ms],
+                client=pipe,
+            )
+        for job, held in zip(jobs, pipe.execute(), strict=True):
+            if not int(held) and not job.lost:
+                log.warning("job %s: another worker holds it now; dropping it here", job.job_id)
+                job.lost = True
+                job.cancel.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            try:
+                self.renew()
+            except redis.RedisError as exc:
+                log.warning("could not renew job leases: %s", exc)
