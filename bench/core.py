@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -128,6 +129,7 @@ def run_core(jobs: int, streams: int) -> None:
         front.stop()
         worker.stop()
         server.close()
+        shutil.rmtree(workdir, ignore_errors=True)
 
     ms = 1000.0
     print(
