@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     lease_renew_seconds: float = Field(1.0, gt=0, description="how often a worker renews its leases")
     janitor_interval: float = Field(1.0, gt=0, description="how often the janitor looks for lapsed leases")
     max_attempts: int = Field(3, ge=1, description="runs a job may start before a lost worker fails it")
+    maintenance_interval: int = Field(
+        600, ge=1, description="how often a worker prunes RQ's registries of expired jobs (seconds)"
+    )
 
     # Generation limits and defaults.
     default_max_tokens: int = Field(512, ge=1)

@@ -116,7 +116,12 @@ class SlotPool:
             f"{self.name}.{index}" if index not in self._slots else f"{self.name}.{index}-{self._generation}"
         )
         worker = SlotWorker(
-            None, connection=self.connection, settings=self.settings, worker_runtime=worker_runtime, name=name
+            None,
+            connection=self.connection,
+            settings=self.settings,
+            worker_runtime=worker_runtime,
+            name=name,
+            maintenance_interval=self.settings.maintenance_interval,
         )
         thread = threading.Thread(
             target=worker.work,

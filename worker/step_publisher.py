@@ -14,6 +14,7 @@ round trip per engine step.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import time
 from dataclasses import dataclass, field
@@ -228,7 +229,7 @@ class StepPublisher(BackgroundThread):
         args = finish_args(status, event, data, self._result_ttl, self._maxlen, fields, job.run, job.job_id)
         self._finish(keys=ending_keys(job.job_id), args=args, client=pipe)
         if job.model:  # the model's drain rate: jobs ended per second (admission control)
-            pipe.zadd(keys.drained(job.model), {job.job_id: finished_at})
+            pipe.zadd(keys.drained(job.model), {f"{finished_at:.6f}:{os.urandom(3).hex()}": finished_at})
             pipe.zremrangebyscore(keys.drained(job.model), "-inf", finished_at - DRAIN_WINDOW)
             pipe.expire(keys.drained(job.model), int(DRAIN_WINDOW) + 60)
         return status
