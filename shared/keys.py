@@ -15,6 +15,8 @@ PREFIX = "streamq"
 CANCEL_CHANNEL = f"{PREFIX}:cancel"
 # Sorted set of live workers: member = worker name, score = last heartbeat (unix seconds).
 WORKERS = f"{PREFIX}:workers"
+# RQ's own set of the queues it has seen (members: their list keys, as rq_queue() names them).
+RQ_QUEUES = f"{RQ_KEY_PREFIX}:queues"
 
 
 def job(job_id: str) -> str:
@@ -60,3 +62,10 @@ def count_requests(model: str) -> str:
 def count_reply(request_id: str) -> str:
     """List a front waits on (BLPOP) for the answer to one prompt-length question."""
     return f"{PREFIX}:count-reply:{request_id}"
+
+
+def drained(model: str) -> str:
+    """Sorted set of the model's recently ended jobs (finished, failed or canceled): member = job
+    id, score = unix time of the end. Workers add to it and trim it to the last couple of
+    minutes; fronts read the model's drain rate off it."""
+    return f"{PREFIX}:drained:{model}"
