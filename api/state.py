@@ -30,6 +30,7 @@ CLIENT_NAME = "streamq-front"  # how the front's connections show in CLIENT LIST
 # retried, so a Redis that hangs fails it after one command timeout.
 _RETRIES = 3
 _BACKOFF = {"cap": 0.2, "base": 0.02}
+_RETRIED = (RedisConnectionError,)  # not TimeoutError (which redis-py's Retry includes by default)
 
 
 def _async_client(url: str, size: int, socket_timeout: float, settings: Settings) -> aioredis.Redis:
@@ -43,8 +44,8 @@ def _async_client(url: str, size: int, socket_timeout: float, settings: Settings
         socket_connect_timeout=settings.redis_connect_timeout,
         decode_responses=True,
         client_name=CLIENT_NAME,
-        retry=Retry(ExponentialBackoff(**_BACKOFF), retries=_RETRIES),
-        retry_on_error=[RedisConnectionError],
+        retry=Retry(ExponentialBackoff(**_BACKOFF), retries=_RETRIES, supported_errors=_RETRIED),
+        retry_on_error=list(_RETRIED),
     )
     return aioredis.Redis(connection_pool=pool)
 
@@ -79,8 +80,8 @@ class Front:
             socket_timeout=timeout,
             socket_connect_timeout=settings.redis_connect_timeout,
             client_name=CLIENT_NAME,
-            retry=SyncRetry(ExponentialBackoff(**_BACKOFF), retries=_RETRIES),
-            retry_on_error=[RedisConnectionError],
+            retry=SyncRetry(ExponentialBackoff(**_BACKOFF), retries=_RETRIES, supported_errors=_RETRIED),
+            retry_on_error=list(_RETRIED),
         )
         rq_conn = SyncRedis(connection_pool=rq_pool)
         directory = WorkerDirectory(conn, settings)
