@@ -17,6 +17,7 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.registry import CanceledJobRegistry
 
+from api.admission import Admission, DrainRates
 from api.errors import ApiError
 from api.queue_positions import QueuePositions
 from api.worker_directory import WorkerDirectory
@@ -54,6 +55,8 @@ class JobService:
         self.directory = directory
         self._cancel = connection.register_script(CANCEL_SCRIPT)
         self.positions = QueuePositions(connection, max_age=settings.position_poll_interval)
+        self.drain_rates = DrainRates(connection, settings.drain_window)
+        self.admission = Admission(connection, settings, self.drain_rates)
 
     # ----- creating -------------------------------------------------------------------------
     def generation_request(self, request: JobRequest) -> GenerationRequest:
@@ -87,6 +90,7 @@ class JobService:
         """Validate, pick the model, and create the job and its RQ job in one transaction."""
         generation = self.generation_request(request)
         model = await self.directory.resolve(request.model)
+        await self.admission.check(model)
         context_length = await self.directory.context_length(model)
         if may_not_fit(generation, context_length):
             await self._check_prompt_length(model, generation)
@@ -95,10 +99,18 @@ class JobService:
         await anyio.to_thread.run_sync(self._enqueue, job_id, model, generation, created_at)
         log.info("job %s: queued for %s", job_id, model)
         try:
-            position = await self.queued_position(job_id, model)
+            position: int | None = await self.queued_position(job_id, model)
+            wait = await self.estimated_wait(model, position)
         except RedisError:  # the job exists and will run; its place is only a nicety here
-            position = None
-        return JobView(id=job_id, model=model, status="queued", position=position, created_at=created_at)
+            position = wait = None
+        return JobView(
+            id=job_id,
+            model=model,
+            status="queued",
+            position=position,
+            estimated_wait_seconds=wait,
+            created_at=created_at,
+        )
 
     async def _check_prompt_length(self, model: str, generation: GenerationRequest) -> None:
         """Ask a worker of the model for the prompt's token count and refuse (400) a request that
@@ -182,6 +194,10 @@ class JobService:
         worker is taking it right now, so it is next (0)."""
         return await self.position(job_id, model) or 0
 
+    async def estimated_wait(self, model: str, position: int | None) -> float | None:
+        """Seconds until a queued job at ``position`` starts, at the model's drain rate (or None)."""
+        return await self.drain_rates.estimated_wait(model, position)
+
     async def find(self, job_id: str) -> JobView | None:
         if not _JOB_ID.match(job_id):
             return None
@@ -194,7 +210,10 @@ class JobService:
         position = None
         if fields["status"] == "queued":
             position = await self.queued_position(job_id, fields["model"])
-        return view_from_hash(job_id, fields, text or "", position)
+        view = view_from_hash(job_id, fields, text or "", position)
+        if position is not None:
+            view.estimated_wait_seconds = await self.estimated_wait(view.model, position)
+        return view
 
     async def last_event_id(self, job_id: str) -> str | None:
         newest = await self._redis.xrevrange(keys.events(job_id), count=1)

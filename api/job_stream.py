@@ -68,6 +68,17 @@ async def _recent_position(jobs: JobService, model: str, job_id: str, known: int
         return known
 
 
+async def _queued_event(
+    jobs: JobService, id: str | None, model: str, data: dict[str, Any], position: int | None
+) -> JobEvent:
+    """A ``queued`` event with the job's place now and the wait that place means (None if unknown)."""
+    try:
+        wait = await jobs.estimated_wait(model, position)
+    except RedisError:
+        wait = None
+    return JobEvent.of(id, EVENT_QUEUED, {**data, "position": position, "estimated_wait_seconds": wait})
+
+
 async def follow_job(
     jobs: JobService,
     hub: StreamHub,
@@ -115,7 +126,7 @@ async def follow_job(
                         if now_at != position and now_at is not None:
                             position = now_at
                             last_sent = time.monotonic()
-                            yield JobEvent.of(None, EVENT_QUEUED, {"model": model, "position": position})
+                            yield await _queued_event(jobs, None, model, {"model": model}, position)
                             continue
                     if time.monotonic() - last_sent >= ping_interval:
                         last_sent = time.monotonic()
@@ -130,7 +141,7 @@ async def follow_job(
             item = JobEvent(entry_id, fields.get("event", ""), fields.get("data") or "{}")
             if item.event == EVENT_QUEUED:  # the stored event says when; the place is told now
                 position = await _recent_position(jobs, model, job_id, position)
-                item = JobEvent.of(entry_id, EVENT_QUEUED, {**item.data, "position": position})
+                item = await _queued_event(jobs, entry_id, model, item.data, position)
             elif item.event in (EVENT_STARTED, EVENT_DELTA) or item.final:
                 waiting = False
             last_sent = time.monotonic()

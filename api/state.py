@@ -14,7 +14,6 @@ from redis import Redis as SyncRedis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry as SyncRetry
 
 from api.job_service import JobService
@@ -25,21 +24,28 @@ from shared.settings import Settings
 CLIENT_NAME = "streamq-front"  # how the front's connections show in CLIENT LIST
 
 
-def _async_client(
-    url: str, size: int, socket_timeout: float, connect_timeout: float | None = None
-) -> aioredis.Redis:
-    """A client on a bounded pool that retries a command once its connection was dropped (a
-    restarted Redis, a killed client) instead of failing the request that met the dead socket."""
+# A command that meets a dropped connection (a restarted Redis, a killed client) is retried on a
+# new one instead of failing its request. Only connection errors are retried, a few times with
+# short pauses: an unreachable Redis (refused) fails the request within ~0.1 s; a timeout is not
+# retried, so a Redis that hangs fails it after one command timeout.
+_RETRIES = 3
+_BACKOFF = {"cap": 0.2, "base": 0.02}
+_RETRIED = (RedisConnectionError,)  # not TimeoutError (which redis-py's Retry includes by default)
+
+
+def _async_client(url: str, size: int, socket_timeout: float, settings: Settings) -> aioredis.Redis:
+    """A client on a bounded pool: connections open within the connect timeout, a request waits
+    at most the command timeout for a free one, a command at most ``socket_timeout``."""
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=size,
-        timeout=connect_timeout or socket_timeout,
+        timeout=settings.redis_command_timeout,
         socket_timeout=socket_timeout,
-        socket_connect_timeout=connect_timeout or socket_timeout,
+        socket_connect_timeout=settings.redis_connect_timeout,
         decode_responses=True,
         client_name=CLIENT_NAME,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=3),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        retry=Retry(ExponentialBackoff(**_BACKOFF), retries=_RETRIES, supported_errors=_RETRIED),
+        retry_on_error=list(_RETRIED),
     )
     return aioredis.Redis(connection_pool=pool)
 
@@ -59,23 +65,23 @@ class Front:
     @classmethod
     async def open(cls, settings: Settings) -> Front:
         url = settings.redis_url_or_default()
-        timeout = settings.redis_socket_timeout
-        conn = _async_client(url, settings.redis_max_connections, timeout)
+        timeout = settings.redis_command_timeout
+        conn = _async_client(url, settings.redis_max_connections, timeout, settings)
         hub_block_ms = 10_000
         # The stream hub's reader blocks in XREAD: its own connection, with room for the block.
-        hub_conn = _async_client(url, 1, hub_block_ms / 1000 + timeout, connect_timeout=timeout)
+        hub_conn = _async_client(url, 1, hub_block_ms / 1000 + timeout, settings)
         # Prompt-count questions wait on BLPOP: their own two connections, never the shared pool's.
-        count_conn = _async_client(url, 2, settings.count_timeout + timeout, connect_timeout=timeout)
+        count_conn = _async_client(url, 2, settings.count_timeout + timeout, settings)
         # RQ is synchronous; it runs in worker threads, on its own small pool (bytes, as RQ wants).
         rq_pool = SyncBlockingPool.from_url(
             url,
             max_connections=2,
             timeout=timeout,
             socket_timeout=timeout,
-            socket_connect_timeout=timeout,
+            socket_connect_timeout=settings.redis_connect_timeout,
             client_name=CLIENT_NAME,
-            retry=SyncRetry(ExponentialBackoff(cap=0.5, base=0.02), retries=3),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            retry=SyncRetry(ExponentialBackoff(**_BACKOFF), retries=_RETRIES, supported_errors=_RETRIED),
+            retry_on_error=list(_RETRIED),
         )
         rq_conn = SyncRedis(connection_pool=rq_pool)
         directory = WorkerDirectory(conn, settings)

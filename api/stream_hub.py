@@ -140,7 +140,11 @@ class StreamHub:
                     log.exception("stream reader failed")
                 log.warning("stream reader failed (%s); retrying in %.1fs", exc, backoff)
                 self._interrupt_all(f"the job store (Redis) could not be read: {exc}")
-                await asyncio.sleep(backoff)
+                # Pause before the next read, unless a new subscription comes: it is tried at
+                # once (and told at once if Redis is still away) rather than after the pause.
+                self._changed.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
             finally:

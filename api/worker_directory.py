@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import cast
@@ -88,15 +89,32 @@ class WorkerDirectory:
         ready = bool(models) and all(expected.values())
         return ready, {**models, **expected}
 
+    async def known(self, model: str) -> bool:
+        """A model this deployment serves or has served: listed in STREAMQ_MODELS, or RQ has
+        seen its queue (a job was queued for it once)."""
+        if model in self._expected:
+            return True
+        return bool(await self._redis.sismember(keys.RQ_QUEUES, keys.rq_queue(model)))
+
     async def resolve(self, requested: str | None) -> str:
-        """The model a job goes to, or the ApiError that explains why none fits."""
+        """The model a job goes to, or the ApiError that explains why none fits: 404 for a model
+        never seen, 503 (with Retry-After) for a known one that has no live worker right now."""
         models = await self.served_models()
         if requested and requested not in models:
             models = await self.served_models(fresh=True)
         names = ", ".join(sorted(models)) or "none"
+        retry = {"Retry-After": str(math.ceil(self._ttl))}  # a new worker is live within its ttl
         if requested:
             if requested in models:
                 return requested
+            if await self.known(requested):
+                raise ApiError(
+                    503,
+                    f"model '{requested}' has no live worker right now; try again shortly",
+                    param="model",
+                    code="model_unavailable",
+                    headers=retry,
+                )
             raise ApiError(
                 404,
                 f"model '{requested}' is not served by any live worker (served: {names})",
@@ -106,7 +124,5 @@ class WorkerDirectory:
         if len(models) == 1:
             return next(iter(models))
         if not models:
-            raise ApiError(
-                503, "no worker is serving a model yet; try again shortly", headers={"Retry-After": "5"}
-            )
+            raise ApiError(503, "no worker is serving a model yet; try again shortly", headers=retry)
         raise ApiError(400, f"several models are served ({names}): name one in 'model'", param="model")

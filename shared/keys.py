@@ -15,6 +15,8 @@ PREFIX = "streamq"
 CANCEL_CHANNEL = f"{PREFIX}:cancel"
 # Sorted set of live workers: member = worker name, score = last heartbeat (unix seconds).
 WORKERS = f"{PREFIX}:workers"
+# RQ's own set of the queues it has seen (members: their list keys, as rq_queue() names them).
+RQ_QUEUES = f"{RQ_KEY_PREFIX}:queues"
 
 
 def job(job_id: str) -> str:
@@ -79,5 +81,7 @@ JANITOR_LOCK = f"{PREFIX}:janitor"
 
 
 def drained(model: str) -> str:
-    """Sorted set of the model's recently ended jobs (score = end time), for its drain rate."""
+    """Sorted set of the model's recently ended jobs (finished, failed or canceled), one entry per
+    end (score = unix time of the end; the member names no job). Workers add to it and trim it
+    to the last couple of minutes; fronts read the model's drain rate off it."""
     return f"{PREFIX}:drained:{model}"

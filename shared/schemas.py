@@ -128,6 +128,9 @@ class JobView(BaseModel):
     model: str
     status: JobStatus
     position: int | None = Field(None, description="0-based place in the model's queue while queued")
+    estimated_wait_seconds: float | None = Field(
+        None, description="while queued: (position + 1) / the model's drain rate; null when unknown"
+    )
     text: str = ""
     finish_reason: FinishReason | None = None
     usage: Usage = Field(default_factory=Usage)

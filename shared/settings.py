@@ -21,6 +21,19 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(
         5, ge=2, description="front: its shared pool (plus 1 stream reader, 2 for RQ, 2 for prompt counts)"
     )
+    redis_connect_timeout: float = Field(
+        0.5, gt=0, description="front: seconds to open a Redis connection (or wait for a free one)"
+    )
+    redis_command_timeout: float = Field(
+        1.0, gt=0, description="front: seconds before a (non-blocking) Redis command gives up"
+    )
+
+    # Admission: a model's queue holds at most this many jobs (0: unbounded); a submit beyond
+    # it is answered 429 with a Retry-After read off the model's drain rate.
+    max_queued: int = Field(1000, ge=0, description="front: most jobs waiting in one model's queue")
+    drain_window: float = Field(
+        60.0, gt=0, le=120, description="front: seconds of ended jobs the drain rate is measured over"
+    )
 
     # Models this deployment must serve (comma-separated served names): /readyz is false while
     # one of them has no live worker. Empty: ready as soon as any worker is live.

@@ -117,3 +117,17 @@ def wait_workers(url: str, count: int, timeout: float = 90) -> None:
         return r.status_code == 200 and sum(r.json()["models"].values()) >= count
 
     wait_for(enough, timeout, f"{count} live worker(s)")
+
+
+def start_synthetic_worker(
+    env: Mapping[str, str],
+    logdir: Path,
+    served_name: str,
+    name: str,
+    tokens_per_second: float = 50,
+    slots: int = 1,
+) -> Service:
+    """A worker with no model: each job "generates" max_tokens words at tokens_per_second."""
+    args = ["worker", "--backend", "synthetic", "--tokens-per-second", str(tokens_per_second)]
+    args += ["--slots", str(slots), "--served-name", served_name, "--name", name]
+    return Service(args, env, name, logdir)

@@ -30,6 +30,7 @@ from rq.queue import Queue
 
 from shared.settings import Settings
 from worker import runtime
+from worker.engine_setup import MAX_AUTO_SLOTS, SYNTHETIC_SLOTS
 from worker.rq_worker import StreamqWorker, build_runtime, load_worker_backend, served_name_of
 
 log = logging.getLogger("streamq.worker")
@@ -65,6 +66,9 @@ def worker_connection(settings: Settings) -> redis.Redis:
         settings.redis_url_or_default(),
         socket_timeout=None,  # slots block on their queue; RQ sets its own timeouts
         socket_connect_timeout=settings.redis_socket_timeout,
+        # Each slot holds one connection while it waits on the queue, and borrows another now
+        # and then (RQ's heartbeats, job bookkeeping); the engine's threads need a few more.
+        max_connections=2 * (settings.slots or max(MAX_AUTO_SLOTS, SYNTHETIC_SLOTS)) + 32,
         health_check_interval=30,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
