@@ -194,8 +194,8 @@ class StepPublisher(BackgroundThread):
                 self._delta(keys=job_keys(job.job_id), args=args, client=pipe)
                 writes.append((len(pipe), p))
             if p.end is not None:
-                status = self._queue_end(pipe, p.end, finished_at)
-                ends.append((len(pipe), p, status))
+                status, index = self._queue_end(pipe, p.end, finished_at)
+                ends.append((index, p, status))
         results = pipe.execute() if len(pipe) else []
         self.round_trips += 1
         for p in due:
@@ -216,23 +216,25 @@ class StepPublisher(BackgroundThread):
                 answer = answer.decode() if isinstance(answer, bytes) else str(answer)
                 self._release(p, status if answer in ("ok", "requeued") else answer)
 
-    def _queue_end(self, pipe: Any, end: JobOutput, finished_at: float) -> str:
-        """Queue the script that ends the job (or hands it back); returns the status it aims for."""
+    def _queue_end(self, pipe: Any, end: JobOutput, finished_at: float) -> tuple[str, int]:
+        """Queue the script that ends the job (or hands it back); returns the status it aims for
+        and the script's place in the pipeline (1-based)."""
         job = end.job
         if end.finish_reason == "handback":
             args = requeue_args(
                 job.job_id, self._maxlen, self._result_ttl, 0, {"type": "", "message": ""}, job.run
             )
             self._requeue(keys=ending_keys(job.job_id), args=args, client=pipe)
-            return "requeued"
+            return "requeued", len(pipe)
         status, event, data, fields = final_record(end, finished_at)
         args = finish_args(status, event, data, self._result_ttl, self._maxlen, fields, job.run, job.job_id)
         self._finish(keys=ending_keys(job.job_id), args=args, client=pipe)
+        index = len(pipe)
         if job.model:  # the model's drain rate: jobs ended per second (admission control)
             pipe.zadd(keys.drained(job.model), {f"{finished_at:.6f}:{os.urandom(3).hex()}": finished_at})
             pipe.zremrangebyscore(keys.drained(job.model), "-inf", finished_at - DRAIN_WINDOW)
             pipe.expire(keys.drained(job.model), int(DRAIN_WINDOW) + 60)
-        return status
+        return status, index
 
     def _release(self, p: _Pending, status: str) -> None:
         p.job.status = status
