@@ -75,6 +75,12 @@ class JobService:
         else:
             max_tokens = s.default_max_tokens
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+        for name, value, limit in (
+            ("queue_ttl", request.queue_ttl, s.queue_ttl),
+            ("timeout", request.timeout, s.job_timeout),
+        ):
+            if value is not None and value > limit:
+                raise ApiError(400, f"{name} must be at most {limit} seconds, got {value}", param=name)
         return GenerationRequest(
             messages=request.chat_messages(),
             max_tokens=max_tokens,
@@ -84,6 +90,8 @@ class JobService:
             top_k=request.top_k or 0,
             stop=stop,
             seed=request.seed,
+            queue_ttl=request.queue_ttl,
+            timeout=request.timeout,
         )
 
     async def submit(self, request: JobRequest) -> JobView:

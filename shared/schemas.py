@@ -50,6 +50,12 @@ class SamplingFields(BaseModel):
     top_k: int | None = Field(None, ge=0, strict=True, description="0 means no top-k cut")
     stop: Text | list[Text] | None = Field(None, description="text that ends the answer (not included)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, strict=True)
+    queue_ttl: int | None = Field(
+        None, ge=1, strict=True, description="seconds the job may wait in its queue (at most the server's)"
+    )
+    timeout: int | None = Field(
+        None, ge=1, strict=True, description="seconds the job may run, then it ends (finish_reason timeout)"
+    )
 
     @field_validator("stop")
     @classmethod
@@ -109,6 +115,8 @@ class GenerationRequest(BaseModel):
     top_k: int = 0
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
+    queue_ttl: int | None = None  # this job's own limits, within the server's
+    timeout: int | None = None
 
 
 class Usage(BaseModel):

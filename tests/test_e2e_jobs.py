@@ -211,6 +211,8 @@ def test_cancel_a_queued_and_a_running_job(stack: Stack, long_prompts: list[str]
         ({"prompt": "x", "top_p": 0}, 400, "top_p", "greater than 0"),
         ({"prompt": "x", "top_p": 1.01}, 400, "top_p", "less than or equal to 1"),
         ({"prompt": "x", "max_tokens": 10**6}, 400, "max_tokens", "at most"),
+        ({"prompt": "x", "timeout": 10**6}, 400, "timeout", "at most 1800 seconds"),
+        ({"prompt": "x", "queue_ttl": 0}, 400, "queue_ttl", "greater than or equal to 1"),
         ({"prompt": "x", "model": "no-such-model"}, 404, "model", "not served"),
         ({"messages": "hello"}, 400, "messages", "valid list"),
         ({"prompt": "\ud800"}, 400, "prompt", "valid Unicode"),

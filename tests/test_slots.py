@@ -97,3 +97,19 @@ def test_the_synthetic_backend_streams_paced_tokens_without_a_model(stack: Stack
     assert len(text_of(events).split()) == 20
     assert took >= 19 / 50  # paced: 20 tokens at 50 per second
     worker.stop()
+
+
+def test_a_job_past_its_own_time_limit_ends_with_finish_reason_timeout(stack: Stack) -> None:
+    worker = start_worker(
+        stack, "synthetic-2", "--backend", "synthetic", "--tokens-per-second", "20", "--served-name", "slow"
+    )
+    serving(stack, "slow")
+    with httpx.Client(timeout=60) as client:
+        body = {"prompt": "go on", "model": "slow", "max_tokens": 200, "timeout": 1}
+        job = client.post(f"{stack.url}/v1/jobs", json=body).json()
+        events = follow(client, stack.url, job["id"])
+        view = client.get(f"{stack.url}/v1/jobs/{job['id']}").json()
+    assert events[-1].event == "done" and events[-1].data["finish_reason"] == "timeout"
+    assert view["status"] == "finished" and view["finish_reason"] == "timeout"
+    assert 5 < view["usage"]["completion_tokens"] < 200 and view["text"]  # what it made in time is kept
+    worker.stop()

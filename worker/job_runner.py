@@ -79,12 +79,12 @@ class JobRunner:
             request,
             created_at,
             started_at,
-            time.monotonic() + self._settings.job_timeout,
+            time.monotonic() + (request.timeout or self._settings.job_timeout),
             model=fields.get("model", ""),
         )  # no run yet: an end written before the job starts is not fenced
         waited = started_at - created_at
-        if waited > self._settings.queue_ttl:
-            limit = self._settings.queue_ttl
+        limit = request.queue_ttl or self._settings.queue_ttl
+        if waited > limit:
             message = f"the job waited {waited:.0f} s in its queue, longer than the limit of {limit} s"
             return self._end_here(job, ended(job, "error", "expired", message))
         s = self._settings
@@ -131,7 +131,7 @@ class JobRunner:
         return self._outcome(job)
 
     def _wait(self, job: EngineJob) -> None:
-        limit = self._settings.job_timeout + STUCK_MARGIN
+        limit = (job.request.timeout or self._settings.job_timeout) + STUCK_MARGIN
         while not job.ended.wait(1.0):
             if not self._engine.alive() or time.time() - job.started_at > limit:
                 job.cancel.set()
