@@ -2,7 +2,8 @@
 
 core: submit → first delta and the front's Redis connections (bench/core.py);
 throughput: streamq against transformers, in-process and over HTTP (bench/throughput.py);
-fanout: 1,000 SSE clients on one front, and dispatch latency when idle (bench/fanout.py).
+fanout: 1,000 SSE clients on one front, and dispatch latency when idle (bench/fanout.py);
+recovery: cancel latency with 16 running jobs, and crash detection (bench/recovery.py).
 Every process started here is stopped before it returns, on error or interrupt too.
 """
 
@@ -19,7 +20,7 @@ from types import FrameType
 
 from bench.core import run_core
 
-PARTS = ("core", "throughput", "fanout")
+PARTS = ("core", "throughput", "fanout", "recovery")
 SHAPES = ("tiny", "qwen2.5-0.5b")
 
 
@@ -68,6 +69,10 @@ def main() -> int:
                 window=1.5 if quick else 5.0,
                 workers=args.fanout_workers,
             )
+        if "recovery" in parts:
+            from bench.recovery import run_recovery
+
+            run_recovery(workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"\n(benchmarks took {time.monotonic() - start:.0f} s)")

@@ -15,7 +15,6 @@ import argparse
 import json
 import resource
 import sys
-import threading
 import time
 from typing import Any
 
@@ -120,24 +119,26 @@ def run_generate(backend: Any, prompts: list[str], tokens: int) -> Cell:
 
 
 class Stamped:
-    """The engine's sink: per job, the time of every step that gave it a token, and its end."""
+    """The engine's sink (called in the engine's thread): per job, the time of every step that
+    gave it a token, and its end; stops the engine once every job has ended."""
 
     def __init__(self) -> None:
         self.times: dict[Any, list[float]] = {}
         self.tokens: dict[Any, int] = {}
         self.ended: set[Any] = set()
-        self.changed = threading.Condition()
+        self.on_all_ended: tuple[int, Any] = (0, None)
 
     def put(self, outputs: list[Any]) -> None:
         now = time.perf_counter()
-        with self.changed:
-            for out in outputs:
-                if out.completion_tokens > self.tokens.get(out.job, 0):
-                    self.times.setdefault(out.job, []).append(now)
-                    self.tokens[out.job] = out.completion_tokens
-                if out.finish_reason is not None:
-                    self.ended.add(out.job)
-            self.changed.notify_all()
+        for out in outputs:
+            if out.completion_tokens > self.tokens.get(out.job, 0):
+                self.times.setdefault(out.job, []).append(now)
+                self.tokens[out.job] = out.completion_tokens
+            if out.finish_reason is not None:
+                self.ended.add(out.job)
+        count, stop = self.on_all_ended
+        if stop is not None and len(self.ended) == count:
+            stop()
 
 
 def run_engine(backend: Any, prompts: list[str], tokens: int) -> Cell:
@@ -150,21 +151,16 @@ def run_engine(backend: Any, prompts: list[str], tokens: int) -> Cell:
     warm_up(model)
     sink = Stamped()
     engine = Engine(model, sink)
-    engine.start()
-    try:
-        now = time.time()
-        jobs = [
-            EngineJob(f"job-{i}", request(p, tokens), now, now, time.monotonic() + 3600)
-            for i, p in enumerate(prompts)
-        ]
-        t0 = time.perf_counter()
-        for job in jobs:
-            engine.submit(job)
-        with sink.changed:
-            if not sink.changed.wait_for(lambda: len(sink.ended) == len(jobs), timeout=3600):
-                raise TimeoutError("the engine did not finish its jobs")
-    finally:
-        engine.stop()
+    now = time.time()
+    jobs = [
+        EngineJob(f"job-{i}", request(p, tokens), now, now, time.monotonic() + 3600)
+        for i, p in enumerate(prompts)
+    ]
+    sink.on_all_ended = (len(jobs), engine.request_stop)
+    t0 = time.perf_counter()
+    for job in jobs:
+        engine.submit(job)
+    engine.run()  # here, in the thread that loaded the model, as a worker does
     cell = Cell()
     for job in jobs:
         times = sink.times.get(job, [])

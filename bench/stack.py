@@ -104,13 +104,12 @@ def _run_clients(make: object, prompts: list[str], tokens: int) -> list[RequestT
 
 @contextlib.contextmanager
 def streamq_stack(model_dir: Path, workdir: Path) -> Iterator[tuple[int, int]]:
-    """A private Redis, one front and one worker (16 slots, 2 torch threads, every token published
-    at once); yields (front port, worker pid) and stops all three, whatever happens."""
+    """A private Redis, one front and one worker (16 slots, 2 torch threads, default settings
+    otherwise); yields (front port, worker pid) and stops all three, whatever happens."""
     server = RedisServer()
     env = {
         "STREAMQ_REDIS_URL": server.url,
         "STREAMQ_TORCH_THREADS": TORCH_THREADS,
-        "STREAMQ_PUBLISH_INTERVAL_MS": "0",
     }
     services: list[Service] = []
     try:

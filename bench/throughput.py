@@ -8,8 +8,8 @@ prompts checked to run N tokens without an early end of sequence):
     one-at-a-time server; request i's TTFT includes the wait for requests before it;
 (b) streamq's engine in-process: ``Engine(BatchedCausalLM(slots=c))``, all c jobs at t=0;
 (c) streamq's full stack: private Redis + one front + one worker (16 slots), c HTTP clients
-    (POST /v1/jobs, then the job's SSE stream); STREAMQ_PUBLISH_INTERVAL_MS=0, so every token
-    is published as its own event;
+    (POST /v1/jobs, then the job's SSE stream), default settings: a job's first token is
+    published at once, later ones coalesced into at most one event per 40 ms;
 (d) ``transformers serve --continuous-batching`` on the same folder, c streaming clients on
     /v1/chat/completions.
 """
@@ -162,7 +162,7 @@ def print_table(all_results: list[ModelResults], tokens: int) -> None:
         "       ITL = per request (last − first token) / (tokens − 1), median over requests;\n"
         "       (a)/(b) peak RSS: ru_maxrss of a fresh process per cell; (c): the worker's VmHWM,\n"
         "       (d): the transformers serve process's VmHWM (both reset before each cell);\n"
-        "       (c) runs with STREAMQ_PUBLISH_INTERVAL_MS=0: every token is its own SSE event;\n"
+        "       (c) runs with default settings: tokens after the first are coalesced, one event per 40 ms;\n"
         "       (c) and (d) times are client receipt times; (d)'s KV cache is bounded with --cb-num-blocks."
     )
     print_ratios(all_results)

@@ -1,4 +1,5 @@
-"""A worker's helper threads (heartbeat, cancel listener, prompt counter) start and stop alike."""
+"""A worker's helper threads (heartbeat, cancel listener, prompt counter, leases, janitor) start and
+stop alike."""
 
 from __future__ import annotations
 
@@ -17,9 +18,14 @@ class BackgroundThread:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
+        """Ask the thread to stop, without waiting (so that several stop at once)."""
         self._stop.set()
-        self._thread.join(timeout=5)
+
+    def stop(self) -> None:
+        self.request_stop()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
     def _run(self) -> None:
         raise NotImplementedError

@@ -97,6 +97,11 @@ STOP_WAIT = 300.0  # a step in flight (a long prefill on a CPU) is let finish be
 
 
 class Engine:
+    """Runs in the thread that loaded the model: ``run()`` there (a worker's main thread), or
+    ``start()`` for a thread of its own. On the CPU, torch work from a second thread is slow
+    (each thread gets its own OpenMP team; measured 3x slower at 2 threads), so a worker runs
+    the engine in the thread that loaded and warmed up the model."""
+
     thread_name = "streamq-engine"
 
     def __init__(self, model: BatchModel, sink: OutputSink) -> None:
@@ -105,7 +110,8 @@ class Engine:
         self._inbox: queue.SimpleQueue[EngineJob | None] = queue.SimpleQueue()
         self._jobs: set[EngineJob] = set()
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._running = threading.Event()
+        self._thread: threading.Thread | None = None
         self.steps = 0
 
     @property
@@ -113,18 +119,27 @@ class Engine:
         return self.model.slots
 
     def start(self) -> None:
+        """Run in a thread of its own."""
+        self._running.set()
+        self._thread = threading.Thread(target=self.run, name=self.thread_name, daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop stepping; jobs still held are handed back to their queue, for another worker."""
+    def request_stop(self) -> None:
+        """Stop stepping soon; jobs still held are handed back to their queue, for another worker."""
         self._stopping.set()
         self._inbox.put(None)
-        self._thread.join(timeout=STOP_WAIT)
+
+    def stop(self) -> None:
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout=STOP_WAIT)
 
     def submit(self, job: EngineJob) -> None:
         self._inbox.put(job)
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Step until ``request_stop`` (in the calling thread)."""
+        self._running.set()
         try:
             while not self._stopping.is_set():
                 self._step()
@@ -134,12 +149,14 @@ class Engine:
             self._sink.put([ended(j, "error", "worker_stopped", "the worker's engine failed") for j in left])
             self._jobs.clear()
             raise
+        finally:
+            self._running.clear()
         left = list(self._jobs) + self._arrivals(0)
         self._sink.put([ended(j, "handback") for j in left])
         self._jobs.clear()
 
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._running.is_set()
 
     def _step(self) -> None:
         outputs: list[JobOutput] = []

@@ -61,11 +61,14 @@ class WorkerRuntime:
         self._running: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def start(self) -> None:
+    def start(self, engine_thread: bool = True) -> None:
+        """Start the helper threads, and the engine in a thread of its own unless the caller
+        runs it (``engine.run()``) in the thread that loaded the model."""
         self.cancels.start()
         self.counter.start()
         self.publisher.start()
-        self.engine.start()
+        if engine_thread:
+            self.engine.start()
         self.leases.start()
         self.heartbeat.start()
         self.janitor.start()
@@ -73,13 +76,15 @@ class WorkerRuntime:
     def stop(self) -> None:
         """Stop the engine (jobs it still holds go back to their queue), write what is left, leave
         the worker list."""
-        self.janitor.stop()
+        helpers = (self.janitor, self.counter, self.cancels)
+        for helper in helpers:
+            helper.request_stop()
         self.engine.stop()
         self.publisher.stop()
         self.leases.stop()
         self.heartbeat.stop()
-        self.counter.stop()
-        self.cancels.stop()
+        for helper in helpers:
+            helper.stop()
 
     def run_job(self, job_id: str, slot_name: str) -> str:
         with self._lock:

@@ -4,10 +4,12 @@ Each slot is an RQ worker (a ``StreamqWorker``) running in its own thread: it ta
 at a time from the model's queue and waits while the engine runs it, so RQ's registries and
 ``rq info`` show every job truthfully, and the process never takes more jobs than it has
 slots. The slot threads install no signal handlers and use no SIGALRM timer (the engine
-enforces deadlines); this main thread owns the signals:
+enforces deadlines). The main thread, which loaded the model, runs the engine and takes the
+signals; a manager thread keeps the slots going:
 
 - first SIGTERM / SIGINT: stop taking jobs, let running ones finish for ``drain_seconds``;
-- second signal, or the drain time is up: stop the engine (jobs left end as failed).
+- second signal, or the drain time is up: stop the engine; jobs still running go back to the
+  front of their queue, for another worker to continue.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from types import FrameType
@@ -34,6 +37,8 @@ from worker.engine_setup import MAX_AUTO_SLOTS, SYNTHETIC_SLOTS
 from worker.rq_worker import StreamqWorker, build_runtime, load_worker_backend, served_name_of
 
 log = logging.getLogger("streamq.worker")
+
+SWITCH_INTERVAL = 0.0005  # seconds
 
 
 class SlotWorker(StreamqWorker):
@@ -98,19 +103,50 @@ class SlotPool:
         served = served_name_of(self.settings)
         backend = load_worker_backend(self.settings, served)
         worker_runtime = build_runtime(self.settings, self.connection, self.name, backend)
-        worker_runtime.start()
+        worker_runtime.start(engine_thread=False)  # the engine runs here, where the model was loaded
+        # The engine holds the GIL between torch calls; hand it over more often than Python's
+        # default 5 ms, so that slot threads take new jobs (and the publisher writes) promptly.
+        sys.setswitchinterval(SWITCH_INTERVAL)
         runtime.install(worker_runtime)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         slots = worker_runtime.engine.slots
         log.info("worker %s serves %s on %s with %d slots", self.name, served, backend.device, slots)
+        for index in range(slots):
+            self._start_slot(index, worker_runtime)
+        manager = threading.Thread(
+            target=self._manage, args=(worker_runtime,), name="streamq-slots", daemon=True
+        )
+        manager.start()
+        healthy = True
         try:
-            for index in range(slots):
-                self._start_slot(index, worker_runtime)
-            healthy = self._supervise(worker_runtime)
+            worker_runtime.engine.run()
+        except Exception:
+            healthy = False  # logged by the engine; the process exits non-zero for its supervisor
         finally:
-            self._shut_down(worker_runtime)
+            self._stop.set()
+            manager.join(timeout=self.settings.drain_seconds + 10)
+            worker_runtime.stop()  # what is left is written; the worker leaves the lists
+            for _worker, thread in self._slots.values():
+                thread.join(timeout=5)
+            runtime.install(None)
         return 0 if healthy else 1
+
+    def _manage(self, worker_runtime: Any) -> None:
+        """Keep the slots running until a stop; then drain and stop the engine."""
+        try:
+            self._supervise(worker_runtime)
+        finally:
+            for worker, _thread in self._slots.values():
+                worker._stop_requested = True
+            deadline = time.monotonic() + self.settings.drain_seconds
+            while (
+                any(t.is_alive() for _w, t in self._slots.values())
+                and time.monotonic() < deadline
+                and not self._force.is_set()
+            ):
+                time.sleep(0.1)
+            worker_runtime.engine.request_stop()  # jobs still running go back to their queue
 
     def _start_slot(self, index: int, worker_runtime: Any) -> None:
         # A restarted slot gets a new name: its old RQ record may not have been removed (Redis
@@ -136,13 +172,9 @@ class SlotPool:
         self._slots[index] = (worker, thread)
         thread.start()
 
-    def _supervise(self, worker_runtime: Any) -> bool:
-        """Wait for a stop; restart a slot whose RQ loop ended on its own (e.g. Redis went away).
-        False when the engine died: the process exits non-zero, for its supervisor to restart."""
+    def _supervise(self, worker_runtime: Any) -> None:
+        """Wait for a stop; restart a slot whose RQ loop ended on its own (e.g. Redis went away)."""
         while not self._stop.wait(0.5):
-            if not worker_runtime.engine.alive():
-                log.error("the engine stopped; the worker exits")
-                return False
             for index, (_worker, thread) in list(self._slots.items()):
                 if thread.is_alive():
                     continue
@@ -153,20 +185,4 @@ class SlotPool:
                     time.sleep(1.0)
                     self._start_slot(index, worker_runtime)
             if self.burst and not self._slots:
-                return True
-        return True
-
-    def _shut_down(self, worker_runtime: Any) -> None:
-        for worker, _thread in self._slots.values():
-            worker._stop_requested = True
-        deadline = time.monotonic() + self.settings.drain_seconds
-        while (
-            any(t.is_alive() for _w, t in self._slots.values())
-            and time.monotonic() < deadline
-            and not self._force.is_set()
-        ):
-            time.sleep(0.1)
-        worker_runtime.stop()  # jobs still running end as failed ("worker_stopped")
-        for _worker, thread in self._slots.values():
-            thread.join(timeout=5)
-        runtime.install(None)
+                return
