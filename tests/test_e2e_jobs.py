@@ -121,10 +121,12 @@ def cancel_all(client: httpx.Client, url: str, jobs: list[dict[str, Any]]) -> No
 
 def test_queue_position_goes_down_while_waiting(stack: Stack, long_prompts: list[str]) -> None:
     with httpx.Client(timeout=60) as client:
-        # Keep every slot of both workers busy, then queue three more behind them.
+        # Keep every slot of both workers busy with jobs of different lengths (so that they end
+        # one after another, not together), then queue three more behind them.
+        lengths = [LONG_TOKENS - 350 * i for i in range(STACK_CAPACITY)] + [LONG_TOKENS] * 3
         jobs = [
-            submit(client, stack.url, prompt=long_prompts[i % 3], max_tokens=LONG_TOKENS, temperature=0)
-            for i in range(STACK_CAPACITY + 3)
+            submit(client, stack.url, prompt=long_prompts[i % 3], max_tokens=n, temperature=0)
+            for i, n in enumerate(lengths)
         ]
         last = jobs[-1]
         assert last["position"] is not None and last["position"] >= 1
