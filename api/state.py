@@ -34,12 +34,13 @@ _RETRIED = (RedisConnectionError,)  # not TimeoutError (which redis-py's Retry i
 
 
 def _async_client(url: str, size: int, socket_timeout: float, settings: Settings) -> aioredis.Redis:
-    """A client on a bounded pool: connections open within the connect timeout, a request waits
-    at most the command timeout for a free one, a command at most ``socket_timeout``."""
+    """A client on a bounded pool: connections open within the connect timeout, a command takes
+    at most ``socket_timeout``, and under load a request queues for a free connection for up to
+    the pool timeout (when Redis is down, connections fail at once and free their place)."""
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=size,
-        timeout=settings.redis_command_timeout,
+        timeout=settings.redis_pool_timeout,
         socket_timeout=socket_timeout,
         socket_connect_timeout=settings.redis_connect_timeout,
         decode_responses=True,

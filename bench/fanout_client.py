@@ -1,7 +1,7 @@
 """Load for the fan-out table: ``python -m bench.fanout_client --port P --clients N --tokens T --out F``.
 
 Each client submits its own job (POST /v1/jobs), then reads the job's SSE stream to its end.
-Per delta it records the delivery latency: receipt time - the event's Redis stream entry id
+Per delta it records (publish time, delivery latency): receipt time - the event's Redis stream entry id
 time (Redis stamps the id when the worker publishes; same machine, same clock; the id has
 millisecond resolution). Only events published after the stream opened count (earlier ones
 are a replay of the stream's history, not a delivery). Prints "OPEN" once every stream is open,
@@ -19,11 +19,16 @@ import time
 from bench.http_client import post_json, stream_lines
 
 HOST = "127.0.0.1"
-SUBMIT_AT_ONCE = 32
+SUBMIT_AT_ONCE = 16
 
 
 async def client(
-    port: int, tokens: int, submit: asyncio.Semaphore, opened: list[int], total: int, latencies: list[float]
+    port: int,
+    tokens: int,
+    submit: asyncio.Semaphore,
+    opened: list[int],
+    total: int,
+    latencies: list[tuple[float, float]],
 ) -> None:
     async with submit:
         body = {"prompt": "fan-out", "max_tokens": tokens, "model": "synthetic"}
@@ -45,7 +50,7 @@ async def client(
             if event == "delta":
                 published = int(event_id.split("-")[0]) / 1000
                 if published >= open_at - 0.001:
-                    latencies.append(now - published)
+                    latencies.append((published, now - published))
             elif event in ("done", "error", "canceled"):
                 return
 
@@ -53,7 +58,7 @@ async def client(
 async def run(port: int, clients: int, tokens: int) -> dict[str, list]:  # type: ignore[type-arg]
     submit = asyncio.Semaphore(SUBMIT_AT_ONCE)
     opened = [0]
-    latencies: list[float] = []
+    latencies: list[tuple[float, float]] = []
     tasks = [
         asyncio.create_task(client(port, tokens, submit, opened, clients, latencies)) for _ in range(clients)
     ]
@@ -64,7 +69,8 @@ async def run(port: int, clients: int, tokens: int) -> dict[str, list]:  # type:
     if opened[0] < clients:
         print("OPEN", flush=True)  # some never opened: do not keep the parent waiting
     errors = [f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)]
-    return {"latencies": [round(x, 6) for x in latencies], "errors": errors[:20], "failed": len(errors)}
+    pairs = [[round(p, 3), round(x, 6)] for p, x in latencies]
+    return {"latencies": pairs, "errors": errors[:20], "failed": len(errors)}
 
 
 def main() -> int:

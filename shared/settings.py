@@ -21,8 +21,9 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(
         5, ge=2, description="front: its shared pool (plus 1 stream reader, 2 for RQ, 2 for prompt counts)"
     )
-    redis_connect_timeout: float = Field(
-        0.5, gt=0, description="front: seconds to open a Redis connection (or wait for a free one)"
+    redis_connect_timeout: float = Field(0.5, gt=0, description="front: seconds to open a Redis connection")
+    redis_pool_timeout: float = Field(
+        5.0, gt=0, description="front: seconds a request waits for a free pooled connection (under load)"
     )
     redis_command_timeout: float = Field(
         1.0, gt=0, description="front: seconds before a (non-blocking) Redis command gives up"

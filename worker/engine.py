@@ -143,17 +143,17 @@ class Engine:
         try:
             while not self._stopping.is_set():
                 self._step()
+            left = list(self._jobs) + self._arrivals(0)
+            self._sink.put([ended(j, "handback") for j in left])
+            self._jobs.clear()
         except BaseException:
             log.exception("the engine stopped on an error")
             left = list(self._jobs) + self._arrivals(0)
             self._sink.put([ended(j, "error", "worker_stopped", "the worker's engine failed") for j in left])
             self._jobs.clear()
             raise
-        finally:
+        finally:  # after the jobs' ends are handed over: a slot that sees this waits for them
             self._running.clear()
-        left = list(self._jobs) + self._arrivals(0)
-        self._sink.put([ended(j, "handback") for j in left])
-        self._jobs.clear()
 
     def alive(self) -> bool:
         return self._running.is_set()

@@ -133,7 +133,8 @@ class JobRunner:
     def _wait(self, job: EngineJob) -> None:
         limit = (job.request.timeout or self._settings.job_timeout) + STUCK_MARGIN
         while not job.ended.wait(1.0):
-            if not self._engine.alive() or time.time() - job.started_at > limit:
+            stopped = not self._engine.alive() and not job.ended.wait(STUCK_MARGIN)
+            if stopped or time.time() - job.started_at > limit:
                 job.cancel.set()
                 self._end_here(job, ended(job, "error", "generation_error", "the engine stopped"))
                 return

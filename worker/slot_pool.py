@@ -39,6 +39,7 @@ from worker.rq_worker import StreamqWorker, build_runtime, load_worker_backend, 
 log = logging.getLogger("streamq.worker")
 
 SWITCH_INTERVAL = 0.0005  # seconds
+IDLE_POLL = 5  # seconds an idle slot blocks on its queue before looking at a stop request
 
 
 class SlotWorker(StreamqWorker):
@@ -56,11 +57,13 @@ class SlotWorker(StreamqWorker):
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
     ) -> tuple[Job, Queue] | None:
-        """RQ's dequeue, in one-second waits, so that a stop request is seen while idle."""
+        """RQ's dequeue, in waits of IDLE_POLL seconds, so that a stop request is seen while idle
+        (each wait costs an idle slot a few Redis commands: with hundreds of slots, waits of a
+        second kept the process busy enough to slow its own job dispatch)."""
         if timeout is None:  # burst: one look at the queue
             return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
         while not self._stop_requested:
-            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=1)
+            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=IDLE_POLL)
             if result is not None:
                 return result
         raise StopRequested()

@@ -163,8 +163,8 @@ class StepPublisher(BackgroundThread):
                     pending.counts_dirty = True
                     if output.text and output.job.first_token_at is None:
                         output.job.first_token_at = time.time()
-                    if output.finish_reason is not None:
-                        pending.end = output
+                    if output.finish_reason is not None and pending.end is None:
+                        pending.end = output  # the first end stands
                 batch = self._inbox.get_nowait()
         except queue.Empty:
             pass
