@@ -97,7 +97,7 @@ def fan_out(
         ramp_start = time.monotonic()
         all_open = all(_wait_line(p, 120) for p in procs)
         ramp = time.monotonic() - ramp_start
-        steady_from = time.time()  # every stream is open from here on
+        steady_from = time.time()  # every stream has opened (the earliest jobs may have ended)
         cpu0, t0 = cpu_seconds(front_pid), time.monotonic()
         time.sleep(window / 2)
         r = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -193,9 +193,9 @@ def print_fanout(
         print(f"{name:<58}{value:>12}{target:>10}   {verdict}")
 
     p50, p99 = float(load["p50"]), float(load["p99"])
-    row("delivery latency p50, every stream open (ms)", ms(p50))
-    row("delivery latency p99, every stream open (ms)", ms(p99), "≤ 50", p99 <= 0.050)
-    row("deltas measured while every stream was open", str(load["deltas"]))
+    row("delivery latency p50, after the ramp (ms)", ms(p50))
+    row("delivery latency p99, after the ramp (ms)", ms(p99), "≤ 50", p99 <= 0.050)
+    row("deltas measured after the ramp", str(load["deltas"]))
     row("delivery latency p99 during the ramp, with the submits (ms)", ms(float(load["ramp_p99"])))
     row("clients failed", str(load["failed"]), "0", load["failed"] == 0)
     row("ramp: first POST → every stream open (s)", f"{float(load['ramp']):.1f}")
