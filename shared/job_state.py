@@ -49,6 +49,7 @@ return 'running'
 # Returns 0, 1 (a cancel was asked), or -1 (this run no longer holds the job: stop, write nothing).
 DELTA_SCRIPT = """
 if redis.call('HGET', KEYS[1], 'run') ~= ARGV[1] then return -1 end
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return -1 end
 if ARGV[4] ~= '' then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'delta', 'data', ARGV[3])
   redis.call('APPEND', KEYS[3], ARGV[4])
@@ -112,6 +113,7 @@ local run = ARGV[#ARGV]
 if status ~= 'running' then redis.call('ZREM', KEYS[6], ARGV[1]) return status end
 if run ~= '' then
   if redis.call('HGET', KEYS[1], 'run') ~= run then return 'lost' end
+  redis.call('HINCRBY', KEYS[1], 'attempts', -1)  -- a handback is not a lost attempt
 elseif redis.call('EXISTS', KEYS[5]) == 1 then return 'alive' end
 redis.call('ZREM', KEYS[6], ARGV[1])
 redis.call('DEL', KEYS[5])

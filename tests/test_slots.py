@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+from rq.job import Job
 from rq.worker import Worker
 
 from shared import keys
@@ -112,4 +113,34 @@ def test_a_job_past_its_own_time_limit_ends_with_finish_reason_timeout(stack: St
     assert events[-1].event == "done" and events[-1].data["finish_reason"] == "timeout"
     assert view["status"] == "finished" and view["finish_reason"] == "timeout"
     assert 5 < view["usage"]["completion_tokens"] < 200 and view["text"]  # what it made in time is kept
+    worker.stop()
+
+
+def test_a_job_that_waited_past_its_queue_ttl_fails_as_expired_in_streamq_and_rq(stack: Stack) -> None:
+    worker = start_worker(
+        stack,
+        "synthetic-3",
+        "--backend",
+        "synthetic",
+        "--tokens-per-second",
+        "20",
+        "--slots",
+        "1",
+        "--served-name",
+        "busy",
+    )
+    serving(stack, "busy")
+    with httpx.Client(timeout=60) as client:
+        first = client.post(f"{stack.url}/v1/jobs", json={"prompt": "a", "model": "busy", "max_tokens": 50})
+        late = client.post(
+            f"{stack.url}/v1/jobs", json={"prompt": "b", "model": "busy", "max_tokens": 5, "queue_ttl": 1}
+        ).json()
+        events = follow(client, stack.url, late["id"])
+        view = client.get(f"{stack.url}/v1/jobs/{late['id']}").json()
+        assert follow(client, stack.url, first.json()["id"])[-1].event == "done"
+    assert events[-1].event == "error" and events[-1].data["type"] == "expired"
+    assert view["status"] == "failed" and view["error"]["type"] == "expired"
+    wait_for(
+        lambda: Job.fetch(late["id"], connection=stack.redis.client()).get_status() == "failed", 10, "RQ"
+    )
     worker.stop()

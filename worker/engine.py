@@ -158,6 +158,9 @@ class Engine:
     def alive(self) -> bool:
         return self._running.is_set()
 
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
     def _step(self) -> None:
         outputs: list[JobOutput] = []
         wait = self.model.ready_in()

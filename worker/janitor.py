@@ -85,6 +85,10 @@ class Janitor(BackgroundThread):
                 "type": "worker_lost",
                 "message": f"the job's worker was lost {s.max_attempts} times; it is not run again",
             }
+            # Into RQ's queue first, then the state: should this process die in between, the job
+            # is at worst queued twice (a worker that finds it running under a live lease leaves
+            # it), never left queued in streamq with nothing in RQ to run it.
+            self._requeue_in_rq(job_id)
             answer = self._requeue(
                 keys=ending_keys(job_id),
                 args=requeue_args(job_id, s.stream_maxlen, s.result_ttl, s.max_attempts, failure),
@@ -93,10 +97,7 @@ class Janitor(BackgroundThread):
             if answer in ("requeued", "failed", "canceled"):  # else it ended meanwhile
                 log.warning("janitor: job %s lost its worker: %s", job_id, answer)
             if answer == "requeued":
-                self._requeue_in_rq(job_id)
                 requeued.append(job_id)
-            elif answer in ("failed", "canceled"):
-                self._file_in_rq(job_id, answer)
         return requeued
 
     def _requeue_in_rq(self, job_id: str) -> None:
@@ -108,15 +109,6 @@ class Janitor(BackgroundThread):
         queue = Queue(job.origin, connection=self._redis)
         StartedJobRegistry(queue=queue).remove_executions(job)
         queue.enqueue_job(job, at_front=True)
-
-    def _file_in_rq(self, job_id: str, status: str) -> None:
-        try:
-            job = Job.fetch(job_id, connection=self._redis)
-        except NoSuchJobError:
-            return
-        queue = Queue(job.origin, connection=self._redis)
-        StartedJobRegistry(queue=queue).remove_executions(job)
-        job.set_status(status)  # type: ignore[arg-type]
 
     def forget_dead_workers(self) -> None:
         """Drop worker processes whose heartbeat stopped, and their RQ slot workers."""

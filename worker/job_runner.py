@@ -84,7 +84,10 @@ class JobRunner:
         )  # no run yet: an end written before the job starts is not fenced
         waited = started_at - created_at
         limit = request.queue_ttl or self._settings.queue_ttl
-        if waited > limit:
+        if self._engine.stopping():  # taken just as this worker stops: back to the queue, untouched
+            return REQUEUED
+        first_run = not int(fields.get("attempts") or 0)  # a continued job was not waiting all along
+        if first_run and waited > limit:
             message = f"the job waited {waited:.0f} s in its queue, longer than the limit of {limit} s"
             return self._end_here(job, ended(job, "error", "expired", message))
         s = self._settings
@@ -109,6 +112,10 @@ class JobRunner:
         job.resume_ids = [int(t) for t in resume]
         if answer == "cancel":
             return self._end_here(job, ended(job, "canceled"))
+        if answer == "taken":  # another worker holds it (a duplicate delivery): leave it to that one
+            return LOST
+        if answer == "failed":
+            raise JobFailed(f"job {job_id} had already failed")
         if answer != "running":
             log.info("job %s: not started, its state is %s", job_id, answer)
             return answer

@@ -133,7 +133,7 @@ class StepPublisher(BackgroundThread):
     def _give_up(self, reason: str) -> None:
         """Drop what could not be written; release the jobs that were ending (as failed)."""
         for p in list(self._pending.values()):
-            p.text = ""
+            p.text, p.ids, p.counts_dirty = "", [], False
             if p.end is not None:
                 p.job.status, p.job.error = "failed", f"could not write its end to Redis: {reason}"
                 del self._pending[p.job]
@@ -187,7 +187,7 @@ class StepPublisher(BackgroundThread):
             job = p.job
             if job.lost:
                 continue
-            if p.text or p.ids or p.counts_dirty:
+            if job.run and (p.text or p.ids or p.counts_dirty):  # only a started run writes output
                 data = encode({"text": p.text}) if p.text else ""
                 args: list[Any] = [job.run, self._maxlen, data, p.text, job.prompt_tokens]
                 args += [job.completion_tokens, *p.ids]
