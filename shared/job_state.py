@@ -43,22 +43,26 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', 'started', 'da
 return 'running'
 """
 
-# A running job's new output, written only by the run that holds it.
+# A running job's new output, written only by the run that holds it, and only once: ARGV[7] is
+# how many token ids the job had stored before this write, so a round trip that is sent again
+# (its reply was lost) finds them already there and writes nothing twice.
 # KEYS: job hash, events, text, tokens. ARGV: run id, maxlen, delta event data (or ""), text
-# (or ""), prompt tokens, completion tokens, then the new token ids.
+# (or ""), prompt tokens, completion tokens, token ids stored before, then the new token ids.
 # Returns 0, 1 (a cancel was asked), or -1 (this run no longer holds the job: stop, write nothing).
 DELTA_SCRIPT = """
 if redis.call('HGET', KEYS[1], 'run') ~= ARGV[1] then return -1 end
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return -1 end
-if ARGV[4] ~= '' then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'delta', 'data', ARGV[3])
-  redis.call('APPEND', KEYS[3], ARGV[4])
-end
-redis.call('HSET', KEYS[1], 'prompt_tokens', ARGV[5], 'completion_tokens', ARGV[6])
-if #ARGV >= 7 then
-  redis.call('RPUSH', KEYS[4], unpack(ARGV, 7))
-  local ttl = redis.call('PTTL', KEYS[1])
-  if ttl > 0 then redis.call('PEXPIRE', KEYS[4], ttl) end
+if redis.call('LLEN', KEYS[4]) == tonumber(ARGV[7]) then
+  if ARGV[4] ~= '' then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'delta', 'data', ARGV[3])
+    redis.call('APPEND', KEYS[3], ARGV[4])
+  end
+  redis.call('HSET', KEYS[1], 'prompt_tokens', ARGV[5], 'completion_tokens', ARGV[6])
+  if #ARGV >= 8 then
+    redis.call('RPUSH', KEYS[4], unpack(ARGV, 8))
+    local ttl = redis.call('PTTL', KEYS[1])
+    if ttl > 0 then redis.call('PEXPIRE', KEYS[4], ttl) end
+  end
 end
 if redis.call('HGET', KEYS[1], 'cancel') then return 1 end
 return 0

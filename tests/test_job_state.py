@@ -38,10 +38,13 @@ def _start(r: redis.Redis, job_id: str, run: str, lease_ms: int = 5000) -> str:
     return str(start(keys=start_keys, args=["w1", 1.0, 100, "{}", run, lease_ms, job_id]))
 
 
-def _delta(r: redis.Redis, job_id: str, run: str, text: str, ids: list[int]) -> int:
+def _delta(
+    r: redis.Redis, job_id: str, run: str, text: str, ids: list[int], stored: int | None = None
+) -> int:
     delta = r.register_script(DELTA_SCRIPT)
     job_keys = [keys.job(job_id), keys.events(job_id), keys.text(job_id), keys.tokens(job_id)]
-    return int(delta(keys=job_keys, args=[run, 100, '{"text":"x"}', text, 3, len(ids), *ids]))
+    before = r.llen(keys.tokens(job_id)) if stored is None else stored
+    return int(delta(keys=job_keys, args=[run, 100, '{"text":"x"}', text, 3, len(ids), before, *ids]))
 
 
 def test_a_job_ends_once_and_a_late_finish_changes_nothing(redis_server: RedisServer) -> None:
@@ -123,3 +126,16 @@ def test_a_job_whose_worker_keeps_dying_fails_after_its_attempts(redis_server: R
     state = r.hgetall(keys.job("js5"))
     assert (state["status"], state["error_type"]) == ("failed", "worker_lost")
     assert _events(r, "js5")[-1] == "error" and r.zscore(keys.RUNNING, "js5") is None
+
+
+def test_an_output_write_sent_twice_is_applied_once(redis_server: RedisServer) -> None:
+    # A round trip whose reply was lost is sent again (redis-py retries on a dropped connection).
+    r = redis_server.client(decode_responses=True)
+    _new_job(r, "js6")
+    assert _start(r, "js6", "run-a") == "running"
+    assert _delta(r, "js6", "run-a", "Hel", [1, 2], stored=0) == 0
+    assert _delta(r, "js6", "run-a", "Hel", [1, 2], stored=0) == 0  # the same write again
+    assert _delta(r, "js6", "run-a", "lo", [3], stored=2) == 0
+    assert r.get(keys.text("js6")) == "Hello"
+    assert r.lrange(keys.tokens("js6"), 0, -1) == ["1", "2", "3"]
+    assert _events(r, "js6") == ["started", "delta", "delta"]

@@ -55,6 +55,7 @@ class _Pending:
     text: str = ""
     end: JobOutput | None = None
     ids: list[int] = field(default_factory=list)
+    stored: int = 0  # token ids of the job already in Redis (see DELTA_SCRIPT)
     last_write: float | None = None  # monotonic
     counts_dirty: bool = False
 
@@ -157,7 +158,8 @@ class StepPublisher(BackgroundThread):
                 for output in batch:
                     pending = self._pending.get(output.job)
                     if pending is None:
-                        pending = self._pending[output.job] = _Pending(output.job)
+                        pending = _Pending(output.job, stored=len(output.job.resume_ids))
+                        self._pending[output.job] = pending
                     pending.text += output.text
                     pending.ids += output.token_ids
                     pending.counts_dirty = True
@@ -190,7 +192,7 @@ class StepPublisher(BackgroundThread):
             if job.run and (p.text or p.ids or p.counts_dirty):  # only a started run writes output
                 data = encode({"text": p.text}) if p.text else ""
                 args: list[Any] = [job.run, self._maxlen, data, p.text, job.prompt_tokens]
-                args += [job.completion_tokens, *p.ids]
+                args += [job.completion_tokens, p.stored, *p.ids]
                 self._delta(keys=job_keys(job.job_id), args=args, client=pipe)
                 writes.append((len(pipe), p))
             if p.end is not None:
@@ -198,6 +200,8 @@ class StepPublisher(BackgroundThread):
                 ends.append((index, p, status))
         results = pipe.execute() if len(pipe) else []
         self.round_trips += 1
+        for _index, p in writes:  # their ids are in Redis now (written by this or an earlier try)
+            p.stored += len(p.ids)
         for p in due:
             p.text, p.ids, p.counts_dirty, p.last_write = "", [], False, now
         for index, p in writes:
