@@ -11,10 +11,11 @@ from collections.abc import AsyncGenerator
 
 from starlette.requests import Request
 
-from api.job_stream import JobEvent, follow_job
+from api.errors import job_failure_error
+from api.job_stream import ClientGone, JobEvent, follow_job
 from api.state import Front
 from api.stream_hub import StreamInterrupted
-from shared.job_state import EVENT_DELTA, EVENT_ERROR
+from shared.job_state import EVENT_DELTA, EVENT_DONE, EVENT_ERROR
 from shared.schemas import JobRequest, JobView
 
 log = logging.getLogger("streamq.api")
@@ -75,6 +76,32 @@ class ClientJob:
         event = await self.next_output()
         assert event is not None
         return event
+
+    async def whole_answer(self, error_headers: dict[str, str] | None = None) -> tuple[str, JobEvent] | None:
+        """Wait for the job's end: its whole text and its ``done`` event, or None when the client
+        went away (the job is then canceled unless detached). A job that ends without an answer
+        raises its HTTP error (with ``error_headers``)."""
+        parts: list[str] = []
+        try:
+            while True:
+                event = await self.next_event()
+                if event.event == EVENT_DELTA:
+                    parts.append(event.data.get("text", ""))
+                elif event.event == EVENT_DONE:
+                    return "".join(parts), event
+                else:
+                    error = job_failure_error(event.event, event.data)
+                    if error_headers:
+                        error.headers = error_headers
+                    raise error
+        except ClientGone:
+            self.client_gone()
+            return None
+        except asyncio.CancelledError:
+            self.client_gone()
+            raise
+        finally:
+            await self.close()
 
     def client_gone(self) -> None:
         """The client went away (or its request was torn down): cancel the job without waiting,

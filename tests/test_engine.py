@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -72,6 +74,18 @@ def drive(model: Any, jobs: list[EngineJob], join_at: dict[int, list[EngineJob]]
         if model.ready_in() == 0:
             seen.put(model.step())
     return seen
+
+
+@contextlib.contextmanager
+def running_engine(model: Any) -> Iterator[tuple[Engine, Collected]]:
+    """The engine stepping ``model`` in a thread of its own, its output collected."""
+    seen = Collected()
+    engine = Engine(model, seen)
+    engine.start()
+    try:
+        yield engine, seen
+    finally:
+        engine.stop()
 
 
 @pytest.fixture
@@ -169,11 +183,7 @@ def test_a_job_longer_than_the_cache_allows_is_refused_clearly(tiny_backend: Any
 def test_cancel_stops_a_job_within_one_step_and_frees_its_slot(
     tiny_backend: Any, long_prompts: list[str]
 ) -> None:
-    model = BatchedCausalLM(tiny_backend, slots=2, max_len=2048)
-    seen = Collected()
-    engine = Engine(model, seen)
-    engine.start()
-    try:
+    with running_engine(BatchedCausalLM(tiny_backend, slots=2, max_len=2048)) as (engine, seen):
         victim, other = job(request(long_prompts[0], max_tokens=1500)), job(request("go on", max_tokens=200))
         engine.submit(victim)
         engine.submit(other)
@@ -190,26 +200,18 @@ def test_cancel_stops_a_job_within_one_step_and_frees_its_slot(
         assert seen.text(other) == alone(tiny_backend, other.request)[0]
         assert seen.text(late) == alone(tiny_backend, late.request)[0]
         assert seen.end(late).finish_reason in ("stop", "length")  # type: ignore[union-attr]
-    finally:
-        engine.stop()
 
 
 def test_a_job_past_its_deadline_ends_with_finish_reason_timeout(
     tiny_backend: Any, long_prompts: list[str]
 ) -> None:
-    model = BatchedCausalLM(tiny_backend, slots=2, max_len=2048)
-    seen = Collected()
-    engine = Engine(model, seen)
-    engine.start()
-    try:
+    with running_engine(BatchedCausalLM(tiny_backend, slots=2, max_len=2048)) as (engine, seen):
         slow = job(request(long_prompts[0], max_tokens=1500))
         slow.deadline = time.monotonic() + 0.3
         engine.submit(slow)
         seen.wait(lambda: seen.end(slow) is not None)
         assert seen.end(slow).finish_reason == "timeout"  # type: ignore[union-attr]
         assert 0 < slow.completion_tokens < 1500
-    finally:
-        engine.stop()
 
 
 def test_models_without_batching_run_one_job_per_slot_through_the_same_engine(tiny_backend: Any) -> None:

@@ -49,24 +49,10 @@ async def chat(body: ChatGLMRequest, request: Request, response: Response, front
     """Answer one chat turn, waiting for the whole answer."""
     job = await ClientJob.submit(front, body.job_request(), request)
     response.headers[JOB_HEADER] = job.id
-    answer = ""
-    try:
-        while True:
-            event = await job.next_event()
-            if event.event == EVENT_DELTA:
-                answer += event.data.get("text", "")
-                continue
-            if event.event != EVENT_DONE:
-                raise job_failure_error(event.event, event.data)
-            break
-    except ClientGone:
-        job.client_gone()
-        return Response(status_code=499)
-    except asyncio.CancelledError:
-        job.client_gone()
-        raise
-    finally:
-        await job.close()
+    result = await job.whole_answer()
+    if result is None:
+        return Response(status_code=499)  # the client went away
+    answer = result[0]
     history = [list(turn) for turn in body.history or []] + [[body.prompt, answer]]
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     return {"response": answer, "history": history, "status": 200, "time": now}

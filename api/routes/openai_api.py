@@ -97,27 +97,11 @@ async def _complete(
 
 async def _wait(job: ClientJob, fmt: CompletionFormat, headers: dict[str, str]) -> Response:
     """Wait for the whole answer; a job that ends without one is its HTTP error."""
-    parts: list[str] = []
-    try:
-        while True:
-            event = await job.next_event()
-            if event.event == EVENT_DELTA:
-                parts.append(event.data.get("text", ""))
-                continue
-            if event.event != EVENT_DONE:
-                error = job_failure_error(event.event, event.data)
-                error.headers = headers
-                raise error
-            break
-    except ClientGone:
-        job.client_gone()
-        return Response(status_code=499)
-    except asyncio.CancelledError:
-        job.client_gone()
-        raise
-    finally:
-        await job.close()
-    answer = fmt.response("".join(parts), event.data.get("finish_reason", "stop"), event.data.get("usage"))
+    result = await job.whole_answer(error_headers=headers)
+    if result is None:
+        return Response(status_code=499)  # the client went away
+    text, event = result
+    answer = fmt.response(text, event.data.get("finish_reason", "stop"), event.data.get("usage"))
     return JSONResponse(answer, headers=headers)
 
 
