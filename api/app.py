@@ -7,8 +7,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
+from api.auth import ApiKeys
+from api.body_limit import BodySizeLimit
 from api.errors import install_error_handlers
+from api.quotas import parse_rate_limit
 from api.routes import compat, health, jobs, openai_api
 from api.state import Front
 from shared.settings import Settings, load_settings
@@ -17,12 +21,20 @@ log = logging.getLogger("streamq.api")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """The front. ValueError when the security settings cannot be used (unreadable keys file,
+    bad rate limit): better not to start than to start open."""
     settings = settings or load_settings()
+    api_keys = ApiKeys.from_settings(settings)
+    parse_rate_limit(settings.key_rate_limit)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         front = await Front.open(settings)
         app.state.front = front
+        if api_keys.enabled:
+            log.info("API keys required (%d configured)", len(api_keys))
+        else:
+            log.warning("no API keys configured: the API is open to anyone who reaches it")
         try:
             yield
         finally:
@@ -34,7 +46,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Queue-backed chat LLM serving: jobs in Redis (RQ), output streamed from GPU workers.",
         lifespan=lifespan,
     )
+    app.state.api_keys = api_keys
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.cors_origin_list():
+        # Off unless origins are configured: browsers then refuse cross-origin calls.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list(),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Streamq-Detach"],
+            expose_headers=["X-Streamq-Job-Id", "Location", "Retry-After"],
+            max_age=600,
+        )
     app.include_router(jobs.router)
     app.include_router(health.router)
     app.include_router(compat.router)

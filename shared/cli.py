@@ -6,6 +6,7 @@ Heavy imports happen inside each command, so ``streamq api`` never loads torch.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -15,6 +16,19 @@ from shared.settings import Settings, load_settings
 def _with(settings: Settings, **changes: object) -> Settings:
     """The settings with the options given on the command line (None = not given)."""
     return settings.model_copy(update={k: v for k, v in changes.items() if v is not None})
+
+
+_INSECURE_HELP = "serve without API keys on a non-loopback address (STREAMQ_INSECURE=1)"
+
+
+def _refuse_open_bind(settings: Settings, host: str) -> bool:
+    """Print why the front must not start on ``host`` and return True, or return False."""
+    from api.auth import open_bind_refusal
+
+    reason = open_bind_refusal(settings, host)
+    if reason is not None:
+        print(f"streamq: refusing to start: {reason}", file=sys.stderr)
+    return reason is not None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,11 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     up.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     up.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    up.add_argument("--insecure", action="store_true", default=None, help=_INSECURE_HELP)
 
     api = sub.add_parser("api", help="run the HTTP front (uvicorn)")
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
     api.add_argument("--log-level", default="info")
+    api.add_argument("--insecure", action="store_true", default=None, help=_INSECURE_HELP)
 
     worker = sub.add_parser("worker", help="run a worker that serves one model")
     worker.add_argument("--model", help="hub name or local folder (default: STREAMQ_MODEL)")
@@ -64,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         from api.app import create_app
 
+        settings = _with(settings, insecure=args.insecure)
+        if _refuse_open_bind(settings, args.host):
+            return 2
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
         uvicorn.run(
             create_app(settings),
             host=args.host,
@@ -105,8 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "up":
         from shared.launcher import run_up
 
+        settings = _with(settings, device=args.device, dtype=args.dtype, insecure=args.insecure)
+        if _refuse_open_bind(settings, args.host):
+            return 2
         return run_up(
-            _with(settings, device=args.device, dtype=args.dtype),
+            settings,
             args.host,
             args.port,
             args.model,
