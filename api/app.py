@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
+from api.metrics import FrontMetrics
+from api.metrics import router as metrics_router
 from api.routes import compat, health, jobs, openai_api
 from api.state import Front
 from shared.settings import Settings, load_settings
@@ -18,14 +20,17 @@ log = logging.getLogger("streamq.api")
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
+    front_metrics = FrontMetrics()  # this app's own registry, served on /metrics
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        front = await Front.open(settings)
+        front = await Front.open(settings, front_metrics)
         app.state.front = front
+        front_metrics.watch_deployment(front.rq_redis, settings.worker_ttl)
         try:
             yield
         finally:
+            front_metrics.unwatch_deployment()
             await front.close()
 
     app = FastAPI(
@@ -34,9 +39,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Queue-backed chat LLM serving: jobs in Redis (RQ), output streamed from GPU workers.",
         lifespan=lifespan,
     )
+    app.state.metrics = front_metrics
     install_error_handlers(app)
     app.include_router(jobs.router)
     app.include_router(health.router)
     app.include_router(compat.router)
     app.include_router(openai_api.router)
+    app.include_router(metrics_router)  # open, like /healthz and /readyz
     return app

@@ -19,11 +19,13 @@ from rq.registry import CanceledJobRegistry
 
 from api.admission import Admission, DrainRates
 from api.errors import ApiError
+from api.metrics import FrontMetrics
 from api.queue_positions import QueuePositions
 from api.worker_directory import WorkerDirectory
 from shared import keys
 from shared.job_state import CANCEL_SCRIPT, EVENT_QUEUED, cancel_args, encode, view_from_hash
 from shared.limits import InvalidJobRequest, answer_budget, may_not_fit
+from shared.log_format import job_fields
 from shared.schemas import FINAL_STATUSES, GenerationRequest, JobRequest, JobView
 from shared.settings import Settings
 
@@ -46,8 +48,10 @@ class JobService:
         rq_connection: redis.Redis,
         count_connection: aioredis.Redis,
         directory: WorkerDirectory,
+        metrics: FrontMetrics | None = None,
     ) -> None:
         self._settings = settings
+        self.metrics = metrics or FrontMetrics()
         self._redis = connection
         self._rq = rq_connection
         self._count_redis = count_connection
@@ -105,7 +109,8 @@ class JobService:
         job_id = new_job_id()
         created_at = time.time()
         await anyio.to_thread.run_sync(self._enqueue, job_id, model, generation, created_at)
-        log.info("job %s: queued for %s", job_id, model)
+        log.info("job %s: queued for %s", job_id, model, extra=job_fields("queued", job_id, model))
+        self.metrics.jobs_submitted.labels(model).inc()
         try:
             position: int | None = await self.queued_position(job_id, model)
             wait = await self.estimated_wait(model, position)
@@ -237,6 +242,7 @@ class JobService:
     async def cancel(self, job_id: str) -> JobView:
         """Cancel a job. A queued one is taken off its queue before any worker sees it; a
         running one stops at its next step. Returns the job's view; 409 if it had ended."""
+        asked = time.monotonic()
         view = await self.get(job_id)
         s = self._settings
         answer = await self._cancel(
@@ -259,12 +265,19 @@ class JobService:
                 body={"job": ended.model_dump(mode="json")},
             )
         if answer == "ok":  # it was still queued: canceled here, before any worker saw it
-            log.info("job %s: canceled while queued", job_id)
+            log.info(
+                "job %s: canceled while queued", job_id, extra=job_fields("canceled", job_id, view.model)
+            )
+            self.metrics.cancel_latency.labels("queued").observe(time.monotonic() - asked)
             await anyio.to_thread.run_sync(self._file_rq_cancel, job_id)
         else:  # running: its worker stops at the next token
             await self._redis.publish(keys.CANCEL_CHANNEL, job_id)
             log.info("job %s: cancel requested while running", job_id)
             await self._wait_final(job_id)
+            canceled = await self.get(job_id)
+            if canceled.status == "canceled":
+                self.metrics.cancel_latency.labels("running").observe(time.monotonic() - asked)
+            return canceled
         return await self.get(job_id)
 
     def _file_rq_cancel(self, job_id: str) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
+from shared.log_format import configure_logging
 from shared.settings import Settings
 from worker.slot_pool import SlotPool
 
 
 def run_worker(settings: Settings, name: str | None = None, burst: bool = False) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    configure_logging(settings.log_format)
     return SlotPool(settings, name=name, burst=burst).run()
