@@ -39,7 +39,7 @@ ARG TORCH=torch==2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH HF_HOME=/models STREAMQ_LOG_FORMAT=json STREAMQ_DEVICE=cuda \
-    STREAMQ_METRICS_PORT=9310
+    STREAMQ_METRICS_PORT=9310 STREAMQ_METRICS_HOST=0.0.0.0
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
@@ -71,7 +71,8 @@ FROM ${PYTHON_IMAGE} AS worker-cpu
 ARG TORCH=torch==2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    HF_HOME=/models STREAMQ_LOG_FORMAT=json STREAMQ_DEVICE=cpu STREAMQ_METRICS_PORT=9310
+    HF_HOME=/models STREAMQ_LOG_FORMAT=json STREAMQ_DEVICE=cpu STREAMQ_METRICS_PORT=9310 \
+    STREAMQ_METRICS_HOST=0.0.0.0
 RUN useradd --create-home --uid 10001 --user-group streamq \
     && mkdir -p /models && chown streamq:streamq /models
 RUN pip install --no-compile --index-url "${TORCH_INDEX}" "${TORCH}"

@@ -108,7 +108,9 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         9310, ge=0, le=65535, description="worker: first port tried for /metrics (0: none; busy: the next)"
     )
-    metrics_host: str = Field("0.0.0.0", description="worker: address its /metrics port listens on")
+    metrics_host: str = Field(
+        "127.0.0.1", description="worker: address its /metrics port listens on (images: 0.0.0.0)"
+    )
 
     def redis_url_or_default(self) -> str:
         return self.redis_url or DEFAULT_REDIS_URL
