@@ -12,6 +12,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from api.auth import ApiKeys
 from api.body_limit import BodySizeLimit
 from api.errors import install_error_handlers
+from api.metrics import FrontMetrics
+from api.metrics import router as metrics_router
 from api.quotas import parse_rate_limit
 from api.routes import compat, health, jobs, openai_api
 from api.state import Front
@@ -26,18 +28,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     api_keys = ApiKeys.from_settings(settings)
     parse_rate_limit(settings.key_rate_limit)
+    front_metrics = FrontMetrics()  # this app's own registry, served on /metrics
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        front = await Front.open(settings)
+        front = await Front.open(settings, front_metrics)
         app.state.front = front
         if api_keys.enabled:
             log.info("API keys required (%d configured)", len(api_keys))
         else:
             log.warning("no API keys configured: the API is open to anyone who reaches it")
+        front_metrics.watch_deployment(front.rq_redis, settings.worker_ttl)
         try:
             yield
         finally:
+            front_metrics.unwatch_deployment()
             await front.close()
 
     app = FastAPI(
@@ -47,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.api_keys = api_keys
+    app.state.metrics = front_metrics
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origin_list():
@@ -63,4 +69,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(compat.router)
     app.include_router(openai_api.router)
+    app.include_router(metrics_router)  # open, like /healthz and /readyz
     return app

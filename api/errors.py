@@ -137,8 +137,11 @@ def _api_error_response(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc)
 
 
-def _redis_response(_: Request, exc: Exception) -> JSONResponse:
+def _redis_response(request: Request, exc: Exception) -> JSONResponse:
     log.warning("Redis failed: %s", exc)
+    metrics = getattr(request.app.state, "metrics", None)  # api.metrics.FrontMetrics
+    if metrics is not None:
+        metrics.redis_errors.inc()
     return error_response(
         ApiError(503, f"the job store (Redis) failed: {exc}; try again shortly", headers={"Retry-After": "1"})
     )

@@ -22,6 +22,7 @@ from rq.registry import CanceledJobRegistry
 from api.admission import Admission, DrainRates
 from api.auth import OPEN, Caller
 from api.errors import ApiError
+from api.metrics import FrontMetrics
 from api.queue_positions import QueuePositions
 from api.quotas import KeyQuotas
 from api.request_limits import generation_request
@@ -29,6 +30,7 @@ from api.worker_directory import WorkerDirectory
 from shared import keys
 from shared.job_state import CANCEL_SCRIPT, EVENT_QUEUED, cancel_args, encode, view_from_hash
 from shared.limits import InvalidJobRequest, answer_budget, may_not_fit
+from shared.log_format import job_fields
 from shared.schemas import FINAL_STATUSES, GenerationRequest, JobRequest, JobView
 from shared.settings import Settings
 
@@ -52,9 +54,11 @@ class JobService:
         count_connection: aioredis.Redis,
         directory: WorkerDirectory,
         quotas: KeyQuotas,
+        metrics: FrontMetrics | None = None,
     ) -> None:
         self._settings = settings
         self.quotas = quotas
+        self.metrics = metrics or FrontMetrics()
         self._redis = connection
         self._rq = rq_connection
         self._count_redis = count_connection
@@ -88,9 +92,16 @@ class JobService:
                 with contextlib.suppress(RedisError):
                     await self.quotas.release(caller.name, job_id)
             raise
-        log.info("job %s: queued for %s%s", job_id, model, f" by {caller.name}" if caller.name else "")
+        log.info(
+            "job %s: queued for %s%s",
+            job_id,
+            model,
+            f" by {caller.name}" if caller.name else "",
+            extra=job_fields("queued", job_id, model),
+        )
         if self._settings.log_prompts:
             log.info("job %s: messages %s", job_id, [m.model_dump() for m in generation.messages])
+        self.metrics.jobs_submitted.labels(model).inc()
         try:
             position: int | None = await self.queued_position(job_id, model)
             wait = await self.estimated_wait(model, position)
@@ -228,6 +239,7 @@ class JobService:
     async def cancel(self, job_id: str, owner: str) -> JobView:
         """Cancel ``owner``'s job. A queued one is taken off its queue before any worker sees it;
         a running one stops at its next step. Returns the job's view; 409 if it had ended."""
+        asked = time.monotonic()
         view = await self.get(job_id, owner)
         s = self._settings
         answer = await self._cancel(
@@ -250,12 +262,19 @@ class JobService:
                 body={"job": ended.model_dump(mode="json")},
             )
         if answer == "ok":  # it was still queued: canceled here, before any worker saw it
-            log.info("job %s: canceled while queued", job_id)
+            log.info(
+                "job %s: canceled while queued", job_id, extra=job_fields("canceled", job_id, view.model)
+            )
+            self.metrics.cancel_latency.labels("queued").observe(time.monotonic() - asked)
             await anyio.to_thread.run_sync(self._file_rq_cancel, job_id)
         else:  # running: its worker stops at the next token
             await self._redis.publish(keys.CANCEL_CHANNEL, job_id)
             log.info("job %s: cancel requested while running", job_id)
             await self._wait_final(job_id)
+            canceled = await self.get(job_id, owner)
+            if canceled.status == "canceled":
+                self.metrics.cancel_latency.labels("running").observe(time.monotonic() - asked)
+            return canceled
         return await self.get(job_id, owner)
 
     def _file_rq_cancel(self, job_id: str) -> None:

@@ -17,6 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry as SyncRetry
 
 from api.job_service import JobService
+from api.metrics import FrontMetrics
 from api.quotas import KeyQuotas
 from api.stream_hub import StreamHub
 from api.worker_directory import WorkerDirectory
@@ -65,7 +66,7 @@ class Front:
     background: set[asyncio.Task[Any]] = field(default_factory=set)  # fire-and-forget work (cancels)
 
     @classmethod
-    async def open(cls, settings: Settings) -> Front:
+    async def open(cls, settings: Settings, metrics: FrontMetrics | None = None) -> Front:
         url = settings.redis_url_or_default()
         timeout = settings.redis_command_timeout
         conn = _async_client(url, settings.redis_max_connections, timeout, settings)
@@ -97,7 +98,7 @@ class Front:
             count_redis=count_conn,
             rq_redis=rq_conn,
             hub=hub,
-            jobs=JobService(settings, conn, rq_conn, count_conn, directory, quotas),
+            jobs=JobService(settings, conn, rq_conn, count_conn, directory, quotas, metrics),
             directory=directory,
         )
 

@@ -1,4 +1,4 @@
-"""The ``streamq`` command: ``up``, ``api``, ``worker``, ``make-tiny-model``.
+"""The ``streamq`` command: ``up``, ``api``, ``worker``, ``status``, ``make-tiny-model``.
 
 Heavy imports happen inside each command, so ``streamq api`` never loads torch.
 """
@@ -6,7 +6,6 @@ Heavy imports happen inside each command, so ``streamq api`` never loads torch.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -66,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--tokens-per-second", type=float, help="pace of the synthetic backend")
 
+    status = sub.add_parser("status", help="queues, workers and jobs, from Redis (a table)")
+    status.add_argument("--redis-url", help="default: STREAMQ_REDIS_URL")
+
     tiny = sub.add_parser("make-tiny-model", help="build a small random-weight chat model into DIR")
     tiny.add_argument("dir")
     tiny.add_argument("--shape", default="tiny", help="tiny (default) or qwen2.5-0.5b")
@@ -79,16 +81,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         import uvicorn
 
         from api.app import create_app
+        from shared.log_format import logging_config
 
         settings = _with(settings, insecure=args.insecure)
         if _refuse_open_bind(settings, args.host):
             return 2
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
         uvicorn.run(
             create_app(settings),
             host=args.host,
             port=args.port,
             log_level=args.log_level,
+            log_config=logging_config(settings.log_format, args.log_level),
             # Open SSE streams would hold a stopping front for as long as their jobs run: cut
             # them after this grace; their clients re-attach elsewhere with Last-Event-ID.
             timeout_graceful_shutdown=settings.shutdown_grace,
@@ -116,6 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError) as exc:  # a model that cannot be found or loaded
             print(f"streamq worker: cannot serve {settings.model}: {exc}", file=sys.stderr)
             return 1
+    if args.command == "status":
+        from shared.status_report import print_status
+
+        return print_status(_with(settings, redis_url=args.redis_url))
     if args.command == "make-tiny-model":
         from worker.tiny_model import make_tiny_model
 

@@ -125,6 +125,15 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(2.0, gt=0)
     worker_ttl: float = Field(10.0, gt=0, description="a worker silent this long is no longer live")
 
+    # Operations (deploy): log format, and each worker's Prometheus endpoint.
+    log_format: str = Field("text", pattern="^(text|json)$", description="'json': one JSON object per line")
+    metrics_port: int = Field(
+        9310, ge=0, le=65535, description="worker: first port tried for /metrics (0: none; busy: the next)"
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="worker: address its /metrics port listens on (images: 0.0.0.0)"
+    )
+
     def redis_url_or_default(self) -> str:
         return self.redis_url or DEFAULT_REDIS_URL
 

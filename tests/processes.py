@@ -82,9 +82,11 @@ class Service:
         self._log.close()
 
 
-def start_front(env: Mapping[str, str], logdir: Path, name: str = "front") -> tuple[Service, str]:
+def start_front(
+    env: Mapping[str, str], logdir: Path, name: str = "front", log_level: str = "warning"
+) -> tuple[Service, str]:
     port = free_port()
-    service = Service(["api", "--port", str(port), "--log-level", "warning"], env, name, logdir)
+    service = Service(["api", "--port", str(port), "--log-level", log_level], env, name, logdir)
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: _answers(url) or not service.alive(), 60, f"{name} to listen")
     assert service.alive(), service.log()
