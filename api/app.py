@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.routes import compat, health, jobs, openai_api
+from api.routes import web as web_page
 from api.state import Front
 from shared.settings import Settings, load_settings
 
@@ -39,4 +40,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(compat.router)
     app.include_router(openai_api.router)
+    app.include_router(web_page.router)  # GET / and /static/*: the chat page (open, no API key)
     return app
