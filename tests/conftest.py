@@ -103,3 +103,60 @@ def stack(
     yield stack
     for service in services:
         service.stop()
+
+
+# ----- clients (issue 8): a front with an API key and a slow synthetic worker ---------------------
+CLIENT_API_KEY = "sk-streamq-clients-test"
+SLOW_MODEL = "synth"
+SLOW_TOKENS_PER_SECOND = 20
+
+
+@dataclass
+class SlowStack:
+    """A private Redis, one front started with an API key, and a synthetic worker that writes
+    SLOW_TOKENS_PER_SECOND words a second: answers that run long enough to be stopped mid-way."""
+
+    redis: RedisServer
+    env: dict[str, str]
+    logdir: Path
+    url: str
+    api_key: str = CLIENT_API_KEY
+    model: str = SLOW_MODEL
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+@pytest.fixture(scope="session")
+def slow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlowStack]:
+    import httpx
+
+    from tests.processes import start_synthetic_worker, wait_for
+
+    server = RedisServer()
+    logdir = tmp_path_factory.mktemp("slow-logs")
+    env = {
+        "STREAMQ_REDIS_URL": server.url,
+        "STREAMQ_API_KEYS": CLIENT_API_KEY,
+        "STREAMQ_POSITION_POLL_INTERVAL": "0.1",
+        "STREAMQ_PING_INTERVAL": "0.5",
+        "STREAMQ_DRAIN_SECONDS": "0",
+    }
+    worker = start_synthetic_worker(env, logdir, SLOW_MODEL, "slow-1", SLOW_TOKENS_PER_SECOND, slots=4)
+    services = [worker]
+    try:
+        front, url = start_front(env, logdir, "slow-front")
+        services.append(front)
+        auth = {"Authorization": f"Bearer {CLIENT_API_KEY}"}
+
+        def served() -> bool:
+            r = httpx.get(f"{url}/v1/models", headers=auth, timeout=5)
+            return SLOW_MODEL in [m["id"] for m in r.json()["data"]]
+
+        wait_for(served, 60, "the synthetic worker")
+        yield SlowStack(server, env, logdir, url)
+    finally:
+        for service in services:
+            service.stop()
+        server.close()

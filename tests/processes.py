@@ -82,8 +82,11 @@ class Service:
         self._log.close()
 
 
-def start_front(env: Mapping[str, str], logdir: Path, name: str = "front") -> tuple[Service, str]:
-    port = free_port()
+def start_front(
+    env: Mapping[str, str], logdir: Path, name: str = "front", port: int | None = None
+) -> tuple[Service, str]:
+    """A front on a free port (or on ``port``: a front restarted where its clients expect it)."""
+    port = port or free_port()
     service = Service(["api", "--port", str(port), "--log-level", "warning"], env, name, logdir)
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: _answers(url) or not service.alive(), 60, f"{name} to listen")

@@ -1,0 +1,144 @@
+"""`streamq chat` and `streamq ask` as a person (or a script) uses them: a real pseudo-terminal
+(pexpect), a real front with an API key and a worker slow enough to be interrupted."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+
+import httpx
+import pexpect
+import pytest
+
+from shared import keys
+from shared.schemas import GenerationRequest
+from tests.conftest import SLOW_TOKENS_PER_SECOND, SlowStack
+from tests.processes import ROOT
+
+pytestmark = pytest.mark.e2e
+
+ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]")
+PROMPT = "you ›"
+TOKENS = 6 * SLOW_TOKENS_PER_SECOND  # six seconds an answer: time to see it grow and stop it
+
+
+def _env(**more: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMQ_")}
+    return {**env, "TERM": "xterm-256color", "PYTHONUNBUFFERED": "1", **more}
+
+
+def _words(text: str) -> str:
+    return " ".join(ANSI.sub("", text).split())
+
+
+def _job(slow: SlowStack, job_id: str) -> dict[str, object]:
+    r = httpx.get(f"{slow.url}/v1/jobs/{job_id}", headers=slow.headers, timeout=10)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def _asked(slow: SlowStack, job_id: str) -> list[tuple[str, str]]:
+    """The conversation a job was given, as its worker read it."""
+    stored = slow.redis.client(decode_responses=True).hget(keys.job(job_id), "request")
+    assert isinstance(stored, str)
+    return [(m.role, m.content) for m in GenerationRequest.model_validate_json(stored).messages]
+
+
+def test_chat_streams_an_answer_ctrl_c_cancels_it_and_the_next_question_works(slow_stack: SlowStack) -> None:
+    args = ["-m", "shared.cli", "chat", "--url", slow_stack.url, "--model", slow_stack.model]
+    args += ["--max-tokens", str(TOKENS)]
+    child = pexpect.spawn(
+        sys.executable,
+        args,
+        cwd=str(ROOT),
+        env=_env(STREAMQ_API_KEY=slow_stack.api_key),  # the key from the environment
+        dimensions=(30, 90),
+        encoding="utf-8",
+        timeout=60,
+    )
+    screen = io.StringIO()
+    child.logfile_read = screen
+    try:
+        child.expect_exact(PROMPT)
+        child.sendline("tell me a long story")
+        child.expect_exact("Ctrl-C to stop")  # the job started: the answer is streaming
+        child.expect("lorem ipsum dolor sit amet")
+        child.expect("consectetur adipiscing elit")  # ... and growing
+        child.sendintr()  # Ctrl-C: stop this answer, not the program
+        child.expect(r"stopped · job ([0-9a-f]+) canceled")
+        stopped_id = child.match.group(1)
+        shown = _words(screen.getvalue())
+        child.expect_exact("(not kept in the conversation)")
+        child.expect_exact(PROMPT)
+
+        stopped = _job(slow_stack, stopped_id)
+        assert stopped["status"] == "canceled" and stopped["finish_reason"] == "canceled"
+        partial = str(stopped["text"])
+        assert 0 < len(partial.split()) < TOKENS
+        # The answer on the screen ends where the job's text ended, then says how it ended.
+        assert " ".join(partial.split()[-6:]) + " [stopped · job" in shown
+
+        child.sendline("a second question")
+        child.expect(r"length · (\d+) tokens · .* job ([0-9a-f]+)\]", timeout=60)
+        assert int(child.match.group(1)) == TOKENS
+        second_id = child.match.group(2)
+        child.expect_exact(PROMPT)
+        second = _job(slow_stack, second_id)
+        assert second["status"] == "finished" and len(str(second["text"]).split()) == TOKENS
+        # The stopped answer (and its question) was left out of the conversation.
+        assert _asked(slow_stack, second_id) == [("user", "a second question")]
+
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_at_the_prompt_leaves_the_chat(slow_stack: SlowStack) -> None:
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "shared.cli", "chat", "--url", slow_stack.url, "--api-key", slow_stack.api_key],
+        cwd=str(ROOT),
+        env=_env(),
+        encoding="utf-8",
+        timeout=30,
+    )
+    try:
+        child.expect_exact(PROMPT)
+        child.sendintr()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
+def _ask(slow: SlowStack) -> list[str]:
+    command = [sys.executable, "-m", "shared.cli", "ask", "--url", slow.url]
+    return [*command, "--api-key", slow.api_key, "--model", slow.model]
+
+
+def test_ask_in_a_pipe_prints_the_plain_answer(slow_stack: SlowStack) -> None:
+    out = subprocess.run(
+        [*_ask(slow_stack), "--max-tokens", "7", "what is lorem ipsum?"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "\x1b" not in out.stdout  # no terminal codes in a pipe
+    assert out.stdout.endswith("\n") and len(out.stdout.split()) == 7
+    bad = subprocess.run(
+        [*_ask(slow_stack), "--temperature", "9", "hi"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 1 and "temperature" in bad.stderr and bad.stdout == ""
