@@ -1,7 +1,7 @@
 """A Server-Sent Events parser with no I/O: feed it the lines of a stream, get its events.
 
 It follows the WHATWG rules the front's streams use: ``id:``, ``event:``, ``data:`` (one or more,
-joined by newlines), ``retry:``, comment lines starting with ``:``, and a blank line ending each
+joined by newlines), comment lines starting with ``:``, and a blank line ending each
 event. The sync and async clients both read their streams through it.
 """
 
@@ -14,8 +14,6 @@ from shared.schemas import StreamEvent
 
 class SSEParser:
     def __init__(self) -> None:
-        self.retry_ms: int | None = None  # the server's reconnection delay, when it sent one
-        self.comments = 0  # keep-alive and notice lines seen (``: ping``)
         self._reset()
 
     def _reset(self) -> None:
@@ -39,8 +37,7 @@ class SSEParser:
             )
             self._reset()
             return event
-        if line.startswith(":"):
-            self.comments += 1
+        if line.startswith(":"):  # a comment: the front's keep-alive ``: ping``
             return None
         name, _, value = line.partition(":")
         value = value.removeprefix(" ")
@@ -50,6 +47,5 @@ class SSEParser:
             self._data.append(value)
         elif name == "id" and "\0" not in value:
             self._id = value or None
-        elif name == "retry" and value.isdigit():
-            self.retry_ms = int(value)
+        # ``retry:`` is not used: reconnects follow the client's own Backoff.
         return None

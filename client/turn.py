@@ -74,6 +74,9 @@ class Turn:
 
     def summary(self) -> str:
         """One line on how the answer ended, with the job id (to look it up later)."""
+        return self._ending() + (f" · {self.reconnects} reconnect(s)" if self.reconnects else "")
+
+    def _ending(self) -> str:
         if self.phase == "done" and self.done is not None:
             d = self.done
             speed = d.timings.tokens_per_second
