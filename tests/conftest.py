@@ -109,6 +109,7 @@ def stack(
 CLIENT_API_KEY = "sk-streamq-clients-test"
 SLOW_MODEL = "synth"
 SLOW_TOKENS_PER_SECOND = 20
+SLOW_SLOTS = 4
 
 
 @dataclass
@@ -127,6 +128,29 @@ class SlowStack:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"}
 
+    def fill_slots(self) -> list[str]:
+        """Start a long job in each of the worker's slots (running before this returns), so the
+        next job waits in the queue; the jobs' ids, for ``cancel``."""
+        import httpx
+
+        from tests.processes import wait_for
+
+        body = {"model": self.model, "prompt": "block", "max_tokens": 120 * SLOW_TOKENS_PER_SECOND}
+        with httpx.Client(base_url=self.url, headers=self.headers, timeout=10) as http:
+            ids = [http.post("/v1/jobs", json=body).json()["id"] for _ in range(SLOW_SLOTS)]
+            wait_for(
+                lambda: all(http.get(f"/v1/jobs/{i}").json()["status"] == "running" for i in ids),
+                30,
+                "the blocking jobs to run",
+            )
+        return ids
+
+    def cancel(self, job_ids: list[str]) -> None:
+        import httpx
+
+        for job_id in job_ids:
+            httpx.post(f"{self.url}/v1/jobs/{job_id}/cancel", headers=self.headers, timeout=30)
+
 
 @pytest.fixture(scope="session")
 def slow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlowStack]:
@@ -143,7 +167,7 @@ def slow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlowStack]:
         "STREAMQ_PING_INTERVAL": "0.5",
         "STREAMQ_DRAIN_SECONDS": "0",
     }
-    worker = start_synthetic_worker(env, logdir, SLOW_MODEL, "slow-1", SLOW_TOKENS_PER_SECOND, slots=4)
+    worker = start_synthetic_worker(env, logdir, SLOW_MODEL, "slow-1", SLOW_TOKENS_PER_SECOND, SLOW_SLOTS)
     services = [worker]
     try:
         front, url = start_front(env, logdir, "slow-front")

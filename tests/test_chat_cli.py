@@ -189,3 +189,25 @@ def test_ask_rides_out_a_front_restart_without_losing_or_repeating_text(
     # A word per token, in the synthetic worker's cycle: none lost, none twice, across the cut.
     assert len(words) == tokens and answer.endswith("\n")
     assert all(WORDS.index(b) == (WORDS.index(a) + 1) % len(WORDS) for a, b in itertools.pairwise(words))
+
+
+def test_ask_in_a_terminal_shows_the_queue_position_while_the_job_waits(slow_stack: SlowStack) -> None:
+    blockers = slow_stack.fill_slots()
+    child = pexpect.spawn(
+        sys.executable,
+        [*_ask(slow_stack)[1:], "--max-tokens", "3", "are you busy?"],
+        cwd=str(ROOT),
+        env=_env(),
+        dimensions=(24, 100),
+        encoding="utf-8",
+        timeout=60,
+    )
+    try:
+        child.expect_exact("queued · no job ahead")  # every slot is taken: it waits first in line
+        slow_stack.cancel(blockers)
+        child.expect(r"length · 3 tokens")
+        child.expect(pexpect.EOF)
+    finally:
+        slow_stack.cancel(blockers)
+        child.close(force=True)
+    assert child.exitstatus == 0

@@ -60,10 +60,14 @@ def browser() -> Iterator[Any]:
 
 
 def until(driver: Any, condition: Callable[[], T], what: str, timeout: float = 30) -> T:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
+    wait = WebDriverWait(
+        driver, timeout, poll_frequency=0.05, ignored_exceptions=[StaleElementReferenceException]
+    )
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda _: condition())
+        return wait.until(lambda _: condition())
     except Exception as exc:
         raise AssertionError(f"timed out waiting for {what}") from exc
 
@@ -92,11 +96,8 @@ def _open(driver: Any, slow: SlowStack, url: str) -> None:
     key = driver.find_element(By.ID, "api-key")
     key.clear()
     key.send_keys(slow.api_key, Keys.TAB)  # kept in local storage; the model list reloads with it
-    until(
-        driver,
-        lambda: slow.model in [o.text for o in driver.find_elements(By.CSS_SELECTOR, "#model option")],
-        "the model list",
-    )
+    models = "return Array.from(document.querySelectorAll('#model option'), (o) => o.value)"
+    until(driver, lambda: slow.model in driver.execute_script(models), "the model list")
 
 
 def _ask(driver: Any, question: str, max_tokens: int) -> Any:
@@ -194,3 +195,20 @@ def test_the_page_rides_out_a_front_restart_mid_answer(browser: Any, slow_stack:
     finally:
         for service in fronts:
             service.stop()
+
+
+def test_the_page_shows_the_queue_position_while_the_job_waits(browser: Any, slow_stack: SlowStack) -> None:
+    from selenium.webdriver.common.by import By
+
+    _open(browser, slow_stack, slow_stack.url)
+    blockers = slow_stack.fill_slots()
+    try:
+        answer = _ask(browser, "Are you busy?", 3)
+        status = answer.find_element(By.CSS_SELECTOR, ".status")
+        until(browser, lambda: "Queued · next in line" in status.text, "the queue position")
+        assert _state(answer) == "queued"
+        slow_stack.cancel(blockers)
+        until(browser, lambda: _state(answer) == "done", "the answer once a slot is free")
+        assert len(_text(answer).split()) == 3
+    finally:
+        slow_stack.cancel(blockers)
