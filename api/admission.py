@@ -12,7 +12,7 @@ import time
 
 import redis.asyncio as aioredis
 
-from api.errors import ApiError
+from api.errors import too_many_requests
 from shared import keys
 from shared.settings import Settings
 
@@ -74,10 +74,9 @@ class Admission:
         # Jobs that must leave the queue before this one would fit under the limit.
         ahead = queued - self._limit + 1
         wait = retry_after(ahead, await self._rates.rate(model), self._rates.window)
-        raise ApiError(
-            429,
+        raise too_many_requests(
             f"the queue of model '{model}' is full ({queued} jobs waiting, at most {self._limit}); "
             f"retry in about {wait} s",
-            code="queue_full",
-            headers={"Retry-After": str(wait)},
+            "queue_full",
+            wait,
         )

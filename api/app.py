@@ -7,8 +7,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
+from api.auth import ApiKeys
+from api.body_limit import BodySizeLimit
 from api.errors import install_error_handlers
+from api.metrics import FrontMetrics
+from api.metrics import router as metrics_router
+from api.quotas import parse_rate_limit
 from api.routes import compat, health, jobs, openai_api
 from api.routes import web as web_page
 from api.state import Front
@@ -18,15 +24,26 @@ log = logging.getLogger("streamq.api")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """The front. ValueError when the security settings cannot be used (unreadable keys file,
+    bad rate limit): better not to start than to start open."""
     settings = settings or load_settings()
+    api_keys = ApiKeys.from_settings(settings)
+    parse_rate_limit(settings.key_rate_limit)
+    front_metrics = FrontMetrics()  # this app's own registry, served on /metrics
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        front = await Front.open(settings)
+        front = await Front.open(settings, front_metrics)
         app.state.front = front
+        if api_keys.enabled:
+            log.info("API keys required (%d configured)", len(api_keys))
+        else:
+            log.warning("no API keys configured: the API is open to anyone who reaches it")
+        front_metrics.watch_deployment(front.rq_redis, settings.worker_ttl)
         try:
             yield
         finally:
+            front_metrics.unwatch_deployment()
             await front.close()
 
     app = FastAPI(
@@ -35,10 +52,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Queue-backed chat LLM serving: jobs in Redis (RQ), output streamed from GPU workers.",
         lifespan=lifespan,
     )
+    app.state.api_keys = api_keys
+    app.state.metrics = front_metrics
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.cors_origin_list():
+        # Off unless origins are configured: browsers then refuse cross-origin calls.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list(),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Streamq-Detach"],
+            expose_headers=["X-Streamq-Job-Id", "Location", "Retry-After"],
+            max_age=600,
+        )
     app.include_router(jobs.router)
     app.include_router(health.router)
     app.include_router(compat.router)
     app.include_router(openai_api.router)
+    app.include_router(metrics_router)  # open, like /healthz and /readyz
     app.include_router(web_page.router)  # GET / and /static/*: the chat page (open, no API key)
     return app

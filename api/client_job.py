@@ -11,6 +11,7 @@ from collections.abc import AsyncGenerator
 
 from starlette.requests import Request
 
+from api.auth import Caller
 from api.errors import job_failure_error
 from api.job_stream import ClientGone, JobEvent, follow_job
 from api.state import Front
@@ -25,9 +26,15 @@ JOB_HEADER = "X-Streamq-Job-Id"  # lets a client poll, cancel or re-attach to th
 
 class ClientJob:
     def __init__(
-        self, front: Front, view: JobView, events: AsyncGenerator[JobEvent | None, None], detached: bool
+        self,
+        front: Front,
+        view: JobView,
+        events: AsyncGenerator[JobEvent | None, None],
+        detached: bool,
+        owner: str,
     ) -> None:
         self.front = front
+        self.owner = owner
         self.view = view
         self.detached = detached
         self._events = events
@@ -38,11 +45,11 @@ class ClientJob:
 
     @classmethod
     async def submit(
-        cls, front: Front, body: JobRequest, request: Request, *, detached: bool = False
+        cls, front: Front, body: JobRequest, request: Request, caller: Caller, *, detached: bool = False
     ) -> ClientJob:
         """Create the job (or raise the ApiError that says why not) and start following it;
         ``request`` is watched for the client's disconnect (ClientGone)."""
-        view = await front.jobs.submit(body)
+        view = await front.jobs.submit(body, caller)
         s = front.settings
         events = follow_job(
             front.jobs,
@@ -54,7 +61,7 @@ class ClientJob:
             s.ping_interval,
             s.position_poll_interval,
         )
-        return cls(front, view, events, detached)
+        return cls(front, view, events, detached, caller.name)
 
     async def next_output(self, *, ticks: bool = False) -> JobEvent | None:
         """The next delta or final event; queue positions and ``started`` are skipped, and so are
@@ -109,11 +116,11 @@ class ClientJob:
         if self.detached:
             log.info("job %s: its client went away; it runs on (detached)", self.id)
             return
-        front, job_id = self.front, self.id
+        front, job_id, owner = self.front, self.id, self.owner
 
         async def cancel() -> None:
             with contextlib.suppress(Exception):
-                await front.jobs.cancel(job_id)
+                await front.jobs.cancel(job_id, owner)
 
         task = asyncio.get_running_loop().create_task(cancel())
         front.background.add(task)

@@ -9,6 +9,7 @@ import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("streamq.api")
@@ -26,6 +27,38 @@ _TYPES = {
     503: "service_unavailable",
     504: "timeout",
 }
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error's body (a 409 for an ended job also carries the ``job``)."""
+
+    error: ErrorDetail
+
+
+_MEANINGS = {
+    400: "invalid request: `param` names the field",
+    401: "no API key, or not a valid one",
+    404: "no such job (or another key's), or model",
+    409: "the job has already ended, or was canceled",
+    413: "the request body is too large",
+    422: "the body is not valid JSON",
+    429: "over a quota or a full queue: see Retry-After",
+    502: "the job failed",
+    503: "Redis is unreachable, or no live worker serves the model",
+    504: "the job ran past its timeout",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses, each with the envelope's schema."""
+    return {status: {"model": ErrorResponse, "description": _MEANINGS[status]} for status in statuses}
 
 
 class ApiError(Exception):
@@ -53,6 +86,11 @@ class ApiError(Exception):
 
     def envelope(self) -> dict[str, Any]:
         return error_envelope(self.message, self.type, self.param, self.code) | (self.body or {})
+
+
+def too_many_requests(message: str, code: str, retry_after: int) -> ApiError:
+    """A 429 ``rate_limit_error`` that says when to come back (``Retry-After``, seconds)."""
+    return ApiError(429, message, code=code, headers={"Retry-After": str(retry_after)})
 
 
 def error_envelope(
@@ -99,8 +137,11 @@ def _api_error_response(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc)
 
 
-def _redis_response(_: Request, exc: Exception) -> JSONResponse:
+def _redis_response(request: Request, exc: Exception) -> JSONResponse:
     log.warning("Redis failed: %s", exc)
+    metrics = getattr(request.app.state, "metrics", None)  # api.metrics.FrontMetrics
+    if metrics is not None:
+        metrics.redis_errors.inc()
     return error_response(
         ApiError(503, f"the job store (Redis) failed: {exc}; try again shortly", headers={"Retry-After": "1"})
     )

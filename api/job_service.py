@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import json
 import logging
 import re
@@ -18,12 +20,17 @@ from rq.queue import Queue
 from rq.registry import CanceledJobRegistry
 
 from api.admission import Admission, DrainRates
+from api.auth import OPEN, Caller
 from api.errors import ApiError
+from api.metrics import FrontMetrics
 from api.queue_positions import QueuePositions
+from api.quotas import KeyQuotas
+from api.request_limits import generation_request
 from api.worker_directory import WorkerDirectory
 from shared import keys
 from shared.job_state import CANCEL_SCRIPT, EVENT_QUEUED, cancel_args, encode, view_from_hash
 from shared.limits import InvalidJobRequest, answer_budget, may_not_fit
+from shared.log_format import job_fields
 from shared.schemas import FINAL_STATUSES, GenerationRequest, JobRequest, JobView
 from shared.settings import Settings
 
@@ -46,8 +53,12 @@ class JobService:
         rq_connection: redis.Redis,
         count_connection: aioredis.Redis,
         directory: WorkerDirectory,
+        quotas: KeyQuotas,
+        metrics: FrontMetrics | None = None,
     ) -> None:
         self._settings = settings
+        self.quotas = quotas
+        self.metrics = metrics or FrontMetrics()
         self._redis = connection
         self._rq = rq_connection
         self._count_redis = count_connection
@@ -59,44 +70,12 @@ class JobService:
         self.admission = Admission(connection, settings, self.drain_rates)
 
     # ----- creating -------------------------------------------------------------------------
-    def generation_request(self, request: JobRequest) -> GenerationRequest:
-        """The request resolved against the server's defaults and limits (or a 400)."""
-        s = self._settings
-        if request.max_tokens is not None and request.max_tokens > s.max_tokens_limit:
-            raise ApiError(
-                400,
-                f"max_tokens must be at most {s.max_tokens_limit}, got {request.max_tokens}",
-                param="max_tokens",
-            )
-        if request.max_tokens is not None:
-            max_tokens = request.max_tokens
-        elif request.max_length is not None:  # ChatGLM style: max_length bounds the answer
-            max_tokens = s.max_tokens_limit
-        else:
-            max_tokens = s.default_max_tokens
-        stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-        for name, value, limit in (
-            ("queue_ttl", request.queue_ttl, s.queue_ttl),
-            ("timeout", request.timeout, s.job_timeout),
-        ):
-            if value is not None and value > limit:
-                raise ApiError(400, f"{name} must be at most {limit} seconds, got {value}", param=name)
-        return GenerationRequest(
-            messages=request.chat_messages(),
-            max_tokens=max_tokens,
-            max_length=request.max_length,
-            temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=1.0 if request.top_p is None else request.top_p,
-            top_k=request.top_k or 0,
-            stop=stop,
-            seed=request.seed,
-            queue_ttl=request.queue_ttl,
-            timeout=request.timeout,
-        )
-
-    async def submit(self, request: JobRequest) -> JobView:
-        """Validate, pick the model, and create the job and its RQ job in one transaction."""
-        generation = self.generation_request(request)
+    async def submit(self, request: JobRequest, caller: Caller) -> JobView:
+        """Check the caller's rate, validate, pick the model, check the caller's concurrency, and
+        create the job (owned by the caller) and its RQ job in one transaction."""
+        if caller.name != OPEN:
+            await self.quotas.hit(caller.name)
+        generation = generation_request(request, self._settings)
         model = await self.directory.resolve(request.model)
         await self.admission.check(model)
         context_length = await self.directory.context_length(model)
@@ -104,8 +83,25 @@ class JobService:
             await self._check_prompt_length(model, generation)
         job_id = new_job_id()
         created_at = time.time()
-        await anyio.to_thread.run_sync(self._enqueue, job_id, model, generation, created_at)
-        log.info("job %s: queued for %s", job_id, model)
+        if caller.name != OPEN:
+            await self.quotas.admit(caller.name, job_id)
+        try:
+            await anyio.to_thread.run_sync(self._enqueue, job_id, model, generation, created_at, caller.name)
+        except Exception:  # not created (a cancel leaves the enqueue running in its thread)
+            if caller.name != OPEN:
+                with contextlib.suppress(RedisError):
+                    await self.quotas.release(caller.name, job_id)
+            raise
+        log.info(
+            "job %s: queued for %s%s",
+            job_id,
+            model,
+            f" by {caller.name}" if caller.name else "",
+            extra=job_fields("queued", job_id, model),
+        )
+        if self._settings.log_prompts:
+            log.info("job %s: messages %s", job_id, [m.model_dump() for m in generation.messages])
+        self.metrics.jobs_submitted.labels(model).inc()
         try:
             position: int | None = await self.queued_position(job_id, model)
             wait = await self.estimated_wait(model, position)
@@ -153,7 +149,9 @@ class JobService:
         except InvalidJobRequest as exc:
             raise ApiError(400, str(exc), param=exc.param) from None
 
-    def _enqueue(self, job_id: str, model: str, generation: GenerationRequest, created_at: float) -> None:
+    def _enqueue(
+        self, job_id: str, model: str, generation: GenerationRequest, created_at: float, owner: str
+    ) -> None:
         s = self._settings
         life = s.queue_ttl + s.job_timeout + s.result_ttl
         queue = Queue(keys.queue_name(model), connection=self._rq)
@@ -177,6 +175,7 @@ class JobService:
                     "id": job_id,
                     "model": model,
                     "status": "queued",
+                    "owner": owner,
                     "created_at": repr(created_at),
                     "request": generation.model_dump_json(),
                 },
@@ -206,7 +205,8 @@ class JobService:
         """Seconds until a queued job at ``position`` starts, at the model's drain rate (or None)."""
         return await self.drain_rates.estimated_wait(model, position)
 
-    async def find(self, job_id: str) -> JobView | None:
+    async def find(self, job_id: str, owner: str) -> JobView | None:
+        """The job, if it exists and belongs to ``owner`` (another key's job is not found)."""
         if not _JOB_ID.match(job_id):
             return None
         pipe = self._redis.pipeline(transaction=False)
@@ -214,6 +214,8 @@ class JobService:
         pipe.get(keys.text(job_id))
         fields, text = await pipe.execute()
         if not fields or "status" not in fields:
+            return None
+        if not hmac.compare_digest(fields.get("owner", OPEN).encode(), owner.encode()):
             return None
         position = None
         if fields["status"] == "queued":
@@ -227,17 +229,18 @@ class JobService:
         newest = await self._redis.xrevrange(keys.events(job_id), count=1)
         return str(newest[0][0]) if newest else None
 
-    async def get(self, job_id: str) -> JobView:
-        view = await self.find(job_id)
+    async def get(self, job_id: str, owner: str) -> JobView:
+        view = await self.find(job_id, owner)
         if view is None:
             raise ApiError(404, f"no job with id '{job_id}'", param="id", code="job_not_found")
         return view
 
     # ----- canceling ------------------------------------------------------------------------
-    async def cancel(self, job_id: str) -> JobView:
-        """Cancel a job. A queued one is taken off its queue before any worker sees it; a
-        running one stops at its next step. Returns the job's view; 409 if it had ended."""
-        view = await self.get(job_id)
+    async def cancel(self, job_id: str, owner: str) -> JobView:
+        """Cancel ``owner``'s job. A queued one is taken off its queue before any worker sees it;
+        a running one stops at its next step. Returns the job's view; 409 if it had ended."""
+        asked = time.monotonic()
+        view = await self.get(job_id, owner)
         s = self._settings
         answer = await self._cancel(
             keys=[keys.job(job_id), keys.events(job_id), keys.text(job_id), keys.rq_queue(view.model)],
@@ -251,7 +254,7 @@ class JobService:
         if answer == "missing":
             raise ApiError(404, f"no job with id '{job_id}'", param="id", code="job_not_found")
         if answer in FINAL_STATUSES:
-            ended = await self.get(job_id)
+            ended = await self.get(job_id, owner)
             raise ApiError(
                 409,
                 f"job '{job_id}' has already ended ({ended.status})",
@@ -259,13 +262,20 @@ class JobService:
                 body={"job": ended.model_dump(mode="json")},
             )
         if answer == "ok":  # it was still queued: canceled here, before any worker saw it
-            log.info("job %s: canceled while queued", job_id)
+            log.info(
+                "job %s: canceled while queued", job_id, extra=job_fields("canceled", job_id, view.model)
+            )
+            self.metrics.cancel_latency.labels("queued").observe(time.monotonic() - asked)
             await anyio.to_thread.run_sync(self._file_rq_cancel, job_id)
         else:  # running: its worker stops at the next token
             await self._redis.publish(keys.CANCEL_CHANNEL, job_id)
             log.info("job %s: cancel requested while running", job_id)
             await self._wait_final(job_id)
-        return await self.get(job_id)
+            canceled = await self.get(job_id, owner)
+            if canceled.status == "canceled":
+                self.metrics.cancel_latency.labels("running").observe(time.monotonic() - asked)
+            return canceled
+        return await self.get(job_id, owner)
 
     def _file_rq_cancel(self, job_id: str) -> None:
         """Keep RQ's registries true: the RQ job is canceled too (it never ran)."""

@@ -17,6 +17,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry as SyncRetry
 
 from api.job_service import JobService
+from api.metrics import FrontMetrics
+from api.quotas import KeyQuotas
 from api.stream_hub import StreamHub
 from api.worker_directory import WorkerDirectory
 from shared.settings import Settings
@@ -64,7 +66,7 @@ class Front:
     background: set[asyncio.Task[Any]] = field(default_factory=set)  # fire-and-forget work (cancels)
 
     @classmethod
-    async def open(cls, settings: Settings) -> Front:
+    async def open(cls, settings: Settings, metrics: FrontMetrics | None = None) -> Front:
         url = settings.redis_url_or_default()
         timeout = settings.redis_command_timeout
         conn = _async_client(url, settings.redis_max_connections, timeout, settings)
@@ -86,6 +88,7 @@ class Front:
         )
         rq_conn = SyncRedis(connection_pool=rq_pool)
         directory = WorkerDirectory(conn, settings)
+        quotas = KeyQuotas(settings, conn)
         hub = StreamHub(hub_conn, conn, front_id=secrets.token_hex(8), block_ms=hub_block_ms)
         hub.start()
         return cls(
@@ -95,7 +98,7 @@ class Front:
             count_redis=count_conn,
             rq_redis=rq_conn,
             hub=hub,
-            jobs=JobService(settings, conn, rq_conn, count_conn, directory),
+            jobs=JobService(settings, conn, rq_conn, count_conn, directory, quotas, metrics),
             directory=directory,
         )
 
@@ -104,6 +107,7 @@ class Front:
         await self.hub_redis.aclose()
         await self.count_redis.aclose()
         await self.redis.aclose()
+        await self.jobs.quotas.close()
         self.rq_redis.close()
         self.rq_redis.connection_pool.disconnect()
 

@@ -1,4 +1,4 @@
-"""The ``streamq`` command: ``up``, ``api``, ``worker``, ``make-tiny-model``.
+"""The ``streamq`` command: ``up``, ``api``, ``worker``, ``status``, ``make-tiny-model``.
 
 Heavy imports happen inside each command, so ``streamq api`` never loads torch.
 """
@@ -17,6 +17,19 @@ def _with(settings: Settings, **changes: object) -> Settings:
     return settings.model_copy(update={k: v for k, v in changes.items() if v is not None})
 
 
+_INSECURE_HELP = "serve without API keys on a non-loopback address (STREAMQ_INSECURE=1)"
+
+
+def _refuse_open_bind(settings: Settings, host: str) -> bool:
+    """Print why the front must not start on ``host`` and return True, or return False."""
+    from api.auth import open_bind_refusal
+
+    reason = open_bind_refusal(settings, host)
+    if reason is not None:
+        print(f"streamq: refusing to start: {reason}", file=sys.stderr)
+    return reason is not None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -30,11 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     up.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     up.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    up.add_argument("--insecure", action="store_true", default=None, help=_INSECURE_HELP)
 
     api = sub.add_parser("api", help="run the HTTP front (uvicorn)")
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
     api.add_argument("--log-level", default="info")
+    api.add_argument("--insecure", action="store_true", default=None, help=_INSECURE_HELP)
 
     worker = sub.add_parser("worker", help="run a worker that serves one model")
     worker.add_argument("--model", help="hub name or local folder (default: STREAMQ_MODEL)")
@@ -49,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
         "--backend", choices=["model", "synthetic"], help="synthetic: no model, paced tokens (load tests)"
     )
     worker.add_argument("--tokens-per-second", type=float, help="pace of the synthetic backend")
+
+    status = sub.add_parser("status", help="queues, workers and jobs, from Redis (a table)")
+    status.add_argument("--redis-url", help="default: STREAMQ_REDIS_URL")
 
     tiny = sub.add_parser("make-tiny-model", help="build a small random-weight chat model into DIR")
     tiny.add_argument("dir")
@@ -71,12 +89,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         import uvicorn
 
         from api.app import create_app
+        from shared.log_format import logging_config
 
+        settings = _with(settings, insecure=args.insecure)
+        if _refuse_open_bind(settings, args.host):
+            return 2
         uvicorn.run(
             create_app(settings),
             host=args.host,
             port=args.port,
             log_level=args.log_level,
+            log_config=logging_config(settings.log_format, args.log_level),
             # Open SSE streams would hold a stopping front for as long as their jobs run: cut
             # them after this grace; their clients re-attach elsewhere with Last-Event-ID.
             timeout_graceful_shutdown=settings.shutdown_grace,
@@ -104,6 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError) as exc:  # a model that cannot be found or loaded
             print(f"streamq worker: cannot serve {settings.model}: {exc}", file=sys.stderr)
             return 1
+    if args.command == "status":
+        from shared.status_report import print_status
+
+        return print_status(_with(settings, redis_url=args.redis_url))
     if args.command == "make-tiny-model":
         from worker.tiny_model import make_tiny_model
 
@@ -113,8 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "up":
         from shared.launcher import run_up
 
+        settings = _with(settings, device=args.device, dtype=args.dtype, insecure=args.insecure)
+        if _refuse_open_bind(settings, args.host):
+            return 2
         return run_up(
-            _with(settings, device=args.device, dtype=args.dtype),
+            settings,
             args.host,
             args.port,
             args.model,

@@ -85,3 +85,13 @@ def drained(model: str) -> str:
     end (score = unix time of the end; the member names no job). Workers add to it and trim it
     to the last couple of minutes; fronts read the model's drain rate off it."""
     return f"{PREFIX}:drained:{model}"
+
+
+def key_active(name: str) -> str:
+    """Sorted set of the jobs an API key (by name) has queued or running (member = job id, score =
+    when it was admitted): its concurrency quota. Ended jobs are pruned at the key's next submit."""
+    return f"{PREFIX}:key-active:{name}"
+
+
+# Prefix of the per-key request-rate counters (kept by the `limits` library's Redis storage).
+RATE_LIMIT_PREFIX = f"{PREFIX}:rate"

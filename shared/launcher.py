@@ -175,6 +175,7 @@ def run_up(settings: Settings, host: str, port: int, model: str | None, workers:
         model_path = model or str(ensure_tiny_model(settings.cache_path()))
         env = {**os.environ, "STREAMQ_REDIS_URL": redis_url, "STREAMQ_DEVICE": settings.device}
         env["STREAMQ_DTYPE"] = settings.dtype
+        env["STREAMQ_INSECURE"] = "1" if settings.insecure else "0"
         if settings.torch_threads is None:
             env["STREAMQ_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
         children.append(_spawn(["api", "--host", host, "--port", str(port)], env))

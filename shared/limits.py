@@ -16,6 +16,13 @@ class InvalidJobRequest(ValueError):
 
 def answer_budget(request: GenerationRequest, prompt_tokens: int, context_length: int | None) -> int:
     """How many new tokens the job may generate, or InvalidJobRequest when none fit."""
+    limit = request.max_prompt_tokens
+    if limit is not None and prompt_tokens > limit:
+        raise InvalidJobRequest(
+            f"the prompt is {prompt_tokens} tokens long; this server takes at most {limit} "
+            "(STREAMQ_MAX_PROMPT_TOKENS)",
+            param="messages",
+        )
     budget = request.max_tokens
     if request.max_length is not None:
         if request.max_length <= prompt_tokens:
@@ -38,10 +45,12 @@ def answer_budget(request: GenerationRequest, prompt_tokens: int, context_length
 def may_not_fit(request: GenerationRequest, context_length: int | None) -> bool:
     """Whether the prompt's token count is needed to accept the request: max_length is given, or
     the text is long enough that it might not fit the context. A token holds at least one byte
-    (byte-level BPE; SentencePiece with byte fallback), so bytes + template room bound it."""
+    (byte-level BPE; SentencePiece with byte fallback), so bytes + template room bound it. The
+    same holds for the server's prompt-token limit."""
     if request.max_length is not None:
         return True
-    if context_length is None:
+    bounds = [n for n in (context_length, request.max_prompt_tokens) if n is not None]
+    if not bounds:
         return False
     size = sum(len(m.content.encode("utf-8")) for m in request.messages)
-    return size + 256 + 16 * len(request.messages) >= context_length
+    return size + 256 + 16 * len(request.messages) >= min(bounds)

@@ -10,8 +10,6 @@ JobStatus = Literal["queued", "running", "finished", "failed", "canceled"]
 FINAL_STATUSES: frozenset[str] = frozenset({"finished", "failed", "canceled"})
 FinishReason = Literal["stop", "length", "timeout", "canceled", "error"]
 
-MAX_STOP_SEQUENCES = 8
-
 
 def _encodable(value: str) -> str:
     """Refuse text that is not valid Unicode (lone surrogates such as "\\ud800" in JSON)."""
@@ -61,8 +59,6 @@ class SamplingFields(BaseModel):
     @classmethod
     def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
         items = [value] if isinstance(value, str) else (value or [])
-        if len(items) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
         if any(item == "" for item in items):
             raise ValueError("stop sequences must not be empty")
         return value
@@ -117,6 +113,7 @@ class GenerationRequest(BaseModel):
     seed: int | None = None
     queue_ttl: int | None = None  # this job's own limits, within the server's
     timeout: int | None = None
+    max_prompt_tokens: int | None = None  # the front's limit, checked by the worker's tokenizer
 
 
 class Usage(BaseModel):

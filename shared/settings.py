@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -99,15 +99,49 @@ class Settings(BaseSettings):
         2.0, gt=0, description="how long the front waits for a worker to count a prompt's tokens"
     )
 
+    # Security (see README "Security"). Keys: comma-separated, each `KEY` or `name:KEY`; the file
+    # holds one per line. With no keys the front runs open, and only on a loopback address.
+    api_keys: SecretStr = Field(SecretStr(""), description="front: API keys, comma-separated")
+    api_keys_file: Path | None = Field(None, description="front: a file of API keys, one per line")
+    insecure: bool = Field(False, description="front: allow running without keys on a non-loopback address")
+    key_max_concurrent: int = Field(
+        16, ge=0, description="front: jobs one key may have queued or running at once (0: no limit)"
+    )
+    key_rate_limit: str = Field(
+        "120/minute", description="front: job requests per key, as `N/second|minute|hour` ('' : no limit)"
+    )
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="front: largest request body (413 beyond)")
+    max_messages: int = Field(256, ge=1, description="front: most messages (or history turns × 2 + 1)")
+    max_prompt_chars: int = Field(200_000, ge=1, description="front: most characters in all messages")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="most prompt tokens, by the model's tokenizer (default: its context)"
+    )
+    max_stop_sequences: int = Field(8, ge=0, description="front: most stop sequences per request")
+    max_stop_chars: int = Field(200, ge=1, description="front: longest stop sequence, in characters")
+    cors_origins: str = Field("", description="front: origins allowed by CORS, comma-separated ('*': any)")
+    log_prompts: bool = Field(False, description="log prompt text (off: logs hold no prompt and no key)")
+
     # Workers' liveness.
     heartbeat_interval: float = Field(2.0, gt=0)
     worker_ttl: float = Field(10.0, gt=0, description="a worker silent this long is no longer live")
+
+    # Operations (deploy): log format, and each worker's Prometheus endpoint.
+    log_format: str = Field("text", pattern="^(text|json)$", description="'json': one JSON object per line")
+    metrics_port: int = Field(
+        9310, ge=0, le=65535, description="worker: first port tried for /metrics (0: none; busy: the next)"
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="worker: address its /metrics port listens on (images: 0.0.0.0)"
+    )
 
     def redis_url_or_default(self) -> str:
         return self.redis_url or DEFAULT_REDIS_URL
 
     def cache_path(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else Path.home() / ".cache" / "streamq"
+
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     def model_list(self) -> list[str]:
         return [m.strip() for m in self.models.split(",") if m.strip()]

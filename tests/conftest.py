@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from tests.processes import RedisServer, Service, start_front, start_worker, wait_workers
+from tests.secure_stack import SecureStack, secure_stack
 
 
 @pytest.fixture(scope="session")
@@ -103,6 +104,12 @@ def stack(
     yield stack
     for service in services:
         service.stop()
+
+
+@pytest.fixture(scope="session")
+def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureStack]:
+    """Fronts with API keys, quotas and small limits (see tests/secure_stack.py)."""
+    yield from secure_stack(tmp_path_factory.mktemp("secure"))
 
 
 # ----- clients (issue 8): a front with an API key and a slow synthetic worker ---------------------

@@ -129,3 +129,16 @@ def test_the_front_asks_for_a_count_only_when_the_prompt_might_not_fit() -> None
     assert may_not_fit(request("hello", max_length=100), 4096)
     assert may_not_fit(request("x" * 4000), 4096)
     assert not may_not_fit(request("x" * 4000), None)
+
+
+def test_the_worker_refuses_a_prompt_over_the_servers_token_limit(tiny_backend: Any) -> None:
+    """When no worker counted the prompt in time, the worker that takes the job applies the
+    front's STREAMQ_MAX_PROMPT_TOKENS (carried in the job) with its own tokenizer."""
+    from shared.limits import InvalidJobRequest, may_not_fit
+
+    over = request("word " * 60, max_prompt_tokens=40)
+    assert may_not_fit(over, None), "a prompt that may pass the limit is counted by the front"
+    with pytest.raises(InvalidJobRequest, match="STREAMQ_MAX_PROMPT_TOKENS"):
+        list(tiny_backend.generate(over))
+    within = request("word", max_prompt_tokens=40)
+    assert list(tiny_backend.generate(within))[-1].finish_reason in ("stop", "length")

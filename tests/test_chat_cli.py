@@ -10,9 +10,7 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
-from urllib.parse import urlparse
 
 import httpx
 import pexpect
@@ -21,7 +19,7 @@ import pytest
 from shared import keys
 from shared.schemas import GenerationRequest
 from tests.conftest import SLOW_TOKENS_PER_SECOND, SlowStack
-from tests.processes import ROOT, Service, start_front
+from tests.processes import ROOT, Service, restart_front_soon, start_front
 from worker.synthetic import WORDS
 
 pytestmark = pytest.mark.e2e
@@ -170,10 +168,7 @@ def test_ask_rides_out_a_front_restart_without_losing_or_repeating_text(
         head = proc.stdout.read(40)  # the answer has begun
         front.proc.send_signal(signal.SIGKILL)
         front.stop()
-        port = urlparse(url).port
-        env, logdir = slow_stack.env, slow_stack.logdir
-        restart = threading.Thread(target=lambda: fronts.append(start_front(env, logdir, "ask-2", port)[0]))
-        restart.start()
+        restart = restart_front_soon(slow_stack.env, slow_stack.logdir, "ask-front-2", url, fronts)
         rest = proc.stdout.read()  # to the end (the same buffered reader: nothing skipped)
         proc.wait(timeout=60)
         restart.join()

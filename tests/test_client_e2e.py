@@ -7,25 +7,18 @@ import asyncio
 import signal
 import threading
 from typing import Any
-from urllib.parse import urlparse
 
 import httpx
 import pytest
 
 from client import AsyncStreamqClient, Backoff, StreamEvent, StreamqClient, StreamqError
 from tests.conftest import LONG_TOKENS, SlowStack, Stack
-from tests.processes import ROOT, Service, start_front
+from tests.processes import ROOT, Service, restart_front_soon, start_front
 from tests.test_e2e_jobs import greedy_answer
 
 pytestmark = pytest.mark.e2e
 
 PATIENT = Backoff(initial=0.1, factor=2, cap=1.0, max_attempts=120)  # a front restart takes seconds
-
-
-def _port(url: str) -> int:
-    port = urlparse(url).port
-    assert port is not None
-    return port
 
 
 def _check_once(events: list[StreamEvent]) -> None:
@@ -51,13 +44,7 @@ def test_the_client_resumes_after_its_front_restarts_mid_stream(
                 if restart is None and sum(e.event == "delta" for e in events) == 3:
                     front.proc.send_signal(signal.SIGKILL)  # mid-answer, no goodbye
                     front.stop()
-
-                    def again() -> None:
-                        back = start_front(stack.env, stack.logdir, "front-restarted-2", _port(url))
-                        fronts.append(back[0])
-
-                    restart = threading.Thread(target=again)
-                    restart.start()
+                    restart = restart_front_soon(stack.env, stack.logdir, "front-restarted-2", url, fronts)
             assert restart is not None
             restart.join()
             view = client.status(job.id)
@@ -80,7 +67,7 @@ def test_the_async_client_resumes_after_its_front_restarts_while_the_job_runs(sl
         fronts = [front]
         reconnects: list[Any] = []
         events: list[StreamEvent] = []
-        restart: asyncio.Task[tuple[Service, str]] | None = None
+        restart: threading.Thread | None = None
         try:
             async with AsyncStreamqClient(url, api_key=slow_stack.api_key, backoff=PATIENT) as client:
                 question = [{"role": "user", "content": "talk for a while"}]
@@ -90,13 +77,10 @@ def test_the_async_client_resumes_after_its_front_restarts_while_the_job_runs(sl
                     if restart is None and sum(e.event == "delta" for e in events) == 3:
                         front.proc.send_signal(signal.SIGKILL)
                         await asyncio.to_thread(front.stop)
-                        restart = asyncio.create_task(
-                            asyncio.to_thread(
-                                start_front, slow_stack.env, slow_stack.logdir, "slow-restarted-2", _port(url)
-                            )
-                        )
+                        env, logdir = slow_stack.env, slow_stack.logdir
+                        restart = restart_front_soon(env, logdir, "slow-restarted-2", url, fronts)
                 assert restart is not None
-                fronts.append((await restart)[0])
+                await asyncio.to_thread(restart.join)
                 view = await client.status(job.id)
         finally:
             for service in fronts:

@@ -8,11 +8,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlparse
 
 import httpx
 import pytest
@@ -20,7 +18,7 @@ import pytest
 from shared import keys
 from shared.schemas import GenerationRequest
 from tests.conftest import SLOW_TOKENS_PER_SECOND, SlowStack
-from tests.processes import Service, start_front
+from tests.processes import Service, restart_front_soon, start_front
 
 pytestmark = [
     pytest.mark.e2e,
@@ -174,7 +172,6 @@ def test_the_page_streams_an_answer_stops_it_and_keeps_the_conversation(
 def test_the_page_rides_out_a_front_restart_mid_answer(browser: Any, slow_stack: SlowStack) -> None:
     front, url = start_front(slow_stack.env, slow_stack.logdir, "page-front")
     fronts: list[Service] = [front]
-    port = urlparse(url).port
     try:
         _open(browser, slow_stack, url)
         tokens = 8 * SLOW_TOKENS_PER_SECOND
@@ -182,10 +179,7 @@ def test_the_page_rides_out_a_front_restart_mid_answer(browser: Any, slow_stack:
         until(browser, lambda: len(_text(answer).split()) >= 5, "the answer to start")
         front.proc.send_signal(signal.SIGKILL)
         front.stop()
-        restart = threading.Thread(
-            target=lambda: fronts.append(start_front(slow_stack.env, slow_stack.logdir, "front-2", port)[0])
-        )
-        restart.start()
+        restart = restart_front_soon(slow_stack.env, slow_stack.logdir, "page-front-2", url, fronts)
         ended = ("done", "error", "canceled")
         until(browser, lambda: _state(answer) in ended, "the answer to end", timeout=90)
         restart.join()

@@ -18,6 +18,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -104,9 +105,12 @@ class Engine:
 
     thread_name = "streamq-engine"
 
-    def __init__(self, model: BatchModel, sink: OutputSink) -> None:
+    def __init__(
+        self, model: BatchModel, sink: OutputSink, on_step: Callable[[float], None] | None = None
+    ) -> None:
         self.model = model
         self._sink = sink
+        self._on_step = on_step  # given each model step's duration (seconds): one call per step
         self._inbox: queue.SimpleQueue[EngineJob | None] = queue.SimpleQueue()
         self._jobs: set[EngineJob] = set()
         self._stopping = threading.Event()
@@ -175,6 +179,7 @@ class Engine:
                 outputs.append(ended(job, "error", "generation_error", f"{type(exc).__name__}: {exc}"))
         outputs += self._drop_stopped()
         if self._jobs and self.model.ready_in() == 0:
+            began = time.perf_counter()
             try:
                 outputs += self.model.step()
             except Exception as exc:  # a bad step fails the jobs it held, not the worker
@@ -184,6 +189,8 @@ class Engine:
                     self.model.remove(job)
                     outputs.append(ended(job, "error", "generation_error", message))
             self.steps += 1
+            if self._on_step is not None:
+                self._on_step(time.perf_counter() - began)
         for output in outputs:
             if output.finish_reason is not None:
                 self._jobs.discard(output.job)

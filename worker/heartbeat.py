@@ -41,6 +41,10 @@ class Heartbeat(BackgroundThread):
         self.current_job = ""
         self.jobs_done = 0
 
+    def publish(self, **info: str) -> None:
+        """Add fields to what the worker announces (from its next beat on)."""
+        self._info.update(info)
+
     def start(self) -> None:
         self.beat()
         super().start()

@@ -26,6 +26,7 @@ from rq.worker import Worker
 
 from shared import keys
 from shared.job_state import REQUEUE_SCRIPT, ending_keys, requeue_args
+from shared.log_format import job_fields
 from shared.settings import Settings
 from worker.background import BackgroundThread
 
@@ -88,27 +89,34 @@ class Janitor(BackgroundThread):
             # Into RQ's queue first, then the state: should this process die in between, the job
             # is at worst queued twice (a worker that finds it running under a live lease leaves
             # it), never left queued in streamq with nothing in RQ to run it.
-            self._requeue_in_rq(job_id)
+            model = self._requeue_in_rq(job_id)
             answer = self._requeue(
                 keys=ending_keys(job_id),
                 args=requeue_args(job_id, s.stream_maxlen, s.result_ttl, s.max_attempts, failure),
             )
             answer = answer.decode() if isinstance(answer, bytes) else str(answer)
             if answer in ("requeued", "failed", "canceled"):  # else it ended meanwhile
-                log.warning("janitor: job %s lost its worker: %s", job_id, answer)
+                log.warning(
+                    "janitor: job %s lost its worker: %s",
+                    job_id,
+                    answer,
+                    extra=job_fields(answer, job_id, model, reason="worker_lost"),
+                )
             if answer == "requeued":
                 requeued.append(job_id)
         return requeued
 
-    def _requeue_in_rq(self, job_id: str) -> None:
+    def _requeue_in_rq(self, job_id: str) -> str:
+        """Put the job back at the front of its RQ queue; returns its model ("" if unknown)."""
         try:
             job = Job.fetch(job_id, connection=self._redis)
         except NoSuchJobError:
             log.error("janitor: job %s has no RQ record left; it stays queued in streamq only", job_id)
-            return
+            return ""
         queue = Queue(job.origin, connection=self._redis)
         StartedJobRegistry(queue=queue).remove_executions(job)
         queue.enqueue_job(job, at_front=True)
+        return str(job.origin).removeprefix(keys.queue_name(""))
 
     def forget_dead_workers(self) -> None:
         """Drop worker processes whose heartbeat stopped, and their RQ slot workers."""

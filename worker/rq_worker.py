@@ -24,6 +24,7 @@ from rq.timeouts import BaseDeathPenalty
 from rq.worker import SimpleWorker
 
 from shared import keys
+from shared.log_format import job_fields
 from shared.settings import Settings, load_settings
 from worker import runtime
 from worker.backend import ServedModel
@@ -142,7 +143,12 @@ class StreamqWorker(SimpleWorker):
                 pipe.execute()
             if job._result == REQUEUED:
                 queue.enqueue_job(job, at_front=True)
-                log.info("job %s: handed back to its queue", job.id)
+                model = str(job.origin).removeprefix(keys.queue_name(""))
+                log.info(
+                    "job %s: handed back to its queue",
+                    job.id,
+                    extra=job_fields("requeued", job.id, model, worker=self.name, reason="worker_stopping"),
+                )
             return
         if job._result != CANCELED:
             super().handle_job_success(job, queue, started_job_registry, execution)
@@ -155,4 +161,4 @@ class StreamqWorker(SimpleWorker):
                 job.origin, self.connection, job_class=self.job_class, serializer=self.serializer
             ).add(job, ttl=self.settings.result_ttl, pipeline=pipe)
             pipe.execute()
-        log.info("job %s: canceled", job.id)
+        log.debug("job %s: canceled (RQ registry)", job.id)

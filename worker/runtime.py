@@ -20,6 +20,7 @@ from worker.heartbeat import Heartbeat
 from worker.janitor import Janitor
 from worker.job_runner import JobRunner
 from worker.leases import LeaseKeeper
+from worker.metrics import WorkerMetrics
 from worker.prompt_counter import PromptCounter
 from worker.step_publisher import StepPublisher
 
@@ -37,9 +38,15 @@ class WorkerRuntime:
         context_length: int | None,
     ) -> None:
         self.backend = backend
+        self.settings = settings
+        self.metrics = WorkerMetrics(backend.name)
+        self.metrics.describe_worker(
+            worker=worker_name, model=backend.name, device=backend.device, dtype=backend.dtype
+        )
+        self.metrics.watch_slots(model.slots, lambda: len(self._running))
         self.cancels = CancelWatcher(connection)
-        self.publisher = StepPublisher(connection, settings)
-        self.engine = Engine(model, self.publisher)
+        self.publisher = StepPublisher(connection, settings, self.metrics)
+        self.engine = Engine(model, self.publisher, self.metrics.engine_step.observe)
         self.heartbeat = Heartbeat(
             connection,
             settings,
@@ -56,7 +63,14 @@ class WorkerRuntime:
         self.leases = LeaseKeeper(connection, settings)
         self.janitor = Janitor(connection, settings)
         self.runner = JobRunner(
-            connection, self.engine, self.publisher, settings, self.cancels, self.leases, worker_name
+            connection,
+            self.engine,
+            self.publisher,
+            settings,
+            self.cancels,
+            self.leases,
+            worker_name,
+            self.metrics,
         )
         self._running: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -64,6 +78,8 @@ class WorkerRuntime:
     def start(self, engine_thread: bool = True) -> None:
         """Start the helper threads, and the engine in a thread of its own unless the caller
         runs it (``engine.run()``) in the thread that loaded the model."""
+        port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+        self.heartbeat.publish(metrics_port=str(port or ""))  # `streamq status` shows it
         self.cancels.start()
         self.counter.start()
         self.publisher.start()
@@ -85,14 +101,18 @@ class WorkerRuntime:
         self.heartbeat.stop()
         for helper in helpers:
             helper.stop()
+        self.metrics.close()
 
     def run_job(self, job_id: str, slot_name: str) -> str:
         with self._lock:
             self._running[job_id] = slot_name
             self.heartbeat.current_job = ",".join(self._running)
+        status = "failed"  # JobFailed, or anything else the run raised
         try:
-            return self.runner.run(job_id, slot_name)
+            status = self.runner.run(job_id, slot_name)
+            return status
         finally:
+            self.metrics.job_ended(status)
             with self._lock:
                 self._running.pop(job_id, None)
                 self.heartbeat.current_job = ",".join(self._running)

@@ -38,6 +38,7 @@ from shared.job_state import (
 from shared.settings import Settings
 from worker.background import BackgroundThread
 from worker.engine import EngineJob, JobOutput
+from worker.metrics import WorkerMetrics
 
 log = logging.getLogger("streamq.worker")
 
@@ -58,6 +59,7 @@ class _Pending:
     stored: int = 0  # token ids of the job already in Redis (see DELTA_SCRIPT)
     last_write: float | None = None  # monotonic
     counts_dirty: bool = False
+    counted: int = 0  # completion tokens already added to the generated-tokens metric
 
 
 def final_record(output: JobOutput, finished_at: float) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
@@ -92,8 +94,11 @@ def final_record(output: JobOutput, finished_at: float) -> tuple[str, str, dict[
 class StepPublisher(BackgroundThread):
     thread_name = "streamq-publisher"
 
-    def __init__(self, connection: redis.Redis, settings: Settings) -> None:
+    def __init__(
+        self, connection: redis.Redis, settings: Settings, metrics: WorkerMetrics | None = None
+    ) -> None:
         super().__init__()
+        self._metrics = metrics or WorkerMetrics("")
         self._redis = connection
         self._interval = settings.publish_interval_ms / 1000.0
         self._maxlen = settings.stream_maxlen
@@ -124,9 +129,11 @@ class StepPublisher(BackgroundThread):
                 self._write(time.monotonic(), final=self._stop.is_set())
                 backoff = 0.05
             except redis.ResponseError as exc:  # Redis refused (e.g. out of memory): do not loop
+                self._metrics.redis_errors.inc()
                 log.error("Redis refused job output (%s); the jobs concerned end failed", exc)
                 self._give_up(str(exc))
             except redis.RedisError as exc:  # kept and written again once Redis answers
+                self._metrics.redis_errors.inc()
                 log.warning("could not write job output to Redis (%s); retrying in %.2fs", exc, backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
@@ -152,24 +159,34 @@ class StepPublisher(BackgroundThread):
         return max(0.0, min(due)) if due else None
 
     def _take(self, wait: float | None) -> None:
+        tokens = 0  # added to the metric once per call, not per output
         try:
             batch = self._inbox.get(timeout=wait if wait is not None else 1.0)
             while True:
                 for output in batch:
                     pending = self._pending.get(output.job)
                     if pending is None:
-                        pending = _Pending(output.job, stored=len(output.job.resume_ids))
+                        resumed = len(output.job.resume_ids)
+                        pending = _Pending(output.job, stored=resumed, counted=resumed)
                         self._pending[output.job] = pending
                     pending.text += output.text
                     pending.ids += output.token_ids
                     pending.counts_dirty = True
+                    if output.completion_tokens > pending.counted:
+                        tokens += output.completion_tokens - pending.counted
+                        pending.counted = output.completion_tokens
                     if output.text and output.job.first_token_at is None:
                         output.job.first_token_at = time.time()
+                        self._metrics.time_to_first_token.observe(
+                            output.job.first_token_at - output.job.started_at
+                        )
                     if output.finish_reason is not None and pending.end is None:
                         pending.end = output  # the first end stands
                 batch = self._inbox.get_nowait()
         except queue.Empty:
             pass
+        if tokens:
+            self._metrics.generated_tokens.inc(tokens)
 
     def _write(self, now: float, final: bool) -> None:
         due = [

@@ -18,15 +18,20 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import Field
 
+from api.auth import CallerDep, require_caller
 from api.client_job import JOB_HEADER, ClientJob
-from api.errors import job_failure_error
+from api.errors import error_responses, job_failure_error
 from api.job_stream import ClientGone
 from api.state import Front, get_front
 from shared.job_state import EVENT_DELTA, EVENT_DONE
 from shared.schemas import JobRequest, SamplingFields, Text
 
 log = logging.getLogger("streamq.api")
-router = APIRouter(tags=["chatglm-compatible"])
+router = APIRouter(
+    tags=["chatglm-compatible"],
+    dependencies=[Depends(require_caller)],
+    responses=error_responses(400, 401, 404, 409, 413, 422, 429, 502, 503, 504),
+)
 FrontDep = Annotated[Front, Depends(get_front)]
 MARKER = "<^>"
 
@@ -44,10 +49,12 @@ class ChatGLMRequest(SamplingFields):
         return JobRequest.model_validate(self.model_dump())
 
 
-@router.post("/", responses={400: {}, 409: {}, 502: {}, 503: {}})
-async def chat(body: ChatGLMRequest, request: Request, response: Response, front: FrontDep) -> Any:
+@router.post("/")
+async def chat(
+    body: ChatGLMRequest, request: Request, response: Response, front: FrontDep, caller: CallerDep
+) -> Any:
     """Answer one chat turn, waiting for the whole answer."""
-    job = await ClientJob.submit(front, body.job_request(), request)
+    job = await ClientJob.submit(front, body.job_request(), request, caller)
     response.headers[JOB_HEADER] = job.id
     result = await job.whole_answer()
     if result is None:
@@ -61,14 +68,14 @@ async def chat(body: ChatGLMRequest, request: Request, response: Response, front
 @router.post(
     "/stream",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/plain": {}}}, 400: {}, 409: {}, 502: {}, 503: {}},
+    responses={200: {"content": {"text/plain": {}}}},
 )
-async def chat_stream(body: ChatGLMRequest, request: Request, front: FrontDep) -> Response:
+async def chat_stream(body: ChatGLMRequest, request: Request, front: FrontDep, caller: CallerDep) -> Response:
     """Stream one chat turn: every chunk is ``<^>`` + the whole answer so far.
 
     An error before any output is an HTTP error; one after it is a last chunk holding the
     error envelope (``<^>{"error": ...}``)."""
-    job = await ClientJob.submit(front, body.job_request(), request)
+    job = await ClientJob.submit(front, body.job_request(), request, caller)
     try:
         first = await job.next_event()
     except (ClientGone, asyncio.CancelledError) as exc:

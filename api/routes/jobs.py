@@ -8,52 +8,58 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
-from api.errors import ApiError
+from api.auth import CallerDep, require_caller
+from api.errors import ApiError, error_responses
 from api.job_stream import ClientGone, follow_job, sse_message
 from api.state import Front, get_front
 from api.stream_hub import StreamInterrupted, parse_entry_id
 from shared.schemas import FINAL_STATUSES, JobRequest, JobView
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(
+    prefix="/v1/jobs",
+    tags=["jobs"],
+    dependencies=[Depends(require_caller)],
+    responses=error_responses(401, 503),
+)
 
 FrontDep = Annotated[Front, Depends(get_front)]
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
 
 
-@router.post("", status_code=202, responses={400: {}, 404: {}, 422: {}, 503: {}})
-async def create_job(body: JobRequest, response: Response, front: FrontDep) -> JobView:
+@router.post("", status_code=202, responses=error_responses(400, 404, 413, 422, 429))
+async def create_job(body: JobRequest, response: Response, front: FrontDep, caller: CallerDep) -> JobView:
     """Queue a chat job. Answers 202 with the job's view; follow it at ``/v1/jobs/{id}/events``."""
-    view = await front.jobs.submit(body)
+    view = await front.jobs.submit(body, caller)
     response.headers["Location"] = f"/v1/jobs/{view.id}"
     return view
 
 
-@router.get("/{job_id}", responses={404: {}})
-async def get_job(job_id: str, front: FrontDep) -> JobView:
+@router.get("/{job_id}", responses=error_responses(404))
+async def get_job(job_id: str, front: FrontDep, caller: CallerDep) -> JobView:
     """The job's status, queue position, answer so far, usage and timings."""
-    return await front.jobs.get(job_id)
+    return await front.jobs.get(job_id, caller.name)
 
 
 @router.get(
     "/{job_id}/events",
     response_class=StreamingResponse,
-    responses={
+    responses=error_responses(400, 404)
+    | {
         200: {"content": {"text/event-stream": {}}},
         204: {"description": "the job has ended and Last-Event-ID was its final event"},
-        400: {},
-        404: {},
     },
 )
 async def job_events(
     job_id: str,
     request: Request,
     front: FrontDep,
+    caller: CallerDep,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> Response:
     """Server-Sent Events: ``queued`` (position), ``started``, ``delta`` ({text}), then one of
     ``done`` / ``error`` / ``canceled``. Send ``Last-Event-ID`` to get only the events after it;
     204 when that was the job's final event."""
-    view = await front.jobs.get(job_id)
+    view = await front.jobs.get(job_id, caller.name)
     if last_event_id is not None:
         last_event_id = last_event_id.strip()
         try:
@@ -96,13 +102,13 @@ async def job_events(
     return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-@router.post("/{job_id}/cancel", responses={404: {}, 409: {}})
-async def cancel_job(job_id: str, front: FrontDep) -> JobView:
+@router.post("/{job_id}/cancel", responses=error_responses(404, 409))
+async def cancel_job(job_id: str, front: FrontDep, caller: CallerDep) -> JobView:
     """Cancel a queued or running job; 409 (with the job) if it had already ended."""
-    return await front.jobs.cancel(job_id)
+    return await front.jobs.cancel(job_id, caller.name)
 
 
-@router.delete("/{job_id}", responses={404: {}, 409: {}})
-async def delete_job(job_id: str, front: FrontDep) -> JobView:
+@router.delete("/{job_id}", responses=error_responses(404, 409))
+async def delete_job(job_id: str, front: FrontDep, caller: CallerDep) -> JobView:
     """Same as ``POST /v1/jobs/{id}/cancel``."""
-    return await front.jobs.cancel(job_id)
+    return await front.jobs.cancel(job_id, caller.name)

@@ -19,8 +19,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from api.auth import Caller, CallerDep, require_caller
 from api.client_job import JOB_HEADER, ClientJob
-from api.errors import ApiError, job_failure_error
+from api.errors import ApiError, error_responses, job_failure_error
 from api.job_stream import ClientGone
 from api.openai_format import DONE, PING, CompletionFormat, Kind, model_list, model_object, sse_data
 from api.openai_schemas import ChatCompletionRequest, CompletionRequest, OpenAIFields
@@ -29,31 +30,44 @@ from shared.job_state import EVENT_DELTA, EVENT_DONE
 from shared.schemas import JobRequest
 
 log = logging.getLogger("streamq.api")
-router = APIRouter(prefix="/v1", tags=["openai-compatible"])
+router = APIRouter(
+    prefix="/v1",
+    tags=["openai-compatible"],
+    dependencies=[Depends(require_caller)],
+    responses=error_responses(401, 503),
+)
 FrontDep = Annotated[Front, Depends(get_front)]
 DetachHeader = Annotated[
     str | None, Header(alias="X-Streamq-Detach", description="1: keep the job running if the client goes")
 ]
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_ERRORS: dict[int | str, dict[str, Any]] = {400: {}, 404: {}, 409: {}, 422: {}, 502: {}, 503: {}, 504: {}}
+_ERRORS = error_responses(400, 404, 409, 413, 422, 429, 502, 504)
 
 
 @router.post("/chat/completions", response_model=None, responses=_ERRORS)
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, front: FrontDep, detach: DetachHeader = None
+    body: ChatCompletionRequest,
+    request: Request,
+    front: FrontDep,
+    caller: CallerDep,
+    detach: DetachHeader = None,
 ) -> Response:
     """OpenAI's chat completion: a ``chat.completion``, or with ``stream`` the
     ``chat.completion.chunk`` events, then ``data: [DONE]``."""
-    return await _complete(front, request, "chat", body, body.job_request(), detach)
+    return await _complete(front, request, caller, "chat", body, body.job_request(), detach)
 
 
 @router.post("/completions", response_model=None, responses=_ERRORS)
 async def completions(
-    body: CompletionRequest, request: Request, front: FrontDep, detach: DetachHeader = None
+    body: CompletionRequest,
+    request: Request,
+    front: FrontDep,
+    caller: CallerDep,
+    detach: DetachHeader = None,
 ) -> Response:
     """OpenAI's (legacy) text completion. The prompt reaches the model as one user message,
     through its chat template."""
-    return await _complete(front, request, "text", body, body.job_request(), detach)
+    return await _complete(front, request, caller, "text", body, body.job_request(), detach)
 
 
 @router.get("/models")
@@ -62,7 +76,7 @@ async def list_models(front: FrontDep) -> dict[str, Any]:
     return model_list(await front.directory.served_since())
 
 
-@router.get("/models/{model:path}", responses={404: {}})
+@router.get("/models/{model:path}", responses=error_responses(404))
 async def get_model(model: str, front: FrontDep) -> dict[str, Any]:
     """One served model; 404 ``model_not_found`` if no live worker serves it."""
     since = await front.directory.served_since()
@@ -78,12 +92,13 @@ def _wants_detach(body: OpenAIFields, header: str | None) -> bool:
 async def _complete(
     front: Front,
     request: Request,
+    caller: Caller,
     kind: Kind,
     body: OpenAIFields,
     job_request: JobRequest,
     detach: str | None,
 ) -> Response:
-    job = await ClientJob.submit(front, job_request, request, detached=_wants_detach(body, detach))
+    job = await ClientJob.submit(front, job_request, request, caller, detached=_wants_detach(body, detach))
     if body.user:
         log.info("job %s: OpenAI %s completion for user %r", job.id, kind, body.user)
     fmt = CompletionFormat(kind, job.id, job.view.model, int(job.view.created_at), body.include_usage)

@@ -1,0 +1,118 @@
+"""The front's Prometheus metrics, served on ``GET /metrics`` (open, like the health probes).
+
+Each app gets its own ``CollectorRegistry`` (``FrontMetrics``), held on ``app.state``; no
+module-level registry. The front is stateless, so what describes the deployment (queue
+depths, live workers, running jobs) is read from Redis at scrape time by a custom collector,
+and any front gives the same answer. What happened in this front (jobs submitted, cancels,
+Redis errors) is counted here; sum it over the fronts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import anyio.to_thread
+import redis
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from shared import queue_stats
+
+log = logging.getLogger("streamq.api")
+
+# Buckets (seconds) for what a person waits on: from a few ms to several minutes.
+WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class DeploymentCollector(Collector):
+    """Queue depth and oldest wait per model, live workers and their slots, running jobs: read
+    from Redis when Prometheus scrapes (a failed read leaves them out and counts a Redis error)."""
+
+    def __init__(self, connection: redis.Redis, worker_ttl: float, redis_errors: Counter) -> None:
+        self._redis = connection
+        self._worker_ttl = worker_ttl
+        self._redis_errors = redis_errors
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            workers = [w for w in queue_stats.workers(self._redis, self._worker_ttl) if w.live]
+            models = queue_stats.known_models(self._redis, workers)
+            queues = queue_stats.queues(self._redis, models)
+            running = queue_stats.running_jobs(self._redis)
+        except redis.RedisError as exc:
+            log.warning("metrics: could not read the queues from Redis: %s", exc)
+            self._redis_errors.inc()
+            return
+        depth = GaugeMetricFamily(
+            "streamq_queue_depth", "Jobs waiting in the model's queue", labels=["model"]
+        )
+        oldest = GaugeMetricFamily(
+            "streamq_queue_oldest_wait_seconds",
+            "How long the job at the head of the model's queue has waited (0: empty queue)",
+            labels=["model"],
+        )
+        for q in queues:
+            depth.add_metric([q.model], q.depth)
+            oldest.add_metric([q.model], q.oldest_wait or 0.0)
+        live = GaugeMetricFamily(
+            "streamq_workers", "Live worker processes serving the model", labels=["model"]
+        )
+        slots = GaugeMetricFamily("streamq_slots", "Job slots of the model's live workers", labels=["model"])
+        busy = GaugeMetricFamily("streamq_slots_busy", "Slots running a job now", labels=["model"])
+        for model in models:
+            serving = [w for w in workers if w.model == model]
+            live.add_metric([model], len(serving))
+            slots.add_metric([model], sum(w.slots for w in serving))
+            busy.add_metric([model], sum(w.busy for w in serving))
+        yield from (depth, oldest, live, slots, busy)
+        yield GaugeMetricFamily("streamq_jobs_running", "Jobs running now on any worker", value=running)
+
+
+class FrontMetrics:
+    """This front's own counters, and the deployment collector, on one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self._deployment: DeploymentCollector | None = None
+        self.jobs_submitted = Counter(
+            "streamq_jobs_submitted", "Jobs this front queued", ["model"], registry=self.registry
+        )
+        self.cancel_latency = Histogram(
+            "streamq_cancel_latency_seconds",
+            "Cancel call to the job's canceled state (state: where the job was when asked)",
+            ["state"],
+            buckets=WAIT_BUCKETS,
+            registry=self.registry,
+        )
+        self.redis_errors = Counter(
+            "streamq_redis_errors", "Redis commands that failed", ["component"], registry=self.registry
+        ).labels("front")
+
+    def watch_deployment(self, connection: redis.Redis, worker_ttl: float) -> None:
+        """Add the scrape-time collector, reading through ``connection`` (a synchronous client)."""
+        self.unwatch_deployment()
+        self._deployment = DeploymentCollector(connection, worker_ttl, self.redis_errors)
+        self.registry.register(self._deployment)
+
+    def unwatch_deployment(self) -> None:
+        if self._deployment is not None:
+            self.registry.unregister(self._deployment)
+            self._deployment = None
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format. Reading the queues is synchronous Redis I/O: done in a thread."""
+    front_metrics: FrontMetrics = request.app.state.metrics
+    body = await anyio.to_thread.run_sync(front_metrics.exposition)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,142 @@
+"""Per-key quotas, held in Redis so that they bind across front replicas.
+
+- Requests: at most ``STREAMQ_KEY_RATE_LIMIT`` job requests per key (e.g. ``120/minute``), in a
+  moving window (the ``limits`` library's Redis storage).
+- Concurrency: at most ``STREAMQ_KEY_MAX_CONCURRENT`` jobs of one key queued or running. A sorted
+  set per key holds its admitted jobs; a submit is admitted by a script that checks its size and
+  adds to it at once. Ended jobs are pruned from it when it is full, by reading their status, so
+  no job end (worker, janitor, cancel, expiry) has to remember the quota.
+
+Over either: 429 ``rate_limit_error`` with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+from limits import RateLimitItem, parse
+from limits.aio.storage import RedisStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.errors import StorageError
+from redis.exceptions import RedisError
+
+from api.errors import too_many_requests
+from shared import keys
+from shared.schemas import FINAL_STATUSES
+from shared.settings import Settings
+
+# KEYS[1] the key's active set; ARGV: limit, job id, now, seconds the set lives.
+_ADMIT_SCRIPT = """
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+# A job admitted this recently may not have its hash yet (it is being enqueued): not pruned.
+_ADMIT_GRACE = 60.0
+
+
+def parse_rate_limit(text: str) -> RateLimitItem | None:
+    """``STREAMQ_KEY_RATE_LIMIT`` as a limit (None: no limit); ValueError when unreadable."""
+    if not text.strip():
+        return None
+    try:
+        return parse(text)
+    except ValueError:
+        raise ValueError(
+            f"STREAMQ_KEY_RATE_LIMIT {text!r} is not a rate such as '120/minute' or '5 per 10 seconds'"
+        ) from None
+
+
+class KeyQuotas:
+    def __init__(self, settings: Settings, connection: aioredis.Redis) -> None:
+        self._redis = connection
+        self._max_concurrent = settings.key_max_concurrent
+        self._rate = parse_rate_limit(settings.key_rate_limit)
+        self._set_life = settings.queue_ttl + settings.job_timeout + settings.result_ttl
+        self._admit = connection.register_script(_ADMIT_SCRIPT)
+        # Its own two connections (the library wants bytes replies; the shared pool decodes).
+        url = settings.redis_url_or_default()
+        self._pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=2,
+            timeout=settings.redis_pool_timeout,
+            socket_timeout=settings.redis_command_timeout,
+            socket_connect_timeout=settings.redis_connect_timeout,
+        )
+        self._storage = RedisStorage(
+            "async+" + url,
+            implementation="redispy",
+            key_prefix=keys.RATE_LIMIT_PREFIX,
+            wrap_exceptions=True,
+            connection_pool=self._pool,  # type: ignore[arg-type]  # passed on to redis-py
+        )
+        self._limiter = MovingWindowRateLimiter(self._storage)
+
+    async def hit(self, name: str) -> None:
+        """Count one job request of the key; 429 when it is over its rate."""
+        if self._rate is None:
+            return
+        try:
+            if await self._limiter.hit(self._rate, name):
+                return
+            stats = await self._limiter.get_window_stats(self._rate, name)
+        except StorageError as exc:
+            raise RedisError(f"rate limit storage: {exc}") from exc
+        retry = max(1, math.ceil(stats.reset_time - time.time()))
+        raise too_many_requests(
+            f"this API key is over its request rate ({self._rate}, STREAMQ_KEY_RATE_LIMIT); "
+            f"retry in {retry} s",
+            "rate_limit_exceeded",
+            retry,
+        )
+
+    async def admit(self, name: str, job_id: str) -> None:
+        """Count ``job_id`` among the key's queued or running jobs; 429 when it has its maximum."""
+        if self._max_concurrent == 0:
+            return
+        active = keys.key_active(name)
+        if await self._try_admit(active, job_id):
+            return
+        await self._prune(active)
+        if await self._try_admit(active, job_id):
+            return
+        raise too_many_requests(
+            f"this API key has {self._max_concurrent} jobs queued or running, its most at once "
+            "(STREAMQ_KEY_MAX_CONCURRENT); retry when one has ended",
+            "concurrency_limit_exceeded",
+            1,
+        )
+
+    async def release(self, name: str, job_id: str) -> None:
+        """Undo ``admit`` for a job that was not created after all."""
+        if self._max_concurrent:
+            await self._redis.zrem(keys.key_active(name), job_id)
+
+    async def _try_admit(self, active: str, job_id: str) -> bool:
+        args: list[str | int] = [self._max_concurrent, job_id, repr(time.time()), int(self._set_life)]
+        return bool(await self._admit(keys=[active], args=args))
+
+    async def _prune(self, active: str) -> None:
+        found: list[Any] = await self._redis.zrange(active, 0, -1, withscores=True)
+        members = [(str(job_id), float(score)) for job_id, score in found]
+        if not members:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id, _ in members:
+            pipe.hget(keys.job(job_id), "status")
+        statuses = await pipe.execute()
+        now = time.time()
+        ended = [
+            job_id
+            for (job_id, admitted), status in zip(members, statuses, strict=True)
+            if status in FINAL_STATUSES or (status is None and now - admitted > _ADMIT_GRACE)
+        ]
+        if ended:
+            await self._redis.zrem(active, *ended)
+
+    async def close(self) -> None:
+        await self._pool.disconnect()

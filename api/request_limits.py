@@ -1,0 +1,88 @@
+"""A job request resolved against the server's defaults and limits, before any job exists.
+
+Every limit refused here is a 400 whose message names the limit and the setting that holds it
+(the body size is checked earlier, as a 413, by ``api.body_limit``; the prompt's token count,
+which needs the model's tokenizer, by ``JobService``)."""
+
+from __future__ import annotations
+
+from api.errors import ApiError
+from shared.schemas import GenerationRequest, JobRequest
+from shared.settings import Settings
+
+
+def _refuse(message: str, setting: str, param: str) -> ApiError:
+    return ApiError(400, f"{message} (STREAMQ_{setting.upper()})", param=param, code="limit_exceeded")
+
+
+def check_limits(request: JobRequest, settings: Settings) -> None:
+    """The request's size against the server's limits: messages, prompt characters, stop
+    sequences, max_tokens and the job's own lifetimes."""
+    s = settings
+    messages = request.chat_messages()
+    conversation = "messages" if request.messages is not None else "history"
+    if len(messages) > s.max_messages:
+        raise _refuse(
+            f"{conversation}: {len(messages)} messages, at most {s.max_messages} are allowed",
+            "max_messages",
+            conversation,
+        )
+    chars = sum(len(m.content) for m in messages)
+    if chars > s.max_prompt_chars:
+        raise _refuse(
+            f"the prompt is {chars} characters long, at most {s.max_prompt_chars} are allowed",
+            "max_prompt_chars",
+            "messages" if request.messages is not None else "prompt",
+        )
+    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    if len(stop) > s.max_stop_sequences:
+        raise _refuse(
+            f"stop: {len(stop)} sequences, at most {s.max_stop_sequences} are allowed",
+            "max_stop_sequences",
+            "stop",
+        )
+    longest = max((len(item) for item in stop), default=0)
+    if longest > s.max_stop_chars:
+        raise _refuse(
+            f"stop: a sequence is {longest} characters long, at most {s.max_stop_chars} are allowed",
+            "max_stop_chars",
+            "stop",
+        )
+    if request.max_tokens is not None and request.max_tokens > s.max_tokens_limit:
+        raise _refuse(
+            f"max_tokens must be at most {s.max_tokens_limit}, got {request.max_tokens}",
+            "max_tokens_limit",
+            "max_tokens",
+        )
+    for name, value, limit, setting in (
+        ("queue_ttl", request.queue_ttl, s.queue_ttl, "queue_ttl"),
+        ("timeout", request.timeout, s.job_timeout, "job_timeout"),
+    ):
+        if value is not None and value > limit:
+            raise _refuse(f"{name} must be at most {limit} seconds, got {value}", setting, name)
+
+
+def generation_request(request: JobRequest, settings: Settings) -> GenerationRequest:
+    """The request within the server's limits (or a 400), with the server's defaults filled in."""
+    check_limits(request, settings)
+    s = settings
+    if request.max_tokens is not None:
+        max_tokens = request.max_tokens
+    elif request.max_length is not None:  # ChatGLM style: max_length bounds the answer
+        max_tokens = s.max_tokens_limit
+    else:
+        max_tokens = s.default_max_tokens
+    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    return GenerationRequest(
+        messages=request.chat_messages(),
+        max_tokens=max_tokens,
+        max_length=request.max_length,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=request.top_k or 0,
+        stop=stop,
+        seed=request.seed,
+        queue_ttl=request.queue_ttl,
+        timeout=request.timeout,
+        max_prompt_tokens=s.max_prompt_tokens,
+    )

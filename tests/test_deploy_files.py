@@ -1,0 +1,222 @@
+"""The deployment files: docker-compose.yml validates with docker-compose, every k8s/ manifest
+validates against its schema (Kubernetes' own; KEDA's CRD schema for the ScaledObject), and the
+manifests agree with the code (queue key, drain time, probes)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from rq.queue import Queue
+
+from shared import keys
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "k8s"
+KEDA_SCHEMA = Path(__file__).parent / "schemas" / "keda-scaledobject-v1alpha1.yaml"
+K8S_VERSIONS = ("1.30", kubernetes_validate.latest_version())  # oldest we target, newest known
+
+
+# ----- docker-compose -----------------------------------------------------------------------
+
+
+def _compose(*args: str, file: Path = ROOT / "docker-compose.yml") -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.skip("docker-compose is not installed (.ci/run installs it: apt-get install docker-compose)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMQ_", "COMPOSE_"))}
+    return subprocess.run(
+        [exe, "-f", str(file), *args], capture_output=True, text=True, env=env, timeout=60, cwd=file.parent
+    )
+
+
+def test_compose_file_validates() -> None:
+    result = _compose("config", "-q")
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_validation_catches_a_broken_file(tmp_path: Path) -> None:
+    """The check above can fail: a service with an unknown key is refused."""
+    spec = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    spec["services"]["api"]["healthcheck"]["tset"] = spec["services"]["api"]["healthcheck"].pop("test")
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(yaml.safe_dump(spec))
+    result = _compose("config", "-q", file=broken)
+    assert result.returncode != 0 and "tset" in result.stderr
+
+
+def test_compose_services_as_documented() -> None:
+    result = _compose("--profile", "cpu", "config")
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert set(services) == {"redis", "api", "worker", "worker-cpu"}
+    api, worker, cpu, redis = services["api"], services["worker"], services["worker-cpu"], services["redis"]
+    # Fronts: scalable (a host port range, no fixed port for every replica), ready on /readyz.
+    (port,) = api["ports"]
+    assert port["target"] == 8000 and "-" in str(port["published"])
+    assert "/readyz" in " ".join(api["healthcheck"]["test"])
+    assert api["environment"]["STREAMQ_REDIS_URL"] == "redis://redis:6379/0"
+    # GPU worker: one NVIDIA GPU per replica; a stop lets it drain.
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["count"] == 1
+    drain = float(worker["environment"]["STREAMQ_DRAIN_SECONDS"])
+    assert _seconds(worker["stop_grace_period"]) > drain
+    assert worker["environment"]["STREAMQ_DEVICE"] == "cuda"
+    # CPU worker: only with the profile, no GPU.
+    assert cpu["profiles"] == ["cpu"] and "deploy" not in cpu
+    assert cpu["environment"]["STREAMQ_DEVICE"] == "cpu"
+    # Redis keeps its data (append-only file on a volume) and never evicts job keys.
+    assert "--appendonly" in redis["command"] and "noeviction" in redis["command"]
+    assert any(str(v).endswith(":/data:rw") or str(v).endswith(":/data") for v in redis["volumes"])
+
+
+def _seconds(duration: str | int | float) -> float:
+    text = str(duration)
+    return float(text[:-1]) * (60 if text.endswith("m") else 1) if text[-1] in "sm" else float(text)
+
+
+# ----- Kubernetes ---------------------------------------------------------------------------
+
+
+def _kustomization() -> dict[str, Any]:
+    return dict(yaml.safe_load((K8S / "kustomization.yaml").read_text()))
+
+
+def _documents() -> list[tuple[str, dict[str, Any]]]:
+    docs = []
+    for name in _kustomization()["resources"]:
+        for doc in yaml.safe_load_all((K8S / name).read_text()):
+            if doc:
+                docs.append((name, doc))
+    return docs
+
+
+def _find(kind: str, name: str) -> dict[str, Any]:
+    return next(d for _f, d in _documents() if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+def _strict(schema: dict[str, Any]) -> dict[str, Any]:
+    """The CRD schema with unknown fields refused: the API server prunes them silently, so a
+    misspelt field would be lost without a word."""
+    schema = copy.deepcopy(schema)
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node:
+                node.setdefault("additionalProperties", False)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    return schema
+
+
+def _validate_scaled_object(doc: dict[str, Any]) -> None:
+    assert doc["apiVersion"] == "keda.sh/v1alpha1"
+    jsonschema.validate(doc, _strict(yaml.safe_load(KEDA_SCHEMA.read_text())))
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    listed = set(_kustomization()["resources"])
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == on_disk
+    assert _kustomization()["namespace"] == "streamq"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_every_k8s_manifest_validates(version: str) -> None:
+    kinds = []
+    for name, doc in _documents():
+        if doc["kind"] == "ScaledObject":
+            _validate_scaled_object(doc)
+        else:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{name}: {doc['kind']} {doc['metadata']['name']}: {exc.message}")
+        assert doc["metadata"].get("namespace", "streamq") == "streamq" or doc["kind"] == "Namespace"
+        kinds.append(doc["kind"])
+    expected = {"Namespace", "ConfigMap", "Secret", "StatefulSet", "Deployment", "Service"}
+    expected |= {"HorizontalPodAutoscaler", "PodDisruptionBudget", "ScaledObject", "PersistentVolumeClaim"}
+    assert set(kinds) == expected
+
+
+def test_validators_refuse_broken_manifests() -> None:
+    """The validation above can fail: a misspelt field is refused by either schema."""
+    deployment = copy.deepcopy(_find("Deployment", "streamq-api"))
+    deployment["spec"]["replica"] = deployment["spec"].pop("replicas")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSIONS[0], strict=True)
+    scaled = copy.deepcopy(_find("ScaledObject", "streamq-worker"))
+    scaled["spec"]["minReplicas"] = scaled["spec"].pop("minReplicaCount")
+    with pytest.raises(jsonschema.ValidationError):
+        _validate_scaled_object(scaled)
+    scaled = copy.deepcopy(_find("ScaledObject", "streamq-worker"))
+    scaled["spec"]["triggers"][0]["metadata"]["listLength"] = 4  # trigger metadata are strings
+    with pytest.raises(jsonschema.ValidationError):
+        _validate_scaled_object(scaled)
+
+
+def test_scaled_object_targets_the_queue_the_code_uses() -> None:
+    config = _find("ConfigMap", "streamq-config")["data"]
+    served = config["STREAMQ_SERVED_NAME"]
+    scaled = _find("ScaledObject", "streamq-worker")["spec"]
+    (trigger,) = scaled["triggers"]
+    assert trigger["type"] == "redis"
+    # The list the workers take jobs from: streamq's key function, and RQ's own name for it.
+    assert trigger["metadata"]["listName"] == keys.rq_queue(served)
+    rq_queue = Queue(keys.queue_name(served), connection=fakeredis.FakeRedis())
+    assert trigger["metadata"]["listName"] == rq_queue.key
+    assert served in config["STREAMQ_MODELS"].split(",")  # the fronts wait for this model
+    # It scales the worker Deployment, and reads the Redis the workers use.
+    worker = _find("Deployment", "streamq-worker")
+    assert scaled["scaleTargetRef"]["name"] == worker["metadata"]["name"]
+    redis_url = _find("Secret", "streamq-secrets")["stringData"]["STREAMQ_REDIS_URL"]
+    assert redis_url.startswith(f"redis://{trigger['metadata']['address']}/")
+    assert redis_url.endswith(f"/{trigger['metadata']['databaseIndex']}")
+    redis_service = _find("Service", "redis")
+    host = f"{redis_service['metadata']['name']}.{redis_service['metadata']['namespace']}.svc.cluster.local"
+    assert trigger["metadata"]["address"] == f"{host}:{redis_service['spec']['ports'][0]['port']}"
+    assert 0 <= scaled["minReplicaCount"] < scaled["maxReplicaCount"]
+
+
+def test_worker_deployment_has_a_gpu_a_model_cache_and_time_to_drain() -> None:
+    config = _find("ConfigMap", "streamq-config")["data"]
+    Settings(**{k.removeprefix("STREAMQ_").lower(): v for k, v in config.items() if k.startswith("STREAMQ_")})
+    pod = _find("Deployment", "streamq-worker")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["terminationGracePeriodSeconds"] >= float(config["STREAMQ_DRAIN_SECONDS"]) + 10
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["models"] == config["HF_HOME"]
+    (models,) = [v for v in pod["volumes"] if v["name"] == "models"]
+    claim = models["persistentVolumeClaim"]["claimName"]
+    assert _find("PersistentVolumeClaim", claim)
+    port = next(p["containerPort"] for p in container["ports"] if p["name"] == "metrics")
+    assert port == int(config["STREAMQ_METRICS_PORT"])
+
+
+def test_front_is_ready_on_readyz_and_disruption_bounded() -> None:
+    api = _find("Deployment", "streamq-api")
+    (container,) = api["spec"]["template"]["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert {"secretRef": {"name": "streamq-secrets"}} in container["envFrom"]
+    labels = api["spec"]["selector"]["matchLabels"]
+    assert _find("PodDisruptionBudget", "streamq-api")["spec"]["selector"]["matchLabels"] == labels
+    assert _find("Service", "streamq-api")["spec"]["selector"] == labels
+    hpa = _find("HorizontalPodAutoscaler", "streamq-api")["spec"]
+    assert hpa["scaleTargetRef"]["name"] == "streamq-api" and hpa["minReplicas"] >= 2
