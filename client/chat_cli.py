@@ -70,7 +70,8 @@ def answer(client: Any, messages: list[dict[str, str]], options: dict[str, Any],
     try:
         view = client.submit(messages, **options)
     except StreamqError as exc:
-        renderer.problem(f"could not submit the question: {exc}")
+        hint = " (give the key with --api-key or STREAMQ_API_KEY)" if exc.status == 401 else ""
+        renderer.problem(f"could not submit the question: {exc}{hint}")
         return None
     turn = Turn(view.id, position=view.position)
     note = None

@@ -146,6 +146,19 @@ def test_ask_in_a_pipe_prints_the_plain_answer(slow_stack: SlowStack) -> None:
         timeout=60,
     )
     assert bad.returncode == 1 and "temperature" in bad.stderr and bad.stdout == ""
+    denied = subprocess.run(
+        [*_ask(slow_stack), "hi", "--api-key", "not-the-key"],  # the last --api-key wins
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        denied.returncode == 1
+        and "401 authentication_error" in denied.stderr
+        and "--api-key" in denied.stderr
+    )
 
 
 def test_ask_rides_out_a_front_restart_without_losing_or_repeating_text(

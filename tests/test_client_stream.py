@@ -9,6 +9,7 @@ from client.errors import StreamqConnectionError, StreamqError, error_from_respo
 from client.render import printable, wrap_rows
 from client.resume import Backoff, ResumeState
 from client.sse import SSEParser
+from shared.job_state import FINAL_EVENTS
 from shared.schemas import StreamEvent
 
 
@@ -54,6 +55,11 @@ def test_the_parser_reads_the_fronts_events() -> None:
     done = events[3].done()
     assert done is not None and done.finish_reason == "stop" and done.usage.completion_tokens == 1
     assert events[3].final and not events[2].final
+
+
+def test_final_events_are_the_ones_the_job_store_writes_last() -> None:
+    names = ["queued", "started", "delta", *FINAL_EVENTS]
+    assert {n for n in names if StreamEvent(event=n).final} == set(FINAL_EVENTS)
 
 
 def test_the_parser_gives_delta_text_and_errors() -> None:
