@@ -16,6 +16,7 @@ from api.metrics import FrontMetrics
 from api.metrics import router as metrics_router
 from api.quotas import parse_rate_limit
 from api.routes import compat, health, jobs, openai_api
+from api.routes import web as web_page
 from api.state import Front
 from shared.settings import Settings, load_settings
 
@@ -70,4 +71,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(compat.router)
     app.include_router(openai_api.router)
     app.include_router(metrics_router)  # open, like /healthz and /readyz
+    app.include_router(web_page.router)  # GET / and /static/*: the chat page (open, no API key)
     return app

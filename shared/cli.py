@@ -71,11 +71,19 @@ def _parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny-model", help="build a small random-weight chat model into DIR")
     tiny.add_argument("dir")
     tiny.add_argument("--shape", default="tiny", help="tiny (default) or qwen2.5-0.5b")
+
+    from client.chat_cli import add_commands  # `chat` and `ask`: the terminal clients
+
+    add_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("chat", "ask"):
+        from client.chat_cli import run
+
+        return run(args)
     settings = load_settings()
     if args.command == "api":
         import uvicorn

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -157,3 +157,34 @@ class DoneEvent(BaseModel):
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
+
+
+class StreamEvent(BaseModel):
+    """One event of ``GET /v1/jobs/{id}/events`` as a client reads it: ``queued`` (position),
+    ``started``, ``delta`` ({text}), then one of ``done`` / ``error`` / ``canceled``. ``id`` is the
+    event's stream entry id (the Last-Event-ID to resume from); None for a live position update."""
+
+    id: str | None = None
+    event: str
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def final(self) -> bool:
+        return self.event in ("done", "error", "canceled")
+
+    @property
+    def text(self) -> str:
+        """A delta's text ("" for other events)."""
+        return str(self.data.get("text") or "") if self.event == "delta" else ""
+
+    @property
+    def position(self) -> int | None:
+        """A ``queued`` event's 0-based place in the queue (None when unknown or another event)."""
+        value = self.data.get("position") if self.event == "queued" else None
+        return value if isinstance(value, int) else None
+
+    def done(self) -> DoneEvent | None:
+        return DoneEvent.model_validate(self.data) if self.event == "done" else None
+
+    def job_error(self) -> JobError | None:
+        return JobError.model_validate(self.data) if self.event == "error" else None

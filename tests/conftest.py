@@ -110,3 +110,84 @@ def stack(
 def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureStack]:
     """Fronts with API keys, quotas and small limits (see tests/secure_stack.py)."""
     yield from secure_stack(tmp_path_factory.mktemp("secure"))
+
+
+# ----- clients (issue 8): a front with an API key and a slow synthetic worker ---------------------
+CLIENT_API_KEY = "sk-streamq-clients-test"
+SLOW_MODEL = "synth"
+SLOW_TOKENS_PER_SECOND = 20
+SLOW_SLOTS = 4
+
+
+@dataclass
+class SlowStack:
+    """A private Redis, one front started with an API key, and a synthetic worker that writes
+    SLOW_TOKENS_PER_SECOND words a second: answers that run long enough to be stopped mid-way."""
+
+    redis: RedisServer
+    env: dict[str, str]
+    logdir: Path
+    url: str
+    api_key: str = CLIENT_API_KEY
+    model: str = SLOW_MODEL
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    def fill_slots(self) -> list[str]:
+        """Start a long job in each of the worker's slots (running before this returns), so the
+        next job waits in the queue; the jobs' ids, for ``cancel``."""
+        import httpx
+
+        from tests.processes import wait_for
+
+        body = {"model": self.model, "prompt": "block", "max_tokens": 120 * SLOW_TOKENS_PER_SECOND}
+        with httpx.Client(base_url=self.url, headers=self.headers, timeout=10) as http:
+            ids = [http.post("/v1/jobs", json=body).json()["id"] for _ in range(SLOW_SLOTS)]
+            wait_for(
+                lambda: all(http.get(f"/v1/jobs/{i}").json()["status"] == "running" for i in ids),
+                30,
+                "the blocking jobs to run",
+            )
+        return ids
+
+    def cancel(self, job_ids: list[str]) -> None:
+        import httpx
+
+        for job_id in job_ids:
+            httpx.post(f"{self.url}/v1/jobs/{job_id}/cancel", headers=self.headers, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def slow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlowStack]:
+    import httpx
+
+    from tests.processes import start_synthetic_worker, wait_for
+
+    server = RedisServer()
+    logdir = tmp_path_factory.mktemp("slow-logs")
+    env = {
+        "STREAMQ_REDIS_URL": server.url,
+        "STREAMQ_API_KEYS": CLIENT_API_KEY,
+        "STREAMQ_POSITION_POLL_INTERVAL": "0.1",
+        "STREAMQ_PING_INTERVAL": "0.5",
+        "STREAMQ_DRAIN_SECONDS": "0",
+    }
+    worker = start_synthetic_worker(env, logdir, SLOW_MODEL, "slow-1", SLOW_TOKENS_PER_SECOND, SLOW_SLOTS)
+    services = [worker]
+    try:
+        front, url = start_front(env, logdir, "slow-front")
+        services.append(front)
+        auth = {"Authorization": f"Bearer {CLIENT_API_KEY}"}
+
+        def served() -> bool:
+            r = httpx.get(f"{url}/v1/models", headers=auth, timeout=5)
+            return SLOW_MODEL in [m["id"] for m in r.json()["data"]]
+
+        wait_for(served, 60, "the synthetic worker")
+        yield SlowStack(server, env, logdir, url)
+    finally:
+        for service in services:
+            service.stop()
+        server.close()

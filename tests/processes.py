@@ -8,9 +8,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx
 import redis
@@ -83,9 +85,14 @@ class Service:
 
 
 def start_front(
-    env: Mapping[str, str], logdir: Path, name: str = "front", log_level: str = "warning"
+    env: Mapping[str, str],
+    logdir: Path,
+    name: str = "front",
+    log_level: str = "warning",
+    port: int | None = None,
 ) -> tuple[Service, str]:
-    port = free_port()
+    """A front on a free port (or on ``port``: a front restarted where its clients expect it)."""
+    port = port or free_port()
     service = Service(["api", "--port", str(port), "--log-level", log_level], env, name, logdir)
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: _answers(url) or not service.alive(), 60, f"{name} to listen")
@@ -133,3 +140,18 @@ def start_synthetic_worker(
     args = ["worker", "--backend", "synthetic", "--tokens-per-second", str(tokens_per_second)]
     args += ["--slots", str(slots), "--served-name", served_name, "--name", name]
     return Service(args, env, name, logdir)
+
+
+def restart_front_soon(
+    env: Mapping[str, str], logdir: Path, name: str, url: str, started: list[Service]
+) -> threading.Thread:
+    """Start a front again where ``url`` points, in a thread (its clients retry meanwhile); the new
+    front is appended to ``started``. Join the thread before using it."""
+    port = urlparse(url).port
+
+    def start() -> None:
+        started.append(start_front(env, logdir, name, port=port)[0])
+
+    thread = threading.Thread(target=start, name=f"restart {name}")
+    thread.start()
+    return thread

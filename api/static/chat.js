@@ -1,0 +1,329 @@
+// streamq web chat: submits jobs to /v1/jobs and reads their events with fetch() (EventSource
+// cannot send an Authorization header), resuming with Last-Event-ID when a stream drops.
+// Model text only ever goes into the page as text nodes (textContent), never as HTML.
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const KEY_STORE = "streamq.apiKey";
+  const FINAL = new Set(["done", "error", "canceled"]);
+  const RETRY_STATUSES = new Set([429, 502, 503, 504]);
+  const BACKOFF = { initial: 250, factor: 2, cap: 4000, maxAttempts: 12 };
+
+  // The conversation sent with each question: finished answers only (a stopped or failed
+  // answer is left out together with its question).
+  let history = [];
+  let running = null; // {jobId, stopped}
+
+  class ApiError extends Error {
+    constructor(status, body) {
+      const e = (body && body.error) || {};
+      super(e.message || `HTTP ${status}`);
+      this.status = status;
+      this.type = e.type || "api_error";
+      this.code = e.code || null;
+    }
+  }
+
+  function headers(extra) {
+    const h = Object.assign({}, extra);
+    const key = $("api-key").value.trim();
+    if (key) h.Authorization = `Bearer ${key}`;
+    return h;
+  }
+
+  async function api(method, path, body) {
+    const init = { method, headers: headers(body ? { "Content-Type": "application/json" } : {}) };
+    if (body) init.body = JSON.stringify(body);
+    const res = await fetch(path, init);
+    let data = null;
+    try { data = await res.json(); } catch (_) { data = null; }
+    if (!res.ok) throw new ApiError(res.status, data);
+    return data;
+  }
+
+  function notice(text) {
+    const el = $("notice");
+    el.textContent = text || "";
+    el.hidden = !text;
+  }
+
+  function explain(err) {
+    if (err instanceof ApiError && err.status === 401) {
+      return "The server wants an API key: enter it in the API key field.";
+    }
+    return err.message || String(err);
+  }
+
+  // ----- models ------------------------------------------------------------------------------
+  async function loadModels() {
+    const select = $("model");
+    const wanted = select.value;
+    try {
+      const list = await api("GET", "/v1/models");
+      select.replaceChildren();
+      for (const m of list.data) {
+        const opt = document.createElement("option");
+        opt.value = m.id;
+        opt.textContent = m.id;
+        select.append(opt);
+      }
+      if (wanted) select.value = wanted;
+      notice(list.data.length ? "" : "No model is served right now (no live worker).");
+    } catch (err) {
+      notice(explain(err));
+    }
+  }
+
+  // ----- rendering ---------------------------------------------------------------------------
+  function addMessage(role, text) {
+    $("empty").hidden = true;
+    const el = document.createElement("div");
+    el.className = `msg ${role}`;
+    const who = document.createElement("div");
+    who.className = "who";
+    who.textContent = role === "user" ? "You" : "Assistant";
+    const body = document.createElement("div");
+    body.className = "body";
+    const status = document.createElement("div");
+    status.className = "status";
+    el.append(who, body, status);
+    $("log").append(el);
+    renderText(body, text);
+    return { el, body, status };
+  }
+
+  // Text with ``` fences shown as code blocks; everything goes in as text nodes.
+  function renderText(body, text) {
+    const parts = text.split("```");
+    const nodes = parts.map((part, i) => {
+      if (i % 2 === 0) return document.createTextNode(part);
+      const pre = document.createElement("pre");
+      const code = document.createElement("code");
+      const newline = part.indexOf("\n");
+      const tag = newline >= 0 ? part.slice(0, newline) : "";
+      code.textContent = /^[\w+#.-]*$/.test(tag) && newline >= 0 ? part.slice(newline + 1) : part;
+      pre.append(code);
+      return pre;
+    });
+    body.replaceChildren(...nodes);
+  }
+
+  function scrollDown() {
+    const log = $("log");
+    log.scrollTop = log.scrollHeight;
+  }
+
+  // ----- streaming ---------------------------------------------------------------------------
+  // Server-Sent Events from a fetch() body: calls onEvent({id, event, data}) per event.
+  async function readEvents(response, onEvent) {
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    let ev = { id: null, event: "message", data: [] };
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return false;
+      buffer += value;
+      let cut;
+      while ((cut = buffer.search(/\r\n|\r|\n/)) >= 0) {
+        if (buffer[cut] === "\r" && cut === buffer.length - 1) break; // wait: \r\n may be split
+        const line = buffer.slice(0, cut);
+        buffer = buffer.slice(buffer.startsWith("\r\n", cut) ? cut + 2 : cut + 1);
+        if (line === "") {
+          if (ev.data.length) {
+            let data;
+            try { data = JSON.parse(ev.data.join("\n")); } catch (_) { data = {}; }
+            if (onEvent({ id: ev.id, event: ev.event, data })) {
+              reader.cancel().catch(() => {});
+              return true;
+            }
+          }
+          ev = { id: null, event: "message", data: [] };
+        } else if (!line.startsWith(":")) {
+          const colon = line.indexOf(":");
+          const name = colon >= 0 ? line.slice(0, colon) : line;
+          const val = colon >= 0 ? line.slice(colon + 1).replace(/^ /, "") : "";
+          if (name === "event") ev.event = val;
+          else if (name === "data") ev.data.push(val);
+          else if (name === "id") ev.id = val;
+        }
+      }
+    }
+  }
+
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+  // Follows a job to its final event; resumes with Last-Event-ID after a drop (capped backoff).
+  async function follow(jobId, onEvent, onRetry) {
+    let lastId = null;
+    let attempts = 0;
+    for (;;) {
+      let why;
+      try {
+        const h = headers({ Accept: "text/event-stream" });
+        if (lastId) h["Last-Event-ID"] = lastId;
+        const res = await fetch(`/v1/jobs/${encodeURIComponent(jobId)}/events`, { headers: h, cache: "no-store" });
+        if (res.status === 204) return; // the final event was already received
+        if (!res.ok) {
+          let body = null;
+          try { body = await res.json(); } catch (_) { body = null; }
+          const err = new ApiError(res.status, body);
+          if (!RETRY_STATUSES.has(res.status)) throw err;
+          why = err.message;
+        } else {
+          const ended = await readEvents(res, (ev) => {
+            if (ev.id) lastId = ev.id;
+            attempts = 0;
+            onEvent(ev);
+            return FINAL.has(ev.event);
+          });
+          if (ended) return;
+          why = "the stream ended early";
+        }
+      } catch (err) {
+        if (err instanceof ApiError && !RETRY_STATUSES.has(err.status)) throw err;
+        why = why || err.message || "network error";
+      }
+      attempts += 1;
+      if (attempts > BACKOFF.maxAttempts) throw new Error(`connection lost: ${why}`);
+      const wait = Math.min(BACKOFF.cap, BACKOFF.initial * BACKOFF.factor ** (attempts - 1));
+      onRetry(attempts, wait);
+      await sleep(wait);
+    }
+  }
+
+  function queuedText(data) {
+    const pos = data.position;
+    if (pos === null || pos === undefined) return "Queued, waiting for a worker…";
+    const ahead = pos === 0 ? "next in line" : `${pos} job${pos > 1 ? "s" : ""} ahead`;
+    const eta = typeof data.estimated_wait_seconds === "number" ? ` · about ${Math.ceil(data.estimated_wait_seconds)} s` : "";
+    return `Queued · ${ahead}${eta}`;
+  }
+
+  function doneText(data) {
+    const t = data.timings || {};
+    const u = data.usage || {};
+    const rate = t.tokens_per_second ? ` · ${t.tokens_per_second.toFixed(1)} tok/s` : "";
+    return `${data.finish_reason} · ${u.completion_tokens} tokens · ${(t.generation_seconds || 0).toFixed(1)} s${rate}`;
+  }
+
+  // ----- a question and its answer -----------------------------------------------------------
+  async function ask(question) {
+    const messages = history.concat([{ role: "user", content: question }]);
+    addMessage("user", question);
+    const answer = addMessage("assistant", "");
+    answer.el.dataset.state = "queued";
+    answer.status.textContent = "Sending…";
+    scrollDown();
+    setRunning(true);
+    const body = { messages };
+    if ($("model").value) body.model = $("model").value;
+    const maxTokens = parseInt($("max-tokens").value, 10);
+    if (maxTokens > 0) body.max_tokens = maxTokens;
+    let text = "";
+    let state = "queued";
+    let pending = false;
+    const draw = () => {
+      pending = false;
+      const nearBottom = $("log").scrollHeight - $("log").scrollTop - $("log").clientHeight < 80;
+      renderText(answer.body, text);
+      if (nearBottom) scrollDown();
+    };
+    try {
+      const job = await api("POST", "/v1/jobs", body);
+      running = { jobId: job.id, stopped: false };
+      answer.el.dataset.jobId = job.id;
+      answer.status.textContent = queuedText(job);
+      await follow(
+        job.id,
+        (ev) => {
+          if (ev.event === "queued") {
+            answer.status.textContent = queuedText(ev.data);
+          } else if (ev.event === "started") {
+            state = "running";
+            answer.status.textContent = "Generating…";
+          } else if (ev.event === "delta") {
+            state = "running";
+            text += ev.data.text || "";
+            answer.status.textContent = "Generating…";
+            if (!pending) { pending = true; requestAnimationFrame(draw); }
+          } else if (ev.event === "done") {
+            state = "done";
+            answer.status.textContent = doneText(ev.data);
+          } else if (ev.event === "error") {
+            state = "error";
+            answer.status.textContent = `Failed: ${ev.data.message || ev.data.type || "error"}`;
+          } else if (ev.event === "canceled") {
+            state = "canceled";
+            answer.status.textContent = "Stopped · not kept in the conversation";
+          }
+          answer.el.dataset.state = state;
+        },
+        (attempt, wait) => {
+          answer.status.textContent = `Connection lost · reconnecting (try ${attempt}, in ${(wait / 1000).toFixed(1)} s)…`;
+        },
+      );
+    } catch (err) {
+      state = "error";
+      answer.status.textContent = explain(err);
+    }
+    draw();
+    answer.el.dataset.state = state;
+    if (state === "done") {
+      history = messages.concat([{ role: "assistant", content: text }]);
+    }
+    running = null;
+    setRunning(false);
+  }
+
+  async function stop() {
+    if (!running || running.stopped) return;
+    running.stopped = true;
+    $("stop").disabled = true;
+    try {
+      await api("POST", `/v1/jobs/${encodeURIComponent(running.jobId)}/cancel`);
+    } catch (err) {
+      if (!(err instanceof ApiError && err.status === 409)) notice(`Could not stop: ${explain(err)}`);
+    }
+  }
+
+  function setRunning(on) {
+    $("send").hidden = on;
+    $("stop").hidden = !on;
+    $("stop").disabled = false;
+    $("question").disabled = on;
+    if (!on) $("question").focus();
+  }
+
+  // ----- wiring ------------------------------------------------------------------------------
+  function init() {
+    const keyInput = $("api-key");
+    keyInput.value = localStorage.getItem(KEY_STORE) || "";
+    keyInput.addEventListener("input", () => localStorage.setItem(KEY_STORE, keyInput.value.trim()));
+    keyInput.addEventListener("change", loadModels);
+    $("ask").addEventListener("submit", (e) => {
+      e.preventDefault();
+      const q = $("question").value.trim();
+      if (!q || running) return;
+      $("question").value = "";
+      ask(q);
+    });
+    $("question").addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+        e.preventDefault();
+        $("ask").requestSubmit();
+      }
+    });
+    $("stop").addEventListener("click", stop);
+    $("new-chat").addEventListener("click", () => {
+      if (running) return;
+      history = [];
+      $("log").replaceChildren($("empty"));
+      $("empty").hidden = false;
+    });
+    loadModels();
+    $("question").focus();
+  }
+
+  init();
+})();

@@ -1,0 +1,162 @@
+"""``streamq chat`` (an interactive terminal chat) and ``streamq ask`` (one answer, for scripts).
+
+Both stream the answer as it is generated, show the queue position while the job waits, and ride
+out a dropped connection (the client resumes with Last-Event-ID: no text lost or repeated).
+Ctrl-C during an answer cancels its job on the server; in the chat it then returns to the prompt.
+
+History: the chat sends the whole conversation with each question. An answer that finished is
+kept in it (also one cut by the token limit); a stopped (canceled) or failed answer is left out
+together with its question, so the next question goes on from the last complete exchange.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from typing import Any
+
+HELP = "commands: /reset clears the conversation · /exit quits · Ctrl-C stops an answer"
+
+
+def add_commands(sub: Any) -> None:
+    """Add ``chat`` and ``ask`` to the ``streamq`` command's subparsers."""
+    chat = sub.add_parser("chat", help="chat with a served model in the terminal")
+    ask = sub.add_parser("ask", help="print one streamed answer (plain text when not a terminal)")
+    ask.add_argument("question", nargs="+", help="the question ('-' reads it from stdin)")
+    for p in (chat, ask):
+        p.add_argument(
+            "--url", default=None, help="the front (default: STREAMQ_URL or http://127.0.0.1:8000)"
+        )
+        p.add_argument("--model", help="served model name (default: the one served)")
+        p.add_argument("--system", help="a system message that starts the conversation")
+        p.add_argument("--api-key", help="API key, sent as a Bearer token (default: STREAMQ_API_KEY)")
+        p.add_argument("--max-tokens", type=int, help="most tokens per answer (default: the server's)")
+        p.add_argument("--temperature", type=float, help="0 = greedy (default: the server's)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from client.protocol import default_url
+    from client.sync_client import StreamqClient
+
+    with StreamqClient(args.url or default_url(), api_key=args.api_key) as client:
+        if args.command == "ask":
+            return _ask(client, args)
+        return _chat(client, args)
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    given = {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _renderer(summary: bool) -> Any:
+    from rich.console import Console
+
+    from client.render import LiveRenderer, PlainRenderer
+
+    if sys.stdout.isatty():
+        return LiveRenderer(Console(highlight=False))
+    return PlainRenderer(sys.stdout, summary=summary)
+
+
+def answer(client: Any, messages: list[dict[str, str]], options: dict[str, Any], renderer: Any) -> Any:
+    """Submit one question and draw its answer until the job ends; Ctrl-C cancels it. The Turn,
+    or None when the job could not be submitted."""
+    from client.errors import StreamqError
+    from client.turn import Turn
+
+    try:
+        view = client.submit(messages, **options)
+    except StreamqError as exc:
+        hint = " (give the key with --api-key or STREAMQ_API_KEY)" if exc.status == 401 else ""
+        renderer.problem(f"could not submit the question: {exc}{hint}")
+        return None
+    turn = Turn(view.id, position=view.position)
+    note = None
+    with renderer:
+        renderer.update(turn)
+        try:
+            for event in client.events(turn.job_id, on_reconnect=turn.on_reconnect):
+                turn.apply(event)
+                renderer.update(turn)
+        except KeyboardInterrupt:
+            note = _stop(client, turn, renderer)
+        except StreamqError as exc:
+            note = f"lost the answer's stream: {exc}"
+        renderer.finish(turn, note)
+    return turn
+
+
+def _stop(client: Any, turn: Any, renderer: Any) -> str | None:
+    """Cancel the job, then take the text it made before the cancel landed, up to its end."""
+    from client.errors import StreamqError
+
+    turn.stopping = True
+    renderer.update(turn)
+    try:
+        client.cancel(turn.job_id)
+    except StreamqError as exc:
+        if exc.status != 409:  # 409: it had ended already; its last events say how
+            return f"could not cancel job {turn.job_id}: {exc}"
+    try:
+        for event in client.events(turn.job_id, last_event_id=turn.last_event_id):
+            turn.apply(event)
+            renderer.update(turn)
+    except (KeyboardInterrupt, StreamqError):
+        pass
+    return None
+
+
+def _read_question(args: argparse.Namespace) -> str:
+    if args.question == ["-"]:
+        return sys.stdin.read().strip()
+    return " ".join(args.question)
+
+
+def _ask(client: Any, args: argparse.Namespace) -> int:
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": _read_question(args)})
+    turn = answer(client, messages, _options(args), _renderer(summary=False))
+    if turn is None or turn.phase == "error":
+        return 1
+    return 130 if turn.phase == "canceled" else 0
+
+
+def _chat(client: Any, args: argparse.Namespace) -> int:
+    with contextlib.suppress(ImportError):  # not on every platform
+        import readline  # noqa: F401 - line editing and history for input()
+    tty = sys.stdout.isatty()
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(start)
+    where = f"{client.url}" + (f" · model {args.model}" if args.model else "")
+    print(f"streamq chat · {where}\n{HELP}", flush=True)
+    prompt = "\x1b[1;32myou ›\x1b[0m " if tty and os.environ.get("TERM") != "dumb" else "you › "
+    while True:
+        try:
+            line = input(prompt).strip()
+        except (EOFError, KeyboardInterrupt):
+            print(flush=True)
+            return 0
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history = list(start)
+            print("(conversation cleared)", flush=True)
+            continue
+        if line.startswith("/"):
+            print(HELP, flush=True)
+            continue
+        messages = [*history, {"role": "user", "content": line}]
+        try:
+            turn = answer(client, messages, _options(args), _renderer(summary=True))
+        except KeyboardInterrupt:  # while submitting: nothing to cancel yet
+            print("(interrupted)", flush=True)
+            continue
+        if turn is not None and turn.phase == "done":
+            history = [*messages, {"role": "assistant", "content": turn.text}]
+        elif turn is not None:
+            print("(not kept in the conversation)", flush=True)

@@ -1,0 +1,99 @@
+"""The parts of the job API both clients share: where things are, what a submit sends, what an
+answer means. No I/O here: the sync and async clients send what this builds."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, TypedDict
+
+import httpx
+
+from client.errors import StreamqConnectionError, StreamqError, error_from_response
+from shared.schemas import ChatMessage, JobView
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+API_KEY_ENV = "STREAMQ_API_KEY"
+URL_ENV = "STREAMQ_URL"
+
+
+class JobOptions(TypedDict, total=False):
+    """The sampling and limit fields of ``POST /v1/jobs`` (see the README's API section)."""
+
+    model: str
+    max_tokens: int
+    max_length: int
+    temperature: float
+    top_p: float
+    top_k: int
+    stop: str | list[str]
+    seed: int
+    queue_ttl: int
+    timeout: int
+
+
+Message = ChatMessage | Mapping[str, str]
+
+
+def default_url() -> str:
+    return os.environ.get(URL_ENV) or DEFAULT_URL
+
+
+def base_headers(api_key: str | None) -> dict[str, str]:
+    """Headers every request carries: the Bearer key (argument, else ``STREAMQ_API_KEY``)."""
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    head = {"User-Agent": "streamq-client/0.1"}
+    if key:
+        head["Authorization"] = f"Bearer {key}"
+    return head
+
+
+def default_timeout(read: float) -> httpx.Timeout:
+    """Connect fast, and give a stream ``read`` seconds between bytes (the front pings every 15 s
+    by default, so a silent connection is a dead one)."""
+    return httpx.Timeout(connect=5.0, read=read, write=30.0, pool=30.0)
+
+
+def job_body(
+    messages: Sequence[Message] | None,
+    prompt: str | None,
+    history: Sequence[tuple[str, str]] | None,
+    options: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The JSON body of ``POST /v1/jobs``; the front validates it (a 400 names a bad field)."""
+    body: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
+    if messages is not None:
+        body["messages"] = [
+            m.model_dump() if isinstance(m, ChatMessage) else {"role": m["role"], "content": m["content"]}
+            for m in messages
+        ]
+    if prompt is not None:
+        body["prompt"] = prompt
+    if history is not None:
+        body["history"] = [list(turn) for turn in history]
+    return body
+
+
+def error_of(response: httpx.Response) -> StreamqError:
+    """The API's error for an answer (its body must have been read)."""
+    return error_from_response(response.status_code, response.content, response.headers)
+
+
+def check(response: httpx.Response) -> None:
+    """Raise the API's error for a non-2xx answer (its body must have been read)."""
+    if response.status_code >= 300:
+        raise error_of(response)
+
+
+def job_view(response: httpx.Response) -> JobView:
+    check(response)
+    return JobView.model_validate(response.json())
+
+
+def model_ids(response: httpx.Response) -> list[str]:
+    check(response)
+    return [str(m["id"]) for m in response.json().get("data", [])]
+
+
+def unreachable(url: str, exc: httpx.HTTPError) -> StreamqError:
+    return StreamqConnectionError(f"cannot reach {url}: {exc.__class__.__name__}: {exc}")

@@ -1,0 +1,208 @@
+"""The web chat page in headless Chromium (Debian's chromium + chromium-driver, driven by
+selenium): ask, watch the answer grow, stop it (the job is canceled on the server), go on with
+the conversation; a front restarted mid-answer is ridden out. The README's screenshot comes from
+here: set STREAMQ_WEB_SCREENSHOT=docs/web-chat.png to keep it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+
+from shared import keys
+from shared.schemas import GenerationRequest
+from tests.conftest import SLOW_TOKENS_PER_SECOND, SlowStack
+from tests.processes import Service, restart_front_soon, start_front
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        not (shutil.which("chromium") and shutil.which("chromedriver")),
+        reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
+    ),
+]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+T = TypeVar("T")
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service as DriverService
+
+    options = Options()
+    options.binary_location = shutil.which("chromium") or CHROMIUM
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-background-networking",
+        "--disable-dev-shm-usage",
+    ):
+        options.add_argument(arg)
+    options.add_argument("--window-size=1100,760")
+    driver_service = DriverService(shutil.which("chromedriver") or CHROMEDRIVER)
+    driver = webdriver.Chrome(service=driver_service, options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def until(driver: Any, condition: Callable[[], T], what: str, timeout: float = 30) -> T:
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(
+        driver, timeout, poll_frequency=0.05, ignored_exceptions=[StaleElementReferenceException]
+    )
+    try:
+        return wait.until(lambda _: condition())
+    except Exception as exc:
+        raise AssertionError(f"timed out waiting for {what}") from exc
+
+
+def _answers(driver: Any) -> list[Any]:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_elements(By.CSS_SELECTOR, "#log .msg.assistant")
+
+
+def _text(element: Any) -> str:
+    from selenium.webdriver.common.by import By
+
+    return str(element.find_element(By.CSS_SELECTOR, ".body").get_attribute("textContent"))
+
+
+def _state(element: Any) -> str | None:
+    return element.get_attribute("data-state")
+
+
+def _open(driver: Any, slow: SlowStack, url: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    driver.get(f"{url}/")
+    key = driver.find_element(By.ID, "api-key")
+    key.clear()
+    key.send_keys(slow.api_key, Keys.TAB)  # kept in local storage; the model list reloads with it
+    models = "return Array.from(document.querySelectorAll('#model option'), (o) => o.value)"
+    until(driver, lambda: slow.model in driver.execute_script(models), "the model list")
+
+
+def _ask(driver: Any, question: str, max_tokens: int) -> Any:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    count = len(_answers(driver))
+    field = driver.find_element(By.ID, "max-tokens")
+    field.clear()
+    field.send_keys(str(max_tokens))
+    box = driver.find_element(By.ID, "question")
+    box.send_keys(question, Keys.ENTER)
+    return until(driver, lambda: len(_answers(driver)) > count and _answers(driver)[-1], "the answer bubble")
+
+
+def _job(slow: SlowStack, job_id: str) -> dict[str, Any]:
+    r = httpx.get(f"{slow.url}/v1/jobs/{job_id}", headers=slow.headers, timeout=10)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def _asked(slow: SlowStack, job_id: str) -> list[tuple[str, str]]:
+    stored = slow.redis.client(decode_responses=True).hget(keys.job(job_id), "request")
+    assert isinstance(stored, str)
+    return [(m.role, m.content) for m in GenerationRequest.model_validate_json(stored).messages]
+
+
+def test_the_page_streams_an_answer_stops_it_and_keeps_the_conversation(
+    browser: Any, slow_stack: SlowStack, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    _open(browser, slow_stack, slow_stack.url)
+    assert browser.execute_script("return localStorage.getItem('streamq.apiKey')") == slow_stack.api_key
+
+    first_question = "How do I make text <b>bold</b> in HTML, and what does <script> do?"
+    first = _ask(browser, first_question, 6)
+    until(browser, lambda: _state(first) == "done", "the first answer to finish")
+    first_id = first.get_attribute("data-job-id")
+    first_job = _job(slow_stack, first_id)
+    assert first_job["status"] == "finished" and _text(first) == first_job["text"]
+    # Text stays text: the question shows as typed, and no element came out of it.
+    users = browser.find_elements(By.CSS_SELECTOR, "#log .msg.user .body")
+    assert users[0].get_attribute("textContent") == first_question
+    assert browser.find_elements(By.CSS_SELECTOR, "#log b, #log script") == []
+
+    long = _ask(browser, "Now tell me a long story.", 30 * SLOW_TOKENS_PER_SECOND)
+    grown = until(browser, lambda: len(_text(long).split()) >= 40 and len(_text(long)), "the answer to run")
+    until(browser, lambda: len(_text(long)) > grown, "the answer to grow")
+    assert "Generating" in long.find_element(By.CSS_SELECTOR, ".status").text
+    shot = Path(os.environ.get("STREAMQ_WEB_SCREENSHOT") or tmp_path / "web-chat.png")
+    assert browser.save_screenshot(str(shot)) and shot.read_bytes()[:4] == b"\x89PNG"
+
+    browser.find_element(By.ID, "stop").click()
+    until(browser, lambda: _state(long) == "canceled", "the answer to stop")
+    long_id = long.get_attribute("data-job-id")
+    stopped = _job(slow_stack, long_id)
+    assert stopped["status"] == "canceled" and stopped["finish_reason"] == "canceled"
+    assert _text(long) == stopped["text"]  # every word the job wrote, once
+
+    third = _ask(browser, "And a short one?", 3)
+    until(browser, lambda: _state(third) == "done", "the third answer to finish")
+    # The conversation goes on from the finished exchange; the stopped one is left out.
+    assert _asked(slow_stack, third.get_attribute("data-job-id")) == [
+        ("user", first_question),
+        ("assistant", first_job["text"]),
+        ("user", "And a short one?"),
+    ]
+
+    browser.refresh()  # the key is still there after a reload
+    assert browser.find_element(By.ID, "api-key").get_attribute("value") == slow_stack.api_key
+
+
+def test_the_page_rides_out_a_front_restart_mid_answer(browser: Any, slow_stack: SlowStack) -> None:
+    front, url = start_front(slow_stack.env, slow_stack.logdir, "page-front")
+    fronts: list[Service] = [front]
+    try:
+        _open(browser, slow_stack, url)
+        tokens = 8 * SLOW_TOKENS_PER_SECOND
+        answer = _ask(browser, "Keep going through a restart.", tokens)
+        until(browser, lambda: len(_text(answer).split()) >= 5, "the answer to start")
+        front.proc.send_signal(signal.SIGKILL)
+        front.stop()
+        restart = restart_front_soon(slow_stack.env, slow_stack.logdir, "page-front-2", url, fronts)
+        ended = ("done", "error", "canceled")
+        until(browser, lambda: _state(answer) in ended, "the answer to end", timeout=90)
+        restart.join()
+        job = _job(slow_stack, answer.get_attribute("data-job-id"))
+        assert _state(answer) == "done" and job["status"] == "finished"
+        assert _text(answer) == job["text"] and len(job["text"].split()) == tokens
+    finally:
+        for service in fronts:
+            service.stop()
+
+
+def test_the_page_shows_the_queue_position_while_the_job_waits(browser: Any, slow_stack: SlowStack) -> None:
+    from selenium.webdriver.common.by import By
+
+    _open(browser, slow_stack, slow_stack.url)
+    blockers = slow_stack.fill_slots()
+    try:
+        answer = _ask(browser, "Are you busy?", 3)
+        status = answer.find_element(By.CSS_SELECTOR, ".status")
+        until(browser, lambda: "Queued · next in line" in status.text, "the queue position")
+        assert _state(answer) == "queued"
+        slow_stack.cancel(blockers)
+        until(browser, lambda: _state(answer) == "done", "the answer once a slot is free")
+        assert len(_text(answer).split()) == 3
+    finally:
+        slow_stack.cancel(blockers)
