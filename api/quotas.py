@@ -52,17 +52,19 @@ def parse_rate_limit(text: str) -> RateLimitItem | None:
 
 
 class KeyQuotas:
-    def __init__(self, settings: Settings, connection: aioredis.Redis) -> None:
+    def __init__(self, settings: Settings, connection: aioredis.Redis, client_name: str) -> None:
         self._redis = connection
         self._max_concurrent = settings.key_max_concurrent
         self._rate = parse_rate_limit(settings.key_rate_limit)
         self._set_life = settings.queue_ttl + settings.job_timeout + settings.result_ttl
         self._admit = connection.register_script(_ADMIT_SCRIPT)
-        # Its own two connections (the library wants bytes replies; the shared pool decodes).
+        # Its own two connections (the library wants bytes replies; the shared pool decodes),
+        # opened at the first rate-limited request: none while the front runs without keys.
         url = settings.redis_url_or_default()
         self._pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=2,
+            client_name=client_name,
             timeout=settings.redis_pool_timeout,
             socket_timeout=settings.redis_command_timeout,
             socket_connect_timeout=settings.redis_connect_timeout,

@@ -88,7 +88,7 @@ class Front:
         )
         rq_conn = SyncRedis(connection_pool=rq_pool)
         directory = WorkerDirectory(conn, settings)
-        quotas = KeyQuotas(settings, conn)
+        quotas = KeyQuotas(settings, conn, CLIENT_NAME)
         hub = StreamHub(hub_conn, conn, front_id=secrets.token_hex(8), block_ms=hub_block_ms)
         hub.start()
         return cls(

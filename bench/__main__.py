@@ -1,9 +1,10 @@
-"""Run the benchmarks: ``python -m bench [--only core|throughput|fanout] [--quick] [--tokens N]``.
+"""Run the benchmarks: ``python -m bench [--only core|throughput|fanout|recovery|security] [--quick]``.
 
 core: submit → first delta and the front's Redis connections (bench/core.py);
 throughput: streamq against transformers, in-process and over HTTP (bench/throughput.py);
 fanout: 1,000 SSE clients on one front, and dispatch latency when idle (bench/fanout.py);
-recovery: cancel latency with 16 running jobs, and crash detection (bench/recovery.py).
+recovery: cancel latency with 16 running jobs, and crash detection (bench/recovery.py);
+security: what API keys, ownership and per-key quotas add to a request (bench/security.py).
 Every process started here is stopped before it returns, on error or interrupt too.
 """
 
@@ -20,7 +21,7 @@ from types import FrameType
 
 from bench.core import run_core
 
-PARTS = ("core", "throughput", "fanout", "recovery")
+PARTS = ("core", "throughput", "fanout", "recovery", "security")
 SHAPES = ("tiny", "qwen2.5-0.5b")
 
 
@@ -73,6 +74,10 @@ def main() -> int:
             from bench.recovery import run_recovery
 
             run_recovery(workdir)
+        if "security" in parts:
+            from bench.security import run_security
+
+            run_security(workdir, jobs=50 if quick else 500)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"\n(benchmarks took {time.monotonic() - start:.0f} s)")

@@ -135,6 +135,23 @@ class SlowStack:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"}
 
+    def job(self, job_id: str) -> dict[str, Any]:
+        """The job's view, as the API shows it to its key."""
+        import httpx
+
+        r = httpx.get(f"{self.url}/v1/jobs/{job_id}", headers=self.headers, timeout=10)
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    def asked(self, job_id: str) -> list[tuple[str, str]]:
+        """The conversation a job was given, as its worker read it."""
+        from shared import keys
+        from shared.schemas import GenerationRequest
+
+        stored = self.redis.client(decode_responses=True).hget(keys.job(job_id), "request")
+        assert isinstance(stored, str)
+        return [(m.role, m.content) for m in GenerationRequest.model_validate_json(stored).messages]
+
     def fill_slots(self) -> list[str]:
         """Start a long job in each of the worker's slots (running before this returns), so the
         next job waits in the queue; the jobs' ids, for ``cancel``."""

@@ -12,12 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pexpect
 import pytest
 
-from shared import keys
-from shared.schemas import GenerationRequest
 from tests.conftest import SLOW_TOKENS_PER_SECOND, SlowStack
 from tests.processes import ROOT, Service, restart_front_soon, start_front
 from worker.synthetic import WORDS
@@ -36,19 +33,6 @@ def _env(**more: str) -> dict[str, str]:
 
 def _words(text: str) -> str:
     return " ".join(ANSI.sub("", text).split())
-
-
-def _job(slow: SlowStack, job_id: str) -> dict[str, object]:
-    r = httpx.get(f"{slow.url}/v1/jobs/{job_id}", headers=slow.headers, timeout=10)
-    assert r.status_code == 200, r.text
-    return dict(r.json())
-
-
-def _asked(slow: SlowStack, job_id: str) -> list[tuple[str, str]]:
-    """The conversation a job was given, as its worker read it."""
-    stored = slow.redis.client(decode_responses=True).hget(keys.job(job_id), "request")
-    assert isinstance(stored, str)
-    return [(m.role, m.content) for m in GenerationRequest.model_validate_json(stored).messages]
 
 
 def test_chat_streams_an_answer_ctrl_c_cancels_it_and_the_next_question_works(slow_stack: SlowStack) -> None:
@@ -78,7 +62,7 @@ def test_chat_streams_an_answer_ctrl_c_cancels_it_and_the_next_question_works(sl
         child.expect_exact("(not kept in the conversation)")
         child.expect_exact(PROMPT)
 
-        stopped = _job(slow_stack, stopped_id)
+        stopped = slow_stack.job(stopped_id)
         assert stopped["status"] == "canceled" and stopped["finish_reason"] == "canceled"
         partial = str(stopped["text"])
         assert 0 < len(partial.split()) < TOKENS
@@ -90,10 +74,10 @@ def test_chat_streams_an_answer_ctrl_c_cancels_it_and_the_next_question_works(sl
         assert int(child.match.group(1)) == TOKENS
         second_id = child.match.group(2)
         child.expect_exact(PROMPT)
-        second = _job(slow_stack, second_id)
+        second = slow_stack.job(second_id)
         assert second["status"] == "finished" and len(str(second["text"]).split()) == TOKENS
         # The stopped answer (and its question) was left out of the conversation.
-        assert _asked(slow_stack, second_id) == [("user", "a second question")]
+        assert slow_stack.asked(second_id) == [("user", "a second question")]
 
         child.sendline("/exit")
         child.expect(pexpect.EOF)

@@ -12,11 +12,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
 import pytest
 
-from shared import keys
-from shared.schemas import GenerationRequest
 from tests.conftest import SLOW_TOKENS_PER_SECOND, SlowStack
 from tests.processes import Service, restart_front_soon, start_front
 
@@ -111,18 +108,6 @@ def _ask(driver: Any, question: str, max_tokens: int) -> Any:
     return until(driver, lambda: len(_answers(driver)) > count and _answers(driver)[-1], "the answer bubble")
 
 
-def _job(slow: SlowStack, job_id: str) -> dict[str, Any]:
-    r = httpx.get(f"{slow.url}/v1/jobs/{job_id}", headers=slow.headers, timeout=10)
-    assert r.status_code == 200, r.text
-    return dict(r.json())
-
-
-def _asked(slow: SlowStack, job_id: str) -> list[tuple[str, str]]:
-    stored = slow.redis.client(decode_responses=True).hget(keys.job(job_id), "request")
-    assert isinstance(stored, str)
-    return [(m.role, m.content) for m in GenerationRequest.model_validate_json(stored).messages]
-
-
 def test_the_page_streams_an_answer_stops_it_and_keeps_the_conversation(
     browser: Any, slow_stack: SlowStack, tmp_path: Path
 ) -> None:
@@ -135,7 +120,7 @@ def test_the_page_streams_an_answer_stops_it_and_keeps_the_conversation(
     first = _ask(browser, first_question, 6)
     until(browser, lambda: _state(first) == "done", "the first answer to finish")
     first_id = first.get_attribute("data-job-id")
-    first_job = _job(slow_stack, first_id)
+    first_job = slow_stack.job(first_id)
     assert first_job["status"] == "finished" and _text(first) == first_job["text"]
     # Text stays text: the question shows as typed, and no element came out of it.
     users = browser.find_elements(By.CSS_SELECTOR, "#log .msg.user .body")
@@ -152,14 +137,14 @@ def test_the_page_streams_an_answer_stops_it_and_keeps_the_conversation(
     browser.find_element(By.ID, "stop").click()
     until(browser, lambda: _state(long) == "canceled", "the answer to stop")
     long_id = long.get_attribute("data-job-id")
-    stopped = _job(slow_stack, long_id)
+    stopped = slow_stack.job(long_id)
     assert stopped["status"] == "canceled" and stopped["finish_reason"] == "canceled"
     assert _text(long) == stopped["text"]  # every word the job wrote, once
 
     third = _ask(browser, "And a short one?", 3)
     until(browser, lambda: _state(third) == "done", "the third answer to finish")
     # The conversation goes on from the finished exchange; the stopped one is left out.
-    assert _asked(slow_stack, third.get_attribute("data-job-id")) == [
+    assert slow_stack.asked(third.get_attribute("data-job-id")) == [
         ("user", first_question),
         ("assistant", first_job["text"]),
         ("user", "And a short one?"),
@@ -183,7 +168,7 @@ def test_the_page_rides_out_a_front_restart_mid_answer(browser: Any, slow_stack:
         ended = ("done", "error", "canceled")
         until(browser, lambda: _state(answer) in ended, "the answer to end", timeout=90)
         restart.join()
-        job = _job(slow_stack, answer.get_attribute("data-job-id"))
+        job = slow_stack.job(answer.get_attribute("data-job-id"))
         assert _state(answer) == "done" and job["status"] == "finished"
         assert _text(answer) == job["text"] and len(job["text"].split()) == tokens
     finally:
