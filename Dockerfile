@@ -22,7 +22,9 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY api ./api
-# The front's dependencies only (no `worker` extra: no torch, no transformers).
+COPY client ./client
+# The front's dependencies only (no `worker` extra: no torch, no transformers); the Python client
+# and `streamq chat` / `ask` come with it.
 RUN pip install --no-compile . && rm -rf /root/.cache
 USER 10001
 EXPOSE 8000

@@ -9,12 +9,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from api.auth import ApiKeys
+from api.auth import ApiKeys, RequireApiKey
 from api.body_limit import BodySizeLimit
 from api.errors import install_error_handlers
 from api.metrics import FrontMetrics
 from api.metrics import router as metrics_router
-from api.quotas import parse_rate_limit
 from api.routes import compat, health, jobs, openai_api
 from api.routes import web as web_page
 from api.state import Front
@@ -23,12 +22,11 @@ from shared.settings import Settings, load_settings
 log = logging.getLogger("streamq.api")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The front. ValueError when the security settings cannot be used (unreadable keys file,
-    bad rate limit): better not to start than to start open."""
+def create_app(settings: Settings | None = None, api_keys: ApiKeys | None = None) -> FastAPI:
+    """The front. ValueError when the keys cannot be used (an unreadable keys file, a short
+    key): better not to start than to start open."""
     settings = settings or load_settings()
-    api_keys = ApiKeys.from_settings(settings)
-    parse_rate_limit(settings.key_rate_limit)
+    api_keys = api_keys if api_keys is not None else ApiKeys.from_settings(settings)
     front_metrics = FrontMetrics()  # this app's own registry, served on /metrics
 
     @asynccontextmanager
@@ -56,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = front_metrics
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequireApiKey, keys=api_keys)  # added last: runs first
     if settings.cors_origin_list():
         # Off unless origins are configured: browsers then refuse cross-origin calls.
         app.add_middleware(

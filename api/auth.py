@@ -1,11 +1,14 @@
-"""API keys: ``Authorization: Bearer KEY`` on every route but health, readiness and metrics.
+"""API keys: ``Authorization: Bearer KEY`` on every route but a few open ones (``OPEN_PATHS``).
 
-Keys come from ``STREAMQ_API_KEYS`` (comma-separated) and ``STREAMQ_API_KEYS_FILE`` (one per
-line, ``#`` comments); each entry is ``KEY`` or ``name:KEY``. Only SHA-256 digests are kept in
-memory, and a presented key is compared with every one of them in constant time. A key's name
-(given, or ``key-`` + the start of its digest) is who it is: it owns the jobs it creates, its
-quotas are counted under it, and logs show it instead of the key. Two keys may share a name
-(rotation: the new key still reaches the old key's jobs).
+Checked by an ASGI middleware before routing, so a route is protected unless listed as open
+(a new route cannot be forgotten), and a request without a key learns nothing else (not even
+whether its body parses). Keys come from ``STREAMQ_API_KEYS`` (comma-separated) and
+``STREAMQ_API_KEYS_FILE`` (one per line, ``#`` comments); each entry is ``KEY`` or ``name:KEY``
+(so an unnamed key holds no ``:``), at least MIN_KEY_LENGTH characters. Only SHA-256 digests
+are kept in memory, and a presented key is compared with every one of them in constant time.
+A key's name (given, or ``key-`` + the start of its digest) is who it is: it owns the jobs it
+creates, its quotas are counted under it, and logs show it instead of the key. Two keys may
+share a name (rotation: the new key still reaches the old key's jobs).
 """
 
 from __future__ import annotations
@@ -17,11 +20,19 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.errors import ApiError
+from api.errors import ApiError, error_response
 from shared.settings import Settings
 
 OPEN = ""  # the caller's name when the server runs without keys
+MIN_KEY_LENGTH = 16
+# Open to anyone: the probes, the metrics, the API's description, and the web chat page (which
+# asks for the key itself). Everything else wants a key.
+OPEN_PATHS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+)
+OPEN_GET_PREFIXES = ("/static/",)
 
 
 @dataclass(frozen=True)
@@ -46,21 +57,28 @@ class ApiKeys:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ApiKeys:
-        """The configured keys; ValueError when the file cannot be read or an entry is empty."""
+        """The configured keys; ValueError when they cannot be used: the file cannot be read or
+        holds no key, or a key is shorter than MIN_KEY_LENGTH (a placeholder, a guessable key)."""
         entries = _entries(settings.api_keys.get_secret_value(), ",")
         if settings.api_keys_file is not None:
             try:
-                entries += _entries(settings.api_keys_file.read_text(encoding="utf-8"), "\n")
+                in_file = _entries(settings.api_keys_file.read_text(encoding="utf-8"), "\n")
             except OSError as exc:
                 raise ValueError(f"cannot read STREAMQ_API_KEYS_FILE: {exc}") from None
+            if not in_file:
+                raise ValueError(f"STREAMQ_API_KEYS_FILE ({settings.api_keys_file}) holds no key")
+            entries += in_file
         named: list[tuple[str, str]] = []
-        for entry in entries:
-            name, separator, key = entry.partition(":")  # a name holds no ':'; a key may
+        for number, entry in enumerate(entries, 1):
+            name, separator, key = entry.partition(":")  # a name holds no ':'; an unnamed key neither
             if not separator:
                 name, key = "", entry
-            if not key.strip():
-                raise ValueError("an API key entry is empty (entries are KEY or name:KEY)")
             key = key.strip()
+            if len(key) < MIN_KEY_LENGTH:
+                raise ValueError(
+                    f"API key {name.strip() or f'#{number}'} is {len(key)} characters long; use at "
+                    f"least {MIN_KEY_LENGTH} random ones (e.g. `openssl rand -hex 24`)"
+                )
             named.append((name.strip() or "key-" + _digest(key).hex()[:12], key))
         return cls(named)
 
@@ -100,18 +118,54 @@ def _unauthorized(message: str) -> ApiError:
     )
 
 
-def require_caller(request: Request) -> Caller:
-    """The route dependency: who is calling, or 401."""
-    keys: ApiKeys = request.app.state.api_keys
+def identify(keys: ApiKeys, authorization: str | None) -> Caller:
+    """Who sends this ``Authorization`` header, or the 401 that says why not."""
     if not keys.enabled:
         return Caller(OPEN)
-    token = bearer_token(request.headers.get("authorization"))
+    token = bearer_token(authorization)
     if token is None:
         raise _unauthorized("an API key is required: send it as 'Authorization: Bearer KEY'")
     name = keys.identify(token)
     if name is None:
         raise _unauthorized("the API key is not valid")
     return Caller(name)
+
+
+def is_open(method: str, path: str) -> bool:
+    if path in OPEN_PATHS:
+        return True
+    return method in ("GET", "HEAD") and (path == "/" or path.startswith(OPEN_GET_PREFIXES))
+
+
+class RequireApiKey:
+    """Answers 401 to a request for a protected path without a valid key; otherwise hands the
+    caller on to the routes (``scope["state"]["caller"]``)."""
+
+    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys.enabled or is_open(scope["method"], scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        raw = headers.get(b"authorization")
+        try:
+            caller = identify(self.keys, raw.decode("latin-1") if raw is not None else None)
+        except ApiError as exc:
+            await error_response(exc)(scope, receive, send)
+            return
+        scope.setdefault("state", {})["caller"] = caller
+        await self.app(scope, receive, send)
+
+
+def require_caller(request: Request) -> Caller:
+    """The route dependency: who is calling (checked by RequireApiKey before routing)."""
+    caller = getattr(request.state, "caller", None)
+    if isinstance(caller, Caller):
+        return caller
+    return identify(request.app.state.api_keys, request.headers.get("authorization"))
 
 
 CallerDep = Annotated[Caller, Depends(require_caller)]
@@ -126,13 +180,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def open_bind_refusal(settings: Settings, host: str) -> str | None:
+def open_bind_refusal(settings: Settings, keys: ApiKeys, host: str) -> str | None:
     """Why the front must not start on ``host`` (None: it may). Without keys it serves anyone
     who reaches it: only on a loopback address, unless ``--insecure`` says so."""
-    try:
-        keys = ApiKeys.from_settings(settings)
-    except ValueError as exc:
-        return str(exc)
     if keys.enabled or settings.insecure or is_loopback(host):
         return None
     return (

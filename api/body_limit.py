@@ -1,7 +1,8 @@
 """A request body larger than ``STREAMQ_MAX_BODY_BYTES`` is refused with 413 before any route reads it.
 
-A declared ``Content-Length`` over the limit is refused without reading; a body sent without
-one (chunked) is read up to the limit and then handed on whole, or refused once it passes it.
+A declared ``Content-Length`` over the limit is refused without reading (the server holds the
+body to its length); a body sent without one (chunked, or HTTP/2) is read up to the limit and
+then handed on whole, or refused once it passes it.
 """
 
 from __future__ import annotations
@@ -33,9 +34,6 @@ class BodySizeLimit:
                 await self._refuse(send)
                 return
             await self.app(scope, receive, send)  # the server holds the body to its length
-            return
-        if b"chunked" not in headers.get(b"transfer-encoding", b"").lower():
-            await self.app(scope, receive, send)
             return
         chunks: list[bytes] = []
         size = 0

@@ -143,7 +143,7 @@ def _redis_response(request: Request, exc: Exception) -> JSONResponse:
     if metrics is not None:
         metrics.redis_errors.inc()
     return error_response(
-        ApiError(503, f"the job store (Redis) failed: {exc}; try again shortly", headers={"Retry-After": "1"})
+        ApiError(503, "the job store (Redis) is unavailable; try again shortly", headers={"Retry-After": "1"})
     )
 
 

@@ -73,8 +73,7 @@ class JobService:
     async def submit(self, request: JobRequest, caller: Caller) -> JobView:
         """Check the caller's rate, validate, pick the model, check the caller's concurrency, and
         create the job (owned by the caller) and its RQ job in one transaction."""
-        if caller.name != OPEN:
-            await self.quotas.hit(caller.name)
+        await self.quotas.hit(caller.name)
         generation = generation_request(request, self._settings)
         model = await self.directory.resolve(request.model)
         await self.admission.check(model)
@@ -83,14 +82,12 @@ class JobService:
             await self._check_prompt_length(model, generation)
         job_id = new_job_id()
         created_at = time.time()
-        if caller.name != OPEN:
-            await self.quotas.admit(caller.name, job_id)
+        await self.quotas.admit(caller.name, job_id)
         try:
             await anyio.to_thread.run_sync(self._enqueue, job_id, model, generation, created_at, caller.name)
         except Exception:  # not created (a cancel leaves the enqueue running in its thread)
-            if caller.name != OPEN:
-                with contextlib.suppress(RedisError):
-                    await self.quotas.release(caller.name, job_id)
+            with contextlib.suppress(RedisError):
+                await self.quotas.release(caller.name, job_id)
             raise
         log.info(
             "job %s: queued for %s%s",

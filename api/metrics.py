@@ -9,6 +9,7 @@ Redis errors) is counted here; sum it over the fronts.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 
@@ -78,6 +79,7 @@ class FrontMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self._deployment: DeploymentCollector | None = None
+        self._scrape_lock: asyncio.Lock | None = None  # made in the event loop, at the first scrape
         self.jobs_submitted = Counter(
             "streamq_jobs_submitted", "Jobs this front queued", ["model"], registry=self.registry
         )
@@ -106,13 +108,21 @@ class FrontMetrics:
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
+    async def scrape(self) -> bytes:
+        """The exposition, made by one thread at a time (reading the queues is synchronous Redis
+        I/O): a flood of scrapes waits its turn here, holding one worker thread and one Redis
+        connection, never the threads and connections job submits need."""
+        if self._scrape_lock is None:
+            self._scrape_lock = asyncio.Lock()
+        async with self._scrape_lock:
+            return await anyio.to_thread.run_sync(self.exposition)
+
 
 router = APIRouter(tags=["metrics"])
 
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    """Prometheus text format. Reading the queues is synchronous Redis I/O: done in a thread."""
+    """Prometheus text format."""
     front_metrics: FrontMetrics = request.app.state.metrics
-    body = await anyio.to_thread.run_sync(front_metrics.exposition)
-    return Response(body, media_type=CONTENT_TYPE_LATEST)
+    return Response(await front_metrics.scrape(), media_type=CONTENT_TYPE_LATEST)

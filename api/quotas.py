@@ -23,6 +23,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
 from redis.exceptions import RedisError
 
+from api.auth import OPEN
 from api.errors import too_many_requests
 from shared import keys
 from shared.schemas import FINAL_STATUSES
@@ -70,7 +71,7 @@ class KeyQuotas:
             socket_connect_timeout=settings.redis_connect_timeout,
         )
         self._storage = RedisStorage(
-            "async+" + url,
+            "async+" + (url.replace("unix://", "redis+unix://", 1) if url.startswith("unix://") else url),
             implementation="redispy",
             key_prefix=keys.RATE_LIMIT_PREFIX,
             wrap_exceptions=True,
@@ -79,8 +80,8 @@ class KeyQuotas:
         self._limiter = MovingWindowRateLimiter(self._storage)
 
     async def hit(self, name: str) -> None:
-        """Count one job request of the key; 429 when it is over its rate."""
-        if self._rate is None:
+        """Count one job request of the key; 429 when it is over its rate. (No key, no quota.)"""
+        if self._rate is None or name == OPEN:
             return
         try:
             if await self._limiter.hit(self._rate, name):
@@ -98,7 +99,7 @@ class KeyQuotas:
 
     async def admit(self, name: str, job_id: str) -> None:
         """Count ``job_id`` among the key's queued or running jobs; 429 when it has its maximum."""
-        if self._max_concurrent == 0:
+        if self._max_concurrent == 0 or name == OPEN:
             return
         active = keys.key_active(name)
         if await self._try_admit(active, job_id):
@@ -115,7 +116,7 @@ class KeyQuotas:
 
     async def release(self, name: str, job_id: str) -> None:
         """Undo ``admit`` for a job that was not created after all."""
-        if self._max_concurrent:
+        if self._max_concurrent and name != OPEN:
             await self._redis.zrem(keys.key_active(name), job_id)
 
     async def _try_admit(self, active: str, job_id: str) -> bool:

@@ -15,6 +15,10 @@ def _refuse(message: str, setting: str, param: str) -> ApiError:
     return ApiError(400, f"{message} (STREAMQ_{setting.upper()})", param=param, code="limit_exceeded")
 
 
+def stop_sequences(request: JobRequest) -> list[str]:
+    return [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+
+
 def check_limits(request: JobRequest, settings: Settings) -> None:
     """The request's size against the server's limits: messages, prompt characters, stop
     sequences, max_tokens and the job's own lifetimes."""
@@ -34,7 +38,7 @@ def check_limits(request: JobRequest, settings: Settings) -> None:
             "max_prompt_chars",
             "messages" if request.messages is not None else "prompt",
         )
-    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    stop = stop_sequences(request)
     if len(stop) > s.max_stop_sequences:
         raise _refuse(
             f"stop: {len(stop)} sequences, at most {s.max_stop_sequences} are allowed",
@@ -72,7 +76,6 @@ def generation_request(request: JobRequest, settings: Settings) -> GenerationReq
         max_tokens = s.max_tokens_limit
     else:
         max_tokens = s.default_max_tokens
-    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     return GenerationRequest(
         messages=request.chat_messages(),
         max_tokens=max_tokens,
@@ -80,7 +83,7 @@ def generation_request(request: JobRequest, settings: Settings) -> GenerationReq
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
         top_k=request.top_k or 0,
-        stop=stop,
+        stop=stop_sequences(request),
         seed=request.seed,
         queue_ttl=request.queue_ttl,
         timeout=request.timeout,

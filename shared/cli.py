@@ -8,8 +8,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from shared.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from api.auth import ApiKeys
 
 
 def _with(settings: Settings, **changes: object) -> Settings:
@@ -20,14 +24,23 @@ def _with(settings: Settings, **changes: object) -> Settings:
 _INSECURE_HELP = "serve without API keys on a non-loopback address (STREAMQ_INSECURE=1)"
 
 
-def _refuse_open_bind(settings: Settings, host: str) -> bool:
-    """Print why the front must not start on ``host`` and return True, or return False."""
-    from api.auth import open_bind_refusal
+def _front_keys(settings: Settings, host: str) -> ApiKeys | None:
+    """The front's API keys, read once; None (after saying why) when the front must not start:
+    keys that cannot be used, a bad rate limit, or no keys on a non-loopback address."""
+    from api.auth import ApiKeys, open_bind_refusal
+    from api.quotas import parse_rate_limit
 
-    reason = open_bind_refusal(settings, host)
+    try:
+        keys = ApiKeys.from_settings(settings)
+        parse_rate_limit(settings.key_rate_limit)
+    except ValueError as exc:
+        reason: str | None = str(exc)
+    else:
+        reason = open_bind_refusal(settings, keys, host)
     if reason is not None:
         print(f"streamq: refusing to start: {reason}", file=sys.stderr)
-    return reason is not None
+        return None
+    return keys
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,10 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from shared.log_format import logging_config
 
         settings = _with(settings, insecure=args.insecure)
-        if _refuse_open_bind(settings, args.host):
+        keys = _front_keys(settings, args.host)
+        if keys is None:
             return 2
         uvicorn.run(
-            create_app(settings),
+            create_app(settings, keys),
             host=args.host,
             port=args.port,
             log_level=args.log_level,
@@ -141,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from shared.launcher import run_up
 
         settings = _with(settings, device=args.device, dtype=args.dtype, insecure=args.insecure)
-        if _refuse_open_bind(settings, args.host):
+        if _front_keys(settings, args.host) is None:
             return 2
         return run_up(
             settings,

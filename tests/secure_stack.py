@@ -16,7 +16,7 @@ from tests.processes import RedisServer, Service, start_front, start_synthetic_w
 KEYS = {
     "alice": "sk-alice-3f9a1c7e",
     "alice2": "sk-alice-rotated-77b2",  # a second key named alice (rotation)
-    "bob": "sk-bob-0c4e8d21",
+    "bob": "sk-bob-0c4e8d21a9",
     "dave": "sk-dave-91aa0f3c",
     "erin": "sk-erin-5d6e7f80",
     "frank": "sk-frank-2b3c4d5e",

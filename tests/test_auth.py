@@ -149,8 +149,22 @@ def test_a_rotated_key_of_the_same_name_reaches_its_jobs_and_file_keys_work(secu
 
 
 def test_health_readiness_and_the_schema_are_open(secure: SecureStack) -> None:
-    for path in ("/healthz", "/readyz", "/openapi.json"):
+    for path in ("/healthz", "/readyz", "/openapi.json", "/metrics"):
         assert httpx.get(f"{secure.a}{path}", timeout=10).status_code == 200, path
+
+
+def test_without_a_key_nothing_else_is_learned(secure: SecureStack) -> None:
+    """The key is checked before routing and before the body is read."""
+    bad_json = httpx.post(
+        f"{secure.a}/v1/jobs", content=b"{bad", headers={"Content-Type": "application/json"}, timeout=10
+    )
+    assert _is_authentication_error(bad_json)
+    assert _is_authentication_error(httpx.get(f"{secure.a}/v1/no-such-route", timeout=10))
+    assert _is_authentication_error(httpx.post(f"{secure.a}/", json={"prompt": "hi"}, timeout=10))
+    with_key = httpx.post(
+        f"{secure.a}/v1/jobs", content=b"{bad", headers=headers("bob") | {"Content-Type": "application/json"}
+    )
+    assert with_key.status_code == 422
 
 
 def test_the_openai_sdk_authenticates_with_its_api_key(secure: SecureStack) -> None:
@@ -179,19 +193,45 @@ def test_logs_hold_no_key_and_no_prompt_unless_prompt_logging_is_on(secure: Secu
 
 
 # ----- settings, without a server ---------------------------------------------------------------
+LONG_KEY = "sk-0123456789abcdef"
+
+
 def test_keys_are_parsed_named_and_compared_by_digest(tmp_path: Path) -> None:
     keys_file = tmp_path / "keys"
-    keys_file.write_text("# comment\nops:sk-file-1\n\nsk-unnamed-2\n")
-    settings = Settings(api_keys="web:sk-env-1, sk-env-2", api_keys_file=keys_file)  # type: ignore[arg-type]
+    keys_file.write_text("# comment\nops:sk-file-key-00000001\n\nsk-unnamed-key-0000002\n")
+    settings = Settings(
+        api_keys="web:sk-env-key-000000001, sk-env-key-000000002",  # type: ignore[arg-type]
+        api_keys_file=keys_file,
+    )
     keys = ApiKeys.from_settings(settings)
     assert len(keys) == 4
-    assert keys.identify("sk-env-1") == "web" and keys.identify("sk-file-1") == "ops"
-    unnamed = keys.identify("sk-env-2")
-    assert unnamed is not None and unnamed.startswith("key-") and "sk-env-2" not in unnamed
-    assert keys.identify("sk-env-") is None and keys.identify("") is None
-    assert "sk-env-1" not in repr(settings)
+    assert keys.identify("sk-env-key-000000001") == "web" and keys.identify("sk-file-key-00000001") == "ops"
+    unnamed = keys.identify("sk-env-key-000000002")
+    assert unnamed is not None and unnamed.startswith("key-") and "sk-env" not in unnamed
+    assert keys.identify("sk-env-key-00000000") is None and keys.identify("") is None
+    assert "sk-env-key-000000001" not in repr(settings)
     assert bearer_token("Bearer  abc ") == "abc" and bearer_token("bearer abc") == "abc"
     assert bearer_token("Token abc") is None and bearer_token("Bearer ") is None
+
+
+@pytest.mark.parametrize(
+    ("env", "complaint"),
+    [
+        ({"api_keys": "sk-short"}, "is 8 characters long; use at least 16"),
+        ({"api_keys": "alice:"}, "alice is 0 characters long"),
+        ({"api_keys": "abc:sk-0123456789"}, "abc is 13 characters"),  # a ':' names the key
+    ],
+)
+def test_keys_too_short_to_be_safe_are_refused(env: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(ValueError, match=complaint):
+        ApiKeys.from_settings(Settings(**env))
+
+
+def test_a_keys_file_without_keys_is_refused(tmp_path: Path) -> None:
+    empty = tmp_path / "keys"
+    empty.write_text("# nothing yet\n\n")
+    with pytest.raises(ValueError, match="holds no key"):
+        ApiKeys.from_settings(Settings(api_keys_file=empty))
 
 
 @pytest.mark.parametrize(
@@ -203,11 +243,12 @@ def test_keys_are_parsed_named_and_compared_by_digest(tmp_path: Path) -> None:
         ("0.0.0.0", {}, True),
         ("10.1.2.3", {}, True),
         ("0.0.0.0", {"insecure": True}, False),
-        ("0.0.0.0", {"api_keys": "sk-1"}, False),
+        ("0.0.0.0", {"api_keys": LONG_KEY}, False),
     ],
 )
 def test_without_keys_only_loopback_binds_are_allowed(host: str, env: dict[str, Any], refused: bool) -> None:
-    reason = open_bind_refusal(Settings(**env), host)
+    settings = Settings(**env)
+    reason = open_bind_refusal(settings, ApiKeys.from_settings(settings), host)
     assert (reason is not None) == refused
     if refused:
         assert reason is not None and "--insecure" in reason and "STREAMQ_API_KEYS" in reason
@@ -224,9 +265,19 @@ def _run_api(args: list[str], env: dict[str, str]) -> subprocess.CompletedProces
     )
 
 
-def test_the_front_refuses_to_start_open_on_a_public_address() -> None:
-    result = _run_api(["--host", "0.0.0.0", "--port", str(free_port())], {})
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (["--host", "0.0.0.0"], {}, "--insecure"),
+        ([], {"STREAMQ_API_KEYS_FILE": "/nonexistent/keys"}, "STREAMQ_API_KEYS_FILE"),
+        ([], {"STREAMQ_API_KEYS": "sk-too-short"}, "at least 16"),
+        ([], {"STREAMQ_KEY_RATE_LIMIT": "lots"}, "STREAMQ_KEY_RATE_LIMIT"),
+    ],
+)
+def test_the_front_refuses_to_start_open_or_with_unusable_security_settings(
+    args: list[str], env: dict[str, str], says: str
+) -> None:
+    result = _run_api([*args, "--port", str(free_port())], env)
     assert result.returncode == 2
-    assert "refusing to start" in result.stderr and "--insecure" in result.stderr
-    missing = _run_api(["--port", str(free_port())], {"STREAMQ_API_KEYS_FILE": "/nonexistent/keys"})
-    assert missing.returncode == 2 and "STREAMQ_API_KEYS_FILE" in missing.stderr
+    assert "refusing to start" in result.stderr and says in result.stderr
+    assert "Traceback" not in result.stderr

@@ -100,7 +100,7 @@ async def _complete(
 ) -> Response:
     job = await ClientJob.submit(front, job_request, request, caller, detached=_wants_detach(body, detach))
     if body.user:
-        log.info("job %s: OpenAI %s completion for user %r", job.id, kind, body.user)
+        log.info("job %s: OpenAI %s completion for user %r", job.id, kind, body.user[:64])
     fmt = CompletionFormat(kind, job.id, job.view.model, int(job.view.created_at), body.include_usage)
     headers = {JOB_HEADER: job.id}
     if body.stream:
