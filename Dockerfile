@@ -54,6 +54,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY api ./api
+COPY client ./client
 COPY worker ./worker
 RUN pip install --no-compile '.[worker]'
 USER 10001
@@ -82,6 +83,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY api ./api
+COPY client ./client
 COPY worker ./worker
 RUN pip install --no-compile '.[worker]'
 USER 10001

@@ -30,7 +30,16 @@ MIN_KEY_LENGTH = 16
 # Open to anyone: the probes, the metrics, the API's description, and the web chat page (which
 # asks for the key itself). Everything else wants a key.
 OPEN_PATHS = frozenset(
-    {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+    {
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/scaling",
+        "/openapi.json",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/redoc",
+    }
 )
 OPEN_GET_PREFIXES = ("/static/",)
 

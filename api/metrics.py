@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import anyio.to_thread
 import redis
@@ -24,6 +25,7 @@ from prometheus_client.registry import Collector
 from shared import queue_stats
 
 log = logging.getLogger("streamq.api")
+T = TypeVar("T")
 
 # Buckets (seconds) for what a person waits on: from a few ms to several minutes.
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -80,6 +82,8 @@ class FrontMetrics:
         self.registry = registry or CollectorRegistry()
         self._deployment: DeploymentCollector | None = None
         self._scrape_lock: asyncio.Lock | None = None  # made in the event loop, at the first scrape
+        self._connection: redis.Redis | None = None
+        self._worker_ttl = 0.0
         self.jobs_submitted = Counter(
             "streamq_jobs_submitted", "Jobs this front queued", ["model"], registry=self.registry
         )
@@ -97,6 +101,7 @@ class FrontMetrics:
     def watch_deployment(self, connection: redis.Redis, worker_ttl: float) -> None:
         """Add the scrape-time collector, reading through ``connection`` (a synchronous client)."""
         self.unwatch_deployment()
+        self._connection, self._worker_ttl = connection, worker_ttl
         self._deployment = DeploymentCollector(connection, worker_ttl, self.redis_errors)
         self.registry.register(self._deployment)
 
@@ -108,14 +113,34 @@ class FrontMetrics:
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
+    def model_load(self, model: str) -> dict[str, int | str]:
+        """What an autoscaler needs of one model: jobs waiting, jobs running on its live workers
+        (as of their last heartbeat), their slots, and load = waiting + running."""
+        assert self._connection is not None, "watch_deployment() first"
+        live = [w for w in queue_stats.workers(self._connection, self._worker_ttl) if w.live]
+        serving = [w for w in live if w.model == model]
+        (queue,) = queue_stats.queues(self._connection, [model])
+        running = sum(w.busy for w in serving)
+        return {
+            "model": model,
+            "queued": queue.depth,
+            "running": running,
+            "slots": sum(w.slots for w in serving),
+            "load": queue.depth + running,
+        }
+
+    async def in_turn(self, read: Callable[[], T]) -> T:
+        """Run a synchronous Redis read on a worker thread, one at a time (see ``scrape``)."""
+        if self._scrape_lock is None:
+            self._scrape_lock = asyncio.Lock()
+        async with self._scrape_lock:
+            return await anyio.to_thread.run_sync(read)
+
     async def scrape(self) -> bytes:
         """The exposition, made by one thread at a time (reading the queues is synchronous Redis
         I/O): a flood of scrapes waits its turn here, holding one worker thread and one Redis
         connection, never the threads and connections job submits need."""
-        if self._scrape_lock is None:
-            self._scrape_lock = asyncio.Lock()
-        async with self._scrape_lock:
-            return await anyio.to_thread.run_sync(self.exposition)
+        return await self.in_turn(self.exposition)
 
 
 router = APIRouter(tags=["metrics"])
@@ -126,3 +151,11 @@ async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     front_metrics: FrontMetrics = request.app.state.metrics
     return Response(await front_metrics.scrape(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/scaling", include_in_schema=False)
+async def scaling(request: Request, model: str) -> dict[str, int | str]:
+    """One model's load for an autoscaler (KEDA's metrics-api trigger): ``load`` = jobs waiting +
+    jobs running. Open, like /metrics; it tells no more than /metrics does."""
+    front_metrics: FrontMetrics = request.app.state.metrics
+    return await front_metrics.in_turn(lambda: front_metrics.model_load(model))

@@ -30,6 +30,7 @@ class WorkerDirectory:
         self._redis = connection
         self._ttl = settings.worker_ttl
         self._expected = settings.model_list()
+        self._scale_to_zero = settings.scale_to_zero
         self._cache_seconds = cache_seconds
         self._cached: tuple[float, list[WorkerInfo]] | None = None
 
@@ -83,10 +84,11 @@ class WorkerDirectory:
         return min(known) if known else None
 
     async def readiness(self) -> tuple[bool, dict[str, int]]:
-        """Ready when every expected model (STREAMQ_MODELS) has a live worker, and some worker is live."""
+        """Ready when every expected model (STREAMQ_MODELS) has a live worker, and some worker is
+        live; with STREAMQ_SCALE_TO_ZERO, whatever the workers (they come when jobs wait)."""
         models = await self.served_models(fresh=True)
         expected = {m: models.get(m, 0) for m in self._expected}
-        ready = bool(models) and all(expected.values())
+        ready = self._scale_to_zero or (bool(models) and all(expected.values()))
         return ready, {**models, **expected}
 
     async def known(self, model: str) -> bool:
@@ -105,8 +107,8 @@ class WorkerDirectory:
         names = ", ".join(sorted(models)) or "none"
         retry = {"Retry-After": str(math.ceil(self._ttl))}  # a new worker is live within its ttl
         if requested:
-            if requested in models:
-                return requested
+            if requested in models or (self._scale_to_zero and requested in self._expected):
+                return requested  # scale to zero: the job waits in its queue for a worker to start
             if await self.known(requested):
                 raise ApiError(
                     503,
@@ -123,6 +125,8 @@ class WorkerDirectory:
             )
         if len(models) == 1:
             return next(iter(models))
+        if not models and self._scale_to_zero and len(self._expected) == 1:
+            return self._expected[0]
         if not models:
             raise ApiError(503, "no worker is serving a model yet; try again shortly", headers=retry)
         raise ApiError(400, f"several models are served ({names}): name one in 'model'", param="model")

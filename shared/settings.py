@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     # Models this deployment must serve (comma-separated served names): /readyz is false while
     # one of them has no live worker. Empty: ready as soon as any worker is live.
     models: str = ""
+    # Autoscaled workers that may all be gone (KEDA minReplicaCount 0): jobs for the models in
+    # `models` are queued even with no live worker (one starts because they wait), and /readyz
+    # asks only for Redis, so fronts stay in service while workers come and go.
+    scale_to_zero: bool = Field(False, description="front: queue jobs for STREAMQ_MODELS with no live worker")
 
     # The worker serves `model` (a hub name or a local folder) under `served_name`.
     model: str | None = None

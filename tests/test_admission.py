@@ -191,3 +191,32 @@ def test_a_known_model_without_live_workers_is_503_an_unknown_one_404(mini: Mini
 
         # Never seen at all: 404, as before.
         assert_error(post_job(client, mini, "never-seen"), 404, "not_found_error", "model_not_found")
+
+
+def test_scale_to_zero_queues_jobs_with_no_worker_and_keeps_the_front_ready(tmp_path: Path) -> None:
+    """STREAMQ_SCALE_TO_ZERO (KEDA minReplicaCount 0): a job for a model in STREAMQ_MODELS waits
+    in its queue while no worker is live, the front stays ready, and the worker that starts
+    (because the queue grew) runs it."""
+    server = RedisServer()
+    env = {"STREAMQ_REDIS_URL": server.url, "STREAMQ_MODELS": "cold", "STREAMQ_SCALE_TO_ZERO": "1"}
+    front, url = start_front(env, tmp_path, "zero-front")
+    services = [front]
+    try:
+        assert httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+        job = httpx.post(f"{url}/v1/jobs", json={"prompt": "hi", "max_tokens": 3}, timeout=10)
+        assert job.status_code == 202 and job.json()["model"] == "cold"
+        assert server.client().llen(keys.rq_queue("cold")) == 1, "the queue an autoscaler watches grew"
+        load = httpx.get(f"{url}/scaling", params={"model": "cold"}, timeout=5).json()
+        assert load == {"model": "cold", "queued": 1, "running": 0, "slots": 0, "load": 1}
+        unknown = httpx.post(f"{url}/v1/jobs", json={"prompt": "hi", "model": "other"}, timeout=10)
+        assert unknown.status_code == 404
+        services.append(start_synthetic_worker(env, tmp_path, "cold", "cold-1"))
+        with httpx.stream("GET", f"{url}/v1/jobs/{job.json()['id']}/events", timeout=60) as r:
+            events = [e.event for e in read_events(r) if e is not None]
+        assert events[-1] == "done"
+        load = httpx.get(f"{url}/scaling", params={"model": "cold"}, timeout=5).json()
+        assert load["queued"] == 0 and load["slots"] == 1
+    finally:
+        for service in services:
+            service.stop()
+        server.close()

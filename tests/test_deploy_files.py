@@ -66,9 +66,12 @@ def test_compose_services_as_documented() -> None:
     assert port["target"] == 8000 and "-" in str(port["published"])
     assert "/readyz" in " ".join(api["healthcheck"]["test"])
     assert api["environment"]["STREAMQ_REDIS_URL"] == "redis://redis:6379/0"
-    # GPU worker: one NVIDIA GPU per replica; a stop lets it drain.
+    # GPU worker: one NVIDIA GPU, named (replicas of a service would all get the same one); a
+    # stop lets it drain.
     (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
-    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["count"] == 1
+    assert (
+        device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["device_ids"] == ["0"]
+    )
     drain = float(worker["environment"]["STREAMQ_DRAIN_SECONDS"])
     assert _seconds(worker["stop_grace_period"]) > drain
     assert worker["environment"]["STREAMQ_DEVICE"] == "cuda"
@@ -174,7 +177,7 @@ def test_scaled_object_targets_the_queue_the_code_uses() -> None:
     config = _find("ConfigMap", "streamq-config")["data"]
     served = config["STREAMQ_SERVED_NAME"]
     scaled = _find("ScaledObject", "streamq-worker")["spec"]
-    (trigger,) = scaled["triggers"]
+    trigger, load_trigger = scaled["triggers"]
     assert trigger["type"] == "redis"
     # The list the workers take jobs from: streamq's key function, and RQ's own name for it.
     assert trigger["metadata"]["listName"] == keys.rq_queue(served)
@@ -191,6 +194,16 @@ def test_scaled_object_targets_the_queue_the_code_uses() -> None:
     host = f"{redis_service['metadata']['name']}.{redis_service['metadata']['namespace']}.svc.cluster.local"
     assert trigger["metadata"]["address"] == f"{host}:{redis_service['spec']['ports'][0]['port']}"
     assert 0 <= scaled["minReplicaCount"] < scaled["maxReplicaCount"]
+    # The second trigger asks a front (through its Service) for the model's waiting + running
+    # jobs, one worker per STREAMQ_SLOTS of them.
+    api_service = _find("Service", "streamq-api")
+    api_host = f"{api_service['metadata']['name']}.{api_service['metadata']['namespace']}.svc.cluster.local"
+    assert api_service["spec"]["ports"][0]["port"] == 80
+    assert load_trigger["type"] == "metrics-api"
+    assert load_trigger["metadata"]["url"] == f"http://{api_host}/scaling?model={served}"
+    assert load_trigger["metadata"]["valueLocation"] == "load"
+    assert load_trigger["metadata"]["targetValue"] == config["STREAMQ_SLOTS"]
+    assert config.get("STREAMQ_SCALE_TO_ZERO") == "1" or scaled["minReplicaCount"] > 0
 
 
 def test_worker_deployment_has_a_gpu_a_model_cache_and_time_to_drain() -> None:
@@ -220,3 +233,32 @@ def test_front_is_ready_on_readyz_and_disruption_bounded() -> None:
     assert _find("Service", "streamq-api")["spec"]["selector"] == labels
     hpa = _find("HorizontalPodAutoscaler", "streamq-api")["spec"]
     assert hpa["scaleTargetRef"]["name"] == "streamq-api" and hpa["minReplicas"] >= 2
+
+
+# ----- images -----------------------------------------------------------------------------------
+
+
+def _stages() -> dict[str, set[str]]:
+    """Each Dockerfile stage and the project folders it copies in."""
+    stages: dict[str, set[str]] = {}
+    current = ""
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["FROM"]:
+            current = words[-1]
+            stages[current] = set()
+        elif words[:1] == ["COPY"] and len(words) == 3 and (ROOT / words[1]).is_dir():
+            stages[current].add(words[1])
+    return stages
+
+
+def test_every_image_carries_what_its_command_imports() -> None:
+    """The `streamq` command builds its parser from shared/ and client/ (chat, ask) and serves the
+    front from api/; a worker image also needs worker/. And .dockerignore lets them all in."""
+    stages = _stages()
+    assert set(stages) == {"api", "worker", "worker-cpu"}
+    for name, copied in stages.items():
+        needed = {"shared", "api", "client"} | ({"worker"} if name.startswith("worker") else set())
+        assert needed <= copied, f"stage {name} lacks {needed - copied}"
+    allowed = (ROOT / ".dockerignore").read_text().splitlines()
+    assert all(f"!{folder}/" in allowed for folder in ("shared", "api", "client", "worker"))
