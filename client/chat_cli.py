@@ -15,7 +15,12 @@ import argparse
 import contextlib
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from client.render import Renderer
+    from client.sync_client import StreamqClient
+    from client.turn import Turn
 
 HELP = "commands: /reset clears the conversation · /exit quits · Ctrl-C stops an answer"
 
@@ -34,13 +39,21 @@ def add_commands(sub: Any) -> None:
         p.add_argument("--api-key", help="API key, sent as a Bearer token (default: STREAMQ_API_KEY)")
         p.add_argument("--max-tokens", type=int, help="most tokens per answer (default: the server's)")
         p.add_argument("--temperature", type=float, help="0 = greedy (default: the server's)")
+        p.add_argument(
+            "--reconnects",
+            type=int,
+            default=12,
+            help="reconnects in a row without news before giving up on an answer (default 12, ~40 s)",
+        )
 
 
 def run(args: argparse.Namespace) -> int:
     from client.protocol import default_url
+    from client.resume import Backoff
     from client.sync_client import StreamqClient
 
-    with StreamqClient(args.url or default_url(), api_key=args.api_key) as client:
+    backoff = Backoff(max_attempts=max(1, args.reconnects))
+    with StreamqClient(args.url or default_url(), api_key=args.api_key, backoff=backoff) as client:
         if args.command == "ask":
             return _ask(client, args)
         return _chat(client, args)
@@ -51,7 +64,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in given.items() if v is not None}
 
 
-def _renderer(summary: bool) -> Any:
+def _renderer(summary: bool) -> Renderer:
     from rich.console import Console
 
     from client.render import LiveRenderer, PlainRenderer
@@ -61,9 +74,11 @@ def _renderer(summary: bool) -> Any:
     return PlainRenderer(sys.stdout, summary=summary)
 
 
-def answer(client: Any, messages: list[dict[str, str]], options: dict[str, Any], renderer: Any) -> Any:
+def answer(
+    client: StreamqClient, messages: list[dict[str, str]], options: dict[str, Any], renderer: Renderer
+) -> Turn | None:
     """Submit one question and draw its answer until the job ends; Ctrl-C cancels it. The Turn,
-    or None when the job could not be submitted."""
+    or None when the job could not be submitted (a Ctrl-C while submitting propagates)."""
     from client.errors import StreamqError
     from client.turn import Turn
 
@@ -75,31 +90,51 @@ def answer(client: Any, messages: list[dict[str, str]], options: dict[str, Any],
         return None
     turn = Turn(view.id, position=view.position)
     note = None
-    with renderer:
-        renderer.update(turn)
-        try:
-            for event in client.events(turn.job_id, on_reconnect=turn.on_reconnect):
-                turn.apply(event)
+    try:  # from here on the job exists: a Ctrl-C anywhere below cancels it
+        with renderer:
+            try:
                 renderer.update(turn)
-        except KeyboardInterrupt:
-            note = _stop(client, turn, renderer)
-        except StreamqError as exc:
-            note = f"lost the answer's stream: {exc}"
-        renderer.finish(turn, note)
+                for event in client.events(turn.job_id, on_reconnect=turn.on_reconnect):
+                    turn.apply(event)
+                    renderer.update(turn)
+            except KeyboardInterrupt:
+                note = _stop(client, turn, renderer)
+            except StreamqError as exc:
+                note = (
+                    f"lost the answer's stream ({exc}); job {turn.job_id} may still be running: "
+                    f"see GET /v1/jobs/{turn.job_id}"
+                )
+            renderer.finish(turn, note)
+    except KeyboardInterrupt:  # a second Ctrl-C while stopping: the cancel still goes out
+        if not turn.ended:
+            _cancel(client, turn.job_id)
     return turn
 
 
-def _stop(client: Any, turn: Any, renderer: Any) -> str | None:
+def _cancel(client: StreamqClient, job_id: str) -> str | None:
+    """Ask for the cancel, whatever Ctrl-C comes meanwhile (it is sent again); a note when it
+    could not be sent."""
+    from client.errors import StreamqError
+
+    while True:
+        try:
+            client.cancel(job_id)
+            return None
+        except KeyboardInterrupt:
+            continue
+        except StreamqError as exc:
+            return None if exc.status == 409 else f"could not cancel job {job_id}: {exc}"
+
+
+def _stop(client: StreamqClient, turn: Turn, renderer: Renderer) -> str | None:
     """Cancel the job, then take the text it made before the cancel landed, up to its end."""
     from client.errors import StreamqError
 
     turn.stopping = True
     renderer.update(turn)
-    try:
-        client.cancel(turn.job_id)
-    except StreamqError as exc:
-        if exc.status != 409:  # 409: it had ended already; its last events say how
-            return f"could not cancel job {turn.job_id}: {exc}"
+    problem = _cancel(client, turn.job_id)  # 409: it had ended already; its last events say how
+    if problem is not None:
+        return problem
     try:
         for event in client.events(turn.job_id, last_event_id=turn.last_event_id):
             turn.apply(event)
@@ -115,16 +150,22 @@ def _read_question(args: argparse.Namespace) -> str:
     return " ".join(args.question)
 
 
-def _ask(client: Any, args: argparse.Namespace) -> int:
+def _ask(client: StreamqClient, args: argparse.Namespace) -> int:
+    """0: the answer finished; 130: stopped with Ctrl-C; 1: no answer, a failed one, or one whose
+    stream was lost before its end (what was printed is not the whole answer)."""
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": _read_question(args)})
-    turn = answer(client, messages, _options(args), _renderer(summary=False))
-    if turn is None or turn.phase == "error":
+    try:
+        turn = answer(client, messages, _options(args), _renderer(summary=False))
+    except KeyboardInterrupt:  # while submitting
+        print("streamq: interrupted", file=sys.stderr)
+        return 130
+    if turn is None or turn.phase == "error" or not turn.ended:
         return 1
     return 130 if turn.phase == "canceled" else 0
 
 
-def _chat(client: Any, args: argparse.Namespace) -> int:
+def _chat(client: StreamqClient, args: argparse.Namespace) -> int:
     with contextlib.suppress(ImportError):  # not on every platform
         import readline  # noqa: F401 - line editing and history for input()
     tty = sys.stdout.isatty()
@@ -153,8 +194,8 @@ def _chat(client: Any, args: argparse.Namespace) -> int:
         messages = [*history, {"role": "user", "content": line}]
         try:
             turn = answer(client, messages, _options(args), _renderer(summary=True))
-        except KeyboardInterrupt:  # while submitting: nothing to cancel yet
-            print("(interrupted)", flush=True)
+        except KeyboardInterrupt:  # while submitting: no job id came back to cancel
+            print("(interrupted while sending; the question may still be answered on the server)")
             continue
         if turn is not None and turn.phase == "done":
             history = [*messages, {"role": "assistant", "content": turn.text}]

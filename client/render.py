@@ -155,8 +155,11 @@ class PlainRenderer:
             self.out.write(f"[{turn.summary()}]\n")
             if note:
                 self.out.write(note + "\n")
-        elif turn.phase != "done":
-            print(f"streamq: {turn.summary()}", file=sys.stderr)
+        else:
+            if turn.phase != "done":
+                print(f"streamq: {turn.summary()}", file=sys.stderr)
+            if note:
+                print(f"streamq: {note}", file=sys.stderr)
         self.out.flush()
 
     def problem(self, message: str) -> None:

@@ -183,6 +183,33 @@ def test_ask_rides_out_a_front_restart_without_losing_or_repeating_text(
     assert all(WORDS.index(b) == (WORDS.index(a) + 1) % len(WORDS) for a, b in itertools.pairwise(words))
 
 
+def test_ask_that_loses_its_front_for_good_fails_and_names_the_job(
+    slow_stack: SlowStack, tmp_path: Path
+) -> None:
+    """A script must not take a cut-off answer for a whole one: exit 1, and say where the job is."""
+    front, url = start_front(slow_stack.env, slow_stack.logdir, "lost-front")
+    proc = subprocess.Popen(
+        [*_ask(slow_stack, url), "--max-tokens", str(TOKENS), "--reconnects", "2", "keep going"],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        head = proc.stdout.read(20)  # the answer has begun
+        front.proc.send_signal(signal.SIGKILL)
+        rest, errors = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        front.stop()
+    assert proc.returncode == 1, errors
+    assert 0 < len((head + rest).split()) < TOKENS
+    assert "may still be running" in errors and "/v1/jobs/" in errors
+
+
 def test_ask_in_a_terminal_shows_the_queue_position_while_the_job_waits(slow_stack: SlowStack) -> None:
     blockers = slow_stack.fill_slots()
     child = pexpect.spawn(

@@ -13,7 +13,7 @@ import pytest
 
 from client import AsyncStreamqClient, Backoff, StreamEvent, StreamqClient, StreamqError
 from tests.conftest import LONG_TOKENS, SlowStack, Stack
-from tests.processes import ROOT, Service, restart_front_soon, start_front
+from tests.processes import Service, restart_front_soon, start_front
 from tests.test_e2e_jobs import greedy_answer
 
 pytestmark = pytest.mark.e2e
@@ -117,7 +117,6 @@ def test_api_errors_come_back_typed(slow_stack: SlowStack) -> None:
         assert slow_stack.model in client.models()
 
 
-@pytest.mark.skipif(not (ROOT / "api" / "auth.py").exists(), reason="API keys land with api/auth.py")
 def test_the_client_sends_its_api_key(slow_stack: SlowStack) -> None:
     with StreamqClient(slow_stack.url, api_key="wrong-key") as client, pytest.raises(StreamqError) as denied:
         client.models()

@@ -191,3 +191,23 @@ def test_the_page_shows_the_queue_position_while_the_job_waits(browser: Any, slo
         assert len(_text(answer).split()) == 3
     finally:
         slow_stack.cancel(blockers)
+
+
+def test_stop_pressed_while_the_question_is_still_being_sent_cancels_the_job(
+    browser: Any, slow_stack: SlowStack
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    _open(browser, slow_stack, slow_stack.url)
+    # A slow network: the POST that creates the job takes a second and a half to come back.
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd(
+        "Network.emulateNetworkConditions",
+        {"offline": False, "latency": 1500, "downloadThroughput": -1, "uploadThroughput": -1},
+    )
+    answer = _ask(browser, "stop me before I start", 20 * SLOW_TOKENS_PER_SECOND)
+    assert answer.get_attribute("data-job-id") in (None, ""), "the job id is not back yet"
+    browser.find_element(By.ID, "stop").click()
+    until(browser, lambda: _state(answer) in ("canceled", "done", "error"), "the answer to end", timeout=60)
+    assert _state(answer) == "canceled"
+    assert slow_stack.job(str(answer.get_attribute("data-job-id")))["status"] == "canceled"

@@ -157,6 +157,8 @@
   async function follow(jobId, onEvent, onRetry) {
     let lastId = null;
     let attempts = 0;
+    let retryAfter = 0; // ms a 429/5xx asked for
+    let pageError = null;
     for (;;) {
       let why;
       try {
@@ -170,23 +172,33 @@
           const err = new ApiError(res.status, body);
           if (!RETRY_STATUSES.has(res.status)) throw err;
           why = err.message;
+          retryAfter = 1000 * (parseFloat(res.headers.get("Retry-After")) || 0);
         } else {
           const ended = await readEvents(res, (ev) => {
-            if (ev.id) lastId = ev.id;
+            try {
+              onEvent(ev);
+            } catch (bug) {
+              pageError = bug; // not the connection's fault: do not retry it
+              return true;
+            }
+            if (ev.id) lastId = ev.id; // after it was shown: a resume never skips an event
             attempts = 0;
-            onEvent(ev);
             return FINAL.has(ev.event);
           });
+          if (pageError) throw pageError;
           if (ended) return;
           why = "the stream ended early";
         }
       } catch (err) {
+        if (err === pageError) throw err;
         if (err instanceof ApiError && !RETRY_STATUSES.has(err.status)) throw err;
         why = why || err.message || "network error";
       }
       attempts += 1;
       if (attempts > BACKOFF.maxAttempts) throw new Error(`connection lost: ${why}`);
-      const wait = Math.min(BACKOFF.cap, BACKOFF.initial * BACKOFF.factor ** (attempts - 1));
+      const backoff = Math.min(BACKOFF.cap, BACKOFF.initial * BACKOFF.factor ** (attempts - 1));
+      const wait = Math.max(retryAfter, backoff * (1 + 0.1 * Math.random()));
+      retryAfter = 0;
       onRetry(attempts, wait);
       await sleep(wait);
     }
@@ -230,10 +242,13 @@
       if (nearBottom) scrollDown();
     };
     try {
+      running = { jobId: null, stopped: false }; // Stop works from here on, even before the id
       const job = await api("POST", "/v1/jobs", body);
-      running = { jobId: job.id, stopped: false };
+      running.jobId = job.id;
       answer.el.dataset.jobId = job.id;
       answer.status.textContent = queuedText(job);
+      if (running.stopped) cancelJob(job.id); // Stop was pressed while the question was sent
+      if (!$("model").value) loadModels(); // a worker came since the page loaded
       await follow(
         job.id,
         (ev) => {
@@ -280,8 +295,12 @@
     if (!running || running.stopped) return;
     running.stopped = true;
     $("stop").disabled = true;
+    if (running.jobId) await cancelJob(running.jobId); // else: ask() cancels once the id is back
+  }
+
+  async function cancelJob(jobId) {
     try {
-      await api("POST", `/v1/jobs/${encodeURIComponent(running.jobId)}/cancel`);
+      await api("POST", `/v1/jobs/${encodeURIComponent(jobId)}/cancel`);
     } catch (err) {
       if (!(err instanceof ApiError && err.status === 409)) notice(`Could not stop: ${explain(err)}`);
     }
@@ -315,6 +334,7 @@
       }
     });
     $("stop").addEventListener("click", stop);
+    $("question").addEventListener("focus", () => { if (!$("model").value) loadModels(); });
     $("new-chat").addEventListener("click", () => {
       if (running) return;
       history = [];
