@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any, cast
 
 import redis
+from rq.job import Job
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry
+from rq.utils import utcparse
 
 from shared import keys
 
@@ -74,11 +77,15 @@ def queues(connection: redis.Redis, models: list[str], now: float | None = None)
     pipe = connection.pipeline(transaction=False)
     for head in heads:
         if head is not None:
+            # Since it was last put in the queue: a job handed back or requeued after its
+            # worker died waits again from then (RQ's enqueued_at), not from its creation.
+            pipe.hget(Job.key_for(head), "enqueued_at")
             pipe.hget(keys.job(head), "created_at")
-    created = iter(pipe.execute() if any(h is not None for h in heads) else [])
+    found = iter(pipe.execute() if any(h is not None for h in heads) else [])
     stats = []
     for model, depth, head in zip(models, replies[0::2], heads, strict=True):
-        at = next(created) if head is not None else None
+        enqueued, created = (next(found), next(found)) if head is not None else (None, None)
+        at = utcparse(_text(enqueued)).replace(tzinfo=UTC).timestamp() if enqueued else created
         wait = max(0.0, now - float(_text(at))) if at is not None else None
         stats.append(QueueStat(model, int(depth), wait if int(depth) else None))
     return stats

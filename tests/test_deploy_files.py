@@ -220,6 +220,10 @@ def test_worker_deployment_has_a_gpu_a_model_cache_and_time_to_drain() -> None:
     assert _find("PersistentVolumeClaim", claim)
     port = next(p["containerPort"] for p in container["ports"] if p["name"] == "metrics")
     assert port == int(config["STREAMQ_METRICS_PORT"])
+    # Of the Secret, a worker gets the Redis URL only (no API keys).
+    assert all("secretRef" not in source for source in container["envFrom"])
+    (redis_url,) = [e for e in container["env"] if e["name"] == "STREAMQ_REDIS_URL"]
+    assert redis_url["valueFrom"]["secretKeyRef"] == {"name": "streamq-secrets", "key": "STREAMQ_REDIS_URL"}
 
 
 def test_front_is_ready_on_readyz_and_disruption_bounded() -> None:

@@ -119,12 +119,22 @@ def test_metrics_count_jobs_on_the_worker_and_the_front(ops: OpsStack) -> None:
         assert [e.event for e in done] == ["done"] * 3
         views = [client.get(f"{ops.url}/v1/jobs/{job['id']}").json() for job in jobs]
     tokens = [v["usage"]["completion_tokens"] for v in views]
+    m = {"model": TINY}
+    # A worker counts a job's end just after publishing it: the client may see `done` first.
+    wait_for(
+        lambda: (
+            value(scrape(worker_url), "streamq_jobs_total", status="finished", **m)
+            - value(before, "streamq_jobs_total", status="finished", **m)
+            == 3
+        ),
+        10,
+        "the worker to count the three ends",
+    )
     after, front = scrape(worker_url), scrape(f"{ops.url}/metrics")
 
     def grew(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    m = {"model": TINY}
     assert grew("streamq_jobs_total", status="finished", **m) == 3
     assert grew("streamq_jobs_total", status="failed", **m) == 0
     assert grew("streamq_generated_tokens_total", **m) == sum(tokens)
@@ -234,14 +244,20 @@ def test_json_logs_hold_each_lifecycle_step_and_no_prompt(ops: OpsStack) -> None
     with httpx.Client(timeout=60) as client:
         job = submit(client, ops.url, TINY, SECRET_PROMPT, 4)
         assert follow(client, ops.url, job["id"])[-1].event == "done"
-    front = _json_lines(ops.front)
-    worker = _json_lines(ops.tiny)
-    for line in front + worker:
+
+    def lines() -> list[dict[str, Any]]:
+        return _json_lines(ops.front) + _json_lines(ops.tiny)
+
+    def mine() -> list[dict[str, Any]]:
+        return [line for line in lines() if line.get("job_id") == job["id"]]
+
+    # The worker logs the end just after publishing it: the client may see `done` first.
+    wait_for(lambda: any(line["event"] == "finished" for line in mine()), 10, "the finished line")
+    for line in lines():
         assert {"ts", "level", "logger", "message"} <= set(line)
-    mine = [line for line in front + worker if line.get("job_id") == job["id"]]
-    steps = {line["event"]: line for line in mine}
-    assert set(steps) == {"queued", "started", "finished"}, mine
-    assert all(line["model"] == TINY for line in mine)
+    steps = {line["event"]: line for line in mine()}
+    assert set(steps) == {"queued", "started", "finished"}, mine()
+    assert all(line["model"] == TINY for line in mine())
     assert steps["started"]["worker"] == "ops-tiny" and steps["started"]["queue_seconds"] >= 0
     finished = steps["finished"]
     assert finished["worker"] == "ops-tiny" and finished["completion_tokens"] > 0

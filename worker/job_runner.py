@@ -92,6 +92,7 @@ class JobRunner:
             return REQUEUED
         first_run = not int(fields.get("attempts") or 0)  # a continued job was not waiting all along
         if first_run and waited > limit:
+            self._metrics.queue_wait.observe(waited)  # the longest waits too, or the histogram lies low
             message = f"the job waited {waited:.0f} s in its queue, longer than the limit of {limit} s"
             return self._end_here(job, ended(job, "error", "expired", message))
         s = self._settings
