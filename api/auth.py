@@ -170,7 +170,8 @@ class RequireApiKey:
 
 
 def require_caller(request: Request) -> Caller:
-    """The route dependency: who is calling (checked by RequireApiKey before routing)."""
+    """The route dependency: who is calling. RequireApiKey checked the key before routing and
+    left the caller here; a route outside its protection still gets its own check."""
     caller = getattr(request.state, "caller", None)
     if isinstance(caller, Caller):
         return caller

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from starlette.requests import Request
 
@@ -89,7 +89,7 @@ class ClientJob:
         went away (the job is then canceled unless detached). A job that ends without an answer
         raises its HTTP error (with ``error_headers``)."""
         parts: list[str] = []
-        try:
+        async with self.followed():
             while True:
                 event = await self.next_event()
                 if event.event == EVENT_DELTA:
@@ -101,9 +101,17 @@ class ClientJob:
                     if error_headers:
                         error.headers = error_headers
                     raise error
+        return None  # the client went away
+
+    @contextlib.asynccontextmanager
+    async def followed(self) -> AsyncIterator[None]:
+        """Around a route's reading of the job to its end: the client going away (ClientGone, or
+        the request torn down) cancels the job unless detached, and the job's events are closed
+        after. ClientGone ends the block quietly; anything else goes on up."""
+        try:
+            yield
         except ClientGone:
             self.client_gone()
-            return None
         except asyncio.CancelledError:
             self.client_gone()
             raise

@@ -7,7 +7,7 @@ which needs the model's tokenizer, by ``JobService``)."""
 from __future__ import annotations
 
 from api.errors import ApiError
-from shared.schemas import GenerationRequest, JobRequest
+from shared.schemas import ChatMessage, GenerationRequest, JobRequest
 from shared.settings import Settings
 
 
@@ -19,11 +19,12 @@ def stop_sequences(request: JobRequest) -> list[str]:
     return [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
 
 
-def check_limits(request: JobRequest, settings: Settings) -> None:
-    """The request's size against the server's limits: messages, prompt characters, stop
-    sequences, max_tokens and the job's own lifetimes."""
+def check_limits(
+    request: JobRequest, messages: list[ChatMessage], stop: list[str], settings: Settings
+) -> None:
+    """The request (its conversation as ``messages``, its ``stop`` as a list) against the server's
+    limits: messages, prompt characters, stop sequences, max_tokens and the job's lifetimes."""
     s = settings
-    messages = request.chat_messages()
     conversation = "messages" if request.messages is not None else "history"
     if len(messages) > s.max_messages:
         raise _refuse(
@@ -38,7 +39,6 @@ def check_limits(request: JobRequest, settings: Settings) -> None:
             "max_prompt_chars",
             "messages" if request.messages is not None else "prompt",
         )
-    stop = stop_sequences(request)
     if len(stop) > s.max_stop_sequences:
         raise _refuse(
             f"stop: {len(stop)} sequences, at most {s.max_stop_sequences} are allowed",
@@ -68,7 +68,8 @@ def check_limits(request: JobRequest, settings: Settings) -> None:
 
 def generation_request(request: JobRequest, settings: Settings) -> GenerationRequest:
     """The request within the server's limits (or a 400), with the server's defaults filled in."""
-    check_limits(request, settings)
+    messages, stop = request.chat_messages(), stop_sequences(request)
+    check_limits(request, messages, stop, settings)
     s = settings
     if request.max_tokens is not None:
         max_tokens = request.max_tokens
@@ -77,13 +78,13 @@ def generation_request(request: JobRequest, settings: Settings) -> GenerationReq
     else:
         max_tokens = s.default_max_tokens
     return GenerationRequest(
-        messages=request.chat_messages(),
+        messages=messages,
         max_tokens=max_tokens,
         max_length=request.max_length,
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
         top_k=request.top_k or 0,
-        stop=stop_sequences(request),
+        stop=stop,
         seed=request.seed,
         queue_ttl=request.queue_ttl,
         timeout=request.timeout,

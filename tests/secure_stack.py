@@ -21,6 +21,9 @@ KEYS = {
     "erin": "sk-erin-5d6e7f80",
     "frank": "sk-frank-2b3c4d5e",
     "gina": "sk-gina-8e9f0a1b",
+    # Refused requests still count toward a key's rate: the limit tests have keys of their own.
+    "ivan": "sk-ivan-3c4d5e6f",
+    "judy": "sk-judy-7a8b9c0d",
 }
 FILE_KEY = ("carol", "sk-carol-from-file-1234")
 MAX_CONCURRENT = 2

@@ -63,7 +63,7 @@ def test_each_limit_is_a_400_naming_it_and_creates_no_job(
     secure: SecureStack, path: str, _name: str, body: dict[str, Any], setting: str, param: str | None
 ) -> None:
     before = _job_count(secure)
-    r = httpx.post(f"{secure.a}{path}", json=body, headers=headers("bob"), timeout=10)
+    r = httpx.post(f"{secure.a}{path}", json=body, headers=headers("ivan"), timeout=10)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert setting in error["message"] and error["code"] == "limit_exceeded"
@@ -77,7 +77,7 @@ def test_a_body_over_the_size_limit_is_413_with_or_without_a_length(secure: Secu
     big = b'{"prompt": "' + b"z" * limit + b'"}'
     before = _job_count(secure)
     declared = httpx.post(
-        f"{secure.a}/v1/jobs", content=big, headers=headers("bob") | {"Content-Type": "application/json"}
+        f"{secure.a}/v1/jobs", content=big, headers=headers("judy") | {"Content-Type": "application/json"}
     )
     assert declared.status_code == 413
     assert "STREAMQ_MAX_BODY_BYTES" in declared.json()["error"]["message"]
@@ -87,7 +87,7 @@ def test_a_body_over_the_size_limit_is_413_with_or_without_a_length(secure: Secu
             yield big[i : i + 1000]
 
     chunked = httpx.post(
-        f"{secure.a}/", content=chunks(), headers=headers("bob") | {"Content-Type": "application/json"}
+        f"{secure.a}/", content=chunks(), headers=headers("judy") | {"Content-Type": "application/json"}
     )
     assert chunked.status_code == 413
     assert chunked.json()["error"]["code"] == "request_too_large"
@@ -98,7 +98,7 @@ def test_a_body_over_the_size_limit_is_413_with_or_without_a_length(secure: Secu
         yield b'"max_length": 60}'
 
     ok = httpx.post(
-        f"{secure.a}/", content=small(), headers=headers("bob") | {"Content-Type": "application/json"}
+        f"{secure.a}/", content=small(), headers=headers("judy") | {"Content-Type": "application/json"}
     )
     assert ok.status_code == 200 and ok.json()["status"] == 200
 

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import Field
 
-from api.auth import CallerDep, require_caller
+from api.auth import CallerDep
 from api.client_job import JOB_HEADER, ClientJob
 from api.errors import error_responses, job_failure_error
 from api.job_stream import ClientGone
@@ -29,7 +29,6 @@ from shared.schemas import JobRequest, SamplingFields, Text
 log = logging.getLogger("streamq.api")
 router = APIRouter(
     tags=["chatglm-compatible"],
-    dependencies=[Depends(require_caller)],
     responses=error_responses(400, 401, 404, 409, 413, 422, 429, 502, 503, 504),
 )
 FrontDep = Annotated[Front, Depends(get_front)]
@@ -91,7 +90,7 @@ async def chat_stream(body: ChatGLMRequest, request: Request, front: FrontDep, c
     async def chunks() -> AsyncIterator[str]:
         answer = ""
         event = first
-        try:
+        async with job.followed():
             while True:
                 if event.event == EVENT_DELTA:
                     answer += event.data.get("text", "")
@@ -103,12 +102,5 @@ async def chat_stream(body: ChatGLMRequest, request: Request, front: FrontDep, c
                         yield MARKER
                     return
                 event = await job.next_event()
-        except ClientGone:
-            job.client_gone()
-        except asyncio.CancelledError:
-            job.client_gone()
-            raise
-        finally:
-            await job.close()
 
     return StreamingResponse(chunks(), media_type="text/plain; charset=utf-8", headers={JOB_HEADER: job.id})

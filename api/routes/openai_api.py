@@ -11,7 +11,6 @@ an ``APIError``), with no ``[DONE]`` after it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -19,10 +18,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from api.auth import Caller, CallerDep, require_caller
+from api.auth import Caller, CallerDep
 from api.client_job import JOB_HEADER, ClientJob
 from api.errors import ApiError, error_responses, job_failure_error
-from api.job_stream import ClientGone
 from api.openai_format import DONE, PING, CompletionFormat, Kind, model_list, model_object, sse_data
 from api.openai_schemas import ChatCompletionRequest, CompletionRequest, OpenAIFields
 from api.state import Front, get_front
@@ -33,7 +31,6 @@ log = logging.getLogger("streamq.api")
 router = APIRouter(
     prefix="/v1",
     tags=["openai-compatible"],
-    dependencies=[Depends(require_caller)],
     responses=error_responses(401, 503),
 )
 FrontDep = Annotated[Front, Depends(get_front)]
@@ -123,7 +120,7 @@ async def _wait(job: ClientJob, fmt: CompletionFormat, headers: dict[str, str]) 
 async def _stream(job: ClientJob, fmt: CompletionFormat) -> AsyncIterator[bytes]:
     """The chunks: the role, then one per delta, the one with the finish reason, the usage
     (when asked), ``[DONE]``. A keep-alive comment while the job waits in its queue."""
-    try:
+    async with job.followed():
         first = fmt.first_chunk()
         if first is not None:
             yield sse_data(first)
@@ -145,10 +142,3 @@ async def _stream(job: ClientJob, fmt: CompletionFormat) -> AsyncIterator[bytes]
                     error.message += f"; the job may still run: re-attach at /v1/jobs/{job.id}/events"
                 yield sse_data(error.envelope())
                 return
-    except ClientGone:
-        job.client_gone()
-    except asyncio.CancelledError:
-        job.client_gone()
-        raise
-    finally:
-        await job.close()
