@@ -28,7 +28,7 @@ from api.quotas import KeyQuotas
 from api.request_limits import generation_request
 from api.worker_directory import WorkerDirectory
 from shared import keys
-from shared.job_state import CANCEL_SCRIPT, EVENT_QUEUED, cancel_args, encode, view_from_hash
+from shared.job_state import CANCEL_SCRIPT, EVENT_QUEUED, cancel_args, cancel_keys, encode, view_from_hash
 from shared.limits import InvalidJobRequest, answer_budget, may_not_fit
 from shared.log_format import job_fields
 from shared.schemas import FINAL_STATUSES, GenerationRequest, JobRequest, JobView
@@ -240,7 +240,7 @@ class JobService:
         view = await self.get(job_id, owner)
         s = self._settings
         answer = await self._cancel(
-            keys=[keys.job(job_id), keys.events(job_id), keys.text(job_id), keys.rq_queue(view.model)],
+            keys=cancel_keys(job_id, view.model),
             args=cancel_args(
                 job_id,
                 s.result_ttl,
@@ -258,7 +258,7 @@ class JobService:
                 code="job_already_ended",
                 body={"job": ended.model_dump(mode="json")},
             )
-        if answer == "ok":  # it was still queued: canceled here, before any worker saw it
+        if answer == "ok":  # no run held it (still queued, or taken by a worker that never started it)
             log.info(
                 "job %s: canceled while queued", job_id, extra=job_fields("canceled", job_id, view.model)
             )

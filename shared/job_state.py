@@ -68,9 +68,11 @@ if redis.call('HGET', KEYS[1], 'cancel') then return 1 end
 return 0
 """
 
-# Renews a run's lease. KEYS: job hash, lease. ARGV: run id, lease ms. Returns 1, or 0 when the
-# run no longer holds the job (it was handed to another worker): the run must stop.
+# Renews a run's lease. KEYS: job hash, lease. ARGV: run id, lease ms. Returns 1, 0 when the
+# run no longer holds the job (it was handed to another worker), or -1 when the job's record is
+# gone (it expired, or Redis lost its data): in both cases the run must stop.
 RENEW_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('HGET', KEYS[1], 'run') ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return 1
@@ -105,7 +107,10 @@ return 'ok'
 )
 
 # Hands a running job back to its queue: its worker died (no lease; run id "") or is stopping
-# (its own run id). KEYS: job hash, events, text, tokens, lease, running set.
+# (its own run id). KEYS: job hash, events, text, tokens, lease, running set, and for a handback
+# the model's RQ queue list: the job id goes back on its front in the same step, so a worker
+# killed before RQ's own re-enqueue cannot leave the job queued with nothing to run it (the
+# janitor enqueues in RQ itself, before this script).
 # ARGV: job id, maxlen, ttl, attempts allowed, event data for a failure, then the failure's
 # field/value pairs... and, last, the run id.
 # Returns "requeued", "alive" (the lease is live), "lost", "failed" (attempts used up),
@@ -136,26 +141,37 @@ if run == '' and attempts >= tonumber(ARGV[4]) then
 end
 redis.call('HSET', KEYS[1], 'status', 'queued')
 redis.call('HDEL', KEYS[1], 'run')
+if run ~= '' and KEYS[7] then redis.call('LPUSH', KEYS[7], ARGV[1]) end
 local data = cjson.encode({requeued = true, attempt = attempts})
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'queued', 'data', data)
 return 'requeued'
 """
 )
 
-# Cancels a job. KEYS: job hash, events, text, the model's RQ queue list.
+# Cancels a job. KEYS: job hash, events, text, the model's RQ queue list, its intermediate list.
 # ARGV: job id, event data, ttl, maxlen, then field/value pairs to set.
-# A job still in its queue is taken off it and ends canceled here ("ok"); otherwise its cancel
-# flag is set for the worker running it ("running"). Returns "missing" or the final status if
-# the job had already ended.
+# A job that no run holds (status queued: in its queue, taken by a worker that has not started
+# it, or stranded by one that died) is taken off both lists and ends canceled here ("ok"): START
+# is the only way from queued to running, and it finds the job final and leaves it. A running
+# job gets its cancel flag for the worker running it ("running"). Returns "missing" or the final
+# status if the job had already ended.
 CANCEL_SCRIPT = (
     _ENDING_LUA
     + """
 redis.call('HSET', KEYS[1], 'cancel', '1')
-if redis.call('LREM', KEYS[4], 1, ARGV[1]) == 0 then return 'running' end
+if status == 'running' then return 'running' end
+redis.call('LREM', KEYS[4], 1, ARGV[1])
+redis.call('LREM', KEYS[5], 1, ARGV[1])
 finish('canceled', 'canceled', ARGV[2], ARGV[3], ARGV[4], 5)
 return 'ok'
 """
 )
+
+
+def cancel_keys(job_id: str, model: str) -> list[str]:
+    """KEYS for CANCEL_SCRIPT."""
+    queue = keys.rq_queue(model)
+    return [keys.job(job_id), keys.events(job_id), keys.text(job_id), queue, keys.intermediate(queue)]
 
 
 def encode(data: Mapping[str, Any] | None) -> str:

@@ -54,6 +54,11 @@ def rq_queue(model: str) -> str:
     return f"{RQ_KEY_PREFIX}:queue:{queue_name(model)}"
 
 
+def intermediate(queue_list: str) -> str:
+    """RQ's list of jobs a worker took off ``queue_list`` and has not yet started (BLMOVE)."""
+    return f"{queue_list}:intermediate"
+
+
 def count_requests(model: str) -> str:
     """List of prompt-length questions from fronts, answered by the model's workers."""
     return f"{PREFIX}:count:{model}"

@@ -14,6 +14,7 @@ from shared.job_state import (
     REQUEUE_SCRIPT,
     START_SCRIPT,
     cancel_args,
+    cancel_keys,
     ending_keys,
     finish_args,
     requeue_args,
@@ -63,27 +64,35 @@ def test_a_job_ends_once_and_a_late_finish_changes_nothing(redis_server: RedisSe
     assert r.zscore(keys.RUNNING, "js1") is None and not r.exists(keys.lease("js1"))
 
 
-def test_cancel_takes_a_queued_job_off_its_queue_and_flags_a_running_one(redis_server: RedisServer) -> None:
+def test_cancel_ends_a_job_no_run_holds_and_flags_a_running_one(redis_server: RedisServer) -> None:
     r = redis_server.client(decode_responses=True)
     cancel = r.register_script(CANCEL_SCRIPT)
 
     queued = _new_job(r, "js2")
-    assert cancel(keys=[*queued, keys.rq_queue("m")], args=cancel_args("js2", 60, 100, {})) == "ok"
+    assert cancel(keys=cancel_keys("js2", "m"), args=cancel_args("js2", 60, 100, {})) == "ok"
     assert r.lpos(keys.rq_queue("m"), "js2") is None
     assert r.hget(queued[0], "status") == "canceled" and _events(r, "js2") == ["canceled"]
     # A worker that had already popped it finds it canceled and does not start it.
     assert _start(r, "js2", "run-b") == "canceled"
 
-    running = _new_job(r, "js3")
-    r.lrem(keys.rq_queue("m"), 1, "js3")  # a worker took it
-    assert cancel(keys=[*running, keys.rq_queue("m")], args=cancel_args("js3", 60, 100, {})) == "running"
-    assert r.hget(running[0], "cancel") == "1" and r.hget(running[0], "status") == "queued"
-    assert _start(r, "js3", "run-c") == "cancel"  # it will not run
+    # Taken by a worker (RQ's BLMOVE into the intermediate list) that has not started it, or that
+    # died before it could: no run holds it, so the cancel ends it here and now.
+    taken = _new_job(r, "js9")
+    intermediate = keys.intermediate(keys.rq_queue("m"))
+    r.lmove(keys.rq_queue("m"), intermediate)
+    assert cancel(keys=cancel_keys("js9", "m"), args=cancel_args("js9", 60, 100, {})) == "ok"
+    assert r.hget(taken[0], "status") == "canceled" and _events(r, "js9") == ["canceled"]
+    assert r.lpos(intermediate, "js9") is None
+    assert _start(r, "js9", "run-e") == "canceled"  # the worker, should it wake, leaves it
 
-    assert cancel(keys=[*queued, keys.rq_queue("m")], args=cancel_args("js2", 60, 100, {})) == "canceled"
-    assert (
-        cancel(keys=["streamq:job:{none}", "e", "t", "q"], args=cancel_args("none", 60, 100, {})) == "missing"
-    )
+    running = _new_job(r, "js3")
+    r.lrem(keys.rq_queue("m"), 1, "js3")  # a worker took it and started it
+    assert _start(r, "js3", "run-c") == "running"
+    assert cancel(keys=cancel_keys("js3", "m"), args=cancel_args("js3", 60, 100, {})) == "running"
+    assert r.hget(running[0], "cancel") == "1" and r.hget(running[0], "status") == "running"
+
+    assert cancel(keys=cancel_keys("js2", "m"), args=cancel_args("js2", 60, 100, {})) == "canceled"
+    assert cancel(keys=cancel_keys("none", "m"), args=cancel_args("none", 60, 100, {})) == "missing"
 
 
 def test_only_the_run_holding_a_job_writes_to_it(redis_server: RedisServer) -> None:

@@ -7,7 +7,8 @@ its attempt count, and the next worker continues it from the tokens already gene
 ``JobRunner``); after ``max_attempts`` runs it fails with an ``error`` event saying why. RQ's
 registries follow: the dead run's entry leaves the started registry and the job is queued
 again, so ``rq info`` shows no ghost. A worker process whose heartbeat stopped is removed from
-streamq's worker list and its RQ slot workers from RQ's.
+streamq's worker list and its RQ slot workers from RQ's. A job a worker took off its queue
+but died before starting is put back too, and one RQ failed is ended (``worker.stranded``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from shared.job_state import REQUEUE_SCRIPT, ending_keys, requeue_args
 from shared.log_format import job_fields
 from shared.settings import Settings
 from worker.background import BackgroundThread
+from worker.stranded import StrandedJobs
 
 log = logging.getLogger("streamq.worker")
 
@@ -46,6 +48,7 @@ class Janitor(BackgroundThread):
         self._settings = settings
         self._owner = uuid.uuid4().hex
         self._requeue = connection.register_script(REQUEUE_SCRIPT)
+        self.stranded = StrandedJobs(connection, settings)
 
     def _run(self) -> None:
         while not self._stop.wait(self._settings.janitor_interval):
@@ -68,6 +71,7 @@ class Janitor(BackgroundThread):
 
     def sweep(self) -> None:
         self.requeue_orphans()
+        self.stranded.sweep()
         self.forget_dead_workers()
 
     def requeue_orphans(self) -> list[str]:

@@ -55,8 +55,12 @@ class LeaseKeeper(BackgroundThread):
                 client=pipe,
             )
         for job, held in zip(jobs, pipe.execute(), strict=True):
-            if not int(held) and not job.lost:
-                log.warning("job %s: another worker holds it now; dropping it here", job.job_id)
+            if int(held) <= 0 and not job.lost:
+                if int(held) < 0:
+                    why = "its record is gone from Redis (expired, or Redis lost its data)"
+                else:
+                    why = "another worker holds it now"
+                log.warning("job %s: %s; dropping it here", job.job_id, why)
                 job.lost = True
                 job.cancel.set()
 

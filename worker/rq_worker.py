@@ -142,7 +142,12 @@ class StreamqWorker(SimpleWorker):
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)
                 pipe.execute()
             if job._result == REQUEUED:
+                # The handback script already put the id back on the queue's front, so a kill
+                # here strands nothing. RQ's enqueue writes its record and pushes the id again;
+                # the script's copy, next in line, is then dropped (if a worker already took
+                # it, this drops the new one instead: either way the job is delivered once).
                 queue.enqueue_job(job, at_front=True)
+                self.connection.lrem(queue.key, -1, job.id)
                 model = str(job.origin).removeprefix(keys.queue_name(""))
                 log.info(
                     "job %s: handed back to its queue",

@@ -245,7 +245,8 @@ class StepPublisher(BackgroundThread):
             args = requeue_args(
                 job.job_id, self._maxlen, self._result_ttl, 0, {"type": "", "message": ""}, job.run
             )
-            self._requeue(keys=ending_keys(job.job_id), args=args, client=pipe)
+            queue = [keys.rq_queue(job.model)] if job.model else []
+            self._requeue(keys=[*ending_keys(job.job_id), *queue], args=args, client=pipe)
             return "requeued", len(pipe)
         status, event, data, fields = final_record(end, finished_at)
         args = finish_args(status, event, data, self._result_ttl, self._maxlen, fields, job.run, job.job_id)
