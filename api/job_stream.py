@@ -17,7 +17,7 @@ from starlette.requests import Request
 from api.job_service import JobService
 from api.stream_hub import StreamHub, StreamInterrupted
 from shared import keys
-from shared.job_state import EVENT_DELTA, EVENT_QUEUED, EVENT_STARTED, FINAL_EVENTS
+from shared.job_state import EVENT_DELTA, EVENT_QUEUED, EVENT_STARTED, FINAL_EVENTS, encode
 
 
 class JobEvent:
@@ -36,7 +36,7 @@ class JobEvent:
 
     @classmethod
     def of(cls, id: str | None, event: str, data: dict[str, Any]) -> JobEvent:
-        return cls(id, event, json.dumps(data, separators=(",", ":"), ensure_ascii=False))
+        return cls(id, event, encode(data))
 
     @property
     def data(self) -> dict[str, Any]:

@@ -5,9 +5,10 @@ prefix (``chatcmpl-<job id>``, ``cmpl-<job id>``)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from shared.job_state import encode
 
 Kind = Literal["chat", "text"]
 DONE = b"data: [DONE]\n\n"
@@ -17,7 +18,7 @@ _PREFIX: dict[Kind, str] = {"chat": "chatcmpl-", "text": "cmpl-"}
 
 def sse_data(obj: dict[str, Any]) -> bytes:
     """One ``data:`` event, as OpenAI sends them (no event name, no id)."""
-    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + encode(obj).encode() + b"\n\n"
 
 
 def openai_finish_reason(reason: str) -> str:

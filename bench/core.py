@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import redis
 
+from client.sse import asse_lines, sse_lines
 from shared.schemas import ChatMessage, GenerationRequest
 from tests.processes import RedisServer, start_front, start_worker, wait_workers
 
@@ -64,7 +65,7 @@ def submit_to_first_delta(url: str, runs: int) -> dict[str, list[float]]:
             first_id = None
             with client.stream("GET", f"{url}/v1/jobs/{job['id']}/events") as response:
                 last_id = None
-                for line in response.iter_lines():
+                for line in sse_lines(response.iter_text()):
                     if line.startswith("id: "):
                         last_id = line[4:]
                     if line == "event: delta" and first_id is None:
@@ -95,7 +96,7 @@ async def hold_streams(url: str, redis_url: str, count: int) -> dict[str, Any]:
                 open_count += 1
                 if open_count == count:
                     opened.set()
-                async for line in response.aiter_lines():
+                async for line in asse_lines(response.aiter_text()):
                     if line.startswith("event: ") and line[7:] in ("done", "error", "canceled"):
                         return
 

@@ -16,7 +16,7 @@ from client import protocol
 from client.errors import StreamqError
 from client.protocol import JobOptions, Message
 from client.resume import Backoff, ReconnectHook, ResumeState
-from client.sse import SSEParser
+from client.sse import SSEParser, asse_lines
 from shared.schemas import JobView, StreamEvent
 
 
@@ -92,7 +92,7 @@ class AsyncStreamqClient:
                         await response.aread()
                         raise protocol.error_of(response)
                     parser = SSEParser()
-                    async for line in response.aiter_lines():
+                    async for line in asse_lines(response.aiter_text()):
                         event = parser.feed(line)
                         if event is not None:
                             state.saw(event)

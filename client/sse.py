@@ -3,13 +3,62 @@
 It follows the WHATWG rules the front's streams use: ``id:``, ``event:``, ``data:`` (one or more,
 joined by newlines), comment lines starting with ``:``, and a blank line ending each
 event. The sync and async clients both read their streams through it.
+
+Lines end at CR, LF or CRLF and nowhere else: a text's own U+2028, U+2029 or U+0085 is no line
+break in SSE (``str.splitlines`` and httpx's ``iter_lines`` treat them as one, and cut the event).
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 
 from shared.schemas import StreamEvent
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+class LineSplitter:
+    """Cuts decoded stream text into SSE lines (CR, LF or CRLF), across chunk boundaries."""
+
+    def __init__(self) -> None:
+        self._buffer = ""
+
+    def feed(self, text: str) -> list[str]:
+        self._buffer += text
+        lines: list[str] = []
+        start = 0
+        for end in _LINE_END.finditer(self._buffer):
+            if end.group() == "\r" and end.end() == len(self._buffer):
+                break  # a CR last in the chunk may be the first half of a CRLF
+            lines.append(self._buffer[start : end.start()])
+            start = end.end()
+        self._buffer = self._buffer[start:]
+        return lines
+
+    def close(self) -> list[str]:
+        """The last line, if the stream ended right after a CR (an unended line is no line)."""
+        rest, self._buffer = self._buffer, ""
+        return [rest[:-1]] if rest.endswith("\r") else []
+
+
+def sse_lines(chunks: Iterable[str]) -> Iterator[str]:
+    """The SSE lines of a stream of text chunks (``response.iter_text()``)."""
+    splitter = LineSplitter()
+    for chunk in chunks:
+        yield from splitter.feed(chunk)
+    yield from splitter.close()
+
+
+async def asse_lines(chunks: AsyncIterable[str]) -> AsyncIterator[str]:
+    """The SSE lines of an async stream of text chunks (``response.aiter_text()``)."""
+    splitter = LineSplitter()
+    async for chunk in chunks:
+        for line in splitter.feed(chunk):
+            yield line
+    for line in splitter.close():
+        yield line
 
 
 class SSEParser:

@@ -13,7 +13,7 @@ from client import protocol
 from client.errors import StreamqError
 from client.protocol import JobOptions, Message
 from client.resume import Backoff, ReconnectHook, ResumeState
-from client.sse import SSEParser
+from client.sse import SSEParser, sse_lines
 from shared.schemas import JobView, StreamEvent
 
 
@@ -89,7 +89,7 @@ class StreamqClient:
                         response.read()
                         raise protocol.error_of(response)
                     parser = SSEParser()
-                    for line in response.iter_lines():
+                    for line in sse_lines(response.iter_text()):
                         event = parser.feed(line)
                         if event is not None:
                             state.saw(event)

@@ -8,6 +8,7 @@ a late writer finds it already final and leaves it.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -174,9 +175,16 @@ def cancel_keys(job_id: str, model: str) -> list[str]:
     return [keys.job(job_id), keys.events(job_id), keys.text(job_id), queue, keys.intermediate(queue)]
 
 
+# Characters some line readers take for line breaks (str.splitlines, httpx's iter_lines, old JS
+# engines); SSE does not, but a client that does would cut the event. JSON may escape them.
+_LINE_SEPARATORS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
+_SEPARATOR = re.compile("[\u2028\u2029\x85]")
+
+
 def encode(data: Mapping[str, Any] | None) -> str:
-    """JSON for an event's ``data`` field."""
-    return json.dumps(data or {}, separators=(",", ":"), ensure_ascii=False)
+    """JSON for an event's ``data`` field: UTF-8 as is, but U+2028, U+2029 and U+0085 escaped."""
+    text = json.dumps(data or {}, separators=(",", ":"), ensure_ascii=False)
+    return _SEPARATOR.sub(lambda m: _LINE_SEPARATORS[m.group()], text)
 
 
 def _pairs(fields: Mapping[str, Any]) -> list[Any]:

@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     )
     prefill_chunk: int = Field(512, ge=16, description="prompt tokens computed per engine step")
     synthetic_tokens_per_second: float = Field(20.0, gt=0, description="pace of the synthetic backend")
+    synthetic_text: str | None = Field(
+        None,
+        min_length=1,
+        description="what the synthetic backend writes, 4 characters a token, repeated (else lorem ipsum)",
+    )
     drain_seconds: float = Field(
         30.0, ge=0, description="a stopping worker lets running jobs finish for this long"
     )

@@ -9,6 +9,8 @@ from typing import Any
 
 import httpx
 
+from client.sse import sse_lines
+
 
 @dataclass
 class SSE:
@@ -20,7 +22,7 @@ class SSE:
 def read_events(response: httpx.Response) -> Iterator[SSE | None]:
     """Events as they arrive; None for a comment line (keep-alive)."""
     event, data, event_id = "message", [], None
-    for line in response.iter_lines():
+    for line in sse_lines(response.iter_text()):
         if line == "":
             if data:
                 yield SSE(event, json.loads("\n".join(data)), event_id)

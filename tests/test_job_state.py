@@ -148,3 +148,22 @@ def test_an_output_write_sent_twice_is_applied_once(redis_server: RedisServer) -
     assert r.get(keys.text("js6")) == "Hello"
     assert r.lrange(keys.tokens("js6"), 0, -1) == ["1", "2", "3"]
     assert _events(r, "js6") == ["started", "delta", "delta"]
+
+
+def test_a_handback_puts_the_job_back_on_its_queue_in_the_same_step(redis_server: RedisServer) -> None:
+    """A stopping worker's handback leaves no window where the job is queued in streamq but on no
+    RQ list: the script itself pushes it to the queue's front (RQ's enqueue then writes its record)."""
+    r = redis_server.client(decode_responses=True)
+    _new_job(r, "js7", model="hb")
+    r.lrem(keys.rq_queue("hb"), 1, "js7")  # a worker took it
+    assert _start(r, "js7", "run-h") == "running"
+    r.rpush(keys.rq_queue("hb"), "other")
+    requeue = r.register_script(REQUEUE_SCRIPT)
+    args = requeue_args("js7", 100, 60, 3, {"type": "", "message": ""}, "run-h")
+    assert requeue(keys=[*ending_keys("js7"), keys.rq_queue("hb")], args=args) == "requeued"
+    assert r.hget(keys.job("js7"), "status") == "queued"
+    assert r.lrange(keys.rq_queue("hb"), 0, -1) == ["js7", "other"]
+    # Its record gone (expired, or Redis came back empty): the run is told so, not "taken".
+    r.delete(keys.job("js7"))
+    renew = r.register_script(RENEW_SCRIPT)
+    assert renew(keys=[keys.job("js7"), keys.lease("js7")], args=["run-h", 5000]) == -1

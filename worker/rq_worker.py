@@ -57,7 +57,7 @@ def load_worker_backend(settings: Settings, served: str) -> ServedModel:
     if settings.backend == "synthetic":
         from worker.synthetic import SyntheticBackend
 
-        return SyntheticBackend(served, settings.synthetic_tokens_per_second)
+        return SyntheticBackend(served, settings.synthetic_tokens_per_second, settings.synthetic_text)
     if settings.backend != "model":
         raise ValueError(f"backend must be 'model' or 'synthetic', not {settings.backend!r}")
     if not settings.model:

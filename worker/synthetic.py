@@ -14,6 +14,7 @@ from typing import Any
 from shared.schemas import ChatMessage
 from worker.engine import EngineJob, JobOutput
 
+TEXT_PER_TOKEN = 4
 WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
 
 
@@ -25,9 +26,17 @@ class SyntheticBackend:
     tokenizer: Any = None
     context_length: int | None = None
 
-    def __init__(self, name: str, tokens_per_second: float) -> None:
+    def __init__(self, name: str, tokens_per_second: float, text: str | None = None) -> None:
         self.name = name
         self.tokens_per_second = tokens_per_second
+        self.text = text
+
+    def token_text(self, n: int) -> str:
+        """The n-th token's text (n from 1): a word, or the next 4 characters of ``text``."""
+        if not self.text:
+            return WORDS[n % len(WORDS)] + " "
+        start = (n - 1) * TEXT_PER_TOKEN % len(self.text)
+        return (self.text * (TEXT_PER_TOKEN // len(self.text) + 2))[start : start + TEXT_PER_TOKEN]
 
     def prompt_tokens(self, messages: list[ChatMessage], tokenizer: Any = None) -> int:
         return sum(len(m.content.split()) + 4 for m in messages)
@@ -71,7 +80,7 @@ class SyntheticModel:
             done = n >= job.request.max_tokens
             if done:
                 del self._jobs[job]
-            text = WORDS[n % len(WORDS)] + " "
+            text = self._backend.token_text(n)
             reason = "length" if done else None
             outputs.append(JobOutput(job, text, job.prompt_tokens, n, reason, token_ids=(n,)))
         return outputs
