@@ -211,3 +211,37 @@ def test_stop_pressed_while_the_question_is_still_being_sent_cancels_the_job(
     until(browser, lambda: _state(answer) in ("canceled", "done", "error"), "the answer to end", timeout=60)
     assert _state(answer) == "canceled"
     assert slow_stack.job(str(answer.get_attribute("data-job-id")))["status"] == "canceled"
+
+
+def test_the_page_shows_text_with_line_separators_and_carriage_returns_whole(
+    browser: Any, slow_stack: SlowStack
+) -> None:
+    """U+2028, U+2029, U+0085, CR+LF pairs and lone CRs reach the page's answer exactly (issue 19)."""
+    from tests.processes import start_synthetic_worker, wait_for
+    from tests.test_line_separators import EXPECTED, TEXT, TOKENS
+
+    model = "separators-web"
+    env = {**slow_stack.env, "STREAMQ_SYNTHETIC_TEXT": TEXT}
+    worker = start_synthetic_worker(env, slow_stack.logdir, model, "separators-web-1", tokens_per_second=200)
+    try:
+        import httpx
+
+        def served() -> bool:
+            models = httpx.get(f"{slow_stack.url}/v1/models", headers=slow_stack.headers, timeout=10)
+            return model in [m["id"] for m in models.json()["data"]]
+
+        wait_for(served, 60, "the separators worker")
+        _open(browser, slow_stack, slow_stack.url)
+        browser.execute_script(
+            "const s = document.getElementById('model');"
+            "if (![...s.options].some((o) => o.value === arguments[0])) s.add(new Option(arguments[0]));"
+            "s.value = arguments[0];",
+            model,
+        )
+        answer = _ask(browser, "hi", TOKENS)
+        until(browser, lambda: _state(answer) == "done", "the answer to finish")
+        job = slow_stack.job(answer.get_attribute("data-job-id"))
+        assert job["model"] == model and job["text"] == EXPECTED
+        assert _text(answer) == EXPECTED
+    finally:
+        worker.stop()
