@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any
 
 import redis
 from rq.exceptions import NoSuchJobError
@@ -30,13 +29,9 @@ from shared.job_state import REQUEUE_SCRIPT, ending_keys, requeue_args
 from shared.log_format import job_fields
 from shared.settings import Settings
 from worker.background import BackgroundThread
-from worker.stranded import StrandedJobs
+from worker.stranded import StrandedJobs, names
 
 log = logging.getLogger("streamq.worker")
-
-
-def _names(members: Any) -> list[str]:
-    return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
 
 
 class Janitor(BackgroundThread):
@@ -76,7 +71,7 @@ class Janitor(BackgroundThread):
 
     def requeue_orphans(self) -> list[str]:
         """Requeue (or fail) running jobs whose lease lapsed; returns the ids it requeued."""
-        running = _names(self._redis.zrange(keys.RUNNING, 0, -1))
+        running = names(self._redis.zrange(keys.RUNNING, 0, -1))
         if not running:
             return []
         pipe = self._redis.pipeline(transaction=False)
@@ -125,7 +120,7 @@ class Janitor(BackgroundThread):
     def forget_dead_workers(self) -> None:
         """Drop worker processes whose heartbeat stopped, and their RQ slot workers."""
         cutoff = time.time() - self._settings.worker_ttl
-        dead = _names(self._redis.zrangebyscore(keys.WORKERS, "-inf", cutoff))
+        dead = names(self._redis.zrangebyscore(keys.WORKERS, "-inf", cutoff))
         if not dead:
             return
         for worker in Worker.all(connection=self._redis):

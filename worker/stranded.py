@@ -33,8 +33,9 @@ from shared.settings import Settings
 log = logging.getLogger("streamq.worker")
 
 
-def _names(members: Any) -> list[str]:
-    return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+def names(members: Any) -> list[str]:
+    """Redis members (bytes or str) as str."""
+    return [_text(m) or "" for m in members]
 
 
 def _text(value: Any) -> str | None:
@@ -52,7 +53,7 @@ class StrandedJobs:
     def queues(self) -> list[Queue]:
         """Every model's RQ queue (RQ lists the queues it has seen in ``rq:queues``)."""
         prefix = keys.rq_queue("")
-        lists = sorted(n for n in _names(self._redis.smembers(keys.RQ_QUEUES)) if n.startswith(prefix))
+        lists = sorted(n for n in names(self._redis.smembers(keys.RQ_QUEUES)) if n.startswith(prefix))
         return [Queue(n.removeprefix(f"{keys.RQ_KEY_PREFIX}:queue:"), connection=self._redis) for n in lists]
 
     def sweep(self) -> list[str]:
@@ -68,7 +69,7 @@ class StrandedJobs:
         rescued: list[str] = []
         for queue in queues:
             parked = keys.intermediate(queue.key)
-            for job_id in _names(self._redis.lrange(parked, 0, -1)):
+            for job_id in names(self._redis.lrange(parked, 0, -1)):
                 if (parked, job_id) not in self._seen:
                     seen.add((parked, job_id))  # a live worker starts it before the next round
                 elif self._rescue(queue, parked, job_id):
@@ -117,12 +118,13 @@ class StrandedJobs:
                 continue
             self._failed_mark[registry.key] = max(score for _, score in entries)
             model = queue.name.removeprefix(keys.queue_name(""))
-            for member, _ in entries:
-                job_id = _names([member])[0].split(":", 1)[0]
-                pipe = self._redis.pipeline(transaction=False)
+            job_ids = [name.split(":", 1)[0] for name in names(member for member, _ in entries)]
+            pipe = self._redis.pipeline(transaction=False)
+            for job_id in job_ids:
                 pipe.hget(keys.job(job_id), "status")
                 pipe.exists(keys.lease(job_id))
-                status, leased = pipe.execute()
+            answers = pipe.execute()
+            for job_id, status, leased in zip(job_ids, answers[::2], answers[1::2], strict=True):
                 if _text(status) in ("queued", "running") and not leased:
                     self._end_failed(job_id, model, "the job queue gave up on it (RQ failed the job)")
                     ended.append(job_id)

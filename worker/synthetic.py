@@ -30,13 +30,15 @@ class SyntheticBackend:
         self.name = name
         self.tokens_per_second = tokens_per_second
         self.text = text
+        # The text repeated enough that any token's 4 characters are one slice of it.
+        self._cycle = text * (TEXT_PER_TOKEN // len(text) + 2) if text else ""
 
     def token_text(self, n: int) -> str:
         """The n-th token's text (n from 1): a word, or the next 4 characters of ``text``."""
         if not self.text:
             return WORDS[n % len(WORDS)] + " "
         start = (n - 1) * TEXT_PER_TOKEN % len(self.text)
-        return (self.text * (TEXT_PER_TOKEN // len(self.text) + 2))[start : start + TEXT_PER_TOKEN]
+        return self._cycle[start : start + TEXT_PER_TOKEN]
 
     def prompt_tokens(self, messages: list[ChatMessage], tokenizer: Any = None) -> int:
         return sum(len(m.content.split()) + 4 for m in messages)
