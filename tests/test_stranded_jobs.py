@@ -13,6 +13,7 @@ import httpx
 import pytest
 from rq.queue import Queue
 from rq.registry import FailedJobRegistry
+from rq.worker import Worker, WorkerStatus
 
 from shared import keys
 from shared.settings import Settings
@@ -46,9 +47,19 @@ def synthetic_worker(stack: Stack, model: str) -> Service:
     return worker
 
 
+def listening(stack: Stack, model: str, name: str) -> bool:
+    """``name``'s slot is idle in RQ's dequeue: its BLMOVE on the model's queue is (about to be)
+    pending. A worker counts in /readyz from its first heartbeat, before its slots listen."""
+    queue = Queue(keys.queue_name(model), connection=stack.redis.client())
+    slots = [w for w in Worker.all(queue=queue) if w.name.startswith(f"{name}.")]
+    return any(w.get_state() == WorkerStatus.IDLE for w in slots)
+
+
 def strand(stack: Stack, worker: Service, model: str, body: dict[str, Any]) -> str:
     """Freeze ``worker`` (its idle slot stays blocked in BLMOVE on the server), submit a job that
     Redis hands to that slot, then kill the worker: the job is left in the intermediate list."""
+    wait_for(lambda: listening(stack, model, worker.name), 60, f"{worker.name}'s slot to listen")
+    time.sleep(0.5)  # from "idle" into the BLMOVE itself
     worker.proc.send_signal(signal.SIGSTOP)
     time.sleep(0.3)
     response = httpx.post(f"{stack.url}/v1/jobs", json={"model": model, **body})
