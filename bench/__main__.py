@@ -4,7 +4,9 @@ core: submit → first delta and the front's Redis connections (bench/core.py);
 throughput: streamq against transformers, in-process and over HTTP (bench/throughput.py);
 fanout: 1,000 SSE clients on one front, and dispatch latency when idle (bench/fanout.py);
 recovery: cancel latency with 16 running jobs, and crash detection (bench/recovery.py);
-security: what API keys, ownership and per-key quotas add to a request (bench/security.py).
+security: what API keys, ownership and per-key quotas add to a request (bench/security.py);
+vllm: streamq on vLLM's engine against vLLM's own server (bench/vllm_rows.py; not in the default
+run: it needs `make install-vllm` and takes about an hour on 2 cores).
 Every process started here is stopped before it returns, on error or interrupt too.
 """
 
@@ -21,7 +23,8 @@ from types import FrameType
 
 from bench.core import run_core
 
-PARTS = ("core", "throughput", "fanout", "recovery", "security")
+PARTS = ("core", "throughput", "fanout", "recovery", "security", "vllm")
+DEFAULT_PARTS = PARTS[:-1]
 SHAPES = ("tiny", "qwen2.5-0.5b")
 
 
@@ -38,13 +41,14 @@ def main() -> int:
     )
     parser.add_argument("--models", help=f"throughput models, comma-separated (default: {','.join(SHAPES)})")
     parser.add_argument("--systems", default="abcd", help="throughput rows to run (default abcd)")
+    parser.add_argument("--vllm-systems", default="cef", help="vllm rows to run (default cef)")
     parser.add_argument("--jobs", type=int, help="core: sequential jobs for the latency rows (default 50)")
     parser.add_argument("--streams", type=int, help="core: concurrent SSE streams (default 200)")
     parser.add_argument("--clients", type=int, help="fanout: concurrent SSE clients (default 1000)")
     parser.add_argument("--fanout-workers", type=int, default=1, help="fanout: synthetic worker processes")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    parts = args.only or list(PARTS)
+    parts = args.only or list(DEFAULT_PARTS)
     quick = args.quick
     workdir = Path(tempfile.mkdtemp(prefix="streamq-bench-"))
     start = time.monotonic()
@@ -78,6 +82,11 @@ def main() -> int:
             from bench.security import run_security
 
             run_security(workdir, jobs=50 if quick else 500)
+        if "vllm" in parts:
+            from bench.vllm_rows import run_vllm
+
+            shape = args.models or "qwen2.5-0.5b"
+            run_vllm(workdir, args.tokens or (16 if quick else 128), shape, args.vllm_systems)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"\n(benchmarks took {time.monotonic() - start:.0f} s)")

@@ -103,18 +103,26 @@ def _run_clients(make: object, prompts: list[str], tokens: int) -> list[RequestT
 
 
 @contextlib.contextmanager
-def streamq_stack(model_dir: Path, workdir: Path) -> Iterator[tuple[int, int]]:
+def streamq_stack(
+    model_dir: Path,
+    workdir: Path,
+    extra_env: dict[str, str] | None = None,
+    slots: int = WORKER_SLOTS,
+    start_timeout: float = 300,
+) -> Iterator[tuple[int, int]]:
     """A private Redis, one front and one worker (16 slots, 2 torch threads, default settings
-    otherwise); yields (front port, worker pid) and stops all three, whatever happens."""
+    otherwise, plus ``extra_env``); yields (front port, worker pid) and stops all three, whatever
+    happens."""
     server = RedisServer()
     env = {
         "STREAMQ_REDIS_URL": server.url,
         "STREAMQ_TORCH_THREADS": TORCH_THREADS,
+        **(extra_env or {}),
     }
     services: list[Service] = []
     try:
         worker = Service(
-            ["worker", "--model", str(model_dir), "--slots", str(WORKER_SLOTS), "--name", "bench-tp-worker"],
+            ["worker", "--model", str(model_dir), "--slots", str(slots), "--name", "bench-tp-worker"],
             env,
             f"worker-{model_dir.name}",
             workdir,
@@ -122,7 +130,7 @@ def streamq_stack(model_dir: Path, workdir: Path) -> Iterator[tuple[int, int]]:
         services.append(worker)
         front, url = start_front(env, workdir, f"front-{model_dir.name}")
         services.append(front)
-        wait_workers(url, 1, timeout=300)
+        wait_workers(url, 1, timeout=start_timeout)
         yield int(url.rsplit(":", 1)[1]), worker.proc.pid
     finally:
         for service in reversed(services):
@@ -176,16 +184,21 @@ def hf_server(
 ) -> Iterator[tuple[int, int]]:
     """``transformers serve --continuous-batching`` on 2 torch threads; yields (port, pid)."""
     port = free_port()
-    log_path = workdir / f"hf-serve-{model_dir.name}.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": TORCH_THREADS, "PYTHONUNBUFFERED": "1"}
+    command = hf_command(model_dir, port, max_concurrency, tokens, prompt_tokens)
+    log_path = workdir / f"hf-serve-{model_dir.name}.log"
+    with http_server(command, env, port, log_path, "transformers serve", 300) as pid:
+        yield port, pid
+
+
+@contextlib.contextmanager
+def http_server(
+    command: list[str], env: dict[str, str], port: int, log_path: Path, name: str, timeout: float
+) -> Iterator[int]:
+    """Run a server until its /health answers 200 (``timeout`` seconds at most); yields its pid
+    and stops it, whatever happens."""
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            hf_command(model_dir, port, max_concurrency, tokens, prompt_tokens),
-            env=env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
 
             def up() -> bool:
@@ -196,16 +209,16 @@ def hf_server(
                 except httpx.HTTPError:
                     return False
 
-            wait_for(up, 300, "transformers serve to listen")
+            wait_for(up, timeout, f"{name} to listen")
             if proc.poll() is not None:
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
-                raise RuntimeError(f"transformers serve exited: {' '.join(tail)}")
-            yield port, proc.pid
+                raise RuntimeError(f"{name} exited: {' '.join(tail)}")
+            yield proc.pid
         finally:
             if proc.poll() is None:
                 proc.terminate()
                 try:
-                    proc.wait(timeout=20)
+                    proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()

@@ -22,6 +22,8 @@ def _with(settings: Settings, **changes: object) -> Settings:
 
 
 _INSECURE_HELP = "serve without API keys on a non-loopback address (STREAMQ_INSECURE=1)"
+ENGINES = ["auto", "transformers", "vllm"]
+_ENGINE_HELP = "the worker's engine (STREAMQ_ENGINE; auto: vLLM on a GPU when installed, else transformers)"
 
 
 def _front_keys(settings: Settings, host: str) -> ApiKeys | None:
@@ -56,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     up.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     up.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    up.add_argument("--engine", choices=ENGINES, help=_ENGINE_HELP)
     up.add_argument("--insecure", action="store_true", default=None, help=_INSECURE_HELP)
 
     api = sub.add_parser("api", help="run the HTTP front (uvicorn)")
@@ -69,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--served-name", help="the model name clients use (default: folder or hub name)")
     worker.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     worker.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    worker.add_argument("--engine", choices=ENGINES, help=_ENGINE_HELP)
     worker.add_argument("--trust-remote-code", action="store_true", default=None, help="needed for ChatGLM")
     worker.add_argument("--name", help="worker name (default: random)")
     worker.add_argument("--burst", action="store_true", help="quit when the queue is empty")
@@ -83,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("make-tiny-model", help="build a small random-weight chat model into DIR")
     tiny.add_argument("dir")
-    tiny.add_argument("--shape", default="tiny", help="tiny (default) or qwen2.5-0.5b")
+    tiny.add_argument("--shape", default="tiny", help="tiny (default), tiny-hd64 (for vLLM) or qwen2.5-0.5b")
 
     from client.chat_cli import add_commands  # `chat` and `ask`: the terminal clients
 
@@ -128,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             served_name=args.served_name,
             device=args.device,
             dtype=args.dtype,
+            engine=args.engine,
             trust_remote_code=args.trust_remote_code,
             slots=args.slots,
             backend=args.backend,
@@ -154,7 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "up":
         from shared.launcher import run_up
 
-        settings = _with(settings, device=args.device, dtype=args.dtype, insecure=args.insecure)
+        settings = _with(
+            settings, device=args.device, dtype=args.dtype, engine=args.engine, insecure=args.insecure
+        )
         if _front_keys(settings, args.host) is None:
             return 2
         return run_up(

@@ -80,16 +80,16 @@ def start_private_redis(workdir: Path, port: int | None = None) -> tuple[subproc
     raise RuntimeError("the private redis-server did not start")
 
 
-def ensure_tiny_model(cache: Path) -> Path:
+def ensure_tiny_model(cache: Path, shape: str = "tiny") -> Path:
     """The demo model, built on first use (atomically: a half-built folder is never used)."""
-    target = cache / TINY_MODEL_NAME
+    target = cache / (TINY_MODEL_NAME if shape == "tiny" else f"{TINY_MODEL_NAME}-{shape}")
     if (target / "config.json").exists():
         return target
     cache.mkdir(parents=True, exist_ok=True)
     print(f"building the tiny demo model into {target} (first run only)...", flush=True)
     building = Path(tempfile.mkdtemp(prefix=".tiny-", dir=cache))
     subprocess.run(
-        [sys.executable, "-m", "shared.cli", "make-tiny-model", str(building)],
+        [sys.executable, "-m", "shared.cli", "make-tiny-model", str(building), "--shape", shape],
         check=True,
         start_new_session=True,
     )
@@ -172,9 +172,12 @@ def run_up(settings: Settings, host: str, port: int, model: str | None, workers:
             except FileNotFoundError as exc:
                 print(exc, file=sys.stderr)
                 return 2
-        model_path = model or str(ensure_tiny_model(settings.cache_path()))
+        # vLLM's CPU attention needs heads of 32+ dimensions: its demo model has 64.
+        shape = "tiny-hd64" if settings.engine == "vllm" else "tiny"
+        model_path = model or str(ensure_tiny_model(settings.cache_path(), shape))
         env = {**os.environ, "STREAMQ_REDIS_URL": redis_url, "STREAMQ_DEVICE": settings.device}
         env["STREAMQ_DTYPE"] = settings.dtype
+        env["STREAMQ_ENGINE"] = settings.engine
         env["STREAMQ_INSECURE"] = "1" if settings.insecure else "0"
         if settings.torch_threads is None:
             env["STREAMQ_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, workers)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -54,6 +55,19 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker (default: all cores)")
 
     # The worker's engine.
+    engine: Literal["auto", "transformers", "vllm"] = Field(
+        "auto",
+        description="worker: 'vllm', 'transformers', or 'auto' (vLLM on a GPU when installed and it "
+        "serves the model; else transformers)",
+    )
+    kv_cache_gib: float | None = Field(
+        None, gt=0, description="worker (vLLM): GiB for the KV cache (default: vLLM's, e.g. 90% of a GPU)"
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="worker (vLLM): GPUs one model is split over")
+    pipeline_parallel_size: int = Field(1, ge=1, description="worker (vLLM): pipeline stages over GPUs")
+    vllm_eager: bool = Field(
+        False, description="worker (vLLM): no compilation or CUDA graphs (starts faster, runs slower)"
+    )
     backend: str = Field("model", description="'model' (load `model`) or 'synthetic' (a load-test stand-in)")
     slots: int | None = Field(
         None, ge=1, description="jobs one worker runs at once (default: 8 on CPU; on a GPU, what fits)"

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import fakeredis
+import jsonpatch
 import jsonschema
 import kubernetes_validate
 import pytest
@@ -260,9 +261,56 @@ def test_every_image_carries_what_its_command_imports() -> None:
     """The `streamq` command builds its parser from shared/ and client/ (chat, ask) and serves the
     front from api/; a worker image also needs worker/. And .dockerignore lets them all in."""
     stages = _stages()
-    assert set(stages) == {"api", "worker", "worker-cpu"}
+    assert set(stages) == {"api", "worker", "worker-cpu", "worker-vllm"}
     for name, copied in stages.items():
         needed = {"shared", "api", "client"} | ({"worker"} if name.startswith("worker") else set())
         assert needed <= copied, f"stage {name} lacks {needed - copied}"
     allowed = (ROOT / ".dockerignore").read_text().splitlines()
     assert all(f"!{folder}/" in allowed for folder in ("shared", "api", "client", "worker"))
+
+
+# ----- vLLM's engine on several GPUs (issue 13) ----------------------------------------------------
+
+
+def test_compose_vllm_worker_asks_for_as_many_gpus_as_it_splits_the_model_over() -> None:
+    result = _compose("--profile", "vllm", "config")
+    assert result.returncode == 0, result.stderr
+    worker = yaml.safe_load(result.stdout)["services"]["worker-vllm"]
+    assert worker["build"]["target"] == "worker-vllm"
+    env = worker["environment"]
+    assert env["STREAMQ_ENGINE"] == "vllm" and env["STREAMQ_DEVICE"] == "cuda"
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert len(device["device_ids"]) == int(env["STREAMQ_TENSOR_PARALLEL_SIZE"]) == 2
+    Settings(engine=env["STREAMQ_ENGINE"], tensor_parallel_size=env["STREAMQ_TENSOR_PARALLEL_SIZE"])
+
+
+def _vllm_worker() -> dict[str, Any]:
+    """The base worker Deployment with k8s/vllm's patch applied, as kustomize applies it."""
+    overlay = K8S / "vllm"
+    (patch,) = yaml.safe_load((overlay / "kustomization.yaml").read_text())["patches"]
+    assert patch["target"] == {"kind": "Deployment", "name": "streamq-worker"}
+    ops = yaml.safe_load((overlay / patch["path"]).read_text())
+    return dict(jsonpatch.apply_patch(_find("Deployment", "streamq-worker"), ops))
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_k8s_vllm_overlay_validates_and_matches_its_gpus(version: str) -> None:
+    deployment = _vllm_worker()
+    kubernetes_validate.validate(deployment, version, strict=True)
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["STREAMQ_ENGINE"] == "vllm" and env["STREAMQ_DEVICE"] == "cuda"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == int(env["STREAMQ_TENSOR_PARALLEL_SIZE"])
+    assert container["image"].startswith("streamq-worker-vllm")
+    overlay = yaml.safe_load((K8S / "vllm" / "kustomization.yaml").read_text())
+    assert overlay["resources"] == ["../"]
+    assert [i["name"] for i in overlay["images"]] == ["streamq-worker-vllm"]
+
+
+def test_k8s_vllm_overlay_check_can_fail() -> None:
+    """A patch op on a path the base lacks is refused, so a base change cannot leave it stale."""
+    with pytest.raises(jsonpatch.JsonPatchConflict):
+        jsonpatch.apply_patch(
+            _find("Deployment", "streamq-worker"),
+            [{"op": "replace", "path": "/spec/template/spec/volumes/7/emptyDir/sizeLimit", "value": "1Gi"}],
+        )

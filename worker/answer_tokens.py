@@ -43,3 +43,12 @@ class AnswerTokens:
             text += tail if stopped else tail + self._stops.flush()
             self.finish_reason = "stop" if stopped else "length"
         return text
+
+    def end(self, reason: str) -> str:
+        """The engine ended the answer by itself (``reason``: "stop" or "length"); returns the text
+        still held back. A no-op once ``finish_reason`` is set."""
+        if self.finish_reason is not None:
+            return ""
+        tail, stopped = self._stops.push(self._decoder.flush())
+        self.finish_reason = "stop" if stopped else reason
+        return tail if stopped else tail + self._stops.flush()

@@ -191,9 +191,9 @@ class BatchedCausalLM:
             input_ids=ids,
             position_ids=positions,
             attention_mask=masks,
-            cache=self.cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self.backend.cache_argument: self.cache},
         )
 
     def _sample(self, sequences: list[_Sequence], logits: torch.Tensor) -> list[JobOutput]:

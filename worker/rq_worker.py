@@ -62,7 +62,16 @@ def load_worker_backend(settings: Settings, served: str) -> ServedModel:
         raise ValueError(f"backend must be 'model' or 'synthetic', not {settings.backend!r}")
     if not settings.model:
         raise ValueError("no model to serve: pass --model or set STREAMQ_MODEL")
-    configure_threads(resolve_device(settings.device), settings.torch_threads)
+    from worker.engine_choice import choose_engine
+
+    device = resolve_device(settings.device)
+    engine = choose_engine(settings, device)
+    log.info("engine: %s (STREAMQ_ENGINE=%s)", engine, settings.engine)
+    if engine == "vllm":
+        from worker.vllm_engine import load_vllm_served
+
+        return load_vllm_served(settings, served)
+    configure_threads(device, settings.torch_threads)
     return load_backend(settings.model, settings.device, settings.dtype, served, settings.trust_remote_code)
 
 

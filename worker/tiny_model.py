@@ -29,6 +29,14 @@ SHAPES: dict[str, dict[str, Any]] = {
         num_attention_heads=4,
         num_key_value_heads=2,
     ),
+    # The tiny model with heads of 64 dimensions: vLLM's CPU attention takes no fewer than 32.
+    "tiny-hd64": dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    ),
     "qwen2.5-0.5b": dict(
         hidden_size=896,
         intermediate_size=4864,

@@ -1,0 +1,186 @@
+"""The vLLM engine against vLLM alone (issue 13): ``python -m bench --only vllm``.
+
+On one model folder (a random model with Qwen2.5-0.5B's shape), in fp32 and in bf16, c streaming
+clients that all arrive at t=0, each asking for N new tokens (greedy, the same prompts):
+
+(c) streamq's full stack on its transformers engine (fp32 only: the baseline the issue names);
+(e) streamq's full stack over HTTP with ``--engine vllm`` (private Redis, one front, one worker);
+(f) vLLM's own OpenAI server alone on the same folder, the same vLLM settings, c streaming
+    clients on /v1/chat/completions.
+
+Both vLLM runs get the same KV cache, the same max_model_len and the same CPU thread binding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.measure import Cell, ms
+from bench.stack import HOST, hf_cell, http_server, streamq_cell, streamq_stack
+from bench.throughput import _cell_subprocess, _ratio, _verdict
+from shared.launcher import free_port
+
+CONCURRENCY = (1, 4, 16, 64)
+DTYPES = ("float32", "bfloat16")
+KV_CACHE_GIB = 2
+MAX_MODEL_LEN = 1024
+SYSTEMS = {
+    "c": "(c) streamq, transformers engine",
+    "e": "(e) streamq --engine vllm",
+    "f": "(f) vLLM OpenAI server alone",
+}
+
+
+def _cpu_bind() -> str:
+    return ",".join(map(str, sorted(os.sched_getaffinity(0))))
+
+
+def vllm_env(dtype: str) -> dict[str, str]:
+    """The streamq worker's settings for row (e), matching (f)'s command line."""
+    return {
+        "STREAMQ_ENGINE": "vllm",
+        "STREAMQ_DTYPE": dtype,
+        "STREAMQ_KV_CACHE_GIB": str(KV_CACHE_GIB),
+        "STREAMQ_MAX_SEQ_LEN": str(MAX_MODEL_LEN),
+        "VLLM_CPU_OMP_THREADS_BIND": _cpu_bind(),
+        "VLLM_HOST_IP": HOST,
+    }
+
+
+@contextlib.contextmanager
+def vllm_server(model_dir: Path, workdir: Path, dtype: str, max_seqs: int) -> Iterator[tuple[int, int]]:
+    """vLLM's OpenAI server (the one `vllm serve` runs; its module entry point, since the CLI's
+    version lookup fails for the `vllm-cpu` distribution); yields (port, pid)."""
+    port = free_port()
+    log_path = workdir / f"vllm-serve-{model_dir.name}-{dtype}.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **vllm_env(dtype)}
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--dtype",
+        dtype,
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--max-num-seqs",
+        str(max_seqs),
+        "--kv-cache-memory-bytes",
+        str(KV_CACHE_GIB * 2**30),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--disable-log-stats",
+    ]
+    with http_server(command, env, port, log_path, "vLLM's server", 900) as pid:
+        yield port, pid
+
+
+@dataclass
+class Results:
+    cells: dict[tuple[str, str, int], Cell] = field(default_factory=dict)
+
+    def get(self, system: str, dtype: str, c: int) -> Cell | None:
+        cell = self.cells.get((system, dtype, c))
+        return cell if cell is not None and not cell.error and cell.requests else None
+
+
+def _guard(results: Results, key: tuple[str, str, int], run: object) -> None:
+    try:
+        results.cells[key] = run()  # type: ignore[operator]
+    except Exception as exc:
+        results.cells[key] = Cell(error=f"{type(exc).__name__}: {exc}")
+    cell = results.cells[key]
+    print(f"  vllm {key}: {cell.error or f'{cell.tokens_per_s:.0f} tok/s'}", file=sys.stderr, flush=True)
+
+
+def run_rows(model_dir: Path, workdir: Path, tokens: int, systems: str) -> Results:
+    results = Results()
+    prompts: list[str] = json.loads(
+        _cell_subprocess("prompts", model_dir, tokens, ["--count", str(max(CONCURRENCY))])
+    )
+    slots = max(CONCURRENCY)
+    for dtype in DTYPES:
+        if "e" in systems:
+            env = {**vllm_env(dtype), "STREAMQ_SLOTS": str(slots)}
+            try:
+                with streamq_stack(model_dir, workdir, env, slots=slots, start_timeout=900) as (port, pid):
+                    for c in CONCURRENCY:
+                        cell = lambda c=c: streamq_cell(port, pid, prompts[:c], tokens)  # noqa: E731
+                        _guard(results, ("e", dtype, c), cell)
+            except Exception as exc:
+                for c in CONCURRENCY:
+                    results.cells.setdefault(("e", dtype, c), Cell(error=f"the stack did not start: {exc}"))
+        if "f" in systems:
+            try:
+                with vllm_server(model_dir, workdir, dtype, slots) as (port, pid):
+                    for c in CONCURRENCY:
+                        _guard(
+                            results,
+                            ("f", dtype, c),
+                            lambda c=c: hf_cell(port, pid, str(model_dir), prompts[:c], tokens),
+                        )
+            except Exception as exc:
+                for c in CONCURRENCY:
+                    results.cells.setdefault(("f", dtype, c), Cell(error=str(exc)))
+    if "c" in systems:
+        with streamq_stack(model_dir, workdir, {"STREAMQ_DTYPE": "float32"}) as (port, pid):  # 16 slots
+            for c in (16,):
+                _guard(results, ("c", "float32", c), lambda c=c: streamq_cell(port, pid, prompts[:c], tokens))
+    return results
+
+
+def print_table(results: Results, shape: str, tokens: int) -> None:
+    cores = os.cpu_count()
+    print(f"\nvLLM engine — {shape} shape, {tokens} new tokens per request, greedy, CPU ({cores} cores)")
+    head = f"{'system':<40}{'dtype':<10}{'c':>3}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p95':>10}"
+    print(f"{head}{'ITL p50':>9}{'RSS':>8}")
+    print(f"{'':<53}{'':>9}{'(ms)':>10}{'(ms)':>10}{'(ms)':>9}{'(MiB)':>8}")
+    for (system, dtype, c), cell in sorted(results.cells.items()):
+        label = f"{SYSTEMS[system]:<40}{dtype:<10}{c:>3}"
+        if cell.error or not cell.requests:
+            print(f"{label}  n/a: {cell.error or 'no output'}")
+            continue
+        print(
+            f"{label}{cell.tokens_per_s:>9.1f}{ms(cell.ttft(0.5)):>10}{ms(cell.ttft(0.95)):>10}"
+            f"{ms(cell.itl):>9}{cell.rss_mib:>8.0f}"
+        )
+    print("notes: RSS is the worker's (e) or the server's (f) VmHWM; vLLM's engine-core process is not in it")
+    nan = float("nan")
+    print(f"\n{'target':<50}{'value':>10}{'target':>10}   verdict")
+
+    def row(name: str, value: str, target: str, verdict: str) -> None:
+        print(f"{name:<50}{value:>10}{target:>10}   {verdict}")
+
+    for dtype in DTYPES:
+        for c in CONCURRENCY:
+            e, f = results.get("e", dtype, c), results.get("f", dtype, c)
+            value = e.tokens_per_s / f.tokens_per_s if e and f else nan
+            row(f"(e)/(f) tok/s, {dtype}, c={c}", _ratio(value, 1), "≥ 0.95x", _verdict(value, value >= 0.95))
+            if c in (1, 16):
+                over = e.ttft(0.5) - f.ttft(0.5) if e and f else nan
+                if c == 1:
+                    shown, target, ok = ms(over), "≤ 10 ms", over <= 0.010
+                else:
+                    rel = over / f.ttft(0.5) if e and f else nan
+                    shown, target, ok = (f"{rel * 100:.1f}%" if rel == rel else "n/a"), "≤ 5%", rel <= 0.05
+                row(f"(e)−(f) TTFT p50, {dtype}, c={c}", shown, target, _verdict(over, ok))
+    e, c16 = results.get("e", "float32", 16), results.get("c", "float32", 16)
+    value = e.tokens_per_s / c16.tokens_per_s if e and c16 else nan
+    row("(e)/(c) tok/s, float32, c=16", _ratio(value, 1), "≥ 2.5x", _verdict(value, value >= 2.5))
+
+
+def run_vllm(workdir: Path, tokens: int, shape: str, systems: str = "cef") -> None:
+    from worker.tiny_model import make_tiny_model
+
+    model_dir = workdir / f"streamq-{shape}"
+    make_tiny_model(model_dir, shape=shape)
+    print_table(run_rows(model_dir, workdir, tokens, systems), shape, tokens)

@@ -1,0 +1,244 @@
+"""vLLM as the worker's engine: vLLM's ``LLMEngine`` in process, driven step by step by streamq's
+engine thread exactly like the transformers engine (``BatchModel``: add, remove, step).
+
+What stays streamq's, so that both engines give the same stream for the same tokens:
+
+- the prompt is rendered and counted with the model's own tokenizer and chat template
+  (``ChatPrompt``) and handed to vLLM as token ids; a continued job's prompt is the prompt
+  plus the tokens an earlier run generated;
+- generated token ids come back from vLLM as deltas and go through ``AnswerTokens``: text
+  deltas, stop sequences, end of sequence and the answer's budget (a job that stops on a stop
+  sequence is aborted in vLLM at once);
+- a cancel, a deadline or a lost lease removes the job between two engine steps, which aborts
+  its request in vLLM before the next one.
+
+vLLM does the rest: scheduling, paged KV cache, sampling (temperature, top_p, top_k, seed).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from shared.limits import InvalidJobRequest
+from shared.schemas import GenerationRequest
+from shared.settings import Settings
+from worker.answer_tokens import AnswerTokens
+from worker.chat_prompt import ChatPrompt, eos_ids_of
+from worker.engine import EngineJob, JobOutput
+
+log = logging.getLogger("streamq.worker")
+
+DEFAULT_MAX_MODEL_LEN = 8192
+GiB = 2**30
+
+
+class VLLMServed(ChatPrompt):
+    """What a vLLM worker serves, as the worker's threads see it: the tokenizer side only (vLLM
+    loads the weights in its own engine)."""
+
+    def __init__(
+        self, name_or_path: str, tokenizer: Any, name: str, device: str, dtype: str, eos_ids: set[int]
+    ) -> None:
+        self.name_or_path = name_or_path
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = device
+        self.dtype = dtype
+        self.eos_ids = eos_ids
+        self.model_context: int | None = None  # the model's own (max_position_embeddings)
+        self.context_length: int | None = None  # set by the engine: vLLM's max_model_len
+
+
+def vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def load_vllm_served(settings: Settings, served: str) -> VLLMServed:
+    """The tokenizer, chat template and end-of-sequence ids of ``settings.model``."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from worker.model_loading import resolve_device, resolve_dtype
+
+    if not vllm_installed():
+        raise ValueError("the vLLM engine is not installed: run `make install-vllm` (see README)")
+    model = settings.model or ""
+    device = resolve_device(settings.device)
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"the vLLM engine runs on 'cpu' or 'cuda', not {device!r}")
+    dtype = resolve_dtype(settings.dtype, device)
+    remote = settings.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=remote)
+    config = AutoConfig.from_pretrained(model, trust_remote_code=remote)
+    try:
+        generation: Any = GenerationConfig.from_pretrained(model)
+    except OSError:
+        generation = None
+    eos_ids = eos_ids_of(tokenizer, generation, config)
+    served_model = VLLMServed(model, tokenizer, served, device, dtype, eos_ids)
+    served_model.model_context = getattr(config, "max_position_embeddings", None)
+    return served_model
+
+
+def set_cpu_defaults(settings: Settings) -> None:
+    """vLLM's CPU settings that only its environment takes, where the user has not set them: its
+    threads bound to the cores this process may use (its default keeps one core for itself:
+    85 against 120 tok/s on 2 cores), and its distributed setup on the loopback address."""
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    if settings.tensor_parallel_size == 1 and settings.pipeline_parallel_size == 1:
+        cores = sorted(os.sched_getaffinity(0))
+        if settings.torch_threads:
+            cores = cores[: settings.torch_threads]
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
+
+
+def engine_args(settings: Settings, served: VLLMServed) -> Any:
+    from vllm import EngineArgs
+
+    kv_bytes = int(settings.kv_cache_gib * GiB) if settings.kv_cache_gib else None
+    context = min(served.model_context or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
+    return EngineArgs(
+        model=served.name_or_path,
+        served_model_name=served.name,
+        dtype=served.dtype,
+        trust_remote_code=settings.trust_remote_code,
+        max_model_len=settings.max_seq_len or context,
+        max_num_seqs=settings.slots,
+        kv_cache_memory_bytes=kv_bytes,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        pipeline_parallel_size=settings.pipeline_parallel_size,
+        enforce_eager=settings.vllm_eager,
+        disable_log_stats=True,
+    )
+
+
+@dataclass(eq=False)
+class _Request:
+    job: EngineJob
+    request_id: str
+    answer: AnswerTokens
+
+
+class VLLMModel:
+    """vLLM's engine behind the ``BatchModel`` interface that streamq's engine thread drives."""
+
+    def __init__(self, engine: Any, served: VLLMServed, slots: int, max_len: int) -> None:
+        self.engine = engine
+        self.served = served
+        self.slots = slots
+        self.max_len = max_len
+        self._held: dict[EngineJob, _Request] = {}
+        self._by_id: dict[str, _Request] = {}
+        self._ids = itertools.count()
+
+    def add(self, job: EngineJob) -> None:
+        from vllm import TokensPrompt
+
+        prompt = self.served.encode(job.request.messages)
+        answer = self.served.answer(job.request, len(prompt), self.max_len)
+        job.prompt_tokens = len(prompt)
+        for token in job.resume_ids:  # continue an earlier run: replayed here, their text was sent
+            answer.push(token)
+        job.completion_tokens = answer.completion_tokens
+        if answer.finish_reason is not None:
+            raise InvalidJobRequest("the job's earlier run had already ended its answer")
+        params = self.sampling(job.request, answer.budget - answer.completion_tokens)
+        request_id = f"{job.job_id}-{job.run or 'local'}-{next(self._ids)}"
+        self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt + job.resume_ids), params)
+        held = _Request(job, request_id, answer)
+        self._held[job] = held
+        self._by_id[request_id] = held
+
+    def sampling(self, request: GenerationRequest, max_tokens: int) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            seed=request.seed,
+            max_tokens=max_tokens,
+            stop_token_ids=sorted(self.served.eos_ids),
+            detokenize=False,  # streamq decodes (AnswerTokens): stop sequences, held-back bytes
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    def remove(self, job: EngineJob) -> None:
+        held = self._held.pop(job, None)
+        if held is not None:
+            self._by_id.pop(held.request_id, None)
+            self.engine.abort_request([held.request_id])
+
+    def ready_in(self) -> float | None:
+        return 0.0 if self._held else None
+
+    def step(self) -> list[JobOutput]:
+        outputs: list[JobOutput] = []
+        done: list[_Request] = []
+        for result in self.engine.step():
+            held = self._by_id.get(result.request_id)
+            if held is None:  # aborted since it was scheduled
+                continue
+            completion = result.outputs[0]
+            answer = held.answer
+            before = len(answer.token_ids)
+            text = ""
+            for token in completion.token_ids:
+                text += answer.push(token)
+                if answer.finish_reason is not None:
+                    break
+            if result.finished and answer.finish_reason is None:
+                text += answer.end("length" if completion.finish_reason == "length" else "stop")
+            job = held.job
+            job.completion_tokens = answer.completion_tokens
+            new_ids = tuple(answer.token_ids[before:])
+            done_as = answer.finish_reason
+            outputs.append(
+                JobOutput(job, text, job.prompt_tokens, job.completion_tokens, done_as, token_ids=new_ids)
+            )
+            if answer.finish_reason is not None:
+                done.append(held)
+                if not result.finished:  # a stop sequence: vLLM would go on
+                    self.engine.abort_request([held.request_id])
+        for held in done:
+            self._held.pop(held.job, None)
+            self._by_id.pop(held.request_id, None)
+        return outputs
+
+
+def kv_cache_tokens(engine: Any) -> int | None:
+    cache = engine.vllm_config.cache_config
+    blocks = getattr(cache, "num_gpu_blocks", None)
+    return int(blocks) * int(cache.block_size) if blocks else None
+
+
+def build_vllm_model(settings: Settings, served: VLLMServed) -> tuple[VLLMModel, int]:
+    """Start vLLM's engine on the model; the slots are what its scheduler and KV cache hold."""
+    if served.device == "cpu":
+        set_cpu_defaults(settings)
+    from vllm import LLMEngine
+
+    engine = LLMEngine.from_engine_args(engine_args(settings, served))
+    config = engine.vllm_config
+    max_len = int(config.model_config.max_model_len)
+    max_seqs = int(config.scheduler_config.max_num_seqs)
+    kv_tokens = kv_cache_tokens(engine)
+    # Every job the worker takes has room for its whole length in the KV cache, so vLLM never
+    # preempts one: STREAMQ_SLOTS asks for more (vLLM then preempts and recomputes when short).
+    fit = max(1, kv_tokens // max_len) if kv_tokens else max_seqs
+    slots = settings.slots or min(max_seqs, fit)
+    served.context_length = max_len
+    log.info(
+        "vLLM engine: %d slots (max_num_seqs %d, KV cache %s tokens), %d tokens per job",
+        slots,
+        max_seqs,
+        kv_tokens if kv_tokens is not None else "?",
+        max_len,
+    )
+    return VLLMModel(engine, served, slots, max_len), max_len
