@@ -76,6 +76,9 @@ class JobService:
         await self.quotas.hit(caller.name)
         generation = generation_request(request, self._settings)
         model = await self.directory.resolve(request.model)
+        needed = generation.engine_features()
+        if needed and (refusal := await self.directory.missing_feature(model, needed)):
+            raise refusal
         await self.admission.check(model)
         context_length = await self.directory.context_length(model)
         if may_not_fit(generation, context_length):

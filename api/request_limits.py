@@ -6,8 +6,10 @@ which needs the model's tokenizer, by ``JobService``)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from api.errors import ApiError
-from shared.schemas import ChatMessage, GenerationRequest, JobRequest
+from shared.schemas import ChatMessage, GenerationRequest, JobRequest, ResponseFormat
 from shared.settings import Settings
 
 
@@ -89,4 +91,18 @@ def generation_request(request: JobRequest, settings: Settings) -> GenerationReq
         queue_ttl=request.queue_ttl,
         timeout=request.timeout,
         max_prompt_tokens=s.max_prompt_tokens,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        repetition_penalty=request.repetition_penalty or 1.0,
+        logit_bias={int(token): bias for token, bias in (request.logit_bias or {}).items()},
+        **structured_output(request.response_format),
     )
+
+
+def structured_output(response_format: ResponseFormat | None) -> dict[str, Any]:
+    """The job's structured-output fields from OpenAI's ``response_format``."""
+    if response_format is None or response_format.type == "text":
+        return {}
+    if response_format.json_schema is not None:
+        return {"json_schema": response_format.json_schema.schema_}
+    return {"json_object": True}

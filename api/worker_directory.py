@@ -23,6 +23,8 @@ class WorkerInfo:
     current_job: str
     context_length: int | None
     started_at: float
+    engine: str = ""
+    features: frozenset[str] = frozenset()
 
 
 class WorkerDirectory:
@@ -52,6 +54,8 @@ class WorkerDirectory:
                 current_job=info.get("current_job", ""),
                 context_length=int(info["context_length"]) if info.get("context_length") else None,
                 started_at=float(info.get("started_at") or 0),
+                engine=info.get("engine", ""),
+                features=frozenset(f for f in info.get("features", "").split(",") if f),
             )
             for name, info in zip(names, infos, strict=True)
             if info
@@ -82,6 +86,22 @@ class WorkerDirectory:
         """The smallest context of the model's live workers (None if none says)."""
         known = [w.context_length for w in await self._workers() if w.model == model and w.context_length]
         return min(known) if known else None
+
+    async def missing_feature(self, model: str, needed: dict[str, str]) -> ApiError | None:
+        """A 400 naming the first field of ``needed`` (feature → field) that some live worker of
+        the model cannot do (any worker may take the job); None when all can, or none is live."""
+        workers = [w for w in await self._workers() if w.model == model]
+        for feature, field_name in needed.items():
+            lacking = sorted({w.engine or "older" for w in workers if feature not in w.features})
+            if lacking:
+                return ApiError(
+                    400,
+                    f"'{field_name}' is not supported by the {' and '.join(lacking)} engine serving "
+                    f"'{model}' (it needs workers on the vLLM engine)",
+                    param=field_name,
+                    code="unsupported_parameter",
+                )
+        return None
 
     async def readiness(self) -> tuple[bool, dict[str, int]]:
         """Ready when every expected model (STREAMQ_MODELS) has a live worker, and some worker is

@@ -30,6 +30,37 @@ class ChatMessage(BaseModel):
     content: Text
 
 
+# What some engines can do and others cannot: a request that needs one goes only to workers
+# whose engine offers it (the front refuses it with a 400 naming the field otherwise).
+PENALTIES = "penalties"
+LOGIT_BIAS = "logit_bias"
+STRUCTURED_OUTPUT = "structured_output"
+ENGINE_FEATURES = frozenset({PENALTIES, LOGIT_BIAS, STRUCTURED_OUTPUT})
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = "response"
+    schema_: dict[str, Any] = Field(alias="schema", description="the JSON Schema the answer follows")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: plain text, any JSON object, or JSON following a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("'json_schema' goes with type 'json_schema', and that type needs it")
+        return self
+
+
 class SamplingFields(BaseModel):
     """The sampling settings every job request takes (job API and the seed's API)."""
 
@@ -48,12 +79,37 @@ class SamplingFields(BaseModel):
     top_k: int | None = Field(None, ge=0, strict=True, description="0 means no top-k cut")
     stop: Text | list[Text] | None = Field(None, description="text that ends the answer (not included)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, strict=True)
+    presence_penalty: float | None = Field(
+        None, ge=-2, le=2, description="penalize tokens already in the answer (vLLM engine)"
+    )
+    frequency_penalty: float | None = Field(
+        None, ge=-2, le=2, description="penalize tokens by how often they are in the answer (vLLM engine)"
+    )
+    repetition_penalty: float | None = Field(
+        None, gt=0, le=2, description="(extension) divide repeated tokens' scores by this (vLLM engine)"
+    )
+    logit_bias: dict[str, float] | None = Field(
+        None, description="token id (a string) → bias from -100 to 100 added to its score (vLLM engine)"
+    )
+    response_format: ResponseFormat | None = Field(
+        None, description="json_object or json_schema: the answer is JSON (vLLM engine, grammar-constrained)"
+    )
     queue_ttl: int | None = Field(
         None, ge=1, strict=True, description="seconds the job may wait in its queue (at most the server's)"
     )
     timeout: int | None = Field(
         None, ge=1, strict=True, description="seconds the job may run, then it ends (finish_reason timeout)"
     )
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"logit_bias keys are token ids, got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"a logit bias is from -100 to 100, got {bias} for token {token}")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -114,6 +170,28 @@ class GenerationRequest(BaseModel):
     queue_ttl: int | None = None  # this job's own limits, within the server's
     timeout: int | None = None
     max_prompt_tokens: int | None = None  # the front's limit, checked by the worker's tokenizer
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = Field(default_factory=dict)
+    json_schema: dict[str, Any] | None = None  # the answer is JSON following this schema
+    json_object: bool = False  # the answer is a JSON object
+
+    def engine_features(self) -> dict[str, str]:
+        """The engine features this request needs, each with the request field that asks for it."""
+        needed: dict[str, str] = {}
+        for name, value, neutral in (
+            ("presence_penalty", self.presence_penalty, 0.0),
+            ("frequency_penalty", self.frequency_penalty, 0.0),
+            ("repetition_penalty", self.repetition_penalty, 1.0),
+        ):
+            if value != neutral:
+                needed.setdefault(PENALTIES, name)
+        if self.logit_bias:
+            needed[LOGIT_BIAS] = "logit_bias"
+        if self.json_schema is not None or self.json_object:
+            needed[STRUCTURED_OUTPUT] = "response_format"
+        return needed
 
 
 class Usage(BaseModel):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from shared.schemas import ChatMessage
@@ -217,9 +218,88 @@ def test_a_killed_vllm_workers_job_continues_on_another_with_the_stream_whole(
     victim = second if view(stack, job_id)["worker"].startswith("vllm-b") else vllm_worker
     if view(stack, job_id)["status"] == "finished":
         pytest.fail("the job ended before the kill; give it more tokens")
+    helpers = psutil.Process(victim.proc.pid).children(recursive=True)  # vLLM's executor process
+    assert helpers
     victim.proc.send_signal(signal.SIGKILL)
     reader.join(timeout=300)
     assert [e.event for e in events].count("started") == 2
     assert events[-1].event == "done"
     assert text_of(events) == expected  # no gap, no repeat
     assert view(stack, job_id)["worker"] != victim.name
+
+    def all_gone() -> bool:
+        return not [p for p in helpers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    wait_for(all_gone, 30, "the killed worker's vLLM processes to exit")  # nothing left holding memory
+
+
+def test_a_kv_cache_too_small_for_one_job_stops_the_worker_with_a_clear_reason(
+    stack: Stack, hd64_model: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.processes import ROOT
+
+    env = {**os.environ, **stack.env, **VLLM_ENV, "STREAMQ_KV_CACHE_GIB": "0.0001"}
+    args = ["worker", "--model", str(hd64_model), "--served-name", "vllm-small-kv"]
+    done = subprocess.run(
+        [sys.executable, "-m", "shared.cli", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("streamq worker: cannot serve") and "STREAMQ_KV_CACHE_GIB=0.0001" in last
+    assert f"one job may take {MAX_LEN} (STREAMQ_MAX_SEQ_LEN)" in last and "Traceback" not in done.stderr
+
+
+def test_penalties_and_logit_bias_are_honoured_as_vllm_alone_honours_them(
+    stack: Stack, vllm_worker: Service, reference: Reference
+) -> None:
+    penalties = {"presence_penalty": 1.5, "frequency_penalty": 0.8, "repetition_penalty": 1.3}
+    penalized = text_of(streamed(stack, submit(stack.url, PROMPTS[0], 40, **penalties)))
+    assert penalized == reference.answer(PROMPTS[0], 40, **penalties)
+    assert penalized != reference.answer(PROMPTS[0], 40)  # they change the answer
+    token = int(reference.prompt.tokenizer.encode(" queue", add_special_tokens=False)[0])
+    biased = text_of(streamed(stack, submit(stack.url, PROMPTS[1], 6, logit_bias={str(token): 100})))
+    assert biased == reference.prompt.tokenizer.decode([token] * 6)
+
+
+def test_the_openai_sdk_gets_json_following_its_schema(stack: Stack, vllm_worker: Service) -> None:
+    import json
+
+    import jsonschema
+    import openai
+
+    schema = {
+        "type": "object",
+        # A finite language: the answer must end (a random model would fill an open integer).
+        "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}, "durable": {"type": "boolean"}},
+        "required": ["answer", "durable"],
+        "additionalProperties": False,
+    }
+    with openai.OpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0, timeout=120) as client:
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Is a queue durable? Answer in JSON."}],
+            max_tokens=60,
+            temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema}},
+        )
+        choice = reply.choices[0]
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content or ""), schema)
+        anything = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Some JSON, please."}],
+            max_tokens=60,
+            temperature=0,
+            presence_penalty=0.5,
+            response_format={"type": "json_object"},
+        )
+        if anything.choices[0].finish_reason == "stop":  # a random model may fill its budget
+            assert isinstance(json.loads(anything.choices[0].message.content or ""), dict)

@@ -47,6 +47,9 @@ class _Sequence:
 
 
 class BatchedCausalLM:
+    engine = "transformers"
+    features: frozenset[str] = frozenset()  # no penalties, logit bias or structured output
+
     def __init__(self, backend: CausalLMChat, slots: int, max_len: int, prefill_chunk: int = 512) -> None:
         self.backend = backend
         self.slots = slots

@@ -72,6 +72,8 @@ class BatchModel(Protocol):
     """What the engine drives: a model that holds up to ``slots`` jobs and advances them together."""
 
     slots: int
+    engine: str  # its name, as workers announce it: transformers, vllm, synthetic
+    features: frozenset[str]  # the ENGINE_FEATURES it offers (shared.schemas)
 
     def add(self, job: EngineJob) -> None:
         """Take a job (InvalidJobRequest when it cannot be served, e.g. it does not fit)."""
@@ -88,6 +90,18 @@ class BatchModel(Protocol):
     def ready_in(self) -> float | None:
         """Seconds until ``step`` has work (0: now), or None when the model holds no job."""
         ...
+
+
+def refuse_missing_features(request: GenerationRequest, model: BatchModel) -> None:
+    """InvalidJobRequest naming the first field the request needs that this engine cannot do (the
+    front refuses such a request already; a job queued with no live worker to ask reaches here)."""
+    for feature, field_name in request.engine_features().items():
+        if feature not in model.features:
+            raise InvalidJobRequest(
+                f"'{field_name}' is not supported by this model's {model.engine} engine "
+                "(it needs a worker on the vLLM engine)",
+                param=field_name,
+            )
 
 
 class OutputSink(Protocol):
@@ -170,6 +184,7 @@ class Engine:
         wait = self.model.ready_in()
         for job in self._arrivals(wait):
             try:
+                refuse_missing_features(job.request, self.model)
                 self.model.add(job)
                 self._jobs.add(job)
             except InvalidJobRequest as exc:

@@ -56,6 +56,8 @@ class WorkerRuntime:
                 "device": backend.device,
                 "dtype": backend.dtype,
                 "slots": str(model.slots),
+                "engine": model.engine,
+                "features": ",".join(sorted(model.features)),
                 "context_length": str(context_length or ""),
             },
         )

@@ -15,6 +15,9 @@ from worker.engine import EngineJob, JobOutput, ended
 
 
 class SerialModel:
+    engine = "transformers"
+    features: frozenset[str] = frozenset()  # no penalties, logit bias or structured output
+
     def __init__(self, backend: ChatBackend, slots: int) -> None:
         self.backend = backend
         self.slots = slots

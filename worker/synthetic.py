@@ -51,6 +51,9 @@ class _Paced:
 
 
 class SyntheticModel:
+    engine = "synthetic"
+    features: frozenset[str] = frozenset()  # no penalties, logit bias or structured output
+
     def __init__(self, backend: SyntheticBackend, slots: int) -> None:
         self.slots = slots
         self._interval = 1.0 / backend.tokens_per_second

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.limits import InvalidJobRequest
-from shared.schemas import GenerationRequest
+from shared.schemas import ENGINE_FEATURES, GenerationRequest
 from shared.settings import Settings
 from worker.answer_tokens import AnswerTokens
 from worker.chat_prompt import ChatPrompt, eos_ids_of
@@ -50,6 +50,7 @@ class VLLMServed(ChatPrompt):
         self.dtype = dtype
         self.eos_ids = eos_ids
         self.model_context: int | None = None  # the model's own (max_position_embeddings)
+        self.kv_bytes_per_token: int | None = None  # keys and values of every layer, in dtype
         self.context_length: int | None = None  # set by the engine: vLLM's max_model_len
 
 
@@ -82,7 +83,36 @@ def load_vllm_served(settings: Settings, served: str) -> VLLMServed:
     eos_ids = eos_ids_of(tokenizer, generation, config)
     served_model = VLLMServed(model, tokenizer, served, device, dtype, eos_ids)
     served_model.model_context = getattr(config, "max_position_embeddings", None)
+    served_model.kv_bytes_per_token = kv_bytes_per_token(config, dtype)
     return served_model
+
+
+def kv_bytes_per_token(config: Any, dtype: str) -> int | None:
+    """What one token takes in the KV cache, from the model's config (None: a shape not known)."""
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if not layers or not heads:
+        return None
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    size = 4 if dtype == "float32" else 2
+    return int(2 * layers * kv_heads * head_dim * size)
+
+
+def check_kv_budget(settings: Settings, served: VLLMServed, max_len: int) -> None:
+    """Refuse a KV cache too small for one job of ``max_len`` tokens, before vLLM starts (and
+    fails far less clearly, in its engine process)."""
+    per_token = served.kv_bytes_per_token
+    if not settings.kv_cache_gib or not per_token:
+        return
+    tokens = int(settings.kv_cache_gib * GiB) // per_token
+    if tokens < max_len:
+        need = max_len * per_token / GiB
+        raise ValueError(
+            f"STREAMQ_KV_CACHE_GIB={settings.kv_cache_gib:g} holds about {tokens} tokens of this "
+            f"model, and one job may take {max_len} (STREAMQ_MAX_SEQ_LEN): give the KV cache at "
+            f"least {need:.2f} GiB, or lower STREAMQ_MAX_SEQ_LEN"
+        )
 
 
 def set_cpu_defaults(settings: Settings) -> None:
@@ -97,22 +127,34 @@ def set_cpu_defaults(settings: Settings) -> None:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
 
 
+def job_length(settings: Settings, served: VLLMServed) -> int:
+    """Prompt + answer tokens of one job: vLLM's max_model_len."""
+    context = min(served.model_context or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
+    return settings.max_seq_len or context
+
+
 def engine_args(settings: Settings, served: VLLMServed) -> Any:
     from vllm import EngineArgs
+    from vllm.config import StructuredOutputsConfig
 
     kv_bytes = int(settings.kv_cache_gib * GiB) if settings.kv_cache_gib else None
-    context = min(served.model_context or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
     return EngineArgs(
+        # On a CPU, vLLM runs the model in an executor process of its own (its OpenMP threads are
+        # bound there); that process exits when the worker dies, however it dies.
+        distributed_executor_backend="mp" if served.device == "cpu" else None,
         model=served.name_or_path,
         served_model_name=served.name,
         dtype=served.dtype,
         trust_remote_code=settings.trust_remote_code,
-        max_model_len=settings.max_seq_len or context,
+        max_model_len=job_length(settings, served),
         max_num_seqs=settings.slots,
         kv_cache_memory_bytes=kv_bytes,
         tensor_parallel_size=settings.tensor_parallel_size,
         pipeline_parallel_size=settings.pipeline_parallel_size,
         enforce_eager=settings.vllm_eager,
+        # JSON answers without free whitespace (engine-wide in vLLM): a model cannot pad one out
+        # until max_tokens, and the JSON is as valid.
+        structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
         disable_log_stats=True,
     )
 
@@ -127,8 +169,11 @@ class _Request:
 class VLLMModel:
     """vLLM's engine behind the ``BatchModel`` interface that streamq's engine thread drives."""
 
+    engine = "vllm"
+    features = ENGINE_FEATURES
+
     def __init__(self, engine: Any, served: VLLMServed, slots: int, max_len: int) -> None:
-        self.engine = engine
+        self.vllm = engine  # vLLM's LLMEngine
         self.served = served
         self.slots = slots
         self.max_len = max_len
@@ -149,7 +194,10 @@ class VLLMModel:
             raise InvalidJobRequest("the job's earlier run had already ended its answer")
         params = self.sampling(job.request, answer.budget - answer.completion_tokens)
         request_id = f"{job.job_id}-{job.run or 'local'}-{next(self._ids)}"
-        self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt + job.resume_ids), params)
+        try:
+            self.vllm.add_request(request_id, TokensPrompt(prompt_token_ids=prompt + job.resume_ids), params)
+        except ValueError as exc:  # vLLM's own checks: a token id out of its vocabulary, a bad schema
+            raise InvalidJobRequest(f"the vLLM engine refused the request: {exc}") from exc
         held = _Request(job, request_id, answer)
         self._held[job] = held
         self._by_id[request_id] = held
@@ -163,6 +211,11 @@ class VLLMModel:
             top_p=request.top_p,
             top_k=request.top_k,
             seed=request.seed,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            repetition_penalty=request.repetition_penalty,
+            logit_bias=dict(request.logit_bias) or None,
+            structured_outputs=structured_outputs(request),
             max_tokens=max_tokens,
             stop_token_ids=sorted(self.served.eos_ids),
             detokenize=False,  # streamq decodes (AnswerTokens): stop sequences, held-back bytes
@@ -173,7 +226,7 @@ class VLLMModel:
         held = self._held.pop(job, None)
         if held is not None:
             self._by_id.pop(held.request_id, None)
-            self.engine.abort_request([held.request_id])
+            self.vllm.abort_request([held.request_id])
 
     def ready_in(self) -> float | None:
         return 0.0 if self._held else None
@@ -181,7 +234,7 @@ class VLLMModel:
     def step(self) -> list[JobOutput]:
         outputs: list[JobOutput] = []
         done: list[_Request] = []
-        for result in self.engine.step():
+        for result in self.vllm.step():
             held = self._by_id.get(result.request_id)
             if held is None:  # aborted since it was scheduled
                 continue
@@ -205,11 +258,22 @@ class VLLMModel:
             if answer.finish_reason is not None:
                 done.append(held)
                 if not result.finished:  # a stop sequence: vLLM would go on
-                    self.engine.abort_request([held.request_id])
+                    self.vllm.abort_request([held.request_id])
         for held in done:
             self._held.pop(held.job, None)
             self._by_id.pop(held.request_id, None)
         return outputs
+
+
+def structured_outputs(request: GenerationRequest) -> Any:
+    """vLLM's grammar-constrained decoding (its structured outputs) for a JSON answer, or None."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if request.json_schema is not None:
+        return StructuredOutputsParams(json=request.json_schema)
+    if request.json_object:
+        return StructuredOutputsParams(json_object=True)
+    return None
 
 
 def kv_cache_tokens(engine: Any) -> int | None:
@@ -220,8 +284,12 @@ def kv_cache_tokens(engine: Any) -> int | None:
 
 def build_vllm_model(settings: Settings, served: VLLMServed) -> tuple[VLLMModel, int]:
     """Start vLLM's engine on the model; the slots are what its scheduler and KV cache hold."""
+    check_kv_budget(settings, served, job_length(settings, served))
     if served.device == "cpu":
         set_cpu_defaults(settings)
+    # vLLM's engine core (its scheduler) in this process, stepped by the worker's engine thread:
+    # in a process of its own it would outlive a worker killed with SIGKILL, holding its memory.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLMEngine
 
     engine = LLMEngine.from_engine_args(engine_args(settings, served))

@@ -1,0 +1,145 @@
+"""Requests that need what only some engines do (penalties, logit bias, structured output): a
+400 naming the field where the serving engine cannot do it, never a silent ignore. The
+transformers engine's workers of the suite's stack offer none of them; tests/test_vllm_engine.py
+checks that vLLM honours each."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from shared.schemas import ChatMessage, GenerationRequest
+from tests.conftest import Stack
+from worker.engine import Engine, EngineJob, JobOutput
+from worker.synthetic import SyntheticBackend, SyntheticModel
+
+pytestmark = pytest.mark.e2e
+
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+NEEDS_VLLM = [
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"frequency_penalty": -1.0}, "frequency_penalty"),
+    ({"repetition_penalty": 1.2}, "repetition_penalty"),
+    ({"logit_bias": {"7": 5}}, "logit_bias"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}},
+        "response_format",
+    ),
+]
+
+
+def jobs_in_redis(stack: Stack) -> int:
+    return len(stack.redis.client().keys("streamq:job:*"))
+
+
+@pytest.mark.parametrize(("fields", "param"), NEEDS_VLLM)
+def test_a_field_the_engine_cannot_honour_is_a_400_that_names_it(
+    stack: Stack, fields: dict[str, Any], param: str
+) -> None:
+    before = jobs_in_redis(stack)
+    response = httpx.post(f"{stack.url}/v1/jobs", json={"prompt": "hi", "max_tokens": 4, **fields})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["code"] == "unsupported_parameter"
+    assert "transformers engine" in error["message"] and "not supported" in error["message"]
+    assert jobs_in_redis(stack) == before  # refused before any job exists
+
+
+def test_the_openai_sdk_gets_a_bad_request_naming_the_field(stack: Stack) -> None:
+    with openai.OpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0, timeout=60) as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(
+                model=stack.model_dir.name,
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=4,
+                presence_penalty=0.6,
+            )
+        assert caught.value.body["param"] == "presence_penalty"  # type: ignore[index]
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(
+                model=stack.model_dir.name,
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=4,
+                response_format={"type": "json_object"},
+            )
+        assert caught.value.body["param"] == "response_format"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"presence_penalty": 0, "frequency_penalty": 0.0, "repetition_penalty": 1},
+        {"logit_bias": {}},
+        {"response_format": {"type": "text"}},
+    ],
+)
+def test_neutral_values_ask_for_nothing_and_run_anywhere(stack: Stack, fields: dict[str, Any]) -> None:
+    response = httpx.post(f"{stack.url}/v1/jobs", json={"prompt": "hi", "max_tokens": 4, **fields})
+    assert response.status_code == 202, response.text
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "words"),
+    [
+        ({"logit_bias": {"x": 1}}, "logit_bias", "token ids"),
+        ({"logit_bias": {"5": 101}}, "logit_bias", "-100 to 100"),
+        ({"presence_penalty": 3}, "presence_penalty", "less than or equal to 2"),
+        ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+        ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
+        ({"response_format": {"type": "yaml"}}, "response_format.type", "json_object"),
+    ],
+)
+def test_bad_values_are_400s_that_say_what_is_wrong(
+    stack: Stack, fields: dict[str, Any], param: str, words: str
+) -> None:
+    response = httpx.post(f"{stack.url}/v1/jobs", json={"prompt": "hi", **fields})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and words in error["message"], error
+
+
+class _Outputs:
+    def __init__(self) -> None:
+        self.items: list[JobOutput] = []
+        self.ended = threading.Event()
+
+    def put(self, outputs: list[JobOutput]) -> None:
+        self.items += outputs
+        if any(o.finish_reason for o in outputs):
+            self.ended.set()
+
+
+@pytest.fixture
+def synthetic_engine() -> Iterator[tuple[Engine, _Outputs]]:
+    outputs = _Outputs()
+    engine = Engine(SyntheticModel(SyntheticBackend("synth", 1000), 4), outputs)
+    engine.start()
+    yield engine, outputs
+    engine.stop()
+
+
+def test_a_worker_refuses_a_job_that_reached_it_needing_what_its_engine_lacks(
+    synthetic_engine: tuple[Engine, _Outputs],
+) -> None:
+    """No live worker to ask at submit (scale to zero): the worker's engine refuses it, naming it."""
+    engine, outputs = synthetic_engine
+    request = GenerationRequest(
+        messages=[ChatMessage(role="user", content="hi")],
+        max_tokens=4,
+        temperature=0,
+        top_p=1,
+        json_object=True,
+    )
+    now = time.time()
+    engine.submit(EngineJob("needs-json", request, now, now, time.monotonic() + 60))
+    assert outputs.ended.wait(10)
+    (end,) = [o for o in outputs.items if o.finish_reason]
+    assert end.finish_reason == "error" and end.error_type == "invalid_request_error"
+    assert "'response_format' is not supported by this model's synthetic engine" in end.error_message
