@@ -44,7 +44,10 @@ def test_a_field_the_engine_cannot_honour_is_a_400_that_names_it(
     stack: Stack, fields: dict[str, Any], param: str
 ) -> None:
     before = jobs_in_redis(stack)
-    response = httpx.post(f"{stack.url}/v1/jobs", json={"prompt": "hi", "max_tokens": 4, **fields})
+    response = httpx.post(
+        f"{stack.url}/v1/jobs",
+        json={"model": stack.model_dir.name, "prompt": "hi", "max_tokens": 4, **fields},
+    )
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and error["code"] == "unsupported_parameter"
@@ -81,7 +84,10 @@ def test_the_openai_sdk_gets_a_bad_request_naming_the_field(stack: Stack) -> Non
     ],
 )
 def test_neutral_values_ask_for_nothing_and_run_anywhere(stack: Stack, fields: dict[str, Any]) -> None:
-    response = httpx.post(f"{stack.url}/v1/jobs", json={"prompt": "hi", "max_tokens": 4, **fields})
+    response = httpx.post(
+        f"{stack.url}/v1/jobs",
+        json={"model": stack.model_dir.name, "prompt": "hi", "max_tokens": 4, **fields},
+    )
     assert response.status_code == 202, response.text
 
 
@@ -99,7 +105,9 @@ def test_neutral_values_ask_for_nothing_and_run_anywhere(stack: Stack, fields: d
 def test_bad_values_are_400s_that_say_what_is_wrong(
     stack: Stack, fields: dict[str, Any], param: str, words: str
 ) -> None:
-    response = httpx.post(f"{stack.url}/v1/jobs", json={"prompt": "hi", **fields})
+    response = httpx.post(
+        f"{stack.url}/v1/jobs", json={"model": stack.model_dir.name, "prompt": "hi", **fields}
+    )
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and words in error["message"], error

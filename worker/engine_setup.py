@@ -18,13 +18,12 @@ DEFAULT_MAX_SEQ_LEN = 8192
 GPU_KV_SHARE = 0.8  # of the memory left free after loading the model
 
 
-def kv_bytes_per_token(model: Any) -> int:
-    """Bytes one token takes in the KV cache (keys and values, every layer)."""
-    config = model.config
+def kv_bytes_per_token(config: Any, element_size: int) -> int:
+    """Bytes one token takes in the KV cache (keys and values, every layer), from a model's
+    config and its cache's element size (both engines size their cache with this)."""
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    size = next(model.parameters()).element_size()
-    return int(2 * config.num_hidden_layers * heads * head_dim * size)
+    return int(2 * config.num_hidden_layers * heads * head_dim * element_size)
 
 
 def choose_slots(settings: Settings, backend: ServedModel, per_token: int, max_len: int) -> int:
@@ -63,7 +62,7 @@ def build_model(settings: Settings, backend: ServedModel) -> tuple[BatchModel, i
     max_len = settings.max_seq_len or min(backend.context_length or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
     if backend.context_length:
         max_len = min(max_len, backend.context_length)
-    per_token = kv_bytes_per_token(backend.model)
+    per_token = kv_bytes_per_token(backend.model.config, next(backend.model.parameters()).element_size())
     slots = choose_slots(settings, backend, per_token, max_len)
     log.info(
         "engine: %d slots × %d tokens; KV cache at most %.0f MiB",

@@ -70,7 +70,7 @@ def load_worker_backend(settings: Settings, served: str) -> ServedModel:
     if engine == "vllm":
         from worker.vllm_engine import load_vllm_served
 
-        return load_vllm_served(settings, served)
+        return load_vllm_served(settings, served, device)
     configure_threads(device, settings.torch_threads)
     return load_backend(settings.model, settings.device, settings.dtype, served, settings.trust_remote_code)
 

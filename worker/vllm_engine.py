@@ -60,16 +60,17 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def load_vllm_served(settings: Settings, served: str) -> VLLMServed:
-    """The tokenizer, chat template and end-of-sequence ids of ``settings.model``."""
+def load_vllm_served(settings: Settings, served: str, device: str) -> VLLMServed:
+    """The tokenizer, chat template and end-of-sequence ids of ``settings.model``, to serve on
+    ``device`` (resolved: cpu or cuda)."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    from worker.model_loading import resolve_device, resolve_dtype
+    from worker.engine_setup import kv_bytes_per_token
+    from worker.model_loading import resolve_dtype
 
     if not vllm_installed():
         raise ValueError("the vLLM engine is not installed: run `make install-vllm` (see README)")
     model = settings.model or ""
-    device = resolve_device(settings.device)
     if device not in ("cpu", "cuda"):
         raise ValueError(f"the vLLM engine runs on 'cpu' or 'cuda', not {device!r}")
     dtype = resolve_dtype(settings.dtype, device)
@@ -83,20 +84,9 @@ def load_vllm_served(settings: Settings, served: str) -> VLLMServed:
     eos_ids = eos_ids_of(tokenizer, generation, config)
     served_model = VLLMServed(model, tokenizer, served, device, dtype, eos_ids)
     served_model.model_context = getattr(config, "max_position_embeddings", None)
-    served_model.kv_bytes_per_token = kv_bytes_per_token(config, dtype)
+    if getattr(config, "num_hidden_layers", None) and getattr(config, "num_attention_heads", None):
+        served_model.kv_bytes_per_token = kv_bytes_per_token(config, 4 if dtype == "float32" else 2)
     return served_model
-
-
-def kv_bytes_per_token(config: Any, dtype: str) -> int | None:
-    """What one token takes in the KV cache, from the model's config (None: a shape not known)."""
-    layers = getattr(config, "num_hidden_layers", None)
-    heads = getattr(config, "num_attention_heads", None)
-    if not layers or not heads:
-        return None
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    size = 4 if dtype == "float32" else 2
-    return int(2 * layers * kv_heads * head_dim * size)
 
 
 def check_kv_budget(settings: Settings, served: VLLMServed, max_len: int) -> None:
