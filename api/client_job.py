@@ -16,7 +16,7 @@ from api.errors import job_failure_error
 from api.job_stream import ClientGone, JobEvent, follow_job
 from api.state import Front
 from api.stream_hub import StreamInterrupted
-from shared.job_state import EVENT_DELTA, EVENT_DONE, EVENT_ERROR
+from shared.job_store.vocabulary import EventName
 from shared.schemas import JobRequest, JobView
 
 log = logging.getLogger("streamq.api")
@@ -72,10 +72,10 @@ class ClientJob:
                 if event is None:
                     if ticks:
                         return None
-                elif event.event == EVENT_DELTA or event.final:
+                elif event.event == EventName.DELTA or event.final:
                     return event
         except StreamInterrupted as exc:
-            return JobEvent.of(None, EVENT_ERROR, {"type": "stream_interrupted", "message": str(exc)})
+            return JobEvent.of(None, EventName.ERROR, {"type": "stream_interrupted", "message": str(exc)})
         raise RuntimeError("the job's event stream ended without a final event")
 
     async def next_event(self) -> JobEvent:
@@ -92,9 +92,9 @@ class ClientJob:
         async with self.followed():
             while True:
                 event = await self.next_event()
-                if event.event == EVENT_DELTA:
+                if event.event == EventName.DELTA:
                     parts.append(event.data.get("text", ""))
-                elif event.event == EVENT_DONE:
+                elif event.event == EventName.DONE:
                     return "".join(parts), event
                 else:
                     error = job_failure_error(event.event, event.data)

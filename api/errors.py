@@ -12,6 +12,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shared.job_store.vocabulary import EventName
+
 log = logging.getLogger("streamq.api")
 
 _TYPES = {
@@ -164,7 +166,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def job_failure_error(event: str, data: dict[str, Any]) -> ApiError:
     """The HTTP error for a job that ended without an answer (routes that wait for the answer)."""
-    if event == "canceled":
+    if event == EventName.CANCELED:
         return ApiError(409, "the job was canceled before it finished", code="job_canceled")
     kind = str(data.get("type") or "generation_error")
     message = str(data.get("message") or "the job failed")

@@ -28,10 +28,13 @@ from api.quotas import KeyQuotas
 from api.request_limits import generation_request
 from api.worker_directory import WorkerDirectory
 from shared import keys
-from shared.job_state import CANCEL_SCRIPT, EVENT_QUEUED, cancel_args, cancel_keys, encode, view_from_hash
+from shared.job_store import scripts
+from shared.job_store.records import create_job, view_from_hash
+from shared.job_store.scripts import Answer, JobScripts
+from shared.job_store.vocabulary import FINAL_STATUSES, JobField, JobStatus
 from shared.limits import InvalidJobRequest, answer_budget, may_not_fit
 from shared.log_format import job_fields
-from shared.schemas import FINAL_STATUSES, GenerationRequest, JobRequest, JobView
+from shared.schemas import GenerationRequest, JobRequest, JobView
 from shared.settings import Settings
 
 log = logging.getLogger("streamq.api")
@@ -64,7 +67,7 @@ class JobService:
         self._count_redis = count_connection
         self._counting = asyncio.Semaphore(2)  # one per count connection
         self.directory = directory
-        self._cancel = connection.register_script(CANCEL_SCRIPT)
+        self._scripts = JobScripts(connection)
         self.positions = QueuePositions(connection, max_age=settings.position_poll_interval)
         self.drain_rates = DrainRates(connection, settings.drain_window)
         self.admission = Admission(connection, settings, self.drain_rates)
@@ -110,7 +113,7 @@ class JobService:
         return JobView(
             id=job_id,
             model=model,
-            status="queued",
+            status=JobStatus.QUEUED,
             position=position,
             estimated_wait_seconds=wait,
             created_at=created_at,
@@ -169,26 +172,16 @@ class JobService:
                 description=f"streamq job {job_id} for {model}",
                 pipeline=pipe,
             )
-            pipe.hset(
-                keys.job(job_id),
-                mapping={
-                    "id": job_id,
-                    "model": model,
-                    "status": "queued",
-                    "owner": owner,
-                    "created_at": repr(created_at),
-                    "request": generation.model_dump_json(),
-                },
-            )
-            pipe.expire(keys.job(job_id), life)
-            pipe.set(keys.text(job_id), "", ex=life)
-            pipe.xadd(
-                keys.events(job_id),
-                {"event": EVENT_QUEUED, "data": encode({"model": model})},
+            create_job(
+                pipe,
+                job_id,
+                model=model,
+                owner=owner,
+                created_at=created_at,
+                request_json=generation.model_dump_json(),
+                life=life,
                 maxlen=s.stream_maxlen,
-                approximate=True,
             )
-            pipe.expire(keys.events(job_id), life)
             pipe.execute()
 
     # ----- reading --------------------------------------------------------------------------
@@ -213,13 +206,13 @@ class JobService:
         pipe.hgetall(keys.job(job_id))
         pipe.get(keys.text(job_id))
         fields, text = await pipe.execute()
-        if not fields or "status" not in fields:
+        if not fields or JobField.STATUS not in fields:
             return None
-        if not hmac.compare_digest(fields.get("owner", OPEN).encode(), owner.encode()):
+        if not hmac.compare_digest(fields.get(JobField.OWNER, OPEN).encode(), owner.encode()):
             return None
         position = None
-        if fields["status"] == "queued":
-            position = await self.queued_position(job_id, fields["model"])
+        if fields[JobField.STATUS] == JobStatus.QUEUED:
+            position = await self.queued_position(job_id, fields[JobField.MODEL])
         view = view_from_hash(job_id, fields, text or "", position)
         if position is not None:
             view.estimated_wait_seconds = await self.estimated_wait(view.model, position)
@@ -242,16 +235,9 @@ class JobService:
         asked = time.monotonic()
         view = await self.get(job_id, owner)
         s = self._settings
-        answer = await self._cancel(
-            keys=cancel_keys(job_id, view.model),
-            args=cancel_args(
-                job_id,
-                s.result_ttl,
-                s.stream_maxlen,
-                {"finish_reason": "canceled", "finished_at": time.time()},
-            ),
-        )
-        if answer == "missing":
+        call = scripts.cancel(job_id, view.model, ttl=s.result_ttl, maxlen=s.stream_maxlen)
+        answer = scripts.answer(await self._scripts.run(call))
+        if answer == Answer.MISSING:
             raise ApiError(404, f"no job with id '{job_id}'", param="id", code="job_not_found")
         if answer in FINAL_STATUSES:
             ended = await self.get(job_id, owner)
@@ -261,7 +247,7 @@ class JobService:
                 code="job_already_ended",
                 body={"job": ended.model_dump(mode="json")},
             )
-        if answer == "ok":  # no run held it (still queued, or taken by a worker that never started it)
+        if answer == Answer.OK:  # no run held it (still queued, or taken by a worker that never started it)
             log.info(
                 "job %s: canceled while queued", job_id, extra=job_fields("canceled", job_id, view.model)
             )
@@ -272,7 +258,7 @@ class JobService:
             log.info("job %s: cancel requested while running", job_id)
             await self._wait_final(job_id)
             canceled = await self.get(job_id, owner)
-            if canceled.status == "canceled":
+            if canceled.status == JobStatus.CANCELED:
                 self.metrics.cancel_latency.labels("running").observe(time.monotonic() - asked)
             return canceled
         return await self.get(job_id, owner)
@@ -292,6 +278,6 @@ class JobService:
     async def _wait_final(self, job_id: str) -> None:
         deadline = time.monotonic() + self._settings.cancel_wait
         while time.monotonic() < deadline:
-            if await self._redis.hget(keys.job(job_id), "status") in FINAL_STATUSES:
+            if await self._redis.hget(keys.job(job_id), JobField.STATUS) in FINAL_STATUSES:
                 return
             await asyncio.sleep(0.02)

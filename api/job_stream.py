@@ -17,7 +17,8 @@ from starlette.requests import Request
 from api.job_service import JobService
 from api.stream_hub import StreamHub, StreamInterrupted
 from shared import keys
-from shared.job_state import EVENT_DELTA, EVENT_QUEUED, EVENT_STARTED, FINAL_EVENTS, encode
+from shared.job_store.payloads import encode
+from shared.job_store.vocabulary import FINAL_EVENTS, EventName
 
 
 class JobEvent:
@@ -76,7 +77,7 @@ async def _queued_event(
         wait = await jobs.estimated_wait(model, position)
     except RedisError:
         wait = None
-    return JobEvent.of(id, EVENT_QUEUED, {**data, "position": position, "estimated_wait_seconds": wait})
+    return JobEvent.of(id, EventName.QUEUED, {**data, "position": position, "estimated_wait_seconds": wait})
 
 
 async def follow_job(
@@ -139,10 +140,10 @@ async def follow_job(
                 raise StreamInterrupted(sub.interrupted or "the job's stream was interrupted")
             entry_id, fields = entry
             item = JobEvent(entry_id, fields.get("event", ""), fields.get("data") or "{}")
-            if item.event == EVENT_QUEUED:  # the stored event says when; the place is told now
+            if item.event == EventName.QUEUED:  # the stored event says when; the place is told now
                 position = await _recent_position(jobs, model, job_id, position)
                 item = await _queued_event(jobs, entry_id, model, item.data, position)
-            elif item.event in (EVENT_STARTED, EVENT_DELTA) or item.final:
+            elif item.event in (EventName.STARTED, EventName.DELTA) or item.final:
                 waiting = False
             last_sent = time.monotonic()
             yield item

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from shared.job_state import encode
+from shared.job_store.payloads import encode
 
 Kind = Literal["chat", "text"]
 DONE = b"data: [DONE]\n\n"

@@ -26,16 +26,11 @@ from redis.exceptions import RedisError
 from api.auth import OPEN
 from api.errors import too_many_requests
 from shared import keys
-from shared.schemas import FINAL_STATUSES
+from shared.job_store import scripts
+from shared.job_store.scripts import JobScripts
+from shared.job_store.vocabulary import FINAL_STATUSES, JobField
 from shared.settings import Settings
 
-# KEYS[1] the key's active set; ARGV: limit, job id, now, seconds the set lives.
-_ADMIT_SCRIPT = """
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-return 1
-"""
 # A job admitted this recently may not have its hash yet (it is being enqueued): not pruned.
 _ADMIT_GRACE = 60.0
 
@@ -58,7 +53,7 @@ class KeyQuotas:
         self._max_concurrent = settings.key_max_concurrent
         self._rate = parse_rate_limit(settings.key_rate_limit)
         self._set_life = settings.queue_ttl + settings.job_timeout + settings.result_ttl
-        self._admit = connection.register_script(_ADMIT_SCRIPT)
+        self._scripts = JobScripts(connection)
         # Its own two connections (the library wants bytes replies; the shared pool decodes),
         # opened at the first rate-limited request: none while the front runs without keys.
         url = settings.redis_url_or_default()
@@ -102,10 +97,10 @@ class KeyQuotas:
         if self._max_concurrent == 0 or name == OPEN:
             return
         active = keys.key_active(name)
-        if await self._try_admit(active, job_id):
+        if await self._try_admit(name, job_id):
             return
         await self._prune(active)
-        if await self._try_admit(active, job_id):
+        if await self._try_admit(name, job_id):
             return
         raise too_many_requests(
             f"this API key has {self._max_concurrent} jobs queued or running, its most at once "
@@ -119,9 +114,11 @@ class KeyQuotas:
         if self._max_concurrent and name != OPEN:
             await self._redis.zrem(keys.key_active(name), job_id)
 
-    async def _try_admit(self, active: str, job_id: str) -> bool:
-        args: list[str | int] = [self._max_concurrent, job_id, repr(time.time()), int(self._set_life)]
-        return bool(await self._admit(keys=[active], args=args))
+    async def _try_admit(self, name: str, job_id: str) -> bool:
+        call = scripts.admit(
+            name, job_id, limit=self._max_concurrent, now=time.time(), life=int(self._set_life)
+        )
+        return bool(await self._scripts.run(call))
 
     async def _prune(self, active: str) -> None:
         found: list[Any] = await self._redis.zrange(active, 0, -1, withscores=True)
@@ -130,7 +127,7 @@ class KeyQuotas:
             return
         pipe = self._redis.pipeline(transaction=False)
         for job_id, _ in members:
-            pipe.hget(keys.job(job_id), "status")
+            pipe.hget(keys.job(job_id), JobField.STATUS)
         statuses = await pipe.execute()
         now = time.time()
         ended = [

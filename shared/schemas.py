@@ -6,9 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-JobStatus = Literal["queued", "running", "finished", "failed", "canceled"]
-FINAL_STATUSES: frozenset[str] = frozenset({"finished", "failed", "canceled"})
-FinishReason = Literal["stop", "length", "timeout", "canceled", "error"]
+from shared.job_store.vocabulary import FINAL_EVENTS, EventName, FinishReason, JobStatus
 
 
 def _encodable(value: str) -> str:
@@ -248,21 +246,21 @@ class StreamEvent(BaseModel):
 
     @property
     def final(self) -> bool:
-        return self.event in ("done", "error", "canceled")
+        return self.event in FINAL_EVENTS
 
     @property
     def text(self) -> str:
         """A delta's text ("" for other events)."""
-        return str(self.data.get("text") or "") if self.event == "delta" else ""
+        return str(self.data.get("text") or "") if self.event == EventName.DELTA else ""
 
     @property
     def position(self) -> int | None:
         """A ``queued`` event's 0-based place in the queue (None when unknown or another event)."""
-        value = self.data.get("position") if self.event == "queued" else None
+        value = self.data.get("position") if self.event == EventName.QUEUED else None
         return value if isinstance(value, int) else None
 
     def done(self) -> DoneEvent | None:
-        return DoneEvent.model_validate(self.data) if self.event == "done" else None
+        return DoneEvent.model_validate(self.data) if self.event == EventName.DONE else None
 
     def job_error(self) -> JobError | None:
-        return JobError.model_validate(self.data) if self.event == "error" else None
+        return JobError.model_validate(self.data) if self.event == EventName.ERROR else None

@@ -9,7 +9,7 @@ from client.errors import StreamqConnectionError, StreamqError, error_from_respo
 from client.render import printable, wrap_rows
 from client.resume import Backoff, ResumeState
 from client.sse import SSEParser
-from shared.job_state import FINAL_EVENTS
+from shared.job_store.vocabulary import FINAL_EVENTS
 from shared.schemas import StreamEvent
 
 

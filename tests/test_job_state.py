@@ -1,29 +1,27 @@
-"""The Lua scripts that move a job's state, against a real Redis: a job ends exactly once, and
+"""The job store's Lua scripts against a real Redis, called exactly as production calls them
+(through the typed builders of ``shared.job_store.scripts``): a job ends exactly once, and
 only the run that holds a job writes to it."""
 
 from __future__ import annotations
 
+import re
+
 import redis
 
 from shared import keys
-from shared.job_state import (
-    CANCEL_SCRIPT,
-    DELTA_SCRIPT,
-    FINISH_SCRIPT,
-    RENEW_SCRIPT,
-    REQUEUE_SCRIPT,
-    START_SCRIPT,
-    cancel_args,
-    cancel_keys,
-    ending_keys,
-    finish_args,
-    requeue_args,
-)
+from shared.job_store import scripts
+from shared.job_store.payloads import Failed
+from shared.job_store.scripts import Answer, Ending, JobScripts, RenewAnswer
+from shared.job_store.vocabulary import EventName, FinishReason, JobField, JobStatus
+from shared.schemas import Timings, Usage
 from tests.processes import RedisServer
+from worker.step_publisher import final_record
+
+LOST = Failed(type="worker_lost", message="gone")
 
 
 def _new_job(r: redis.Redis, job_id: str, model: str = "m") -> list[str]:
-    r.hset(keys.job(job_id), mapping={"status": "queued", "model": model})
+    r.hset(keys.job(job_id), mapping={JobField.STATUS: JobStatus.QUEUED, JobField.MODEL: model})
     r.expire(keys.job(job_id), 300)
     r.rpush(keys.rq_queue(model), job_id)
     return [keys.job(job_id), keys.events(job_id), keys.text(job_id)]
@@ -33,31 +31,64 @@ def _events(r: redis.Redis, job_id: str) -> list[str]:
     return [fields["event"] for _, fields in r.xrange(keys.events(job_id))]
 
 
+def _run(r: redis.Redis, call: scripts.ScriptCall) -> object:
+    return JobScripts(r).run(call)
+
+
 def _start(r: redis.Redis, job_id: str, run: str, lease_ms: int = 5000) -> str:
-    start = r.register_script(START_SCRIPT)
-    start_keys = [keys.job(job_id), keys.events(job_id), keys.lease(job_id), keys.RUNNING]
-    return str(start(keys=start_keys, args=["w1", 1.0, 100, "{}", run, lease_ms, job_id]))
+    call = scripts.start(
+        job_id, worker="w1", slot="w1.0", run=run, now=1.0, attempt=1, lease_ms=lease_ms, maxlen=100
+    )
+    return scripts.answer(_run(r, call))
 
 
 def _delta(
     r: redis.Redis, job_id: str, run: str, text: str, ids: list[int], stored: int | None = None
 ) -> int:
-    delta = r.register_script(DELTA_SCRIPT)
-    job_keys = [keys.job(job_id), keys.events(job_id), keys.text(job_id), keys.tokens(job_id)]
     before = r.llen(keys.tokens(job_id)) if stored is None else stored
-    return int(delta(keys=job_keys, args=[run, 100, '{"text":"x"}', text, 3, len(ids), before, *ids]))
+    call = scripts.delta(
+        job_id,
+        run=run,
+        maxlen=100,
+        text=text,
+        prompt_tokens=3,
+        completion_tokens=len(ids),
+        stored=before,
+        token_ids=ids,
+    )
+    return int(_run(r, call))  # type: ignore[call-overload]
+
+
+def _done(reason: str = FinishReason.STOP) -> Ending:
+    from shared.job_store.payloads import Done
+
+    timings = Timings(queue_seconds=0, first_token_seconds=None, generation_seconds=1, tokens_per_second=None)
+    done = Done(finish_reason=reason, usage=Usage(prompt_tokens=3, completion_tokens=2), timings=timings)
+    return Ending(JobStatus.FINISHED, EventName.DONE, done, {JobField.FINISH_REASON: reason})
+
+
+def _finish(r: redis.Redis, job_id: str, ending: Ending, run: str) -> str:
+    return scripts.answer(_run(r, scripts.finish(job_id, ending, ttl=60, maxlen=100, run=run)))
+
+
+def _cancel(r: redis.Redis, job_id: str, model: str = "m") -> str:
+    return scripts.answer(_run(r, scripts.cancel(job_id, model, ttl=60, maxlen=100)))
+
+
+def _requeue(r: redis.Redis, job_id: str, attempts: int = 3, run: str = "", queue: str | None = None) -> str:
+    call = scripts.requeue(
+        job_id, maxlen=100, ttl=60, attempts_allowed=attempts, failure=LOST, run=run, queue_list=queue
+    )
+    return scripts.answer(_run(r, call))
 
 
 def test_a_job_ends_once_and_a_late_finish_changes_nothing(redis_server: RedisServer) -> None:
     r = redis_server.client(decode_responses=True)
     job_keys = _new_job(r, "js1")
-    finish = r.register_script(FINISH_SCRIPT)
     assert _start(r, "js1", "run-a") == "running"
     assert r.zscore(keys.RUNNING, "js1") is not None and r.get(keys.lease("js1")) == "run-a"
-    done = finish_args("finished", "done", {}, 60, 100, {"finish_reason": "stop"}, "run-a", "js1")
-    assert finish(keys=ending_keys("js1"), args=done) == "ok"
-    late = finish_args("canceled", "canceled", {}, 60, 100, {"finish_reason": "canceled"}, "run-a", "js1")
-    assert finish(keys=ending_keys("js1"), args=late) == "finished"
+    assert _finish(r, "js1", _done(), "run-a") == "ok"
+    assert _finish(r, "js1", scripts.ended_canceled(0), "run-a") == "finished"
     assert r.hget(job_keys[0], "status") == "finished" and r.hget(job_keys[0], "finish_reason") == "stop"
     assert _events(r, "js1") == ["started", "done"]
     assert all(0 < r.ttl(k) <= 60 for k in job_keys[:2])
@@ -66,10 +97,8 @@ def test_a_job_ends_once_and_a_late_finish_changes_nothing(redis_server: RedisSe
 
 def test_cancel_ends_a_job_no_run_holds_and_flags_a_running_one(redis_server: RedisServer) -> None:
     r = redis_server.client(decode_responses=True)
-    cancel = r.register_script(CANCEL_SCRIPT)
-
     queued = _new_job(r, "js2")
-    assert cancel(keys=cancel_keys("js2", "m"), args=cancel_args("js2", 60, 100, {})) == "ok"
+    assert _cancel(r, "js2") == "ok"
     assert r.lpos(keys.rq_queue("m"), "js2") is None
     assert r.hget(queued[0], "status") == "canceled" and _events(r, "js2") == ["canceled"]
     # A worker that had already popped it finds it canceled and does not start it.
@@ -80,7 +109,7 @@ def test_cancel_ends_a_job_no_run_holds_and_flags_a_running_one(redis_server: Re
     taken = _new_job(r, "js9")
     intermediate = keys.intermediate(keys.rq_queue("m"))
     r.lmove(keys.rq_queue("m"), intermediate)
-    assert cancel(keys=cancel_keys("js9", "m"), args=cancel_args("js9", 60, 100, {})) == "ok"
+    assert _cancel(r, "js9") == "ok"
     assert r.hget(taken[0], "status") == "canceled" and _events(r, "js9") == ["canceled"]
     assert r.lpos(intermediate, "js9") is None
     assert _start(r, "js9", "run-e") == "canceled"  # the worker, should it wake, leaves it
@@ -88,11 +117,11 @@ def test_cancel_ends_a_job_no_run_holds_and_flags_a_running_one(redis_server: Re
     running = _new_job(r, "js3")
     r.lrem(keys.rq_queue("m"), 1, "js3")  # a worker took it and started it
     assert _start(r, "js3", "run-c") == "running"
-    assert cancel(keys=cancel_keys("js3", "m"), args=cancel_args("js3", 60, 100, {})) == "running"
+    assert _cancel(r, "js3") == "running"
     assert r.hget(running[0], "cancel") == "1" and r.hget(running[0], "status") == "running"
 
-    assert cancel(keys=cancel_keys("js2", "m"), args=cancel_args("js2", 60, 100, {})) == "canceled"
-    assert cancel(keys=cancel_keys("none", "m"), args=cancel_args("none", 60, 100, {})) == "missing"
+    assert _cancel(r, "js2") == "canceled"
+    assert _cancel(r, "none") == "missing"
 
 
 def test_only_the_run_holding_a_job_writes_to_it(redis_server: RedisServer) -> None:
@@ -103,18 +132,13 @@ def test_only_the_run_holding_a_job_writes_to_it(redis_server: RedisServer) -> N
     assert r.lrange(keys.tokens("js4"), 0, -1) == ["11", "12"] and r.ttl(keys.tokens("js4")) > 0
     # Its lease lapses (the worker froze); the janitor hands the job back; another run starts it.
     r.delete(keys.lease("js4"))
-    requeue = r.register_script(REQUEUE_SCRIPT)
-    lost = {"type": "worker_lost", "message": "gone"}
-    assert requeue(keys=ending_keys("js4"), args=requeue_args("js4", 100, 60, 3, lost)) == "requeued"
+    assert _requeue(r, "js4") == "requeued"
     assert r.hget(keys.job("js4"), "status") == "queued"
     assert _start(r, "js4", "run-new") == "running" and r.hget(keys.job("js4"), "attempts") == "2"
     # The old run wakes up: it can neither write nor renew nor finish.
     assert _delta(r, "js4", "run-old", " stale", [99]) == -1
-    renew = r.register_script(RENEW_SCRIPT)
-    assert renew(keys=[keys.job("js4"), keys.lease("js4")], args=["run-old", 5000]) == 0
-    finish = r.register_script(FINISH_SCRIPT)
-    stale = finish_args("finished", "done", {}, 60, 100, {"finish_reason": "stop"}, "run-old", "js4")
-    assert finish(keys=ending_keys("js4"), args=stale) == "lost"
+    assert _run(r, scripts.renew("js4", run="run-old", lease_ms=5000)) == RenewAnswer.TAKEN
+    assert _finish(r, "js4", _done(), "run-old") == "lost"
     assert _delta(r, "js4", "run-new", " world", [13]) == 0
     assert r.get(keys.text("js4")) == "Hello world"
     assert r.lrange(keys.tokens("js4"), 0, -1) == ["11", "12", "13"]
@@ -124,14 +148,11 @@ def test_only_the_run_holding_a_job_writes_to_it(redis_server: RedisServer) -> N
 def test_a_job_whose_worker_keeps_dying_fails_after_its_attempts(redis_server: RedisServer) -> None:
     r = redis_server.client(decode_responses=True)
     _new_job(r, "js5")
-    requeue = r.register_script(REQUEUE_SCRIPT)
-    lost = {"type": "worker_lost", "message": "its worker was lost 2 times"}
     for attempt in (1, 2):
         assert _start(r, "js5", f"run-{attempt}") == "running"
-        args = requeue_args("js5", 100, 60, 2, lost)
-        assert requeue(keys=ending_keys("js5"), args=args) == "alive"  # the lease is live: leave it
+        assert _requeue(r, "js5", attempts=2) == "alive"  # the lease is live: leave it
         r.delete(keys.lease("js5"))
-        assert requeue(keys=ending_keys("js5"), args=args) == ("requeued" if attempt == 1 else "failed")
+        assert _requeue(r, "js5", attempts=2) == ("requeued" if attempt == 1 else "failed")
     state = r.hgetall(keys.job("js5"))
     assert (state["status"], state["error_type"]) == ("failed", "worker_lost")
     assert _events(r, "js5")[-1] == "error" and r.zscore(keys.RUNNING, "js5") is None
@@ -158,12 +179,53 @@ def test_a_handback_puts_the_job_back_on_its_queue_in_the_same_step(redis_server
     r.lrem(keys.rq_queue("hb"), 1, "js7")  # a worker took it
     assert _start(r, "js7", "run-h") == "running"
     r.rpush(keys.rq_queue("hb"), "other")
-    requeue = r.register_script(REQUEUE_SCRIPT)
-    args = requeue_args("js7", 100, 60, 3, {"type": "", "message": ""}, "run-h")
-    assert requeue(keys=[*ending_keys("js7"), keys.rq_queue("hb")], args=args) == "requeued"
+    assert _requeue(r, "js7", run="run-h", queue=keys.rq_queue("hb")) == "requeued"
     assert r.hget(keys.job("js7"), "status") == "queued"
     assert r.lrange(keys.rq_queue("hb"), 0, -1) == ["js7", "other"]
     # Its record gone (expired, or Redis came back empty): the run is told so, not "taken".
     r.delete(keys.job("js7"))
-    renew = r.register_script(RENEW_SCRIPT)
-    assert renew(keys=[keys.job("js7"), keys.lease("js7")], args=["run-h", 5000]) == -1
+    assert _run(r, scripts.renew("js7", run="run-h", lease_ms=5000)) == RenewAnswer.GONE
+
+
+def test_every_word_the_scripts_use_is_in_the_vocabulary() -> None:
+    """The scripts' string literals are Redis commands, or the job store's own words (fields,
+    statuses, events, answers): a field renamed in one place and not the other fails here."""
+    words = {*JobField, *JobStatus, *EventName, *FinishReason, *Answer}
+    commands = {"HGET", "HSET", "HSETNX", "HINCRBY", "HDEL", "SET", "PX", "ZADD", "ZREM", "ZCARD", "XADD"}
+    commands |= {"MAXLEN", "~", "*", "event", "data", "LLEN", "APPEND", "RPUSH", "PTTL", "PEXPIRE"}
+    commands |= {"EXISTS", "EXPIRE", "DEL", "LPUSH", "LREM", "", "{}", "0", "1"}
+    for script in scripts.SCRIPTS:
+        literals = set(re.findall(r"'([^']*)'", script.source))
+        assert literals - words - commands == set(), script.name
+
+
+def test_an_ending_is_written_as_the_event_clients_read(redis_server: RedisServer) -> None:
+    """The final event of a finished job carries its usage and timings; a failed one its error."""
+    import json
+
+    from shared.schemas import DoneEvent, GenerationRequest, JobError
+    from worker.engine import EngineJob, ended
+
+    r = redis_server.client(decode_responses=True)
+    request = GenerationRequest(
+        messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0.0, top_p=1.0
+    )
+    job = EngineJob("js8", request, 1.0, 2.0, 1e12, model="m")
+    job.prompt_tokens, job.completion_tokens, job.first_token_at = 3, 2, 2.5
+    _new_job(r, "js8")
+    assert _start(r, "js8", "run-d") == "running"
+    assert _finish(r, "js8", final_record(ended(job, "length"), 3.0), "run-d") == "ok"
+    ((_, last),) = r.xrevrange(keys.events("js8"), count=1)
+    done = DoneEvent.model_validate(json.loads(last["data"]))
+    assert (last["event"], done.finish_reason, done.usage.completion_tokens) == ("done", "length", 2)
+    assert done.timings.tokens_per_second == 4.0
+
+    _new_job(r, "js10")
+    failed = final_record(ended(job, "error", "generation_error", "boom"), 3.0)
+    assert _finish(r, "js10", failed, "") == "ok"
+    ((_, last),) = r.xrevrange(keys.events("js10"), count=1)
+    assert last["event"] == "error"
+    assert JobError.model_validate(json.loads(last["data"])) == JobError(
+        type="generation_error", message="boom"
+    )
+    assert r.hget(keys.job("js10"), JobField.ERROR_TYPE) == "generation_error"

@@ -64,6 +64,10 @@ class JobOutput:
     token_ids: tuple[int, ...] = ()  # the tokens behind ``text`` (kept for a continuation)
 
 
+# The finish reason of a job a stopping engine gives back, for its queue (never a job's own end).
+HANDBACK = "handback"
+
+
 def ended(job: EngineJob, reason: str, error_type: str = "", message: str = "") -> JobOutput:
     return JobOutput(job, "", job.prompt_tokens, job.completion_tokens, reason, error_type, message)
 
@@ -162,7 +166,7 @@ class Engine:
             while not self._stopping.is_set():
                 self._step()
             left = list(self._jobs) + self._arrivals(0)
-            self._sink.put([ended(j, "handback") for j in left])
+            self._sink.put([ended(j, HANDBACK) for j in left])
             self._jobs.clear()
         except BaseException:
             log.exception("the engine stopped on an error")

@@ -25,7 +25,10 @@ from rq.registry import StartedJobRegistry
 from rq.worker import Worker
 
 from shared import keys
-from shared.job_state import REQUEUE_SCRIPT, ending_keys, requeue_args
+from shared.job_store import scripts
+from shared.job_store.payloads import Failed
+from shared.job_store.scripts import Answer, JobScripts
+from shared.job_store.vocabulary import JobStatus
 from shared.log_format import job_fields
 from shared.settings import Settings
 from worker.background import BackgroundThread
@@ -42,7 +45,7 @@ class Janitor(BackgroundThread):
         self._redis = connection
         self._settings = settings
         self._owner = uuid.uuid4().hex
-        self._requeue = connection.register_script(REQUEUE_SCRIPT)
+        self._scripts = JobScripts(connection)
         self.stranded = StrandedJobs(connection, settings)
 
     def _run(self) -> None:
@@ -81,27 +84,30 @@ class Janitor(BackgroundThread):
         requeued = []
         s = self._settings
         for job_id in orphans:
-            failure = {
-                "type": "worker_lost",
-                "message": f"the job's worker was lost {s.max_attempts} times; it is not run again",
-            }
+            failure = Failed(
+                type="worker_lost",
+                message=f"the job's worker was lost {s.max_attempts} times; it is not run again",
+            )
             # Into RQ's queue first, then the state: should this process die in between, the job
             # is at worst queued twice (a worker that finds it running under a live lease leaves
             # it), never left queued in streamq with nothing in RQ to run it.
             model = self._requeue_in_rq(job_id)
-            answer = self._requeue(
-                keys=ending_keys(job_id),
-                args=requeue_args(job_id, s.stream_maxlen, s.result_ttl, s.max_attempts, failure),
+            requeue = scripts.requeue(
+                job_id,
+                maxlen=s.stream_maxlen,
+                ttl=s.result_ttl,
+                attempts_allowed=s.max_attempts,
+                failure=failure,
             )
-            answer = answer.decode() if isinstance(answer, bytes) else str(answer)
-            if answer in ("requeued", "failed", "canceled"):  # else it ended meanwhile
+            answer = scripts.answer(self._scripts.run(requeue))
+            if answer in (Answer.REQUEUED, JobStatus.FAILED, JobStatus.CANCELED):  # else it ended meanwhile
                 log.warning(
                     "janitor: job %s lost its worker: %s",
                     job_id,
                     answer,
                     extra=job_fields(answer, job_id, model, reason="worker_lost"),
                 )
-            if answer == "requeued":
+            if answer == Answer.REQUEUED:
                 requeued.append(job_id)
         return requeued
 

@@ -15,7 +15,9 @@ from typing import Any
 import redis
 
 from shared import keys
-from shared.job_state import START_SCRIPT, encode
+from shared.job_store import scripts
+from shared.job_store.scripts import Answer, JobScripts
+from shared.job_store.vocabulary import JobField, JobStatus
 from shared.log_format import job_fields
 from shared.schemas import GenerationRequest
 from shared.settings import Settings
@@ -65,7 +67,7 @@ class JobRunner:
         self._cancels = cancel_watcher
         self._leases = leases
         self._worker_name = worker_name
-        self._start = connection.register_script(START_SCRIPT)
+        self._scripts = JobScripts(connection)
 
     def run(self, job_id: str, slot_name: str) -> str:
         """Run the job to its end; returns its final status ("finished" or "canceled").
@@ -75,8 +77,8 @@ class JobRunner:
         fields = _decode(self._redis.hgetall(keys.job(job_id)))
         if not fields:
             raise JobFailed(f"job {job_id} has no state in Redis (expired or deleted)")
-        request = GenerationRequest.model_validate_json(fields["request"])
-        created_at = float(fields["created_at"])
+        request = GenerationRequest.model_validate_json(fields[JobField.REQUEST])
+        created_at = float(fields[JobField.CREATED_AT])
         started_at = time.time()
         job = EngineJob(
             job_id,
@@ -84,13 +86,14 @@ class JobRunner:
             created_at,
             started_at,
             time.monotonic() + (request.timeout or self._settings.job_timeout),
-            model=fields.get("model", ""),
+            model=fields.get(JobField.MODEL, ""),
         )  # no run yet: an end written before the job starts is not fenced
         waited = started_at - created_at
         limit = request.queue_ttl or self._settings.queue_ttl
         if self._engine.stopping():  # taken just as this worker stops: back to the queue, untouched
             return REQUEUED
-        first_run = not int(fields.get("attempts") or 0)  # a continued job was not waiting all along
+        attempts = int(fields.get(JobField.ATTEMPTS) or 0)
+        first_run = not attempts  # a continued job was not waiting all along
         if first_run and waited > limit:
             self._metrics.queue_wait.observe(waited)  # the longest waits too, or the histogram lies low
             message = f"the job waited {waited:.0f} s in its queue, longer than the limit of {limit} s"
@@ -98,30 +101,28 @@ class JobRunner:
         s = self._settings
         run = f"{slot_name}:{uuid.uuid4().hex[:12]}"
         pipe = self._redis.pipeline(transaction=False)
-        self._start(
-            keys=[keys.job(job_id), keys.events(job_id), keys.lease(job_id), keys.RUNNING],
-            args=[
-                self._worker_name,
-                started_at,
-                s.stream_maxlen,
-                encode({"worker": slot_name, "attempt": int(fields.get("attempts") or 0) + 1}),
-                run,
-                int(s.lease_seconds * 1000),
-                job_id,
-            ],
-            client=pipe,
+        start = scripts.start(
+            job_id,
+            worker=self._worker_name,
+            slot=slot_name,
+            run=run,
+            now=started_at,
+            attempt=attempts + 1,
+            lease_ms=int(s.lease_seconds * 1000),
+            maxlen=s.stream_maxlen,
         )
+        self._scripts.run(start, client=pipe)
         pipe.lrange(keys.tokens(job_id), 0, -1)  # what an earlier run generated, if any
-        answer, resume = pipe.execute()
-        answer = answer.decode() if isinstance(answer, bytes) else str(answer)
+        started, resume = pipe.execute()
+        answer = scripts.answer(started)
         job.resume_ids = [int(t) for t in resume]
-        if answer == "cancel":
+        if answer == Answer.CANCEL:
             return self._end_here(job, ended(job, "canceled"))
-        if answer == "taken":  # another worker holds it (a duplicate delivery): leave it to that one
+        if answer == Answer.TAKEN:  # another worker holds it (a duplicate delivery): leave it to that one
             return LOST
-        if answer == "failed":
+        if answer == JobStatus.FAILED:
             raise JobFailed(f"job {job_id} had already failed")
-        if answer != "running":
+        if answer != Answer.RUNNING:
             log.info("job %s: not started, its state is %s", job_id, answer)
             return answer
         job.run = run
@@ -140,7 +141,7 @@ class JobRunner:
                 worker=self._worker_name,
                 slot=slot_name,
                 queue_seconds=round(waited, 6),
-                attempt=int(fields.get("attempts") or 0) + 1,
+                attempt=attempts + 1,
                 resumed_tokens=len(job.resume_ids),
             ),
         )

@@ -13,8 +13,8 @@ import threading
 
 import redis
 
-from shared import keys
-from shared.job_state import RENEW_SCRIPT
+from shared.job_store import scripts
+from shared.job_store.scripts import JobScripts, RenewAnswer
 from shared.settings import Settings
 from worker.background import BackgroundThread
 from worker.engine import EngineJob
@@ -30,7 +30,7 @@ class LeaseKeeper(BackgroundThread):
         self._redis = connection
         self._every = settings.lease_renew_seconds
         self._lease_ms = int(settings.lease_seconds * 1000)
-        self._renew = connection.register_script(RENEW_SCRIPT)
+        self._scripts = JobScripts(connection)
         self._jobs: dict[str, EngineJob] = {}
         self._lock = threading.Lock()
 
@@ -49,14 +49,10 @@ class LeaseKeeper(BackgroundThread):
             return
         pipe = self._redis.pipeline(transaction=False)
         for job in jobs:
-            self._renew(
-                keys=[keys.job(job.job_id), keys.lease(job.job_id)],
-                args=[job.run, self._lease_ms],
-                client=pipe,
-            )
+            self._scripts.run(scripts.renew(job.job_id, run=job.run, lease_ms=self._lease_ms), client=pipe)
         for job, held in zip(jobs, pipe.execute(), strict=True):
-            if int(held) <= 0 and not job.lost:
-                if int(held) < 0:
+            if int(held) != RenewAnswer.HELD and not job.lost:
+                if int(held) == RenewAnswer.GONE:
                     why = "its record is gone from Redis (expired, or Redis lost its data)"
                 else:
                     why = "another worker holds it now"

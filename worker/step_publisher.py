@@ -3,10 +3,10 @@
 The engine hands over each step's outputs and goes on computing; this thread writes them.
 A job's first text is written at once (time to first token), later text at most every
 ``publish_interval_ms`` (coalesced into one ``delta`` event), and its end at once. A round
-trip carries, for every job it writes, one DELTA_SCRIPT call (the ``delta`` event, the text,
+trip carries, for every job it writes, one ``scripts.delta`` call (the ``delta`` event, the text,
 the token ids, the counts, and a read of the job's cancel flag, all only if this run still
-holds the job); and for every job that ended, its final state (FINISH_SCRIPT writes it
-exactly once) or, for a job handed back by a stopping worker, REQUEUE_SCRIPT. While one
+holds the job); and for every job that ended, its final state (``scripts.finish`` writes it
+exactly once) or, for a job handed back by a stopping worker, ``scripts.requeue``. While one
 round trip is in flight the next steps' outputs gather, so there is never more than one
 round trip per engine step.
 """
@@ -23,31 +23,19 @@ from typing import Any
 import redis
 
 from shared import keys
-from shared.job_state import (
-    DELTA_SCRIPT,
-    EVENT_CANCELED,
-    EVENT_DONE,
-    EVENT_ERROR,
-    FINISH_SCRIPT,
-    REQUEUE_SCRIPT,
-    encode,
-    ending_keys,
-    finish_args,
-    requeue_args,
-)
+from shared.job_store import scripts
+from shared.job_store.payloads import Done
+from shared.job_store.scripts import Answer, DeltaAnswer, Ending, JobScripts, ended_canceled, ended_failed
+from shared.job_store.vocabulary import EventName, FinishReason, JobField, JobStatus
+from shared.schemas import Timings, Usage
 from shared.settings import Settings
 from worker.background import BackgroundThread
-from worker.engine import EngineJob, JobOutput
+from worker.engine import HANDBACK, EngineJob, JobOutput
 from worker.metrics import WorkerMetrics
 
 log = logging.getLogger("streamq.worker")
 
 DRAIN_WINDOW = 120.0  # seconds of ended jobs kept per model for its drain rate
-
-
-def job_keys(job_id: str) -> list[str]:
-    """KEYS for DELTA_SCRIPT."""
-    return [keys.job(job_id), keys.events(job_id), keys.text(job_id), keys.tokens(job_id)]
 
 
 @dataclass(eq=False)
@@ -56,39 +44,33 @@ class _Pending:
     text: str = ""
     end: JobOutput | None = None
     ids: list[int] = field(default_factory=list)
-    stored: int = 0  # token ids of the job already in Redis (see DELTA_SCRIPT)
+    stored: int = 0  # token ids of the job already in Redis (see scripts.delta)
     last_write: float | None = None  # monotonic
     counts_dirty: bool = False
     counted: int = 0  # completion tokens already added to the generated-tokens metric
 
 
-def final_record(output: JobOutput, finished_at: float) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
-    """(status, event, event data, job fields) for a job's end."""
+def final_record(output: JobOutput, finished_at: float) -> Ending:
+    """The job's final state for its end."""
     job = output.job
     reason = output.finish_reason
-    if reason == "canceled":
-        data = {"completion_tokens": job.completion_tokens}
-        return "canceled", EVENT_CANCELED, data, {"finish_reason": "canceled", "finished_at": finished_at}
-    if reason == "error":
-        fields = {
-            "finish_reason": "error",
-            "finished_at": finished_at,
-            "error_type": output.error_type,
-            "error_message": output.error_message,
-        }
-        return "failed", EVENT_ERROR, {"type": output.error_type, "message": output.error_message}, fields
+    if reason == FinishReason.CANCELED:
+        return ended_canceled(job.completion_tokens, finished_at)
+    if reason == FinishReason.ERROR:
+        return ended_failed(output.error_type, output.error_message, finished_at)
     first = job.first_token_at
-    timings = {
-        "queue_seconds": round(job.started_at - job.created_at, 6),
-        "first_token_seconds": round(first - job.started_at, 6) if first else None,
-        "generation_seconds": round(finished_at - job.started_at, 6),
-        "tokens_per_second": (
+    timings = Timings(
+        queue_seconds=round(job.started_at - job.created_at, 6),
+        first_token_seconds=round(first - job.started_at, 6) if first else None,
+        generation_seconds=round(finished_at - job.started_at, 6),
+        tokens_per_second=(
             round(job.completion_tokens / (finished_at - first), 3) if first and finished_at > first else None
         ),
-    }
-    usage = {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens}
-    done = {"finish_reason": reason, "usage": usage, "timings": timings}
-    return "finished", EVENT_DONE, done, {"finish_reason": reason, "finished_at": finished_at}
+    )
+    usage = Usage(prompt_tokens=job.prompt_tokens, completion_tokens=job.completion_tokens)
+    done = Done(finish_reason=reason, usage=usage, timings=timings)
+    fields: dict[str, Any] = {JobField.FINISH_REASON: reason, JobField.FINISHED_AT: finished_at}
+    return Ending(JobStatus.FINISHED, EventName.DONE, done, fields)
 
 
 class StepPublisher(BackgroundThread):
@@ -103,9 +85,7 @@ class StepPublisher(BackgroundThread):
         self._interval = settings.publish_interval_ms / 1000.0
         self._maxlen = settings.stream_maxlen
         self._result_ttl = settings.result_ttl
-        self._finish = connection.register_script(FINISH_SCRIPT)
-        self._delta = connection.register_script(DELTA_SCRIPT)
-        self._requeue = connection.register_script(REQUEUE_SCRIPT)
+        self._scripts = JobScripts(connection)
         self._inbox: queue.SimpleQueue[list[JobOutput]] = queue.SimpleQueue()
         self._pending: dict[EngineJob, _Pending] = {}
         self.round_trips = 0
@@ -143,7 +123,7 @@ class StepPublisher(BackgroundThread):
         for p in list(self._pending.values()):
             p.text, p.ids, p.counts_dirty = "", [], False
             if p.end is not None:
-                p.job.status, p.job.error = "failed", f"could not write its end to Redis: {reason}"
+                p.job.status, p.job.error = JobStatus.FAILED, f"could not write its end to Redis: {reason}"
                 del self._pending[p.job]
                 p.job.ended.set()
 
@@ -207,10 +187,17 @@ class StepPublisher(BackgroundThread):
             if job.lost:
                 continue
             if job.run and (p.text or p.ids or p.counts_dirty):  # only a started run writes output
-                data = encode({"text": p.text}) if p.text else ""
-                args: list[Any] = [job.run, self._maxlen, data, p.text, job.prompt_tokens]
-                args += [job.completion_tokens, p.stored, *p.ids]
-                self._delta(keys=job_keys(job.job_id), args=args, client=pipe)
+                delta = scripts.delta(
+                    job.job_id,
+                    run=job.run,
+                    maxlen=self._maxlen,
+                    text=p.text,
+                    prompt_tokens=job.prompt_tokens,
+                    completion_tokens=job.completion_tokens,
+                    stored=p.stored,
+                    token_ids=p.ids,
+                )
+                self._scripts.run(delta, client=pipe)
                 writes.append((len(pipe), p))
             if p.end is not None:
                 status, index = self._queue_end(pipe, p.end, finished_at)
@@ -223,9 +210,9 @@ class StepPublisher(BackgroundThread):
             p.text, p.ids, p.counts_dirty, p.last_write = "", [], False, now
         for index, p in writes:
             flag = int(results[index - 1])
-            if flag == 1:
+            if flag == DeltaAnswer.CANCEL_ASKED:
                 p.job.cancel.set()
-            elif flag == -1:  # another run holds the job now (this worker was thought dead)
+            elif flag == DeltaAnswer.NOT_HELD:  # another run holds the job now (this worker was thought dead)
                 p.job.lost = True
                 p.job.cancel.set()
         for p in due:
@@ -233,24 +220,28 @@ class StepPublisher(BackgroundThread):
                 self._release(p, "lost")
         for index, p, status in ends:
             if p.job in self._pending:
-                answer = results[index - 1]
-                answer = answer.decode() if isinstance(answer, bytes) else str(answer)
-                self._release(p, status if answer in ("ok", "requeued") else answer)
+                answer = scripts.answer(results[index - 1])
+                self._release(p, status if answer in (Answer.OK, Answer.REQUEUED) else answer)
 
     def _queue_end(self, pipe: Any, end: JobOutput, finished_at: float) -> tuple[str, int]:
         """Queue the script that ends the job (or hands it back); returns the status it aims for
         and the script's place in the pipeline (1-based)."""
         job = end.job
-        if end.finish_reason == "handback":
-            args = requeue_args(
-                job.job_id, self._maxlen, self._result_ttl, 0, {"type": "", "message": ""}, job.run
+        if end.finish_reason == HANDBACK:
+            handback = scripts.requeue(
+                job.job_id,
+                maxlen=self._maxlen,
+                ttl=self._result_ttl,
+                attempts_allowed=0,
+                run=job.run,
+                queue_list=keys.rq_queue(job.model) if job.model else None,
             )
-            queue = [keys.rq_queue(job.model)] if job.model else []
-            self._requeue(keys=[*ending_keys(job.job_id), *queue], args=args, client=pipe)
-            return "requeued", len(pipe)
-        status, event, data, fields = final_record(end, finished_at)
-        args = finish_args(status, event, data, self._result_ttl, self._maxlen, fields, job.run, job.job_id)
-        self._finish(keys=ending_keys(job.job_id), args=args, client=pipe)
+            self._scripts.run(handback, client=pipe)
+            return Answer.REQUEUED, len(pipe)
+        ending = final_record(end, finished_at)
+        finish = scripts.finish(job.job_id, ending, ttl=self._result_ttl, maxlen=self._maxlen, run=job.run)
+        self._scripts.run(finish, client=pipe)
+        status = ending.status
         index = len(pipe)
         if job.model:  # the model's drain rate: jobs ended per second (admission control)
             pipe.zadd(keys.drained(job.model), {f"{finished_at:.6f}:{os.urandom(3).hex()}": finished_at})

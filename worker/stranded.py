@@ -15,7 +15,6 @@ lease ends ``failed`` with an ``error`` event, so its followers stop.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import redis
@@ -25,9 +24,10 @@ from rq.queue import Queue
 from rq.registry import FailedJobRegistry
 
 from shared import keys
-from shared.job_state import FINISH_SCRIPT, ending_keys, finish_args
+from shared.job_store import scripts
+from shared.job_store.scripts import Answer, JobScripts, ended_failed
+from shared.job_store.vocabulary import FINAL_STATUSES, JobField, JobStatus
 from shared.log_format import job_fields
-from shared.schemas import FINAL_STATUSES
 from shared.settings import Settings
 
 log = logging.getLogger("streamq.worker")
@@ -46,7 +46,7 @@ class StrandedJobs:
     def __init__(self, connection: redis.Redis, settings: Settings) -> None:
         self._redis = connection
         self._settings = settings
-        self._finish = connection.register_script(FINISH_SCRIPT)
+        self._scripts = JobScripts(connection)
         self._seen: set[tuple[str, str]] = set()  # (intermediate list, job id) seen last round
         self._failed_mark: dict[str, float] = {}  # failed registry -> highest score checked
 
@@ -81,11 +81,11 @@ class StrandedJobs:
 
     def _rescue(self, queue: Queue, parked: str, job_id: str) -> bool:
         """Requeue one job stuck in ``parked``; False when it is not streamq's to requeue now."""
-        status = _text(self._redis.hget(keys.job(job_id), "status"))
+        status = _text(self._redis.hget(keys.job(job_id), JobField.STATUS))
         if status is None or status in FINAL_STATUSES:
             self._redis.lrem(parked, 1, job_id)  # ended (or gone): nothing is left to run
             return False
-        if status != "queued":
+        if status != JobStatus.QUEUED:
             return False  # running under a run of its own: the lease decides
         model = queue.name.removeprefix(keys.queue_name(""))
         try:
@@ -121,27 +121,21 @@ class StrandedJobs:
             job_ids = [name.split(":", 1)[0] for name in names(member for member, _ in entries)]
             pipe = self._redis.pipeline(transaction=False)
             for job_id in job_ids:
-                pipe.hget(keys.job(job_id), "status")
+                pipe.hget(keys.job(job_id), JobField.STATUS)
                 pipe.exists(keys.lease(job_id))
             answers = pipe.execute()
             for job_id, status, leased in zip(job_ids, answers[::2], answers[1::2], strict=True):
-                if _text(status) in ("queued", "running") and not leased:
+                if _text(status) in (JobStatus.QUEUED, JobStatus.RUNNING) and not leased:
                     self._end_failed(job_id, model, "the job queue gave up on it (RQ failed the job)")
                     ended.append(job_id)
         return ended
 
     def _end_failed(self, job_id: str, model: str, message: str) -> None:
         s = self._settings
-        error = {"type": "job_lost", "message": message}
-        fields = {
-            "finish_reason": "error",
-            "finished_at": time.time(),
-            "error_type": error["type"],
-            "error_message": message,
-        }
-        args = finish_args("failed", "error", error, s.result_ttl, s.stream_maxlen, fields, "", job_id)
-        answer = _text(self._finish(keys=ending_keys(job_id), args=args))
-        if answer == "ok":
+        ending = ended_failed("job_lost", message)
+        finish = scripts.finish(job_id, ending, ttl=s.result_ttl, maxlen=s.stream_maxlen)
+        answer = scripts.answer(self._scripts.run(finish))
+        if answer == Answer.OK:
             log.error(
                 "janitor: job %s failed: %s",
                 job_id,

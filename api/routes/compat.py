@@ -23,7 +23,7 @@ from api.client_job import JOB_HEADER, ClientJob
 from api.errors import error_responses, job_failure_error
 from api.job_stream import ClientGone
 from api.state import Front, get_front
-from shared.job_state import EVENT_DELTA, EVENT_DONE
+from shared.job_store.vocabulary import EventName
 from shared.schemas import JobRequest, SamplingFields, Text
 
 log = logging.getLogger("streamq.api")
@@ -83,7 +83,7 @@ async def chat_stream(body: ChatGLMRequest, request: Request, front: FrontDep, c
         if isinstance(exc, ClientGone):
             return Response(status_code=499)
         raise
-    if first.final and first.event != EVENT_DONE:
+    if first.final and first.event != EventName.DONE:
         await job.close()
         raise job_failure_error(first.event, first.data)
 
@@ -92,11 +92,11 @@ async def chat_stream(body: ChatGLMRequest, request: Request, front: FrontDep, c
         event = first
         async with job.followed():
             while True:
-                if event.event == EVENT_DELTA:
+                if event.event == EventName.DELTA:
                     answer += event.data.get("text", "")
                     yield MARKER + answer
                 elif event.final:
-                    if event.event != EVENT_DONE:
+                    if event.event != EventName.DONE:
                         yield MARKER + json.dumps(job_failure_error(event.event, event.data).envelope())
                     elif not answer:
                         yield MARKER

@@ -13,7 +13,8 @@ from api.errors import ApiError, error_responses
 from api.job_stream import ClientGone, follow_job, sse_message
 from api.state import Front, get_front
 from api.stream_hub import StreamInterrupted, parse_entry_id
-from shared.schemas import FINAL_STATUSES, JobRequest, JobView
+from shared.job_store.vocabulary import FINAL_STATUSES
+from shared.schemas import JobRequest, JobView
 
 router = APIRouter(
     prefix="/v1/jobs",

@@ -24,7 +24,7 @@ from api.errors import ApiError, error_responses, job_failure_error
 from api.openai_format import DONE, PING, CompletionFormat, Kind, model_list, model_object, sse_data
 from api.openai_schemas import ChatCompletionRequest, CompletionRequest, OpenAIFields
 from api.state import Front, get_front
-from shared.job_state import EVENT_DELTA, EVENT_DONE
+from shared.job_store.vocabulary import EventName
 from shared.schemas import JobRequest
 
 log = logging.getLogger("streamq.api")
@@ -128,9 +128,9 @@ async def _stream(job: ClientJob, fmt: CompletionFormat) -> AsyncIterator[bytes]
             event = await job.next_output(ticks=True)
             if event is None:
                 yield PING
-            elif event.event == EVENT_DELTA:
+            elif event.event == EventName.DELTA:
                 yield sse_data(fmt.delta_chunk(event.data.get("text", "")))
-            elif event.event == EVENT_DONE:
+            elif event.event == EventName.DONE:
                 yield sse_data(fmt.final_chunk(event.data.get("finish_reason", "stop")))
                 if fmt.include_usage:
                     yield sse_data(fmt.usage_chunk(event.data.get("usage")))

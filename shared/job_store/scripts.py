@@ -1,0 +1,385 @@
+"""The Lua scripts that move a job's state, each next to the typed function that builds its call.
+
+A job's life, as these scripts write it (``vocabulary.py`` names the words, ``payloads.py`` the
+events' data, ``records.py`` the job's hash):
+
+1. The front creates the job (``records.create_job``): its hash with status ``queued``, an
+   empty text and a ``queued`` event, together with RQ's job, in one transaction. A key's
+   concurrency quota admits it first (``admit``).
+2. A worker's slot takes it from RQ and ``start``s it: status ``running`` under a new run id,
+   which holds the job's lease (``renew`` keeps it while the run lives).
+3. The run's output goes out through ``delta`` (text, token ids, counts, fenced by the run id),
+   and its end through ``finish`` (exactly once: a late writer finds the job final).
+4. A stopping worker hands the job back (``requeue`` with its run id); the janitor does the same
+   for a run whose lease lapsed (``requeue`` without one), until its attempts are used up.
+5. A client's ``cancel`` ends a job no run holds at once, and flags a running one for its run.
+
+Every script is registered once per connection (``JobScripts``) and called with the KEYS and
+ARGV its builder makes, so the order of its arguments is written in one place.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum, StrEnum
+from typing import Any
+
+from shared import keys
+from shared.job_store.payloads import Canceled, Delta, Failed, Payload, Started
+from shared.job_store.vocabulary import EventName, FinishReason, JobField, JobStatus
+
+
+class Answer(StrEnum):
+    """What the scripts answer besides a job's final status (``JobStatus``)."""
+
+    OK = "ok"  # finish, cancel: written
+    RUNNING = "running"  # start: now running; cancel: flagged for the run that holds it
+    CANCEL = "cancel"  # start: a cancel was asked before it started
+    TAKEN = "taken"  # start: another run holds a live lease
+    LOST = "lost"  # finish, requeue: another run holds the job
+    ALIVE = "alive"  # requeue without a run: the lease is live
+    REQUEUED = "requeued"  # requeue: back in its queue
+    MISSING = "missing"  # the job's hash is gone
+
+
+class DeltaAnswer(IntEnum):
+    WRITTEN = 0
+    CANCEL_ASKED = 1  # written; a cancel is pending
+    NOT_HELD = -1  # this run no longer holds the job: nothing written, stop
+
+
+class RenewAnswer(IntEnum):
+    HELD = 1
+    TAKEN = 0  # another run holds the job now
+    GONE = -1  # the job's hash is gone (expired, or Redis lost its data)
+
+
+def answer(value: Any) -> str:
+    """A script's string answer, decoded (connections with and without decode_responses)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class Lua:
+    name: str
+    source: str
+
+
+@dataclass(frozen=True)
+class ScriptCall:
+    """One call of a script: what ``JobScripts.run`` sends."""
+
+    script: Lua
+    keys: list[str]
+    args: list[Any]
+
+
+# Moves a queued job to running under a new run id, and gives that run the job's lease.
+# KEYS: job hash, events, lease, running set. ARGV: worker, now, maxlen, event data, run id,
+# lease ms, job id. Returns "running", "cancel" (a cancel was asked before it started),
+# "taken" (another run holds a live lease), "missing", or the job's final status.
+_START = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if status ~= 'queued' and status ~= 'running' then return status end
+if redis.call('HGET', KEYS[1], 'cancel') then return 'cancel' end
+if status == 'running' and redis.call('EXISTS', KEYS[3]) == 1 then return 'taken' end
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'run', ARGV[5])
+redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
+redis.call('ZADD', KEYS[4], ARGV[2], ARGV[7])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', 'started', 'data', ARGV[4])
+return 'running'
+"""
+
+# A running job's new output, written only by the run that holds it, and only once: ARGV[7] is
+# how many token ids the job had stored before this write, so a round trip that is sent again
+# (its reply was lost) finds them already there and writes nothing twice.
+# KEYS: job hash, events, text, tokens. ARGV: run id, maxlen, delta event data (or ""), text
+# (or ""), prompt tokens, completion tokens, token ids stored before, then the new token ids.
+# Returns 0, 1 (a cancel was asked), or -1 (this run no longer holds the job: stop, write nothing).
+_DELTA = """
+if redis.call('HGET', KEYS[1], 'run') ~= ARGV[1] then return -1 end
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return -1 end
+if redis.call('LLEN', KEYS[4]) == tonumber(ARGV[7]) then
+  if ARGV[4] ~= '' then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'delta', 'data', ARGV[3])
+    redis.call('APPEND', KEYS[3], ARGV[4])
+  end
+  redis.call('HSET', KEYS[1], 'prompt_tokens', ARGV[5], 'completion_tokens', ARGV[6])
+  if #ARGV >= 8 then
+    redis.call('RPUSH', KEYS[4], unpack(ARGV, 8))
+    local ttl = redis.call('PTTL', KEYS[1])
+    if ttl > 0 then redis.call('PEXPIRE', KEYS[4], ttl) end
+  end
+end
+if redis.call('HGET', KEYS[1], 'cancel') then return 1 end
+return 0
+"""
+
+# Renews a run's lease. KEYS: job hash, lease. ARGV: run id, lease ms. Returns 1, 0 when the
+# run no longer holds the job (it was handed to another worker), or -1 when the job's record is
+# gone (it expired, or Redis lost its data): in both cases the run must stop.
+_RENEW = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HGET', KEYS[1], 'run') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# The start of every script that ends a job (KEYS[1..3]: job hash, events, text): it answers
+# "missing" or the final status already there, else defines finish() for the rest to call.
+_ENDING_LUA = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if status == 'finished' or status == 'failed' or status == 'canceled' then return status end
+local function finish(status, event, data, ttl, maxlen, first_field)
+  redis.call('HSET', KEYS[1], 'status', status, unpack(ARGV, first_field))
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'event', event, 'data', data)
+  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ttl) end
+end
+"""
+
+# Writes a job's final state once, from the run that holds it (or from no run: run id "").
+# KEYS: job hash, events, text, tokens, lease, running set.
+# ARGV: status, event name, event data, ttl, maxlen, run id, job id, then field/value pairs.
+# Returns "ok", "lost" (another run holds the job), "missing", or the final status already there.
+_FINISH = (
+    _ENDING_LUA
+    + """
+if ARGV[6] ~= '' and redis.call('HGET', KEYS[1], 'run') ~= ARGV[6] then return 'lost' end
+finish(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], 8)
+redis.call('DEL', KEYS[4], KEYS[5])
+redis.call('ZREM', KEYS[6], ARGV[7])
+return 'ok'
+"""
+)
+
+# Hands a running job back to its queue: its worker died (no lease; run id "") or is stopping
+# (its own run id). KEYS: job hash, events, text, tokens, lease, running set, and for a handback
+# the model's RQ queue list: the job id goes back on its front in the same step, so a worker
+# killed before RQ's own re-enqueue cannot leave the job queued with nothing to run it (the
+# janitor enqueues in RQ itself, before this script).
+# ARGV: job id, maxlen, ttl, attempts allowed, event data for a failure, then the failure's
+# field/value pairs... and, last, the run id.
+# Returns "requeued", "alive" (the lease is live), "lost", "failed" (attempts used up),
+# "canceled" (a cancel was pending), "missing", or the final status already there.
+_REQUEUE = (
+    _ENDING_LUA
+    + """
+local run = ARGV[#ARGV]
+if status ~= 'running' then redis.call('ZREM', KEYS[6], ARGV[1]) return status end
+if run ~= '' then
+  if redis.call('HGET', KEYS[1], 'run') ~= run then return 'lost' end
+  redis.call('HINCRBY', KEYS[1], 'attempts', -1)  -- a handback is not a lost attempt
+elseif redis.call('EXISTS', KEYS[5]) == 1 then return 'alive' end
+redis.call('ZREM', KEYS[6], ARGV[1])
+redis.call('DEL', KEYS[5])
+if redis.call('HGET', KEYS[1], 'cancel') then
+  redis.call('HSET', KEYS[1], 'status', 'canceled', 'finish_reason', 'canceled')
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'canceled', 'data', '{}')
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+  return 'canceled'
+end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+if run == '' and attempts >= tonumber(ARGV[4]) then
+  redis.call('HSET', KEYS[1], 'status', 'failed', unpack(ARGV, 6, #ARGV - 1))
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'error', 'data', ARGV[5])
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+  return 'failed'
+end
+redis.call('HSET', KEYS[1], 'status', 'queued')
+redis.call('HDEL', KEYS[1], 'run')
+if run ~= '' and KEYS[7] then redis.call('LPUSH', KEYS[7], ARGV[1]) end
+local data = cjson.encode({requeued = true, attempt = attempts})
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'queued', 'data', data)
+return 'requeued'
+"""
+)
+
+# Cancels a job. KEYS: job hash, events, text, the model's RQ queue list, its intermediate list.
+# ARGV: job id, event data, ttl, maxlen, then field/value pairs to set.
+# A job that no run holds (status queued: in its queue, taken by a worker that has not started
+# it, or stranded by one that died) is taken off both lists and ends canceled here ("ok"): START
+# is the only way from queued to running, and it finds the job final and leaves it. A running
+# job gets its cancel flag for the worker running it ("running"). Returns "missing" or the final
+# status if the job had already ended.
+_CANCEL = (
+    _ENDING_LUA
+    + """
+redis.call('HSET', KEYS[1], 'cancel', '1')
+if status == 'running' then return 'running' end
+redis.call('LREM', KEYS[4], 1, ARGV[1])
+redis.call('LREM', KEYS[5], 1, ARGV[1])
+finish('canceled', 'canceled', ARGV[2], ARGV[3], ARGV[4], 5)
+return 'ok'
+"""
+)
+
+
+START = Lua("start", _START)
+DELTA = Lua("delta", _DELTA)
+RENEW = Lua("renew", _RENEW)
+FINISH = Lua("finish", _FINISH)
+REQUEUE = Lua("requeue", _REQUEUE)
+CANCEL = Lua("cancel", _CANCEL)
+
+# A key's concurrency quota (keys.key_active): admits a job while the key has fewer than its
+# limit queued or running. KEYS: the key's active set. ARGV: limit, job id, now, seconds the set
+# lives. Returns 1 (admitted) or 0.
+ADMIT = Lua(
+    "admit",
+    """
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+""",
+)
+
+SCRIPTS: tuple[Lua, ...] = (START, DELTA, RENEW, FINISH, REQUEUE, CANCEL, ADMIT)
+
+
+class JobScripts:
+    """The scripts registered on one redis-py connection, synchronous or asyncio: ``run`` returns
+    the answer, or an awaitable of it on an asyncio connection; with ``client=`` a pipeline, the
+    call is queued in it."""
+
+    def __init__(self, connection: Any) -> None:
+        self._registered = {script.name: connection.register_script(script.source) for script in SCRIPTS}
+
+    def run(self, call: ScriptCall, client: Any = None) -> Any:
+        return self._registered[call.script.name](keys=call.keys, args=call.args, client=client)
+
+
+def _pairs(fields: Mapping[str, Any]) -> list[Any]:
+    return [item for name, value in fields.items() if value is not None for item in (name, value)]
+
+
+def _ending_keys(job_id: str) -> list[str]:
+    return [
+        keys.job(job_id),
+        keys.events(job_id),
+        keys.text(job_id),
+        keys.tokens(job_id),
+        keys.lease(job_id),
+        keys.RUNNING,
+    ]
+
+
+def start(
+    job_id: str, *, worker: str, slot: str, run: str, now: float, attempt: int, lease_ms: int, maxlen: int
+) -> ScriptCall:
+    """Start the job under ``run`` on ``worker`` (``slot`` and ``attempt`` go in its event)."""
+    data = Started(worker=slot, attempt=attempt).encode()
+    return ScriptCall(
+        START,
+        [keys.job(job_id), keys.events(job_id), keys.lease(job_id), keys.RUNNING],
+        [worker, now, maxlen, data, run, lease_ms, job_id],
+    )
+
+
+def delta(
+    job_id: str,
+    *,
+    run: str,
+    maxlen: int,
+    text: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    stored: int,
+    token_ids: Sequence[int],
+) -> ScriptCall:
+    """Write ``run``'s new output: ``text`` (a ``delta`` event, when not empty), the counts, and
+    ``token_ids`` after the ``stored`` ones already in Redis (a write sent twice applies once)."""
+    data = Delta(text=text).encode() if text else ""
+    args = [run, maxlen, data, text, prompt_tokens, completion_tokens, stored, *token_ids]
+    return ScriptCall(
+        DELTA, [keys.job(job_id), keys.events(job_id), keys.text(job_id), keys.tokens(job_id)], args
+    )
+
+
+def renew(job_id: str, *, run: str, lease_ms: int) -> ScriptCall:
+    return ScriptCall(RENEW, [keys.job(job_id), keys.lease(job_id)], [run, lease_ms])
+
+
+@dataclass(frozen=True)
+class Ending:
+    """A job's final state: its status, its final event and the fields its hash gets."""
+
+    status: JobStatus
+    event: EventName
+    data: Payload
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+def ended_failed(error_type: str, message: str, finished_at: float | None = None) -> Ending:
+    fields: dict[str, Any] = {
+        JobField.FINISH_REASON: FinishReason.ERROR,
+        JobField.FINISHED_AT: finished_at if finished_at is not None else time.time(),
+        JobField.ERROR_TYPE: error_type,
+        JobField.ERROR_MESSAGE: message,
+    }
+    return Ending(JobStatus.FAILED, EventName.ERROR, Failed(type=error_type, message=message), fields)
+
+
+def ended_canceled(completion_tokens: int, finished_at: float | None = None) -> Ending:
+    fields: dict[str, Any] = {
+        JobField.FINISH_REASON: FinishReason.CANCELED,
+        JobField.FINISHED_AT: finished_at if finished_at is not None else time.time(),
+    }
+    data = Canceled(completion_tokens=completion_tokens)
+    return Ending(JobStatus.CANCELED, EventName.CANCELED, data, fields)
+
+
+def finish(job_id: str, ending: Ending, *, ttl: int, maxlen: int, run: str = "") -> ScriptCall:
+    """End the job once, from ``run`` (or from no run: ``run`` ""), and let its records live ``ttl``."""
+    args = [
+        ending.status,
+        ending.event,
+        ending.data.encode(),
+        ttl,
+        maxlen,
+        run,
+        job_id,
+        *_pairs(ending.fields),
+    ]
+    return ScriptCall(FINISH, _ending_keys(job_id), args)
+
+
+def requeue(
+    job_id: str,
+    *,
+    maxlen: int,
+    ttl: int,
+    attempts_allowed: int,
+    failure: Failed | None = None,
+    run: str = "",
+    queue_list: str | None = None,
+) -> ScriptCall:
+    """Hand the job back to its queue: from a stopping ``run`` (pushed onto ``queue_list`` in the
+    same step), or from the janitor (no run) after its lease lapsed, failing it with ``failure``
+    once ``attempts_allowed`` runs were lost."""
+    failure = failure or Failed(type="", message="")
+    ending = ended_failed(failure.type, failure.message)
+    args = [job_id, maxlen, ttl, attempts_allowed, failure.encode(), *_pairs(ending.fields), run]
+    return ScriptCall(REQUEUE, _ending_keys(job_id) + ([queue_list] if queue_list else []), args)
+
+
+def cancel(job_id: str, model: str, *, ttl: int, maxlen: int, finished_at: float | None = None) -> ScriptCall:
+    """Cancel the job: ended here if no run holds it, else flagged for its run."""
+    queue = keys.rq_queue(model)
+    ending = ended_canceled(0, finished_at)
+    return ScriptCall(
+        CANCEL,
+        [keys.job(job_id), keys.events(job_id), keys.text(job_id), queue, keys.intermediate(queue)],
+        [job_id, ending.data.encode(), ttl, maxlen, *_pairs(ending.fields)],
+    )
+
+
+def admit(owner: str, job_id: str, *, limit: int, now: float, life: int) -> ScriptCall:
+    """Admit ``job_id`` among the key ``owner``'s active jobs if it has fewer than ``limit``."""
+    return ScriptCall(ADMIT, [keys.key_active(owner)], [limit, job_id, repr(now), life])
