@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -12,37 +12,44 @@ from fastapi.middleware.cors import CORSMiddleware
 from api.auth import ApiKeys, RequireApiKey
 from api.body_limit import BodySizeLimit
 from api.errors import install_error_handlers
+from api.job_client import JobClient
 from api.metrics import FrontMetrics
 from api.metrics import router as metrics_router
+from api.redis_job_client import RedisJobClient
 from api.routes import compat, health, jobs, openai_api
 from api.routes import web as web_page
-from api.state import Front
 from shared.settings import Settings, load_settings
 
 log = logging.getLogger("streamq.api")
 
 
-def create_app(settings: Settings | None = None, api_keys: ApiKeys | None = None) -> FastAPI:
+JobClientOpener = Callable[[Settings, FrontMetrics], Awaitable[JobClient]]
+
+
+def create_app(
+    settings: Settings | None = None,
+    api_keys: ApiKeys | None = None,
+    open_jobs: JobClientOpener = RedisJobClient.open,
+) -> FastAPI:
     """The front. ValueError when the keys cannot be used (an unreadable keys file, a short
-    key): better not to start than to start open."""
+    key): better not to start than to start open. ``open_jobs`` opens the job system behind the
+    routes in the app's lifespan (Redis and RQ; the fast tests give an in-memory one)."""
     settings = settings or load_settings()
     api_keys = api_keys if api_keys is not None else ApiKeys.from_settings(settings)
     front_metrics = FrontMetrics()  # this app's own registry, served on /metrics
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        front = await Front.open(settings, front_metrics)
-        app.state.front = front
+        jobs = await open_jobs(settings, front_metrics)
+        app.state.jobs = jobs
         if api_keys.enabled:
             log.info("API keys required (%d configured)", len(api_keys))
         else:
             log.warning("no API keys configured: the API is open to anyone who reaches it")
-        front_metrics.watch_deployment(front.rq_redis, settings.worker_ttl)
         try:
             yield
         finally:
-            front_metrics.unwatch_deployment()
-            await front.close()
+            await jobs.close()
 
     app = FastAPI(
         title="streamq",

@@ -7,15 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 
 from starlette.requests import Request
 
 from api.auth import Caller
 from api.errors import job_failure_error
-from api.job_stream import ClientGone, JobEvent, follow_job
-from api.state import Front
-from api.stream_hub import StreamInterrupted
+from api.job_client import ClientGone, Events, JobClient, JobEvent, StreamInterrupted
 from shared.job_store.vocabulary import EventName
 from shared.schemas import JobRequest, JobView
 
@@ -27,13 +25,13 @@ JOB_HEADER = "X-Streamq-Job-Id"  # lets a client poll, cancel or re-attach to th
 class ClientJob:
     def __init__(
         self,
-        front: Front,
+        jobs: JobClient,
         view: JobView,
-        events: AsyncGenerator[JobEvent | None, None],
+        events: Events,
         detached: bool,
         owner: str,
     ) -> None:
-        self.front = front
+        self.jobs = jobs
         self.owner = owner
         self.view = view
         self.detached = detached
@@ -45,23 +43,12 @@ class ClientJob:
 
     @classmethod
     async def submit(
-        cls, front: Front, body: JobRequest, request: Request, caller: Caller, *, detached: bool = False
+        cls, jobs: JobClient, body: JobRequest, request: Request, caller: Caller, *, detached: bool = False
     ) -> ClientJob:
         """Create the job (or raise the ApiError that says why not) and start following it;
         ``request`` is watched for the client's disconnect (ClientGone)."""
-        view = await front.jobs.submit(body, caller)
-        s = front.settings
-        events = follow_job(
-            front.jobs,
-            front.hub,
-            view.id,
-            view.model,
-            "0-0",
-            request,
-            s.ping_interval,
-            s.position_poll_interval,
-        )
-        return cls(front, view, events, detached, caller.name)
+        view = await jobs.submit(body, caller)
+        return cls(jobs, view, jobs.follow(view, "0-0", request), detached, caller.name)
 
     async def next_output(self, *, ticks: bool = False) -> JobEvent | None:
         """The next delta or final event; queue positions and ``started`` are skipped, and so are
@@ -124,15 +111,13 @@ class ClientJob:
         if self.detached:
             log.info("job %s: its client went away; it runs on (detached)", self.id)
             return
-        front, job_id, owner = self.front, self.id, self.owner
+        jobs, job_id, owner = self.jobs, self.id, self.owner
 
         async def cancel() -> None:
             with contextlib.suppress(Exception):
-                await front.jobs.cancel(job_id, owner)
+                await jobs.cancel(job_id, owner)
 
-        task = asyncio.get_running_loop().create_task(cancel())
-        front.background.add(task)
-        task.add_done_callback(front.background.discard)
+        jobs.spawn(cancel())
 
     async def close(self) -> None:
         await self._events.aclose()

@@ -36,10 +36,6 @@ def parse_entry_id(entry_id: str) -> tuple[int, int]:
     return pair
 
 
-class StreamInterrupted(Exception):
-    """The hub could not read the streams (Redis unreachable): resume later with the last id."""
-
-
 class Subscription:
     def __init__(self, key: str, last_id: str) -> None:
         self.key = key

@@ -21,8 +21,7 @@ from pydantic import Field
 from api.auth import CallerDep
 from api.client_job import JOB_HEADER, ClientJob
 from api.errors import error_responses, job_failure_error
-from api.job_stream import ClientGone
-from api.state import Front, get_front
+from api.job_client import ClientGone, JobClient, get_jobs
 from shared.job_store.vocabulary import EventName
 from shared.schemas import JobRequest, SamplingFields, Text
 
@@ -31,7 +30,7 @@ router = APIRouter(
     tags=["chatglm-compatible"],
     responses=error_responses(400, 401, 404, 409, 413, 422, 429, 502, 503, 504),
 )
-FrontDep = Annotated[Front, Depends(get_front)]
+JobsDep = Annotated[JobClient, Depends(get_jobs)]
 MARKER = "<^>"
 
 
@@ -50,10 +49,10 @@ class ChatGLMRequest(SamplingFields):
 
 @router.post("/")
 async def chat(
-    body: ChatGLMRequest, request: Request, response: Response, front: FrontDep, caller: CallerDep
+    body: ChatGLMRequest, request: Request, response: Response, jobs: JobsDep, caller: CallerDep
 ) -> Any:
     """Answer one chat turn, waiting for the whole answer."""
-    job = await ClientJob.submit(front, body.job_request(), request, caller)
+    job = await ClientJob.submit(jobs, body.job_request(), request, caller)
     response.headers[JOB_HEADER] = job.id
     result = await job.whole_answer()
     if result is None:
@@ -69,12 +68,12 @@ async def chat(
     response_class=StreamingResponse,
     responses={200: {"content": {"text/plain": {}}}},
 )
-async def chat_stream(body: ChatGLMRequest, request: Request, front: FrontDep, caller: CallerDep) -> Response:
+async def chat_stream(body: ChatGLMRequest, request: Request, jobs: JobsDep, caller: CallerDep) -> Response:
     """Stream one chat turn: every chunk is ``<^>`` + the whole answer so far.
 
     An error before any output is an HTTP error; one after it is a last chunk holding the
     error envelope (``<^>{"error": ...}``)."""
-    job = await ClientJob.submit(front, body.job_request(), request, caller)
+    job = await ClientJob.submit(jobs, body.job_request(), request, caller)
     try:
         first = await job.next_event()
     except (ClientGone, asyncio.CancelledError) as exc:

@@ -10,9 +10,8 @@ from fastapi.responses import StreamingResponse
 
 from api.auth import CallerDep
 from api.errors import ApiError, error_responses
-from api.job_stream import ClientGone, follow_job, sse_message
-from api.state import Front, get_front
-from api.stream_hub import StreamInterrupted, parse_entry_id
+from api.job_client import ClientGone, JobClient, JobEvent, StreamInterrupted, get_jobs
+from api.stream_hub import parse_entry_id
 from shared.job_store.vocabulary import FINAL_STATUSES
 from shared.schemas import JobRequest, JobView
 
@@ -22,22 +21,30 @@ router = APIRouter(
     responses=error_responses(401, 503),
 )
 
-FrontDep = Annotated[Front, Depends(get_front)]
+JobsDep = Annotated[JobClient, Depends(get_jobs)]
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
 
 
+def sse_message(event: JobEvent | None) -> bytes:
+    """Server-Sent Events framing; None is the keep-alive comment."""
+    if event is None:
+        return b": ping\n\n"
+    head = f"id: {event.id}\n" if event.id else ""
+    return f"{head}event: {event.event}\ndata: {event.raw}\n\n".encode()
+
+
 @router.post("", status_code=202, responses=error_responses(400, 404, 413, 422, 429))
-async def create_job(body: JobRequest, response: Response, front: FrontDep, caller: CallerDep) -> JobView:
+async def create_job(body: JobRequest, response: Response, jobs: JobsDep, caller: CallerDep) -> JobView:
     """Queue a chat job. Answers 202 with the job's view; follow it at ``/v1/jobs/{id}/events``."""
-    view = await front.jobs.submit(body, caller)
+    view = await jobs.submit(body, caller)
     response.headers["Location"] = f"/v1/jobs/{view.id}"
     return view
 
 
 @router.get("/{job_id}", responses=error_responses(404))
-async def get_job(job_id: str, front: FrontDep, caller: CallerDep) -> JobView:
+async def get_job(job_id: str, jobs: JobsDep, caller: CallerDep) -> JobView:
     """The job's status, queue position, answer so far, usage and timings."""
-    return await front.jobs.get(job_id, caller.name)
+    return await jobs.view(job_id, caller.name)
 
 
 @router.get(
@@ -52,14 +59,14 @@ async def get_job(job_id: str, front: FrontDep, caller: CallerDep) -> JobView:
 async def job_events(
     job_id: str,
     request: Request,
-    front: FrontDep,
+    jobs: JobsDep,
     caller: CallerDep,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> Response:
     """Server-Sent Events: ``queued`` (position), ``started``, ``delta`` ({text}), then one of
     ``done`` / ``error`` / ``canceled``. Send ``Last-Event-ID`` to get only the events after it;
     204 when that was the job's final event."""
-    view = await front.jobs.get(job_id, caller.name)
+    view = await jobs.view(job_id, caller.name)
     if last_event_id is not None:
         last_event_id = last_event_id.strip()
         try:
@@ -68,23 +75,13 @@ async def job_events(
             raise ApiError(
                 400, "Last-Event-ID must be an event id such as 1700000000000-0", param="Last-Event-ID"
             ) from None
-        newest = await front.jobs.last_event_id(job_id)
+        newest = await jobs.last_event_id(job_id)
         if newest is not None and after >= parse_entry_id(newest):
             if view.status in FINAL_STATUSES:
                 return Response(status_code=204)  # it has every event; EventSource stops here
             if after > parse_entry_id(newest):
                 raise ApiError(400, "Last-Event-ID is not an event of this job", param="Last-Event-ID")
-    s = front.settings
-    events = follow_job(
-        front.jobs,
-        front.hub,
-        job_id,
-        view.model,
-        (last_event_id or "0-0").strip(),
-        request,
-        s.ping_interval,
-        s.position_poll_interval,
-    )
+    events = jobs.follow(view, last_event_id or "0-0", request)
 
     async def body() -> AsyncIterator[bytes]:
         yield b"retry: 1000\n\n"  # EventSource: reconnect after 1 s when the stream ends early
@@ -103,12 +100,12 @@ async def job_events(
 
 
 @router.post("/{job_id}/cancel", responses=error_responses(404, 409))
-async def cancel_job(job_id: str, front: FrontDep, caller: CallerDep) -> JobView:
+async def cancel_job(job_id: str, jobs: JobsDep, caller: CallerDep) -> JobView:
     """Cancel a queued or running job; 409 (with the job) if it had already ended."""
-    return await front.jobs.cancel(job_id, caller.name)
+    return await jobs.cancel(job_id, caller.name)
 
 
 @router.delete("/{job_id}", responses=error_responses(404, 409))
-async def delete_job(job_id: str, front: FrontDep, caller: CallerDep) -> JobView:
+async def delete_job(job_id: str, jobs: JobsDep, caller: CallerDep) -> JobView:
     """Same as ``POST /v1/jobs/{id}/cancel``."""
-    return await front.jobs.cancel(job_id, caller.name)
+    return await jobs.cancel(job_id, caller.name)

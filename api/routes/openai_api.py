@@ -21,9 +21,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from api.auth import Caller, CallerDep
 from api.client_job import JOB_HEADER, ClientJob
 from api.errors import ApiError, error_responses, job_failure_error
+from api.job_client import JobClient, get_jobs
 from api.openai_format import DONE, PING, CompletionFormat, Kind, model_list, model_object, sse_data
 from api.openai_schemas import ChatCompletionRequest, CompletionRequest, OpenAIFields
-from api.state import Front, get_front
 from shared.job_store.vocabulary import EventName
 from shared.schemas import JobRequest
 
@@ -33,7 +33,7 @@ router = APIRouter(
     tags=["openai-compatible"],
     responses=error_responses(401, 503),
 )
-FrontDep = Annotated[Front, Depends(get_front)]
+JobsDep = Annotated[JobClient, Depends(get_jobs)]
 DetachHeader = Annotated[
     str | None, Header(alias="X-Streamq-Detach", description="1: keep the job running if the client goes")
 ]
@@ -45,38 +45,38 @@ _ERRORS = error_responses(400, 404, 409, 413, 422, 429, 502, 504)
 async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,
-    front: FrontDep,
+    jobs: JobsDep,
     caller: CallerDep,
     detach: DetachHeader = None,
 ) -> Response:
     """OpenAI's chat completion: a ``chat.completion``, or with ``stream`` the
     ``chat.completion.chunk`` events, then ``data: [DONE]``."""
-    return await _complete(front, request, caller, "chat", body, body.job_request(), detach)
+    return await _complete(jobs, request, caller, "chat", body, body.job_request(), detach)
 
 
 @router.post("/completions", response_model=None, responses=_ERRORS)
 async def completions(
     body: CompletionRequest,
     request: Request,
-    front: FrontDep,
+    jobs: JobsDep,
     caller: CallerDep,
     detach: DetachHeader = None,
 ) -> Response:
     """OpenAI's (legacy) text completion. The prompt reaches the model as one user message,
     through its chat template."""
-    return await _complete(front, request, caller, "text", body, body.job_request(), detach)
+    return await _complete(jobs, request, caller, "text", body, body.job_request(), detach)
 
 
 @router.get("/models")
-async def list_models(front: FrontDep) -> dict[str, Any]:
+async def list_models(jobs: JobsDep) -> dict[str, Any]:
     """The models live workers serve right now (``created``: when the first of them started)."""
-    return model_list(await front.directory.served_since())
+    return model_list(await jobs.served_models())
 
 
 @router.get("/models/{model:path}", responses=error_responses(404))
-async def get_model(model: str, front: FrontDep) -> dict[str, Any]:
+async def get_model(model: str, jobs: JobsDep) -> dict[str, Any]:
     """One served model; 404 ``model_not_found`` if no live worker serves it."""
-    since = await front.directory.served_since()
+    since = await jobs.served_models()
     if model not in since:
         raise ApiError(404, f"model '{model}' is not served by any live worker", code="model_not_found")
     return model_object(model, since[model])
@@ -87,7 +87,7 @@ def _wants_detach(body: OpenAIFields, header: str | None) -> bool:
 
 
 async def _complete(
-    front: Front,
+    jobs: JobClient,
     request: Request,
     caller: Caller,
     kind: Kind,
@@ -95,7 +95,7 @@ async def _complete(
     job_request: JobRequest,
     detach: str | None,
 ) -> Response:
-    job = await ClientJob.submit(front, job_request, request, caller, detached=_wants_detach(body, detach))
+    job = await ClientJob.submit(jobs, job_request, request, caller, detached=_wants_detach(body, detach))
     if body.user:
         log.info("job %s: OpenAI %s completion for user %r", job.id, kind, body.user[:64])
     fmt = CompletionFormat(kind, job.id, job.view.model, int(job.view.created_at), body.include_usage)

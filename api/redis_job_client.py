@@ -1,9 +1,16 @@
-"""The front's per-process clients, opened in the app's lifespan (never at import)."""
+"""The production ``JobClient``: jobs in Redis and RQ, read through this process's stream hub.
+
+It opens the front's Redis connections in the app's lifespan (never at import) and puts the
+job system's parts behind the boundary: ``JobService`` (submit, view, cancel), ``JobFollower``
+(one client's events), ``WorkerDirectory`` (served models, readiness).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,14 +21,21 @@ from redis import Redis as SyncRedis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.retry import Retry as SyncRetry
 
+from api.auth import Caller
+from api.job_client import Events
 from api.job_service import JobService
+from api.job_stream import JobFollower
 from api.metrics import FrontMetrics
 from api.quotas import KeyQuotas
 from api.stream_hub import StreamHub
 from api.worker_directory import WorkerDirectory
+from shared.schemas import JobRequest, JobView
 from shared.settings import Settings
+
+log = logging.getLogger("streamq.api")
 
 CLIENT_NAME = "streamq-front"  # how the front's connections show in CLIENT LIST
 
@@ -54,7 +68,7 @@ def _async_client(url: str, size: int, socket_timeout: float, settings: Settings
 
 
 @dataclass
-class Front:
+class RedisJobClient:
     settings: Settings
     redis: aioredis.Redis
     hub_redis: aioredis.Redis
@@ -63,10 +77,11 @@ class Front:
     hub: StreamHub
     jobs: JobService
     directory: WorkerDirectory
+    metrics: FrontMetrics
     background: set[asyncio.Task[Any]] = field(default_factory=set)  # fire-and-forget work (cancels)
 
     @classmethod
-    async def open(cls, settings: Settings, metrics: FrontMetrics | None = None) -> Front:
+    async def open(cls, settings: Settings, metrics: FrontMetrics) -> RedisJobClient:
         url = settings.redis_url_or_default()
         timeout = settings.redis_command_timeout
         conn = _async_client(url, settings.redis_max_connections, timeout, settings)
@@ -91,6 +106,7 @@ class Front:
         quotas = KeyQuotas(settings, conn, CLIENT_NAME)
         hub = StreamHub(hub_conn, conn, front_id=secrets.token_hex(8), block_ms=hub_block_ms)
         hub.start()
+        metrics.watch_deployment(rq_conn, settings.worker_ttl)
         return cls(
             settings=settings,
             redis=conn,
@@ -100,9 +116,48 @@ class Front:
             hub=hub,
             jobs=JobService(settings, conn, rq_conn, count_conn, directory, quotas, metrics),
             directory=directory,
+            metrics=metrics,
         )
 
+    # ----- the JobClient boundary --------------------------------------------------------------
+    async def submit(self, request: JobRequest, caller: Caller) -> JobView:
+        return await self.jobs.submit(request, caller)
+
+    async def view(self, job_id: str, owner: str) -> JobView:
+        return await self.jobs.get(job_id, owner)
+
+    async def cancel(self, job_id: str, owner: str) -> JobView:
+        return await self.jobs.cancel(job_id, owner)
+
+    def follow(self, job: JobView, after: str, request: Request | None) -> Events:
+        s = self.settings
+        follower = JobFollower(self.jobs, self.hub, job, request, s.ping_interval, s.position_poll_interval)
+        return follower.events(after)
+
+    async def last_event_id(self, job_id: str) -> str | None:
+        return await self.jobs.last_event_id(job_id)
+
+    async def served_models(self) -> dict[str, float]:
+        return await self.directory.served_since()
+
+    async def readiness(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"ready": False, "redis": False, "models": {}}
+        try:
+            await self.redis.ping()
+            body["redis"] = True
+            body["ready"], body["models"] = await self.directory.readiness()
+        except RedisError as exc:  # the details (addresses) go to the log, not to anyone who asks
+            log.warning("readyz: Redis is unreachable: %s", exc)
+            body["error"] = "Redis is unreachable"
+        return body
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
     async def close(self) -> None:
+        self.metrics.unwatch_deployment()
         await self.hub.stop()
         await self.hub_redis.aclose()
         await self.count_redis.aclose()
@@ -110,8 +165,3 @@ class Front:
         await self.jobs.quotas.close()
         self.rq_redis.close()
         self.rq_redis.connection_pool.disconnect()
-
-
-def get_front(request: Request) -> Front:
-    front: Front = request.app.state.front
-    return front

@@ -1,0 +1,113 @@
+"""The one boundary between the front's routes and the job system.
+
+Routes see a ``JobClient`` (as vLLM's OpenAI server sees an ``EngineClient``): submit a job,
+view it, cancel it, follow its events from a position, and ask which models are served. The
+production client (``api.redis_job_client.RedisJobClient``) keeps jobs in Redis and RQ; the fast
+tests drive the same routes through an in-memory one. Everything above this line (validation
+of the HTTP request, auth, the error envelope, OpenAI and seed formatting, SSE framing,
+Last-Event-ID handling) is the same for both.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, Coroutine
+from typing import Any, Protocol
+
+from fastapi import Request
+
+from api.auth import Caller
+from shared.job_store.payloads import encode
+from shared.job_store.vocabulary import FINAL_EVENTS
+from shared.schemas import JobRequest, JobView
+from shared.settings import Settings
+
+
+class JobEvent:
+    """One event of a job. ``id`` is its stream entry id (None for a live position update).
+
+    It keeps the JSON text of its data as stored, so relaying a delta to an SSE client costs no
+    parse and no dump; ``data`` parses it on first use (the waiting routes read the text)."""
+
+    __slots__ = ("_data", "event", "id", "raw")
+
+    def __init__(self, id: str | None, event: str, raw: str) -> None:
+        self.id = id
+        self.event = event
+        self.raw = raw
+        self._data: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, id: str | None, event: str, data: dict[str, Any]) -> JobEvent:
+        return cls(id, event, encode(data))
+
+    @property
+    def data(self) -> dict[str, Any]:
+        if self._data is None:
+            self._data = json.loads(self.raw or "{}")
+        return self._data
+
+    @property
+    def final(self) -> bool:
+        return self.event in FINAL_EVENTS
+
+
+class ClientGone(Exception):
+    """The HTTP client went away while its job was being followed."""
+
+
+class StreamInterrupted(Exception):
+    """A job's events could not be read (the job store failed); the client may resume later from
+    the last event id it got."""
+
+
+# What ``follow`` yields: an event, or None as a keep-alive tick.
+Events = AsyncGenerator[JobEvent | None, None]
+
+
+class JobClient(Protocol):
+    settings: Settings
+
+    async def submit(self, request: JobRequest, caller: Caller) -> JobView:
+        """Check the caller's quotas, validate the request, admit and queue the job; raises the
+        ApiError that says why not."""
+        ...
+
+    async def view(self, job_id: str, owner: str) -> JobView:
+        """``owner``'s job (404 ApiError if there is none: another key's job is not found)."""
+        ...
+
+    async def cancel(self, job_id: str, owner: str) -> JobView:
+        """Cancel ``owner``'s job; 409 ApiError (with the job) if it had already ended."""
+        ...
+
+    def follow(self, job: JobView, after: str, request: Request | None) -> Events:
+        """The job's events after the event id ``after`` ("0-0": all) until its final one, with
+        live ``queued`` positions (no id) while it waits and None as a keep-alive tick. Raises
+        ClientGone when ``request``'s client disconnects, StreamInterrupted when the events
+        cannot be read."""
+        ...
+
+    async def last_event_id(self, job_id: str) -> str | None:
+        """The id of the job's newest event."""
+        ...
+
+    async def served_models(self) -> dict[str, float]:
+        """The models live workers serve, each with when the first of them started."""
+        ...
+
+    async def readiness(self) -> dict[str, Any]:
+        """``{"ready", "redis", "models"}`` for /readyz (and ``error`` when the store is down)."""
+        ...
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in the background, kept until it ends (a cancel for a client that left)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def get_jobs(request: Request) -> JobClient:
+    """The app's job client (a FastAPI dependency)."""
+    jobs: JobClient = request.app.state.jobs
+    return jobs

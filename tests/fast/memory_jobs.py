@@ -1,0 +1,169 @@
+"""An in-memory ``JobClient`` for the fast tier: the front's routes, auth, validation, error
+envelope and formats run as in production, over a job system that lives in one dict.
+
+Its "model" answers the last user message back, one word per token (``max_tokens`` cuts it with
+finish_reason ``length``), so a test knows the answer to expect. With ``hold`` set, new jobs stay
+queued until ``release``: a test can then cancel a queued job or read a stream mid-way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import secrets
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from api.auth import Caller
+from api.errors import ApiError
+from api.job_client import Events, JobEvent
+from api.metrics import FrontMetrics
+from api.request_limits import generation_request
+from api.stream_hub import parse_entry_id
+from shared.job_store.payloads import Canceled, Delta, Done, Queued, Started
+from shared.job_store.vocabulary import FINAL_STATUSES, EventName, FinishReason, JobStatus
+from shared.schemas import GenerationRequest, JobRequest, JobView, Timings, Usage
+from shared.settings import Settings
+
+
+@dataclass
+class MemoryJob:
+    view: JobView
+    owner: str
+    request: GenerationRequest
+    events: list[JobEvent] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def answer_words(request: GenerationRequest) -> list[str]:
+    """What the fake model answers: the last user message, word by word."""
+    words = request.messages[-1].content.split()
+    return [w if i == 0 else " " + w for i, w in enumerate(words)]
+
+
+class MemoryJobClient:
+    def __init__(self, settings: Settings, models: tuple[str, ...] = ("fake-model",)) -> None:
+        self.settings = settings
+        self.models = models
+        self.jobs: dict[str, MemoryJob] = {}
+        self.hold = False
+        self._clock = itertools.count(1_700_000_000_000)
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @classmethod
+    def opener(cls, **kwargs: Any) -> Any:
+        """``create_app(open_jobs=...)`` for a fresh client; the app keeps it in ``state.jobs``."""
+
+        async def open_jobs(settings: Settings, metrics: FrontMetrics) -> MemoryJobClient:
+            return cls(settings, **kwargs)
+
+        return open_jobs
+
+    # ----- the job system's side ----------------------------------------------------------------
+    def _append(self, job: MemoryJob, event: str, data: str) -> None:
+        job.events.append(JobEvent(f"{next(self._clock)}-0", event, data))
+        job.changed.set()
+        job.changed = asyncio.Event()
+
+    def _end(self, job: MemoryJob, status: JobStatus, event: str, data: str, reason: FinishReason) -> None:
+        job.view.status, job.view.finish_reason, job.view.finished_at = status, reason, time.time()
+        self._append(job, event, data)
+
+    def release(self) -> None:
+        """Run every queued job (after ``hold``)."""
+        self.hold = False
+        for job in self.jobs.values():
+            if job.view.status == JobStatus.QUEUED:
+                self._run(job)
+
+    def _run(self, job: MemoryJob) -> None:
+        job.view.status, job.view.started_at, job.view.worker = JobStatus.RUNNING, time.time(), "memory"
+        self._append(job, EventName.STARTED, Started(worker="memory.0", attempt=1).encode())
+        words = answer_words(job.request)
+        out = words[: job.request.max_tokens]
+        for word in out:
+            job.view.text += word
+            self._append(job, EventName.DELTA, Delta(text=word).encode())
+        reason = FinishReason.LENGTH if len(out) < len(words) else FinishReason.STOP
+        job.view.usage = Usage(prompt_tokens=len(job.request.messages), completion_tokens=len(out))
+        timings = Timings(queue_seconds=0, first_token_seconds=0, generation_seconds=0, tokens_per_second=None)
+        done = Done(finish_reason=reason, usage=job.view.usage, timings=timings)
+        self._end(job, JobStatus.FINISHED, EventName.DONE, done.encode(), reason)
+
+    # ----- the JobClient boundary -------------------------------------------------------------
+    async def submit(self, request: JobRequest, caller: Caller) -> JobView:
+        generation = generation_request(request, self.settings)
+        model = request.model or self.models[0]
+        if model not in self.models:
+            raise ApiError(404, f"model '{model}' is not served", param="model", code="model_not_found")
+        view = JobView(id=secrets.token_hex(16), model=model, status=JobStatus.QUEUED, created_at=time.time())
+        job = MemoryJob(view, caller.name, generation)
+        self.jobs[view.id] = job
+        self._append(job, EventName.QUEUED, Queued(model=model).encode())
+        if not self.hold:
+            self._run(job)
+        return view.model_copy(update={"status": JobStatus.QUEUED, "text": ""})
+
+    def _job(self, job_id: str, owner: str) -> MemoryJob:
+        job = self.jobs.get(job_id)
+        if job is None or job.owner != owner:
+            raise ApiError(404, f"no job with id '{job_id}'", param="id", code="job_not_found")
+        return job
+
+    async def view(self, job_id: str, owner: str) -> JobView:
+        return self._job(job_id, owner).view.model_copy()
+
+    async def cancel(self, job_id: str, owner: str) -> JobView:
+        job = self._job(job_id, owner)
+        if job.view.status in FINAL_STATUSES:
+            raise ApiError(
+                409,
+                f"job '{job_id}' has already ended ({job.view.status})",
+                code="job_already_ended",
+                body={"job": job.view.model_dump(mode="json")},
+            )
+        data = Canceled(completion_tokens=job.view.usage.completion_tokens).encode()
+        self._end(job, JobStatus.CANCELED, EventName.CANCELED, data, FinishReason.CANCELED)
+        return job.view.model_copy()
+
+    async def follow(self, job: JobView, after: str, request: Request | None) -> Events:
+        record = self.jobs[job.id]
+        mark = parse_entry_id(after)
+        sent = 0
+        while True:
+            fresh = [e for e in record.events[sent:] if parse_entry_id(e.id or "0-0") > mark]
+            sent = len(record.events)
+            for event in fresh:
+                yield event
+                if event.final:
+                    return
+            changed = record.changed
+            try:
+                await asyncio.wait_for(changed.wait(), self.settings.ping_interval)
+            except TimeoutError:
+                yield None
+
+    async def last_event_id(self, job_id: str) -> str | None:
+        job = self.jobs.get(job_id)
+        return job.events[-1].id if job and job.events else None
+
+    async def served_models(self) -> dict[str, float]:
+        return dict.fromkeys(self.models, 1_700_000_000.0)
+
+    async def readiness(self) -> dict[str, Any]:
+        return {"ready": True, "redis": True, "models": dict.fromkeys(self.models, 1)}
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
