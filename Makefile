@@ -16,7 +16,7 @@ VLLM_CUDA ?= vllm
 VLLM_STAMP := $(VENV)/.streamq-vllm-$(VLLM_BUILD)
 ARGS ?=
 
-.PHONY: install install-vllm run test lint bench clean
+.PHONY: install install-vllm run test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The fast tier: everything but the end-to-end tests (marked e2e: real processes over HTTP). The
+# front's routes run in process over an in-memory job system (tests/fast), with no Redis.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not e2e" $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(ARGS)

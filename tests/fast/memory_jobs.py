@@ -3,7 +3,8 @@ envelope and formats run as in production, over a job system that lives in one d
 
 Its "model" answers the last user message back, one word per token (``max_tokens`` cuts it with
 finish_reason ``length``), so a test knows the answer to expect. With ``hold`` set, new jobs stay
-queued until ``release``: a test can then cancel a queued job or read a stream mid-way.
+queued until ``release``; with ``pause_after`` = n, they stop after n words until ``release``: a
+test can then cancel a queued or a running job, or read a stream mid-way.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class MemoryJob:
     request: GenerationRequest
     events: list[JobEvent] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    written: int = 0  # words of the answer sent
 
 
 def answer_words(request: GenerationRequest) -> list[str]:
@@ -52,6 +54,8 @@ class MemoryJobClient:
         self.models = models
         self.jobs: dict[str, MemoryJob] = {}
         self.hold = False
+        self.pause_after: int | None = None
+        self.submitted = asyncio.Event()  # set at each submit (a test waits for its job)
         self._clock = itertools.count(1_700_000_000_000)
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -75,23 +79,30 @@ class MemoryJobClient:
         self._append(job, event, data)
 
     def release(self) -> None:
-        """Run every queued job (after ``hold``)."""
-        self.hold = False
+        """Run every job that waits (after ``hold`` or ``pause_after``) to its end."""
+        self.hold, self.pause_after = False, None
         for job in self.jobs.values():
-            if job.view.status == JobStatus.QUEUED:
+            if job.view.status in (JobStatus.QUEUED, JobStatus.RUNNING):
                 self._run(job)
 
     def _run(self, job: MemoryJob) -> None:
-        job.view.status, job.view.started_at, job.view.worker = JobStatus.RUNNING, time.time(), "memory"
-        self._append(job, EventName.STARTED, Started(worker="memory.0", attempt=1).encode())
+        if job.view.status == JobStatus.QUEUED:
+            job.view.status, job.view.started_at, job.view.worker = JobStatus.RUNNING, time.time(), "memory"
+            self._append(job, EventName.STARTED, Started(worker="memory.0", attempt=1).encode())
         words = answer_words(job.request)
         out = words[: job.request.max_tokens]
-        for word in out:
+        stop_at = len(out) if self.pause_after is None else min(len(out), self.pause_after)
+        for word in out[job.written : stop_at]:
             job.view.text += word
+            job.written += 1
+            job.view.usage = Usage(prompt_tokens=len(job.request.messages), completion_tokens=job.written)
             self._append(job, EventName.DELTA, Delta(text=word).encode())
+        if job.written < len(out):
+            return  # paused
         reason = FinishReason.LENGTH if len(out) < len(words) else FinishReason.STOP
-        job.view.usage = Usage(prompt_tokens=len(job.request.messages), completion_tokens=len(out))
-        timings = Timings(queue_seconds=0, first_token_seconds=0, generation_seconds=0, tokens_per_second=None)
+        timings = Timings(
+            queue_seconds=0, first_token_seconds=0, generation_seconds=0, tokens_per_second=None
+        )
         done = Done(finish_reason=reason, usage=job.view.usage, timings=timings)
         self._end(job, JobStatus.FINISHED, EventName.DONE, done.encode(), reason)
 
@@ -107,6 +118,7 @@ class MemoryJobClient:
         self._append(job, EventName.QUEUED, Queued(model=model).encode())
         if not self.hold:
             self._run(job)
+        self.submitted.set()
         return view.model_copy(update={"status": JobStatus.QUEUED, "text": ""})
 
     def _job(self, job_id: str, owner: str) -> MemoryJob:

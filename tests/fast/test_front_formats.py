@@ -1,0 +1,100 @@
+"""The OpenAI routes (through the official SDK) and the seed's ChatGLM routes over the in-memory
+job system: shapes, finish reasons, usage, streaming framing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from openai import AsyncOpenAI, BadRequestError
+
+from tests.fast.conftest import Front
+
+pytestmark = pytest.mark.anyio
+
+ASK = [{"role": "user", "content": "one two three four"}]
+
+
+def _openai(front: Front) -> AsyncOpenAI:
+    transport = front.http._transport  # the app's ASGI transport
+    http = httpx.AsyncClient(transport=transport, base_url="http://front/v1")
+    return AsyncOpenAI(api_key="unused", base_url="http://front/v1", http_client=http, max_retries=0)
+
+
+async def test_chat_completion_shape_usage_and_finish_reasons(front: Front) -> None:
+    client = _openai(front)
+    whole = await client.chat.completions.create(model="fake-model", messages=ASK)  # type: ignore[arg-type]
+    choice = whole.choices[0]
+    assert (choice.message.role, choice.message.content, choice.finish_reason) == (
+        "assistant",
+        "one two three four",
+        "stop",
+    )
+    assert whole.usage is not None and whole.usage.completion_tokens == 4
+    assert whole.model == "fake-model" and whole.object == "chat.completion"
+
+    cut = await client.chat.completions.create(model="fake-model", messages=ASK, max_tokens=2)  # type: ignore[arg-type]
+    assert (cut.choices[0].message.content, cut.choices[0].finish_reason) == ("one two", "length")
+
+
+async def test_streamed_chat_completion_chunks_add_up_to_the_answer(front: Front) -> None:
+    client = _openai(front)
+    stream = await client.chat.completions.create(
+        model="fake-model",
+        messages=ASK,  # type: ignore[arg-type]
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "one two three four"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+    assert len({c.id for c in chunks}) == 1
+
+
+async def test_text_completion_and_models(front: Front) -> None:
+    client = _openai(front)
+    done = await client.completions.create(model="fake-model", prompt="alpha beta")
+    assert (done.choices[0].text, done.object) == ("alpha beta", "text_completion")
+    models = await client.models.list()
+    assert [m.id for m in models.data] == ["fake-model"]
+
+
+async def test_openai_errors_come_in_openai_shape(front: Front) -> None:
+    client = _openai(front)
+    with pytest.raises(BadRequestError) as refused:
+        await client.chat.completions.create(model="fake-model", messages=ASK, n=2)  # type: ignore[arg-type]
+    assert refused.value.status_code == 400 and "n" in str(refused.value.body)
+
+
+async def test_the_seed_chat_route_answers_with_history(front: Front) -> None:
+    response = await front.http.post("/", json={"prompt": "hi you", "history": [["a", "b"]]})
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["response"], body["status"]) == ("hi you", 200)
+    assert body["history"] == [["a", "b"], ["hi you", "hi you"]]
+    assert response.headers["x-streamq-job-id"]
+
+
+async def test_the_seed_stream_sends_the_whole_answer_so_far_each_time(front: Front) -> None:
+    async with front.http.stream("POST", "/stream", json={"prompt": "a b c"}) as response:
+        body = (await response.aread()).decode()
+    chunks = [c for c in body.split("<^>") if c]
+    assert chunks == ["a", "a b", "a b c"]
+
+
+async def test_a_seed_stream_error_after_output_is_a_last_chunk_with_the_envelope(front: Front) -> None:
+    front.jobs.pause_after = 1  # one word out, then the job waits: another client cancels it
+    streaming = asyncio.ensure_future(front.http.post("/stream", json={"prompt": "x y"}))
+    await front.jobs.submitted.wait()  # the fake wrote its first word within the submit
+    job_id = next(iter(front.jobs.jobs))
+    canceled = await front.http.post(f"/v1/jobs/{job_id}/cancel")
+    response = await streaming
+    assert canceled.json()["status"] == "canceled"
+    assert response.headers["x-streamq-job-id"] == job_id
+    chunks = response.text.split("<^>")[1:]
+    assert chunks[0] == "x"
+    assert json.loads(chunks[-1])["error"]["code"] == "job_canceled"

@@ -1,0 +1,144 @@
+"""The job API over the in-memory job system: validation, the error envelope, auth, limits,
+Last-Event-ID, cancel. Each test takes milliseconds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.fast.conftest import KEY_A, KEY_B, Front
+
+pytestmark = pytest.mark.anyio
+
+HELLO = {"messages": [{"role": "user", "content": "hello there world"}]}
+
+
+def _events(body: str) -> list[tuple[str | None, str, dict[str, object]]]:
+    """(id, event, data) of each SSE event in ``body``."""
+    out = []
+    for block in body.replace("\r\n", "\n").split("\n\n"):
+        fields = dict(
+            line.split(": ", 1) for line in block.split("\n") if ": " in line and not line.startswith(":")
+        )
+        if "event" in fields:
+            out.append((fields.get("id"), fields["event"], json.loads(fields["data"])))
+    return out
+
+
+def _error(response: object) -> dict[str, object]:
+    body = response.json()  # type: ignore[attr-defined]
+    assert "error" in body and set(body) <= {"error", "job"}, body
+    error: dict[str, object] = body["error"]
+    assert {"message", "type", "param", "code"} <= set(error)
+    return error
+
+
+async def test_a_job_is_queued_then_answered(front: Front) -> None:
+    created = await front.http.post("/v1/jobs", json=HELLO)
+    assert created.status_code == 202
+    job = created.json()
+    assert created.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert (job["status"], job["model"]) == ("queued", "fake-model")
+    view = (await front.http.get(f"/v1/jobs/{job['id']}")).json()
+    assert (view["status"], view["text"], view["finish_reason"]) == ("finished", "hello there world", "stop")
+    assert view["usage"]["completion_tokens"] == 3
+
+
+async def test_invalid_requests_get_the_error_envelope_naming_the_field(front: Front) -> None:
+    bad_temperature = {**HELLO, "temperature": 7}
+    response = await front.http.post("/v1/jobs", json=bad_temperature)
+    assert response.status_code in (400, 422)
+    assert "temperature" in str(_error(response)["param"])
+
+    response = await front.http.post("/v1/jobs", json={"messages": []})
+    assert 400 <= response.status_code < 500
+    assert _error(response)["message"]
+
+    response = await front.http.post(
+        "/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert 400 <= response.status_code < 500
+    _error(response)
+
+
+async def test_server_limits_are_400s_that_name_the_field_and_setting(limited: Front) -> None:
+    response = await limited.http.post("/v1/jobs", json={**HELLO, "max_tokens": 17})
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["param"] == "max_tokens" and "16" in str(error["message"])
+
+    response = await limited.http.post("/v1/jobs", json={**HELLO, "stop": ["a", "b", "c"]})
+    assert (response.status_code, _error(response)["param"]) == (400, "stop")
+
+    big = {"messages": [{"role": "user", "content": "x" * 5000}]}
+    response = await limited.http.post("/v1/jobs", json=big)
+    assert response.status_code == 413
+    _error(response)
+
+
+async def test_unknown_jobs_and_routes_are_404s_in_the_envelope(front: Front) -> None:
+    response = await front.http.get("/v1/jobs/" + "0" * 32)
+    assert (response.status_code, _error(response)["code"]) == (404, "job_not_found")
+    response = await front.http.get("/v1/nothing-here")
+    assert response.status_code == 404
+    _error(response)
+
+
+async def test_api_keys_are_required_and_jobs_are_private_to_their_key(keyed: Front) -> None:
+    response = await keyed.http.post("/v1/jobs", json=HELLO)
+    assert response.status_code == 401
+    _error(response)
+    response = await keyed.http.post(
+        "/v1/jobs", json=HELLO, headers={"Authorization": "Bearer sk-wrong-key-000000000000"}
+    )
+    assert response.status_code == 401
+
+    a = {"Authorization": f"Bearer {KEY_A}"}
+    b = {"Authorization": f"Bearer {KEY_B}"}
+    job = (await keyed.http.post("/v1/jobs", json=HELLO, headers=a)).json()
+    assert (await keyed.http.get(f"/v1/jobs/{job['id']}", headers=a)).status_code == 200
+    other = await keyed.http.get(f"/v1/jobs/{job['id']}", headers=b)
+    assert (other.status_code, _error(other)["code"]) == (404, "job_not_found")
+    assert (await keyed.http.post(f"/v1/jobs/{job['id']}/cancel", headers=b)).status_code == 404
+    assert (await keyed.http.get("/healthz")).status_code == 200  # probes stay open
+
+
+async def test_events_resume_after_last_event_id(front: Front) -> None:
+    job = (await front.http.post("/v1/jobs", json=HELLO)).json()
+    url = f"/v1/jobs/{job['id']}/events"
+    whole = await front.http.get(url)
+    assert whole.headers["content-type"].startswith("text/event-stream")
+    events = _events(whole.text)
+    assert [name for _, name, _ in events] == ["queued", "started", "delta", "delta", "delta", "done"]
+    assert (
+        "".join(str(data.get("text", "")) for _, name, data in events if name == "delta")
+        == "hello there world"
+    )
+
+    second_delta = events[3][0]
+    rest = await front.http.get(url, headers={"Last-Event-ID": str(second_delta)})
+    assert [(i, name) for i, name, _ in _events(rest.text)] == [(i, name) for i, name, _ in events[4:]]
+
+    final = await front.http.get(url, headers={"Last-Event-ID": str(events[-1][0])})
+    assert final.status_code == 204  # it has every event: EventSource stops
+    garbage = await front.http.get(url, headers={"Last-Event-ID": "yesterday"})
+    assert (garbage.status_code, _error(garbage)["param"]) == (400, "Last-Event-ID")
+    front.jobs.hold = True  # a job still queued: an id past its newest event is no event of it
+    waiting = (await front.http.post("/v1/jobs", json=HELLO)).json()
+    future = await front.http.get(
+        f"/v1/jobs/{waiting['id']}/events", headers={"Last-Event-ID": "9999999999999-0"}
+    )
+    assert (future.status_code, _error(future)["param"]) == (400, "Last-Event-ID")
+
+
+async def test_a_queued_job_cancels_once(front: Front) -> None:
+    front.jobs.hold = True
+    job = (await front.http.post("/v1/jobs", json=HELLO)).json()
+    canceled = await front.http.post(f"/v1/jobs/{job['id']}/cancel")
+    assert (canceled.status_code, canceled.json()["status"]) == (200, "canceled")
+    again = await front.http.delete(f"/v1/jobs/{job['id']}")
+    assert (again.status_code, _error(again)["code"]) == (409, "job_already_ended")
+    assert again.json()["job"]["status"] == "canceled"
+    events = _events((await front.http.get(f"/v1/jobs/{job['id']}/events")).text)
+    assert [name for _, name, _ in events] == ["queued", "canceled"]
