@@ -14,8 +14,9 @@ import httpx
 import pytest
 import redis
 
+from streamq.processes import free_port, wait_for
 from tests.conftest import Stack
-from tests.processes import ROOT, free_port, wait_for
+from tests.processes import ROOT
 from tests.sse import follow
 
 pytestmark = pytest.mark.e2e
@@ -30,7 +31,7 @@ def _env(**changes: str) -> dict[str, str]:
 def test_up_runs_the_whole_stack_and_cleans_up(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "up", "--port", str(port)],
+        [sys.executable, "-m", "streamq", "up", "--port", str(port)],
         env=_env(STREAMQ_CACHE_DIR=str(tmp_path / "cache"), STREAMQ_TORCH_THREADS="1"),
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -70,7 +71,7 @@ def test_up_runs_the_whole_stack_and_cleans_up(tmp_path: Path) -> None:
 
 def test_up_without_redis_server_says_how_to_install_it(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "up", "--port", str(free_port())],
+        [sys.executable, "-m", "streamq", "up", "--port", str(free_port())],
         env=_env(PATH=str(tmp_path), STREAMQ_CACHE_DIR=str(tmp_path / "cache")),
         cwd=ROOT,
         capture_output=True,
@@ -129,7 +130,7 @@ def test_worker_started_the_rq_way_serves_jobs_and_shows_in_rq_info(stack: Stack
 
 def test_make_tiny_model_writes_a_loadable_folder(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "make-tiny-model", str(tmp_path / "m")],
+        [sys.executable, "-m", "streamq", "make-tiny-model", str(tmp_path / "m")],
         cwd=ROOT,
         capture_output=True,
         text=True,

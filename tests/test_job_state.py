@@ -19,7 +19,7 @@ from shared.job_state import (
     finish_args,
     requeue_args,
 )
-from tests.processes import RedisServer
+from streamq.redis_server import RedisServer
 
 
 def _new_job(r: redis.Redis, job_id: str, model: str = "m") -> list[str]:
