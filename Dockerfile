@@ -23,9 +23,11 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY api ./api
-COPY client ./client
-# The front's dependencies only (no `worker` extra: no torch, no transformers); the Python client
-# and `streamq chat` / `ask` come with it.
+COPY streamq ./streamq
+# worker/'s code only: the `streamq` command lists its subcommands (worker/cli.py imports nothing
+# heavy). The front's dependencies only (no `worker` extra: no torch, no transformers); the Python
+# client and `streamq chat` / `ask` come with it.
+COPY worker ./worker
 RUN pip install --no-compile . && rm -rf /root/.cache
 USER 10001
 EXPOSE 8000
@@ -55,7 +57,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY api ./api
-COPY client ./client
+COPY streamq ./streamq
 COPY worker ./worker
 RUN pip install --no-compile '.[worker]'
 USER 10001
@@ -84,7 +86,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY api ./api
-COPY client ./client
+COPY streamq ./streamq
 COPY worker ./worker
 RUN pip install --no-compile '.[worker]'
 USER 10001
@@ -114,7 +116,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY api ./api
-COPY client ./client
+COPY streamq ./streamq
 COPY worker ./worker
 RUN pip install --no-compile '.[worker]'
 USER 10001

@@ -20,9 +20,10 @@ from typing import Any
 import httpx
 import redis
 
-from client.sse import asse_lines, sse_lines
 from shared.schemas import ChatMessage, GenerationRequest
-from tests.processes import RedisServer, start_front, start_worker, wait_workers
+from streamq.processes import start_front, start_worker, wait_workers
+from streamq.redis_server import RedisServer
+from streamq.sse import asse_lines, sse_lines
 
 PROMPT = "Say something about queues."
 MAX_TOKENS = 16

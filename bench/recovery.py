@@ -21,7 +21,8 @@ import redis
 
 from bench.measure import pct
 from shared import keys
-from tests.processes import RedisServer, Service, start_front, wait_for, wait_workers
+from streamq.processes import Service, start_front, wait_for, wait_workers
+from streamq.redis_server import RedisServer
 
 RUNNING_JOBS = 16
 CRASHES = 3

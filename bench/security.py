@@ -19,7 +19,8 @@ from pathlib import Path
 import httpx
 
 from bench.core import pct
-from tests.processes import RedisServer, start_front, start_synthetic_worker, wait_workers
+from streamq.processes import start_front, start_synthetic_worker, wait_workers
+from streamq.redis_server import RedisServer
 
 KEY = "sk-bench-0123456789abcdef"
 MODEL = "synth"

@@ -22,9 +22,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import ROOT
 from bench.measure import Cell, ms
 from bench.stack import hf_cell, hf_server, streamq_cell, streamq_stack
-from tests.processes import ROOT
 
 SYSTEMS = {
     "a": "(a) transformers generate, one at a time",

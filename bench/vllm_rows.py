@@ -24,7 +24,7 @@ from pathlib import Path
 from bench.measure import Cell, ms
 from bench.stack import HOST, hf_cell, http_server, streamq_cell, streamq_stack
 from bench.throughput import _cell_subprocess, _ratio, _verdict
-from shared.launcher import free_port
+from streamq.processes import free_port
 
 CONCURRENCY = (1, 4, 16, 64)
 DTYPES = ("float32", "bfloat16")

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.processes import RedisServer, Service, start_front, start_worker, wait_workers
+from streamq.processes import Service, start_front, start_worker, wait_workers
+from streamq.redis_server import RedisServer
 from tests.secure_stack import SecureStack, secure_stack
 
 
@@ -157,7 +158,7 @@ class SlowStack:
         next job waits in the queue; the jobs' ids, for ``cancel``."""
         import httpx
 
-        from tests.processes import wait_for
+        from streamq.processes import wait_for
 
         body = {"model": self.model, "prompt": "block", "max_tokens": 120 * SLOW_TOKENS_PER_SECOND}
         with httpx.Client(base_url=self.url, headers=self.headers, timeout=10) as http:
@@ -180,7 +181,7 @@ class SlowStack:
 def slow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlowStack]:
     import httpx
 
-    from tests.processes import start_synthetic_worker, wait_for
+    from streamq.processes import start_synthetic_worker, wait_for
 
     server = RedisServer()
     logdir = tmp_path_factory.mktemp("slow-logs")

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from client.sse import sse_lines
+from streamq.sse import sse_lines
 
 
 @dataclass

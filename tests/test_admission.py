@@ -16,7 +16,8 @@ import pytest
 
 from api.admission import retry_after
 from shared import keys
-from tests.processes import RedisServer, Service, start_front, start_synthetic_worker, wait_for
+from streamq.processes import Service, start_front, start_synthetic_worker, wait_for
+from streamq.redis_server import RedisServer
 from tests.sse import read_events
 
 pytestmark = pytest.mark.e2e

@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from api.auth import ApiKeys, bearer_token, open_bind_refusal
-from shared.launcher import free_port
 from shared.settings import Settings
+from streamq.processes import free_port
 from tests.processes import ROOT
 from tests.secure_stack import FILE_KEY, KEYS, MODEL, SecureStack, headers
 
@@ -256,7 +256,7 @@ def test_without_keys_only_loopback_binds_are_allowed(host: str, env: dict[str, 
 
 def _run_api(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", "api", *args],
+        [sys.executable, "-m", "streamq", "api", *args],
         env={"PATH": "/usr/bin:/bin", "STREAMQ_REDIS_URL": "redis://127.0.0.1:1/0", **env},
         cwd=ROOT,
         capture_output=True,

@@ -15,8 +15,9 @@ from pathlib import Path
 import pexpect
 import pytest
 
+from streamq.processes import Service, start_front
 from tests.conftest import SLOW_TOKENS_PER_SECOND, SlowStack
-from tests.processes import ROOT, Service, restart_front_soon, start_front
+from tests.processes import ROOT, restart_front_soon
 from worker.synthetic import WORDS
 
 pytestmark = pytest.mark.e2e
@@ -36,7 +37,7 @@ def _words(text: str) -> str:
 
 
 def test_chat_streams_an_answer_ctrl_c_cancels_it_and_the_next_question_works(slow_stack: SlowStack) -> None:
-    args = ["-m", "shared.cli", "chat", "--url", slow_stack.url, "--model", slow_stack.model]
+    args = ["-m", "streamq", "chat", "--url", slow_stack.url, "--model", slow_stack.model]
     args += ["--max-tokens", str(TOKENS)]
     child = pexpect.spawn(
         sys.executable,
@@ -89,7 +90,7 @@ def test_chat_streams_an_answer_ctrl_c_cancels_it_and_the_next_question_works(sl
 def test_ctrl_c_at_the_prompt_leaves_the_chat(slow_stack: SlowStack) -> None:
     child = pexpect.spawn(
         sys.executable,
-        ["-m", "shared.cli", "chat", "--url", slow_stack.url, "--api-key", slow_stack.api_key],
+        ["-m", "streamq", "chat", "--url", slow_stack.url, "--api-key", slow_stack.api_key],
         cwd=str(ROOT),
         env=_env(),
         encoding="utf-8",
@@ -105,7 +106,7 @@ def test_ctrl_c_at_the_prompt_leaves_the_chat(slow_stack: SlowStack) -> None:
 
 
 def _ask(slow: SlowStack, url: str | None = None) -> list[str]:
-    command = [sys.executable, "-m", "shared.cli", "ask", "--url", url or slow.url]
+    command = [sys.executable, "-m", "streamq", "ask", "--url", url or slow.url]
     return [*command, "--api-key", slow.api_key, "--model", slow.model]
 
 

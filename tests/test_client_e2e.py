@@ -11,9 +11,10 @@ from typing import Any
 import httpx
 import pytest
 
-from client import AsyncStreamqClient, Backoff, StreamEvent, StreamqClient, StreamqError
+from streamq import AsyncStreamqClient, Backoff, StreamEvent, StreamqClient, StreamqError
+from streamq.processes import Service, start_front
 from tests.conftest import LONG_TOKENS, SlowStack, Stack
-from tests.processes import Service, restart_front_soon, start_front
+from tests.processes import restart_front_soon
 from tests.test_e2e_jobs import greedy_answer
 
 pytestmark = pytest.mark.e2e

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from rich.cells import cell_len
 
-from client.errors import StreamqConnectionError, StreamqError, error_from_response
-from client.render import printable, wrap_rows
-from client.resume import Backoff, ResumeState
-from client.sse import SSEParser
 from shared.job_store.vocabulary import FINAL_EVENTS
 from shared.schemas import StreamEvent
+from streamq.errors import StreamqConnectionError, StreamqError, error_from_response
+from streamq.render import printable, wrap_rows
+from streamq.resume import Backoff, ResumeState
+from streamq.sse import SSEParser
 
 
 def parse(lines: list[str]) -> list[StreamEvent]:

@@ -270,15 +270,16 @@ def _stages() -> dict[str, set[str]]:
 
 
 def test_every_image_carries_what_its_command_imports() -> None:
-    """The `streamq` command builds its parser from shared/ and client/ (chat, ask) and serves the
-    front from api/; a worker image also needs worker/. And .dockerignore lets them all in."""
+    """The `streamq` command (streamq/cli.py) wires in the subcommands of streamq/ (chat, ask, up,
+    status), api/ and worker/, all over shared/: every image needs the four (the front's image without
+    the worker's dependencies). And .dockerignore lets them all in."""
     stages = _stages()
     assert set(stages) == {"api", "worker", "worker-cpu", "worker-vllm"}
     for name, copied in stages.items():
-        needed = {"shared", "api", "client"} | ({"worker"} if name.startswith("worker") else set())
+        needed = {"shared", "api", "streamq", "worker"}
         assert needed <= copied, f"stage {name} lacks {needed - copied}"
     allowed = (ROOT / ".dockerignore").read_text().splitlines()
-    assert all(f"!{folder}/" in allowed for folder in ("shared", "api", "client", "worker"))
+    assert all(f"!{folder}/" in allowed for folder in ("shared", "api", "streamq", "worker"))
 
 
 # ----- vLLM's engine on several GPUs (issue 13) ----------------------------------------------------

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from shared.schemas import ChatMessage, GenerationRequest
+from streamq.processes import start_front
 from tests.conftest import LONG_TOKENS, STACK_CAPACITY, Stack
-from tests.processes import start_front
 from tests.sse import SSE, follow, read_events, text_of
 
 pytestmark = pytest.mark.e2e

@@ -14,7 +14,7 @@ from shared.job_store.payloads import Failed
 from shared.job_store.scripts import Answer, Ending, JobScripts, RenewAnswer
 from shared.job_store.vocabulary import EventName, FinishReason, JobField, JobStatus
 from shared.schemas import Timings, Usage
-from tests.processes import RedisServer
+from streamq.redis_server import RedisServer
 from worker.step_publisher import final_record
 
 LOST = Failed(type="worker_lost", message="gone")

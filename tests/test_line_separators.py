@@ -12,11 +12,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from client.async_client import AsyncStreamqClient
-from client.sse import LineSplitter, SSEParser
-from client.sync_client import StreamqClient
+from streamq.async_client import AsyncStreamqClient
+from streamq.processes import Service, start_synthetic_worker, wait_for
+from streamq.sse import LineSplitter, SSEParser
+from streamq.sync_client import StreamqClient
 from tests.conftest import Stack
-from tests.processes import Service, start_synthetic_worker, wait_for
 from worker.synthetic import SyntheticBackend
 
 MODEL = "separators"
@@ -68,7 +68,7 @@ def test_the_front_escapes_the_separators_and_the_clients_get_the_text_byte_for_
 
     assert asyncio.run(read_async()) == EXPECTED
 
-    ask = [sys.executable, "-m", "shared.cli", "ask", "--url", stack.url, "--model", MODEL]
+    ask = [sys.executable, "-m", "streamq", "ask", "--url", stack.url, "--model", MODEL]
     done = subprocess.run([*ask, "--max-tokens", str(TOKENS), "hi"], capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout == EXPECTED.encode() + b"\n"  # plain text in a pipe, plus the last newline

@@ -19,9 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared import keys
-from tests.processes import (
-    ROOT,
-    RedisServer,
+from streamq.processes import (
     Service,
     _answers,
     free_port,
@@ -30,6 +28,8 @@ from tests.processes import (
     wait_for,
     wait_workers,
 )
+from streamq.redis_server import RedisServer
+from tests.processes import ROOT
 from tests.sse import follow
 
 pytestmark = pytest.mark.e2e
@@ -179,7 +179,7 @@ def test_status_lists_workers_and_queue_depth_and_cancels_are_timed(ops: OpsStac
         )
 
         out = subprocess.run(
-            [sys.executable, "-m", "shared.cli", "status"],
+            [sys.executable, "-m", "streamq", "status"],
             env={**ops.env, "PATH": str(Path(sys.executable).parent)},
             cwd=ROOT,
             capture_output=True,

@@ -20,7 +20,8 @@ from schemathesis.checks import (
 )
 from schemathesis.generation import GenerationMode
 
-from tests.processes import RedisServer, start_front, start_synthetic_worker, wait_workers
+from streamq.processes import start_front, start_synthetic_worker, wait_workers
+from streamq.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
 

@@ -13,8 +13,8 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 
 from shared import keys
+from streamq.processes import Service, wait_for
 from tests.conftest import LONG_TOKENS, Stack
-from tests.processes import Service, wait_for
 from tests.sse import SSE, follow, text_of
 from tests.test_e2e_jobs import greedy_answer
 

@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
+from streamq.processes import start_front
 from tests.conftest import Stack
-from tests.processes import start_front
 from tests.secure_stack import ALLOWED_ORIGIN, LIMITS, MODEL, SecureStack, headers
 
 pytestmark = pytest.mark.e2e

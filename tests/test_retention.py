@@ -10,7 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.processes import RedisServer, Service, start_front, wait_for, wait_workers
+from streamq.processes import Service, start_front, wait_for, wait_workers
+from streamq.redis_server import RedisServer
 from tests.sse import follow
 
 pytestmark = pytest.mark.e2e

@@ -13,8 +13,8 @@ from rq.worker import Worker
 
 from shared import keys
 from shared.schemas import ChatMessage, GenerationRequest
+from streamq.processes import Service, wait_for
 from tests.conftest import Stack
-from tests.processes import Service, wait_for
 from tests.sse import follow, text_of
 
 pytestmark = pytest.mark.e2e

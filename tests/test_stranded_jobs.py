@@ -17,8 +17,9 @@ from rq.worker import Worker, WorkerStatus
 
 from shared import keys
 from shared.settings import Settings
+from streamq.processes import Service, start_synthetic_worker, wait_for
+from streamq.redis_server import RedisServer
 from tests.conftest import Stack
-from tests.processes import RedisServer, Service, start_synthetic_worker, wait_for
 from tests.sse import SSE, follow, text_of
 from tests.test_e2e_jobs import greedy_answer
 from worker.stranded import StrandedJobs

@@ -22,8 +22,8 @@ import psutil
 import pytest
 
 from shared.schemas import ChatMessage
+from streamq.processes import Service, wait_for
 from tests.conftest import Stack
-from tests.processes import Service, wait_for
 from tests.sse import SSE, follow, text_of
 
 if os.environ.get("STREAMQ_REQUIRE_VLLM") != "1":  # CI sets it: there, a missing vLLM fails
@@ -244,7 +244,7 @@ def test_a_kv_cache_too_small_for_one_job_stops_the_worker_with_a_clear_reason(
     env = {**os.environ, **stack.env, **VLLM_ENV, "STREAMQ_KV_CACHE_GIB": "0.0001"}
     args = ["worker", "--model", str(hd64_model), "--served-name", "vllm-small-kv"]
     done = subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args],
+        [sys.executable, "-m", "streamq", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,

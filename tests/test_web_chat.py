@@ -14,8 +14,9 @@ from typing import Any, TypeVar
 
 import pytest
 
+from streamq.processes import Service, start_front
 from tests.conftest import SLOW_TOKENS_PER_SECOND, SlowStack
-from tests.processes import Service, restart_front_soon, start_front
+from tests.processes import restart_front_soon
 
 pytestmark = [
     pytest.mark.e2e,
@@ -217,7 +218,7 @@ def test_the_page_shows_text_with_line_separators_and_carriage_returns_whole(
     browser: Any, slow_stack: SlowStack
 ) -> None:
     """U+2028, U+2029, U+0085, CR+LF pairs and lone CRs reach the page's answer exactly (issue 19)."""
-    from tests.processes import start_synthetic_worker, wait_for
+    from streamq.processes import start_synthetic_worker, wait_for
     from tests.test_line_separators import EXPECTED, TEXT, TOKENS
 
     model = "separators-web"

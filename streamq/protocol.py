@@ -9,8 +9,8 @@ from typing import Any, TypedDict
 
 import httpx
 
-from client.errors import StreamqConnectionError, StreamqError, error_from_response
 from shared.schemas import ChatMessage, JobView
+from streamq.errors import StreamqConnectionError, StreamqError, error_from_response
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 API_KEY_ENV = "STREAMQ_API_KEY"

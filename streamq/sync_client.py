@@ -9,12 +9,12 @@ from typing import Unpack
 
 import httpx
 
-from client import protocol
-from client.errors import StreamqError
-from client.protocol import JobOptions, Message
-from client.resume import Backoff, ReconnectHook, ResumeState
-from client.sse import SSEParser, sse_lines
 from shared.schemas import JobView, StreamEvent
+from streamq import protocol
+from streamq.errors import StreamqError
+from streamq.protocol import JobOptions, Message
+from streamq.resume import Backoff, ReconnectHook, ResumeState
+from streamq.sse import SSEParser, sse_lines
 
 
 class StreamqClient:

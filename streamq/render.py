@@ -19,7 +19,7 @@ from rich.live import Live
 from rich.spinner import Spinner
 from rich.text import Text
 
-from client.turn import Turn
+from streamq.turn import Turn
 
 _TOKENS = re.compile(r"\S+\s*|\s+")
 # Control characters could drive the terminal (escape sequences from a model's text): shown as �.

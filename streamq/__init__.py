@@ -1,7 +1,7 @@
 """streamq's Python client: submit jobs, follow their events (resumed by themselves after a drop),
 wait for answers, cancel. ``StreamqClient`` for plain code, ``AsyncStreamqClient`` for asyncio.
 
-    from client import StreamqClient
+    from streamq import StreamqClient
 
     with StreamqClient("http://127.0.0.1:8000") as sq:
         job = sq.submit([{"role": "user", "content": "Hello!"}], max_tokens=64)
@@ -15,22 +15,22 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from client.async_client import AsyncStreamqClient
-    from client.errors import StreamqConnectionError, StreamqError
-    from client.resume import Backoff
-    from client.sync_client import StreamqClient
     from shared.schemas import ChatMessage, JobView, StreamEvent
+    from streamq.async_client import AsyncStreamqClient
+    from streamq.errors import StreamqConnectionError, StreamqError
+    from streamq.resume import Backoff
+    from streamq.sync_client import StreamqClient
 
 # Imported on first use, so that `streamq worker` (whose parser lists `chat`) loads no httpx.
 _HOMES = {
-    "AsyncStreamqClient": "client.async_client",
-    "Backoff": "client.resume",
+    "AsyncStreamqClient": "streamq.async_client",
+    "Backoff": "streamq.resume",
     "ChatMessage": "shared.schemas",
     "JobView": "shared.schemas",
     "StreamEvent": "shared.schemas",
-    "StreamqClient": "client.sync_client",
-    "StreamqConnectionError": "client.errors",
-    "StreamqError": "client.errors",
+    "StreamqClient": "streamq.sync_client",
+    "StreamqConnectionError": "streamq.errors",
+    "StreamqError": "streamq.errors",
 }
 __all__ = [
     "AsyncStreamqClient",
@@ -46,5 +46,5 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name not in _HOMES:
-        raise AttributeError(f"module 'client' has no attribute {name!r}")
+        raise AttributeError(f"module 'streamq' has no attribute {name!r}")
     return getattr(importlib.import_module(_HOMES[name]), name)

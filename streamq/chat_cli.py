@@ -18,9 +18,9 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from client.render import Renderer
-    from client.sync_client import StreamqClient
-    from client.turn import Turn
+    from streamq.render import Renderer
+    from streamq.sync_client import StreamqClient
+    from streamq.turn import Turn
 
 HELP = "commands: /reset clears the conversation · /exit quits · Ctrl-C stops an answer"
 
@@ -48,9 +48,9 @@ def add_commands(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from client.protocol import default_url
-    from client.resume import Backoff
-    from client.sync_client import StreamqClient
+    from streamq.protocol import default_url
+    from streamq.resume import Backoff
+    from streamq.sync_client import StreamqClient
 
     backoff = Backoff(max_attempts=max(1, args.reconnects))
     with StreamqClient(args.url or default_url(), api_key=args.api_key, backoff=backoff) as client:
@@ -67,7 +67,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 def _renderer(summary: bool) -> Renderer:
     from rich.console import Console
 
-    from client.render import LiveRenderer, PlainRenderer
+    from streamq.render import LiveRenderer, PlainRenderer
 
     if sys.stdout.isatty():
         return LiveRenderer(Console(highlight=False))
@@ -79,8 +79,8 @@ def answer(
 ) -> Turn | None:
     """Submit one question and draw its answer until the job ends; Ctrl-C cancels it. The Turn,
     or None when the job could not be submitted (a Ctrl-C while submitting propagates)."""
-    from client.errors import StreamqError
-    from client.turn import Turn
+    from streamq.errors import StreamqError
+    from streamq.turn import Turn
 
     try:
         view = client.submit(messages, **options)
@@ -114,7 +114,7 @@ def answer(
 def _cancel(client: StreamqClient, job_id: str) -> str | None:
     """Ask for the cancel, whatever Ctrl-C comes meanwhile (it is sent again); a note when it
     could not be sent."""
-    from client.errors import StreamqError
+    from streamq.errors import StreamqError
 
     while True:
         try:
@@ -128,7 +128,7 @@ def _cancel(client: StreamqClient, job_id: str) -> str | None:
 
 def _stop(client: StreamqClient, turn: Turn, renderer: Renderer) -> str | None:
     """Cancel the job, then take the text it made before the cancel landed, up to its end."""
-    from client.errors import StreamqError
+    from streamq.errors import StreamqError
 
     turn.stopping = True
     renderer.update(turn)

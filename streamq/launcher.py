@@ -1,6 +1,6 @@
 """``streamq up``: the whole stack on one machine, in one command.
 
-Starts a private redis-server (unless STREAMQ_REDIS_URL is set), the front and N workers
+Starts a private Redis (unless STREAMQ_REDIS_URL is set; see streamq/redis_server.py), the front and N workers
 as child processes, waits until /readyz says ready, prints how to use it, and on Ctrl-C or
 SIGTERM stops every child and removes the private Redis.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,63 +20,10 @@ from pathlib import Path
 from types import FrameType
 
 from shared.settings import Settings
+from streamq.processes import die_with_parent, port_in_use, streamq_command
+from streamq.redis_server import start_private_redis
 
 TINY_MODEL_NAME = "streamq-tiny"
-REDIS_HINT = (
-    "streamq up needs redis-server on PATH to run a private Redis (or set STREAMQ_REDIS_URL).\n"
-    "Install it with: sudo apt-get install redis-server   (Debian/Ubuntu)\n"
-    "             or: brew install redis                 (macOS)"
-)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-def start_private_redis(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """A redis-server that keeps nothing on disk, on ``port`` (default: a free one), answering PING."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise FileNotFoundError(REDIS_HINT)
-    port = port or free_port()
-    args = [
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(workdir),
-    ]
-    # Its own session: a terminal's Ctrl-C reaches the launcher, which stops Redis last.
-    proc = subprocess.Popen(
-        [exe, *args], stdout=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
-                conn.sendall(b"PING\r\n")
-                if conn.recv(16).startswith(b"+PONG"):
-                    return proc, f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("the private redis-server did not start")
 
 
 def ensure_tiny_model(cache: Path, shape: str = "tiny") -> Path:
@@ -89,7 +35,7 @@ def ensure_tiny_model(cache: Path, shape: str = "tiny") -> Path:
     print(f"building the tiny demo model into {target} (first run only)...", flush=True)
     building = Path(tempfile.mkdtemp(prefix=".tiny-", dir=cache))
     subprocess.run(
-        [sys.executable, "-m", "shared.cli", "make-tiny-model", str(building), "--shape", shape],
+        streamq_command("make-tiny-model", str(building), "--shape", shape),
         check=True,
         start_new_session=True,
     )
@@ -106,23 +52,11 @@ def _ready(url: str) -> bool:
         return False
 
 
-def _die_with_parent() -> None:
-    """In a child, before exec: get SIGTERM if the launcher dies (even by SIGKILL). Linux only."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     # Own session: Ctrl-C in the terminal reaches only the launcher, which then stops the
     # children in order (front, workers, Redis) instead of all at once.
     return subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", *args],
-        env=env,
-        start_new_session=True,
-        preexec_fn=_die_with_parent,
+        streamq_command(*args), env=env, start_new_session=True, preexec_fn=die_with_parent
     )
 
 

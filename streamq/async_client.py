@@ -12,12 +12,12 @@ from typing import Unpack
 
 import httpx
 
-from client import protocol
-from client.errors import StreamqError
-from client.protocol import JobOptions, Message
-from client.resume import Backoff, ReconnectHook, ResumeState
-from client.sse import SSEParser, asse_lines
 from shared.schemas import JobView, StreamEvent
+from streamq import protocol
+from streamq.errors import StreamqError
+from streamq.protocol import JobOptions, Message
+from streamq.resume import Backoff, ReconnectHook, ResumeState
+from streamq.sse import SSEParser, asse_lines
 
 
 class AsyncStreamqClient:

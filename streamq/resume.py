@@ -11,8 +11,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from client.errors import StreamqConnectionError, StreamqError
 from shared.schemas import StreamEvent
+from streamq.errors import StreamqConnectionError, StreamqError
 
 # Answers worth retrying on a stream: the front (or its Redis) is briefly unavailable.
 RETRY_STATUSES = frozenset({429, 502, 503, 504})

@@ -1,0 +1,20 @@
+"""What the components' subcommands share: option choices and help, and settings with options applied.
+
+Each component adds its own subcommands (api/cli.py, worker/cli.py, streamq/chat_cli.py,
+streamq/launcher.py, streamq/status_report.py); streamq/cli.py only wires them together.
+"""
+
+from __future__ import annotations
+
+from shared.settings import Settings
+
+INSECURE_HELP = "serve without API keys on a non-loopback address (STREAMQ_INSECURE=1)"
+ENGINES = ["auto", "transformers", "vllm"]
+ENGINE_HELP = "the worker's engine (STREAMQ_ENGINE; auto: vLLM on a GPU when installed, else transformers)"
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+
+
+def with_options(settings: Settings, **changes: object) -> Settings:
+    """The settings with the options given on the command line (None = not given)."""
+    return settings.model_copy(update={k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,44 @@
+"""The ``streamq`` command: ``up``, ``status``, ``api``, ``worker``, ``make-tiny-model``, ``chat``, ``ask``.
+
+Only wiring: each component adds its own subcommands and runs them (api/cli.py, worker/cli.py,
+streamq/stack_cli.py, streamq/chat_cli.py). Those modules import their heavy parts when a command
+runs, so ``streamq api`` never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from api import cli as api_cli
+from streamq import chat_cli, stack_cli
+from worker import cli as worker_cli
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamq", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    stack_cli.add_commands(sub)  # up, status
+    api_cli.add_commands(sub)  # api
+    worker_cli.add_commands(sub)  # worker, make-tiny-model
+    chat_cli.add_commands(sub)  # chat, ask: the terminal clients
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command in ("up", "status"):
+        # `up` first asks the front's own check whether a front would start with these settings.
+        return stack_cli.run(args, front_may_start=api_cli.front_may_start)
+    if args.command == "api":
+        return api_cli.run(args)
+    if args.command in ("worker", "make-tiny-model"):
+        return worker_cli.run(args)
+    if args.command in ("chat", "ask"):
+        return chat_cli.run(args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""``streamq worker`` (serve one model from the queue) and ``streamq make-tiny-model``.
+
+torch and the engines are imported only when a command runs, not to build the parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from shared.cli_options import DEVICES, DTYPES, ENGINE_HELP, ENGINES, with_options
+from shared.settings import load_settings
+
+
+def add_commands(sub: Any) -> None:
+    """Add ``worker`` and ``make-tiny-model`` to the ``streamq`` command's subparsers."""
+    worker = sub.add_parser("worker", help="run a worker that serves one model")
+    worker.add_argument("--model", help="hub name or local folder (default: STREAMQ_MODEL)")
+    worker.add_argument("--served-name", help="the model name clients use (default: folder or hub name)")
+    worker.add_argument("--device", choices=DEVICES)
+    worker.add_argument("--dtype", choices=DTYPES)
+    worker.add_argument("--engine", choices=ENGINES, help=ENGINE_HELP)
+    worker.add_argument("--trust-remote-code", action="store_true", default=None, help="needed for ChatGLM")
+    worker.add_argument("--name", help="worker name (default: random)")
+    worker.add_argument("--burst", action="store_true", help="quit when the queue is empty")
+    worker.add_argument("--slots", type=int, help="jobs run at once (default: 8 on CPU, what fits on a GPU)")
+    worker.add_argument(
+        "--backend", choices=["model", "synthetic"], help="synthetic: no model, paced tokens (load tests)"
+    )
+    worker.add_argument("--tokens-per-second", type=float, help="pace of the synthetic backend")
+
+    tiny = sub.add_parser("make-tiny-model", help="build a small random-weight chat model into DIR")
+    tiny.add_argument("dir")
+    tiny.add_argument("--shape", default="tiny", help="tiny (default), tiny-hd64 (for vLLM) or qwen2.5-0.5b")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "make-tiny-model":
+        from worker.tiny_model import make_tiny_model
+
+        path = make_tiny_model(args.dir, shape=args.shape)
+        print(f"tiny model written to {path}")
+        return 0
+    from worker.main import run_worker
+
+    settings = with_options(
+        load_settings(),
+        model=args.model,
+        served_name=args.served_name,
+        device=args.device,
+        dtype=args.dtype,
+        engine=args.engine,
+        trust_remote_code=args.trust_remote_code,
+        slots=args.slots,
+        backend=args.backend,
+        synthetic_tokens_per_second=args.tokens_per_second,
+    )
+    if settings.backend == "model" and not settings.model:
+        print("streamq worker: give --model NAME_OR_PATH (or set STREAMQ_MODEL)", file=sys.stderr)
+        return 2
+    try:
+        return run_worker(settings, name=args.name, burst=args.burst)
+    except (OSError, ValueError) as exc:  # a model that cannot be found or loaded
+        print(f"streamq worker: cannot serve {settings.model}: {exc}", file=sys.stderr)
+        return 1
