@@ -61,8 +61,10 @@ def long_prompts(tiny_backend: Any) -> list[str]:
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     server = RedisServer()
-    yield server
-    server.close()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @dataclass
@@ -93,18 +95,22 @@ def stack(
         "STREAMQ_POSITION_POLL_INTERVAL": "0.1",
         "STREAMQ_PING_INTERVAL": "0.5",
     }
-    services = [start_worker(env, logdir, str(tiny_model), f"worker-{i}") for i in (1, 2)]
-    front1, url1 = start_front(env, logdir, "front-1")
-    front2, url2 = start_front(env, logdir, "front-2")
-    services += [front1, front2]
-    stack = Stack(redis_server, tiny_model, env, logdir, url1, url2, services)
+    services: list[Service] = []  # each one stopped below, whatever fails while they start
     try:
-        wait_workers(url1, 2)
-    except TimeoutError:
-        pytest.fail("the workers did not come up:\n" + stack.logs())
-    yield stack
-    for service in services:
-        service.stop()
+        services += [start_worker(env, logdir, str(tiny_model), f"worker-{i}") for i in (1, 2)]
+        front1, url1 = start_front(env, logdir, "front-1")
+        services.append(front1)
+        front2, url2 = start_front(env, logdir, "front-2")
+        services.append(front2)
+        stack = Stack(redis_server, tiny_model, env, logdir, url1, url2, services)
+        try:
+            wait_workers(url1, 2)
+        except TimeoutError:
+            pytest.fail("the workers did not come up:\n" + stack.logs())
+        yield stack
+    finally:
+        for service in services:
+            service.stop()
 
 
 @pytest.fixture(scope="session")

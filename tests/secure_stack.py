@@ -72,13 +72,17 @@ def secure_stack(logdir: Path) -> Iterator[SecureStack]:
         "STREAMQ_POSITION_POLL_INTERVAL": "0.1",
         **LIMITS,
     }
-    services = [start_synthetic_worker(env, logdir, MODEL, "secure-worker", tokens_per_second=50, slots=4)]
-    front_a, url_a = start_front(env, logdir, "secure-a", log_level="info")
-    env_b = env | {"STREAMQ_CORS_ORIGINS": ALLOWED_ORIGIN, "STREAMQ_LOG_PROMPTS": "1"}
-    front_b, url_b = start_front(env_b, logdir, "secure-b", log_level="info")
-    services += [front_a, front_b]
-    stack = SecureStack(redis_server, logdir, url_a, url_b, services)
+    services: list[Service] = []  # each one stopped below, whatever fails while they start
     try:
+        services.append(
+            start_synthetic_worker(env, logdir, MODEL, "secure-worker", tokens_per_second=50, slots=4)
+        )
+        front_a, url_a = start_front(env, logdir, "secure-a", log_level="info")
+        services.append(front_a)
+        env_b = env | {"STREAMQ_CORS_ORIGINS": ALLOWED_ORIGIN, "STREAMQ_LOG_PROMPTS": "1"}
+        front_b, url_b = start_front(env_b, logdir, "secure-b", log_level="info")
+        services.append(front_b)
+        stack = SecureStack(redis_server, logdir, url_a, url_b, services)
         wait_workers(url_a, 1)
         yield stack
     finally:

@@ -64,25 +64,29 @@ def ops(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         "STREAMQ_LOG_FORMAT": "json",
         "STREAMQ_METRICS_HOST": "127.0.0.1",
     }
-    tiny = start_worker(
-        {**env, "STREAMQ_SLOTS": "2", "STREAMQ_METRICS_PORT": str(free_port())},
-        logdir,
-        str(tiny_model),
-        "ops-tiny",
-    )
-    slow = start_synthetic_worker(
-        {**env, "STREAMQ_METRICS_PORT": str(free_port())}, logdir, SLOW, "ops-slow", tokens_per_second=2
-    )
-    port = free_port()
-    front = Service(["api", "--port", str(port), "--log-level", "info"], env, "ops-front", logdir)
-    url = f"http://127.0.0.1:{port}"
-    stack = OpsStack(redis_server, url, env, front, tiny, slow)
+    started: list[Service] = []  # each one stopped below, whatever fails while they start
     try:
+        tiny = start_worker(
+            {**env, "STREAMQ_SLOTS": "2", "STREAMQ_METRICS_PORT": str(free_port())},
+            logdir,
+            str(tiny_model),
+            "ops-tiny",
+        )
+        started.append(tiny)
+        slow = start_synthetic_worker(
+            {**env, "STREAMQ_METRICS_PORT": str(free_port())}, logdir, SLOW, "ops-slow", tokens_per_second=2
+        )
+        started.append(slow)
+        port = free_port()
+        front = Service(["api", "--port", str(port), "--log-level", "info"], env, "ops-front", logdir)
+        started.append(front)
+        url = f"http://127.0.0.1:{port}"
+        stack = OpsStack(redis_server, url, env, front, tiny, slow)
         wait_for(lambda: _answers(url) or not front.alive(), 60, "the front to listen")
         wait_workers(url, 2)
         yield stack
     finally:
-        for service in (front, tiny, slow):
+        for service in started:
             service.stop()
         redis_server.close()
 

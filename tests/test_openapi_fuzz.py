@@ -20,7 +20,7 @@ from schemathesis.checks import (
 )
 from schemathesis.generation import GenerationMode
 
-from streamq.processes import start_front, start_synthetic_worker, wait_workers
+from streamq.processes import Service, start_front, start_synthetic_worker, wait_workers
 from streamq.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
@@ -40,16 +40,20 @@ def fuzzed_front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "STREAMQ_KEY_MAX_CONCURRENT": "0",
         "STREAMQ_KEY_RATE_LIMIT": "",
     }
-    worker = start_synthetic_worker(env, logdir, "synth", "fuzz-worker", tokens_per_second=5000, slots=8)
-    front, url = start_front(env, logdir, "fuzz-front")
+    services: list[Service] = []  # each one stopped below, whatever fails while they start
     try:
+        services.append(
+            start_synthetic_worker(env, logdir, "synth", "fuzz-worker", tokens_per_second=5000, slots=8)
+        )
+        front, url = start_front(env, logdir, "fuzz-front")
+        services.append(front)
         wait_workers(url, 1)
         yield url
     finally:
-        front.stop()
-        worker.stop()
+        for service in services:
+            service.stop()
         redis_server.close()
-        for service in (front, worker):
+        for service in services:
             assert "Traceback" not in service.log(), service.log()
 
 
