@@ -120,9 +120,11 @@ class Scripted:
         self.redis = redis_server.client()
         self.script = script
         self.calls: list[tuple[str, str]] = []
+        self.enqueued_at: list[Any] = []  # RQ's record of when the job (last) entered its queue
 
     def run_job(self, job_id: str, slot_name: str) -> Outcome:
         self.calls.append((job_id, slot_name))
+        self.enqueued_at.append(Job.fetch(job_id, connection=self.redis).enqueued_at)
         then = self.script[job_id].pop(0)
         if isinstance(then, Exception):
             raise then
@@ -179,6 +181,7 @@ def test_each_outcome_is_filed_in_rq_as_the_job_ended(redis_server: RedisServer)
     # Handed back to the front of its queue: taken again next, and delivered once.
     assert [job_id for job_id, _ in runtime.calls] == ["handed-back", *script]
     assert {slot for _, slot in runtime.calls} == {"rq-contract.0"}  # the slot that took it runs it
+    assert runtime.enqueued_at[1] > runtime.enqueued_at[0]  # RQ's record was queued again too
     assert queue.count == 0
 
     def status(job_id: str) -> JobStatus | None:
