@@ -12,6 +12,7 @@ import inspect
 import threading
 import time
 import tomllib
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,7 @@ CALLED: list[tuple[Any, set[str]]] = [
     (Queue.enqueue_job, {"at_front"}),
     (CanceledJobRegistry.__init__, {"job_class", "serializer"}),
     (CanceledJobRegistry.add, {"ttl", "pipeline"}),
+    (StartedJobRegistry.remove_executions, set()),  # the janitor's requeue
 ]
 
 
@@ -103,13 +105,19 @@ def test_the_rq_methods_the_adapter_calls_take_its_arguments(method: Any, keywor
 
 
 def test_rq_workers_have_the_private_attributes_the_adapter_uses(redis_server: RedisServer) -> None:
-    worker = SlotWorker(
-        connection=redis_server.client(), settings=Settings(), runtime=Scripted(redis_server, "rq-attrs", {})
-    )
+    runtime = Scripted(redis_server, unique("rq"), {})
+    worker = SlotWorker(connection=redis_server.client(), settings=Settings(), runtime=runtime)
     assert worker._stop_requested is False  # set by stop_taking_jobs, read by RQ's work loop
     assert isinstance(SimpleWorker.death_penalty_class, type)  # EngineDeadline takes its place
     assert worker.job_class is StreamqJob  # RQ builds the jobs it dequeues with it
     assert "_result" in vars(Job("probe", connection=redis_server.client()))  # RQ's result, not read by us
+
+
+def test_the_rq_lists_streamqs_scripts_write_to_are_rqs(redis_server: RedisServer) -> None:
+    queue = Queue(keys.queue_name("some-model"), connection=redis_server.client())
+    assert queue.key == keys.rq_queue("some-model")  # the handback and cancel scripts push/remove here
+    assert queue.intermediate_queue_key == keys.intermediate(queue.key)  # taken, not yet started
+    assert Queue.redis_queues_keys == keys.RQ_QUEUES  # where the janitor finds every queue
 
 
 class Scripted:
@@ -129,7 +137,7 @@ class Scripted:
         if isinstance(then, Exception):
             raise then
         if then is Outcome.REQUEUED:  # what the handback script does before the run returns
-            self.redis.lpush(f"rq:queue:{keys.queue_name(self.served_name)}", job_id)
+            self.redis.lpush(keys.rq_queue(self.served_name), job_id)
         return Outcome(then)
 
 
@@ -156,9 +164,14 @@ def work_in_a_thread(worker: SlotWorker, burst: bool) -> tuple[threading.Thread,
     return thread, failed
 
 
+def unique(name: str) -> str:
+    """Names no other test session shares (sessions that run at once may share a Redis)."""
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
 def test_each_outcome_is_filed_in_rq_as_the_job_ended(redis_server: RedisServer) -> None:
-    model = "rq-contract"
-    script: dict[str, list[Any]] = {
+    model = unique("rq-contract")
+    ends: dict[str, list[Any]] = {
         "handed-back": [Outcome.REQUEUED, Outcome.FINISHED],
         "done": [Outcome.FINISHED],
         "canceled": [Outcome.CANCELED],
@@ -166,50 +179,48 @@ def test_each_outcome_is_filed_in_rq_as_the_job_ended(redis_server: RedisServer)
         "failed": [JobFailed("job failed: boom")],
         "gone": [Outcome.MISSING],
     }
-    queue = enqueue(redis_server, model, list(script))
-    runtime = Scripted(redis_server, model, script)
-    worker = SlotWorker(
-        connection=redis_server.client(),
-        settings=Settings(result_ttl=60),
-        runtime=runtime,
-        name="rq-contract.0",
-    )
+    ids = {name: f"{model}-{name}" for name in ends}
+    queue = enqueue(redis_server, model, list(ids.values()))
+    runtime = Scripted(redis_server, model, {ids[name]: then for name, then in ends.items()})
+    settings = Settings(result_ttl=60)
+    slot = f"{model}.0"
+    worker = SlotWorker(connection=redis_server.client(), settings=settings, runtime=runtime, name=slot)
     thread, failed = work_in_a_thread(worker, burst=True)
     thread.join(timeout=60)
     assert not thread.is_alive() and not failed
 
     # Handed back to the front of its queue: taken again next, and delivered once.
-    assert [job_id for job_id, _ in runtime.calls] == ["handed-back", *script]
-    assert {slot for _, slot in runtime.calls} == {"rq-contract.0"}  # the slot that took it runs it
+    assert [job_id for job_id, _ in runtime.calls] == [ids["handed-back"], *ids.values()]
+    assert {s for _, s in runtime.calls} == {slot}  # the slot that took the job runs it
     assert runtime.enqueued_at[1] > runtime.enqueued_at[0]  # RQ's record was queued again too
     assert queue.count == 0
 
-    def status(job_id: str) -> JobStatus | None:
-        return Job.fetch(job_id, connection=redis_server.client()).get_status()
+    def status(name: str) -> JobStatus | None:
+        return Job.fetch(ids[name], connection=redis_server.client()).get_status()
 
     finished = FinishedJobRegistry(queue=queue).get_job_ids()
-    assert sorted(finished) == ["done", "gone", "handed-back"]
-    assert [status(j) for j in ("done", "gone", "handed-back")] == [JobStatus.FINISHED] * 3
-    done = Job.fetch("done", connection=redis_server.client())
+    assert sorted(finished) == sorted(ids[n] for n in ("done", "gone", "handed-back"))
+    assert [status(n) for n in ("done", "gone", "handed-back")] == [JobStatus.FINISHED] * 3
+    done = Job.fetch(ids["done"], connection=redis_server.client())
     assert done.return_value() == "finished"  # RQ keeps the final status as the job's result
 
-    assert CanceledJobRegistry(queue=queue).get_job_ids() == ["canceled"]
+    assert CanceledJobRegistry(queue=queue).get_job_ids() == [ids["canceled"]]
     assert status("canceled") == JobStatus.CANCELED
 
-    assert FailedJobRegistry(queue=queue).get_job_ids() == ["failed"]
+    assert FailedJobRegistry(queue=queue).get_job_ids() == [ids["failed"]]
     assert status("failed") == JobStatus.FAILED
-    result = Job.fetch("failed", connection=redis_server.client()).latest_result()
+    result = Job.fetch(ids["failed"], connection=redis_server.client()).latest_result()
     assert result is not None and "boom" in (result.exc_string or "")
 
     # Lost: another worker holds it now; this one leaves RQ's record to that worker.
     everywhere = set(finished) | set(CanceledJobRegistry(queue=queue).get_job_ids())
     everywhere |= set(FailedJobRegistry(queue=queue).get_job_ids())
-    assert "lost" not in everywhere
+    assert ids["lost"] not in everywhere
     assert StartedJobRegistry(queue=queue).get_job_ids() == []
 
 
 def test_an_idle_slot_stops_soon_after_it_is_asked(redis_server: RedisServer) -> None:
-    model = "rq-idle"
+    model = unique("rq-idle")
     worker = SlotWorker(
         connection=redis_server.client(), settings=Settings(), runtime=Scripted(redis_server, model, {})
     )
@@ -225,8 +236,9 @@ def test_an_idle_slot_stops_soon_after_it_is_asked(redis_server: RedisServer) ->
 
 
 def test_a_plain_rq_worker_fails_a_streamq_job_clearly(redis_server: RedisServer) -> None:
-    queue = enqueue(redis_server, "rq-plain", ["plain"])
+    job_id = unique("plain")
+    queue = enqueue(redis_server, unique("rq-plain"), [job_id])
     SimpleWorker([queue], connection=redis_server.client()).work(burst=True, logging_level="WARNING")
-    assert FailedJobRegistry(queue=queue).get_job_ids() == ["plain"]
-    result = Job.fetch("plain", connection=redis_server.client()).latest_result()
+    assert FailedJobRegistry(queue=queue).get_job_ids() == [job_id]
+    result = Job.fetch(job_id, connection=redis_server.client()).latest_result()
     assert result is not None and "no model is loaded in this process" in (result.exc_string or "")
