@@ -44,6 +44,8 @@ def in_process_first_token(model_dir: Path, runs: int) -> list[float]:
     req = GenerationRequest(
         messages=[ChatMessage(role="user", content=PROMPT)], max_tokens=MAX_TOKENS, temperature=0.0, top_p=1.0
     )
+    for _ in backend.generate(req.model_copy(update={"max_tokens": 2})):
+        pass  # warm-up: loading the model does none
     out = []
     for _ in range(runs):
         start = time.perf_counter()

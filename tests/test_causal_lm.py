@@ -85,15 +85,22 @@ def test_a_stop_sequence_ends_the_answer_before_it(tiny_backend: Any) -> None:
     assert text == full[: full.index(stop)]
 
 
-def test_stream_chat_follows_chatglm_contract(tiny_backend: Any) -> None:
-    answers = []
-    for answer, history in tiny_backend.stream_chat(
-        tiny_backend.tokenizer, "and then?", [("hi", "hello")], max_length=60, top_p=0.7, temperature=0
-    ):
-        answers.append(answer)
-        assert history == [("hi", "hello"), ("and then?", answer)]
-    assert len(answers) > 1
-    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(answers))
+def test_a_conversation_is_answered_token_by_token_from_all_its_turns(tiny_backend: Any) -> None:
+    from worker.chatglm import to_query_and_history
+
+    turns = [
+        ChatMessage(role="user", content="hi"),
+        ChatMessage(role="assistant", content="hello"),
+        ChatMessage(role="user", content="and then?"),
+    ]
+    assert to_query_and_history(turns) == ("and then?", [("hi", "hello")])  # ChatGLM's view of it
+    conversation = request(messages=turns, max_tokens=60, max_length=60, top_p=0.7, temperature=0)
+    steps = list(tiny_backend.generate(conversation))
+    answers = list(itertools.accumulate(s.delta for s in steps))  # the answer so far, step by step
+    assert len(answers) > 1 and answers[-1].strip()
+    assert [s.completion_tokens for s in steps] == list(range(1, len(steps) + 1))  # a token a step
+    last_turn_alone = request(messages=turns[-1:], max_tokens=60, max_length=60, top_p=0.7, temperature=0)
+    assert answers[-1] != run(tiny_backend, last_turn_alone)[0]  # the earlier turns shape the answer
 
 
 def test_device_and_dtype_choice() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from shared.schemas import ChatMessage, GenerationRequest
+from shared.schemas import GenerationRequest
 from worker.backend import GenerationStep, LoadedModel
 from worker.chat_prompt import ChatPrompt, eos_ids_of
 from worker.sampling import SamplingParams, sample_next
@@ -30,7 +30,8 @@ def output_cache(out: Any) -> Any:
 
 
 class CausalLMChat(LoadedModel, ChatPrompt):
-    """Drives a causal LM one token at a time, following ChatGLM's ``stream_chat`` contract."""
+    """A transformers causal LM and its chat template: the batching engine's model
+    (``batch_lm.BatchedCausalLM``) drives it; ``generate`` runs one job alone, its reference."""
 
     def __init__(self, model: Any, tokenizer: Any, name: str, device: str, dtype: str) -> None:
         super().__init__(model, tokenizer, name, device, dtype)
@@ -64,35 +65,3 @@ class CausalLMChat(LoadedModel, ChatPrompt):
                 use_cache=True,
                 **{self.cache_argument: output_cache(out)},
             )
-
-    def stream_chat(
-        self,
-        tokenizer: Any,
-        query: str,
-        history: list[tuple[str, str]] | None = None,
-        max_length: int = 2048,
-        top_p: float = 0.7,
-        temperature: float = 0.95,
-        **kwargs: Any,
-    ) -> Iterator[tuple[str, list[tuple[str, str]]]]:
-        """ChatGLM's interface: yields (answer so far, history including this turn) per step."""
-        del tokenizer  # the model's own tokenizer is used, as ChatGLM's models do
-        history = list(history or [])
-        messages: list[ChatMessage] = []
-        for q, a in history:
-            messages += [ChatMessage(role="user", content=q), ChatMessage(role="assistant", content=a)]
-        messages.append(ChatMessage(role="user", content=query))
-        request = GenerationRequest(
-            messages=messages,
-            max_tokens=max_length,
-            max_length=max_length,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=int(kwargs.get("top_k", 0)),
-            stop=list(kwargs.get("stop", [])),
-            seed=kwargs.get("seed"),
-        )
-        answer = ""
-        for step in self.generate(request):
-            answer += step.delta
-            yield answer, [*history, (query, answer)]

@@ -1,6 +1,6 @@
 """The generation engine: one thread per worker process that runs every job it holds, step by step.
 
-Slot threads (one per RQ job being run, see ``slot_worker``) hand jobs in with ``submit`` and
+Slot threads (one per RQ job being run, see ``slot_pool``) hand jobs in with ``submit`` and
 wait for their end. Each engine step:
 
 1. takes the jobs that arrived (they join between steps; none waits for a running one),

@@ -54,7 +54,9 @@ def build_model(settings: Settings, backend: ServedModel) -> tuple[BatchModel, i
 
         return build_vllm_model(settings, backend)
     if isinstance(backend, ChatGLMChat):  # a model with its own stream_chat: one job per slot, unbatched
-        return SerialModel(backend, settings.slots or CPU_SLOTS), backend.context_length
+        serial = SerialModel(backend, settings.slots or CPU_SLOTS)
+        warm_up(serial)
+        return serial, backend.context_length
     if not isinstance(backend, CausalLMChat):
         raise TypeError(f"no engine for a {type(backend).__name__}")
     from worker.batch_lm import BatchedCausalLM
@@ -77,7 +79,8 @@ def build_model(settings: Settings, backend: ServedModel) -> tuple[BatchModel, i
 
 def warm_up(model: BatchModel) -> None:
     """Run a two-token job through the engine's model once, so that the first user's job does not
-    pay for the batched path's first-call allocations."""
+    pay for its first-call allocations (the only warm-up on a worker's start-up path: loading
+    the model does none)."""
     import time
 
     from shared.schemas import ChatMessage, GenerationRequest

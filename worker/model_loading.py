@@ -93,16 +93,4 @@ def load_backend(
         backend = ChatGLMChat(model, tokenizer, name, device, dtype)
     else:
         backend = CausalLMChat(model, tokenizer, name, device, dtype)
-    warm_up(backend)
     return backend
-
-
-def warm_up(backend: ChatBackend) -> None:
-    """Run a two-token job once, so the first user's job does not pay for first-call allocations."""
-    from shared.schemas import ChatMessage, GenerationRequest
-
-    request = GenerationRequest(
-        messages=[ChatMessage(role="user", content="hi")], max_tokens=2, temperature=0.0, top_p=1.0
-    )
-    for _ in backend.generate(request):
-        pass

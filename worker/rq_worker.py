@@ -1,22 +1,30 @@
-"""StreamqWorker: an RQ worker that runs its jobs on the process's engine.
+"""The RQ adapter: the only module that subclasses RQ or touches its private API.
 
-It is a SimpleWorker (no fork per job: a forked child could not reuse the CUDA context).
-``streamq worker --slots K`` runs K of them as threads of one process, around one engine
-(see ``slot_pool``); it also runs the plain RQ way, as one slot::
+A StreamqWorker is an RQ SimpleWorker (no fork per job: a forked child could not reuse the CUDA
+context) that runs its jobs on a worker runtime's engine. ``streamq worker --slots K`` runs K
+of them (``SlotWorker``) as threads of one process, around one runtime (see ``slot_pool``); it
+also runs the plain RQ way, as one slot that builds its own runtime::
 
     STREAMQ_MODEL=/path/to/model rq worker -w worker.rq_worker.StreamqWorker -u redis://...
 
-It always listens on its model's queue (``streamq:<served name>``), shows up in ``rq info``,
-and files canceled jobs in RQ's CanceledJobRegistry rather than as finished.
+The job path: RQ's loop takes a job from the model's queue (``streamq:<served name>``) and calls
+``Job.perform``; a ``StreamqJob`` runs streamq's task there on the runtime its worker handed it
+(``JobRunner.run``, which waits while the engine runs the job), keeps the typed ``Outcome``, and
+``handle_job_success`` files it: finished, canceled (RQ's CanceledJobRegistry), handed back to
+the front of its queue, or left to the worker that holds it now. A failure raises (JobFailed),
+and RQ files it failed. So RQ's registries and ``rq info`` follow each job's real end.
+
+What this module relies on in RQ (hooks, private attributes, signatures) is checked against
+the installed RQ by tests/test_rq_adapter.py.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Protocol
 
-import redis
+from rq.exceptions import StopRequested
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.registry import CanceledJobRegistry, StartedJobRegistry
@@ -26,12 +34,21 @@ from rq.worker import SimpleWorker
 from shared import keys
 from shared.log_format import job_fields
 from shared.settings import Settings, load_settings
-from worker import runtime
-from worker.backend import ServedModel
-from worker.job_runner import CANCELED, LOST, REQUEUED
-from worker.model_loading import configure_threads, default_served_name, load_backend, resolve_device
+from worker.job_runner import Outcome
+from worker.runtime import WorkerRuntime, build_runtime, served_name_of
+from worker.tasks import TASK
 
 log = logging.getLogger("streamq.worker")
+
+IDLE_POLL = 5  # seconds an idle slot blocks on its queue before looking at a stop request
+
+
+class JobHost(Protocol):
+    """What a StreamqWorker runs its jobs on (a WorkerRuntime)."""
+
+    served_name: str
+
+    def run_job(self, job_id: str, slot_name: str) -> Outcome: ...
 
 
 class EngineDeadline(BaseDeathPenalty):
@@ -44,44 +61,21 @@ class EngineDeadline(BaseDeathPenalty):
         pass
 
 
-def served_name_of(settings: Settings) -> str:
-    if settings.served_name:
-        return settings.served_name
-    if settings.backend == "synthetic":
-        return "synthetic"
-    return default_served_name(settings.model or "")
+class StreamqJob(Job):
+    """An RQ job run on the engine of the worker that took it: the worker hands it its host
+    before RQ performs it; RQ's ``perform`` then runs streamq's task on that host, and the job
+    keeps the typed outcome for the worker. A job naming another function runs the RQ way."""
 
+    host: JobHost | None = None
+    slot_name: str = ""
+    outcome: Outcome | None = None
 
-def load_worker_backend(settings: Settings, served: str) -> ServedModel:
-    """The model this worker serves (loaded once), or the synthetic stand-in."""
-    if settings.backend == "synthetic":
-        from worker.synthetic import SyntheticBackend
-
-        return SyntheticBackend(served, settings.synthetic_tokens_per_second, settings.synthetic_text)
-    if settings.backend != "model":
-        raise ValueError(f"backend must be 'model' or 'synthetic', not {settings.backend!r}")
-    if not settings.model:
-        raise ValueError("no model to serve: pass --model or set STREAMQ_MODEL")
-    from worker.engine_choice import choose_engine
-
-    device = resolve_device(settings.device)
-    engine = choose_engine(settings, device)
-    log.info("engine: %s (STREAMQ_ENGINE=%s)", engine, settings.engine)
-    if engine == "vllm":
-        from worker.vllm_engine import load_vllm_served
-
-        return load_vllm_served(settings, served, device)
-    configure_threads(device, settings.torch_threads)
-    return load_backend(settings.model, settings.device, settings.dtype, served, settings.trust_remote_code)
-
-
-def build_runtime(
-    settings: Settings, connection: redis.Redis, name: str, backend: ServedModel
-) -> runtime.WorkerRuntime:
-    from worker.engine_setup import build_model
-
-    model, max_len = build_model(settings, backend)
-    return runtime.WorkerRuntime(settings, connection, name, backend, model, max_len)
+    def _execute(self) -> Any:  # RQ's Job.perform() calls it to run the job's function
+        if self.host is None or self.func_name != TASK:
+            return super()._execute()
+        (job_id,) = self.args
+        self.outcome = self.host.run_job(job_id, self.slot_name)
+        return self.outcome.value  # RQ keeps the final status as the job's result
 
 
 class StreamqWorker(SimpleWorker):
@@ -92,13 +86,13 @@ class StreamqWorker(SimpleWorker):
         queues: Any = None,
         *args: Any,
         settings: Settings | None = None,
-        worker_runtime: runtime.WorkerRuntime | None = None,
+        runtime: JobHost | None = None,
         **kwargs: Any,
     ) -> None:
         self.settings = settings or load_settings()
-        if worker_runtime is None and self.settings.backend == "model" and not self.settings.model:
+        if runtime is None and self.settings.backend == "model" and not self.settings.model:
             raise ValueError("no model to serve: pass --model or set STREAMQ_MODEL")
-        served = worker_runtime.backend.name if worker_runtime else served_name_of(self.settings)
+        served = runtime.served_name if runtime else served_name_of(self.settings)
         queue = keys.queue_name(served)
         given = queues if isinstance(queues, list | tuple) else [queues] if queues else []
         asked = [q if isinstance(q, str) else q.name for q in given]
@@ -106,32 +100,37 @@ class StreamqWorker(SimpleWorker):
             log.warning(
                 "a StreamqWorker listens on its model's queue %s, not %s", queue, ", ".join(map(str, asked))
             )
+        kwargs["job_class"] = StreamqJob  # `rq worker` passes its default (rq.job.Job) by name
         super().__init__([queue], *args, **kwargs)
         self.served_name = served
-        self.runtime = worker_runtime
-        self._owns_runtime = worker_runtime is None
+        self.runtime = runtime
+        self._owned: WorkerRuntime | None = None  # the runtime it built itself (`rq worker -w`)
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)
         if self.runtime is not None:
             return
         try:  # run on its own (`rq worker -w ...`): load the model here
-            backend = load_worker_backend(self.settings, self.served_name)
+            owned = build_runtime(self.settings, self.connection, self.name)
         except BaseException as exc:
             log.error("worker %s could not load %s: %s", self.name, self.settings.model, exc)
             self.register_death()  # no ghost in `rq info`
             raise
-        self.runtime = build_runtime(self.settings, self.connection, self.name, backend)
-        self.runtime.start()
-        runtime.install(self.runtime)
+        owned.start()
+        self.runtime = self._owned = owned
+        backend = owned.backend
         log.info("worker %s serves %s on %s (%s)", self.name, backend.name, backend.device, backend.dtype)
 
     def teardown(self) -> None:
-        if self.runtime is not None and self._owns_runtime:
-            self.runtime.stop()
-            runtime.install(None)
-            self.runtime = None
+        if self._owned is not None:
+            self._owned.stop()
+            self.runtime = self._owned = None
         super().teardown()
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        if isinstance(job, StreamqJob):
+            job.host, job.slot_name = self.runtime, self.name
+        super().execute_job(job, queue)
 
     def clean_registries(self) -> None:
         """RQ's own cleaning, and the canceled registry's, which RQ leaves to grow."""
@@ -146,11 +145,12 @@ class StreamqWorker(SimpleWorker):
         """A job that ended canceled goes to RQ's canceled registry, not the finished one; a job
         handed back goes to the front of its queue again; a job another worker took over is left
         to that worker."""
-        if job._result in (REQUEUED, LOST):
+        outcome = job.outcome if isinstance(job, StreamqJob) else None
+        if outcome in (Outcome.REQUEUED, Outcome.LOST):
             with self.connection.pipeline() as pipe:
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)
                 pipe.execute()
-            if job._result == REQUEUED:
+            if outcome is Outcome.REQUEUED:
                 # The handback script already put the id back on the queue's front, so a kill
                 # here strands nothing. RQ's enqueue writes its record and pushes the id again;
                 # the script's copy, next in line, is then dropped (if a worker already took
@@ -164,7 +164,7 @@ class StreamqWorker(SimpleWorker):
                     extra=job_fields("requeued", job.id, model, worker=self.name, reason="worker_stopping"),
                 )
             return
-        if job._result != CANCELED:
+        if outcome is not Outcome.CANCELED:
             super().handle_job_success(job, queue, started_job_registry, execution)
             return
         with self.connection.pipeline() as pipe:
@@ -176,3 +176,36 @@ class StreamqWorker(SimpleWorker):
             ).add(job, ttl=self.settings.result_ttl, pipeline=pipe)
             pipe.execute()
         log.debug("job %s: canceled (RQ registry)", job.id)
+
+
+class SlotWorker(StreamqWorker):
+    """A StreamqWorker that runs in a thread of the slot pool, around the pool's runtime. It
+    installs no signal handlers and uses no SIGALRM timer (the pool's main thread takes the
+    signals; the engine enforces deadlines)."""
+
+    def _install_signal_handlers(self) -> None:
+        pass  # the pool's main thread handles signals
+
+    def subscribe(self) -> None:
+        pass  # RQ's per-worker command channel: the pool is stopped with signals instead
+
+    def procline(self, message: str) -> None:
+        pass  # one process title for the whole pool
+
+    def stop_taking_jobs(self) -> None:
+        """Take no new job: the running one ends, then ``work`` returns (within IDLE_POLL when idle)."""
+        self._stop_requested = True
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        """RQ's dequeue, in waits of IDLE_POLL seconds, so that a stop request is seen while idle
+        (each wait costs an idle slot a few Redis commands: with hundreds of slots, waits of a
+        second kept the process busy enough to slow its own job dispatch)."""
+        if timeout is None:  # burst: one look at the queue
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        while not self._stop_requested:
+            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=IDLE_POLL)
+            if result is not None:
+                return result
+        raise StopRequested()

@@ -1,8 +1,10 @@
-"""The per-process worker runtime: the loaded model, its engine and the threads that serve it.
+"""A worker process's runtime, built in one place from its ``Settings``: the loaded model, its
+engine, the threads that serve it (publisher, cancel watcher, leases, heartbeat, prompt
+counter, janitor, metrics) and the job runner that puts jobs on the engine.
 
-A worker process builds one at start-up and installs it; RQ's job function
-(``worker.tasks.generate``) finds it here, in whichever slot thread runs the job. A job
-function run by a plain ``rq worker`` (one that loaded no model) gets a clear error instead.
+``build_runtime`` makes one. Its owner (the slot pool, or a StreamqWorker started the plain RQ
+way) starts and stops it and hands it to each RQ worker it runs; a job reaches it through that
+worker (``worker.rq_worker``), never through a process-wide instance.
 """
 
 from __future__ import annotations
@@ -18,13 +20,54 @@ from worker.cancel_watcher import CancelWatcher
 from worker.engine import BatchModel, Engine
 from worker.heartbeat import Heartbeat
 from worker.janitor import Janitor
-from worker.job_runner import JobRunner
+from worker.job_runner import JobRunner, Outcome
 from worker.leases import LeaseKeeper
 from worker.metrics import WorkerMetrics
+from worker.model_loading import configure_threads, default_served_name, load_backend, resolve_device
 from worker.prompt_counter import PromptCounter
 from worker.step_publisher import StepPublisher
 
 log = logging.getLogger("streamq.worker")
+
+
+def served_name_of(settings: Settings) -> str:
+    if settings.served_name:
+        return settings.served_name
+    if settings.backend == "synthetic":
+        return "synthetic"
+    return default_served_name(settings.model or "")
+
+
+def load_worker_backend(settings: Settings, served: str) -> ServedModel:
+    """The model this worker serves (loaded once), or the synthetic stand-in."""
+    if settings.backend == "synthetic":
+        from worker.synthetic import SyntheticBackend
+
+        return SyntheticBackend(served, settings.synthetic_tokens_per_second, settings.synthetic_text)
+    if settings.backend != "model":
+        raise ValueError(f"backend must be 'model' or 'synthetic', not {settings.backend!r}")
+    if not settings.model:
+        raise ValueError("no model to serve: pass --model or set STREAMQ_MODEL")
+    from worker.engine_choice import choose_engine
+
+    device = resolve_device(settings.device)
+    engine = choose_engine(settings, device)
+    log.info("engine: %s (STREAMQ_ENGINE=%s)", engine, settings.engine)
+    if engine == "vllm":
+        from worker.vllm_engine import load_vllm_served
+
+        return load_vllm_served(settings, served, device)
+    configure_threads(device, settings.torch_threads)
+    return load_backend(settings.model, settings.device, settings.dtype, served, settings.trust_remote_code)
+
+
+def build_runtime(settings: Settings, connection: redis.Redis, worker_name: str) -> WorkerRuntime:
+    """Load the model, build (and warm up) its engine model, and everything that serves it."""
+    from worker.engine_setup import build_model
+
+    backend = load_worker_backend(settings, served_name_of(settings))
+    model, max_len = build_model(settings, backend)
+    return WorkerRuntime(settings, connection, worker_name, backend, model, max_len)
 
 
 class WorkerRuntime:
@@ -38,6 +81,7 @@ class WorkerRuntime:
         context_length: int | None,
     ) -> None:
         self.backend = backend
+        self.served_name = backend.name
         self.settings = settings
         self.metrics = WorkerMetrics(backend.name)
         self.metrics.describe_worker(
@@ -105,34 +149,19 @@ class WorkerRuntime:
             helper.stop()
         self.metrics.close()
 
-    def run_job(self, job_id: str, slot_name: str) -> str:
+    def run_job(self, job_id: str, slot_name: str) -> Outcome:
+        """Run one job on the engine (from the slot thread that took it); JobFailed if it failed."""
         with self._lock:
             self._running[job_id] = slot_name
             self.heartbeat.current_job = ",".join(self._running)
         status = "failed"  # JobFailed, or anything else the run raised
         try:
-            status = self.runner.run(job_id, slot_name)
-            return status
+            outcome = self.runner.run(job_id, slot_name)
+            status = outcome.value
+            return outcome
         finally:
             self.metrics.job_ended(status)
             with self._lock:
                 self._running.pop(job_id, None)
                 self.heartbeat.current_job = ",".join(self._running)
                 self.heartbeat.jobs_done += 1
-
-
-_installed: WorkerRuntime | None = None
-
-
-def install(runtime: WorkerRuntime | None) -> None:
-    global _installed
-    _installed = runtime
-
-
-def current() -> WorkerRuntime:
-    if _installed is None:
-        raise RuntimeError(
-            "no model is loaded in this process: run jobs with `streamq worker` or "
-            "`rq worker -w worker.rq_worker.StreamqWorker` (a plain `rq worker` cannot run them)"
-        )
-    return _installed

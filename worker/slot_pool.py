@@ -1,11 +1,12 @@
 """``streamq worker``: one process, one loaded model, one engine, K slot threads.
 
-Each slot is an RQ worker (a ``StreamqWorker``) running in its own thread: it takes one job
-at a time from the model's queue and waits while the engine runs it, so RQ's registries and
-``rq info`` show every job truthfully, and the process never takes more jobs than it has
-slots. The slot threads install no signal handlers and use no SIGALRM timer (the engine
-enforces deadlines). The main thread, which loaded the model, runs the engine and takes the
-signals; a manager thread keeps the slots going:
+The pool builds the process's runtime (``worker.runtime.build_runtime``: model, engine and the
+threads that serve it) and hands it to each slot. Each slot is an RQ worker (a ``SlotWorker``,
+see ``worker.rq_worker``) running in its own thread: it takes one job at a time from the
+model's queue and waits while the engine runs it, so RQ's registries and ``rq info`` show
+every job truthfully, and the process never takes more jobs than it has slots. The main
+thread, which loaded the model, runs the engine and takes the signals; a manager thread keeps
+the slots going:
 
 - first SIGTERM / SIGINT: stop taking jobs, let running ones finish for ``drain_seconds``;
 - second signal, or the drain time is up: stop the engine; jobs still running go back to the
@@ -22,51 +23,19 @@ import sys
 import threading
 import time
 from types import FrameType
-from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
-from rq.exceptions import StopRequested
-from rq.job import Job
-from rq.queue import Queue
 
 from shared.settings import Settings
-from worker import runtime
 from worker.engine_setup import MAX_AUTO_SLOTS, SYNTHETIC_SLOTS
-from worker.rq_worker import StreamqWorker, build_runtime, load_worker_backend, served_name_of
+from worker.rq_worker import SlotWorker
+from worker.runtime import WorkerRuntime, build_runtime
 
 log = logging.getLogger("streamq.worker")
 
 SWITCH_INTERVAL = 0.0005  # seconds
-IDLE_POLL = 5  # seconds an idle slot blocks on its queue before looking at a stop request
-
-
-class SlotWorker(StreamqWorker):
-    """A StreamqWorker that runs in a thread of the pool, around the pool's engine."""
-
-    def _install_signal_handlers(self) -> None:
-        pass  # the pool's main thread handles signals
-
-    def subscribe(self) -> None:
-        pass  # RQ's per-worker command channel: the pool is stopped with signals instead
-
-    def procline(self, message: str) -> None:
-        pass  # one process title for the whole pool
-
-    def dequeue_job_and_maintain_ttl(
-        self, timeout: int | None, max_idle_time: int | None = None
-    ) -> tuple[Job, Queue] | None:
-        """RQ's dequeue, in waits of IDLE_POLL seconds, so that a stop request is seen while idle
-        (each wait costs an idle slot a few Redis commands: with hundreds of slots, waits of a
-        second kept the process busy enough to slow its own job dispatch)."""
-        if timeout is None:  # burst: one look at the queue
-            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
-        while not self._stop_requested:
-            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=IDLE_POLL)
-            if result is not None:
-                return result
-        raise StopRequested()
 
 
 def worker_connection(settings: Settings) -> redis.Redis:
@@ -103,45 +72,45 @@ class SlotPool:
         self._stop.set()
 
     def run(self) -> int:
-        served = served_name_of(self.settings)
-        backend = load_worker_backend(self.settings, served)
-        worker_runtime = build_runtime(self.settings, self.connection, self.name, backend)
-        worker_runtime.start(engine_thread=False)  # the engine runs here, where the model was loaded
+        runtime = build_runtime(self.settings, self.connection, self.name)
+        runtime.start(engine_thread=False)  # the engine runs here, where the model was loaded
         # The engine holds the GIL between torch calls; hand it over more often than Python's
         # default 5 ms, so that slot threads take new jobs (and the publisher writes) promptly.
         sys.setswitchinterval(SWITCH_INTERVAL)
-        runtime.install(worker_runtime)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        slots = worker_runtime.engine.slots
-        log.info("worker %s serves %s on %s with %d slots", self.name, served, backend.device, slots)
-        for index in range(slots):
-            self._start_slot(index, worker_runtime)
-        manager = threading.Thread(
-            target=self._manage, args=(worker_runtime,), name="streamq-slots", daemon=True
+        slots = runtime.engine.slots
+        log.info(
+            "worker %s serves %s on %s with %d slots",
+            self.name,
+            runtime.served_name,
+            runtime.backend.device,
+            slots,
         )
+        for index in range(slots):
+            self._start_slot(index, runtime)
+        manager = threading.Thread(target=self._manage, args=(runtime,), name="streamq-slots", daemon=True)
         manager.start()
         healthy = True
         try:
-            worker_runtime.engine.run()
+            runtime.engine.run()
         except Exception:
             healthy = False  # logged by the engine; the process exits non-zero for its supervisor
         finally:
             self._stop.set()
             manager.join(timeout=self.settings.drain_seconds + 10)
-            worker_runtime.stop()  # what is left is written; the worker leaves the lists
+            runtime.stop()  # what is left is written; the worker leaves the lists
             for _worker, thread in self._slots.values():
                 thread.join(timeout=5)
-            runtime.install(None)
         return 0 if healthy else 1
 
-    def _manage(self, worker_runtime: Any) -> None:
+    def _manage(self, runtime: WorkerRuntime) -> None:
         """Keep the slots running until a stop; then drain and stop the engine."""
         try:
-            self._supervise(worker_runtime)
+            self._supervise(runtime)
         finally:
             for worker, _thread in self._slots.values():
-                worker._stop_requested = True
+                worker.stop_taking_jobs()
             deadline = time.monotonic() + self.settings.drain_seconds
             while (
                 any(t.is_alive() for _w, t in self._slots.values())
@@ -149,9 +118,9 @@ class SlotPool:
                 and not self._force.is_set()
             ):
                 time.sleep(0.1)
-            worker_runtime.engine.request_stop()  # jobs still running go back to their queue
+            runtime.engine.request_stop()  # jobs still running go back to their queue
 
-    def _start_slot(self, index: int, worker_runtime: Any) -> None:
+    def _start_slot(self, index: int, runtime: WorkerRuntime) -> None:
         # A restarted slot gets a new name: its old RQ record may not have been removed (Redis
         # was away when it stopped), and RQ refuses a second live worker of the same name.
         self._generation += 1
@@ -162,7 +131,7 @@ class SlotPool:
             None,
             connection=self.connection,
             settings=self.settings,
-            worker_runtime=worker_runtime,
+            runtime=runtime,
             name=name,
             maintenance_interval=self.settings.maintenance_interval,
         )
@@ -175,7 +144,7 @@ class SlotPool:
         self._slots[index] = (worker, thread)
         thread.start()
 
-    def _supervise(self, worker_runtime: Any) -> None:
+    def _supervise(self, runtime: WorkerRuntime) -> None:
         """Wait for a stop; restart a slot whose RQ loop ended on its own (e.g. Redis went away)."""
         while not self._stop.wait(0.5):
             for index, (_worker, thread) in list(self._slots.items()):
@@ -186,6 +155,6 @@ class SlotPool:
                 else:
                     log.warning("slot %d stopped; starting it again", index)
                     time.sleep(1.0)
-                    self._start_slot(index, worker_runtime)
+                    self._start_slot(index, runtime)
             if self.burst and not self._slots:
                 return

@@ -1,0 +1,244 @@
+"""The RQ adapter (worker/rq_worker.py) against the installed RQ, which pyproject bounds.
+
+The adapter is the one module that subclasses RQ and touches its private API. These tests check
+that the installed RQ still has every hook, private attribute and parameter it relies on, and
+run a real RQ worker loop (in a thread, as the slot pool does) on a real Redis, to check that
+each outcome of a job is filed where it was: an RQ release that moved any of it fails here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+import tomllib
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import rq
+from packaging.requirements import Requirement
+from rq.job import Job, JobStatus
+from rq.queue import Queue
+from rq.registry import (
+    CanceledJobRegistry,
+    FailedJobRegistry,
+    FinishedJobRegistry,
+    StartedJobRegistry,
+)
+from rq.timeouts import BaseDeathPenalty
+from rq.worker import SimpleWorker
+
+from shared import keys
+from shared.settings import Settings
+from streamq.redis_server import RedisServer
+from worker.job_runner import JobFailed, Outcome
+from worker.rq_worker import IDLE_POLL, EngineDeadline, SlotWorker, StreamqJob, StreamqWorker
+from worker.tasks import TASK
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The RQ methods each adapter class overrides (the class it extends must still have them, with
+# the parameters RQ calls them with), and the methods it adds of its own.
+OVERRIDES: dict[type, tuple[type, set[str], set[str]]] = {
+    EngineDeadline: (BaseDeathPenalty, {"setup_death_penalty", "cancel_death_penalty"}, set()),
+    StreamqJob: (Job, {"_execute"}, set()),
+    StreamqWorker: (
+        SimpleWorker,
+        {"__init__", "bootstrap", "teardown", "execute_job", "clean_registries", "handle_job_success"},
+        set(),
+    ),
+    SlotWorker: (
+        SimpleWorker,
+        {"_install_signal_handlers", "subscribe", "procline", "dequeue_job_and_maintain_ttl"},
+        {"stop_taking_jobs"},
+    ),
+}
+
+# RQ methods the adapter calls, with the keyword arguments it passes them.
+CALLED: list[tuple[Any, set[str]]] = [
+    (SimpleWorker.cleanup_execution, {"pipeline", "execution"}),
+    (SimpleWorker.dequeue_job_and_maintain_ttl, {"max_idle_time"}),
+    (SimpleWorker.register_death, set()),
+    (Job.set_status, {"pipeline"}),
+    (Job.cleanup, {"ttl", "pipeline", "remove_from_queue"}),
+    (Queue.enqueue_job, {"at_front"}),
+    (CanceledJobRegistry.__init__, {"job_class", "serializer"}),
+    (CanceledJobRegistry.add, {"ttl", "pipeline"}),
+    (StartedJobRegistry.remove_executions, set()),  # the janitor's requeue
+]
+
+
+def test_the_installed_rq_is_one_the_project_allows() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (wanted,) = [Requirement(d) for d in project["dependencies"] if Requirement(d).name == "rq"]
+    assert wanted.specifier.contains(rq.__version__), (
+        f"RQ {rq.__version__} is installed, but pyproject allows {wanted}: the adapter is checked "
+        "against the installed RQ only"
+    )
+
+
+@pytest.mark.parametrize("adapter", list(OVERRIDES), ids=lambda c: c.__name__)
+def test_every_rq_method_the_adapter_overrides_is_still_rqs(adapter: type) -> None:
+    base, hooks, own = OVERRIDES[adapter]
+    defined = {
+        name
+        for name, value in vars(adapter).items()
+        if inspect.isfunction(value) and (name == "__init__" or not name.startswith("__"))
+    }
+    assert defined == hooks | own, "list the adapter's new or removed overrides in OVERRIDES"
+    for name in hooks:
+        theirs = getattr(base, name, None)
+        assert theirs is not None, f"RQ {rq.__version__}: {base.__name__}.{name} is gone"
+        ours = inspect.signature(getattr(adapter, name)).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ours.values())
+        missing = [p for p in inspect.signature(theirs).parameters if p not in ours and not takes_any]
+        missing = [p for p in missing if p not in ("args", "kwargs")]
+        assert not missing, f"RQ {rq.__version__}: {base.__name__}.{name} now takes {missing}"
+
+
+@pytest.mark.parametrize(("method", "keywords"), CALLED, ids=lambda v: getattr(v, "__qualname__", ""))
+def test_the_rq_methods_the_adapter_calls_take_its_arguments(method: Any, keywords: set[str]) -> None:
+    parameters = inspect.signature(method).parameters
+    assert keywords <= set(parameters), f"RQ {rq.__version__}: {method.__qualname__} lost {keywords}"
+
+
+def test_rq_workers_have_the_private_attributes_the_adapter_uses(redis_server: RedisServer) -> None:
+    runtime = Scripted(redis_server, unique("rq"), {})
+    worker = SlotWorker(connection=redis_server.client(), settings=Settings(), runtime=runtime)
+    assert worker._stop_requested is False  # set by stop_taking_jobs, read by RQ's work loop
+    assert isinstance(SimpleWorker.death_penalty_class, type)  # EngineDeadline takes its place
+    assert worker.job_class is StreamqJob  # RQ builds the jobs it dequeues with it
+    assert "_result" in vars(Job("probe", connection=redis_server.client()))  # RQ's result, not read by us
+
+
+def test_the_rq_lists_streamqs_scripts_write_to_are_rqs(redis_server: RedisServer) -> None:
+    queue = Queue(keys.queue_name("some-model"), connection=redis_server.client())
+    assert queue.key == keys.rq_queue("some-model")  # the handback and cancel scripts push/remove here
+    assert queue.intermediate_queue_key == keys.intermediate(queue.key)  # taken, not yet started
+    assert Queue.redis_queues_keys == keys.RQ_QUEUES  # where the janitor finds every queue
+
+
+class Scripted:
+    """The engine side of a worker, scripted per job id: what each run of the job ends with."""
+
+    def __init__(self, redis_server: RedisServer, model: str, script: dict[str, list[Any]]) -> None:
+        self.served_name = model
+        self.redis = redis_server.client()
+        self.script = script
+        self.calls: list[tuple[str, str]] = []
+        self.enqueued_at: list[Any] = []  # RQ's record of when the job (last) entered its queue
+
+    def run_job(self, job_id: str, slot_name: str) -> Outcome:
+        self.calls.append((job_id, slot_name))
+        self.enqueued_at.append(Job.fetch(job_id, connection=self.redis).enqueued_at)
+        then = self.script[job_id].pop(0)
+        if isinstance(then, Exception):
+            raise then
+        if then is Outcome.REQUEUED:  # what the handback script does before the run returns
+            self.redis.lpush(keys.rq_queue(self.served_name), job_id)
+        return Outcome(then)
+
+
+def enqueue(redis_server: RedisServer, model: str, job_ids: list[str]) -> Queue:
+    queue = Queue(keys.queue_name(model), connection=redis_server.client())
+    for job_id in job_ids:
+        queue.enqueue_call(TASK, args=(job_id,), job_id=job_id, result_ttl=60, failure_ttl=60)
+    return queue
+
+
+def work_in_a_thread(worker: SlotWorker, burst: bool) -> tuple[threading.Thread, list[BaseException]]:
+    """As the slot pool runs a slot: not the main thread, so RQ may install no signal handler and
+    set no SIGALRM timer there. Returns the thread and what ``work`` raised, if anything."""
+    failed: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            worker.work(burst=burst, logging_level="WARNING")
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=work, name="rq-contract-slot", daemon=True)
+    thread.start()
+    return thread, failed
+
+
+def unique(name: str) -> str:
+    """Names no other test session shares (sessions that run at once may share a Redis)."""
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+def test_each_outcome_is_filed_in_rq_as_the_job_ended(redis_server: RedisServer) -> None:
+    model = unique("rq-contract")
+    ends: dict[str, list[Any]] = {
+        "handed-back": [Outcome.REQUEUED, Outcome.FINISHED],
+        "done": [Outcome.FINISHED],
+        "canceled": [Outcome.CANCELED],
+        "lost": [Outcome.LOST],
+        "failed": [JobFailed("job failed: boom")],
+        "gone": [Outcome.MISSING],
+    }
+    ids = {name: f"{model}-{name}" for name in ends}
+    queue = enqueue(redis_server, model, list(ids.values()))
+    runtime = Scripted(redis_server, model, {ids[name]: then for name, then in ends.items()})
+    settings = Settings(result_ttl=60)
+    slot = f"{model}.0"
+    worker = SlotWorker(connection=redis_server.client(), settings=settings, runtime=runtime, name=slot)
+    thread, failed = work_in_a_thread(worker, burst=True)
+    thread.join(timeout=60)
+    assert not thread.is_alive() and not failed
+
+    # Handed back to the front of its queue: taken again next, and delivered once.
+    assert [job_id for job_id, _ in runtime.calls] == [ids["handed-back"], *ids.values()]
+    assert {s for _, s in runtime.calls} == {slot}  # the slot that took the job runs it
+    assert runtime.enqueued_at[1] > runtime.enqueued_at[0]  # RQ's record was queued again too
+    assert queue.count == 0
+
+    def status(name: str) -> JobStatus | None:
+        return Job.fetch(ids[name], connection=redis_server.client()).get_status()
+
+    finished = FinishedJobRegistry(queue=queue).get_job_ids()
+    assert sorted(finished) == sorted(ids[n] for n in ("done", "gone", "handed-back"))
+    assert [status(n) for n in ("done", "gone", "handed-back")] == [JobStatus.FINISHED] * 3
+    done = Job.fetch(ids["done"], connection=redis_server.client())
+    assert done.return_value() == "finished"  # RQ keeps the final status as the job's result
+
+    assert CanceledJobRegistry(queue=queue).get_job_ids() == [ids["canceled"]]
+    assert status("canceled") == JobStatus.CANCELED
+
+    assert FailedJobRegistry(queue=queue).get_job_ids() == [ids["failed"]]
+    assert status("failed") == JobStatus.FAILED
+    result = Job.fetch(ids["failed"], connection=redis_server.client()).latest_result()
+    assert result is not None and "boom" in (result.exc_string or "")
+
+    # Lost: another worker holds it now; this one leaves RQ's record to that worker.
+    everywhere = set(finished) | set(CanceledJobRegistry(queue=queue).get_job_ids())
+    everywhere |= set(FailedJobRegistry(queue=queue).get_job_ids())
+    assert ids["lost"] not in everywhere
+    assert StartedJobRegistry(queue=queue).get_job_ids() == []
+
+
+def test_an_idle_slot_stops_soon_after_it_is_asked(redis_server: RedisServer) -> None:
+    model = unique("rq-idle")
+    worker = SlotWorker(
+        connection=redis_server.client(), settings=Settings(), runtime=Scripted(redis_server, model, {})
+    )
+    thread, failed = work_in_a_thread(worker, burst=False)
+    time.sleep(0.5)
+    assert thread.is_alive()  # waiting on its queue
+    asked = time.monotonic()
+    worker.stop_taking_jobs()
+    thread.join(timeout=IDLE_POLL + 10)
+    assert not thread.is_alive() and not failed
+    assert time.monotonic() - asked < IDLE_POLL + 5
+    assert worker.name not in {w.name for w in SimpleWorker.all(connection=redis_server.client())}
+
+
+def test_a_plain_rq_worker_fails_a_streamq_job_clearly(redis_server: RedisServer) -> None:
+    job_id = unique("plain")
+    queue = enqueue(redis_server, unique("rq-plain"), [job_id])
+    SimpleWorker([queue], connection=redis_server.client()).work(burst=True, logging_level="WARNING")
+    assert FailedJobRegistry(queue=queue).get_job_ids() == [job_id]
+    result = Job.fetch(job_id, connection=redis_server.client()).latest_result()
+    assert result is not None and "no model is loaded in this process" in (result.exc_string or "")
