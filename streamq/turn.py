@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from shared.job_store.vocabulary import FINAL_EVENTS, EventName
 from shared.schemas import DoneEvent, JobError, StreamEvent
 
 
@@ -25,28 +26,28 @@ class Turn:
 
     @property
     def ended(self) -> bool:
-        return self.phase in ("done", "error", "canceled")
+        return self.phase in FINAL_EVENTS  # the phase after a final event is named as the event
 
     def apply(self, event: StreamEvent) -> None:
         self.reconnecting = None
         if event.id is not None:
             self.last_event_id = event.id
-        if event.event == "queued":
+        if event.event == EventName.QUEUED:
             self.phase = "queued"
             self.position = event.position
             wait = event.data.get("estimated_wait_seconds")
             self.estimated_wait = float(wait) if isinstance(wait, int | float) else None
-        elif event.event == "started":
+        elif event.event == EventName.STARTED:
             self.phase = "running"
-        elif event.event == "delta":
+        elif event.event == EventName.DELTA:
             self.phase = "running"
             self.text += event.text
             self.chunks.append(event.text)
-        elif event.event == "done":
+        elif event.event == EventName.DONE:
             self.phase, self.done = "done", event.done()
-        elif event.event == "error":
+        elif event.event == EventName.ERROR:
             self.phase, self.error = "error", event.job_error()
-        elif event.event == "canceled":
+        elif event.event == EventName.CANCELED:
             self.phase = "canceled"
 
     def on_reconnect(self, attempt: int, wait: float, why: str) -> None:
