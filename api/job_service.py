@@ -103,7 +103,7 @@ class JobService:
             extra=job_fields("queued", job_id, model),
         )
         if self._settings.log_prompts:
-            log.info("job %s: messages %s", job_id, [m.model_dump() for m in generation.messages])
+            log.info("job %s: prompt %s", job_id, generation.prompt_input().model_dump(exclude_none=True))
         self.metrics.jobs_submitted.labels(model).inc()
         try:
             position: int | None = await self.queued_position(job_id, model)
@@ -132,7 +132,7 @@ class JobService:
             {
                 "reply": reply,
                 "deadline": time.time() + timeout,
-                "messages": [m.model_dump() for m in generation.messages],
+                "prompt": generation.prompt_input().model_dump(mode="json", exclude_none=True),
             }
         )
         async with self._counting:

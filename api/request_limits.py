@@ -28,13 +28,22 @@ def check_limits(
     limits: messages, prompt characters, stop sequences, max_tokens and the job's lifetimes."""
     s = settings
     conversation = "messages" if request.messages is not None else "history"
+    if request.raw_prompt is not None:
+        size = len(request.raw_prompt)
+        if size > s.max_prompt_chars:
+            raise _refuse(
+                f"the prompt is {size} {'characters' if isinstance(request.raw_prompt, str) else 'tokens'}"
+                f" long, at most {s.max_prompt_chars} are allowed",
+                "max_prompt_chars",
+                "raw_prompt",
+            )
     if len(messages) > s.max_messages:
         raise _refuse(
             f"{conversation}: {len(messages)} messages, at most {s.max_messages} are allowed",
             "max_messages",
             conversation,
         )
-    chars = sum(len(m.content) for m in messages)
+    chars = sum(len(m.content) for m in messages) + sum(len(t.model_dump_json()) for t in request.tools or [])
     if chars > s.max_prompt_chars:
         raise _refuse(
             f"the prompt is {chars} characters long, at most {s.max_prompt_chars} are allowed",
@@ -79,8 +88,14 @@ def generation_request(request: JobRequest, settings: Settings) -> GenerationReq
         max_tokens = s.max_tokens_limit
     else:
         max_tokens = s.default_max_tokens
+    raw = request.raw_prompt
     return GenerationRequest(
         messages=messages,
+        tools=request.tools or None,
+        text=raw if isinstance(raw, str) else None,
+        token_ids=raw if isinstance(raw, list) else None,
+        logprobs=request.logprobs,
+        prompt_logprobs=request.prompt_logprobs,
         max_tokens=max_tokens,
         max_length=request.max_length,
         temperature=1.0 if request.temperature is None else request.temperature,

@@ -52,5 +52,4 @@ def may_not_fit(request: GenerationRequest, context_length: int | None) -> bool:
     bounds = [n for n in (context_length, request.max_prompt_tokens) if n is not None]
     if not bounds:
         return False
-    size = sum(len(m.content.encode("utf-8")) for m in request.messages)
-    return size + 256 + 16 * len(request.messages) >= min(bounds)
+    return request.size_bytes() + 256 + 16 * len(request.messages) >= min(bounds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -21,11 +22,90 @@ def _encodable(value: str) -> str:
 Text = Annotated[str, AfterValidator(_encodable)]
 
 
-class ChatMessage(BaseModel):
+class FunctionCall(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant"]
-    content: Text
+    name: Text
+    arguments: Text = Field(description="the call's arguments: a JSON object, as text (OpenAI's form)")
+
+
+class ToolCall(BaseModel):
+    """A call an assistant made, as OpenAI writes it in ``message.tool_calls``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    """One turn of a conversation. ``tool`` turns answer an assistant's ``tool_calls``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Text = ""
+    tool_calls: list[ToolCall] | None = None  # assistant turns only
+    tool_call_id: Text | None = None  # tool turns only: the call this answers
+
+    def template_turn(self) -> dict[str, Any]:
+        """The turn as Hugging Face chat templates take it: a call's arguments as an object."""
+        turn: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            turn["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {
+                        "name": call.function.name,
+                        "arguments": _arguments(call.function.arguments),
+                    },
+                }
+                for call in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            turn["tool_call_id"] = self.tool_call_id
+        return turn
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+    description: Text | None = None
+    parameters: dict[str, Any] | None = Field(None, description="JSON Schema of the arguments")
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    """A function the model may call (OpenAI's ``tools`` entries; only ``function`` tools)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class TopLogprob(BaseModel):
+    """A token and its log probability, in OpenAI's chat form (``bytes``: its UTF-8 bytes)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    """A token of the text with its log probability and the most likely tokens at its place."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
 # What some engines can do and others cannot: a request that needs one goes only to workers
@@ -33,7 +113,14 @@ class ChatMessage(BaseModel):
 PENALTIES = "penalties"
 LOGIT_BIAS = "logit_bias"
 STRUCTURED_OUTPUT = "structured_output"
-ENGINE_FEATURES = frozenset({PENALTIES, LOGIT_BIAS, STRUCTURED_OUTPUT})
+LOGPROBS = "logprobs"  # log probabilities of the answer's tokens (and the most likely others)
+PROMPT_LOGPROBS = "prompt_logprobs"  # ... and of the prompt's tokens
+RAW_PROMPT = "raw_prompt"  # a prompt given to the model as is (text or token ids), no chat template
+TOOLS = "tools"  # the chat template takes tool definitions, and calls come back as <tool_call>
+ENGINE_FEATURES = frozenset(
+    {PENALTIES, LOGIT_BIAS, STRUCTURED_OUTPUT, LOGPROBS, PROMPT_LOGPROBS, RAW_PROMPT, TOOLS}
+)
+MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's top_logprobs limit)
 
 
 class JsonSchemaFormat(BaseModel):
@@ -119,33 +206,62 @@ class SamplingFields(BaseModel):
 
 
 class JobRequest(SamplingFields):
-    """Body of ``POST /v1/jobs``: OpenAI-style ``messages``, or ChatGLM's ``prompt`` + ``history``."""
+    """Body of ``POST /v1/jobs``: OpenAI-style ``messages``, ChatGLM's ``prompt`` + ``history``,
+    or a ``raw_prompt`` given to the model as it is."""
 
     messages: list[ChatMessage] | None = None
     prompt: Text | None = None
     history: list[tuple[Text, Text]] | None = Field(
         None, description="ChatGLM history: [[query, response], ...]; only with prompt"
     )
+    raw_prompt: Text | list[Annotated[int, Field(ge=0, strict=True)]] | None = Field(
+        None, description="text or token ids given to the model as they are: no chat template"
+    )
+    tools: list[ToolDefinition] | None = Field(
+        None, description="functions the model may call: given to its chat template (with messages)"
+    )
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        strict=True,
+        description="give each answer token's log probability and this many most likely tokens",
+    )
+    prompt_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        strict=True,
+        description="the same for the prompt's tokens (the first has none)",
+    )
 
     @model_validator(mode="after")
     def _check_input(self) -> JobRequest:
-        if self.messages is None and self.prompt is None:
-            raise ValueError("give either 'messages' or 'prompt'")
-        if self.messages is not None and self.prompt is not None:
-            raise ValueError("give either 'messages' or 'prompt', not both")
+        given = [name for name in ("messages", "prompt", "raw_prompt") if getattr(self, name) is not None]
+        if not given:
+            raise ValueError("give either 'messages' or 'prompt' (or 'raw_prompt')")
+        if len(given) > 1:
+            raise ValueError(f"give one of 'messages', 'prompt' and 'raw_prompt', not both ({given})")
+        if self.history and self.prompt is None:
+            raise ValueError("'history' goes with 'prompt'; put earlier turns in 'messages' instead")
         if self.messages is not None:
-            if self.history:
-                raise ValueError("'history' goes with 'prompt'; put earlier turns in 'messages' instead")
             if not self.messages:
                 raise ValueError("'messages' must not be empty")
-            if self.messages[-1].role != "user":
-                raise ValueError("the last message must have role 'user'")
+            if self.messages[-1].role not in ("user", "tool"):
+                raise ValueError("the last message must have role 'user' (or 'tool')")
+        if self.raw_prompt is not None and not self.raw_prompt:
+            raise ValueError("'raw_prompt' must not be empty")
+        if self.tools is not None and self.messages is None:
+            raise ValueError("'tools' go with 'messages' (the chat template renders them)")
         return self
 
     def chat_messages(self) -> list[ChatMessage]:
-        """The conversation as OpenAI-style messages, whichever form it came in."""
+        """The conversation as OpenAI-style messages, whichever form it came in ([] for a raw
+        prompt)."""
         if self.messages is not None:
             return list(self.messages)
+        if self.raw_prompt is not None:
+            return []
         turns: list[ChatMessage] = []
         for query, response in self.history or []:
             turns.append(ChatMessage(role="user", content=query))
@@ -154,10 +270,33 @@ class JobRequest(SamplingFields):
         return turns
 
 
-class GenerationRequest(BaseModel):
+class PromptInput(BaseModel):
+    """What the model is given: a conversation (with the tools it may call) rendered by the chat
+    template, or a raw prompt, as text or token ids."""
+
+    messages: list[ChatMessage] = Field(default_factory=list)
+    tools: list[ToolDefinition] | None = None
+    text: str | None = None  # a raw prompt: tokenized as it is
+    token_ids: list[int] | None = None  # a raw prompt: these tokens
+
+    @property
+    def raw(self) -> bool:
+        return self.text is not None or self.token_ids is not None
+
+    def size_bytes(self) -> int:
+        """An upper bound of its length in tokens, before the template (see limits.may_not_fit)."""
+        if self.token_ids is not None:
+            return len(self.token_ids)
+        if self.text is not None:
+            return len(self.text.encode("utf-8"))
+        return sum(len(m.model_dump_json()) for m in self.messages) + len(
+            json.dumps([t.model_dump() for t in self.tools or []])
+        )
+
+
+class GenerationRequest(PromptInput):
     """What a worker needs to run a job: stored with the job, resolved against server limits."""
 
-    messages: list[ChatMessage]
     max_tokens: int
     max_length: int | None = None
     temperature: float
@@ -174,6 +313,11 @@ class GenerationRequest(BaseModel):
     logit_bias: dict[int, float] = Field(default_factory=dict)
     json_schema: dict[str, Any] | None = None  # the answer is JSON following this schema
     json_object: bool = False  # the answer is a JSON object
+    logprobs: int | None = None  # None: no log probabilities; k: the token's and the k likeliest
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens
+
+    def prompt_input(self) -> PromptInput:
+        return PromptInput(messages=self.messages, tools=self.tools, text=self.text, token_ids=self.token_ids)
 
     def engine_features(self) -> dict[str, str]:
         """The engine features this request needs, each with the request field that asks for it."""
@@ -189,6 +333,14 @@ class GenerationRequest(BaseModel):
             needed[LOGIT_BIAS] = "logit_bias"
         if self.json_schema is not None or self.json_object:
             needed[STRUCTURED_OUTPUT] = "response_format"
+        if self.logprobs is not None:
+            needed[LOGPROBS] = "logprobs"
+        if self.prompt_logprobs is not None:
+            needed[PROMPT_LOGPROBS] = "prompt_logprobs"
+        if self.raw:
+            needed[RAW_PROMPT] = "raw_prompt"
+        if self.tools:
+            needed[TOOLS] = "tools"
         return needed
 
 

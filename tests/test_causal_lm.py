@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from shared.limits import InvalidJobRequest
-from shared.schemas import ChatMessage, GenerationRequest
+from shared.schemas import ChatMessage, GenerationRequest, PromptInput
 
 
 def request(prompt: str = "Tell me about Redis", **overrides: Any) -> GenerationRequest:
@@ -42,7 +42,9 @@ def test_the_tiny_model_folder_loads_with_the_auto_classes(tiny_model: Path) -> 
 
 def test_the_prompt_is_built_with_the_chat_template(tiny_backend: Any) -> None:
     ids = tiny_backend.encode(
-        [ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="hi")]
+        PromptInput(
+            messages=[ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="hi")]
+        )
     )
     assert tiny_backend.tokenizer.decode(ids) == (
         "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
@@ -65,13 +67,13 @@ def test_a_seed_makes_sampling_repeatable(tiny_backend: Any) -> None:
 def test_max_tokens_and_max_length_bound_the_answer(tiny_backend: Any) -> None:
     _text, reason, tokens = run(tiny_backend, request(max_tokens=7))
     assert (reason, tokens) == ("length", 7)
-    prompt_tokens = len(tiny_backend.encode(request().messages))
+    prompt_tokens = len(tiny_backend.encode(request()))
     _, reason, tokens = run(tiny_backend, request(max_tokens=100, max_length=prompt_tokens + 5))
     assert (reason, tokens) == ("length", 5)
 
 
 def test_max_length_not_above_the_prompt_is_refused(tiny_backend: Any) -> None:
-    prompt_tokens = len(tiny_backend.encode(request().messages))
+    prompt_tokens = len(tiny_backend.encode(request()))
     with pytest.raises(InvalidJobRequest, match=f"max_length \\({prompt_tokens}\\) must be greater"):
         run(tiny_backend, request(max_length=prompt_tokens))
 
@@ -122,8 +124,8 @@ def test_the_prompt_counter_answers_with_the_models_own_count(tiny_backend: Any)
 
     counter = PromptCounter(fakeredis.FakeRedis(), tiny_backend)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "你好"}]
-    reply, count = counter.answer(json.dumps({"reply": "r1", "messages": messages}))  # type: ignore[misc]
-    expected = len(tiny_backend.encode([ChatMessage(**m) for m in messages]))
+    reply, count = counter.answer(json.dumps({"reply": "r1", "prompt": {"messages": messages}}))  # type: ignore[misc]
+    expected = len(tiny_backend.encode(PromptInput(messages=[ChatMessage(**m) for m in messages])))
     assert (reply, count) == ("r1", {"prompt_tokens": expected, "context_length": 4096})
     assert counter.answer(b"not json") is None
 

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from shared.schemas import ChatMessage, GenerationRequest
+from shared.schemas import ChatMessage, GenerationRequest, PromptInput
 from streamq.processes import start_front
 from tests.conftest import LONG_TOKENS, STACK_CAPACITY, Stack
 from tests.sse import SSE, follow, read_events, text_of
@@ -275,7 +275,7 @@ def test_resuming_after_the_final_event_ends_at_once(stack: Stack, long_prompts:
 
 def test_prompt_length_limits_are_checked_with_the_workers_tokenizer(stack: Stack, tiny_backend: Any) -> None:
     prompt = "a prompt of several tokens"
-    prompt_tokens = len(tiny_backend.encode([ChatMessage(role="user", content=prompt)]))
+    prompt_tokens = len(tiny_backend.encode(PromptInput(messages=[ChatMessage(role="user", content=prompt)])))
     before = stack.redis.client().dbsize()
     with httpx.Client(timeout=30) as client:
         refused = client.post(f"{stack.url}/v1/jobs", json={"prompt": prompt, "max_length": prompt_tokens})

@@ -32,13 +32,19 @@ def test_messages_are_kept_as_given() -> None:
         ({}, "either 'messages' or 'prompt'"),
         ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "not both"),
         ({"messages": []}, "must not be empty"),
-        ({"messages": [{"role": "assistant", "content": "x"}]}, "last message must have role 'user'"),
+        (
+            {"messages": [{"role": "assistant", "content": "x"}]},
+            "last message must have role 'user' (or 'tool')",
+        ),
+        ({"raw_prompt": [1, -2]}, "greater than or equal to 0"),
+        ({"raw_prompt": "a", "tools": []}, "'tools' go with 'messages'"),
+        ({"prompt": "a", "logprobs": 21}, "less than or equal to 20"),
         ({"prompt": "a", "temperature": -0.1}, "greater than or equal to 0"),
         ({"prompt": "a", "top_p": 0}, "greater than 0"),
         ({"prompt": "a", "top_p": 1.5}, "less than or equal to 1"),
         ({"prompt": "a", "max_tokens": 0}, "greater than or equal to 1"),
         ({"prompt": "a", "stop": ""}, "must not be empty"),
-        ({"messages": [{"role": "robot", "content": "x"}]}, "'system', 'user' or 'assistant'"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "'system', 'user', 'assistant' or 'tool'"),
     ],
 )
 def test_bad_requests_are_refused_with_the_reason(body: dict[str, object], complaint: str) -> None:

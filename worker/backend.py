@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from shared.schemas import ChatMessage, GenerationRequest
+from shared.schemas import GenerationRequest, PromptInput
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class ServedModel(Protocol):
     tokenizer: Any
     context_length: int | None
 
-    def prompt_tokens(self, messages: list[ChatMessage], tokenizer: Any = None) -> int:
+    def prompt_tokens(self, prompt: PromptInput, tokenizer: Any = None) -> int:
         """The prompt's length in tokens (with ``tokenizer``, a copy for another thread, if given)."""
         ...
 

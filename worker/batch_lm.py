@@ -67,7 +67,7 @@ class BatchedCausalLM:
     # The engine's interface.
 
     def add(self, job: EngineJob) -> None:
-        prompt = self.backend.encode(job.request.messages)
+        prompt = self.backend.encode(job.request)
         answer = self.backend.answer(job.request, len(prompt), self.cache.max_len)
         params, generator = self.backend.sampling(job.request)
         job.prompt_tokens = len(prompt)

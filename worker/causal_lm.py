@@ -48,7 +48,7 @@ class CausalLMChat(LoadedModel, ChatPrompt):
     @torch.inference_mode()
     def generate(self, request: GenerationRequest) -> Iterator[GenerationStep]:
         """One job alone, token by token with a KV cache (the batching engine's reference)."""
-        prompt = self.encode(request.messages)
+        prompt = self.encode(request)
         n_prompt = len(prompt)
         answer = self.answer(request, n_prompt)
         params, generator = self.sampling(request)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from shared.limits import answer_budget
-from shared.schemas import ChatMessage, GenerationRequest
+from shared.schemas import GenerationRequest, PromptInput
 from worker.answer_tokens import AnswerTokens
 
 
@@ -33,18 +33,35 @@ class ChatPrompt:
     eos_ids: set[int]
     context_length: int | None
 
-    def encode(self, messages: list[ChatMessage], tokenizer: Any = None) -> list[int]:
-        """Token ids of the conversation rendered with the tokenizer's chat template."""
+    def encode(self, prompt: PromptInput, tokenizer: Any = None) -> list[int]:
+        """Token ids of the prompt: a conversation (and its tools) rendered with the tokenizer's
+        chat template, or a raw prompt as it is (text tokenized with the tokenizer's special
+        tokens, such as a BOS, as a completion server does)."""
         tokenizer = tokenizer or self.tokenizer
-        turns = [m.model_dump() for m in messages]
+        if prompt.token_ids is not None:
+            return list(prompt.token_ids)
+        if prompt.text is not None:
+            return list(tokenizer(prompt.text, add_special_tokens=True)["input_ids"])
+        turns = [m.template_turn() for m in prompt.messages]
         if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+            tools = [t.model_dump(exclude_none=True) for t in prompt.tools] if prompt.tools else None
+            text = tokenizer.apply_chat_template(
+                turns, tools=tools, add_generation_prompt=True, tokenize=False
+            )
+        elif prompt.tools:
+            raise ValueError("this model has no chat template to give it tools")
         else:  # a base model without a template: a plain transcript
             text = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant: "
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def prompt_tokens(self, messages: list[ChatMessage], tokenizer: Any = None) -> int:
-        return len(self.encode(messages, tokenizer))
+    def prompt_tokens(self, prompt: PromptInput, tokenizer: Any = None) -> int:
+        return len(self.encode(prompt, tokenizer))
+
+    def takes_tools(self) -> bool:
+        """Whether the chat template renders tools, and its calls are Hermes' ``<tool_call>``
+        blocks (Qwen2.5, Hermes, and others), the one format streamq parses."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        return isinstance(template, str) and "tools" in template and "<tool_call>" in template
 
     def answer(self, request: GenerationRequest, n_prompt: int, limit: int | None = None) -> AnswerTokens:
         """The job's answer state, with its budget (InvalidJobRequest when nothing fits)."""

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from shared.limits import answer_budget
-from shared.schemas import ChatMessage, GenerationRequest
+from shared.limits import InvalidJobRequest, answer_budget
+from shared.schemas import ChatMessage, GenerationRequest, PromptInput
 from worker.backend import GenerationStep, LoadedModel
 from worker.text_decoding import StopMatcher
 
@@ -24,6 +24,8 @@ def to_query_and_history(messages: list[ChatMessage]) -> tuple[str, list[tuple[s
 
     A system message is put before the first query, as ChatGLM-6B has no system role.
     """
+    if any(m.role == "tool" or m.tool_calls for m in messages):
+        raise InvalidJobRequest("this model's stream_chat takes no tool calls or tool results", "messages")
     system = "\n".join(m.content for m in messages if m.role == "system")
     turns = [m for m in messages if m.role != "system"]
     history: list[tuple[str, str]] = []
@@ -57,8 +59,8 @@ class ChatGLMChat(LoadedModel):
     def _count(self, text: str, tokenizer: Any = None) -> int:
         return len((tokenizer or self.tokenizer).encode(text, add_special_tokens=False))
 
-    def prompt_tokens(self, messages: list[ChatMessage], tokenizer: Any = None) -> int:
-        query, history = to_query_and_history(messages)
+    def prompt_tokens(self, prompt: PromptInput, tokenizer: Any = None) -> int:
+        query, history = to_query_and_history(prompt.messages)
         return self._count(query, tokenizer) + sum(
             self._count(q, tokenizer) + self._count(a, tokenizer) for q, a in history
         )
@@ -67,7 +69,7 @@ class ChatGLMChat(LoadedModel):
         import torch
 
         query, history = to_query_and_history(request.messages)
-        n_prompt = self.prompt_tokens(request.messages)
+        n_prompt = self.prompt_tokens(request)
         budget = answer_budget(request, n_prompt, self.context_length)
         if request.seed is not None:
             torch.manual_seed(request.seed)

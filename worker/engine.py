@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from shared.limits import InvalidJobRequest
-from shared.schemas import GenerationRequest
+from shared.schemas import GenerationRequest, TokenLogprob
 
 log = logging.getLogger("streamq.worker")
 
@@ -62,6 +62,8 @@ class JobOutput:
     error_type: str = ""
     error_message: str = ""
     token_ids: tuple[int, ...] = ()  # the tokens behind ``text`` (kept for a continuation)
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token of ``token_ids`` when the job asked
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # once, when the job asked
 
 
 # The finish reason of a job a stopping engine gives back, for its queue (never a job's own end).

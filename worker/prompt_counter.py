@@ -16,7 +16,7 @@ import time
 import redis
 
 from shared import keys
-from shared.schemas import ChatMessage
+from shared.schemas import PromptInput
 from worker.backend import ServedModel
 from worker.background import BackgroundThread
 
@@ -38,7 +38,7 @@ class PromptCounter(BackgroundThread):
         """The reply key and the answer to one request (None if the request is unreadable)."""
         try:
             request = json.loads(raw)
-            messages = [ChatMessage.model_validate(m) for m in request["messages"]]
+            prompt = PromptInput.model_validate(request["prompt"])
             reply = str(request["reply"])
             deadline = float(request.get("deadline", "inf"))
         except (ValueError, KeyError, TypeError):
@@ -47,9 +47,7 @@ class PromptCounter(BackgroundThread):
         if time.time() > deadline:  # the front stopped waiting: answer the fresh questions instead
             return None
         try:
-            count: dict[str, object] = {
-                "prompt_tokens": self._backend.prompt_tokens(messages, self._tokenizer)
-            }
+            count: dict[str, object] = {"prompt_tokens": self._backend.prompt_tokens(prompt, self._tokenizer)}
         except Exception as exc:  # a template that refuses these messages: say why
             count = {"error": f"{type(exc).__name__}: {exc}"}
         count["context_length"] = self._backend.context_length

@@ -27,7 +27,7 @@ from shared.job_store import scripts
 from shared.job_store.payloads import Done
 from shared.job_store.scripts import Answer, DeltaAnswer, Ending, JobScripts, ended_canceled, ended_failed
 from shared.job_store.vocabulary import EventName, FinishReason, JobField, JobStatus
-from shared.schemas import Timings, Usage
+from shared.schemas import Timings, TokenLogprob, Usage
 from shared.settings import Settings
 from worker.background import BackgroundThread
 from worker.engine import HANDBACK, EngineJob, JobOutput
@@ -44,6 +44,8 @@ class _Pending:
     text: str = ""
     end: JobOutput | None = None
     ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     stored: int = 0  # token ids of the job already in Redis (see scripts.delta)
     last_write: float | None = None  # monotonic
     counts_dirty: bool = False
@@ -122,6 +124,7 @@ class StepPublisher(BackgroundThread):
         """Drop what could not be written; release the jobs that were ending (as failed)."""
         for p in list(self._pending.values()):
             p.text, p.ids, p.counts_dirty = "", [], False
+            p.logprobs, p.prompt_logprobs = [], None
             if p.end is not None:
                 p.job.status, p.job.error = JobStatus.FAILED, f"could not write its end to Redis: {reason}"
                 del self._pending[p.job]
@@ -151,6 +154,9 @@ class StepPublisher(BackgroundThread):
                         self._pending[output.job] = pending
                     pending.text += output.text
                     pending.ids += output.token_ids
+                    pending.logprobs += output.logprobs
+                    if output.prompt_logprobs is not None:
+                        pending.prompt_logprobs = output.prompt_logprobs
                     pending.counts_dirty = True
                     if output.completion_tokens > pending.counted:
                         tokens += output.completion_tokens - pending.counted
@@ -186,7 +192,9 @@ class StepPublisher(BackgroundThread):
             job = p.job
             if job.lost:
                 continue
-            if job.run and (p.text or p.ids or p.counts_dirty):  # only a started run writes output
+            if job.run and (
+                p.text or p.ids or p.counts_dirty or p.prompt_logprobs is not None
+            ):  # only a started run writes output
                 delta = scripts.delta(
                     job.job_id,
                     run=job.run,
@@ -196,6 +204,8 @@ class StepPublisher(BackgroundThread):
                     completion_tokens=job.completion_tokens,
                     stored=p.stored,
                     token_ids=p.ids,
+                    logprobs=p.logprobs,
+                    prompt_logprobs=p.prompt_logprobs,
                 )
                 self._scripts.run(delta, client=pipe)
                 writes.append((len(pipe), p))
@@ -208,6 +218,7 @@ class StepPublisher(BackgroundThread):
             p.stored += len(p.ids)
         for p in due:
             p.text, p.ids, p.counts_dirty, p.last_write = "", [], False, now
+            p.logprobs, p.prompt_logprobs = [], None
         for index, p in writes:
             flag = int(results[index - 1])
             if flag == DeltaAnswer.CANCEL_ASKED:

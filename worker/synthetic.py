@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from shared.schemas import ChatMessage
+from shared.schemas import PromptInput
 from worker.engine import EngineJob, JobOutput
 
 TEXT_PER_TOKEN = 4
@@ -40,8 +40,8 @@ class SyntheticBackend:
         start = (n - 1) * TEXT_PER_TOKEN % len(self.text)
         return self._cycle[start : start + TEXT_PER_TOKEN]
 
-    def prompt_tokens(self, messages: list[ChatMessage], tokenizer: Any = None) -> int:
-        return sum(len(m.content.split()) + 4 for m in messages)
+    def prompt_tokens(self, prompt: PromptInput, tokenizer: Any = None) -> int:
+        return sum(len(m.content.split()) + 4 for m in prompt.messages)
 
 
 @dataclass(eq=False)
@@ -61,7 +61,7 @@ class SyntheticModel:
         self._jobs: dict[EngineJob, _Paced] = {}
 
     def add(self, job: EngineJob) -> None:
-        job.prompt_tokens = self._backend.prompt_tokens(job.request.messages)
+        job.prompt_tokens = self._backend.prompt_tokens(job.request)
         job.completion_tokens = len(job.resume_ids)  # a continued job goes on from there
         self._jobs[job] = _Paced(job, time.monotonic())  # the first token comes at once
 

@@ -174,7 +174,7 @@ class VLLMModel:
     def add(self, job: EngineJob) -> None:
         from vllm import TokensPrompt
 
-        prompt = self.served.encode(job.request.messages)
+        prompt = self.served.encode(job.request)
         answer = self.served.answer(job.request, len(prompt), self.max_len)
         job.prompt_tokens = len(prompt)
         for token in job.resume_ids:  # continue an earlier run: replayed here, their text was sent

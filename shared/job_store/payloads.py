@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from shared.schemas import DoneEvent, JobError
+from shared.schemas import DoneEvent, JobError, TokenLogprob
 
 # Characters some line readers take for line breaks (str.splitlines, httpx's iter_lines, old JS
 # engines); SSE does not, but a client that does would cut the event. JSON may escape them.
@@ -54,7 +54,12 @@ class Started(Payload):
 
 
 class Delta(Payload):
+    """``delta``: new text; with logprobs asked, each new token's (they may come before the text
+    they spell, which a stop sequence can hold back); the prompt's, once, before any text."""
+
     text: str
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class Done(Payload, DoneEvent):

@@ -29,6 +29,7 @@ from typing import Any
 from shared import keys
 from shared.job_store.payloads import Canceled, Delta, Failed, Payload, Started
 from shared.job_store.vocabulary import EventName, FinishReason, JobField, JobStatus
+from shared.schemas import TokenLogprob
 
 
 class Answer(StrEnum):
@@ -292,10 +293,18 @@ def delta(
     completion_tokens: int,
     stored: int,
     token_ids: Sequence[int],
+    logprobs: Sequence[TokenLogprob] = (),
+    prompt_logprobs: Sequence[TokenLogprob | None] | None = None,
 ) -> ScriptCall:
-    """Write ``run``'s new output: ``text`` (a ``delta`` event, when not empty), the counts, and
-    ``token_ids`` after the ``stored`` ones already in Redis (a write sent twice applies once)."""
-    data = Delta(text=text).encode() if text else ""
+    """Write ``run``'s new output: ``text`` (a ``delta`` event, when not empty, or when it has
+    ``logprobs`` or ``prompt_logprobs``), the counts, and ``token_ids`` after the ``stored`` ones
+    already in Redis (a write sent twice applies once)."""
+    event = Delta(text=text)
+    if logprobs:
+        event.logprobs = list(logprobs)
+    if prompt_logprobs is not None:
+        event.prompt_logprobs = list(prompt_logprobs)
+    data = event.encode() if text or logprobs or prompt_logprobs is not None else ""
     args = [run, maxlen, data, text, prompt_tokens, completion_tokens, stored, *token_ids]
     return ScriptCall(
         DELTA, [keys.job(job_id), keys.events(job_id), keys.text(job_id), keys.tokens(job_id)], args

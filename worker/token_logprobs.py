@@ -1,0 +1,63 @@
+"""Log probabilities as a job's stream carries them: each token's text, UTF-8 bytes and log
+probability, with the most likely tokens at its place (OpenAI's chat ``logprobs`` entries).
+
+Both engines compute the numbers (from the model's raw distribution, before temperature,
+penalties or a grammar change it, as vLLM and OpenAI report them); this turns token ids into
+the entries. A token's bytes come from xgrammar's table of the tokenizer's vocabulary (byte-level
+BPE, SentencePiece with byte fallback, and others), so the bytes of an answer's tokens join into
+its text even when one token holds only part of a character.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from shared.schemas import TokenLogprob, TopLogprob
+
+FLOOR = -9999.0  # stands for -inf (a token the model gives no chance), which JSON cannot carry
+
+
+def vocabulary_bytes(tokenizer: Any, vocab_size: int | None = None) -> list[bytes]:
+    """Every token id's bytes (ids past the tokenizer's vocabulary, padding in the model's
+    embedding, have none)."""
+    import xgrammar
+
+    info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+    return list(info.decoded_vocab)
+
+
+def _number(value: float) -> float:
+    return value if math.isfinite(value) else FLOOR
+
+
+class TokenTexts:
+    """Builds log-probability entries for one tokenizer (its vocabulary table is made on first use)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int | None = None) -> None:
+        self._tokenizer = tokenizer
+        self._vocab_size = vocab_size
+        self._bytes: list[bytes] | None = None
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if self._bytes is None:
+            self._bytes = vocabulary_bytes(self._tokenizer, self._vocab_size)
+        return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
+
+    def top(self, token_id: int, logprob: float) -> TopLogprob:
+        raw = self.token_bytes(token_id)
+        return TopLogprob(
+            token=raw.decode("utf-8", errors="replace"), logprob=_number(logprob), bytes=list(raw)
+        )
+
+    def entry(self, token_id: int, logprob: float, alternatives: Sequence[tuple[int, float]]) -> TokenLogprob:
+        """The entry of ``token_id`` (chosen with ``logprob``) and the ``alternatives``, the most
+        likely tokens at its place as (id, logprob), most likely first."""
+        chosen = self.top(token_id, logprob)
+        return TokenLogprob(
+            token=chosen.token,
+            logprob=chosen.logprob,
+            bytes=chosen.bytes,
+            top_logprobs=[self.top(i, lp) for i, lp in alternatives],
+        )
