@@ -1,7 +1,9 @@
 """Request bodies of the OpenAI-compatible routes, turned into streamq job requests.
 
-Fields streamq does not know are ignored (clients send many); fields it knows are checked as
-strictly as the job API checks them, so a bad value is a 400 that names it."""
+Nothing is silently ignored: every field OpenAI defines for these routes is declared here and
+either honoured or refused with a 400 that names it; a field OpenAI does not define (and that
+is not one of streamq's extensions) is refused as unknown (``extra="forbid"``, see
+``api.errors``). The README's field table says which is which."""
 
 from __future__ import annotations
 
@@ -10,19 +12,39 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from api.errors import ApiError
-from shared.schemas import ChatMessage, JobRequest, SamplingFields, Text
+from api.tool_calls import ToolChoice, ToolPlan, plan_tools
+from shared.schemas import (
+    MAX_LOGPROBS,
+    ChatMessage,
+    JobRequest,
+    SamplingFields,
+    Text,
+    ToolCall,
+    ToolDefinition,
+)
 
-Role = Literal["system", "developer", "user", "assistant"]
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+
+def _refuse_unless(value: Any, allowed: tuple[Any, ...], message: str) -> Any:
+    if value not in allowed:
+        raise ValueError(message)
+    return value
 
 
 class OpenAIMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore")  # e.g. a returned message's "refusal": null, sent back
 
     role: Role
     content: Text | None = Field(
         None,
         description='a string, or a list of text parts [{"type": "text", "text": ...}] (joined by newlines)',
     )
+    name: Text | None = Field(None, description="given to the chat template with the turn")
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant turn's calls")
+    tool_call_id: Text | None = Field(None, description="a tool turn: the call it answers")
+    audio: Any = Field(None, description="not supported: refused unless null")
+    function_call: Any = Field(None, description="deprecated, not supported: use tool_calls")
 
     @field_validator("content", mode="before")
     @classmethod
@@ -39,33 +61,62 @@ class OpenAIMessage(BaseModel):
             texts.append(part["text"])
         return "\n".join(texts)
 
+    @field_validator("audio", "function_call")
+    @classmethod
+    def _unsupported(cls, value: Any) -> Any:
+        return _refuse_unless(value, (None,), "not supported by this server (use content and tool_calls)")
+
     @model_validator(mode="after")
     def _has_content(self) -> OpenAIMessage:
-        if self.content is None and self.role != "assistant":
+        if self.content is None and not (self.role == "assistant"):
             raise ValueError(f"a '{self.role}' message needs 'content'")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an 'assistant' message has 'tool_calls'")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a 'tool' message needs the 'tool_call_id' of the call it answers")
         return self
 
-    def chat_message(self) -> ChatMessage:
+    def chat_message(self) -> dict[str, Any]:
         """streamq's message (a ``developer`` message is a system message)."""
-        return ChatMessage(
-            role="system" if self.role == "developer" else self.role, content=self.content or ""
+        message = ChatMessage(
+            role="system" if self.role == "developer" else self.role,
+            content=self.content or "",
+            name=self.name,
+            tool_calls=self.tool_calls or None,
+            tool_call_id=self.tool_call_id,
         )
+        return message.model_dump(exclude_none=True)
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = False
+    include_obfuscation: bool | None = Field(None, description="streamq pads nothing: only false")
+
+    @field_validator("include_obfuscation")
+    @classmethod
+    def _no_obfuscation(cls, value: bool | None) -> bool | None:
+        return _refuse_unless(value, (None, False), "stream obfuscation is not offered by this server")
 
 
 class OpenAIFields(SamplingFields):
     """What chat and text completions share: sampling (as the job API), OpenAI's extras and
     streamq's detach flag."""
 
+    model_config = ConfigDict(extra="forbid")
+
     n: int | None = Field(None, strict=True, description="number of choices: streamq makes exactly 1")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = Field(None, description="the end user's id (accepted; logged with the job id)")
+    user: str | None = Field(None, description="the end user's id (logged with the job id)")
+    safety_identifier: str | None = Field(None, description="the end user's id (logged with the job id)")
+    metadata: dict[str, str] | None = Field(None, description="logged with the job id")
+    service_tier: str | None = Field(None, description="'auto' or 'default': one tier here")
+    store: bool | None = Field(None, description="stored completions are not offered: only false")
+    prompt_cache_key: str | None = Field(
+        None, description="accepted: prompt caching needs no key here (vLLM caches prefixes itself)"
+    )
     background: bool = Field(
         False, description="keep the job running when the client goes away (header X-Streamq-Detach: 1)"
     )
@@ -73,13 +124,28 @@ class OpenAIFields(SamplingFields):
     @field_validator("n")
     @classmethod
     def _one_choice(cls, value: int | None) -> int | None:
-        if value is not None and value != 1:
-            raise ValueError(f"only n=1 is supported (one choice per request), got {value}")
-        return value
+        return _refuse_unless(
+            value, (None, 1), f"only n=1 is supported (one choice per request; send n requests), got {value}"
+        )
+
+    @field_validator("service_tier")
+    @classmethod
+    def _one_tier(cls, value: str | None) -> str | None:
+        return _refuse_unless(value, (None, "auto", "default"), f"service tier {value!r} is not offered")
+
+    @field_validator("store")
+    @classmethod
+    def _not_stored(cls, value: bool | None) -> bool | None:
+        return _refuse_unless(
+            value, (None, False), "stored completions are not offered (use background jobs: /v1/jobs)"
+        )
 
     @property
     def include_usage(self) -> bool:
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    def end_user(self) -> str | None:
+        return self.user or self.safety_identifier
 
     def _job_request(self, **fields: Any) -> JobRequest:
         """The job request: these sampling fields plus ``fields``; a 400 if it is not valid."""
@@ -97,36 +163,108 @@ class ChatCompletionRequest(OpenAIFields):
 
     messages: list[OpenAIMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, strict=True, description="wins over max_tokens")
+    logprobs: bool | None = Field(None, description="each answer token's log probability")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, strict=True, description="with logprobs: the likeliest tokens at each place"
+    )
+    tools: list[ToolDefinition] | None = Field(None, description="functions the model may call")
+    tool_choice: ToolChoice | None = Field(None, description="none, auto (default with tools), required, or one")
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call per answer")
+    modalities: list[Literal["text"]] | None = Field(None, description="only text")
+    audio: Any = Field(None, description="not supported: refused unless null")
+    prediction: Any = Field(None, description="not supported: refused unless null")
+    reasoning_effort: Any = Field(None, description="not supported: refused unless null")
+    verbosity: Any = Field(None, description="not supported: refused unless null")
+    web_search_options: Any = Field(None, description="not supported: refused unless null")
+    functions: Any = Field(None, description="deprecated: use tools")
+    function_call: Any = Field(None, description="deprecated: use tool_choice")
+
+    @field_validator(
+        "audio", "prediction", "reasoning_effort", "verbosity", "web_search_options", "functions", "function_call"
+    )
+    @classmethod
+    def _unsupported(cls, value: Any) -> Any:
+        return _refuse_unless(value, (None,), "not supported by this server")
 
     @field_validator("messages")
     @classmethod
     def _ends_with_user(cls, value: list[OpenAIMessage]) -> list[OpenAIMessage]:
-        if value and value[-1].role != "user":
-            raise ValueError("the last message must have role 'user'")
+        if value and value[-1].role not in ("user", "tool"):
+            raise ValueError("the last message must have role 'user' (or 'tool')")
         return value
 
+    @model_validator(mode="after")
+    def _logprobs_asked(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("'top_logprobs' needs 'logprobs': true")
+        return self
+
+    def tool_plan(self) -> ToolPlan:
+        return plan_tools(self.tools, self.tool_choice, self.parallel_tool_calls, self.response_format)
+
     def job_request(self) -> JobRequest:
-        fields: dict[str, Any] = {"messages": [m.chat_message().model_dump() for m in self.messages]}
+        fields: dict[str, Any] = {"messages": [m.chat_message() for m in self.messages]}
         if self.max_completion_tokens is not None:
             fields["max_tokens"] = self.max_completion_tokens
+        if self.logprobs:
+            fields["logprobs"] = self.top_logprobs or 0
+        plan = self.tool_plan()
+        if plan.tools:
+            fields["tools"] = [t.model_dump(exclude_none=True) for t in plan.tools]
+        if plan.json_schema is not None:
+            fields["response_format"] = {"type": "json_schema", "json_schema": {"schema": plan.json_schema}}
         return self._job_request(**fields)
 
 
-class CompletionRequest(OpenAIFields):
-    """Body of ``POST /v1/completions``. The prompt goes to the model as one user message (the
-    model's chat template applies): workers always render a conversation."""
+PromptIds = list[int]
 
-    prompt: Text | list[Text]
+
+class CompletionRequest(OpenAIFields):
+    """Body of ``POST /v1/completions``: the prompt goes to the model as it is (no chat template),
+    as text or as token ids, one prompt per request."""
+
+    prompt: Text | list[Text] | PromptIds | list[PromptIds]
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, strict=True, description="each token's log probability and this many others"
+    )
+    echo: bool = Field(False, description="the answer begins with the prompt (and its logprobs)")
+    best_of: int | None = Field(None, strict=True, description="only 1 (one choice per request)")
+    suffix: str | None = Field(None, description="text after the insertion: not supported")
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError(f"give one prompt (a string), got a list of {len(value)}")
+    def _one_prompt(cls, value: Any) -> Any:
+        if isinstance(value, list) and value and isinstance(value[0], str | list):
+            if len(value) != 1:
+                raise ValueError(f"give one prompt per request, got a list of {len(value)}")
+            value = value[0]
+        if not value:
+            raise ValueError("the prompt must not be empty")
         return value
 
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    @field_validator("best_of")
+    @classmethod
+    def _one_of_one(cls, value: int | None) -> int | None:
+        return _refuse_unless(value, (None, 1), f"only best_of=1 is supported, got {value}")
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        return _refuse_unless(value, (None, ""), "suffix (insertion) is not supported by this server")
+
+    def prompt_value(self) -> str | list[int]:
+        return self.prompt  # type: ignore[return-value]  # one prompt, after _one_prompt
 
     def job_request(self) -> JobRequest:
-        return self._job_request(messages=[{"role": "user", "content": self.prompt_text()}])
+        fields: dict[str, Any] = {"raw_prompt": self.prompt_value()}
+        if self.logprobs is not None:
+            fields["logprobs"] = self.logprobs
+        if self.echo and (self.logprobs is not None or not isinstance(self.prompt, str)):
+            # The prompt's tokens (and their logprobs) come from the worker's tokenizer.
+            fields["prompt_logprobs"] = self.logprobs or 0
+        return self._job_request(**fields)
+
+
+# Job-request fields as OpenAI's requests name them (a refusal names what the client sent).
+CHAT_PARAMS = {"logprobs": "logprobs", "tools": "tools", "max_tokens": "max_tokens"}
+COMPLETION_PARAMS = {"prompt_logprobs": "echo", "raw_prompt": "prompt", "logprobs": "logprobs"}

@@ -46,6 +46,7 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "tool"]
     content: Text = ""
+    name: Text | None = None  # the speaker's (or a tool turn's function) name, for the template
     tool_calls: list[ToolCall] | None = None  # assistant turns only
     tool_call_id: Text | None = None  # tool turns only: the call this answers
 
@@ -66,6 +67,8 @@ class ChatMessage(BaseModel):
             ]
         if self.tool_call_id is not None:
             turn["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            turn["name"] = self.name
         return turn
 
 
@@ -103,8 +106,10 @@ class TopLogprob(BaseModel):
 
 
 class TokenLogprob(TopLogprob):
-    """A token of the text with its log probability and the most likely tokens at its place."""
+    """A token of the text with its log probability and the most likely tokens at its place.
+    A prompt's first token has no log probability (None), and no alternatives."""
 
+    logprob: float | None  # type: ignore[assignment]
     top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 

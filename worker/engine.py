@@ -63,7 +63,7 @@ class JobOutput:
     error_message: str = ""
     token_ids: tuple[int, ...] = ()  # the tokens behind ``text`` (kept for a continuation)
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token of ``token_ids`` when the job asked
-    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # once, when the job asked
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # once, when the job asked
 
 
 # The finish reason of a job a stopping engine gives back, for its queue (never a job's own end).

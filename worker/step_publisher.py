@@ -45,7 +45,7 @@ class _Pending:
     end: JobOutput | None = None
     ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
     stored: int = 0  # token ids of the job already in Redis (see scripts.delta)
     last_write: float | None = None  # monotonic
     counts_dirty: bool = False

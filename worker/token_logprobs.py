@@ -51,13 +51,16 @@ class TokenTexts:
             token=raw.decode("utf-8", errors="replace"), logprob=_number(logprob), bytes=list(raw)
         )
 
-    def entry(self, token_id: int, logprob: float, alternatives: Sequence[tuple[int, float]]) -> TokenLogprob:
+    def entry(
+        self, token_id: int, logprob: float | None, alternatives: Sequence[tuple[int, float]]
+    ) -> TokenLogprob:
         """The entry of ``token_id`` (chosen with ``logprob``) and the ``alternatives``, the most
-        likely tokens at its place as (id, logprob), most likely first."""
-        chosen = self.top(token_id, logprob)
+        likely tokens at its place as (id, logprob), most likely first. A prompt's first token
+        has no logprob: None, and no alternatives."""
+        chosen = self.top(token_id, 0.0 if logprob is None else logprob)
         return TokenLogprob(
             token=chosen.token,
-            logprob=chosen.logprob,
+            logprob=None if logprob is None else chosen.logprob,
             bytes=chosen.bytes,
             top_logprobs=[self.top(i, lp) for i, lp in alternatives],
         )

@@ -59,7 +59,7 @@ class Delta(Payload):
 
     text: str
     logprobs: list[TokenLogprob] | None = None
-    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class Done(Payload, DoneEvent):

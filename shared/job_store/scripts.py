@@ -294,7 +294,7 @@ def delta(
     stored: int,
     token_ids: Sequence[int],
     logprobs: Sequence[TokenLogprob] = (),
-    prompt_logprobs: Sequence[TokenLogprob | None] | None = None,
+    prompt_logprobs: Sequence[TokenLogprob] | None = None,
 ) -> ScriptCall:
     """Write ``run``'s new output: ``text`` (a ``delta`` event, when not empty, or when it has
     ``logprobs`` or ``prompt_logprobs``), the counts, and ``token_ids`` after the ``stored`` ones

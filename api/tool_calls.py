@@ -1,0 +1,223 @@
+"""Tool calling on the chat route: what a request's ``tools`` and ``tool_choice`` ask of the job,
+and how the job's text becomes ``tool_calls``.
+
+- ``none``: the job gets no tools (the template renders none) and its text is the content.
+- ``auto`` (the default with tools): the chat template renders the tools; the model answers in
+  text or calls in Hermes' format, ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
+  (Qwen2.5, Hermes and others; workers announce the ``tools`` feature only for templates that
+  use it), parsed here as the text streams in.
+- ``required`` and a named function: guided decoding makes the answer JSON that validates (a
+  list of calls, or the named function's arguments), so even a small model returns a valid
+  call; ``parallel_tool_calls: false`` allows one call.
+
+The job's own text stays the model's raw output (the job API shows it as it is); only the
+OpenAI answer is shaped here. A call's id is derived from its job's id, so an answer read
+twice (a re-attached stream) names its calls the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from api.errors import ApiError
+from shared.schemas import ResponseFormat, ToolDefinition
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+Mode = Literal["off", "auto", "required", "named"]
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """How a request's tools run: the tools the job is given, the JSON schema that forces a
+    call (required, named), and how its text is read back."""
+
+    mode: Mode = "off"
+    tools: list[ToolDefinition] = field(default_factory=list)
+    json_schema: dict[str, Any] | None = None
+    function: str | None = None  # named: the function called
+
+
+def _parameters(tool: ToolDefinition) -> dict[str, Any]:
+    return tool.function.parameters or {"type": "object", "properties": {}}
+
+
+def plan_tools(
+    tools: list[ToolDefinition] | None,
+    choice: ToolChoice | None,
+    parallel: bool | None,
+    response_format: ResponseFormat | None,
+) -> ToolPlan:
+    """The plan for these fields, or a 400 naming the one that cannot be served."""
+    if not tools:
+        if choice not in (None, "none"):
+            raise ApiError(400, "'tool_choice' needs 'tools'", param="tool_choice")
+        return ToolPlan()
+    if choice == "none":
+        return ToolPlan()
+    if choice is None or choice == "auto":
+        return ToolPlan("auto", list(tools))
+    if response_format is not None and response_format.type != "text":
+        raise ApiError(
+            400,
+            "a forced tool call (tool_choice required or a named function) cannot also follow response_format",
+            param="response_format",
+        )
+    if choice == "required":
+        calls = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": t.function.name}, "arguments": _parameters(t)},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for t in tools
+        ]
+        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        if parallel is False:
+            schema["maxItems"] = 1
+        return ToolPlan("required", list(tools), schema)
+    assert isinstance(choice, NamedToolChoice)
+    named = [t for t in tools if t.function.name == choice.function.name]
+    if not named:
+        raise ApiError(
+            400, f"tool_choice names '{choice.function.name}', which is not among the tools", param="tool_choice"
+        )
+    return ToolPlan("named", list(tools), _parameters(named[0]), choice.function.name)
+
+
+def _call(call_id: str, index: int, name: str, arguments: str) -> dict[str, Any]:
+    return {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _hermes_call(block: str) -> tuple[str, str] | None:
+    """(name, arguments as JSON text) of one ``<tool_call>`` block's JSON, or None if it is not one."""
+    try:
+        value = json.loads(block)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    arguments = value.get("arguments", value.get("parameters", {}))
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return value["name"], text
+
+
+class ToolCallReader:
+    """Reads a job's text as it streams in (``feed``, then ``finish``) into chat deltas: each a
+    ``{"content": ...}`` or a ``{"tool_calls": [...]}`` delta as OpenAI streams them."""
+
+    def __init__(self, plan: ToolPlan, job_id: str) -> None:
+        self.plan = plan
+        self._job_id = job_id
+        self._buffer = ""
+        self._in_call = False
+        self.calls = 0  # calls made so far
+
+    def _next_call(self, name: str, arguments: str) -> dict[str, Any]:
+        index = self.calls
+        self.calls += 1
+        return {"tool_calls": [_call(f"call_{self._job_id}_{index}", index, name, arguments)]}
+
+    def _content(self, text: str) -> list[dict[str, Any]]:
+        if not text or (self.calls and not text.strip()):  # the newlines between calls
+            return []
+        return [{"content": text}]
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        mode = self.plan.mode
+        if not text:
+            return []
+        if mode == "off":
+            return [{"content": text}]
+        if mode == "named":
+            if self.calls == 0:
+                assert self.plan.function is not None
+                return [self._next_call(self.plan.function, text)]
+            return [{"tool_calls": [{"index": 0, "function": {"arguments": text}}]}]
+        self._buffer += text
+        return self._auto() if mode == "auto" else []
+
+    def _auto(self) -> list[dict[str, Any]]:
+        deltas: list[dict[str, Any]] = []
+        while True:
+            if self._in_call:
+                end = self._buffer.find(CLOSE)
+                if end < 0:
+                    return deltas
+                block, self._buffer = self._buffer[:end], self._buffer[end + len(CLOSE) :]
+                self._in_call = False
+                deltas += self._block(block)
+                continue
+            start = self._buffer.find(OPEN)
+            if start >= 0:
+                deltas += self._content(self._buffer[:start])
+                self._buffer, self._in_call = self._buffer[start + len(OPEN) :], True
+                continue
+            keep = next((n for n in range(len(OPEN) - 1, 0, -1) if self._buffer.endswith(OPEN[:n])), 0)
+            ready, self._buffer = self._buffer[: len(self._buffer) - keep], self._buffer[len(self._buffer) - keep :]
+            return deltas + self._content(ready)
+
+    def _block(self, block: str) -> list[dict[str, Any]]:
+        parsed = _hermes_call(block.strip())
+        if parsed is None:  # not a call after all: the model's text, as it wrote it
+            return self._content(OPEN + block + CLOSE)
+        return [self._next_call(*parsed)]
+
+    def finish(self) -> list[dict[str, Any]]:
+        """What the text's end releases: held-back text, an unclosed call, the required calls."""
+        rest, self._buffer = self._buffer, ""
+        if self.plan.mode == "required":
+            return self._required(rest)
+        if self._in_call:  # the answer ended inside a call: a call if its JSON is whole
+            self._in_call = False
+            parsed = _hermes_call(rest.strip())
+            return [self._next_call(*parsed)] if parsed else self._content(OPEN + rest)
+        return self._content(rest)
+
+    def _required(self, text: str) -> list[dict[str, Any]]:
+        try:
+            calls = json.loads(text)
+        except ValueError:  # cut short (max_tokens): the text, as it is
+            return self._content(text)
+        deltas = []
+        for call in calls if isinstance(calls, list) else []:
+            arguments = call.get("arguments", {}) if isinstance(call, dict) else {}
+            deltas.append(self._next_call(str(call.get("name")), json.dumps(arguments, ensure_ascii=False)))
+        return deltas or self._content(text)
+
+
+def read_whole(plan: ToolPlan, job_id: str, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """A whole answer's content (None when it is only calls) and its tool calls."""
+    reader = ToolCallReader(plan, job_id)
+    deltas = reader.feed(text) + reader.finish()
+    content = "".join(d.get("content", "") for d in deltas)
+    calls: list[dict[str, Any]] = []
+    for delta in deltas:
+        for call in delta.get("tool_calls", []):
+            if "id" in call:
+                calls.append({k: v for k, v in call.items() if k != "index"})
+            else:  # a named call's arguments, streamed on
+                calls[-1]["function"]["arguments"] += call["function"]["arguments"]
+    if plan.mode == "auto" and calls:
+        content = content.strip()
+    return (content or None) if calls else content, calls
