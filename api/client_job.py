@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.requests import Request
 
@@ -20,6 +22,17 @@ from shared.schemas import JobRequest, JobView
 log = logging.getLogger("streamq.api")
 
 JOB_HEADER = "X-Streamq-Job-Id"  # lets a client poll, cancel or re-attach to the job
+
+
+@dataclass
+class WholeAnswer:
+    """A job's whole output: its text, its ``done`` event, and the logprob entries its deltas
+    carried (the answer's tokens', and the prompt's when asked)."""
+
+    text: str
+    done: JobEvent
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    prompt_logprobs: list[dict[str, Any]] | None = None
 
 
 class ClientJob:
@@ -75,14 +88,24 @@ class ClientJob:
         """Wait for the job's end: its whole text and its ``done`` event, or None when the client
         went away (the job is then canceled unless detached). A job that ends without an answer
         raises its HTTP error (with ``error_headers``)."""
+        answer = await self.whole_output(error_headers)
+        return None if answer is None else (answer.text, answer.done)
+
+    async def whole_output(self, error_headers: dict[str, str] | None = None) -> WholeAnswer | None:
+        """``whole_answer`` with the logprob entries the job's deltas carried."""
         parts: list[str] = []
+        entries: list[dict[str, Any]] = []
+        prompt_entries: list[dict[str, Any]] | None = None
         async with self.followed():
             while True:
                 event = await self.next_event()
                 if event.event == EventName.DELTA:
                     parts.append(event.data.get("text", ""))
+                    entries += event.data.get("logprobs") or []
+                    if prompt_entries is None:  # the first (a continued job does not send them again)
+                        prompt_entries = event.data.get("prompt_logprobs")
                 elif event.event == EventName.DONE:
-                    return "".join(parts), event
+                    return WholeAnswer("".join(parts), event, entries, prompt_entries)
                 else:
                     error = job_failure_error(event.event, event.data)
                     if error_headers:

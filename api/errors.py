@@ -119,6 +119,17 @@ def _validation_response(_: Request, exc: Exception) -> JSONResponse:
         return error_response(ApiError(422, f"the request body is not valid JSON: {detail}".rstrip(": ")))
     if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") == "missing" for e in errors):
         return error_response(ApiError(400, "the request has no body: send a JSON object"))
+    unknown = next((e for e in errors if e.get("type") == "extra_forbidden"), None)
+    if unknown is not None:
+        name = _param(tuple(unknown.get("loc", ())))
+        return error_response(
+            ApiError(
+                400,
+                f"'{name}' is not a parameter this server supports (see the README's field table)",
+                param=name,
+                code="unsupported_parameter",
+            )
+        )
     messages = []
     for e in errors:
         where = _param(tuple(e.get("loc", ())))

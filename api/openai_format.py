@@ -1,19 +1,28 @@
 """OpenAI's response objects, built from a streamq job: ``chat.completion`` and its
 ``chat.completion.chunk`` stream, ``text_completion`` (both forms), the model list, and the
 Server-Sent Events framing of the streams. A completion's id is the job id with OpenAI's
-prefix (``chatcmpl-<job id>``, ``cmpl-<job id>``)."""
+prefix (``chatcmpl-<job id>``, ``cmpl-<job id>``).
+
+A job's ``delta`` events carry its text, and when asked its tokens' log probabilities (chat's
+entry shape: token, logprob, bytes, top_logprobs) and the prompt's; ``CompletionStream`` turns
+them into chunks (tool calls read from the text, see ``api.tool_calls``), and ``response``
+into a whole answer. Text completions give logprobs in the legacy shape (tokens,
+token_logprobs, top_logprobs, text_offset), and with ``echo`` begin with the prompt.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from api.tool_calls import ToolCallReader, ToolPlan, read_whole
 from shared.job_store.payloads import encode
 
 Kind = Literal["chat", "text"]
 DONE = b"data: [DONE]\n\n"
 PING = b": ping\n\n"
 _PREFIX: dict[Kind, str] = {"chat": "chatcmpl-", "text": "cmpl-"}
+Entry = dict[str, Any]  # one token's logprob entry, as a delta event carries it
 
 
 def sse_data(obj: dict[str, Any]) -> bytes:
@@ -21,16 +30,48 @@ def sse_data(obj: dict[str, Any]) -> bytes:
     return b"data: " + encode(obj).encode() + b"\n\n"
 
 
-def openai_finish_reason(reason: str) -> str:
-    """OpenAI knows ``stop`` and ``length``: an answer cut by any other limit (a time limit) is
-    reported as ``length``."""
-    return "stop" if reason == "stop" else "length"
+def openai_finish_reason(reason: str, called: bool = False) -> str:
+    """OpenAI knows ``stop``, ``length`` and ``tool_calls``: an answer cut by any other limit (a
+    time limit) is reported as ``length``."""
+    if reason != "stop":
+        return "length"
+    return "tool_calls" if called else "stop"
 
 
 def openai_usage(usage: dict[str, Any] | None) -> dict[str, int]:
     prompt = int((usage or {}).get("prompt_tokens", 0))
     completion = int((usage or {}).get("completion_tokens", 0))
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _entry_text(entry: Entry) -> str:
+    raw = entry.get("bytes")
+    return bytes(raw).decode("utf-8", errors="replace") if raw is not None else str(entry.get("token", ""))
+
+
+def text_logprobs(entries: list[Entry], offset: int) -> dict[str, Any]:
+    """Legacy completions' logprobs for ``entries``, the first at character ``offset`` of the
+    text: the chosen token is among each place's top_logprobs, as vLLM and OpenAI give them."""
+    tokens: list[str] = []
+    logprobs: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    for entry in entries:
+        tokens.append(entry["token"])
+        logprobs.append(entry["logprob"])
+        if entry["logprob"] is None:  # a prompt's first token
+            tops.append(None)
+        else:
+            top = {alt["token"]: alt["logprob"] for alt in entry.get("top_logprobs", [])}
+            top.setdefault(entry["token"], entry["logprob"])
+            tops.append(top)
+        offsets.append(offset)
+        offset += len(_entry_text(entry))
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[Entry]) -> dict[str, Any]:
+    return {"content": entries, "refusal": None}
 
 
 @dataclass(frozen=True)
@@ -42,6 +83,9 @@ class CompletionFormat:
     model: str
     created: int
     include_usage: bool = False  # streams: usage null on every chunk, then a usage chunk
+    logprobs: bool = False  # the request asked for logprobs
+    tools: ToolPlan = field(default_factory=ToolPlan)  # chat: how its text is read back
+    echo: str | None = None  # text: the answer begins with this prompt text ("" : from its tokens)
 
     @property
     def id(self) -> str:
@@ -50,48 +94,111 @@ class CompletionFormat:
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def response(self, text: str, finish_reason: str, usage: dict[str, Any] | None) -> dict[str, Any]:
+    def _echo(self, prompt_entries: list[Entry] | None) -> tuple[str, list[Entry]]:
+        """The prompt an echoing answer begins with, and its entries."""
+        if self.echo is None:
+            return "", []
+        entries = prompt_entries or []
+        return (self.echo or "".join(_entry_text(e) for e in entries)), entries
+
+    def response(
+        self,
+        text: str,
+        finish_reason: str,
+        usage: dict[str, Any] | None,
+        entries: list[Entry] | None = None,
+        prompt_entries: list[Entry] | None = None,
+    ) -> dict[str, Any]:
         """The whole answer (non-streaming)."""
-        reason = openai_finish_reason(finish_reason)
         choice: dict[str, Any]
         if self.kind == "chat":
-            message = {"role": "assistant", "content": text, "refusal": None}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
+            content, calls = read_whole(self.tools, self.job_id, text)
+            message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+            if calls:
+                message["tool_calls"] = calls
+            logprobs = chat_logprobs(entries or []) if self.logprobs else None
+            reason = openai_finish_reason(finish_reason, bool(calls))
+            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": reason}
             obj = "chat.completion"
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            prefix, echoed = self._echo(prompt_entries)
+            logprobs = text_logprobs(echoed + (entries or []), 0) if self.logprobs else None
+            reason = openai_finish_reason(finish_reason)
+            choice = {"index": 0, "text": prefix + text, "logprobs": logprobs, "finish_reason": reason}
             obj = "text_completion"
         return self._head(obj) | {"choices": [choice], "usage": openai_usage(usage)}
 
-    def _chunk(self, content: str | None, finish_reason: str | None, role: bool = False) -> dict[str, Any]:
+    def chunk(
+        self, delta: dict[str, Any] | str, finish_reason: str | None = None, logprobs: Any = None
+    ) -> Any:
+        """One chunk: a chat ``delta`` or a text completion's text."""
         choice: dict[str, Any]
         if self.kind == "chat":
-            delta: dict[str, Any] = {"role": "assistant"} if role else {}
-            if content is not None:
-                delta["content"] = content
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             chunk = self._head("chat.completion.chunk") | {"choices": [choice]}
         else:
-            choice = {"index": 0, "text": content or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             chunk = self._head("text_completion") | {"choices": [choice]}
         if self.include_usage:
             chunk["usage"] = None
         return chunk
 
-    def first_chunk(self) -> dict[str, Any] | None:
-        """What a stream opens with: the assistant's role (chat; text completions have none)."""
-        return self._chunk("", None, role=True) if self.kind == "chat" else None
-
-    def delta_chunk(self, text: str) -> dict[str, Any]:
-        return self._chunk(text, None)
-
-    def final_chunk(self, finish_reason: str) -> dict[str, Any]:
-        return self._chunk(None if self.kind == "chat" else "", openai_finish_reason(finish_reason))
-
     def usage_chunk(self, usage: dict[str, Any] | None) -> dict[str, Any]:
         """The last chunk when ``stream_options.include_usage``: no choices, the usage."""
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         return self._head(obj) | {"choices": [], "usage": openai_usage(usage)}
+
+
+class CompletionStream:
+    """The chunks of one streamed completion, from the job's events as they come."""
+
+    def __init__(self, fmt: CompletionFormat) -> None:
+        self.fmt = fmt
+        self._reader = ToolCallReader(fmt.tools, fmt.job_id)
+        self._offset = 0  # text completions: characters sent so far (text_offset)
+        self._echoed = fmt.echo is None
+
+    def first(self) -> list[dict[str, Any]]:
+        """What a stream opens with: the assistant's role (chat; text completions have none)."""
+        return [self.fmt.chunk({"role": "assistant", "content": ""})] if self.fmt.kind == "chat" else []
+
+    def delta(self, data: dict[str, Any]) -> list[dict[str, Any]]:
+        """The chunks of one ``delta`` event's data."""
+        text = str(data.get("text") or "")
+        entries: list[Entry] = list(data.get("logprobs") or [])
+        if self.fmt.kind == "chat":
+            deltas = self._reader.feed(text)
+            if self.fmt.logprobs and entries:
+                if not deltas:
+                    deltas = [{}]
+                return [self.fmt.chunk(deltas[0], logprobs=chat_logprobs(entries))] + [
+                    self.fmt.chunk(d) for d in deltas[1:]
+                ]
+            return [self.fmt.chunk(d) for d in deltas]
+        if not self._echoed and (data.get("prompt_logprobs") is not None or text or entries):
+            prefix, echoed = self.fmt._echo(data.get("prompt_logprobs"))
+            self._echoed = True
+            text, entries = prefix + text, echoed + entries
+        if not text and not (self.fmt.logprobs and entries):
+            return []
+        logprobs = text_logprobs(entries, self._offset) if self.fmt.logprobs else None
+        self._offset += len(text)
+        return [self.fmt.chunk(text, logprobs=logprobs)]
+
+    def end(self, finish_reason: str, usage: dict[str, Any] | None) -> list[dict[str, Any]]:
+        """The chunks that end the answer: held-back text or calls, the finish reason, the usage."""
+        chunks: list[dict[str, Any]] = []
+        if self.fmt.kind == "chat":
+            chunks += [self.fmt.chunk(d) for d in self._reader.finish()]
+            reason = openai_finish_reason(finish_reason, self._reader.calls > 0)
+            chunks.append(self.fmt.chunk({}, reason))
+        else:
+            if not self._echoed:
+                chunks += self.delta({"text": ""} | {"prompt_logprobs": []})
+            chunks.append(self.fmt.chunk("", openai_finish_reason(finish_reason)))
+        if self.fmt.include_usage:
+            chunks.append(self.fmt.usage_chunk(usage))
+        return chunks
 
 
 def model_list(models: dict[str, float]) -> dict[str, Any]:

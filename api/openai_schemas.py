@@ -165,10 +165,16 @@ class ChatCompletionRequest(OpenAIFields):
     max_completion_tokens: int | None = Field(None, ge=1, strict=True, description="wins over max_tokens")
     logprobs: bool | None = Field(None, description="each answer token's log probability")
     top_logprobs: int | None = Field(
-        None, ge=0, le=MAX_LOGPROBS, strict=True, description="with logprobs: the likeliest tokens at each place"
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        strict=True,
+        description="with logprobs: the likeliest tokens at each place",
     )
     tools: list[ToolDefinition] | None = Field(None, description="functions the model may call")
-    tool_choice: ToolChoice | None = Field(None, description="none, auto (default with tools), required, or one")
+    tool_choice: ToolChoice | None = Field(
+        None, description="none, auto (default with tools), required, or one"
+    )
     parallel_tool_calls: bool | None = Field(None, description="false: at most one call per answer")
     modalities: list[Literal["text"]] | None = Field(None, description="only text")
     audio: Any = Field(None, description="not supported: refused unless null")
@@ -180,7 +186,13 @@ class ChatCompletionRequest(OpenAIFields):
     function_call: Any = Field(None, description="deprecated: use tool_choice")
 
     @field_validator(
-        "audio", "prediction", "reasoning_effort", "verbosity", "web_search_options", "functions", "function_call"
+        "audio",
+        "prediction",
+        "reasoning_effort",
+        "verbosity",
+        "web_search_options",
+        "functions",
+        "function_call",
     )
     @classmethod
     def _unsupported(cls, value: Any) -> Any:
@@ -225,7 +237,11 @@ class CompletionRequest(OpenAIFields):
 
     prompt: Text | list[Text] | PromptIds | list[PromptIds]
     logprobs: int | None = Field(
-        None, ge=0, le=MAX_LOGPROBS, strict=True, description="each token's log probability and this many others"
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        strict=True,
+        description="each token's log probability and this many others",
     )
     echo: bool = Field(False, description="the answer begins with the prompt (and its logprobs)")
     best_of: int | None = Field(None, strict=True, description="only 1 (one choice per request)")

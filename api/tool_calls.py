@@ -79,7 +79,7 @@ def plan_tools(
     if response_format is not None and response_format.type != "text":
         raise ApiError(
             400,
-            "a forced tool call (tool_choice required or a named function) cannot also follow response_format",
+            "a forced tool call (tool_choice 'required' or a named function) cannot follow response_format",
             param="response_format",
         )
     if choice == "required":
@@ -100,13 +100,20 @@ def plan_tools(
     named = [t for t in tools if t.function.name == choice.function.name]
     if not named:
         raise ApiError(
-            400, f"tool_choice names '{choice.function.name}', which is not among the tools", param="tool_choice"
+            400,
+            f"tool_choice names '{choice.function.name}', which is not among the tools",
+            param="tool_choice",
         )
     return ToolPlan("named", list(tools), _parameters(named[0]), choice.function.name)
 
 
 def _call(call_id: str, index: int, name: str, arguments: str) -> dict[str, Any]:
-    return {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+    return {
+        "index": index,
+        "id": call_id,
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
 
 
 def _hermes_call(block: str) -> tuple[str, str] | None:
@@ -174,7 +181,10 @@ class ToolCallReader:
                 self._buffer, self._in_call = self._buffer[start + len(OPEN) :], True
                 continue
             keep = next((n for n in range(len(OPEN) - 1, 0, -1) if self._buffer.endswith(OPEN[:n])), 0)
-            ready, self._buffer = self._buffer[: len(self._buffer) - keep], self._buffer[len(self._buffer) - keep :]
+            ready, self._buffer = (
+                self._buffer[: len(self._buffer) - keep],
+                self._buffer[len(self._buffer) - keep :],
+            )
             return deltas + self._content(ready)
 
     def _block(self, block: str) -> list[dict[str, Any]]:

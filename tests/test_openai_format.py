@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from api.openai_format import CompletionFormat
+from api.openai_format import CompletionFormat, CompletionStream
 from api.openai_schemas import ChatCompletionRequest, CompletionRequest
 
 
@@ -22,7 +22,8 @@ def test_chat_request_becomes_a_job_request() -> None:
             "stop": "x",
             "n": 1,
             "stream_options": {"include_usage": True},
-            "tools": [{"type": "function"}],  # unknown here: ignored
+            "user": "u1",
+            "store": False,
         }
     )
     job = body.job_request()
@@ -32,35 +33,76 @@ def test_chat_request_becomes_a_job_request() -> None:
 
 
 @pytest.mark.parametrize(
-    "change",
+    ("change", "param"),
     [
-        {"n": 3},
-        {"messages": [{"role": "tool", "content": "x"}]},
-        {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
-        {"messages": [{"role": "user"}]},
+        ({"n": 3}, "n"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0"),  # no tool_call_id
+        ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "messages.0.content"),
+        ({"messages": [{"role": "user"}]}, "messages.0"),
+        ({"store": True}, "store"),
+        ({"service_tier": "priority"}, "service_tier"),
+        ({"reasoning_effort": "high"}, "reasoning_effort"),
+        ({"web_search_options": {}}, "web_search_options"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"top_logprobs": 2}, None),  # without logprobs
+        ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"min_p": 0.1}, "min_p"),  # not OpenAI's, not streamq's: unknown
+        ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
+        ({"stream_options": {"include_obfuscation": True}}, "stream_options.include_obfuscation"),
     ],
 )
-def test_chat_requests_streamq_cannot_serve_are_refused(change: dict[str, object]) -> None:
-    with pytest.raises(ValidationError):
+def test_chat_fields_streamq_cannot_honour_are_refused_by_name(
+    change: dict[str, object], param: str | None
+) -> None:
+    with pytest.raises(ValidationError) as refused:
         ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}]} | change)
+    where = [".".join(str(p) for p in e["loc"]) for e in refused.value.errors()]
+    assert param is None or any(w.startswith(param) for w in where), where
 
 
-def test_completion_prompt_is_one_user_message() -> None:
+def test_an_agent_loop_conversation_becomes_template_turns() -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}
+    body = ChatCompletionRequest.model_validate(
+        {
+            "messages": [
+                {"role": "user", "content": "add"},
+                {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None},
+                {"role": "tool", "tool_call_id": "call_1", "name": "add", "content": "2"},
+            ],
+            "tools": [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}],
+        }
+    )
+    turns = [m.template_turn() for m in body.job_request().chat_messages()]
+    assert turns[1]["tool_calls"][0]["function"] == {"name": "add", "arguments": {"a": 1}}
+    assert turns[2] == {"role": "tool", "content": "2", "tool_call_id": "call_1", "name": "add"}
+
+
+def test_a_completion_prompt_is_raw_text_or_token_ids() -> None:
     job = CompletionRequest.model_validate({"prompt": ["Once"], "max_tokens": 3}).job_request()
-    assert [(m.role, m.content) for m in job.chat_messages()] == [("user", "Once")]
-    with pytest.raises(ValidationError):
-        CompletionRequest.model_validate({"prompt": ["one", "two"]})
+    assert job.raw_prompt == "Once" and job.chat_messages() == []
+    assert CompletionRequest.model_validate({"prompt": [[1, 2, 3]]}).job_request().raw_prompt == [1, 2, 3]
+    assert CompletionRequest.model_validate({"prompt": [4, 5]}).job_request().raw_prompt == [4, 5]
+    echoed = CompletionRequest.model_validate({"prompt": [4, 5], "echo": True, "logprobs": 1}).job_request()
+    assert (echoed.logprobs, echoed.prompt_logprobs) == (1, 1)
+    for bad in (
+        {"prompt": ["one", "two"]},
+        {"prompt": ""},
+        {"prompt": "a", "suffix": "z"},
+        {"prompt": "a", "best_of": 2},
+    ):
+        with pytest.raises(ValidationError):
+            CompletionRequest.model_validate(bad)
 
 
 def test_finish_reasons_are_openai_ones() -> None:
     chat = CompletionFormat("chat", "abc", "m", 1, include_usage=True)
     assert chat.id == "chatcmpl-abc"
-    assert chat.final_chunk("timeout")["choices"][0]["finish_reason"] == "length"
+    assert CompletionStream(chat).end("timeout", None)[0]["choices"][0]["finish_reason"] == "length"
     assert chat.response("hi", "stop", None)["choices"][0]["finish_reason"] == "stop"
-    assert chat.delta_chunk("hi")["usage"] is None
+    assert CompletionStream(chat).delta({"text": "hi"})[0]["usage"] is None
     text = CompletionFormat("text", "abc", "m", 1)
-    assert text.id == "cmpl-abc" and text.first_chunk() is None
-    assert "usage" not in text.delta_chunk("hi")
+    assert text.id == "cmpl-abc" and CompletionStream(text).first() == []
+    assert "usage" not in CompletionStream(text).delta({"text": "hi"})[0]
     assert text.response("hi", "length", {"prompt_tokens": 2, "completion_tokens": 3})["usage"] == {
         "prompt_tokens": 2,
         "completion_tokens": 3,

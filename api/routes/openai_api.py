@@ -22,8 +22,23 @@ from api.auth import Caller, CallerDep
 from api.client_job import JOB_HEADER, ClientJob
 from api.errors import ApiError, error_responses, job_failure_error
 from api.job_client import JobClient, get_jobs
-from api.openai_format import DONE, PING, CompletionFormat, Kind, model_list, model_object, sse_data
-from api.openai_schemas import ChatCompletionRequest, CompletionRequest, OpenAIFields
+from api.openai_format import (
+    DONE,
+    PING,
+    CompletionFormat,
+    CompletionStream,
+    Kind,
+    model_list,
+    model_object,
+    sse_data,
+)
+from api.openai_schemas import (
+    CHAT_PARAMS,
+    COMPLETION_PARAMS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAIFields,
+)
 from shared.job_store.vocabulary import EventName
 from shared.schemas import JobRequest
 
@@ -50,8 +65,10 @@ async def chat_completions(
     detach: DetachHeader = None,
 ) -> Response:
     """OpenAI's chat completion: a ``chat.completion``, or with ``stream`` the
-    ``chat.completion.chunk`` events, then ``data: [DONE]``."""
-    return await _complete(jobs, request, caller, "chat", body, body.job_request(), detach)
+    ``chat.completion.chunk`` events, then ``data: [DONE]``. Tool calls come back as
+    ``tool_calls`` (see the README's field table for what each field does here)."""
+    extras = {"logprobs": bool(body.logprobs), "tools": body.tool_plan()}
+    return await _complete(jobs, request, caller, "chat", body, body.job_request(), detach, extras)
 
 
 @router.post("/completions", response_model=None, responses=_ERRORS)
@@ -62,9 +79,12 @@ async def completions(
     caller: CallerDep,
     detach: DetachHeader = None,
 ) -> Response:
-    """OpenAI's (legacy) text completion. The prompt reaches the model as one user message,
-    through its chat template."""
-    return await _complete(jobs, request, caller, "text", body, body.job_request(), detach)
+    """OpenAI's (legacy) text completion: the prompt (text or token ids) is given to the model
+    as it is, with no chat template."""
+    prompt = body.prompt_value()
+    echo = (prompt if isinstance(prompt, str) else "") if body.echo else None
+    extras = {"logprobs": body.logprobs is not None, "echo": echo}
+    return await _complete(jobs, request, caller, "text", body, body.job_request(), detach, extras)
 
 
 @router.get("/models")
@@ -94,11 +114,24 @@ async def _complete(
     body: OpenAIFields,
     job_request: JobRequest,
     detach: str | None,
+    extras: dict[str, Any],
 ) -> Response:
-    job = await ClientJob.submit(jobs, job_request, request, caller, detached=_wants_detach(body, detach))
-    if body.user:
-        log.info("job %s: OpenAI %s completion for user %r", job.id, kind, body.user[:64])
-    fmt = CompletionFormat(kind, job.id, job.view.model, int(job.view.created_at), body.include_usage)
+    try:
+        job = await ClientJob.submit(jobs, job_request, request, caller, detached=_wants_detach(body, detach))
+    except ApiError as exc:  # name the field as the client sent it
+        exc.param = (CHAT_PARAMS if kind == "chat" else COMPLETION_PARAMS).get(exc.param or "", exc.param)
+        raise
+    if body.end_user() or body.metadata:
+        log.info(
+            "job %s: OpenAI %s completion for user %r, metadata %s",
+            job.id,
+            kind,
+            (body.end_user() or "")[:64],
+            body.metadata,
+        )
+    fmt = CompletionFormat(
+        kind, job.id, job.view.model, int(job.view.created_at), body.include_usage, **extras
+    )
     headers = {JOB_HEADER: job.id}
     if body.stream:
         return StreamingResponse(
@@ -109,31 +142,37 @@ async def _complete(
 
 async def _wait(job: ClientJob, fmt: CompletionFormat, headers: dict[str, str]) -> Response:
     """Wait for the whole answer; a job that ends without one is its HTTP error."""
-    result = await job.whole_answer(error_headers=headers)
+    result = await job.whole_output(error_headers=headers)
     if result is None:
         return Response(status_code=499)  # the client went away
-    text, event = result
-    answer = fmt.response(text, event.data.get("finish_reason", "stop"), event.data.get("usage"))
+    done = result.done.data
+    answer = fmt.response(
+        result.text,
+        done.get("finish_reason", "stop"),
+        done.get("usage"),
+        result.logprobs,
+        result.prompt_logprobs,
+    )
     return JSONResponse(answer, headers=headers)
 
 
 async def _stream(job: ClientJob, fmt: CompletionFormat) -> AsyncIterator[bytes]:
     """The chunks: the role, then one per delta, the one with the finish reason, the usage
     (when asked), ``[DONE]``. A keep-alive comment while the job waits in its queue."""
+    chunks = CompletionStream(fmt)
     async with job.followed():
-        first = fmt.first_chunk()
-        if first is not None:
-            yield sse_data(first)
+        for chunk in chunks.first():
+            yield sse_data(chunk)
         while True:
             event = await job.next_output(ticks=True)
             if event is None:
                 yield PING
             elif event.event == EventName.DELTA:
-                yield sse_data(fmt.delta_chunk(event.data.get("text", "")))
+                for chunk in chunks.delta(event.data):
+                    yield sse_data(chunk)
             elif event.event == EventName.DONE:
-                yield sse_data(fmt.final_chunk(event.data.get("finish_reason", "stop")))
-                if fmt.include_usage:
-                    yield sse_data(fmt.usage_chunk(event.data.get("usage")))
+                for chunk in chunks.end(event.data.get("finish_reason", "stop"), event.data.get("usage")):
+                    yield sse_data(chunk)
                 yield DONE
                 return
             else:

@@ -28,7 +28,7 @@ from api.request_limits import generation_request
 from api.stream_hub import parse_entry_id
 from shared.job_store.payloads import Canceled, Delta, Done, Queued, Started
 from shared.job_store.vocabulary import FINAL_STATUSES, EventName, FinishReason, JobStatus
-from shared.schemas import GenerationRequest, JobRequest, JobView, Timings, Usage
+from shared.schemas import GenerationRequest, JobRequest, JobView, Timings, TokenLogprob, TopLogprob, Usage
 from shared.settings import Settings
 
 
@@ -43,9 +43,27 @@ class MemoryJob:
 
 
 def answer_words(request: GenerationRequest) -> list[str]:
-    """What the fake model answers: the last user message, word by word."""
-    words = request.messages[-1].content.split()
+    """What the fake model answers: the last message (or a raw prompt), word by word; token
+    ids answer as words ``t<id>``."""
+    if request.token_ids is not None:
+        source = " ".join(f"t{token}" for token in request.token_ids)
+    elif request.text is not None:
+        source = request.text
+    else:
+        source = request.messages[-1].content
+    words = source.split()
     return [w if i == 0 else " " + w for i, w in enumerate(words)]
+
+
+def fake_logprob(word: str, rank: int, alternatives: int) -> TokenLogprob:
+    """The fake model's logprob entry of a word: -0.5, its alternatives lower by rank."""
+    top = [
+        TopLogprob(token=f"{word}~{i}" if i else word, logprob=-0.5 * (i + 1), bytes=list(word.encode()))
+        for i in range(alternatives)
+    ]
+    return TokenLogprob(
+        token=word, logprob=-0.5 if rank else None, bytes=list(word.encode()), top_logprobs=top
+    )
 
 
 class MemoryJobClient:
@@ -92,11 +110,19 @@ class MemoryJobClient:
         words = answer_words(job.request)
         out = words[: job.request.max_tokens]
         stop_at = len(out) if self.pause_after is None else min(len(out), self.pause_after)
+        request = job.request
         for word in out[job.written : stop_at]:
             job.view.text += word
             job.written += 1
             job.view.usage = Usage(prompt_tokens=len(job.request.messages), completion_tokens=job.written)
-            self._append(job, EventName.DELTA, Delta(text=word).encode())
+            delta = Delta(text=word)
+            if request.logprobs is not None:
+                delta.logprobs = [fake_logprob(word, 1, request.logprobs)]
+            if request.prompt_logprobs is not None and job.written == 1:
+                delta.prompt_logprobs = [
+                    fake_logprob(w, i, request.prompt_logprobs if i else 0) for i, w in enumerate(words)
+                ]
+            self._append(job, EventName.DELTA, delta.encode())
         if job.written < len(out):
             return  # paused
         reason = FinishReason.LENGTH if len(out) < len(words) else FinishReason.STOP

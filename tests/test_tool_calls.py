@@ -1,0 +1,121 @@
+"""Reading tool calls out of a model's text (``api.tool_calls``), whole and as it streams in, and
+what ``tools`` / ``tool_choice`` ask of a job."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import pytest
+
+from api.errors import ApiError
+from api.tool_calls import NamedToolChoice, ToolCallReader, ToolPlan, plan_tools, read_whole
+from shared.schemas import ResponseFormat, ToolDefinition
+
+WEATHER = ToolDefinition.model_validate(
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+)
+AUTO = ToolPlan("auto", [WEATHER])
+TWO_CALLS = (
+    'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+)
+
+
+def streamed(plan: ToolPlan, text: str, seed: int) -> list[dict[str, Any]]:
+    """The deltas of ``text`` fed in random pieces (as a job's deltas come)."""
+    rng = random.Random(seed)
+    reader = ToolCallReader(plan, "job1")
+    deltas: list[dict[str, Any]] = []
+    at = 0
+    while at < len(text):
+        size = rng.randint(1, 7)
+        deltas += reader.feed(text[at : at + size])
+        at += size
+    return deltas + reader.finish()
+
+
+def test_hermes_calls_are_read_whole_and_streamed_alike() -> None:
+    content, calls = read_whole(AUTO, "job1", TWO_CALLS)
+    assert content == "Let me check."
+    assert [(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("call_job1_0", "get_weather", {"city": "Paris"}),
+        ("call_job1_1", "get_weather", {"city": "Oslo"}),
+    ]
+    for seed in range(20):
+        deltas = streamed(AUTO, TWO_CALLS, seed)
+        assert "".join(d.get("content", "") for d in deltas) == "Let me check.\n"
+        streamed_calls = [c for d in deltas for c in d.get("tool_calls", [])]
+        assert [c["index"] for c in streamed_calls] == [0, 1]
+        assert [c["function"]["arguments"] for c in streamed_calls] == [
+            c["function"]["arguments"] for c in calls
+        ]
+
+
+def test_text_that_only_looks_like_a_call_stays_text() -> None:
+    for text in ("a < b and <tool_ call> no", "<tool_call>not json</tool_call> after", "x <tool_cal"):
+        content, calls = read_whole(AUTO, "j", text)
+        assert (content, calls) == (text, [])
+        assert "".join(d.get("content", "") for d in streamed(AUTO, text, 3)) == text
+
+
+def test_a_call_cut_before_its_closing_tag_is_a_call_when_its_json_is_whole() -> None:
+    content, calls = read_whole(AUTO, "j", '<tool_call>{"name": "get_weather", "arguments": {"city": "x"}}')
+    assert content is None and calls[0]["function"]["arguments"] == '{"city": "x"}'
+    content, calls = read_whole(AUTO, "j", '<tool_call>{"name": "get_wea')
+    assert (content, calls) == ('<tool_call>{"name": "get_wea', [])
+
+
+def test_forced_calls_read_the_guided_json() -> None:
+    named = plan_tools(
+        [WEATHER],
+        NamedToolChoice.model_validate({"type": "function", "function": {"name": "get_weather"}}),
+        None,
+        None,
+    )
+    assert named.json_schema == WEATHER.function.parameters
+    deltas = streamed(named, '{"city": "Lima"}', 1)
+    assert deltas[0]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas) == '{"city": "Lima"}'
+    assert read_whole(named, "j", '{"city": "Lima"}')[1][0]["function"]["arguments"] == '{"city": "Lima"}'
+
+    required = plan_tools([WEATHER], "required", False, None)
+    assert required.json_schema is not None and required.json_schema["maxItems"] == 1
+    calls = read_whole(required, "j", '[{"name": "get_weather", "arguments": {"city": "Rome"}}]')[1]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Rome"}
+    assert read_whole(required, "j", '[{"name": "get_we') == ('[{"name": "get_we', [])
+
+
+@pytest.mark.parametrize(
+    ("tools", "choice", "response_format", "param"),
+    [
+        (None, "required", None, "tool_choice"),
+        ([WEATHER], {"type": "function", "function": {"name": "nope"}}, None, "tool_choice"),
+        ([WEATHER], "required", {"type": "json_object"}, "response_format"),
+    ],
+)
+def test_tool_choices_that_cannot_be_served_name_their_field(
+    tools: list[ToolDefinition] | None, choice: Any, response_format: Any, param: str
+) -> None:
+    if isinstance(choice, dict):
+        choice = NamedToolChoice.model_validate(choice)
+    fmt = ResponseFormat.model_validate(response_format) if response_format else None
+    with pytest.raises(ApiError) as refused:
+        plan_tools(tools, choice, None, fmt)
+    assert refused.value.status == 400 and refused.value.param == param
+
+
+def test_tool_choice_none_gives_the_job_no_tools() -> None:
+    assert plan_tools([WEATHER], "none", None, None) == ToolPlan()
+    assert plan_tools([WEATHER], None, None, None).mode == "auto"
