@@ -1,0 +1,252 @@
+"""OpenAI's fields honoured on the transformers engine, through the official SDK and LangChain
+against the real stack (tiny random model): guided JSON and tool calls that validate, logprobs
+that match the text, lm-eval's echo + logprobs scoring request, raw completions, logit_bias,
+and a two-turn agent loop. tests/test_vllm_engine.py checks the same on the vLLM engine."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+from tests.conftest import Stack
+
+pytestmark = pytest.mark.e2e
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "mood": {"enum": ["glad", "calm", "tired"]},
+        "tags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3},
+    },
+    "required": ["name", "mood", "tags"],
+    "additionalProperties": False,
+}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 10},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0, timeout=120) as c:
+        yield c
+
+
+def ask(stack: Stack, content: str) -> dict[str, Any]:
+    return {
+        "model": stack.model_dir.name,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 80,
+    }
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_json_schema_answers_validate_streamed_and_not(
+    client: openai.OpenAI, stack: Stack, temperature: float
+) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    whole = client.chat.completions.create(
+        **ask(stack, "Describe someone."),
+        response_format=fmt,
+        temperature=temperature,
+        seed=3,  # type: ignore[call-overload]
+    )
+    assert whole.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(whole.choices[0].message.content or ""), PERSON)
+    stream = client.chat.completions.create(
+        **ask(stack, "Someone else."),
+        response_format=fmt,
+        temperature=temperature,
+        seed=4,
+        stream=True,  # type: ignore[call-overload]
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    jsonschema.validate(json.loads(text), PERSON)
+    anything = client.chat.completions.create(
+        **ask(stack, "JSON please"), response_format={"type": "json_object"}
+    )  # type: ignore[call-overload]
+    assert isinstance(json.loads(anything.choices[0].message.content or ""), dict)
+
+
+def test_a_named_tool_choice_returns_a_call_whose_arguments_validate(
+    client: openai.OpenAI, stack: Stack
+) -> None:
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    whole = client.chat.completions.create(
+        **ask(stack, "Weather in Paris?"), tools=[WEATHER], tool_choice=choice
+    )  # type: ignore[call-overload]
+    assert whole.choices[0].finish_reason == "tool_calls"
+    call = whole.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])  # type: ignore[index]
+
+    stream = client.chat.completions.create(
+        **ask(stack, "Weather in Oslo?"),
+        tools=[WEATHER],
+        tool_choice=choice,
+        stream=True,  # type: ignore[call-overload]
+    )
+    parts = [t for c in stream if c.choices for t in c.choices[0].delta.tool_calls or []]
+    assert parts[0].function.name == "get_weather" and parts[0].id
+    arguments = "".join(p.function.arguments or "" for p in parts)
+    jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])  # type: ignore[index]
+
+
+def test_tool_choice_required_always_calls(client: openai.OpenAI, stack: Stack) -> None:
+    whole = client.chat.completions.create(
+        **ask(stack, "Anything."),
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=1.0,  # type: ignore[call-overload]
+    )
+    calls = whole.choices[0].message.tool_calls
+    assert len(calls) == 1 and calls[0].function.name == "get_weather"
+    jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])  # type: ignore[index]
+
+
+def test_an_agent_loop_of_two_turns(client: openai.OpenAI, stack: Stack) -> None:
+    messages: list[Any] = [{"role": "user", "content": "What is the weather in Rome?"}]
+    first = client.chat.completions.create(
+        model=stack.model_dir.name,
+        messages=messages,
+        tools=[WEATHER],
+        tool_choice="required",
+        max_tokens=80,  # type: ignore[arg-type]
+    )
+    call = first.choices[0].message.tool_calls[0]  # type: ignore[index]
+    messages.append(first.choices[0].message)  # the SDK's own object, sent back as it is
+    result = {"city": json.loads(call.function.arguments)["city"], "sky": "clear"}  # type: ignore[union-attr]
+    messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)})
+    second = client.chat.completions.create(
+        model=stack.model_dir.name,
+        messages=messages,
+        tools=[WEATHER],
+        tool_choice="none",
+        max_tokens=8,  # type: ignore[arg-type]
+    )
+    assert second.choices[0].message.tool_calls is None
+    assert second.choices[0].message.content and second.choices[0].finish_reason in ("stop", "length")
+    assert second.usage is not None and first.usage is not None
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens  # the call and its result were rendered
+
+
+def test_logprobs_have_top_entries_that_spell_the_answer(client: openai.OpenAI, stack: Stack) -> None:
+    whole = client.chat.completions.create(
+        **ask(stack, "Count."), max_tokens=12, logprobs=True, top_logprobs=3
+    )  # type: ignore[call-overload]
+    entries = whole.choices[0].logprobs.content
+    assert whole.usage is not None and len(entries) == whole.usage.completion_tokens
+    assert all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in entries)
+    assert all(e.top_logprobs[0].logprob >= e.top_logprobs[-1].logprob for e in entries)
+    answer = whole.choices[0].message.content or ""
+    if whole.choices[0].finish_reason == "length":  # no stop sequence: the tokens are the text
+        assert b"".join(bytes(e.bytes) for e in entries).decode() == answer
+    stream = client.chat.completions.create(
+        **ask(stack, "Count."),
+        max_tokens=12,
+        logprobs=True,
+        top_logprobs=3,
+        stream=True,  # type: ignore[call-overload]
+    )
+    streamed = [
+        e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content or []
+    ]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [
+        (e.token, round(e.logprob, 4)) for e in entries
+    ]
+
+
+def test_lm_evals_loglikelihood_request_scores_every_prompt_token(
+    client: openai.OpenAI, stack: Stack, tiny_backend: Any
+) -> None:
+    ids = tiny_backend.tokenizer("The quick brown fox", add_special_tokens=False)["input_ids"]
+    done = client.completions.create(
+        model=stack.model_dir.name, prompt=[ids], echo=True, logprobs=1, max_tokens=1, temperature=0
+    )
+    logprobs = done.choices[0].logprobs
+    assert logprobs is not None and logprobs.token_logprobs is not None and logprobs.top_logprobs is not None
+    assert len(logprobs.token_logprobs) == len(ids) + 1  # every prompt token, then the answer's
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert all(lp is not None and lp <= 0 for lp in logprobs.token_logprobs[1:])
+    assert done.choices[0].text.startswith("The quick brown fox")
+    # lm-eval's own check: is each token the most likely one at its place?
+    for token_logprob, top in zip(logprobs.token_logprobs[1:], logprobs.top_logprobs[1:], strict=True):
+        assert top is not None and token_logprob is not None and token_logprob <= max(top.values()) + 1e-6
+
+
+def test_a_completion_is_raw_not_chat_templated(
+    client: openai.OpenAI, stack: Stack, tiny_backend: Any
+) -> None:
+    text = "Redis streams carry"
+    raw = client.completions.create(model=stack.model_dir.name, prompt=text, max_tokens=6, temperature=0)
+    assert raw.usage is not None and raw.usage.prompt_tokens == len(tiny_backend.tokenizer(text)["input_ids"])
+    ids = client.completions.create(
+        model=stack.model_dir.name,
+        prompt=tiny_backend.tokenizer(text)["input_ids"],
+        max_tokens=6,
+        temperature=0,
+    )
+    assert ids.choices[0].text == raw.choices[0].text
+    chat = client.chat.completions.create(**ask(stack, text), max_tokens=6, temperature=0)  # type: ignore[call-overload]
+    assert chat.usage is not None and chat.usage.prompt_tokens > raw.usage.prompt_tokens
+
+
+def test_logit_bias_forces_a_token(client: openai.OpenAI, stack: Stack, tiny_backend: Any) -> None:
+    token = tiny_backend.tokenizer(" model", add_special_tokens=False)["input_ids"]
+    assert len(token) == 1
+    whole = client.chat.completions.create(
+        **ask(stack, "Say anything."), max_tokens=4, logit_bias={str(token[0]): 100}
+    )  # type: ignore[call-overload]
+    assert whole.choices[0].message.content == " model" * 4
+
+
+class Weather(BaseModel):
+    city: str = Field(max_length=10)
+    unit: str = Field(pattern="^(celsius|fahrenheit)$")
+
+
+def test_langchain_bind_tools_and_structured_output_return_parsed_objects(stack: Stack) -> None:
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        model=stack.model_dir.name, base_url=stack.url + "/v1", api_key="x", max_tokens=80, max_retries=0
+    )  # type: ignore[arg-type]
+    with_tools = llm.bind_tools([Weather], tool_choice="Weather")
+    message = with_tools.invoke("Weather in Lima?")
+    assert message.tool_calls and message.tool_calls[0]["name"] == "Weather"  # type: ignore[attr-defined]
+    Weather.model_validate(message.tool_calls[0]["args"])  # type: ignore[attr-defined]
+    # The loop's next turn carries the call and its result.
+    reply = llm.bind_tools([Weather]).invoke(
+        [
+            HumanMessage("Weather in Lima?"),
+            message,
+            ToolMessage(content="sunny", tool_call_id=message.tool_calls[0]["id"], name="Weather"),  # type: ignore[attr-defined]
+        ]
+    )
+    assert isinstance(reply.content, str)
+
+    for method in ("function_calling", "json_schema"):
+        parsed = llm.with_structured_output(Weather, method=method).invoke("Weather in Kyiv?")  # type: ignore[arg-type]
+        assert isinstance(parsed, Weather), method
