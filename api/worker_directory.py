@@ -97,7 +97,8 @@ class WorkerDirectory:
                 return ApiError(
                     400,
                     f"'{field_name}' is not supported by the {' and '.join(lacking)} engine serving "
-                    f"'{model}' (it needs workers on the vLLM engine)",
+                    f"'{model}' (the transformers and vLLM engines offer it; models served through "
+                    "their own stream_chat do not)",
                     param=field_name,
                     code="unsupported_parameter",
                 )

@@ -1,7 +1,8 @@
-"""Requests that need what only some engines do (penalties, logit bias, structured output): a
-400 naming the field where the serving engine cannot do it, never a silent ignore. The
-transformers engine's workers of the suite's stack offer none of them; tests/test_vllm_engine.py
-checks that vLLM honours each."""
+"""Requests that need what only some engines do (penalties, logit bias, structured output,
+logprobs, raw prompts, tools): a 400 naming the field where the serving engine cannot do it,
+never a silent ignore. The synthetic engine (like ChatGLM's stream_chat) offers none of them;
+tests/test_openai_fidelity.py and tests/test_vllm_engine.py check that the transformers and vLLM
+engines honour each."""
 
 from __future__ import annotations
 
@@ -15,14 +16,15 @@ import openai
 import pytest
 
 from shared.schemas import ChatMessage, GenerationRequest
-from tests.conftest import Stack
+from tests.conftest import SlowStack, Stack
 from worker.engine import Engine, EngineJob, JobOutput
 from worker.synthetic import SyntheticBackend, SyntheticModel
 
 pytestmark = pytest.mark.e2e
 
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
-NEEDS_VLLM = [
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+NEEDS_FEATURE = [
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"frequency_penalty": -1.0}, "frequency_penalty"),
     ({"repetition_penalty": 1.2}, "repetition_penalty"),
@@ -32,34 +34,52 @@ NEEDS_VLLM = [
         {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}},
         "response_format",
     ),
+    ({"logprobs": 2}, "logprobs"),
+    ({"prompt_logprobs": 0}, "prompt_logprobs"),
+    ({"raw_prompt": "once upon", "prompt": None}, "raw_prompt"),
+    ({"tools": [TOOL], "messages": [{"role": "user", "content": "hi"}], "prompt": None}, "tools"),
 ]
 
 
-def jobs_in_redis(stack: Stack) -> int:
-    return len(stack.redis.client().keys("streamq:job:*"))
+def jobs_in_redis(redis: Any) -> int:
+    return len(redis.client().keys("streamq:job:*"))
 
 
-@pytest.mark.parametrize(("fields", "param"), NEEDS_VLLM)
+@pytest.mark.parametrize(("fields", "param"), NEEDS_FEATURE)
 def test_a_field_the_engine_cannot_honour_is_a_400_that_names_it(
-    stack: Stack, fields: dict[str, Any], param: str
+    slow_stack: SlowStack, fields: dict[str, Any], param: str
 ) -> None:
-    before = jobs_in_redis(stack)
+    before = jobs_in_redis(slow_stack.redis)
+    body = {"model": slow_stack.model, "prompt": "hi", "max_tokens": 4, **fields}
     response = httpx.post(
-        f"{stack.url}/v1/jobs",
-        json={"model": stack.model_dir.name, "prompt": "hi", "max_tokens": 4, **fields},
+        f"{slow_stack.url}/v1/jobs",
+        json={k: v for k, v in body.items() if v is not None},
+        headers=slow_stack.headers,
     )
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and error["code"] == "unsupported_parameter"
-    assert "transformers engine" in error["message"] and "not supported" in error["message"]
-    assert jobs_in_redis(stack) == before  # refused before any job exists
+    assert "synthetic engine" in error["message"] and "not supported" in error["message"]
+    assert jobs_in_redis(slow_stack.redis) == before  # refused before any job exists
 
 
-def test_the_openai_sdk_gets_a_bad_request_naming_the_field(stack: Stack) -> None:
-    with openai.OpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0, timeout=60) as client:
+def test_the_openai_sdk_gets_a_bad_request_naming_the_field_as_it_sent_it(slow_stack: SlowStack) -> None:
+    with openai.OpenAI(
+        base_url=slow_stack.url + "/v1", api_key=slow_stack.api_key, max_retries=0, timeout=60
+    ) as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model=slow_stack.model, prompt="hi", echo=True, logprobs=1)
+        assert caught.value.body["param"] == "logprobs"  # type: ignore[index]
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(
-                model=stack.model_dir.name,
+                model=slow_stack.model,
+                messages=[{"role": "user", "content": "hi"}],
+                logprobs=True,
+            )
+        assert caught.value.body["param"] == "logprobs"  # type: ignore[index]
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(
+                model=slow_stack.model,
                 messages=[{"role": "user", "content": "hi"}],
                 max_tokens=4,
                 presence_penalty=0.6,
@@ -67,7 +87,7 @@ def test_the_openai_sdk_gets_a_bad_request_naming_the_field(stack: Stack) -> Non
         assert caught.value.body["param"] == "presence_penalty"  # type: ignore[index]
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(
-                model=stack.model_dir.name,
+                model=slow_stack.model,
                 messages=[{"role": "user", "content": "hi"}],
                 max_tokens=4,
                 response_format={"type": "json_object"},

@@ -105,7 +105,7 @@ def refuse_missing_features(request: GenerationRequest, model: BatchModel) -> No
         if feature not in model.features:
             raise InvalidJobRequest(
                 f"'{field_name}' is not supported by this model's {model.engine} engine "
-                "(it needs a worker on the vLLM engine)",
+                "(the transformers and vLLM engines offer it)",
                 param=field_name,
             )
 
