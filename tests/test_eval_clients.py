@@ -1,0 +1,100 @@
+"""lm-evaluation-harness and LiteLLM against the real stack, as their users run them: lm-eval's
+``local-completions`` model scores loglikelihood requests through ``/v1/completions`` (token-id
+prompts, ``echo`` + ``logprobs``) and generates; LiteLLM's ``openai/`` provider calls tools and
+asks for JSON. lm-eval's scores are checked against the model's own full forward pass."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+
+from tests.conftest import Stack
+
+pytestmark = pytest.mark.e2e
+
+PAIRS = [
+    ("The quick brown", " fox jumps over"),
+    ("Redis streams carry each", " job's output"),
+    ("你好", "，世界"),
+]
+
+
+def reference_loglikelihood(backend: Any, context: str, continuation: str) -> tuple[float, bool]:
+    """lm-eval's split (the whole text encoded, the context's tokens first), scored by one
+    forward pass of the worker's own model."""
+    tokenizer = backend.tokenizer
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    n_context = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    with torch.inference_mode():
+        logits = backend.model(input_ids=torch.tensor([whole])).logits[0].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    total, greedy = 0.0, True
+    for position in range(n_context, len(whole)):
+        row = logprobs[position - 1]
+        total += float(row[whole[position]])
+        greedy = greedy and int(row.argmax()) == whole[position]
+    return total, greedy
+
+
+def test_lm_eval_local_completions_scores_as_the_model_does(stack: Stack, tiny_backend: Any) -> None:
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    lm = LocalCompletionsAPI(
+        base_url=f"{stack.url}/v1/completions",
+        model=stack.model_dir.name,
+        tokenizer_backend="huggingface",
+        tokenizer=str(stack.model_dir),
+        max_retries=1,
+    )
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(PAIRS)]
+    scores = lm.loglikelihood(requests)
+    for (context, continuation), (score, greedy) in zip(PAIRS, scores, strict=True):
+        expected, expected_greedy = reference_loglikelihood(tiny_backend, context, continuation)
+        assert score == pytest.approx(expected, abs=2e-3), (context, score, expected)
+        assert greedy == expected_greedy
+
+    (generated,) = lm.generate_until(
+        [Instance("generate_until", {}, ("Once upon a time", {"until": ["\n\n"], "max_gen_toks": 6}), 0)]
+    )
+    assert isinstance(generated, str) and generated
+
+
+def test_litellm_calls_a_tool_and_answers_json(stack: Stack) -> None:
+    import litellm
+
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "parameters": {
+                "type": "object",
+                "properties": {"term": {"type": "string", "maxLength": 12}},
+                "required": ["term"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    common: dict[str, Any] = {
+        "model": f"openai/{stack.model_dir.name}",
+        "api_base": f"{stack.url}/v1",
+        "api_key": "x",
+        "max_tokens": 60,
+    }
+    called = litellm.completion(
+        messages=[{"role": "user", "content": "Look up queues."}],
+        tools=[tool],
+        tool_choice={"type": "function", "function": {"name": "lookup"}},
+        **common,
+    )
+    call = called.choices[0].message.tool_calls[0]
+    assert call.function.name == "lookup" and isinstance(json.loads(call.function.arguments)["term"], str)
+    answered = litellm.completion(
+        messages=[{"role": "user", "content": "Give JSON."}],
+        response_format={"type": "json_object"},
+        **common,
+    )
+    assert isinstance(json.loads(answered.choices[0].message.content), dict)
