@@ -192,7 +192,7 @@ class VLLMModel:
         # Tools only where the chat template renders them, with calls streamq can parse.
         self.features = ENGINE_FEATURES if served.takes_tools() else ENGINE_FEATURES - {TOOLS}
         vocab_size = int(engine.vllm_config.model_config.get_vocab_size())
-        self.texts = TokenTexts(served.tokenizer, vocab_size)  # log probabilities' entries
+        self.texts = TokenTexts(served.tokenizer, vocab_size).warm()  # log probabilities' entries
         self._held: dict[EngineJob, _Request] = {}
         self._by_id: dict[str, _Request] = {}
         self._ids = itertools.count()
@@ -298,16 +298,18 @@ class VLLMModel:
             self._by_id.pop(held.request_id, None)
         return outputs
 
-    def _prompt_logprobs(self, held: _Request, result: Any) -> tuple[TokenLogprob | None, ...] | None:
+    def _prompt_logprobs(self, held: _Request, result: Any) -> tuple[TokenLogprob, ...] | None:
         """The prompt's entries, on the job's first output only (vLLM gives them all at once,
-        after the prompt's last prefill chunk): the first token has none."""
+        after the prompt's last prefill chunk): the first token has no logprob (None)."""
         positions = result.prompt_logprobs
         if not held.prompt_logprobs or not positions:
             return None
         held.prompt_logprobs = False
         k = held.job.request.prompt_logprobs or 0
         return tuple(
-            None if position is None else _logprob_entry(self.texts, token, position, k)
+            self.texts.entry(token, None, [])
+            if position is None
+            else _logprob_entry(self.texts, token, position, k)
             for token, position in zip(result.prompt_token_ids, positions, strict=True)
         )
 
