@@ -1,10 +1,12 @@
-"""Requests that need what only some engines do (penalties, logit bias, structured output): a
-400 naming the field where the serving engine cannot do it, never a silent ignore. The
-transformers engine's workers of the suite's stack offer none of them; tests/test_vllm_engine.py
-checks that vLLM honours each."""
+"""Requests that need what only some engines do (penalties, logit bias, structured output, log
+probabilities): a 400 naming the field where the serving engine cannot do it, never a silent
+ignore (here a synthetic worker's, which offers none of them). The transformers engine of the
+suite's stack honours them all (tests/test_batch_features.py checks each in process; here they
+go through the stack); tests/test_vllm_engine.py checks that vLLM honours each."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -15,14 +17,14 @@ import openai
 import pytest
 
 from shared.schemas import ChatMessage, GenerationRequest
-from tests.conftest import Stack
+from tests.conftest import SlowStack, Stack
 from worker.engine import Engine, EngineJob, JobOutput
 from worker.synthetic import SyntheticBackend, SyntheticModel
 
 pytestmark = pytest.mark.e2e
 
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
-NEEDS_VLLM = [
+NEEDS_AN_ENGINE = [
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"frequency_penalty": -1.0}, "frequency_penalty"),
     ({"repetition_penalty": 1.2}, "repetition_penalty"),
@@ -32,34 +34,39 @@ NEEDS_VLLM = [
         {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}},
         "response_format",
     ),
+    ({"logprobs": 2}, "logprobs"),
+    ({"prompt_logprobs": 0}, "prompt_logprobs"),
 ]
 
 
-def jobs_in_redis(stack: Stack) -> int:
-    return len(stack.redis.client().keys("streamq:job:*"))
+def jobs_in_redis(redis: Any) -> int:
+    return len(redis.client().keys("streamq:job:*"))
 
 
-@pytest.mark.parametrize(("fields", "param"), NEEDS_VLLM)
+@pytest.mark.parametrize(("fields", "param"), NEEDS_AN_ENGINE)
 def test_a_field_the_engine_cannot_honour_is_a_400_that_names_it(
-    stack: Stack, fields: dict[str, Any], param: str
+    slow_stack: SlowStack, fields: dict[str, Any], param: str
 ) -> None:
-    before = jobs_in_redis(stack)
+    before = jobs_in_redis(slow_stack.redis)
     response = httpx.post(
-        f"{stack.url}/v1/jobs",
-        json={"model": stack.model_dir.name, "prompt": "hi", "max_tokens": 4, **fields},
+        f"{slow_stack.url}/v1/jobs",
+        json={"model": slow_stack.model, "prompt": "hi", "max_tokens": 4, **fields},
+        headers=slow_stack.headers,
     )
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and error["code"] == "unsupported_parameter"
-    assert "transformers engine" in error["message"] and "not supported" in error["message"]
-    assert jobs_in_redis(stack) == before  # refused before any job exists
+    assert "synthetic engine" in error["message"] and "not supported" in error["message"]
+    assert jobs_in_redis(slow_stack.redis) == before  # refused before any job exists
 
 
-def test_the_openai_sdk_gets_a_bad_request_naming_the_field(stack: Stack) -> None:
-    with openai.OpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0, timeout=60) as client:
+def test_the_openai_sdk_gets_a_bad_request_naming_the_field(slow_stack: SlowStack) -> None:
+    with openai.OpenAI(
+        base_url=slow_stack.url + "/v1", api_key=slow_stack.api_key, max_retries=0, timeout=60
+    ) as client:
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(
-                model=stack.model_dir.name,
+                model=slow_stack.model,
                 messages=[{"role": "user", "content": "hi"}],
                 max_tokens=4,
                 presence_penalty=0.6,
@@ -67,12 +74,50 @@ def test_the_openai_sdk_gets_a_bad_request_naming_the_field(stack: Stack) -> Non
         assert caught.value.body["param"] == "presence_penalty"  # type: ignore[index]
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(
-                model=stack.model_dir.name,
+                model=slow_stack.model,
                 messages=[{"role": "user", "content": "hi"}],
                 max_tokens=4,
                 response_format={"type": "json_object"},
             )
         assert caught.value.body["param"] == "response_format"  # type: ignore[index]
+
+
+def finished_job(stack: Stack, job_id: str, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        view = httpx.get(f"{stack.url}/v1/jobs/{job_id}", timeout=10).json()
+        if view["status"] not in ("queued", "running"):
+            return dict(view)
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not end")
+
+
+@pytest.mark.parametrize(("fields", "param"), NEEDS_AN_ENGINE)
+def test_the_transformers_engine_honours_each_field(stack: Stack, fields: dict[str, Any], param: str) -> None:
+    response = httpx.post(
+        f"{stack.url}/v1/jobs",
+        json={"model": stack.model_dir.name, "prompt": "hi", "max_tokens": 60, **fields},
+    )
+    assert response.status_code == 202, response.text
+    view = finished_job(stack, response.json()["id"])
+    assert view["status"] == "finished" and view["error"] is None, view
+    if "response_format" in fields and view["finish_reason"] == "stop":
+        assert isinstance(json.loads(view["text"]), dict)
+
+
+def test_the_openai_sdk_gets_a_json_answer_from_the_transformers_engine(stack: Stack) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    with openai.OpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0, timeout=60) as client:
+        completion = client.chat.completions.create(
+            model=stack.model_dir.name,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=20,
+            presence_penalty=0.6,
+            response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+        )
+    answer = completion.choices[0]
+    assert answer.finish_reason == "stop"
+    assert json.loads(answer.message.content or "") in ({"ok": True}, {"ok": False})
 
 
 @pytest.mark.parametrize(
