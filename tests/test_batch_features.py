@@ -327,7 +327,7 @@ def test_prompt_logprobs_come_once_and_match_a_full_forward_pass(tiny_backend: A
         entries = carrying[0].prompt_logprobs
         assert entries is not None
         prompt = tiny_backend.encode(r)
-        assert len(entries) == len(prompt) == j.prompt_tokens and entries[0] is None
+        assert len(entries) == len(prompt) == j.prompt_tokens and entries[0].logprob is None
         assert all(e is not None for e in entries[1:])
         check_entries(tiny_backend, prompt[:1], prompt[1:], list(entries[1:]), r.prompt_logprobs)
     assert max(keeps) <= chunk and keeps.count(1) >= 8  # decode steps keep only the last logits
@@ -344,7 +344,7 @@ def test_prompt_logprobs_longer_than_a_chunk_cover_every_token(tiny_backend: Any
     prompt = tiny_backend.encode(r)
     assert len(prompt) > 3 * 16
     entries = outputs_of(seen, j)[0].prompt_logprobs
-    assert entries is not None and len(entries) == len(prompt) and entries[0] is None
+    assert entries is not None and len(entries) == len(prompt) and entries[0].logprob is None
     check_entries(tiny_backend, prompt[:1], prompt[1:], list(entries[1:]), 3)
 
 

@@ -54,7 +54,7 @@ class _Sequence:
     rules: JobRules | None = None  # its logit bias, penalties and grammar (None: it has none)
     logprobs: int | None = None  # alternatives per answer token (None: no log probabilities)
     prompt_k: int | None = None  # alternatives per prompt token, until its first token is out
-    prompt_entries: list[TokenLogprob | None] = field(default_factory=list)  # so far, in prefill
+    prompt_entries: list[TokenLogprob] = field(default_factory=list)  # so far, in prefill
     row: int = -1
     position: int = 0  # tokens of this job held in its cache row
 
@@ -101,7 +101,8 @@ class BatchedCausalLM:
         rules = JobRules.of(request, prompt, job.resume_ids, self._grammars, self._device)
         sequence = _Sequence(job, prompt + job.resume_ids, answer, params, generator, rules, request.logprobs)
         if request.prompt_logprobs is not None and not job.resume_ids:  # else the earlier run sent them
-            sequence.prompt_k, sequence.prompt_entries = request.prompt_logprobs, [None]
+            first = self._texts.entry(prompt[0], None, [])  # the first token: no logprob
+            sequence.prompt_k, sequence.prompt_entries = request.prompt_logprobs, [first]
         self._waiting.append(sequence)
         self._held[job] = sequence
 
