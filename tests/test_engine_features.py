@@ -37,7 +37,6 @@ NEEDS_FEATURE = [
     ),
     ({"logprobs": 2}, "logprobs"),
     ({"prompt_logprobs": 0}, "prompt_logprobs"),
-    ({"raw_prompt": "once upon", "prompt": None}, "raw_prompt"),
     ({"tools": [TOOL], "messages": [{"role": "user", "content": "hi"}], "prompt": None}, "tools"),
 ]
 

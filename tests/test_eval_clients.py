@@ -93,9 +93,15 @@ def test_litellm_calls_a_tool_and_answers_json(stack: Stack, monkeypatch: pytest
     )
     call = called.choices[0].message.tool_calls[0]
     assert call.function.name == "lookup" and isinstance(json.loads(call.function.arguments)["term"], str)
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["small", "large"]}},
+        "required": ["ok", "size"],
+        "additionalProperties": False,
+    }
     answered = litellm.completion(
         messages=[{"role": "user", "content": "Give JSON."}],
-        response_format={"type": "json_object"},
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
         **common,
     )
-    assert isinstance(json.loads(answered.choices[0].message.content), dict)
+    assert json.loads(answered.choices[0].message.content)["size"] in ("small", "large")

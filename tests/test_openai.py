@@ -131,9 +131,10 @@ def test_chat_stream_sends_role_deltas_finish_usage_then_done(
 
 
 def test_text_completions_stream_and_not(client: openai.OpenAI, stack: Stack, tiny_backend: Any) -> None:
-    from tests.test_e2e_jobs import greedy_answer
+    from shared.schemas import GenerationRequest
 
-    expected = greedy_answer(tiny_backend, "Once upon a time", 15)  # the prompt is one user message
+    raw_prompt = GenerationRequest(text="Once upon a time", max_tokens=15, temperature=0.0, top_p=1.0)
+    expected = "".join(step.delta for step in tiny_backend.generate(raw_prompt))  # no chat template
     raw = client.completions.with_raw_response.create(
         model=model_of(stack), prompt="Once upon a time", max_tokens=15, temperature=0
     )

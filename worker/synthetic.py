@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from shared.schemas import PromptInput
+from shared.schemas import RAW_PROMPT, PromptInput
 from worker.engine import EngineJob, JobOutput
 
 TEXT_PER_TOKEN = 4
@@ -41,6 +41,10 @@ class SyntheticBackend:
         return self._cycle[start : start + TEXT_PER_TOKEN]
 
     def prompt_tokens(self, prompt: PromptInput, tokenizer: Any = None) -> int:
+        if prompt.token_ids is not None:
+            return len(prompt.token_ids)
+        if prompt.text is not None:
+            return len(prompt.text.split()) + 1
         return sum(len(m.content.split()) + 4 for m in prompt.messages)
 
 
@@ -52,7 +56,9 @@ class _Paced:
 
 class SyntheticModel:
     engine = "synthetic"
-    features: frozenset[str] = frozenset()  # no penalties, logit bias or structured output
+    # Raw prompts (its answers never depend on the prompt); no penalties, logit bias,
+    # structured output, logprobs or tools.
+    features: frozenset[str] = frozenset({RAW_PROMPT})
 
     def __init__(self, backend: SyntheticBackend, slots: int) -> None:
         self.slots = slots
