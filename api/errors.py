@@ -11,6 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shared.job_store.vocabulary import EventName
 
@@ -139,10 +141,51 @@ def _validation_response(_: Request, exc: Exception) -> JSONResponse:
     return error_response(ApiError(400, "; ".join(messages), param=first_param))
 
 
-def _http_response(_: Request, exc: Exception) -> JSONResponse:
+def _shown_path(path: str) -> str:
+    return path if len(path) <= 200 else path[:200] + "…"
+
+
+def _http_response(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:  # a known path, another method
+        allowed = _allowed_methods(request)
+        message = f"{request.method} is not allowed on {_shown_path(request.url.path)}"
+        message += f" (allowed: {allowed})" if allowed else ""
+        headers = {**(headers or {}), "Allow": allowed} if allowed else headers
+        return error_response(ApiError(405, message, code="method_not_allowed", headers=headers))
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
-    return error_response(ApiError(exc.status_code, message, headers=getattr(exc, "headers", None)))
+    return error_response(ApiError(exc.status_code, message, headers=headers))
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route takes on this path (Starlette's Allow names the first route's
+    only: ``/v1/jobs/{id}`` has GET and DELETE on two routes)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods))
+
+
+def _no_such_route(fallback: ASGIApp) -> ASGIApp:
+    """The router's answer when no route matches the path: a 404 in the envelope that names the
+    method and path (OpenAI says ``Invalid URL (POST /v1/…)``), so a client of a route this
+    server lacks (``/v1/embeddings``, say) learns why, as the openai SDK's ``NotFoundError``.
+    A 404 from a route (an unknown job, a model not served) is that route's own."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await fallback(scope, receive, send)
+            return
+        raise ApiError(
+            404,
+            f"Invalid URL ({scope['method']} {_shown_path(scope['path'])}): "
+            "this route is not offered by this server (/docs lists its routes)",
+            code="unknown_url",
+        )
+
+    return app
 
 
 def _api_error_response(_: Request, exc: Exception) -> JSONResponse:
@@ -173,6 +216,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_response)
     app.add_exception_handler(redis.exceptions.RedisError, _redis_response)
     app.add_exception_handler(Exception, _unexpected_response)
+    app.router.default = _no_such_route(app.router.default)
 
 
 def job_failure_error(event: str, data: dict[str, Any]) -> ApiError:

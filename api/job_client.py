@@ -83,7 +83,8 @@ class JobClient(Protocol):
 
     def follow(self, job: JobView, after: str, request: Request | None) -> Events:
         """The job's events after the event id ``after`` ("0-0": all) until its final one, with
-        live ``queued`` positions (no id) while it waits and None as a keep-alive tick. Raises
+        live ``queued`` positions (no id) while it waits and None as a keep-alive tick
+        (``ping_interval`` after the last tick or output, positions or not). Raises
         ClientGone when ``request``'s client disconnects, StreamInterrupted when the events
         cannot be read."""
         ...

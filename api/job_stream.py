@@ -50,7 +50,12 @@ class JobFollower:
         self._position_interval = position_interval
         self._waiting = True  # until a started/delta/final event shows the job left its queue
         self._position: int | None = None
-        self._last_sent = time.monotonic()
+        # Keep-alive ticks come ping_interval after the last tick or output (a delta, the final
+        # event), whatever else was yielded: the routes that stream text (``POST /stream``, the
+        # OpenAI streams) pass neither queue positions nor ``started`` on to their client, so a
+        # tick must not wait on those, or a client behind a proxy's read timeout meets a longer
+        # silence than ping_interval.
+        self._last_beat = time.monotonic()
         self._gone: asyncio.Future[Any] | None = None
 
     async def events(self, after: str) -> Events:
@@ -69,7 +74,8 @@ class JobFollower:
                         yield update  # a position update, or None (a tick)
                     continue
                 item = await self._event(entry)
-                self._last_sent = time.monotonic()
+                if item.event == EventName.DELTA or item.final:
+                    self._last_beat = time.monotonic()
                 yield item
                 if item.final:
                     return
@@ -88,7 +94,7 @@ class JobFollower:
         if not sub.queue.empty():  # events are waiting already: no task, no wait
             entry = sub.queue.get_nowait()
         else:
-            since = time.monotonic() - self._last_sent
+            since = time.monotonic() - self._last_beat
             timeout = min(self._ping_interval - since, self._position_interval if self._waiting else 1e9)
             get = asyncio.ensure_future(sub.queue.get())
             waits = {get, self._gone} if self._gone is not None else {get}
@@ -109,17 +115,17 @@ class JobFollower:
         return entry
 
     async def _idle(self) -> Any:
-        """While queued, a new position (a ``queued`` event without id); else a keep-alive tick
-        (None) once ``ping_interval`` passed; else _IDLE."""
+        """A keep-alive tick (None) once ``ping_interval`` passed since the last tick or output
+        (first, so that positions changing at every look cannot hold it back); else, while
+        queued, a new position (a ``queued`` event without id); else _IDLE."""
+        if time.monotonic() - self._last_beat >= self._ping_interval:
+            self._last_beat = time.monotonic()
+            return None
         if self._waiting:
             now_at = await self._recent_position()
             if now_at != self._position and now_at is not None:
                 self._position = now_at
-                self._last_sent = time.monotonic()
                 return await self._queued(None, {"model": self._model})
-        if time.monotonic() - self._last_sent >= self._ping_interval:
-            self._last_sent = time.monotonic()
-            return None
         return _IDLE
 
     async def _event(self, entry: tuple[str, dict[str, str]]) -> JobEvent:

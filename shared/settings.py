@@ -110,7 +110,9 @@ class Settings(BaseSettings):
     publish_interval_ms: int = Field(
         40, ge=0, description="a worker coalesces tokens and writes a job's stream at most this often"
     )
-    ping_interval: float = Field(15.0, gt=0, description="SSE keep-alive comment while idle, seconds")
+    ping_interval: float = Field(
+        15.0, gt=0, description="every stream's keep-alive: sent after this many seconds without output"
+    )
     position_poll_interval: float = Field(
         1.0, gt=0, description="how often a waiting stream re-checks its queue position"
     )

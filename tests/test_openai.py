@@ -72,16 +72,22 @@ def test_chat_completion_answers_with_the_job_and_its_usage(
     assert view["usage"]["completion_tokens"] == usage.completion_tokens
 
     # The same request with content as text parts, the model left empty (the one served model),
-    # max_completion_tokens instead of max_tokens, and fields streamq does not know.
+    # max_completion_tokens instead of max_tokens, and a field given as null (asks for nothing).
     again = client.chat.completions.create(
         model="",
         messages=[{"role": "user", "content": [{"type": "text", "text": "What is a queue?"}]}],
         max_completion_tokens=12,
         temperature=0,
-        extra_body={"frobnicate": {"level": 3}, "logit_bias": None},
+        extra_body={"logit_bias": None},
     )
     assert again.model == model_of(stack)
     assert again.choices[0].message.content == choice.message.content
+    # A field streamq does not know is refused by name, not ignored.
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model="", messages=[{"role": "user", "content": "hi"}], extra_body={"frobnicate": {"level": 3}}
+        )
+    assert refused.value.body["param"] == "frobnicate"  # type: ignore[index]
 
 
 def test_chat_stream_sends_role_deltas_finish_usage_then_done(

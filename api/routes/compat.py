@@ -1,8 +1,9 @@
 """The seed's API, kept for its clients (ChatGLM-6B's api.py and its streaming variant).
 
 ``POST /`` waits and answers ``{response, history, status, time}``; ``POST /stream`` sends
-chunks that are each ``<^>`` followed by the whole answer so far. Both run as ordinary jobs;
-when their client goes away, the job is canceled, as the seed stopped generating then.
+chunks that are each ``<^>`` followed by the whole answer so far (sent again as a keep-alive
+after ``ping_interval`` seconds of silence). Both run as ordinary jobs; when their client goes
+away, the job is canceled, as the seed stopped generating then.
 """
 
 from __future__ import annotations
@@ -71,18 +72,22 @@ async def chat(
 async def chat_stream(body: ChatGLMRequest, request: Request, jobs: JobsDep, caller: CallerDep) -> Response:
     """Stream one chat turn: every chunk is ``<^>`` + the whole answer so far.
 
-    An error before any output is an HTTP error; one after it is a last chunk holding the
-    error envelope (``<^>{"error": ...}``)."""
+    After ``ping_interval`` seconds without a chunk (the job waits in its queue, or between two
+    tokens) the last chunk is sent again, as a keep-alive (``<^>`` alone before any output): a
+    client that keeps the last chunk still holds the answer so far, and a proxy's read timeout
+    sees bytes. An error that comes before the first keep-alive would be due is an HTTP error;
+    once the response has begun, an error is a last chunk holding the error envelope
+    (``<^>{"error": ...}``)."""
     job = await ClientJob.submit(jobs, body.job_request(), request, caller)
     try:
-        first = await job.next_event()
+        first = await job.next_output(ticks=True)  # at most until the first keep-alive is due
     except (ClientGone, asyncio.CancelledError) as exc:
         job.client_gone()
         await job.close()
         if isinstance(exc, ClientGone):
             return Response(status_code=499)
         raise
-    if first.final and first.event != EventName.DONE:
+    if first is not None and first.final and first.event != EventName.DONE:
         await job.close()
         raise job_failure_error(first.event, first.data)
 
@@ -91,7 +96,9 @@ async def chat_stream(body: ChatGLMRequest, request: Request, jobs: JobsDep, cal
         event = first
         async with job.followed():
             while True:
-                if event.event == EventName.DELTA:
+                if event is None:  # a keep-alive: the answer so far, again
+                    yield MARKER + answer
+                elif event.event == EventName.DELTA:
                     answer += event.data.get("text", "")
                     yield MARKER + answer
                 elif event.final:
@@ -100,6 +107,8 @@ async def chat_stream(body: ChatGLMRequest, request: Request, jobs: JobsDep, cal
                     elif not answer:
                         yield MARKER
                     return
-                event = await job.next_event()
+                event = await job.next_output(ticks=True)
 
-    return StreamingResponse(chunks(), media_type="text/plain; charset=utf-8", headers={JOB_HEADER: job.id})
+    # X-Accel-Buffering: nginx passes each chunk on at once, keep-alives included.
+    headers = {JOB_HEADER: job.id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(chunks(), media_type="text/plain; charset=utf-8", headers=headers)

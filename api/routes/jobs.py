@@ -25,10 +25,22 @@ JobsDep = Annotated[JobClient, Depends(get_jobs)]
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
 
 
+# Only events end with a blank line, and every event has data. ``retry:`` opens the stream
+# (EventSource: reconnect after 1 s when the stream ends early) with no blank line after it, so
+# it is a field of the first event; keep-alives are comment lines, also without a blank line, so
+# they are lines of the next event's block. A block without data (a comment, or a lone
+# ``retry:``, then a blank line) is no event to EventSource, but httpx-sse 0.4 (and the openai
+# SDK's reader) hand one on as an empty ``message`` once an ``id:`` was seen, and a ``retry:``
+# block at any time (florimondmanca/httpx-sse#35): ``json.loads`` of its data fails.
+RETRY = b"retry: 1000\n"
+PING = b": ping\n"
+INTERRUPTED = b": interrupted, reconnect with Last-Event-ID\n"
+
+
 def sse_message(event: JobEvent | None) -> bytes:
-    """Server-Sent Events framing; None is the keep-alive comment."""
+    """Server-Sent Events framing; None is the keep-alive comment line."""
     if event is None:
-        return b": ping\n\n"
+        return PING
     head = f"id: {event.id}\n" if event.id else ""
     return f"{head}event: {event.event}\ndata: {event.raw}\n\n".encode()
 
@@ -84,7 +96,7 @@ async def job_events(
     events = jobs.follow(view, last_event_id or "0-0", request)
 
     async def body() -> AsyncIterator[bytes]:
-        yield b"retry: 1000\n\n"  # EventSource: reconnect after 1 s when the stream ends early
+        yield RETRY  # a field of the first event
         try:
             async for event in events:
                 yield sse_message(event)
@@ -92,7 +104,7 @@ async def job_events(
             return  # the job runs on (detached); the client may re-attach with Last-Event-ID
         except StreamInterrupted:
             # A resumable end: EventSource reconnects with Last-Event-ID by itself.
-            yield b": interrupted, reconnect with Last-Event-ID\n\n"
+            yield INTERRUPTED
         finally:
             await events.aclose()
 

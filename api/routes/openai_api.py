@@ -119,7 +119,10 @@ async def _complete(
     try:
         job = await ClientJob.submit(jobs, job_request, request, caller, detached=_wants_detach(body, detach))
     except ApiError as exc:  # name the field as the client sent it
-        exc.param = (CHAT_PARAMS if kind == "chat" else COMPLETION_PARAMS).get(exc.param or "", exc.param)
+        sent = (CHAT_PARAMS if kind == "chat" else COMPLETION_PARAMS).get(exc.param or "")
+        if sent and sent != exc.param:
+            exc.message = exc.message.replace(f"'{exc.param}'", f"'{sent}'")
+            exc.param = sent
         raise
     if body.end_user() or body.metadata:
         log.info(

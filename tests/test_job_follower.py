@@ -1,0 +1,100 @@
+"""The keep-alive ticks of ``JobFollower`` (api/job_stream.py), over a stand-in hub and job
+service: a tick comes ``ping_interval`` after the last tick or output, however often the job's
+queue position changes meanwhile (the routes that stream text pass positions on to nobody)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from typing import Any, cast
+
+from api.job_stream import JobFollower
+from api.stream_hub import Subscription
+from shared.job_store.vocabulary import EventName, JobStatus
+from shared.schemas import JobView
+
+PING = 0.3
+POSITION_POLL = 0.02
+
+
+class _Positions:
+    def __init__(self) -> None:
+        self._places = itertools.count(1000, -1)  # a place nearer the head at every look
+
+    async def recent(self, model: str, job_id: str) -> int:
+        return next(self._places)
+
+
+class _Jobs:
+    def __init__(self) -> None:
+        self.positions = _Positions()
+
+    async def estimated_wait(self, model: str, position: int | None) -> float | None:
+        return None
+
+
+class _Hub:
+    def __init__(self) -> None:
+        self.sub = Subscription("streamq:events:{job}", "0-0")
+
+    async def subscribe(self, key: str, last_id: str) -> Subscription:
+        return self.sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        pass
+
+
+async def _follow(seconds: float, deltas_every: float | None = None) -> list[tuple[float, str]]:
+    """(time, what) of each item the follower yields within ``seconds``: ``tick``, ``position``
+    or an event name. The stream holds the stored ``queued`` event, then (with ``deltas_every``)
+    a delta at that pace."""
+    hub = _Hub()
+    job = JobView(id="job", model="m", status=JobStatus.QUEUED, created_at=time.time())
+    follower = JobFollower(cast(Any, _Jobs()), cast(Any, hub), job, None, PING, POSITION_POLL)
+    hub.sub.queue.put_nowait(("1-0", {"event": EventName.QUEUED, "data": '{"model": "m"}'}))
+    start = time.monotonic()
+    seen: list[tuple[float, str]] = []
+
+    async def write_deltas() -> None:
+        assert deltas_every is not None
+        hub.sub.queue.put_nowait(("2-0", {"event": EventName.STARTED, "data": "{}"}))
+        for n in itertools.count(3):
+            await asyncio.sleep(deltas_every)
+            hub.sub.queue.put_nowait((f"{n}-0", {"event": EventName.DELTA, "data": '{"text": "x"}'}))
+
+    writer = asyncio.ensure_future(write_deltas()) if deltas_every else None
+    events = follower.events("0-0")
+    try:
+        async with asyncio.timeout(seconds):
+            async for item in events:
+                what = "tick" if item is None else ("position" if item.id is None else item.event)
+                seen.append((time.monotonic() - start, what))
+    except TimeoutError:
+        pass
+    finally:
+        await events.aclose()
+        if writer is not None:
+            writer.cancel()
+    return seen
+
+
+def test_ticks_keep_their_pace_while_the_queue_position_changes() -> None:
+    seen = asyncio.run(_follow(1.6))
+    ticks = [at for at, what in seen if what == "tick"]
+    assert sum(what == "position" for _, what in seen) > 10  # a new place every poll
+    assert len(ticks) >= 4, seen
+    gaps = [later - earlier for earlier, later in itertools.pairwise([0.0, *ticks])]
+    assert max(gaps) < PING + 0.15, gaps
+
+
+def test_output_postpones_the_tick_and_started_does_not() -> None:
+    seen = asyncio.run(_follow(1.0, deltas_every=0.1))
+    assert [what for _, what in seen if what == "tick"] == []  # a delta every 0.1 s: no silence
+    slow = asyncio.run(_follow(1.0, deltas_every=0.45))
+    ticks = [at for at, what in slow if what == "tick"]
+    assert ticks, slow  # 0.45 s between deltas: a tick 0.3 s after each
+    output = [0.0] + [at for at, what in slow if what == "delta"]
+    for tick in ticks:
+        last = max(at for at in output if at <= tick)
+        assert PING - 0.05 <= tick - last < PING + 0.15, slow
