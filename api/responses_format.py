@@ -41,7 +41,7 @@ from shared.job_store.vocabulary import EventName, FinishReason, JobStatus
 from shared.schemas import JobView
 
 Obj = dict[str, Any]
-PING = b": ping\n\n"
+PING = b": ping\n"  # a comment line of the next event's block: never a block without data
 _LIFECYCLE = {
     "completed": "response.completed",
     "incomplete": "response.incomplete",

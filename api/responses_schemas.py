@@ -174,8 +174,8 @@ class ResponsesRequest(BaseModel):
     input: Text | list[InputItem]
     instructions: Text | None = Field(None, description="a system message before the input (not chained)")
     max_output_tokens: int | None = Field(None, ge=1, strict=True)
-    temperature: float | None = Field(None, ge=0, le=2, description="0 means greedy")
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, strict=True, description="0 means greedy")
+    top_p: float | None = Field(None, gt=0, le=1, strict=True)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     background: bool | None = Field(False, description="run on when the client goes; poll or stream it later")

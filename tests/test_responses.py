@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from shared import keys
-from shared.schemas import ChatMessage, GenerationRequest
+from shared.schemas import STRUCTURED_OUTPUT, TOOLS, ChatMessage, GenerationRequest
 from streamq.processes import wait_for
 from tests.conftest import LONG_TOKENS, STACK_CAPACITY, Stack
 from tests.secure_stack import KEYS, MODEL, SecureStack
@@ -77,6 +77,15 @@ def polled(client: openai.OpenAI, response_id: str, timeout: float = 120) -> Any
         assert time.monotonic() < deadline, response
         time.sleep(0.05)
     return response
+
+
+def engines_offer(stack: Stack, *features: str) -> bool:
+    """Whether every live worker of the stack's model announces ``features`` (the transformers
+    engine's guided decoding and tools are on their way; until then the front refuses them)."""
+    r = stack.redis.client(decode_responses=True)
+    workers = [r.hgetall(keys.worker(name)) for name in r.zrange(keys.WORKERS, 0, -1)]
+    mine = [w for w in workers if w.get("model") == model_of(stack)]
+    return bool(mine) and all(set(features) <= set(w.get("features", "").split(",")) for w in mine)
 
 
 @pytest.fixture(scope="session")
@@ -276,14 +285,20 @@ WEATHER = {
 
 def test_a_function_call_answered_with_its_output(client: openai.OpenAI, stack: Stack) -> None:
     model = model_of(stack)
-    called = client.responses.create(
-        model=model,
-        input="What is the weather in Paris?",
-        tools=[WEATHER],  # type: ignore[list-item]
-        tool_choice={"type": "function", "name": "get_weather"},
-        temperature=0,
-        max_output_tokens=64,
-    )
+    ask: dict[str, Any] = {
+        "model": model,
+        "input": "What is the weather in Paris?",
+        "tools": [WEATHER],
+        "tool_choice": {"type": "function", "name": "get_weather"},  # a random model calls too
+        "temperature": 0,
+        "max_output_tokens": 64,
+    }
+    if not engines_offer(stack, TOOLS, STRUCTURED_OUTPUT):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(**ask)
+        assert refused.value.body["param"] in ("tool_choice", "tools")  # type: ignore[index]
+        return
+    called = client.responses.create(**ask)
     [call] = [item for item in called.output if item.type == "function_call"]
     assert call.name == "get_weather" and json.loads(call.arguments)["city"] in ("Paris", "Rome")
     answered = client.responses.create(
@@ -312,9 +327,14 @@ def test_text_format_json_schema_gives_json_that_follows_it(client: openai.OpenA
         "additionalProperties": False,
     }
     text: Any = {"format": {"type": "json_schema", "name": "verdict", "schema": schema, "strict": True}}
-    response = client.responses.create(
-        model=model_of(stack), input="Is it ok?", text=text, temperature=0, max_output_tokens=32
-    )
+    ask: dict[str, Any] = {"model": model_of(stack), "input": "Is it ok?", "text": text, "temperature": 0}
+    if not engines_offer(stack, STRUCTURED_OUTPUT):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(**ask)
+        assert refused.value.body["param"] == "text.format"  # type: ignore[index]
+        assert "'text.format'" in refused.value.body["message"]  # type: ignore[index]
+        return
+    response = client.responses.create(**ask, max_output_tokens=32)
     assert isinstance(json.loads(response.output_text)["ok"], bool)
 
 

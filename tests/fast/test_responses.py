@@ -130,6 +130,20 @@ async def test_a_background_stream_read_while_it_runs_numbers_as_a_replay(front:
     assert whole[-1].response.output_text == "a b c d"  # type: ignore[union-attr]
 
 
+async def test_keep_alives_are_comment_lines_inside_the_next_event(front: Front) -> None:
+    front.jobs.hold = True  # the job waits in its queue past two keep-alives (0.2 s apart)
+    created = await front.http.post("/v1/responses", json={"input": "one", "background": True})
+    url = f"/v1/responses/{created.json()['id']}?stream=true"
+    reading = asyncio.ensure_future(front.http.get(url))
+    await asyncio.sleep(0.5)
+    front.jobs.release()
+    body = (await reading).text
+    assert body.startswith("event: response.created\n") and body.count(": ping\n") >= 2
+    blocks = body.split("\n\n")
+    assert blocks[-1] == "" and all("\ndata: " in block for block in blocks[:-1])
+    assert (await front.http.get(url)).text == body.replace(": ping\n", "")  # the same events, read again
+
+
 async def test_cancel_a_queued_and_a_running_response(front: Front) -> None:
     client = _openai(front)
     front.jobs.hold = True
