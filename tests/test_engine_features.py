@@ -6,6 +6,7 @@ engines honour each."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -93,6 +94,42 @@ def test_the_openai_sdk_gets_a_bad_request_naming_the_field_as_it_sent_it(slow_s
                 response_format={"type": "json_object"},
             )
         assert caught.value.body["param"] == "response_format"  # type: ignore[index]
+
+
+def finished_job(stack: Stack, job_id: str, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        view = httpx.get(f"{stack.url}/v1/jobs/{job_id}", timeout=10).json()
+        if view["status"] not in ("queued", "running"):
+            return dict(view)
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not end")
+
+
+@pytest.mark.parametrize(("fields", "param"), NEEDS_FEATURE)
+def test_the_transformers_engine_honours_each_field(stack: Stack, fields: dict[str, Any], param: str) -> None:
+    body = {"model": stack.model_dir.name, "prompt": "hi", "max_tokens": 60, **fields}
+    response = httpx.post(f"{stack.url}/v1/jobs", json={k: v for k, v in body.items() if v is not None})
+    assert response.status_code == 202, response.text
+    view = finished_job(stack, response.json()["id"])
+    assert view["status"] == "finished" and view["error"] is None, view
+    if "response_format" in fields and view["finish_reason"] == "stop":
+        assert isinstance(json.loads(view["text"]), dict)
+
+
+def test_the_openai_sdk_gets_a_json_answer_from_the_transformers_engine(stack: Stack) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    with openai.OpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0, timeout=60) as client:
+        completion = client.chat.completions.create(
+            model=stack.model_dir.name,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=20,
+            presence_penalty=0.6,
+            response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+        )
+    answer = completion.choices[0]
+    assert answer.finish_reason == "stop"
+    assert json.loads(answer.message.content or "") in ({"ok": True}, {"ok": False})
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,9 @@
 """The vLLM engine through the whole stack (issue 13): real vLLM (the CPU build), real Redis, real
 fronts and workers. Its answers are checked against vLLM run alone in this process (offline
 ``LLM.generate`` with the same sampling), and the queue's promises are checked as for the
-transformers engine: slots, cancels, stop sequences, seeds, a SIGKILL mid-answer.
+transformers engine: slots, cancels, stop sequences, seeds, a SIGKILL mid-answer. Log
+probabilities (the answer's and the prompt's) are checked against offline vLLM and a
+transformers forward pass of the same weights; raw prompts and tools go through the job API.
 
 vLLM takes tens of seconds to start, so the module starts it three times in all: one worker
 (module fixture), the offline reference, and one more worker for the crash test."""
@@ -21,7 +23,7 @@ import httpx
 import psutil
 import pytest
 
-from shared.schemas import ChatMessage
+from shared.schemas import ChatMessage, PromptInput
 from streamq.processes import Service, wait_for
 from tests.conftest import Stack
 from tests.sse import SSE, follow, text_of
@@ -99,14 +101,27 @@ class Reference:
         self.prompt.eos_ids = {int(self.prompt.tokenizer.convert_tokens_to_ids("<|im_end|>"))}
         self.prompt.context_length = MAX_LEN
 
-    def answer(self, prompt: str, max_tokens: int, **sampling: Any) -> str:
+    def ids(self, prompt: str) -> list[int]:
+        return self.prompt.encode(PromptInput(messages=[ChatMessage(role="user", content=prompt)]))
+
+    def generate(self, ids: list[int], max_tokens: int, **sampling: Any) -> Any:
+        """vLLM's RequestOutput for the prompt ``ids`` (greedy unless ``sampling`` says)."""
         from vllm import SamplingParams, TokensPrompt
 
-        ids = self.prompt.encode([ChatMessage(role="user", content=prompt)])
         params = SamplingParams(max_tokens=max_tokens, **{"temperature": 0.0, **sampling})
-        out = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
+        return self.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
+
+    def text(self, token_ids: list[int]) -> str:
         # The tokens' text as a whole (vLLM's own text drops a character cut at the end).
-        return str(self.prompt.tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True))
+        return str(self.prompt.tokenizer.decode(token_ids, skip_special_tokens=True))
+
+    def special(self) -> set[str]:
+        """The special tokens, which the answer's text leaves out."""
+        added = self.prompt.tokenizer.added_tokens_decoder.values()
+        return {str(token.content) for token in added if token.special}
+
+    def answer(self, prompt: str, max_tokens: int, **sampling: Any) -> str:
+        return self.text(self.generate(self.ids(prompt), max_tokens, **sampling).outputs[0].token_ids)
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +129,47 @@ def reference(hd64_model: Path, vllm_worker: Service) -> Reference:
     return Reference(hd64_model)
 
 
-def submit(url: str, prompt: str, max_tokens: int, **fields: Any) -> str:
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **fields}
+def submit(url: str, prompt: str | None, max_tokens: int, **fields: Any) -> str:
+    body = {"model": MODEL, "max_tokens": max_tokens, "temperature": 0, **fields}
+    if prompt is not None:
+        body["prompt"] = prompt
     response = httpx.post(f"{url}/v1/jobs", json=body, timeout=30)
     assert response.status_code == 202, response.text
     return str(response.json()["id"])
+
+
+def logprobs_of(events: list[SSE]) -> list[dict[str, Any]]:
+    """Every answer token's entry, in order, from the job's delta events."""
+    return [entry for e in events if e.event == "delta" for entry in e.data.get("logprobs") or []]
+
+
+def prompt_logprobs_of(events: list[SSE]) -> list[list[dict[str, Any] | None]]:
+    """The prompt's entries, as often as the stream carried them (once)."""
+    return [e.data["prompt_logprobs"] for e in events if e.event == "delta" and "prompt_logprobs" in e.data]
+
+
+def spelled(entries: list[dict[str, Any]], special: set[str]) -> str:
+    """The text the entries' bytes make, as the answer's text is made: without special tokens
+    (a random model may pick one; its entry names it), and a random model's tokens need not
+    make valid UTF-8."""
+    kept = [bytes(e["bytes"]) for e in entries if e["token"] not in special]
+    return b"".join(kept).decode("utf-8", errors="replace")
+
+
+@pytest.fixture(scope="module")
+def transformers_logprobs(hd64_model: Path) -> Any:
+    """Log probabilities of every next token at every place of a sequence of ids, from a full
+    transformers forward pass of the same weights (fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hd64_model, dtype=torch.float32).eval()
+
+    def rows(ids: list[int]) -> Any:
+        with torch.no_grad():
+            return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+    return rows
 
 
 def view(stack: Stack, job_id: str) -> dict[str, Any]:
@@ -209,7 +260,7 @@ def test_a_killed_vllm_workers_job_continues_on_another_with_the_stream_whole(
     expected = reference.answer(prompt, tokens)
     second = start_vllm_worker(stack, hd64_model, "vllm-b")
     wait_for(lambda: serving(stack) == 2 or not second.alive(), 600, "the second vLLM worker")
-    job_id = submit(stack.url, prompt, tokens)
+    job_id = submit(stack.url, prompt, tokens, logprobs=2, prompt_logprobs=1)
     events: list[SSE] = []
     client = httpx.Client(timeout=300)
     reader = threading.Thread(target=lambda: events.extend(follow(client, stack.url2, job_id)))
@@ -226,6 +277,15 @@ def test_a_killed_vllm_workers_job_continues_on_another_with_the_stream_whole(
     assert events[-1].event == "done"
     assert text_of(events) == expected  # no gap, no repeat
     assert view(stack, job_id)["worker"] != victim.name
+    # Log probabilities: one entry per token over both runs, the prompt's once (the first run's).
+    entries, usage = logprobs_of(events), events[-1].data["usage"]
+    assert len(entries) == usage["completion_tokens"] and spelled(entries, reference.special()) == expected
+    assert all(len(e["top_logprobs"]) == 2 for e in entries)
+    (prompt_entries,) = prompt_logprobs_of(events)
+    assert len(prompt_entries) == usage["prompt_tokens"] and prompt_entries[0]["logprob"] is None
+    offline = reference.generate(reference.ids(prompt), tokens, logprobs=2).outputs[0]
+    for entry, token, place in zip(entries, offline.token_ids, offline.logprobs, strict=False):
+        assert entry["logprob"] == pytest.approx(place[token].logprob, abs=1e-3)
 
     def all_gone() -> bool:
         return not [p for p in helpers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
@@ -303,3 +363,131 @@ def test_the_openai_sdk_gets_json_following_its_schema(stack: Stack, vllm_worker
         )
         if anything.choices[0].finish_reason == "stop":  # a random model may fill its budget
             assert isinstance(json.loads(anything.choices[0].message.content or ""), dict)
+
+
+def test_logprobs_of_the_answer_and_the_prompt_agree_with_vllm_alone_and_transformers(
+    stack: Stack, vllm_worker: Service, reference: Reference, transformers_logprobs: Any
+) -> None:
+    from worker.token_logprobs import TokenTexts
+
+    prompt, max_tokens = PROMPTS[5], 24
+    events = streamed(stack, submit(stack.url, prompt, max_tokens, logprobs=3, prompt_logprobs=2))
+    assert events[-1].event == "done", events[-1]
+    usage, text, entries = events[-1].data["usage"], text_of(events), logprobs_of(events)
+    # One entry per answer token, spelling the answer, each with the 3 most likely, most likely
+    # first; greedy, the chosen token is the most likely one.
+    assert len(entries) == usage["completion_tokens"] > 0
+    assert spelled(entries, reference.special()) == text
+    for entry in entries:
+        top = [t["logprob"] for t in entry["top_logprobs"]]
+        assert len(top) == 3 and top == sorted(top, reverse=True)
+        assert entry["top_logprobs"][0]["bytes"] == entry["bytes"] and top[0] == entry["logprob"]
+    # The same numbers as vLLM alone gives, and as the model's full forward pass.
+    ids = reference.ids(prompt)
+    offline = reference.generate(ids, max_tokens, logprobs=3)
+    answer = [t for t in offline.outputs[0].token_ids if t not in reference.prompt.eos_ids]
+    assert reference.text(answer) == text and len(answer) == len(entries)
+    rows = transformers_logprobs(ids + answer)
+    texts = TokenTexts(reference.prompt.tokenizer)
+    for place, (entry, token) in enumerate(zip(entries, answer, strict=True)):
+        assert entry["logprob"] == pytest.approx(offline.outputs[0].logprobs[place][token].logprob, abs=1e-4)
+        row = rows[len(ids) - 1 + place]
+        assert entry["logprob"] == pytest.approx(float(row[token]), abs=1e-3)
+        best = row.topk(3)
+        assert [t["logprob"] for t in entry["top_logprobs"]] == pytest.approx(best.values.tolist(), abs=1e-3)
+        assert [t["bytes"] for t in entry["top_logprobs"]] == [
+            list(texts.token_bytes(i)) for i in best.indices
+        ]
+    # The prompt's: once, in the first delta event, one per prompt token, the first without any.
+    (prompt_entries,) = prompt_logprobs_of(events)
+    assert "prompt_logprobs" in next(e for e in events if e.event == "delta").data
+    assert len(prompt_entries) == usage["prompt_tokens"] == len(ids) and prompt_entries[0]["logprob"] is None
+    for place in range(1, len(ids)):
+        given = prompt_entries[place]
+        assert given is not None and given["bytes"] == list(texts.token_bytes(ids[place]))
+        row = rows[place - 1]
+        assert given["logprob"] == pytest.approx(float(row[ids[place]]), abs=1e-3)
+        best = row.topk(2)
+        assert [t["logprob"] for t in given["top_logprobs"]] == pytest.approx(best.values.tolist(), abs=1e-3)
+
+
+def test_log_probability_entries_take_vllms_top_tokens_in_order_of_rank(hd64_model: Path) -> None:
+    from transformers import AutoTokenizer
+    from vllm.logprobs import Logprob
+
+    from worker.token_logprobs import TokenTexts
+    from worker.vllm_engine import _logprob_entry
+
+    texts = TokenTexts(AutoTokenizer.from_pretrained(hd64_model))
+
+    def alternatives(token: int, place: dict[int, Logprob], k: int) -> list[tuple[bytes, float]]:
+        entry = _logprob_entry(texts, token, place, k)
+        assert entry.logprob == place[token].logprob and entry.bytes == list(texts.token_bytes(token))
+        return [(bytes(t.bytes or []), t.logprob) for t in entry.top_logprobs]
+
+    def b(token: int) -> bytes:
+        return texts.token_bytes(token)
+
+    # vLLM's dict: the sampled token first, then the k most likely (a repeat keeps its first place).
+    outside = {50: Logprob(-4.0, rank=9), 40: Logprob(-0.5, rank=1), 41: Logprob(-1.5, rank=2)}
+    assert alternatives(50, outside, 2) == [(b(40), -0.5), (b(41), -1.5)]
+    among = {41: Logprob(-1.5, rank=2), 40: Logprob(-0.5, rank=1), 42: Logprob(-2.0, rank=3)}
+    assert alternatives(41, among, 3) == [(b(40), -0.5), (b(41), -1.5), (b(42), -2.0)]
+    assert alternatives(50, {50: Logprob(-4.0, rank=9)}, 0) == []
+
+
+def test_a_raw_prompt_as_text_or_token_ids_gives_the_same_answer_without_the_chat_template(
+    stack: Stack, vllm_worker: Service, reference: Reference
+) -> None:
+    text = "Tell me about queues"
+    ids = list(reference.prompt.tokenizer(text, add_special_tokens=True)["input_ids"])
+    jobs = [
+        submit(stack.url, None, 16, raw_prompt=text),
+        submit(stack.url, None, 16, raw_prompt=ids),
+        submit(stack.url, text, 16),  # the same words as a chat turn
+    ]
+    as_text, as_ids, chat = (streamed(stack, job_id) for job_id in jobs)
+    answer = [
+        t for t in reference.generate(ids, 16).outputs[0].token_ids if t not in reference.prompt.eos_ids
+    ]
+    assert answer and text_of(as_text) == text_of(as_ids) == reference.text(answer)
+    assert as_text[-1].data["usage"]["prompt_tokens"] == as_ids[-1].data["usage"]["prompt_tokens"] == len(ids)
+    assert text_of(chat) == reference.answer(text, 16) != text_of(as_text)
+    assert chat[-1].data["usage"]["prompt_tokens"] > len(ids)
+    # Token ids past the model's vocabulary: refused, not run.
+    events = streamed(stack, submit(stack.url, None, 4, raw_prompt=[10**6]))
+    assert events[-1].event == "error" and events[-1].data["type"] == "invalid_request_error", events[-1]
+    assert "out of vocabulary" in events[-1].data["message"]
+
+
+def test_tools_go_through_the_chat_template(stack: Stack, vllm_worker: Service, reference: Reference) -> None:
+    from shared.schemas import ToolDefinition
+
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "The weather in a city",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"],
+                },
+            },
+        }
+    ]
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    with_tools = streamed(stack, submit(stack.url, None, 12, messages=messages, tools=tools))
+    without = streamed(stack, submit(stack.url, None, 12, messages=messages))
+    assert with_tools[-1].event == without[-1].event == "done"
+    rendered = reference.prompt.encode(
+        PromptInput(messages=[ChatMessage(**m) for m in messages], tools=[ToolDefinition(**t) for t in tools])
+    )
+    assert "<tools>" in reference.prompt.tokenizer.decode(rendered)
+    tokens = with_tools[-1].data["usage"]["prompt_tokens"]
+    assert tokens == len(rendered) > without[-1].data["usage"]["prompt_tokens"]
+    answer = [
+        t for t in reference.generate(rendered, 12).outputs[0].token_ids if t not in reference.prompt.eos_ids
+    ]
+    assert text_of(with_tools) == reference.text(answer)

@@ -6,23 +6,32 @@ seed, stop sequences and budget (see ``AnswerTokens``). A joining job's prompt i
 prompt tokens per step: short prompts that arrive together are prefilled together in one
 left-padded pass; a longer prompt is prefilled alone, a chunk per step, so the jobs already
 running never wait for more than one chunk.
+
+A job may also bring its own rules on the logits (logit bias, penalties, a JSON grammar: see
+``logits_rules``) and ask for log probabilities of its answer's and its prompt's tokens (see
+``batch_logprobs``). Only the rows of such jobs get that work; a batch of plain jobs takes its
+tokens with one batched argmax (and each sampling job its own draw), as if no job asked.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from shared.limits import InvalidJobRequest
+from shared.schemas import ENGINE_FEATURES, TOOLS, TokenLogprob
 from worker.answer_tokens import AnswerTokens
+from worker.batch_logprobs import answer_entries, prompt_entries
 from worker.causal_lm import CausalLMChat
 from worker.engine import EngineJob, JobOutput
+from worker.logits_rules import JobRules, apply_rules, logits_width
 from worker.sampling import SamplingParams, sample_next
 from worker.slot_cache import SlotCache, decode_mask, extend_mask, prefill_mask
+from worker.token_logprobs import TokenTexts
 
 
 def attention_windows(config: Any) -> dict[str, int | None]:
@@ -42,13 +51,17 @@ class _Sequence:
     answer: AnswerTokens
     params: SamplingParams
     generator: torch.Generator
+    rules: JobRules | None = None  # its logit bias, penalties and grammar (None: it has none)
+    logprobs: int | None = None  # alternatives per answer token (None: no log probabilities)
+    prompt_k: int | None = None  # alternatives per prompt token, until its first token is out
+    prompt_entries: list[TokenLogprob] = field(default_factory=list)  # so far, in prefill
     row: int = -1
     position: int = 0  # tokens of this job held in its cache row
 
 
 class BatchedCausalLM:
     engine = "transformers"
-    features: frozenset[str] = frozenset()  # no penalties, logit bias or structured output
+    features: frozenset[str]  # all of ENGINE_FEATURES (tools when the chat template takes them)
 
     def __init__(self, backend: CausalLMChat, slots: int, max_len: int, prefill_chunk: int = 512) -> None:
         self.backend = backend
@@ -59,6 +72,12 @@ class BatchedCausalLM:
         self._device = backend.device
         self._dtype: torch.dtype = next(backend.model.parameters()).dtype
         self._windows = attention_windows(backend.model.config)
+        self.features = ENGINE_FEATURES if backend.takes_tools() else ENGINE_FEATURES - {TOOLS}
+        self._vocab = logits_width(backend.model)
+        embeddings = backend.model.get_input_embeddings()
+        self._input_vocab = int(getattr(embeddings, "num_embeddings", self._vocab))
+        self._grammars = backend.grammars
+        self._texts = TokenTexts(backend.tokenizer, self._vocab)
         self._waiting: deque[_Sequence] = deque()
         self._prefilling: _Sequence | None = None  # a long prompt, a chunk per step; row len(active)
         self._active: list[_Sequence] = []  # running jobs; _active[i] holds cache row i
@@ -67,9 +86,11 @@ class BatchedCausalLM:
     # The engine's interface.
 
     def add(self, job: EngineJob) -> None:
-        prompt = self.backend.encode(job.request)
-        answer = self.backend.answer(job.request, len(prompt), self.cache.max_len)
-        params, generator = self.backend.sampling(job.request)
+        request = job.request
+        prompt = self.backend.encode(request)
+        self._check_prompt(prompt, "raw_prompt" if request.raw else "messages")
+        answer = self.backend.answer(request, len(prompt), self.cache.max_len)
+        params, generator = self.backend.sampling(request)
         job.prompt_tokens = len(prompt)
         if job.resume_ids:  # continue an earlier run: its tokens are replayed, their text was sent
             for token in job.resume_ids:
@@ -77,7 +98,11 @@ class BatchedCausalLM:
             job.completion_tokens = answer.completion_tokens
             if answer.finish_reason is not None:
                 raise InvalidJobRequest("the job's earlier run had already ended its answer")
-        sequence = _Sequence(job, prompt + job.resume_ids, answer, params, generator)
+        rules = JobRules.of(request, prompt, job.resume_ids, self._grammars, self._device)
+        sequence = _Sequence(job, prompt + job.resume_ids, answer, params, generator, rules, request.logprobs)
+        if request.prompt_logprobs is not None and not job.resume_ids:  # else the earlier run sent them
+            first = self._texts.entry(prompt[0], None, [])  # the first token: no logprob
+            sequence.prompt_k, sequence.prompt_entries = request.prompt_logprobs, [first]
         self._waiting.append(sequence)
         self._held[job] = sequence
 
@@ -93,6 +118,16 @@ class BatchedCausalLM:
         elif 0 <= sequence.row < len(self._active) and self._active[sequence.row] is sequence:
             self._release(sequence)
         # else: taken for a prefill that failed before it got a row; nothing to free
+
+    def _check_prompt(self, prompt: list[int], param: str) -> None:
+        if not prompt:
+            raise InvalidJobRequest("the prompt has no tokens", param=param)
+        bad = next((t for t in prompt if not 0 <= t < self._input_vocab), None)
+        if bad is not None:
+            raise InvalidJobRequest(
+                f"token id {bad} is not in this model's vocabulary (0 to {self._input_vocab - 1})",
+                param=param,
+            )
 
     def ready_in(self) -> float | None:
         return 0.0 if self._held else None
@@ -138,15 +173,21 @@ class BatchedCausalLM:
         rows = [len(self._active) + i for i in range(len(batch))]
         ids = [[0] * pad + s.prompt for s, pad in zip(batch, pads, strict=True)]
         positions = [[max(0, t - pad) for t in range(width)] for pad in pads]
+        # Logits of every position a job that asks for its prompt's log probabilities needs (the
+        # last ``keep`` of each row: its whole prompt); only the last one otherwise.
+        keep = max((n for s, n in zip(batch, lengths, strict=True) if s.prompt_k is not None), default=1)
         self.cache.bind_prefill(rows, lengths, width)
         out = self._forward(
             torch.tensor(ids, device=self._device),
             torch.tensor(positions, device=self._device),
             lambda window: prefill_mask(pads, width, self._dtype, self._device, window),
+            keep,
         )
-        for sequence, row in zip(batch, rows, strict=True):
+        for i, (sequence, row) in enumerate(zip(batch, rows, strict=True)):
             sequence.row, sequence.position = row, len(sequence.prompt)
             self._active.append(sequence)
+            if sequence.prompt_k is not None:  # position t predicts prompt token t + 1
+                self._prompt_logprobs(sequence, out.logits[i, keep - lengths[i] : keep - 1], 1)
         return self._sample(batch, out.logits[:, -1])
 
     def _extend(self, sequence: _Sequence) -> list[JobOutput]:
@@ -157,7 +198,10 @@ class BatchedCausalLM:
             torch.tensor([sequence.prompt[start : start + count]], device=self._device),
             torch.arange(start, start + count, device=self._device)[None],
             lambda window: extend_mask(start, count, self._dtype, self._device, window),
+            count if sequence.prompt_k is not None else 1,
         )
+        if sequence.prompt_k is not None:
+            self._prompt_logprobs(sequence, out.logits[0], start + 1)
         sequence.position = start + count
         if sequence.position < len(sequence.prompt):
             return []
@@ -182,7 +226,11 @@ class BatchedCausalLM:
         return self._sample(running, out.logits[:, -1])
 
     def _forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, mask: Callable[[int | None], torch.Tensor]
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: Callable[[int | None], torch.Tensor],
+        keep: int = 1,
     ) -> Any:
         # One kind of layer: a ready 4D mask, which every model takes as is. Several (e.g.
         # full and sliding-window layers): a mask per kind, which those models accept.
@@ -195,24 +243,58 @@ class BatchedCausalLM:
             position_ids=positions,
             attention_mask=masks,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=keep,
             **{self.backend.cache_argument: self.cache},
         )
 
+    def _prompt_logprobs(self, sequence: _Sequence, logits: torch.Tensor, first: int) -> None:
+        """Entries of the prompt's tokens from ``first`` on, ``logits[i]`` predicting token
+        ``first + i`` (a chunk's last position may predict the answer's first token: not kept)."""
+        assert sequence.prompt_k is not None
+        targets = sequence.prompt[first : first + logits.shape[0]]
+        entries = prompt_entries(self._texts, logits[: len(targets)], targets, sequence.prompt_k)
+        sequence.prompt_entries += entries
+
+    def _choose(self, sequences: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        """Each job's next token: greedy or sampled with its own settings, after its own rules."""
+        best = logits.argmax(dim=-1).tolist()
+        changed: dict[int, torch.Tensor] = {}
+        ruled = [i for i, s in enumerate(sequences) if s.rules is not None]
+        if ruled:  # a float32 copy of those rows, changed by each job's rules
+            block = logits[ruled].float()
+            apply_rules(block, [r for i in ruled if (r := sequences[i].rules)], self._grammars.allowed)
+            for j, token in enumerate(block.argmax(dim=-1).tolist()):
+                best[ruled[j]], changed[ruled[j]] = token, block[j]
+        return [
+            best[i] if s.params.greedy else sample_next(changed.get(i, logits[i]), s.params, s.generator)
+            for i, s in enumerate(sequences)
+        ]
+
     def _sample(self, sequences: list[_Sequence], logits: torch.Tensor) -> list[JobOutput]:
         """Each job's next token with its own settings; the text it adds; the jobs that ended."""
-        best = logits.argmax(dim=-1).tolist()
+        tokens = self._choose(sequences, logits)
+        asked = [i for i, s in enumerate(sequences) if s.logprobs is not None]
+        entries: dict[int, TokenLogprob] = {}
+        if asked:  # from the raw logits, before any rule changed them
+            ks = [sequences[i].logprobs or 0 for i in asked]
+            found = answer_entries(self._texts, logits[asked], [tokens[i] for i in asked], ks)
+            entries = dict(zip(asked, found, strict=True))
         outputs = []
         finished = []
         for i, sequence in enumerate(sequences):
-            params = sequence.params
-            token = best[i] if params.greedy else sample_next(logits[i], params, sequence.generator)
+            token = tokens[i]
             answer = sequence.answer
             before = len(answer.token_ids)
             text = answer.push(token)
+            if sequence.rules is not None and answer.finish_reason is None:
+                sequence.rules.accept(token)
             job = sequence.job
             job.completion_tokens = answer.completion_tokens
             new_ids = tuple(answer.token_ids[before:])
+            prompt_logprobs = None
+            if sequence.prompt_k is not None:  # sent once, with the job's first token
+                prompt_logprobs = tuple(sequence.prompt_entries)
+                sequence.prompt_k, sequence.prompt_entries = None, []
             outputs.append(
                 JobOutput(
                     job,
@@ -221,6 +303,8 @@ class BatchedCausalLM:
                     job.completion_tokens,
                     answer.finish_reason,
                     token_ids=new_ids,
+                    logprobs=(entries[i],) if new_ids and i in entries else (),
+                    prompt_logprobs=prompt_logprobs,
                 )
             )
             if answer.finish_reason is not None:

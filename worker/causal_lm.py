@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import random
 from collections.abc import Iterator
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ import torch
 from shared.schemas import GenerationRequest
 from worker.backend import GenerationStep, LoadedModel
 from worker.chat_prompt import ChatPrompt, eos_ids_of
+from worker.logits_rules import Grammars, JobRules, apply_rules, logits_width
 from worker.sampling import SamplingParams, sample_next
 
 
@@ -45,18 +47,32 @@ class CausalLMChat(LoadedModel, ChatPrompt):
         generator.manual_seed(request.seed if request.seed is not None else random.getrandbits(63))
         return SamplingParams(request.temperature, request.top_p, request.top_k), generator
 
+    @cached_property
+    def grammars(self) -> Grammars:
+        """The model's JSON grammars (xgrammar), shared by every job on it."""
+        return Grammars(self.tokenizer, logits_width(self.model), self.eos_ids)
+
     @torch.inference_mode()
     def generate(self, request: GenerationRequest) -> Iterator[GenerationStep]:
-        """One job alone, token by token with a KV cache (the batching engine's reference)."""
+        """One job alone, token by token with a KV cache (the batching engine's reference): its
+        logit bias, penalties and JSON grammar too; no log probabilities (a step has no room)."""
         prompt = self.encode(request)
         n_prompt = len(prompt)
         answer = self.answer(request, n_prompt)
         params, generator = self.sampling(request)
+        rules = JobRules.of(request, prompt, [], self.grammars, self.device)
         out = self.model(
             input_ids=torch.tensor([prompt], device=self.device), use_cache=True, logits_to_keep=1
         )
         while True:
-            text = answer.push(sample_next(out.logits[0, -1], params, generator))
+            logits = out.logits[:, -1]
+            if rules is not None:
+                logits = logits.float()
+                apply_rules(logits, [rules], self.grammars.allowed)
+            token = sample_next(logits[0], params, generator)
+            text = answer.push(token)
+            if rules is not None and answer.finish_reason is None:
+                rules.accept(token)
             yield GenerationStep(text, n_prompt, answer.completion_tokens, answer.finish_reason)
             if answer.finish_reason is not None:
                 return

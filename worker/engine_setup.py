@@ -80,14 +80,21 @@ def build_model(settings: Settings, backend: ServedModel) -> tuple[BatchModel, i
 def warm_up(model: BatchModel) -> None:
     """Run a two-token job through the engine's model once, so that the first user's job does not
     pay for its first-call allocations (the only warm-up on a worker's start-up path: loading
-    the model does none)."""
+    the model does none). Where the engine offers them, the job asks for JSON and log
+    probabilities: the tokenizer's tables they need (seconds for a large vocabulary) are built
+    here, not while the first job that asks holds up every running one."""
     import time
 
-    from shared.schemas import ChatMessage, GenerationRequest
+    from shared.schemas import LOGPROBS, STRUCTURED_OUTPUT, ChatMessage, GenerationRequest
     from worker.engine import EngineJob
 
     request = GenerationRequest(
-        messages=[ChatMessage(role="user", content="hi")], max_tokens=2, temperature=0.0, top_p=1.0
+        messages=[ChatMessage(role="user", content="hi")],
+        max_tokens=2,
+        temperature=0.0,
+        top_p=1.0,
+        json_object=STRUCTURED_OUTPUT in model.features,
+        logprobs=1 if LOGPROBS in model.features else None,
     )
     now = time.time()
     model.add(EngineJob("warm-up", request, now, now, time.monotonic() + 60))

@@ -20,12 +20,21 @@ FLOOR = -9999.0  # stands for -inf (a token the model gives no chance), which JS
 
 
 def vocabulary_bytes(tokenizer: Any, vocab_size: int | None = None) -> list[bytes]:
-    """Every token id's bytes (ids past the tokenizer's vocabulary, padding in the model's
-    embedding, have none)."""
+    """Every token id's bytes as it reads in an answer's text: special tokens (``<|im_end|>``),
+    which the text leaves out, have none, and nor do ids past the tokenizer's vocabulary
+    (padding in the model's embedding)."""
     import xgrammar
 
     info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
-    return list(info.decoded_vocab)
+    table = list(info.decoded_vocab)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for token_id, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            special.add(int(token_id))
+    for token_id in special:
+        if 0 <= token_id < len(table):
+            table[token_id] = b""
+    return table
 
 
 def _number(value: float) -> float:
@@ -33,12 +42,19 @@ def _number(value: float) -> float:
 
 
 class TokenTexts:
-    """Builds log-probability entries for one tokenizer (its vocabulary table is made on first use)."""
+    """Builds log-probability entries for one tokenizer (its vocabulary table is made on first
+    use, or at start-up with ``warm``)."""
 
     def __init__(self, tokenizer: Any, vocab_size: int | None = None) -> None:
         self._tokenizer = tokenizer
         self._vocab_size = vocab_size
         self._bytes: list[bytes] | None = None
+
+    def warm(self) -> TokenTexts:
+        """Build the vocabulary table now (a worker does at start-up: about a second for a large
+        vocabulary, which would otherwise stall the engine at the first request for logprobs)."""
+        self.token_bytes(0)
+        return self
 
     def token_bytes(self, token_id: int) -> bytes:
         if self._bytes is None:

@@ -10,9 +10,13 @@ What stays streamq's, so that both engines give the same stream for the same tok
   deltas, stop sequences, end of sequence and the answer's budget (a job that stops on a stop
   sequence is aborted in vLLM at once);
 - a cancel, a deadline or a lost lease removes the job between two engine steps, which aborts
-  its request in vLLM before the next one.
+  its request in vLLM before the next one;
+- log probabilities: vLLM computes them (the model's raw distribution, its ``raw_logprobs``), and
+  they are turned into entries here by token id (``TokenTexts``), one per token the answer took:
+  none for an end-of-sequence token, nor for tokens past a stop sequence.
 
-vLLM does the rest: scheduling, paged KV cache, sampling (temperature, top_p, top_k, seed).
+vLLM does the rest: scheduling, paged KV cache, sampling (temperature, top_p, top_k, seed),
+penalties, logit bias, grammar-constrained JSON.
 """
 
 from __future__ import annotations
@@ -20,15 +24,17 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from shared.limits import InvalidJobRequest
-from shared.schemas import ENGINE_FEATURES, GenerationRequest
+from shared.schemas import ENGINE_FEATURES, MAX_LOGPROBS, TOOLS, GenerationRequest, TokenLogprob
 from shared.settings import Settings
 from worker.answer_tokens import AnswerTokens
 from worker.chat_prompt import ChatPrompt, eos_ids_of
 from worker.engine import EngineJob, JobOutput
+from worker.token_logprobs import TokenTexts
 
 log = logging.getLogger("streamq.worker")
 
@@ -145,6 +151,10 @@ def engine_args(settings: Settings, served: VLLMServed) -> Any:
         # JSON answers without free whitespace (engine-wide in vLLM): a model cannot pad one out
         # until max_tokens, and the JSON is as valid.
         structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
+        # Log probabilities of the model's own distribution, before temperature, penalties, bias
+        # or a grammar change it (vLLM's default, as OpenAI reports them), up to OpenAI's limit.
+        logprobs_mode="raw_logprobs",
+        max_logprobs=MAX_LOGPROBS,
         disable_log_stats=True,
     )
 
@@ -154,19 +164,35 @@ class _Request:
     job: EngineJob
     request_id: str
     answer: AnswerTokens
+    prompt_logprobs: bool = False  # still to send with the job's first output
+
+
+def _logprob_entry(texts: TokenTexts, token_id: int, position: Mapping[int, Any], k: int) -> TokenLogprob:
+    """The entry of ``token_id`` from vLLM's log probabilities at its place: a dict of token id →
+    ``Logprob`` holding the token itself (inserted first) and the ``k`` most likely tokens (in
+    order of rank). When the token is one of those k, the dict holds k entries, its own with its
+    place among them as its rank."""
+    items = list(position.items())
+    # Not among the k most likely: they follow it, most likely first; among them: by rank.
+    alternatives = items[1:] if len(items) > k else sorted(items, key=lambda item: item[1].rank or 0)
+    chosen = position[token_id].logprob
+    return texts.entry(token_id, chosen, [(i, lp.logprob) for i, lp in alternatives[:k]])
 
 
 class VLLMModel:
     """vLLM's engine behind the ``BatchModel`` interface that streamq's engine thread drives."""
 
     engine = "vllm"
-    features = ENGINE_FEATURES
 
     def __init__(self, engine: Any, served: VLLMServed, slots: int, max_len: int) -> None:
         self.vllm = engine  # vLLM's LLMEngine
         self.served = served
         self.slots = slots
         self.max_len = max_len
+        # Tools only where the chat template renders them, with calls streamq can parse.
+        self.features = ENGINE_FEATURES if served.takes_tools() else ENGINE_FEATURES - {TOOLS}
+        vocab_size = int(engine.vllm_config.model_config.get_vocab_size())
+        self.texts = TokenTexts(served.tokenizer, vocab_size).warm()  # log probabilities' entries
         self._held: dict[EngineJob, _Request] = {}
         self._by_id: dict[str, _Request] = {}
         self._ids = itertools.count()
@@ -182,17 +208,19 @@ class VLLMModel:
         job.completion_tokens = answer.completion_tokens
         if answer.finish_reason is not None:
             raise InvalidJobRequest("the job's earlier run had already ended its answer")
-        params = self.sampling(job.request, answer.budget - answer.completion_tokens)
+        # A continued job's prompt log probabilities went out with its earlier run's first output.
+        prompt_logprobs = job.request.prompt_logprobs is not None and not job.resume_ids
         request_id = f"{job.job_id}-{job.run or 'local'}-{next(self._ids)}"
         try:
+            params = self.sampling(job.request, answer.budget - answer.completion_tokens, prompt_logprobs)
             self.vllm.add_request(request_id, TokensPrompt(prompt_token_ids=prompt + job.resume_ids), params)
-        except ValueError as exc:  # vLLM's own checks: a token id out of its vocabulary, a bad schema
+        except refusals() as exc:  # vLLM's own checks: a token id out of its vocabulary, a bad schema
             raise InvalidJobRequest(f"the vLLM engine refused the request: {exc}") from exc
-        held = _Request(job, request_id, answer)
+        held = _Request(job, request_id, answer, prompt_logprobs)
         self._held[job] = held
         self._by_id[request_id] = held
 
-    def sampling(self, request: GenerationRequest, max_tokens: int) -> Any:
+    def sampling(self, request: GenerationRequest, max_tokens: int, prompt_logprobs: bool = True) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -206,6 +234,8 @@ class VLLMModel:
             repetition_penalty=request.repetition_penalty,
             logit_bias=dict(request.logit_bias) or None,
             structured_outputs=structured_outputs(request),
+            logprobs=request.logprobs,
+            prompt_logprobs=request.prompt_logprobs if prompt_logprobs else None,
             max_tokens=max_tokens,
             stop_token_ids=sorted(self.served.eos_ids),
             detokenize=False,  # streamq decodes (AnswerTokens): stop sequences, held-back bytes
@@ -230,20 +260,34 @@ class VLLMModel:
                 continue
             completion = result.outputs[0]
             answer = held.answer
+            job = held.job
+            k = job.request.logprobs
             before = len(answer.token_ids)
             text = ""
-            for token in completion.token_ids:
+            logprobs: list[TokenLogprob] = []
+            for place, token in enumerate(completion.token_ids):
+                taken = len(answer.token_ids)
                 text += answer.push(token)
+                if k is not None and len(answer.token_ids) > taken:  # the answer took it (not an EOS)
+                    logprobs.append(_logprob_entry(self.texts, token, completion.logprobs[place], k))
                 if answer.finish_reason is not None:
                     break
             if result.finished and answer.finish_reason is None:
                 text += answer.end("length" if completion.finish_reason == "length" else "stop")
-            job = held.job
             job.completion_tokens = answer.completion_tokens
             new_ids = tuple(answer.token_ids[before:])
             done_as = answer.finish_reason
             outputs.append(
-                JobOutput(job, text, job.prompt_tokens, job.completion_tokens, done_as, token_ids=new_ids)
+                JobOutput(
+                    job,
+                    text,
+                    job.prompt_tokens,
+                    job.completion_tokens,
+                    done_as,
+                    token_ids=new_ids,
+                    logprobs=tuple(logprobs),
+                    prompt_logprobs=self._prompt_logprobs(held, result),
+                )
             )
             if answer.finish_reason is not None:
                 done.append(held)
@@ -253,6 +297,31 @@ class VLLMModel:
             self._held.pop(held.job, None)
             self._by_id.pop(held.request_id, None)
         return outputs
+
+    def _prompt_logprobs(self, held: _Request, result: Any) -> tuple[TokenLogprob, ...] | None:
+        """The prompt's entries, on the job's first output only (vLLM gives them all at once,
+        after the prompt's last prefill chunk): the first token has no logprob (None)."""
+        positions = result.prompt_logprobs
+        if not held.prompt_logprobs or not positions:
+            return None
+        held.prompt_logprobs = False
+        k = held.job.request.prompt_logprobs or 0
+        return tuple(
+            self.texts.entry(token, None, [])
+            if position is None
+            else _logprob_entry(self.texts, token, position, k)
+            for token, position in zip(result.prompt_token_ids, positions, strict=True)
+        )
+
+
+def refusals() -> tuple[type[Exception], ...]:
+    """The errors vLLM raises for a request it will not take: ValueError, and its own client
+    errors (``VLLMValidationError``: a token id out of its vocabulary), which are not ValueErrors."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # a vLLM before its own error classes
+        return (ValueError,)
+    return (ValueError, VLLMClientError)
 
 
 def structured_outputs(request: GenerationRequest) -> Any:

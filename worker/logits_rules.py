@@ -1,0 +1,245 @@
+"""A job's own rules on the logits of its next token: logit bias, penalties and a JSON grammar.
+
+The batching engine applies them, row by row, only to the jobs that have any (a batch of plain
+jobs never comes here), in this order: ``logit_bias`` is added; the repetition penalty (over
+the prompt and the answer: a positive logit is divided by it, a negative one multiplied, as HF
+and vLLM do), then OpenAI's frequency and presence penalties (over the answer's tokens so far:
+``frequency * count + presence * [count > 0]`` is subtracted); then the grammar's mask, which
+leaves only the tokens that keep the answer valid JSON. Temperature, top-k and top-p come after.
+
+Structured output uses xgrammar, as vLLM does: a model's tokenizer table is built once, each
+schema is compiled once (a small LRU keyed by the schema's compact JSON), and each job has
+its own ``GrammarMatcher``. JSON comes without free whitespace (vLLM's engine runs with
+``disable_any_whitespace``): a model cannot pad an answer with blanks until its budget runs out.
+Once the JSON is complete the grammar allows only end of sequence, so the answer ends "stop".
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from shared.limits import InvalidJobRequest
+from shared.schemas import LOGIT_BIAS, PENALTIES, STRUCTURED_OUTPUT, GenerationRequest
+
+RULED = {PENALTIES, LOGIT_BIAS, STRUCTURED_OUTPUT}  # the features that change the logits
+GRAMMAR_CACHE = 32  # compiled grammars kept per model
+ANY_OBJECT = '{"type":"object"}'  # json_object: any JSON object (not an array, not a bare value)
+
+
+def logits_width(model: Any) -> int:
+    """The number of logits a model gives per position (its vocabulary, padding included)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return int(weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def special_ids(tokenizer: Any) -> set[int]:
+    """The tokenizer's special tokens (decoding skips them, so a grammar must not pick them)."""
+    ids = {int(i) for i in getattr(tokenizer, "all_special_ids", [])}
+    for token_id, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(added, "special", False):
+            ids.add(int(token_id))
+    return ids
+
+
+def _allowed_words(tokenizer: Any, vocabulary: list[bytes], stop_ids: set[int]) -> torch.Tensor:
+    """xgrammar's bitmask words (int32, bit ``t % 32`` of word ``t // 32`` for token ``t``) of
+    the tokens a JSON grammar may allow. Left out: the tokenizer's special tokens but its end of
+    sequence (decoding skips them, so the text would not be the JSON the grammar checked), and
+    tokens with a control character: JSON without free whitespace has none outside its strings,
+    and a raw one inside a string is invalid JSON, which xgrammar 0.2.8's rule for a string with
+    a ``maxLength`` still lets through."""
+    words = [0xFFFFFFFF] * -(-len(vocabulary) // 32)
+    banned = {i for i in special_ids(tokenizer) if i < len(vocabulary)}
+    banned |= {i for i, raw in enumerate(vocabulary) if any(b < 0x20 for b in raw)}
+    for token in banned - stop_ids:
+        words[token // 32] &= ~(1 << (token % 32))
+    return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text.split("] ", 1)[-1] if text.startswith("[") else text  # xgrammar's "[time] file:line:"
+
+
+class Grammars:
+    """A model's JSON grammars: compiled by xgrammar for its tokenizer, each schema once."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: set[int]) -> None:
+        self._tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._stop_ids = sorted(stop_ids)
+        self._compiler: Any = None
+        self.allowed: torch.Tensor | None = None  # bitmask words: what a grammar may ever allow
+        self._compiled: OrderedDict[str, Any] = OrderedDict()
+
+    def _grammar_compiler(self) -> Any:
+        if self._compiler is None:
+            import xgrammar
+
+            info = xgrammar.TokenizerInfo.from_huggingface(
+                self._tokenizer, vocab_size=self.vocab_size, stop_token_ids=self._stop_ids or None
+            )
+            self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+            self.allowed = _allowed_words(self._tokenizer, info.decoded_vocab, set(self._stop_ids))
+        return self._compiler
+
+    def compiled(self, request: GenerationRequest) -> Any | None:
+        """The request's compiled grammar (None: it asks for no JSON); InvalidJobRequest naming
+        ``response_format`` when xgrammar cannot compile its schema."""
+        if request.json_schema is not None:
+            # Its keys in their order: properties come in the order the schema lists them.
+            key = json.dumps(request.json_schema, separators=(",", ":"))
+        elif request.json_object:
+            key = ANY_OBJECT
+        else:
+            return None
+        found = self._compiled.get(key)
+        if found is not None:
+            self._compiled.move_to_end(key)
+            return found
+        try:
+            grammar = self._grammar_compiler().compile_json_schema(key, any_whitespace=False)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise InvalidJobRequest(
+                f"response_format: this JSON schema cannot be used for constrained decoding "
+                f"({_first_line(exc)})",
+                param="response_format",
+            ) from exc
+        self._compiled[key] = grammar
+        while len(self._compiled) > GRAMMAR_CACHE:
+            self._compiled.popitem(last=False)
+        return grammar
+
+    def matcher(self, request: GenerationRequest, replay: list[int]) -> Any | None:
+        """A new matcher for the request's grammar, past the tokens of ``replay`` (an earlier
+        run's answer), or None when it asks for no JSON."""
+        grammar = self.compiled(request)
+        if grammar is None:
+            return None
+        import xgrammar
+
+        matcher = xgrammar.GrammarMatcher(grammar)
+        for token in replay:
+            if not matcher.accept_token(token):
+                raise InvalidJobRequest(
+                    "the job's earlier answer does not follow its response_format", param="response_format"
+                )
+        return matcher
+
+
+class _Tokens:
+    """Distinct token ids, as a set and as an index tensor on the device (grown as new ones come):
+    penalties touch only the logits of these, not the whole vocabulary."""
+
+    def __init__(self, tokens: list[int], device: Any) -> None:
+        self.ids = set(tokens)
+        self.index = torch.tensor(sorted(self.ids), dtype=torch.long, device=device)
+
+    def add(self, token: int) -> None:
+        if token not in self.ids:
+            self.ids.add(token)
+            self.index = torch.cat([self.index, self.index.new_tensor([token])])
+
+
+class JobRules:
+    """One job's logit bias, penalties and grammar matcher, and the token counts they need."""
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        prompt: list[int],
+        answer: list[int],
+        vocab_size: int,
+        device: Any,
+        matcher: Any | None = None,
+    ) -> None:
+        for token in request.logit_bias:
+            if not 0 <= token < vocab_size:
+                raise InvalidJobRequest(
+                    f"logit_bias: token id {token} is not in this model's vocabulary (0 to {vocab_size - 1})",
+                    param="logit_bias",
+                )
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
+        if request.logit_bias:
+            ids = torch.tensor(list(request.logit_bias), dtype=torch.long, device=device)
+            values = torch.tensor(list(request.logit_bias.values()), dtype=torch.float32, device=device)
+            self.bias = (ids, values)
+        self.presence = request.presence_penalty
+        self.frequency = request.frequency_penalty
+        self.repetition = request.repetition_penalty
+        self.answered: _Tokens | None = None  # the answer's tokens and their counts: frequency, presence
+        self.counts = torch.zeros(0)
+        if self.presence or self.frequency:
+            self.answered = _Tokens(answer, device)
+            self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+            if answer:
+                ones = torch.ones(len(answer), dtype=torch.float32, device=device)
+                self.counts.index_add_(0, torch.tensor(answer, device=device), ones)
+        # The prompt's and the answer's tokens: repetition.
+        self.repeated = _Tokens(prompt + answer, device) if self.repetition != 1.0 else None
+        self.matcher = matcher
+
+    @classmethod
+    def of(
+        cls, request: GenerationRequest, prompt: list[int], answer: list[int], grammars: Grammars, device: Any
+    ) -> JobRules | None:
+        """The job's rules, or None when it has none (a plain job)."""
+        if not RULED & set(request.engine_features()):
+            return None
+        matcher = grammars.matcher(request, answer)
+        return cls(request, prompt, answer, grammars.vocab_size, device, matcher)
+
+    def adjust(self, row: torch.Tensor) -> None:
+        """Bias and penalties on one job's float32 logits row, in place."""
+        if self.bias is not None:
+            row.index_add_(0, self.bias[0], self.bias[1])
+        if self.repeated is not None:
+            index = self.repeated.index
+            values = row[index]
+            row[index] = torch.where(values > 0, values / self.repetition, values * self.repetition)
+        if self.answered is not None:
+            index = self.answered.index
+            row.index_add_(0, index, -(self.frequency * self.counts[index] + self.presence))
+
+    def accept(self, token: int) -> None:
+        """The token the job took (an end of sequence ends the job: nothing to count)."""
+        if self.answered is not None:
+            self.counts[token] += 1
+            self.answered.add(token)
+        if self.repeated is not None:
+            self.repeated.add(token)
+        if self.matcher is not None and not self.matcher.accept_token(token):
+            raise RuntimeError(f"token {token} broke the job's grammar (its mask allowed it)")
+
+
+def apply_rules(logits: torch.Tensor, rules: list[JobRules], allowed: torch.Tensor | None) -> None:
+    """Each row's rules on a float32 ``[rows, vocab]`` block of logits, in place: bias and
+    penalties row by row, then the grammar masks of the rows that have one, in one pass, each
+    within ``allowed`` (``Grammars.allowed``)."""
+    for i, rule in enumerate(rules):
+        rule.adjust(logits[i])
+    matchers = {i: rule.matcher for i, rule in enumerate(rules) if rule.matcher is not None}
+    if not matchers:
+        return
+    import xgrammar
+
+    bitmask = xgrammar.allocate_token_bitmask(len(rules), logits.shape[-1])
+    for i, matcher in matchers.items():
+        matcher.fill_next_token_bitmask(bitmask, i)
+    rows = list(matchers)
+    if allowed is not None:
+        bitmask[rows] &= allowed
+    xgrammar.apply_token_bitmask_inplace(
+        logits,
+        bitmask.to(logits.device, non_blocking=True),
+        indices=rows,
+        backend="cpu" if logits.device.type == "cpu" else "torch_native",
+    )
