@@ -63,7 +63,8 @@ def test_lm_eval_local_completions_scores_as_the_model_does(stack: Stack, tiny_b
     assert isinstance(generated, str) and generated
 
 
-def test_litellm_calls_a_tool_and_answers_json(stack: Stack) -> None:
+def test_litellm_calls_a_tool_and_answers_json(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network here: its bundled copy
     import litellm
 
     tool = {
