@@ -16,7 +16,7 @@ from api.job_client import JobClient
 from api.metrics import FrontMetrics
 from api.metrics import router as metrics_router
 from api.redis_job_client import RedisJobClient
-from api.routes import compat, health, jobs, openai_api
+from api.routes import compat, health, jobs, openai_api, responses
 from api.routes import web as web_page
 from shared.settings import Settings, load_settings
 
@@ -76,6 +76,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(compat.router)
     app.include_router(openai_api.router)
+    app.include_router(responses.router)
     app.include_router(metrics_router)  # open, like /healthz and /readyz
     app.include_router(web_page.router)  # GET / and /static/*: the chat page (open, no API key)
     return app

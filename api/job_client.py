@@ -93,6 +93,20 @@ class JobClient(Protocol):
         """The id of the job's newest event."""
         ...
 
+    async def save_response(self, job_id: str, owner: str, record: str) -> None:
+        """Keep a Responses API response's record (JSON text) beside ``owner``'s job ``job_id``,
+        for as long as the job may live."""
+        ...
+
+    async def load_response(self, job_id: str, owner: str) -> str | None:
+        """The record kept beside ``owner``'s job, or None: none kept, another key's, deleted, or
+        its job is gone."""
+        ...
+
+    async def delete_response(self, job_id: str, owner: str) -> bool:
+        """Forget ``owner``'s record (the job itself is untouched); False if there was none."""
+        ...
+
     async def served_models(self) -> dict[str, float]:
         """The models live workers serve, each with when the first of them started."""
         ...

@@ -8,6 +8,7 @@ job system's parts behind the boundary: ``JobService`` (submit, view, cancel), `
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import secrets
 from collections.abc import Coroutine
@@ -32,6 +33,7 @@ from api.metrics import FrontMetrics
 from api.quotas import KeyQuotas
 from api.stream_hub import StreamHub
 from api.worker_directory import WorkerDirectory
+from shared import keys
 from shared.schemas import JobRequest, JobView
 from shared.settings import Settings
 
@@ -65,6 +67,13 @@ def _async_client(url: str, size: int, socket_timeout: float, settings: Settings
         retry_on_error=list(_RETRIED),
     )
     return aioredis.Redis(connection_pool=pool)
+
+
+def _same(stored: str | bytes | None, owner: str) -> bool:
+    """``stored`` is ``owner`` (compared in constant time)."""
+    if stored is None:
+        return False
+    return hmac.compare_digest(stored if isinstance(stored, bytes) else stored.encode(), owner.encode())
 
 
 @dataclass
@@ -136,6 +145,27 @@ class RedisJobClient:
 
     async def last_event_id(self, job_id: str) -> str | None:
         return await self.jobs.last_event_id(job_id)
+
+    async def save_response(self, job_id: str, owner: str, record: str) -> None:
+        s = self.settings
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(keys.response(job_id), mapping={"owner": owner, "record": record})
+        pipe.expire(keys.response(job_id), s.queue_ttl + s.job_timeout + s.result_ttl)
+        await pipe.execute()
+
+    async def load_response(self, job_id: str, owner: str) -> str | None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(keys.response(job_id))
+        pipe.exists(keys.job(job_id))
+        fields, job_exists = await pipe.execute()
+        if not fields or not job_exists or not _same(fields.get("owner"), owner):
+            return None
+        return str(fields["record"])
+
+    async def delete_response(self, job_id: str, owner: str) -> bool:
+        if not _same(await self.redis.hget(keys.response(job_id), "owner"), owner):
+            return False
+        return bool(await self.redis.delete(keys.response(job_id)))
 
     async def served_models(self) -> dict[str, float]:
         return await self.directory.served_since()

@@ -34,6 +34,13 @@ def text(job_id: str) -> str:
     return f"{PREFIX}:text:{{{job_id}}}"
 
 
+def response(job_id: str) -> str:
+    """Hash of a Responses API response's record (``owner``, ``record``: its input, instructions,
+    settings and conversation, as JSON) beside the job that answers it; it lives no longer than a
+    job can (queue TTL + job timeout + result TTL) and is not served once its job is gone."""
+    return f"{PREFIX}:response:{{{job_id}}}"
+
+
 def worker(name: str) -> str:
     """Hash describing one worker process (model, device, pid, host, current job)."""
     return f"{PREFIX}:worker:{name}"

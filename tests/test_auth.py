@@ -59,6 +59,13 @@ def _post(path: str, body: dict[str, Any]) -> Call:
     return call
 
 
+def _response_route(method: str, suffix: str) -> Call:
+    def call(url: str, hdrs: dict[str, str], response_id: str) -> httpx.Response:
+        return httpx.request(method, f"{url}/v1/responses/{response_id}{suffix}", headers=hdrs, timeout=30)
+
+    return call
+
+
 def _get(path: str) -> Call:
     def call(url: str, hdrs: dict[str, str], _job_id: str) -> httpx.Response:
         return httpx.get(f"{url}{path}", headers=hdrs, timeout=30)
@@ -79,12 +86,42 @@ ROUTES: dict[tuple[str, str], Call] = {
     ("GET", "/v1/models/{model}"): _get(f"/v1/models/{MODEL}"),
     ("POST", "/"): _post("/", {"prompt": "hi", "history": [], "max_length": 60}),
     ("POST", "/stream"): _post("/stream", {"prompt": "hi", "history": [], "max_length": 60}),
+    ("POST", "/v1/responses"): _post(
+        "/v1/responses", {"model": MODEL, "input": "hi", "max_output_tokens": 3}
+    ),
+    ("GET", "/v1/responses/{response_id}"): _response_route("GET", ""),
+    ("GET", "/v1/responses/{response_id}/input_items"): _response_route("GET", "/input_items"),
+    ("POST", "/v1/responses/{response_id}/cancel"): _response_route("POST", "/cancel"),
+    ("DELETE", "/v1/responses/{response_id}"): _response_route("DELETE", ""),
 }
 JOB_ROUTES = [route for route in ROUTES if "{job_id}" in route[1]]
+RESPONSE_ROUTES = [route for route in ROUTES if "{response_id}" in route[1]]
+_read_only: dict[str, str] = {}  # one response of each owner for the routes that only read it
+
+
+def _response_for(route: tuple[str, str], url: str, owner: str) -> str:
+    """A response of ``owner`` (a long one to cancel or delete; the reading routes share one, as
+    the key's request rate is small here)."""
+    if route[0] == "GET" and owner in _read_only:
+        return _read_only[owner]
+    body = {
+        "model": MODEL,
+        "input": "hi",
+        "background": True,
+        "max_output_tokens": 100 if route[0] != "GET" else 3,
+    }
+    r = httpx.post(f"{url}/v1/responses", json=body, headers=headers(owner), timeout=10)
+    assert r.status_code == 200, r.text
+    if route[0] == "GET":
+        _read_only[owner] = r.json()["id"]
+    return str(r.json()["id"])
 
 
 def _job_for(route: tuple[str, str], url: str, owner: str) -> str:
-    """A job of ``owner`` for a job route (a long one to cancel), or '' for the other routes."""
+    """A job of ``owner`` for a job route (a long one to cancel), a response for a response
+    route, or '' for the other routes."""
+    if route in RESPONSE_ROUTES:
+        return _response_for(route, url, owner)
     if route not in JOB_ROUTES:
         return ""
     return _submit(url, owner, LONG if route[0] != "GET" else SHORT)

@@ -74,6 +74,7 @@ class MemoryJobClient:
         self.hold = False
         self.pause_after: int | None = None
         self.submitted = asyncio.Event()  # set at each submit (a test waits for its job)
+        self.responses: dict[str, tuple[str, str]] = {}  # job id → (owner, Responses API record)
         self._clock = itertools.count(1_700_000_000_000)
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -189,6 +190,19 @@ class MemoryJobClient:
     async def last_event_id(self, job_id: str) -> str | None:
         job = self.jobs.get(job_id)
         return job.events[-1].id if job and job.events else None
+
+    async def save_response(self, job_id: str, owner: str, record: str) -> None:
+        self.responses[job_id] = (owner, record)
+
+    async def load_response(self, job_id: str, owner: str) -> str | None:
+        owned, record = self.responses.get(job_id, (None, ""))
+        return record if owned == owner and job_id in self.jobs else None
+
+    async def delete_response(self, job_id: str, owner: str) -> bool:
+        if self.responses.get(job_id, (None, ""))[0] != owner:
+            return False
+        del self.responses[job_id]
+        return True
 
     async def served_models(self) -> dict[str, float]:
         return dict.fromkeys(self.models, 1_700_000_000.0)

@@ -1,0 +1,373 @@
+"""OpenAI's Responses API through the official SDK over the in-memory job system: a response is
+a job; its events and their numbering, ``starting_after``, cancel, delete, input items,
+``previous_response_id`` chains, function calls, and refusals naming the field. The fake model
+answers the last message back, one word per token."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from openai import AsyncOpenAI, BadRequestError, ConflictError, NotFoundError
+
+from shared.schemas import GenerationRequest
+from tests.fast.conftest import KEY_A, KEY_B, Front
+from tests.fast.test_front_formats import _openai
+
+pytestmark = pytest.mark.anyio
+
+MODEL = "fake-model"
+ADD = {
+    "type": "function",
+    "name": "add",
+    "description": "adds",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}},
+    "strict": None,
+}
+PLAIN = [
+    "response.created",
+    "response.queued",
+    "response.in_progress",
+    "response.output_item.added",
+    "response.content_part.added",
+]
+CLOSE = ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+
+
+def _asked(front: Front, response_id: str) -> GenerationRequest:
+    """What the response's job was given."""
+    return front.jobs.jobs[response_id.removeprefix("resp_")].request
+
+
+def _turns(front: Front, response_id: str) -> list[tuple[str, str]]:
+    return [(m.role, m.content) for m in _asked(front, response_id).messages]
+
+
+async def _events(client: AsyncOpenAI, response_id: str, after: int | None = None) -> list[Any]:
+    if after is None:
+        stream = await client.responses.retrieve(response_id, stream=True)
+    else:
+        stream = await client.responses.retrieve(response_id, stream=True, starting_after=after)
+    return [event async for event in stream]
+
+
+async def test_a_response_is_a_job_with_its_text_and_usage(front: Front) -> None:
+    client = _openai(front)
+    raw = await client.responses.with_raw_response.create(
+        model=MODEL, input="one two three", instructions="be brief", metadata={"k": "v"}
+    )
+    response = raw.parse()
+    job_id = raw.headers["x-streamq-job-id"]
+    assert response.id == f"resp_{job_id}" and response.object == "response"
+    assert (response.status, response.output_text, response.model) == ("completed", "one two three", MODEL)
+    assert response.usage is not None and response.usage.output_tokens == 3
+    assert response.usage.total_tokens == response.usage.input_tokens + 3
+    assert (response.instructions, response.metadata, response.background) == ("be brief", {"k": "v"}, False)
+    assert _turns(front, response.id) == [("system", "be brief"), ("user", "one two three")]
+    job = (await front.http.get(f"/v1/jobs/{job_id}")).json()
+    assert (job["status"], job["text"]) == ("finished", response.output_text)
+    again = await client.responses.retrieve(response.id)
+    assert again.model_dump() | {"completed_at": None} == response.model_dump() | {"completed_at": None}
+
+    cut = await client.responses.create(model=MODEL, input="one two three", max_output_tokens=2)
+    assert (cut.status, cut.output_text) == ("incomplete", "one two")
+    assert cut.incomplete_details is not None and cut.incomplete_details.reason == "max_output_tokens"
+    assert cut.output[0].status == "incomplete"  # type: ignore[union-attr]
+
+
+async def test_the_events_are_numbered_from_the_jobs_stream(front: Front) -> None:
+    client = _openai(front)
+    stream = await client.responses.create(model=MODEL, input="alpha beta", stream=True, temperature=0)
+    events = [event async for event in stream]
+    assert [e.type for e in events] == [
+        *PLAIN,
+        "response.output_text.delta",
+        "response.output_text.delta",
+        *CLOSE,
+        "response.completed",
+    ]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "alpha beta"  # type: ignore[union-attr]
+    assert events[0].response.status == "queued" and events[2].response.status == "in_progress"  # type: ignore[union-attr]
+    final = events[-1].response  # type: ignore[union-attr]
+    assert final.status == "completed" and final.output_text == "alpha beta"
+    assert final.temperature == 0
+
+    # The same events, the same numbers, read again (a re-attach replays the job's stream).
+    replay = await _events(client, final.id)
+    assert [e.model_dump() for e in replay] == [e.model_dump() for e in events]
+    for n in (0, 4, 6, len(events) - 2, len(events) - 1):
+        tail = await _events(client, final.id, after=n)
+        assert [e.model_dump() for e in tail] == [e.model_dump() for e in events[n + 1 :]]
+    polled = await client.responses.retrieve(final.id)
+    assert [item.model_dump() for item in polled.output] == [item.model_dump() for item in final.output]
+
+    async with client.responses.stream(response_id=final.id, starting_after=5) as resumed:
+        numbers = [event.sequence_number async for event in resumed]
+        assert (await resumed.get_final_response()).output_text == "alpha beta"
+    assert numbers == list(range(6, len(events)))
+
+
+async def test_a_background_stream_read_while_it_runs_numbers_as_a_replay(front: Front) -> None:
+    client = _openai(front)
+    front.jobs.pause_after = 2  # two words out, then the job waits
+    response = await client.responses.create(model=MODEL, input="a b c d", background=True)
+    assert response.status == "queued" and response.background is True
+    running = await client.responses.retrieve(response.id)
+    assert (running.status, running.output_text) == ("in_progress", "a b")
+    assert running.output[0].status == "in_progress"  # type: ignore[union-attr]
+    live = asyncio.ensure_future(_events(client, response.id, after=4))
+    await asyncio.sleep(0.05)
+    front.jobs.release()
+    tail = await live
+    whole = await _events(client, response.id)
+    assert [e.model_dump() for e in tail] == [e.model_dump() for e in whole[5:]]
+    assert whole[-1].response.output_text == "a b c d"  # type: ignore[union-attr]
+
+
+async def test_keep_alives_are_comment_lines_inside_the_next_event(front: Front) -> None:
+    front.jobs.hold = True  # the job waits in its queue past two keep-alives (0.2 s apart)
+    created = await front.http.post("/v1/responses", json={"input": "one", "background": True})
+    url = f"/v1/responses/{created.json()['id']}?stream=true"
+    reading = asyncio.ensure_future(front.http.get(url))
+    await asyncio.sleep(0.5)
+    front.jobs.release()
+    body = (await reading).text
+    assert body.startswith("event: response.created\n") and body.count(": ping\n") >= 2
+    blocks = body.split("\n\n")
+    assert blocks[-1] == "" and all("\ndata: " in block for block in blocks[:-1])
+    assert (await front.http.get(url)).text == body.replace(": ping\n", "")  # the same events, read again
+
+
+async def test_cancel_a_queued_and_a_running_response(front: Front) -> None:
+    client = _openai(front)
+    front.jobs.hold = True
+    queued = await client.responses.create(model=MODEL, input="never runs", background=True)
+    cancelled = await client.responses.cancel(queued.id)
+    assert (cancelled.status, cancelled.output) == ("cancelled", [])
+    assert [e.type for e in await _events(client, queued.id)] == [
+        "response.created",
+        "response.queued",
+        "response.cancelled",
+    ]
+    again = await client.responses.cancel(queued.id)  # a cancelled response is answered as it is
+    assert again.status == "cancelled"
+
+    front.jobs.hold, front.jobs.pause_after = False, 1
+    running = await client.responses.create(model=MODEL, input="x y z", background=True)
+    stopped = await client.responses.cancel(running.id)
+    assert (stopped.status, stopped.output_text) == ("cancelled", "x")
+    assert stopped.output[0].status == "incomplete"  # type: ignore[union-attr]
+    events = await _events(client, running.id)
+    assert [e.type for e in events][-4:] == [*CLOSE, "response.cancelled"]
+
+    front.jobs.release()
+    done = await client.responses.create(model=MODEL, input="fine")
+    with pytest.raises(ConflictError):
+        await client.responses.cancel(done.id)
+
+
+async def test_delete_forgets_the_response_and_cancels_a_running_one(front: Front) -> None:
+    client = _openai(front)
+    front.jobs.pause_after = 1
+    running = await client.responses.create(model=MODEL, input="x y z", background=True)
+    deleted = await front.http.delete(f"/v1/responses/{running.id}")
+    assert deleted.json() == {"id": running.id, "object": "response.deleted", "deleted": True}
+    for call in (
+        client.responses.retrieve(running.id),
+        client.responses.delete(running.id),
+        client.responses.input_items.list(running.id),
+    ):
+        with pytest.raises(NotFoundError):
+            await call
+    job = (await front.http.get(f"/v1/jobs/{running.id.removeprefix('resp_')}")).json()
+    assert job["status"] == "canceled"  # the job itself stays readable until it expires
+
+
+async def test_input_items_are_listed_newest_first_and_paged(front: Front) -> None:
+    client = _openai(front)
+    given: Any = [
+        {"role": "developer", "content": "be kind"},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "first"}]},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "ok", "annotations": []}]},
+        {"role": "user", "content": "second"},
+    ]
+    response = await client.responses.create(model=MODEL, input=given)
+    assert _turns(front, response.id) == [
+        ("system", "be kind"),
+        ("user", "first"),
+        ("assistant", "ok"),
+        ("user", "second"),
+    ]
+    newest_first = await client.responses.input_items.list(response.id)
+    texts = [item.content[0].text for item in newest_first.data]  # type: ignore[union-attr]
+    assert texts == ["second", "ok", "first", "be kind"]
+    assert newest_first.data[1].type == "message" and newest_first.data[1].role == "assistant"  # type: ignore[union-attr]
+    paged = [item.id async for item in client.responses.input_items.list(response.id, limit=1, order="asc")]
+    assert paged == [item.id for item in reversed(newest_first.data)] and len(set(paged)) == 4
+    bad = await front.http.get(f"/v1/responses/{response.id}/input_items", params={"after": "nope"})
+    assert (bad.status_code, bad.json()["error"]["param"]) == (400, "after")
+
+
+async def test_a_previous_response_id_chain_carries_the_conversation(front: Front) -> None:
+    client = _openai(front)
+    first = await client.responses.create(model=MODEL, input="hello there", instructions="first only")
+    second = await client.responses.create(model=MODEL, input="and more", previous_response_id=first.id)
+    third = await client.responses.create(model=MODEL, input="the end", previous_response_id=second.id)
+    assert third.previous_response_id == second.id
+    assert _turns(front, third.id) == [
+        ("user", "hello there"),
+        ("assistant", "hello there"),
+        ("user", "and more"),
+        ("assistant", "and more"),
+        ("user", "the end"),
+    ]  # instructions are not carried over
+    items = await client.responses.input_items.list(third.id)
+    assert [item.content[0].text for item in items.data] == ["the end"]  # type: ignore[union-attr]
+
+    unstored = await client.responses.create(model=MODEL, input="forget me", store=False)
+    assert unstored.store is False and unstored.output_text == "forget me"
+    with pytest.raises(BadRequestError) as refused:
+        await client.responses.create(model=MODEL, input="go on", previous_response_id=unstored.id)
+    assert refused.value.body["param"] == "previous_response_id"  # type: ignore[index]
+    assert "store: false" in refused.value.body["message"]  # type: ignore[index]
+    with pytest.raises(BadRequestError):
+        await client.responses.input_items.list(unstored.id)
+    front.jobs.hold = True
+    waiting = await client.responses.create(model=MODEL, input="later", background=True)
+    with pytest.raises(BadRequestError, match="queued"):
+        await client.responses.create(model=MODEL, input="go on", previous_response_id=waiting.id)
+    with pytest.raises(NotFoundError):
+        await client.responses.create(model=MODEL, input="go on", previous_response_id="resp_nope")
+
+
+async def test_a_named_function_call_answered_with_its_output(front: Front) -> None:
+    client = _openai(front)
+    stream = await client.responses.create(
+        model=MODEL,
+        input='{"a": 2}',
+        tools=[ADD],  # type: ignore[list-item]
+        tool_choice={"type": "function", "name": "add"},
+        stream=True,
+    )
+    events = [event async for event in stream]
+    assert "response.function_call_arguments.delta" in [e.type for e in events]
+    [done] = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert (json.loads(done.arguments), done.name) == ({"a": 2}, "add")  # type: ignore[union-attr]
+    response = events[-1].response  # type: ignore[union-attr]
+    [call] = response.output
+    assert (call.type, call.name, call.status) == ("function_call", "add", "completed")
+    assert call.call_id.startswith("call_") and response.output_text == ""
+    assert [t.name for t in response.tools] == ["add"]  # type: ignore[union-attr]
+    assert _asked(front, response.id).json_schema == ADD["parameters"]
+
+    answered = await client.responses.create(
+        model=MODEL,
+        previous_response_id=response.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "four"}],
+        tools=[ADD],  # type: ignore[list-item]
+    )
+    assert answered.output_text == "four"
+    asked = _asked(front, answered.id).messages
+    assert asked[1].tool_calls is not None and asked[1].tool_calls[0].id == call.call_id
+    assert (asked[2].role, asked[2].tool_call_id, asked[2].name) == ("tool", call.call_id, "add")
+    assert _asked(front, answered.id).json_schema is None  # tool_choice auto: the template takes the tools
+
+
+async def test_calls_in_the_text_become_function_call_items(front: Front) -> None:
+    client = _openai(front)
+    calling = 'Adding. <tool_call> {"name": "add", "arguments": {"a": 2}} </tool_call>'
+    response = await client.responses.create(model=MODEL, input=calling, tools=[ADD])  # type: ignore[list-item]
+    assert [item.type for item in response.output] == ["message", "function_call"]
+    assert response.output_text == "Adding. "
+    assert json.loads(response.output[1].arguments) == {"a": 2}  # type: ignore[union-attr]
+    assert response.output[1].id != response.output[0].id
+    # Sent back as input items, the call joins the assistant turn before it.
+    items: Any = [
+        {"role": "user", "content": "add"},
+        *[item.model_dump(exclude_none=True) for item in response.output],
+        {"type": "function_call_output", "call_id": response.output[1].call_id, "output": "2"},  # type: ignore[union-attr]
+    ]
+    answered = await client.responses.create(model=MODEL, input=items, tools=[ADD])  # type: ignore[list-item]
+    asked = _asked(front, answered.id).messages
+    assert [m.role for m in asked] == ["user", "assistant", "tool"]
+    assert (
+        asked[1].content == "Adding. "
+        and asked[1].tool_calls
+        and asked[1].tool_calls[0].function.name == "add"
+    )
+
+
+async def test_text_format_json_schema_is_the_jobs_response_format(front: Front) -> None:
+    client = _openai(front)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    text: Any = {"format": {"type": "json_schema", "name": "number", "schema": schema, "strict": True}}
+    response = await client.responses.create(model=MODEL, input='{"n": 1}', text=text)
+    assert _asked(front, response.id).json_schema == schema
+    assert response.text.format.type == "json_schema"  # type: ignore[union-attr]
+    plain = await client.responses.create(model=MODEL, input="x", text={"format": {"type": "json_object"}})
+    assert _asked(front, plain.id).json_object is True
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"tools": [{"type": "web_search"}]}, "tools.0"),
+        ({"reasoning": {"effort": "high"}}, "reasoning.effort"),
+        ({"include": ["message.output_text.logprobs"]}, "include"),
+        ({"truncation": "auto"}, "truncation"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"text": {"verbosity": "low"}}, "text.verbosity"),
+        ({"frobnicate": 1}, "frobnicate"),
+        ({"background": True, "store": False}, "store"),
+        ({"temperature": 3}, "temperature"),
+        ({"tool_choice": {"type": "web_search"}}, "tool_choice"),
+        ({"tools": [ADD], "tool_choice": {"type": "function", "name": "sub"}}, "tool_choice"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
+        ({"input": [{"type": "item_reference", "id": "x"}]}, "input"),
+        ({"input": [{"role": "assistant", "content": "me last"}]}, "input"),
+        ({"conversation": "conv_1"}, "conversation"),
+        ({"stream_options": {"include_obfuscation": True}}, "stream_options.include_obfuscation"),
+    ],
+)
+async def test_what_cannot_be_honoured_is_a_400_naming_the_field(
+    front: Front, body: dict[str, Any], param: str
+) -> None:
+    response = await front.http.post("/v1/responses", json={"model": MODEL, "input": "hi", **body})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"].startswith(param), response.json()
+    assert not front.jobs.jobs  # nothing was created
+
+
+async def test_limits_and_query_refusals_name_the_responses_field(limited: Front) -> None:
+    over = await limited.http.post("/v1/responses", json={"input": "hi", "max_output_tokens": 100})
+    assert (over.status_code, over.json()["error"]["param"]) == (400, "max_output_tokens")
+    done = (await limited.http.post("/v1/responses", json={"input": "hi"})).json()
+    for query, param in (
+        ({"starting_after": 2}, "starting_after"),
+        ({"include": "file_search_call.results"}, "include"),
+        ({"stream": "true", "starting_after": -1}, "starting_after"),
+    ):
+        refused = await limited.http.get(f"/v1/responses/{done['id']}", params=query)
+        assert (refused.status_code, refused.json()["error"]["param"]) == (400, param)
+
+
+async def test_another_keys_response_is_not_found(keyed: Front) -> None:
+    http = keyed.http
+    a, b = {"Authorization": f"Bearer {KEY_A}"}, {"Authorization": f"Bearer {KEY_B}"}
+    created = await http.post("/v1/responses", json={"input": "mine", "background": True}, headers=a)
+    rid = created.json()["id"]
+    assert (await http.get(f"/v1/responses/{rid}", headers=a)).status_code == 200
+    for method, path in (
+        ("GET", f"/v1/responses/{rid}"),
+        ("GET", f"/v1/responses/{rid}/input_items"),
+        ("POST", f"/v1/responses/{rid}/cancel"),
+        ("DELETE", f"/v1/responses/{rid}"),
+    ):
+        response = await http.request(method, path, headers=b)
+        assert (response.status_code, response.json()["error"]["code"]) == (404, "response_not_found")
+    chained = await http.post("/v1/responses", json={"input": "x", "previous_response_id": rid}, headers=b)
+    assert (chained.status_code, chained.json()["error"]["param"]) == (404, "previous_response_id")
+    assert (await http.get(f"/v1/responses/{rid}", headers=a)).json()["status"] == "completed"

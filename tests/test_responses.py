@@ -1,0 +1,373 @@
+"""OpenAI's Responses API through the official ``openai`` SDK against the real stack (two fronts,
+two workers, a private Redis): background responses polled to their end, streams cut and resumed
+on the other front, cancels, a worker killed mid-response, ``previous_response_id`` chains,
+function calls and structured output, another key's response, and refusals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from shared import keys
+from shared.schemas import STRUCTURED_OUTPUT, TOOLS, ChatMessage, GenerationRequest
+from streamq.processes import wait_for
+from tests.conftest import LONG_TOKENS, STACK_CAPACITY, Stack
+from tests.secure_stack import KEYS, MODEL, SecureStack
+from tests.sse import follow, text_of
+from tests.test_e2e_jobs import greedy_answer
+from tests.test_recovery import running_on, start_workers
+
+pytestmark = pytest.mark.e2e
+
+STOP_TOKENS = 200
+ENDED = ("completed", "incomplete", "failed", "cancelled")
+
+
+def _client(url: str, key: str = "x") -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[openai.OpenAI]:
+    with _client(stack.url) as c:
+        yield c
+
+
+@pytest.fixture
+def client2(stack: Stack) -> Iterator[openai.OpenAI]:
+    """A client of the stack's other front."""
+    with _client(stack.url2) as c:
+        yield c
+
+
+def model_of(stack: Stack) -> str:
+    return stack.model_dir.name
+
+
+def job_of(response_id: str) -> str:
+    return response_id.removeprefix("resp_")
+
+
+def greedy(messages: list[ChatMessage], max_tokens: int) -> GenerationRequest:
+    return GenerationRequest(messages=messages, max_tokens=max_tokens, temperature=0.0, top_p=1.0)
+
+
+def answer_to(backend: Any, messages: list[ChatMessage], max_tokens: int) -> str:
+    return "".join(step.delta for step in backend.generate(greedy(messages, max_tokens)))
+
+
+def asked(stack: Stack, response_id: str) -> GenerationRequest:
+    """The request the response's job was given, as its worker reads it."""
+    stored = stack.redis.client(decode_responses=True).hget(keys.job(job_of(response_id)), "request")
+    assert isinstance(stored, str)
+    return GenerationRequest.model_validate_json(stored)
+
+
+def polled(client: openai.OpenAI, response_id: str, timeout: float = 120) -> Any:
+    deadline = time.monotonic() + timeout
+    while (response := client.responses.retrieve(response_id)).status not in ENDED:
+        assert time.monotonic() < deadline, response
+        time.sleep(0.05)
+    return response
+
+
+def engines_offer(stack: Stack, *features: str) -> bool:
+    """Whether every live worker of the stack's model announces ``features`` (the transformers
+    engine's guided decoding and tools are on their way; until then the front refuses them)."""
+    r = stack.redis.client(decode_responses=True)
+    workers = [r.hgetall(keys.worker(name)) for name in r.zrange(keys.WORKERS, 0, -1)]
+    mine = [w for w in workers if w.get("model") == model_of(stack)]
+    return bool(mine) and all(set(features) <= set(w.get("features", "").split(",")) for w in mine)
+
+
+@pytest.fixture(scope="session")
+def stopping_prompt(tiny_backend: Any) -> tuple[str, str]:
+    """A prompt whose greedy answer ends (end of sequence) within STOP_TOKENS tokens, and that
+    answer: found here rather than assumed."""
+    for prompt in (f"say something {i}" for i in range(80)):
+        steps = list(tiny_backend.generate(greedy([ChatMessage(role="user", content=prompt)], STOP_TOKENS)))
+        if steps[-1].finish_reason == "stop":
+            return prompt, "".join(step.delta for step in steps)
+    pytest.fail("the tiny model ran every candidate prompt to its length")
+
+
+def test_a_background_response_is_polled_to_completed(
+    client: openai.OpenAI, client2: openai.OpenAI, stack: Stack, stopping_prompt: tuple[str, str]
+) -> None:
+    prompt, answer = stopping_prompt
+    created = client.responses.create(
+        model=model_of(stack), input=prompt, background=True, temperature=0, max_output_tokens=STOP_TOKENS
+    )
+    assert created.status == "queued" and created.background is True
+    done = polled(client2, created.id)
+    assert (done.status, done.output_text) == ("completed", answer)
+    events = follow(httpx.Client(timeout=30), stack.url, job_of(created.id))
+    assert done.output_text == text_of(events)  # the job's own text, delta by delta
+    assert (
+        done.usage is not None and done.usage.output_tokens == events[-1].data["usage"]["completion_tokens"]
+    )
+    assert done.usage.input_tokens == events[-1].data["usage"]["prompt_tokens"] > 0
+
+    cut = client.responses.create(model=model_of(stack), input=prompt, temperature=0, max_output_tokens=3)
+    assert cut.status == "incomplete" and cut.incomplete_details is not None
+    assert cut.incomplete_details.reason == "max_output_tokens" and cut.usage and cut.usage.output_tokens == 3
+
+
+def test_a_stream_cut_halfway_resumes_on_the_other_front(
+    client: openai.OpenAI, client2: openai.OpenAI, stack: Stack, tiny_backend: Any, long_prompts: list[str]
+) -> None:
+    prompt, tokens = long_prompts[0], 300
+    first: list[Any] = []
+    with client.responses.create(
+        model=model_of(stack),
+        input=prompt,
+        background=True,
+        stream=True,
+        temperature=0,
+        max_output_tokens=tokens,
+    ) as stream:
+        for event in stream:
+            first.append(event)
+            if sum(e.type == "response.output_text.delta" for e in first) == 3:
+                break  # the connection goes: a background response runs on
+    response_id = first[0].response.id
+    rest = list(
+        client2.responses.retrieve(response_id, stream=True, starting_after=first[-1].sequence_number)
+    )
+    events = first + rest
+    assert [e.sequence_number for e in events] == list(range(len(events)))  # no gap, no repeat
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == greedy_answer(tiny_backend, prompt, tokens)
+    assert events[-1].type == "response.incomplete" and events[-1].response.output_text == text
+
+    # The SDK's stream helper resumes the same way (it replays and skips on its side).
+    with client2.responses.stream(response_id=response_id, starting_after=10) as resumed:
+        numbers = [event.sequence_number for event in resumed]
+    assert numbers == list(range(11, len(events)))
+
+
+def test_a_foreground_stream_whose_client_goes_is_cancelled(
+    client: openai.OpenAI, stack: Stack, long_prompts: list[str]
+) -> None:
+    with client.responses.create(
+        model=model_of(stack), input=long_prompts[1], stream=True, max_output_tokens=LONG_TOKENS
+    ) as stream:
+        response_id = next(iter(stream)).response.id  # type: ignore[union-attr]
+        for event in stream:
+            if event.type == "response.output_text.delta":
+                break  # the client goes: a foreground response is cancelled
+    gone = polled(client, response_id, timeout=30)
+    assert gone.status == "cancelled" and gone.usage is None
+
+
+def test_cancel_a_queued_and_a_running_response_frees_its_slot(
+    client: openai.OpenAI, client2: openai.OpenAI, stack: Stack, long_prompts: list[str]
+) -> None:
+    model = model_of(stack)
+    busy = [
+        client.responses.create(
+            model=model,
+            input=long_prompts[i % 3],
+            background=True,
+            temperature=0,
+            max_output_tokens=LONG_TOKENS,
+        )
+        for i in range(STACK_CAPACITY)
+    ]
+    try:
+        wait_for(
+            lambda: all(client.responses.retrieve(r.id).status == "in_progress" for r in busy),
+            60,
+            "every slot to be busy",
+        )
+        queued = client.responses.create(
+            model=model, input="never runs", background=True, max_output_tokens=4
+        )
+        assert client.responses.retrieve(queued.id).status == "queued"
+        cancelled = client2.responses.cancel(queued.id)
+        assert (cancelled.status, cancelled.output) == ("cancelled", [])
+        kinds = [e.type for e in client.responses.retrieve(queued.id, stream=True)]
+        assert kinds == ["response.created", "response.queued", "response.cancelled"]
+
+        stopped = client2.responses.cancel(busy[0].id)
+        assert stopped.status == "cancelled" and stopped.output[0].status == "incomplete"
+        job = httpx.get(f"{stack.url}/v1/jobs/{job_of(busy[0].id)}", timeout=10).json()
+        assert job["status"] == "canceled" and job["usage"]["completion_tokens"] < LONG_TOKENS
+        # Its slot is free: a new response runs while the other slots are still busy.
+        after = client.responses.create(model=model, input="now", background=True, max_output_tokens=4)
+        assert polled(client, after.id, timeout=60).status in ("completed", "incomplete")
+        assert all(client.responses.retrieve(r.id).status == "in_progress" for r in busy[1:])
+    finally:
+        for response in busy:
+            if client.responses.retrieve(response.id).status in ("queued", "in_progress"):
+                client.responses.cancel(response.id)
+
+
+def test_a_killed_workers_response_completes_with_the_clean_greedy_text(
+    client: openai.OpenAI, client2: openai.OpenAI, stack: Stack, tiny_backend: Any, long_prompts: list[str]
+) -> None:
+    model = "resp-kill"
+    workers = start_workers(stack, model, "--slots", "2")
+    prompt = long_prompts[2]
+    created = client.responses.create(
+        model=model, input=prompt, background=True, temperature=0, max_output_tokens=LONG_TOKENS
+    )
+    events: list[Any] = []
+    reader = threading.Thread(
+        target=lambda: events.extend(client2.responses.retrieve(created.id, stream=True))
+    )
+    reader.start()
+    slot = running_on(stack, job_of(created.id), 100)
+    victim = next(w for w in workers if slot == w.name)
+    victim.proc.send_signal(signal.SIGKILL)
+    reader.join(timeout=180)
+    assert not reader.is_alive()
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert [e.type for e in events].count("response.in_progress") == 1
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == greedy_answer(tiny_backend, prompt, LONG_TOKENS)  # no gap, no repeat
+    final = events[-1].response
+    assert (events[-1].type, final.output_text) == ("response.incomplete", text)
+    assert final.usage.output_tokens == LONG_TOKENS
+    assert client.responses.retrieve(created.id).output_text == text
+
+
+def test_a_three_turn_chain_and_store_false(
+    client: openai.OpenAI, client2: openai.OpenAI, stack: Stack, tiny_backend: Any
+) -> None:
+    model, n = model_of(stack), 6
+    questions = ["first question", "second question", "third question"]
+    turns: list[Any] = []
+    for i, question in enumerate(questions):  # from front to front
+        chained = {"previous_response_id": turns[-1].id} if turns else {"instructions": "answer briefly"}
+        on = (client, client2)[i % 2]
+        turns.append(
+            on.responses.create(model=model, input=question, temperature=0, max_output_tokens=n, **chained)
+        )
+    first, second, third = turns
+    conversation: list[ChatMessage] = []
+    for question, turn in zip(questions, turns, strict=True):
+        conversation += [ChatMessage(role="user", content=question)]
+        conversation += [ChatMessage(role="assistant", content=turn.output_text)] if turn is not third else []
+    assert asked(stack, third.id).messages == conversation  # the instructions were the first turn's
+    assert asked(stack, first.id).messages[0] == ChatMessage(role="system", content="answer briefly")
+    assert third.output_text == answer_to(tiny_backend, conversation, n)
+    assert third.previous_response_id == second.id
+    assert [i.content[0].text for i in client.responses.input_items.list(third.id).data] == ["third question"]  # type: ignore[union-attr]
+
+    unstored = client.responses.create(model=model, input="forget it", store=False, max_output_tokens=2)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model=model, input="go on", previous_response_id=unstored.id)
+    assert refused.value.body["param"] == "previous_response_id"  # type: ignore[index]
+
+
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+    "strict": True,
+}
+
+
+def test_a_function_call_answered_with_its_output(client: openai.OpenAI, stack: Stack) -> None:
+    model = model_of(stack)
+    ask: dict[str, Any] = {
+        "model": model,
+        "input": "What is the weather in Paris?",
+        "tools": [WEATHER],
+        "tool_choice": {"type": "function", "name": "get_weather"},  # a random model calls too
+        "temperature": 0,
+        "max_output_tokens": 64,
+    }
+    if not engines_offer(stack, TOOLS, STRUCTURED_OUTPUT):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(**ask)
+        assert refused.value.body["param"] in ("tool_choice", "tools")  # type: ignore[index]
+        return
+    called = client.responses.create(**ask)
+    [call] = [item for item in called.output if item.type == "function_call"]
+    assert call.name == "get_weather" and json.loads(call.arguments)["city"] in ("Paris", "Rome")
+    answered = client.responses.create(
+        model=model,
+        previous_response_id=called.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}],
+        tools=[WEATHER],  # type: ignore[list-item]
+        max_output_tokens=8,
+    )
+    assert answered.status in ("completed", "incomplete")
+    turns = asked(stack, answered.id).messages
+    assert [m.role for m in turns] == ["user", "assistant", "tool"]
+    assert turns[1].tool_calls is not None and turns[1].tool_calls[0].id == call.call_id
+    assert (turns[2].tool_call_id, turns[2].content, turns[2].name) == (
+        call.call_id,
+        "sunny, 21 C",
+        "get_weather",
+    )
+
+
+def test_text_format_json_schema_gives_json_that_follows_it(client: openai.OpenAI, stack: Stack) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
+    text: Any = {"format": {"type": "json_schema", "name": "verdict", "schema": schema, "strict": True}}
+    ask: dict[str, Any] = {"model": model_of(stack), "input": "Is it ok?", "text": text, "temperature": 0}
+    if not engines_offer(stack, STRUCTURED_OUTPUT):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(**ask)
+        assert refused.value.body["param"] == "text.format"  # type: ignore[index]
+        assert "'text.format'" in refused.value.body["message"]  # type: ignore[index]
+        return
+    response = client.responses.create(**ask, max_output_tokens=32)
+    assert isinstance(json.loads(response.output_text)["ok"], bool)
+
+
+def test_another_keys_response_is_not_found(secure: SecureStack) -> None:
+    with _client(secure.a, KEYS["alice"]) as alice, _client(secure.b, KEYS["bob"]) as bob:
+        mine = alice.responses.create(model=MODEL, input="mine", background=True, max_output_tokens=5)
+        for call in (
+            lambda: bob.responses.retrieve(mine.id),
+            lambda: list(bob.responses.retrieve(mine.id, stream=True)),
+            lambda: bob.responses.cancel(mine.id),
+            lambda: bob.responses.delete(mine.id),
+            lambda: bob.responses.input_items.list(mine.id),
+            lambda: bob.responses.create(model=MODEL, input="x", previous_response_id=mine.id),
+        ):
+            with pytest.raises(openai.NotFoundError):
+                call()
+        with _client(secure.b, KEYS["alice"]) as alice_b:  # the owner, on the other front
+            assert polled(alice_b, mine.id).status in ("completed", "incomplete")
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tools": [{"type": "web_search"}]}, "tools.0"),
+        ({"reasoning": {"effort": "high"}}, "reasoning.effort"),
+        ({"include": ["message.output_text.logprobs"]}, "include"),
+        ({"truncation": "auto"}, "truncation"),
+        ({"extra_body": {"frobnicate": 1}}, "frobnicate"),
+    ],
+)
+def test_an_unsupported_field_is_a_400_naming_it(
+    client: openai.OpenAI, stack: Stack, fields: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model=model_of(stack), input="hi", **fields)
+    assert refused.value.body["param"] == param  # type: ignore[index]
