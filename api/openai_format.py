@@ -12,6 +12,7 @@ token_logprobs, top_logprobs, text_offset), and with ``echo`` begin with the pro
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -44,14 +45,35 @@ def openai_usage(usage: dict[str, Any] | None) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _entry_text(entry: Entry) -> str:
+def _entry_bytes(entry: Entry) -> bytes:
     raw = entry.get("bytes")
-    return bytes(raw).decode("utf-8", errors="replace") if raw is not None else str(entry.get("token", ""))
+    return bytes(raw) if raw is not None else str(entry.get("token", "")).encode()
 
 
-def text_logprobs(entries: list[Entry], offset: int) -> dict[str, Any]:
-    """Legacy completions' logprobs for ``entries``, the first at character ``offset`` of the
-    text: the chosen token is among each place's top_logprobs, as vLLM and OpenAI give them."""
+def entries_text(entries: list[Entry]) -> str:
+    """The text the entries' tokens spell: their bytes joined, then decoded (a character may
+    span two tokens)."""
+    return b"".join(_entry_bytes(e) for e in entries).decode("utf-8", errors="replace")
+
+
+class TextOffsets:
+    """Where each token's text begins in the answer: the characters its predecessors' bytes
+    make (a token that ends inside a character counts up to that character)."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")("ignore")
+        self._chars = 0
+
+    def next(self, entry: Entry) -> int:
+        at = self._chars
+        self._chars += len(self._decoder.decode(_entry_bytes(entry)))
+        return at
+
+
+def text_logprobs(entries: list[Entry], offsets_from: TextOffsets | None = None) -> dict[str, Any]:
+    """Legacy completions' logprobs for ``entries`` (after those ``offsets_from`` has seen, in a
+    stream): the chosen token is among each place's top_logprobs, as vLLM and OpenAI give them."""
+    where = offsets_from or TextOffsets()
     tokens: list[str] = []
     logprobs: list[float | None] = []
     tops: list[dict[str, float] | None] = []
@@ -65,8 +87,7 @@ def text_logprobs(entries: list[Entry], offset: int) -> dict[str, Any]:
             top = {alt["token"]: alt["logprob"] for alt in entry.get("top_logprobs", [])}
             top.setdefault(entry["token"], entry["logprob"])
             tops.append(top)
-        offsets.append(offset)
-        offset += len(_entry_text(entry))
+        offsets.append(where.next(entry))
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 
@@ -99,7 +120,7 @@ class CompletionFormat:
         if self.echo is None:
             return "", []
         entries = prompt_entries or []
-        return (self.echo or "".join(_entry_text(e) for e in entries)), entries
+        return (self.echo or entries_text(entries)), entries
 
     def response(
         self,
@@ -122,7 +143,7 @@ class CompletionFormat:
             obj = "chat.completion"
         else:
             prefix, echoed = self._echo(prompt_entries)
-            logprobs = text_logprobs(echoed + (entries or []), 0) if self.logprobs else None
+            logprobs = text_logprobs(echoed + (entries or [])) if self.logprobs else None
             reason = openai_finish_reason(finish_reason)
             choice = {"index": 0, "text": prefix + text, "logprobs": logprobs, "finish_reason": reason}
             obj = "text_completion"
@@ -155,7 +176,7 @@ class CompletionStream:
     def __init__(self, fmt: CompletionFormat) -> None:
         self.fmt = fmt
         self._reader = ToolCallReader(fmt.tools, fmt.job_id)
-        self._offset = 0  # text completions: characters sent so far (text_offset)
+        self._offsets = TextOffsets()  # text completions: each token's text_offset
         self._echoed = fmt.echo is None
 
     def first(self) -> list[dict[str, Any]]:
@@ -181,8 +202,7 @@ class CompletionStream:
             text, entries = prefix + text, echoed + entries
         if not text and not (self.fmt.logprobs and entries):
             return []
-        logprobs = text_logprobs(entries, self._offset) if self.fmt.logprobs else None
-        self._offset += len(text)
+        logprobs = text_logprobs(entries, self._offsets) if self.fmt.logprobs else None
         return [self.fmt.chunk(text, logprobs=logprobs)]
 
     def end(self, finish_reason: str, usage: dict[str, Any] | None) -> list[dict[str, Any]]:

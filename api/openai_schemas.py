@@ -7,7 +7,7 @@ is not one of streamq's extensions) is refused as unknown (``extra="forbid"``, s
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -15,6 +15,7 @@ from api.errors import ApiError
 from api.tool_calls import ToolChoice, ToolPlan, plan_tools
 from shared.schemas import (
     MAX_LOGPROBS,
+    MAX_PROMPT_LOGPROBS,
     ChatMessage,
     JobRequest,
     SamplingFields,
@@ -140,6 +141,12 @@ class OpenAIFields(SamplingFields):
             value, (None, False), "stored completions are not offered (use background jobs: /v1/jobs)"
         )
 
+    @model_validator(mode="after")
+    def _options_of_a_stream(self) -> OpenAIFields:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("'stream_options' goes with 'stream': true")
+        return self
+
     @property
     def include_usage(self) -> bool:
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
@@ -220,15 +227,10 @@ class ChatCompletionRequest(OpenAIFields):
             fields["max_tokens"] = self.max_completion_tokens
         if self.logprobs:
             fields["logprobs"] = self.top_logprobs or 0
-        plan = self.tool_plan()
-        if plan.tools:
-            fields["tools"] = [t.model_dump(exclude_none=True) for t in plan.tools]
-        if plan.json_schema is not None:
-            fields["response_format"] = {"type": "json_schema", "json_schema": {"schema": plan.json_schema}}
-        return self._job_request(**fields)
+        return self._job_request(**fields, **self.tool_plan().job_fields(self.stop))
 
 
-PromptIds = list[int]
+PromptIds = list[Annotated[int, Field(ge=0, strict=True)]]
 
 
 class CompletionRequest(OpenAIFields):
@@ -257,6 +259,14 @@ class CompletionRequest(OpenAIFields):
         if not value:
             raise ValueError("the prompt must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _echoed_logprobs(self) -> CompletionRequest:
+        if self.echo and self.logprobs is not None and self.logprobs > MAX_PROMPT_LOGPROBS:
+            raise ValueError(
+                f"with echo, logprobs is at most {MAX_PROMPT_LOGPROBS} (every prompt token gets them)"
+            )
+        return self
 
     @field_validator("best_of")
     @classmethod

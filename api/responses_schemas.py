@@ -301,10 +301,7 @@ class ResponsesRequest(BaseModel):
                 fields[name] = value
         if (response_format := self.response_format()) is not None:
             fields["response_format"] = response_format.model_dump(by_alias=True, exclude_none=True)
-        if plan.tools:
-            fields["tools"] = [t.model_dump(exclude_none=True) for t in plan.tools]
-        if plan.json_schema is not None:
-            fields["response_format"] = {"type": "json_schema", "json_schema": {"schema": plan.json_schema}}
+        fields |= plan.job_fields(None)
         try:
             return JobRequest.model_validate(fields)
         except ValidationError as exc:

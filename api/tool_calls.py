@@ -55,6 +55,18 @@ class ToolPlan:
     tools: list[ToolDefinition] = field(default_factory=list)
     json_schema: dict[str, Any] | None = None
     function: str | None = None  # named: the function called
+    stop: tuple[str, ...] = ()  # auto with parallel_tool_calls false: the answer ends after one call
+
+    def job_fields(self, stop: str | list[str] | None) -> dict[str, Any]:
+        """What the plan adds to the job request (whose own ``stop`` is given)."""
+        fields: dict[str, Any] = {}
+        if self.tools:
+            fields["tools"] = [t.model_dump(exclude_none=True) for t in self.tools]
+        if self.json_schema is not None:
+            fields["response_format"] = {"type": "json_schema", "json_schema": {"schema": self.json_schema}}
+        if self.stop:
+            fields["stop"] = ([stop] if isinstance(stop, str) else list(stop or [])) + list(self.stop)
+        return fields
 
 
 def _parameters(tool: ToolDefinition) -> dict[str, Any]:
@@ -74,14 +86,16 @@ def plan_tools(
         return ToolPlan()
     if choice == "none":
         return ToolPlan()
-    if choice is None or choice == "auto":
-        return ToolPlan("auto", list(tools))
     if response_format is not None and response_format.type != "text":
-        raise ApiError(
+        raise ApiError(  # the JSON grammar would rule out every call
             400,
-            "a forced tool call (tool_choice 'required' or a named function) cannot follow response_format",
+            "tools cannot be combined with a JSON response_format (unless tool_choice is 'none')",
             param="response_format",
         )
+    if choice is None or choice == "auto":
+        # One call at most: the answer stops at the end of the first (read as a call when the
+        # JSON before it is whole).
+        return ToolPlan("auto", list(tools), stop=(CLOSE,) if parallel is False else ())
     if choice == "required":
         calls = [
             {
@@ -211,8 +225,10 @@ class ToolCallReader:
             return self._content(text)
         deltas = []
         for call in calls if isinstance(calls, list) else []:
-            arguments = call.get("arguments", {}) if isinstance(call, dict) else {}
-            deltas.append(self._next_call(str(call.get("name")), json.dumps(arguments, ensure_ascii=False)))
+            if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+                return self._content(text)  # not a list of calls after all (no grammar held it)
+            arguments = call.get("arguments", {})
+            deltas.append(self._next_call(call["name"], json.dumps(arguments, ensure_ascii=False)))
         return deltas or self._content(text)
 
 

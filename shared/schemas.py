@@ -126,6 +126,7 @@ ENGINE_FEATURES = frozenset(
     {PENALTIES, LOGIT_BIAS, STRUCTURED_OUTPUT, LOGPROBS, PROMPT_LOGPROBS, RAW_PROMPT, TOOLS}
 )
 MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's top_logprobs limit)
+MAX_PROMPT_LOGPROBS = 5  # per prompt token (OpenAI's completions limit): every prompt token has them
 
 
 class JsonSchemaFormat(BaseModel):
@@ -235,7 +236,7 @@ class JobRequest(SamplingFields):
     prompt_logprobs: int | None = Field(
         None,
         ge=0,
-        le=MAX_LOGPROBS,
+        le=MAX_PROMPT_LOGPROBS,
         strict=True,
         description="the same for the prompt's tokens (the first has none)",
     )

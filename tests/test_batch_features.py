@@ -408,3 +408,30 @@ def test_neutral_values_keep_a_job_on_the_plain_path(batched: BatchedCausalLM) -
     j = job(neutral)
     batched.add(j)
     assert batched._held[j].rules is None and batched._held[j].logprobs is None
+
+
+def test_a_jobs_grammar_is_compiled_in_its_slot_thread_not_the_engines(tiny_backend: Any) -> None:
+    """A schema can take seconds to compile (a long maxLength on a large vocabulary): the slot
+    thread compiles it (``prepare``) before the job joins, so running jobs never wait on it."""
+    import threading
+
+    model = BatchedCausalLM(tiny_backend, slots=2, max_len=256)
+    grammars = model._grammars
+    compiled_in: list[str] = []
+    compile_json_schema = grammars._grammar_compiler().compile_json_schema
+
+    class Spy:
+        def compile_json_schema(self, *args: Any, **kwargs: Any) -> Any:
+            compiled_in.append(threading.current_thread().name)
+            return compile_json_schema(*args, **kwargs)
+
+    grammars._compiler = Spy()
+    schema = {"type": "object", "properties": {"slot": {"enum": ["a", "b"]}}, "required": ["slot"]}
+    r = request("prepare me", json_schema=schema, max_tokens=20)
+    slot = threading.Thread(target=model.prepare, args=(r,), name="slot-7")
+    slot.start()
+    slot.join()
+    j = job(r)
+    seen = drive(model, [j], {})  # the engine's side, in this (main) thread
+    assert compiled_in == ["slot-7"]
+    assert json.loads(seen.text(j))["slot"] in ("a", "b")

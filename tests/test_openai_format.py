@@ -21,7 +21,6 @@ def test_chat_request_becomes_a_job_request() -> None:
             "max_completion_tokens": 7,
             "stop": "x",
             "n": 1,
-            "stream_options": {"include_usage": True},
             "user": "u1",
             "store": False,
         }
@@ -45,10 +44,14 @@ def test_chat_request_becomes_a_job_request() -> None:
         ({"web_search_options": {}}, "web_search_options"),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"top_logprobs": 2}, None),  # without logprobs
+        ({"stream_options": {"include_usage": True}}, None),  # without stream
         ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
         ({"min_p": 0.1}, "min_p"),  # not OpenAI's, not streamq's: unknown
         ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
-        ({"stream_options": {"include_obfuscation": True}}, "stream_options.include_obfuscation"),
+        (
+            {"stream": True, "stream_options": {"include_obfuscation": True}},
+            "stream_options.include_obfuscation",
+        ),
     ],
 )
 def test_chat_fields_streamq_cannot_honour_are_refused_by_name(
@@ -108,3 +111,19 @@ def test_finish_reasons_are_openai_ones() -> None:
         "completion_tokens": 3,
         "total_tokens": 5,
     }
+
+
+def test_text_offsets_count_characters_a_token_may_split() -> None:
+    from api.openai_format import entries_text, text_logprobs
+
+    raw = "Hi 🙂 ok 我们".encode()
+    entries = [
+        {"token": raw[i : i + 2].decode("utf-8", "replace"), "logprob": -1.0, "bytes": list(raw[i : i + 2])}
+        for i in range(0, len(raw), 2)
+    ]
+    assert entries_text(entries) == "Hi 🙂 ok 我们"
+    offsets = text_logprobs(entries)["text_offset"]
+    assert offsets == [0, 2, 3, 3, 5, 7, 8, 9, 9]  # "🙂" (4 bytes) and "我" (3) span two tokens each
+    assert CompletionRequest.model_validate({"prompt": "a", "echo": True, "logprobs": 5}).job_request()
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate({"prompt": "a", "echo": True, "logprobs": 6})

@@ -119,3 +119,21 @@ def test_tool_choices_that_cannot_be_served_name_their_field(
 def test_tool_choice_none_gives_the_job_no_tools() -> None:
     assert plan_tools([WEATHER], "none", None, None) == ToolPlan()
     assert plan_tools([WEATHER], None, None, None).mode == "auto"
+
+
+def test_one_call_at_most_in_auto_mode_ends_the_answer_after_the_first() -> None:
+    plan = plan_tools([WEATHER], "auto", False, None)
+    assert plan.job_fields("\n\n")["stop"] == ["\n\n", "</tool_call>"]
+    # The answer as the stop sequence leaves it: the first call, unclosed.
+    content, calls = read_whole(
+        plan, "j", 'Ok.<tool_call>\n{"name": "get_weather", "arguments": {"city": "A"}}\n'
+    )
+    assert content == "Ok." and len(calls) == 1
+    with pytest.raises(ApiError) as refused:  # a JSON grammar would rule out every call
+        plan_tools([WEATHER], "auto", None, ResponseFormat(type="json_object"))
+    assert refused.value.param == "response_format"
+
+
+def test_a_required_answer_that_is_not_a_list_of_calls_stays_text() -> None:
+    required = plan_tools([WEATHER], "required", None, None)
+    assert read_whole(required, "j", "[1, 2]") == ("[1, 2]", [])

@@ -15,6 +15,7 @@ tokens with one batched argmax (and each sampling job its own draw), as if no jo
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 from shared.limits import InvalidJobRequest
-from shared.schemas import ENGINE_FEATURES, TOOLS, TokenLogprob
+from shared.schemas import ENGINE_FEATURES, TOOLS, GenerationRequest, TokenLogprob
 from worker.answer_tokens import AnswerTokens
 from worker.batch_logprobs import answer_entries, prompt_entries
 from worker.causal_lm import CausalLMChat
@@ -84,6 +85,12 @@ class BatchedCausalLM:
         self._held: dict[EngineJob, _Sequence] = {}
 
     # The engine's interface.
+
+    def prepare(self, request: GenerationRequest) -> None:
+        """Compile the job's grammar in the calling (slot) thread; a schema xgrammar refuses is
+        refused again, naming it, when the job joins."""
+        with contextlib.suppress(InvalidJobRequest):
+            self._grammars.compiled(request)
 
     def add(self, job: EngineJob) -> None:
         request = job.request

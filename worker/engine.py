@@ -81,6 +81,11 @@ class BatchModel(Protocol):
     engine: str  # its name, as workers announce it: transformers, vllm, synthetic
     features: frozenset[str]  # the ENGINE_FEATURES it offers (shared.schemas)
 
+    def prepare(self, request: GenerationRequest) -> None:
+        """Slow set-up of a job that may run outside the engine thread (a slot thread calls it
+        before ``submit``): e.g. compiling its grammar, which would stall every running job."""
+        ...
+
     def add(self, job: EngineJob) -> None:
         """Take a job (InvalidJobRequest when it cannot be served, e.g. it does not fit)."""
         ...

@@ -17,6 +17,7 @@ Once the JSON is complete the grammar allows only end of sequence, so the answer
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -79,6 +80,11 @@ class Grammars:
         self._compiler: Any = None
         self.allowed: torch.Tensor | None = None  # bitmask words: what a grammar may ever allow
         self._compiled: OrderedDict[str, Any] = OrderedDict()
+        # Slot threads compile a job's grammar before it joins the engine (``prepare``), so a
+        # slow schema (seconds for a long maxLength on a large vocabulary) never stalls the
+        # engine thread; that thread only finds it in the cache.
+        self._cache_lock = threading.Lock()
+        self._compile_lock = threading.Lock()
 
     def _grammar_compiler(self) -> Any:
         if self._compiler is None:
@@ -101,22 +107,33 @@ class Grammars:
             key = ANY_OBJECT
         else:
             return None
-        found = self._compiled.get(key)
+        found = self._cached(key)
         if found is not None:
-            self._compiled.move_to_end(key)
             return found
-        try:
-            grammar = self._grammar_compiler().compile_json_schema(key, any_whitespace=False)
-        except (RuntimeError, ValueError, TypeError) as exc:
-            raise InvalidJobRequest(
-                f"response_format: this JSON schema cannot be used for constrained decoding "
-                f"({_first_line(exc)})",
-                param="response_format",
-            ) from exc
-        self._compiled[key] = grammar
-        while len(self._compiled) > GRAMMAR_CACHE:
-            self._compiled.popitem(last=False)
+        with self._compile_lock:
+            found = self._cached(key)  # compiled by another thread meanwhile
+            if found is not None:
+                return found
+            try:
+                grammar = self._grammar_compiler().compile_json_schema(key, any_whitespace=False)
+            except (RuntimeError, ValueError, TypeError) as exc:
+                raise InvalidJobRequest(
+                    f"response_format: this JSON schema cannot be used for constrained decoding "
+                    f"({_first_line(exc)})",
+                    param="response_format",
+                ) from exc
+        with self._cache_lock:
+            self._compiled[key] = grammar
+            while len(self._compiled) > GRAMMAR_CACHE:
+                self._compiled.popitem(last=False)
         return grammar
+
+    def _cached(self, key: str) -> Any | None:
+        with self._cache_lock:
+            found = self._compiled.get(key)
+            if found is not None:
+                self._compiled.move_to_end(key)
+            return found
 
     def matcher(self, request: GenerationRequest, replay: list[int]) -> Any | None:
         """A new matcher for the request's grammar, past the tokens of ``replay`` (an earlier

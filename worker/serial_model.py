@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from shared.limits import InvalidJobRequest
+from shared.schemas import GenerationRequest
 from worker.backend import ChatBackend, GenerationStep
 from worker.engine import EngineJob, JobOutput, ended
 
@@ -22,6 +23,9 @@ class SerialModel:
         self.backend = backend
         self.slots = slots
         self._steps: dict[EngineJob, Iterator[GenerationStep]] = {}
+
+    def prepare(self, request: GenerationRequest) -> None:
+        """Nothing to set up outside the engine thread."""
 
     def add(self, job: EngineJob) -> None:
         if job.resume_ids:

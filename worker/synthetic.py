@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from shared.schemas import RAW_PROMPT, PromptInput
+from shared.schemas import RAW_PROMPT, GenerationRequest, PromptInput
 from worker.engine import EngineJob, JobOutput
 
 TEXT_PER_TOKEN = 4
@@ -65,6 +65,9 @@ class SyntheticModel:
         self._interval = 1.0 / backend.tokens_per_second
         self._backend = backend
         self._jobs: dict[EngineJob, _Paced] = {}
+
+    def prepare(self, request: GenerationRequest) -> None:
+        """Nothing to set up outside the engine thread."""
 
     def add(self, job: EngineJob) -> None:
         job.prompt_tokens = self._backend.prompt_tokens(job.request)

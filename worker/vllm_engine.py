@@ -197,6 +197,9 @@ class VLLMModel:
         self._by_id: dict[str, _Request] = {}
         self._ids = itertools.count()
 
+    def prepare(self, request: GenerationRequest) -> None:
+        """Nothing to set up outside the engine thread."""
+
     def add(self, job: EngineJob) -> None:
         from vllm import TokensPrompt
 

@@ -70,8 +70,8 @@ async def create_response(
         view = await jobs.submit(job_request, caller)
     except ApiError as exc:  # name the field as the client sent it
         raise named_as_sent(exc, body.tool_plan().json_schema is not None) from None
-    record = new_record(body, view, history)
     try:
+        record = new_record(body, view, history)
         await save_record(jobs, record, caller.name)
     except BaseException:  # a response without its record is none: its job goes
         jobs.spawn(_cancel_quietly(jobs, view.id, caller.name))
