@@ -76,6 +76,9 @@ def _same(stored: str | bytes | None, owner: str) -> bool:
     return hmac.compare_digest(stored if isinstance(stored, bytes) else stored.encode(), owner.encode())
 
 
+RUN_MARGIN = 60  # seconds past a run's timeout before its job is surely ended or handed on
+
+
 @dataclass
 class RedisJobClient:
     settings: Settings
@@ -150,16 +153,21 @@ class RedisJobClient:
         s = self.settings
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(keys.response(job_id), mapping={"owner": owner, "record": record})
-        pipe.expire(keys.response(job_id), s.queue_ttl + s.job_timeout + s.result_ttl)
+        # As long as its job can live: its wait, every run a lost worker's job may get, its result.
+        runs = s.max_attempts * (s.job_timeout + RUN_MARGIN)
+        pipe.expire(keys.response(job_id), s.queue_ttl + runs + s.result_ttl)
         await pipe.execute()
 
     async def load_response(self, job_id: str, owner: str) -> str | None:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(keys.response(job_id))
-        pipe.exists(keys.job(job_id))
-        fields, job_exists = await pipe.execute()
-        if not fields or not job_exists or not _same(fields.get("owner"), owner):
+        pipe.pttl(keys.job(job_id))
+        pipe.pttl(keys.response(job_id))
+        fields, job_ms, record_ms = await pipe.execute()
+        if not fields or job_ms == -2 or not _same(fields.get("owner"), owner):
             return None
+        if job_ms > record_ms > 0:  # the job outlives its record (a long continued run): keep pace
+            await self.redis.pexpire(keys.response(job_id), job_ms)
         return str(fields["record"])
 
     async def delete_response(self, job_id: str, owner: str) -> bool:
