@@ -24,6 +24,12 @@ log = logging.getLogger("streamq.api")
 JOB_HEADER = "X-Streamq-Job-Id"  # lets a client poll, cancel or re-attach to the job
 
 
+def detach_requested(background: bool | None, header: str | None) -> bool:
+    """Whether the job runs on when its client goes: ``"background": true`` in the body, or the
+    header ``X-Streamq-Detach: 1``."""
+    return bool(background) or (header or "").strip().lower() in ("1", "true", "yes")
+
+
 @dataclass
 class WholeAnswer:
     """A job's whole output: its text, its ``done`` event, and the logprob entries its deltas

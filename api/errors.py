@@ -9,7 +9,7 @@ import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -105,6 +105,13 @@ def error_envelope(
 
 def error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.envelope(), status_code=exc.status, headers=exc.headers)
+
+
+def first_error(exc: ValidationError) -> tuple[str | None, str]:
+    """The field (dotted) and the message of a pydantic error's first complaint."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or None
+    return where, str(first["msg"]).removeprefix("Value error, ")
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:

@@ -9,13 +9,20 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from api.errors import ApiError
+from api.errors import ApiError, first_error
 from api.tool_calls import ToolChoice, ToolPlan, plan_tools
+from shared.logprobs import MAX_LOGPROBS, MAX_PROMPT_LOGPROBS
 from shared.schemas import (
-    MAX_LOGPROBS,
-    MAX_PROMPT_LOGPROBS,
     ChatMessage,
     JobRequest,
     SamplingFields,
@@ -27,10 +34,17 @@ from shared.schemas import (
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
-def _refuse_unless(value: Any, allowed: tuple[Any, ...], message: str) -> Any:
+def refuse_unless(value: Any, allowed: tuple[Any, ...], message: str) -> Any:
     if value not in allowed:
         raise ValueError(message)
     return value
+
+
+def _one_tier(value: str | None) -> str | None:
+    return refuse_unless(value, (None, "auto", "default"), f"service tier {value!r} is not offered")
+
+
+ServiceTier = Annotated[str | None, AfterValidator(_one_tier)]  # 'auto' or 'default': one tier here
 
 
 class OpenAIMessage(BaseModel):
@@ -65,7 +79,7 @@ class OpenAIMessage(BaseModel):
     @field_validator("audio", "function_call")
     @classmethod
     def _unsupported(cls, value: Any) -> Any:
-        return _refuse_unless(value, (None,), "not supported by this server (use content and tool_calls)")
+        return refuse_unless(value, (None,), "not supported by this server (use content and tool_calls)")
 
     @model_validator(mode="after")
     def _has_content(self) -> OpenAIMessage:
@@ -89,16 +103,21 @@ class OpenAIMessage(BaseModel):
         return message.model_dump(exclude_none=True)
 
 
-class StreamOptions(BaseModel):
+class StreamObfuscation(BaseModel):
+    """``stream_options`` as the Responses API has them (and the chat route, with usage)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    include_usage: bool = False
     include_obfuscation: bool | None = Field(None, description="streamq pads nothing: only false")
 
     @field_validator("include_obfuscation")
     @classmethod
     def _no_obfuscation(cls, value: bool | None) -> bool | None:
-        return _refuse_unless(value, (None, False), "stream obfuscation is not offered by this server")
+        return refuse_unless(value, (None, False), "stream obfuscation is not offered by this server")
+
+
+class StreamOptions(StreamObfuscation):
+    include_usage: bool = False
 
 
 class OpenAIFields(SamplingFields):
@@ -113,7 +132,7 @@ class OpenAIFields(SamplingFields):
     user: str | None = Field(None, description="the end user's id (logged with the job id)")
     safety_identifier: str | None = Field(None, description="the end user's id (logged with the job id)")
     metadata: dict[str, str] | None = Field(None, description="logged with the job id")
-    service_tier: str | None = Field(None, description="'auto' or 'default': one tier here")
+    service_tier: ServiceTier = Field(None, description="'auto' or 'default': one tier here")
     store: bool | None = Field(None, description="stored completions are not offered: only false")
     prompt_cache_key: str | None = Field(
         None, description="accepted: prompt caching needs no key here (vLLM caches prefixes itself)"
@@ -125,19 +144,14 @@ class OpenAIFields(SamplingFields):
     @field_validator("n")
     @classmethod
     def _one_choice(cls, value: int | None) -> int | None:
-        return _refuse_unless(
+        return refuse_unless(
             value, (None, 1), f"only n=1 is supported (one choice per request; send n requests), got {value}"
         )
-
-    @field_validator("service_tier")
-    @classmethod
-    def _one_tier(cls, value: str | None) -> str | None:
-        return _refuse_unless(value, (None, "auto", "default"), f"service tier {value!r} is not offered")
 
     @field_validator("store")
     @classmethod
     def _not_stored(cls, value: bool | None) -> bool | None:
-        return _refuse_unless(
+        return refuse_unless(
             value, (None, False), "stored completions are not offered (use background jobs: /v1/jobs)"
         )
 
@@ -160,9 +174,8 @@ class OpenAIFields(SamplingFields):
         try:
             return JobRequest.model_validate(sampling | fields)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or None
-            raise ApiError(400, str(first["msg"]).removeprefix("Value error, "), param=where) from None
+            where, message = first_error(exc)
+            raise ApiError(400, message, param=where) from None
 
 
 class ChatCompletionRequest(OpenAIFields):
@@ -203,7 +216,7 @@ class ChatCompletionRequest(OpenAIFields):
     )
     @classmethod
     def _unsupported(cls, value: Any) -> Any:
-        return _refuse_unless(value, (None,), "not supported by this server")
+        return refuse_unless(value, (None,), "not supported by this server")
 
     @field_validator("messages")
     @classmethod
@@ -271,12 +284,12 @@ class CompletionRequest(OpenAIFields):
     @field_validator("best_of")
     @classmethod
     def _one_of_one(cls, value: int | None) -> int | None:
-        return _refuse_unless(value, (None, 1), f"only best_of=1 is supported, got {value}")
+        return refuse_unless(value, (None, 1), f"only best_of=1 is supported, got {value}")
 
     @field_validator("suffix")
     @classmethod
     def _no_suffix(cls, value: str | None) -> str | None:
-        return _refuse_unless(value, (None, ""), "suffix (insertion) is not supported by this server")
+        return refuse_unless(value, (None, ""), "suffix (insertion) is not supported by this server")
 
     def prompt_value(self) -> str | list[int]:
         return self.prompt  # type: ignore[return-value]  # one prompt, after _one_prompt

@@ -24,8 +24,8 @@ from pydantic import (
     model_validator,
 )
 
-from api.errors import ApiError
-from api.openai_schemas import _refuse_unless
+from api.errors import ApiError, first_error
+from api.openai_schemas import ServiceTier, StreamObfuscation, refuse_unless
 from api.responses_items import InputItem, MessageItem, chat_messages, item_type
 from api.tool_calls import NamedFunction, NamedToolChoice, ToolChoice, ToolPlan, plan_tools
 from shared.schemas import (
@@ -106,7 +106,7 @@ class TextConfig(BaseModel):
     @field_validator("verbosity")
     @classmethod
     def _default_verbosity(cls, value: str | None) -> str | None:
-        return _refuse_unless(value, (None, "medium"), "a model served here has no verbosity setting")
+        return refuse_unless(value, (None, "medium"), "a model served here has no verbosity setting")
 
 
 class ReasoningSettings(BaseModel):
@@ -119,25 +119,14 @@ class ReasoningSettings(BaseModel):
     @field_validator("effort")
     @classmethod
     def _no_effort(cls, value: str | None) -> str | None:
-        return _refuse_unless(
+        return refuse_unless(
             value, (None, "none"), "reasoning effort is not offered by the models served here"
         )
 
     @field_validator("summary", "generate_summary")
     @classmethod
     def _no_summary(cls, value: str | None) -> str | None:
-        return _refuse_unless(value, (None,), "reasoning summaries are not offered by the models served here")
-
-
-class StreamOptions(BaseModel):
-    model_config = _FORBID
-
-    include_obfuscation: bool | None = Field(None, description="streamq pads nothing: only false")
-
-    @field_validator("include_obfuscation")
-    @classmethod
-    def _no_obfuscation(cls, value: bool | None) -> bool | None:
-        return _refuse_unless(value, (None, False), "stream obfuscation is not offered by this server")
+        return refuse_unless(value, (None,), "reasoning summaries are not offered by the models served here")
 
 
 # Job-request fields as the Responses API names them (a refusal names what the client sent).
@@ -177,7 +166,7 @@ class ResponsesRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2, strict=True, description="0 means greedy")
     top_p: float | None = Field(None, gt=0, le=1, strict=True)
     stream: bool | None = False
-    stream_options: StreamOptions | None = None
+    stream_options: StreamObfuscation | None = None
     background: bool | None = Field(False, description="run on when the client goes; poll or stream it later")
     store: bool | None = Field(None, description="false: the response cannot be continued or listed")
     previous_response_id: str | None = Field(None, description="continue that response's conversation")
@@ -189,7 +178,7 @@ class ResponsesRequest(BaseModel):
     user: str | None = Field(None, description="the end user's id (logged with the job id)")
     safety_identifier: str | None = Field(None, description="the end user's id (logged with the job id)")
     prompt_cache_key: str | None = Field(None, description="accepted: no key is needed for prompt caching")
-    service_tier: str | None = Field(None, description="'auto' or 'default': one tier here")
+    service_tier: ServiceTier = Field(None, description="'auto' or 'default': one tier here")
     include: list[str] | None = Field(None, description="nothing more can be included: only empty")
     truncation: Literal["auto", "disabled"] | None = Field(None, description="only disabled")
     reasoning: ReasoningSettings | None = None
@@ -218,32 +207,27 @@ class ResponsesRequest(BaseModel):
             raise ValueError("at most 16 pairs, keys of at most 64 characters and values of at most 512")
         return value
 
-    @field_validator("service_tier")
-    @classmethod
-    def _one_tier(cls, value: str | None) -> str | None:
-        return _refuse_unless(value, (None, "auto", "default"), f"service tier {value!r} is not offered")
-
     @field_validator("include")
     @classmethod
     def _nothing_included(cls, value: list[str] | None) -> list[str] | None:
-        return _refuse_unless(
+        return refuse_unless(
             value or None, (None,), f"cannot include {value}: no such output is offered here"
         )
 
     @field_validator("truncation")
     @classmethod
     def _no_truncation(cls, value: str | None) -> str | None:
-        return _refuse_unless(value, (None, "disabled"), "truncation is not offered: a long input is a 400")
+        return refuse_unless(value, (None, "disabled"), "truncation is not offered: a long input is a 400")
 
     @field_validator("top_logprobs")
     @classmethod
     def _no_logprobs(cls, value: int | None) -> int | None:
-        return _refuse_unless(value, (None, 0), "log probabilities are not offered on /v1/responses")
+        return refuse_unless(value, (None, 0), "log probabilities are not offered on /v1/responses")
 
     @field_validator("max_tool_calls", "prompt", "conversation", "prompt_cache_retention")
     @classmethod
     def _unsupported(cls, value: Any) -> Any:
-        return _refuse_unless(value, (None,), "not supported by this server")
+        return refuse_unless(value, (None,), "not supported by this server")
 
     @field_validator("store")
     @classmethod
@@ -305,9 +289,7 @@ class ResponsesRequest(BaseModel):
         try:
             return JobRequest.model_validate(fields)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or None
-            message = str(first["msg"]).removeprefix("Value error, ")
+            where, message = first_error(exc)
             # A check of the whole request (the last turn's role) is about the conversation: the input.
             param = responses_param(where or "messages", plan.json_schema is not None)
             raise ApiError(400, message, param=param) from None

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.job_store.vocabulary import FINAL_EVENTS, EventName, FinishReason, JobStatus
+from shared.logprobs import MAX_LOGPROBS, MAX_PROMPT_LOGPROBS
 
 
 def _encodable(value: str) -> str:
@@ -97,22 +98,6 @@ class ToolDefinition(BaseModel):
     function: FunctionDefinition
 
 
-class TopLogprob(BaseModel):
-    """A token and its log probability, in OpenAI's chat form (``bytes``: its UTF-8 bytes)."""
-
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
-class TokenLogprob(TopLogprob):
-    """A token of the text with its log probability and the most likely tokens at its place.
-    A prompt's first token has no log probability (None), and no alternatives."""
-
-    logprob: float | None  # type: ignore[assignment]
-    top_logprobs: list[TopLogprob] = Field(default_factory=list)
-
-
 # What some engines can do and others cannot: a request that needs one goes only to workers
 # whose engine offers it (the front refuses it with a 400 naming the field otherwise).
 PENALTIES = "penalties"
@@ -125,8 +110,6 @@ TOOLS = "tools"  # the chat template takes tool definitions, and calls come back
 ENGINE_FEATURES = frozenset(
     {PENALTIES, LOGIT_BIAS, STRUCTURED_OUTPUT, LOGPROBS, PROMPT_LOGPROBS, RAW_PROMPT, TOOLS}
 )
-MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's top_logprobs limit)
-MAX_PROMPT_LOGPROBS = 5  # per prompt token (OpenAI's completions limit): every prompt token has them
 
 
 class JsonSchemaFormat(BaseModel):

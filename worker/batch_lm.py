@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from shared.limits import InvalidJobRequest
-from shared.schemas import ENGINE_FEATURES, TOOLS, GenerationRequest, TokenLogprob
+from shared.logprobs import TokenLogprob
+from shared.schemas import ENGINE_FEATURES, TOOLS, GenerationRequest
 from worker.answer_tokens import AnswerTokens
 from worker.batch_logprobs import answer_entries, prompt_entries
 from worker.causal_lm import CausalLMChat

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from shared.schemas import TokenLogprob
+from shared.logprobs import TokenLogprob
 from worker.token_logprobs import TokenTexts
 
 POSITIONS_AT_ONCE = 64  # prompt positions turned into log probabilities together (× vocabulary)

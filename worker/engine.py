@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from shared.limits import InvalidJobRequest
-from shared.schemas import GenerationRequest, TokenLogprob
+from shared.logprobs import TokenLogprob
+from shared.schemas import GenerationRequest
 
 log = logging.getLogger("streamq.worker")
 

@@ -27,7 +27,8 @@ from shared.job_store import scripts
 from shared.job_store.payloads import Done
 from shared.job_store.scripts import Answer, DeltaAnswer, Ending, JobScripts, ended_canceled, ended_failed
 from shared.job_store.vocabulary import EventName, FinishReason, JobField, JobStatus
-from shared.schemas import Timings, TokenLogprob, Usage
+from shared.logprobs import TokenLogprob
+from shared.schemas import Timings, Usage
 from shared.settings import Settings
 from worker.background import BackgroundThread
 from worker.engine import HANDBACK, EngineJob, JobOutput

@@ -14,7 +14,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from shared.schemas import TokenLogprob, TopLogprob
+from shared.logprobs import TokenLogprob, TopLogprob
 
 FLOOR = -9999.0  # stands for -inf (a token the model gives no chance), which JSON cannot carry
 

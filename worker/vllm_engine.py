@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.limits import InvalidJobRequest
-from shared.schemas import ENGINE_FEATURES, MAX_LOGPROBS, TOOLS, GenerationRequest, TokenLogprob
+from shared.logprobs import MAX_LOGPROBS, TokenLogprob
+from shared.schemas import ENGINE_FEATURES, TOOLS, GenerationRequest
 from shared.settings import Settings
 from worker.answer_tokens import AnswerTokens
 from worker.chat_prompt import ChatPrompt, eos_ids_of

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.auth import Caller, CallerDep
-from api.client_job import JOB_HEADER, ClientJob
+from api.client_job import JOB_HEADER, ClientJob, detach_requested
 from api.errors import ApiError, error_responses, job_failure_error
 from api.job_client import JobClient, get_jobs
 from api.openai_format import (
@@ -102,10 +102,6 @@ async def get_model(model: str, jobs: JobsDep) -> dict[str, Any]:
     return model_object(model, since[model])
 
 
-def _wants_detach(body: OpenAIFields, header: str | None) -> bool:
-    return body.background or (header or "").strip().lower() in ("1", "true", "yes")
-
-
 async def _complete(
     jobs: JobClient,
     request: Request,
@@ -117,7 +113,9 @@ async def _complete(
     extras: dict[str, Any],
 ) -> Response:
     try:
-        job = await ClientJob.submit(jobs, job_request, request, caller, detached=_wants_detach(body, detach))
+        job = await ClientJob.submit(
+            jobs, job_request, request, caller, detached=detach_requested(body.background, detach)
+        )
     except ApiError as exc:  # name the field as the client sent it
         sent = (CHAT_PARAMS if kind == "chat" else COMPLETION_PARAMS).get(exc.param or "")
         if sent and sent != exc.param:

@@ -23,7 +23,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.auth import CallerDep
-from api.client_job import JOB_HEADER, ClientJob
+from api.client_job import JOB_HEADER, ClientJob, detach_requested
 from api.errors import ApiError, error_responses
 from api.job_client import ClientGone, Events, JobClient, StreamInterrupted
 from api.responses_format import PING, ResponseEvents, item_list, response_of, sse_event
@@ -46,10 +46,6 @@ _JSON_OR_SSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/json": {}, "text/event-stream": {}}}
 }
 NoInclude = Annotated[list[str] | None, Query(description="nothing more can be included: only empty")]
-
-
-def _detached(body: ResponsesRequest, header: str | None) -> bool:
-    return bool(body.background) or (header or "").strip().lower() in ("1", "true", "yes")
 
 
 @router.post("", response_model=None, responses=_JSON_OR_SSE | error_responses(400, 404, 413, 422, 429))
@@ -83,7 +79,7 @@ async def create_response(
     if body.background and not body.stream:
         return JSONResponse(response_of(record, view), headers=headers)
     events = jobs.follow(view, "0-0", request)
-    job = ClientJob(jobs, view, events, _detached(body, detach), caller.name)
+    job = ClientJob(jobs, view, events, detach_requested(body.background, detach), caller.name)
     if body.stream:
         stream = _followed(job, events, record)
         return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS | headers)

@@ -13,7 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from shared.schemas import DoneEvent, JobError, TokenLogprob
+from shared.logprobs import TokenLogprob
+from shared.schemas import DoneEvent, JobError
 
 # Characters some line readers take for line breaks (str.splitlines, httpx's iter_lines, old JS
 # engines); SSE does not, but a client that does would cut the event. JSON may escape them.

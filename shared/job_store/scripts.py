@@ -29,7 +29,7 @@ from typing import Any
 from shared import keys
 from shared.job_store.payloads import Canceled, Delta, Failed, Payload, Started
 from shared.job_store.vocabulary import EventName, FinishReason, JobField, JobStatus
-from shared.schemas import TokenLogprob
+from shared.logprobs import TokenLogprob
 
 
 class Answer(StrEnum):

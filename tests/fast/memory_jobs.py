@@ -28,7 +28,8 @@ from api.request_limits import generation_request
 from api.stream_hub import parse_entry_id
 from shared.job_store.payloads import Canceled, Delta, Done, Queued, Started
 from shared.job_store.vocabulary import FINAL_STATUSES, EventName, FinishReason, JobStatus
-from shared.schemas import GenerationRequest, JobRequest, JobView, Timings, TokenLogprob, TopLogprob, Usage
+from shared.logprobs import TokenLogprob, TopLogprob
+from shared.schemas import GenerationRequest, JobRequest, JobView, Timings, Usage
 from shared.settings import Settings
 
 
