@@ -83,6 +83,29 @@ class Stack:
         return "\n".join(f"===== {s.name}\n{s.log()[-4000:]}" for s in self.services)
 
 
+@pytest.fixture
+def retire_extra_workers(stack: Stack) -> Iterator[None]:
+    """Workers a test adds to the shared stack (other models, crash tests) are stopped after it,
+    and gone from the directory (a killed one's heartbeat ages out), so that the tests after it
+    see the stack's one served model again."""
+    import httpx
+
+    from streamq.processes import wait_for
+
+    before = len(stack.services)
+    yield
+    extra, stack.services[before:] = stack.services[before:], []
+    for service in extra:
+        service.stop()
+
+    def only_the_stacks_model() -> bool:
+        models = httpx.get(f"{stack.url}/v1/models", timeout=5).json()["data"]
+        return [m["id"] for m in models] == [stack.model_dir.name]
+
+    if extra:
+        wait_for(only_the_stacks_model, 60, "the test's extra workers to leave the directory")
+
+
 @pytest.fixture(scope="session")
 def stack(
     redis_server: RedisServer, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory

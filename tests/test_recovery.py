@@ -18,7 +18,7 @@ from tests.conftest import LONG_TOKENS, Stack
 from tests.sse import SSE, follow, text_of
 from tests.test_e2e_jobs import greedy_answer
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("retire_extra_workers")]
 
 
 def start_workers(stack: Stack, model: str, *extra: str, env: dict[str, str] | None = None) -> list[Service]:

@@ -25,7 +25,7 @@ from tests.sse import follow, text_of
 from tests.test_e2e_jobs import greedy_answer
 from tests.test_recovery import running_on, start_workers
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("retire_extra_workers")]
 
 STOP_TOKENS = 200
 ENDED = ("completed", "incomplete", "failed", "cancelled")
