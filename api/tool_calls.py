@@ -219,17 +219,33 @@ class ToolCallReader:
         return self._content(rest)
 
     def _required(self, text: str) -> list[dict[str, Any]]:
-        try:
-            calls = json.loads(text)
-        except ValueError:  # cut short (max_tokens): the text, as it is
-            return self._content(text)
         deltas = []
-        for call in calls if isinstance(calls, list) else []:
+        for call in _whole_items(text):  # an answer cut short (max_tokens) keeps its whole calls
             if not isinstance(call, dict) or not isinstance(call.get("name"), str):
                 return self._content(text)  # not a list of calls after all (no grammar held it)
             arguments = call.get("arguments", {})
             deltas.append(self._next_call(call["name"], json.dumps(arguments, ensure_ascii=False)))
         return deltas or self._content(text)
+
+
+def _whole_items(text: str) -> list[Any]:
+    """The items of a JSON list that are whole, even when the list itself was cut short."""
+    decoder = json.JSONDecoder()
+    start = text.lstrip()
+    if not start.startswith("["):
+        return []
+    items: list[Any] = []
+    at = 1
+    while True:
+        while at < len(start) and start[at] in " \t\r\n,":
+            at += 1
+        if at >= len(start) or start[at] == "]":
+            return items
+        try:
+            item, at = decoder.raw_decode(start, at)
+        except ValueError:
+            return items
+        items.append(item)
 
 
 def read_whole(plan: ToolPlan, job_id: str, text: str) -> tuple[str | None, list[dict[str, Any]]]:

@@ -95,6 +95,9 @@ def test_forced_calls_read_the_guided_json() -> None:
     calls = read_whole(required, "j", '[{"name": "get_weather", "arguments": {"city": "Rome"}}]')[1]
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Rome"}
     assert read_whole(required, "j", '[{"name": "get_we') == ('[{"name": "get_we', [])
+    # Cut short after a whole call (a small model that keeps adding calls): that call stands.
+    cut = '[{"name": "get_weather", "arguments": {"city": "Rome"}}, {"name": "get_w'
+    assert [c["function"]["name"] for c in read_whole(required, "j", cut)[1]] == ["get_weather"]
 
 
 @pytest.mark.parametrize(
