@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -11,6 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from api.auth import ApiKeys, RequireApiKey
 from api.body_limit import BodySizeLimit
+from api.cli import MULTIPROC_ENV
 from api.errors import install_error_handlers
 from api.job_client import JobClient
 from api.metrics import FrontMetrics
@@ -36,7 +38,8 @@ def create_app(
     routes in the app's lifespan (Redis and RQ; the fast tests give an in-memory one)."""
     settings = settings or load_settings()
     api_keys = api_keys if api_keys is not None else ApiKeys.from_settings(settings)
-    front_metrics = FrontMetrics()  # this app's own registry, served on /metrics
+    # This app's own registry, served on /metrics; shared by the processes of `--workers N`.
+    front_metrics = FrontMetrics(multiprocess_dir=os.environ.get(MULTIPROC_ENV) or None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from shared.cli_options import INSECURE_HELP, with_options
@@ -20,6 +25,12 @@ def add_commands(sub: Any) -> None:
     api.add_argument("--port", type=int, default=8000)
     api.add_argument("--log-level", default="info")
     api.add_argument("--insecure", action="store_true", default=None, help=INSECURE_HELP)
+    api.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="front processes sharing the port (STREAMQ_API_WORKERS; default 1): about one per core",
+    )
 
 
 def front_keys(settings: Settings, host: str) -> ApiKeys | None:
@@ -46,24 +57,53 @@ def front_may_start(settings: Settings, host: str) -> bool:
     return front_keys(settings, host) is not None
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own: where processes share metrics
+
+
+@contextlib.contextmanager
+def front_processes(settings: Settings) -> Iterator[str]:
+    """What ``uvicorn --workers N`` needs: the app factory's import path, with the environment
+    its processes read (each builds its app from the environment, as ``create_app()`` does).
+    The options given on the command line go into it, and a directory where prometheus_client
+    keeps each process's counters so that any process's ``/metrics`` shows them all; it is
+    removed when the front stops."""
+    if settings.insecure:
+        os.environ["STREAMQ_INSECURE"] = "1"
+    os.environ["STREAMQ_API_WORKERS"] = str(settings.api_workers)
+    made = None
+    if not os.environ.get(MULTIPROC_ENV):
+        made = tempfile.mkdtemp(prefix="streamq-front-metrics-")
+        os.environ[MULTIPROC_ENV] = made
+    try:
+        yield "api.app:create_app"
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from api.app import create_app
     from shared.log_format import logging_config
 
-    settings = with_options(load_settings(), insecure=args.insecure)
+    settings = with_options(load_settings(), insecure=args.insecure, api_workers=args.workers)
     keys = front_keys(settings, args.host)
     if keys is None:
         return 2
-    uvicorn.run(
-        create_app(settings, keys),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        log_config=logging_config(settings.log_format, args.log_level),
-        # Open SSE streams would hold a stopping front for as long as their jobs run: cut
-        # them after this grace; their clients re-attach elsewhere with Last-Event-ID.
-        timeout_graceful_shutdown=settings.shutdown_grace,
-    )
+    # Open SSE streams would hold a stopping front for as long as their jobs run: cut them
+    # after this grace; their clients re-attach elsewhere with Last-Event-ID.
+    common: dict[str, Any] = {
+        "host": args.host,
+        "port": args.port,
+        "log_level": args.log_level,
+        "log_config": logging_config(settings.log_format, args.log_level),
+        "timeout_graceful_shutdown": settings.shutdown_grace,
+    }
+    if settings.api_workers == 1:
+        from api.app import create_app
+
+        uvicorn.run(create_app(settings, keys), **common)
+        return 0
+    with front_processes(settings) as factory:
+        uvicorn.run(factory, factory=True, workers=settings.api_workers, **common)
     return 0

@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from shared import queue_stats
@@ -76,10 +77,17 @@ class DeploymentCollector(Collector):
 
 
 class FrontMetrics:
-    """This front's own counters, and the deployment collector, on one registry."""
+    """This front's own counters, and the deployment collector, on one registry.
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    A front of several processes (``streamq api --workers N``) gives ``multiprocess_dir``, where
+    prometheus_client keeps every process's counters (its ``PROMETHEUS_MULTIPROC_DIR``): each
+    scrape, whichever process answers it, then sums them all."""
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, multiprocess_dir: str | None = None
+    ) -> None:
         self.registry = registry or CollectorRegistry()
+        self._multiprocess_dir = multiprocess_dir
         self._deployment: DeploymentCollector | None = None
         self._scrape_lock: asyncio.Lock | None = None  # made in the event loop, at the first scrape
         self._connection: redis.Redis | None = None
@@ -111,7 +119,13 @@ class FrontMetrics:
             self._deployment = None
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        if self._multiprocess_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self._multiprocess_dir)
+        if self._deployment is not None:
+            registry.register(self._deployment)
+        return generate_latest(registry)
 
     def model_load(self, model: str) -> dict[str, int | str]:
         """What an autoscaler needs of one model: jobs waiting, jobs running on its live workers

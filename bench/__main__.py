@@ -1,6 +1,8 @@
 """Run the benchmarks: ``python -m bench [--only core|throughput|fanout|recovery|security] [--quick]``.
 
 core: submit → first delta and the front's Redis connections (bench/core.py);
+submits: submits/s and POST latency of one front as concurrency rises, 1 and 2 processes (bench/submits.py);
+commands: Redis commands per job, per token, and per idle second (bench/redis_commands.py);
 throughput: streamq against transformers, in-process and over HTTP (bench/throughput.py);
 fanout: 1,000 SSE clients on one front, and dispatch latency when idle (bench/fanout.py);
 recovery: cancel latency with 16 running jobs, and crash detection (bench/recovery.py);
@@ -23,7 +25,7 @@ from types import FrameType
 
 from bench.core import run_core
 
-PARTS = ("core", "throughput", "fanout", "recovery", "security", "vllm")
+PARTS = ("core", "submits", "commands", "throughput", "fanout", "recovery", "security", "vllm")
 DEFAULT_PARTS = PARTS[:-1]
 SHAPES = ("tiny", "qwen2.5-0.5b")
 
@@ -55,6 +57,14 @@ def main() -> int:
     try:
         if "core" in parts:
             run_core(jobs=args.jobs or (10 if quick else 50), streams=args.streams or (50 if quick else 200))
+        if "submits" in parts:
+            from bench.submits import run_submits
+
+            run_submits(workdir, seconds=2.0 if quick else 5.0)
+        if "commands" in parts:
+            from bench.redis_commands import run_commands
+
+            run_commands(workdir, jobs=50 if quick else 200)
         if "throughput" in parts:
             from bench.throughput import run_throughput
 

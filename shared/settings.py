@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     # holds one per line. With no keys the front runs open, and only on a loopback address.
     api_keys: SecretStr = Field(SecretStr(""), description="front: API keys, comma-separated")
     api_keys_file: Path | None = Field(None, description="front: a file of API keys, one per line")
+    api_workers: int = Field(
+        1, ge=1, le=64, description="front: processes sharing the port (`streamq api --workers`)"
+    )
     insecure: bool = Field(False, description="front: allow running without keys on a non-loopback address")
     key_max_concurrent: int = Field(
         16, ge=0, description="front: jobs one key may have queued or running at once (0: no limit)"

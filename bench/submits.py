@@ -1,0 +1,118 @@
+"""Submits: how many jobs one front takes per second, and how long each POST takes, as concurrency
+rises. A private Redis, one synthetic worker draining the jobs (one token each), and a front of
+1 process, then of ``--workers 2``; the load comes from a separate process (bench.submit_client)
+over keep-alive connections.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+from bench import ROOT
+from bench.measure import ms, pct
+from streamq.processes import Service, free_port, start_synthetic_worker, wait_for, wait_workers
+from streamq.redis_server import RedisServer
+
+CONCURRENCY = (1, 16, 64, 256)
+TARGET_RATE = 1000  # submits/s at c=64, one front process
+TARGET_P99 = 0.050
+
+
+def _front(env: dict[str, str], workdir: Path, processes: int) -> tuple[Service, int]:
+    import httpx
+
+    port = free_port()
+    args = ["api", "--port", str(port), "--log-level", "warning", "--workers", str(processes)]
+    front = Service(args, env, f"submits-front-{processes}", workdir)
+
+    def up() -> bool:
+        if not front.alive():
+            return True
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up, 60, "the front to listen")
+    assert front.alive(), front.log()
+    return front, port
+
+
+def _load(port: int, concurrency: int, seconds: float, workdir: Path) -> dict[str, object]:
+    out = workdir / f"submits-{port}-{concurrency}.json"
+    command = [sys.executable, "-m", "bench.submit_client", "--port", str(port)]
+    command += ["--concurrency", str(concurrency), "--seconds", str(seconds), "--out", str(out)]
+    subprocess.run(command, cwd=ROOT, check=True, timeout=seconds + 120)
+    result: dict[str, object] = json.loads(out.read_text())
+    return result
+
+
+def measure(
+    workdir: Path, processes: int, concurrency: tuple[int, ...], seconds: float
+) -> list[dict[str, object]]:
+    server = RedisServer()
+    # No queue limit: the queue grows while the worker drains it slower than the front fills it.
+    env = {"STREAMQ_REDIS_URL": server.url, "STREAMQ_MAX_QUEUED": "0", "STREAMQ_LOG_LEVEL": "WARNING"}
+    services: list[Service] = []
+    rows = []
+    try:
+        services.append(start_synthetic_worker(env, workdir, "synthetic", "submits-worker", 1000, slots=4))
+        front, port = _front(env, workdir, processes)
+        services.append(front)
+        wait_workers(f"http://127.0.0.1:{port}", 1, timeout=60)
+        _load(port, 4, 1.0, workdir)  # warm-up
+        for c in concurrency:
+            result = _load(port, c, seconds, workdir)
+            latencies = [float(x) for x in result["latencies"]]  # type: ignore[attr-defined]
+            rows.append(
+                {
+                    "processes": processes,
+                    "c": c,
+                    "rate": len(latencies) / float(result["seconds"]),  # type: ignore[arg-type]
+                    "p50": pct(latencies, 0.5),
+                    "p99": pct(latencies, 0.99),
+                    "errors": result["errors"],
+                    "first_error": result["first_error"],
+                }
+            )
+    finally:
+        for service in reversed(services):
+            service.stop()
+        server.close()
+    return rows
+
+
+def run_submits(workdir: Path, seconds: float = 5.0, concurrency: tuple[int, ...] = CONCURRENCY) -> None:
+    rows = measure(workdir, 1, concurrency, seconds) + measure(workdir, 2, concurrency, seconds)
+    print(
+        f"\nsubmits — {platform.platform()}, {os.cpu_count()} cores\n"
+        f"command: {' '.join(['python -m bench', *sys.argv[1:]])}\n"
+        f"POST /v1/jobs (1-token synthetic jobs, open access) over keep-alive connections, {seconds:.0f} s "
+        "per cell; one synthetic worker drains the queue; targets at c=64, one front process: "
+        f"≥ {TARGET_RATE}/s, p99 ≤ {TARGET_P99 * 1000:.0f} ms"
+    )
+    print(
+        f"{'front processes':>16}{'c':>6}{'submits/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}   verdict"
+    )
+    for r in rows:
+        verdict = ""
+        if r["processes"] == 1 and r["c"] == 64:
+            ok = float(r["rate"]) >= TARGET_RATE and float(r["p99"]) <= TARGET_P99  # type: ignore[arg-type]
+            verdict = "met" if ok else "MISSED"
+        print(
+            f"{r['processes']:>16}{r['c']:>6}{float(r['rate']):>11.0f}"  # type: ignore[arg-type]
+            f"{ms(float(r['p50'])):>9}{ms(float(r['p99'])):>9}{r['errors']:>8}   {verdict}"  # type: ignore[arg-type]
+        )
+    for processes in (1, 2):
+        rates = [float(r["rate"]) for r in rows if r["processes"] == processes]  # type: ignore[arg-type]
+        falls = any(b < 0.95 * a for a, b in itertools.pairwise(rates))
+        print(f"{processes} process(es): the rate {'FALLS' if falls else 'never falls'} as concurrency rises")
+    errors = [r["first_error"] for r in rows if r["first_error"]]
+    if errors:
+        print(f"first error: {errors[0]}")
