@@ -12,7 +12,7 @@ import time
 
 import redis.asyncio as aioredis
 
-from api.errors import too_many_requests
+from api.errors import ApiError, too_many_requests
 from shared import keys
 from shared.settings import Settings
 
@@ -55,26 +55,20 @@ class DrainRates:
 
 
 class Admission:
-    """Refuses (429) a job for a model whose queue is full (``STREAMQ_MAX_QUEUED``).
+    """The 429 for a job refused because its model's queue is full (``STREAMQ_MAX_QUEUED``).
 
-    The check and the enqueue are separate round trips: fronts submitting at the same moment
-    may overshoot the limit by a few jobs (at most one per concurrent submit)."""
+    The limit is checked by the script that creates the job, so fronts submitting at the same
+    moment never overshoot it."""
 
-    def __init__(self, connection: aioredis.Redis, settings: Settings, rates: DrainRates) -> None:
-        self._redis = connection
+    def __init__(self, settings: Settings, rates: DrainRates) -> None:
         self._limit = settings.max_queued
         self._rates = rates
 
-    async def check(self, model: str) -> None:
-        if self._limit <= 0:
-            return
-        queued = int(await self._redis.llen(keys.rq_queue(model)))
-        if queued < self._limit:
-            return
+    async def queue_full(self, model: str, queued: int) -> ApiError:
         # Jobs that must leave the queue before this one would fit under the limit.
         ahead = queued - self._limit + 1
         wait = retry_after(ahead, await self._rates.rate(model), self._rates.window)
-        raise too_many_requests(
+        return too_many_requests(
             f"the queue of model '{model}' is full ({queued} jobs waiting, at most {self._limit}); "
             f"retry in about {wait} s",
             "queue_full",

@@ -169,7 +169,7 @@ class RequireApiKey:
         await self.app(scope, receive, send)
 
 
-def require_caller(request: Request) -> Caller:
+async def require_caller(request: Request) -> Caller:
     """The route dependency: who is calling. RequireApiKey checked the key before routing and
     left the caller here; a route outside its protection still gets its own check."""
     caller = getattr(request.state, "caller", None)

@@ -122,7 +122,7 @@ class JobClient(Protocol):
     async def close(self) -> None: ...
 
 
-def get_jobs(request: Request) -> JobClient:
+async def get_jobs(request: Request) -> JobClient:
     """The app's job client (a FastAPI dependency)."""
     jobs: JobClient = request.app.state.jobs
     return jobs

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
@@ -29,7 +28,9 @@ from api.request_limits import generation_request
 from api.worker_directory import WorkerDirectory
 from shared import keys
 from shared.job_store import scripts
-from shared.job_store.records import create_job, view_from_hash
+from shared.job_store.payloads import Queued
+from shared.job_store.records import new_job_fields, view_from_hash
+from shared.job_store.rq_records import queued_rq_job
 from shared.job_store.scripts import Answer, JobScripts
 from shared.job_store.vocabulary import FINAL_STATUSES, JobField, JobStatus
 from shared.limits import InvalidJobRequest, answer_budget, may_not_fit
@@ -68,33 +69,28 @@ class JobService:
         self._counting = asyncio.Semaphore(2)  # one per count connection
         self.directory = directory
         self._scripts = JobScripts(connection)
+        self._rq_queues: dict[str, Queue] = {}  # RQ's queue per model: builds its records, no I/O
         self.positions = QueuePositions(connection, max_age=settings.position_poll_interval)
         self.drain_rates = DrainRates(connection, settings.drain_window)
-        self.admission = Admission(connection, settings, self.drain_rates)
+        self.admission = Admission(settings, self.drain_rates)
 
     # ----- creating -------------------------------------------------------------------------
     async def submit(self, request: JobRequest, caller: Caller) -> JobView:
-        """Check the caller's rate, validate, pick the model, check the caller's concurrency, and
-        create the job (owned by the caller) and its RQ job in one transaction."""
+        """Check the caller's rate, validate, pick the model, then create the job (owned by the
+        caller) in one script that also checks the model's queue limit and the caller's
+        concurrency, and writes RQ's job and queue entry."""
         await self.quotas.hit(caller.name)
         generation = generation_request(request, self._settings)
         model = await self.directory.resolve(request.model)
         needed = generation.engine_features()
         if needed and (refusal := await self.directory.missing_feature(model, needed)):
             raise refusal
-        await self.admission.check(model)
         context_length = await self.directory.context_length(model)
         if may_not_fit(generation, context_length):
             await self._check_prompt_length(model, generation)
         job_id = new_job_id()
         created_at = time.time()
-        await self.quotas.admit(caller.name, job_id)
-        try:
-            await anyio.to_thread.run_sync(self._enqueue, job_id, model, generation, created_at, caller.name)
-        except Exception:  # not created (a cancel leaves the enqueue running in its thread)
-            with contextlib.suppress(RedisError):
-                await self.quotas.release(caller.name, job_id)
-            raise
+        position = await self._create(job_id, model, generation, created_at, caller.name)
         log.info(
             "job %s: queued for %s%s",
             job_id,
@@ -106,10 +102,9 @@ class JobService:
             log.info("job %s: prompt %s", job_id, generation.prompt_input().model_dump(exclude_none=True))
         self.metrics.jobs_submitted.labels(model).inc()
         try:
-            position: int | None = await self.queued_position(job_id, model)
             wait = await self.estimated_wait(model, position)
-        except RedisError:  # the job exists and will run; its place is only a nicety here
-            position = wait = None
+        except RedisError:  # the job exists and will run; its wait is only a nicety here
+            wait = None
         return JobView(
             id=job_id,
             model=model,
@@ -118,6 +113,46 @@ class JobService:
             estimated_wait_seconds=wait,
             created_at=created_at,
         )
+
+    async def _create(
+        self, job_id: str, model: str, generation: GenerationRequest, created_at: float, owner: str
+    ) -> int:
+        """Create the job in one round trip; returns its place in the queue. 429 when the model's
+        queue is full or the caller's key has its most jobs queued or running."""
+        s = self._settings
+        queue = self._rq_queues.get(model)
+        if queue is None:
+            queue = self._rq_queues[model] = Queue(keys.queue_name(model), connection=self._rq)
+        call = scripts.submit(
+            job_id,
+            fields=new_job_fields(
+                job_id, model=model, owner=owner, created_at=created_at, request=generation
+            ),
+            rq_job=queued_rq_job(
+                queue,
+                job_id,
+                TASK,
+                timeout=s.job_timeout,
+                result_ttl=s.result_ttl,
+                description=f"streamq job {job_id} for {model}",
+            ),
+            queue_list=keys.rq_queue(model),
+            max_queued=s.max_queued,
+            life=s.queue_ttl + s.job_timeout + s.result_ttl,
+            maxlen=s.stream_maxlen,
+            queued_event=Queued(model=model),
+            quota=self.quotas.quota(owner),
+            now=created_at,
+        )
+        for pruned in (False, True):
+            outcome, value = await self._scripts.run(call)
+            if outcome == JobStatus.QUEUED:
+                return int(value)
+            if outcome == Answer.QUEUE_FULL:
+                raise await self.admission.queue_full(model, int(value))
+            if pruned or not await self.quotas.prune(owner):
+                break
+        raise self.quotas.over_concurrency()
 
     async def _check_prompt_length(self, model: str, generation: GenerationRequest) -> None:
         """Ask a worker of the model for the prompt's token count and refuse (400) a request that
@@ -151,38 +186,6 @@ class JobService:
             answer_budget(generation, int(count["prompt_tokens"]), count.get("context_length"))
         except InvalidJobRequest as exc:
             raise ApiError(400, str(exc), param=exc.param) from None
-
-    def _enqueue(
-        self, job_id: str, model: str, generation: GenerationRequest, created_at: float, owner: str
-    ) -> None:
-        s = self._settings
-        life = s.queue_ttl + s.job_timeout + s.result_ttl
-        queue = Queue(keys.queue_name(model), connection=self._rq)
-        with self._rq.pipeline(transaction=True) as pipe:
-            queue.enqueue_call(
-                TASK,
-                args=(job_id,),
-                job_id=job_id,
-                timeout=s.job_timeout,
-                # No RQ ttl: RQ would drop an expired job silently, leaving it "queued" for us;
-                # the worker that takes it fails it as expired instead (STREAMQ_QUEUE_TTL).
-                ttl=None,
-                result_ttl=s.result_ttl,
-                failure_ttl=s.result_ttl,
-                description=f"streamq job {job_id} for {model}",
-                pipeline=pipe,
-            )
-            create_job(
-                pipe,
-                job_id,
-                model=model,
-                owner=owner,
-                created_at=created_at,
-                request_json=generation.model_dump_json(),
-                life=life,
-                maxlen=s.stream_maxlen,
-            )
-            pipe.execute()
 
     # ----- reading --------------------------------------------------------------------------
     async def position(self, job_id: str, model: str) -> int | None:

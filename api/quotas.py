@@ -3,8 +3,8 @@
 - Requests: at most ``STREAMQ_KEY_RATE_LIMIT`` job requests per key (e.g. ``120/minute``), in a
   moving window (the ``limits`` library's Redis storage).
 - Concurrency: at most ``STREAMQ_KEY_MAX_CONCURRENT`` jobs of one key queued or running. A sorted
-  set per key holds its admitted jobs; a submit is admitted by a script that checks its size and
-  adds to it at once. Ended jobs are pruned from it when it is full, by reading their status, so
+  set per key holds its admitted jobs; the script that creates a job checks its size and adds
+  to it in the same step. Ended jobs are pruned from it when it is full, by reading their status, so
   no job end (worker, janitor, cancel, expiry) has to remember the quota.
 
 Over either: 429 ``rate_limit_error`` with ``Retry-After``.
@@ -24,15 +24,11 @@ from limits.errors import StorageError
 from redis.exceptions import RedisError
 
 from api.auth import OPEN
-from api.errors import too_many_requests
+from api.errors import ApiError, too_many_requests
 from shared import keys
 from shared.job_store import scripts
-from shared.job_store.scripts import JobScripts
 from shared.job_store.vocabulary import FINAL_STATUSES, JobField
 from shared.settings import Settings
-
-# A job admitted this recently may not have its hash yet (it is being enqueued): not pruned.
-_ADMIT_GRACE = 60.0
 
 
 def parse_rate_limit(text: str) -> RateLimitItem | None:
@@ -53,7 +49,6 @@ class KeyQuotas:
         self._max_concurrent = settings.key_max_concurrent
         self._rate = parse_rate_limit(settings.key_rate_limit)
         self._set_life = settings.queue_ttl + settings.job_timeout + settings.result_ttl
-        self._scripts = JobScripts(connection)
         # Its own two connections (the library wants bytes replies; the shared pool decodes),
         # opened at the first rate-limited request: none while the front runs without keys.
         url = settings.redis_url_or_default()
@@ -92,51 +87,40 @@ class KeyQuotas:
             retry,
         )
 
-    async def admit(self, name: str, job_id: str) -> None:
-        """Count ``job_id`` among the key's queued or running jobs; 429 when it has its maximum."""
+    def quota(self, name: str) -> scripts.Quota | None:
+        """The key's concurrency quota, which the script creating its job checks (None: none)."""
         if self._max_concurrent == 0 or name == OPEN:
-            return
-        active = keys.key_active(name)
-        if await self._try_admit(name, job_id):
-            return
-        await self._prune(active)
-        if await self._try_admit(name, job_id):
-            return
-        raise too_many_requests(
+            return None
+        return scripts.Quota(name, self._max_concurrent, int(self._set_life))
+
+    def over_concurrency(self) -> ApiError:
+        return too_many_requests(
             f"this API key has {self._max_concurrent} jobs queued or running, its most at once "
             "(STREAMQ_KEY_MAX_CONCURRENT); retry when one has ended",
             "concurrency_limit_exceeded",
             1,
         )
 
-    async def release(self, name: str, job_id: str) -> None:
-        """Undo ``admit`` for a job that was not created after all."""
-        if self._max_concurrent and name != OPEN:
-            await self._redis.zrem(keys.key_active(name), job_id)
-
-    async def _try_admit(self, name: str, job_id: str) -> bool:
-        call = scripts.admit(
-            name, job_id, limit=self._max_concurrent, now=time.time(), life=int(self._set_life)
-        )
-        return bool(await self._scripts.run(call))
-
-    async def _prune(self, active: str) -> None:
+    async def prune(self, name: str) -> bool:
+        """Forget the key's jobs that have ended; whether there were any."""
+        active = keys.key_active(name)
         found: list[Any] = await self._redis.zrange(active, 0, -1, withscores=True)
         members = [(str(job_id), float(score)) for job_id, score in found]
         if not members:
-            return
+            return False
         pipe = self._redis.pipeline(transaction=False)
         for job_id, _ in members:
             pipe.hget(keys.job(job_id), JobField.STATUS)
         statuses = await pipe.execute()
-        now = time.time()
+        # A job is admitted and created in one step: no hash means it expired.
         ended = [
             job_id
-            for (job_id, admitted), status in zip(members, statuses, strict=True)
-            if status in FINAL_STATUSES or (status is None and now - admitted > _ADMIT_GRACE)
+            for (job_id, _), status in zip(members, statuses, strict=True)
+            if status is None or status in FINAL_STATUSES
         ]
         if ended:
             await self._redis.zrem(active, *ended)
+        return bool(ended)
 
     async def close(self) -> None:
         await self._pool.disconnect()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import cast
 
 import redis.asyncio as aioredis
@@ -22,6 +23,7 @@ from shared import keys
 log = logging.getLogger("streamq.api")
 
 Entry = tuple[str, dict[str, str]]
+WAKE_KEY_LIFE = 3600  # seconds the wake-up stream lives after its TTL was last set
 _MAX_PART = 2**64 - 1
 
 
@@ -66,6 +68,8 @@ class StreamHub:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._wake_cursor = "0-0"
+        self._waking = False  # a wake-up was sent for the XREAD in flight
+        self._wake_key_kept = -float(WAKE_KEY_LIFE)  # monotonic time the wake-up key's TTL was last set
 
     @property
     def stream_count(self) -> int:
@@ -94,13 +98,22 @@ class StreamHub:
         if cursor is None or parse_entry_id(last_id) < parse_entry_id(cursor):
             self._cursors[key] = last_id
         self._changed.set()
-        if self._blocking:  # the XREAD in flight does not know this key yet
+        # The XREAD in flight does not know this key yet: wake it, unless a wake-up is already on
+        # its way (subscriptions that come together share one).
+        if self._blocking and not self._waking:
+            self._waking = True
             try:
+                now = time.monotonic()
+                renew = now - self._wake_key_kept > WAKE_KEY_LIFE / 2  # it expires once its front is gone
                 pipe = self._writer.pipeline(transaction=False)
                 pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1)
-                pipe.expire(self._wake_key, 3600)
+                if renew:
+                    pipe.expire(self._wake_key, WAKE_KEY_LIFE)
                 await pipe.execute()
+                if renew:
+                    self._wake_key_kept = now
             except RedisError:
+                self._waking = False
                 self.unsubscribe(sub)
                 raise
         return sub
@@ -144,7 +157,7 @@ class StreamHub:
                 backoff = min(backoff * 2, 5.0)
                 continue
             finally:
-                self._blocking = False
+                self._blocking = self._waking = False
             backoff = 0.1
             for key, entries in reply or []:
                 if key == self._wake_key:

@@ -61,6 +61,11 @@ def rq_queue(model: str) -> str:
     return f"{RQ_KEY_PREFIX}:queue:{queue_name(model)}"
 
 
+def rq_job(job_id: str) -> str:
+    """RQ's hash of the job (its function call, status, registries' times), as RQ names it."""
+    return f"{RQ_KEY_PREFIX}:job:{job_id}"
+
+
 def intermediate(queue_list: str) -> str:
     """RQ's list of jobs a worker took off ``queue_list`` and has not yet started (BLMOVE)."""
     return f"{queue_list}:intermediate"

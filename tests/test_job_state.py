@@ -193,7 +193,7 @@ def test_every_word_the_scripts_use_is_in_the_vocabulary() -> None:
     words = {*JobField, *JobStatus, *EventName, *FinishReason, *Answer}
     commands = {"HGET", "HSET", "HSETNX", "HINCRBY", "HDEL", "SET", "PX", "ZADD", "ZREM", "ZCARD", "XADD"}
     commands |= {"MAXLEN", "~", "*", "event", "data", "LLEN", "APPEND", "RPUSH", "PTTL", "PEXPIRE"}
-    commands |= {"EXISTS", "EXPIRE", "DEL", "LPUSH", "LREM", "", "{}", "0", "1"}
+    commands |= {"EXISTS", "EXPIRE", "DEL", "LPUSH", "LREM", "HMGET", "SADD", "", "{}", "0", "1"}
     for script in scripts.SCRIPTS:
         literals = set(re.findall(r"'([^']*)'", script.source))
         assert literals - words - commands == set(), script.name

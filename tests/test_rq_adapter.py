@@ -31,6 +31,10 @@ from rq.timeouts import BaseDeathPenalty
 from rq.worker import SimpleWorker
 
 from shared import keys
+from shared.job_store import scripts
+from shared.job_store.payloads import Queued
+from shared.job_store.rq_records import queued_rq_job
+from shared.job_store.scripts import JobScripts
 from shared.settings import Settings
 from streamq.redis_server import RedisServer
 from worker.job_runner import JobFailed, Outcome
@@ -51,7 +55,14 @@ OVERRIDES: dict[type, tuple[type, set[str], set[str]]] = {
     ),
     SlotWorker: (
         SimpleWorker,
-        {"_install_signal_handlers", "subscribe", "procline", "dequeue_job_and_maintain_ttl"},
+        {
+            "_install_signal_handlers",
+            "subscribe",
+            "procline",
+            "dequeue_job_and_maintain_ttl",
+            "heartbeat",
+            "set_state",
+        },
         {"stop_taking_jobs"},
     ),
 }
@@ -118,6 +129,78 @@ def test_the_rq_lists_streamqs_scripts_write_to_are_rqs(redis_server: RedisServe
     assert queue.key == keys.rq_queue("some-model")  # the handback and cancel scripts push/remove here
     assert queue.intermediate_queue_key == keys.intermediate(queue.key)  # taken, not yet started
     assert Queue.redis_queues_keys == keys.RQ_QUEUES  # where the janitor finds every queue
+
+
+def _submit(r: Any, queue: Queue, job_id: str, **limits: Any) -> list[Any]:
+    """Create a job the way a front does: the submit script, with RQ's record from RQ itself."""
+    rq_job = queued_rq_job(queue, job_id, TASK, timeout=300, result_ttl=60, description=f"job {job_id}")
+    fields = {"id": job_id, "status": "queued", "model": "m", "created_at": repr(time.time())}
+    call = scripts.submit(
+        job_id,
+        fields=fields,
+        rq_job=rq_job,
+        queue_list=queue.key,
+        max_queued=limits.get("max_queued", 0),
+        life=600,
+        maxlen=100,
+        queued_event=Queued(model="m"),
+        quota=limits.get("quota"),
+        now=time.time(),
+    )
+    return list(JobScripts(r).run(call))
+
+
+def test_a_job_the_front_creates_is_the_job_rq_would_have_enqueued(redis_server: RedisServer) -> None:
+    """One script writes RQ's record and queue entry with the job's own: RQ must see the same job
+    as its own enqueue_call makes (fields, status, queue, registry of queues), and fetch it."""
+    r = redis_server.client()
+    queue = Queue(unique("rq-format"), connection=r)
+    theirs, ours = uuid.uuid4().hex, uuid.uuid4().hex
+    queue.enqueue_call(
+        TASK,
+        args=(theirs,),
+        job_id=theirs,
+        timeout=300,
+        ttl=None,
+        result_ttl=60,
+        failure_ttl=60,
+        description=f"job {theirs}",
+    )
+    assert _submit(r, queue, ours) == [b"queued", 1]
+    rq_fields, our_fields = r.hgetall(Job.key_for(theirs)), r.hgetall(Job.key_for(ours))
+    assert set(our_fields) == set(rq_fields)
+    moments = {b"created_at", b"enqueued_at", b"data", b"description"}  # the time, and the job's id
+    assert {k: v for k, v in our_fields.items() if k not in moments} == {
+        k: v for k, v in rq_fields.items() if k not in moments
+    }
+    assert r.ttl(Job.key_for(ours)) == r.ttl(Job.key_for(theirs)) == -1  # RQ sets no TTL at enqueue
+    job = Job.fetch(ours, connection=r)
+    assert (job.func_name, job.args, job.origin, job.get_status()) == (
+        TASK,
+        (ours,),
+        queue.name,
+        JobStatus.QUEUED,
+    )
+    assert job.enqueued_at is not None and job.timeout == 300
+    assert queue.job_ids == [theirs, ours] and queue.count == 2
+    assert queue.key.encode() in r.smembers(keys.RQ_QUEUES)
+
+
+def test_the_submit_script_keeps_the_queue_limit_and_the_key_quota(redis_server: RedisServer) -> None:
+    r = redis_server.client()
+    queue = Queue(unique("rq-limits"), connection=r)
+    assert [_submit(r, queue, uuid.uuid4().hex, max_queued=2)[0] for _ in range(3)] == [b"queued"] * 2 + [
+        b"full"
+    ]
+    assert queue.count == 2
+    owner = unique("key")
+    quota = scripts.Quota(owner, 1, 60)
+    other = Queue(unique("rq-quota"), connection=r)
+    first = uuid.uuid4().hex
+    assert _submit(r, other, first, quota=quota) == [b"queued", 0]
+    assert _submit(r, other, uuid.uuid4().hex, quota=quota) == [b"quota", 0]
+    assert other.job_ids == [first]  # refused: nothing of it written
+    assert r.zrange(keys.key_active(owner), 0, -1) == [first.encode()]
 
 
 class Scripted:

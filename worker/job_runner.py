@@ -17,7 +17,7 @@ import redis
 
 from shared import keys
 from shared.job_store import scripts
-from shared.job_store.scripts import Answer, JobScripts
+from shared.job_store.scripts import Answer, JobScripts, ScriptsReloaded
 from shared.job_store.vocabulary import JobField, JobStatus
 from shared.log_format import job_fields
 from shared.schemas import GenerationRequest
@@ -119,7 +119,6 @@ class JobRunner:
             return self._end_here(job, ended(job, "error", "expired", message))
         s = self._settings
         run = f"{slot_name}:{uuid.uuid4().hex[:12]}"
-        pipe = self._redis.pipeline(transaction=False)
         start = scripts.start(
             job_id,
             worker=self._worker_name,
@@ -130,9 +129,16 @@ class JobRunner:
             lease_ms=int(s.lease_seconds * 1000),
             maxlen=s.stream_maxlen,
         )
-        self._scripts.run(start, client=pipe)
-        pipe.lrange(keys.tokens(job_id), 0, -1)  # what an earlier run generated, if any
-        started, resume = pipe.execute()
+        for first_try in (True, False):
+            pipe = self._redis.pipeline(transaction=False)
+            self._scripts.run(start, client=pipe)
+            pipe.lrange(keys.tokens(job_id), 0, -1)  # what an earlier run generated, if any
+            try:
+                started, resume = self._scripts.execute(pipe)
+                break
+            except ScriptsReloaded:  # nothing was started: start it now
+                if not first_try:
+                    raise
         answer = scripts.answer(started)
         job.resume_ids = [int(t) for t in resume]
         if answer == Answer.CANCEL:

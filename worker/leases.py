@@ -50,7 +50,7 @@ class LeaseKeeper(BackgroundThread):
         pipe = self._redis.pipeline(transaction=False)
         for job in jobs:
             self._scripts.run(scripts.renew(job.job_id, run=job.run, lease_ms=self._lease_ms), client=pipe)
-        for job, held in zip(jobs, pipe.execute(), strict=True):
+        for job, held in zip(jobs, self._scripts.execute(pipe), strict=True):
             if int(held) != RenewAnswer.HELD and not job.lost:
                 if int(held) == RenewAnswer.GONE:
                     why = "its record is gone from Redis (expired, or Redis lost its data)"

@@ -41,6 +41,7 @@ from worker.tasks import TASK
 log = logging.getLogger("streamq.worker")
 
 IDLE_POLL = 5  # seconds an idle slot blocks on its queue before looking at a stop request
+HEARTBEAT_SLACK = 30.0  # seconds: a slot's RQ heartbeat that would extend its keys' life less is skipped
 
 
 class JobHost(Protocol):
@@ -183,6 +184,9 @@ class SlotWorker(StreamqWorker):
     installs no signal handlers and uses no SIGALRM timer (the pool's main thread takes the
     signals; the engine enforces deadlines)."""
 
+    _beat_expires = 0.0  # monotonic time the slot's RQ keys expire, as of its last heartbeat
+    _written_state = ""
+
     def _install_signal_handlers(self) -> None:
         pass  # the pool's main thread handles signals
 
@@ -191,6 +195,26 @@ class SlotWorker(StreamqWorker):
 
     def procline(self, message: str) -> None:
         pass  # one process title for the whole pool
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """RQ's heartbeat (the slot's key and its executions set live ``timeout`` more seconds),
+        skipped when it would move their expiry by less than HEARTBEAT_SLACK: RQ beats several
+        times around every job, three commands each, which at hundreds of jobs a second was most
+        of a job's Redis traffic. A beat that lengthens the TTL (a job's) is always sent."""
+        ttl = timeout or self.worker_ttl + 60
+        expires = time.monotonic() + ttl
+        if expires - self._beat_expires < HEARTBEAT_SLACK:
+            return
+        super().heartbeat(timeout, pipeline)
+        self._beat_expires = expires
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        """RQ's state write, skipped when the slot's state is already that (RQ writes "idle" twice
+        after each job)."""
+        if state == self._written_state and pipeline is None:
+            return
+        super().set_state(state, pipeline)
+        self._written_state = state
 
     def stop_taking_jobs(self) -> None:
         """Take no new job: the running one ends, then ``work`` returns (within IDLE_POLL when idle)."""

@@ -37,6 +37,7 @@ from worker.metrics import WorkerMetrics
 log = logging.getLogger("streamq.worker")
 
 DRAIN_WINDOW = 120.0  # seconds of ended jobs kept per model for its drain rate
+DRAIN_TRIM_EVERY = 5.0  # seconds between trims of a model's drained set (not one per job)
 
 
 @dataclass(eq=False)
@@ -92,6 +93,7 @@ class StepPublisher(BackgroundThread):
         self._inbox: queue.SimpleQueue[list[JobOutput]] = queue.SimpleQueue()
         self._pending: dict[EngineJob, _Pending] = {}
         self.round_trips = 0
+        self._trimmed: dict[str, float] = {}  # model → when its drained set was last trimmed
 
     def put(self, outputs: list[JobOutput]) -> None:
         self._inbox.put(outputs)
@@ -213,7 +215,7 @@ class StepPublisher(BackgroundThread):
             if p.end is not None:
                 status, index = self._queue_end(pipe, p.end, finished_at)
                 ends.append((index, p, status))
-        results = pipe.execute() if len(pipe) else []
+        results = self._scripts.execute(pipe) if len(pipe) else []
         self.round_trips += 1
         for _index, p in writes:  # their ids are in Redis now (written by this or an earlier try)
             p.stored += len(p.ids)
@@ -257,8 +259,10 @@ class StepPublisher(BackgroundThread):
         index = len(pipe)
         if job.model:  # the model's drain rate: jobs ended per second (admission control)
             pipe.zadd(keys.drained(job.model), {f"{finished_at:.6f}:{os.urandom(3).hex()}": finished_at})
-            pipe.zremrangebyscore(keys.drained(job.model), "-inf", finished_at - DRAIN_WINDOW)
-            pipe.expire(keys.drained(job.model), int(DRAIN_WINDOW) + 60)
+            if finished_at - self._trimmed.get(job.model, 0.0) >= DRAIN_TRIM_EVERY:
+                self._trimmed[job.model] = finished_at
+                pipe.zremrangebyscore(keys.drained(job.model), "-inf", finished_at - DRAIN_WINDOW)
+                pipe.expire(keys.drained(job.model), int(DRAIN_WINDOW) + 60)
         return status, index
 
     def _release(self, p: _Pending, status: str) -> None:

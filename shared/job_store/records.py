@@ -3,47 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
-from shared import keys
-from shared.job_store.payloads import Queued
-from shared.job_store.vocabulary import EventName, JobField, JobStatus
-from shared.schemas import JobError, JobView, Usage
+from shared.job_store.vocabulary import JobField, JobStatus
+from shared.schemas import GenerationRequest, JobError, JobView, Usage
 
 
-def create_job(
-    pipe: Any,
-    job_id: str,
-    *,
-    model: str,
-    owner: str,
-    created_at: float,
-    request_json: str,
-    life: int,
-    maxlen: int,
-) -> None:
-    """Queue in ``pipe`` (a redis-py pipeline, in the transaction that also enqueues the RQ job)
-    the new job's hash, its empty text and its ``queued`` event, all living ``life`` seconds."""
-    pipe.hset(
-        keys.job(job_id),
-        mapping={
-            JobField.ID: job_id,
-            JobField.MODEL: model,
-            JobField.STATUS: JobStatus.QUEUED,
-            JobField.OWNER: owner,
-            JobField.CREATED_AT: repr(created_at),
-            JobField.REQUEST: request_json,
-        },
-    )
-    pipe.expire(keys.job(job_id), life)
-    pipe.set(keys.text(job_id), "", ex=life)
-    pipe.xadd(
-        keys.events(job_id),
-        {"event": EventName.QUEUED, "data": Queued(model=model).encode()},
-        maxlen=maxlen,
-        approximate=True,
-    )
-    pipe.expire(keys.events(job_id), life)
+def new_job_fields(
+    job_id: str, *, model: str, owner: str, created_at: float, request: GenerationRequest
+) -> dict[str, str]:
+    """The new job's hash (status ``queued``), which the ``submit`` script writes."""
+    return {
+        JobField.ID: job_id,
+        JobField.MODEL: model,
+        JobField.STATUS: JobStatus.QUEUED,
+        JobField.OWNER: owner,
+        JobField.CREATED_AT: repr(created_at),
+        JobField.REQUEST: request.model_dump_json(),
+    }
 
 
 def _float(value: str | None) -> float | None:

@@ -3,9 +3,10 @@
 A job's life, as these scripts write it (``vocabulary.py`` names the words, ``payloads.py`` the
 events' data, ``records.py`` the job's hash):
 
-1. The front creates the job (``records.create_job``): its hash with status ``queued``, an
-   empty text and a ``queued`` event, together with RQ's job, in one transaction. A key's
-   concurrency quota admits it first (``admit``).
+1. The front creates the job with ``submit``, one script: a key's concurrency quota and the
+   model's queue limit admit it, then its hash (status ``queued``) and ``queued`` event, RQ's
+   record of the job (as RQ's own enqueue writes it, ``rq_records.py``) and the id on the
+   model's RQ queue are written together.
 2. A worker's slot takes it from RQ and ``start``s it: status ``running`` under a new run id,
    which holds the job's lease (``renew`` keeps it while the run lives).
 3. The run's output goes out through ``delta`` (text, token ids, counts, fenced by the run id),
@@ -26,6 +27,9 @@ from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+
 from shared import keys
 from shared.job_store.payloads import Canceled, Delta, Failed, Payload, Started
 from shared.job_store.vocabulary import EventName, FinishReason, JobField, JobStatus
@@ -43,6 +47,8 @@ class Answer(StrEnum):
     ALIVE = "alive"  # requeue without a run: the lease is live
     REQUEUED = "requeued"  # requeue: back in its queue
     MISSING = "missing"  # the job's hash is gone
+    QUEUE_FULL = "full"  # submit: the model's queue holds its most jobs
+    QUOTA = "quota"  # submit: the caller's key has its most jobs queued or running
 
 
 class DeltaAnswer(IntEnum):
@@ -82,14 +88,14 @@ class ScriptCall:
 # lease ms, job id. Returns "running", "cancel" (a cancel was asked before it started),
 # "taken" (another run holds a live lease), "missing", or the job's final status.
 _START = """
-local status = redis.call('HGET', KEYS[1], 'status')
+local job = redis.call('HMGET', KEYS[1], 'status', 'cancel', 'started_at', 'attempts')
+local status = job[1]
 if not status then return 'missing' end
 if status ~= 'queued' and status ~= 'running' then return status end
-if redis.call('HGET', KEYS[1], 'cancel') then return 'cancel' end
+if job[2] then return 'cancel' end
 if status == 'running' and redis.call('EXISTS', KEYS[3]) == 1 then return 'taken' end
-redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'run', ARGV[5])
-redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'run', ARGV[5],
+  'started_at', job[3] or ARGV[2], 'attempts', (tonumber(job[4]) or 0) + 1)
 redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
 redis.call('ZADD', KEYS[4], ARGV[2], ARGV[7])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', 'started', 'data', ARGV[4])
@@ -99,25 +105,29 @@ return 'running'
 # A running job's new output, written only by the run that holds it, and only once: ARGV[7] is
 # how many token ids the job had stored before this write, so a round trip that is sent again
 # (its reply was lost) finds them already there and writes nothing twice.
+# The text and the token ids live as long as the job's hash: each gets its TTL from the hash
+# once, when a write creates it (a finished job's end sets them all again).
 # KEYS: job hash, events, text, tokens. ARGV: run id, maxlen, delta event data (or ""), text
 # (or ""), prompt tokens, completion tokens, token ids stored before, then the new token ids.
 # Returns 0, 1 (a cancel was asked), or -1 (this run no longer holds the job: stop, write nothing).
 _DELTA = """
-if redis.call('HGET', KEYS[1], 'run') ~= ARGV[1] then return -1 end
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return -1 end
+local job = redis.call('HMGET', KEYS[1], 'run', 'status', 'cancel')
+if job[1] ~= ARGV[1] or job[2] ~= 'running' then return -1 end
 if redis.call('LLEN', KEYS[4]) == tonumber(ARGV[7]) then
   if ARGV[4] ~= '' then
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'delta', 'data', ARGV[3])
-    redis.call('APPEND', KEYS[3], ARGV[4])
+    if redis.call('APPEND', KEYS[3], ARGV[4]) == #ARGV[4] then
+      local ttl = redis.call('PTTL', KEYS[1])
+      if ttl > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
+    end
   end
   redis.call('HSET', KEYS[1], 'prompt_tokens', ARGV[5], 'completion_tokens', ARGV[6])
-  if #ARGV >= 8 then
-    redis.call('RPUSH', KEYS[4], unpack(ARGV, 8))
+  if #ARGV >= 8 and redis.call('RPUSH', KEYS[4], unpack(ARGV, 8)) == #ARGV - 7 then
     local ttl = redis.call('PTTL', KEYS[1])
     if ttl > 0 then redis.call('PEXPIRE', KEYS[4], ttl) end
   end
 end
-if redis.call('HGET', KEYS[1], 'cancel') then return 1 end
+if job[3] then return 1 end
 return 0
 """
 
@@ -125,16 +135,20 @@ return 0
 # run no longer holds the job (it was handed to another worker), or -1 when the job's record is
 # gone (it expired, or Redis lost its data): in both cases the run must stop.
 _RENEW = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if redis.call('HGET', KEYS[1], 'run') ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-return 1
+local run = redis.call('HGET', KEYS[1], 'run')
+if run == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if not run and redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+return 0
 """
 
 # The start of every script that ends a job (KEYS[1..3]: job hash, events, text): it answers
 # "missing" or the final status already there, else defines finish() for the rest to call.
 _ENDING_LUA = """
-local status = redis.call('HGET', KEYS[1], 'status')
+local job = redis.call('HMGET', KEYS[1], 'status', 'run', 'cancel')
+local status = job[1]
 if not status then return 'missing' end
 if status == 'finished' or status == 'failed' or status == 'canceled' then return status end
 local function finish(status, event, data, ttl, maxlen, first_field)
@@ -151,7 +165,7 @@ end
 _FINISH = (
     _ENDING_LUA
     + """
-if ARGV[6] ~= '' and redis.call('HGET', KEYS[1], 'run') ~= ARGV[6] then return 'lost' end
+if ARGV[6] ~= '' and job[2] ~= ARGV[6] then return 'lost' end
 finish(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], 8)
 redis.call('DEL', KEYS[4], KEYS[5])
 redis.call('ZREM', KEYS[6], ARGV[7])
@@ -174,12 +188,12 @@ _REQUEUE = (
 local run = ARGV[#ARGV]
 if status ~= 'running' then redis.call('ZREM', KEYS[6], ARGV[1]) return status end
 if run ~= '' then
-  if redis.call('HGET', KEYS[1], 'run') ~= run then return 'lost' end
+  if job[2] ~= run then return 'lost' end
   redis.call('HINCRBY', KEYS[1], 'attempts', -1)  -- a handback is not a lost attempt
 elseif redis.call('EXISTS', KEYS[5]) == 1 then return 'alive' end
 redis.call('ZREM', KEYS[6], ARGV[1])
 redis.call('DEL', KEYS[5])
-if redis.call('HGET', KEYS[1], 'cancel') then
+if job[3] then
   redis.call('HSET', KEYS[1], 'status', 'canceled', 'finish_reason', 'canceled')
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'canceled', 'data', '{}')
   for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
@@ -228,32 +242,71 @@ FINISH = Lua("finish", _FINISH)
 REQUEUE = Lua("requeue", _REQUEUE)
 CANCEL = Lua("cancel", _CANCEL)
 
-# A key's concurrency quota (keys.key_active): admits a job while the key has fewer than its
-# limit queued or running. KEYS: the key's active set. ARGV: limit, job id, now, seconds the set
-# lives. Returns 1 (admitted) or 0.
-ADMIT = Lua(
-    "admit",
-    """
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-return 1
-""",
-)
+# Creates a job: the front's whole submit, in one step. KEYS: job hash, events, RQ job hash, the
+# model's RQ queue list, RQ's set of queues, and (when the caller's key has a concurrency
+# quota) the key's active set. ARGV: job id, most jobs queued (0: no limit), seconds the job's
+# records live, maxlen, queued event data, the quota's limit, now, seconds the active set
+# lives, how many items the job hash's field/value pairs take (n), then those n items and RQ's
+# job's field/value pairs. Returns {"queued", the job's place in its queue (0: next)},
+# {"full", jobs queued} or {"quota", 0}.
+_SUBMIT = """
+local limit = tonumber(ARGV[2])
+if limit > 0 then
+  local queued = redis.call('LLEN', KEYS[4])
+  if queued >= limit then return {'full', queued} end
+end
+if KEYS[6] then
+  if redis.call('ZCARD', KEYS[6]) >= tonumber(ARGV[6]) then return {'quota', 0} end
+  redis.call('ZADD', KEYS[6], ARGV[7], ARGV[1])
+  redis.call('EXPIRE', KEYS[6], ARGV[8])
+end
+local n = tonumber(ARGV[9])
+redis.call('HSET', KEYS[1], unpack(ARGV, 10, 9 + n))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'event', 'queued', 'data', ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('HSET', KEYS[3], unpack(ARGV, 10 + n))
+redis.call('SADD', KEYS[5], KEYS[4])
+return {'queued', redis.call('RPUSH', KEYS[4], ARGV[1]) - 1}
+"""
+SUBMIT = Lua("submit", _SUBMIT)
 
-SCRIPTS: tuple[Lua, ...] = (START, DELTA, RENEW, FINISH, REQUEUE, CANCEL, ADMIT)
+SCRIPTS: tuple[Lua, ...] = (SUBMIT, START, DELTA, RENEW, FINISH, REQUEUE, CANCEL)
+
+
+class ScriptsReloaded(RedisConnectionError):
+    """Redis had lost the scripts (it restarted empty, or a replica without them took over): they
+    are loaded again, and nothing of the pipeline that found them missing was applied by a
+    script. Raised as a connection error, so that the caller's retry writes it all again."""
 
 
 class JobScripts:
-    """The scripts registered on one redis-py connection, synchronous or asyncio: ``run`` returns
-    the answer, or an awaitable of it on an asyncio connection; with ``client=`` a pipeline, the
-    call is queued in it."""
+    """The scripts registered on one redis-py connection, synchronous or asyncio.
+
+    ``run`` returns the answer (an awaitable of it on an asyncio connection), by EVALSHA, loading
+    the script first if Redis lacks it. With ``client=`` a pipeline, it queues the EVALSHA
+    there: run that pipeline with ``execute`` (synchronous), which turns a missing script into
+    ``ScriptsReloaded``. (redis-py's own scripts in a pipeline ask SCRIPT EXISTS for each of
+    them on every execute.)"""
 
     def __init__(self, connection: Any) -> None:
+        self._connection = connection
         self._registered = {script.name: connection.register_script(script.source) for script in SCRIPTS}
 
     def run(self, call: ScriptCall, client: Any = None) -> Any:
-        return self._registered[call.script.name](keys=call.keys, args=call.args, client=client)
+        script = self._registered[call.script.name]
+        if client is None:
+            return script(keys=call.keys, args=call.args)
+        return client.evalsha(script.sha, len(call.keys), *call.keys, *call.args)
+
+    def execute(self, pipe: Any) -> list[Any]:
+        """``pipe.execute()``; ScriptsReloaded (after loading them) when a script was missing."""
+        try:
+            return list(pipe.execute())
+        except NoScriptError:
+            for script in SCRIPTS:
+                self._connection.script_load(script.source)
+            raise ScriptsReloaded("Redis had lost streamq's scripts; loaded again") from None
 
 
 def _pairs(fields: Mapping[str, Any]) -> list[Any]:
@@ -389,6 +442,37 @@ def cancel(job_id: str, model: str, *, ttl: int, maxlen: int, finished_at: float
     )
 
 
-def admit(owner: str, job_id: str, *, limit: int, now: float, life: int) -> ScriptCall:
-    """Admit ``job_id`` among the key ``owner``'s active jobs if it has fewer than ``limit``."""
-    return ScriptCall(ADMIT, [keys.key_active(owner)], [limit, job_id, repr(now), life])
+@dataclass(frozen=True)
+class Quota:
+    """A key's concurrency quota, checked where the job is created: at most ``limit`` jobs of the
+    key ``owner`` queued or running; its set lives ``life`` seconds past its last admission."""
+
+    owner: str
+    limit: int
+    life: int
+
+
+def submit(
+    job_id: str,
+    *,
+    fields: Mapping[str, Any],
+    rq_job: Mapping[str, Any],
+    queue_list: str,
+    max_queued: int,
+    life: int,
+    maxlen: int,
+    queued_event: Payload,
+    quota: Quota | None = None,
+    now: float = 0.0,
+) -> ScriptCall:
+    """Create the job in one step: its hash ``fields`` and its ``queued`` event living ``life``
+    seconds, RQ's record ``rq_job`` and its id at the back of ``queue_list``, unless the queue
+    holds ``max_queued`` jobs already (0: no limit) or ``quota`` has its most."""
+    job_keys = [keys.job(job_id), keys.events(job_id), keys.rq_job(job_id), queue_list, keys.RQ_QUEUES]
+    pairs = _pairs(fields)
+    quota_args: list[Any] = [0, 0, 0]
+    if quota is not None:
+        job_keys.append(keys.key_active(quota.owner))
+        quota_args = [quota.limit, repr(now), quota.life]
+    args = [job_id, max_queued, life, maxlen, queued_event.encode(), *quota_args, len(pairs), *pairs]
+    return ScriptCall(SUBMIT, job_keys, args + _pairs(rq_job))
