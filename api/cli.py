@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from shared.cli_options import INSECURE_HELP, with_options
 from shared.settings import Settings, load_settings
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from api.auth import ApiKeys
 
 
@@ -31,6 +37,30 @@ def add_commands(sub: Any) -> None:
         default=None,
         help="front processes sharing the port (STREAMQ_API_WORKERS; default 1): about one per core",
     )
+
+
+def settings_refusal(exc: ValidationError) -> str:
+    """A bad setting as one line: the variable (and its option), what is wrong, what was given."""
+    options = {"api_workers": "--workers", "insecure": "--insecure"}
+    problems = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"])
+        name = f"STREAMQ_{field.upper()}"
+        if field in options:
+            name += f" ({options[field]})"
+        problems.append(f"{name}: {error['msg'].lower()}, got {error.get('input')!r}")
+    return "; ".join(problems)
+
+
+def front_settings(args: argparse.Namespace) -> Settings | None:
+    """The settings from the environment with the command line's options, checked alike (an
+    option bypasses no bound); None (after saying why) when one is bad."""
+    try:
+        settings = with_options(load_settings(), insecure=args.insecure, api_workers=args.workers)
+        return Settings.model_validate(settings.model_dump())
+    except ValidationError as exc:
+        print(f"streamq: refusing to start: {settings_refusal(exc)}", file=sys.stderr)
+        return None
 
 
 def front_keys(settings: Settings, host: str) -> ApiKeys | None:
@@ -75,10 +105,27 @@ def front_processes(settings: Settings) -> Iterator[str]:
         made = tempfile.mkdtemp(prefix="streamq-front-metrics-")
         os.environ[MULTIPROC_ENV] = made
     try:
-        yield "api.app:create_app"
+        yield "api.cli:front_process_app"
     finally:
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
+
+
+def front_process_app() -> FastAPI:
+    """uvicorn's app factory in each process of a front of several: ``create_app()``, in a
+    process that stops (SIGTERM, gracefully) when the front's parent process ends, however it
+    ends: children of a killed parent would otherwise go on serving its port, unmanaged."""
+    from api.app import create_app
+
+    parent = multiprocessing.parent_process()
+    if parent is not None and sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != parent.pid:  # it ended before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
+    return create_app()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,7 +133,9 @@ def run(args: argparse.Namespace) -> int:
 
     from shared.log_format import logging_config
 
-    settings = with_options(load_settings(), insecure=args.insecure, api_workers=args.workers)
+    settings = front_settings(args)
+    if settings is None:
+        return 2
     keys = front_keys(settings, args.host)
     if keys is None:
         return 2
