@@ -30,7 +30,7 @@ from shared import keys
 from shared.job_store import scripts
 from shared.job_store.payloads import Queued
 from shared.job_store.records import new_job_fields, view_from_hash
-from shared.job_store.rq_records import queued_rq_job
+from shared.job_store.rq_records import QueuedRecords
 from shared.job_store.scripts import Answer, JobScripts
 from shared.job_store.vocabulary import FINAL_STATUSES, JobField, JobStatus
 from shared.limits import InvalidJobRequest, answer_budget, may_not_fit
@@ -69,7 +69,7 @@ class JobService:
         self._counting = asyncio.Semaphore(2)  # one per count connection
         self.directory = directory
         self._scripts = JobScripts(connection)
-        self._rq_queues: dict[str, Queue] = {}  # RQ's queue per model: builds its records, no I/O
+        self._rq_records: dict[str, QueuedRecords] = {}  # per model: RQ's records, built with no I/O
         self.positions = QueuePositions(connection, max_age=settings.position_poll_interval)
         self.drain_rates = DrainRates(connection, settings.drain_window)
         self.admission = Admission(settings, self.drain_rates)
@@ -120,22 +120,16 @@ class JobService:
         """Create the job in one round trip; returns its place in the queue. 429 when the model's
         queue is full or the caller's key has its most jobs queued or running."""
         s = self._settings
-        queue = self._rq_queues.get(model)
-        if queue is None:
-            queue = self._rq_queues[model] = Queue(keys.queue_name(model), connection=self._rq)
+        records = self._rq_records.get(model)
+        if records is None:
+            queue = Queue(keys.queue_name(model), connection=self._rq)
+            records = QueuedRecords(queue, TASK, timeout=s.job_timeout, result_ttl=s.result_ttl)
+            self._rq_records[model] = records
+        fields = new_job_fields(job_id, model=model, owner=owner, created_at=created_at, request=generation)
         call = scripts.submit(
             job_id,
-            fields=new_job_fields(
-                job_id, model=model, owner=owner, created_at=created_at, request=generation
-            ),
-            rq_job=queued_rq_job(
-                queue,
-                job_id,
-                TASK,
-                timeout=s.job_timeout,
-                result_ttl=s.result_ttl,
-                description=f"streamq job {job_id} for {model}",
-            ),
+            fields=fields,
+            rq_job=records.queued(job_id, f"streamq job {job_id} for {model}"),
             queue_list=keys.rq_queue(model),
             max_queued=s.max_queued,
             life=s.queue_ttl + s.job_timeout + s.result_ttl,

@@ -70,12 +70,20 @@ def _run_jobs(port: int, jobs: int, tokens: int) -> None:
     asyncio.run(run())
 
 
-def _measure(r: redis.Redis, work: object) -> tuple[Counter[str], float]:
+def _cpu(r: redis.Redis) -> float:
+    info = r.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def _measure(r: redis.Redis, work: object) -> tuple[Counter[str], float, float, int]:
+    """The commands Redis ran during ``work``, its wall time, Redis's CPU seconds, and how much
+    more memory Redis holds after it (bytes)."""
     r.config_resetstat()
+    cpu, memory = _cpu(r), int(r.info("memory")["used_memory"])
     start = time.monotonic()
     work()  # type: ignore[operator]
     elapsed = time.monotonic() - start
-    return _stats(r), elapsed
+    return _stats(r), elapsed, _cpu(r) - cpu, int(r.info("memory")["used_memory"]) - memory
 
 
 def measure(workdir: Path, jobs: int) -> dict[str, object]:
@@ -92,10 +100,10 @@ def measure(workdir: Path, jobs: int) -> dict[str, object]:
         port = int(url.rsplit(":", 1)[1])
         _run_jobs(port, 8, SHORT)  # warm-up: scripts loaded, connections open
         r = redis.Redis.from_url(server.url, decode_responses=True)
-        idle, idle_s = _measure(r, lambda: time.sleep(IDLE_SECONDS))
-        short, short_s = _measure(r, lambda: _run_jobs(port, jobs, SHORT))
+        idle, idle_s, idle_cpu, _ = _measure(r, lambda: time.sleep(IDLE_SECONDS))
+        short, short_s, short_cpu, short_memory = _measure(r, lambda: _run_jobs(port, jobs, SHORT))
         long_jobs = max(AT_ONCE, jobs // 4)
-        long, long_s = _measure(r, lambda: _run_jobs(port, long_jobs, LONG))
+        long, long_s, long_cpu, _ = _measure(r, lambda: _run_jobs(port, long_jobs, LONG))
         r.close()
     finally:
         for service in reversed(services):
@@ -106,9 +114,15 @@ def measure(workdir: Path, jobs: int) -> dict[str, object]:
     def per_job(run: Counter[str], seconds: float, count: int) -> dict[str, float]:
         return {c: max(0.0, (run[c] - idle_rate.get(c, 0.0) * seconds) / count) for c in run}
 
+    idle_cpu_rate = idle_cpu / idle_s
+    short_job_cpu = (short_cpu - idle_cpu_rate * short_s) / jobs
+    long_job_cpu = (long_cpu - idle_cpu_rate * long_s) / long_jobs
     return {
         "jobs": jobs,
         "long_jobs": long_jobs,
+        "cpu_per_job": short_job_cpu,
+        "cpu_per_token": (long_job_cpu - short_job_cpu) / (LONG - SHORT),
+        "memory_per_job": short_memory / jobs,
         "idle": idle_rate,
         "short": per_job(short, short_s, jobs),
         "long": per_job(long, long_s, long_jobs),
@@ -134,6 +148,11 @@ def run_commands(workdir: Path, jobs: int = 200) -> None:
     print(f"{'commands per short job':<52}{per_job:>10.1f}{'≤ ' + str(TARGET):>9}   {verdict}")
     print(f"{'commands per extra token (coalesced)':<52}{per_token:>10.2f}")
     print(f"{'idle commands per second (front + worker)':<52}{sum(idle.values()):>10.1f}")
+    cpu_job, cpu_token = float(m["cpu_per_job"]), float(m["cpu_per_token"])  # type: ignore[arg-type]
+    print(f"{'Redis CPU per short job (µs)':<52}{cpu_job * 1e6:>10.0f}")
+    print(f"{'Redis CPU per extra token (µs)':<52}{cpu_token * 1e6:>10.1f}")
+    memory = float(m["memory_per_job"])  # type: ignore[arg-type]
+    print(f"{'Redis memory kept per ended short job (KiB)':<52}{memory / 1024:>10.1f}")
     top = sorted(short.items(), key=lambda kv: -kv[1])
     print("short job, by command: " + ", ".join(f"{c} {n:.1f}" for c, n in top if n >= 0.05))
     top_idle = sorted(idle.items(), key=lambda kv: -kv[1])

@@ -51,8 +51,9 @@ def _occupy(port: int) -> None:
     import httpx
 
     base = f"http://127.0.0.1:{port}"
-    job = httpx.post(f"{base}/v1/jobs", json={"prompt": "hi", "max_tokens": 100, "model": "synthetic"}).json()
-    wait_for(lambda: httpx.get(f"{base}/v1/jobs/{job['id']}").json()["status"] == "running", 30, "the job to run")
+    body = {"prompt": "hi", "max_tokens": 100, "model": "synthetic"}
+    job_url = f"{base}/v1/jobs/{httpx.post(f'{base}/v1/jobs', json=body).json()['id']}"
+    wait_for(lambda: httpx.get(job_url).json()["status"] == "running", 30, "the job to run")
 
 
 def _load(port: int, concurrency: int, seconds: float, workdir: Path) -> dict[str, object]:

@@ -38,6 +38,12 @@ def find_redis_server() -> str | None:
     return bundled if bundled and Path(bundled).is_file() else None
 
 
+# Each job has a stream of its own (and RQ a results stream per job): small streams, each one node,
+# and Redis 7.0 allocates a new node at its full size (4 KiB by default). Smaller nodes halve
+# what an ended job keeps in memory (bench/redis_commands.py; README "Capacity").
+STREAM_NODE_ARGS = ("--stream-node-max-bytes", "1024")
+
+
 def start_private_redis(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
     """A Redis server that keeps nothing on disk, on ``port`` (default: a free one), answering PING."""
     exe = find_redis_server()
@@ -45,7 +51,7 @@ def start_private_redis(workdir: Path, port: int | None = None) -> tuple[subproc
         raise FileNotFoundError(REDIS_HINT)
     port = port or free_port()
     args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    args += ["--dir", str(workdir)]
+    args += ["--dir", str(workdir), *STREAM_NODE_ARGS]
     # Its own session: a terminal's Ctrl-C reaches the launcher, which stops Redis last.
     proc = subprocess.Popen(
         [exe, *args], stdout=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent

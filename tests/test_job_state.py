@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import redis
 
 from shared import keys
@@ -35,11 +36,14 @@ def _run(r: redis.Redis, call: scripts.ScriptCall) -> object:
     return JobScripts(r).run(call)
 
 
-def _start(r: redis.Redis, job_id: str, run: str, lease_ms: int = 5000) -> str:
-    call = scripts.start(
+def _start_call(job_id: str, run: str, lease_ms: int = 5000) -> scripts.ScriptCall:
+    return scripts.start(
         job_id, worker="w1", slot="w1.0", run=run, now=1.0, attempt=1, lease_ms=lease_ms, maxlen=100
     )
-    return scripts.answer(_run(r, call))
+
+
+def _start(r: redis.Redis, job_id: str, run: str, lease_ms: int = 5000) -> str:
+    return scripts.answer(_run(r, _start_call(job_id, run, lease_ms)))
 
 
 def _delta(
@@ -229,3 +233,31 @@ def test_an_ending_is_written_as_the_event_clients_read(redis_server: RedisServe
         type="generation_error", message="boom"
     )
     assert r.hget(keys.job("js10"), JobField.ERROR_TYPE) == "generation_error"
+
+
+def test_a_redis_that_lost_the_scripts_gets_them_again_and_the_write_is_retried() -> None:
+    """Redis restarted empty, or a replica that never saw the scripts took over: a pipeline of
+    EVALSHAs finds them missing. Nothing of it was applied by a script; the scripts are loaded
+    again and the caller's retry (a connection error) writes it all."""
+    server = RedisServer()  # its own: SCRIPT FLUSH must not reach other tests' Redis
+    try:
+        r = server.client(decode_responses=True)
+        job_scripts = JobScripts(r)
+        _new_job(r, "js-noscript")
+        r.script_flush()
+
+        def start() -> list[object]:
+            pipe = r.pipeline(transaction=False)
+            job_scripts.run(_start_call("js-noscript", "run-n"), client=pipe)
+            return job_scripts.execute(pipe)
+
+        # A connection error: every caller retries it, as it does a dropped link.
+        with pytest.raises(redis.ConnectionError) as raised:
+            start()
+        assert isinstance(raised.value, scripts.ScriptsReloaded)
+        assert r.hget(keys.job("js-noscript"), "status") == "queued"  # nothing applied
+        assert [scripts.answer(a) for a in start()] == ["running"]
+        r.script_flush()  # a direct call reloads by itself (redis-py's EVALSHA, then SCRIPT LOAD)
+        assert _run(r, scripts.renew("js-noscript", run="run-n", lease_ms=5000)) == RenewAnswer.HELD
+    finally:
+        server.close()

@@ -33,7 +33,7 @@ from rq.worker import SimpleWorker
 from shared import keys
 from shared.job_store import scripts
 from shared.job_store.payloads import Queued
-from shared.job_store.rq_records import queued_rq_job
+from shared.job_store.rq_records import QueuedRecords
 from shared.job_store.scripts import JobScripts
 from shared.settings import Settings
 from streamq.redis_server import RedisServer
@@ -131,9 +131,12 @@ def test_the_rq_lists_streamqs_scripts_write_to_are_rqs(redis_server: RedisServe
     assert Queue.redis_queues_keys == keys.RQ_QUEUES  # where the janitor finds every queue
 
 
-def _submit(r: Any, queue: Queue, job_id: str, **limits: Any) -> list[Any]:
+def _submit(
+    r: Any, queue: Queue, job_id: str, records: QueuedRecords | None = None, **limits: Any
+) -> list[Any]:
     """Create a job the way a front does: the submit script, with RQ's record from RQ itself."""
-    rq_job = queued_rq_job(queue, job_id, TASK, timeout=300, result_ttl=60, description=f"job {job_id}")
+    records = records or QueuedRecords(queue, TASK, timeout=300, result_ttl=60)
+    rq_job = records.queued(job_id, f"job {job_id}")
     fields = {"id": job_id, "status": "queued", "model": "m", "created_at": repr(time.time())}
     call = scripts.submit(
         job_id,
@@ -166,7 +169,9 @@ def test_a_job_the_front_creates_is_the_job_rq_would_have_enqueued(redis_server:
         failure_ttl=60,
         description=f"job {theirs}",
     )
-    assert _submit(r, queue, ours) == [b"queued", 1]
+    records = QueuedRecords(queue, TASK, timeout=300, result_ttl=60)  # one per queue, reused
+    records.queued(uuid.uuid4().hex, "another job, not submitted")
+    assert _submit(r, queue, ours, records) == [b"queued", 1]
     rq_fields, our_fields = r.hgetall(Job.key_for(theirs)), r.hgetall(Job.key_for(ours))
     assert set(our_fields) == set(rq_fields)
     moments = {b"created_at", b"enqueued_at", b"data", b"description"}  # the time, and the job's id
