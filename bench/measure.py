@@ -67,6 +67,27 @@ class Cell:
         return cls(reqs, float(data.get("rss_mib", float("nan"))), str(data.get("error", "")))
 
 
+@dataclass
+class RepeatedCell(Cell):
+    """One cell run several times (small c, where one run is one or a few requests): throughput
+    is the median of the runs', TTFT and ITL are over every request of every run."""
+
+    rates: list[float] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, runs: list[Cell]) -> RepeatedCell:
+        cell = cls(
+            requests=[r for run in runs for r in run.requests], rates=[run.tokens_per_s for run in runs]
+        )
+        cell.rss_mib = max(run.rss_mib for run in runs)
+        return cell
+
+    @property
+    def tokens_per_s(self) -> float:
+        ordered = sorted(self.rates)
+        return ordered[len(ordered) // 2] if ordered else float("nan")
+
+
 def proc_status(pid: int, key: str) -> float:
     """A /proc/PID/status memory line (VmHWM, VmRSS) in MiB; NaN when unreadable."""
     try:

@@ -17,16 +17,17 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.measure import Cell, ms
+from bench.measure import Cell, RepeatedCell, ms
 from bench.stack import HOST, hf_cell, http_server, streamq_cell, streamq_stack
 from bench.throughput import _cell_subprocess, _ratio, _verdict
 from streamq.processes import free_port
 
 CONCURRENCY = (1, 4, 16, 64)
+REPEATS = 3  # runs of each cell of c ≤ 4
 DTYPES = ("float32", "bfloat16")
 KV_CACHE_GIB = 2
 MAX_MODEL_LEN = 1024
@@ -102,6 +103,11 @@ def _guard(results: Results, key: tuple[str, str, int], run: object) -> None:
     print(f"  vllm {key}: {cell.error or f'{cell.tokens_per_s:.0f} tok/s'}", file=sys.stderr, flush=True)
 
 
+def _repeated(run: Callable[[], Cell], c: int) -> Cell:
+    """A cell of c ≤ 4 clients is run REPEATS times: one run's TTFT is one or four samples."""
+    return RepeatedCell.of([run() for _ in range(REPEATS)]) if c <= 4 else run()
+
+
 def run_rows(model_dir: Path, workdir: Path, tokens: int, systems: str) -> Results:
     results = Results()
     prompts: list[str] = json.loads(
@@ -114,7 +120,7 @@ def run_rows(model_dir: Path, workdir: Path, tokens: int, systems: str) -> Resul
             try:
                 with streamq_stack(model_dir, workdir, env, slots=slots, start_timeout=900) as (port, pid):
                     for c in CONCURRENCY:
-                        cell = lambda c=c: streamq_cell(port, pid, prompts[:c], tokens)  # noqa: E731
+                        cell = lambda c=c: _repeated(lambda: streamq_cell(port, pid, prompts[:c], tokens), c)  # noqa: E731
                         _guard(results, ("e", dtype, c), cell)
             except Exception as exc:
                 for c in CONCURRENCY:
@@ -126,7 +132,9 @@ def run_rows(model_dir: Path, workdir: Path, tokens: int, systems: str) -> Resul
                         _guard(
                             results,
                             ("f", dtype, c),
-                            lambda c=c: hf_cell(port, pid, str(model_dir), prompts[:c], tokens),
+                            lambda c=c: _repeated(
+                                lambda: hf_cell(port, pid, str(model_dir), prompts[:c], tokens), c
+                            ),
                         )
             except Exception as exc:
                 for c in CONCURRENCY:
@@ -153,7 +161,12 @@ def print_table(results: Results, shape: str, tokens: int) -> None:
             f"{label}{cell.tokens_per_s:>9.1f}{ms(cell.ttft(0.5)):>10}{ms(cell.ttft(0.95)):>10}"
             f"{ms(cell.itl):>9}{cell.rss_mib:>8.0f}"
         )
-    print("notes: RSS is the worker's (e) or the server's (f) VmHWM; vLLM's engine-core process is not in it")
+    print(
+        "notes: RSS is the worker's (e) or the server's (f) VmHWM; vLLM's engine-core process is not in it;"
+    )
+    print(
+        f"       cells of c ≤ 4 ran {REPEATS} times: tok/s is the median run's, TTFT and ITL of all requests"
+    )
     nan = float("nan")
     print(f"\n{'target':<50}{'value':>10}{'target':>10}   verdict")
 

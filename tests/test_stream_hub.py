@@ -77,6 +77,28 @@ def test_a_new_subscription_joins_a_blocked_read_at_once(redis_server: RedisServ
     run(redis_server, body)
 
 
+def test_subscriptions_that_come_together_share_one_wake_up() -> None:
+    """Many clients opening streams at once (a fan-out's ramp) wake the blocked read once, not once
+    each, and every one of them still joins the read at once."""
+    server = RedisServer()  # its own: the wake-ups are counted in its command statistics
+
+    async def body(hub: StreamHub, r: aioredis.Redis) -> None:
+        await hub.subscribe("t7:first")
+        await asyncio.sleep(0.2)  # the reader is blocked on t7:first alone
+        await r.config_resetstat()
+        subs = await asyncio.gather(*(hub.subscribe(f"t7:{i}") for i in range(30)))
+        stats = await r.info("commandstats")
+        assert stats["cmdstat_xadd"]["calls"] == 1
+        for i in range(30):
+            await r.xadd(f"t7:{i}", {"v": str(i)})
+        assert [await drain(sub, 1) for sub in subs] == [[str(i)] for i in range(30)]
+
+    try:
+        run(server, body)
+    finally:
+        server.close()
+
+
 def test_subscriptions_resume_after_their_last_id(redis_server: RedisServer) -> None:
     async def body(hub: StreamHub, r: aioredis.Redis) -> None:
         ids = [await r.xadd("t3", {"v": str(n)}) for n in range(5)]
