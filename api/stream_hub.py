@@ -25,7 +25,7 @@ log = logging.getLogger("streamq.api")
 Entry = tuple[str, dict[str, str]]
 WAKE_KEY_LIFE = 3600  # seconds the wake-up stream lives after its TTL was last set
 # Between two reads, the hub waits GATHER_PER_STREAM seconds per stream it follows (at most
-# GATHER_MAX; not at all under GATHER_MIN): 1,000 streams, 10 ms; 50 streams or fewer, none.
+# GATHER_MAX; not at all under GATHER_MIN): 1,000 streams, 10 ms; fewer than 100, none.
 GATHER_PER_STREAM = 10e-6
 GATHER_MIN = 0.001
 GATHER_MAX = 0.010
@@ -73,7 +73,7 @@ class StreamHub:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._wake_cursor = "0-0"
-        self._waking = False  # a wake-up was sent for the XREAD in flight
+        self._wake_task: asyncio.Task[None] | None = None  # the wake-up of the XREAD in flight
         self._wake_key_kept = -float(WAKE_KEY_LIFE)  # monotonic time the wake-up key's TTL was last set
 
     @property
@@ -103,25 +103,37 @@ class StreamHub:
         if cursor is None or parse_entry_id(last_id) < parse_entry_id(cursor):
             self._cursors[key] = last_id
         self._changed.set()
-        # The XREAD in flight does not know this key yet: wake it, unless a wake-up is already on
-        # its way (subscriptions that come together share one).
-        if self._blocking and not self._waking:
-            self._waking = True
+        # The XREAD in flight does not know this key yet: wake it. Subscriptions that come while
+        # a wake-up is on its way share it; it belongs to the hub, so a subscriber that goes
+        # away (its client disconnected) does not take it down with it.
+        wake = self._wake()
+        if wake is not None:
             try:
-                now = time.monotonic()
-                renew = now - self._wake_key_kept > WAKE_KEY_LIFE / 2  # it expires once its front is gone
-                pipe = self._writer.pipeline(transaction=False)
-                pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1)
-                if renew:
-                    pipe.expire(self._wake_key, WAKE_KEY_LIFE)
-                await pipe.execute()
-                if renew:
-                    self._wake_key_kept = now
-            except RedisError:
-                self._waking = False
+                await asyncio.shield(wake)
+            except BaseException:
                 self.unsubscribe(sub)
                 raise
         return sub
+
+    def _wake(self) -> asyncio.Task[None] | None:
+        """The wake-up of the blocked read (started now, or the one already on its way); None when
+        no read is blocked."""
+        if not self._blocking:
+            return None
+        if self._wake_task is None or self._wake_task.done():
+            self._wake_task = asyncio.create_task(self._send_wake(), name="streamq-hub-wake")
+        return self._wake_task
+
+    async def _send_wake(self) -> None:
+        now = time.monotonic()
+        renew = now - self._wake_key_kept > WAKE_KEY_LIFE / 2  # it expires once its front is gone
+        pipe = self._writer.pipeline(transaction=False)
+        pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1)
+        if renew:
+            pipe.expire(self._wake_key, WAKE_KEY_LIFE)
+        await pipe.execute()
+        if renew:
+            self._wake_key_kept = now
 
     def unsubscribe(self, sub: Subscription) -> None:
         subs = self._subs.get(sub.key)
@@ -162,7 +174,8 @@ class StreamHub:
                 backoff = min(backoff * 2, 5.0)
                 continue
             finally:
-                self._blocking = self._waking = False
+                self._blocking = False
+                self._wake_task = None  # the next read is a new one: a new subscription wakes it anew
             backoff = 0.1
             for key, entries in reply or []:
                 if key == self._wake_key:

@@ -39,7 +39,7 @@ def find_redis_server() -> str | None:
 
 
 # Each job has a stream of its own (and RQ a results stream per job): small streams, each one node,
-# and Redis 7.0 allocates a new node at its full size (4 KiB by default). Smaller nodes halve
+# and Redis 7.0 allocates a new node at its full size (4 KiB by default). Smaller nodes cut by a third
 # what an ended job keeps in memory (bench/redis_commands.py; README "Capacity").
 STREAM_NODE_ARGS = ("--stream-node-max-bytes", "1024")
 

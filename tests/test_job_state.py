@@ -12,8 +12,9 @@ import redis
 from shared import keys
 from shared.job_store import scripts
 from shared.job_store.payloads import Failed
-from shared.job_store.scripts import Answer, Ending, JobScripts, RenewAnswer
+from shared.job_store.scripts import Answer, DeltaAnswer, Ending, JobScripts, RenewAnswer
 from shared.job_store.vocabulary import EventName, FinishReason, JobField, JobStatus
+from shared.logprobs import TokenLogprob
 from shared.schemas import Timings, Usage
 from streamq.redis_server import RedisServer
 from worker.step_publisher import final_record
@@ -197,7 +198,7 @@ def test_every_word_the_scripts_use_is_in_the_vocabulary() -> None:
     words = {*JobField, *JobStatus, *EventName, *FinishReason, *Answer}
     commands = {"HGET", "HSET", "HSETNX", "HINCRBY", "HDEL", "SET", "PX", "ZADD", "ZREM", "ZCARD", "XADD"}
     commands |= {"MAXLEN", "~", "*", "event", "data", "LLEN", "APPEND", "RPUSH", "PTTL", "PEXPIRE"}
-    commands |= {"EXISTS", "EXPIRE", "DEL", "LPUSH", "LREM", "HMGET", "SADD", "", "{}", "0", "1"}
+    commands |= {"EXISTS", "EXPIRE", "DEL", "LPUSH", "LREM", "HMGET", "SADD", "LPOS", "", "{}", "0", "1"}
     for script in scripts.SCRIPTS:
         literals = set(re.findall(r"'([^']*)'", script.source))
         assert literals - words - commands == set(), script.name
@@ -261,3 +262,35 @@ def test_a_redis_that_lost_the_scripts_gets_them_again_and_the_write_is_retried(
         assert _run(r, scripts.renew("js-noscript", run="run-n", lease_ms=5000)) == RenewAnswer.HELD
     finally:
         server.close()
+
+
+def test_output_with_logprobs_and_no_text_is_an_event_and_a_long_backlog_is_stored_whole(
+    redis_server: RedisServer,
+) -> None:
+    """A token that spells nothing (a special token) still brings its logprob to the client; and
+    a backlog of token ids kept while Redis was away (more than Lua unpacks at once) is written
+    whole, in order, once."""
+    r = redis_server.client(decode_responses=True)
+    _new_job(r, "js-lp")
+    assert _start(r, "js-lp", "run-l") == "running"
+    entry = TokenLogprob(token="", logprob=-0.5, bytes=[], top_logprobs=[])
+    call = scripts.delta(
+        "js-lp",
+        run="run-l",
+        maxlen=100,
+        text="",
+        prompt_tokens=3,
+        completion_tokens=1,
+        stored=0,
+        token_ids=[7],
+        logprobs=[entry],
+    )
+    assert int(_run(r, call)) == DeltaAnswer.WRITTEN  # type: ignore[call-overload]
+    assert _events(r, "js-lp") == ["started", "delta"]
+    assert r.get(keys.text("js-lp")) is None  # no text yet: nothing appended
+    backlog = list(range(9000))
+    assert _delta(r, "js-lp", "run-l", "many ", backlog) == DeltaAnswer.WRITTEN
+    assert r.lrange(keys.tokens("js-lp"), 0, -1) == ["7", *map(str, backlog)]
+    job_ms = r.pttl(keys.job("js-lp"))
+    for key in (keys.tokens("js-lp"), keys.text("js-lp")):  # they live as long as the job's hash
+        assert abs(r.pttl(key) - job_ms) < 1000

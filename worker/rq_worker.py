@@ -41,7 +41,7 @@ from worker.tasks import TASK
 log = logging.getLogger("streamq.worker")
 
 IDLE_POLL = 5  # seconds an idle slot blocks on its queue before looking at a stop request
-HEARTBEAT_SLACK = 30.0  # seconds: a slot's RQ heartbeat that would extend its keys' life less is skipped
+IDLE_BEAT_EVERY = 30.0  # seconds between a slot's idle RQ heartbeats (RQ's keys live 480 s a beat)
 
 
 class JobHost(Protocol):
@@ -184,7 +184,7 @@ class SlotWorker(StreamqWorker):
     installs no signal handlers and uses no SIGALRM timer (the pool's main thread takes the
     signals; the engine enforces deadlines)."""
 
-    _beat_expires = 0.0  # monotonic time the slot's RQ keys expire, as of its last heartbeat
+    _idle_beat_due = 0.0  # monotonic time of the slot's next idle RQ heartbeat
     _written_state = ""
 
     def _install_signal_handlers(self) -> None:
@@ -197,16 +197,16 @@ class SlotWorker(StreamqWorker):
         pass  # one process title for the whole pool
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
-        """RQ's heartbeat (the slot's key and its executions set live ``timeout`` more seconds),
-        skipped when it would move their expiry by less than HEARTBEAT_SLACK: RQ beats several
-        times around every job, three commands each, which at hundreds of jobs a second was most
-        of a job's Redis traffic. A beat that lengthens the TTL (a job's) is always sent."""
-        ttl = timeout or self.worker_ttl + 60
-        expires = time.monotonic() + ttl
-        if expires - self._beat_expires < HEARTBEAT_SLACK:
+        """RQ's heartbeat (the slot's key and its executions set live ``timeout`` more seconds).
+        An idle beat (RQ's default TTL, sent on its own) comes at most every IDLE_BEAT_EVERY
+        seconds: RQ sends two around every job, three commands each, which at hundreds of jobs
+        a second was a large share of a job's Redis traffic. A job's beat is always sent."""
+        idle = timeout is None and pipeline is None
+        if idle and time.monotonic() < self._idle_beat_due:
             return
         super().heartbeat(timeout, pipeline)
-        self._beat_expires = expires
+        if idle:
+            self._idle_beat_due = time.monotonic() + IDLE_BEAT_EVERY
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
         """RQ's state write, skipped when the slot's state is already that (RQ writes "idle" twice

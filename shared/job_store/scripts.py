@@ -107,22 +107,26 @@ return 'running'
 # (its reply was lost) finds them already there and writes nothing twice.
 # The text and the token ids live as long as the job's hash: each gets its TTL from the hash
 # once, when a write creates it (a finished job's end sets them all again).
-# KEYS: job hash, events, text, tokens. ARGV: run id, maxlen, delta event data (or ""), text
-# (or ""), prompt tokens, completion tokens, token ids stored before, then the new token ids.
+# KEYS: job hash, events, text, tokens. ARGV: run id, maxlen, delta event data (or "": no
+# event), text (or ""), prompt tokens, completion tokens, token ids stored before, then the new
+# token ids.
 # Returns 0, 1 (a cancel was asked), or -1 (this run no longer holds the job: stop, write nothing).
 _DELTA = """
 local job = redis.call('HMGET', KEYS[1], 'run', 'status', 'cancel')
 if job[1] ~= ARGV[1] or job[2] ~= 'running' then return -1 end
 if redis.call('LLEN', KEYS[4]) == tonumber(ARGV[7]) then
-  if ARGV[4] ~= '' then
+  if ARGV[3] ~= '' then
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'delta', 'data', ARGV[3])
-    if redis.call('APPEND', KEYS[3], ARGV[4]) == #ARGV[4] then
-      local ttl = redis.call('PTTL', KEYS[1])
-      if ttl > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
-    end
+  end
+  if ARGV[4] ~= '' and redis.call('APPEND', KEYS[3], ARGV[4]) == #ARGV[4] then
+    local ttl = redis.call('PTTL', KEYS[1])
+    if ttl > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
   end
   redis.call('HSET', KEYS[1], 'prompt_tokens', ARGV[5], 'completion_tokens', ARGV[6])
-  if #ARGV >= 8 and redis.call('RPUSH', KEYS[4], unpack(ARGV, 8)) == #ARGV - 7 then
+  for first = 8, #ARGV, 4000 do  -- in parts: Lua unpacks at most about 8,000 values at once
+    redis.call('RPUSH', KEYS[4], unpack(ARGV, first, math.min(first + 3999, #ARGV)))
+  end
+  if #ARGV >= 8 and tonumber(ARGV[7]) == 0 then
     local ttl = redis.call('PTTL', KEYS[1])
     if ttl > 0 then redis.call('PEXPIRE', KEYS[4], ttl) end
   end
@@ -248,8 +252,12 @@ CANCEL = Lua("cancel", _CANCEL)
 # records live, maxlen, queued event data, the quota's limit, now, seconds the active set
 # lives, how many items the job hash's field/value pairs take (n), then those n items and RQ's
 # job's field/value pairs. Returns {"queued", the job's place in its queue (0: next)},
-# {"full", jobs queued} or {"quota", 0}.
+# {"full", jobs queued} or {"quota", 0}. A call sent again (a connection that dropped before
+# the reply) finds the job created and answers "queued" again, writing nothing twice.
 _SUBMIT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then  -- sent again (its reply was lost): created already
+  return {'queued', redis.call('LPOS', KEYS[4], ARGV[1]) or 0}
+end
 local limit = tonumber(ARGV[2])
 if limit > 0 then
   local queued = redis.call('LLEN', KEYS[4])
