@@ -122,6 +122,8 @@ class StreamHub:
             return None
         if self._wake_task is None or self._wake_task.done():
             self._wake_task = asyncio.create_task(self._send_wake(), name="streamq-hub-wake")
+            # Its error reaches the subscribers awaiting it; when none is left, it is dropped here.
+            self._wake_task.add_done_callback(lambda task: task.cancelled() or task.exception())
         return self._wake_task
 
     async def _send_wake(self) -> None:
