@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from shared.cli_options import INSECURE_HELP, with_options
+from shared.parent_death import die_with_parent
 from shared.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -119,10 +120,7 @@ def front_process_app() -> FastAPI:
 
     parent = multiprocessing.parent_process()
     if parent is not None and sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        die_with_parent()
         if os.getppid() != parent.pid:  # it ended before the line above
             os.kill(os.getpid(), signal.SIGTERM)
     return create_app()

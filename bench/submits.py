@@ -19,7 +19,7 @@ from pathlib import Path
 from bench import ROOT
 from bench.measure import ms, pct
 from bench.stack import http_server
-from streamq.processes import Service, free_port, start_synthetic_worker, wait_for, wait_workers
+from streamq.processes import Service, free_port, start_front, start_synthetic_worker, wait_for, wait_workers
 from streamq.redis_server import RedisServer
 
 CONCURRENCY = (1, 16, 64, 256)
@@ -41,23 +41,8 @@ TARGET_P99 = 0.050
 
 
 def _front(env: dict[str, str], workdir: Path, processes: int) -> tuple[Service, int]:
-    import httpx
-
-    port = free_port()
-    args = ["api", "--port", str(port), "--log-level", "warning", "--workers", str(processes)]
-    front = Service(args, env, f"submits-front-{processes}", workdir)
-
-    def up() -> bool:
-        if not front.alive():
-            return True
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(up, 60, "the front to listen")
-    assert front.alive(), front.log()
-    return front, port
+    front, url = start_front(env, workdir, f"submits-front-{processes}", extra=["--workers", str(processes)])
+    return front, int(url.rsplit(":", 1)[1])
 
 
 def _occupy(port: int) -> None:

@@ -19,8 +19,9 @@ import urllib.request
 from pathlib import Path
 from types import FrameType
 
+from shared.parent_death import die_with_parent
 from shared.settings import Settings
-from streamq.processes import die_with_parent, port_in_use, streamq_command
+from streamq.processes import port_in_use, streamq_command
 from streamq.redis_server import start_private_redis
 
 TINY_MODEL_NAME = "streamq-tiny"

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -28,15 +28,6 @@ def port_in_use(host: str, port: int) -> bool:
         except OSError:
             return True
     return False
-
-
-def die_with_parent() -> None:
-    """In a child, before exec: get SIGTERM if its parent dies (even by SIGKILL). Linux only."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def streamq_command(*args: str) -> list[str]:
@@ -84,10 +75,12 @@ def start_front(
     name: str = "front",
     log_level: str = "warning",
     port: int | None = None,
+    extra: Sequence[str] = (),
 ) -> tuple[Service, str]:
-    """A front on a free port (or on ``port``: a front restarted where its clients expect it)."""
+    """A front on a free port (or on ``port``: a front restarted where its clients expect it),
+    with ``extra`` options (``--workers 2``)."""
     port = port or free_port()
-    service = Service(["api", "--port", str(port), "--log-level", log_level], env, name, logdir)
+    service = Service(["api", "--port", str(port), "--log-level", log_level, *extra], env, name, logdir)
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: _answers(url) or not service.alive(), 60, f"{name} to listen")
     assert service.alive(), service.log()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import redis
 
-from streamq.processes import die_with_parent, free_port
+from shared.parent_death import die_with_parent
+from streamq.processes import free_port
 
 REDIS_HINT = (
     "streamq up needs a Redis server to run a private Redis (or set STREAMQ_REDIS_URL): neither\n"

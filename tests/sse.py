@@ -43,15 +43,20 @@ def read_events(response: httpx.Response) -> Iterator[SSE | None]:
 def follow(client: httpx.Client, url: str, job_id: str, last_event_id: str | None = None) -> list[SSE]:
     """All events of a job until its final one."""
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
-    events: list[SSE] = []
     with client.stream("GET", f"{url}/v1/jobs/{job_id}/events", headers=headers) as response:
         assert response.status_code == 200, response.read()
-        for event in read_events(response):
-            if event is None:
-                continue
-            events.append(event)
-            if event.event in ("done", "error", "canceled"):
-                break
+        return events_to_final(response)
+
+
+def events_to_final(response: httpx.Response) -> list[SSE]:
+    """The events of an open job stream, up to and with its final one."""
+    events: list[SSE] = []
+    for event in read_events(response):
+        if event is None:
+            continue
+        events.append(event)
+        if event.event in ("done", "error", "canceled"):
+            break
     return events
 
 

@@ -26,7 +26,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from streamq.processes import Service, _answers, free_port, start_synthetic_worker, wait_for, wait_workers
 from streamq.redis_server import RedisServer
 from tests.processes import ROOT
-from tests.sse import SSE, follow, read_events, text_of
+from tests.sse import SSE, events_to_final, follow, read_events, text_of
 
 pytestmark = pytest.mark.e2e
 
@@ -176,14 +176,7 @@ def _stream_on_other_process(front: Front, job_id: str, last_id: str, not_pid: i
             pid = serving_pid(front.children, client_port(response))
             if pid == not_pid:
                 continue  # nothing read: close it and connect again
-            events = []
-            for event in read_events(response):
-                if event is None:
-                    continue
-                events.append(event)
-                if event.event in ("done", "error", "canceled"):
-                    break
-            return pid, events
+            return pid, events_to_final(response)
     raise AssertionError(f"30 connections in a row were served by process {not_pid}")
 
 
