@@ -196,7 +196,10 @@ class SamplingFields(BaseModel):
 
 class JobRequest(SamplingFields):
     """Body of ``POST /v1/jobs``: OpenAI-style ``messages``, ChatGLM's ``prompt`` + ``history``,
-    or a ``raw_prompt`` given to the model as it is."""
+    or a ``raw_prompt`` given to the model as it is. A field it does not know is refused (400,
+    naming it), not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
 
     messages: list[ChatMessage] | None = None
     prompt: Text | None = None

@@ -62,6 +62,12 @@ async def test_invalid_requests_get_the_error_envelope_naming_the_field(front: F
     _error(response)
 
 
+async def test_a_field_the_job_api_does_not_know_is_refused_by_name(front: Front) -> None:
+    response = await front.http.post("/v1/jobs", json={**HELLO, "frobnicate": 1})
+    assert response.status_code == 400
+    assert _error(response)["param"] == "frobnicate"
+
+
 async def test_server_limits_are_400s_that_name_the_field_and_setting(limited: Front) -> None:
     response = await limited.http.post("/v1/jobs", json={**HELLO, "max_tokens": 17})
     assert response.status_code == 400
