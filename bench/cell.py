@@ -77,7 +77,7 @@ def run_generate(backend: Any, prompts: list[str], tokens: int) -> Cell:
     import torch
     from transformers.generation.streamers import BaseStreamer
 
-    class Stamps(BaseStreamer):  # type: ignore[misc]
+    class Stamps(BaseStreamer):
         def __init__(self) -> None:
             self.times: list[float] = []
             self.prompt_seen = False

@@ -14,6 +14,7 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ def in_process_first_token(model_dir: Path, runs: int) -> list[float]:
     for _ in range(runs):
         start = time.perf_counter()
         steps = backend.generate(req)
+        assert isinstance(steps, Generator)  # generate is a generator function: close ends it now
         next(steps)
         out.append(time.perf_counter() - start)
         steps.close()
@@ -106,8 +108,8 @@ async def hold_streams(url: str, redis_url: str, count: int) -> dict[str, Any]:
         tasks = [asyncio.create_task(listen(i)) for i in ids]
         await asyncio.wait_for(opened.wait(), timeout=60)
         await asyncio.sleep(1.0)
-        r = redis.Redis.from_url(redis_url, decode_responses=True)
-        front_conns = sum(1 for c in r.client_list() if c.get("name") == "streamq-front")
+        redis_client = redis.Redis.from_url(redis_url, decode_responses=True)
+        front_conns = sum(1 for c in redis_client.client_list() if c.get("name") == "streamq-front")
         for job_id in ids:
             await client.post(f"{url}/v1/jobs/{job_id}/cancel")
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)

@@ -55,7 +55,7 @@ async def client(
                 return
 
 
-async def run(port: int, clients: int, tokens: int) -> dict[str, list]:  # type: ignore[type-arg]
+async def run(port: int, clients: int, tokens: int) -> dict[str, object]:
     submit = asyncio.Semaphore(SUBMIT_AT_ONCE)
     opened = [0]
     latencies: list[tuple[float, float]] = []

@@ -28,7 +28,7 @@ def _patch_cpu_device_map() -> None:
             return None
         return original(device_map)
 
-    modeling_utils.check_and_set_device_map = check  # type: ignore[attr-defined]
+    modeling_utils.check_and_set_device_map = check
 
 
 def main() -> int:

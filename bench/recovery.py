@@ -15,6 +15,7 @@ import json
 import signal
 import time
 from pathlib import Path
+from typing import cast
 
 import httpx
 import redis
@@ -57,9 +58,11 @@ def cancel_latency(
         answer = client.post(f"{url}/v1/jobs/{job_id}/cancel")
         out["answer"].append(time.time() - start)
         assert answer.json()["status"] == "canceled", answer.text
+        # r decodes no replies, and a range over a stream has no nil entry: all bytes.
+        events = cast("list[tuple[bytes, dict[bytes, bytes]]]", r.xrange(keys.events(job_id)))
         deltas = [
             int(entry_id.decode().split("-")[0]) / 1000
-            for entry_id, fields in r.xrange(keys.events(job_id))
+            for entry_id, fields in events
             if fields[b"event"] == b"delta"
         ]
         out["last_delta"].append(max(0.0, deltas[-1] - start))
@@ -79,7 +82,11 @@ def crash_detection(
         with httpx.Client(timeout=30) as client:
             for round_ in range(CRASHES):
                 job_id = _long_job(client, url, prompts[round_ % len(prompts)])
-                wait_for(lambda j=job_id: _state(client, url, j)["status"] == "running", 60, "the job to run")
+
+                def running(job_id: str = job_id) -> bool:
+                    return _state(client, url, job_id)["status"] == "running"
+
+                wait_for(running, 60, "the job to run")
                 victim_name = str(_state(client, url, job_id)["worker"])
                 victim = next(w for w in workers if w.name == victim_name.replace("bench-", ""))
                 victim.proc.send_signal(signal.SIGKILL)

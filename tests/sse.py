@@ -21,6 +21,7 @@ class SSE:
 
 def read_events(response: httpx.Response) -> Iterator[SSE | None]:
     """Events as they arrive; None for a comment line (keep-alive)."""
+    data: list[str]
     event, data, event_id = "message", [], None
     for line in sse_lines(response.iter_text()):
         if line == "":

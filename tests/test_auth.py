@@ -237,7 +237,7 @@ def test_keys_are_parsed_named_and_compared_by_digest(tmp_path: Path) -> None:
     keys_file = tmp_path / "keys"
     keys_file.write_text("# comment\nops:sk-file-key-00000001\n\nsk-unnamed-key-0000002\n")
     settings = Settings(
-        api_keys="web:sk-env-key-000000001, sk-env-key-000000002",  # type: ignore[arg-type]
+        api_keys="web:sk-env-key-000000001, sk-env-key-000000002",
         api_keys_file=keys_file,
     )
     keys = ApiKeys.from_settings(settings)

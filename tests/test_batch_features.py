@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from typing import Any
 
 import jsonschema
@@ -207,7 +208,8 @@ def reference_penalized(backend: Any, prompt: list[int], n: int, request: Genera
     from transformers import RepetitionPenaltyLogitsProcessor
 
     repetition = RepetitionPenaltyLogitsProcessor(request.repetition_penalty)
-    ids, answer = list(prompt), []
+    ids = list(prompt)
+    answer: list[int] = []
     for _ in range(n):
         with torch.inference_mode():
             logits = backend.model(input_ids=torch.tensor([ids])).logits[:, -1].float()
@@ -305,9 +307,11 @@ def test_prompt_logprobs_come_once_and_match_a_full_forward_pass(tiny_backend: A
     keeps: list[int] = []
     real = model._forward
 
-    def recording(*args: Any) -> Any:
-        keeps.append(args[3] if len(args) > 3 else 1)
-        return real(*args)
+    def recording(
+        ids: torch.Tensor, positions: torch.Tensor, mask: Callable[[int | None], torch.Tensor], keep: int = 1
+    ) -> Any:
+        keeps.append(keep)
+        return real(ids, positions, mask, keep)
 
     model._forward = recording  # type: ignore[method-assign]
     reqs = [

@@ -29,7 +29,7 @@ def seed_stream_client(url: str, prompt: str, history: list[list[str]], **extra:
 
 
 def test_post_root_answers_like_chatglm_api(stack: Stack) -> None:
-    body = {
+    body: dict[str, Any] = {
         "prompt": "你好",
         "history": [["hi", "hello"]],
         "max_length": 80,

@@ -261,9 +261,9 @@ def test_resuming_after_the_final_event_ends_at_once(stack: Stack, long_prompts:
     with httpx.Client(timeout=30) as client:
         job = submit(client, stack.url, prompt="short", max_tokens=5)
         events = follow(client, stack.url, job["id"])
-        after_end = client.get(
-            f"{stack.url2}/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": events[-1].id}
-        )
+        last_id = events[-1].id
+        assert last_id is not None
+        after_end = client.get(f"{stack.url2}/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": last_id})
         assert after_end.status_code == 204  # EventSource stops reconnecting on 204
         running = submit(client, stack.url, prompt=long_prompts[0], max_tokens=LONG_TOKENS, temperature=0)
         future = client.get(

@@ -199,7 +199,8 @@ def test_cancel_stops_a_job_within_one_step_and_frees_its_slot(
         seen.wait(lambda: seen.end(late) is not None and seen.end(other) is not None)
         assert seen.text(other) == alone(tiny_backend, other.request)[0]
         assert seen.text(late) == alone(tiny_backend, late.request)[0]
-        assert seen.end(late).finish_reason in ("stop", "length")  # type: ignore[union-attr]
+        ended = seen.end(late)
+        assert ended is not None and ended.finish_reason in ("stop", "length")
 
 
 def test_a_job_past_its_deadline_ends_with_finish_reason_timeout(
@@ -250,6 +251,7 @@ def test_other_architectures_batch_as_they_run_alone(tiny_backend: Any, arch: st
         eos_token_id=tiny_backend.model.config.eos_token_id,
     )
     torch.manual_seed(0)
+    model: LlamaForCausalLM | MistralForCausalLM
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**shape))
     else:

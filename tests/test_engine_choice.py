@@ -41,4 +41,4 @@ def test_auto_takes_vllm_on_a_gpu_for_an_architecture_it_serves(tiny_model: Path
 
 def test_engine_setting_refuses_an_unknown_engine() -> None:
     with pytest.raises(ValueError, match="engine"):
-        Settings(engine="tensorrt")  # type: ignore[arg-type]
+        Settings(engine="tensorrt")

@@ -117,7 +117,11 @@ def test_the_transformers_engine_honours_each_field(stack: Stack, fields: dict[s
 
 
 def test_the_openai_sdk_gets_a_json_answer_from_the_transformers_engine(stack: Stack) -> None:
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    schema: dict[str, object] = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+    }
     with openai.OpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0, timeout=60) as client:
         completion = client.chat.completions.create(
             model=stack.model_dir.name,

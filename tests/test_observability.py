@@ -51,6 +51,7 @@ class OpsStack:
     def worker_metrics_url(self, worker: str) -> str:
         port = self.redis.client(decode_responses=True).hget(keys.worker(worker), "metrics_port")
         assert port, f"worker {worker} announced no metrics port"
+        assert isinstance(port, str)  # a decoding client's reply
         return f"http://127.0.0.1:{port}/metrics"
 
 

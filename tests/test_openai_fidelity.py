@@ -12,13 +12,15 @@ from typing import Any
 import jsonschema
 import openai
 import pytest
+from openai.types.chat import ChatCompletionNamedToolChoiceParam, ChatCompletionToolParam
+from openai.types.shared_params import ResponseFormatJSONSchema
 from pydantic import BaseModel, Field
 
 from tests.conftest import Stack
 
 pytestmark = pytest.mark.e2e
 
-PERSON = {
+PERSON: dict[str, object] = {
     "type": "object",
     "properties": {
         "name": {"type": "string", "maxLength": 8},
@@ -28,7 +30,7 @@ PERSON = {
     "required": ["name", "mood", "tags"],
     "additionalProperties": False,
 }
-WEATHER = {
+WEATHER: ChatCompletionToolParam = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -74,12 +76,15 @@ def json_object_or_cut(choice: Any) -> None:
 def test_json_schema_answers_validate_streamed_and_not(
     client: openai.OpenAI, stack: Stack, temperature: float
 ) -> None:
-    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    fmt: ResponseFormatJSONSchema = {
+        "type": "json_schema",
+        "json_schema": {"name": "person", "schema": PERSON, "strict": True},
+    }
     whole = client.chat.completions.create(
         **ask(stack, "Describe someone."),
         response_format=fmt,
         temperature=temperature,
-        seed=3,  # type: ignore[call-overload]
+        seed=3,
     )
     assert whole.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(whole.choices[0].message.content or ""), PERSON)
@@ -88,38 +93,38 @@ def test_json_schema_answers_validate_streamed_and_not(
         response_format=fmt,
         temperature=temperature,
         seed=4,
-        stream=True,  # type: ignore[call-overload]
+        stream=True,
     )
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     jsonschema.validate(json.loads(text), PERSON)
     anything = client.chat.completions.create(
         **ask(stack, "JSON please"), response_format={"type": "json_object"}
-    )  # type: ignore[call-overload]
+    )
     json_object_or_cut(anything.choices[0])
 
 
 def test_a_named_tool_choice_returns_a_call_whose_arguments_validate(
     client: openai.OpenAI, stack: Stack
 ) -> None:
-    choice = {"type": "function", "function": {"name": "get_weather"}}
+    choice: ChatCompletionNamedToolChoiceParam = {"type": "function", "function": {"name": "get_weather"}}
     whole = client.chat.completions.create(
         **ask(stack, "Weather in Paris?"), tools=[WEATHER], tool_choice=choice
-    )  # type: ignore[call-overload]
+    )
     assert whole.choices[0].finish_reason == "tool_calls"
     call = whole.choices[0].message.tool_calls[0]
     assert call.function.name == "get_weather" and call.id.startswith("call_")
-    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])  # type: ignore[index]
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
 
     stream = client.chat.completions.create(
         **ask(stack, "Weather in Oslo?"),
         tools=[WEATHER],
         tool_choice=choice,
-        stream=True,  # type: ignore[call-overload]
+        stream=True,
     )
     parts = [t for c in stream if c.choices for t in c.choices[0].delta.tool_calls or []]
     assert parts[0].function.name == "get_weather" and parts[0].id
     arguments = "".join(p.function.arguments or "" for p in parts)
-    jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])  # type: ignore[index]
+    jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])
 
 
 def test_tool_choice_required_always_calls(client: openai.OpenAI, stack: Stack) -> None:
@@ -128,11 +133,11 @@ def test_tool_choice_required_always_calls(client: openai.OpenAI, stack: Stack) 
         tools=[WEATHER],
         tool_choice="required",
         parallel_tool_calls=False,
-        temperature=1.0,  # type: ignore[call-overload]
+        temperature=1.0,
     )
     calls = whole.choices[0].message.tool_calls
     assert len(calls) == 1 and calls[0].function.name == "get_weather"
-    jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])  # type: ignore[index]
+    jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])
 
 
 def test_an_agent_loop_of_two_turns(client: openai.OpenAI, stack: Stack) -> None:
@@ -143,18 +148,20 @@ def test_an_agent_loop_of_two_turns(client: openai.OpenAI, stack: Stack) -> None
         tools=[WEATHER],
         tool_choice="required",
         parallel_tool_calls=False,
-        max_tokens=80,  # type: ignore[arg-type]
+        max_tokens=80,
     )
-    call = first.choices[0].message.tool_calls[0]  # type: ignore[index]
+    assert first.choices[0].message.tool_calls is not None
+    call = first.choices[0].message.tool_calls[0]
+    assert call.type == "function"
     messages.append(first.choices[0].message)  # the SDK's own object, sent back as it is
-    result = {"city": json.loads(call.function.arguments)["city"], "sky": "clear"}  # type: ignore[union-attr]
+    result = {"city": json.loads(call.function.arguments)["city"], "sky": "clear"}
     messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)})
     second = client.chat.completions.create(
         model=stack.model_dir.name,
         messages=messages,
         tools=[WEATHER],
         tool_choice="none",
-        max_tokens=8,  # type: ignore[arg-type]
+        max_tokens=8,
     )
     assert second.choices[0].message.tool_calls is None
     assert second.choices[0].message.content and second.choices[0].finish_reason in ("stop", "length")
@@ -163,7 +170,7 @@ def test_an_agent_loop_of_two_turns(client: openai.OpenAI, stack: Stack) -> None
         messages=messages[:1],
         tools=[WEATHER],
         tool_choice="none",
-        max_tokens=1,  # type: ignore[arg-type]
+        max_tokens=1,
     )
     assert second.usage is not None and alone.usage is not None
     assert (
@@ -174,7 +181,7 @@ def test_an_agent_loop_of_two_turns(client: openai.OpenAI, stack: Stack) -> None
 def test_logprobs_have_top_entries_that_spell_the_answer(client: openai.OpenAI, stack: Stack) -> None:
     whole = client.chat.completions.create(
         **ask(stack, "Count.", 12), temperature=0, logprobs=True, top_logprobs=3
-    )  # type: ignore[call-overload]
+    )
     entries = whole.choices[0].logprobs.content
     assert whole.usage is not None and len(entries) == whole.usage.completion_tokens
     assert all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in entries)
@@ -188,7 +195,7 @@ def test_logprobs_have_top_entries_that_spell_the_answer(client: openai.OpenAI, 
         temperature=0,
         logprobs=True,
         top_logprobs=3,
-        stream=True,  # type: ignore[call-overload]
+        stream=True,
     )
     streamed = [
         e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content or []
@@ -229,14 +236,14 @@ def test_a_completion_is_raw_not_chat_templated(
         temperature=0,
     )
     assert ids.choices[0].text == raw.choices[0].text
-    chat = client.chat.completions.create(**ask(stack, text, 6), temperature=0)  # type: ignore[call-overload]
+    chat = client.chat.completions.create(**ask(stack, text, 6), temperature=0)
     assert chat.usage is not None and chat.usage.prompt_tokens > raw.usage.prompt_tokens
 
 
 def test_logit_bias_forces_a_token(client: openai.OpenAI, stack: Stack, tiny_backend: Any) -> None:
     token = tiny_backend.tokenizer(" model", add_special_tokens=False)["input_ids"]
     assert len(token) == 1
-    whole = client.chat.completions.create(**ask(stack, "Say anything.", 4), logit_bias={str(token[0]): 100})  # type: ignore[call-overload]
+    whole = client.chat.completions.create(**ask(stack, "Say anything.", 4), logit_bias={str(token[0]): 100})
     assert whole.choices[0].message.content == " model" * 4
 
 
@@ -251,21 +258,21 @@ def test_langchain_bind_tools_and_structured_output_return_parsed_objects(stack:
 
     llm = ChatOpenAI(
         model=stack.model_dir.name, base_url=stack.url + "/v1", api_key="x", max_tokens=80, max_retries=0
-    )  # type: ignore[arg-type]
+    )
     with_tools = llm.bind_tools([Weather], tool_choice="Weather")
     message = with_tools.invoke("Weather in Lima?")
-    assert message.tool_calls and message.tool_calls[0]["name"] == "Weather"  # type: ignore[attr-defined]
-    Weather.model_validate(message.tool_calls[0]["args"])  # type: ignore[attr-defined]
+    assert message.tool_calls and message.tool_calls[0]["name"] == "Weather"
+    Weather.model_validate(message.tool_calls[0]["args"])
     # The loop's next turn carries the call and its result.
     reply = llm.bind_tools([Weather]).invoke(
         [
             HumanMessage("Weather in Lima?"),
             message,
-            ToolMessage(content="sunny", tool_call_id=message.tool_calls[0]["id"], name="Weather"),  # type: ignore[attr-defined]
+            ToolMessage(content="sunny", tool_call_id=message.tool_calls[0]["id"], name="Weather"),
         ]
     )
     assert isinstance(reply.content, str)
 
     for method in ("function_calling", "json_schema"):
-        parsed = llm.with_structured_output(Weather, method=method).invoke("Weather in Kyiv?")  # type: ignore[arg-type]
+        parsed = llm.with_structured_output(Weather, method=method).invoke("Weather in Kyiv?")
         assert isinstance(parsed, Weather), method

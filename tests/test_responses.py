@@ -20,6 +20,8 @@ from shared import keys
 from shared.schemas import STRUCTURED_OUTPUT, TOOLS, ChatMessage, GenerationRequest
 from streamq.processes import wait_for
 from tests.conftest import LONG_TOKENS, STACK_CAPACITY, Stack
+from tests.redis_replies import decoded
+from tests.response_items import item_text
 from tests.secure_stack import KEYS, MODEL, SecureStack
 from tests.sse import follow, text_of
 from tests.test_e2e_jobs import greedy_answer
@@ -83,9 +85,9 @@ def engines_offer(stack: Stack, *features: str) -> bool:
     """Whether every live worker of the stack's model announces ``features`` (the transformers
     engine's guided decoding and tools are on their way; until then the front refuses them)."""
     r = stack.redis.client(decode_responses=True)
-    workers = [r.hgetall(keys.worker(name)) for name in r.zrange(keys.WORKERS, 0, -1)]
+    workers = [r.hgetall(keys.worker(decoded(name))) for name in r.zrange(keys.WORKERS, 0, -1)]
     mine = [w for w in workers if w.get("model") == model_of(stack)]
-    return bool(mine) and all(set(features) <= set(w.get("features", "").split(",")) for w in mine)
+    return bool(mine) and all(set(features) <= set(decoded(w.get("features", "")).split(",")) for w in mine)
 
 
 @pytest.fixture(scope="session")
@@ -198,7 +200,8 @@ def test_cancel_a_queued_and_a_running_response_frees_its_slot(
         assert kinds == ["response.created", "response.queued", "response.cancelled"]
 
         stopped = client2.responses.cancel(busy[0].id)
-        assert stopped.status == "cancelled" and stopped.output[0].status == "incomplete"
+        assert stopped.status == "cancelled" and stopped.output[0].type == "message"
+        assert stopped.output[0].status == "incomplete"
         job = httpx.get(f"{stack.url}/v1/jobs/{job_of(busy[0].id)}", timeout=10).json()
         assert job["status"] == "canceled" and job["usage"]["completion_tokens"] < LONG_TOKENS
         # Its slot is free: a new response runs while the other slots are still busy.
@@ -261,7 +264,7 @@ def test_a_three_turn_chain_and_store_false(
     assert asked(stack, first.id).messages[0] == ChatMessage(role="system", content="answer briefly")
     assert third.output_text == answer_to(tiny_backend, conversation, n)
     assert third.previous_response_id == second.id
-    assert [i.content[0].text for i in client.responses.input_items.list(third.id).data] == ["third question"]  # type: ignore[union-attr]
+    assert [item_text(i) for i in client.responses.input_items.list(third.id).data] == ["third question"]
 
     unstored = client.responses.create(model=model, input="forget it", store=False, max_output_tokens=2)
     with pytest.raises(openai.BadRequestError) as refused:

@@ -37,6 +37,7 @@ from shared.job_store.rq_records import QueuedRecords
 from shared.job_store.scripts import JobScripts
 from shared.settings import Settings
 from streamq.redis_server import RedisServer
+from tests.redis_replies import entries
 from worker.job_runner import JobFailed, Outcome
 from worker.rq_worker import IDLE_POLL, EngineDeadline, SlotWorker, StreamqJob, StreamqWorker
 from worker.tasks import TASK
@@ -201,7 +202,7 @@ def test_a_submit_sent_twice_creates_one_job(redis_server: RedisServer) -> None:
     assert _submit(r, queue, job_id, records, max_queued=1) == [b"queued", 0]
     assert _submit(r, queue, job_id, records, max_queued=1) == [b"queued", 0]
     assert queue.job_ids == [job_id]
-    assert [fields[b"event"] for _, fields in r.xrange(keys.events(job_id))] == [b"queued"]
+    assert [fields[b"event"] for _, fields in entries(r.xrange(keys.events(job_id)))] == [b"queued"]
 
 
 def test_the_submit_script_keeps_the_queue_limit_and_the_key_quota(redis_server: RedisServer) -> None:

@@ -282,7 +282,8 @@ def test_a_killed_vllm_workers_job_continues_on_another_with_the_stream_whole(
     assert len(entries) == usage["completion_tokens"] and spelled(entries, reference.special()) == expected
     assert all(len(e["top_logprobs"]) == 2 for e in entries)
     (prompt_entries,) = prompt_logprobs_of(events)
-    assert len(prompt_entries) == usage["prompt_tokens"] and prompt_entries[0]["logprob"] is None
+    assert len(prompt_entries) == usage["prompt_tokens"]
+    assert prompt_entries[0] is not None and prompt_entries[0]["logprob"] is None
     offline = reference.generate(reference.ids(prompt), tokens, logprobs=2).outputs[0]
     for entry, token, place in zip(entries, offline.token_ids, offline.logprobs, strict=False):
         assert entry["logprob"] == pytest.approx(place[token].logprob, abs=1e-3)
@@ -401,7 +402,8 @@ def test_logprobs_of_the_answer_and_the_prompt_agree_with_vllm_alone_and_transfo
     # The prompt's: once, in the first delta event, one per prompt token, the first without any.
     (prompt_entries,) = prompt_logprobs_of(events)
     assert "prompt_logprobs" in next(e for e in events if e.event == "delta").data
-    assert len(prompt_entries) == usage["prompt_tokens"] == len(ids) and prompt_entries[0]["logprob"] is None
+    assert len(prompt_entries) == usage["prompt_tokens"] == len(ids)
+    assert prompt_entries[0] is not None and prompt_entries[0]["logprob"] is None
     for place in range(1, len(ids)):
         given = prompt_entries[place]
         assert given is not None and given["bytes"] == list(texts.token_bytes(ids[place]))

@@ -9,23 +9,31 @@ import json
 import httpx
 import pytest
 from openai import AsyncOpenAI, BadRequestError
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.fast.conftest import Front
 
 pytestmark = pytest.mark.anyio
 
-ASK = [{"role": "user", "content": "one two three four"}]
+ASK: list[ChatCompletionMessageParam] = [{"role": "user", "content": "one two three four"}]
 
 
 def _openai(front: Front) -> AsyncOpenAI:
     transport = front.http._transport  # the app's ASGI transport
     http = httpx.AsyncClient(transport=transport, base_url="http://front/v1")
-    return AsyncOpenAI(api_key="unused", base_url="http://front/v1", http_client=http, max_retries=0)
+    return AsyncOpenAI(
+        api_key="unused",
+        base_url="http://front/v1",
+        # openai 3 takes an httpx client as well as an httpx2 one (it checks for both), but its
+        # annotation names httpx2's alone.
+        http_client=http,  # type: ignore[arg-type]
+        max_retries=0,
+    )
 
 
 async def test_chat_completion_shape_usage_and_finish_reasons(front: Front) -> None:
     client = _openai(front)
-    whole = await client.chat.completions.create(model="fake-model", messages=ASK)  # type: ignore[arg-type]
+    whole = await client.chat.completions.create(model="fake-model", messages=ASK)
     choice = whole.choices[0]
     assert (choice.message.role, choice.message.content, choice.finish_reason) == (
         "assistant",
@@ -35,7 +43,7 @@ async def test_chat_completion_shape_usage_and_finish_reasons(front: Front) -> N
     assert whole.usage is not None and whole.usage.completion_tokens == 4
     assert whole.model == "fake-model" and whole.object == "chat.completion"
 
-    cut = await client.chat.completions.create(model="fake-model", messages=ASK, max_tokens=2)  # type: ignore[arg-type]
+    cut = await client.chat.completions.create(model="fake-model", messages=ASK, max_tokens=2)
     assert (cut.choices[0].message.content, cut.choices[0].finish_reason) == ("one two", "length")
 
 
@@ -43,7 +51,7 @@ async def test_streamed_chat_completion_chunks_add_up_to_the_answer(front: Front
     client = _openai(front)
     stream = await client.chat.completions.create(
         model="fake-model",
-        messages=ASK,  # type: ignore[arg-type]
+        messages=ASK,
         stream=True,
         stream_options={"include_usage": True},
     )
@@ -66,7 +74,7 @@ async def test_text_completion_and_models(front: Front) -> None:
 async def test_openai_errors_come_in_openai_shape(front: Front) -> None:
     client = _openai(front)
     with pytest.raises(BadRequestError) as refused:
-        await client.chat.completions.create(model="fake-model", messages=ASK, n=2)  # type: ignore[arg-type]
+        await client.chat.completions.create(model="fake-model", messages=ASK, n=2)
     assert refused.value.status_code == 400 and "n" in str(refused.value.body)
 
 

@@ -37,7 +37,14 @@ async def patient() -> AsyncIterator[Front]:
 
 def _openai(front: Front) -> AsyncOpenAI:
     http = httpx.AsyncClient(transport=front.http._transport, base_url="http://front/v1")
-    return AsyncOpenAI(api_key="unused", base_url="http://front/v1", http_client=http, max_retries=0)
+    return AsyncOpenAI(
+        api_key="unused",
+        base_url="http://front/v1",
+        # openai 3 takes an httpx client as well as an httpx2 one (it checks for both), but its
+        # annotation names httpx2's alone.
+        http_client=http,  # type: ignore[arg-type]
+        max_retries=0,
+    )
 
 
 async def _queued_job(front: Front) -> str:

@@ -8,13 +8,14 @@ import json
 
 import pytest
 from openai import AsyncOpenAI, BadRequestError
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
 from tests.fast.conftest import Front
 from tests.fast.test_front_formats import _openai
 
 pytestmark = pytest.mark.anyio
 
-TOOLS = [
+TOOLS: list[ChatCompletionToolParam] = [
     {
         "type": "function",
         "function": {
@@ -28,27 +29,30 @@ CALLING = 'Adding. <tool_call> {"name": "add", "arguments": {"a": 2}} </tool_cal
 
 async def test_a_hermes_call_in_the_answer_is_a_tool_call(front: Front) -> None:
     client: AsyncOpenAI = _openai(front)
-    ask = [{"role": "user", "content": CALLING}]
-    whole = await client.chat.completions.create(model="fake-model", messages=ask, tools=TOOLS)  # type: ignore[arg-type]
+    ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": CALLING}]
+    whole = await client.chat.completions.create(model="fake-model", messages=ask, tools=TOOLS)
     choice = whole.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content == "Adding."
-    call = choice.message.tool_calls[0]  # type: ignore[index]
-    assert (call.function.name, json.loads(call.function.arguments)) == ("add", {"a": 2})  # type: ignore[union-attr]
+    assert choice.message.tool_calls is not None
+    call = choice.message.tool_calls[0]
+    assert call.type == "function"
+    assert (call.function.name, json.loads(call.function.arguments)) == ("add", {"a": 2})
 
-    stream = await client.chat.completions.create(model="fake-model", messages=ask, tools=TOOLS, stream=True)  # type: ignore[arg-type]
+    stream = await client.chat.completions.create(model="fake-model", messages=ask, tools=TOOLS, stream=True)
     chunks = [c async for c in stream]
     calls = [t for c in chunks for t in c.choices[0].delta.tool_calls or []]
-    assert [t.function.name for t in calls] == ["add"]  # type: ignore[union-attr]
+    assert [t.function.name if t.function else None for t in calls] == ["add"]
+    assert calls[0].function is not None
     assert (
         calls[0].id
         and calls[0].id.startswith("call_")
         and calls[0].function.arguments == call.function.arguments
-    )  # type: ignore[union-attr]
+    )
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
     plain = await client.chat.completions.create(
         model="fake-model", messages=ask, tools=TOOLS, tool_choice="none"
-    )  # type: ignore[arg-type]
+    )
     assert plain.choices[0].message.tool_calls is None and "<tool_call>" in (
         plain.choices[0].message.content or ""
     )
@@ -56,24 +60,26 @@ async def test_a_hermes_call_in_the_answer_is_a_tool_call(front: Front) -> None:
 
 async def test_chat_logprobs_match_the_answer_streamed_and_not(front: Front) -> None:
     client = _openai(front)
-    ask = [{"role": "user", "content": "one two three"}]
+    ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": "one two three"}]
     whole = await client.chat.completions.create(
         model="fake-model", messages=ask, logprobs=True, top_logprobs=2
-    )  # type: ignore[arg-type]
-    content = whole.choices[0].logprobs.content  # type: ignore[union-attr]
-    assert "".join(bytes(e.bytes or []).decode() for e in content) == whole.choices[0].message.content  # type: ignore[union-attr]
-    assert all(len(e.top_logprobs) == 2 for e in content)  # type: ignore[union-attr]
+    )
+    logprobs = whole.choices[0].logprobs
+    assert logprobs is not None and logprobs.content is not None
+    content = logprobs.content
+    assert "".join(bytes(e.bytes or []).decode() for e in content) == whole.choices[0].message.content
+    assert all(len(e.top_logprobs) == 2 for e in content)
     stream = await client.chat.completions.create(
         model="fake-model", messages=ask, logprobs=True, stream=True
-    )  # type: ignore[arg-type]
+    )
     entries = [
         e
         for c in [c async for c in stream]
         if c.choices and c.choices[0].logprobs
         for e in c.choices[0].logprobs.content or []
     ]
-    assert [e.token for e in entries] == [e.token for e in content]  # type: ignore[union-attr]
-    none = await client.chat.completions.create(model="fake-model", messages=ask)  # type: ignore[arg-type]
+    assert [e.token for e in entries] == [e.token for e in content]
+    none = await client.chat.completions.create(model="fake-model", messages=ask)
     assert none.choices[0].logprobs is None
 
 
@@ -94,14 +100,14 @@ async def test_echo_with_logprobs_gives_the_prompts_tokens_first(front: Front) -
 
 async def test_fields_streamq_cannot_honour_are_refused_by_name(front: Front) -> None:
     client = _openai(front)
-    ask = [{"role": "user", "content": "hi"}]
+    ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
     for extra, param in (
         ({"min_p": 0.1}, "min_p"),
         ({"store": True}, "store"),
         ({"modalities": ["audio"]}, "modalities.0"),
     ):
         with pytest.raises(BadRequestError) as refused:
-            await client.chat.completions.create(model="fake-model", messages=ask, extra_body=extra)  # type: ignore[arg-type]
+            await client.chat.completions.create(model="fake-model", messages=ask, extra_body=extra)
         assert refused.value.status_code == 400
         assert isinstance(refused.value.body, dict) and refused.value.body.get("param") == param, (
             refused.value.body

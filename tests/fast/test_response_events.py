@@ -27,7 +27,12 @@ def _fed(events: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
 
 def test_a_requeued_job_gives_the_same_events_as_one_run() -> None:
     once = [("queued", {}), ("started", {}), ("delta", {"text": "a"}), ("delta", {"text": " b"})]
-    requeued = [*once[:3], ("queued", {"requeued": True, "attempt": 1}), ("started", {}), once[3]]
+    requeued: list[tuple[str, dict[str, Any]]] = [
+        *once[:3],
+        ("queued", {"requeued": True, "attempt": 1}),
+        ("started", {}),
+        once[3],
+    ]
     done = ("done", {"finish_reason": "stop", "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
     assert _fed([*requeued, done]) == _fed([*once, done])
     live = ResponseEvents(_record())
