@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import re
 import secrets
 import time
+from typing import Any
 
 import anyio.to_thread
 import redis
@@ -31,7 +33,7 @@ from shared.job_store import scripts
 from shared.job_store.payloads import Queued
 from shared.job_store.records import new_job_fields, view_from_hash
 from shared.job_store.rq_records import QueuedRecords
-from shared.job_store.scripts import Answer, JobScripts
+from shared.job_store.scripts import Answer, JobScripts, ScriptCall, ScriptsReloaded
 from shared.job_store.vocabulary import FINAL_STATUSES, JobField, JobStatus
 from shared.limits import InvalidJobRequest, answer_budget, may_not_fit
 from shared.log_format import job_fields
@@ -139,7 +141,7 @@ class JobService:
             now=created_at,
         )
         for pruned in (False, True):
-            outcome, value = await self._scripts.run(call)
+            outcome, value = await self._run_replicated(call, job_id, owner)
             if outcome == JobStatus.QUEUED:
                 return int(value)
             if outcome == Answer.QUEUE_FULL:
@@ -147,6 +149,43 @@ class JobService:
             if pruned or not await self.quotas.prune(owner):
                 break
         raise self.quotas.over_concurrency()
+
+    async def _run_replicated(self, call: ScriptCall, job_id: str, owner: str) -> Any:
+        """Run the submit script; with replicas to wait for (Sentinel), WAIT for them on the same
+        connection, in the same round trip. A job the replicas did not get in time is canceled
+        and refused with a 503: a 202 promises a job that survives a failover."""
+        s = self._settings
+        replicas = s.replicas_to_wait_for()
+        if not replicas:
+            return await self._scripts.run(call)
+        for last in (False, True):
+            pipe = self._redis.pipeline(transaction=False)
+            self._scripts.run(call, client=pipe)
+            pipe.wait(replicas, s.redis_wait_ms)
+            try:
+                answer, acked = await self._scripts.execute_async(pipe)
+            except ScriptsReloaded:
+                if last:
+                    raise
+                continue
+            if answer[0] != JobStatus.QUEUED or int(acked) >= replicas:
+                return answer
+            log.error(
+                "job %s: %d of %d Redis replicas had it after %d ms; canceled and refused",
+                job_id,
+                int(acked),
+                replicas,
+                s.redis_wait_ms,
+            )
+            with contextlib.suppress(RedisError, ApiError):
+                await self.cancel(job_id, owner)
+            raise ApiError(
+                503,
+                "the job store (Redis) could not copy the job to a replica in time, so it was not "
+                "accepted; try again shortly",
+                headers={"Retry-After": "1"},
+            )
+        raise AssertionError("unreachable")
 
     async def _check_prompt_length(self, model: str, generation: GenerationRequest) -> None:
         """Ask a worker of the model for the prompt's token count and refuse (400) a request that
@@ -214,6 +253,10 @@ class JobService:
         if position is not None:
             view.estimated_wait_seconds = await self.estimated_wait(view.model, position)
         return view
+
+    async def exists(self, job_id: str) -> bool:
+        """The job's record is in Redis (it expires with its result, or vanishes with Redis's data)."""
+        return bool(await self._redis.exists(keys.job(job_id)))
 
     async def last_event_id(self, job_id: str) -> str | None:
         newest = await self._redis.xrevrange(keys.events(job_id), count=1)

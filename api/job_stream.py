@@ -14,12 +14,16 @@ from starlette.requests import Request
 
 from api.job_client import ClientGone, Events, JobEvent, StreamInterrupted
 from api.job_service import JobService
-from api.stream_hub import StreamHub, Subscription
+from api.stream_hub import CHECK_JOB, StreamHub, Subscription
 from shared import keys
 from shared.job_store.vocabulary import EventName
 from shared.schemas import JobView
 
 _IDLE = object()  # no event within the wait: time for a position update or a keep-alive
+JOB_LOST = (
+    "the job store (Redis) lost this job: it restarted empty or failed over without it; submit the "
+    "request again"
+)
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -68,10 +72,17 @@ class JobFollower:
         try:
             while True:
                 entry = await self._next_entry(sub)
+                if entry is CHECK_JOB:
+                    if await self._job_exists():
+                        continue
+                    yield await self._lost()
+                    return
                 if entry is _IDLE:
                     update = await self._idle()
                     if update is not _IDLE:
-                        yield update  # a position update, or None (a tick)
+                        yield update  # a position update, None (a tick), or the job's loss
+                        if update is not None and update.final:
+                            return
                     continue
                 item = await self._event(entry)
                 if item.event == EventName.DELTA or item.final:
@@ -120,6 +131,8 @@ class JobFollower:
         queued, a new position (a ``queued`` event without id); else _IDLE."""
         if time.monotonic() - self._last_beat >= self._ping_interval:
             self._last_beat = time.monotonic()
+            if not await self._job_exists():
+                return await self._lost()
             return None
         if self._waiting:
             now_at = await self._recent_position()
@@ -127,6 +140,17 @@ class JobFollower:
                 self._position = now_at
                 return await self._queued(None, {"model": self._model})
         return _IDLE
+
+    async def _job_exists(self) -> bool:
+        """False only when Redis answers that the job's record is gone (not when it fails)."""
+        try:
+            return await self._jobs.exists(self._job_id)
+        except RedisError:
+            return True
+
+    async def _lost(self) -> JobEvent:
+        """The final ``error`` event of a job whose record vanished with Redis's data."""
+        return JobEvent.of(None, EventName.ERROR, {"type": "job_lost", "message": JOB_LOST})
 
     async def _event(self, entry: tuple[str, dict[str, str]]) -> JobEvent:
         entry_id, fields = entry

@@ -105,6 +105,11 @@ class FrontMetrics:
         self.redis_errors = Counter(
             "streamq_redis_errors", "Redis commands that failed", ["component"], registry=self.registry
         ).labels("front")
+        self.redis_data_lost = Counter(
+            "streamq_redis_data_lost",
+            "Times this front found that Redis had lost its data",
+            registry=self.registry,
+        )
 
     def watch_deployment(self, connection: redis.Redis, worker_ttl: float) -> None:
         """Add the scrape-time collector, reading through ``connection`` (a synchronous client)."""

@@ -28,6 +28,7 @@ from api.errors import ApiError, too_many_requests
 from shared import keys
 from shared.job_store import scripts
 from shared.job_store.vocabulary import FINAL_STATUSES, JobField
+from shared.redis_connect import RedisTarget
 from shared.settings import Settings
 
 
@@ -51,12 +52,15 @@ class KeyQuotas:
         self._set_life = settings.queue_ttl + settings.job_timeout + settings.result_ttl
         # Its own two connections (the library wants bytes replies; the shared pool decodes),
         # opened at the first rate-limited request: none while the front runs without keys.
+        target = RedisTarget.of(settings)
         url = settings.redis_url_or_default()
-        self._pool = aioredis.BlockingConnectionPool.from_url(
-            url,
+        if target.managed:  # the library wants an address in its URI; the pool decides the real one
+            host, port = target.sentinels[0]
+            url = f"redis://{host}:{port}/0"
+        self._pool = target.async_pool(
+            blocking_timeout=settings.redis_pool_timeout,
             max_connections=2,
             client_name=client_name,
-            timeout=settings.redis_pool_timeout,
             socket_timeout=settings.redis_command_timeout,
             socket_connect_timeout=settings.redis_connect_timeout,
         )

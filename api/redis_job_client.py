@@ -17,7 +17,6 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from fastapi import Request
-from redis import BlockingConnectionPool as SyncBlockingPool
 from redis import Redis as SyncRedis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -34,6 +33,9 @@ from api.quotas import KeyQuotas
 from api.stream_hub import StreamHub
 from api.worker_directory import WorkerDirectory
 from shared import keys
+from shared.janitor import Janitor
+from shared.redis_connect import RedisTarget
+from shared.redis_epoch import EpochWatch
 from shared.schemas import JobRequest, JobView
 from shared.settings import Settings
 
@@ -51,14 +53,15 @@ _BACKOFF = {"cap": 0.2, "base": 0.02}
 _RETRIED = (RedisConnectionError,)  # not TimeoutError (which redis-py's Retry includes by default)
 
 
-def _async_client(url: str, size: int, socket_timeout: float, settings: Settings) -> aioredis.Redis:
+def _async_client(
+    target: RedisTarget, size: int, socket_timeout: float, settings: Settings
+) -> aioredis.Redis:
     """A client on a bounded pool: connections open within the connect timeout, a command takes
     at most ``socket_timeout``, and under load a request queues for a free connection for up to
     the pool timeout (when Redis is down, connections fail at once and free their place)."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
+    pool = target.async_pool(
+        blocking_timeout=settings.redis_pool_timeout,
         max_connections=size,
-        timeout=settings.redis_pool_timeout,
         socket_timeout=socket_timeout,
         socket_connect_timeout=settings.redis_connect_timeout,
         decode_responses=True,
@@ -86,6 +89,9 @@ class RedisJobClient:
     hub_redis: aioredis.Redis
     count_redis: aioredis.Redis
     rq_redis: SyncRedis
+    upkeep_redis: SyncRedis  # the janitor's and the epoch watch's (threads)
+    janitor: Janitor
+    epoch: EpochWatch
     hub: StreamHub
     jobs: JobService
     directory: WorkerDirectory
@@ -94,19 +100,18 @@ class RedisJobClient:
 
     @classmethod
     async def open(cls, settings: Settings, metrics: FrontMetrics) -> RedisJobClient:
-        url = settings.redis_url_or_default()
+        target = RedisTarget.of(settings)
         timeout = settings.redis_command_timeout
-        conn = _async_client(url, settings.redis_max_connections, timeout, settings)
+        conn = _async_client(target, settings.redis_max_connections, timeout, settings)
         hub_block_ms = 10_000
         # The stream hub's reader blocks in XREAD: its own connection, with room for the block.
-        hub_conn = _async_client(url, 1, hub_block_ms / 1000 + timeout, settings)
+        hub_conn = _async_client(target, 1, hub_block_ms / 1000 + timeout, settings)
         # Prompt-count questions wait on BLPOP: their own two connections, never the shared pool's.
-        count_conn = _async_client(url, 2, settings.count_timeout + timeout, settings)
+        count_conn = _async_client(target, 2, settings.count_timeout + timeout, settings)
         # RQ is synchronous; it runs in worker threads, on its own small pool (bytes, as RQ wants).
-        rq_pool = SyncBlockingPool.from_url(
-            url,
+        rq_pool = target.sync_pool(
+            blocking_timeout=timeout,
             max_connections=2,
-            timeout=timeout,
             socket_timeout=timeout,
             socket_connect_timeout=settings.redis_connect_timeout,
             client_name=CLIENT_NAME,
@@ -114,10 +119,28 @@ class RedisJobClient:
             retry_on_error=list(_RETRIED),
         )
         rq_conn = SyncRedis(connection_pool=rq_pool)
+        # The janitor runs in fronts too (one at a time across all processes, under its lock), so
+        # a dead worker's job is requeued even when no worker is alive; and every front watches
+        # for a Redis that lost its data.
+        upkeep = target.client(
+            socket_timeout=settings.redis_socket_timeout,
+            socket_connect_timeout=settings.redis_connect_timeout,
+            client_name=CLIENT_NAME,
+        )
+        janitor = Janitor(upkeep, settings)
+        loop = asyncio.get_running_loop()
         directory = WorkerDirectory(conn, settings)
         quotas = KeyQuotas(settings, conn, CLIENT_NAME)
         hub = StreamHub(hub_conn, conn, front_id=secrets.token_hex(8), block_ms=hub_block_ms)
         hub.start()
+
+        def data_lost() -> None:
+            metrics.redis_data_lost.inc()
+            loop.call_soon_threadsafe(hub.check_jobs)
+
+        epoch = EpochWatch(upkeep, settings.redis_epoch_interval, data_lost)
+        janitor.start()
+        epoch.start()
         metrics.watch_deployment(rq_conn, settings.worker_ttl)
         return cls(
             settings=settings,
@@ -125,6 +148,9 @@ class RedisJobClient:
             hub_redis=hub_conn,
             count_redis=count_conn,
             rq_redis=rq_conn,
+            upkeep_redis=upkeep,
+            janitor=janitor,
+            epoch=epoch,
             hub=hub,
             jobs=JobService(settings, conn, rq_conn, count_conn, directory, quotas, metrics),
             directory=directory,
@@ -196,6 +222,11 @@ class RedisJobClient:
 
     async def close(self) -> None:
         self.metrics.unwatch_deployment()
+        self.janitor.request_stop()
+        self.epoch.request_stop()
+        await asyncio.to_thread(self.janitor.stop)
+        await asyncio.to_thread(self.epoch.stop)
+        self.upkeep_redis.close()
         await self.hub.stop()
         await self.hub_redis.aclose()
         await self.count_redis.aclose()

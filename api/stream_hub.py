@@ -23,6 +23,9 @@ from shared import keys
 log = logging.getLogger("streamq.api")
 
 Entry = tuple[str, dict[str, str]]
+# Put in every subscription's queue when Redis lost its data: its follower checks that its job
+# still exists (``JobFollower``), so a client of a vanished job gets an error at once.
+CHECK_JOB: Entry = ("", {})
 WAKE_KEY_LIFE = 3600  # seconds the wake-up stream lives after its TTL was last set
 # Between two reads, the hub waits GATHER_PER_STREAM seconds per stream it follows (at most
 # GATHER_MAX; not at all under GATHER_MIN): 1,000 streams, 10 ms; fewer than 100, none.
@@ -207,6 +210,12 @@ class StreamHub:
                 if parse_entry_id(entry_id) > last:
                     sub.queue.put_nowait((entry_id, fields))
                     sub.last_id = entry_id
+
+    def check_jobs(self) -> None:
+        """Ask every follower to check that its job still exists (Redis lost its data)."""
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.queue.put_nowait(CHECK_JOB)
 
     def _interrupt_all(self, reason: str) -> None:
         """End every subscription: its follower reports the interruption; clients resume later."""

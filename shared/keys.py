@@ -95,6 +95,9 @@ def lease(job_id: str) -> str:
 RUNNING = f"{PREFIX}:running"
 # Lock that makes one janitor at a time look for jobs whose worker died.
 JANITOR_LOCK = f"{PREFIX}:janitor"
+# A random id written once into a Redis that holds streamq's data (no TTL): a process that finds
+# it gone or changed knows Redis lost its data (see shared/redis_epoch.py).
+EPOCH = f"{PREFIX}:epoch"
 
 
 def drained(model: str) -> str:

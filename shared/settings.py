@@ -5,10 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def parse_sentinels(value: str) -> list[tuple[str, int]]:
+    """``host:port,host:port`` as (host, port) pairs; a port left out is Sentinel's 26379."""
+    addresses = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep:
+            host, port = item, "26379"
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"a sentinel address is host:port, not {item!r}")
+        addresses.append((host.strip("[]"), int(port)))
+    return addresses
 
 
 class Settings(BaseSettings):
@@ -18,6 +33,21 @@ class Settings(BaseSettings):
 
     # Redis. None means "not configured": `streamq up` then starts a private redis-server.
     redis_url: str | None = None
+    # Redis Sentinel: with sentinels set, every process finds the primary through them and follows
+    # a failover by itself; the URL then gives only the database, user and password.
+    redis_sentinels: str = Field("", description="sentinels as host:port,host:port,... (empty: no Sentinel)")
+    redis_sentinel_master: str = Field("streamq", min_length=1, description="the master's name in Sentinel")
+    redis_sentinel_password: SecretStr = Field(SecretStr(""), description="the sentinels' own password")
+    redis_wait_replicas: int | None = Field(
+        None,
+        ge=0,
+        description="front: replicas that must hold a new job before its 202 (default: 1 with "
+        "sentinels, else 0)",
+    )
+    redis_wait_ms: int = Field(500, ge=1, description="front: how long a submit waits for those replicas")
+    redis_epoch_interval: float = Field(
+        2.0, gt=0, description="how often a process checks that Redis still holds its data"
+    )
     redis_socket_timeout: float = Field(5.0, gt=0, description="seconds before a Redis command gives up")
     redis_max_connections: int = Field(
         5, ge=2, description="front: its shared pool (plus 1 stream reader, 2 for RQ, 2 for prompt counts)"
@@ -164,6 +194,20 @@ class Settings(BaseSettings):
 
     def redis_url_or_default(self) -> str:
         return self.redis_url or DEFAULT_REDIS_URL
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels_parse(cls, value: str) -> str:
+        parse_sentinels(value)
+        return value
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        return parse_sentinels(self.redis_sentinels)
+
+    def replicas_to_wait_for(self) -> int:
+        if self.redis_wait_replicas is not None:
+            return self.redis_wait_replicas
+        return 1 if self.sentinel_addresses() else 0
 
     def cache_path(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else Path.home() / ".cache" / "streamq"

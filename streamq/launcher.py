@@ -100,8 +100,8 @@ def run_up(settings: Settings, host: str, port: int, model: str | None, workers:
     redis_proc: subprocess.Popen[bytes] | None = None
     children: list[subprocess.Popen[bytes]] = []
     try:
-        redis_url = settings.redis_url
-        if redis_url is None:
+        redis_url = settings.redis_url_or_default()
+        if settings.redis_url is None and not settings.sentinel_addresses():
             try:
                 redis_proc, redis_url = start_private_redis(workdir)
             except FileNotFoundError as exc:

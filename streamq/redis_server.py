@@ -9,6 +9,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -45,14 +46,17 @@ def find_redis_server() -> str | None:
 STREAM_NODE_ARGS = ("--stream-node-max-bytes", "1024")
 
 
-def start_private_redis(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """A Redis server that keeps nothing on disk, on ``port`` (default: a free one), answering PING."""
+def start_private_redis(
+    workdir: Path, port: int | None = None, extra: Sequence[str] = ()
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A Redis server that keeps nothing on disk, on ``port`` (default: a free one), answering PING;
+    ``extra``: more of redis-server's options (a replica's ``--replicaof``)."""
     exe = find_redis_server()
     if exe is None:
         raise FileNotFoundError(REDIS_HINT)
     port = port or free_port()
     args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    args += ["--dir", str(workdir), *STREAM_NODE_ARGS]
+    args += ["--dir", str(workdir), *STREAM_NODE_ARGS, *extra]
     # Its own session: a terminal's Ctrl-C reaches the launcher, which stops Redis last.
     proc = subprocess.Popen(
         [exe, *args], stdout=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 import time
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from rich.console import Console
@@ -17,16 +16,8 @@ from rich.table import Table
 
 from shared import queue_stats
 from shared.queue_stats import QueueStat, WorkerStat
+from shared.redis_connect import RedisTarget
 from shared.settings import Settings
-
-
-def redacted(url: str) -> str:
-    """The Redis URL without its password (it may hold one: redis://:secret@host)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _age(seconds: float | None) -> str:
@@ -80,8 +71,8 @@ def print_status(settings: Settings, console: Console | None = None) -> int:
     """Print the three tables; 1 (with the reason) when Redis cannot be read."""
     # Wide enough that a pipe or a narrow terminal does not wrap worker names.
     console = console or Console(width=max(Console().width, 140))
-    url = settings.redis_url_or_default()
-    connection = redis.Redis.from_url(url, socket_timeout=settings.redis_socket_timeout)
+    target = RedisTarget.of(settings)
+    connection = target.client(socket_timeout=settings.redis_socket_timeout)
     try:
         now = time.time()
         workers = queue_stats.workers(connection, settings.worker_ttl, now)
@@ -90,11 +81,11 @@ def print_status(settings: Settings, console: Console | None = None) -> int:
         ended = queue_stats.ended_counts(connection, models, now)
         running = queue_stats.running_jobs(connection)
     except redis.RedisError as exc:
-        print(f"streamq status: cannot read Redis at {redacted(url)}: {exc}", file=sys.stderr)
+        print(f"streamq status: cannot read Redis at {target.describe()}: {exc}", file=sys.stderr)
         return 1
     finally:
         connection.close()
-    console.print(f"streamq status: {redacted(url)}")
+    console.print(f"streamq status: {target.describe()}")
     console.print(queue_table(queues))
     console.print(worker_table(workers, now))
     console.print(job_table(queues, workers, ended, running))

@@ -17,6 +17,7 @@ from shared.job_store.vocabulary import EventName, FinishReason, JobField, JobSt
 from shared.logprobs import TokenLogprob
 from shared.schemas import Timings, Usage
 from streamq.redis_server import RedisServer
+from tests.redis_replies import decoded_entries
 from worker.step_publisher import final_record
 
 LOST = Failed(type="worker_lost", message="gone")
@@ -30,7 +31,7 @@ def _new_job(r: redis.Redis, job_id: str, model: str = "m") -> list[str]:
 
 
 def _events(r: redis.Redis, job_id: str) -> list[str]:
-    return [fields["event"] for _, fields in r.xrange(keys.events(job_id))]
+    return [fields["event"] for _, fields in decoded_entries(r.xrange(keys.events(job_id)))]
 
 
 def _run(r: redis.Redis, call: scripts.ScriptCall) -> object:
@@ -176,6 +177,33 @@ def test_an_output_write_sent_twice_is_applied_once(redis_server: RedisServer) -
     assert _events(r, "js6") == ["started", "delta", "delta"]
 
 
+def test_a_run_whose_last_writes_a_failover_lost_gives_the_job_up_for_a_continuation(
+    redis_server: RedisServer,
+) -> None:
+    """Replication is asynchronous: a new primary may lack a run's last writes. The run's next write
+    finds fewer token ids than it stored; it writes nothing, and the job goes back to its queue
+    (without using up an attempt) to be continued from what Redis kept, not finished with a hole."""
+    r = redis_server.client(decode_responses=True)
+    _new_job(r, "js8")
+    assert _start(r, "js8", "run-g") == "running"
+    assert _delta(r, "js8", "run-g", "one ", [1], stored=0) == DeltaAnswer.WRITTEN
+    assert _delta(r, "js8", "run-g", "two ", [2], stored=1) == DeltaAnswer.WRITTEN
+    # The failover: the new primary has the first write only.
+    r.set(keys.text("js8"), "one ")
+    r.rpop(keys.tokens("js8"))
+    attempts = int(r.hget(keys.job("js8"), "attempts") or 0)
+    assert _delta(r, "js8", "run-g", "three", [3], stored=2) == DeltaAnswer.GAP
+    assert (r.get(keys.text("js8")), r.lrange(keys.tokens("js8"), 0, -1)) == ("one ", ["1"])
+    assert _finish(r, "js8", _done(), run="run-g") == Answer.LOST  # its end would leave a hole
+    assert not r.exists(keys.lease("js8")) and int(r.hget(keys.job("js8"), "attempts") or 0) == attempts - 1
+    # The janitor's requeue (no run: the lease is gone) puts it back; the next run resumes at 1 token.
+    assert _requeue(r, "js8", attempts=3) == Answer.REQUEUED
+    assert r.hget(keys.job("js8"), "status") == JobStatus.QUEUED
+    assert _start(r, "js8", "run-h") == "running"
+    assert _delta(r, "js8", "run-h", "two", [2], stored=1) == DeltaAnswer.WRITTEN
+    assert r.get(keys.text("js8")) == "one two"
+
+
 def test_a_handback_puts_the_job_back_on_its_queue_in_the_same_step(redis_server: RedisServer) -> None:
     """A stopping worker's handback leaves no window where the job is queued in streamq but on no
     RQ list: the script itself pushes it to the queue's front (RQ's enqueue then writes its record)."""
@@ -220,7 +248,7 @@ def test_an_ending_is_written_as_the_event_clients_read(redis_server: RedisServe
     _new_job(r, "js8")
     assert _start(r, "js8", "run-d") == "running"
     assert _finish(r, "js8", final_record(ended(job, "length"), 3.0), "run-d") == "ok"
-    ((_, last),) = r.xrevrange(keys.events("js8"), count=1)
+    ((_, last),) = decoded_entries(r.xrevrange(keys.events("js8"), count=1))
     done = DoneEvent.model_validate(json.loads(last["data"]))
     assert (last["event"], done.finish_reason, done.usage.completion_tokens) == ("done", "length", 2)
     assert done.timings.tokens_per_second == 4.0
@@ -228,7 +256,7 @@ def test_an_ending_is_written_as_the_event_clients_read(redis_server: RedisServe
     _new_job(r, "js10")
     failed = final_record(ended(job, "error", "generation_error", "boom"), 3.0)
     assert _finish(r, "js10", failed, "") == "ok"
-    ((_, last),) = r.xrevrange(keys.events("js10"), count=1)
+    ((_, last),) = decoded_entries(r.xrevrange(keys.events("js10"), count=1))
     assert last["event"] == "error"
     assert JobError.model_validate(json.loads(last["data"])) == JobError(
         type="generation_error", message="boom"

@@ -17,12 +17,13 @@ from rq.worker import Worker, WorkerStatus
 
 from shared import keys
 from shared.settings import Settings
+from shared.stranded_jobs import StrandedJobs
 from streamq.processes import Service, start_synthetic_worker, wait_for
 from streamq.redis_server import RedisServer
 from tests.conftest import Stack
+from tests.redis_replies import entries
 from tests.sse import SSE, follow, text_of
 from tests.test_e2e_jobs import greedy_answer
-from worker.stranded import StrandedJobs
 from worker.synthetic import WORDS
 
 pytestmark = pytest.mark.e2e
@@ -160,6 +161,6 @@ def test_a_job_rq_failed_while_streamq_had_it_live_ends_failed_for_its_followers
     stranded = StrandedJobs(r, settings)
     assert stranded.end_failed_in_rq(stranded.queues()) == [job.id]
     assert r.hget(keys.job(job.id), "status") == b"failed"
-    events = [fields[b"event"] for _, fields in r.xrange(keys.events(job.id))]
+    events = [fields[b"event"] for _, fields in entries(r.xrange(keys.events(job.id)))]
     assert events == [b"error"]
     assert r.hget(keys.job(job.id), "error_type") == b"job_lost"

@@ -12,7 +12,7 @@ import threading
 import redis
 
 from shared import keys
-from worker.background import BackgroundThread
+from shared.background import BackgroundThread
 
 log = logging.getLogger("streamq.worker")
 

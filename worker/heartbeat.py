@@ -15,8 +15,8 @@ from typing import Any
 import redis
 
 from shared import keys
+from shared.background import BackgroundThread
 from shared.settings import Settings
-from worker.background import BackgroundThread
 
 log = logging.getLogger("streamq.worker")
 

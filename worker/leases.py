@@ -13,10 +13,10 @@ import threading
 
 import redis
 
+from shared.background import BackgroundThread
 from shared.job_store import scripts
 from shared.job_store.scripts import JobScripts, RenewAnswer
 from shared.settings import Settings
-from worker.background import BackgroundThread
 from worker.engine import EngineJob
 
 log = logging.getLogger("streamq.worker")

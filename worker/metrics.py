@@ -94,6 +94,9 @@ class WorkerMetrics:
         self.redis_errors = Counter(
             "streamq_redis_errors", "Redis commands that failed", ["component"], registry=r
         ).labels("worker")
+        self.redis_data_lost = Counter(
+            "streamq_redis_data_lost", "Times this process found that Redis had lost its data", registry=r
+        )
         self._info = Info("streamq_worker", "This worker process", registry=r)
         self._server: Any = None
         self._lock = threading.Lock()

@@ -16,9 +16,9 @@ import time
 import redis
 
 from shared import keys
+from shared.background import BackgroundThread
 from shared.schemas import PromptInput
 from worker.backend import ServedModel
-from worker.background import BackgroundThread
 
 log = logging.getLogger("streamq.worker")
 REPLY_TTL = 30

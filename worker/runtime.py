@@ -14,12 +14,13 @@ import threading
 
 import redis
 
+from shared.janitor import Janitor
+from shared.redis_epoch import EpochWatch
 from shared.settings import Settings
 from worker.backend import ServedModel
 from worker.cancel_watcher import CancelWatcher
 from worker.engine import BatchModel, Engine
 from worker.heartbeat import Heartbeat
-from worker.janitor import Janitor
 from worker.job_runner import JobRunner, Outcome
 from worker.leases import LeaseKeeper
 from worker.metrics import WorkerMetrics
@@ -108,6 +109,7 @@ class WorkerRuntime:
         self.counter = PromptCounter(connection, backend)
         self.leases = LeaseKeeper(connection, settings)
         self.janitor = Janitor(connection, settings)
+        self.epoch = EpochWatch(connection, settings.redis_epoch_interval, self._data_lost)
         self.runner = JobRunner(
             connection,
             self.engine,
@@ -120,6 +122,12 @@ class WorkerRuntime:
         )
         self._running: dict[str, str] = {}
         self._lock = threading.Lock()
+
+    def _data_lost(self) -> None:
+        """Redis came back empty: count it, and announce this worker again at once (the fronts
+        see no live worker until its next heartbeat)."""
+        self.metrics.redis_data_lost.inc()
+        self.heartbeat.beat()
 
     def start(self, engine_thread: bool = True) -> None:
         """Start the helper threads, and the engine in a thread of its own unless the caller
@@ -134,11 +142,12 @@ class WorkerRuntime:
         self.leases.start()
         self.heartbeat.start()
         self.janitor.start()
+        self.epoch.start()
 
     def stop(self) -> None:
         """Stop the engine (jobs it still holds go back to their queue), write what is left, leave
         the worker list."""
-        helpers = (self.janitor, self.counter, self.cancels)
+        helpers = (self.janitor, self.epoch, self.counter, self.cancels)
         for helper in helpers:
             helper.request_stop()
         self.engine.stop()

@@ -28,6 +28,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from shared.redis_connect import RedisTarget
 from shared.settings import Settings
 from worker.engine_setup import MAX_AUTO_SLOTS, SYNTHETIC_SLOTS
 from worker.rq_worker import SlotWorker
@@ -39,8 +40,7 @@ SWITCH_INTERVAL = 0.0005  # seconds
 
 
 def worker_connection(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(
-        settings.redis_url_or_default(),
+    return RedisTarget.of(settings).client(
         socket_timeout=None,  # slots block on their queue; RQ sets its own timeouts
         socket_connect_timeout=settings.redis_socket_timeout,
         # Each slot holds one connection while it waits on the queue, and borrows another now

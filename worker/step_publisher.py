@@ -23,6 +23,7 @@ from typing import Any
 import redis
 
 from shared import keys
+from shared.background import BackgroundThread
 from shared.job_store import scripts
 from shared.job_store.payloads import Done
 from shared.job_store.scripts import Answer, DeltaAnswer, Ending, JobScripts, ended_canceled, ended_failed
@@ -30,7 +31,6 @@ from shared.job_store.vocabulary import EventName, FinishReason, JobField, JobSt
 from shared.logprobs import TokenLogprob
 from shared.schemas import Timings, Usage
 from shared.settings import Settings
-from worker.background import BackgroundThread
 from worker.engine import HANDBACK, EngineJob, JobOutput
 from worker.metrics import WorkerMetrics
 
@@ -227,6 +227,14 @@ class StepPublisher(BackgroundThread):
             if flag == DeltaAnswer.CANCEL_ASKED:
                 p.job.cancel.set()
             elif flag == DeltaAnswer.NOT_HELD:  # another run holds the job now (this worker was thought dead)
+                p.job.lost = True
+                p.job.cancel.set()
+            elif flag == DeltaAnswer.GAP:  # the script gave the job up for the janitor to requeue
+                log.warning(
+                    "job %s: Redis lost this run's last output (a failover?); the job goes back to "
+                    "its queue, to be continued from what Redis kept",
+                    p.job.job_id,
+                )
                 p.job.lost = True
                 p.job.cancel.set()
         for p in due:

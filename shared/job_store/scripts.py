@@ -55,6 +55,7 @@ class DeltaAnswer(IntEnum):
     WRITTEN = 0
     CANCEL_ASKED = 1  # written; a cancel is pending
     NOT_HELD = -1  # this run no longer holds the job: nothing written, stop
+    GAP = -2  # Redis lost this run's last writes (a failover): the run loses the job, as NOT_HELD
 
 
 class RenewAnswer(IntEnum):
@@ -107,14 +108,23 @@ return 'running'
 # (its reply was lost) finds them already there and writes nothing twice.
 # The text and the token ids live as long as the job's hash: each gets its TTL from the hash
 # once, when a write creates it (a finished job's end sets them all again).
-# KEYS: job hash, events, text, tokens. ARGV: run id, maxlen, delta event data (or "": no
+# KEYS: job hash, events, text, tokens, lease. ARGV: run id, maxlen, delta event data (or "": no
 # event), text (or ""), prompt tokens, completion tokens, token ids stored before, then the new
 # token ids.
-# Returns 0, 1 (a cancel was asked), or -1 (this run no longer holds the job: stop, write nothing).
+# Returns 0, 1 (a cancel was asked), -1 (this run no longer holds the job: stop, write nothing),
+# or -2 (fewer token ids are stored than this run wrote: a failover lost its last writes; the run
+# loses the job and its lease, so the janitor requeues it, to be continued from what Redis kept).
 _DELTA = """
 local job = redis.call('HMGET', KEYS[1], 'run', 'status', 'cancel')
 if job[1] ~= ARGV[1] or job[2] ~= 'running' then return -1 end
-if redis.call('LLEN', KEYS[4]) == tonumber(ARGV[7]) then
+local stored = redis.call('LLEN', KEYS[4])
+if stored < tonumber(ARGV[7]) then  -- give the job up: the janitor requeues it (lease gone)
+  redis.call('HDEL', KEYS[1], 'run')
+  redis.call('HINCRBY', KEYS[1], 'attempts', -1)  -- not a lost attempt
+  redis.call('DEL', KEYS[5])
+  return -2
+end
+if stored == tonumber(ARGV[7]) then
   if ARGV[3] ~= '' then
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'delta', 'data', ARGV[3])
   end
@@ -293,8 +303,8 @@ class JobScripts:
 
     ``run`` returns the answer (an awaitable of it on an asyncio connection), by EVALSHA, loading
     the script first if Redis lacks it. With ``client=`` a pipeline, it queues the EVALSHA
-    there: run that pipeline with ``execute`` (synchronous), which turns a missing script into
-    ``ScriptsReloaded``. (redis-py's own scripts in a pipeline ask SCRIPT EXISTS for each of
+    there: run that pipeline with ``execute`` (or ``execute_async``), which turns a missing script
+    into ``ScriptsReloaded``. (redis-py's own scripts in a pipeline ask SCRIPT EXISTS for each of
     them on every execute.)"""
 
     def __init__(self, connection: Any) -> None:
@@ -314,6 +324,15 @@ class JobScripts:
         except NoScriptError:
             for script in SCRIPTS:
                 self._connection.script_load(script.source)
+            raise ScriptsReloaded("Redis had lost streamq's scripts; loaded again") from None
+
+    async def execute_async(self, pipe: Any) -> list[Any]:
+        """``execute`` for a pipeline of an asyncio connection."""
+        try:
+            return list(await pipe.execute())
+        except NoScriptError:
+            for script in SCRIPTS:
+                await self._connection.script_load(script.source)
             raise ScriptsReloaded("Redis had lost streamq's scripts; loaded again") from None
 
 
@@ -359,7 +378,8 @@ def delta(
 ) -> ScriptCall:
     """Write ``run``'s new output: ``text`` (a ``delta`` event, when not empty, or when it has
     ``logprobs`` or ``prompt_logprobs``), the counts, and ``token_ids`` after the ``stored`` ones
-    already in Redis (a write sent twice applies once)."""
+    already in Redis (a write sent twice applies once; fewer stored than ``stored``: Redis lost
+    some, and the run gives the job up for the janitor to requeue)."""
     event = Delta(text=text)
     if logprobs:
         event.logprobs = list(logprobs)
@@ -367,9 +387,14 @@ def delta(
         event.prompt_logprobs = list(prompt_logprobs)
     data = event.encode() if text or logprobs or prompt_logprobs is not None else ""
     args = [run, maxlen, data, text, prompt_tokens, completion_tokens, stored, *token_ids]
-    return ScriptCall(
-        DELTA, [keys.job(job_id), keys.events(job_id), keys.text(job_id), keys.tokens(job_id)], args
-    )
+    job_keys = [
+        keys.job(job_id),
+        keys.events(job_id),
+        keys.text(job_id),
+        keys.tokens(job_id),
+        keys.lease(job_id),
+    ]
+    return ScriptCall(DELTA, job_keys, args)
 
 
 def renew(job_id: str, *, run: str, lease_ms: int) -> ScriptCall:

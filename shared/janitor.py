@@ -8,7 +8,7 @@ its attempt count, and the next worker continues it from the tokens already gene
 registries follow: the dead run's entry leaves the started registry and the job is queued
 again, so ``rq info`` shows no ghost. A worker process whose heartbeat stopped is removed from
 streamq's worker list and its RQ slot workers from RQ's. A job a worker took off its queue
-but died before starting is put back too, and one RQ failed is ended (``worker.stranded``).
+but died before starting is put back too, and one RQ failed is ended (``shared.stranded_jobs``).
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from rq.registry import StartedJobRegistry
 from rq.worker import Worker
 
 from shared import keys
+from shared.background import BackgroundThread
 from shared.job_store import scripts
 from shared.job_store.payloads import Failed
 from shared.job_store.scripts import Answer, JobScripts
 from shared.job_store.vocabulary import JobStatus
 from shared.log_format import job_fields
 from shared.settings import Settings
-from worker.background import BackgroundThread
-from worker.stranded import StrandedJobs, names
+from shared.stranded_jobs import StrandedJobs, names
 
 log = logging.getLogger("streamq.worker")
 

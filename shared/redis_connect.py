@@ -1,0 +1,115 @@
+"""Where Redis is, and the connection pools every process opens to it.
+
+Redis is either one server (``STREAMQ_REDIS_URL``) or a primary that Redis Sentinel manages
+(``STREAMQ_REDIS_SENTINELS`` and ``STREAMQ_REDIS_SENTINEL_MASTER``; the URL then gives only the
+database number, user and password). A Sentinel pool asks the sentinels for the primary each time
+it opens a connection, drops a connection that meets a former primary (now a read-only replica),
+and so follows a failover by itself: no restart, no configuration change. Fronts, workers, RQ's
+connections and the janitor all get their pools here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+import redis.asyncio as aioredis
+import redis.asyncio.sentinel as async_sentinel
+import redis.sentinel as sync_sentinel
+
+from shared.settings import Settings
+
+
+class _BlockingSentinelPool(sync_sentinel.SentinelConnectionPool, redis.BlockingConnectionPool):
+    """A Sentinel pool whose requests wait for a free connection (as the front's other pools do)
+    instead of failing when all are in use."""
+
+
+class _AsyncBlockingSentinelPool(async_sentinel.SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """The asyncio twin of ``_BlockingSentinelPool``."""
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """The Redis one deployment uses: a URL, or a Sentinel-managed primary."""
+
+    url: str
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master: str = "streamq"
+    sentinel_password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, settings: Settings) -> RedisTarget:
+        password = settings.redis_sentinel_password.get_secret_value() or None
+        return cls(
+            url=settings.redis_url_or_default(),
+            sentinels=tuple(settings.sentinel_addresses()),
+            master=settings.redis_sentinel_master,
+            sentinel_password=password,
+        )
+
+    @property
+    def managed(self) -> bool:
+        """Sentinel finds the primary."""
+        return bool(self.sentinels)
+
+    def describe(self) -> str:
+        """For logs and messages: no password."""
+        if self.managed:
+            where = ",".join(f"{h}:{p}" for h, p in self.sentinels)
+            return f"sentinel://{where}/{self.master}"
+        return redacted(self.url)
+
+    def _url_options(self) -> dict[str, Any]:
+        """What the URL says besides the address: db, user, password, TLS, its query options."""
+        options = redis.connection.parse_url(self.url)
+        options.pop("host", None)
+        options.pop("port", None)
+        if options.pop("connection_class", None) is redis.SSLConnection:
+            options["ssl"] = True
+        return options
+
+    def _sentinel_kwargs(self, options: dict[str, Any]) -> dict[str, Any]:
+        kwargs = {k: v for k, v in options.items() if k.startswith("socket_")}
+        if self.sentinel_password:
+            kwargs["password"] = self.sentinel_password
+        return kwargs
+
+    def sync_pool(self, *, blocking_timeout: float | None = None, **options: Any) -> redis.ConnectionPool:
+        """A pool for redis-py's synchronous client (RQ, the workers, the janitor, the CLI).
+        ``blocking_timeout``: requests wait that long for a free connection (else: fail at once)."""
+        if not self.managed:
+            if blocking_timeout is None:
+                return redis.ConnectionPool.from_url(self.url, **options)
+            return redis.BlockingConnectionPool.from_url(self.url, timeout=blocking_timeout, **options)
+        options = {**self._url_options(), **options}
+        manager = sync_sentinel.Sentinel(list(self.sentinels), sentinel_kwargs=self._sentinel_kwargs(options))
+        if blocking_timeout is None:
+            return sync_sentinel.SentinelConnectionPool(self.master, manager, **options)
+        return _BlockingSentinelPool(self.master, manager, timeout=blocking_timeout, **options)
+
+    def async_pool(self, *, blocking_timeout: float, **options: Any) -> aioredis.ConnectionPool:
+        """A pool for redis-py's asyncio client (the front), waiting up to ``blocking_timeout``
+        for a free connection under load."""
+        if not self.managed:
+            return aioredis.BlockingConnectionPool.from_url(self.url, timeout=blocking_timeout, **options)
+        options = {**self._url_options(), **options}
+        manager = async_sentinel.Sentinel(
+            list(self.sentinels), sentinel_kwargs=self._sentinel_kwargs(options)
+        )
+        return _AsyncBlockingSentinelPool(self.master, manager, timeout=blocking_timeout, **options)
+
+    def client(self, **options: Any) -> redis.Redis:
+        """A synchronous client on a pool of its own."""
+        return redis.Redis(connection_pool=self.sync_pool(**options))
+
+
+def redacted(url: str) -> str:
+    """The Redis URL without its password (it may hold one: redis://:secret@host)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

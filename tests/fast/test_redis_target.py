@@ -1,0 +1,63 @@
+"""Where Redis is: a URL, or sentinels and a master name (``STREAMQ_REDIS_SENTINELS``). The pools
+are built without connecting, so what each would connect with can be checked here; the failover
+itself is tested against real sentinels in tests/test_redis_failover.py."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+import redis.sentinel
+from pydantic import ValidationError
+
+from shared.redis_connect import RedisTarget
+from shared.settings import Settings
+
+
+def test_sentinel_addresses_parse_and_bad_ones_are_refused_by_name() -> None:
+    s = Settings(redis_sentinels=" s1:26380, s2 ,[::1]:26381")
+    assert s.sentinel_addresses() == [("s1", 26380), ("s2", 26379), ("::1", 26381)]
+    for bad in ("s1:port", ":26379", "s1:0", "s1:70000"):
+        with pytest.raises(ValidationError, match="sentinel address"):
+            Settings(redis_sentinels=bad)
+
+
+def test_replicas_waited_for_default_to_one_with_sentinels_only() -> None:
+    assert Settings().replicas_to_wait_for() == 0
+    assert Settings(redis_sentinels="s1:26379").replicas_to_wait_for() == 1
+    assert Settings(redis_sentinels="s1:26379", redis_wait_replicas=0).replicas_to_wait_for() == 0
+    assert Settings(redis_wait_replicas=2).replicas_to_wait_for() == 2
+
+
+def test_a_plain_url_gives_plain_pools() -> None:
+    target = RedisTarget.of(Settings(redis_url="redis://:secret@h:6390/3"))
+    assert not target.managed and target.describe() == "redis://:***@h:6390/3"
+    pool = target.sync_pool(blocking_timeout=1.0, max_connections=2)
+    assert isinstance(pool, redis.BlockingConnectionPool)
+    assert (pool.connection_kwargs["host"], pool.connection_kwargs["db"]) == ("h", 3)
+
+
+def test_sentinel_pools_keep_the_urls_db_and_password_and_wait_for_a_connection() -> None:
+    settings = Settings(
+        redis_url="redis://:secret@ignored:1/2",
+        redis_sentinels="s1:26380,s2:26381",
+        redis_sentinel_master="prod",
+        redis_sentinel_password="sentinel-secret",
+    )
+    target = RedisTarget.of(settings)
+    assert target.managed and "secret" not in target.describe() and "prod" in target.describe()
+    pool = target.sync_pool(blocking_timeout=1.0, max_connections=2, socket_timeout=3)
+    assert isinstance(pool, redis.sentinel.SentinelConnectionPool)
+    assert isinstance(pool, redis.BlockingConnectionPool)  # waits for a free connection
+    assert pool.service_name == "prod"
+    assert (pool.connection_kwargs["db"], pool.connection_kwargs["password"]) == (2, "secret")
+    assert "host" not in pool.connection_kwargs  # the sentinels say where the primary is
+    sentinels = pool.sentinel_manager.sentinels
+    assert [
+        (c.connection_pool.connection_kwargs["host"], c.connection_pool.connection_kwargs["port"])
+        for c in sentinels
+    ] == [("s1", 26380), ("s2", 26381)]
+    assert sentinels[0].connection_pool.connection_kwargs["password"] == "sentinel-secret"
+    apool = target.async_pool(blocking_timeout=1.0, max_connections=2)
+    assert isinstance(apool, aioredis.BlockingConnectionPool) and apool.service_name == "prod"  # type: ignore[attr-defined]
+    assert isinstance(target.sync_pool(), redis.sentinel.SentinelConnectionPool)
