@@ -1,11 +1,11 @@
 """Continuous batching for transformers causal LMs: one forward pass per step over all running jobs.
 
 Jobs join between steps and leave as soon as they end; each keeps its own sampling settings,
-seed, stop sequences and budget (see ``AnswerTokens``). A joining job's prompt is computed
-(prefilled) in the same step as the others' next token, within a budget of ``prefill_chunk``
-prompt tokens per step: short prompts that arrive together are prefilled together in one
-left-padded pass; a longer prompt is prefilled alone, a chunk per step, so the jobs already
-running never wait for more than one chunk.
+seed (its draws: see ``sampling.JobDraws``), stop sequences and budget (see ``AnswerTokens``). A
+joining job's prompt is computed (prefilled) in the same step as the others' next token, within
+a budget of ``prefill_chunk`` prompt tokens per step: short prompts that arrive together are
+prefilled together in one left-padded pass; a longer prompt is prefilled alone, a chunk per
+step, so the jobs already running never wait for more than one chunk.
 
 A job may also bring its own rules on the logits (logit bias, penalties, a JSON grammar: see
 ``logits_rules``) and ask for log probabilities of its answer's and its prompt's tokens (see
@@ -31,7 +31,7 @@ from worker.batch_logprobs import answer_entries, prompt_entries
 from worker.causal_lm import CausalLMChat
 from worker.engine import EngineJob, JobOutput
 from worker.logits_rules import JobRules, apply_rules, logits_width
-from worker.sampling import SamplingParams, sample_next
+from worker.sampling import JobDraws, SamplingParams
 from worker.slot_cache import SlotCache, decode_mask, extend_mask, prefill_mask
 from worker.token_logprobs import TokenTexts
 
@@ -52,7 +52,7 @@ class _Sequence:
     prompt: list[int]
     answer: AnswerTokens
     params: SamplingParams
-    generator: torch.Generator
+    draws: JobDraws
     rules: JobRules | None = None  # its logit bias, penalties and grammar (None: it has none)
     logprobs: int | None = None  # alternatives per answer token (None: no log probabilities)
     prompt_k: int | None = None  # alternatives per prompt token, until its first token is out
@@ -98,7 +98,7 @@ class BatchedCausalLM:
         prompt = self.backend.encode(request)
         self._check_prompt(prompt, "raw_prompt" if request.raw else "messages")
         answer = self.backend.answer(request, len(prompt), self.cache.max_len)
-        params, generator = self.backend.sampling(request)
+        params, draws = self.backend.sampling(request, job.job_id)
         job.prompt_tokens = len(prompt)
         if job.resume_ids:  # continue an earlier run: its tokens are replayed, their text was sent
             for token in job.resume_ids:
@@ -107,7 +107,7 @@ class BatchedCausalLM:
             if answer.finish_reason is not None:
                 raise InvalidJobRequest("the job's earlier run had already ended its answer")
         rules = JobRules.of(request, prompt, job.resume_ids, self._grammars, self._device)
-        sequence = _Sequence(job, prompt + job.resume_ids, answer, params, generator, rules, request.logprobs)
+        sequence = _Sequence(job, prompt + job.resume_ids, answer, params, draws, rules, request.logprobs)
         if request.prompt_logprobs is not None and not job.resume_ids:  # else the earlier run sent them
             first = self._texts.entry(prompt[0], None, [])  # the first token: no logprob
             sequence.prompt_k, sequence.prompt_entries = request.prompt_logprobs, [first]
@@ -273,8 +273,12 @@ class BatchedCausalLM:
             apply_rules(block, [r for i in ruled if (r := sequences[i].rules)], self._grammars.allowed)
             for j, token in enumerate(block.argmax(dim=-1).tolist()):
                 best[ruled[j]], changed[ruled[j]] = token, block[j]
+        # A sampled draw depends on the job's seed and the token's index in its answer only, so a
+        # continued job (its earlier tokens replayed into ``answer``) draws as the first run would.
         return [
-            best[i] if s.params.greedy else sample_next(changed.get(i, logits[i]), s.params, s.generator)
+            best[i]
+            if s.params.greedy
+            else s.draws.next_token(changed.get(i, logits[i]), s.params, len(s.answer.token_ids))
             for i, s in enumerate(sequences)
         ]
 

@@ -14,7 +14,7 @@ from shared.schemas import GenerationRequest
 from worker.backend import GenerationStep, LoadedModel
 from worker.chat_prompt import ChatPrompt, eos_ids_of
 from worker.logits_rules import Grammars, JobRules, apply_rules, logits_width
-from worker.sampling import SamplingParams, sample_next
+from worker.sampling import JobDraws, SamplingParams, job_seed
 
 
 def cache_argument(model: Any) -> str:
@@ -41,11 +41,17 @@ class CausalLMChat(LoadedModel, ChatPrompt):
         self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
         self.cache_argument = cache_argument(model)
 
-    def sampling(self, request: GenerationRequest) -> tuple[SamplingParams, torch.Generator]:
-        """A job's sampling settings and its own random generator (seeded when it asks)."""
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(request.seed if request.seed is not None else random.getrandbits(63))
-        return SamplingParams(request.temperature, request.top_p, request.top_k), generator
+    def sampling(
+        self, request: GenerationRequest, job_id: str | None = None
+    ) -> tuple[SamplingParams, JobDraws]:
+        """A job's sampling settings and its own random draws: seeded with the request's seed,
+        else with one derived from ``job_id`` (so a continuation of the job draws the same), else
+        at random."""
+        if request.seed is None and job_id is None:
+            seed = random.getrandbits(63)
+        else:
+            seed = job_seed(request.seed, job_id or "")
+        return SamplingParams(request.temperature, request.top_p, request.top_k), JobDraws(seed, self.device)
 
     @cached_property
     def grammars(self) -> Grammars:
@@ -53,13 +59,14 @@ class CausalLMChat(LoadedModel, ChatPrompt):
         return Grammars(self.tokenizer, logits_width(self.model), self.eos_ids)
 
     @torch.inference_mode()
-    def generate(self, request: GenerationRequest) -> Iterator[GenerationStep]:
+    def generate(self, request: GenerationRequest, job_id: str | None = None) -> Iterator[GenerationStep]:
         """One job alone, token by token with a KV cache (the batching engine's reference): its
-        logit bias, penalties and JSON grammar too; no log probabilities (a step has no room)."""
+        logit bias, penalties and JSON grammar too; no log probabilities (a step has no room).
+        ``job_id`` seeds an unseeded job's draws as the engine does."""
         prompt = self.encode(request)
         n_prompt = len(prompt)
         answer = self.answer(request, n_prompt)
-        params, generator = self.sampling(request)
+        params, draws = self.sampling(request, job_id)
         rules = JobRules.of(request, prompt, [], self.grammars, self.device)
         out = self.model(
             input_ids=torch.tensor([prompt], device=self.device), use_cache=True, logits_to_keep=1
@@ -69,7 +76,7 @@ class CausalLMChat(LoadedModel, ChatPrompt):
             if rules is not None:
                 logits = logits.float()
                 apply_rules(logits, [rules], self.grammars.allowed)
-            token = sample_next(logits[0], params, generator)
+            token = draws.next_token(logits[0], params, len(answer.token_ids))
             text = answer.push(token)
             if rules is not None and answer.finish_reason is None:
                 rules.accept(token)

@@ -71,6 +71,13 @@ class ChatGLMChat(LoadedModel):
         query, history = to_query_and_history(request.messages)
         n_prompt = self.prompt_tokens(request)
         budget = answer_budget(request, n_prompt, self.context_length)
+        # Not the per-token draws of ``sampling.JobDraws``: stream_chat samples inside the model's
+        # own code from torch's global generator, seeded once here, and it starts each answer from
+        # the prompt, with no way to take the tokens an earlier run generated; so a job whose worker
+        # was lost cannot continue here at all (``SerialModel.add`` fails it) and there is no
+        # continuation whose draws could match. The global generator is also shared by the jobs a
+        # worker interleaves (``SerialModel``): a seed repeats an answer when no other sampled job
+        # runs beside it.
         if request.seed is not None:
             torch.manual_seed(request.seed)
         answer = ""

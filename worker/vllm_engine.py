@@ -232,6 +232,11 @@ class VLLMModel:
             temperature=request.temperature,
             top_p=request.top_p,
             top_k=request.top_k,
+            # vLLM seeds its own generator for the request once and draws a vocabulary's worth of
+            # noise from it per step, out of streamq's reach: a continued job (prompt + earlier
+            # tokens) starts that stream over, so its draws differ from the interrupted run's;
+            # with a seed, each continuation from the same tokens draws the same noise.
+            # An unseeded job keeps vLLM's shared generator (seeded requests sample one by one).
             seed=request.seed,
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
