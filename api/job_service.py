@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
@@ -16,6 +15,7 @@ import anyio.to_thread
 import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.job import Job
 from rq.queue import Queue
 from rq.registry import CanceledJobRegistry
@@ -42,6 +42,9 @@ from shared.settings import Settings
 
 log = logging.getLogger("streamq.api")
 
+# After a submit no replica acknowledged in time, the next ones are refused at once for this long
+# (no write, no wait): while the replica is down, a WAIT per submit would hold the front's pool.
+UNREPLICATED_PAUSE = 1.0
 TASK = "worker.tasks.generate"  # enqueued by name: the front never imports the worker
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -71,6 +74,7 @@ class JobService:
         self._counting = asyncio.Semaphore(2)  # one per count connection
         self.directory = directory
         self._scripts = JobScripts(connection)
+        self._unreplicated_until = 0.0  # monotonic: refuse submits at once until then
         self._rq_records: dict[str, QueuedRecords] = {}  # per model: RQ's records, built with no I/O
         self.positions = QueuePositions(connection, max_age=settings.position_poll_interval)
         self.drain_rates = DrainRates(connection, settings.drain_window)
@@ -141,7 +145,7 @@ class JobService:
             now=created_at,
         )
         for pruned in (False, True):
-            outcome, value = await self._run_replicated(call, job_id, owner)
+            outcome, value = await self._run_replicated(call, job_id, model)
             if outcome == JobStatus.QUEUED:
                 return int(value)
             if outcome == Answer.QUEUE_FULL:
@@ -150,14 +154,17 @@ class JobService:
                 break
         raise self.quotas.over_concurrency()
 
-    async def _run_replicated(self, call: ScriptCall, job_id: str, owner: str) -> Any:
+    async def _run_replicated(self, call: ScriptCall, job_id: str, model: str) -> Any:
         """Run the submit script; with replicas to wait for (Sentinel), WAIT for them on the same
         connection, in the same round trip. A job the replicas did not get in time is canceled
-        and refused with a 503: a 202 promises a job that survives a failover."""
+        and refused with a 503 (a 202 promises a job that survives a failover), unless a worker
+        took it meanwhile."""
         s = self._settings
         replicas = s.replicas_to_wait_for()
         if not replicas:
             return await self._scripts.run(call)
+        if time.monotonic() < self._unreplicated_until:  # the last one failed just now: no write
+            raise self._unreplicated()
         for last in (False, True):
             pipe = self._redis.pipeline(transaction=False)
             self._scripts.run(call, client=pipe)
@@ -168,8 +175,16 @@ class JobService:
                 if last:
                     raise
                 continue
+            except RedisTimeoutError:  # the job may be written: it must not run behind a 503
+                await self._withdraw(job_id, model)
+                raise
             if answer[0] != JobStatus.QUEUED or int(acked) >= replicas:
+                self._unreplicated_until = 0.0
                 return answer
+            self._unreplicated_until = time.monotonic() + UNREPLICATED_PAUSE
+            if not await self._withdraw(job_id, model):
+                log.warning("job %s: no Redis replica had it in time, but a worker took it: accepted", job_id)
+                return answer  # refusing it now would only have the client run it twice
             log.error(
                 "job %s: %d of %d Redis replicas had it after %d ms; canceled and refused",
                 job_id,
@@ -177,15 +192,35 @@ class JobService:
                 replicas,
                 s.redis_wait_ms,
             )
-            with contextlib.suppress(RedisError, ApiError):
-                await self.cancel(job_id, owner)
-            raise ApiError(
-                503,
-                "the job store (Redis) could not copy the job to a replica in time, so it was not "
-                "accepted; try again shortly",
-                headers={"Retry-After": "1"},
-            )
+            raise self._unreplicated()
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _unreplicated() -> ApiError:
+        return ApiError(
+            503,
+            "the job store (Redis) could not copy the job to a replica in time, so it was not "
+            "accepted; try again shortly",
+            headers={"Retry-After": "1"},
+        )
+
+    async def _withdraw(self, job_id: str, model: str) -> bool:
+        """Cancel a job that no replica had in time, unless a worker took it meanwhile (it is on
+        the primary, which is up: refusing it then would only have the client run it twice).
+        True when it was withdrawn (or its cancel failed: it may run, unpromised)."""
+        s = self._settings
+        cancel = scripts.cancel(job_id, model, ttl=s.result_ttl, maxlen=s.stream_maxlen)
+        try:
+            if await self._redis.hget(keys.job(job_id), JobField.STATUS) != JobStatus.QUEUED:
+                return False
+            answer = scripts.answer(await self._scripts.run(cancel))
+            if answer == Answer.OK:
+                await anyio.to_thread.run_sync(self._file_rq_cancel, job_id)
+            elif answer == Answer.RUNNING:  # started just now: it stops at its next step
+                await self._redis.publish(keys.CANCEL_CHANNEL, job_id)
+        except RedisError as exc:
+            log.error("job %s: refused, but its cancel failed (it may run): %s", job_id, exc)
+        return True
 
     async def _check_prompt_length(self, model: str, generation: GenerationRequest) -> None:
         """Ask a worker of the model for the prompt's token count and refuse (400) a request that

@@ -56,7 +56,7 @@ class KeyQuotas:
         url = settings.redis_url_or_default()
         if target.managed:  # the library wants an address in its URI; the pool decides the real one
             host, port = target.sentinels[0]
-            url = f"redis://{host}:{port}/0"
+            url = f"redis://[{host}]:{port}/0" if ":" in host else f"redis://{host}:{port}/0"
         self._pool = target.async_pool(
             blocking_timeout=settings.redis_pool_timeout,
             max_connections=2,

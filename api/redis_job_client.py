@@ -54,13 +54,14 @@ _RETRIED = (RedisConnectionError,)  # not TimeoutError (which redis-py's Retry i
 
 
 def _async_client(
-    target: RedisTarget, size: int, socket_timeout: float, settings: Settings
+    target: RedisTarget, size: int, socket_timeout: float, settings: Settings, replica: bool = False
 ) -> aioredis.Redis:
     """A client on a bounded pool: connections open within the connect timeout, a command takes
     at most ``socket_timeout``, and under load a request queues for a free connection for up to
     the pool timeout (when Redis is down, connections fail at once and free their place)."""
     pool = target.async_pool(
         blocking_timeout=settings.redis_pool_timeout,
+        replica=replica,
         max_connections=size,
         socket_timeout=socket_timeout,
         socket_connect_timeout=settings.redis_connect_timeout,
@@ -79,6 +80,7 @@ def _same(stored: str | bytes | None, owner: str) -> bool:
     return hmac.compare_digest(stored if isinstance(stored, bytes) else stored.encode(), owner.encode())
 
 
+HUB_RECONNECT = 10.0  # seconds: with Sentinel, the stream reader reconnects (to a replica in sync)
 RUN_MARGIN = 60  # seconds past a run's timeout before its job is surely ended or handed on
 
 
@@ -105,7 +107,10 @@ class RedisJobClient:
         conn = _async_client(target, settings.redis_max_connections, timeout, settings)
         hub_block_ms = 10_000
         # The stream hub's reader blocks in XREAD: its own connection, with room for the block.
-        hub_conn = _async_client(target, 1, hub_block_ms / 1000 + timeout, settings)
+        # With Sentinel it reads from a replica in sync: a client then never sees an event that
+        # a failover could lose (the replica promoted has at least what any replica had), so a
+        # resume after a failover has no gap and no repeat.
+        hub_conn = _async_client(target, 1, hub_block_ms / 1000 + timeout, settings, replica=True)
         # Prompt-count questions wait on BLPOP: their own two connections, never the shared pool's.
         count_conn = _async_client(target, 2, settings.count_timeout + timeout, settings)
         # RQ is synchronous; it runs in worker threads, on its own small pool (bytes, as RQ wants).
@@ -131,7 +136,13 @@ class RedisJobClient:
         loop = asyncio.get_running_loop()
         directory = WorkerDirectory(conn, settings)
         quotas = KeyQuotas(settings, conn, CLIENT_NAME)
-        hub = StreamHub(hub_conn, conn, front_id=secrets.token_hex(8), block_ms=hub_block_ms)
+        hub = StreamHub(
+            hub_conn,
+            conn,
+            front_id=secrets.token_hex(8),
+            block_ms=hub_block_ms,
+            reconnect_every=HUB_RECONNECT if target.managed else None,
+        )
         hub.start()
 
         def data_lost() -> None:
@@ -227,6 +238,7 @@ class RedisJobClient:
         await asyncio.to_thread(self.janitor.stop)
         await asyncio.to_thread(self.epoch.stop)
         self.upkeep_redis.close()
+        self.upkeep_redis.connection_pool.disconnect()
         await self.hub.stop()
         await self.hub_redis.aclose()
         await self.count_redis.aclose()

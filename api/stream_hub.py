@@ -63,8 +63,14 @@ class StreamHub:
         front_id: str,
         block_ms: int = 10_000,
         count: int = 500,
+        reconnect_every: float | None = None,
     ) -> None:
         self._reader = reader  # its own connection: it blocks in XREAD
+        # Reopen the reader's connection this often (None: never). A reader on a replica falls
+        # back to the primary while no replica is in sync (after a failover), and comes back to
+        # a replica when it reconnects.
+        self._reconnect_every = reconnect_every
+        self._connected_at = time.monotonic()
         self._writer = writer  # the shared pool: wake-ups
         self._wake_key = keys.hub_wakeup(front_id)
         self._block_ms = block_ms
@@ -156,6 +162,7 @@ class StreamHub:
                 self._changed.clear()
                 await self._changed.wait()
                 continue
+            await self._reconnect_when_due()
             asked = dict(self._cursors)
             streams: dict[str, str] = {**asked, self._wake_key: self._wake_cursor}
             self._blocking = True
@@ -194,6 +201,12 @@ class StreamHub:
             if pause >= GATHER_MIN:
                 await asyncio.sleep(pause)
 
+    async def _reconnect_when_due(self) -> None:
+        if self._reconnect_every is None or time.monotonic() - self._connected_at < self._reconnect_every:
+            return
+        self._connected_at = time.monotonic()
+        await self._reader.connection_pool.disconnect()  # the next read connects anew
+
     def _deliver(self, key: str, entries: list[Entry], asked_from: str | None) -> None:
         if asked_from is None:
             return
@@ -212,7 +225,9 @@ class StreamHub:
                     sub.last_id = entry_id
 
     def check_jobs(self) -> None:
-        """Ask every follower to check that its job still exists (Redis lost its data)."""
+        """Ask every follower to check that its job still exists (Redis lost its data, and with it
+        the wake-up key's TTL: it is set again at the next wake-up)."""
+        self._wake_key_kept = -float(WAKE_KEY_LIFE)
         for subs in self._subs.values():
             for sub in subs:
                 sub.queue.put_nowait(CHECK_JOB)

@@ -1,5 +1,5 @@
-"""A worker's helper threads (heartbeat, cancel listener, prompt counter, leases, janitor) start and
-stop alike."""
+"""Helper threads (a worker's heartbeat, cancel listener, prompt counter and leases; the janitor and
+the epoch watch of workers and fronts) start and stop alike."""
 
 from __future__ import annotations
 

@@ -1,14 +1,17 @@
 """Finds jobs whose worker died and hands them to another; clears dead workers from the lists.
 
-Every worker process runs one; a Redis lock lets one at a time do the rounds (every
-``janitor_interval`` seconds). A running job whose lease has lapsed (its worker stopped
-renewing it: killed, frozen, cut off) is requeued at the front of its model's RQ queue with
-its attempt count, and the next worker continues it from the tokens already generated (see
-``JobRunner``); after ``max_attempts`` runs it fails with an ``error`` event saying why. RQ's
-registries follow: the dead run's entry leaves the started registry and the job is queued
-again, so ``rq info`` shows no ghost. A worker process whose heartbeat stopped is removed from
-streamq's worker list and its RQ slot workers from RQ's. A job a worker took off its queue
-but died before starting is put back too, and one RQ failed is ended (``shared.stranded_jobs``).
+Every worker process and every front runs one (so jobs are requeued with no worker alive); a
+Redis lock lets one at a time do the rounds (every ``janitor_interval`` seconds). A running job
+whose lease has lapsed (its worker stopped renewing it: killed, frozen, cut off) is requeued at
+the front of its model's RQ queue with its attempt count, and the next worker continues it from
+the tokens already generated (see ``JobRunner``); after ``max_attempts`` runs it fails with an
+``error`` event saying why. Not for a lease period after Redis failed, though: a failover or an
+outage outlasts the leases of live workers, which renew them once Redis is back. RQ's registries
+follow: the dead run's entry leaves the started registry and the job is queued again, so ``rq
+info`` shows no ghost. A worker process whose heartbeat stopped is removed from streamq's worker
+list and its RQ slot workers from RQ's. A job a worker took off its queue but died before
+starting (or whose start a failover lost) is put back too, and one RQ failed is ended
+(``shared.stranded_jobs``).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from shared.log_format import job_fields
 from shared.settings import Settings
 from shared.stranded_jobs import StrandedJobs, names
 
-log = logging.getLogger("streamq.worker")
+log = logging.getLogger("streamq.janitor")
 
 
 class Janitor(BackgroundThread):
@@ -47,6 +50,7 @@ class Janitor(BackgroundThread):
         self._owner = uuid.uuid4().hex
         self._scripts = JobScripts(connection)
         self.stranded = StrandedJobs(connection, settings)
+        self._redis_failed_at = float("-inf")  # monotonic time of this janitor's last Redis error
 
     def _run(self) -> None:
         while not self._stop.wait(self._settings.janitor_interval):
@@ -54,7 +58,16 @@ class Janitor(BackgroundThread):
                 if self._lock():
                     self.sweep()
             except redis.RedisError as exc:
+                self._redis_failed_at = time.monotonic()
                 log.warning("janitor: Redis error: %s", exc)
+
+    def _leases_trusted(self) -> bool:
+        """Whether a missing lease means a dead worker. Not for a while after Redis failed (a
+        failover, an outage): leases expired meanwhile although their workers live, and each
+        worker renews its own within a renewal period of Redis coming back."""
+        s = self._settings
+        quiet = s.lease_seconds + 2 * s.lease_renew_seconds
+        return time.monotonic() - self._redis_failed_at >= quiet
 
     def _lock(self) -> bool:
         """Hold the janitor lock for a few rounds (renewed while we are the holder)."""
@@ -74,6 +87,8 @@ class Janitor(BackgroundThread):
 
     def requeue_orphans(self) -> list[str]:
         """Requeue (or fail) running jobs whose lease lapsed; returns the ids it requeued."""
+        if not self._leases_trusted():
+            return []
         running = names(self._redis.zrange(keys.RUNNING, 0, -1))
         if not running:
             return []

@@ -21,6 +21,8 @@ import redis.sentinel as sync_sentinel
 
 from shared.settings import Settings
 
+SENTINEL_TIMEOUT = 2.0  # seconds a sentinel may take to answer (then the next one is asked)
+
 
 class _BlockingSentinelPool(sync_sentinel.SentinelConnectionPool, redis.BlockingConnectionPool):
     """A Sentinel pool whose requests wait for a free connection (as the front's other pools do)
@@ -29,6 +31,19 @@ class _BlockingSentinelPool(sync_sentinel.SentinelConnectionPool, redis.Blocking
 
 class _AsyncBlockingSentinelPool(async_sentinel.SentinelConnectionPool, aioredis.BlockingConnectionPool):
     """The asyncio twin of ``_BlockingSentinelPool``."""
+
+
+class _SyncedReplicas(async_sentinel.Sentinel):
+    """Sentinel that hands out only replicas in sync with the primary (link up, not down): one
+    that is still loading a full copy would serve old or no data."""
+
+    def filter_slaves(self, slaves: Any) -> Any:
+        return [
+            (replica["ip"], replica["port"])
+            for replica in slaves
+            if not (replica["is_odown"] or replica["is_sdown"])
+            and replica.get("master-link-status", "ok") == "ok"
+        ]
 
 
 @dataclass(frozen=True)
@@ -65,14 +80,16 @@ class RedisTarget:
     def _url_options(self) -> dict[str, Any]:
         """What the URL says besides the address: db, user, password, TLS, its query options."""
         options = redis.connection.parse_url(self.url)
-        options.pop("host", None)
-        options.pop("port", None)
-        if options.pop("connection_class", None) is redis.SSLConnection:
+        for where in ("host", "port", "path"):  # the sentinels say where the primary is
+            options.pop(where, None)
+        if options.pop("connection_class", None) is redis.SSLConnection:  # (a Unix socket's: dropped)
             options["ssl"] = True
         return options
 
     def _sentinel_kwargs(self, options: dict[str, Any]) -> dict[str, Any]:
         kwargs = {k: v for k, v in options.items() if k.startswith("socket_")}
+        if kwargs.get("socket_timeout") is None:  # a silent sentinel must not hang discovery
+            kwargs["socket_timeout"] = SENTINEL_TIMEOUT
         if self.sentinel_password:
             kwargs["password"] = self.sentinel_password
         return kwargs
@@ -90,16 +107,20 @@ class RedisTarget:
             return sync_sentinel.SentinelConnectionPool(self.master, manager, **options)
         return _BlockingSentinelPool(self.master, manager, timeout=blocking_timeout, **options)
 
-    def async_pool(self, *, blocking_timeout: float, **options: Any) -> aioredis.ConnectionPool:
+    def async_pool(
+        self, *, blocking_timeout: float, replica: bool = False, **options: Any
+    ) -> aioredis.ConnectionPool:
         """A pool for redis-py's asyncio client (the front), waiting up to ``blocking_timeout``
-        for a free connection under load."""
+        for a free connection under load. ``replica``: with Sentinel, to a replica in sync (the
+        primary when there is none), for reads that must not run ahead of the replicas."""
         if not self.managed:
             return aioredis.BlockingConnectionPool.from_url(self.url, timeout=blocking_timeout, **options)
         options = {**self._url_options(), **options}
-        manager = async_sentinel.Sentinel(
-            list(self.sentinels), sentinel_kwargs=self._sentinel_kwargs(options)
+        sentinel_kwargs = self._sentinel_kwargs(options)
+        manager = _SyncedReplicas(list(self.sentinels), sentinel_kwargs=sentinel_kwargs)
+        return _AsyncBlockingSentinelPool(
+            self.master, manager, timeout=blocking_timeout, is_master=not replica, **options
         )
-        return _AsyncBlockingSentinelPool(self.master, manager, timeout=blocking_timeout, **options)
 
     def client(self, **options: Any) -> redis.Redis:
         """A synchronous client on a pool of its own."""

@@ -77,7 +77,7 @@ class EpochWatch(BackgroundThread):
             log.error("%s", LOST)
             try:
                 self._on_lost()
-            except redis.RedisError as exc:
+            except Exception as exc:  # e.g. Redis failing again, or a loop closing at shutdown
                 log.warning("after Redis lost its data: %s", exc)
         return lost
 

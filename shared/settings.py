@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -194,6 +194,15 @@ class Settings(BaseSettings):
 
     def redis_url_or_default(self) -> str:
         return self.redis_url or DEFAULT_REDIS_URL
+
+    @model_validator(mode="after")
+    def _wait_within_command_timeout(self) -> Settings:
+        if self.replicas_to_wait_for() and self.redis_wait_ms >= self.redis_command_timeout * 1000:
+            raise ValueError(
+                "STREAMQ_REDIS_WAIT_MS must be shorter than STREAMQ_REDIS_COMMAND_TIMEOUT (in ms): a "
+                "submit's WAIT runs within one command's time"
+            )
+        return self
 
     @field_validator("redis_sentinels")
     @classmethod

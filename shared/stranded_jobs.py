@@ -30,7 +30,7 @@ from shared.job_store.vocabulary import FINAL_STATUSES, JobField, JobStatus
 from shared.log_format import job_fields
 from shared.settings import Settings
 
-log = logging.getLogger("streamq.worker")
+log = logging.getLogger("streamq.janitor")
 
 
 def names(members: Any) -> list[str]:

@@ -5,6 +5,7 @@ its primary and watch the sentinels promote the replica."""
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -80,6 +81,24 @@ class SentinelRedis:
         if proc is not None:
             proc.kill()
             proc.wait(timeout=10)
+
+    def lose_last_writes(self, seconds: float, timeout: float = 30) -> tuple[int, int]:
+        """A failover that loses writes, as a real network can: the replica is cut off from the
+        primary (frozen, its link closed) for ``seconds`` while the primary takes writes, then the
+        primary dies and the replica, thawed, is promoted without them. The old primary comes back
+        as a replica of the new one. Returns (old port, new port)."""
+        old, replica = self.primary_port(), self.replica_port()
+        frozen = self._procs[replica]
+        frozen.send_signal(signal.SIGSTOP)
+        try:
+            self.client(old).client_kill_filter(_type="replica")
+            time.sleep(seconds)
+            self.kill(old)
+        finally:
+            frozen.send_signal(signal.SIGCONT)
+        new = self.wait_promoted(old, timeout)
+        self.start_node(old, replica_of=new)
+        return old, new
 
     def _start_sentinel(self, port: int, down_after_ms: int, failover_timeout_ms: int) -> None:
         conf = self.dir / f"sentinel-{port}.conf"

@@ -1,16 +1,19 @@
 """The keep-alive ticks of ``JobFollower`` (api/job_stream.py), over a stand-in hub and job
 service: a tick comes ``ping_interval`` after the last tick or output, however often the job's
-queue position changes meanwhile (the routes that stream text pass positions on to nobody)."""
+queue position changes meanwhile (the routes that stream text pass positions on to nobody); and
+a job whose record vanished ends its stream with a ``job_lost`` error, at a tick or at once when
+the hub asks (Redis lost its data)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from typing import Any, cast
 
 from api.job_stream import JobFollower
-from api.stream_hub import Subscription
+from api.stream_hub import CHECK_JOB, Subscription
 from shared.job_store.vocabulary import EventName, JobStatus
 from shared.schemas import JobView
 
@@ -29,6 +32,10 @@ class _Positions:
 class _Jobs:
     def __init__(self) -> None:
         self.positions = _Positions()
+        self.gone = False  # the job's record vanished (Redis lost it)
+
+    async def exists(self, job_id: str) -> bool:
+        return not self.gone
 
     async def estimated_wait(self, model: str, position: int | None) -> float | None:
         return None
@@ -98,3 +105,46 @@ def test_output_postpones_the_tick_and_started_does_not() -> None:
     for tick in ticks:
         last = max(at for at in output if at <= tick)
         assert PING - 0.05 <= tick - last < PING + 0.15, slow
+
+
+async def _follow_until_final(jobs: _Jobs, nudge: bool) -> tuple[float, list[Any]]:
+    """Follow a started job whose record is gone; with ``nudge``, the hub asks at once (as after a
+    loss of Redis's data). Returns the seconds to the stream's end and what it yielded."""
+    hub = _Hub()
+    job = JobView(id="job", model="m", status=JobStatus.RUNNING, created_at=time.time())
+    follower = JobFollower(cast(Any, jobs), cast(Any, hub), job, None, 10 * PING, POSITION_POLL)
+    hub.sub.queue.put_nowait(("1-0", {"event": EventName.STARTED, "data": "{}"}))
+    jobs.gone = True
+    if nudge:
+        hub.sub.queue.put_nowait(CHECK_JOB)
+    start = time.monotonic()
+    async with asyncio.timeout(5):
+        items = [item async for item in follower.events("0-0")]
+    return time.monotonic() - start, items
+
+
+def test_a_job_that_vanished_ends_its_stream_with_job_lost() -> None:
+    at_tick, items = asyncio.run(_follow_until_final(_Jobs(), nudge=False))
+    assert 10 * PING - 0.05 <= at_tick < 10 * PING + 0.5  # at the keep-alive, not before
+    final = items[-1]
+    assert final.final and final.event == EventName.ERROR and final.data["type"] == "job_lost"
+    at_once, items = asyncio.run(_follow_until_final(_Jobs(), nudge=True))
+    assert at_once < 0.5 and items[-1].data["type"] == "job_lost"
+
+
+def test_the_hubs_question_changes_nothing_for_a_job_that_exists() -> None:
+    async def follow() -> list[Any]:
+        hub, jobs = _Hub(), _Jobs()
+        job = JobView(id="job", model="m", status=JobStatus.RUNNING, created_at=time.time())
+        follower = JobFollower(cast(Any, jobs), cast(Any, hub), job, None, PING, POSITION_POLL)
+        hub.sub.queue.put_nowait(CHECK_JOB)
+        hub.sub.queue.put_nowait(("1-0", {"event": EventName.DELTA, "data": '{"text": "x"}'}))
+        items: list[Any] = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2 * PING):
+                async for item in follower.events("0-0"):
+                    items.append(item)
+        return items
+
+    items = asyncio.run(follow())
+    assert [item.event for item in items if item is not None] == [EventName.DELTA]

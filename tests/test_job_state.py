@@ -177,14 +177,17 @@ def test_an_output_write_sent_twice_is_applied_once(redis_server: RedisServer) -
     assert _events(r, "js6") == ["started", "delta", "delta"]
 
 
-def test_a_run_whose_last_writes_a_failover_lost_gives_the_job_up_for_a_continuation(
+def test_a_run_whose_last_writes_a_failover_lost_hands_the_job_back_for_a_continuation(
     redis_server: RedisServer,
 ) -> None:
     """Replication is asynchronous: a new primary may lack a run's last writes. The run's next write
-    finds fewer token ids than it stored; it writes nothing, and the job goes back to its queue
-    (without using up an attempt) to be continued from what Redis kept, not finished with a hole."""
+    finds fewer token ids than it stored; it writes nothing, and hands the job back to its queue's
+    front in the same step (not a lost attempt), to be continued from what Redis kept, not finished
+    with a hole."""
     r = redis_server.client(decode_responses=True)
-    _new_job(r, "js8")
+    queue = keys.rq_queue("gap")
+    _new_job(r, "js8", model="gap")
+    r.lrem(queue, 1, "js8")  # a worker took it
     assert _start(r, "js8", "run-g") == "running"
     assert _delta(r, "js8", "run-g", "one ", [1], stored=0) == DeltaAnswer.WRITTEN
     assert _delta(r, "js8", "run-g", "two ", [2], stored=1) == DeltaAnswer.WRITTEN
@@ -192,13 +195,26 @@ def test_a_run_whose_last_writes_a_failover_lost_gives_the_job_up_for_a_continua
     r.set(keys.text("js8"), "one ")
     r.rpop(keys.tokens("js8"))
     attempts = int(r.hget(keys.job("js8"), "attempts") or 0)
-    assert _delta(r, "js8", "run-g", "three", [3], stored=2) == DeltaAnswer.GAP
+    gap = scripts.delta(
+        "js8",
+        run="run-g",
+        maxlen=100,
+        text="three",
+        prompt_tokens=3,
+        completion_tokens=3,
+        stored=2,
+        token_ids=[3],
+        queue_list=queue,
+    )
+    assert int(_run(r, gap)) == DeltaAnswer.GAP  # type: ignore[call-overload]
     assert (r.get(keys.text("js8")), r.lrange(keys.tokens("js8"), 0, -1)) == ("one ", ["1"])
-    assert _finish(r, "js8", _done(), run="run-g") == Answer.LOST  # its end would leave a hole
-    assert not r.exists(keys.lease("js8")) and int(r.hget(keys.job("js8"), "attempts") or 0) == attempts - 1
-    # The janitor's requeue (no run: the lease is gone) puts it back; the next run resumes at 1 token.
-    assert _requeue(r, "js8", attempts=3) == Answer.REQUEUED
-    assert r.hget(keys.job("js8"), "status") == JobStatus.QUEUED
+    state = r.hgetall(keys.job("js8"))
+    assert (state["status"], "run" in state, int(state["attempts"])) == ("queued", False, attempts - 1)
+    assert r.lrange(queue, 0, -1) == ["js8"] and r.zscore(keys.RUNNING, "js8") is None
+    assert not r.exists(keys.lease("js8")) and _events(r, "js8")[-1] == "queued"
+    assert _finish(r, "js8", _done(), run="run-g") == Answer.LOST  # its end would leave a hole: none
+    assert r.hget(keys.job("js8"), "status") == "queued"
+    # The next run resumes at the 1 token that survived.
     assert _start(r, "js8", "run-h") == "running"
     assert _delta(r, "js8", "run-h", "two", [2], stored=1) == DeltaAnswer.WRITTEN
     assert r.get(keys.text("js8")) == "one two"

@@ -46,6 +46,7 @@ class EngineJob:
     status: str = ""  # how it ended here: finished, canceled, failed, requeued (handed back), lost
     error: str = ""
     lost: bool = False  # another run holds the job now: write nothing more for it
+    handed_back: bool = False  # lost because Redis lost its last output: back in its queue
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_token_at: float | None = None

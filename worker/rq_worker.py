@@ -32,6 +32,8 @@ from rq.timeouts import BaseDeathPenalty
 from rq.worker import SimpleWorker
 
 from shared import keys
+from shared.job_store.vocabulary import JobField
+from shared.job_store.vocabulary import JobStatus as StreamqStatus
 from shared.log_format import job_fields
 from shared.settings import Settings, load_settings
 from worker.job_runner import Outcome
@@ -133,6 +135,17 @@ class StreamqWorker(SimpleWorker):
             job.host, job.slot_name = self.runtime, self.name
         super().execute_job(job, queue)
 
+    def _start_was_lost(self, job: Job, queue: Queue) -> bool:
+        """The job this run lost is ``queued`` in streamq yet on neither its queue nor the queue's
+        intermediate list (another run, a janitor or a handback would have put it on one)."""
+        pipe = self.connection.pipeline(transaction=False)
+        pipe.hget(keys.job(job.id), JobField.STATUS)
+        pipe.lpos(queue.key, job.id)
+        pipe.lpos(keys.intermediate(queue.key), job.id)
+        status, queued_at, parked_at = pipe.execute()
+        status = status.decode() if isinstance(status, bytes) else status
+        return status == StreamqStatus.QUEUED and queued_at is None and parked_at is None
+
     def clean_registries(self) -> None:
         """RQ's own cleaning, and the canceled registry's, which RQ leaves to grow."""
         super().clean_registries()
@@ -151,6 +164,18 @@ class StreamqWorker(SimpleWorker):
             with self.connection.pipeline() as pipe:
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)
                 pipe.execute()
+            if outcome is Outcome.LOST and self._start_was_lost(job, queue):
+                # A failover lost this run's start: streamq has the job queued on no list, and
+                # nothing else would ever run it. Back to its queue's front, RQ's own way.
+                queue.enqueue_job(job, at_front=True)
+                log.warning(
+                    "job %s: Redis lost its start (a failover?); queued again",
+                    job.id,
+                    extra=job_fields(
+                        "requeued", job.id, self.served_name, worker=self.name, reason="start_lost"
+                    ),
+                )
+                return
             if outcome is Outcome.REQUEUED:
                 # The handback script already put the id back on the queue's front, so a kill
                 # here strands nothing. RQ's enqueue writes its record and pushes the id again;

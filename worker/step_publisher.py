@@ -209,6 +209,7 @@ class StepPublisher(BackgroundThread):
                     token_ids=p.ids,
                     logprobs=p.logprobs,
                     prompt_logprobs=p.prompt_logprobs,
+                    queue_list=keys.rq_queue(job.model) if job.model else None,
                 )
                 self._scripts.run(delta, client=pipe)
                 writes.append((len(pipe), p))
@@ -229,17 +230,17 @@ class StepPublisher(BackgroundThread):
             elif flag == DeltaAnswer.NOT_HELD:  # another run holds the job now (this worker was thought dead)
                 p.job.lost = True
                 p.job.cancel.set()
-            elif flag == DeltaAnswer.GAP:  # the script gave the job up for the janitor to requeue
+            elif flag == DeltaAnswer.GAP:  # the script handed the job back
                 log.warning(
-                    "job %s: Redis lost this run's last output (a failover?); the job goes back to "
-                    "its queue, to be continued from what Redis kept",
+                    "job %s: Redis lost this run's last output (a failover?); handed back, to be "
+                    "continued from what Redis kept",
                     p.job.job_id,
                 )
-                p.job.lost = True
+                p.job.lost = p.job.handed_back = True
                 p.job.cancel.set()
         for p in due:
             if p.job.lost and p.end is not None:
-                self._release(p, "lost")
+                self._release(p, Answer.REQUEUED if p.job.handed_back else "lost")
         for index, p, status in ends:
             if p.job in self._pending:
                 answer = scripts.answer(results[index - 1])

@@ -55,7 +55,7 @@ class DeltaAnswer(IntEnum):
     WRITTEN = 0
     CANCEL_ASKED = 1  # written; a cancel is pending
     NOT_HELD = -1  # this run no longer holds the job: nothing written, stop
-    GAP = -2  # Redis lost this run's last writes (a failover): the run loses the job, as NOT_HELD
+    GAP = -2  # Redis lost this run's last writes (a failover): the job was handed back
 
 
 class RenewAnswer(IntEnum):
@@ -108,20 +108,26 @@ return 'running'
 # (its reply was lost) finds them already there and writes nothing twice.
 # The text and the token ids live as long as the job's hash: each gets its TTL from the hash
 # once, when a write creates it (a finished job's end sets them all again).
-# KEYS: job hash, events, text, tokens, lease. ARGV: run id, maxlen, delta event data (or "": no
-# event), text (or ""), prompt tokens, completion tokens, token ids stored before, then the new
-# token ids.
+# KEYS: job hash, events, text, tokens, lease, running set, and the model's RQ queue list. ARGV:
+# run id, maxlen, delta event data (or "": no event), text (or ""), prompt tokens, completion
+# tokens, token ids stored before, job id, then the new token ids.
 # Returns 0, 1 (a cancel was asked), -1 (this run no longer holds the job: stop, write nothing),
-# or -2 (fewer token ids are stored than this run wrote: a failover lost its last writes; the run
-# loses the job and its lease, so the janitor requeues it, to be continued from what Redis kept).
+# or -2 (fewer token ids are stored than this run wrote: a failover lost its last writes; the job
+# goes back to its queue's front in the same step, as a handback does, to be continued from what
+# Redis kept).
 _DELTA = """
-local job = redis.call('HMGET', KEYS[1], 'run', 'status', 'cancel')
+local job = redis.call('HMGET', KEYS[1], 'run', 'status', 'cancel', 'attempts')
 if job[1] ~= ARGV[1] or job[2] ~= 'running' then return -1 end
 local stored = redis.call('LLEN', KEYS[4])
-if stored < tonumber(ARGV[7]) then  -- give the job up: the janitor requeues it (lease gone)
+if stored < tonumber(ARGV[7]) then  -- Redis lost the last writes of this run: hand the job back
+  local attempts = (tonumber(job[4]) or 1) - 1  -- not a lost attempt
+  redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', attempts)
   redis.call('HDEL', KEYS[1], 'run')
-  redis.call('HINCRBY', KEYS[1], 'attempts', -1)  -- not a lost attempt
   redis.call('DEL', KEYS[5])
+  redis.call('ZREM', KEYS[6], ARGV[8])
+  if KEYS[7] then redis.call('LPUSH', KEYS[7], ARGV[8]) end
+  local data = cjson.encode({requeued = true, attempt = attempts})
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'queued', 'data', data)
   return -2
 end
 if stored == tonumber(ARGV[7]) then
@@ -133,10 +139,10 @@ if stored == tonumber(ARGV[7]) then
     if ttl > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
   end
   redis.call('HSET', KEYS[1], 'prompt_tokens', ARGV[5], 'completion_tokens', ARGV[6])
-  for first = 8, #ARGV, 4000 do  -- in parts: Lua unpacks at most about 8,000 values at once
+  for first = 9, #ARGV, 4000 do  -- in parts: Lua unpacks at most about 8,000 values at once
     redis.call('RPUSH', KEYS[4], unpack(ARGV, first, math.min(first + 3999, #ARGV)))
   end
-  if #ARGV >= 8 and tonumber(ARGV[7]) == 0 then
+  if #ARGV >= 9 and tonumber(ARGV[7]) == 0 then
     local ttl = redis.call('PTTL', KEYS[1])
     if ttl > 0 then redis.call('PEXPIRE', KEYS[4], ttl) end
   end
@@ -375,25 +381,23 @@ def delta(
     token_ids: Sequence[int],
     logprobs: Sequence[TokenLogprob] = (),
     prompt_logprobs: Sequence[TokenLogprob] | None = None,
+    queue_list: str | None = None,
 ) -> ScriptCall:
     """Write ``run``'s new output: ``text`` (a ``delta`` event, when not empty, or when it has
     ``logprobs`` or ``prompt_logprobs``), the counts, and ``token_ids`` after the ``stored`` ones
     already in Redis (a write sent twice applies once; fewer stored than ``stored``: Redis lost
-    some, and the run gives the job up for the janitor to requeue)."""
+    some, and the job goes back to the front of ``queue_list``, its model's RQ queue)."""
     event = Delta(text=text)
     if logprobs:
         event.logprobs = list(logprobs)
     if prompt_logprobs is not None:
         event.prompt_logprobs = list(prompt_logprobs)
     data = event.encode() if text or logprobs or prompt_logprobs is not None else ""
-    args = [run, maxlen, data, text, prompt_tokens, completion_tokens, stored, *token_ids]
-    job_keys = [
-        keys.job(job_id),
-        keys.events(job_id),
-        keys.text(job_id),
-        keys.tokens(job_id),
-        keys.lease(job_id),
-    ]
+    args = [run, maxlen, data, text, prompt_tokens, completion_tokens, stored, job_id, *token_ids]
+    job_keys = [keys.job(job_id), keys.events(job_id), keys.text(job_id), keys.tokens(job_id)]
+    job_keys += [keys.lease(job_id), keys.RUNNING]
+    if queue_list is not None:
+        job_keys.append(queue_list)
     return ScriptCall(DELTA, job_keys, args)
 
 

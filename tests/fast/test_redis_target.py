@@ -27,6 +27,10 @@ def test_replicas_waited_for_default_to_one_with_sentinels_only() -> None:
     assert Settings(redis_sentinels="s1:26379").replicas_to_wait_for() == 1
     assert Settings(redis_sentinels="s1:26379", redis_wait_replicas=0).replicas_to_wait_for() == 0
     assert Settings(redis_wait_replicas=2).replicas_to_wait_for() == 2
+    # The WAIT runs within one command's timeout, or a slow replica would time the submit out.
+    with pytest.raises(ValidationError, match="STREAMQ_REDIS_WAIT_MS"):
+        Settings(redis_sentinels="s1:26379", redis_wait_ms=1000, redis_command_timeout=1.0)
+    assert Settings(redis_wait_ms=5000).redis_wait_ms == 5000  # no replicas waited for: no limit
 
 
 def test_a_plain_url_gives_plain_pools() -> None:
