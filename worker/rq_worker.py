@@ -46,6 +46,19 @@ IDLE_POLL = 5  # seconds an idle slot blocks on its queue before looking at a st
 IDLE_BEAT_EVERY = 30.0  # seconds between a slot's idle RQ heartbeats (RQ's keys live 480 s a beat)
 
 
+def start_was_lost(connection: Any, job_id: str, queue_key: str) -> bool:
+    """A job a run lost is ``queued`` in streamq yet on neither its queue nor the queue's
+    intermediate list (another run, a janitor or a handback would have put it on one): a
+    failover lost the run's start, and nothing else would ever run it."""
+    pipe = connection.pipeline(transaction=False)
+    pipe.hget(keys.job(job_id), JobField.STATUS)
+    pipe.lpos(queue_key, job_id)
+    pipe.lpos(keys.intermediate(queue_key), job_id)
+    status, queued_at, parked_at = pipe.execute()
+    status = status.decode() if isinstance(status, bytes) else status
+    return status == StreamqStatus.QUEUED and queued_at is None and parked_at is None
+
+
 class JobHost(Protocol):
     """What a StreamqWorker runs its jobs on (a WorkerRuntime)."""
 
@@ -135,17 +148,6 @@ class StreamqWorker(SimpleWorker):
             job.host, job.slot_name = self.runtime, self.name
         super().execute_job(job, queue)
 
-    def _start_was_lost(self, job: Job, queue: Queue) -> bool:
-        """The job this run lost is ``queued`` in streamq yet on neither its queue nor the queue's
-        intermediate list (another run, a janitor or a handback would have put it on one)."""
-        pipe = self.connection.pipeline(transaction=False)
-        pipe.hget(keys.job(job.id), JobField.STATUS)
-        pipe.lpos(queue.key, job.id)
-        pipe.lpos(keys.intermediate(queue.key), job.id)
-        status, queued_at, parked_at = pipe.execute()
-        status = status.decode() if isinstance(status, bytes) else status
-        return status == StreamqStatus.QUEUED and queued_at is None and parked_at is None
-
     def clean_registries(self) -> None:
         """RQ's own cleaning, and the canceled registry's, which RQ leaves to grow."""
         super().clean_registries()
@@ -164,7 +166,7 @@ class StreamqWorker(SimpleWorker):
             with self.connection.pipeline() as pipe:
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)
                 pipe.execute()
-            if outcome is Outcome.LOST and self._start_was_lost(job, queue):
+            if outcome is Outcome.LOST and start_was_lost(self.connection, job.id, queue.key):
                 # A failover lost this run's start: streamq has the job queued on no list, and
                 # nothing else would ever run it. Back to its queue's front, RQ's own way.
                 queue.enqueue_job(job, at_front=True)
