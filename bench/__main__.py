@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python -m bench [--only core|throughput|fanout|recovery|security] [--quick]``.
+"""Run the benchmarks: ``python -m bench [--only core|throughput|fanout|recovery|security|chaos] [--quick]``.
 
 core: submit → first delta and the front's Redis connections (bench/core.py);
 submits: submits/s and POST latency of one front as concurrency rises, 1 and 2 processes (bench/submits.py);
@@ -8,7 +8,11 @@ fanout: 1,000 SSE clients on one front, and dispatch latency when idle (bench/fa
 recovery: cancel latency with 16 running jobs, and crash detection (bench/recovery.py);
 security: what API keys, ownership and per-key quotas add to a request (bench/security.py);
 vllm: streamq on vLLM's engine against vLLM's own server (bench/vllm_rows.py; not in the default
-run: it needs `make install-vllm` and takes about an hour on 2 cores).
+run: it needs `make install-vllm` and takes about an hour on 2 cores);
+chaos: a soak under mixed load while workers, fronts and the Redis primary are killed, then an audit of
+every job: none lost, no stream with a gap or a repeat (bench/chaos.py; not in the default run: it takes
+about twice --chaos-minutes plus 2 minutes, the result TTL's expiry included; it exits non-zero when a
+check fails).
 Every process started here is stopped before it returns, on error or interrupt too.
 """
 
@@ -25,8 +29,8 @@ from types import FrameType
 
 from bench.core import run_core
 
-PARTS = ("core", "submits", "commands", "throughput", "fanout", "recovery", "security", "vllm")
-DEFAULT_PARTS = PARTS[:-1]
+PARTS = ("core", "submits", "commands", "throughput", "fanout", "recovery", "security", "vllm", "chaos")
+DEFAULT_PARTS = PARTS[:-2]
 SHAPES = ("tiny", "qwen2.5-0.5b")
 
 
@@ -48,12 +52,16 @@ def main() -> int:
     parser.add_argument("--streams", type=int, help="core: concurrent SSE streams (default 200)")
     parser.add_argument("--clients", type=int, help="fanout: concurrent SSE clients (default 1000)")
     parser.add_argument("--fanout-workers", type=int, default=1, help="fanout: synthetic worker processes")
+    parser.add_argument(
+        "--chaos-minutes", type=float, help="chaos: minutes of load and kills (default 3; quick 1)"
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     parts = args.only or list(DEFAULT_PARTS)
     quick = args.quick
     workdir = Path(tempfile.mkdtemp(prefix="streamq-bench-"))
     start = time.monotonic()
+    failed: list[str] = []
     try:
         if "core" in parts:
             run_core(jobs=args.jobs or (10 if quick else 50), streams=args.streams or (50 if quick else 200))
@@ -97,10 +105,18 @@ def main() -> int:
 
             shape = args.models or "qwen2.5-0.5b"
             run_vllm(workdir, args.tokens or (16 if quick else 128), shape, args.vllm_systems)
+        if "chaos" in parts:
+            from bench.chaos import run_chaos
+
+            failed += [
+                f"chaos: {check}" for check in run_chaos(workdir, args.chaos_minutes or (1 if quick else 3))
+            ]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"\n(benchmarks took {time.monotonic() - start:.0f} s)")
-    return 0
+    if failed:
+        print(f"FAILED: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

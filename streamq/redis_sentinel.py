@@ -69,12 +69,27 @@ class SentinelRedis:
         return redis.Redis(port=port or self.primary_port(), socket_timeout=2, decode_responses=True)
 
     # ----- the nodes ----------------------------------------------------------------------------
-    def start_node(self, port: int, replica_of: int | None = None) -> None:
+    def start_node(self, port: int, replica_of: int | None = None, promotable: bool = True) -> None:
         """(Re)start a data node, empty; as a replica of ``replica_of`` when given."""
         extra = ["--replicaof", "127.0.0.1", str(replica_of)] if replica_of else []
+        extra += [] if promotable else ["--replica-priority", "0"]
         workdir = self.dir / f"node-{port}"
         workdir.mkdir(exist_ok=True)
         self._procs[port], _ = start_private_redis(workdir, port, extra)
+
+    def rejoin(self, port: int, primary: int, timeout: float = 30) -> None:
+        """Start a node that died (its data gone: these nodes keep nothing on disk) as a replica
+        of ``primary``, unpromotable (replica-priority 0) until it has synced: else a failover
+        in between (a primary slow to answer on a busy machine) would promote an empty node and
+        the others would copy its emptiness. Returns once it is in sync and promotable."""
+        self.start_node(port, replica_of=primary, promotable=False)
+        node = self.client(port)
+        deadline = time.monotonic() + timeout
+        while node.info("replication").get("master_link_status") != "up":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the node on {port} did not sync with the primary in time")
+            time.sleep(0.05)
+        node.config_set("replica-priority", 100)
 
     def kill(self, port: int) -> None:
         proc = self._procs.pop(port, None)
@@ -97,7 +112,7 @@ class SentinelRedis:
         finally:
             frozen.send_signal(signal.SIGCONT)
         new = self.wait_promoted(old, timeout)
-        self.start_node(old, replica_of=new)
+        self.rejoin(old, new)
         return old, new
 
     def _start_sentinel(self, port: int, down_after_ms: int, failover_timeout_ms: int) -> None:
@@ -159,7 +174,7 @@ class SentinelRedis:
         self.kill(old)
         new = self.wait_promoted(old, timeout)
         took = time.monotonic() - began
-        self.start_node(old, replica_of=new)
+        self.rejoin(old, new)
         return old, new, took
 
     def wait_promoted(self, old: int, timeout: float = 30) -> int:

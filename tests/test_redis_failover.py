@@ -162,9 +162,16 @@ def _load_through(ha_stack: HaStack, fail: Callable[[], object]) -> tuple[list[C
         thread.start()
     wait_for(lambda: sum(bool(c.deltas) for c in clients[:12]) >= 8, 30, "streams under way")
     began = time.monotonic()
+
+    # The second wave starts while the primary is down (``fail`` returns once all is in sync).
+    def start_second_wave() -> None:
+        for thread in threads[12:]:
+            thread.start()
+
+    second_wave = threading.Timer(0.3, start_second_wave)
+    second_wave.start()
     fail()
-    for thread in threads[12:]:
-        thread.start()
+    second_wave.join()
     for thread in threads:
         thread.join(max(1.0, deadline - time.monotonic()))
     return clients, began, reference
@@ -305,8 +312,7 @@ def test_a_job_no_replica_got_is_refused_not_promised(ha_stack: HaStack) -> None
         finally:
             for job_id in busy:
                 client.post(f"{url}/v1/jobs/{job_id}/cancel")
-            ha.start_node(replica, replica_of=ha.primary_port())
-    wait_for(lambda: ha.client(replica).info("replication")["master_link_status"] == "up", 30, "a replica")
+            ha.rejoin(replica, ha.primary_port())
     with httpx.Client(timeout=30) as client:
         job = _answered(
             partial(client.post, f"{url}/v1/jobs", json={"prompt": "replicated", "max_tokens": 5})
