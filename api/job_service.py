@@ -211,7 +211,10 @@ class JobService:
         s = self._settings
         cancel = scripts.cancel(job_id, model, ttl=s.result_ttl, maxlen=s.stream_maxlen)
         try:
-            if await self._redis.hget(keys.job(job_id), JobField.STATUS) != JobStatus.QUEUED:
+            status = await self._redis.hget(keys.job(job_id), JobField.STATUS)
+            if status is None:  # gone already (Redis lost it): nothing to cancel, nothing promised
+                return True
+            if status != JobStatus.QUEUED:
                 return False
             answer = scripts.answer(await self._scripts.run(cancel))
             if answer == Answer.OK:
