@@ -34,8 +34,9 @@ from shared.job_store.payloads import Failed
 from shared.job_store.scripts import Answer, JobScripts
 from shared.job_store.vocabulary import JobStatus
 from shared.log_format import job_fields
+from shared.redis_text import names, text
 from shared.settings import Settings
-from shared.stranded_jobs import StrandedJobs, names
+from shared.stranded_jobs import StrandedJobs
 
 log = logging.getLogger("streamq.janitor")
 
@@ -75,7 +76,7 @@ class Janitor(BackgroundThread):
         if self._redis.set(keys.JANITOR_LOCK, self._owner, nx=True, px=ms):
             return True
         held = self._redis.get(keys.JANITOR_LOCK)
-        if held is not None and (held.decode() if isinstance(held, bytes) else held) == self._owner:
+        if text(held) == self._owner:
             self._redis.pexpire(keys.JANITOR_LOCK, ms)
             return True
         return False

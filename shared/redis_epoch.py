@@ -24,6 +24,7 @@ import redis
 
 from shared import keys
 from shared.background import BackgroundThread
+from shared.redis_text import text
 
 log = logging.getLogger("streamq")
 
@@ -31,10 +32,6 @@ LOST = (
     "Redis lost its data (it restarted empty, or failed over to a replica without it): every job "
     "that was queued or running is gone; clients following one get an error; new jobs work"
 )
-
-
-def _text(value: object) -> str | None:
-    return value.decode() if isinstance(value, bytes) else (None if value is None else str(value))
 
 
 class RedisEpoch:
@@ -48,7 +45,7 @@ class RedisEpoch:
         """Read (or write) the epoch; True when Redis lost its data since the last check."""
         fresh = secrets.token_hex(8)
         # SET NX GET: writes ours if there is none, and answers what was there (nil if none).
-        before = _text(self._redis.set(keys.EPOCH, fresh, nx=True, get=True))
+        before = text(self._redis.set(keys.EPOCH, fresh, nx=True, get=True))
         now = before if before is not None else fresh
         lost = self.seen is not None and now != self.seen
         self.seen = now

@@ -28,18 +28,10 @@ from shared.job_store import scripts
 from shared.job_store.scripts import Answer, JobScripts, ended_failed
 from shared.job_store.vocabulary import FINAL_STATUSES, JobField, JobStatus
 from shared.log_format import job_fields
+from shared.redis_text import names, text
 from shared.settings import Settings
 
 log = logging.getLogger("streamq.janitor")
-
-
-def names(members: Any) -> list[str]:
-    """Redis members (bytes or str) as str."""
-    return [_text(m) or "" for m in members]
-
-
-def _text(value: Any) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class StrandedJobs:
@@ -81,7 +73,7 @@ class StrandedJobs:
 
     def _rescue(self, queue: Queue, parked: str, job_id: str) -> bool:
         """Requeue one job stuck in ``parked``; False when it is not streamq's to requeue now."""
-        status = _text(self._redis.hget(keys.job(job_id), JobField.STATUS))
+        status = text(self._redis.hget(keys.job(job_id), JobField.STATUS))
         if status is None or status in FINAL_STATUSES:
             self._redis.lrem(parked, 1, job_id)  # ended (or gone): nothing is left to run
             return False
@@ -125,7 +117,7 @@ class StrandedJobs:
                 pipe.exists(keys.lease(job_id))
             answers = pipe.execute()
             for job_id, status, leased in zip(job_ids, answers[::2], answers[1::2], strict=True):
-                if _text(status) in (JobStatus.QUEUED, JobStatus.RUNNING) and not leased:
+                if text(status) in (JobStatus.QUEUED, JobStatus.RUNNING) and not leased:
                     self._end_failed(job_id, model, "the job queue gave up on it (RQ failed the job)")
                     ended.append(job_id)
         return ended

@@ -49,7 +49,13 @@ def _start(r: redis.Redis, job_id: str, run: str, lease_ms: int = 5000) -> str:
 
 
 def _delta(
-    r: redis.Redis, job_id: str, run: str, text: str, ids: list[int], stored: int | None = None
+    r: redis.Redis,
+    job_id: str,
+    run: str,
+    text: str,
+    ids: list[int],
+    stored: int | None = None,
+    queue: str | None = None,
 ) -> int:
     before = r.llen(keys.tokens(job_id)) if stored is None else stored
     call = scripts.delta(
@@ -61,6 +67,7 @@ def _delta(
         completion_tokens=len(ids),
         stored=before,
         token_ids=ids,
+        queue_list=queue,
     )
     return int(_run(r, call))  # type: ignore[call-overload]
 
@@ -195,18 +202,7 @@ def test_a_run_whose_last_writes_a_failover_lost_hands_the_job_back_for_a_contin
     r.set(keys.text("js8"), "one ")
     r.rpop(keys.tokens("js8"))
     attempts = int(r.hget(keys.job("js8"), "attempts") or 0)
-    gap = scripts.delta(
-        "js8",
-        run="run-g",
-        maxlen=100,
-        text="three",
-        prompt_tokens=3,
-        completion_tokens=3,
-        stored=2,
-        token_ids=[3],
-        queue_list=queue,
-    )
-    assert int(_run(r, gap)) == DeltaAnswer.GAP  # type: ignore[call-overload]
+    assert _delta(r, "js8", "run-g", "three", [3], stored=2, queue=queue) == DeltaAnswer.GAP
     assert (r.get(keys.text("js8")), r.lrange(keys.tokens("js8"), 0, -1)) == ("one ", ["1"])
     state = r.hgetall(keys.job("js8"))
     assert (state["status"], "run" in state, int(state["attempts"])) == ("queued", False, attempts - 1)

@@ -35,6 +35,7 @@ from shared import keys
 from shared.job_store.vocabulary import JobField
 from shared.job_store.vocabulary import JobStatus as StreamqStatus
 from shared.log_format import job_fields
+from shared.redis_text import text
 from shared.settings import Settings, load_settings
 from worker.job_runner import Outcome
 from worker.runtime import WorkerRuntime, build_runtime, served_name_of
@@ -55,8 +56,7 @@ def start_was_lost(connection: Any, job_id: str, queue_key: str) -> bool:
     pipe.lpos(queue_key, job_id)
     pipe.lpos(keys.intermediate(queue_key), job_id)
     status, queued_at, parked_at = pipe.execute()
-    status = status.decode() if isinstance(status, bytes) else status
-    return status == StreamqStatus.QUEUED and queued_at is None and parked_at is None
+    return text(status) == StreamqStatus.QUEUED and queued_at is None and parked_at is None
 
 
 class JobHost(Protocol):
