@@ -48,6 +48,9 @@ def main() -> int:
     parser.add_argument("--models", help=f"throughput models, comma-separated (default: {','.join(SHAPES)})")
     parser.add_argument("--systems", default="abcd", help="throughput rows to run (default abcd)")
     parser.add_argument("--vllm-systems", default="cef", help="vllm rows to run (default cef)")
+    parser.add_argument(
+        "--vllm-dtypes", default="float32,bfloat16", help="vllm: dtypes to run (default float32,bfloat16)"
+    )
     parser.add_argument("--jobs", type=int, help="core: sequential jobs for the latency rows (default 50)")
     parser.add_argument("--streams", type=int, help="core: concurrent SSE streams (default 200)")
     parser.add_argument("--clients", type=int, help="fanout: concurrent SSE clients (default 1000)")
@@ -104,7 +107,8 @@ def main() -> int:
             from bench.vllm_rows import run_vllm
 
             shape = args.models or "qwen2.5-0.5b"
-            run_vllm(workdir, args.tokens or (16 if quick else 128), shape, args.vllm_systems)
+            dtypes = tuple(d.strip() for d in args.vllm_dtypes.split(",") if d.strip())
+            run_vllm(workdir, args.tokens or (16 if quick else 128), shape, args.vllm_systems, dtypes)
         if "chaos" in parts:
             from bench.chaos import run_chaos
 

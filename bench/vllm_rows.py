@@ -108,13 +108,15 @@ def _repeated(run: Callable[[], Cell], c: int) -> Cell:
     return RepeatedCell.of([run() for _ in range(REPEATS)]) if c <= 4 else run()
 
 
-def run_rows(model_dir: Path, workdir: Path, tokens: int, systems: str) -> Results:
+def run_rows(
+    model_dir: Path, workdir: Path, tokens: int, systems: str, dtypes: tuple[str, ...] = DTYPES
+) -> Results:
     results = Results()
     prompts: list[str] = json.loads(
         _cell_subprocess("prompts", model_dir, tokens, ["--count", str(max(CONCURRENCY))])
     )
     slots = max(CONCURRENCY)
-    for dtype in DTYPES:
+    for dtype in dtypes:
         if "e" in systems:
             env = {**vllm_env(dtype), "STREAMQ_SLOTS": str(slots)}
             try:
@@ -191,9 +193,11 @@ def print_table(results: Results, shape: str, tokens: int) -> None:
     row("(e)/(c) tok/s, float32, c=16", _ratio(value, 1), "≥ 2.5x", _verdict(value, value >= 2.5))
 
 
-def run_vllm(workdir: Path, tokens: int, shape: str, systems: str = "cef") -> None:
+def run_vllm(
+    workdir: Path, tokens: int, shape: str, systems: str = "cef", dtypes: tuple[str, ...] = DTYPES
+) -> None:
     from worker.tiny_model import make_tiny_model
 
     model_dir = workdir / f"streamq-{shape}"
     make_tiny_model(model_dir, shape=shape)
-    print_table(run_rows(model_dir, workdir, tokens, systems), shape, tokens)
+    print_table(run_rows(model_dir, workdir, tokens, systems, dtypes), shape, tokens)

@@ -9,7 +9,7 @@ the tokens already generated (see ``JobRunner``); after ``max_attempts`` runs it
 outage outlasts the leases of live workers, which renew them once Redis is back. RQ's registries
 follow: the dead run's entry leaves the started registry and the job is queued again, so ``rq
 info`` shows no ghost. A worker process whose heartbeat stopped is removed from streamq's worker
-list and its RQ slot workers from RQ's. A job a worker took off its queue but died before
+list and its RQ worker from RQ's. A job a worker took off its queue but died before
 starting (or whose start a failover lost) is put back too, and one RQ failed is ended
 (``shared.stranded_jobs``).
 """
@@ -140,7 +140,7 @@ class Janitor(BackgroundThread):
         return str(job.origin).removeprefix(keys.queue_name(""))
 
     def forget_dead_workers(self) -> None:
-        """Drop worker processes whose heartbeat stopped, and their RQ slot workers."""
+        """Drop worker processes whose heartbeat stopped, and their records in RQ's list of workers."""
         cutoff = time.time() - self._settings.worker_ttl
         dead = names(self._redis.zrangebyscore(keys.WORKERS, "-inf", cutoff))
         if not dead:

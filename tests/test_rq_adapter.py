@@ -1,9 +1,11 @@
-"""The RQ adapter (worker/rq_worker.py) against the installed RQ, which pyproject bounds.
+"""What streamq writes in RQ's records (worker/rq_worker.py, worker/rq_runs.py) against the
+installed RQ, which pyproject bounds.
 
-The adapter is the one module that subclasses RQ and touches its private API. These tests check
-that the installed RQ still has every hook, private attribute and parameter it relies on, and
-run a real RQ worker loop (in a thread, as the slot pool does) on a real Redis, to check that
-each outcome of a job is filed where it was: an RQ release that moved any of it fails here.
+The adapter subclasses RQ for the plain ``rq worker -w`` way, and the dispatcher of ``streamq
+worker`` writes RQ's records with RQ's own primitives. These tests check that the installed RQ
+still has every hook, private attribute and parameter they rely on, and run both (the
+dispatcher, and a real RQ worker loop in a thread) on a real Redis, to check that each outcome
+of a job is filed where RQ files it: an RQ release that moved any of it fails here.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import pytest
 import rq
 from packaging.requirements import Requirement
+from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.registry import (
@@ -38,8 +41,9 @@ from shared.job_store.scripts import JobScripts
 from shared.settings import Settings
 from streamq.redis_server import RedisServer
 from tests.redis_replies import entries
+from worker.dispatcher import IDLE_WAIT, Dispatcher
 from worker.job_runner import JobFailed, Outcome
-from worker.rq_worker import IDLE_POLL, EngineDeadline, SlotWorker, StreamqJob, StreamqWorker
+from worker.rq_worker import EngineDeadline, StreamqJob, StreamqWorker
 from worker.tasks import TASK
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,25 +58,26 @@ OVERRIDES: dict[type, tuple[type, set[str], set[str]]] = {
         {"__init__", "bootstrap", "teardown", "execute_job", "clean_registries", "handle_job_success"},
         set(),
     ),
-    SlotWorker: (
-        SimpleWorker,
-        {
-            "_install_signal_handlers",
-            "subscribe",
-            "procline",
-            "dequeue_job_and_maintain_ttl",
-            "heartbeat",
-            "set_state",
-        },
-        {"stop_taking_jobs"},
-    ),
 }
 
 # RQ methods the adapter calls, with the keyword arguments it passes them.
 CALLED: list[tuple[Any, set[str]]] = [
-    (SimpleWorker.cleanup_execution, {"pipeline", "execution"}),
-    (SimpleWorker.dequeue_job_and_maintain_ttl, {"max_idle_time"}),
+    (SimpleWorker.register_birth, set()),
     (SimpleWorker.register_death, set()),
+    (SimpleWorker.heartbeat, set()),
+    (SimpleWorker.set_state, {"state"}),
+    (Execution.create, {"job", "ttl", "pipeline", "worker_name"}),
+    (Execution.delete, {"job", "pipeline"}),
+    (Job.fetch_many, {"connection", "serializer"}),
+    (Job.prepare_for_execution, {"worker_name", "pipeline"}),
+    (
+        Job._handle_success,
+        {"pipeline", "worker_name", "execution_id", "execution_started_at", "execution_ended_at"},
+    ),
+    (
+        Job._handle_failure,
+        {"pipeline", "worker_name", "execution_id", "execution_started_at", "execution_ended_at"},
+    ),
     (Job.set_status, {"pipeline"}),
     (Job.cleanup, {"ttl", "pipeline", "remove_from_queue"}),
     (Queue.enqueue_job, {"at_front"}),
@@ -118,11 +123,12 @@ def test_the_rq_methods_the_adapter_calls_take_its_arguments(method: Any, keywor
 
 def test_rq_workers_have_the_private_attributes_the_adapter_uses(redis_server: RedisServer) -> None:
     runtime = Scripted(redis_server, unique("rq"), {})
-    worker = SlotWorker(connection=redis_server.client(), settings=Settings(), runtime=runtime)
-    assert worker._stop_requested is False  # set by stop_taking_jobs, read by RQ's work loop
+    worker = StreamqWorker(connection=redis_server.client(), settings=Settings(), runtime=runtime)
     assert isinstance(SimpleWorker.death_penalty_class, type)  # EngineDeadline takes its place
     assert worker.job_class is StreamqJob  # RQ builds the jobs it dequeues with it
-    assert "_result" in vars(Job("probe", connection=redis_server.client()))  # RQ's result, not read by us
+    assert isinstance(worker.executions, dict)  # RQ's runs of the worker, by execution id
+    probe = vars(Job("probe", connection=redis_server.client()))
+    assert {"_result", "ended_at"} <= set(probe)  # the dispatcher sets them before RQ files a success
 
 
 def test_the_rq_lists_streamqs_scripts_write_to_are_rqs(redis_server: RedisServer) -> None:
@@ -250,18 +256,18 @@ def enqueue(redis_server: RedisServer, model: str, job_ids: list[str]) -> Queue:
     return queue
 
 
-def work_in_a_thread(worker: SlotWorker, burst: bool) -> tuple[threading.Thread, list[BaseException]]:
-    """As the slot pool runs a slot: not the main thread, so RQ may install no signal handler and
-    set no SIGALRM timer there. Returns the thread and what ``work`` raised, if anything."""
+def dispatch_in_a_thread(dispatcher: Dispatcher) -> tuple[threading.Thread, list[BaseException]]:
+    """As ``streamq worker`` runs its dispatcher: not in the main thread. Returns the thread and
+    what ``run`` raised, if anything."""
     failed: list[BaseException] = []
 
     def work() -> None:
         try:
-            worker.work(burst=burst, logging_level="WARNING")
+            dispatcher.run()
         except BaseException as exc:
             failed.append(exc)
 
-    thread = threading.Thread(target=work, name="rq-contract-slot", daemon=True)
+    thread = threading.Thread(target=work, name="rq-contract-dispatcher", daemon=True)
     thread.start()
     return thread, failed
 
@@ -271,7 +277,10 @@ def unique(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
-def test_each_outcome_is_filed_in_rq_as_the_job_ended(redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("taker", ["dispatcher", "rq-worker"])
+def test_each_outcome_is_filed_in_rq_as_the_job_ended(redis_server: RedisServer, taker: str) -> None:
+    """The same jobs, ending the same ways, taken by ``streamq worker``'s dispatcher and by RQ's
+    own worker loop (``rq worker -w worker.rq_worker.StreamqWorker``): RQ's records agree."""
     model = unique("rq-contract")
     ends: dict[str, list[Any]] = {
         "handed-back": [Outcome.REQUEUED, Outcome.FINISHED],
@@ -286,10 +295,15 @@ def test_each_outcome_is_filed_in_rq_as_the_job_ended(redis_server: RedisServer)
     runtime = Scripted(redis_server, model, {ids[name]: then for name, then in ends.items()})
     settings = Settings(result_ttl=60)
     slot = f"{model}.0"
-    worker = SlotWorker(connection=redis_server.client(), settings=settings, runtime=runtime, name=slot)
-    thread, failed = work_in_a_thread(worker, burst=True)
-    thread.join(timeout=60)
-    assert not thread.is_alive() and not failed
+    connection = redis_server.client()
+    if taker == "dispatcher":
+        thread, failed = dispatch_in_a_thread(Dispatcher(connection, runtime, 1, model, settings, burst=True))
+        thread.join(timeout=60)
+        assert not thread.is_alive() and not failed
+    else:  # as `rq worker -w worker.rq_worker.StreamqWorker --burst` runs it, in the main thread
+        worker = StreamqWorker(connection=connection, settings=settings, runtime=runtime, name=slot)
+        worker.work(burst=True, logging_level="WARNING")
+    assert not [w for w in SimpleWorker.all(connection=connection) if w.name.startswith(model)]
 
     # Handed back to the front of its queue: taken again next, and delivered once.
     assert [job_id for job_id, _ in runtime.calls] == [ids["handed-back"], *ids.values()]
@@ -321,20 +335,28 @@ def test_each_outcome_is_filed_in_rq_as_the_job_ended(redis_server: RedisServer)
     assert StartedJobRegistry(queue=queue).get_job_ids() == []
 
 
-def test_an_idle_slot_stops_soon_after_it_is_asked(redis_server: RedisServer) -> None:
+def test_an_idle_dispatcher_is_one_rq_worker_and_stops_soon_after_it_is_asked(
+    redis_server: RedisServer,
+) -> None:
     model = unique("rq-idle")
-    worker = SlotWorker(
-        connection=redis_server.client(), settings=Settings(), runtime=Scripted(redis_server, model, {})
+    dispatcher = Dispatcher(
+        redis_server.client(), Scripted(redis_server, model, {}), 8, model, Settings(maintenance_interval=60)
     )
-    thread, failed = work_in_a_thread(worker, burst=False)
+    thread, failed = dispatch_in_a_thread(dispatcher)
     time.sleep(0.5)
     assert thread.is_alive()  # waiting on its queue
+    (listed,) = [w for w in SimpleWorker.all(connection=redis_server.client()) if w.name.startswith(model)]
+    assert (listed.name, listed.get_state(), listed.queue_names()) == (
+        model,
+        "idle",
+        [keys.queue_name(model)],
+    )
     asked = time.monotonic()
-    worker.stop_taking_jobs()
-    thread.join(timeout=IDLE_POLL + 10)
+    dispatcher.stop_taking()
+    thread.join(timeout=IDLE_WAIT + 10)
     assert not thread.is_alive() and not failed
-    assert time.monotonic() - asked < IDLE_POLL + 5
-    assert worker.name not in {w.name for w in SimpleWorker.all(connection=redis_server.client())}
+    assert time.monotonic() - asked < IDLE_WAIT + 2
+    assert model not in {w.name for w in SimpleWorker.all(connection=redis_server.client())}
 
 
 def test_a_plain_rq_worker_fails_a_streamq_job_clearly(redis_server: RedisServer) -> None:

@@ -50,17 +50,17 @@ def synthetic_worker(stack: Stack, model: str) -> Service:
 
 
 def listening(stack: Stack, model: str, name: str) -> bool:
-    """``name``'s slot is idle in RQ's dequeue: its BLMOVE on the model's queue is (about to be)
-    pending. A worker counts in /readyz from its first heartbeat, before its slots listen."""
+    """``name``'s dispatcher is idle in its dequeue: its BLMOVE on the model's queue is (about to
+    be) pending. A worker counts in /readyz from its first heartbeat, before it listens."""
     queue = Queue(keys.queue_name(model), connection=stack.redis.client())
-    slots = [w for w in Worker.all(queue=queue) if w.name.startswith(f"{name}.")]
-    return any(w.get_state() == WorkerStatus.IDLE for w in slots)
+    listed = [w for w in Worker.all(queue=queue) if w.name == name]
+    return any(w.get_state() == WorkerStatus.IDLE for w in listed)
 
 
 def strand(stack: Stack, worker: Service, model: str, body: dict[str, Any]) -> str:
-    """Freeze ``worker`` (its idle slot stays blocked in BLMOVE on the server), submit a job that
-    Redis hands to that slot, then kill the worker: the job is left in the intermediate list."""
-    wait_for(lambda: listening(stack, model, worker.name), 60, f"{worker.name}'s slot to listen")
+    """Freeze ``worker`` (its idle dispatcher stays blocked in BLMOVE on the server), submit a job
+    that Redis hands to it, then kill the worker: the job is left in the intermediate list."""
+    wait_for(lambda: listening(stack, model, worker.name), 60, f"{worker.name}'s dispatcher to listen")
     time.sleep(0.5)  # from "idle" into the BLMOVE itself
     worker.proc.send_signal(signal.SIGSTOP)
     time.sleep(0.3)

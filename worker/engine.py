@@ -1,6 +1,6 @@
 """The generation engine: one thread per worker process that runs every job it holds, step by step.
 
-Slot threads (one per RQ job being run, see ``slot_pool``) hand jobs in with ``submit`` and
+Job threads (one per job being run, see ``dispatcher``) hand jobs in with ``submit`` and
 wait for their end. Each engine step:
 
 1. takes the jobs that arrived (they join between steps; none waits for a running one),
@@ -84,7 +84,7 @@ class BatchModel(Protocol):
     features: frozenset[str]  # the ENGINE_FEATURES it offers (shared.schemas)
 
     def prepare(self, request: GenerationRequest) -> None:
-        """Slow set-up of a job that may run outside the engine thread (a slot thread calls it
+        """Slow set-up of a job that may run outside the engine thread (a job thread calls it
         before ``submit``): e.g. compiling its grammar, which would stall every running job."""
         ...
 

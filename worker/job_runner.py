@@ -1,8 +1,8 @@
 """Running one RQ job: check it, start it, hand it to the engine, wait for its end.
 
-This runs in the RQ worker's thread (one per slot). The engine generates; the publisher
-writes the output and the final state; this thread only waits, so that RQ's own record of
-the job (started, then finished, failed or canceled) follows the job's real life.
+This runs in a job thread (one per running job, from the dispatcher's pool). The engine
+generates; the publisher writes the output and the final state; this thread only waits, so
+that RQ's record of the job (started, then finished, failed or canceled) follows its real life.
 """
 
 from __future__ import annotations

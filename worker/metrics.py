@@ -1,7 +1,7 @@
 """A worker process's Prometheus metrics, on a small HTTP port of its own.
 
 One ``CollectorRegistry`` per worker process (``WorkerMetrics``), shared by its engine, its
-publisher and its RQ slot threads (prometheus-client's metrics are thread-safe). The engine's
+publisher and its job threads (prometheus-client's metrics are thread-safe). The engine's
 hot path does a fixed, small amount of metric work per step, never per token per label: the
 children for this process's model are bound once, here; tokens are added once per batch of
 outputs; a job's latencies are observed once per job.

@@ -3,8 +3,8 @@ engine, the threads that serve it (publisher, cancel watcher, leases, heartbeat,
 counter, janitor, metrics) and the job runner that puts jobs on the engine.
 
 ``build_runtime`` makes one. Its owner (the slot pool, or a StreamqWorker started the plain RQ
-way) starts and stops it and hands it to each RQ worker it runs; a job reaches it through that
-worker (``worker.rq_worker``), never through a process-wide instance.
+way) starts and stops it and hands it to what takes its jobs (the pool's dispatcher, or that RQ
+worker); a job reaches it through them, never through a process-wide instance.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ class WorkerRuntime:
         self.metrics.close()
 
     def run_job(self, job_id: str, slot_name: str) -> Outcome:
-        """Run one job on the engine (from the slot thread that took it); JobFailed if it failed."""
+        """Run one job on the engine (from the job thread the dispatcher gave it); JobFailed if it failed."""
         with self._lock:
             self._running[job_id] = slot_name
             self.heartbeat.current_job = ",".join(self._running)

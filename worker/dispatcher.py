@@ -1,0 +1,176 @@
+"""One dispatcher per worker process: takes jobs off the model's queue for all its slots.
+
+The dispatcher's thread waits for a free slot, takes as many queued jobs as there are free slots
+(one blocking move, then the rest in one pipeline: ``worker.rq_runs``), records their start in
+RQ, and hands each to a thread of a pool of ``slots`` threads that runs it on the engine
+(``JobHost.run_job``: streamq's start, the engine, the wait for its end) and files its end in
+RQ. So the process never runs more jobs than it has slots, an idle process costs one blocked
+read, and a job costs RQ's records and no RQ worker loop. In RQ the process is one worker
+(``rq info`` lists it busy while it runs any job); each run is an execution of that worker.
+
+``stop_taking`` ends the loop (within ``IDLE_WAIT`` when idle); the jobs it started run on. In
+burst mode the loop ends once the queue is empty and no job runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import redis
+from rq.worker import WorkerStatus
+
+from shared.settings import Settings
+from worker.job_runner import JobFailed, Outcome
+from worker.rq_runs import RqRuns, Run
+from worker.rq_worker import JobHost, StreamqWorker
+
+log = logging.getLogger("streamq.worker")
+
+IDLE_WAIT = 2  # seconds the dispatcher blocks on an empty queue before looking at a stop request
+RQ_BEAT_EVERY = 30.0  # seconds between the process's heartbeats in RQ (its record lives 420 s a beat)
+RETRY_AFTER = 1.0  # seconds to wait after a Redis error before taking jobs again
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        connection: redis.Redis,
+        host: JobHost,
+        slots: int,
+        name: str,
+        settings: Settings,
+        burst: bool = False,
+    ) -> None:
+        self._redis = connection
+        self._host = host
+        self._slots = slots
+        self.name = name
+        self._settings = settings
+        self._burst = burst
+        self.rq_worker = StreamqWorker(
+            None,
+            connection=connection,
+            settings=settings,
+            runtime=host,
+            name=name,
+            maintenance_interval=settings.maintenance_interval,
+        )
+        self.runs = RqRuns(connection, self.rq_worker.queues[0], name, result_ttl=settings.result_ttl)
+        self._free = list(range(slots - 1, -1, -1))  # slot numbers, the lowest taken first
+        self._changed = threading.Condition()
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="streamq-job")
+        self._state_lock = threading.Lock()
+        self._written_state = ""
+
+    def running(self) -> int:
+        with self._changed:
+            return self._slots - len(self._free)
+
+    def stop_taking(self) -> None:
+        """Take no new job (the loop ends within IDLE_WAIT); the jobs taken run on."""
+        self._stop.set()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no job runs; False if some still do after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while len(self._free) < self._slots:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(min(left, 0.1))
+        return True
+
+    def run(self) -> None:
+        """Take jobs until stopped (or, in burst mode, until the queue is empty); returns when the
+        jobs taken have ended (or the drain time is up), and the process has left RQ's list of
+        workers. A Redis error is logged and the loop goes on once Redis answers again."""
+        worker = self.rq_worker
+        beat_due = maintenance_due = 0.0
+        registered = False
+        try:
+            while not self._stop.is_set():
+                try:
+                    if not registered:
+                        worker.register_birth()
+                        registered = True
+                        self._write_state()
+                    now = time.monotonic()
+                    if now >= beat_due:
+                        worker.heartbeat()
+                        beat_due = now + RQ_BEAT_EVERY
+                    if now >= maintenance_due:
+                        worker.clean_registries()
+                        maintenance_due = now + self._settings.maintenance_interval
+                    if not self._take_once():
+                        break
+                except redis.RedisError as exc:
+                    log.warning("dispatcher: Redis error: %s", exc)
+                    self._stop.wait(RETRY_AFTER)
+        finally:
+            self.wait_idle(float("inf") if self._burst else self._settings.drain_seconds + 10)
+            self._pool.shutdown(wait=False)
+            try:
+                worker.register_death()
+            except redis.RedisError as exc:
+                log.warning("could not remove worker %s from RQ's list: %s", self.name, exc)
+
+    def _write_state(self) -> None:
+        """RQ's state of the process's worker: busy while it runs any job, else idle (written on
+        a change only)."""
+        with self._state_lock:
+            state = WorkerStatus.BUSY if self.running() else WorkerStatus.IDLE
+            if state != self._written_state:
+                self.rq_worker.set_state(state)
+                self._written_state = state
+
+    def _take_once(self) -> bool:
+        """Wait for a free slot, take what fits, start it; False when a burst run is over."""
+        with self._changed:
+            while not self._free and not self._stop.is_set():
+                self._changed.wait(1.0)
+            free = len(self._free)
+        if self._stop.is_set():
+            return True
+        taken = self.runs.take(free, None if self._burst else IDLE_WAIT)
+        if not taken:
+            if self._burst:
+                if self.running() == 0:
+                    return False
+                with self._changed:
+                    self._changed.wait(0.05)
+            return True
+        runs = self.runs.begin(taken)
+        with self._changed:
+            slots = [self._free.pop() for _ in runs]
+        self._write_state()
+        for run, slot in zip(runs, slots, strict=True):
+            self._pool.submit(self._run, run, slot)
+        return True
+
+    def _run(self, run: Run, slot: int) -> None:
+        outcome: Outcome | None = None
+        error: BaseException | None = None
+        try:
+            outcome = self._host.run_job(run.job_id, f"{self.name}.{slot}")
+        except Exception as exc:  # JobFailed (recorded in streamq already), or a bug
+            error = exc
+            if not isinstance(exc, JobFailed):
+                log.exception("job %s: the run raised", run.job_id)
+        finally:
+            try:
+                self.runs.end(run, outcome, error)
+            except Exception:
+                log.exception("job %s: could not file its end in RQ", run.job_id)
+            with self._changed:
+                self._free.append(slot)
+                self._changed.notify_all()
+            with contextlib.suppress(redis.RedisError):  # written again at the next change
+                self._write_state()

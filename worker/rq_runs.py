@@ -1,0 +1,199 @@
+"""RQ's record of the jobs a worker process runs: taken, started, and filed as each ended.
+
+A streamq worker takes its jobs itself (``worker.dispatcher``) instead of running an RQ worker
+loop per slot, and writes what RQ's worker would have written, with RQ's own primitives, in
+one pipeline per step: ``take`` moves ids off the queue into its intermediate list as RQ's
+dequeue does; ``begin`` fetches RQ's jobs and records their executions (RQ's started registry,
+the job's status, worker and start time) and takes them off the intermediate list; ``end``
+files each outcome where RQ would (finished with its result, failed with the error, canceled,
+or back at the front of its queue). ``rq info``, RQ's registries and ``Job.fetch`` then show
+every job as RQ's own worker would have left it. RQ's per-worker counters and its dependents
+and callbacks are not kept: streamq's jobs have none.
+
+``file_ending`` is shared with ``worker.rq_worker.StreamqWorker`` (the plain ``rq worker -w``
+way), so both file canceled, handed-back and lost runs the same way. tests/test_rq_adapter.py
+runs both against the installed RQ and compares what each left.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from rq.executions import Execution
+from rq.job import Job, JobStatus
+from rq.queue import Queue
+from rq.registry import CanceledJobRegistry
+from rq.utils import now
+
+from shared import keys
+from shared.job_store.vocabulary import JobField
+from shared.job_store.vocabulary import JobStatus as StreamqStatus
+from shared.log_format import job_fields
+from shared.redis_text import names, text
+from worker.job_runner import Outcome
+
+log = logging.getLogger("streamq.worker")
+
+
+def start_was_lost(connection: Any, job_id: str, queue_key: str) -> bool:
+    """A job a run lost is ``queued`` in streamq yet on neither its queue nor the queue's
+    intermediate list (another run, a janitor or a handback would have put it on one): a
+    failover lost the run's start, and nothing else would ever run it."""
+    pipe = connection.pipeline(transaction=False)
+    pipe.hget(keys.job(job_id), JobField.STATUS)
+    pipe.lpos(queue_key, job_id)
+    pipe.lpos(keys.intermediate(queue_key), job_id)
+    status, queued_at, parked_at = pipe.execute()
+    return text(status) == StreamqStatus.QUEUED and queued_at is None and parked_at is None
+
+
+def file_ending(
+    connection: Any, job: Job, queue: Queue, outcome: Outcome, execution: Execution | None, *, result_ttl: int
+) -> bool:
+    """File a run that ended canceled, handed back or lost (RQ has no word for these); False for
+    an outcome RQ files as finished, which is left to the caller. ``execution`` is the run's
+    record in RQ's started registry, removed here."""
+    model = str(job.origin).removeprefix(keys.queue_name(""))
+    if outcome in (Outcome.REQUEUED, Outcome.LOST):
+        if execution is not None:
+            with connection.pipeline() as pipe:
+                execution.delete(job=job, pipeline=pipe)
+                pipe.execute()
+        if outcome is Outcome.LOST and start_was_lost(connection, job.id, queue.key):
+            # A failover lost this run's start: streamq has the job queued on no list, and
+            # nothing else would ever run it. Back to its queue's front, RQ's own way.
+            queue.enqueue_job(job, at_front=True)
+            log.warning(
+                "job %s: Redis lost its start (a failover?); queued again",
+                job.id,
+                extra=job_fields("requeued", job.id, model, worker=str(job.worker_name), reason="start_lost"),
+            )
+        elif outcome is Outcome.REQUEUED:
+            # The handback script already put the id back on the queue's front, so a kill here
+            # strands nothing. RQ's enqueue writes its record and pushes the id again; the
+            # script's copy, next in line, is then dropped (if a worker already took it, this
+            # drops the new one instead: either way the job is delivered once).
+            queue.enqueue_job(job, at_front=True)
+            connection.lrem(queue.key, -1, job.id)
+            log.info(
+                "job %s: handed back to its queue",
+                job.id,
+                extra=job_fields("requeued", job.id, model, reason="worker_stopping"),
+            )
+        return True
+    if outcome is not Outcome.CANCELED:
+        return False
+    with connection.pipeline() as pipe:
+        job.set_status(JobStatus.CANCELED, pipeline=pipe)
+        job.cleanup(ttl=result_ttl, pipeline=pipe, remove_from_queue=False)
+        if execution is not None:
+            execution.delete(job=job, pipeline=pipe)
+        CanceledJobRegistry(job.origin, connection, job_class=type(job), serializer=job.serializer).add(
+            job, ttl=result_ttl, pipeline=pipe
+        )
+        pipe.execute()
+    return True
+
+
+@dataclass
+class Run:
+    """One job taken off the queue: RQ's job (None when RQ's record is gone) and its execution."""
+
+    job_id: str
+    job: Job | None = None
+    execution: Execution | None = None
+
+
+class RqRuns:
+    """RQ's side of the runs of one worker process (named ``worker_name`` in RQ) on ``queue``."""
+
+    def __init__(self, connection: Any, queue: Queue, worker_name: str, *, result_ttl: int) -> None:
+        self._redis = connection
+        self.queue = queue
+        self._parked = keys.intermediate(queue.key)
+        self._worker = worker_name
+        self._result_ttl = result_ttl
+
+    def take(self, most: int, wait: float | None) -> list[str]:
+        """Up to ``most`` job ids off the queue's head, each into the intermediate list (RQ's
+        dequeue: a worker killed before ``begin`` leaves them there for the janitor). Waits up to
+        ``wait`` seconds for the first (None: no wait)."""
+        if most <= 0:
+            return []
+        if wait is None:
+            first = self._redis.lmove(self.queue.key, self._parked, "LEFT", "RIGHT")
+        else:
+            first = self._redis.blmove(self.queue.key, self._parked, wait, "LEFT", "RIGHT")
+        if first is None:
+            return []
+        taken = [first]
+        if most > 1:
+            pipe = self._redis.pipeline(transaction=False)
+            for _ in range(most - 1):
+                pipe.lmove(self.queue.key, self._parked, "LEFT", "RIGHT")
+            taken += [job_id for job_id in pipe.execute() if job_id is not None]
+        return names(taken)
+
+    def begin(self, job_ids: list[str]) -> list[Run]:
+        """RQ's start of each job, as its worker records it (an execution in the started registry;
+        the job started by this worker), and the ids off the intermediate list: one pipeline."""
+        jobs = Job.fetch_many(job_ids, connection=self._redis, serializer=self.queue.serializer)
+        runs = [Run(job_id, job) for job_id, job in zip(job_ids, jobs, strict=True)]
+        with self._redis.pipeline(transaction=False) as pipe:
+            for run in runs:
+                if run.job is not None:
+                    run.execution = Execution.create(
+                        run.job, _heartbeat_ttl(run.job), pipeline=pipe, worker_name=self._worker
+                    )
+                    run.job.prepare_for_execution(self._worker, pipeline=pipe)
+                pipe.lrem(self._parked, 1, run.job_id)
+            pipe.execute()
+        return runs
+
+    def end(self, run: Run, outcome: Outcome | None, error: BaseException | None = None) -> None:
+        """File the run's end in RQ: ``outcome``, or failed with ``error`` when it is None."""
+        job = run.job
+        if job is None:
+            return
+        if outcome is not None and file_ending(
+            self._redis, job, self.queue, outcome, run.execution, result_ttl=self._result_ttl
+        ):
+            return
+        execution = run.execution
+        started = execution.created_at if execution else None
+        job.ended_at = now()
+        with self._redis.pipeline() as pipe:
+            if outcome is None:
+                job.set_status(JobStatus.FAILED, pipeline=pipe)
+                detail = "".join(traceback.format_exception(error)) if error else "failed"
+                job._handle_failure(
+                    detail,
+                    pipeline=pipe,
+                    worker_name=self._worker,
+                    execution_id=execution.id if execution else None,
+                    execution_started_at=started,
+                    execution_ended_at=job.ended_at,
+                )
+            else:
+                job._result = outcome.value  # RQ keeps the final status as the job's result
+                job._handle_success(
+                    self._result_ttl,
+                    pipeline=pipe,
+                    worker_name=self._worker,
+                    execution_id=execution.id if execution else None,
+                    execution_started_at=started,
+                    execution_ended_at=job.ended_at,
+                )
+                pipe.expire(job.key, self._result_ttl)
+            if execution is not None:
+                execution.delete(job=job, pipeline=pipe)
+            pipe.execute()
+
+
+def _heartbeat_ttl(job: Job) -> int:
+    """How long RQ's started registry holds the run (RQ's SimpleWorker rule: the job's timeout
+    plus a minute; the engine ends a job at its own deadline before that)."""
+    return int(job.timeout or 0) + 60 if job.timeout and job.timeout > 0 else 480
