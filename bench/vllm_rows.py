@@ -9,11 +9,15 @@ clients that all arrive at t=0, each asking for N new tokens (greedy, the same p
     clients on /v1/chat/completions.
 
 Both vLLM runs get the same KV cache, the same max_model_len and the same CPU thread binding.
+(e) and (f) are up at once and their cells run in turns (e, f, e, f, ...), so that the
+machine's drift (tens of percent within minutes on these shared cores) falls on both alike; an
+idle vLLM engine sleeps, so the one not measured takes no CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -103,44 +107,58 @@ def _guard(results: Results, key: tuple[str, str, int], run: object) -> None:
     print(f"  vllm {key}: {cell.error or f'{cell.tokens_per_s:.0f} tok/s'}", file=sys.stderr, flush=True)
 
 
-def _repeated(run: Callable[[], Cell], c: int) -> Cell:
-    """A cell of c ≤ 4 clients is run REPEATS times: one run's TTFT is one or four samples."""
-    return RepeatedCell.of([run() for _ in range(REPEATS)]) if c <= 4 else run()
+def _alternated(
+    results: Results, dtype: str, c: int, runs: dict[str, Callable[[list[str]], Cell]], prompts: list[str]
+) -> None:
+    """Cells of each system at c clients, run in turns (e, f, e, f, ...): the machine's load drifts
+    by tens of percent within minutes, and turns give both systems the same drift. A cell of c ≤ 4
+    clients is run REPEATS times (one run's TTFT is one or four samples), others once."""
+    repeats = REPEATS if c <= 4 else 1
+    done: dict[str, list[Cell]] = {system: [] for system in runs}
+    for _ in range(repeats):
+        for system, run in runs.items():
+            try:
+                done[system].append(run(prompts[:c]))
+            except Exception as exc:
+                done[system].append(Cell(error=f"{type(exc).__name__}: {exc}"))
+    for system, cells in done.items():
+        good = [cell for cell in cells if not cell.error and cell.requests]
+        cell = (RepeatedCell.of(good) if len(good) > 1 else good[0]) if good else cells[0]
+        results.cells[(system, dtype, c)] = cell
+        shown = cell.error or f"{cell.tokens_per_s:.0f} tok/s"
+        print(f"  vllm {(system, dtype, c)}: {shown}", file=sys.stderr, flush=True)
 
 
 def run_rows(
     model_dir: Path, workdir: Path, tokens: int, systems: str, dtypes: tuple[str, ...] = DTYPES
 ) -> Results:
+    """(e) and (f) are both up at once (one dtype at a time) and measured in turns, cell by cell."""
     results = Results()
     prompts: list[str] = json.loads(
         _cell_subprocess("prompts", model_dir, tokens, ["--count", str(max(CONCURRENCY))])
     )
     slots = max(CONCURRENCY)
     for dtype in dtypes:
-        if "e" in systems:
-            env = {**vllm_env(dtype), "STREAMQ_SLOTS": str(slots)}
+        with contextlib.ExitStack() as up:
+            runs: dict[str, Callable[[list[str]], Cell]] = {}
             try:
-                with streamq_stack(model_dir, workdir, env, slots=slots, start_timeout=900) as (port, pid):
-                    for c in CONCURRENCY:
-                        cell = lambda c=c: _repeated(lambda: streamq_cell(port, pid, prompts[:c], tokens), c)  # noqa: E731
-                        _guard(results, ("e", dtype, c), cell)
+                if "e" in systems:
+                    env = {**vllm_env(dtype), "STREAMQ_SLOTS": str(slots)}
+                    port_e, pid_e = up.enter_context(
+                        streamq_stack(model_dir, workdir, env, slots=slots, start_timeout=900)
+                    )
+                    runs["e"] = functools.partial(streamq_cell, port_e, pid_e, tokens=tokens)
+                if "f" in systems:
+                    port_f, pid_f = up.enter_context(vllm_server(model_dir, workdir, dtype, slots))
+                    runs["f"] = functools.partial(hf_cell, port_f, pid_f, str(model_dir), tokens=tokens)
             except Exception as exc:
-                for c in CONCURRENCY:
-                    results.cells.setdefault(("e", dtype, c), Cell(error=f"the stack did not start: {exc}"))
-        if "f" in systems:
-            try:
-                with vllm_server(model_dir, workdir, dtype, slots) as (port, pid):
+                for system in "ef":
                     for c in CONCURRENCY:
-                        _guard(
-                            results,
-                            ("f", dtype, c),
-                            lambda c=c: _repeated(
-                                lambda: hf_cell(port, pid, str(model_dir), prompts[:c], tokens), c
-                            ),
-                        )
-            except Exception as exc:
-                for c in CONCURRENCY:
-                    results.cells.setdefault(("f", dtype, c), Cell(error=str(exc)))
+                        key = (system, dtype, c)
+                        results.cells.setdefault(key, Cell(error=f"a server did not start: {exc}"))
+                continue
+            for c in CONCURRENCY:
+                _alternated(results, dtype, c, runs, prompts)
     if "c" in systems:
         with streamq_stack(model_dir, workdir, {"STREAMQ_DTYPE": "float32"}) as (port, pid):  # 16 slots
             for c in (16,):

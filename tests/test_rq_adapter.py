@@ -43,6 +43,7 @@ from streamq.redis_server import RedisServer
 from tests.redis_replies import entries
 from worker.dispatcher import IDLE_WAIT, Dispatcher
 from worker.job_runner import JobFailed, Outcome
+from worker.rq_runs import RqRuns
 from worker.rq_worker import EngineDeadline, StreamqJob, StreamqWorker
 from worker.tasks import TASK
 
@@ -366,3 +367,23 @@ def test_a_plain_rq_worker_fails_a_streamq_job_clearly(redis_server: RedisServer
     assert FailedJobRegistry(queue=queue).get_job_ids() == [job_id]
     result = Job.fetch(job_id, connection=redis_server.client()).latest_result()
     assert result is not None and "no model is loaded in this process" in (result.exc_string or "")
+
+
+def test_a_dispatcher_takes_as_many_queued_jobs_as_it_has_room_for_in_rqs_order(
+    redis_server: RedisServer,
+) -> None:
+    model = unique("rq-take")
+    job_ids = [f"{model}-{i}" for i in range(5)]
+    queue = enqueue(redis_server, model, job_ids)
+    runs = RqRuns(redis_server.client(), queue, model, result_ttl=60)
+    assert runs.take(3, wait=1) == job_ids[:3]
+    parked = keys.intermediate(queue.key)
+    assert redis_server.client().lrange(parked, 0, -1) == [j.encode() for j in job_ids[:3]]
+    assert runs.take(8, wait=None) == job_ids[3:]  # what is left, no more
+    assert runs.take(8, wait=None) == [] and queue.count == 0
+    begun = runs.begin(job_ids)
+    assert [run.job_id for run in begun] == job_ids and redis_server.client().llen(parked) == 0
+    assert sorted(StartedJobRegistry(queue=queue).get_job_ids()) == sorted(job_ids)
+    assert {Job.fetch(j, connection=redis_server.client()).get_status() for j in job_ids} == {
+        JobStatus.STARTED
+    }

@@ -29,6 +29,8 @@ from rq.registry import CanceledJobRegistry
 from rq.utils import now
 
 from shared import keys
+from shared.job_store import scripts
+from shared.job_store.scripts import JobScripts
 from shared.job_store.vocabulary import JobField
 from shared.job_store.vocabulary import JobStatus as StreamqStatus
 from shared.log_format import job_fields
@@ -116,11 +118,13 @@ class RqRuns:
         self._parked = keys.intermediate(queue.key)
         self._worker = worker_name
         self._result_ttl = result_ttl
+        self._scripts = JobScripts(connection)
 
     def take(self, most: int, wait: float | None) -> list[str]:
         """Up to ``most`` job ids off the queue's head, each into the intermediate list (RQ's
         dequeue: a worker killed before ``begin`` leaves them there for the janitor). Waits up to
-        ``wait`` seconds for the first (None: no wait)."""
+        ``wait`` seconds for the first (None: no wait); the rest, as many as are queued, come in
+        one more round trip (the ``take`` script)."""
         if most <= 0:
             return []
         if wait is None:
@@ -130,11 +134,8 @@ class RqRuns:
         if first is None:
             return []
         taken = [first]
-        if most > 1:
-            pipe = self._redis.pipeline(transaction=False)
-            for _ in range(most - 1):
-                pipe.lmove(self.queue.key, self._parked, "LEFT", "RIGHT")
-            taken += [job_id for job_id in pipe.execute() if job_id is not None]
+        if most > 1 and self._redis.llen(self.queue.key):
+            taken += self._scripts.run(scripts.take(self.queue.key, most - 1))
         return names(taken)
 
     def begin(self, job_ids: list[str]) -> list[Run]:

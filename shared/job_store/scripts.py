@@ -295,7 +295,21 @@ return {'queued', redis.call('RPUSH', KEYS[4], ARGV[1]) - 1}
 """
 SUBMIT = Lua("submit", _SUBMIT)
 
-SCRIPTS: tuple[Lua, ...] = (SUBMIT, START, DELTA, RENEW, FINISH, REQUEUE, CANCEL)
+# Moves up to ARGV[1] ids from the head of a model's RQ queue (KEYS[1]) to the tail of its
+# intermediate list (KEYS[2]), one LMOVE each as RQ's dequeue does, stopping at an empty queue:
+# a worker with free slots takes what fits in one round trip. Returns the ids moved.
+_TAKE = """
+local taken = {}
+for i = 1, tonumber(ARGV[1]) do
+  local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+  if not id then break end
+  taken[i] = id
+end
+return taken
+"""
+TAKE = Lua("take", _TAKE)
+
+SCRIPTS: tuple[Lua, ...] = (SUBMIT, START, DELTA, RENEW, FINISH, REQUEUE, CANCEL, TAKE)
 
 
 class ScriptsReloaded(RedisConnectionError):
@@ -340,6 +354,10 @@ class JobScripts:
             for script in SCRIPTS:
                 await self._connection.script_load(script.source)
             raise ScriptsReloaded("Redis had lost streamq's scripts; loaded again") from None
+
+
+def take(queue_list: str, most: int) -> ScriptCall:
+    return ScriptCall(TAKE, [queue_list, keys.intermediate(queue_list)], [most])
 
 
 def _pairs(fields: Mapping[str, Any]) -> list[Any]:
