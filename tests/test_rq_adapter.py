@@ -253,8 +253,17 @@ class Scripted:
 def enqueue(redis_server: RedisServer, model: str, job_ids: list[str]) -> Queue:
     queue = Queue(keys.queue_name(model), connection=redis_server.client())
     for job_id in job_ids:
-        queue.enqueue_call(TASK, args=(job_id,), job_id=job_id, result_ttl=60, failure_ttl=60)
+        queue.enqueue_call(TASK, args=(job_id,), job_id=job_id, result_ttl=600, failure_ttl=600)
     return queue
+
+
+class UnsubscribedWorker(StreamqWorker):
+    """A StreamqWorker without RQ's command channel: at teardown, RQ stops that channel's thread
+    while redis-py may be waiting up to 60 s for a subscription (it then holds ``work`` that
+    long, and the finished registry's 60 s entries expire before they are read)."""
+
+    def subscribe(self) -> None:
+        pass
 
 
 def dispatch_in_a_thread(dispatcher: Dispatcher) -> tuple[threading.Thread, list[BaseException]]:
@@ -294,7 +303,7 @@ def test_each_outcome_is_filed_in_rq_as_the_job_ended(redis_server: RedisServer,
     ids = {name: f"{model}-{name}" for name in ends}
     queue = enqueue(redis_server, model, list(ids.values()))
     runtime = Scripted(redis_server, model, {ids[name]: then for name, then in ends.items()})
-    settings = Settings(result_ttl=60)
+    settings = Settings(result_ttl=600)  # outlives a teardown RQ may hold for 60 s
     slot = f"{model}.0"
     connection = redis_server.client()
     if taker == "dispatcher":
@@ -302,7 +311,7 @@ def test_each_outcome_is_filed_in_rq_as_the_job_ended(redis_server: RedisServer,
         thread.join(timeout=60)
         assert not thread.is_alive() and not failed
     else:  # as `rq worker -w worker.rq_worker.StreamqWorker --burst` runs it, in the main thread
-        worker = StreamqWorker(connection=connection, settings=settings, runtime=runtime, name=slot)
+        worker = UnsubscribedWorker(connection=connection, settings=settings, runtime=runtime, name=slot)
         worker.work(burst=True, logging_level="WARNING")
     assert not [w for w in SimpleWorker.all(connection=connection) if w.name.startswith(model)]
 
@@ -387,3 +396,27 @@ def test_a_dispatcher_takes_as_many_queued_jobs_as_it_has_room_for_in_rqs_order(
     assert {Job.fetch(j, connection=redis_server.client()).get_status() for j in job_ids} == {
         JobStatus.STARTED
     }
+
+
+def test_a_dispatcher_whose_name_rq_still_lists_as_live_registers_under_a_suffix(
+    redis_server: RedisServer,
+) -> None:
+    """A worker restarted with the same host name and pid (a container's) finds its killed
+    predecessor's record, live for RQ's TTL: it still starts, as ``<name>.<suffix>``."""
+    model = unique("rq-restarted")
+    connection = redis_server.client()
+    SimpleWorker(
+        [Queue(keys.queue_name(model), connection=connection)], name=model, connection=connection
+    ).register_birth()
+    dispatcher = Dispatcher(connection, Scripted(redis_server, model, {}), 2, model, Settings())
+    thread, failed = dispatch_in_a_thread(dispatcher)
+    wait = time.monotonic() + 10
+    while len([w for w in SimpleWorker.all(connection=connection) if w.name.startswith(model)]) < 2:
+        assert time.monotonic() < wait and not failed
+        time.sleep(0.05)
+    renamed = dispatcher.rq_worker.name
+    assert renamed.startswith(f"{model}.") and dispatcher.runs.worker_name == renamed
+    dispatcher.stop_taking()
+    thread.join(timeout=IDLE_WAIT + 10)
+    assert not thread.is_alive() and not failed
+    assert [w.name for w in SimpleWorker.all(connection=connection) if w.name.startswith(model)] == [model]

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import redis
@@ -99,7 +100,7 @@ class Dispatcher:
             while not self._stop.is_set():
                 try:
                     if not registered:
-                        worker.register_birth()
+                        self._register()
                         registered = True
                         self._write_state()
                     now = time.monotonic()
@@ -121,6 +122,18 @@ class Dispatcher:
                 worker.register_death()
             except redis.RedisError as exc:
                 log.warning("could not remove worker %s from RQ's list: %s", self.name, exc)
+
+    def _register(self) -> None:
+        """Enter RQ's list of workers. A live record of the same name (a process restarted with
+        the same host name and pid, as in a container, within RQ's TTL of the killed one) makes
+        this one register under the name with a suffix: the janitor drops the old record."""
+        worker = self.rq_worker
+        try:
+            worker.register_birth()
+        except ValueError:
+            worker.name = self.runs.worker_name = f"{self.name}.{uuid.uuid4().hex[:8]}"
+            log.warning("RQ has a live worker named %s already: this one is %s in RQ", self.name, worker.name)
+            worker.register_birth()
 
     def _write_state(self) -> None:
         """RQ's state of the process's worker: busy while it runs any job, else idle (written on

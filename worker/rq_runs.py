@@ -116,7 +116,7 @@ class RqRuns:
         self._redis = connection
         self.queue = queue
         self._parked = keys.intermediate(queue.key)
-        self._worker = worker_name
+        self.worker_name = worker_name
         self._result_ttl = result_ttl
         self._scripts = JobScripts(connection)
 
@@ -147,9 +147,9 @@ class RqRuns:
             for run in runs:
                 if run.job is not None:
                     run.execution = Execution.create(
-                        run.job, _heartbeat_ttl(run.job), pipeline=pipe, worker_name=self._worker
+                        run.job, _heartbeat_ttl(run.job), pipeline=pipe, worker_name=self.worker_name
                     )
-                    run.job.prepare_for_execution(self._worker, pipeline=pipe)
+                    run.job.prepare_for_execution(self.worker_name, pipeline=pipe)
                 pipe.lrem(self._parked, 1, run.job_id)
             pipe.execute()
         return runs
@@ -173,7 +173,7 @@ class RqRuns:
                 job._handle_failure(
                     detail,
                     pipeline=pipe,
-                    worker_name=self._worker,
+                    worker_name=self.worker_name,
                     execution_id=execution.id if execution else None,
                     execution_started_at=started,
                     execution_ended_at=job.ended_at,
@@ -183,7 +183,7 @@ class RqRuns:
                 job._handle_success(
                     self._result_ttl,
                     pipeline=pipe,
-                    worker_name=self._worker,
+                    worker_name=self.worker_name,
                     execution_id=execution.id if execution else None,
                     execution_started_at=started,
                     execution_ended_at=job.ended_at,
