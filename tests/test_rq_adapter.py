@@ -239,7 +239,7 @@ class Scripted:
         self.calls: list[tuple[str, str]] = []
         self.enqueued_at: list[Any] = []  # RQ's record of when the job (last) entered its queue
 
-    def run_job(self, job_id: str, slot_name: str) -> Outcome:
+    def run_job(self, job_id: str, slot_name: str, fields: dict[str, str] | None = None) -> Outcome:
         self.calls.append((job_id, slot_name))
         self.enqueued_at.append(Job.fetch(job_id, connection=self.redis).enqueued_at)
         then = self.script[job_id].pop(0)
@@ -384,14 +384,16 @@ def test_a_dispatcher_takes_as_many_queued_jobs_as_it_has_room_for_in_rqs_order(
     model = unique("rq-take")
     job_ids = [f"{model}-{i}" for i in range(5)]
     queue = enqueue(redis_server, model, job_ids)
-    runs = RqRuns(redis_server.client(), queue, model, result_ttl=60)
-    assert runs.take(3, wait=1) == job_ids[:3]
+    runs = RqRuns(redis_server.client(), queue, model, result_ttl=60, job_timeout=300)
+    assert runs.take(3, wait=1) == job_ids[:1]  # waiting: the first alone, to start it at once
+    assert runs.take(2, wait=None) == job_ids[1:3]  # not waiting: as many as asked for
     parked = keys.intermediate(queue.key)
     assert redis_server.client().lrange(parked, 0, -1) == [j.encode() for j in job_ids[:3]]
     assert runs.take(8, wait=None) == job_ids[3:]  # what is left, no more
     assert runs.take(8, wait=None) == [] and queue.count == 0
     begun = runs.begin(job_ids)
     assert [run.job_id for run in begun] == job_ids and redis_server.client().llen(parked) == 0
+    assert [run.fields for run in begun] == [{}] * 5  # streamq's state, read for the run (none here)
     assert sorted(StartedJobRegistry(queue=queue).get_job_ids()) == sorted(job_ids)
     assert {Job.fetch(j, connection=redis_server.client()).get_status() for j in job_ids} == {
         JobStatus.STARTED

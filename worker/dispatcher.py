@@ -1,12 +1,14 @@
 """One dispatcher per worker process: takes jobs off the model's queue for all its slots.
 
-The dispatcher's thread waits for a free slot, takes as many queued jobs as there are free slots
-(one blocking move, then the rest in one pipeline: ``worker.rq_runs``), records their start in
-RQ, and hands each to a thread of a pool of ``slots`` threads that runs it on the engine
-(``JobHost.run_job``: streamq's start, the engine, the wait for its end) and files its end in
-RQ. So the process never runs more jobs than it has slots, an idle process costs one blocked
-read, and a job costs RQ's records and no RQ worker loop. In RQ the process is one worker
-(``rq info`` lists it busy while it runs any job); each run is an execution of that worker.
+The dispatcher's thread waits for a free slot and takes jobs (``worker.rq_runs``): on an idle
+queue it blocks for the first to come and starts it alone, at once; while jobs keep coming, each
+look takes as many as are queued and fit the free slots, in one round trip. It records their
+start in RQ and reads their state in one pipeline, and hands each to a thread of a pool of
+``slots`` threads that runs it on the engine (``JobHost.run_job``: streamq's start, the
+engine, the wait for its end) and files its end in RQ. So the process never runs more jobs than
+it has slots, an idle process costs one blocked read, and a job costs RQ's records and no RQ
+worker loop. In RQ the process is one worker (``rq info`` lists it busy while it runs any job);
+each run is an execution of that worker.
 
 ``stop_taking`` ends the loop (within ``IDLE_WAIT`` when idle); the jobs it started run on. In
 burst mode the loop ends once the queue is empty and no job runs.
@@ -60,7 +62,14 @@ class Dispatcher:
             name=name,
             maintenance_interval=settings.maintenance_interval,
         )
-        self.runs = RqRuns(connection, self.rq_worker.queues[0], name, result_ttl=settings.result_ttl)
+        self.runs = RqRuns(
+            connection,
+            self.rq_worker.queues[0],
+            name,
+            result_ttl=settings.result_ttl,
+            job_timeout=settings.job_timeout,
+        )
+        self._backlog = False  # the last take found jobs: look again before waiting
         self._free = list(range(slots - 1, -1, -1))  # slot numbers, the lowest taken first
         self._changed = threading.Condition()
         self._stop = threading.Event()
@@ -145,14 +154,18 @@ class Dispatcher:
                 self._written_state = state
 
     def _take_once(self) -> bool:
-        """Wait for a free slot, take what fits, start it; False when a burst run is over."""
+        """Wait for a free slot, take what fits, start it; False when a burst run is over. A job
+        that comes to an idle queue is taken alone and started at once; while jobs keep coming,
+        each look takes as many as are queued and slots are free."""
         with self._changed:
             while not self._free and not self._stop.is_set():
                 self._changed.wait(1.0)
             free = len(self._free)
         if self._stop.is_set():
             return True
-        taken = self.runs.take(free, None if self._burst else IDLE_WAIT)
+        look = self._burst or self._backlog
+        taken = self.runs.take(free, None if look else IDLE_WAIT)
+        self._backlog = bool(taken)
         if not taken:
             if self._burst:
                 if self.running() == 0:
@@ -163,16 +176,16 @@ class Dispatcher:
         runs = self.runs.begin(taken)
         with self._changed:
             slots = [self._free.pop() for _ in runs]
-        self._write_state()
         for run, slot in zip(runs, slots, strict=True):
             self._pool.submit(self._run, run, slot)
+        self._write_state()
         return True
 
     def _run(self, run: Run, slot: int) -> None:
         outcome: Outcome | None = None
         error: BaseException | None = None
         try:
-            outcome = self._host.run_job(run.job_id, f"{self.name}.{slot}")
+            outcome = self._host.run_job(run.job_id, f"{self.name}.{slot}", run.fields)
         except Exception as exc:  # JobFailed (recorded in streamq already), or a bug
             error = exc
             if not isinstance(exc, JobFailed):

@@ -88,12 +88,14 @@ class JobRunner:
         self._worker_name = worker_name
         self._scripts = JobScripts(connection)
 
-    def run(self, job_id: str, slot_name: str) -> Outcome:
-        """Run the job to its end; returns how it ended here.
+    def run(self, job_id: str, slot_name: str, fields: dict[str, str] | None = None) -> Outcome:
+        """Run the job to its end; returns how it ended here. ``fields``: the job's hash, when the
+        caller read it already (the dispatcher reads it with the run's RQ record).
 
         Raises JobFailed when it failed, after its failure is recorded.
         """
-        fields = _decode(self._redis.hgetall(keys.job(job_id)))
+        if fields is None:
+            fields = _decode(self._redis.hgetall(keys.job(job_id)))
         if not fields:
             raise JobFailed(f"job {job_id} has no state in Redis (expired or deleted)")
         request = GenerationRequest.model_validate_json(fields[JobField.REQUEST])

@@ -22,6 +22,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+from rq.exceptions import NoSuchJobError
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.queue import Queue
@@ -102,62 +103,88 @@ def file_ending(
 
 @dataclass
 class Run:
-    """One job taken off the queue: RQ's job (None when RQ's record is gone) and its execution."""
+    """One job taken off the queue: RQ's job (None when RQ's record is gone), its execution, and
+    streamq's state of the job as the run's start read it (None: not read)."""
 
     job_id: str
     job: Job | None = None
     execution: Execution | None = None
+    fields: dict[str, str] | None = None
 
 
 class RqRuns:
     """RQ's side of the runs of one worker process (named ``worker_name`` in RQ) on ``queue``."""
 
-    def __init__(self, connection: Any, queue: Queue, worker_name: str, *, result_ttl: int) -> None:
+    def __init__(
+        self, connection: Any, queue: Queue, worker_name: str, *, result_ttl: int, job_timeout: int
+    ) -> None:
         self._redis = connection
         self.queue = queue
         self._parked = keys.intermediate(queue.key)
         self.worker_name = worker_name
         self._result_ttl = result_ttl
+        # How long RQ's started registry holds a run (RQ's SimpleWorker rule: the job's timeout,
+        # the front's STREAMQ_JOB_TIMEOUT, plus a minute; the engine ends a job at its deadline).
+        self._run_ttl = job_timeout + 60
         self._scripts = JobScripts(connection)
 
     def take(self, most: int, wait: float | None) -> list[str]:
-        """Up to ``most`` job ids off the queue's head, each into the intermediate list (RQ's
-        dequeue: a worker killed before ``begin`` leaves them there for the janitor). Waits up to
-        ``wait`` seconds for the first (None: no wait); the rest, as many as are queued, come in
-        one more round trip (the ``take`` script)."""
+        """Job ids off the queue's head, each into the intermediate list (RQ's dequeue: a worker
+        killed before ``begin`` leaves them there for the janitor). With ``wait``: the first to
+        come within ``wait`` seconds, alone, so that it starts at once; without: up to ``most``
+        of those queued now, in one round trip (the ``take`` script)."""
         if most <= 0:
             return []
         if wait is None:
-            first = self._redis.lmove(self.queue.key, self._parked, "LEFT", "RIGHT")
-        else:
-            first = self._redis.blmove(self.queue.key, self._parked, wait, "LEFT", "RIGHT")
-        if first is None:
-            return []
-        taken = [first]
-        if most > 1 and self._redis.llen(self.queue.key):
-            taken += self._scripts.run(scripts.take(self.queue.key, most - 1))
-        return names(taken)
+            return names(self._scripts.run(scripts.take(self.queue.key, most)))
+        first = self._redis.blmove(self.queue.key, self._parked, wait, "LEFT", "RIGHT")
+        return [] if first is None else names([first])
 
     def begin(self, job_ids: list[str]) -> list[Run]:
         """RQ's start of each job, as its worker records it (an execution in the started registry;
-        the job started by this worker), and the ids off the intermediate list: one pipeline."""
-        jobs = Job.fetch_many(job_ids, connection=self._redis, serializer=self.queue.serializer)
-        runs = [Run(job_id, job) for job_id, job in zip(job_ids, jobs, strict=True)]
+        the job started by this worker), the ids off the intermediate list, and streamq's state of
+        each job read for its run: one pipeline for them all. RQ's whole record is read at the
+        end, where it is needed, not here on the way to the first token."""
+        jobs = [Job(job_id, connection=self._redis, serializer=self.queue.serializer) for job_id in job_ids]
+        runs = [Run(job.id, job) for job in jobs]
         with self._redis.pipeline(transaction=False) as pipe:
-            for run in runs:
-                if run.job is not None:
-                    run.execution = Execution.create(
-                        run.job, _heartbeat_ttl(run.job), pipeline=pipe, worker_name=self.worker_name
-                    )
-                    run.job.prepare_for_execution(self.worker_name, pipeline=pipe)
-                pipe.lrem(self._parked, 1, run.job_id)
-            pipe.execute()
+            for job in jobs:  # the reads first: they see each job as it was taken
+                pipe.exists(job.key)
+                pipe.hgetall(keys.job(job.id))
+            for job, run in zip(jobs, runs, strict=True):
+                job.origin = self.queue.name
+                run.execution = Execution.create(
+                    job, self._run_ttl, pipeline=pipe, worker_name=self.worker_name
+                )
+                job.prepare_for_execution(self.worker_name, pipeline=pipe)
+                pipe.lrem(self._parked, 1, job.id)
+            replies = pipe.execute()
+        lost: list[tuple[Run, Job]] = []
+        for job, run, had, fields in zip(
+            jobs, runs, replies[0 : 2 * len(runs) : 2], replies[1 : 2 * len(runs) : 2], strict=True
+        ):
+            run.fields = {text(k) or "": text(v) or "" for k, v in fields.items()}
+            if not had:  # RQ's record was gone (a failover lost it): the start above made a stub
+                lost.append((run, job))
+        if lost:
+            with self._redis.pipeline(transaction=False) as pipe:
+                for run, job in lost:
+                    if run.execution is not None:
+                        run.execution.delete(job=job, pipeline=pipe)
+                    pipe.delete(job.key)
+                    run.job = run.execution = None
+                pipe.execute()
         return runs
 
     def end(self, run: Run, outcome: Outcome | None, error: BaseException | None = None) -> None:
         """File the run's end in RQ: ``outcome``, or failed with ``error`` when it is None."""
         job = run.job
         if job is None:
+            return
+        try:
+            job.refresh()  # RQ's whole record (its end writes it back whole, as RQ's worker does)
+        except NoSuchJobError:
+            log.warning("job %s: RQ's record is gone; its end is not filed in RQ", run.job_id)
             return
         if outcome is not None and file_ending(
             self._redis, job, self.queue, outcome, run.execution, result_ttl=self._result_ttl
@@ -166,6 +193,7 @@ class RqRuns:
         execution = run.execution
         started = execution.created_at if execution else None
         job.ended_at = now()
+        result_ttl = job.get_result_ttl(self._result_ttl)
         with self._redis.pipeline() as pipe:
             if outcome is None:
                 job.set_status(JobStatus.FAILED, pipeline=pipe)
@@ -181,20 +209,14 @@ class RqRuns:
             else:
                 job._result = outcome.value  # RQ keeps the final status as the job's result
                 job._handle_success(
-                    self._result_ttl,
+                    result_ttl,
                     pipeline=pipe,
                     worker_name=self.worker_name,
                     execution_id=execution.id if execution else None,
                     execution_started_at=started,
                     execution_ended_at=job.ended_at,
                 )
-                pipe.expire(job.key, self._result_ttl)
+                pipe.expire(job.key, result_ttl)
             if execution is not None:
                 execution.delete(job=job, pipeline=pipe)
             pipe.execute()
-
-
-def _heartbeat_ttl(job: Job) -> int:
-    """How long RQ's started registry holds the run (RQ's SimpleWorker rule: the job's timeout
-    plus a minute; the engine ends a job at its own deadline before that)."""
-    return int(job.timeout or 0) + 60 if job.timeout and job.timeout > 0 else 480

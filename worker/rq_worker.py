@@ -46,7 +46,9 @@ class JobHost(Protocol):
 
     served_name: str
 
-    def run_job(self, job_id: str, slot_name: str) -> Outcome: ...
+    def run_job(self, job_id: str, slot_name: str, fields: dict[str, str] | None = None) -> Outcome:
+        """Run the job to its end; ``fields``: its state in streamq, when the caller read it."""
+        ...
 
 
 class EngineDeadline(BaseDeathPenalty):

@@ -158,14 +158,14 @@ class WorkerRuntime:
             helper.stop()
         self.metrics.close()
 
-    def run_job(self, job_id: str, slot_name: str) -> Outcome:
+    def run_job(self, job_id: str, slot_name: str, fields: dict[str, str] | None = None) -> Outcome:
         """Run one job on the engine (from the job thread the dispatcher gave it); JobFailed if it failed."""
         with self._lock:
             self._running[job_id] = slot_name
             self.heartbeat.current_job = ",".join(self._running)
         status = "failed"  # JobFailed, or anything else the run raised
         try:
-            outcome = self.runner.run(job_id, slot_name)
+            outcome = self.runner.run(job_id, slot_name, fields)
             status = outcome.value
             return outcome
         finally:
