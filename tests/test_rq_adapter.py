@@ -38,11 +38,14 @@ from shared.job_store import scripts
 from shared.job_store.payloads import Queued
 from shared.job_store.rq_records import QueuedRecords
 from shared.job_store.scripts import JobScripts
+from shared.job_store.vocabulary import JobField
+from shared.job_store.vocabulary import JobStatus as StreamqStatus
+from shared.schemas import ChatMessage, GenerationRequest
 from shared.settings import Settings
 from streamq.redis_server import RedisServer
 from tests.redis_replies import entries
 from worker.dispatcher import IDLE_WAIT, Dispatcher
-from worker.job_runner import JobFailed, Outcome
+from worker.job_runner import JobFailed, JobRunner, Outcome
 from worker.rq_runs import RqRuns
 from worker.rq_worker import EngineDeadline, StreamqJob, StreamqWorker
 from worker.tasks import TASK
@@ -392,7 +395,21 @@ def test_a_dispatcher_takes_as_many_queued_jobs_as_it_has_room_for_in_rqs_order(
     assert runs.take(8, wait=None) == job_ids[3:]  # what is left, no more
     assert runs.take(8, wait=None) == [] and queue.count == 0
     begun = runs.begin(job_ids)
-    assert [run.job_id for run in begun] == job_ids and redis_server.client().llen(parked) == 0
+    assert [run.job_id for run in begun] == job_ids
+    assert redis_server.client().llen(parked) == 5  # until streamq's start takes each off
+    start = scripts.start(
+        job_ids[0],
+        worker="w",
+        slot="w.0",
+        run="r",
+        now=1.0,
+        attempt=1,
+        lease_ms=1000,
+        maxlen=10,
+        taken_into=parked,
+    )
+    assert scripts.answer(JobScripts(redis_server.client()).run(start)) == "missing"  # no streamq job here
+    assert redis_server.client().lrange(parked, 0, -1) == [j.encode() for j in job_ids[1:]]
     assert [run.fields for run in begun] == [{}] * 5  # streamq's state, read for the run (none here)
     assert sorted(StartedJobRegistry(queue=queue).get_job_ids()) == sorted(job_ids)
     assert {Job.fetch(j, connection=redis_server.client()).get_status() for j in job_ids} == {
@@ -422,3 +439,54 @@ def test_a_dispatcher_whose_name_rq_still_lists_as_live_registers_under_a_suffix
     thread.join(timeout=IDLE_WAIT + 10)
     assert not thread.is_alive() and not failed
     assert [w.name for w in SimpleWorker.all(connection=connection) if w.name.startswith(model)] == [model]
+
+
+class StoppingEngine:
+    """The one thing a JobRunner asks an engine before a job starts: whether it is stopping."""
+
+    def stopping(self) -> bool:
+        return True
+
+
+def test_a_job_taken_as_the_worker_stops_goes_back_to_its_queue_once(redis_server: RedisServer) -> None:
+    """The dispatcher's wait on the queue brings a job just as the worker is told to stop: the job
+    is not started, and it is queued once again (not lost, not twice), in streamq and in RQ."""
+    model = unique("rq-stopping")
+    connection = redis_server.client()
+    queue = Queue(keys.queue_name(model), connection=connection)
+    job_id = uuid.uuid4().hex
+    request = GenerationRequest(
+        messages=[ChatMessage(role="user", content="hi")], max_tokens=4, temperature=0.0, top_p=1.0
+    )
+    records = QueuedRecords(queue, TASK, timeout=300, result_ttl=600)
+    fields: dict[str, str] = {
+        JobField.ID: job_id,
+        JobField.STATUS: StreamqStatus.QUEUED,
+        JobField.MODEL: model,
+        JobField.CREATED_AT: repr(time.time()),
+        JobField.REQUEST: request.model_dump_json(),
+    }
+    call = scripts.submit(
+        job_id,
+        fields=fields,
+        rq_job=records.queued(job_id, "job"),
+        queue_list=queue.key,
+        max_queued=0,
+        life=600,
+        maxlen=100,
+        queued_event=Queued(model=model),
+        quota=None,
+        now=time.time(),
+    )
+    JobScripts(connection).run(call)
+    runs = RqRuns(connection, queue, model, result_ttl=600, job_timeout=300)
+    (run,) = runs.begin(runs.take(4, wait=1))
+    settings = Settings()
+    runner = JobRunner(connection, StoppingEngine(), None, settings, None, None, model)  # type: ignore[arg-type]
+    outcome = runner.run(job_id, f"{model}.0", run.fields)
+    runs.end(run, outcome)
+    assert outcome is Outcome.REQUEUED
+    assert queue.job_ids == [job_id] and connection.llen(keys.intermediate(queue.key)) == 0
+    assert connection.hget(keys.job(job_id), JobField.STATUS) == StreamqStatus.QUEUED.encode()
+    assert Job.fetch(job_id, connection=connection).get_status() == "queued"
+    assert StartedJobRegistry(queue=queue).get_job_ids() == []

@@ -71,6 +71,8 @@ class Dispatcher:
         )
         self._backlog = False  # the last take found jobs: look again before waiting
         self._free = list(range(slots - 1, -1, -1))  # slot numbers, the lowest taken first
+        self._running: dict[int, Run] = {}  # slot number -> the run it holds
+        self.taking_ended = threading.Event()  # set once the loop takes no more jobs
         self._changed = threading.Condition()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="streamq-job")
@@ -115,6 +117,9 @@ class Dispatcher:
                     now = time.monotonic()
                     if now >= beat_due:
                         worker.heartbeat()
+                        with self._changed:
+                            running = list(self._running.values())
+                        self.runs.beat(running)
                         beat_due = now + RQ_BEAT_EVERY
                     if now >= maintenance_due:
                         worker.clean_registries()
@@ -124,7 +129,11 @@ class Dispatcher:
                 except redis.RedisError as exc:
                     log.warning("dispatcher: Redis error: %s", exc)
                     self._stop.wait(RETRY_AFTER)
+                except Exception:  # a bug, or no thread to be had: log it, and go on taking jobs
+                    log.exception("dispatcher: taking jobs failed")
+                    self._stop.wait(RETRY_AFTER)
         finally:
+            self.taking_ended.set()
             self.wait_idle(float("inf") if self._burst else self._settings.drain_seconds + 10)
             self._pool.shutdown(wait=False)
             try:
@@ -135,7 +144,7 @@ class Dispatcher:
     def _register(self) -> None:
         """Enter RQ's list of workers. A live record of the same name (a process restarted with
         the same host name and pid, as in a container, within RQ's TTL of the killed one) makes
-        this one register under the name with a suffix: the janitor drops the old record."""
+        this one register under the name with a suffix (the old record expires with its TTL)."""
         worker = self.rq_worker
         try:
             worker.register_birth()
@@ -158,10 +167,10 @@ class Dispatcher:
         that comes to an idle queue is taken alone and started at once; while jobs keep coming,
         each look takes as many as are queued and slots are free."""
         with self._changed:
-            while not self._free and not self._stop.is_set():
-                self._changed.wait(1.0)
+            if not self._free and not self._stop.is_set():
+                self._changed.wait(1.0)  # then back to the loop, whose heartbeats go on
             free = len(self._free)
-        if self._stop.is_set():
+        if self._stop.is_set() or not free:
             return True
         look = self._burst or self._backlog
         taken = self.runs.take(free, None if look else IDLE_WAIT)
@@ -174,12 +183,23 @@ class Dispatcher:
                     self._changed.wait(0.05)
             return True
         runs = self.runs.begin(taken)
-        with self._changed:
-            slots = [self._free.pop() for _ in runs]
-        for run, slot in zip(runs, slots, strict=True):
-            self._pool.submit(self._run, run, slot)
+        for run in runs:
+            with self._changed:
+                slot = self._free.pop()
+                self._running[slot] = run
+            try:
+                self._pool.submit(self._run, run, slot)
+            except RuntimeError:  # no thread to be had: the id stays in the intermediate list,
+                self._release(slot)  # where the janitor finds it and queues it again
+                raise
         self._write_state()
         return True
+
+    def _release(self, slot: int) -> None:
+        with self._changed:
+            self._running.pop(slot, None)
+            self._free.append(slot)
+            self._changed.notify_all()
 
     def _run(self, run: Run, slot: int) -> None:
         outcome: Outcome | None = None
@@ -195,8 +215,6 @@ class Dispatcher:
                 self.runs.end(run, outcome, error)
             except Exception:
                 log.exception("job %s: could not file its end in RQ", run.job_id)
-            with self._changed:
-                self._free.append(slot)
-                self._changed.notify_all()
+            self._release(slot)
             with contextlib.suppress(redis.RedisError):  # written again at the next change
                 self._write_state()

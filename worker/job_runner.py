@@ -111,13 +111,19 @@ class JobRunner:
         )  # no run yet: an end written before the job starts is not fenced
         waited = started_at - created_at
         limit = request.queue_ttl or self._settings.queue_ttl
+        queue_list = keys.rq_queue(job.model)
         if self._engine.stopping():  # taken just as this worker stops: back to the queue, untouched
+            pipe = self._redis.pipeline(transaction=True)  # as the handback script does
+            pipe.lpush(queue_list, job_id)
+            pipe.lrem(keys.intermediate(queue_list), 1, job_id)
+            pipe.execute()
             return Outcome.REQUEUED
         attempts = int(fields.get(JobField.ATTEMPTS) or 0)
         first_run = not attempts  # a continued job was not waiting all along
         if first_run and waited > limit:
             self._metrics.queue_wait.observe(waited)  # the longest waits too, or the histogram lies low
             message = f"the job waited {waited:.0f} s in its queue, longer than the limit of {limit} s"
+            self._redis.lrem(keys.intermediate(queue_list), 1, job_id)  # never started: done with it
             return self._end_here(job, ended(job, "error", "expired", message))
         s = self._settings
         run = f"{slot_name}:{uuid.uuid4().hex[:12]}"
@@ -130,6 +136,7 @@ class JobRunner:
             attempt=attempts + 1,
             lease_ms=int(s.lease_seconds * 1000),
             maxlen=s.stream_maxlen,
+            taken_into=keys.intermediate(queue_list) if job.model else None,
         )
         for first_try in (True, False):
             pipe = self._redis.pipeline(transaction=False)

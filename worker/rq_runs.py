@@ -142,9 +142,11 @@ class RqRuns:
 
     def begin(self, job_ids: list[str]) -> list[Run]:
         """RQ's start of each job, as its worker records it (an execution in the started registry;
-        the job started by this worker), the ids off the intermediate list, and streamq's state of
-        each job read for its run: one pipeline for them all. RQ's whole record is read at the
-        end, where it is needed, not here on the way to the first token."""
+        the job started by this worker), and streamq's state of each job read for its run: one
+        pipeline for them all. Each id stays in the intermediate list until streamq's start
+        takes it off (the *start* script), so a worker killed before that leaves it to the
+        janitor. RQ's whole record is read at the end, where it is needed, not here on the way
+        to the first token."""
         jobs = [Job(job_id, connection=self._redis, serializer=self.queue.serializer) for job_id in job_ids]
         runs = [Run(job.id, job) for job in jobs]
         with self._redis.pipeline(transaction=False) as pipe:
@@ -157,7 +159,6 @@ class RqRuns:
                     job, self._run_ttl, pipeline=pipe, worker_name=self.worker_name
                 )
                 job.prepare_for_execution(self.worker_name, pipeline=pipe)
-                pipe.lrem(self._parked, 1, job.id)
             replies = pipe.execute()
         lost: list[tuple[Run, Job]] = []
         for job, run, had, fields in zip(
@@ -175,6 +176,16 @@ class RqRuns:
                     run.job = run.execution = None
                 pipe.execute()
         return runs
+
+    def beat(self, runs: list[Run]) -> None:
+        """Renew the running runs in RQ's started registry, as RQ's worker does while it runs a
+        job (its maintenance fails a run whose entry lapsed)."""
+        registry = self.queue.started_job_registry
+        with self._redis.pipeline(transaction=False) as pipe:
+            for run in runs:
+                if run.execution is not None:
+                    run.execution.heartbeat(registry, self._run_ttl, pipe)
+            pipe.execute()
 
     def end(self, run: Run, outcome: Outcome | None, error: BaseException | None = None) -> None:
         """File the run's end in RQ: ``outcome``, or failed with ``error`` when it is None."""

@@ -29,7 +29,7 @@ from redis.retry import Retry
 
 from shared.redis_connect import RedisTarget
 from shared.settings import Settings
-from worker.dispatcher import Dispatcher
+from worker.dispatcher import IDLE_WAIT, Dispatcher
 from worker.engine_setup import MAX_AUTO_SLOTS, SYNTHETIC_SLOTS
 from worker.runtime import WorkerRuntime, build_runtime
 
@@ -110,6 +110,9 @@ class SlotPool:
             pass
         dispatcher.stop_taking()
         deadline = time.monotonic() + self.settings.drain_seconds
+        # A take under way (a wait on the queue) ends first: a job it brings is started and
+        # counted before the drain is measured, never stopped before its start.
+        dispatcher.taking_ended.wait(IDLE_WAIT + 10)
         while dispatcher.running() and time.monotonic() < deadline and not self._force.is_set():
             time.sleep(0.1)
         runtime.engine.request_stop()  # jobs still running go back to their queue

@@ -84,11 +84,15 @@ class ScriptCall:
     args: list[Any]
 
 
-# Moves a queued job to running under a new run id, and gives that run the job's lease.
-# KEYS: job hash, events, lease, running set. ARGV: worker, now, maxlen, event data, run id,
-# lease ms, job id. Returns "running", "cancel" (a cancel was asked before it started),
-# "taken" (another run holds a live lease), "missing", or the job's final status.
+# Moves a queued job to running under a new run id, and gives that run the job's lease; first,
+# whatever it answers, takes the id off the RQ intermediate list it was taken into (KEYS[5],
+# when given: until this step, a worker killed after taking the job leaves it there, for the
+# janitor to queue again). KEYS: job hash, events, lease, running set[, intermediate list].
+# ARGV: worker, now, maxlen, event data, run id, lease ms, job id. Returns "running", "cancel"
+# (a cancel was asked before it started), "taken" (another run holds a live lease), "missing",
+# or the job's final status.
 _START = """
+if KEYS[5] then redis.call('LREM', KEYS[5], 1, ARGV[7]) end
 local job = redis.call('HMGET', KEYS[1], 'status', 'cancel', 'started_at', 'attempts')
 local status = job[1]
 if not status then return 'missing' end
@@ -376,13 +380,24 @@ def _ending_keys(job_id: str) -> list[str]:
 
 
 def start(
-    job_id: str, *, worker: str, slot: str, run: str, now: float, attempt: int, lease_ms: int, maxlen: int
+    job_id: str,
+    *,
+    worker: str,
+    slot: str,
+    run: str,
+    now: float,
+    attempt: int,
+    lease_ms: int,
+    maxlen: int,
+    taken_into: str | None = None,
 ) -> ScriptCall:
-    """Start the job under ``run`` on ``worker`` (``slot`` and ``attempt`` go in its event)."""
+    """Start the job under ``run`` on ``worker`` (``slot`` and ``attempt`` go in its event);
+    ``taken_into``: the intermediate list the job's id waits in until this start."""
     data = Started(worker=slot, attempt=attempt).encode()
+    job_keys = [keys.job(job_id), keys.events(job_id), keys.lease(job_id), keys.RUNNING]
     return ScriptCall(
         START,
-        [keys.job(job_id), keys.events(job_id), keys.lease(job_id), keys.RUNNING],
+        job_keys + ([taken_into] if taken_into else []),
         [worker, now, maxlen, data, run, lease_ms, job_id],
     )
 
