@@ -72,6 +72,9 @@ CALLED: list[tuple[Any, set[str]]] = [
     (SimpleWorker.set_state, {"state"}),
     (Execution.create, {"job", "ttl", "pipeline", "worker_name"}),
     (Execution.delete, {"job", "pipeline"}),
+    (Execution.heartbeat, {"started_job_registry", "ttl", "pipeline"}),
+    (Job.refresh, set()),
+    (Job.get_result_ttl, {"default_ttl"}),
     (Job.fetch_many, {"connection", "serializer"}),
     (Job.prepare_for_execution, {"worker_name", "pipeline"}),
     (
