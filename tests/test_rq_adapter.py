@@ -75,7 +75,6 @@ CALLED: list[tuple[Any, set[str]]] = [
     (Execution.heartbeat, {"started_job_registry", "ttl", "pipeline"}),
     (Job.refresh, set()),
     (Job.get_result_ttl, {"default_ttl"}),
-    (Job.fetch_many, {"connection", "serializer"}),
     (Job.prepare_for_execution, {"worker_name", "pipeline"}),
     (
         Job._handle_success,

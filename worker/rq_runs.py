@@ -3,10 +3,11 @@
 A streamq worker takes its jobs itself (``worker.dispatcher``) instead of running an RQ worker
 loop per slot, and writes what RQ's worker would have written, with RQ's own primitives, in
 one pipeline per step: ``take`` moves ids off the queue into its intermediate list as RQ's
-dequeue does; ``begin`` fetches RQ's jobs and records their executions (RQ's started registry,
-the job's status, worker and start time) and takes them off the intermediate list; ``end``
-files each outcome where RQ would (finished with its result, failed with the error, canceled,
-or back at the front of its queue). ``rq info``, RQ's registries and ``Job.fetch`` then show
+dequeue does; ``begin`` records their executions (RQ's started registry, the job's status,
+worker and start time) and reads streamq's state of each job (the id leaves the intermediate
+list in streamq's *start* script); ``beat`` renews the running executions; ``end`` reads RQ's
+whole record and files each outcome where RQ would (finished with its result, failed with the
+error, canceled, or back at the front of its queue). ``rq info``, RQ's registries and ``Job.fetch`` then show
 every job as RQ's own worker would have left it. RQ's per-worker counters and its dependents
 and callbacks are not kept: streamq's jobs have none.
 
