@@ -13,3 +13,8 @@ def text(value: Any) -> str | None:
 def names(members: Any) -> list[str]:
     """Redis members (bytes or str) as str."""
     return [text(m) or "" for m in members]
+
+
+def hash_fields(mapping: Any) -> dict[str, str]:
+    """A hash reply (HGETALL: bytes or str keys and values) as str to str."""
+    return {text(k) or "": text(v) or "" for k, v in mapping.items()}

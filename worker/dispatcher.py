@@ -81,7 +81,7 @@ class Dispatcher:
 
     def running(self) -> int:
         with self._changed:
-            return self._slots - len(self._free)
+            return len(self._running)
 
     def stop_taking(self) -> None:
         """Take no new job (the loop ends within IDLE_WAIT); the jobs taken run on."""
@@ -93,7 +93,7 @@ class Dispatcher:
         """Wait until no job runs; False if some still do after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         with self._changed:
-            while len(self._free) < self._slots:
+            while self._running:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False

@@ -20,6 +20,7 @@ from shared.job_store import scripts
 from shared.job_store.scripts import Answer, JobScripts, ScriptsReloaded
 from shared.job_store.vocabulary import JobField, JobStatus
 from shared.log_format import job_fields
+from shared.redis_text import hash_fields
 from shared.schemas import GenerationRequest
 from shared.settings import Settings
 from worker.cancel_watcher import CancelWatcher
@@ -59,13 +60,6 @@ class Outcome(StrEnum):
             return cls.FINISHED
 
 
-def _decode(mapping: dict[Any, Any]) -> dict[str, str]:
-    return {
-        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-        for k, v in mapping.items()
-    }
-
-
 class JobRunner:
     def __init__(
         self,
@@ -95,7 +89,7 @@ class JobRunner:
         Raises JobFailed when it failed, after its failure is recorded.
         """
         if fields is None:
-            fields = _decode(self._redis.hgetall(keys.job(job_id)))
+            fields = hash_fields(self._redis.hgetall(keys.job(job_id)))
         if not fields:
             raise JobFailed(f"job {job_id} has no state in Redis (expired or deleted)")
         request = GenerationRequest.model_validate_json(fields[JobField.REQUEST])

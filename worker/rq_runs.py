@@ -36,7 +36,7 @@ from shared.job_store.scripts import JobScripts
 from shared.job_store.vocabulary import JobField
 from shared.job_store.vocabulary import JobStatus as StreamqStatus
 from shared.log_format import job_fields
-from shared.redis_text import names, text
+from shared.redis_text import hash_fields, names, text
 from worker.job_runner import Outcome
 
 log = logging.getLogger("streamq.worker")
@@ -165,7 +165,7 @@ class RqRuns:
         for job, run, had, fields in zip(
             jobs, runs, replies[0 : 2 * len(runs) : 2], replies[1 : 2 * len(runs) : 2], strict=True
         ):
-            run.fields = {text(k) or "": text(v) or "" for k, v in fields.items()}
+            run.fields = hash_fields(fields)
             if not had:  # RQ's record was gone (a failover lost it): the start above made a stub
                 lost.append((run, job))
         if lost:
@@ -203,31 +203,23 @@ class RqRuns:
         ):
             return
         execution = run.execution
-        started = execution.created_at if execution else None
         job.ended_at = now()
         result_ttl = job.get_result_ttl(self._result_ttl)
         with self._redis.pipeline() as pipe:
+            run_record = {
+                "pipeline": pipe,
+                "worker_name": self.worker_name,
+                "execution_id": execution.id if execution else None,
+                "execution_started_at": execution.created_at if execution else None,
+                "execution_ended_at": job.ended_at,
+            }
             if outcome is None:
                 job.set_status(JobStatus.FAILED, pipeline=pipe)
                 detail = "".join(traceback.format_exception(error)) if error else "failed"
-                job._handle_failure(
-                    detail,
-                    pipeline=pipe,
-                    worker_name=self.worker_name,
-                    execution_id=execution.id if execution else None,
-                    execution_started_at=started,
-                    execution_ended_at=job.ended_at,
-                )
+                job._handle_failure(detail, **run_record)
             else:
                 job._result = outcome.value  # RQ keeps the final status as the job's result
-                job._handle_success(
-                    result_ttl,
-                    pipeline=pipe,
-                    worker_name=self.worker_name,
-                    execution_id=execution.id if execution else None,
-                    execution_started_at=started,
-                    execution_ended_at=job.ended_at,
-                )
+                job._handle_success(result_ttl, **run_record)
                 pipe.expire(job.key, result_ttl)
             if execution is not None:
                 execution.delete(job=job, pipeline=pipe)
