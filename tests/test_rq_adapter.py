@@ -70,6 +70,9 @@ CALLED: list[tuple[Any, set[str]]] = [
     (SimpleWorker.register_death, set()),
     (SimpleWorker.heartbeat, set()),
     (SimpleWorker.set_state, {"state"}),
+    (SimpleWorker.increment_successful_job_count, {"pipeline"}),
+    (SimpleWorker.increment_failed_job_count, {"pipeline"}),
+    (SimpleWorker.increment_total_working_time, {"pipeline"}),
     (Execution.create, {"job", "ttl", "pipeline", "worker_name"}),
     (Execution.delete, {"job", "pipeline"}),
     (Execution.heartbeat, {"started_job_registry", "ttl", "pipeline"}),
@@ -271,6 +274,9 @@ class UnsubscribedWorker(StreamqWorker):
         pass
 
 
+COUNTERS = ("successful_job_count", "failed_job_count")
+
+
 def dispatch_in_a_thread(dispatcher: Dispatcher) -> tuple[threading.Thread, list[BaseException]]:
     """As ``streamq worker`` runs its dispatcher: not in the main thread. Returns the thread and
     what ``run`` raised, if anything."""
@@ -319,6 +325,10 @@ def test_each_outcome_is_filed_in_rq_as_the_job_ended(redis_server: RedisServer,
         worker = UnsubscribedWorker(connection=connection, settings=settings, runtime=runtime, name=slot)
         worker.work(burst=True, logging_level="WARNING")
     assert not [w for w in SimpleWorker.all(connection=connection) if w.name.startswith(model)]
+    # `rq info`'s counters of the worker (its record outlives it for a minute): the 3 finished runs
+    # (done, gone, the handed-back job's second run) and the failed one.
+    counted = connection.hmget(f"rq:worker:{model if taker == 'dispatcher' else slot}", *COUNTERS)
+    assert [int(n or 0) for n in counted] == [3, 1]
 
     # Handed back to the front of its queue: taken again next, and delivered once.
     assert [job_id for job_id, _ in runtime.calls] == [ids["handed-back"], *ids.values()]
@@ -389,7 +399,8 @@ def test_a_dispatcher_takes_as_many_queued_jobs_as_it_has_room_for_in_rqs_order(
     model = unique("rq-take")
     job_ids = [f"{model}-{i}" for i in range(5)]
     queue = enqueue(redis_server, model, job_ids)
-    runs = RqRuns(redis_server.client(), queue, model, result_ttl=60, job_timeout=300)
+    worker = SimpleWorker([queue], name=model, connection=redis_server.client())
+    runs = RqRuns(redis_server.client(), worker, result_ttl=60, job_timeout=300)
     assert runs.take(3, wait=1) == job_ids[:1]  # waiting: the first alone, to start it at once
     assert runs.take(2, wait=None) == job_ids[1:3]  # not waiting: as many as asked for
     parked = keys.intermediate(queue.key)
@@ -481,7 +492,9 @@ def test_a_job_taken_as_the_worker_stops_goes_back_to_its_queue_once(redis_serve
         now=time.time(),
     )
     JobScripts(connection).run(call)
-    runs = RqRuns(connection, queue, model, result_ttl=600, job_timeout=300)
+    runs = RqRuns(
+        connection, SimpleWorker([queue], name=model, connection=connection), result_ttl=600, job_timeout=300
+    )
     (run,) = runs.begin(runs.take(4, wait=1))
     settings = Settings()
     runner = JobRunner(connection, StoppingEngine(), None, settings, None, None, model)  # type: ignore[arg-type]

@@ -63,11 +63,7 @@ class Dispatcher:
             maintenance_interval=settings.maintenance_interval,
         )
         self.runs = RqRuns(
-            connection,
-            self.rq_worker.queues[0],
-            name,
-            result_ttl=settings.result_ttl,
-            job_timeout=settings.job_timeout,
+            connection, self.rq_worker, result_ttl=settings.result_ttl, job_timeout=settings.job_timeout
         )
         self._backlog = False  # the last take found jobs: look again before waiting
         self._free = list(range(slots - 1, -1, -1))  # slot numbers, the lowest taken first
@@ -149,7 +145,7 @@ class Dispatcher:
         try:
             worker.register_birth()
         except ValueError:
-            worker.name = self.runs.worker_name = f"{self.name}.{uuid.uuid4().hex[:8]}"
+            worker.name = f"{self.name}.{uuid.uuid4().hex[:8]}"
             log.warning("RQ has a live worker named %s already: this one is %s in RQ", self.name, worker.name)
             worker.register_birth()
 

@@ -8,8 +8,8 @@ worker and start time) and reads streamq's state of each job (the id leaves the 
 list in streamq's *start* script); ``beat`` renews the running executions; ``end`` reads RQ's
 whole record and files each outcome where RQ would (finished with its result, failed with the
 error, canceled, or back at the front of its queue). ``rq info``, RQ's registries and ``Job.fetch`` then show
-every job as RQ's own worker would have left it. RQ's per-worker counters and its dependents
-and callbacks are not kept: streamq's jobs have none.
+every job as RQ's own worker would have left it, and the worker's counters of finished and
+failed jobs. RQ's dependents and callbacks are not kept: streamq's jobs have none.
 
 ``file_ending`` is shared with ``worker.rq_worker.StreamqWorker`` (the plain ``rq worker -w``
 way), so both file canceled, handed-back and lost runs the same way. tests/test_rq_adapter.py
@@ -29,6 +29,7 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.registry import CanceledJobRegistry
 from rq.utils import now
+from rq.worker import SimpleWorker
 
 from shared import keys
 from shared.job_store import scripts
@@ -114,20 +115,24 @@ class Run:
 
 
 class RqRuns:
-    """RQ's side of the runs of one worker process (named ``worker_name`` in RQ) on ``queue``."""
+    """RQ's side of the runs of one worker process on its queue: ``worker`` is the process's
+    record in RQ's list of workers (its name goes on every execution; its counters of finished
+    and failed jobs and of working time follow each end, as ``rq info`` shows them)."""
 
-    def __init__(
-        self, connection: Any, queue: Queue, worker_name: str, *, result_ttl: int, job_timeout: int
-    ) -> None:
+    def __init__(self, connection: Any, worker: SimpleWorker, *, result_ttl: int, job_timeout: int) -> None:
         self._redis = connection
-        self.queue = queue
-        self._parked = keys.intermediate(queue.key)
-        self.worker_name = worker_name
+        self._worker = worker
+        self.queue: Queue = worker.queues[0]
+        self._parked = keys.intermediate(self.queue.key)
         self._result_ttl = result_ttl
-        # How long RQ's started registry holds a run (RQ's SimpleWorker rule: the job's timeout,
-        # the front's STREAMQ_JOB_TIMEOUT, plus a minute; the engine ends a job at its deadline).
+        # How long RQ's started registry holds a run between beats (RQ's SimpleWorker rule: the
+        # job's timeout, the front's STREAMQ_JOB_TIMEOUT, plus a minute).
         self._run_ttl = job_timeout + 60
         self._scripts = JobScripts(connection)
+
+    @property
+    def worker_name(self) -> str:
+        return str(self._worker.name)
 
     def take(self, most: int, wait: float | None) -> list[str]:
         """Job ids off the queue's head, each into the intermediate list (RQ's dequeue: a worker
@@ -217,10 +222,14 @@ class RqRuns:
                 job.set_status(JobStatus.FAILED, pipeline=pipe)
                 detail = "".join(traceback.format_exception(error)) if error else "failed"
                 job._handle_failure(detail, **run_record)
+                self._worker.increment_failed_job_count(pipeline=pipe)
             else:
                 job._result = outcome.value  # RQ keeps the final status as the job's result
                 job._handle_success(result_ttl, **run_record)
                 pipe.expire(job.key, result_ttl)
+                self._worker.increment_successful_job_count(pipeline=pipe)
+            if job.started_at is not None:
+                self._worker.increment_total_working_time(job.ended_at - job.started_at, pipe)
             if execution is not None:
                 execution.delete(job=job, pipeline=pipe)
             pipe.execute()
