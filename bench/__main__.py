@@ -47,6 +47,9 @@ def main() -> int:
     )
     parser.add_argument("--models", help=f"throughput models, comma-separated (default: {','.join(SHAPES)})")
     parser.add_argument("--systems", default="abcd", help="throughput rows to run (default abcd)")
+    parser.add_argument(
+        "--torch-threads", type=int, default=2, help="throughput: torch threads of rows a-d (default 2)"
+    )
     parser.add_argument("--vllm-systems", default="cef", help="vllm rows to run (default cef)")
     parser.add_argument(
         "--vllm-dtypes", default="float32,bfloat16", help="vllm: dtypes to run (default float32,bfloat16)"
@@ -81,7 +84,7 @@ def main() -> int:
 
             shapes = args.models.split(",") if args.models else list(SHAPES)
             tokens = args.tokens or (16 if quick else 128)
-            run_throughput(workdir, tokens, shapes, args.systems)
+            run_throughput(workdir, tokens, shapes, args.systems, args.torch_threads)
         if "fanout" in parts:
             from bench.fanout import run_fanout
 

@@ -6,7 +6,7 @@
   python -m bench.cell engine   --model DIR --tokens N --prompts JSON   row (b): streamq's engine,
                                                                         every request at t=0
 
-Torch runs on 2 threads here, as the worker does with STREAMQ_TORCH_THREADS=2.
+Torch runs on ``--threads`` threads (default 2), as the worker does with STREAMQ_TORCH_THREADS.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Any
 from bench.measure import Cell, RequestTiming
 from shared.schemas import ChatMessage, GenerationRequest
 
-TORCH_THREADS = 2
 MAX_LEN = 4096  # what a worker gives each slot for this model (its context length)
 
 
@@ -31,12 +30,12 @@ def request(prompt: str, tokens: int) -> GenerationRequest:
     )
 
 
-def load(model_dir: str) -> Any:
+def load(model_dir: str, threads: int) -> Any:
     import torch
 
     from worker.model_loading import load_backend
 
-    torch.set_num_threads(TORCH_THREADS)
+    torch.set_num_threads(threads)
     return load_backend(model_dir, device="cpu", dtype="float32")
 
 
@@ -176,8 +175,9 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, required=True)
     parser.add_argument("--count", type=int, default=16)
     parser.add_argument("--prompts", help="JSON list of prompts (generate, engine)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args()
-    backend = load(args.model)
+    backend = load(args.model, args.threads)
     if args.what == "prompts":
         print(json.dumps(pick_prompts(backend, args.tokens, args.count)))
         return 0

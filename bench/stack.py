@@ -181,11 +181,11 @@ def hf_command(
 
 @contextlib.contextmanager
 def hf_server(
-    model_dir: Path, workdir: Path, max_concurrency: int, tokens: int, prompt_tokens: int
+    model_dir: Path, workdir: Path, max_concurrency: int, tokens: int, prompt_tokens: int, threads: int = 2
 ) -> Iterator[tuple[int, int]]:
-    """``transformers serve --continuous-batching`` on 2 torch threads; yields (port, pid)."""
+    """``transformers serve --continuous-batching`` on ``threads`` torch threads; yields (port, pid)."""
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": TORCH_THREADS, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     command = hf_command(model_dir, port, max_concurrency, tokens, prompt_tokens)
     log_path = workdir / f"hf-serve-{model_dir.name}.log"
     with http_server(command, env, port, log_path, "transformers serve", 300) as pid:

@@ -83,15 +83,20 @@ def _guard(results: ModelResults, system: str, c: int, run: object) -> None:
     print(f"  {results.shape} {system} c={c}: {status}", file=sys.stderr, flush=True)
 
 
-def run_model(shape: str, model_dir: Path, workdir: Path, tokens: int, systems: str) -> ModelResults:
+def run_model(
+    shape: str, model_dir: Path, workdir: Path, tokens: int, systems: str, threads: int = 2
+) -> ModelResults:
     results = ModelResults(shape)
     top = max(max(CONCURRENCY[s]) for s in systems)
-    prompts: list[str] = json.loads(_cell_subprocess("prompts", model_dir, tokens, ["--count", str(top)]))
+    threads_arg = ["--threads", str(threads)]
+    prompts: list[str] = json.loads(
+        _cell_subprocess("prompts", model_dir, tokens, ["--count", str(top), *threads_arg])
+    )
     for system in "ab":
         if system not in systems:
             continue
         for c in CONCURRENCY[system]:
-            args = ["--prompts", json.dumps(prompts[:c])]
+            args = ["--prompts", json.dumps(prompts[:c]), *threads_arg]
             what = "generate" if system == "a" else "engine"
             _guard(
                 results,
@@ -103,7 +108,7 @@ def run_model(shape: str, model_dir: Path, workdir: Path, tokens: int, systems: 
             )
     if "c" in systems:
         try:
-            with streamq_stack(model_dir, workdir) as (port, pid):
+            with streamq_stack(model_dir, workdir, {"STREAMQ_TORCH_THREADS": str(threads)}) as (port, pid):
                 for c in CONCURRENCY["c"]:
                     _guard(results, "c", c, lambda c=c: streamq_cell(port, pid, prompts[:c], tokens))
                     if results.cells[("c", c)].error:
@@ -114,7 +119,7 @@ def run_model(shape: str, model_dir: Path, workdir: Path, tokens: int, systems: 
     if "d" in systems:
         top_d = max(CONCURRENCY["d"])
         try:
-            with hf_server(model_dir, workdir, top_d, tokens, PROMPT_TOKENS_BOUND) as (port, pid):
+            with hf_server(model_dir, workdir, top_d, tokens, PROMPT_TOKENS_BOUND, threads) as (port, pid):
                 for c in CONCURRENCY["d"]:
                     _guard(
                         results, "d", c, lambda c=c: hf_cell(port, pid, str(model_dir), prompts[:c], tokens)
@@ -135,12 +140,13 @@ def _verdict(value: float, ok: bool) -> str:
     return "n/a" if value != value else ("met" if ok else "MISSED")
 
 
-def print_table(all_results: list[ModelResults], tokens: int) -> None:
+def print_table(all_results: list[ModelResults], tokens: int, threads: int = 2) -> None:
     head = (
         f"{'model':<14}{'system':<46}{'c':>3}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p95':>10}"
         f"{'ITL p50':>9}{'peak RSS':>10}"
     )
-    print(f"\nengine throughput — {tokens} new tokens per request, greedy, torch on 2 threads, CPU, fp32")
+    what = f"{tokens} new tokens per request, greedy, torch on {threads} threads, CPU, fp32"
+    print(f"\nengine throughput — {what}")
     print(f"{'':<63}{'(ms)':>10}{'(ms)':>10}{'(ms)':>9}{'(MiB)':>10}")
     print(head)
     for results in all_results:
@@ -214,7 +220,9 @@ def print_ratios(all_results: list[ModelResults]) -> None:
         row(f"{results.shape}: TTFT p50 (c)/(d) at c=8 (ms)", cd, "(c) ≤ (d)", _verdict(diff, diff <= 0))
 
 
-def run_throughput(workdir: Path, tokens: int, shapes: list[str], systems: str = "abcd") -> None:
+def run_throughput(
+    workdir: Path, tokens: int, shapes: list[str], systems: str = "abcd", threads: int = 2
+) -> None:
     from worker.tiny_model import make_tiny_model
 
     all_results = []
@@ -222,5 +230,5 @@ def run_throughput(workdir: Path, tokens: int, shapes: list[str], systems: str =
         model_dir = workdir / f"streamq-{shape}"
         print(f"throughput: {shape} model …", file=sys.stderr, flush=True)
         make_tiny_model(model_dir, shape=shape)
-        all_results.append(run_model(shape, model_dir, workdir, tokens, systems))
-    print_table(all_results, tokens)
+        all_results.append(run_model(shape, model_dir, workdir, tokens, systems, threads))
+    print_table(all_results, tokens, threads)

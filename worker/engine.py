@@ -50,6 +50,7 @@ class EngineJob:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_token_at: float | None = None
+    publish_due: float = 0.0  # monotonic time its next output write is due (set by the publisher)
 
 
 @dataclass(frozen=True)

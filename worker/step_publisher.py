@@ -9,14 +9,23 @@ holds the job); and for every job that ended, its final state (``scripts.finish`
 exactly once) or, for a job handed back by a stopping worker, ``scripts.requeue``. While one
 round trip is in flight the next steps' outputs gather, so there is never more than one
 round trip per engine step.
+
+The engine wakes this thread only for output that must be written before it would wake anyway:
+a job's end, or text of a job whose next write (``EngineJob.publish_due``: at once for its first
+text, else ``publish_interval_ms`` after its last write) comes before this thread's planned
+wake-up. Other output waits in the outbox until then. A fast engine steps hundreds of times a
+second, and a thread woken at every step takes the interpreter from the engine's thread each
+time.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
-import queue
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +58,6 @@ class _Pending:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
     stored: int = 0  # token ids of the job already in Redis (see scripts.delta)
-    last_write: float | None = None  # monotonic
     counts_dirty: bool = False
     counted: int = 0  # completion tokens already added to the generated-tokens metric
 
@@ -90,18 +98,27 @@ class StepPublisher(BackgroundThread):
         self._maxlen = settings.stream_maxlen
         self._result_ttl = settings.result_ttl
         self._scripts = JobScripts(connection)
-        self._inbox: queue.SimpleQueue[list[JobOutput]] = queue.SimpleQueue()
+        self._outbox: deque[list[JobOutput]] = deque()  # appended by the engine's thread
+        self._wake = threading.Event()  # set when some output in the outbox is due
+        self._wake_at = -math.inf  # monotonic time this thread sleeps until; -inf while awake
         self._pending: dict[EngineJob, _Pending] = {}
         self.round_trips = 0
+        self.wakeups = 0  # waits ended early by the engine's output (or a stop)
         self._trimmed: dict[str, float] = {}  # model → when its drained set was last trimmed
 
     def put(self, outputs: list[JobOutput]) -> None:
-        self._inbox.put(outputs)
+        """Called by the engine's thread after each step (and by a job's thread for an end)."""
+        self._outbox.append(outputs)
+        wake_at = self._wake_at
+        for output in outputs:
+            if output.finish_reason is not None or (output.text and output.job.publish_due < wake_at):
+                self._wake.set()
+                return
 
     def stop(self) -> None:
         """Write what is left, then stop."""
         self._stop.set()
-        self._inbox.put([])
+        self._wake.set()
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
@@ -133,47 +150,44 @@ class StepPublisher(BackgroundThread):
                 del self._pending[p.job]
                 p.job.ended.set()
 
-    def _next_due(self) -> float | None:
-        """Seconds until some buffered text is due (None: nothing buffered, wait for output)."""
-        if any(p.end is not None or (p.text and p.last_write is None) for p in self._pending.values()):
-            return 0.0  # a write that failed: try again at once (after the backoff)
-        due = [
-            p.last_write + self._interval - time.monotonic()
-            for p in self._pending.values()
-            if p.text and p.last_write is not None
-        ]
-        return max(0.0, min(due)) if due else None
+    def _next_due(self) -> float:
+        """When (monotonic) some buffered text is due: -inf for now, inf when nothing is buffered."""
+        if any(p.end is not None for p in self._pending.values()):
+            return -math.inf  # an end not yet written (one that failed: again after the backoff)
+        return min((p.job.publish_due for p in self._pending.values() if p.text), default=math.inf)
 
-    def _take(self, wait: float | None) -> None:
+    def _take(self, due: float) -> None:
+        """Wait until ``due`` (monotonic) or a wake-up, then take what the engine put."""
         tokens = 0  # added to the metric once per call, not per output
-        try:
-            batch = self._inbox.get(timeout=wait if wait is not None else 1.0)
-            while True:
-                for output in batch:
-                    pending = self._pending.get(output.job)
-                    if pending is None:
-                        resumed = len(output.job.resume_ids)
-                        pending = _Pending(output.job, stored=resumed, counted=resumed)
-                        self._pending[output.job] = pending
-                    pending.text += output.text
-                    pending.ids += output.token_ids
-                    pending.logprobs += output.logprobs
-                    if output.prompt_logprobs is not None:
-                        pending.prompt_logprobs = output.prompt_logprobs
-                    pending.counts_dirty = True
-                    if output.completion_tokens > pending.counted:
-                        tokens += output.completion_tokens - pending.counted
-                        pending.counted = output.completion_tokens
-                    if output.text and output.job.first_token_at is None:
-                        output.job.first_token_at = time.time()
-                        self._metrics.time_to_first_token.observe(
-                            output.job.first_token_at - output.job.started_at
-                        )
-                    if output.finish_reason is not None and pending.end is None:
-                        pending.end = output  # the first end stands
-                batch = self._inbox.get_nowait()
-        except queue.Empty:
-            pass
+        wait = due - time.monotonic()
+        if wait > 0:
+            self._wake_at = due
+            self.wakeups += self._wake.wait(min(wait, 1.0))
+        self._wake_at = -math.inf  # awake: any text put from now on wakes the next wait at once
+        self._wake.clear()  # before the outbox is read: output put after this wakes the next wait
+        while self._outbox:
+            for output in self._outbox.popleft():
+                pending = self._pending.get(output.job)
+                if pending is None:
+                    resumed = len(output.job.resume_ids)
+                    pending = _Pending(output.job, stored=resumed, counted=resumed)
+                    self._pending[output.job] = pending
+                pending.text += output.text
+                pending.ids += output.token_ids
+                pending.logprobs += output.logprobs
+                if output.prompt_logprobs is not None:
+                    pending.prompt_logprobs = output.prompt_logprobs
+                pending.counts_dirty = True
+                if output.completion_tokens > pending.counted:
+                    tokens += output.completion_tokens - pending.counted
+                    pending.counted = output.completion_tokens
+                if output.text and output.job.first_token_at is None:
+                    output.job.first_token_at = time.time()
+                    self._metrics.time_to_first_token.observe(
+                        output.job.first_token_at - output.job.started_at
+                    )
+                if output.finish_reason is not None and pending.end is None:
+                    pending.end = output  # the first end stands
         if tokens:
             self._metrics.generated_tokens.inc(tokens)
 
@@ -181,9 +195,7 @@ class StepPublisher(BackgroundThread):
         due = [
             p
             for p in self._pending.values()
-            if p.end is not None
-            or final
-            or (p.text and (p.last_write is None or now - p.last_write >= self._interval))
+            if p.end is not None or final or (p.text and now >= p.job.publish_due)
         ]
         if not due:
             return
@@ -221,7 +233,8 @@ class StepPublisher(BackgroundThread):
         for _index, p in writes:  # their ids are in Redis now (written by this or an earlier try)
             p.stored += len(p.ids)
         for p in due:
-            p.text, p.ids, p.counts_dirty, p.last_write = "", [], False, now
+            p.text, p.ids, p.counts_dirty = "", [], False
+            p.job.publish_due = now + self._interval
             p.logprobs, p.prompt_logprobs = [], None
         for index, p in writes:
             flag = int(results[index - 1])

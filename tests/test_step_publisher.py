@@ -1,0 +1,114 @@
+"""The publisher against a real Redis: a job's first text and its end are written at once, text
+after a quiet interval too, later text coalesced; and a fast engine's steps do not each wake the
+publisher's thread (it would take the interpreter from the engine's thread at every step)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from shared import keys
+from shared.job_store import scripts
+from shared.job_store.scripts import JobScripts
+from shared.job_store.vocabulary import FinishReason, JobField, JobStatus
+from shared.schemas import ChatMessage, GenerationRequest
+from shared.settings import Settings
+from streamq.redis_server import RedisServer
+from worker.engine import EngineJob, JobOutput
+from worker.step_publisher import StepPublisher
+
+INTERVAL = 0.04  # STREAMQ_PUBLISH_INTERVAL_MS's default
+SOON = 0.5  # a write due at once is in Redis well within this (the old publisher could sleep 1 s)
+
+
+@pytest.fixture
+def connection(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    r = redis_server.client()
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def publisher(connection: redis.Redis) -> Iterator[StepPublisher]:
+    p = StepPublisher(connection, Settings(publish_interval_ms=int(INTERVAL * 1000)))
+    p.start()
+    yield p
+    p.stop()
+
+
+def _running_job(r: redis.Redis, job_id: str) -> EngineJob:
+    r.hset(keys.job(job_id), mapping={JobField.STATUS: JobStatus.QUEUED, JobField.MODEL: "m"})
+    r.expire(keys.job(job_id), 300)
+    run = f"w.0:{job_id}"
+    start = scripts.start(
+        job_id, worker="w", slot="w.0", run=run, now=1.0, attempt=1, lease_ms=60_000, maxlen=100
+    )
+    assert scripts.answer(JobScripts(r).run(start)) == "running"
+    request = GenerationRequest(
+        messages=[ChatMessage(role="user", content="hi")], max_tokens=500, temperature=0.0, top_p=1.0
+    )
+    now = time.time()
+    return EngineJob(job_id, request, now, now, time.monotonic() + 60, model="m", run=run)
+
+
+def _output(job: EngineJob, text: str, token: int, end: str | None = None) -> JobOutput:
+    job.completion_tokens += 1
+    return JobOutput(job, text, 1, job.completion_tokens, end, token_ids=(token,))
+
+
+def _stored(r: redis.Redis, job_id: str) -> str:
+    return (r.get(keys.text(job_id)) or b"").decode()
+
+
+def _within(seconds: float, check: object) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def test_first_text_quiet_text_and_end_are_written_at_once(
+    publisher: StepPublisher, connection: redis.Redis
+) -> None:
+    job = _running_job(connection, "pub-at-once")
+    publisher.put([_output(job, "Hello", 1)])
+    assert _within(SOON, lambda: _stored(connection, job.job_id) == "Hello")
+    time.sleep(3 * INTERVAL)  # quiet: the publisher has nothing buffered and sleeps
+    publisher.put([_output(job, " world", 2)])
+    assert _within(SOON, lambda: _stored(connection, job.job_id) == "Hello world")
+    time.sleep(3 * INTERVAL)
+    publisher.put([_output(job, "!", 3, end=FinishReason.STOP)])
+    assert job.ended.wait(SOON)
+    assert job.status == JobStatus.FINISHED
+    assert _stored(connection, job.job_id) == "Hello world!"
+    assert connection.hget(keys.job(job.job_id), JobField.STATUS) == b"finished"
+
+
+def test_a_fast_engine_does_not_wake_the_publisher_at_every_step(
+    publisher: StepPublisher, connection: redis.Redis
+) -> None:
+    """200 steps of 1 ms over two jobs: every token in Redis, in order, in about one write per
+    interval per job, and the publisher woken only for what was due (not 200 times)."""
+    jobs = [_running_job(connection, f"pub-fast-{i}") for i in range(2)]
+    steps = 200
+    began = time.monotonic()
+    for step in range(steps):
+        publisher.put([_output(job, f"{step} ", step) for job in jobs])
+        time.sleep(0.001)
+    elapsed = time.monotonic() - began
+    expected = "".join(f"{step} " for step in range(steps))
+    for job in jobs:
+        assert _within(SOON, lambda job=job: _stored(connection, job.job_id) == expected)
+        stored = [int(t) for t in connection.lrange(keys.tokens(job.job_id), 0, -1)]
+        assert stored == list(range(steps))
+    windows = elapsed / INTERVAL + 2
+    assert publisher.round_trips <= 2 * windows, (publisher.round_trips, elapsed)
+    assert publisher.wakeups <= 2 * windows, (publisher.wakeups, elapsed)  # not once per step
+    assert publisher.wakeups < steps / 2
+    publisher.put([_output(job, "", steps, end=FinishReason.LENGTH) for job in jobs])
+    assert all(job.ended.wait(SOON) and job.status == JobStatus.FINISHED for job in jobs)
