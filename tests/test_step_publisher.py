@@ -4,8 +4,10 @@ publisher's thread (it would take the interpreter from the engine's thread at ev
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -60,7 +62,8 @@ def _output(job: EngineJob, text: str, token: int, end: str | None = None) -> Jo
 
 
 def _stored(r: redis.Redis, job_id: str) -> str:
-    return (r.get(keys.text(job_id)) or b"").decode()
+    value = r.get(keys.text(job_id))
+    return value.decode() if isinstance(value, bytes) else str(value or "")
 
 
 def _within(seconds: float, check: object) -> bool:
@@ -112,3 +115,43 @@ def test_a_fast_engine_does_not_wake_the_publisher_at_every_step(
     assert publisher.wakeups < steps / 2
     publisher.put([_output(job, "", steps, end=FinishReason.LENGTH) for job in jobs])
     assert all(job.ended.wait(SOON) and job.status == JobStatus.FINISHED for job in jobs)
+
+
+def test_text_put_during_a_round_trip_is_not_left_waiting(
+    publisher: StepPublisher, connection: redis.Redis
+) -> None:
+    """A job's first text put while the publisher waits on Redis for another job's write, and
+    nothing after it: written at once, not after the publisher's longest sleep (1 s)."""
+    first, second = _running_job(connection, "pub-during-a"), _running_job(connection, "pub-during-b")
+    execute = publisher._scripts.execute
+    put_during: list[bool] = []
+
+    def slow_execute(pipe: Any) -> list[Any]:
+        if not put_during:
+            put_during.append(True)
+            publisher.put([_output(second, "late?", 7)])
+        return execute(pipe)
+
+    publisher._scripts.execute = slow_execute  # type: ignore[method-assign]
+    publisher.put([_output(first, "first", 1)])
+    assert _within(SOON, lambda: _stored(connection, first.job_id) == "first")
+    assert _within(SOON, lambda: _stored(connection, second.job_id) == "late?")
+    publisher.put([_output(job, "", 9, end=FinishReason.STOP) for job in (first, second)])
+    assert all(job.ended.wait(SOON) for job in (first, second))
+
+
+def test_a_stop_writes_buffered_text_at_once_then_waits_for_the_ends(connection: redis.Redis) -> None:
+    publisher = StepPublisher(connection, Settings(publish_interval_ms=10_000))  # nothing due for 10 s
+    publisher.start()
+    job = _running_job(connection, "pub-stop")
+    publisher.put([_output(job, "one", 1)])
+    assert _within(SOON, lambda: _stored(connection, job.job_id) == "one")
+    publisher.put([_output(job, " two", 2)])  # buffered: due in 10 s
+    stopping = threading.Thread(target=publisher.stop)
+    stopping.start()
+    assert _within(SOON, lambda: _stored(connection, job.job_id) == "one two")
+    assert stopping.is_alive()  # the job has not ended: the publisher waits for its end
+    publisher.put([_output(job, "", 3, end=FinishReason.STOP)])
+    assert job.ended.wait(SOON) and job.status == JobStatus.FINISHED
+    stopping.join(SOON)
+    assert not stopping.is_alive()

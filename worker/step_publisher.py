@@ -13,7 +13,8 @@ round trip per engine step.
 The engine wakes this thread only for output that must be written before it would wake anyway:
 a job's end, or text of a job whose next write (``EngineJob.publish_due``: at once for its first
 text, else ``publish_interval_ms`` after its last write) comes before this thread's planned
-wake-up. Other output waits in the outbox until then. A fast engine steps hundreds of times a
+wake-up (while it is awake, any text wakes its next wait). Other output waits in the outbox
+until then. A fast engine steps hundreds of times a
 second, and a thread woken at every step takes the interpreter from the engine's thread each
 time.
 """
@@ -100,10 +101,11 @@ class StepPublisher(BackgroundThread):
         self._scripts = JobScripts(connection)
         self._outbox: deque[list[JobOutput]] = deque()  # appended by the engine's thread
         self._wake = threading.Event()  # set when some output in the outbox is due
-        self._wake_at = -math.inf  # monotonic time this thread sleeps until; -inf while awake
+        self._wake_at = math.inf  # monotonic time this thread sleeps until; inf while awake
         self._pending: dict[EngineJob, _Pending] = {}
         self.round_trips = 0
         self.wakeups = 0  # waits ended early by the engine's output (or a stop)
+        self._stop_seen = False
         self._trimmed: dict[str, float] = {}  # model → when its drained set was last trimmed
 
     def put(self, outputs: list[JobOutput]) -> None:
@@ -124,7 +126,7 @@ class StepPublisher(BackgroundThread):
     def _run(self) -> None:
         backoff = 0.05
         while True:
-            self._take(self._next_due())
+            self._wait_for_due()
             if self._stop.is_set() and not self._pending:
                 return
             try:
@@ -156,15 +158,25 @@ class StepPublisher(BackgroundThread):
             return -math.inf  # an end not yet written (one that failed: again after the backoff)
         return min((p.job.publish_due for p in self._pending.values() if p.text), default=math.inf)
 
-    def _take(self, due: float) -> None:
-        """Wait until ``due`` (monotonic) or a wake-up, then take what the engine put."""
-        tokens = 0  # added to the metric once per call, not per output
+    def _wait_for_due(self) -> None:
+        """Take what the engine put, then sleep until the earliest write is due or the engine
+        puts output due sooner (or a stop), and take what it put meanwhile."""
+        self._take()  # output put during the last round trip: planned for, not a wake-up
+        if self._stop.is_set() and (not self._stop_seen or not self._pending):
+            self._stop_seen = True  # write everything now; then wait only for ends still to come
+            return
+        due = self._next_due()
         wait = due - time.monotonic()
         if wait > 0:
             self._wake_at = due
             self.wakeups += self._wake.wait(min(wait, 1.0))
-        self._wake_at = -math.inf  # awake: any text put from now on wakes the next wait at once
-        self._wake.clear()  # before the outbox is read: output put after this wakes the next wait
+            self._wake_at = math.inf  # awake: any text put from now on sets the event
+            self._take()
+
+    def _take(self) -> None:
+        """Move the outbox into the jobs' buffers."""
+        tokens = 0  # added to the metric once per call, not per output
+        self._wake.clear()  # before the outbox is read: output put after this sets it again
         while self._outbox:
             for output in self._outbox.popleft():
                 pending = self._pending.get(output.job)
