@@ -144,8 +144,10 @@ class StepPublisher(BackgroundThread):
 
     def _give_up(self, reason: str) -> None:
         """Drop what could not be written; release the jobs that were ending (as failed)."""
+        next_write = time.monotonic() + self._interval  # not again at every step while Redis refuses
         for p in list(self._pending.values()):
             p.text, p.ids, p.counts_dirty = "", [], False
+            p.job.publish_due = next_write
             p.logprobs, p.prompt_logprobs = [], None
             if p.end is not None:
                 p.job.status, p.job.error = JobStatus.FAILED, f"could not write its end to Redis: {reason}"
@@ -153,8 +155,9 @@ class StepPublisher(BackgroundThread):
                 p.job.ended.set()
 
     def _next_due(self) -> float:
-        """When (monotonic) some buffered text is due: -inf for now, inf when nothing is buffered."""
-        if any(p.end is not None for p in self._pending.values()):
+        """When (monotonic) some buffered text is due: -inf for now (an end; after a stop, any
+        text), inf when nothing is buffered."""
+        if any(p.end is not None or (self._stop_seen and p.text) for p in self._pending.values()):
             return -math.inf  # an end not yet written (one that failed: again after the backoff)
         return min((p.job.publish_due for p in self._pending.values() if p.text), default=math.inf)
 
