@@ -14,9 +14,8 @@ The engine wakes this thread only for output that must be written before it woul
 a job's end, or text of a job whose next write (``EngineJob.publish_due``: at once for its first
 text, else ``publish_interval_ms`` after its last write) comes before this thread's planned
 wake-up (while it is awake, any text wakes its next wait). Other output waits in the outbox
-until then. A fast engine steps hundreds of times a
-second, and a thread woken at every step takes the interpreter from the engine's thread each
-time.
+until then. A fast engine steps hundreds of times a second, and a thread woken at every step
+takes the interpreter from the engine's thread each time.
 """
 
 from __future__ import annotations
