@@ -29,7 +29,7 @@ from streamq.redis_server import RedisServer
 
 HOST = "127.0.0.1"
 WORKER_SLOTS = 16
-TORCH_THREADS = "2"
+TORCH_THREADS = 2  # rows (c) and (d), unless the run asks for another count
 HF_BLOCK = 32
 HF_BATCH_TOKENS = 512  # per step, as streamq's prefill chunk
 
@@ -110,14 +110,15 @@ def streamq_stack(
     extra_env: dict[str, str] | None = None,
     slots: int = WORKER_SLOTS,
     start_timeout: float = 300,
+    threads: int = TORCH_THREADS,
 ) -> Iterator[tuple[int, int]]:
-    """A private Redis, one front and one worker (16 slots, 2 torch threads, default settings
-    otherwise, plus ``extra_env``); yields (front port, worker pid) and stops all three, whatever
+    """A private Redis, one front and one worker (16 slots, ``threads`` torch threads, default
+    settings otherwise, plus ``extra_env``); yields (front port, worker pid) and stops all three, whatever
     happens."""
     server = RedisServer()
     env = {
         "STREAMQ_REDIS_URL": server.url,
-        "STREAMQ_TORCH_THREADS": TORCH_THREADS,
+        "STREAMQ_TORCH_THREADS": str(threads),
         **(extra_env or {}),
     }
     services: list[Service] = []
@@ -181,7 +182,12 @@ def hf_command(
 
 @contextlib.contextmanager
 def hf_server(
-    model_dir: Path, workdir: Path, max_concurrency: int, tokens: int, prompt_tokens: int, threads: int = 2
+    model_dir: Path,
+    workdir: Path,
+    max_concurrency: int,
+    tokens: int,
+    prompt_tokens: int,
+    threads: int = TORCH_THREADS,
 ) -> Iterator[tuple[int, int]]:
     """``transformers serve --continuous-batching`` on ``threads`` torch threads; yields (port, pid)."""
     port = free_port()

@@ -108,7 +108,7 @@ def run_model(
             )
     if "c" in systems:
         try:
-            with streamq_stack(model_dir, workdir, {"STREAMQ_TORCH_THREADS": str(threads)}) as (port, pid):
+            with streamq_stack(model_dir, workdir, threads=threads) as (port, pid):
                 for c in CONCURRENCY["c"]:
                     _guard(results, "c", c, lambda c=c: streamq_cell(port, pid, prompts[:c], tokens))
                     if results.cells[("c", c)].error:
