@@ -20,6 +20,7 @@ from api.metrics import router as metrics_router
 from api.redis_job_client import RedisJobClient
 from api.routes import compat, health, jobs, openai_api, responses
 from api.routes import web as web_page
+from shared.heap import settle_heap
 from shared.settings import Settings, load_settings
 
 log = logging.getLogger("streamq.api")
@@ -32,10 +33,13 @@ def create_app(
     settings: Settings | None = None,
     api_keys: ApiKeys | None = None,
     open_jobs: JobClientOpener = RedisJobClient.open,
+    settle_heap_at_start: bool = False,
 ) -> FastAPI:
     """The front. ValueError when the keys cannot be used (an unreadable keys file, a short
     key): better not to start than to start open. ``open_jobs`` opens the job system behind the
-    routes in the app's lifespan (Redis and RQ; the fast tests give an in-memory one)."""
+    routes in the app's lifespan (Redis and RQ; the fast tests give an in-memory one).
+    ``settle_heap_at_start``: a served front's process (``streamq api``) freezes its start-up
+    heap out of the garbage collector's sight once the job system is open."""
     settings = settings or load_settings()
     api_keys = api_keys if api_keys is not None else ApiKeys.from_settings(settings)
     # This app's own registry, served on /metrics; shared by the processes of `--workers N`.
@@ -45,6 +49,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         jobs = await open_jobs(settings, front_metrics)
         app.state.jobs = jobs
+        if settle_heap_at_start:
+            settle_heap(settings.gc_young_threshold)
         if api_keys.enabled:
             log.info("API keys required (%d configured)", len(api_keys))
         else:

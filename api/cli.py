@@ -123,7 +123,7 @@ def front_process_app() -> FastAPI:
         die_with_parent()
         if os.getppid() != parent.pid:  # it ended before the line above
             os.kill(os.getpid(), signal.SIGTERM)
-    return create_app()
+    return create_app(settle_heap_at_start=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     if settings.api_workers == 1:
         from api.app import create_app
 
-        uvicorn.run(create_app(settings, keys), **common)
+        uvicorn.run(create_app(settings, keys, settle_heap_at_start=True), **common)
         return 0
     with front_processes(settings) as factory:
         uvicorn.run(factory, factory=True, workers=settings.api_workers, **common)

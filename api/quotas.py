@@ -50,8 +50,9 @@ class KeyQuotas:
         self._max_concurrent = settings.key_max_concurrent
         self._rate = parse_rate_limit(settings.key_rate_limit)
         self._set_life = settings.queue_ttl + settings.job_timeout + settings.result_ttl
-        # Its own two connections (the library wants bytes replies; the shared pool decodes),
-        # opened at the first rate-limited request: none while the front runs without keys.
+        # Its own pool, as large as the shared one (the library wants bytes replies; the shared
+        # pool decodes): every keyed request takes one of its connections for one round trip,
+        # and a small pool made them queue. Opened as needed: none while the front has no keys.
         target = RedisTarget.of(settings)
         url = settings.redis_url_or_default()
         if target.managed:  # the library wants an address in its URI; the pool decides the real one
@@ -59,7 +60,7 @@ class KeyQuotas:
             url = f"redis://[{host}]:{port}/0" if ":" in host else f"redis://{host}:{port}/0"
         self._pool = target.async_pool(
             blocking_timeout=settings.redis_pool_timeout,
-            max_connections=2,
+            max_connections=settings.redis_max_connections,
             client_name=client_name,
             socket_timeout=settings.redis_command_timeout,
             socket_connect_timeout=settings.redis_connect_timeout,

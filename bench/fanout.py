@@ -24,6 +24,7 @@ import redis
 from bench import ROOT
 from bench.http_client import post_json, stream_lines
 from bench.measure import cpu_seconds, ms, pct, proc_status
+from shared.settings import Settings
 from streamq.processes import Service, start_front, wait_workers
 from streamq.redis_server import RedisServer
 
@@ -201,11 +202,14 @@ def print_fanout(
     row("delivery latency p99 during the ramp, with the submits (ms)", ms(float(load["ramp_p99"])))
     row("clients failed", str(load["failed"]), "0", load["failed"] == 0)
     row("ramp: first POST → every stream open (s)", f"{float(load['ramp']):.1f}")
+    # The front's connections are bounded by its pools, whatever the number of streams: one
+    # reader follows them all; the shared pool opens what the submits' round trips need at once.
+    bound = Settings.model_fields["redis_max_connections"].default + 5
     row(
-        "Redis connections held by the front",
+        "Redis connections held by the front (not one per stream)",
         str(load["front_conns"]),
-        "≤ 10",
-        int(load["front_conns"]) <= 10,
+        f"≤ {bound}",
+        int(load["front_conns"]) <= bound,
     )
     row(
         "front RSS peak (VmHWM, MiB)",

@@ -50,7 +50,10 @@ class Settings(BaseSettings):
     )
     redis_socket_timeout: float = Field(5.0, gt=0, description="seconds before a Redis command gives up")
     redis_max_connections: int = Field(
-        5, ge=2, description="front: its shared pool (plus 1 stream reader, 2 for RQ, 2 for prompt counts)"
+        128,
+        ge=2,
+        description="front: its shared pool, opened as needed (plus 1 stream reader, 2 for RQ, 2 for "
+        "prompt counts): about the requests in flight per process, or they queue for it",
     )
     redis_connect_timeout: float = Field(0.5, gt=0, description="front: seconds to open a Redis connection")
     redis_pool_timeout: float = Field(
@@ -184,6 +187,12 @@ class Settings(BaseSettings):
     worker_ttl: float = Field(10.0, gt=0, description="a worker silent this long is no longer live")
 
     # Operations (deploy): log format, and each worker's Prometheus endpoint.
+    gc_young_threshold: int = Field(
+        10_000,
+        ge=0,
+        description="front and worker: allocations between two young-generation garbage collections "
+        "(0: Python's 700); either way the heap alive at start-up is frozen out of later collections",
+    )
     log_format: str = Field("text", pattern="^(text|json)$", description="'json': one JSON object per line")
     metrics_port: int = Field(
         9310, ge=0, le=65535, description="worker: first port tried for /metrics (0: none; busy: the next)"

@@ -27,6 +27,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from shared.heap import settle_heap
 from shared.redis_connect import RedisTarget
 from shared.settings import Settings
 from worker.dispatcher import IDLE_WAIT, Dispatcher
@@ -74,6 +75,7 @@ class SlotPool:
         # The engine holds the GIL between torch calls; hand it over more often than Python's
         # default 5 ms, so that the dispatcher takes new jobs (and the publisher writes) promptly.
         sys.setswitchinterval(SWITCH_INTERVAL)
+        settle_heap(self.settings.gc_young_threshold)  # the model and the engine stay out of collections
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         slots = runtime.engine.slots
