@@ -203,8 +203,10 @@ def print_fanout(
     row("clients failed", str(load["failed"]), "0", load["failed"] == 0)
     row("ramp: first POST → every stream open (s)", f"{float(load['ramp']):.1f}")
     # The front's connections are bounded by its pools, whatever the number of streams: one
-    # reader follows them all; the shared pool opens what the submits' round trips need at once.
-    bound = Settings.model_fields["redis_max_connections"].default + 5
+    # reader follows them all; the shared pool opens what the submits' round trips need at once;
+    # 2 for RQ, 2 for prompt counts, 2 for the janitor and the epoch check (the front inherits
+    # this process's environment).
+    bound = Settings().redis_max_connections + 7
     row(
         "Redis connections held by the front (not one per stream)",
         str(load["front_conns"]),

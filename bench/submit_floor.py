@@ -1,7 +1,8 @@
 """The floor under a submit, for the submits table's same-run baseline: the least a Python front
 can do per job on this machine. A FastAPI app (uvicorn, as the front runs) whose ``POST /v1/jobs``
 validates a small JSON body with pydantic, makes an id, writes one hash to Redis (one round trip,
-through a 5-connection asyncio pool like the front's) and answers 202 with a small JSON body.
+through an asyncio pool as large as the front's) and answers 202 with a small JSON body. Its heap
+is settled as a served front's is (frozen, with the front's young-generation threshold).
 
 ``python -m uvicorn bench.submit_floor:app --port P`` with ``STREAMQ_REDIS_URL`` set.
 """
@@ -18,6 +19,9 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from pydantic import BaseModel
 
+from shared.heap import settle_heap
+from shared.settings import Settings
+
 
 class Job(BaseModel):
     prompt: str
@@ -27,8 +31,12 @@ class Job(BaseModel):
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    pool = aioredis.BlockingConnectionPool.from_url(os.environ["STREAMQ_REDIS_URL"], max_connections=5)
+    settings = Settings()
+    pool = aioredis.BlockingConnectionPool.from_url(
+        os.environ["STREAMQ_REDIS_URL"], max_connections=settings.redis_max_connections
+    )
     app.state.redis = aioredis.Redis(connection_pool=pool)
+    settle_heap(settings.gc_freeze, settings.gc_young_threshold)
     try:
         yield
     finally:

@@ -187,11 +187,14 @@ class Settings(BaseSettings):
     worker_ttl: float = Field(10.0, gt=0, description="a worker silent this long is no longer live")
 
     # Operations (deploy): log format, and each worker's Prometheus endpoint.
+    gc_freeze: bool = Field(
+        True, description="front and worker: freeze the heap alive once started out of garbage collections"
+    )
     gc_young_threshold: int = Field(
         10_000,
         ge=0,
         description="front and worker: allocations between two young-generation garbage collections "
-        "(0: Python's 700); either way the heap alive at start-up is frozen out of later collections",
+        "(0: Python's default)",
     )
     log_format: str = Field("text", pattern="^(text|json)$", description="'json': one JSON object per line")
     metrics_port: int = Field(

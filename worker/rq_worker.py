@@ -32,6 +32,7 @@ from rq.timeouts import BaseDeathPenalty
 from rq.worker import SimpleWorker
 
 from shared import keys
+from shared.heap import settle_heap
 from shared.settings import Settings, load_settings
 from worker.job_runner import Outcome
 from worker.rq_runs import file_ending
@@ -118,6 +119,7 @@ class StreamqWorker(SimpleWorker):
             raise
         owned.start()
         self.runtime = self._owned = owned
+        settle_heap(self.settings.gc_freeze, self.settings.gc_young_threshold)
         backend = owned.backend
         log.info("worker %s serves %s on %s (%s)", self.name, backend.name, backend.device, backend.dtype)
 

@@ -75,7 +75,8 @@ class SlotPool:
         # The engine holds the GIL between torch calls; hand it over more often than Python's
         # default 5 ms, so that the dispatcher takes new jobs (and the publisher writes) promptly.
         sys.setswitchinterval(SWITCH_INTERVAL)
-        settle_heap(self.settings.gc_young_threshold)  # the model and the engine stay out of collections
+        # The model and the engine, loaded now, stay out of garbage collections.
+        settle_heap(self.settings.gc_freeze, self.settings.gc_young_threshold)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         slots = runtime.engine.slots
