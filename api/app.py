@@ -20,7 +20,7 @@ from api.metrics import router as metrics_router
 from api.redis_job_client import RedisJobClient
 from api.routes import compat, health, jobs, openai_api, responses
 from api.routes import web as web_page
-from shared.heap import settle_heap
+from shared.heap import release_heap, settle_heap
 from shared.settings import Settings, load_settings
 
 log = logging.getLogger("streamq.api")
@@ -59,6 +59,8 @@ def create_app(
             yield
         finally:
             await jobs.close()
+            if settle_heap_at_start:
+                release_heap()
 
     app = FastAPI(
         title="streamq",

@@ -19,3 +19,10 @@ def settle_heap(freeze: bool, young_threshold: int) -> None:
     if young_threshold:
         _, middle, old = gc.get_threshold()
         gc.set_threshold(young_threshold, middle, old)
+
+
+def release_heap() -> None:
+    """Give what ``settle_heap`` froze back to the collector, as the process stops: the
+    interpreter's last collections free it then, as they would have without the freeze
+    (native extensions such as triton's report what is still alive at exit as leaks)."""
+    gc.unfreeze()

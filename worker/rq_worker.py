@@ -32,7 +32,7 @@ from rq.timeouts import BaseDeathPenalty
 from rq.worker import SimpleWorker
 
 from shared import keys
-from shared.heap import settle_heap
+from shared.heap import release_heap, settle_heap
 from shared.settings import Settings, load_settings
 from worker.job_runner import Outcome
 from worker.rq_runs import file_ending
@@ -127,6 +127,7 @@ class StreamqWorker(SimpleWorker):
         if self._owned is not None:
             self._owned.stop()
             self.runtime = self._owned = None
+            release_heap()
         super().teardown()
 
     def execute_job(self, job: Job, queue: Queue) -> None:

@@ -27,7 +27,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from shared.heap import settle_heap
+from shared.heap import release_heap, settle_heap
 from shared.redis_connect import RedisTarget
 from shared.settings import Settings
 from worker.dispatcher import IDLE_WAIT, Dispatcher
@@ -105,6 +105,7 @@ class SlotPool:
             manager.join(timeout=self.settings.drain_seconds + 10)
             runtime.stop()  # what is left is written; the worker leaves the lists
             taking.join(timeout=10)
+            release_heap()
         return 0 if healthy else 1
 
     def _manage(self, runtime: WorkerRuntime, dispatcher: Dispatcher, taking: threading.Thread) -> None:

@@ -1,6 +1,6 @@
 """A served front settles its heap once the job system is open: what it holds at start-up is
-frozen out of the garbage collector's sight (``STREAMQ_GC_FREEZE``) and young collections come
-every ``STREAMQ_GC_YOUNG_THRESHOLD`` allocations. Each case runs in a fresh interpreter, so the
+frozen out of the garbage collector's sight (``STREAMQ_GC_FREEZE``; given back as it stops) and
+young collections come every ``STREAMQ_GC_YOUNG_THRESHOLD`` allocations. Each case runs in a fresh interpreter, so the
 test process keeps Python's own collector settings."""
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from tests.fast.memory_jobs import MemoryJobClient
 async def main(settle):
     app = create_app(None, ApiKeys([]), open_jobs=MemoryJobClient.opener(), settle_heap_at_start=settle)
     async with app.router.lifespan_context(app):
-        return {"frozen": gc.get_freeze_count(), "threshold": gc.get_threshold()[0],
+        seen = {"frozen": gc.get_freeze_count(), "threshold": gc.get_threshold()[0],
                 "python_default": python_default}
+    return {**seen, "frozen_after_stop": gc.get_freeze_count()}
 
 print(json.dumps(asyncio.run(main(sys.argv[1] == "settle"))))
 """
@@ -55,6 +56,8 @@ def test_a_served_front_freezes_its_start_up_heap(setting: str, threshold: int |
     settled = _front_gc("settle", **({"STREAMQ_GC_YOUNG_THRESHOLD": setting} if setting else {}))
     assert settled["frozen"] > 10_000  # the app, its routes, pydantic's schemas, the modules
     assert settled["threshold"] == (threshold or settled["python_default"])
+    # Given back as the front stops: the interpreter's last collections free it.
+    assert settled["frozen_after_stop"] == 0
 
 
 def test_the_freeze_can_be_turned_off() -> None:
