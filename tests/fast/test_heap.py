@@ -1,7 +1,7 @@
 """A served front settles its heap once the job system is open: what it holds at start-up is
 frozen out of the garbage collector's sight (``STREAMQ_GC_FREEZE``; given back as it stops) and
-young collections come every ``STREAMQ_GC_YOUNG_THRESHOLD`` allocations. Each case runs in a fresh interpreter, so the
-test process keeps Python's own collector settings."""
+young collections come every ``STREAMQ_GC_YOUNG_THRESHOLD`` allocations. Each case runs in a
+fresh interpreter, so the test process keeps Python's own collector settings."""
 
 from __future__ import annotations
 
