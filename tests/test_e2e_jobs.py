@@ -37,6 +37,20 @@ def submit(client: httpx.Client, url: str, **body: Any) -> dict[str, Any]:
     return dict(response.json())
 
 
+def job_records(stack: Stack) -> set[str]:
+    """Every job record in Redis: streamq's job hashes and event streams, RQ's job hashes, and the
+    ids in RQ's queue lists. A refused request must add none; other keys (leases, locks, ended
+    jobs' records) may come and go meanwhile, so a count of keys cannot tell."""
+    client = stack.redis.client(decode_responses=True)
+    records = set()
+    for pattern in ("streamq:job:*", "streamq:events:*", "rq:job:*"):
+        records.update(client.scan_iter(match=pattern))
+    for queue in client.scan_iter(match="rq:queue:*"):
+        if client.type(queue) == "list":
+            records.update(f"{queue} {job_id}" for job_id in client.lrange(queue, 0, -1))
+    return records
+
+
 def test_submit_stream_and_poll(stack: Stack, tiny_backend: Any) -> None:
     with httpx.Client(timeout=30) as client:
         job = submit(
@@ -228,7 +242,7 @@ def test_cancel_a_queued_and_a_running_job(stack: Stack, long_prompts: list[str]
 def test_bad_job_requests_get_a_clear_4xx(
     stack: Stack, body: dict[str, Any], status: int, param: str | None, says: str
 ) -> None:
-    before = stack.redis.client().dbsize()
+    before = job_records(stack)
     # json.dumps escapes as ASCII, so lone surrogates travel as the \\uXXXX escapes a client sends.
     headers = {"Content-Type": "application/json"}
     response = httpx.post(f"{stack.url}/v1/jobs", content=json.dumps(body), headers=headers)
@@ -237,7 +251,7 @@ def test_bad_job_requests_get_a_clear_4xx(
     assert says in error["message"]
     assert error["param"] == param
     assert error["type"] in ("invalid_request_error", "not_found_error")
-    assert stack.redis.client().dbsize() == before  # no half-created job
+    assert job_records(stack) - before == set()  # no half-created job
 
 
 def test_malformed_json_unknown_job_and_bad_event_id(stack: Stack) -> None:
@@ -276,7 +290,7 @@ def test_resuming_after_the_final_event_ends_at_once(stack: Stack, long_prompts:
 def test_prompt_length_limits_are_checked_with_the_workers_tokenizer(stack: Stack, tiny_backend: Any) -> None:
     prompt = "a prompt of several tokens"
     prompt_tokens = len(tiny_backend.encode(PromptInput(messages=[ChatMessage(role="user", content=prompt)])))
-    before = stack.redis.client().dbsize()
+    before = job_records(stack)
     with httpx.Client(timeout=30) as client:
         refused = client.post(f"{stack.url}/v1/jobs", json={"prompt": prompt, "max_length": prompt_tokens})
         assert refused.status_code == 400
@@ -290,9 +304,12 @@ def test_prompt_length_limits_are_checked_with_the_workers_tokenizer(stack: Stac
         huge = client.post(f"{stack.url}/v1/jobs", json={"prompt": "Redis streams " * 3000, "max_tokens": 5})
         assert huge.status_code == 400 and huge.json()["error"]["param"] == "messages"
         assert "the model's context holds 4096" in huge.json()["error"]["message"]
-        assert stack.redis.client().dbsize() == before  # nothing was created for either
+        assert job_records(stack) - before == set()  # nothing was created for either
 
         job = submit(client, stack.url, prompt=prompt, max_length=prompt_tokens + 3, temperature=0)
+        # The records a refused request must not leave are what an accepted one does leave.
+        made = job_records(stack) - before
+        assert f"streamq:job:{{{job['id']}}}" in made and f"rq:job:{job['id']}" in made
         done = follow(client, stack.url, job["id"])[-1]
         assert done.event == "done" and done.data["usage"]["completion_tokens"] <= 3
 
