@@ -50,7 +50,7 @@ def create_app(
         jobs = await open_jobs(settings, front_metrics)
         app.state.jobs = jobs
         if settle_heap_at_start:
-            settle_heap(settings.gc_freeze, settings.gc_young_threshold)
+            settle_heap(settings)
         if api_keys.enabled:
             log.info("API keys required (%d configured)", len(api_keys))
         else:

@@ -36,7 +36,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         os.environ["STREAMQ_REDIS_URL"], max_connections=settings.redis_max_connections
     )
     app.state.redis = aioredis.Redis(connection_pool=pool)
-    settle_heap(settings.gc_freeze, settings.gc_young_threshold)
+    settle_heap(settings)
     try:
         yield
     finally:

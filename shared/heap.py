@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import gc
 
+from shared.settings import Settings
 
-def settle_heap(freeze: bool, young_threshold: int) -> None:
-    """With ``freeze``, collect once, then freeze what is alive (modules, the app or the model,
+
+def settle_heap(settings: Settings) -> None:
+    """With ``STREAMQ_GC_FREEZE``, collect once, then freeze what is alive (modules, the app or the model,
     pools, clients) out of the collector's sight, so that an old-generation collection walks only
     what was made since (what is frozen is never collected: a start-up object that later
     becomes garbage in a cycle stays); and collect the young generation every
-    ``young_threshold`` allocations instead of Python's default (0: leave it). Under load both
+    ``STREAMQ_GC_YOUNG_THRESHOLD`` allocations instead of Python's default (0: leave it). Under load both
     shorten the pauses that queue every request in the process behind one collection (measured
     in the README's submits and fan-out tables)."""
-    if freeze:
+    if settings.gc_freeze:
         gc.collect()
         gc.freeze()
-    if young_threshold:
+    if settings.gc_young_threshold:
         _, middle, old = gc.get_threshold()
-        gc.set_threshold(young_threshold, middle, old)
+        gc.set_threshold(settings.gc_young_threshold, middle, old)
 
 
 def release_heap() -> None:

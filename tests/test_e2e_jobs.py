@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from shared import keys
 from shared.schemas import ChatMessage, GenerationRequest, PromptInput
 from streamq.processes import start_front
 from tests.conftest import LONG_TOKENS, STACK_CAPACITY, Stack
@@ -43,9 +44,9 @@ def job_records(stack: Stack) -> set[str]:
     jobs' records) may come and go meanwhile, so a count of keys cannot tell."""
     client = stack.redis.client(decode_responses=True)
     records = set()
-    for pattern in ("streamq:job:*", "streamq:events:*", "rq:job:*"):
+    for pattern in (keys.job("*"), keys.events("*"), keys.rq_job("*")):
         records.update(client.scan_iter(match=pattern))
-    for queue in client.scan_iter(match="rq:queue:*"):
+    for queue in client.scan_iter(match=keys.rq_queue("*")):
         if client.type(queue) == "list":
             records.update(f"{queue} {job_id}" for job_id in client.lrange(queue, 0, -1))
     return records
@@ -309,7 +310,7 @@ def test_prompt_length_limits_are_checked_with_the_workers_tokenizer(stack: Stac
         job = submit(client, stack.url, prompt=prompt, max_length=prompt_tokens + 3, temperature=0)
         # The records a refused request must not leave are what an accepted one does leave.
         made = job_records(stack) - before
-        assert f"streamq:job:{{{job['id']}}}" in made and f"rq:job:{job['id']}" in made
+        assert keys.job(job["id"]) in made and keys.rq_job(job["id"]) in made
         done = follow(client, stack.url, job["id"])[-1]
         assert done.event == "done" and done.data["usage"]["completion_tokens"] <= 3
 

@@ -119,7 +119,7 @@ class StreamqWorker(SimpleWorker):
             raise
         owned.start()
         self.runtime = self._owned = owned
-        settle_heap(self.settings.gc_freeze, self.settings.gc_young_threshold)
+        settle_heap(self.settings)
         backend = owned.backend
         log.info("worker %s serves %s on %s (%s)", self.name, backend.name, backend.device, backend.dtype)
 

@@ -76,7 +76,7 @@ class SlotPool:
         # default 5 ms, so that the dispatcher takes new jobs (and the publisher writes) promptly.
         sys.setswitchinterval(SWITCH_INTERVAL)
         # The model and the engine, loaded now, stay out of garbage collections.
-        settle_heap(self.settings.gc_freeze, self.settings.gc_young_threshold)
+        settle_heap(self.settings)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         slots = runtime.engine.slots
