@@ -3,13 +3,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from streamq.processes import Service, start_front, start_worker, wait_workers
 from streamq.redis_server import RedisServer
 from tests.secure_stack import SecureStack, secure_stack
+
+if TYPE_CHECKING:
+    from worker.batch_lm import BatchedCausalLM
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +24,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def hd64_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with heads of 64 dimensions (vLLM's CPU attention takes no fewer than 32),
+    for the vLLM tests; built once per test session."""
+    from worker.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "vllm-tiny", shape="tiny-hd64")
+
+
+@pytest.fixture(scope="session")
 def tiny_backend(tiny_model: Path) -> Any:
     """The tiny model loaded in this process, as the workers load it (CPU, float32, 1 thread)."""
     import torch
@@ -29,6 +41,14 @@ def tiny_backend(tiny_model: Path) -> Any:
 
     torch.set_num_threads(1)
     return load_backend(str(tiny_model), device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def batched(tiny_backend: Any) -> BatchedCausalLM:
+    """The batching engine's model over the tiny backend: 4 slots, 512 positions, 16-token chunks."""
+    from worker.batch_lm import BatchedCausalLM
+
+    return BatchedCausalLM(tiny_backend, slots=4, max_len=512, prefill_chunk=16)
 
 
 LONG_TOKENS = 1500

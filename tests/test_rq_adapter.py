@@ -1,27 +1,22 @@
-"""What streamq writes in RQ's records (worker/rq_worker.py, worker/rq_runs.py) against the
-installed RQ, which pyproject bounds.
+"""What streamq writes in RQ's records (worker/rq_worker.py, worker/rq_runs.py) as jobs run,
+against the installed RQ, which pyproject bounds.
 
 The adapter subclasses RQ for the plain ``rq worker -w`` way, and the dispatcher of ``streamq
-worker`` writes RQ's records with RQ's own primitives. These tests check that the installed RQ
-still has every hook, private attribute and parameter they rely on, and run both (the
-dispatcher, and a real RQ worker loop in a thread) on a real Redis, to check that each outcome
-of a job is filed where RQ files it: an RQ release that moved any of it fails here.
+worker`` writes RQ's records with RQ's own primitives. These tests run both (the dispatcher, and
+a real RQ worker loop in a thread) on a real Redis, to check that each outcome of a job is filed
+where RQ files it: an RQ release that moved any of it fails here. The hooks, private attributes
+and parameters of RQ they rely on are checked in tests/test_rq_interface.py, the job a front
+submits in tests/test_rq_submit.py.
 """
 
 from __future__ import annotations
 
-import inspect
 import threading
 import time
-import tomllib
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
-import rq
-from packaging.requirements import Requirement
-from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.registry import (
@@ -30,7 +25,6 @@ from rq.registry import (
     FinishedJobRegistry,
     StartedJobRegistry,
 )
-from rq.timeouts import BaseDeathPenalty
 from rq.worker import SimpleWorker
 
 from shared import keys
@@ -43,219 +37,12 @@ from shared.job_store.vocabulary import JobStatus as StreamqStatus
 from shared.schemas import ChatMessage, GenerationRequest
 from shared.settings import Settings
 from streamq.redis_server import RedisServer
-from tests.redis_replies import entries
+from tests.rq_doubles import Scripted, unique
 from worker.dispatcher import IDLE_WAIT, Dispatcher
 from worker.job_runner import JobFailed, JobRunner, Outcome
 from worker.rq_runs import RqRuns
-from worker.rq_worker import EngineDeadline, StreamqJob, StreamqWorker
+from worker.rq_worker import StreamqWorker
 from worker.tasks import TASK
-
-ROOT = Path(__file__).resolve().parents[1]
-
-# The RQ methods each adapter class overrides (the class it extends must still have them, with
-# the parameters RQ calls them with), and the methods it adds of its own.
-OVERRIDES: dict[type, tuple[type, set[str], set[str]]] = {
-    EngineDeadline: (BaseDeathPenalty, {"setup_death_penalty", "cancel_death_penalty"}, set()),
-    StreamqJob: (Job, {"_execute"}, set()),
-    StreamqWorker: (
-        SimpleWorker,
-        {"__init__", "bootstrap", "teardown", "execute_job", "clean_registries", "handle_job_success"},
-        set(),
-    ),
-}
-
-# RQ methods the adapter calls, with the keyword arguments it passes them.
-CALLED: list[tuple[Any, set[str]]] = [
-    (SimpleWorker.register_birth, set()),
-    (SimpleWorker.register_death, set()),
-    (SimpleWorker.heartbeat, set()),
-    (SimpleWorker.set_state, {"state"}),
-    (SimpleWorker.increment_successful_job_count, {"pipeline"}),
-    (SimpleWorker.increment_failed_job_count, {"pipeline"}),
-    (SimpleWorker.increment_total_working_time, {"pipeline"}),
-    (Execution.create, {"job", "ttl", "pipeline", "worker_name"}),
-    (Execution.delete, {"job", "pipeline"}),
-    (Execution.heartbeat, {"started_job_registry", "ttl", "pipeline"}),
-    (Job.refresh, set()),
-    (Job.get_result_ttl, {"default_ttl"}),
-    (Job.prepare_for_execution, {"worker_name", "pipeline"}),
-    (
-        Job._handle_success,
-        {"pipeline", "worker_name", "execution_id", "execution_started_at", "execution_ended_at"},
-    ),
-    (
-        Job._handle_failure,
-        {"pipeline", "worker_name", "execution_id", "execution_started_at", "execution_ended_at"},
-    ),
-    (Job.set_status, {"pipeline"}),
-    (Job.cleanup, {"ttl", "pipeline", "remove_from_queue"}),
-    (Queue.enqueue_job, {"at_front"}),
-    (CanceledJobRegistry.__init__, {"job_class", "serializer"}),
-    (CanceledJobRegistry.add, {"ttl", "pipeline"}),
-    (StartedJobRegistry.remove_executions, set()),  # the janitor's requeue
-]
-
-
-def test_the_installed_rq_is_one_the_project_allows() -> None:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    (wanted,) = [Requirement(d) for d in project["dependencies"] if Requirement(d).name == "rq"]
-    assert wanted.specifier.contains(rq.__version__), (
-        f"RQ {rq.__version__} is installed, but pyproject allows {wanted}: the adapter is checked "
-        "against the installed RQ only"
-    )
-
-
-@pytest.mark.parametrize("adapter", list(OVERRIDES), ids=lambda c: c.__name__)
-def test_every_rq_method_the_adapter_overrides_is_still_rqs(adapter: type) -> None:
-    base, hooks, own = OVERRIDES[adapter]
-    defined = {
-        name
-        for name, value in vars(adapter).items()
-        if inspect.isfunction(value) and (name == "__init__" or not name.startswith("__"))
-    }
-    assert defined == hooks | own, "list the adapter's new or removed overrides in OVERRIDES"
-    for name in hooks:
-        theirs = getattr(base, name, None)
-        assert theirs is not None, f"RQ {rq.__version__}: {base.__name__}.{name} is gone"
-        ours = inspect.signature(getattr(adapter, name)).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ours.values())
-        missing = [p for p in inspect.signature(theirs).parameters if p not in ours and not takes_any]
-        missing = [p for p in missing if p not in ("args", "kwargs")]
-        assert not missing, f"RQ {rq.__version__}: {base.__name__}.{name} now takes {missing}"
-
-
-@pytest.mark.parametrize(("method", "keywords"), CALLED, ids=lambda v: getattr(v, "__qualname__", ""))
-def test_the_rq_methods_the_adapter_calls_take_its_arguments(method: Any, keywords: set[str]) -> None:
-    parameters = inspect.signature(method).parameters
-    assert keywords <= set(parameters), f"RQ {rq.__version__}: {method.__qualname__} lost {keywords}"
-
-
-def test_rq_workers_have_the_private_attributes_the_adapter_uses(redis_server: RedisServer) -> None:
-    runtime = Scripted(redis_server, unique("rq"), {})
-    worker = StreamqWorker(connection=redis_server.client(), settings=Settings(), runtime=runtime)
-    assert isinstance(SimpleWorker.death_penalty_class, type)  # EngineDeadline takes its place
-    assert worker.job_class is StreamqJob  # RQ builds the jobs it dequeues with it
-    assert isinstance(worker.executions, dict)  # RQ's runs of the worker, by execution id
-    probe = vars(Job("probe", connection=redis_server.client()))
-    assert {"_result", "ended_at"} <= set(probe)  # the dispatcher sets them before RQ files a success
-
-
-def test_the_rq_lists_streamqs_scripts_write_to_are_rqs(redis_server: RedisServer) -> None:
-    queue = Queue(keys.queue_name("some-model"), connection=redis_server.client())
-    assert queue.key == keys.rq_queue("some-model")  # the handback and cancel scripts push/remove here
-    assert queue.intermediate_queue_key == keys.intermediate(queue.key)  # taken, not yet started
-    assert Queue.redis_queues_keys == keys.RQ_QUEUES  # where the janitor finds every queue
-
-
-def _submit(
-    r: Any, queue: Queue, job_id: str, records: QueuedRecords | None = None, **limits: Any
-) -> list[Any]:
-    """Create a job the way a front does: the submit script, with RQ's record from RQ itself."""
-    records = records or QueuedRecords(queue, TASK, timeout=300, result_ttl=60)
-    rq_job = records.queued(job_id, f"job {job_id}")
-    fields = {"id": job_id, "status": "queued", "model": "m", "created_at": repr(time.time())}
-    call = scripts.submit(
-        job_id,
-        fields=fields,
-        rq_job=rq_job,
-        queue_list=queue.key,
-        max_queued=limits.get("max_queued", 0),
-        life=600,
-        maxlen=100,
-        queued_event=Queued(model="m"),
-        quota=limits.get("quota"),
-        now=time.time(),
-    )
-    return list(JobScripts(r).run(call))
-
-
-def test_a_job_the_front_creates_is_the_job_rq_would_have_enqueued(redis_server: RedisServer) -> None:
-    """One script writes RQ's record and queue entry with the job's own: RQ must see the same job
-    as its own enqueue_call makes (fields, status, queue, registry of queues), and fetch it."""
-    r = redis_server.client()
-    queue = Queue(unique("rq-format"), connection=r)
-    theirs, ours = uuid.uuid4().hex, uuid.uuid4().hex
-    queue.enqueue_call(
-        TASK,
-        args=(theirs,),
-        job_id=theirs,
-        timeout=300,
-        ttl=None,
-        result_ttl=60,
-        failure_ttl=60,
-        description=f"job {theirs}",
-    )
-    records = QueuedRecords(queue, TASK, timeout=300, result_ttl=60)  # one per queue, reused
-    records.queued(uuid.uuid4().hex, "another job, not submitted")
-    assert _submit(r, queue, ours, records) == [b"queued", 1]
-    rq_fields, our_fields = r.hgetall(Job.key_for(theirs)), r.hgetall(Job.key_for(ours))
-    assert set(our_fields) == set(rq_fields)
-    moments = {b"created_at", b"enqueued_at", b"data", b"description"}  # the time, and the job's id
-    assert {k: v for k, v in our_fields.items() if k not in moments} == {
-        k: v for k, v in rq_fields.items() if k not in moments
-    }
-    assert r.ttl(Job.key_for(ours)) == r.ttl(Job.key_for(theirs)) == -1  # RQ sets no TTL at enqueue
-    job = Job.fetch(ours, connection=r)
-    assert (job.func_name, job.args, job.origin, job.get_status()) == (
-        TASK,
-        (ours,),
-        queue.name,
-        JobStatus.QUEUED,
-    )
-    assert job.enqueued_at is not None and job.timeout == 300
-    assert queue.job_ids == [theirs, ours] and queue.count == 2
-    assert queue.key.encode() in r.smembers(keys.RQ_QUEUES)
-
-
-def test_a_submit_sent_twice_creates_one_job(redis_server: RedisServer) -> None:
-    """The front's connection dropped after Redis ran the script, and redis-py sent it again: the
-    client is told the job is queued, and the job is queued once (even with the queue then full)."""
-    r = redis_server.client()
-    queue = Queue(unique("rq-twice"), connection=r)
-    records = QueuedRecords(queue, TASK, timeout=300, result_ttl=60)
-    job_id = uuid.uuid4().hex
-    assert _submit(r, queue, job_id, records, max_queued=1) == [b"queued", 0]
-    assert _submit(r, queue, job_id, records, max_queued=1) == [b"queued", 0]
-    assert queue.job_ids == [job_id]
-    assert [fields[b"event"] for _, fields in entries(r.xrange(keys.events(job_id)))] == [b"queued"]
-
-
-def test_the_submit_script_keeps_the_queue_limit_and_the_key_quota(redis_server: RedisServer) -> None:
-    r = redis_server.client()
-    queue = Queue(unique("rq-limits"), connection=r)
-    assert [_submit(r, queue, uuid.uuid4().hex, max_queued=2)[0] for _ in range(3)] == [b"queued"] * 2 + [
-        b"full"
-    ]
-    assert queue.count == 2
-    owner = unique("key")
-    quota = scripts.Quota(owner, 1, 60)
-    other = Queue(unique("rq-quota"), connection=r)
-    first = uuid.uuid4().hex
-    assert _submit(r, other, first, quota=quota) == [b"queued", 0]
-    assert _submit(r, other, uuid.uuid4().hex, quota=quota) == [b"quota", 0]
-    assert other.job_ids == [first]  # refused: nothing of it written
-    assert r.zrange(keys.key_active(owner), 0, -1) == [first.encode()]
-
-
-class Scripted:
-    """The engine side of a worker, scripted per job id: what each run of the job ends with."""
-
-    def __init__(self, redis_server: RedisServer, model: str, script: dict[str, list[Any]]) -> None:
-        self.served_name = model
-        self.redis = redis_server.client()
-        self.script = script
-        self.calls: list[tuple[str, str]] = []
-        self.enqueued_at: list[Any] = []  # RQ's record of when the job (last) entered its queue
-
-    def run_job(self, job_id: str, slot_name: str, fields: dict[str, str] | None = None) -> Outcome:
-        self.calls.append((job_id, slot_name))
-        self.enqueued_at.append(Job.fetch(job_id, connection=self.redis).enqueued_at)
-        then = self.script[job_id].pop(0)
-        if isinstance(then, Exception):
-            raise then
-        if then is Outcome.REQUEUED:  # what the handback script does before the run returns
-            self.redis.lpush(keys.rq_queue(self.served_name), job_id)
-        return Outcome(then)
 
 
 def enqueue(redis_server: RedisServer, model: str, job_ids: list[str]) -> Queue:
@@ -291,11 +78,6 @@ def dispatch_in_a_thread(dispatcher: Dispatcher) -> tuple[threading.Thread, list
     thread = threading.Thread(target=work, name="rq-contract-dispatcher", daemon=True)
     thread.start()
     return thread, failed
-
-
-def unique(name: str) -> str:
-    """Names no other test session shares (sessions that run at once may share a Redis)."""
-    return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.mark.parametrize("taker", ["dispatcher", "rq-worker"])

@@ -27,43 +27,28 @@ from shared.schemas import ChatMessage, PromptInput
 from streamq.processes import Service, wait_for
 from tests.conftest import Stack
 from tests.sse import SSE, follow, text_of
+from tests.vllm_reference import Reference
+from tests.vllm_stack import (
+    MAX_LEN,
+    MODEL,
+    SLOTS,
+    VLLM_ENV,
+    logprobs_of,
+    prompt_logprobs_of,
+    serving,
+    spelled,
+    start_vllm_worker,
+    streamed,
+    submit,
+    view,
+)
 
 if os.environ.get("STREAMQ_REQUIRE_VLLM") != "1":  # CI sets it: there, a missing vLLM fails
     pytest.importorskip("vllm", reason="the vLLM engine is not installed (make install-vllm)")
 
 pytestmark = pytest.mark.e2e
 
-MODEL = "vllm-tiny"
-SLOTS = 2
-MAX_LEN = 1024
-VLLM_ENV = {
-    "STREAMQ_ENGINE": "vllm",
-    "STREAMQ_DTYPE": "float32",
-    "STREAMQ_VLLM_EAGER": "1",
-    "STREAMQ_KV_CACHE_GIB": "0.25",
-    "STREAMQ_MAX_SEQ_LEN": str(MAX_LEN),
-    "STREAMQ_LEASE_SECONDS": "2",
-}
 PROMPTS = [f"Tell me about queues, part {i}." for i in range(6)]
-
-
-@pytest.fixture(scope="module")
-def hd64_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.tiny_model import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "vllm-tiny", shape="tiny-hd64")
-
-
-def start_vllm_worker(stack: Stack, model_dir: Path, name: str, **env: str) -> Service:
-    args = ["worker", "--model", str(model_dir), "--served-name", MODEL, "--name", name]
-    args += ["--slots", str(SLOTS)]
-    service = Service(args, {**stack.env, **VLLM_ENV, **env}, name, stack.logdir)
-    stack.services.append(service)
-    return service
-
-
-def serving(stack: Stack) -> int:
-    return int(httpx.get(f"{stack.url}/readyz").json()["models"].get(MODEL, 0))
 
 
 @pytest.fixture(scope="module")
@@ -78,82 +63,9 @@ def vllm_worker(stack: Stack, hd64_model: Path) -> Iterator[Service]:
     worker.stop()
 
 
-class Reference:
-    """vLLM alone, offline, in this process: what each prompt should give."""
-
-    def __init__(self, model_dir: Path) -> None:
-        from vllm import LLM
-
-        from worker.chat_prompt import ChatPrompt
-
-        os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-
-        self.llm = LLM(
-            model=str(model_dir),
-            dtype="float32",
-            enforce_eager=True,
-            kv_cache_memory_bytes=2**28,
-            max_model_len=MAX_LEN,
-            max_num_seqs=4,
-        )
-        self.prompt = ChatPrompt()
-        self.prompt.tokenizer = self.llm.get_tokenizer()
-        self.prompt.eos_ids = {int(self.prompt.tokenizer.convert_tokens_to_ids("<|im_end|>"))}
-        self.prompt.context_length = MAX_LEN
-
-    def ids(self, prompt: str) -> list[int]:
-        return self.prompt.encode(PromptInput(messages=[ChatMessage(role="user", content=prompt)]))
-
-    def generate(self, ids: list[int], max_tokens: int, **sampling: Any) -> Any:
-        """vLLM's RequestOutput for the prompt ``ids`` (greedy unless ``sampling`` says)."""
-        from vllm import SamplingParams, TokensPrompt
-
-        params = SamplingParams(max_tokens=max_tokens, **{"temperature": 0.0, **sampling})
-        return self.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
-
-    def text(self, token_ids: list[int]) -> str:
-        # The tokens' text as a whole (vLLM's own text drops a character cut at the end).
-        return str(self.prompt.tokenizer.decode(token_ids, skip_special_tokens=True))
-
-    def special(self) -> set[str]:
-        """The special tokens, which the answer's text leaves out."""
-        added = self.prompt.tokenizer.added_tokens_decoder.values()
-        return {str(token.content) for token in added if token.special}
-
-    def answer(self, prompt: str, max_tokens: int, **sampling: Any) -> str:
-        return self.text(self.generate(self.ids(prompt), max_tokens, **sampling).outputs[0].token_ids)
-
-
 @pytest.fixture(scope="module")
 def reference(hd64_model: Path, vllm_worker: Service) -> Reference:
     return Reference(hd64_model)
-
-
-def submit(url: str, prompt: str | None, max_tokens: int, **fields: Any) -> str:
-    body = {"model": MODEL, "max_tokens": max_tokens, "temperature": 0, **fields}
-    if prompt is not None:
-        body["prompt"] = prompt
-    response = httpx.post(f"{url}/v1/jobs", json=body, timeout=30)
-    assert response.status_code == 202, response.text
-    return str(response.json()["id"])
-
-
-def logprobs_of(events: list[SSE]) -> list[dict[str, Any]]:
-    """Every answer token's entry, in order, from the job's delta events."""
-    return [entry for e in events if e.event == "delta" for entry in e.data.get("logprobs") or []]
-
-
-def prompt_logprobs_of(events: list[SSE]) -> list[list[dict[str, Any] | None]]:
-    """The prompt's entries, as often as the stream carried them (once)."""
-    return [e.data["prompt_logprobs"] for e in events if e.event == "delta" and "prompt_logprobs" in e.data]
-
-
-def spelled(entries: list[dict[str, Any]], special: set[str]) -> str:
-    """The text the entries' bytes make, as the answer's text is made: without special tokens
-    (a random model may pick one; its entry names it), and a random model's tokens need not
-    make valid UTF-8."""
-    kept = [bytes(e["bytes"]) for e in entries if e["token"] not in special]
-    return b"".join(kept).decode("utf-8", errors="replace")
 
 
 @pytest.fixture(scope="module")
@@ -170,15 +82,6 @@ def transformers_logprobs(hd64_model: Path) -> Any:
             return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
 
     return rows
-
-
-def view(stack: Stack, job_id: str) -> dict[str, Any]:
-    return dict(httpx.get(f"{stack.url}/v1/jobs/{job_id}", timeout=10).json())
-
-
-def streamed(stack: Stack, job_id: str) -> list[SSE]:
-    with httpx.Client(timeout=300) as client:
-        return follow(client, stack.url2, job_id)
 
 
 def test_greedy_jobs_run_together_equal_vllm_alone_and_never_exceed_the_slots(
@@ -411,31 +314,6 @@ def test_logprobs_of_the_answer_and_the_prompt_agree_with_vllm_alone_and_transfo
         assert given["logprob"] == pytest.approx(float(row[ids[place]]), abs=1e-3)
         best = row.topk(2)
         assert [t["logprob"] for t in given["top_logprobs"]] == pytest.approx(best.values.tolist(), abs=1e-3)
-
-
-def test_log_probability_entries_take_vllms_top_tokens_in_order_of_rank(hd64_model: Path) -> None:
-    from transformers import AutoTokenizer
-    from vllm.logprobs import Logprob
-
-    from worker.token_logprobs import TokenTexts
-    from worker.vllm_engine import _logprob_entry
-
-    texts = TokenTexts(AutoTokenizer.from_pretrained(hd64_model))
-
-    def alternatives(token: int, place: dict[int, Logprob], k: int) -> list[tuple[bytes, float]]:
-        entry = _logprob_entry(texts, token, place, k)
-        assert entry.logprob == place[token].logprob and entry.bytes == list(texts.token_bytes(token))
-        return [(bytes(t.bytes or []), t.logprob) for t in entry.top_logprobs]
-
-    def b(token: int) -> bytes:
-        return texts.token_bytes(token)
-
-    # vLLM's dict: the sampled token first, then the k most likely (a repeat keeps its first place).
-    outside = {50: Logprob(-4.0, rank=9), 40: Logprob(-0.5, rank=1), 41: Logprob(-1.5, rank=2)}
-    assert alternatives(50, outside, 2) == [(b(40), -0.5), (b(41), -1.5)]
-    among = {41: Logprob(-1.5, rank=2), 40: Logprob(-0.5, rank=1), 42: Logprob(-2.0, rank=3)}
-    assert alternatives(41, among, 3) == [(b(40), -0.5), (b(41), -1.5), (b(42), -2.0)]
-    assert alternatives(50, {50: Logprob(-4.0, rank=9)}, 0) == []
 
 
 def test_a_raw_prompt_as_text_or_token_ids_gives_the_same_answer_without_the_chat_template(

@@ -16,7 +16,7 @@ the front of its queue, or left to the worker that holds it now. A failure raise
 and RQ files it failed. So RQ's registries and ``rq info`` follow each job's real end.
 
 What this module relies on in RQ (hooks, private attributes, signatures) is checked against
-the installed RQ by tests/test_rq_adapter.py.
+the installed RQ by tests/test_rq_interface.py.
 """
 
 from __future__ import annotations

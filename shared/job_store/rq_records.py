@@ -6,7 +6,7 @@ and an INFO per new ``Queue``) and is synchronous. Here RQ builds the job once p
 description and times before RQ serializes it (``to_dict``) with what its enqueue sets (origin,
 enqueue time, status ``queued``), with no Redis call. The ``submit`` script writes those fields
 and pushes the id onto the queue as RQ's enqueue does, so RQ's workers, registries and ``rq
-info`` see a normal job. tests/test_rq_adapter.py checks the record against one RQ enqueued.
+info`` see a normal job. tests/test_rq_submit.py checks the record against one RQ enqueued.
 """
 
 from __future__ import annotations

@@ -1,0 +1,96 @@
+"""A conversation's turns and the tools it may call: the messages of a job request, and their
+text, which must be valid Unicode."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _encodable(value: str) -> str:
+    """Refuse text that is not valid Unicode (lone surrogates such as "\\ud800" in JSON)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (it holds a lone surrogate)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: Text
+    arguments: Text = Field(description="the call's arguments: a JSON object, as text (OpenAI's form)")
+
+
+class ToolCall(BaseModel):
+    """A call an assistant made, as OpenAI writes it in ``message.tool_calls``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    """One turn of a conversation. ``tool`` turns answer an assistant's ``tool_calls``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Text = ""
+    name: Text | None = None  # the speaker's (or a tool turn's function) name, for the template
+    tool_calls: list[ToolCall] | None = None  # assistant turns only
+    tool_call_id: Text | None = None  # tool turns only: the call this answers
+
+    def template_turn(self) -> dict[str, Any]:
+        """The turn as Hugging Face chat templates take it: a call's arguments as an object."""
+        turn: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            turn["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {
+                        "name": call.function.name,
+                        "arguments": _arguments(call.function.arguments),
+                    },
+                }
+                for call in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            turn["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            turn["name"] = self.name
+        return turn
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+    description: Text | None = None
+    parameters: dict[str, Any] | None = Field(None, description="JSON Schema of the arguments")
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    """A function the model may call (OpenAI's ``tools`` entries; only ``function`` tools)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition

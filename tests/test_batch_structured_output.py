@@ -1,0 +1,168 @@
+"""JSON answers from the transformers engine on the tiny model (fp32), grammar-constrained: a JSON
+schema's, or any JSON object, honoured per job inside a batch of other jobs, checked with
+jsonschema; a grammar is compiled in its job's slot thread."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jsonschema
+import pytest
+import torch
+
+from tests.engine_outputs import ids_of
+from tests.test_engine import alone, drive, job, request, running_engine
+from worker.batch_lm import BatchedCausalLM
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "color": {"enum": ["red", "green", "blue"]},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 3},
+    },
+    "required": ["name", "color", "age", "tags"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize(
+    "sampling", [{}, {"temperature": 1.0, "seed": 7}, {"temperature": 0.8, "top_p": 0.9}]
+)
+def test_json_schema_answers_are_json_that_follows_the_schema(
+    batched: BatchedCausalLM, sampling: dict[str, Any]
+) -> None:
+    jobs = [job(request(f"a person {i}", json_schema=SCHEMA, max_tokens=100, **sampling)) for i in range(5)]
+    seen = drive(batched, jobs, {})
+    for j in jobs:
+        assert seen.end(j).finish_reason == "stop"  # type: ignore[union-attr]
+        jsonschema.validate(json.loads(seen.text(j)), SCHEMA)  # strict JSON: no raw control characters
+
+
+def test_json_object_answers_are_json_objects(batched: BatchedCausalLM) -> None:
+    jobs = [job(request(f"an object {i}", json_object=True, max_tokens=120)) for i in range(8)]
+    seen = drive(batched, jobs, {})
+    ended = [j for j in jobs if seen.end(j).finish_reason == "stop"]  # type: ignore[union-attr]
+    assert len(ended) >= 2  # a random model writes long keys: some run out of tokens first
+    for j in ended:
+        assert isinstance(json.loads(seen.text(j)), dict)
+    for j in jobs:
+        assert seen.text(j).startswith("{")  # an object, never an array or a bare value
+
+
+def test_control_characters_and_special_tokens_never_get_into_the_json(
+    tiny_backend: Any, batched: BatchedCausalLM
+) -> None:
+    # xgrammar 0.2.8 lets raw control characters into a string with a maxLength, and would let
+    # special tokens in, which decoding drops: the engine keeps both out, however favoured.
+    tokenizer = tiny_backend.tokenizer
+    control = tokenizer("\x10\x01\x1f\n", add_special_tokens=False)["input_ids"]
+    special = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|endoftext|>")]
+    favoured = dict.fromkeys(control + special, 100.0)
+    jobs = [
+        job(request(f"controls {i}", json_schema=SCHEMA, max_tokens=100, logit_bias=favoured))
+        for i in range(3)
+    ]
+    seen = drive(batched, jobs, {})
+    for j in jobs:
+        assert seen.end(j).finish_reason == "stop"  # type: ignore[union-attr]
+        jsonschema.validate(json.loads(seen.text(j)), SCHEMA)
+        assert not set(ids_of(seen, j)) & set(control + special)
+
+
+def test_plain_jobs_answer_as_alone_beside_constrained_ones_which_answer_as_they_do_alone(
+    tiny_backend: Any, batched: BatchedCausalLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.batch_lm
+
+    ruled_rows: list[int] = []
+    real = worker.batch_lm.apply_rules
+
+    def counting(block: torch.Tensor, rules: Any, allowed: Any) -> None:
+        ruled_rows.append(block.shape[0])
+        real(block, rules, allowed)
+
+    monkeypatch.setattr(worker.batch_lm, "apply_rules", counting)
+    reqs = [
+        request("plain one", max_tokens=30),
+        request("json one", json_schema=SCHEMA, max_tokens=100),
+        request("plain two", temperature=0.9, seed=11, max_tokens=30),
+        request("json two", json_schema=SCHEMA, temperature=1.0, seed=5, max_tokens=100),
+        request("biased", logit_bias={40: 8.0}, frequency_penalty=0.5, max_tokens=30),
+        request("plain three", max_tokens=30),
+    ]
+    jobs = [job(r) for r in reqs]
+    seen = drive(batched, jobs[:4], {4: jobs[4:]})
+    for j, r in zip(jobs, reqs, strict=True):
+        assert (seen.text(j), seen.end(j).finish_reason) == alone(tiny_backend, r)  # type: ignore[union-attr]
+    assert max(ruled_rows) <= 3  # only the rows of jobs with rules were copied and changed
+
+    ruled_rows.clear()
+    plain = [job(request(f"only plain {i}", max_tokens=10)) for i in range(3)]
+    drive(batched, plain, {})
+    assert ruled_rows == []  # a batch of plain jobs never leaves the fast path
+
+
+def test_a_schema_xgrammar_cannot_compile_fails_that_job_only(tiny_backend: Any) -> None:
+    model = BatchedCausalLM(tiny_backend, slots=3, max_len=512)
+    with running_engine(model) as (engine, seen):
+        good = job(request("good", max_tokens=20))
+        bad = job(request("bad", json_schema={"type": "strong"}))
+        dangling = job(request("bad ref", json_schema={"$ref": "#/definitions/nothing"}))
+        for j in (good, bad, dangling):
+            engine.submit(j)
+        seen.wait(lambda: all(seen.end(j) is not None for j in (good, bad, dangling)))
+        for j in (bad, dangling):
+            end = seen.end(j)
+            assert end is not None and end.finish_reason == "error"
+            assert end.error_type == "invalid_request_error" and "response_format" in end.error_message
+        assert seen.text(good) == alone(tiny_backend, good.request)[0]
+        assert engine.alive()
+
+
+def test_a_continued_job_under_a_grammar_still_ends_in_valid_json(
+    tiny_backend: Any, batched: BatchedCausalLM
+) -> None:
+    whole = job(request("continue me", json_schema=SCHEMA, max_tokens=100))
+    seen = drive(batched, [whole], {})
+    ids = ids_of(seen, whole)
+    half = len(ids) // 2
+    greedy = job(request("continue me", json_schema=SCHEMA, max_tokens=100))
+    greedy.resume_ids = ids[:half]
+    sampled = job(request("continue me", json_schema=SCHEMA, max_tokens=100, temperature=1.0, seed=3))
+    sampled.resume_ids = ids[:half]
+    seen = drive(batched, [greedy, sampled], {})
+    assert ids_of(seen, greedy) == ids[half:]  # the same greedy tokens as the run not interrupted
+    for j in (greedy, sampled):
+        assert seen.end(j).finish_reason == "stop"  # type: ignore[union-attr]
+        text = tiny_backend.tokenizer.decode(ids[:half] + ids_of(seen, j), skip_special_tokens=True)
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_a_jobs_grammar_is_compiled_in_its_slot_thread_not_the_engines(tiny_backend: Any) -> None:
+    """A schema can take seconds to compile (a long maxLength on a large vocabulary): the slot
+    thread compiles it (``prepare``) before the job joins, so running jobs never wait on it."""
+    import threading
+
+    model = BatchedCausalLM(tiny_backend, slots=2, max_len=256)
+    grammars = model._grammars
+    compiled_in: list[str] = []
+    compile_json_schema = grammars._grammar_compiler().compile_json_schema
+
+    class Spy:
+        def compile_json_schema(self, *args: Any, **kwargs: Any) -> Any:
+            compiled_in.append(threading.current_thread().name)
+            return compile_json_schema(*args, **kwargs)
+
+    grammars._compiler = Spy()
+    schema = {"type": "object", "properties": {"slot": {"enum": ["a", "b"]}}, "required": ["slot"]}
+    r = request("prepare me", json_schema=schema, max_tokens=20)
+    slot = threading.Thread(target=model.prepare, args=(r,), name="slot-7")
+    slot.start()
+    slot.join()
+    j = job(r)
+    seen = drive(model, [j], {})  # the engine's side, in this (main) thread
+    assert compiled_in == ["slot-7"]
+    assert json.loads(seen.text(j))["slot"] in ("a", "b")
