@@ -152,6 +152,8 @@ def test_an_idle_dispatcher_is_one_rq_worker_and_stops_soon_after_it_is_asked(
     thread, failed = dispatch_in_a_thread(dispatcher)
     time.sleep(0.5)
     assert thread.is_alive()  # waiting on its queue
+    # Its 8 slots' threads are up before any job comes (a burst's first jobs wait for none).
+    assert len([t for t in threading.enumerate() if t.name.startswith("streamq-job")]) >= 8
     (listed,) = [w for w in SimpleWorker.all(connection=redis_server.client()) if w.name.startswith(model)]
     assert (listed.name, listed.get_state(), listed.queue_names()) == (
         model,

@@ -4,11 +4,11 @@ The dispatcher's thread waits for a free slot and takes jobs (``worker.rq_runs``
 queue it blocks for the first to come and starts it alone, at once; while jobs keep coming, each
 look takes as many as are queued and fit the free slots, in one round trip. It records their
 start in RQ and reads their state in one pipeline, and hands each to a thread of a pool of
-``slots`` threads that runs it on the engine (``JobHost.run_job``: streamq's start, the
-engine, the wait for its end) and files its end in RQ. So the process never runs more jobs than
-it has slots, an idle process costs one blocked read, and a job costs RQ's records and no RQ
-worker loop. In RQ the process is one worker (``rq info`` lists it busy while it runs any job);
-each run is an execution of that worker.
+``slots`` threads, all started with the dispatcher, that runs it on the engine
+(``JobHost.run_job``: streamq's start, the engine, the wait for its end) and files its end in
+RQ. So the process never runs more jobs than it has slots, an idle process costs one blocked
+read, and a job costs RQ's records and no RQ worker loop. In RQ the process is one worker
+(``rq info`` lists it busy while it runs any job); each run is an execution of that worker.
 
 ``stop_taking`` ends the loop (within ``IDLE_WAIT`` when idle); the jobs it started run on. In
 burst mode the loop ends once the queue is empty and no job runs.
@@ -103,6 +103,7 @@ class Dispatcher:
         worker = self.rq_worker
         beat_due = maintenance_due = 0.0
         registered = False
+        self._start_slot_threads()
         try:
             while not self._stop.is_set():
                 try:
@@ -136,6 +137,19 @@ class Dispatcher:
                 worker.register_death()
             except redis.RedisError as exc:
                 log.warning("could not remove worker %s from RQ's list: %s", self.name, exc)
+
+    def _start_slot_threads(self) -> None:
+        """Start every slot's thread now. The pool would start one at each job that finds no idle
+        thread, so a burst's first jobs would wait for thread starts: 74 ms for 57 jobs measured
+        on a loaded worker (2 cores stepping vLLM), against 3 ms with the threads up."""
+        up = threading.Barrier(self._slots + 1)
+        try:
+            for _ in range(self._slots):  # each holds its thread until all are up: none is reused
+                self._pool.submit(up.wait)
+            up.wait(timeout=60)
+        except (RuntimeError, threading.BrokenBarrierError) as exc:
+            up.abort()  # no thread to be had: the pool starts them as jobs come, as before
+            log.warning("dispatcher: could not start its %d slot threads up front: %s", self._slots, exc)
 
     def _register(self) -> None:
         """Enter RQ's list of workers. A live record of the same name (a process restarted with
