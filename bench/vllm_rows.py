@@ -21,6 +21,7 @@ import functools
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,11 @@ from bench.throughput import _cell_subprocess, _ratio, _verdict
 from streamq.processes import free_port
 
 CONCURRENCY = (1, 4, 16, 64)
-REPEATS = 3  # runs of each cell of c ≤ 4
+REPEATS = 3  # runs of each cell
+# Seconds between cells: vLLM's shared-memory readers (the engine's, and its executor's) spin for
+# 1 s after their last message (shm_broadcast's busy loop) before they sleep, so a system just
+# measured would still take CPU from the next one's first second.
+SETTLE = 1.5
 DTYPES = ("float32", "bfloat16")
 KV_CACHE_GIB = 2
 MAX_MODEL_LEN = 1024
@@ -111,12 +116,13 @@ def _alternated(
     results: Results, dtype: str, c: int, runs: dict[str, Callable[[list[str]], Cell]], prompts: list[str]
 ) -> None:
     """Cells of each system at c clients, run in turns (e, f, e, f, ...): the machine's load drifts
-    by tens of percent within minutes, and turns give both systems the same drift. A cell of c ≤ 4
-    clients is run REPEATS times (one run's TTFT is one or four samples), others once."""
-    repeats = REPEATS if c <= 4 else 1
+    by tens of percent within minutes, and turns give both systems the same drift. Each cell is
+    run REPEATS times (one run's TTFT at c=16 is one burst's: it moved by ±30% between runs), after
+    a pause of SETTLE seconds."""
     done: dict[str, list[Cell]] = {system: [] for system in runs}
-    for _ in range(repeats):
+    for _ in range(REPEATS):
         for system, run in runs.items():
+            time.sleep(SETTLE)
             try:
                 done[system].append(run(prompts[:c]))
             except Exception as exc:
@@ -185,7 +191,7 @@ def print_table(results: Results, shape: str, tokens: int) -> None:
         "notes: RSS is the worker's (e) or the server's (f) VmHWM; vLLM's engine-core process is not in it;"
     )
     print(
-        f"       cells of c ≤ 4 ran {REPEATS} times: tok/s is the median run's, TTFT and ITL of all requests"
+        f"       each cell ran {REPEATS} times in turns: tok/s is the median run's; TTFT, ITL: all requests"
     )
     nan = float("nan")
     print(f"\n{'target':<50}{'value':>10}{'target':>10}   verdict")
