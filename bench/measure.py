@@ -69,7 +69,7 @@ class Cell:
 
 @dataclass
 class RepeatedCell(Cell):
-    """One cell run several times (small c, where one run is one or a few requests): throughput
+    """One cell run several times (one run is one burst of requests): throughput
     is the median of the runs', TTFT and ITL are over every request of every run."""
 
     rates: list[float] = field(default_factory=list)

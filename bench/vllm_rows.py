@@ -11,7 +11,8 @@ clients that all arrive at t=0, each asking for N new tokens (greedy, the same p
 Both vLLM runs get the same KV cache, the same max_model_len and the same CPU thread binding.
 (e) and (f) are up at once and their cells run in turns (e, f, e, f, ...), so that the
 machine's drift (tens of percent within minutes on these shared cores) falls on both alike; an
-idle vLLM engine sleeps, so the one not measured takes no CPU.
+idle vLLM engine sleeps once its shared-memory readers have spun for a second, so each cell
+starts after a pause (SETTLE) and the one not measured then takes no CPU.
 """
 
 from __future__ import annotations

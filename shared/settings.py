@@ -98,12 +98,6 @@ class Settings(BaseSettings):
     )
     tensor_parallel_size: int = Field(1, ge=1, description="worker (vLLM): GPUs one model is split over")
     pipeline_parallel_size: int = Field(1, ge=1, description="worker (vLLM): pipeline stages over GPUs")
-    vllm_switch_interval_ms: float = Field(
-        1.0,
-        ge=0,
-        description="worker (vLLM): how often, in ms, the worker's threads may take Python's lock from "
-        "vLLM's scheduler, which runs in the worker process (0: Python's default, 5 ms)",
-    )
     vllm_eager: bool = Field(
         False, description="worker (vLLM): no compilation or CUDA graphs (starts faster, runs slower)"
     )

@@ -64,6 +64,11 @@ class UnsubscribedWorker(StreamqWorker):
 COUNTERS = ("successful_job_count", "failed_job_count")
 
 
+def slot_threads() -> set[int | None]:
+    """The job threads of the dispatchers in this process (their pools name them so)."""
+    return {t.ident for t in threading.enumerate() if t.name.startswith("streamq-job")}
+
+
 def dispatch_in_a_thread(dispatcher: Dispatcher) -> tuple[threading.Thread, list[BaseException]]:
     """As ``streamq worker`` runs its dispatcher: not in the main thread. Returns the thread and
     what ``run`` raised, if anything."""
@@ -149,11 +154,12 @@ def test_an_idle_dispatcher_is_one_rq_worker_and_stops_soon_after_it_is_asked(
     dispatcher = Dispatcher(
         redis_server.client(), Scripted(redis_server, model, {}), 8, model, Settings(maintenance_interval=60)
     )
+    slot_threads_before = slot_threads()
     thread, failed = dispatch_in_a_thread(dispatcher)
     time.sleep(0.5)
     assert thread.is_alive()  # waiting on its queue
     # Its 8 slots' threads are up before any job comes (a burst's first jobs wait for none).
-    assert len([t for t in threading.enumerate() if t.name.startswith("streamq-job")]) >= 8
+    assert len(slot_threads() - slot_threads_before) == 8
     (listed,) = [w for w in SimpleWorker.all(connection=redis_server.client()) if w.name.startswith(model)]
     assert (listed.name, listed.get_state(), listed.queue_names()) == (
         model,

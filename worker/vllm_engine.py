@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -123,18 +122,6 @@ def set_cpu_defaults(settings: Settings) -> None:
         if settings.torch_threads:
             cores = cores[: settings.torch_threads]
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
-
-
-def set_switch_interval(settings: Settings) -> None:
-    """vLLM's scheduler (its engine core) runs in the worker's process, beside streamq's threads:
-    the engine thread, the publisher, the dispatcher and the job threads. A thread that wants
-    Python's lock while another holds it waits up to the interpreter's switch interval (5 ms by
-    default), and on every step the engine thread and the publisher take it in turn. With 1 ms,
-    in three A/B runs on 2 cores (bf16, 8-10 runs of each cell, two workers up side by side and
-    measured in turns), streamq's tok/s at c = 1 and 4 was 8-10% higher and its time between
-    tokens 4-6 ms shorter, level with vLLM's own server."""
-    if settings.vllm_switch_interval_ms > 0:
-        sys.setswitchinterval(settings.vllm_switch_interval_ms / 1000)
 
 
 def job_length(settings: Settings, served: VLLMServed) -> int:
@@ -368,7 +355,6 @@ def build_vllm_model(settings: Settings, served: VLLMServed) -> tuple[VLLMModel,
     check_kv_budget(settings, served, job_length(settings, served))
     if served.device == "cpu":
         set_cpu_defaults(settings)
-    set_switch_interval(settings)
     # vLLM's engine core (its scheduler) in this process, stepped by the worker's engine thread:
     # in a process of its own it would outlive a worker killed with SIGKILL, holding its memory.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
