@@ -73,8 +73,10 @@ class JobClient(Protocol):
         ApiError that says why not."""
         ...
 
-    async def view(self, job_id: str, owner: str) -> JobView:
-        """``owner``'s job (404 ApiError if there is none: another key's job is not found)."""
+    async def view(self, job_id: str, owner: str, *, brief: bool = False) -> JobView:
+        """``owner``'s job (404 ApiError if there is none: another key's job is not found);
+        ``brief``: its text and queue position may be left out (for a caller that follows its
+        events, which carry both)."""
         ...
 
     async def cancel(self, job_id: str, owner: str) -> JobView:

@@ -272,20 +272,23 @@ class JobService:
         """Seconds until a queued job at ``position`` starts, at the model's drain rate (or None)."""
         return await self.drain_rates.estimated_wait(model, position)
 
-    async def find(self, job_id: str, owner: str) -> JobView | None:
-        """The job, if it exists and belongs to ``owner`` (another key's job is not found)."""
+    async def find(self, job_id: str, owner: str, brief: bool = False) -> JobView | None:
+        """The job, if it exists and belongs to ``owner`` (another key's job is not found);
+        ``brief``: without its text and queue position (one command)."""
         if not _JOB_ID.match(job_id):
             return None
         pipe = self._redis.pipeline(transaction=False)
         pipe.hgetall(keys.job(job_id))
-        pipe.get(keys.text(job_id))
-        fields, text = await pipe.execute()
+        if not brief:
+            pipe.get(keys.text(job_id))
+        fields, *rest = await pipe.execute()
+        text = rest[0] if rest else ""
         if not fields or JobField.STATUS not in fields:
             return None
         if not hmac.compare_digest(fields.get(JobField.OWNER, OPEN).encode(), owner.encode()):
             return None
         position = None
-        if fields[JobField.STATUS] == JobStatus.QUEUED:
+        if fields[JobField.STATUS] == JobStatus.QUEUED and not brief:
             position = await self.queued_position(job_id, fields[JobField.MODEL])
         view = view_from_hash(job_id, fields, text or "", position)
         if position is not None:
@@ -300,8 +303,8 @@ class JobService:
         newest = await self._redis.xrevrange(keys.events(job_id), count=1)
         return str(newest[0][0]) if newest else None
 
-    async def get(self, job_id: str, owner: str) -> JobView:
-        view = await self.find(job_id, owner)
+    async def get(self, job_id: str, owner: str, brief: bool = False) -> JobView:
+        view = await self.find(job_id, owner, brief)
         if view is None:
             raise ApiError(404, f"no job with id '{job_id}'", param="id", code="job_not_found")
         return view

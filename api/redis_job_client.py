@@ -172,8 +172,8 @@ class RedisJobClient:
     async def submit(self, request: JobRequest, caller: Caller) -> JobView:
         return await self.jobs.submit(request, caller)
 
-    async def view(self, job_id: str, owner: str) -> JobView:
-        return await self.jobs.get(job_id, owner)
+    async def view(self, job_id: str, owner: str, *, brief: bool = False) -> JobView:
+        return await self.jobs.get(job_id, owner, brief=brief)
 
     async def cancel(self, job_id: str, owner: str) -> JobView:
         return await self.jobs.cancel(job_id, owner)

@@ -211,7 +211,8 @@ def test_a_dispatcher_takes_as_many_queued_jobs_as_it_has_room_for_in_rqs_order(
         maxlen=10,
         taken_into=parked,
     )
-    assert scripts.answer(JobScripts(redis_server.client()).run(start)) == "missing"  # no streamq job here
+    answer, _ = scripts.started(JobScripts(redis_server.client()).run(start))
+    assert answer == "missing"  # no streamq job here
     assert redis_server.client().lrange(parked, 0, -1) == [j.encode() for j in job_ids[1:]]
     assert [run.fields for run in begun] == [{}] * 5  # streamq's state, read for the run (none here)
     assert sorted(StartedJobRegistry(queue=queue).get_job_ids()) == sorted(job_ids)

@@ -48,7 +48,7 @@ def _running_job(r: redis.Redis, job_id: str) -> EngineJob:
     start = scripts.start(
         job_id, worker="w", slot="w.0", run=run, now=1.0, attempt=1, lease_ms=60_000, maxlen=100
     )
-    assert scripts.answer(JobScripts(r).run(start)) == "running"
+    assert scripts.started(JobScripts(r).run(start)) == ("running", [])
     request = GenerationRequest(
         messages=[ChatMessage(role="user", content="hi")], max_tokens=500, temperature=0.0, top_p=1.0
     )

@@ -118,6 +118,7 @@ class Dispatcher:
                             running = list(self._running.values())
                         self.runs.beat(running)
                         beat_due = now + RQ_BEAT_EVERY
+                    self.runs.file_counts()  # the jobs ended lately, in the worker's counters
                     if now >= maintenance_due:
                         worker.clean_registries()
                         maintenance_due = now + self._settings.maintenance_interval
@@ -134,6 +135,7 @@ class Dispatcher:
             self.wait_idle(float("inf") if self._burst else self._settings.drain_seconds + 10)
             self._pool.shutdown(wait=False)
             try:
+                self.runs.file_counts(force=True)
                 worker.register_death()
             except redis.RedisError as exc:
                 log.warning("could not remove worker %s from RQ's list: %s", self.name, exc)

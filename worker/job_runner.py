@@ -134,16 +134,14 @@ class JobRunner:
         )
         for first_try in (True, False):
             pipe = self._redis.pipeline(transaction=False)
-            self._scripts.run(start, client=pipe)
-            pipe.lrange(keys.tokens(job_id), 0, -1)  # what an earlier run generated, if any
+            self._scripts.run(start, client=pipe)  # with what an earlier run generated, if any
             try:
-                started, resume = self._scripts.execute(pipe)
+                (reply,) = self._scripts.execute(pipe)
                 break
             except ScriptsReloaded:  # nothing was started: start it now
                 if not first_try:
                     raise
-        answer = scripts.answer(started)
-        job.resume_ids = [int(t) for t in resume]
+        answer, job.resume_ids = scripts.started(reply)
         if answer == Answer.CANCEL:
             return self._end_here(job, ended(job, "canceled"))
         if answer == Answer.TAKEN:  # another worker holds it (a duplicate delivery): leave it to that one

@@ -4,12 +4,13 @@ A streamq worker takes its jobs itself (``worker.dispatcher``) instead of runnin
 loop per slot, and writes what RQ's worker would have written, with RQ's own primitives, in
 one pipeline per step: ``take`` moves ids off the queue into its intermediate list as RQ's
 dequeue does; ``begin`` records their executions (RQ's started registry, the job's status,
-worker and start time) and reads streamq's state of each job (the id leaves the intermediate
-list in streamq's *start* script); ``beat`` renews the running executions; ``end`` reads RQ's
-whole record and files each outcome where RQ would (finished with its result, failed with the
-error, canceled, or back at the front of its queue). ``rq info``, RQ's registries and ``Job.fetch`` then show
-every job as RQ's own worker would have left it, and the worker's counters of finished and
-failed jobs. RQ's dependents and callbacks are not kept: streamq's jobs have none.
+worker and start time) and reads RQ's record and streamq's state of each job (the id leaves
+the intermediate list in streamq's *start* script); ``beat`` renews the running executions;
+``end`` files each outcome where RQ would (finished with its result, failed with the error,
+canceled, or back at the front of its queue); ``file_counts`` adds the ended runs to the
+worker's counters of finished and failed jobs and working time, once a second at most. ``rq
+info``, RQ's registries and ``Job.fetch`` then show every job as RQ's own worker would have left
+it. RQ's dependents and callbacks are not kept: streamq's jobs have none.
 
 ``file_ending`` is shared with ``worker.rq_worker.StreamqWorker`` (the plain ``rq worker -w``
 way), so both file canceled, handed-back and lost runs the same way. tests/test_rq_adapter.py
@@ -19,11 +20,12 @@ runs both against the installed RQ and compares what each left.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from rq.exceptions import NoSuchJobError
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.queue import Queue
@@ -41,6 +43,10 @@ from shared.redis_text import hash_fields, names, text
 from worker.job_runner import Outcome
 
 log = logging.getLogger("streamq.worker")
+
+COUNTS_EVERY = 1.0  # seconds between two additions to the worker's counters in RQ
+_FINISHED, _FAILED, _WORKING = "successful_job_count", "failed_job_count", "total_working_time"
+_COUNTERS = (_FINISHED, _FAILED, _WORKING)
 
 
 def start_was_lost(connection: Any, job_id: str, queue_key: str) -> bool:
@@ -103,6 +109,14 @@ def file_ending(
     return True
 
 
+def _restore_taken(job: Job, record: dict[Any, Any]) -> None:
+    """Load RQ's record of ``job`` as it was taken (``Job.restore``), keeping what its start
+    (``prepare_for_execution``, in the same pipeline) set in the record and on ``job``."""
+    started = (job.worker_name, job.last_heartbeat, job.started_at, job.get_status(refresh=False))
+    job.restore(record)
+    job.worker_name, job.last_heartbeat, job.started_at, job._status = started
+
+
 @dataclass
 class Run:
     """One job taken off the queue: RQ's job (None when RQ's record is gone), its execution, and
@@ -129,6 +143,9 @@ class RqRuns:
         # job's timeout, the front's STREAMQ_JOB_TIMEOUT, plus a minute).
         self._run_ttl = job_timeout + 60
         self._scripts = JobScripts(connection)
+        self._counts_lock = threading.Lock()
+        self._unfiled: dict[str, float] = dict.fromkeys(_COUNTERS, 0.0)  # not yet added in RQ
+        self._counts_filed_at = time.monotonic()
 
     @property
     def worker_name(self) -> str:
@@ -148,16 +165,16 @@ class RqRuns:
 
     def begin(self, job_ids: list[str]) -> list[Run]:
         """RQ's start of each job, as its worker records it (an execution in the started registry;
-        the job started by this worker), and streamq's state of each job read for its run: one
-        pipeline for them all. Each id stays in the intermediate list until streamq's start
-        takes it off (the *start* script), so a worker killed before that leaves it to the
-        janitor. RQ's whole record is read at the end, where it is needed, not here on the way
-        to the first token."""
+        the job started by this worker), RQ's whole record as taken (its end writes it back whole,
+        as RQ's worker does with what its dequeue read) and streamq's state of each job read for
+        its run: one pipeline for them all. Each id stays in the intermediate list until
+        streamq's start takes it off (the *start* script), so a worker killed before that leaves
+        it to the janitor."""
         jobs = [Job(job_id, connection=self._redis, serializer=self.queue.serializer) for job_id in job_ids]
         runs = [Run(job.id, job) for job in jobs]
         with self._redis.pipeline(transaction=False) as pipe:
             for job in jobs:  # the reads first: they see each job as it was taken
-                pipe.exists(job.key)
+                pipe.hgetall(job.key)
                 pipe.hgetall(keys.job(job.id))
             for job, run in zip(jobs, runs, strict=True):
                 job.origin = self.queue.name
@@ -167,11 +184,13 @@ class RqRuns:
                 job.prepare_for_execution(self.worker_name, pipeline=pipe)
             replies = pipe.execute()
         lost: list[tuple[Run, Job]] = []
-        for job, run, had, fields in zip(
+        for job, run, record, fields in zip(
             jobs, runs, replies[0 : 2 * len(runs) : 2], replies[1 : 2 * len(runs) : 2], strict=True
         ):
             run.fields = hash_fields(fields)
-            if not had:  # RQ's record was gone (a failover lost it): the start above made a stub
+            if record:  # RQ's whole record as taken, for its end (written back whole, as RQ's
+                _restore_taken(job, record)  # worker does with the record its dequeue read)
+            else:  # RQ's record was gone (a failover lost it): the start above made a stub
                 lost.append((run, job))
         if lost:
             with self._redis.pipeline(transaction=False) as pipe:
@@ -198,11 +217,6 @@ class RqRuns:
         job = run.job
         if job is None:
             return
-        try:
-            job.refresh()  # RQ's whole record (its end writes it back whole, as RQ's worker does)
-        except NoSuchJobError:
-            log.warning("job %s: RQ's record is gone; its end is not filed in RQ", run.job_id)
-            return
         if outcome is not None and file_ending(
             self._redis, job, self.queue, outcome, run.execution, result_ttl=self._result_ttl
         ):
@@ -222,14 +236,41 @@ class RqRuns:
                 job.set_status(JobStatus.FAILED, pipeline=pipe)
                 detail = "".join(traceback.format_exception(error)) if error else "failed"
                 job._handle_failure(detail, **run_record)
-                self._worker.increment_failed_job_count(pipeline=pipe)
             else:
                 job._result = outcome.value  # RQ keeps the final status as the job's result
                 job._handle_success(result_ttl, **run_record)
                 pipe.expire(job.key, result_ttl)
-                self._worker.increment_successful_job_count(pipeline=pipe)
-            if job.started_at is not None:
-                self._worker.increment_total_working_time(job.ended_at - job.started_at, pipe)
             if execution is not None:
                 execution.delete(job=job, pipeline=pipe)
             pipe.execute()
+        working = (job.ended_at - job.started_at).total_seconds() if job.started_at is not None else 0.0
+        with self._counts_lock:
+            self._unfiled[_FAILED if outcome is None else _FINISHED] += 1
+            self._unfiled[_WORKING] += working
+
+    def file_counts(self, force: bool = False) -> None:
+        """Add the runs ended since the last call to the worker's counters in RQ (its finished and
+        failed jobs and its working time, as ``rq info`` shows them): at most once every
+        ``COUNTS_EVERY`` seconds, not at every job's end, unless ``force``d (the worker's last)."""
+        now_ = time.monotonic()
+        with self._counts_lock:
+            if not force and now_ - self._counts_filed_at < COUNTS_EVERY:
+                return
+            unfiled, self._unfiled = self._unfiled, dict.fromkeys(_COUNTERS, 0.0)
+            self._counts_filed_at = now_
+        if not any(unfiled.values()):
+            return
+        try:
+            with self._redis.pipeline(transaction=False) as pipe:
+                if unfiled[_FINISHED]:
+                    pipe.hincrby(self._worker.key, _FINISHED, int(unfiled[_FINISHED]))
+                if unfiled[_FAILED]:
+                    pipe.hincrby(self._worker.key, _FAILED, int(unfiled[_FAILED]))
+                if unfiled[_WORKING]:
+                    pipe.hincrbyfloat(self._worker.key, _WORKING, unfiled[_WORKING])
+                pipe.execute()
+        except Exception:  # counted again at the next call
+            with self._counts_lock:
+                for name, value in unfiled.items():
+                    self._unfiled[name] += value
+            raise

@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
@@ -221,8 +221,12 @@ class StepPublisher(BackgroundThread):
             job = p.job
             if job.lost:
                 continue
-            if job.run and (
-                p.text or p.ids or p.counts_dirty or p.prompt_logprobs is not None
+            # A run's last output goes with its end, in the same script (a handback's does not).
+            last_goes_with_end = p.end is not None and p.end.finish_reason != HANDBACK and bool(job.run)
+            if (
+                job.run
+                and not last_goes_with_end
+                and (p.text or p.ids or p.counts_dirty or p.prompt_logprobs is not None)
             ):  # only a started run writes output
                 delta = scripts.delta(
                     job.job_id,
@@ -240,7 +244,7 @@ class StepPublisher(BackgroundThread):
                 self._scripts.run(delta, client=pipe)
                 writes.append((len(pipe), p))
             if p.end is not None:
-                status, index = self._queue_end(pipe, p.end, finished_at)
+                status, index = self._queue_end(pipe, p, finished_at)
                 ends.append((index, p, status))
         results = self._scripts.execute(pipe) if len(pipe) else []
         self.round_trips += 1
@@ -258,24 +262,35 @@ class StepPublisher(BackgroundThread):
                 p.job.lost = True
                 p.job.cancel.set()
             elif flag == DeltaAnswer.GAP:  # the script handed the job back
-                log.warning(
-                    "job %s: Redis lost this run's last output (a failover?); handed back, to be "
-                    "continued from what Redis kept",
-                    p.job.job_id,
-                )
-                p.job.lost = p.job.handed_back = True
-                p.job.cancel.set()
+                self._lost_writes(p)
         for p in due:
             if p.job.lost and p.end is not None:
                 self._release(p, Answer.REQUEUED if p.job.handed_back else "lost")
         for index, p, status in ends:
             if p.job in self._pending:
                 answer = scripts.answer(results[index - 1])
-                self._release(p, status if answer in (Answer.OK, Answer.REQUEUED) else answer)
+                if answer == Answer.REQUEUED and status != Answer.REQUEUED:  # the end found a gap
+                    self._lost_writes(p)
+                    self._release(p, Answer.REQUEUED)
+                else:
+                    self._release(p, status if answer in (Answer.OK, Answer.REQUEUED) else answer)
 
-    def _queue_end(self, pipe: Any, end: JobOutput, finished_at: float) -> tuple[str, int]:
-        """Queue the script that ends the job (or hands it back); returns the status it aims for
-        and the script's place in the pipeline (1-based)."""
+    @staticmethod
+    def _lost_writes(p: _Pending) -> None:
+        """A script found that Redis lost this run's last writes, and handed the job back."""
+        log.warning(
+            "job %s: Redis lost this run's last output (a failover?); handed back, to be "
+            "continued from what Redis kept",
+            p.job.job_id,
+        )
+        p.job.lost = p.job.handed_back = True
+        p.job.cancel.set()
+
+    def _queue_end(self, pipe: Any, p: _Pending, finished_at: float) -> tuple[str, int]:
+        """Queue the script that ends the job (or hands it back), with the run's last output;
+        returns the status it aims for and the script's place in the pipeline (1-based)."""
+        end = p.end
+        assert end is not None
         job = end.job
         if end.finish_reason == HANDBACK:
             handback = scripts.requeue(
@@ -289,7 +304,21 @@ class StepPublisher(BackgroundThread):
             self._scripts.run(handback, client=pipe)
             return Answer.REQUEUED, len(pipe)
         ending = final_record(end, finished_at)
-        finish = scripts.finish(job.job_id, ending, ttl=self._result_ttl, maxlen=self._maxlen, run=job.run)
+        last = None
+        if job.run:
+            last = scripts.LastOutput(
+                stored=p.stored,
+                text=p.text,
+                logprobs=p.logprobs,
+                prompt_logprobs=p.prompt_logprobs,
+                queue_list=keys.rq_queue(job.model) if job.model else None,
+            )
+            counts: dict[str, Any] = {JobField.PROMPT_TOKENS: job.prompt_tokens}
+            counts[JobField.COMPLETION_TOKENS] = job.completion_tokens
+            ending = replace(ending, fields={**ending.fields, **counts})
+        finish = scripts.finish(
+            job.job_id, ending, ttl=self._result_ttl, maxlen=self._maxlen, run=job.run, last=last
+        )
         self._scripts.run(finish, client=pipe)
         status = ending.status
         index = len(pipe)

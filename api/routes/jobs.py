@@ -78,7 +78,7 @@ async def job_events(
     """Server-Sent Events: ``queued`` (position), ``started``, ``delta`` ({text}), then one of
     ``done`` / ``error`` / ``canceled``. Send ``Last-Event-ID`` to get only the events after it;
     204 when that was the job's final event."""
-    view = await jobs.view(job_id, caller.name)
+    view = await jobs.view(job_id, caller.name, brief=True)  # the events carry its text and place
     if last_event_id is not None:
         last_event_id = last_event_id.strip()
         try:

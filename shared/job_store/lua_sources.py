@@ -5,26 +5,61 @@ there once, next to the typed function that makes it).
 """
 
 # Moves a queued job to running under a new run id, and gives that run the job's lease; first,
-# whatever it answers, takes the id off the RQ intermediate list it was taken into (KEYS[5],
+# whatever it answers, takes the id off the RQ intermediate list it was taken into (KEYS[6],
 # when given: until this step, a worker killed after taking the job leaves it there, for the
-# janitor to queue again). KEYS: job hash, events, lease, running set[, intermediate list].
-# ARGV: worker, now, maxlen, event data, run id, lease ms, job id. Returns "running", "cancel"
-# (a cancel was asked before it started), "taken" (another run holds a live lease), "missing",
-# or the job's final status.
+# janitor to queue again). KEYS: job hash, events, lease, running set, token ids[, intermediate
+# list]. ARGV: worker, now, maxlen, event data, run id, lease ms, job id. Returns {answer, ids}:
+# the answer is "running", "cancel" (a cancel was asked before it started), "taken" (another run
+# holds a live lease), "missing", or the job's final status; ids are the token ids an earlier run
+# stored, read in the same step (only when the job has output: a new job's start reads nothing),
+# and counted in the hash's stored_tokens, which every output write then checks and keeps.
 START = """
-if KEYS[5] then redis.call('LREM', KEYS[5], 1, ARGV[7]) end
-local job = redis.call('HMGET', KEYS[1], 'status', 'cancel', 'started_at', 'attempts')
+if KEYS[6] then redis.call('LREM', KEYS[6], 1, ARGV[7]) end
+local job = redis.call('HMGET', KEYS[1], 'status', 'cancel', 'started_at', 'attempts', 'completion_tokens')
 local status = job[1]
-if not status then return 'missing' end
-if status ~= 'queued' and status ~= 'running' then return status end
-if job[2] then return 'cancel' end
-if status == 'running' and redis.call('EXISTS', KEYS[3]) == 1 then return 'taken' end
+if not status then return {'missing', {}} end
+if status ~= 'queued' and status ~= 'running' then return {status, {}} end
+if job[2] then return {'cancel', {}} end
+if status == 'running' and redis.call('EXISTS', KEYS[3]) == 1 then return {'taken', {}} end
+local ids = {}
+if (tonumber(job[5]) or 0) > 0 then ids = redis.call('LRANGE', KEYS[5], 0, -1) end
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'run', ARGV[5],
-  'started_at', job[3] or ARGV[2], 'attempts', (tonumber(job[4]) or 0) + 1)
+  'started_at', job[3] or ARGV[2], 'attempts', (tonumber(job[4]) or 0) + 1, 'stored_tokens', #ids)
 redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
 redis.call('ZADD', KEYS[4], ARGV[2], ARGV[7])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', 'started', 'data', ARGV[4])
-return 'running'
+return {'running', ids}
+"""
+
+# What the scripts that write a run's output share (KEYS[1..7]: job hash, events, text, token
+# ids, lease, running set, and the model's RQ queue list when given).
+# stored(field): how many token ids the job has in Redis: its hash's stored_tokens, set by its
+# start and kept by every write in the same step as the ids (so a failover that loses a write
+# loses both), or, for a run an older version started, the list's length.
+# hand_back(): Redis lost the last writes of this run (a failover): the job goes back to its
+# queue's front in the same step, as a handback does, to be continued from what Redis kept (not
+# a lost attempt). add_text(): the delta event (data "": none) and the text appended; true when
+# the append created the text.
+OUTPUT = """
+local function stored(field)
+  return tonumber(field) or redis.call('LLEN', KEYS[4])
+end
+local function hand_back(attempts_field, job_id, maxlen)
+  local attempts = (tonumber(attempts_field) or 1) - 1
+  redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', attempts)
+  redis.call('HDEL', KEYS[1], 'run')
+  redis.call('DEL', KEYS[5])
+  redis.call('ZREM', KEYS[6], job_id)
+  if KEYS[7] then redis.call('LPUSH', KEYS[7], job_id) end
+  local data = cjson.encode({requeued = true, attempt = attempts})
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'event', 'queued', 'data', data)
+end
+local function add_text(maxlen, data, text)
+  if data ~= '' then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'event', 'delta', 'data', data)
+  end
+  return text ~= '' and redis.call('APPEND', KEYS[3], text) == #text
+end
 """
 
 # A running job's new output, written only by the run that holds it, and only once: ARGV[7] is
@@ -37,43 +72,36 @@ return 'running'
 # tokens, token ids stored before, job id, then the new token ids.
 # Returns 0, 1 (a cancel was asked), -1 (this run no longer holds the job: stop, write nothing),
 # or -2 (fewer token ids are stored than this run wrote: a failover lost its last writes; the job
-# goes back to its queue's front in the same step, as a handback does, to be continued from what
-# Redis kept).
-DELTA = """
-local job = redis.call('HMGET', KEYS[1], 'run', 'status', 'cancel', 'attempts')
+# is handed back, to be continued from what Redis kept).
+DELTA = (
+    OUTPUT
+    + """
+local job = redis.call('HMGET', KEYS[1], 'run', 'status', 'cancel', 'attempts', 'stored_tokens')
 if job[1] ~= ARGV[1] or job[2] ~= 'running' then return -1 end
-local stored = redis.call('LLEN', KEYS[4])
-if stored < tonumber(ARGV[7]) then  -- Redis lost the last writes of this run: hand the job back
-  local attempts = (tonumber(job[4]) or 1) - 1  -- not a lost attempt
-  redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', attempts)
-  redis.call('HDEL', KEYS[1], 'run')
-  redis.call('DEL', KEYS[5])
-  redis.call('ZREM', KEYS[6], ARGV[8])
-  if KEYS[7] then redis.call('LPUSH', KEYS[7], ARGV[8]) end
-  local data = cjson.encode({requeued = true, attempt = attempts})
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'queued', 'data', data)
+local before = tonumber(ARGV[7])
+local have = stored(job[5])
+if have < before then
+  hand_back(job[4], ARGV[8], ARGV[2])
   return -2
 end
-if stored == tonumber(ARGV[7]) then
-  if ARGV[3] ~= '' then
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'delta', 'data', ARGV[3])
+if have == before then
+  local ttl
+  local function live_as_the_job(key)
+    ttl = ttl or redis.call('PTTL', KEYS[1])
+    if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
   end
-  if ARGV[4] ~= '' and redis.call('APPEND', KEYS[3], ARGV[4]) == #ARGV[4] then
-    local ttl = redis.call('PTTL', KEYS[1])
-    if ttl > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
-  end
-  redis.call('HSET', KEYS[1], 'prompt_tokens', ARGV[5], 'completion_tokens', ARGV[6])
+  if add_text(ARGV[2], ARGV[3], ARGV[4]) then live_as_the_job(KEYS[3]) end
+  redis.call('HSET', KEYS[1], 'prompt_tokens', ARGV[5], 'completion_tokens', ARGV[6],
+    'stored_tokens', before + #ARGV - 8)
   for first = 9, #ARGV, 4000 do  -- in parts: Lua unpacks at most about 8,000 values at once
     redis.call('RPUSH', KEYS[4], unpack(ARGV, first, math.min(first + 3999, #ARGV)))
   end
-  if #ARGV >= 9 and tonumber(ARGV[7]) == 0 then
-    local ttl = redis.call('PTTL', KEYS[1])
-    if ttl > 0 then redis.call('PEXPIRE', KEYS[4], ttl) end
-  end
+  if #ARGV >= 9 and before == 0 then live_as_the_job(KEYS[4]) end
 end
 if job[3] then return 1 end
 return 0
 """
+)
 
 # Renews a run's lease. KEYS: job hash, lease. ARGV: run id, lease ms. Returns 1, 0 when the
 # run no longer holds the job (it was handed to another worker), or -1 when the job's record is
@@ -91,7 +119,7 @@ return 0
 # The start of every script that ends a job (KEYS[1..3]: job hash, events, text): it answers
 # "missing" or the final status already there, else defines finish() for the rest to call.
 ENDING = """
-local job = redis.call('HMGET', KEYS[1], 'status', 'run', 'cancel')
+local job = redis.call('HMGET', KEYS[1], 'status', 'run', 'cancel', 'attempts', 'stored_tokens')
 local status = job[1]
 if not status then return 'missing' end
 if status == 'finished' or status == 'failed' or status == 'canceled' then return status end
@@ -102,15 +130,26 @@ local function finish(status, event, data, ttl, maxlen, first_field)
 end
 """
 
-# Writes a job's final state once, from the run that holds it (or from no run: run id "").
-# KEYS: job hash, events, text, tokens, lease, running set.
-# ARGV: status, event name, event data, ttl, maxlen, run id, job id, then field/value pairs.
-# Returns "ok", "lost" (another run holds the job), "missing", or the final status already there.
+# Writes a job's final state once, from the run that holds it (or from no run: run id ""), with
+# the run's last output in the same step: its delta event and text (its token ids are not
+# stored: they go with the job's end), after the same check as ``DELTA``'s that Redis still has
+# every token id the run stored (if not, the job is handed back instead, and "requeued" answered).
+# KEYS: job hash, events, text, tokens, lease, running set[, the model's RQ queue list].
+# ARGV: status, event name, event data, ttl, maxlen, run id, job id, the last output's delta
+# event data (or ""), its text (or ""), token ids the run stored (or "": no check), then
+# field/value pairs. Returns "ok", "requeued", "lost" (another run holds the job), "missing",
+# or the final status already there.
 FINISH = (
-    ENDING
+    OUTPUT
+    + ENDING
     + """
 if ARGV[6] ~= '' and job[2] ~= ARGV[6] then return 'lost' end
-finish(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], 8)
+if ARGV[10] ~= '' and stored(job[5]) < tonumber(ARGV[10]) then
+  hand_back(job[4], ARGV[7], ARGV[5])
+  return 'requeued'
+end
+add_text(ARGV[5], ARGV[8], ARGV[9])
+finish(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], 11)
 redis.call('DEL', KEYS[4], KEYS[5])
 redis.call('ZREM', KEYS[6], ARGV[7])
 return 'ok'
@@ -207,8 +246,9 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'event', 'queued', 'data', ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('HSET', KEYS[3], unpack(ARGV, 10 + n))
-redis.call('SADD', KEYS[5], KEYS[4])
-return {'queued', redis.call('RPUSH', KEYS[4], ARGV[1]) - 1}
+local queued = redis.call('RPUSH', KEYS[4], ARGV[1])
+if queued == 1 then redis.call('SADD', KEYS[5], KEYS[4]) end  -- a queue new (or emptied) since
+return {'queued', queued - 1}
 """
 
 # Moves up to ARGV[1] ids from the head of a model's RQ queue (KEYS[1]) to the tail of its

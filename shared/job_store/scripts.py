@@ -176,12 +176,32 @@ def start(
     """Start the job under ``run`` on ``worker`` (``slot`` and ``attempt`` go in its event);
     ``taken_into``: the intermediate list the job's id waits in until this start."""
     data = Started(worker=slot, attempt=attempt).encode()
-    job_keys = [keys.job(job_id), keys.events(job_id), keys.lease(job_id), keys.RUNNING]
+    job_keys = [keys.job(job_id), keys.events(job_id), keys.lease(job_id), keys.RUNNING, keys.tokens(job_id)]
     return ScriptCall(
         START,
         job_keys + ([taken_into] if taken_into else []),
         [worker, now, maxlen, data, run, lease_ms, job_id],
     )
+
+
+def started(reply: Any) -> tuple[str, list[int]]:
+    """``start``'s answer, and the token ids an earlier run of the job stored (to continue from)."""
+    answer_, ids = reply
+    return answer(answer_), [int(token) for token in ids]
+
+
+def _delta_event(
+    text: str, logprobs: Sequence[TokenLogprob], prompt_logprobs: Sequence[TokenLogprob] | None
+) -> str:
+    """The ``delta`` event's data for some output ("" when it has nothing a client reads)."""
+    if not (text or logprobs or prompt_logprobs is not None):
+        return ""
+    event = Delta(text=text)
+    if logprobs:
+        event.logprobs = list(logprobs)
+    if prompt_logprobs is not None:
+        event.prompt_logprobs = list(prompt_logprobs)
+    return event.encode()
 
 
 def delta(
@@ -202,12 +222,7 @@ def delta(
     ``logprobs`` or ``prompt_logprobs``), the counts, and ``token_ids`` after the ``stored`` ones
     already in Redis (a write sent twice applies once; fewer stored than ``stored``: Redis lost
     some, and the job goes back to the front of ``queue_list``, its model's RQ queue)."""
-    event = Delta(text=text)
-    if logprobs:
-        event.logprobs = list(logprobs)
-    if prompt_logprobs is not None:
-        event.prompt_logprobs = list(prompt_logprobs)
-    data = event.encode() if text or logprobs or prompt_logprobs is not None else ""
+    data = _delta_event(text, logprobs, prompt_logprobs)
     args = [run, maxlen, data, text, prompt_tokens, completion_tokens, stored, job_id, *token_ids]
     job_keys = [keys.job(job_id), keys.events(job_id), keys.text(job_id), keys.tokens(job_id)]
     job_keys += [keys.lease(job_id), keys.RUNNING]
@@ -249,8 +264,32 @@ def ended_canceled(completion_tokens: int, finished_at: float | None = None) -> 
     return Ending(JobStatus.CANCELED, EventName.CANCELED, data, fields)
 
 
-def finish(job_id: str, ending: Ending, *, ttl: int, maxlen: int, run: str = "") -> ScriptCall:
-    """End the job once, from ``run`` (or from no run: ``run`` ""), and let its records live ``ttl``."""
+@dataclass(frozen=True)
+class LastOutput:
+    """A run's output not yet written when its job ends, written by ``finish`` in the same step
+    (its token ids are not: a job's ids go with its end). ``stored``: the token ids the run has
+    in Redis, checked there first (fewer: a failover lost some, and the job is handed back to
+    ``queue_list``, its model's RQ queue, instead of ending with a hole)."""
+
+    stored: int
+    text: str = ""
+    logprobs: Sequence[TokenLogprob] = ()
+    prompt_logprobs: Sequence[TokenLogprob] | None = None
+    queue_list: str | None = None
+
+
+def finish(
+    job_id: str, ending: Ending, *, ttl: int, maxlen: int, run: str = "", last: LastOutput | None = None
+) -> ScriptCall:
+    """End the job once, from ``run`` (or from no run: ``run`` ""), with the run's ``last`` output,
+    and let its records live ``ttl``."""
+    out_data = out_text = stored = ""
+    job_keys = _ending_keys(job_id)
+    if last is not None:
+        out_data = _delta_event(last.text, last.logprobs, last.prompt_logprobs)
+        out_text, stored = last.text, str(last.stored)
+        if last.queue_list is not None:
+            job_keys.append(last.queue_list)
     args = [
         ending.status,
         ending.event,
@@ -259,9 +298,12 @@ def finish(job_id: str, ending: Ending, *, ttl: int, maxlen: int, run: str = "")
         maxlen,
         run,
         job_id,
+        out_data,
+        out_text,
+        stored,
         *_pairs(ending.fields),
     ]
-    return ScriptCall(FINISH, _ending_keys(job_id), args)
+    return ScriptCall(FINISH, job_keys, args)
 
 
 def requeue(

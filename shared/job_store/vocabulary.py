@@ -60,6 +60,7 @@ class JobField(StrEnum):
     CANCEL = "cancel"  # "1" once a cancel was asked
     PROMPT_TOKENS = "prompt_tokens"
     COMPLETION_TOKENS = "completion_tokens"
+    STORED_TOKENS = "stored_tokens"  # token ids in the job's list, kept in the same step as the list
     FINISH_REASON = "finish_reason"
     ERROR_TYPE = "error_type"
     ERROR_MESSAGE = "error_message"

@@ -155,7 +155,7 @@ class MemoryJobClient:
             raise ApiError(404, f"no job with id '{job_id}'", param="id", code="job_not_found")
         return job
 
-    async def view(self, job_id: str, owner: str) -> JobView:
+    async def view(self, job_id: str, owner: str, *, brief: bool = False) -> JobView:
         return self._job(job_id, owner).view.model_copy()
 
     async def cancel(self, job_id: str, owner: str) -> JobView:
