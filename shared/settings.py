@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -94,7 +95,10 @@ class Settings(BaseSettings):
         "serves the model; else transformers)",
     )
     kv_cache_gib: float | None = Field(
-        None, gt=0, description="worker (vLLM): GiB for the KV cache (default: vLLM's, e.g. 90% of a GPU)"
+        None,
+        gt=0,
+        description="worker (vLLM): GiB for the KV cache (default: vLLM's on a GPU, 90% of its memory; "
+        "on a CPU 4 GiB, or half the memory free at start if less)",
     )
     tensor_parallel_size: int = Field(1, ge=1, description="worker (vLLM): GPUs one model is split over")
     pipeline_parallel_size: int = Field(1, ge=1, description="worker (vLLM): pipeline stages over GPUs")
@@ -240,6 +244,18 @@ class Settings(BaseSettings):
         return [m.strip() for m in self.models.split(",") if m.strip()]
 
 
+class BadSettings(SystemExit):
+    """Settings the environment gives that are not valid: a process stops with one line per
+    setting (``STREAMQ_NAME=value: what is wrong``), not a traceback."""
+
+
 def load_settings() -> Settings:
     """Read the settings from the environment (call once per process, then pass the object down)."""
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            name = "STREAMQ_" + "_".join(str(part) for part in error["loc"]).upper()
+            lines.append(f"streamq: {name}={os.environ.get(name, '')!r}: {error['msg']}")
+        raise BadSettings("\n".join(lines)) from None

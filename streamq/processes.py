@@ -22,7 +22,11 @@ def free_port() -> int:
 
 
 def port_in_use(host: str, port: int) -> bool:
+    """Something listens on (or holds) ``host:port``. Bound as uvicorn binds (SO_REUSEADDR), so a
+    port whose last connections linger in TIME_WAIT (a stack just stopped) is free, as it is to
+    uvicorn."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

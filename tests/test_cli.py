@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import httpx
 import pytest
 import redis
 
-from streamq.processes import free_port, wait_for
+from streamq.processes import free_port, port_in_use, wait_for
 from tests.conftest import Stack
 from tests.processes import ROOT
 from tests.sse import follow
@@ -96,6 +97,38 @@ def test_up_runs_the_whole_stack_and_cleans_up(tmp_path: Path) -> None:
         redis.Redis.from_url(redis_url).ping()  # the private Redis is gone
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/healthz")
+
+
+def test_a_port_a_stopped_server_just_closed_is_free_to_start_on_again() -> None:
+    """A stack stopped and started again at once on its port: the stopped server's connections
+    linger in TIME_WAIT on that port, which does not keep uvicorn from binding it (SO_REUSEADDR),
+    so ``streamq up``'s check must not refuse it either. A live listener is refused."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    served, _ = listener.accept()
+    assert port_in_use("127.0.0.1", port)  # listened on
+    served.close()  # the server closes first: its side of the connection waits in TIME_WAIT
+    listener.close()
+    client.close()
+    assert not port_in_use("127.0.0.1", port)
+
+
+def test_a_setting_that_is_not_valid_stops_a_process_with_what_is_wrong_not_a_traceback() -> None:
+    env = {**os.environ, "STREAMQ_SLOTS": "many", "STREAMQ_KV_CACHE_GIB": "-1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "streamq", "worker", "--model", "x"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    lines = sorted(done.stderr.strip().splitlines())  # one per setting
+    assert lines[0] == "streamq: STREAMQ_KV_CACHE_GIB='-1': Input should be greater than 0", lines
+    assert lines[1].startswith("streamq: STREAMQ_SLOTS='many': Input should be a valid integer"), lines
+    assert len(lines) == 2
 
 
 def test_up_without_redis_server_on_path_serves_on_the_embedded_server(

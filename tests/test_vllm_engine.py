@@ -197,28 +197,51 @@ def test_a_killed_vllm_workers_job_continues_on_another_with_the_stream_whole(
     wait_for(all_gone, 30, "the killed worker's vLLM processes to exit")  # nothing left holding memory
 
 
-def test_a_kv_cache_too_small_for_one_job_stops_the_worker_with_a_clear_reason(
-    stack: Stack, hd64_model: Path
-) -> None:
+def _refused(stack: Stack, model: Path, **env: str | None) -> str:
+    """``streamq worker`` with the vLLM engine on ``model`` (with ``env`` over the tests'; None
+    unsets a variable): it
+    must stop before vLLM starts, with exit code 1 and a one-line reason (no traceback), which
+    is returned."""
     import subprocess
     import sys
 
     from tests.processes import ROOT
 
-    env = {**os.environ, **stack.env, **VLLM_ENV, "STREAMQ_KV_CACHE_GIB": "0.0001"}
-    args = ["worker", "--model", str(hd64_model), "--served-name", "vllm-small-kv"]
+    args = ["worker", "--model", str(model), "--served-name", "vllm-refused"]
     done = subprocess.run(
         [sys.executable, "-m", "streamq", *args],
-        env=env,
+        env={k: v for k, v in {**os.environ, **stack.env, **VLLM_ENV, **env}.items() if v is not None},
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("streamq worker: cannot serve") and "STREAMQ_KV_CACHE_GIB=0.0001" in last
-    assert f"one job may take {MAX_LEN} (STREAMQ_MAX_SEQ_LEN)" in last and "Traceback" not in done.stderr
+    assert last.startswith("streamq worker: cannot serve"), last
+    return last
+
+
+def test_a_kv_cache_too_small_for_one_job_stops_the_worker_with_a_clear_reason(
+    stack: Stack, hd64_model: Path
+) -> None:
+    last = _refused(stack, hd64_model, STREAMQ_KV_CACHE_GIB="0.0001")
+    assert "STREAMQ_KV_CACHE_GIB=0.0001" in last
+    assert f"one job may take {MAX_LEN} (STREAMQ_MAX_SEQ_LEN)" in last
+    # Unset on a CPU, the cache is 4 GiB or half the free memory: a job longer than that holds is
+    # refused the same way, naming the setting to raise.
+    last = _refused(stack, hd64_model, STREAMQ_KV_CACHE_GIB=None, STREAMQ_MAX_SEQ_LEN=str(10**9))
+    assert "half the memory available" in last and "set STREAMQ_KV_CACHE_GIB" in last, last
+
+
+def test_a_model_whose_head_size_vllms_cpu_attention_cannot_run_is_refused_at_start(
+    stack: Stack, tiny_model: Path
+) -> None:
+    """The demo model's heads are 16 wide, which vLLM's CPU attention does not run: the worker
+    says so when it starts, instead of becoming ready and failing every job."""
+    last = _refused(stack, tiny_model)
+    assert "this model's is 16: serve it with --engine transformers" in last, last
 
 
 def test_penalties_and_logit_bias_are_honoured_as_vllm_alone_honours_them(

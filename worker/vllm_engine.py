@@ -36,6 +36,7 @@ from worker.answer_tokens import AnswerTokens
 from worker.chat_prompt import ChatPrompt, eos_ids_of
 from worker.engine import EngineJob, JobOutput
 from worker.token_logprobs import TokenTexts
+from worker.vllm_cpu import check_head_size, default_kv_cache_bytes, set_cpu_defaults
 
 log = logging.getLogger("streamq.worker")
 
@@ -91,6 +92,8 @@ def load_vllm_served(settings: Settings, served: str, device: str) -> VLLMServed
     eos_ids = eos_ids_of(tokenizer, generation, config)
     served_model = VLLMServed(model, tokenizer, served, device, dtype, eos_ids)
     served_model.model_context = getattr(config, "max_position_embeddings", None)
+    if device == "cpu":
+        check_head_size(config)
     if getattr(config, "num_hidden_layers", None) and getattr(config, "num_attention_heads", None):
         served_model.kv_bytes_per_token = kv_bytes_per_token(config, 4 if dtype == "float32" else 2)
     return served_model
@@ -112,18 +115,6 @@ def check_kv_budget(settings: Settings, served: VLLMServed, max_len: int) -> Non
         )
 
 
-def set_cpu_defaults(settings: Settings) -> None:
-    """vLLM's CPU settings that only its environment takes, where the user has not set them: its
-    threads bound to the cores this process may use (its default keeps one core for itself:
-    85 against 120 tok/s on 2 cores), and its distributed setup on the loopback address."""
-    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-    if settings.tensor_parallel_size == 1 and settings.pipeline_parallel_size == 1:
-        cores = sorted(os.sched_getaffinity(0))
-        if settings.torch_threads:
-            cores = cores[: settings.torch_threads]
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
-
-
 def job_length(settings: Settings, served: VLLMServed) -> int:
     """Prompt + answer tokens of one job: vLLM's max_model_len."""
     context = min(served.model_context or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
@@ -135,6 +126,8 @@ def engine_args(settings: Settings, served: VLLMServed) -> Any:
     from vllm.config import StructuredOutputsConfig
 
     kv_bytes = int(settings.kv_cache_gib * GiB) if settings.kv_cache_gib else None
+    if kv_bytes is None and served.device == "cpu":
+        kv_bytes = default_kv_cache_bytes(job_length(settings, served), served.kv_bytes_per_token)
     return EngineArgs(
         # On a CPU, vLLM runs the model in an executor process of its own (its OpenMP threads are
         # bound there); that process exits when the worker dies, however it dies.

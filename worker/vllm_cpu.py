@@ -1,0 +1,67 @@
+"""vLLM on a CPU: the settings only its environment takes, the KV cache's size when none is set,
+and the attention head sizes its CPU kernels run (checked before the engine starts, so that a
+worker never reports ready and then fails every job)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from shared.settings import Settings
+
+GiB = 2**30
+DEFAULT_KV_CACHE = 4 * GiB  # on a CPU, with STREAMQ_KV_CACHE_GIB unset (or half the free memory)
+
+
+def set_cpu_defaults(settings: Settings) -> None:
+    """vLLM's CPU settings that only its environment takes, where the user has not set them: its
+    threads bound to the cores this process may use (its default keeps one core for itself:
+    85 against 120 tok/s on 2 cores), and its distributed setup on the loopback address."""
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    if settings.tensor_parallel_size == 1 and settings.pipeline_parallel_size == 1:
+        cores = sorted(os.sched_getaffinity(0))
+        if settings.torch_threads:
+            cores = cores[: settings.torch_threads]
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
+
+
+def default_kv_cache_bytes(job_tokens: int, per_token: int | None) -> int:
+    """The KV cache of a worker on a CPU when STREAMQ_KV_CACHE_GIB is unset: 4 GiB, or half the
+    memory available now if that is less. (vLLM's own default reserves 92% of the machine's
+    memory, and will not start where less than that is free: on any machine that runs anything
+    else.) ValueError when that cannot hold one job of ``job_tokens`` tokens."""
+    import psutil  # vLLM's requirement (this module is imported without vLLM too)
+
+    size = min(DEFAULT_KV_CACHE, psutil.virtual_memory().available // 2)
+    if per_token and size // per_token < job_tokens:
+        raise ValueError(
+            f"half the memory available ({size / GiB:.2f} GiB) holds about {size // per_token} "
+            f"tokens of this model's KV cache, and one job may take {job_tokens} "
+            "(STREAMQ_MAX_SEQ_LEN): set STREAMQ_KV_CACHE_GIB, or lower STREAMQ_MAX_SEQ_LEN"
+        )
+    return size
+
+
+def head_size(config: Any) -> int | None:
+    """The model's attention head size, from its config (None when it does not say)."""
+    head = getattr(config, "head_dim", None)
+    if head:
+        return int(head)
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    return int(hidden) // int(heads) if hidden and heads else None
+
+
+def check_head_size(config: Any) -> None:
+    """Refuse a model whose head size vLLM's CPU attention does not run (its list, from vLLM)."""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        supported = list(CPUAttentionBackend.get_supported_head_sizes())
+    except (ImportError, AttributeError):  # another vLLM: leave the check to it
+        return
+    head = head_size(config)
+    if head is not None and supported and head not in supported:
+        raise ValueError(
+            f"vLLM's CPU attention runs head sizes {', '.join(map(str, supported))}; this model's "
+            f"is {head}: serve it with --engine transformers (or on a GPU)"
+        )
