@@ -82,6 +82,9 @@ def _stop_all(
             time.sleep(0.05)
 
 
+MAX_RESTARTS = 3  # a worker that exits this many times within a minute stops the stack
+
+
 def run_up(settings: Settings, host: str, port: int, model: str | None, workers: int) -> int:
     if workers < 1:
         print("streamq up: --workers must be at least 1", file=sys.stderr)
@@ -116,20 +119,35 @@ def run_up(settings: Settings, host: str, port: int, model: str | None, workers:
         env["STREAMQ_INSECURE"] = "1" if settings.insecure else "0"
         if settings.torch_threads is None:
             env["STREAMQ_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
+        worker_args = ["worker", "--model", model_path]
         children.append(_spawn(["api", "--host", host, "--port", str(port)], env))
-        children += [_spawn(["worker", "--model", model_path], env) for _ in range(workers)]
+        children += [_spawn(worker_args, env) for _ in range(workers)]
+        restarts: list[list[float]] = [[] for _ in range(workers)]  # each worker's, within a minute
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         announced = False
         started = time.monotonic()
         hinted = False
         while not stop["signal"]:
-            dead = [p for p in children if p.poll() is not None]
-            if dead:
+            for i, proc in enumerate(children):
+                if proc.poll() is None:
+                    continue
+                now = time.monotonic()
+                recent = [t for t in restarts[i - 1] if now - t < 60] if i else []
+                if i == 0 or not announced or len(recent) >= MAX_RESTARTS:
+                    # The front, a worker that never came up, or one that keeps dying: stop.
+                    print(
+                        f"streamq up: a child process exited (code {proc.returncode}); stopping",
+                        file=sys.stderr,
+                    )
+                    return 1
+                # A worker that died while serving (killed, out of memory): its jobs go on on the
+                # others, or on the one started in its place, from where they were.
                 print(
-                    f"streamq up: a child process exited (code {dead[0].returncode}); stopping",
+                    f"streamq up: worker {i} exited (code {proc.returncode}); starting another",
                     file=sys.stderr,
                 )
-                return 1
+                restarts[i - 1] = [*recent, now]
+                children[i] = _spawn(worker_args, env)
             if not announced and _ready(url):
                 _print_banner(url, model_path, workers, redis_url, private=redis_proc is not None)
                 announced = True

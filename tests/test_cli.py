@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import redis
 
@@ -77,10 +79,21 @@ def _answers_a_job(url: str) -> None:
         assert follow(client, url, job["id"])[-1].event == "done"
 
 
+def _workers_of(up: Up) -> set[int]:
+    """The live worker processes `streamq up` runs."""
+    found = set()
+    for child in psutil.Process(up.proc.pid).children():
+        with contextlib.suppress(psutil.Error):  # a dead one not yet reaped (a zombie), or gone
+            if child.status() != psutil.STATUS_ZOMBIE and "worker" in child.cmdline():
+                found.add(child.pid)
+    return found
+
+
 def test_up_runs_the_whole_stack_and_cleans_up(tmp_path: Path) -> None:
     port = free_port()
     cache = str(tmp_path / "cache")
-    with streamq_up("--port", str(port), STREAMQ_CACHE_DIR=cache, STREAMQ_TORCH_THREADS="1") as up:
+    args = ("--port", str(port), "--workers", "2")
+    with streamq_up(*args, STREAMQ_CACHE_DIR=cache, STREAMQ_TORCH_THREADS="1") as up:
         text = up.banner
         assert f"streamq is up at http://127.0.0.1:{port}" in text, text
         assert "curl -N" in text
@@ -88,7 +101,15 @@ def test_up_runs_the_whole_stack_and_cleans_up(tmp_path: Path) -> None:
         assert (tmp_path / "cache" / "streamq-tiny" / "config.json").exists()
         _answers_a_job(f"http://127.0.0.1:{port}")
         assert redis.Redis.from_url(redis_url).ping()
+        # A worker killed while the stack serves is started again; the stack goes on.
+        first = _workers_of(up)
+        assert len(first) == 2
+        os.kill(min(first), signal.SIGKILL)
+        wait_for(lambda: len(_workers_of(up) - first) == 1 and len(_workers_of(up)) == 2, 30, "a new worker")
+        _answers_a_job(f"http://127.0.0.1:{port}")
+        assert up.proc.poll() is None
     assert up.proc.returncode == 0, up.out
+    assert "exited (code -9); starting another" in up.out, up.out[-2000:]
     assert "streamq up: stopping..." in up.out
     # Nothing stays frozen past the stop: native extensions (triton's) report what is still
     # alive at exit as leaks, and a clean stop prints none.
