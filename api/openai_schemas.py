@@ -127,7 +127,7 @@ class OpenAIFields(SamplingFields):
     model_config = ConfigDict(extra="forbid")
 
     n: int | None = Field(None, strict=True, description="number of choices: streamq makes exactly 1")
-    stream: bool = False
+    stream: bool = Field(False, strict=True, description="true: server-sent events (null: false)")
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="the end user's id (logged with the job id)")
     safety_identifier: str | None = Field(None, description="the end user's id (logged with the job id)")
@@ -140,6 +140,11 @@ class OpenAIFields(SamplingFields):
     background: bool = Field(
         False, description="keep the job running when the client goes away (header X-Streamq-Detach: 1)"
     )
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _null_is_false(cls, value: Any) -> Any:
+        return False if value is None else value
 
     @field_validator("n")
     @classmethod

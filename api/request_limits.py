@@ -102,7 +102,7 @@ def generation_request(request: JobRequest, settings: Settings) -> GenerationReq
         top_p=1.0 if request.top_p is None else request.top_p,
         top_k=request.top_k or 0,
         stop=stop,
-        seed=request.seed,
+        seed=None if request.seed is None else request.seed % 2**64,  # the engines' unsigned seed
         queue_ttl=request.queue_ttl,
         timeout=request.timeout,
         max_prompt_tokens=s.max_prompt_tokens,

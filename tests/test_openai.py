@@ -232,6 +232,28 @@ def test_bad_parameters_are_a_bad_request(
     assert words in error.message
 
 
+def test_any_signed_64_bit_seed_and_a_null_stream_are_taken_as_openai_takes_them(
+    client: openai.OpenAI, stack: Stack
+) -> None:
+    """OpenAI's seed is any 64-bit integer, negative ones included; ``"stream": null`` is a plain
+    answer; a stream flag that is not a boolean is refused, naming it."""
+
+    def sampled(seed: int) -> str:
+        answer = chat(
+            client, stack, "Pick words at random.", max_tokens=12, temperature=1.0, seed=seed
+        ).parse()
+        return str(answer.choices[0].message.content)
+
+    assert sampled(-5) == sampled(-5) != sampled(5)
+    assert sampled(-(2**63)) == sampled(-(2**63))
+    body = {"model": model_of(stack), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    plain = httpx.post(f"{stack.url}/v1/chat/completions", json=body | {"stream": None}, timeout=30)
+    assert plain.status_code == 200 and plain.json()["object"] == "chat.completion", plain.text
+    text_body = {"model": model_of(stack), "prompt": "hi", "max_tokens": 4, "stream": "yes"}
+    refused = httpx.post(f"{stack.url}/v1/completions", json=text_body, timeout=30)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream", refused.text
+
+
 def test_closing_a_stream_early_cancels_its_job(
     client: openai.OpenAI, stack: Stack, long_prompts: list[str]
 ) -> None:

@@ -50,7 +50,13 @@ class SamplingFields(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1, strict=True)
     top_k: int | None = Field(None, ge=0, strict=True, description="0 means no top-k cut")
     stop: Text | list[Text] | None = Field(None, description="text that ends the answer (not included)")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, strict=True)
+    seed: int | None = Field(
+        None,
+        ge=-(2**63),
+        le=2**63 - 1,
+        strict=True,
+        description="any signed 64-bit integer, as OpenAI takes it (a negative one is its 64-bit pattern)",
+    )
     presence_penalty: float | None = Field(
         None, ge=-2, le=2, description="penalize tokens already in the answer (vLLM engine)"
     )
