@@ -72,7 +72,11 @@ def print_status(settings: Settings, console: Console | None = None) -> int:
     # Wide enough that a pipe or a narrow terminal does not wrap worker names.
     console = console or Console(width=max(Console().width, 140))
     target = RedisTarget.of(settings)
-    connection = target.client(socket_timeout=settings.redis_socket_timeout)
+    try:
+        connection = target.client(socket_timeout=settings.redis_socket_timeout)
+    except ValueError as exc:  # not a Redis URL
+        print(f"streamq status: {exc}", file=sys.stderr)
+        return 2
     try:
         now = time.time()
         workers = queue_stats.workers(connection, settings.worker_ttl, now)

@@ -152,6 +152,41 @@ def test_a_setting_that_is_not_valid_stops_a_process_with_what_is_wrong_not_a_tr
     assert len(lines) == 2
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "code", "said"),
+    [
+        (
+            ["worker", "--model", "/no/such/model"],
+            {},
+            1,
+            "cannot serve /no/such/model: there is no such folder",
+        ),
+        (
+            ["worker", "--backend", "synthetic"],
+            {"STREAMQ_REDIS_URL": "redis://127.0.0.1:1"},
+            1,
+            "streamq worker: cannot reach Redis at redis://127.0.0.1:1",
+        ),
+        (["make-tiny-model", "--shape", "huge", "x"], {}, 2, "unknown shape 'huge'; choose one of tiny"),
+        (["make-tiny-model", "/etc/passwd"], {}, 2, "streamq make-tiny-model: [Errno 17] File exists"),
+        (["status", "--redis-url", "notaurl"], {}, 2, "streamq status: Redis URL must specify"),
+    ],
+)
+def test_a_command_given_what_cannot_work_says_why_in_a_line(
+    tmp_path: Path, args: list[str], env: dict[str, str], code: int, said: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "streamq", *args],
+        env={**os.environ, **env},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == code and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert said in done.stderr.strip().splitlines()[-1], done.stderr
+
+
 def test_up_without_redis_server_on_path_serves_on_the_embedded_server(
     tmp_path: Path, tiny_model: Path
 ) -> None:

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
+import redis
+
 from shared.cli_options import DEVICES, DTYPES, ENGINE_HELP, ENGINES, with_options
+from shared.redis_connect import RedisTarget
 from shared.settings import load_settings
 
 
@@ -39,7 +43,11 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "make-tiny-model":
         from worker.tiny_model import make_tiny_model
 
-        path = make_tiny_model(args.dir, shape=args.shape)
+        try:
+            path = make_tiny_model(args.dir, shape=args.shape)
+        except (OSError, ValueError) as exc:  # an unknown shape, a folder that is there already
+            print(f"streamq make-tiny-model: {exc}", file=sys.stderr)
+            return 2
         print(f"tiny model written to {path}")
         return 0
     from worker.main import run_worker
@@ -59,8 +67,21 @@ def run(args: argparse.Namespace) -> int:
     if settings.backend == "model" and not settings.model:
         print("streamq worker: give --model NAME_OR_PATH (or set STREAMQ_MODEL)", file=sys.stderr)
         return 2
+    model = settings.model or ""
+    if settings.backend == "model" and looks_local(model) and not Path(model).expanduser().is_dir():
+        print(f"streamq worker: cannot serve {model}: there is no such folder", file=sys.stderr)
+        return 1
     try:
         return run_worker(settings, name=args.name, burst=args.burst)
+    except redis.RedisError as exc:  # checked before the model loads
+        target = RedisTarget.of(settings).describe()
+        print(f"streamq worker: cannot reach Redis at {target}: {exc}", file=sys.stderr)
+        return 1
     except (OSError, ValueError) as exc:  # a model that cannot be found or loaded
         print(f"streamq worker: cannot serve {settings.model}: {exc}", file=sys.stderr)
         return 1
+
+
+def looks_local(model: str) -> bool:
+    """A model given as a path (absolute, relative with ./ or ../, or from ~), not a hub name."""
+    return model.startswith(("/", "./", "../", "~"))

@@ -70,6 +70,7 @@ class SlotPool:
         self._stop.set()
 
     def run(self) -> int:
+        self.connection.ping()  # an unreachable Redis is said before the model loads (minutes)
         runtime = build_runtime(self.settings, self.connection, self.name)
         runtime.start(engine_thread=False)  # the engine runs here, where the model was loaded
         # The engine holds the GIL between torch calls; hand it over more often than Python's
