@@ -162,6 +162,14 @@ class ResponsesRequest(BaseModel):
     model: Text | None = Field(None, description="a served model; optional when one model is served")
     input: Text | list[InputItem]
     instructions: Text | None = Field(None, description="a system message before the input (not chained)")
+
+    @field_validator("input")
+    @classmethod
+    def _some_input(cls, value: str | list[InputItem]) -> str | list[InputItem]:
+        if isinstance(value, list) and not value:
+            raise ValueError("'input' must not be empty")
+        return value
+
     max_output_tokens: int | None = Field(None, ge=1, strict=True)
     temperature: float | None = Field(None, ge=0, le=2, strict=True, description="0 means greedy")
     top_p: float | None = Field(None, gt=0, le=1, strict=True)

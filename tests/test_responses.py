@@ -374,3 +374,10 @@ def test_an_unsupported_field_is_a_400_naming_it(
     with pytest.raises(openai.BadRequestError) as refused:
         client.responses.create(model=model_of(stack), input="hi", **fields)
     assert refused.value.body["param"] == param  # type: ignore[index]
+
+
+def test_an_empty_input_is_a_400_that_says_input(client: openai.OpenAI, stack: Stack) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model=model_of(stack), input=[])
+    body = refused.value.body
+    assert body["param"] == "input" and "'input' must not be empty" in body["message"], body  # type: ignore[index]
