@@ -26,7 +26,7 @@ from api.errors import ApiError
 from api.metrics import FrontMetrics
 from api.queue_positions import QueuePositions
 from api.quotas import KeyQuotas
-from api.request_limits import generation_request
+from api.request_limits import check_token_ids, generation_request
 from api.worker_directory import WorkerDirectory
 from shared import keys
 from shared.job_store import scripts
@@ -91,6 +91,8 @@ class JobService:
         needed = generation.engine_features()
         if needed and (refusal := await self.directory.missing_feature(model, needed)):
             raise refusal
+        if generation.logit_bias or generation.token_ids:
+            check_token_ids(generation, await self.directory.vocab_size(model))
         context_length = await self.directory.context_length(model)
         if may_not_fit(generation, context_length):
             await self._check_prompt_length(model, generation)

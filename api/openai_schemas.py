@@ -311,4 +311,9 @@ class CompletionRequest(OpenAIFields):
 
 # Job-request fields as OpenAI's requests name them (a refusal names what the client sent).
 CHAT_PARAMS = {"logprobs": "logprobs", "tools": "tools", "max_tokens": "max_tokens"}
-COMPLETION_PARAMS = {"prompt_logprobs": "echo", "raw_prompt": "prompt", "logprobs": "logprobs"}
+COMPLETION_PARAMS = {
+    "prompt_logprobs": "echo",
+    "raw_prompt": "prompt",
+    "messages": "prompt",
+    "logprobs": "logprobs",
+}

@@ -121,3 +121,17 @@ def structured_output(response_format: ResponseFormat | None) -> dict[str, Any]:
     if response_format.json_schema is not None:
         return {"json_schema": response_format.json_schema.schema_}
     return {"json_object": True}
+
+
+def check_token_ids(request: GenerationRequest, vocab_size: int | None) -> None:
+    """A 400 naming the field when a token id (of ``logit_bias``, or of a prompt given as token
+    ids) is outside the ids the model's workers take (0 to ``vocab_size`` - 1): refused before the
+    job is made, not failed by its worker. Nothing is checked when no live worker says its size."""
+    if vocab_size is None:
+        return
+    for param, ids in (("logit_bias", request.logit_bias), ("raw_prompt", request.token_ids or ())):
+        bad = next((token for token in ids if not 0 <= token < vocab_size), None)
+        if bad is not None:
+            raise ApiError(
+                400, f"token id {bad} is not in this model's vocabulary (0 to {vocab_size - 1})", param=param
+            )

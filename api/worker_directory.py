@@ -25,6 +25,7 @@ class WorkerInfo:
     started_at: float
     engine: str = ""
     features: frozenset[str] = frozenset()
+    vocab_size: int | None = None  # the token ids its engine takes (0 to vocab_size - 1)
 
 
 class WorkerDirectory:
@@ -56,6 +57,7 @@ class WorkerDirectory:
                 started_at=float(info.get("started_at") or 0),
                 engine=info.get("engine", ""),
                 features=frozenset(f for f in info.get("features", "").split(",") if f),
+                vocab_size=int(info["vocab_size"]) if info.get("vocab_size") else None,
             )
             for name, info in zip(names, infos, strict=True)
             if info
@@ -85,6 +87,11 @@ class WorkerDirectory:
     async def context_length(self, model: str) -> int | None:
         """The smallest context of the model's live workers (None if none says)."""
         known = [w.context_length for w in await self._workers() if w.model == model and w.context_length]
+        return min(known) if known else None
+
+    async def vocab_size(self, model: str) -> int | None:
+        """The token ids every live worker of the model takes: 0 to this - 1 (None if none says)."""
+        known = [w.vocab_size for w in await self._workers() if w.model == model and w.vocab_size]
         return min(known) if known else None
 
     async def missing_feature(self, model: str, needed: dict[str, str]) -> ApiError | None:

@@ -247,6 +247,25 @@ def test_logit_bias_forces_a_token(client: openai.OpenAI, stack: Stack, tiny_bac
     assert whole.choices[0].message.content == " model" * 4
 
 
+def test_a_token_id_outside_the_vocabulary_is_a_400_naming_its_field_and_makes_no_job(
+    client: openai.OpenAI, stack: Stack, tiny_backend: Any
+) -> None:
+    """An id the model does not have, in ``logit_bias`` or in a prompt of token ids, is refused
+    before a job is made (no job id comes back), naming the field as the client sent it."""
+    outside = len(tiny_backend.tokenizer) + 10_000
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.with_raw_response.create(
+            **ask(stack, "Say anything.", 4), logit_bias={str(outside): 5}
+        )
+    assert refused.value.body["param"] == "logit_bias", refused.value.body  # type: ignore[index]
+    assert f"token id {outside} is not in this model's vocabulary" in refused.value.message
+    assert "x-streamq-job-id" not in refused.value.response.headers
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=stack.model_dir.name, prompt=[5, outside], max_tokens=2)
+    assert refused.value.body["param"] == "prompt", refused.value.body  # type: ignore[index]
+    assert "x-streamq-job-id" not in refused.value.response.headers
+
+
 class Weather(BaseModel):
     city: str = Field(max_length=10)
     unit: str = Field(pattern="^(celsius|fahrenheit)$")

@@ -78,6 +78,7 @@ class BatchedCausalLM:
         self._vocab = logits_width(backend.model)
         embeddings = backend.model.get_input_embeddings()
         self._input_vocab = int(getattr(embeddings, "num_embeddings", self._vocab))
+        self.vocab_size = min(self._vocab, self._input_vocab)  # token ids it takes in prompts and biases
         self._grammars = backend.grammars
         self._texts = TokenTexts(backend.tokenizer, self._vocab)
         self._waiting: deque[_Sequence] = deque()

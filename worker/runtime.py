@@ -104,6 +104,7 @@ class WorkerRuntime:
                 "engine": model.engine,
                 "features": ",".join(sorted(model.features)),
                 "context_length": str(context_length or ""),
+                "vocab_size": str(getattr(model, "vocab_size", None) or ""),
             },
         )
         self.counter = PromptCounter(connection, backend)
