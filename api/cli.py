@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from shared.cli_options import INSECURE_HELP, with_options
 from shared.parent_death import die_with_parent
-from shared.settings import Settings, load_settings
+from shared.settings import Settings, load_settings, settings_refusal
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -38,19 +38,6 @@ def add_commands(sub: Any) -> None:
         default=None,
         help="front processes sharing the port (STREAMQ_API_WORKERS; default 1): about one per core",
     )
-
-
-def settings_refusal(exc: ValidationError) -> str:
-    """A bad setting as one line: the variable (and its option), what is wrong, what was given."""
-    options = {"api_workers": "--workers", "insecure": "--insecure"}
-    problems = []
-    for error in exc.errors():
-        field = ".".join(str(part) for part in error["loc"])
-        name = f"STREAMQ_{field.upper()}"
-        if field in options:
-            name += f" ({options[field]})"
-        problems.append(f"{name}: {error['msg'].lower()}, got {error.get('input')!r}")
-    return "; ".join(problems)
 
 
 def front_settings(args: argparse.Namespace) -> Settings | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -244,18 +244,36 @@ class Settings(BaseSettings):
         return [m.strip() for m in self.models.split(",") if m.strip()]
 
 
-class BadSettings(SystemExit):
-    """Settings the environment gives that are not valid: a process stops with one line per
-    setting (``STREAMQ_NAME=value: what is wrong``), not a traceback."""
+# The command-line options that set a setting, named with it when it is refused.
+OPTIONS = {
+    "api_workers": "--workers",
+    "insecure": "--insecure",
+    "slots": "--slots",
+    "model": "--model",
+    "engine": "--engine",
+    "device": "--device",
+    "dtype": "--dtype",
+}
+
+
+def settings_refusal(exc: ValidationError) -> str:
+    """Bad settings as one line: each variable (and its option), what is wrong, what was given."""
+    problems = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"])
+        name = f"STREAMQ_{field.upper()}"
+        if field in OPTIONS:
+            name += f" ({OPTIONS[field]})"
+        problems.append(f"{name}: {error['msg'].lower()}, got {error.get('input')!r}")
+    return "; ".join(problems)
 
 
 def load_settings() -> Settings:
-    """Read the settings from the environment (call once per process, then pass the object down)."""
+    """Read the settings from the environment (call once per process, then pass the object down).
+    Settings that are not valid stop the process (exit code 2) with one line that says why, not
+    a traceback: whichever command or server reads them."""
     try:
         return Settings()
     except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            name = "STREAMQ_" + "_".join(str(part) for part in error["loc"]).upper()
-            lines.append(f"streamq: {name}={os.environ.get(name, '')!r}: {error['msg']}")
-        raise BadSettings("\n".join(lines)) from None
+        print(f"streamq: refusing to start: {settings_refusal(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None

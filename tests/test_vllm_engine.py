@@ -357,10 +357,12 @@ def test_a_raw_prompt_as_text_or_token_ids_gives_the_same_answer_without_the_cha
     assert as_text[-1].data["usage"]["prompt_tokens"] == as_ids[-1].data["usage"]["prompt_tokens"] == len(ids)
     assert text_of(chat) == reference.answer(text, 16) != text_of(as_text)
     assert chat[-1].data["usage"]["prompt_tokens"] > len(ids)
-    # Token ids past the model's vocabulary: refused, not run.
-    events = streamed(stack, submit(stack.url, None, 4, raw_prompt=[10**6]))
-    assert events[-1].event == "error" and events[-1].data["type"] == "invalid_request_error", events[-1]
-    assert "out of vocabulary" in events[-1].data["message"]
+    # Token ids past the model's vocabulary (as the vLLM worker says it): a 400, and no job.
+    body = {"model": MODEL, "max_tokens": 4, "raw_prompt": [5, 10**6]}
+    refused = httpx.post(f"{stack.url}/v1/jobs", json=body, timeout=30)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "raw_prompt", refused.text
+    last = len(reference.prompt.tokenizer) - 1
+    assert f"token id 1000000 is not in this model's vocabulary (0 to {last})" in refused.text
 
 
 def test_tools_go_through_the_chat_template(stack: Stack, vllm_worker: Service, reference: Reference) -> None:

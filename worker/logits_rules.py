@@ -17,6 +17,7 @@ Once the JSON is complete the grammar allows only end of sequence, so the answer
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -64,10 +65,16 @@ def _allowed_words(tokenizer: Any, vocabulary: list[bytes], stop_ids: set[int]) 
     return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
 
 
+_SOURCE_PLACE = re.compile(r"^\S+\.(?:cc|cpp|cxx|h|hpp|py):\d+:\s*")
+
+
 def _first_line(exc: BaseException) -> str:
+    """An xgrammar error's first line, without its "[time] " and its C++ source "file.cc:line: "
+    (the client gets the reason, not the library's source tree)."""
     lines = [line for line in str(exc).splitlines() if line.strip()]
     text = lines[0] if lines else type(exc).__name__
-    return text.split("] ", 1)[-1] if text.startswith("[") else text  # xgrammar's "[time] file:line:"
+    text = text.split("] ", 1)[-1] if text.startswith("[") else text
+    return _SOURCE_PLACE.sub("", text)
 
 
 class Grammars:
