@@ -256,15 +256,27 @@ OPTIONS = {
 }
 
 
+def _may_hold_a_secret(field: str) -> bool:
+    """A secret setting (its type hides it), or the Redis URL (its password)."""
+    info = Settings.model_fields.get(field)
+    return field == "redis_url" or (info is not None and "SecretStr" in str(info.annotation))
+
+
 def settings_refusal(exc: ValidationError) -> str:
     """Bad settings as one line: each variable (and its option), what is wrong, what was given."""
     problems = []
     for error in exc.errors():
         field = ".".join(str(part) for part in error["loc"])
+        message = error["msg"]
+        if not field:  # a check of several settings together: its message names them
+            problems.append(message.removeprefix("Value error, "))
+            continue
         name = f"STREAMQ_{field.upper()}"
         if field in OPTIONS:
             name += f" ({OPTIONS[field]})"
-        problems.append(f"{name}: {error['msg'].lower()}, got {error.get('input')!r}")
+        # What was given, unless it may hold a secret (a key, a password in a URL).
+        given = "" if _may_hold_a_secret(field) else f", got {error.get('input')!r}"
+        problems.append(f"{name}: {message[0].lower()}{message[1:]}{given}")
     return "; ".join(problems)
 
 

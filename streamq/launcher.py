@@ -19,7 +19,12 @@ import urllib.request
 from pathlib import Path
 from types import FrameType
 
+import redis
+
+from shared import keys
+from shared.cli_options import with_options
 from shared.parent_death import die_with_parent
+from shared.redis_connect import RedisTarget
 from shared.settings import Settings
 from streamq.processes import port_in_use, streamq_command
 from streamq.redis_server import start_private_redis
@@ -82,7 +87,22 @@ def _stop_all(
             time.sleep(0.05)
 
 
-MAX_RESTARTS = 3  # a worker that exits this many times within a minute stops the stack
+MAX_RESTARTS = 3  # a worker restarted this many times within a minute stops the stack at its next exit
+
+
+def _note_live_workers(directory: redis.Redis, names: list[str], came_up: list[bool]) -> None:
+    """Mark the workers whose start shows in Redis's directory of live workers (a worker that
+    dies before that never came up: it is not started again)."""
+    if all(came_up):
+        return
+    try:
+        pipe = directory.pipeline(transaction=False)
+        for name in names:
+            pipe.zscore(keys.WORKERS, name)
+        for i, score in enumerate(pipe.execute()):
+            came_up[i] = came_up[i] or score is not None
+    except redis.RedisError:
+        pass  # looked at again on the next round
 
 
 def run_up(settings: Settings, host: str, port: int, model: str | None, workers: int) -> int:
@@ -119,21 +139,24 @@ def run_up(settings: Settings, host: str, port: int, model: str | None, workers:
         env["STREAMQ_INSECURE"] = "1" if settings.insecure else "0"
         if settings.torch_threads is None:
             env["STREAMQ_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
-        worker_args = ["worker", "--model", model_path]
         children.append(_spawn(["api", "--host", host, "--port", str(port)], env))
-        children += [_spawn(worker_args, env) for _ in range(workers)]
+        names = [f"up{os.getpid()}-{i + 1}" for i in range(workers)]  # each start's name in Redis
+        children += [_spawn(["worker", "--model", model_path, "--name", name], env) for name in names]
+        came_up = [False] * workers  # its start showed in the directory of live workers
         restarts: list[list[float]] = [[] for _ in range(workers)]  # each worker's, within a minute
+        directory = RedisTarget.of(with_options(settings, redis_url=redis_url)).client(socket_timeout=2)
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         announced = False
         started = time.monotonic()
         hinted = False
         while not stop["signal"]:
+            _note_live_workers(directory, names, came_up)
             for i, proc in enumerate(children):
                 if proc.poll() is None:
                     continue
                 now = time.monotonic()
                 recent = [t for t in restarts[i - 1] if now - t < 60] if i else []
-                if i == 0 or not announced or len(recent) >= MAX_RESTARTS:
+                if i == 0 or not came_up[i - 1] or len(recent) >= MAX_RESTARTS:
                     # The front, a worker that never came up, or one that keeps dying: stop.
                     print(
                         f"streamq up: a child process exited (code {proc.returncode}); stopping",
@@ -147,7 +170,9 @@ def run_up(settings: Settings, host: str, port: int, model: str | None, workers:
                     file=sys.stderr,
                 )
                 restarts[i - 1] = [*recent, now]
-                children[i] = _spawn(worker_args, env)
+                names[i - 1] = f"{names[i - 1].split('.')[0]}.{len(restarts[i - 1])}.{int(now)}"
+                came_up[i - 1] = False
+                children[i] = _spawn(["worker", "--model", model_path, "--name", names[i - 1]], env)
             if not announced and _ready(url):
                 _print_banner(url, model_path, workers, redis_url, private=redis_proc is not None)
                 announced = True

@@ -150,6 +150,19 @@ def test_a_setting_that_is_not_valid_stops_a_process_with_what_is_wrong_not_a_tr
     assert line.startswith("streamq: refusing to start: "), line
     assert "STREAMQ_SLOTS (--slots): input should be a valid integer" in line and "got 'many'" in line
     assert "STREAMQ_KV_CACHE_GIB: input should be greater than 0, got '-1'" in line
+    # A check of several settings together says which, and no setting's value: no password leaks.
+    secret = {"STREAMQ_REDIS_URL": "redis://:s3cret@db:6379/0", "STREAMQ_REDIS_WAIT_REPLICAS": "1"}
+    secret["STREAMQ_REDIS_WAIT_MS"] = "999999"
+    done = subprocess.run(
+        [sys.executable, "-m", "streamq", "worker", "--model", "x"],
+        env={**os.environ, **secret},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "s3cret" not in done.stderr, done.stderr
+    assert "STREAMQ_REDIS_WAIT_MS must be shorter than STREAMQ_REDIS_COMMAND_TIMEOUT" in done.stderr
 
 
 def test_up_without_redis_server_on_path_serves_on_the_embedded_server(

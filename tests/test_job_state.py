@@ -267,6 +267,22 @@ def test_an_end_that_finds_the_runs_last_writes_lost_hands_the_job_back(redis_se
     assert scripts.started(_run(r, _start_call("js13", "run-h"))) == ("running", [1])
 
 
+def test_an_end_after_a_write_whose_reply_was_lost_repeats_nothing(redis_server: RedisServer) -> None:
+    """A write applied, but its reply was lost; the run's end then carries that output again with
+    more (the publisher could not know). Redis holds more ids than the run knows it stored: the
+    job is handed back, to be continued from what Redis holds, rather than its text repeated."""
+    r = redis_server.client(decode_responses=True)
+    queue = keys.rq_queue("lost-reply")
+    _new_job(r, "js14", model="lost-reply")
+    r.lrem(queue, 1, "js14")
+    assert _start(r, "js14", "run-r") == "running"
+    assert _delta(r, "js14", "run-r", "Hel", [1, 2], stored=0) == DeltaAnswer.WRITTEN  # the reply is lost
+    last = scripts.LastOutput(stored=0, text="Hello", queue_list=queue)
+    assert _finish_with(r, "js14", "run-r", last) == Answer.REQUEUED
+    assert r.get(keys.text("js14")) == "Hel" and r.hget(keys.job("js14"), "status") == "queued"
+    assert _events(r, "js14") == ["started", "delta", "queued"] and r.lrange(queue, 0, -1) == ["js14"]
+
+
 def test_a_handback_puts_the_job_back_on_its_queue_in_the_same_step(redis_server: RedisServer) -> None:
     """A stopping worker's handback leaves no window where the job is queued in streamq but on no
     RQ list: the script itself pushes it to the queue's front (RQ's enqueue then writes its record)."""

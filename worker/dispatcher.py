@@ -136,6 +136,9 @@ class Dispatcher:
             self._pool.shutdown(wait=False)
             try:
                 self.runs.file_counts(force=True)
+            except redis.RedisError as exc:
+                log.warning("could not add the last jobs to worker %s's counters: %s", self.name, exc)
+            try:
                 worker.register_death()
             except redis.RedisError as exc:
                 log.warning("could not remove worker %s from RQ's list: %s", self.name, exc)

@@ -26,6 +26,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+from rq.exceptions import NoSuchJobError
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.queue import Queue
@@ -112,8 +113,10 @@ def file_ending(
 def _restore_taken(job: Job, record: dict[Any, Any]) -> None:
     """Load RQ's record of ``job`` as it was taken (``Job.restore``), keeping what its start
     (``prepare_for_execution``, in the same pipeline) set in the record and on ``job``."""
+    if not record:
+        raise NoSuchJobError(job.id)
     started = (job.worker_name, job.last_heartbeat, job.started_at, job.get_status(refresh=False))
-    job.restore(record)
+    job.restore(record)  # NoSuchJobError for a record without its data
     job.worker_name, job.last_heartbeat, job.started_at, job._status = started
 
 
@@ -188,10 +191,10 @@ class RqRuns:
             jobs, runs, replies[0 : 2 * len(runs) : 2], replies[1 : 2 * len(runs) : 2], strict=True
         ):
             run.fields = hash_fields(fields)
-            if record:  # RQ's whole record as taken, for its end (written back whole, as RQ's
-                _restore_taken(job, record)  # worker does with the record its dequeue read)
-            else:  # RQ's record was gone (a failover lost it): the start above made a stub
-                lost.append((run, job))
+            try:  # RQ's whole record as taken, for its end (written back whole, as RQ's worker
+                _restore_taken(job, record)  # does with the record its dequeue read)
+            except NoSuchJobError:  # RQ's record was gone (a failover lost it), or is a stub
+                lost.append((run, job))  # a killed begin left: the start above made one
         if lost:
             with self._redis.pipeline(transaction=False) as pipe:
                 for run, job in lost:

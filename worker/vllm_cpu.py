@@ -25,11 +25,14 @@ def set_cpu_defaults(settings: Settings) -> None:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
 
 
-def default_kv_cache_bytes(job_tokens: int, per_token: int | None) -> int:
-    """The KV cache of a worker on a CPU when STREAMQ_KV_CACHE_GIB is unset: 4 GiB, or half the
+def default_kv_cache_bytes(job_tokens: int, per_token: int | None) -> int | None:
+    """The KV cache of a worker on a CPU when STREAMQ_KV_CACHE_GIB is unset (None when vLLM's own
+    VLLM_CPU_KVCACHE_SPACE is set: it decides): 4 GiB, or half the
     memory available now if that is less. (vLLM's own default reserves 92% of the machine's
     memory, and will not start where less than that is free: on any machine that runs anything
     else.) ValueError when that cannot hold one job of ``job_tokens`` tokens."""
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # vLLM's own variable, set: it decides
+        return None
     import psutil  # vLLM's requirement (this module is imported without vLLM too)
 
     size = min(DEFAULT_KV_CACHE, psutil.virtual_memory().available // 2)

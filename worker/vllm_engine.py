@@ -186,7 +186,7 @@ class VLLMModel:
         # Tools only where the chat template renders them, with calls streamq can parse.
         self.features = ENGINE_FEATURES if served.takes_tools() else ENGINE_FEATURES - {TOOLS}
         vocab_size = int(engine.vllm_config.model_config.get_vocab_size())
-        self.vocab_size = min(vocab_size, len(served.tokenizer))  # ids it takes in prompts and biases
+        self.vocab_size = vocab_size  # the ids vLLM takes in prompts and logit biases: the model's
         self.texts = TokenTexts(served.tokenizer, vocab_size).warm()  # log probabilities' entries
         self._held: dict[EngineJob, _Request] = {}
         self._by_id: dict[str, _Request] = {}

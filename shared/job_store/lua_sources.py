@@ -132,8 +132,10 @@ end
 
 # Writes a job's final state once, from the run that holds it (or from no run: run id ""), with
 # the run's last output in the same step: its delta event and text (its token ids are not
-# stored: they go with the job's end), after the same check as ``DELTA``'s that Redis still has
-# every token id the run stored (if not, the job is handed back instead, and "requeued" answered).
+# stored: they go with the job's end), once Redis holds exactly the token ids the run knows it
+# stored. Fewer: a failover lost some. More: an earlier write whose reply was lost did apply, and
+# this output may repeat part of it. Either way the job is handed back instead ("requeued"), to
+# be continued from what Redis holds, so its text has neither a hole nor a repeat.
 # KEYS: job hash, events, text, tokens, lease, running set[, the model's RQ queue list].
 # ARGV: status, event name, event data, ttl, maxlen, run id, job id, the last output's delta
 # event data (or ""), its text (or ""), token ids the run stored (or "": no check), then
@@ -144,7 +146,7 @@ FINISH = (
     + ENDING
     + """
 if ARGV[6] ~= '' and job[2] ~= ARGV[6] then return 'lost' end
-if ARGV[10] ~= '' and stored(job[5]) < tonumber(ARGV[10]) then
+if ARGV[10] ~= '' and stored(job[5]) ~= tonumber(ARGV[10]) then
   hand_back(job[4], ARGV[7], ARGV[5])
   return 'requeued'
 end
