@@ -101,7 +101,10 @@ def test_up_runs_the_whole_stack_and_cleans_up(tmp_path: Path) -> None:
         assert (tmp_path / "cache" / "streamq-tiny" / "config.json").exists()
         _answers_a_job(f"http://127.0.0.1:{port}")
         assert redis.Redis.from_url(redis_url).ping()
-        # A worker killed while the stack serves is started again; the stack goes on.
+        # A worker killed while the stack serves is started again; the stack goes on. (Once both
+        # serve: one killed while it still loads never came up, and stops the stack.)
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: sum(httpx.get(f"{url}/readyz").json()["models"].values()) == 2, 120, "2 workers")
         first = _workers_of(up)
         assert len(first) == 2
         os.kill(min(first), signal.SIGKILL)
