@@ -18,12 +18,20 @@ DEFAULT_MAX_SEQ_LEN = 8192
 GPU_KV_SHARE = 0.8  # of the memory left free after loading the model
 
 
+def head_size(config: Any) -> int | None:
+    """The model's attention head size, from its config (None when it does not say)."""
+    head = getattr(config, "head_dim", None)
+    if head:
+        return int(head)
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    return int(hidden) // int(heads) if hidden and heads else None
+
+
 def kv_bytes_per_token(config: Any, element_size: int) -> int:
     """Bytes one token takes in the KV cache (keys and values, every layer), from a model's
     config and its cache's element size (both engines size their cache with this)."""
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return int(2 * config.num_hidden_layers * heads * head_dim * element_size)
+    return int(2 * config.num_hidden_layers * heads * (head_size(config) or 0) * element_size)
 
 
 def choose_slots(settings: Settings, backend: ServedModel, per_token: int, max_len: int) -> int:

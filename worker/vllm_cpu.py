@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from shared.settings import Settings
+from worker.engine_setup import head_size
 
 GiB = 2**30
 DEFAULT_KV_CACHE = 4 * GiB  # on a CPU, with STREAMQ_KV_CACHE_GIB unset (or half the free memory)
@@ -43,15 +44,6 @@ def default_kv_cache_bytes(job_tokens: int, per_token: int | None) -> int | None
             "(STREAMQ_MAX_SEQ_LEN): set STREAMQ_KV_CACHE_GIB, or lower STREAMQ_MAX_SEQ_LEN"
         )
     return size
-
-
-def head_size(config: Any) -> int | None:
-    """The model's attention head size, from its config (None when it does not say)."""
-    head = getattr(config, "head_dim", None)
-    if head:
-        return int(head)
-    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
-    return int(hidden) // int(heads) if hidden and heads else None
 
 
 def check_head_size(config: Any) -> None:
