@@ -233,4 +233,4 @@ def job_failure_error(event: str, data: dict[str, Any]) -> ApiError:
     kind = str(data.get("type") or "generation_error")
     message = str(data.get("message") or "the job failed")
     status = {"invalid_request_error": 400, "timeout": 504, "stream_interrupted": 503}.get(kind, 502)
-    return ApiError(status, message, type=kind)
+    return ApiError(status, message, type=kind, param=data.get("param") or None)

@@ -37,6 +37,7 @@ from shared.schemas import (
     Text,
     ToolDefinition,
 )
+from shared.schemas.json_schema_check import UsableSchema
 
 _FORBID = ConfigDict(extra="forbid")
 
@@ -74,7 +75,7 @@ class TextFormat(BaseModel):
 
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = None
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    schema_: UsableSchema | None = Field(None, alias="schema")
     strict: bool | None = None
     description: str | None = None
 

@@ -18,6 +18,7 @@ twice (a re-attached stream) names its calls the same way.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -219,32 +220,46 @@ class ToolCallReader:
         return self._content(rest)
 
     def _required(self, text: str) -> list[dict[str, Any]]:
+        if not text.lstrip().startswith("["):  # not a list of calls after all (no grammar held it)
+            return self._content(text)
+        items, rest = _whole_items(text)
         deltas = []
-        for call in _whole_items(text):  # an answer cut short (max_tokens) keeps its whole calls
+        for call in items:
             if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-                return self._content(text)  # not a list of calls after all (no grammar held it)
+                return self._content(text)
             arguments = call.get("arguments", {})
             deltas.append(self._next_call(call["name"], json.dumps(arguments, ensure_ascii=False)))
-        return deltas or self._content(text)
+        # An answer cut short (max_tokens) ends with a call begun: once its name is whole it is
+        # a call, with its arguments as far as they came, as OpenAI answers a call the length cut.
+        named = _NAMED.match(rest)
+        if named is not None:
+            given = _ARGUMENTS.match(rest, named.end())
+            arguments = rest[given.end() :].rstrip() if given is not None else ""
+            deltas.append(self._next_call(json.loads(named[1]), arguments))
+        return deltas
 
 
-def _whole_items(text: str) -> list[Any]:
-    """The items of a JSON list that are whole, even when the list itself was cut short."""
+# A required call's beginning, as its grammar writes it: {"name": "...", "arguments": ...
+_NAMED = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")')
+_ARGUMENTS = re.compile(r'\s*,\s*"arguments"\s*:\s*')
+
+
+def _whole_items(text: str) -> tuple[list[Any], str]:
+    """The items of a JSON list that are whole, even when the list itself was cut short, and
+    the text after them (an item begun, when it was)."""
     decoder = json.JSONDecoder()
     start = text.lstrip()
-    if not start.startswith("["):
-        return []
     items: list[Any] = []
     at = 1
     while True:
         while at < len(start) and start[at] in " \t\r\n,":
             at += 1
         if at >= len(start) or start[at] == "]":
-            return items
+            return items, ""
         try:
             item, at = decoder.raw_decode(start, at)
         except ValueError:
-            return items
+            return items, start[at:]
         items.append(item)
 
 

@@ -118,6 +118,7 @@ def test_a_schema_xgrammar_cannot_compile_fails_that_job_only(tiny_backend: Any)
             end = seen.end(j)
             assert end is not None and end.finish_reason == "error"
             assert end.error_type == "invalid_request_error" and "response_format" in end.error_message
+            assert end.error_param == "response_format"
             assert ".cc:" not in end.error_message and "[" not in end.error_message  # the reason only
         assert 'Unsupported type "strong"' in (seen.end(bad).error_message if seen.end(bad) else "")
         assert seen.text(good) == alone(tiny_backend, good.request)[0]

@@ -140,6 +140,86 @@ def test_tool_choice_required_always_calls(client: openai.OpenAI, stack: Stack) 
     jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])
 
 
+def test_a_required_call_cut_by_max_tokens_is_a_call_with_the_arguments_it_got(
+    client: openai.OpenAI, stack: Stack
+) -> None:
+    """As OpenAI answers a call the length cut: the call, its arguments as far as they came,
+    finish_reason length; never the guided JSON as content."""
+    for stream in (False, True):
+        request = ask(stack, "Weather?", max_tokens=44)  # the tiny model's tokens: about a character each
+        request |= {"tools": [WEATHER], "tool_choice": "required", "temperature": 0.0}
+        if stream:
+            chunks = list(client.chat.completions.create(**request, stream=True))
+            parts = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
+            content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+            name, arguments = parts[0].function.name, "".join(p.function.arguments or "" for p in parts)
+        else:
+            whole = client.chat.completions.create(**request)
+            content, finish = whole.choices[0].message.content or "", [whole.choices[0].finish_reason]
+            call = whole.choices[0].message.tool_calls[0]
+            name, arguments = call.function.name, call.function.arguments
+        assert finish == ["length"] and content == "", (content, finish)
+        assert name == "get_weather" and arguments.startswith('{"city"'), arguments
+        with pytest.raises(json.JSONDecodeError):  # cut: as far as the arguments came
+            json.loads(arguments)
+
+
+@pytest.mark.parametrize(
+    ("field", "param"),
+    [
+        ("response_format", "response_format.json_schema.schema"),
+        ("tools", "tools.0.function.parameters"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("schema", "says"),
+    [
+        ({"type": "strin"}, "at #/type"),
+        (
+            {"type": "object", "properties": {"a": {"$ref": "#/$defs/nothing"}}},
+            "'/$defs/nothing' does not exist",
+        ),
+        ({"type": "string", "pattern": "(unclosed"}, 'is not a "regex"'),
+    ],
+)
+def test_a_schema_no_answer_can_follow_is_a_400_naming_it_and_makes_no_job(
+    client: openai.OpenAI, stack: Stack, field: str, param: str, schema: dict[str, Any], says: str
+) -> None:
+    request = ask(stack, "JSON please")
+    if field == "tools":
+        request |= {"tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}]}
+        request |= {"tool_choice": "required"}
+    else:
+        request |= {
+            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+        }
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.with_raw_response.create(**request)
+    assert refused.value.body["param"] == param, refused.value.body  # type: ignore[index]
+    assert "not a JSON Schema an answer can follow" in refused.value.message and says in refused.value.message
+    assert "x-streamq-job-id" not in refused.value.response.headers
+
+
+def test_a_valid_schema_the_worker_cannot_compile_names_its_field(
+    client: openai.OpenAI, stack: Stack
+) -> None:
+    """Valid JSON Schema whose pattern xgrammar cannot take (a Unicode class): found by the
+    worker, whose error names the field as the client sent it, answered whole or streamed."""
+    schema = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^\\p{L}+$"}}}
+    forced = {"tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}]}
+    forced |= {"tool_choice": "required"}
+    shaped = {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+    for fields, param in ((shaped, "response_format"), (forced, "tools")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(**ask(stack, "JSON please"), **fields)
+        assert refused.value.body["param"] == param, refused.value.body  # type: ignore[index]
+        assert "cannot be used for constrained decoding" in refused.value.message
+        with pytest.raises(openai.APIError) as in_stream:
+            list(client.chat.completions.create(**ask(stack, "JSON please"), **fields, stream=True))
+        assert in_stream.value.body["param"] == param, in_stream.value.body  # type: ignore[index]
+
+
 def test_an_agent_loop_of_two_turns(client: openai.OpenAI, stack: Stack) -> None:
     messages: list[Any] = [{"role": "user", "content": "What is the weather in Rome?"}]
     first = client.chat.completions.create(

@@ -64,6 +64,7 @@ class JobOutput:
     finish_reason: str | None = None  # stop, length, timeout, canceled, error, handback
     error_type: str = ""
     error_message: str = ""
+    error_param: str | None = None  # the request field an invalid_request_error is about
     token_ids: tuple[int, ...] = ()  # the tokens behind ``text`` (kept for a continuation)
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token of ``token_ids`` when the job asked
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # once, when the job asked
@@ -73,8 +74,10 @@ class JobOutput:
 HANDBACK = "handback"
 
 
-def ended(job: EngineJob, reason: str, error_type: str = "", message: str = "") -> JobOutput:
-    return JobOutput(job, "", job.prompt_tokens, job.completion_tokens, reason, error_type, message)
+def ended(
+    job: EngineJob, reason: str, error_type: str = "", message: str = "", param: str | None = None
+) -> JobOutput:
+    return JobOutput(job, "", job.prompt_tokens, job.completion_tokens, reason, error_type, message, param)
 
 
 class BatchModel(Protocol):
@@ -202,7 +205,7 @@ class Engine:
                 self.model.add(job)
                 self._jobs.add(job)
             except InvalidJobRequest as exc:
-                outputs.append(ended(job, "error", "invalid_request_error", str(exc)))
+                outputs.append(ended(job, "error", "invalid_request_error", str(exc), exc.param))
             except Exception as exc:  # e.g. a prompt its tokenizer cannot take
                 log.exception("job %s could not join the engine", job.job_id)
                 outputs.append(ended(job, "error", "generation_error", f"{type(exc).__name__}: {exc}"))

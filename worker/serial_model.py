@@ -50,7 +50,7 @@ class SerialModel:
                 step = next(steps, None)
             except InvalidJobRequest as exc:
                 self._steps.pop(job)
-                outputs.append(ended(job, "error", "invalid_request_error", str(exc)))
+                outputs.append(ended(job, "error", "invalid_request_error", str(exc), exc.param))
                 continue
             except Exception as exc:
                 self._steps.pop(job)

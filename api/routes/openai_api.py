@@ -39,6 +39,7 @@ from api.openai_schemas import (
     CompletionRequest,
     OpenAIFields,
 )
+from api.tool_calls import ToolPlan
 from shared.job_store.vocabulary import EventName
 from shared.schemas import JobRequest
 
@@ -116,12 +117,8 @@ async def _complete(
         job = await ClientJob.submit(
             jobs, job_request, request, caller, detached=detach_requested(body.background, detach)
         )
-    except ApiError as exc:  # name the field as the client sent it
-        sent = (CHAT_PARAMS if kind == "chat" else COMPLETION_PARAMS).get(exc.param or "")
-        if sent and sent != exc.param:
-            exc.message = exc.message.replace(f"'{exc.param}'", f"'{sent}'")
-            exc.param = sent
-        raise
+    except ApiError as exc:
+        raise _as_sent(exc, kind, extras.get("tools")) from None
     if body.end_user() or body.metadata:
         log.info(
             "job %s: OpenAI %s completion for user %r, metadata %s",
@@ -141,9 +138,26 @@ async def _complete(
     return await _wait(job, fmt, headers)
 
 
+def _as_sent(exc: ApiError, kind: Kind, tools: ToolPlan | None) -> ApiError:
+    """``exc`` naming the field as the client sent it: a job request's field (the prompt's
+    ``messages`` on the completions route), or ``tools`` for the schema a forced call was held to."""
+    if exc.param == "response_format" and tools is not None and tools.json_schema is not None:
+        sent: str | None = "tools"
+    else:
+        sent = (CHAT_PARAMS if kind == "chat" else COMPLETION_PARAMS).get(exc.param or "")
+    if sent and sent != exc.param:
+        exc.message = exc.message.replace(f"'{exc.param}'", f"'{sent}'")
+        exc.message = exc.message.replace(f"{exc.param}: ", f"{sent}: ", 1)
+        exc.param = sent
+    return exc
+
+
 async def _wait(job: ClientJob, fmt: CompletionFormat, headers: dict[str, str]) -> Response:
     """Wait for the whole answer; a job that ends without one is its HTTP error."""
-    result = await job.whole_output(error_headers=headers)
+    try:
+        result = await job.whole_output(error_headers=headers)
+    except ApiError as exc:
+        raise _as_sent(exc, fmt.kind, fmt.tools) from None
     if result is None:
         return Response(status_code=499)  # the client went away
     done = result.done.data
@@ -177,7 +191,7 @@ async def _stream(job: ClientJob, fmt: CompletionFormat) -> AsyncIterator[bytes]
                 yield DONE
                 return
             else:
-                error = job_failure_error(event.event, event.data)
+                error = _as_sent(job_failure_error(event.event, event.data), fmt.kind, fmt.tools)
                 if error.type == "stream_interrupted":
                     error.message += f"; the job may still run: re-attach at /v1/jobs/{job.id}/events"
                 yield sse_data(error.envelope())

@@ -30,7 +30,11 @@ def view_from_hash(job_id: str, fields: Mapping[str, str], text: str, position: 
     """Build the public job view from the job's hash and text (both decoded to str)."""
     error = None
     if fields.get(JobField.ERROR_TYPE):
-        error = JobError(type=fields[JobField.ERROR_TYPE], message=fields.get(JobField.ERROR_MESSAGE, ""))
+        error = JobError(
+            type=fields[JobField.ERROR_TYPE],
+            message=fields.get(JobField.ERROR_MESSAGE, ""),
+            param=fields.get(JobField.ERROR_PARAM) or None,
+        )
     status = JobStatus(fields[JobField.STATUS])
     return JobView(
         id=job_id,

@@ -245,14 +245,19 @@ class Ending:
     fields: Mapping[str, Any] = field(default_factory=dict)
 
 
-def ended_failed(error_type: str, message: str, finished_at: float | None = None) -> Ending:
+def ended_failed(
+    error_type: str, message: str, finished_at: float | None = None, param: str | None = None
+) -> Ending:
     fields: dict[str, Any] = {
         JobField.FINISH_REASON: FinishReason.ERROR,
         JobField.FINISHED_AT: finished_at if finished_at is not None else time.time(),
         JobField.ERROR_TYPE: error_type,
         JobField.ERROR_MESSAGE: message,
     }
-    return Ending(JobStatus.FAILED, EventName.ERROR, Failed(type=error_type, message=message), fields)
+    if param:
+        fields[JobField.ERROR_PARAM] = param
+    failed = Failed(type=error_type, message=message, **({"param": param} if param else {}))
+    return Ending(JobStatus.FAILED, EventName.ERROR, failed, fields)
 
 
 def ended_canceled(completion_tokens: int, finished_at: float | None = None) -> Ending:

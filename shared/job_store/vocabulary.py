@@ -64,3 +64,4 @@ class JobField(StrEnum):
     FINISH_REASON = "finish_reason"
     ERROR_TYPE = "error_type"
     ERROR_MESSAGE = "error_message"
+    ERROR_PARAM = "error_param"  # the request field an invalid_request_error is about, if any

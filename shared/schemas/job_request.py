@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.logprobs import MAX_LOGPROBS, MAX_PROMPT_LOGPROBS
+from shared.schemas.json_schema_check import UsableSchema
 from shared.schemas.messages import ChatMessage, Text, ToolDefinition
 
 
@@ -14,7 +15,7 @@ class JsonSchemaFormat(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
     name: str = "response"
-    schema_: dict[str, Any] = Field(alias="schema", description="the JSON Schema the answer follows")
+    schema_: UsableSchema = Field(alias="schema", description="the JSON Schema the answer follows")
     strict: bool | None = None
 
 

@@ -18,6 +18,7 @@ class Usage(BaseModel):
 class JobError(BaseModel):
     type: str
     message: str
+    param: str | None = Field(None, description="the request field at fault, when one is")
 
 
 class JobView(BaseModel):

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from shared.schemas.json_schema_check import UsableSchema
+
 
 def _encodable(value: str) -> str:
     """Refuse text that is not valid Unicode (lone surrogates such as "\\ud800" in JSON)."""
@@ -83,7 +85,7 @@ class FunctionDefinition(BaseModel):
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
     description: Text | None = None
-    parameters: dict[str, Any] | None = Field(None, description="JSON Schema of the arguments")
+    parameters: UsableSchema | None = Field(None, description="JSON Schema of the arguments")
     strict: bool | None = None
 
 

@@ -338,6 +338,11 @@ async def test_text_format_json_schema_is_the_jobs_response_format(front: Front)
         ({"input": [{"role": "assistant", "content": "me last"}]}, "input"),
         ({"conversation": "conv_1"}, "conversation"),
         ({"stream_options": {"include_obfuscation": True}}, "stream_options.include_obfuscation"),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "s", "schema": {"type": "strin"}}}},
+            "text.format",
+        ),
+        ({"tools": [{**ADD, "parameters": {"$ref": "#/$defs/none"}}]}, "tools.0"),
     ],
 )
 async def test_what_cannot_be_honoured_is_a_400_naming_the_field(
