@@ -5,6 +5,7 @@ worker never reports ready and then fails every job)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from shared.settings import Settings
@@ -34,9 +35,7 @@ def default_kv_cache_bytes(job_tokens: int, per_token: int | None) -> int | None
     else.) ValueError when that cannot hold one job of ``job_tokens`` tokens."""
     if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # vLLM's own variable, set: it decides
         return None
-    import psutil  # vLLM's requirement (this module is imported without vLLM too)
-
-    size = min(DEFAULT_KV_CACHE, psutil.virtual_memory().available // 2)
+    size = min(DEFAULT_KV_CACHE, available_memory() // 2)
     if per_token and size // per_token < job_tokens:
         raise ValueError(
             f"half the memory available ({size / GiB:.2f} GiB) holds about {size // per_token} "
@@ -44,6 +43,61 @@ def default_kv_cache_bytes(job_tokens: int, per_token: int | None) -> int | None
             "(STREAMQ_MAX_SEQ_LEN): set STREAMQ_KV_CACHE_GIB, or lower STREAMQ_MAX_SEQ_LEN"
         )
     return size
+
+
+def available_memory() -> int:
+    """The memory this process may still take: the machine's available memory, or less where
+    its cgroup (a container's limit, or a parent's) leaves less."""
+    import psutil  # vLLM's requirement (this module is imported without vLLM too)
+
+    machine = int(psutil.virtual_memory().available)
+    headroom = cgroup_headroom()
+    return machine if headroom is None else min(machine, headroom)
+
+
+UNLIMITED = 2**60  # cgroup v1 writes "no limit" as a number about 2**63
+
+
+def cgroup_headroom(
+    membership: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")
+) -> int | None:
+    """Limit less usage of the tightest memory limit on this process's cgroup and its
+    ancestors (v2 ``memory.max``/``memory.current``, v1 ``memory.limit_in_bytes``/
+    ``memory.usage_in_bytes``), or None where none is set or none can be read. Inside a
+    container the mount's root is the container's own cgroup, so a path the membership names
+    that is not mounted is skipped, and the walk goes on up to the root."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    tightest: int | None = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2's unified hierarchy
+            base, files = root, ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            base, files = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        folder = base / path.lstrip("/")
+        while True:
+            headroom = _headroom(folder / files[0], folder / files[1])
+            if headroom is not None and (tightest is None or headroom < tightest):
+                tightest = headroom
+            if folder == base or base not in folder.parents:
+                break
+            folder = folder.parent
+    return tightest
+
+
+def _headroom(limit_file: Path, usage_file: Path) -> int | None:
+    try:
+        limit_text = limit_file.read_text().strip()
+        if limit_text == "max" or int(limit_text) >= UNLIMITED:
+            return None
+        return max(0, int(limit_text) - int(usage_file.read_text().strip()))
+    except (OSError, ValueError):
+        return None
 
 
 def check_head_size(config: Any) -> None:
