@@ -15,9 +15,23 @@ from api import cli as api_cli
 from streamq import chat_cli, stack_cli
 from worker import cli as worker_cli
 
+DESCRIPTION = """\
+Serve chat models behind an OpenAI-compatible HTTP API, with a durable job queue in Redis:
+answers stream, survive a worker's crash, and can be re-read from any front.
+
+  streamq up                      Redis, a front and a worker on this machine (the demo model)
+  streamq up --model DIR          the same, serving a model folder (or a hub name)
+  streamq chat                    chat with it in the terminal
+  streamq api / streamq worker    run the parts on their own (several hosts; see the README)
+
+Settings are STREAMQ_* environment variables (the README's Configuration section); each
+command's --help lists its options."""
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamq", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="streamq", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     stack_cli.add_commands(sub)  # up, status
     api_cli.add_commands(sub)  # api
