@@ -133,7 +133,7 @@ class CompletionFormat:
         """The whole answer (non-streaming)."""
         choice: dict[str, Any]
         if self.kind == "chat":
-            content, calls = read_whole(self.tools, self.job_id, text)
+            content, calls = read_whole(self.tools, self.job_id, text, cut=finish_reason == "length")
             message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
             if calls:
                 message["tool_calls"] = calls
@@ -209,7 +209,7 @@ class CompletionStream:
         """The chunks that end the answer: held-back text or calls, the finish reason, the usage."""
         chunks: list[dict[str, Any]] = []
         if self.fmt.kind == "chat":
-            chunks += [self.fmt.chunk(d) for d in self._reader.finish()]
+            chunks += [self.fmt.chunk(d) for d in self._reader.finish(cut=finish_reason == "length")]
             reason = openai_finish_reason(finish_reason, self._reader.calls > 0)
             chunks.append(self.fmt.chunk({}, reason))
         else:

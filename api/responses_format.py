@@ -31,8 +31,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from api.errors import ApiError
+from api.errors import ApiError, job_failure_error
 from api.job_client import JobEvent
+from api.responses_schemas import named_as_sent
 from api.responses_store import ResponseRecord, response_status
 from api.stream_hub import parse_entry_id
 from api.tool_calls import ToolCallReader
@@ -83,6 +84,7 @@ class ResponseEvents:
     def __init__(self, record: ResponseRecord) -> None:
         self.record = record
         self._reader = ToolCallReader(record.tool_plan(), record.id)
+        self._forced_call = record.tool_plan().json_schema is not None
         self._next = 0  # the next sequence number
         self._events: list[Obj] = []  # what the event being fed gives
         self.status = "queued"
@@ -152,7 +154,7 @@ class ResponseEvents:
         if event.event == EventName.DELTA:
             self._deltas(self._reader.feed(str(event.data.get("text") or "")))
         elif event.event == EventName.DONE:
-            self._deltas(self._reader.finish())
+            self._deltas(self._reader.finish(cut=event.data.get("finish_reason") == FinishReason.LENGTH))
             usage = event.data.get("usage") or {}
             self.usage = usage_object(
                 int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
@@ -163,8 +165,9 @@ class ResponseEvents:
                 self.incomplete = {"reason": "max_output_tokens"}
                 self._end("incomplete", event.id)
         elif event.event == EventName.ERROR:
-            self.error = _error_object(event.data)
-            self._emit("error", code=self.error["code"], message=self.error["message"], param=None)
+            failure = named_as_sent(job_failure_error(event.event, event.data), self._forced_call)
+            self.error = _error_object(event.data) | {"message": failure.message}
+            self._emit("error", code=self.error["code"], message=failure.message, param=failure.param)
             self._end("failed", event.id)
         elif event.event == EventName.CANCELED:
             self._end("cancelled", event.id)

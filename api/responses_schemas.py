@@ -136,13 +136,15 @@ RESPONSES_PARAMS = {"max_tokens": "max_output_tokens", "response_format": "text.
 
 def responses_param(param: str | None, forced_call: bool = False) -> str | None:
     """The request field behind a job request's ``param``; a forced tool call's schema is its
-    ``tool_choice``'s doing."""
+    ``tools``' (as on the chat route)."""
     if param is None:
         return None
     if param.split(".")[0] in ("messages", "history", "prompt"):
         return "input"
-    if param == "response_format" and forced_call:
-        return "tool_choice"
+    if param.startswith("response_format") and forced_call:
+        return "tools"
+    if param.startswith("tools.") and ".function." in param:  # Responses' tools are flat
+        return param.replace(".function.", ".", 1)
     return RESPONSES_PARAMS.get(param, param)
 
 
@@ -151,6 +153,8 @@ def named_as_sent(exc: ApiError, forced_call: bool = False) -> ApiError:
     sent = responses_param(exc.param, forced_call)
     if sent and exc.param and sent != exc.param:
         exc.message = exc.message.replace(f"'{exc.param}'", f"'{sent}'")
+        if exc.message.startswith(f"{exc.param}: "):  # a worker's message names its field first
+            exc.message = sent + exc.message[len(exc.param) :]
     exc.param = sent
     return exc
 

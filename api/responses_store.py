@@ -149,7 +149,7 @@ async def earlier_turns(jobs: JobClient, previous_id: str, owner: str) -> list[C
     status = response_status(view)
     if status not in ("completed", "incomplete"):
         raise _refuse_chaining(previous_id, f"is {status}: only a finished response can be continued")
-    content, calls = read_whole(record.tool_plan(), record.id, view.text)
+    content, calls = read_whole(record.tool_plan(), record.id, view.text, cut=view.finish_reason == "length")
     tool_calls = [ToolCall(id=c["id"], function=FunctionCall(**c["function"])) for c in calls]
     answer = ChatMessage(role="assistant", content=content or "", tool_calls=tool_calls or None)
     return [*record.conversation, answer]

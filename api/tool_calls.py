@@ -17,6 +17,7 @@ twice (a re-attached stream) names its calls the same way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict
 
 from api.errors import ApiError
 from shared.schemas import ResponseFormat, ToolDefinition
+from shared.schemas.json_schema_check import ONE_SCHEMA, SCHEMA_LISTS, SCHEMA_MAPS, schema_problem, subschemas
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
@@ -87,6 +89,13 @@ def plan_tools(
         return ToolPlan()
     if choice == "none":
         return ToolPlan()
+    for index, tool in enumerate(tools):
+        if (problem := schema_problem(tool.function.parameters)) is not None:
+            raise ApiError(
+                400,
+                f"the answer cannot be held to function '{tool.function.name}''s parameters: {problem}",
+                param=f"tools.{index}.function.parameters",
+            )
     if response_format is not None and response_format.type != "text":
         raise ApiError(  # the JSON grammar would rule out every call
             400,
@@ -98,16 +107,23 @@ def plan_tools(
         # JSON before it is whole).
         return ToolPlan("auto", list(tools), stop=(CLOSE,) if parallel is False else ())
     if choice == "required":
-        calls = [
-            {
-                "type": "object",
-                "properties": {"name": {"const": t.function.name}, "arguments": _parameters(t)},
-                "required": ["name", "arguments"],
-                "additionalProperties": False,
-            }
-            for t in tools
-        ]
+        calls, defs = [], {}
+        for index, tool in enumerate(tools):
+            arguments = _parameters(tool)
+            if _has_refs(arguments):  # its '#…' references must find it at the root's $defs
+                defs[f"tool{index}"] = _rebased(arguments, f"#/$defs/tool{index}")
+                arguments = {"$ref": f"#/$defs/tool{index}"}
+            calls.append(
+                {
+                    "type": "object",
+                    "properties": {"name": {"const": tool.function.name}, "arguments": arguments},
+                    "required": ["name", "arguments"],
+                    "additionalProperties": False,
+                }
+            )
         schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        if defs:
+            schema["$defs"] = defs
         if parallel is False:
             schema["maxItems"] = 1
         return ToolPlan("required", list(tools), schema)
@@ -120,6 +136,34 @@ def plan_tools(
             param="tool_choice",
         )
     return ToolPlan("named", list(tools), _parameters(named[0]), choice.function.name)
+
+
+def _has_refs(schema: dict[str, Any]) -> bool:
+    pending = [schema]
+    while pending:
+        node = pending.pop()
+        if isinstance(node.get("$ref"), str):
+            return True
+        pending.extend(inner for _, inner in subschemas(node, "#"))
+    return False
+
+
+def _rebased(node: dict[str, Any], base: str) -> dict[str, Any]:
+    """A copy of schema ``node`` whose ``#…`` references point where it now lives, at ``base``
+    (a function's parameters, moved into a forced call's combined schema)."""
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            out[key] = base + value[1:]
+        elif key in SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _rebased(s, base) if isinstance(s, dict) else s for name, s in value.items()}
+        elif key in SCHEMA_LISTS and isinstance(value, list):
+            out[key] = [_rebased(s, base) if isinstance(s, dict) else s for s in value]
+        elif key in ONE_SCHEMA and isinstance(value, dict):
+            out[key] = _rebased(value, base)
+        else:
+            out[key] = value
+    return out
 
 
 def _call(call_id: str, index: int, name: str, arguments: str) -> dict[str, Any]:
@@ -208,18 +252,19 @@ class ToolCallReader:
             return self._content(OPEN + block + CLOSE)
         return [self._next_call(*parsed)]
 
-    def finish(self) -> list[dict[str, Any]]:
-        """What the text's end releases: held-back text, an unclosed call, the required calls."""
+    def finish(self, cut: bool = False) -> list[dict[str, Any]]:
+        """What the text's end releases: held-back text, an unclosed call, the required calls
+        (``cut``: the answer ended at its length limit, and a call it had begun is a call)."""
         rest, self._buffer = self._buffer, ""
         if self.plan.mode == "required":
-            return self._required(rest)
+            return self._required(rest, cut)
         if self._in_call:  # the answer ended inside a call: a call if its JSON is whole
             self._in_call = False
             parsed = _hermes_call(rest.strip())
             return [self._next_call(*parsed)] if parsed else self._content(OPEN + rest)
         return self._content(rest)
 
-    def _required(self, text: str) -> list[dict[str, Any]]:
+    def _required(self, text: str, cut: bool) -> list[dict[str, Any]]:
         if not text.lstrip().startswith("["):  # not a list of calls after all (no grammar held it)
             return self._content(text)
         items, rest = _whole_items(text)
@@ -229,13 +274,15 @@ class ToolCallReader:
                 return self._content(text)
             arguments = call.get("arguments", {})
             deltas.append(self._next_call(call["name"], json.dumps(arguments, ensure_ascii=False)))
-        # An answer cut short (max_tokens) ends with a call begun: once its name is whole it is
-        # a call, with its arguments as far as they came, as OpenAI answers a call the length cut.
-        named = _NAMED.match(rest)
+        # An answer its length cut (max_tokens) ends with a call begun: once its name is whole it
+        # is a call, with its arguments as far as they came, as OpenAI answers a call the length
+        # cut. (A stop sequence inside the JSON is the client's doing: the whole calls only.)
+        named = _NAMED.match(rest) if cut else None
         if named is not None:
             given = _ARGUMENTS.match(rest, named.end())
             arguments = rest[given.end() :].rstrip() if given is not None else ""
-            deltas.append(self._next_call(json.loads(named[1]), arguments))
+            with contextlib.suppress(ValueError):  # a name JSON cannot read: no call
+                deltas.append(self._next_call(json.loads(named[1]), arguments))
         return deltas
 
 
@@ -263,10 +310,13 @@ def _whole_items(text: str) -> tuple[list[Any], str]:
         items.append(item)
 
 
-def read_whole(plan: ToolPlan, job_id: str, text: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """A whole answer's content (None when it is only calls) and its tool calls."""
+def read_whole(
+    plan: ToolPlan, job_id: str, text: str, cut: bool = False
+) -> tuple[str | None, list[dict[str, Any]]]:
+    """A whole answer's content (None when it is only calls) and its tool calls (``cut``: it
+    ended at its length limit)."""
     reader = ToolCallReader(plan, job_id)
-    deltas = reader.feed(text) + reader.finish()
+    deltas = reader.feed(text) + reader.finish(cut)
     content = "".join(d.get("content", "") for d in deltas)
     calls: list[dict[str, Any]] = []
     for delta in deltas:

@@ -175,12 +175,13 @@ def test_a_required_call_cut_by_max_tokens_is_a_call_with_the_arguments_it_got(
 @pytest.mark.parametrize(
     ("schema", "says"),
     [
-        ({"type": "strin"}, "at #/type"),
         (
             {"type": "object", "properties": {"a": {"$ref": "#/$defs/nothing"}}},
-            "'/$defs/nothing' does not exist",
+            "'#/$defs/nothing' points at nothing in the schema (at #/properties/a)",
         ),
-        ({"type": "string", "pattern": "(unclosed"}, 'is not a "regex"'),
+        ({"$ref": "https://example.com/person.json"}, "points outside the schema"),
+        ({"type": "object", "properties": {"a": {"type": "integer", "not": {"const": 1}}}}, "'not' is not"),
+        ({"allOf": [{"type": "object"}, {"required": ["a"]}]}, "'allOf' of 2 schemas is not enforced"),
     ],
 )
 def test_a_schema_no_answer_can_follow_is_a_400_naming_it_and_makes_no_job(
@@ -197,27 +198,72 @@ def test_a_schema_no_answer_can_follow_is_a_400_naming_it_and_makes_no_job(
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.with_raw_response.create(**request)
     assert refused.value.body["param"] == param, refused.value.body  # type: ignore[index]
-    assert "not a JSON Schema an answer can follow" in refused.value.message and says in refused.value.message
+    assert "the answer cannot be held to" in refused.value.message and says in refused.value.message
     assert "x-streamq-job-id" not in refused.value.response.headers
 
 
 def test_a_valid_schema_the_worker_cannot_compile_names_its_field(
     client: openai.OpenAI, stack: Stack
 ) -> None:
-    """Valid JSON Schema whose pattern xgrammar cannot take (a Unicode class): found by the
-    worker, whose error names the field as the client sent it, answered whole or streamed."""
-    schema = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^\\p{L}+$"}}}
-    forced = {"tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}]}
-    forced |= {"tool_choice": "required"}
-    shaped = {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
-    for fields, param in ((shaped, "response_format"), (forced, "tools")):
-        with pytest.raises(openai.BadRequestError) as refused:
-            client.chat.completions.create(**ask(stack, "JSON please"), **fields)
-        assert refused.value.body["param"] == param, refused.value.body  # type: ignore[index]
-        assert "cannot be used for constrained decoding" in refused.value.message
-        with pytest.raises(openai.APIError) as in_stream:
-            list(client.chat.completions.create(**ask(stack, "JSON please"), **fields, stream=True))
-        assert in_stream.value.body["param"] == param, in_stream.value.body  # type: ignore[index]
+    """A schema whose pattern xgrammar cannot take (a Unicode class), or that it finds malformed:
+    found by the worker, whose error names the field as the client sent it, whole or streamed."""
+    unicode_class: dict[str, Any] = {
+        "type": "object",
+        "properties": {"a": {"type": "string", "pattern": "^\\p{L}+$"}},
+    }
+    for schema in (unicode_class, {"type": "strin"}):
+        forced: dict[str, Any] = {
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+        }
+        forced |= {"tool_choice": "required"}
+        shaped: dict[str, Any] = {
+            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+        }
+        for fields, param in ((shaped, "response_format"), (forced, "tools")):
+            _fails_naming(client, stack, fields, param)
+
+
+def _fails_naming(client: openai.OpenAI, stack: Stack, fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(**ask(stack, "JSON please"), **fields)
+    assert refused.value.body["param"] == param, refused.value.body  # type: ignore[index]
+    assert "cannot be used for constrained decoding" in refused.value.message
+    with pytest.raises(openai.APIError) as in_stream:
+        list(client.chat.completions.create(**ask(stack, "JSON please"), **fields, stream=True))
+    assert in_stream.value.body["param"] == param, in_stream.value.body  # type: ignore[index]
+
+
+class Address(BaseModel):
+    city: str = Field(max_length=10)
+    zip_code: int
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=8)
+    home: Address
+    friends: list[Address] = Field(max_length=1)
+
+
+def test_a_forced_call_to_a_function_with_nested_models_follows_their_schema(
+    client: openai.OpenAI, stack: Stack
+) -> None:
+    """pydantic_function_tool's parameters refer to their nested models with '#/$defs/…': a
+    required call (the functions' schemas combined into one) still finds them."""
+    tools: Any = [openai.pydantic_function_tool(Person), WEATHER]
+    choices: list[Any] = ["required", {"type": "function", "function": {"name": "Person"}}]
+    for choice in choices:
+        whole = client.chat.completions.create(
+            **ask(stack, "Who?", 200),
+            tools=tools,
+            tool_choice=choice,
+            parallel_tool_calls=False,
+            temperature=1.0,
+        )
+        (call,) = whole.choices[0].message.tool_calls or []
+        if call.function.name == "Person":
+            Person.model_validate_json(call.function.arguments)
+        else:
+            jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
 
 
 def test_an_agent_loop_of_two_turns(client: openai.OpenAI, stack: Stack) -> None:

@@ -339,6 +339,12 @@ def test_text_format_json_schema_gives_json_that_follows_it(client: openai.OpenA
         return
     response = client.responses.create(**ask, max_output_tokens=32)
     assert isinstance(json.loads(response.output_text)["ok"], bool)
+    # A schema only the worker finds unusable: the stream's error event names the field as sent.
+    text["format"]["schema"] = {"type": "strin"}
+    events = list(client.responses.create(**ask, stream=True))
+    [error] = [e for e in events if e.type == "error"]
+    assert error.param == "text.format" and error.message.startswith("text.format: "), error
+    assert events[-1].type == "response.failed"
 
 
 def test_another_keys_response_is_not_found(secure: SecureStack) -> None:

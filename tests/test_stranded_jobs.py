@@ -164,3 +164,22 @@ def test_a_job_rq_failed_while_streamq_had_it_live_ends_failed_for_its_followers
     events = [fields[b"event"] for _, fields in entries(r.xrange(keys.events(job.id)))]
     assert events == [b"error"]
     assert r.hget(keys.job(job.id), "error_type") == b"job_lost"
+
+
+def test_a_queue_lost_from_rqs_set_of_queues_is_listed_again_by_its_worker(stack: Stack) -> None:
+    """The janitor finds a model's taken-but-never-started jobs through RQ's set of queues, and a
+    submit adds a queue there only when its push made the list: a member lost from the set
+    (removed by hand) is put back by the model's worker at its next maintenance pass."""
+    model = "relisted"
+    env = {**stack.env, "STREAMQ_MAINTENANCE_INTERVAL": "1"}
+    worker = start_synthetic_worker(env, stack.logdir, model, f"{model}-a")
+    stack.services.append(worker)
+    try:
+        wait_for(lambda: serving(stack, model, 1), 60, "the synthetic worker")
+        r = stack.redis.client(decode_responses=True)
+        queue = keys.rq_queue(model)
+        wait_for(lambda: r.sismember(keys.RQ_QUEUES, queue), 10, "the worker to list its queue")
+        r.srem(keys.RQ_QUEUES, queue)
+        wait_for(lambda: r.sismember(keys.RQ_QUEUES, queue), 10, "the queue to be listed again")
+    finally:
+        worker.stop()

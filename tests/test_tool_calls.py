@@ -96,12 +96,15 @@ def test_forced_calls_read_the_guided_json() -> None:
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Rome"}
     assert read_whole(required, "j", '[{"name": "get_we') == ("", [])  # cut before a name: nothing
     # Cut inside a call's arguments (max_tokens): a call, with the arguments as far as they came.
-    begun = read_whole(required, "j", '[{"name": "get_weather", "arguments": {"city": "Ro')[1]
+    begun = read_whole(required, "j", '[{"name": "get_weather", "arguments": {"city": "Ro', cut=True)[1]
     assert [(c["function"]["name"], c["function"]["arguments"]) for c in begun] == [
         ("get_weather", '{"city": "Ro')
     ]
-    named_only = read_whole(required, "j", '[{"name": "get_weather", "argu')[1]
+    named_only = read_whole(required, "j", '[{"name": "get_weather", "argu', cut=True)[1]
     assert [(c["function"]["name"], c["function"]["arguments"]) for c in named_only] == [("get_weather", "")]
+    # Ended by the client's stop sequence, not the length: the whole calls only.
+    assert read_whole(required, "j", '[{"name": "get_weather", "arguments": {"city": "Ro') == ("", [])
+    assert read_whole(required, "j", '[{"name": "get_\\q", "arguments": {', cut=True) == ("", [])
     # Cut short after a whole call (a small model that keeps adding calls): that call stands.
     cut = '[{"name": "get_weather", "arguments": {"city": "Rome"}}, {"name": "get_w'
     assert [c["function"]["name"] for c in read_whole(required, "j", cut)[1]] == ["get_weather"]

@@ -290,6 +290,16 @@ def test_the_openai_sdk_gets_json_following_its_schema(stack: Stack, vllm_worker
         )
         if anything.choices[0].finish_reason == "stop":  # a random model may fill its budget
             assert isinstance(json.loads(anything.choices[0].message.content or ""), dict)
+        # A schema vLLM's grammar cannot take (a Unicode class): the 400 names the field.
+        letters = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^\\p{L}+$"}}}
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "JSON."}],
+                max_tokens=8,
+                response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": letters}},
+            )
+        assert refused.value.body["param"] == "response_format", refused.value.body  # type: ignore[index]
 
 
 def test_logprobs_of_the_answer_and_the_prompt_agree_with_vllm_alone_and_transformers(

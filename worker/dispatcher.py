@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import redis
 from rq.worker import WorkerStatus
 
+from shared import keys
 from shared.settings import Settings
 from worker.job_runner import JobFailed, Outcome
 from worker.rq_runs import RqRuns, Run
@@ -121,6 +122,7 @@ class Dispatcher:
                     self.runs.file_counts()  # the jobs ended lately, in the worker's counters
                     if now >= maintenance_due:
                         worker.clean_registries()
+                        self._list_queues()
                         maintenance_due = now + self._settings.maintenance_interval
                     if not self._take_once():
                         break
@@ -171,6 +173,14 @@ class Dispatcher:
             worker.name = f"{self.name}.{uuid.uuid4().hex[:8]}"
             log.warning("RQ has a live worker named %s already: this one is %s in RQ", self.name, worker.name)
             worker.register_birth()
+
+    def _list_queues(self) -> None:
+        """Put the worker's queues in RQ's set of queues, where the janitor looks for jobs taken and
+        never started, and `rq info` for queues. A submit adds a queue only when its push made
+        the list, so a member lost from the set (removed by hand, say) is put back here, at the
+        worker's start and every maintenance interval."""
+        worker = self.rq_worker
+        worker.connection.sadd(keys.RQ_QUEUES, *(queue.key for queue in worker.queues))
 
     def _write_state(self) -> None:
         """RQ's state of the process's worker: busy while it runs any job, else idle (written on

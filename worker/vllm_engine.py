@@ -213,7 +213,9 @@ class VLLMModel:
             params = self.sampling(job.request, answer.budget - answer.completion_tokens, prompt_logprobs)
             self.vllm.add_request(request_id, TokensPrompt(prompt_token_ids=prompt + job.resume_ids), params)
         except refusals() as exc:  # vLLM's own checks: a token id out of its vocabulary, a bad schema
-            raise InvalidJobRequest(f"the vLLM engine refused the request: {exc}") from exc
+            asked_json = job.request.json_schema is not None or job.request.json_object
+            param = "response_format" if asked_json and _about_the_grammar(str(exc)) else None
+            raise InvalidJobRequest(f"the vLLM engine refused the request: {exc}", param) from exc
         held = _Request(job, request_id, answer, prompt_logprobs)
         self._held[job] = held
         self._by_id[request_id] = held
@@ -372,3 +374,8 @@ def build_vllm_model(settings: Settings, served: VLLMServed) -> tuple[VLLMModel,
         max_len,
     )
     return VLLMModel(engine, served, slots, max_len), max_len
+
+
+def _about_the_grammar(message: str) -> bool:
+    """Whether vLLM's refusal is of the job's JSON schema (its structured-output checks)."""
+    return any(word in message.lower() for word in ("schema", "grammar", "xgrammar", "structured output"))

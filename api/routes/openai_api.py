@@ -68,8 +68,13 @@ async def chat_completions(
     """OpenAI's chat completion: a ``chat.completion``, or with ``stream`` the
     ``chat.completion.chunk`` events, then ``data: [DONE]``. Tool calls come back as
     ``tool_calls`` (see the README's field table for what each field does here)."""
-    extras = {"logprobs": bool(body.logprobs), "tools": body.tool_plan()}
-    return await _complete(jobs, request, caller, "chat", body, body.job_request(), detach, extras)
+    plan = body.tool_plan()
+    try:
+        job_request = body.job_request()
+    except ApiError as exc:
+        raise _as_sent(exc, "chat", plan) from None
+    extras = {"logprobs": bool(body.logprobs), "tools": plan}
+    return await _complete(jobs, request, caller, "chat", body, job_request, detach, extras)
 
 
 @router.post("/completions", response_model=None, responses=_ERRORS)
@@ -141,7 +146,8 @@ async def _complete(
 def _as_sent(exc: ApiError, kind: Kind, tools: ToolPlan | None) -> ApiError:
     """``exc`` naming the field as the client sent it: a job request's field (the prompt's
     ``messages`` on the completions route), or ``tools`` for the schema a forced call was held to."""
-    if exc.param == "response_format" and tools is not None and tools.json_schema is not None:
+    forced = tools is not None and tools.json_schema is not None
+    if forced and (exc.param or "").startswith("response_format"):
         sent: str | None = "tools"
     else:
         sent = (CHAT_PARAMS if kind == "chat" else COMPLETION_PARAMS).get(exc.param or "")

@@ -8,8 +8,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from shared.schemas.json_schema_check import UsableSchema
-
 
 def _encodable(value: str) -> str:
     """Refuse text that is not valid Unicode (lone surrogates such as "\\ud800" in JSON)."""
@@ -85,7 +83,7 @@ class FunctionDefinition(BaseModel):
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
     description: Text | None = None
-    parameters: UsableSchema | None = Field(None, description="JSON Schema of the arguments")
+    parameters: dict[str, Any] | None = Field(None, description="JSON Schema of the arguments")
     strict: bool | None = None
 
 

@@ -339,7 +339,7 @@ async def test_text_format_json_schema_is_the_jobs_response_format(front: Front)
         ({"conversation": "conv_1"}, "conversation"),
         ({"stream_options": {"include_obfuscation": True}}, "stream_options.include_obfuscation"),
         (
-            {"text": {"format": {"type": "json_schema", "name": "s", "schema": {"type": "strin"}}}},
+            {"text": {"format": {"type": "json_schema", "name": "s", "schema": {"not": {}}}}},
             "text.format",
         ),
         ({"tools": [{**ADD, "parameters": {"$ref": "#/$defs/none"}}]}, "tools.0"),

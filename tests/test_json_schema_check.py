@@ -1,0 +1,130 @@
+"""The front's JSON Schema check against the grammar compiler it speaks for: each keyword it
+refuses is one xgrammar (the workers' compiler, both engines) compiles but does not enforce (an
+instance that breaks it is accepted whole), and each near miss it lets through is enforced. An
+xgrammar that starts enforcing a refused keyword fails the first test: then allow it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api.tool_calls import plan_tools
+from shared.schemas import ToolDefinition
+from shared.schemas.json_schema_check import schema_problem
+
+OBJECT_AB = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}
+
+
+@pytest.fixture(scope="module")
+def compiler(tiny_model: Path) -> Any:
+    import xgrammar
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=len(tokenizer))
+    return xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+
+
+def accepts(compiler: Any, schema: dict[str, Any], instance: Any) -> bool:
+    """Whether the grammar of ``schema`` takes ``instance`` (as the grammar writes JSON) whole."""
+    import xgrammar
+
+    matcher = xgrammar.GrammarMatcher(compiler.compile_json_schema(json.dumps(schema), any_whitespace=False))
+    return bool(matcher.accept_string(json.dumps(instance))) and bool(matcher.is_completed())
+
+
+@pytest.mark.parametrize(
+    ("schema", "breaks_it", "says"),
+    [
+        ({"type": "integer", "not": {"const": 1}}, 1, "'not'"),
+        ({**OBJECT_AB, "if": {"required": ["a"]}, "then": {"required": ["b"]}}, {"a": 1}, "'if'"),
+        (
+            {"allOf": [{**OBJECT_AB, "required": ["a"]}, {**OBJECT_AB, "required": ["b"]}]},
+            {"a": 1},
+            "'allOf'",
+        ),
+        ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 4}}, [1], "'contains'"),
+        ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, [1, 1], "'uniqueItems'"),
+        ({"type": "number", "multipleOf": 0.5}, 0.3, "'multipleOf'"),
+        ({**OBJECT_AB, "dependentRequired": {"a": ["b"]}}, {"a": 1}, "'dependentRequired'"),
+        ({**OBJECT_AB, "dependentSchemas": {"a": {"required": ["b"]}}}, {"a": 1}, "'dependentSchemas'"),
+        ({**OBJECT_AB, "dependencies": {"a": ["b"]}}, {"a": 1}, "'dependencies'"),
+        ({"type": "string", "pattern": "^a+$", "maxLength": 2}, "aaaa", "'maxLength' beside a 'pattern'"),
+        ({"type": "string", "format": "email", "maxLength": 6}, "abcdef@g.com", "'maxLength' beside format"),
+        ({"$ref": "https://example.com/integer.json"}, "anything", "points outside the schema"),
+    ],
+)
+def test_a_refused_keyword_is_one_the_grammar_does_not_enforce(
+    compiler: Any, schema: dict[str, Any], breaks_it: Any, says: str
+) -> None:
+    problem = schema_problem(schema)
+    assert problem is not None and says in problem, problem
+    assert accepts(compiler, schema, breaks_it)  # not enforced: the refusal is not a false one
+
+
+@pytest.mark.parametrize(
+    ("schema", "breaks_it", "follows_it"),
+    [
+        ({"allOf": [{**OBJECT_AB, "required": ["a"]}]}, {"b": 1}, {"a": 1}),
+        ({"type": "integer", "multipleOf": 5}, 3, 10),
+        ({"type": "string", "format": "color", "maxLength": 3}, "abcdef", "abc"),
+        ({"type": "string", "pattern": "^a{1,2}$"}, "aaaa", "aa"),
+        ({"type": "string", "format": "email"}, "nope", "a@b.co"),
+        ({"$defs": {"A B": {"type": "integer"}}, "$ref": "#/$defs/A B"}, "s", 1),
+        (
+            {**OBJECT_AB, "properties": {"a": {"type": "integer"}, "b": {"$ref": "#/properties/a"}}},
+            {"b": "s"},
+            {"b": 2},
+        ),
+        ({"type": "integer", "description": None, "not": None}, "s", 1),  # null is absent
+        ({"type": "object", "properties": {"not": {"type": "integer"}}}, {"not": "s"}, {"not": 1}),  # a name
+    ],
+)
+def test_what_it_lets_through_the_grammar_enforces(
+    compiler: Any, schema: dict[str, Any], breaks_it: Any, follows_it: Any
+) -> None:
+    assert schema_problem(schema) is None
+    assert not accepts(compiler, schema, breaks_it) and accepts(compiler, schema, follows_it)
+
+
+def test_references_that_point_at_nothing_and_deep_nesting_are_refused_with_their_place() -> None:
+    problem = schema_problem(
+        {"type": "object", "properties": {"a": {"$ref": "#/$defs/A%20B"}}, "$defs": {"A B": {}}}
+    )
+    assert problem == "'$ref' '#/$defs/A%20B' points at nothing in the schema (at #/properties/a)"
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(200):
+        node["items"] = {}
+        node = node["items"]
+    assert "nested more than 64 deep" in (schema_problem(deep) or "")
+    assert schema_problem({"enum": [{"not": 1}], "const": {"$ref": "elsewhere"}}) is None  # data, not schema
+
+
+def test_a_forced_call_finds_its_functions_nested_models(compiler: Any) -> None:
+    """A function's '#/$defs/…' references still point into it once it sits in the combined
+    schema of a required call: the call follows the nested model."""
+    person = {
+        "type": "object",
+        "properties": {
+            "home": {"$ref": "#/$defs/Address"},
+            "next": {"anyOf": [{"$ref": "#"}, {"type": "null"}]},
+        },
+        "required": ["home", "next"],
+        "additionalProperties": False,
+        "$defs": {
+            "Address": {"type": "object", "properties": {"zip": {"type": "integer"}}, "required": ["zip"]}
+        },
+    }
+    tool = ToolDefinition.model_validate(
+        {"type": "function", "function": {"name": "person", "parameters": person}}
+    )
+    schema = plan_tools([tool], "required", None, None).json_schema
+    assert schema is not None and schema_problem(schema) is None
+    call = {"name": "person", "arguments": {"home": {"zip": 1}, "next": {"home": {"zip": 2}, "next": None}}}
+    assert accepts(compiler, schema, [call])
+    call["arguments"]["home"] = {"zip": "s"}  # type: ignore[index]
+    assert not accepts(compiler, schema, [call])
