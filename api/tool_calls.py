@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -89,13 +90,6 @@ def plan_tools(
         return ToolPlan()
     if choice == "none":
         return ToolPlan()
-    for index, tool in enumerate(tools):
-        if (problem := schema_problem(tool.function.parameters)) is not None:
-            raise ApiError(
-                400,
-                f"the answer cannot be held to function '{tool.function.name}''s parameters: {problem}",
-                param=f"tools.{index}.function.parameters",
-            )
     if response_format is not None and response_format.type != "text":
         raise ApiError(  # the JSON grammar would rule out every call
             400,
@@ -107,6 +101,7 @@ def plan_tools(
         # JSON before it is whole).
         return ToolPlan("auto", list(tools), stop=(CLOSE,) if parallel is False else ())
     if choice == "required":
+        _check_held_to(tools, range(len(tools)))
         calls, defs = [], {}
         for index, tool in enumerate(tools):
             arguments = _parameters(tool)
@@ -135,7 +130,22 @@ def plan_tools(
             f"tool_choice names '{choice.function.name}', which is not among the tools",
             param="tool_choice",
         )
+    _check_held_to(tools, [tools.index(named[0])])
     return ToolPlan("named", list(tools), _parameters(named[0]), choice.function.name)
+
+
+def _check_held_to(tools: list[ToolDefinition], forced: Iterable[int]) -> None:
+    """A 400 naming the first forced function whose call cannot be held to its parameters'
+    schema. (With ``auto`` a call is read as the model wrote it: no schema is enforced, none
+    is checked.)"""
+    for index in forced:
+        function = tools[index].function
+        if (problem := schema_problem(function.parameters)) is not None:
+            raise ApiError(
+                400,
+                f"a call to '{function.name}' cannot be held to its parameters: {problem}",
+                param=f"tools.{index}.function.parameters",
+            )
 
 
 def _has_refs(schema: dict[str, Any]) -> bool:

@@ -129,6 +129,30 @@ def test_tool_choices_that_cannot_be_served_name_their_field(
     assert refused.value.status == 400 and refused.value.param == param
 
 
+def test_only_a_forced_calls_schema_is_checked_for_what_the_grammar_cannot_hold() -> None:
+    """With ``auto`` a call is read as the model wrote it (no grammar), so a schema the grammar
+    would not enforce is no reason to refuse an agent's tools; a forced call is held to it."""
+    sets = ToolDefinition.model_validate(
+        {
+            "type": "function",
+            "function": {
+                "name": "tag",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"tags": {"type": "array", "uniqueItems": True}},
+                },
+            },
+        }
+    )
+    assert plan_tools([WEATHER, sets], "auto", None, None).mode == "auto"
+    named = NamedToolChoice.model_validate({"type": "function", "function": {"name": "tag"}})
+    for choice in ("required", named):
+        with pytest.raises(ApiError) as refused:
+            plan_tools([WEATHER, sets], choice, None, None)
+        assert refused.value.param == "tools.1.function.parameters"
+        assert "'uniqueItems' is not enforced" in refused.value.message
+
+
 def test_tool_choice_none_gives_the_job_no_tools() -> None:
     assert plan_tools([WEATHER], "none", None, None) == ToolPlan()
     assert plan_tools([WEATHER], None, None, None).mode == "auto"

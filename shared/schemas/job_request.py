@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.logprobs import MAX_LOGPROBS, MAX_PROMPT_LOGPROBS
-from shared.schemas.json_schema_check import UsableSchema, schema_problem
+from shared.schemas.json_schema_check import UsableSchema
 from shared.schemas.messages import ChatMessage, Text, ToolDefinition
 
 
@@ -131,19 +131,6 @@ class JobRequest(SamplingFields):
         strict=True,
         description="the same for the prompt's tokens (the first has none)",
     )
-
-    @field_validator("tools")
-    @classmethod
-    def _usable_tool_schemas(cls, tools: list[ToolDefinition] | None) -> list[ToolDefinition] | None:
-        """A call is held to its function's schema (the front's check; workers take the job as
-        it was queued)."""
-        for index, tool in enumerate(tools or []):
-            if (problem := schema_problem(tool.function.parameters)) is not None:
-                raise ValueError(
-                    f"tools[{index}].function.parameters: the answer cannot be held to this JSON "
-                    f"Schema: {problem}"
-                )
-        return tools
 
     @model_validator(mode="after")
     def _check_input(self) -> JobRequest:

@@ -342,7 +342,7 @@ async def test_text_format_json_schema_is_the_jobs_response_format(front: Front)
             {"text": {"format": {"type": "json_schema", "name": "s", "schema": {"not": {}}}}},
             "text.format",
         ),
-        ({"tools": [{**ADD, "parameters": {"$ref": "#/$defs/none"}}]}, "tools.0"),
+        ({"tools": [{**ADD, "parameters": {"$ref": "#/$defs/none"}}], "tool_choice": "required"}, "tools.0"),
     ],
 )
 async def test_what_cannot_be_honoured_is_a_400_naming_the_field(
