@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import redis.exceptions
@@ -109,14 +110,38 @@ def error_response(exc: ApiError) -> JSONResponse:
 
 def first_error(exc: ValidationError) -> tuple[str | None, str]:
     """The field (dotted) and the message of a pydantic error's first complaint."""
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or None
-    return where, str(first["msg"]).removeprefix("Value error, ")
+    first = _relevant(exc.errors())[0]
+    return _param(tuple(first["loc"])), str(first["msg"]).removeprefix("Value error, ")
+
+
+# Pydantic names the member of a union a complaint is about in its location ("stop",
+# "function-after[_encodable(), str]"): not a field the client sent.
+_MEMBER_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "bytes"}
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [
+        str(p)
+        for p in loc
+        if p not in ("body", "query", "path", "header")
+        and not (isinstance(p, str) and ("[" in p or p.removeprefix("constrained-") in _MEMBER_TAGS))
+    ]
     return ".".join(parts) or None
+
+
+def _relevant(errors: Sequence[Any]) -> list[Any]:
+    """The complaints worth showing: for a value a union took apart, the member that matched its
+    type says what is wrong (a lone surrogate in a list of stop strings), not the members whose
+    type it is not ("Input should be a valid string")."""
+
+    def field(e: Any) -> str:
+        return _param(tuple(e.get("loc", ())[:2])) or ""
+
+    def mismatch(e: Any) -> bool:
+        return str(e.get("type", "")).endswith("_type")
+
+    telling = {field(e) for e in errors if not mismatch(e)}
+    return [e for e in errors if not (mismatch(e) and field(e) in telling)] or list(errors)
 
 
 def _validation_response(_: Request, exc: Exception) -> JSONResponse:
@@ -140,6 +165,7 @@ def _validation_response(_: Request, exc: Exception) -> JSONResponse:
             )
         )
     messages = []
+    errors = _relevant(errors)
     for e in errors:
         where = _param(tuple(e.get("loc", ())))
         text = str(e.get("msg", "invalid value")).removeprefix("Value error, ")

@@ -4,6 +4,7 @@ Last-Event-ID, cancel. Each test takes milliseconds."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -60,6 +61,28 @@ async def test_invalid_requests_get_the_error_envelope_naming_the_field(front: F
     )
     assert 400 <= response.status_code < 500
     _error(response)
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "param", "says"),
+    [
+        ("/v1/jobs", {"prompt": "hi", "stop": ["ok", "\ud83d"]}, "stop.1", "valid Unicode"),
+        ("/v1/jobs", {"raw_prompt": [5, -1]}, "raw_prompt.1", "greater than or equal to 0"),
+        ("/v1/jobs", {"prompt": "hi", "stop": 5}, "stop", "valid string"),
+        ("/v1/completions", {"prompt": "\ud800"}, "prompt", "valid Unicode"),
+        ("/v1/responses", {"input": "\ud800"}, "input", "valid Unicode"),
+    ],
+)
+async def test_a_field_that_takes_several_shapes_is_named_as_sent(
+    front: Front, route: str, body: dict[str, Any], param: str, says: str
+) -> None:
+    """A field that takes a string or a list (a union, to pydantic) is named as the client sent
+    it, and the complaint is the one about the shape it was sent in."""
+    sent = json.dumps({"model": "fake-model", **body})  # \ud800 stays an escape, as clients send it
+    response = await front.http.post(route, content=sent, headers={"content-type": "application/json"})
+    error = _error(response)
+    assert response.status_code == 400 and error["param"] == param, error
+    assert says in error["message"] and "[" not in error["message"].split(":")[0], error
 
 
 async def test_a_field_the_job_api_does_not_know_is_refused_by_name(front: Front) -> None:
