@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -181,6 +182,8 @@ def _shown_path(path: str) -> str:
 def _http_response(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     headers = getattr(exc, "headers", None)
+    if exc.status_code == 405 and _OTHER_ROUTES.match(request.url.path):
+        return error_response(_unknown_url(request.method, request.url.path))
     if exc.status_code == 405:  # a known path, another method
         allowed = _allowed_methods(request)
         message = f"{request.method} is not allowed on {_shown_path(request.url.path)}"
@@ -211,14 +214,24 @@ def _no_such_route(fallback: ASGIApp) -> ASGIApp:
         if scope["type"] != "http":
             await fallback(scope, receive, send)
             return
-        raise ApiError(
-            404,
-            f"Invalid URL ({scope['method']} {_shown_path(scope['path'])}): "
-            "this route is not offered by this server (/docs lists its routes)",
-            code="unknown_url",
-        )
+        raise _unknown_url(scope["method"], scope["path"])
 
     return app
+
+
+def _unknown_url(method: str, path: str) -> ApiError:
+    return ApiError(
+        404,
+        f"Invalid URL ({method} {_shown_path(path)}): "
+        "this route is not offered by this server (/docs lists its routes)",
+        code="unknown_url",
+    )
+
+
+# OpenAI routes whose path reads as one of ours with an id in it (``/v1/responses/{id}``):
+# ``POST /v1/responses/input_tokens`` and ``/compact`` are routes this server lacks (404), not
+# a response that takes other methods (405).
+_OTHER_ROUTES = re.compile(r"^/v1/responses/(?!resp_)[^/]+$")
 
 
 def _api_error_response(_: Request, exc: Exception) -> JSONResponse:
