@@ -191,6 +191,12 @@ def _http_response(request: Request, exc: Exception) -> JSONResponse:
         headers = {**(headers or {}), "Allow": allowed} if allowed else headers
         return error_response(ApiError(405, message, code="method_not_allowed", headers=headers))
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
+    if exc.status_code == 400 and message == "There was an error parsing the body":
+        # FastAPI's answer to a body json cannot even begin to read (not UTF-8, nested too deep):
+        # the same 422 as any other body that is not JSON.
+        return error_response(
+            ApiError(422, "the request body is not valid JSON (not UTF-8, or nested too deep)")
+        )
     return error_response(ApiError(exc.status_code, message, headers=headers))
 
 

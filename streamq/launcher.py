@@ -210,6 +210,9 @@ Stream an answer (job API, Server-Sent Events):
 The seed's streaming API (each chunk is <^> + the answer so far):
   curl -N {url}/stream -H 'Content-Type: application/json' -d '{{"prompt": "Hello!", "history": []}}'
 
+Queues, workers and jobs (this stack's Redis):
+  STREAMQ_REDIS_URL={redis_url} streamq status
+
 Press Ctrl-C to stop.
 """,
         flush=True,

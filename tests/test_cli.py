@@ -101,6 +101,17 @@ def test_up_runs_the_whole_stack_and_cleans_up(tmp_path: Path) -> None:
         assert (tmp_path / "cache" / "streamq-tiny" / "config.json").exists()
         _answers_a_job(f"http://127.0.0.1:{port}")
         assert redis.Redis.from_url(redis_url).ping()
+        # The banner's status command reads this stack's Redis (not the default one).
+        status = re.search(r"^  (STREAMQ_REDIS_URL=\S+) streamq status$", text, re.M)
+        assert status is not None, text
+        shown = subprocess.run(
+            [str(BIN / "streamq"), "status"],
+            env=_env(STREAMQ_REDIS_URL=status[1].split("=", 1)[1]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert shown.returncode == 0 and "streamq-tiny" in shown.stdout, shown.stdout + shown.stderr
         # A worker killed while the stack serves is started again; the stack goes on. (Once both
         # serve: one killed while it still loads never came up, and stops the stack.)
         url = f"http://127.0.0.1:{port}"

@@ -62,6 +62,13 @@ async def test_invalid_requests_get_the_error_envelope_naming_the_field(front: F
     assert 400 <= response.status_code < 500
     _error(response)
 
+    for body in (b'{"prompt": "h\xffi"}', b"[" * 100_000 + b"]" * 100_000):
+        response = await front.http.post(
+            "/v1/jobs", content=body, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 422, response.text
+        assert "not valid JSON" in _error(response)["message"]
+
 
 @pytest.mark.parametrize(
     ("route", "body", "param", "says"),
