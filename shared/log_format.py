@@ -41,6 +41,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str, ensure_ascii=False)
 
 
+class LocalProbes(logging.Filter):
+    """Leaves out uvicorn's access lines for health probes from this host (``streamq up`` polls
+    ``/readyz`` while the workers load; a container's own healthcheck polls too). A probe from
+    elsewhere (a kubelet, a load balancer) is logged as any request."""
+
+    PATHS = frozenset({"/healthz", "/readyz"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not isinstance(args, tuple) or len(args) < 3:
+            return True
+        client, path = str(args[0]), str(args[2])
+        local = client.startswith(("127.", "::1", "[::1]", "localhost"))
+        return not (local and path.split("?", 1)[0] in self.PATHS)
+
+
 def job_fields(event: str, job_id: str, model: str, **timings: Any) -> dict[str, Any]:
     """``extra`` for a job's lifecycle line: queued, started, finished, failed, canceled, requeued."""
     return {"event": event, "job_id": job_id, "model": model, **timings}
@@ -58,12 +74,14 @@ def logging_config(log_format: str, level: str = "INFO") -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"streamq": formatter},
+        "filters": {"local_probes": {"()": LocalProbes}},
         "handlers": {
             "stderr": {"class": "logging.StreamHandler", "formatter": "streamq", "stream": "ext://sys.stderr"}
         },
         "root": {"handlers": ["stderr"], "level": level},
         "loggers": {
             name: {"handlers": [], "level": level, "propagate": True}
+            | ({"filters": ["local_probes"]} if name == "uvicorn.access" else {})
             for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
         },
     }

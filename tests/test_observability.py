@@ -269,3 +269,12 @@ def test_json_logs_hold_each_lifecycle_step_and_no_prompt(ops: OpsStack) -> None
     assert finished["run_seconds"] >= finished["first_token_seconds"] >= 0
     for service in (ops.front, ops.tiny, ops.slow):
         assert "zebra-unicorn" not in service.log(), f"{service.name} logged a prompt"
+    # Requests are access lines; health probes from this host (streamq up polls) are not.
+    httpx.get(f"{ops.url}/readyz")
+    httpx.get(f"{ops.url}/healthz")
+    wait_for(
+        lambda: any("/v1/jobs" in line["message"] for line in _json_lines(ops.front)), 10, "an access line"
+    )
+    assert not any(
+        "/readyz" in line["message"] or "/healthz" in line["message"] for line in _json_lines(ops.front)
+    )
