@@ -132,17 +132,22 @@ def _param(loc: tuple[Any, ...]) -> str | None:
 
 def _relevant(errors: Sequence[Any]) -> list[Any]:
     """The complaints worth showing: for a value a union took apart, the member that matched its
-    type says what is wrong (a lone surrogate in a list of stop strings), not the members whose
-    type it is not ("Input should be a valid string")."""
+    shape says what is wrong (a lone surrogate inside a list of stop strings), not the members
+    whose type it is not ("stop: Input should be a valid string"): a type complaint is left out
+    where another complaint lies inside the same place."""
 
-    def field(e: Any) -> str:
-        return _param(tuple(e.get("loc", ())[:2])) or ""
+    def where(e: Any) -> str:
+        return _param(tuple(e.get("loc", ()))) or ""
 
-    def mismatch(e: Any) -> bool:
-        return str(e.get("type", "")).endswith("_type")
+    inner = [where(e) for e in errors if not str(e.get("type", "")).endswith("_type")]
 
-    telling = {field(e) for e in errors if not mismatch(e)}
-    return [e for e in errors if not (mismatch(e) and field(e) in telling)] or list(errors)
+    def outdone(e: Any) -> bool:
+        at = where(e)
+        return str(e.get("type", "")).endswith("_type") and any(
+            p == at or p.startswith(at + ".") for p in inner
+        )
+
+    return [e for e in errors if not outdone(e)] or list(errors)
 
 
 def _validation_response(_: Request, exc: Exception) -> JSONResponse:

@@ -16,7 +16,7 @@ import codecs
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from api.tool_calls import ToolCallReader, ToolPlan, read_whole
+from api.tool_calls import ToolCallReader, ToolPlan, cut_short, read_whole
 from shared.job_store.payloads import encode
 
 Kind = Literal["chat", "text"]
@@ -133,7 +133,7 @@ class CompletionFormat:
         """The whole answer (non-streaming)."""
         choice: dict[str, Any]
         if self.kind == "chat":
-            content, calls = read_whole(self.tools, self.job_id, text, cut=finish_reason == "length")
+            content, calls = read_whole(self.tools, self.job_id, text, cut=cut_short(finish_reason))
             message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
             if calls:
                 message["tool_calls"] = calls
@@ -209,7 +209,7 @@ class CompletionStream:
         """The chunks that end the answer: held-back text or calls, the finish reason, the usage."""
         chunks: list[dict[str, Any]] = []
         if self.fmt.kind == "chat":
-            chunks += [self.fmt.chunk(d) for d in self._reader.finish(cut=finish_reason == "length")]
+            chunks += [self.fmt.chunk(d) for d in self._reader.finish(cut=cut_short(finish_reason))]
             reason = openai_finish_reason(finish_reason, self._reader.calls > 0)
             chunks.append(self.fmt.chunk({}, reason))
         else:

@@ -36,7 +36,7 @@ from api.job_client import JobEvent
 from api.responses_schemas import named_as_sent
 from api.responses_store import ResponseRecord, response_status
 from api.stream_hub import parse_entry_id
-from api.tool_calls import ToolCallReader
+from api.tool_calls import ToolCallReader, cut_short
 from shared.job_store.payloads import encode
 from shared.job_store.vocabulary import EventName, FinishReason, JobStatus
 from shared.schemas import JobView
@@ -154,7 +154,7 @@ class ResponseEvents:
         if event.event == EventName.DELTA:
             self._deltas(self._reader.feed(str(event.data.get("text") or "")))
         elif event.event == EventName.DONE:
-            self._deltas(self._reader.finish(cut=event.data.get("finish_reason") == FinishReason.LENGTH))
+            self._deltas(self._reader.finish(cut=cut_short(event.data.get("finish_reason"))))
             usage = event.data.get("usage") or {}
             self.usage = usage_object(
                 int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))

@@ -20,7 +20,7 @@ from api.errors import ApiError
 from api.job_client import JobClient
 from api.responses_items import listed_items
 from api.responses_schemas import ResponsesRequest
-from api.tool_calls import Mode, ToolPlan, read_whole
+from api.tool_calls import Mode, ToolPlan, cut_short, read_whole
 from shared.job_store.vocabulary import FinishReason, JobStatus
 from shared.schemas import ChatMessage, FunctionCall, JobView, ToolCall
 
@@ -149,7 +149,7 @@ async def earlier_turns(jobs: JobClient, previous_id: str, owner: str) -> list[C
     status = response_status(view)
     if status not in ("completed", "incomplete"):
         raise _refuse_chaining(previous_id, f"is {status}: only a finished response can be continued")
-    content, calls = read_whole(record.tool_plan(), record.id, view.text, cut=view.finish_reason == "length")
+    content, calls = read_whole(record.tool_plan(), record.id, view.text, cut=cut_short(view.finish_reason))
     tool_calls = [ToolCall(id=c["id"], function=FunctionCall(**c["function"])) for c in calls]
     answer = ChatMessage(role="assistant", content=content or "", tool_calls=tool_calls or None)
     return [*record.conversation, answer]

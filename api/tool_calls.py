@@ -154,7 +154,7 @@ def _has_refs(schema: dict[str, Any]) -> bool:
         node = pending.pop()
         if isinstance(node.get("$ref"), str):
             return True
-        pending.extend(inner for _, inner in subschemas(node, "#"))
+        pending.extend(inner for _, inner in subschemas(node))
     return False
 
 
@@ -318,6 +318,12 @@ def _whole_items(text: str) -> tuple[list[Any], str]:
         except ValueError:
             return items, start[at:]
         items.append(item)
+
+
+def cut_short(finish_reason: str | None) -> bool:
+    """Whether an answer ended at a limit (its length, or its time, which OpenAI's finish
+    reasons report as ``length``): a forced call it had begun is a call."""
+    return finish_reason in ("length", "timeout")
 
 
 def read_whole(

@@ -55,6 +55,23 @@ def accepts(compiler: Any, schema: dict[str, Any], instance: Any) -> bool:
         ({"type": "string", "pattern": "^a+$", "maxLength": 2}, "aaaa", "'maxLength' beside a 'pattern'"),
         ({"type": "string", "format": "email", "maxLength": 6}, "abcdef@g.com", "'maxLength' beside format"),
         ({"$ref": "https://example.com/integer.json"}, "anything", "points outside the schema"),
+        ({"$defs": {"X": {"$anchor": "x", "type": "integer"}}, "$ref": "#x"}, "s", "names an anchor"),
+        (
+            {"$defs": {"X": {"type": "integer"}}, "$ref": "#/$defs/X", "maximum": 3},
+            5,
+            "'maximum' beside '$ref'",
+        ),
+        (
+            {**OBJECT_AB, "anyOf": [{"required": ["a"]}, {"required": ["b"]}]},
+            {"a": "s"},
+            "'type' beside 'anyOf'",
+        ),
+        (
+            {"properties": {"a": {"type": "integer"}}, "oneOf": [{"required": ["a"]}]},
+            {"a": "s"},
+            "beside 'oneOf'",
+        ),
+        ({**OBJECT_AB, "allOf": [{"required": ["a"]}]}, {"a": "s"}, "'type' beside 'allOf'"),
     ],
 )
 def test_a_refused_keyword_is_one_the_grammar_does_not_enforce(
@@ -81,6 +98,10 @@ def test_a_refused_keyword_is_one_the_grammar_does_not_enforce(
         ),
         ({"type": "integer", "description": None, "not": None}, "s", 1),  # null is absent
         ({"type": "object", "properties": {"not": {"type": "integer"}}}, {"not": "s"}, {"not": 1}),  # a name
+        ({"type": ["integer", "null"], "multipleOf": 5}, 3, None),
+        ({"anyOf": [{"type": "integer"}, {"type": "null"}], "default": None, "title": "X"}, "s", 1),
+        ({"$defs": {"X": {"type": "integer"}}, "$ref": "#/$defs/X", "description": "d"}, "s", 1),
+        ({"enum": [1, 2], "anyOf": [{"type": "integer"}, {"type": "string"}]}, 5, 1),
     ],
 )
 def test_what_it_lets_through_the_grammar_enforces(
@@ -102,6 +123,10 @@ def test_references_that_point_at_nothing_and_deep_nesting_are_refused_with_thei
         node = node["items"]
     assert "nested more than 64 deep" in (schema_problem(deep) or "")
     assert schema_problem({"enum": [{"not": 1}], "const": {"$ref": "elsewhere"}}) is None  # data, not schema
+    # A malformed keyword is the worker's compiler's to name (not a 500 here).
+    assert schema_problem({"type": "string", "minLength": 2, "format": ["not", "a", "name"]}) is None
+    many = {"type": "object", "properties": {f"p{i}": {} for i in range(6000)}}
+    assert schema_problem(many) == "more than 5000 schemas in one"
 
 
 def test_a_forced_call_finds_its_functions_nested_models(compiler: Any) -> None:

@@ -48,8 +48,27 @@ def _layout(tmp_path: Path, membership: str, files: dict[str, str]) -> tuple[Pat
         # v1 with no limit (the kernel writes about 2**63) and v2 without the memory files: none.
         ("4:memory:/\n", {"memory/memory.limit_in_bytes": "9223372036854771712"}, None),
         ("0::/\n", {}, None),
-        # Over its limit (page cache counts): no room, not a negative size.
+        # Over its limit: no room, not a negative size.
         ("0::/\n", {"memory.max": str(GiB), "memory.current": str(2 * GiB)}, 0),
+        # File cache the kernel can drop (a model just read) is room, as the kubelet counts it.
+        (
+            "0::/\n",
+            {
+                "memory.max": str(8 * GiB),
+                "memory.current": str(7 * GiB),
+                "memory.stat": f"anon {GiB}\ninactive_file {5 * GiB}\nactive_file {GiB}",
+            },
+            6 * GiB,
+        ),
+        (
+            "4:memory:/\n",
+            {
+                "memory/memory.limit_in_bytes": str(4 * GiB),
+                "memory/memory.usage_in_bytes": str(4 * GiB),
+                "memory/memory.stat": f"cache {3 * GiB}\ntotal_inactive_file {2 * GiB}",
+            },
+            2 * GiB,
+        ),
     ],
 )
 def test_the_tightest_cgroup_limit_is_the_headroom(

@@ -72,16 +72,21 @@ def cgroup_headroom(
         return None
     tightest: int | None = None
     for line in lines:
+        if line.count(":") < 2:
+            continue
         _, controllers, path = line.split(":", 2)
         if controllers == "":  # v2's unified hierarchy
-            base, files = root, ("memory.max", "memory.current")
+            base, files = root, ("memory.max", "memory.current", "inactive_file")
         elif "memory" in controllers.split(","):
-            base, files = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+            base, files = (
+                root / "memory",
+                ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+            )
         else:
             continue
         folder = base / path.lstrip("/")
         while True:
-            headroom = _headroom(folder / files[0], folder / files[1])
+            headroom = _headroom(folder, *files)
             if headroom is not None and (tightest is None or headroom < tightest):
                 tightest = headroom
             if folder == base or base not in folder.parents:
@@ -90,14 +95,24 @@ def cgroup_headroom(
     return tightest
 
 
-def _headroom(limit_file: Path, usage_file: Path) -> int | None:
+def _headroom(folder: Path, limit_file: str, usage_file: str, cache_stat: str) -> int | None:
+    """A cgroup's limit less what it uses, not counting file cache the kernel can drop (as the
+    kubelet and docker count it: a model just read would otherwise leave no room)."""
     try:
-        limit_text = limit_file.read_text().strip()
+        limit_text = (folder / limit_file).read_text().strip()
         if limit_text == "max" or int(limit_text) >= UNLIMITED:
             return None
-        return max(0, int(limit_text) - int(usage_file.read_text().strip()))
+        used = int((folder / usage_file).read_text().strip())
     except (OSError, ValueError):
         return None
+    try:
+        stats = dict(
+            line.split(" ", 1) for line in (folder / "memory.stat").read_text().splitlines() if " " in line
+        )
+        used -= int(stats.get(cache_stat, 0))
+    except (OSError, ValueError):
+        pass
+    return max(0, int(limit_text) - used)
 
 
 def check_head_size(config: Any) -> None:

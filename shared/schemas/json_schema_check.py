@@ -1,21 +1,26 @@
 """Whether the answer can be held to a JSON Schema a request brings (``response_format``,
-Responses' ``text.format``, a tool's ``parameters``), checked on the front before a job exists.
+Responses' ``text.format``, the parameters of a function a forced tool call calls), checked on
+the front before a job exists.
 
-Two things are refused, each with the place in the schema:
-- a ``$ref`` that points outside the schema (nothing is fetched) or at nothing in it;
-- a keyword the workers' grammar compiler (xgrammar 0.2, on both engines) accepts but does not
-  enforce, so that an answer would end ``stop`` without following it: ``not``, ``if``/``then``/
-  ``else``, ``allOf`` of two or more schemas, ``contains`` (and its counts), ``uniqueItems``,
-  ``dependentRequired``/``dependentSchemas``/``dependencies``, ``multipleOf`` on a non-integer,
-  and a length limit beside a ``pattern`` or a checked ``format``. Each was found by compiling a
-  schema with it and feeding the matcher an instance that breaks it (tests/test_json_schema_check.py
-  does the same, so an xgrammar that changes shows up there).
+Refused, each with the place in the schema:
+- a ``$ref`` that points outside the schema (nothing is fetched), names an anchor (``#foo``),
+  or points at nothing in it; ``$dynamicRef``;
+- what the workers' grammar compiler (xgrammar 0.2, which both engines use) accepts but does
+  not enforce, so that an answer would end ``stop`` without following it: ``not``,
+  ``if``/``then``/``else``, ``allOf`` of two or more schemas, ``contains``, ``uniqueItems``,
+  ``dependentRequired``/``dependentSchemas``/``dependencies``, ``multipleOf`` on a
+  non-integer, a length limit beside a ``pattern`` or a checked ``format``, and any keyword
+  but an annotation, ``enum`` or ``const`` beside a ``$ref``, ``anyOf``, ``oneOf`` or
+  ``allOf`` (the grammar follows the reference or the branches alone). Each was found by
+  compiling a schema with it and feeding the matcher an instance that breaks it;
+  tests/test_json_schema_check.py does the same, so an xgrammar that changes shows up there.
+- more than 64 schemas deep, or more than 5,000 in one.
 
 Anything else is left to the worker's compiler, whose error names the same field: a malformed
-schema, or a ``pattern`` its regular expressions cannot take. The check walks only schema
-positions (not ``enum``/``const`` values, not property names), treats a keyword set to null as
-absent, and is linear in the schema's size, iterative (no recursion limit), with no regular
-expression compiled.
+schema, or a ``pattern`` its regular expressions cannot take. (``oneOf`` is followed as
+``anyOf``: branches that overlap are not made exclusive.) The check walks only schema positions
+(not ``enum``/``const`` values, not property names), treats a keyword set to null as absent,
+and is linear in the schema's size, without recursion.
 """
 
 from __future__ import annotations
@@ -65,40 +70,86 @@ CHECKED_FORMATS = frozenset(
     }
 )
 MAX_DEPTH = 64  # schemas within schemas: deeper is refused (compilers recurse; models need far less)
+MAX_SCHEMAS = 5000  # schemas in one (about 13 ms to check; a body's worth of empty ones took 0.7 s)
 NOT_ENFORCED = "is not enforced by the workers' grammar, so the answer would not be held to it"
+# Beside these the grammar follows the reference or the branches alone: a sibling that is not
+# an annotation (or an enum/const, which it does check) is dropped.
+COMBINATORS = ("$ref", "anyOf", "oneOf", "allOf")
+ANNOTATIONS = frozenset(
+    {
+        "title",
+        "description",
+        "default",
+        "examples",
+        "$comment",
+        "deprecated",
+        "readOnly",
+        "writeOnly",
+        "$id",
+        "$schema",
+        "$anchor",
+        "$defs",
+        "definitions",
+        "discriminator",
+        "contentEncoding",
+        "contentMediaType",
+        "nullable",
+        "enum",
+        "const",
+    }
+)
+IGNORED = ("not", "if", "then", "else", "contains", "dependentRequired", "dependentSchemas", "dependencies")
+IGNORED_REFS = ("$dynamicRef", "$recursiveRef")
+
+Step = tuple[str | int, ...]  # the keys from a schema to one directly inside it
 
 
-def subschemas(node: dict[str, Any], at: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """The schemas directly inside ``node`` (at JSON pointer ``at``), with their pointers."""
+def subschemas(node: dict[str, Any]) -> Iterator[tuple[Step, dict[str, Any]]]:
+    """The schemas directly inside ``node``, each with the keys that lead to it."""
     for key, value in node.items():
-        where = f"{at}/{_escaped(key)}"
         if key in SCHEMA_MAPS and isinstance(value, dict):
             for name, schema in value.items():
                 if isinstance(schema, dict):
-                    yield f"{where}/{_escaped(name)}", schema
+                    yield (key, name), schema
         elif key in SCHEMA_LISTS and isinstance(value, list):
             for index, schema in enumerate(value):
                 if isinstance(schema, dict):
-                    yield f"{where}/{index}", schema
+                    yield (key, index), schema
         elif key in ONE_SCHEMA and isinstance(value, dict):
-            yield where, value
+            yield (key,), value
+
+
+Link = tuple["Link", Step] | None  # the way from the root to a schema, shared with its parent's
 
 
 def schema_problem(schema: Any) -> str | None:
-    """What keeps an answer from being held to ``schema``, or None."""
+    """What keeps an answer from being held to ``schema``, or None. Linear in the schema's
+    size: each schema waiting to be looked at holds a link to its parent's way, not a path."""
     if not isinstance(schema, dict):
         return None
-    pending: list[tuple[int, str, dict[str, Any]]] = [(0, "#", schema)]
+    pending: list[tuple[int, dict[str, Any], Link]] = [(0, schema, None)]
+    seen = 0
     while pending:
-        depth, at, node = pending.pop()
-        shown = at if len(at) <= 120 else at[:120] + "…"
+        depth, node, link = pending.pop()
+        seen += 1
+        if seen > MAX_SCHEMAS:
+            return f"more than {MAX_SCHEMAS} schemas in one"
         if depth > MAX_DEPTH:
-            return f"schemas nested more than {MAX_DEPTH} deep (at {shown})"
+            return f"schemas nested more than {MAX_DEPTH} deep (at {_pointer(link)})"
         problem = _node_problem(schema, node)
         if problem is not None:
-            return f"{problem} (at {shown})"
-        pending.extend((depth + 1, where, inner) for where, inner in subschemas(node, at))
+            return f"{problem} (at {_pointer(link)})"
+        pending.extend((depth + 1, inner, (link, step)) for step, inner in subschemas(node))
     return None
+
+
+def _pointer(link: Link) -> str:
+    steps: list[str] = []
+    while link is not None:
+        link, step = link
+        steps[:0] = [_escaped(key) for key in step]
+    shown = "#" + "".join(f"/{key if len(key) <= 40 else key[:40] + '…'}" for key in steps)
+    return shown if len(shown) <= 160 else "…" + shown[-160:]
 
 
 def _node_problem(root: dict[str, Any], node: dict[str, Any]) -> str | None:
@@ -106,25 +157,34 @@ def _node_problem(root: dict[str, Any], node: dict[str, Any]) -> str | None:
     ref = given.get("$ref")
     if isinstance(ref, str):
         if not ref.startswith("#"):
-            return f"'$ref' {_shown(ref)} points outside the schema; only '#…' references are followed"
+            return f"'$ref' {_shown(ref)} points outside the schema; only '#/…' references are followed"
+        if ref != "#" and not ref.startswith("#/"):
+            return f"'$ref' {_shown(ref)} names an anchor; only '#/…' references are followed"
         if not _resolves(root, ref):
             return f"'$ref' {_shown(ref)} points at nothing in the schema"
-    for keyword in ("not", "if", "then", "else", "contains", "minContains", "maxContains"):
-        if keyword in given:
-            return f"'{keyword}' {NOT_ENFORCED}"
-    for keyword in ("dependentRequired", "dependentSchemas", "dependencies"):
+    for keyword in (*IGNORED, *IGNORED_REFS):
         if keyword in given:
             return f"'{keyword}' {NOT_ENFORCED}"
     if isinstance(given.get("allOf"), list) and len(given["allOf"]) > 1:
         return f"'allOf' of {len(given['allOf'])} schemas {NOT_ENFORCED} (one schema is: merge them)"
+    combinator = next((key for key in COMBINATORS if key in given), None)
+    if combinator is not None:
+        beside = [key for key in given if key not in ANNOTATIONS and key not in COMBINATORS]
+        beside = [key for key in beside if not key.startswith("x-")]
+        if beside:
+            return f"'{beside[0]}' beside '{combinator}' {NOT_ENFORCED} (put it inside)"
     if given.get("uniqueItems") is True:
         return f"'uniqueItems' {NOT_ENFORCED}"
-    if "multipleOf" in given and given.get("type") != "integer":
+    types = given.get("type")
+    integers = types == "integer" or (isinstance(types, list) and set(types) <= {"integer", "null"})
+    if "multipleOf" in given and not integers:
         return f"'multipleOf' on a type other than 'integer' {NOT_ENFORCED}"
     limits = [key for key in ("minLength", "maxLength") if key in given]
-    if limits and ("pattern" in given or given.get("format") in CHECKED_FORMATS):
-        beside = "a 'pattern'" if "pattern" in given else f"format '{given['format']}'"
-        return f"'{limits[0]}' beside {beside} {NOT_ENFORCED} (write the length into a pattern)"
+    form = given.get("format")
+    checked_format = isinstance(form, str) and form in CHECKED_FORMATS
+    if limits and ("pattern" in given or checked_format):
+        near = "a 'pattern'" if "pattern" in given else f"format '{form}'"
+        return f"'{limits[0]}' beside {near} {NOT_ENFORCED} (write the length into a pattern)"
     return None
 
 
@@ -143,7 +203,7 @@ def _resolves(root: dict[str, Any], ref: str) -> bool:
     return isinstance(node, dict | bool)
 
 
-def _escaped(name: str) -> str:
+def _escaped(name: str | int) -> str:
     return str(name).replace("~", "~0").replace("/", "~1")
 
 

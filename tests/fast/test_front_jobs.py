@@ -78,6 +78,13 @@ async def test_invalid_requests_get_the_error_envelope_naming_the_field(front: F
         ("/v1/jobs", {"prompt": "hi", "stop": 5}, "stop", "valid string"),
         ("/v1/completions", {"prompt": "\ud800"}, "prompt", "valid Unicode"),
         ("/v1/responses", {"input": "\ud800"}, "input", "valid Unicode"),
+        # Two fields at fault: both are said, the first named.
+        (
+            "/v1/jobs",
+            {"messages": [{"role": "user", "content": 5}, {"role": "user", "content": "\ud800"}]},
+            "messages.0.content",
+            "messages.1.content: text must be valid Unicode",
+        ),
     ],
 )
 async def test_a_field_that_takes_several_shapes_is_named_as_sent(
