@@ -112,7 +112,21 @@ def error_response(exc: ApiError) -> JSONResponse:
 def first_error(exc: ValidationError) -> tuple[str | None, str]:
     """The field (dotted) and the message of a pydantic error's first complaint."""
     first = _relevant(exc.errors())[0]
-    return _param(tuple(first["loc"])), str(first["msg"]).removeprefix("Value error, ")
+    return _where(first), str(first["msg"]).removeprefix("Value error, ")
+
+
+# A check of the whole request names the field it is about first, in quotes ("'messages' must
+# not be empty"): that is its param.
+_NAMED_FIRST = re.compile(r"^(?:Value error, )?'([A-Za-z_][\w.]*)'")
+
+
+def _where(error: Any) -> str | None:
+    """The field a complaint is about: its place, or for a whole-request check the field its
+    message names first."""
+    found = _param(tuple(error.get("loc", ())))
+    if found is None and (named := _NAMED_FIRST.match(str(error.get("msg", "")))) is not None:
+        return named[1]
+    return found
 
 
 # Pydantic names the member of a union a complaint is about in its location ("stop",
@@ -176,7 +190,7 @@ def _validation_response(_: Request, exc: Exception) -> JSONResponse:
         where = _param(tuple(e.get("loc", ())))
         text = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
         messages.append(f"{where}: {text}" if where else text)
-    first_param = _param(tuple(errors[0].get("loc", ()))) if errors else None
+    first_param = _where(errors[0]) if errors else None
     return error_response(ApiError(400, "; ".join(messages), param=first_param))
 
 

@@ -78,6 +78,20 @@ async def test_invalid_requests_get_the_error_envelope_naming_the_field(front: F
         ("/v1/jobs", {"prompt": "hi", "stop": 5}, "stop", "valid string"),
         ("/v1/completions", {"prompt": "\ud800"}, "prompt", "valid Unicode"),
         ("/v1/responses", {"input": "\ud800"}, "input", "valid Unicode"),
+        # A check of the whole request names the field it is about.
+        ("/v1/jobs", {"messages": []}, "messages", "must not be empty"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}},
+            "stream_options",
+            "goes with 'stream'",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+            "top_logprobs",
+            "needs",
+        ),
         # Two fields at fault: both are said, the first named.
         (
             "/v1/jobs",
