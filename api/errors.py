@@ -130,8 +130,10 @@ def _where(error: Any) -> str | None:
 
 
 # Pydantic names the member of a union a complaint is about in its location ("stop",
-# "function-after[_encodable(), str]"): not a field the client sent.
+# "function-after[_encodable(), str]"; a model's class, "NamedToolChoice"): not a field the
+# client sent (fields and OpenAI's names are snake_case).
 _MEMBER_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "bytes"}
+_MODEL_TAG = re.compile(r"^[A-Z][A-Za-z0-9]*$")
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:
@@ -139,7 +141,10 @@ def _param(loc: tuple[Any, ...]) -> str | None:
         str(p)
         for p in loc
         if p not in ("body", "query", "path", "header")
-        and not (isinstance(p, str) and ("[" in p or p.removeprefix("constrained-") in _MEMBER_TAGS))
+        and not (
+            isinstance(p, str)
+            and ("[" in p or p.removeprefix("constrained-") in _MEMBER_TAGS or _MODEL_TAG.match(p))
+        )
     ]
     return ".".join(parts) or None
 

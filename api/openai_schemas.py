@@ -14,6 +14,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -186,6 +187,7 @@ class OpenAIFields(SamplingFields):
 class ChatCompletionRequest(OpenAIFields):
     """Body of ``POST /v1/chat/completions``."""
 
+    _plan: ToolPlan | None = PrivateAttr(None)
     messages: list[OpenAIMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, strict=True, description="wins over max_tokens")
     logprobs: bool | None = Field(None, description="each answer token's log probability")
@@ -237,7 +239,12 @@ class ChatCompletionRequest(OpenAIFields):
         return self
 
     def tool_plan(self) -> ToolPlan:
-        return plan_tools(self.tools, self.tool_choice, self.parallel_tool_calls, self.response_format)
+        """The request's tool plan, made once (it checks the forced functions' schemas)."""
+        if self._plan is None:
+            self._plan = plan_tools(
+                self.tools, self.tool_choice, self.parallel_tool_calls, self.response_format
+            )
+        return self._plan
 
     def job_request(self) -> JobRequest:
         fields: dict[str, Any] = {"messages": [m.chat_message() for m in self.messages]}

@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -163,6 +164,7 @@ class ResponsesRequest(BaseModel):
     """Body of ``POST /v1/responses``."""
 
     model_config = _FORBID
+    _plan: ToolPlan | None = PrivateAttr(None)
 
     model: Text | None = Field(None, description="a served model; optional when one model is served")
     input: Text | list[InputItem]
@@ -257,6 +259,12 @@ class ResponsesRequest(BaseModel):
         return self.text.format.response_format() if self.text and self.text.format else None
 
     def tool_plan(self) -> ToolPlan:
+        """The request's tool plan, made once (it checks the forced functions' schemas)."""
+        if self._plan is None:
+            self._plan = self._new_plan()
+        return self._plan
+
+    def _new_plan(self) -> ToolPlan:
         choice: ToolChoice | None
         if isinstance(self.tool_choice, FunctionChoice):
             choice = NamedToolChoice(type="function", function=NamedFunction(name=self.tool_choice.name))

@@ -28,7 +28,14 @@ from pydantic import BaseModel, ConfigDict
 
 from api.errors import ApiError
 from shared.schemas import ResponseFormat, ToolDefinition
-from shared.schemas.json_schema_check import ONE_SCHEMA, SCHEMA_LISTS, SCHEMA_MAPS, schema_problem, subschemas
+from shared.schemas.json_schema_check import (
+    ONE_SCHEMA,
+    SCHEMA_LISTS,
+    SCHEMA_MAPS,
+    Budget,
+    schema_problem,
+    subschemas,
+)
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
@@ -138,9 +145,10 @@ def _check_held_to(tools: list[ToolDefinition], forced: Iterable[int]) -> None:
     """A 400 naming the first forced function whose call cannot be held to its parameters'
     schema. (With ``auto`` a call is read as the model wrote it: no schema is enforced, none
     is checked.)"""
+    budget = Budget()  # one for the request: many large functions are no way around the limit
     for index in forced:
         function = tools[index].function
-        if (problem := schema_problem(function.parameters)) is not None:
+        if (problem := schema_problem(function.parameters, budget)) is not None:
             raise ApiError(
                 400,
                 f"a call to '{function.name}' cannot be held to its parameters: {problem}",

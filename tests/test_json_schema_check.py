@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from api.errors import ApiError
 from api.tool_calls import plan_tools
 from shared.schemas import ToolDefinition
 from shared.schemas.json_schema_check import schema_problem
@@ -72,6 +73,20 @@ def accepts(compiler: Any, schema: dict[str, Any], instance: Any) -> bool:
             "beside 'oneOf'",
         ),
         ({**OBJECT_AB, "allOf": [{"required": ["a"]}]}, {"a": "s"}, "'type' beside 'allOf'"),
+        (
+            {"$defs": {"X": {"type": "integer"}}, "$ref": "#/$defs/X", "enum": [1, 2]},
+            5,
+            "'enum' beside '$ref'",
+        ),
+        (
+            {"$defs": {"X": {"type": "integer"}}, "$ref": "#/$defs/X", "allOf": [{"minimum": 5}]},
+            1,
+            "'allOf' beside '$ref'",
+        ),
+        ({"anyOf": [{"type": "integer"}], "oneOf": [{"minimum": 5}]}, 1, "'oneOf' beside 'anyOf'"),
+        ({"type": "integer", "$dynamicRef": "#meta", "$defs": {"m": {"minimum": 5}}}, 1, "'$dynamicRef'"),
+        ({"$recursiveRef": "#/$defs/X", "$defs": {"X": {"type": "integer"}}}, "s", "'$recursiveRef'"),
+        ({"type": "string", "pattern": "^a+$", "minLength": 3}, "a", "'minLength' beside a 'pattern'"),
     ],
 )
 def test_a_refused_keyword_is_one_the_grammar_does_not_enforce(
@@ -102,6 +117,15 @@ def test_a_refused_keyword_is_one_the_grammar_does_not_enforce(
         ({"anyOf": [{"type": "integer"}, {"type": "null"}], "default": None, "title": "X"}, "s", 1),
         ({"$defs": {"X": {"type": "integer"}}, "$ref": "#/$defs/X", "description": "d"}, "s", 1),
         ({"enum": [1, 2], "anyOf": [{"type": "integer"}, {"type": "string"}]}, 5, 1),
+        # An annotation beside branches, and a type the branches (MCP's titled enum) or the
+        # referenced schema already have.
+        ({"anyOf": [{"type": "integer"}], "example": 3, "enumDescriptions": ["x"]}, "s", 1),
+        ({"type": "string", "oneOf": [{"const": "red", "title": "Red"}, {"const": "blue"}]}, "green", "red"),
+        (
+            {"$defs": {"O": {**OBJECT_AB, "required": ["a"]}}, "$ref": "#/$defs/O", "type": "object"},
+            {},
+            {"a": 1},
+        ),
     ],
 )
 def test_what_it_lets_through_the_grammar_enforces(
@@ -126,7 +150,21 @@ def test_references_that_point_at_nothing_and_deep_nesting_are_refused_with_thei
     # A malformed keyword is the worker's compiler's to name (not a 500 here).
     assert schema_problem({"type": "string", "minLength": 2, "format": ["not", "a", "name"]}) is None
     many = {"type": "object", "properties": {f"p{i}": {} for i in range(6000)}}
-    assert schema_problem(many) == "more than 5000 schemas in one"
+    assert schema_problem(many) == "more than 5000 schemas in one request"
+    assert schema_problem({"type": [{"a": 1}], "anyOf": [{}], "$ref": "#/anyOf/²"}) is not None  # no 500
+
+
+def test_the_forced_functions_of_one_request_share_one_limit() -> None:
+    """Many large functions are no way around the limit: a request's forced functions share it."""
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(2000)}}
+    tools = [
+        ToolDefinition.model_validate({"type": "function", "function": {"name": f"f{i}", "parameters": wide}})
+        for i in range(3)
+    ]
+    with pytest.raises(ApiError) as refused:
+        plan_tools(tools, "required", None, None)
+    assert refused.value.param == "tools.2.function.parameters"
+    assert "more than 5000 schemas in one request" in refused.value.message
 
 
 def test_a_forced_call_finds_its_functions_nested_models(compiler: Any) -> None:

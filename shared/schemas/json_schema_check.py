@@ -25,6 +25,7 @@ and is linear in the schema's size, without recursion.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from typing import Annotated, Any
 
@@ -70,36 +71,53 @@ CHECKED_FORMATS = frozenset(
     }
 )
 MAX_DEPTH = 64  # schemas within schemas: deeper is refused (compilers recurse; models need far less)
-MAX_SCHEMAS = 5000  # schemas in one (about 13 ms to check; a body's worth of empty ones took 0.7 s)
+MAX_SCHEMAS = 5000  # schemas in one request's checks (about 13 ms; a body of empty ones took 0.7 s)
 NOT_ENFORCED = "is not enforced by the workers' grammar, so the answer would not be held to it"
-# Beside these the grammar follows the reference or the branches alone: a sibling that is not
-# an annotation (or an enum/const, which it does check) is dropped.
+# Beside a reference or branches the grammar follows them alone: a constraint beside them is
+# dropped (an annotation, any keyword not listed here, says nothing the answer must follow).
 COMBINATORS = ("$ref", "anyOf", "oneOf", "allOf")
-ANNOTATIONS = frozenset(
+CONSTRAINTS = frozenset(
     {
-        "title",
-        "description",
-        "default",
-        "examples",
-        "$comment",
-        "deprecated",
-        "readOnly",
-        "writeOnly",
-        "$id",
-        "$schema",
-        "$anchor",
-        "$defs",
-        "definitions",
-        "discriminator",
-        "contentEncoding",
-        "contentMediaType",
-        "nullable",
+        "type",
         "enum",
         "const",
+        "multipleOf",
+        "maximum",
+        "exclusiveMaximum",
+        "minimum",
+        "exclusiveMinimum",
+        "maxLength",
+        "minLength",
+        "pattern",
+        "format",
+        "maxItems",
+        "minItems",
+        "uniqueItems",
+        "maxContains",
+        "minContains",
+        "items",
+        "prefixItems",
+        "additionalItems",
+        "unevaluatedItems",
+        "maxProperties",
+        "minProperties",
+        "required",
+        "properties",
+        "patternProperties",
+        "additionalProperties",
+        "unevaluatedProperties",
+        "propertyNames",
     }
 )
 IGNORED = ("not", "if", "then", "else", "contains", "dependentRequired", "dependentSchemas", "dependencies")
 IGNORED_REFS = ("$dynamicRef", "$recursiveRef")
+JSON_TYPES: dict[str, Any] = {
+    "string": str,
+    "integer": int,
+    "number": (int, float),
+    "boolean": bool,
+    "null": type(None),
+}
 
 Step = tuple[str | int, ...]  # the keys from a schema to one directly inside it
 
@@ -119,26 +137,48 @@ def subschemas(node: dict[str, Any]) -> Iterator[tuple[Step, dict[str, Any]]]:
             yield (key,), value
 
 
+def _children(node: dict[str, Any]) -> int:
+    """How many schemas ``subschemas`` gives at most, counted without walking them."""
+    count = 0
+    for key, value in node.items():
+        if (key in SCHEMA_MAPS and isinstance(value, dict)) or (
+            key in SCHEMA_LISTS and isinstance(value, list)
+        ):
+            count += len(value)
+        elif key in ONE_SCHEMA and isinstance(value, dict):
+            count += 1
+    return count
+
+
 Link = tuple["Link", Step] | None  # the way from the root to a schema, shared with its parent's
 
 
-def schema_problem(schema: Any) -> str | None:
+class Budget:
+    """The schemas one request may have checked (the functions a forced call may call share it)."""
+
+    def __init__(self, schemas: int = MAX_SCHEMAS) -> None:
+        self.left = schemas
+
+
+def schema_problem(schema: Any, budget: Budget | None = None) -> str | None:
     """What keeps an answer from being held to ``schema``, or None. Linear in the schema's
-    size: each schema waiting to be looked at holds a link to its parent's way, not a path."""
+    size and breadth first (the problem named is the shallowest); each schema waiting to be
+    looked at holds a link to its parent's way, not a path."""
     if not isinstance(schema, dict):
         return None
-    pending: list[tuple[int, dict[str, Any], Link]] = [(0, schema, None)]
-    seen = 0
+    budget = budget or Budget()
+    budget.left -= 1
+    pending: deque[tuple[int, dict[str, Any], Link]] = deque([(0, schema, None)])
     while pending:
-        depth, node, link = pending.pop()
-        seen += 1
-        if seen > MAX_SCHEMAS:
-            return f"more than {MAX_SCHEMAS} schemas in one"
+        depth, node, link = pending.popleft()
         if depth > MAX_DEPTH:
             return f"schemas nested more than {MAX_DEPTH} deep (at {_pointer(link)})"
         problem = _node_problem(schema, node)
         if problem is not None:
             return f"{problem} (at {_pointer(link)})"
+        budget.left -= _children(node)
+        if budget.left < 0:
+            return f"more than {MAX_SCHEMAS} schemas in one request"
         pending.extend((depth + 1, inner, (link, step)) for step, inner in subschemas(node))
     return None
 
@@ -160,23 +200,25 @@ def _node_problem(root: dict[str, Any], node: dict[str, Any]) -> str | None:
             return f"'$ref' {_shown(ref)} points outside the schema; only '#/…' references are followed"
         if ref != "#" and not ref.startswith("#/"):
             return f"'$ref' {_shown(ref)} names an anchor; only '#/…' references are followed"
-        if not _resolves(root, ref):
+        if _target(root, ref) is None:
             return f"'$ref' {_shown(ref)} points at nothing in the schema"
     for keyword in (*IGNORED, *IGNORED_REFS):
         if keyword in given:
             return f"'{keyword}' {NOT_ENFORCED}"
     if isinstance(given.get("allOf"), list) and len(given["allOf"]) > 1:
         return f"'allOf' of {len(given['allOf'])} schemas {NOT_ENFORCED} (one schema is: merge them)"
-    combinator = next((key for key in COMBINATORS if key in given), None)
-    if combinator is not None:
-        beside = [key for key in given if key not in ANNOTATIONS and key not in COMBINATORS]
-        beside = [key for key in beside if not key.startswith("x-")]
+    combinators = [key for key in COMBINATORS if key in given]
+    if len(combinators) > 1:
+        return f"'{combinators[1]}' beside '{combinators[0]}' {NOT_ENFORCED} (only one is followed)"
+    if combinators:
+        beside = [key for key in given if key in CONSTRAINTS and not _implied(root, key, given)]
         if beside:
-            return f"'{beside[0]}' beside '{combinator}' {NOT_ENFORCED} (put it inside)"
+            return f"'{beside[0]}' beside '{combinators[0]}' {NOT_ENFORCED} (put it inside)"
     if given.get("uniqueItems") is True:
         return f"'uniqueItems' {NOT_ENFORCED}"
     types = given.get("type")
-    integers = types == "integer" or (isinstance(types, list) and set(types) <= {"integer", "null"})
+    listed = types if isinstance(types, list) else [types]
+    integers = all(t in ("integer", "null") for t in listed) and "integer" in listed
     if "multipleOf" in given and not integers:
         return f"'multipleOf' on a type other than 'integer' {NOT_ENFORCED}"
     limits = [key for key in ("minLength", "maxLength") if key in given]
@@ -188,19 +230,56 @@ def _node_problem(root: dict[str, Any], node: dict[str, Any]) -> str | None:
     return None
 
 
-def _resolves(root: dict[str, Any], ref: str) -> bool:
-    """Whether JSON pointer ``ref`` ('#/a/b', '~1' for '/', '~0' for '~') names a schema in
-    ``root``, taken as it is: the grammar compiler does not undo percent-encoding either."""
+def _implied(root: dict[str, Any], keyword: str, given: dict[str, Any]) -> bool:
+    """Whether a constraint beside a reference or branches adds nothing the grammar drops: an
+    ``enum``/``const`` beside branches (checked there, not beside a ``$ref``), or a ``type``
+    that every branch has already (MCP's titled enum, ``{"type": "string", "oneOf": [{"const":
+    "red"}, …]}``) or that the referenced schema has."""
+    if keyword in ("enum", "const"):
+        return "$ref" not in given
+    kind = given.get("type")
+    if keyword != "type" or not isinstance(kind, str):
+        return False
+    if "$ref" in given:
+        target = _target(root, given["$ref"])
+        return isinstance(target, dict) and target.get("type") == kind
+    branches = next((given[key] for key in COMBINATORS if key in given), None)
+    return isinstance(branches, list) and bool(branches) and all(_of_type(b, kind) for b in branches)
+
+
+def _of_type(branch: Any, kind: str) -> bool:
+    """Whether every value ``branch`` allows is of JSON type ``kind``."""
+    if not isinstance(branch, dict):
+        return False
+    if branch.get("type") == kind:
+        return True
+    values = [branch["const"]] if "const" in branch else branch.get("enum")
+    python = JSON_TYPES.get(kind)
+    if not isinstance(values, list) or not values or python is None:
+        return False
+    return all(isinstance(v, python) and (kind == "boolean" or not isinstance(v, bool)) for v in values)
+
+
+def _target(root: dict[str, Any], ref: str) -> Any:
+    """What JSON pointer ``ref`` ('#/a/b', '~1' for '/', '~0' for '~') names in ``root`` (a
+    schema: a dict or a bool), or None. Taken as it is: the grammar compiler does not undo
+    percent-encoding either."""
     node: Any = root
     for part in ref[1:].split("/")[1:] if ref != "#" else []:
         key = part.replace("~1", "/").replace("~0", "~")
         if isinstance(node, dict) and key in node:
             node = node[key]
-        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+        elif (
+            isinstance(node, list)
+            and key.isascii()
+            and key.isdigit()
+            and len(key) < 10
+            and int(key) < len(node)
+        ):
             node = node[int(key)]
         else:
-            return False
-    return isinstance(node, dict | bool)
+            return None
+    return node if isinstance(node, dict | bool) else None
 
 
 def _escaped(name: str | int) -> str:

@@ -92,6 +92,13 @@ async def test_invalid_requests_get_the_error_envelope_naming_the_field(front: F
             "top_logprobs",
             "needs",
         ),
+        # A union of a literal and a model: the model's class is no field.
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "tool_choice": "requried"},
+            "tool_choice",
+            "'none', 'auto' or 'required'",
+        ),
         # Two fields at fault: both are said, the first named.
         (
             "/v1/jobs",
