@@ -94,6 +94,17 @@ class ApiError(Exception):
         return error_envelope(self.message, self.type, self.param, self.code) | (self.body or {})
 
 
+def renamed(exc: ApiError, sent: str | None) -> ApiError:
+    """``exc`` naming field ``sent`` (as the client sent it) where it named a job request's:
+    its ``param``, its message's quotes, and a worker's message that names its field first."""
+    if sent and exc.param and sent != exc.param:
+        exc.message = exc.message.replace(f"'{exc.param}'", f"'{sent}'")
+        if exc.message.startswith(f"{exc.param}: "):
+            exc.message = sent + exc.message[len(exc.param) :]
+        exc.param = sent
+    return exc
+
+
 def too_many_requests(message: str, code: str, retry_after: int) -> ApiError:
     """A 429 ``rate_limit_error`` that says when to come back (``Retry-After``, seconds)."""
     return ApiError(429, message, code=code, headers={"Retry-After": str(retry_after)})

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from api.errors import ApiError, first_error
+from api.errors import ApiError, first_error, renamed
 from api.openai_schemas import ServiceTier, StreamObfuscation, refuse_unless
 from api.responses_items import InputItem, MessageItem, chat_messages, item_type
 from api.tool_calls import NamedFunction, NamedToolChoice, ToolChoice, ToolPlan, plan_tools
@@ -152,10 +152,7 @@ def responses_param(param: str | None, forced_call: bool = False) -> str | None:
 def named_as_sent(exc: ApiError, forced_call: bool = False) -> ApiError:
     """``exc`` naming the Responses field the client sent: its ``param``, and its message's quote."""
     sent = responses_param(exc.param, forced_call)
-    if sent and exc.param and sent != exc.param:
-        exc.message = exc.message.replace(f"'{exc.param}'", f"'{sent}'")
-        if exc.message.startswith(f"{exc.param}: "):  # a worker's message names its field first
-            exc.message = sent + exc.message[len(exc.param) :]
+    renamed(exc, sent)
     exc.param = sent
     return exc
 

@@ -269,36 +269,26 @@ def test_the_openai_sdk_gets_json_following_its_schema(stack: Stack, vllm_worker
         "required": ["answer", "durable"],
         "additionalProperties": False,
     }
+
+    def asked(content: str, response_format: Any, **fields: Any) -> Any:
+        fields |= {"model": MODEL, "max_tokens": 60, "temperature": 0, "response_format": response_format}
+        return client.chat.completions.create(messages=[{"role": "user", "content": content}], **fields)
+
+    def schema_format(name: str, schema: Any) -> Any:
+        return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+
     with openai.OpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0, timeout=120) as client:
-        reply = client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": "Is a queue durable? Answer in JSON."}],
-            max_tokens=60,
-            temperature=0,
-            response_format={"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema}},
-        )
+        reply = asked("Is a queue durable? Answer in JSON.", schema_format("verdict", schema))
         choice = reply.choices[0]
         assert choice.finish_reason == "stop", choice.message.content
         jsonschema.validate(json.loads(choice.message.content or ""), schema)
-        anything = client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": "Some JSON, please."}],
-            max_tokens=60,
-            temperature=0,
-            presence_penalty=0.5,
-            response_format={"type": "json_object"},
-        )
+        anything = asked("Some JSON, please.", {"type": "json_object"}, presence_penalty=0.5)
         if anything.choices[0].finish_reason == "stop":  # a random model may fill its budget
             assert isinstance(json.loads(anything.choices[0].message.content or ""), dict)
         # A schema vLLM's grammar cannot take (a Unicode class): the 400 names the field.
         letters = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^\\p{L}+$"}}}
         with pytest.raises(openai.BadRequestError) as refused:
-            client.chat.completions.create(
-                model=MODEL,
-                messages=[{"role": "user", "content": "JSON."}],
-                max_tokens=8,
-                response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": letters}},
-            )
+            asked("JSON.", schema_format("s", letters))
         assert refused.value.body["param"] == "response_format", refused.value.body  # type: ignore[index]
 
 

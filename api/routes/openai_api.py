@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.auth import Caller, CallerDep
 from api.client_job import JOB_HEADER, ClientJob, detach_requested
-from api.errors import ApiError, error_responses, job_failure_error
+from api.errors import ApiError, error_responses, job_failure_error, renamed
 from api.job_client import JobClient, get_jobs
 from api.openai_format import (
     DONE,
@@ -151,11 +151,7 @@ def _as_sent(exc: ApiError, kind: Kind, tools: ToolPlan | None) -> ApiError:
         sent: str | None = "tools"
     else:
         sent = (CHAT_PARAMS if kind == "chat" else COMPLETION_PARAMS).get(exc.param or "")
-    if sent and sent != exc.param:
-        exc.message = exc.message.replace(f"'{exc.param}'", f"'{sent}'")
-        exc.message = exc.message.replace(f"{exc.param}: ", f"{sent}: ", 1)
-        exc.param = sent
-    return exc
+    return renamed(exc, sent)
 
 
 async def _wait(job: ClientJob, fmt: CompletionFormat, headers: dict[str, str]) -> Response:

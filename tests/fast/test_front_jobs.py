@@ -7,8 +7,10 @@ import json
 from typing import Any
 
 import pytest
+from openai import NotFoundError
 
 from tests.fast.conftest import KEY_A, KEY_B, Front
+from tests.fast.test_front_formats import _openai
 
 pytestmark = pytest.mark.anyio
 
@@ -206,3 +208,17 @@ async def test_a_queued_job_cancels_once(front: Front) -> None:
     assert again.json()["job"]["status"] == "canceled"
     events = _events((await front.http.get(f"/v1/jobs/{job['id']}/events")).text)
     assert [name for _, name, _ in events] == ["queued", "canceled"]
+
+
+async def test_responses_routes_this_server_lacks_are_404s_not_405s(front: Front) -> None:
+    """``input_tokens`` and ``compact`` sit where a response id would (``/v1/responses/{id}``):
+    the SDK's calls to them get the 404 of a route not offered (NotFoundError), not a 405 that
+    suggests GET would work."""
+    client = _openai(front)
+    with pytest.raises(NotFoundError) as missing:
+        await client.responses.input_tokens.count(model="fake-model", input="x")
+    assert missing.value.body["code"] == "unknown_url"  # type: ignore[index]
+    response = await front.http.post("/v1/responses/compact", json={"model": "fake-model", "input": "x"})
+    assert response.status_code == 404 and response.json()["error"]["code"] == "unknown_url"
+    response = await front.http.post("/v1/responses/resp_" + "0" * 32, json={})
+    assert response.status_code == 405  # a response's own path, another method

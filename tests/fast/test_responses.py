@@ -385,17 +385,3 @@ async def test_another_keys_response_is_not_found(keyed: Front) -> None:
     chained = await http.post("/v1/responses", json={"input": "x", "previous_response_id": rid}, headers=b)
     assert (chained.status_code, chained.json()["error"]["param"]) == (404, "previous_response_id")
     assert (await http.get(f"/v1/responses/{rid}", headers=a)).json()["status"] == "completed"
-
-
-async def test_responses_routes_this_server_lacks_are_404s_not_405s(front: Front) -> None:
-    """``input_tokens`` and ``compact`` sit where a response id would (``/v1/responses/{id}``):
-    the SDK's calls to them get the 404 of a route not offered (NotFoundError), not a 405 that
-    suggests GET would work."""
-    client = _openai(front)
-    with pytest.raises(NotFoundError) as missing:
-        await client.responses.input_tokens.count(model=MODEL, input="x")
-    assert missing.value.body["code"] == "unknown_url"  # type: ignore[index]
-    response = await front.http.post("/v1/responses/compact", json={"model": MODEL, "input": "x"})
-    assert response.status_code == 404 and response.json()["error"]["code"] == "unknown_url"
-    response = await front.http.post("/v1/responses/resp_" + "0" * 32, json={})
-    assert response.status_code == 405  # a response's own path, another method
