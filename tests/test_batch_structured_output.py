@@ -161,11 +161,40 @@ def test_a_jobs_grammar_is_compiled_in_its_slot_thread_not_the_engines(tiny_back
 
     grammars._compiler = Spy()
     schema = {"type": "object", "properties": {"slot": {"enum": ["a", "b"]}}, "required": ["slot"]}
-    r = request("prepare me", json_schema=schema, max_tokens=20)
-    slot = threading.Thread(target=model.prepare, args=(r,), name="slot-7")
+    j = job(request("prepare me", json_schema=schema, max_tokens=20))
+    slot = threading.Thread(target=model.prepare, args=(j,), name="slot-7")
     slot.start()
     slot.join()
-    j = job(r)
     seen = drive(model, [j], {})  # the engine's side, in this (main) thread
     assert compiled_in == ["slot-7"]
     assert json.loads(seen.text(j))["slot"] in ("a", "b")
+
+
+def test_a_jobs_prompt_is_rendered_in_its_slot_thread_not_the_engines(tiny_backend: Any) -> None:
+    """A chat template with tools takes milliseconds a prompt: the slot thread renders it
+    (``prepare``), so a burst of such jobs never holds back the running ones; the answer is the
+    one the engine gives when it renders the prompt itself."""
+    import threading
+
+    model = BatchedCausalLM(tiny_backend, slots=2, max_len=256)
+    rendered_in: list[str] = []
+    encode = type(tiny_backend).encode
+
+    def spy(self: Any, prompt: Any, tokenizer: Any = None) -> list[int]:
+        rendered_in.append(threading.current_thread().name)
+        return encode(self, prompt, tokenizer)
+
+    r = request("render me", max_tokens=12)
+    alone_text = alone(tiny_backend, r)[0]
+    type(tiny_backend).encode = spy  # type: ignore[method-assign]
+    try:
+        j = job(r)
+        slot = threading.Thread(target=model.prepare, args=(j,), name="slot-3")
+        slot.start()
+        slot.join()
+        seen = drive(model, [j], {})  # the engine's side, in this (main) thread
+    finally:
+        type(tiny_backend).encode = encode  # type: ignore[method-assign]
+    assert rendered_in == ["slot-3"]
+    assert j.prompt_ids == tiny_backend.encode(r)
+    assert seen.text(j) == alone_text

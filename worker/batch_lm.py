@@ -25,10 +25,11 @@ import torch
 
 from shared.limits import InvalidJobRequest
 from shared.logprobs import TokenLogprob
-from shared.schemas import ENGINE_FEATURES, TOOLS, GenerationRequest
+from shared.schemas import ENGINE_FEATURES, TOOLS
 from worker.answer_tokens import AnswerTokens
 from worker.batch_logprobs import answer_entries, prompt_entries
 from worker.causal_lm import CausalLMChat
+from worker.chat_prompt import PromptRenderer
 from worker.engine import EngineJob, JobOutput
 from worker.logits_rules import JobRules, apply_rules, logits_width
 from worker.sampling import JobDraws, SamplingParams
@@ -81,6 +82,7 @@ class BatchedCausalLM:
         self.vocab_size = min(self._vocab, self._input_vocab)  # token ids it takes in prompts and biases
         self._grammars = backend.grammars
         self._texts = TokenTexts(backend.tokenizer, self._vocab)
+        self._renderer = PromptRenderer(backend)
         self._waiting: deque[_Sequence] = deque()
         self._prefilling: _Sequence | None = None  # a long prompt, a chunk per step; row len(active)
         self._active: list[_Sequence] = []  # running jobs; _active[i] holds cache row i
@@ -88,15 +90,16 @@ class BatchedCausalLM:
 
     # The engine's interface.
 
-    def prepare(self, request: GenerationRequest) -> None:
-        """Compile the job's grammar in the calling (slot) thread; a schema xgrammar refuses is
-        refused again, naming it, when the job joins."""
+    def prepare(self, job: EngineJob) -> None:
+        """Render the job's prompt and compile its grammar in the calling (job) thread; a schema
+        xgrammar refuses is refused again, naming it, when the job joins."""
+        job.prompt_ids = self._renderer.render(job.request)
         with contextlib.suppress(InvalidJobRequest):
-            self._grammars.compiled(request)
+            self._grammars.compiled(job.request)
 
     def add(self, job: EngineJob) -> None:
         request = job.request
-        prompt = self.backend.encode(request)
+        prompt = job.prompt_ids if job.prompt_ids is not None else self.backend.encode(request)
         self._check_prompt(prompt, "raw_prompt" if request.raw else "messages")
         answer = self.backend.answer(request, len(prompt), self.cache.max_len)
         params, draws = self.backend.sampling(request, job.job_id)

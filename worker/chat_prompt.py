@@ -7,6 +7,8 @@ needs only the tokenizer here; vLLM loads the weights itself).
 
 from __future__ import annotations
 
+import copy
+import threading
 from typing import Any
 
 from shared.limits import answer_budget
@@ -70,3 +72,25 @@ class ChatPrompt:
             context = min(context, limit) if context else limit
         budget = answer_budget(request, n_prompt, context)
         return AnswerTokens(self.tokenizer, self.eos_ids, request.stop, budget)
+
+
+class PromptRenderer:
+    """Renders jobs' prompts in their job threads (``BatchModel.prepare``), not in the engine's:
+    a chat template with tools takes milliseconds per prompt, and a burst of such jobs rendered
+    between two steps would hold back every running job. It has a tokenizer of its own (a fast
+    tokenizer borrowed by two threads at once can fail with "Already borrowed", and the engine
+    thread decodes with the model's) and renders one prompt at a time."""
+
+    def __init__(self, prompts: ChatPrompt) -> None:
+        self._prompts = prompts
+        self._tokenizer = copy.deepcopy(prompts.tokenizer)
+        self._lock = threading.Lock()
+
+    def render(self, request: PromptInput) -> list[int] | None:
+        """The prompt's token ids; None when it cannot be rendered (the engine thread renders it
+        again when the job joins, and fails the job with the reason)."""
+        with self._lock:
+            try:
+                return self._prompts.encode(request, self._tokenizer)
+            except Exception:
+                return None

@@ -50,6 +50,9 @@ class EngineJob:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_token_at: float | None = None
+    # The prompt's token ids, rendered by its job thread (``BatchModel.prepare``) so that a long
+    # chat template (tools) never stalls the running jobs; None: the engine renders it on ``add``.
+    prompt_ids: list[int] | None = None
     publish_due: float = 0.0  # monotonic time its next output write is due (set by the publisher)
 
 
@@ -87,9 +90,10 @@ class BatchModel(Protocol):
     engine: str  # its name, as workers announce it: transformers, vllm, synthetic
     features: frozenset[str]  # the ENGINE_FEATURES it offers (shared.schemas)
 
-    def prepare(self, request: GenerationRequest) -> None:
+    def prepare(self, job: EngineJob) -> None:
         """Slow set-up of a job that may run outside the engine thread (a job thread calls it
-        before ``submit``): e.g. compiling its grammar, which would stall every running job."""
+        before ``submit``): rendering its prompt, compiling its grammar; either would stall every
+        running job. It raises nothing: what fails here is done again on ``add``, which says why."""
         ...
 
     def add(self, job: EngineJob) -> None:

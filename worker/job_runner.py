@@ -174,7 +174,7 @@ class JobRunner:
         job.cancel = self._cancels.watch(job_id)
         self._leases.hold(job)
         try:
-            self._engine.model.prepare(request)  # e.g. its grammar, here, not in the engine's thread
+            self._engine.model.prepare(job)  # its prompt and grammar, here, not in the engine's thread
             self._engine.submit(job)
             self._wait(job)
         finally:

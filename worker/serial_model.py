@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from shared.limits import InvalidJobRequest
-from shared.schemas import GenerationRequest
 from worker.backend import ChatBackend, GenerationStep
 from worker.engine import EngineJob, JobOutput, ended
 
@@ -24,7 +23,7 @@ class SerialModel:
         self.slots = slots
         self._steps: dict[EngineJob, Iterator[GenerationStep]] = {}
 
-    def prepare(self, request: GenerationRequest) -> None:
+    def prepare(self, job: EngineJob) -> None:
         """Nothing to set up outside the engine thread."""
 
     def add(self, job: EngineJob) -> None:

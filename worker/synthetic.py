@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from shared.schemas import RAW_PROMPT, GenerationRequest, PromptInput
+from shared.schemas import RAW_PROMPT, PromptInput
 from worker.engine import EngineJob, JobOutput
 
 TEXT_PER_TOKEN = 4
@@ -66,7 +66,7 @@ class SyntheticModel:
         self._backend = backend
         self._jobs: dict[EngineJob, _Paced] = {}
 
-    def prepare(self, request: GenerationRequest) -> None:
+    def prepare(self, job: EngineJob) -> None:
         """Nothing to set up outside the engine thread."""
 
     def add(self, job: EngineJob) -> None:

@@ -33,7 +33,7 @@ from shared.logprobs import MAX_LOGPROBS, TokenLogprob
 from shared.schemas import ENGINE_FEATURES, TOOLS, GenerationRequest
 from shared.settings import Settings
 from worker.answer_tokens import AnswerTokens
-from worker.chat_prompt import ChatPrompt, eos_ids_of
+from worker.chat_prompt import ChatPrompt, PromptRenderer, eos_ids_of
 from worker.engine import EngineJob, JobOutput
 from worker.token_logprobs import TokenTexts
 from worker.vllm_cpu import check_head_size, default_kv_cache_bytes, set_cpu_defaults
@@ -188,17 +188,19 @@ class VLLMModel:
         vocab_size = int(engine.vllm_config.model_config.get_vocab_size())
         self.vocab_size = vocab_size  # the ids vLLM takes in prompts and logit biases: the model's
         self.texts = TokenTexts(served.tokenizer, vocab_size).warm()  # log probabilities' entries
+        self._renderer = PromptRenderer(served)
         self._held: dict[EngineJob, _Request] = {}
         self._by_id: dict[str, _Request] = {}
         self._ids = itertools.count()
 
-    def prepare(self, request: GenerationRequest) -> None:
-        """Nothing to set up outside the engine thread."""
+    def prepare(self, job: EngineJob) -> None:
+        """Render the job's prompt in the calling (job) thread."""
+        job.prompt_ids = self._renderer.render(job.request)
 
     def add(self, job: EngineJob) -> None:
         from vllm import TokensPrompt
 
-        prompt = self.served.encode(job.request)
+        prompt = job.prompt_ids if job.prompt_ids is not None else self.served.encode(job.request)
         answer = self.served.answer(job.request, len(prompt), self.max_len)
         job.prompt_tokens = len(prompt)
         for token in job.resume_ids:  # continue an earlier run: replayed here, their text was sent
