@@ -28,6 +28,7 @@ _TYPES = {
     405: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
@@ -54,6 +55,7 @@ _MEANINGS = {
     404: "no such job (or another key's), or model",
     409: "the job has already ended, or was canceled",
     413: "the request body is too large",
+    415: "the body was not sent as JSON (its Content-Type)",
     422: "the body is not valid JSON",
     429: "over a quota or a full queue: see Retry-After",
     502: "the job failed",
@@ -180,9 +182,24 @@ def _relevant(errors: Sequence[Any]) -> list[Any]:
     return [e for e in errors if not outdone(e)] or list(errors)
 
 
-def _validation_response(_: Request, exc: Exception) -> JSONResponse:
+def _not_json(request: Request, errors: Sequence[Any]) -> ApiError | None:
+    """The 415 for a body that was not read as JSON for want of a JSON Content-Type."""
+    kind = request.headers.get("content-type", "")
+    if kind.split(";")[0].strip().lower().endswith(("/json", "+json")):
+        return None
+    unread = ("body",), "model_attributes_type"
+    if not any((tuple(e.get("loc", ())), e.get("type")) == unread for e in errors):
+        return None
+    sent = f"Content-Type '{kind}'" if kind else "no Content-Type"
+    message = f"send the body as JSON, with 'Content-Type: application/json' (this request had {sent})"
+    return ApiError(415, message)
+
+
+def _validation_response(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
+    if (wrong_type := _not_json(request, errors)) is not None:
+        return error_response(wrong_type)
     if any(e.get("type") == "json_invalid" for e in errors):
         first = next(e for e in errors if e.get("type") == "json_invalid")
         detail = first.get("ctx", {}).get("error", "")

@@ -22,6 +22,7 @@ from pydantic import (
 
 from api.errors import ApiError, first_error
 from api.tool_calls import ToolChoice, ToolPlan, plan_tools
+from api.tool_turns import tool_turn_problem
 from shared.logprobs import MAX_LOGPROBS, MAX_PROMPT_LOGPROBS
 from shared.schemas import (
     ChatMessage,
@@ -46,6 +47,16 @@ def _one_tier(value: str | None) -> str | None:
 
 
 ServiceTier = Annotated[str | None, AfterValidator(_one_tier)]  # 'auto' or 'default': one tier here
+
+
+def _small_metadata(value: dict[str, str] | None) -> dict[str, str] | None:
+    if value is not None and (len(value) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in value.items())):
+        raise ValueError("at most 16 pairs, keys of at most 64 characters and values of at most 512")
+    return value
+
+
+# OpenAI's metadata (chat, completions, Responses), with its limits.
+Metadata = Annotated[dict[str, str] | None, AfterValidator(_small_metadata)]
 
 
 class OpenAIMessage(BaseModel):
@@ -132,7 +143,7 @@ class OpenAIFields(SamplingFields):
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="the end user's id (logged with the job id)")
     safety_identifier: str | None = Field(None, description="the end user's id (logged with the job id)")
-    metadata: dict[str, str] | None = Field(None, description="logged with the job id")
+    metadata: Metadata = Field(None, description="logged with the job id (16 pairs at most)")
     service_tier: ServiceTier = Field(None, description="'auto' or 'default': one tier here")
     store: bool | None = Field(None, description="stored completions are not offered: only false")
     prompt_cache_key: str | None = Field(
@@ -247,6 +258,9 @@ class ChatCompletionRequest(OpenAIFields):
         return self._plan
 
     def job_request(self) -> JobRequest:
+        if (problem := tool_turn_problem(self.messages)) is not None:
+            param = f"messages.{problem.index}.{problem.field}"
+            raise ApiError(400, problem.message, param=param)
         fields: dict[str, Any] = {"messages": [m.chat_message() for m in self.messages]}
         if self.max_completion_tokens is not None:
             fields["max_tokens"] = self.max_completion_tokens

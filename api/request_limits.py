@@ -65,7 +65,7 @@ def check_limits(
         )
     if request.max_tokens is not None and request.max_tokens > s.max_tokens_limit:
         raise _refuse(
-            f"max_tokens must be at most {s.max_tokens_limit}, got {request.max_tokens}",
+            f"'max_tokens' must be at most {s.max_tokens_limit}, got {request.max_tokens}",
             "max_tokens_limit",
             "max_tokens",
         )
@@ -74,7 +74,7 @@ def check_limits(
         ("timeout", request.timeout, s.job_timeout, "job_timeout"),
     ):
         if value is not None and value > limit:
-            raise _refuse(f"{name} must be at most {limit} seconds, got {value}", setting, name)
+            raise _refuse(f"'{name}' must be at most {limit} seconds, got {value}", setting, name)
 
 
 def generation_request(request: JobRequest, settings: Settings) -> GenerationRequest:

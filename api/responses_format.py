@@ -59,7 +59,7 @@ def sse_event(event: Obj, name: str | None = None) -> bytes:
 def usage_object(prompt_tokens: int, completion_tokens: int) -> Obj:
     return {
         "input_tokens": prompt_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
         "output_tokens": completion_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": prompt_tokens + completion_tokens,
@@ -84,7 +84,7 @@ class ResponseEvents:
     def __init__(self, record: ResponseRecord) -> None:
         self.record = record
         self._reader = ToolCallReader(record.tool_plan(), record.id)
-        self._forced_call = record.tool_plan().json_schema is not None
+        self._forced_call = record.tool_plan().forces_call
         self._next = 0  # the next sequence number
         self._events: list[Obj] = []  # what the event being fed gives
         self.status = "queued"
@@ -94,6 +94,7 @@ class ResponseEvents:
         self._created = False
         self.usage: Obj | None = None
         self.error: Obj | None = None
+        self.failure: ApiError | None = None  # a failed job's error, as an HTTP error would say it
         self.incomplete: Obj | None = None
         self.completed_at: int | None = None
 
@@ -166,6 +167,7 @@ class ResponseEvents:
                 self._end("incomplete", event.id)
         elif event.event == EventName.ERROR:
             failure = named_as_sent(job_failure_error(event.event, event.data), self._forced_call)
+            self.failure = failure
             self.error = _error_object(event.data) | {"message": failure.message}
             self._emit("error", code=self.error["code"], message=failure.message, param=failure.param)
             self._end("failed", event.id)

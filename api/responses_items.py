@@ -102,14 +102,17 @@ class UnsupportedItem(BaseModel):
 
 def _item_tag(value: Any) -> str:
     kind = item_type(value, "message")
-    return kind if kind in ITEM_TYPES else "unsupported"
+    return f"item[{kind if kind in ITEM_TYPES else 'unsupported'}]"
 
 
+# Tagged ``item[…]``: pydantic puts the tag in an error's location, and a part with a bracket is
+# no field the client sent, so the 400's param leaves it out (input.0.content, not
+# input.0.message.content).
 InputItem = Annotated[
-    Annotated[MessageItem, Tag("message")]
-    | Annotated[FunctionCallItem, Tag("function_call")]
-    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
-    | Annotated[UnsupportedItem, Tag("unsupported")],
+    Annotated[MessageItem, Tag("item[message]")]
+    | Annotated[FunctionCallItem, Tag("item[function_call]")]
+    | Annotated[FunctionCallOutputItem, Tag("item[function_call_output]")]
+    | Annotated[UnsupportedItem, Tag("item[unsupported]")],
     Discriminator(_item_tag),
 ]
 

@@ -26,9 +26,10 @@ from pydantic import (
 )
 
 from api.errors import ApiError, first_error, renamed
-from api.openai_schemas import ServiceTier, StreamObfuscation, refuse_unless
+from api.openai_schemas import Metadata, ServiceTier, StreamObfuscation, refuse_unless
 from api.responses_items import InputItem, MessageItem, chat_messages, item_type
 from api.tool_calls import NamedFunction, NamedToolChoice, ToolChoice, ToolPlan, plan_tools
+from api.tool_turns import tool_turn_problem
 from shared.schemas import (
     ChatMessage,
     FunctionDefinition,
@@ -38,6 +39,7 @@ from shared.schemas import (
     Text,
     ToolDefinition,
 )
+from shared.schemas.job_request import FormatName
 from shared.schemas.json_schema_check import UsableSchema
 
 _FORBID = ConfigDict(extra="forbid")
@@ -75,7 +77,7 @@ class TextFormat(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     type: Literal["text", "json_object", "json_schema"]
-    name: str | None = None
+    name: FormatName | None = None
     schema_: UsableSchema | None = Field(None, alias="schema")
     strict: bool | None = None
     description: str | None = None
@@ -182,7 +184,7 @@ class ResponsesRequest(BaseModel):
     background: bool | None = Field(False, description="run on when the client goes; poll or stream it later")
     store: bool | None = Field(None, description="false: the response cannot be continued or listed")
     previous_response_id: str | None = Field(None, description="continue that response's conversation")
-    metadata: dict[str, str] | None = Field(None, description="kept with the response (16 pairs at most)")
+    metadata: Metadata = Field(None, description="kept with the response (16 pairs at most)")
     text: TextConfig | None = None
     tools: list[FunctionTool] | None = Field(None, description="function tools only")
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
@@ -208,15 +210,6 @@ class ResponsesRequest(BaseModel):
                 f"tool_choice of type {value.get('type')!r} is not supported (none, auto, required, "
                 "or {'type': 'function', 'name': ...})"
             )
-        return value
-
-    @field_validator("metadata")
-    @classmethod
-    def _small_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is not None and (
-            len(value) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in value.items())
-        ):
-            raise ValueError("at most 16 pairs, keys of at most 64 characters and values of at most 512")
         return value
 
     @field_validator("include")
@@ -290,8 +283,14 @@ class ResponsesRequest(BaseModel):
         """The job request (a 400 naming the Responses field when it is not valid)."""
         plan = self.tool_plan()
         system = [ChatMessage(role="system", content=self.instructions)] if self.instructions else []
+        conversation = self.messages(history)
+        if (problem := tool_turn_problem(conversation)) is not None:  # as OpenAI words it
+            message = f"No tool call found for function call output with call_id {problem.call_id}."
+            if problem.field == "tool_calls":
+                message = f"No tool output found for function call {problem.call_id}."
+            raise ApiError(400, message, param="input")
         fields: dict[str, Any] = {
-            "messages": [m.model_dump(exclude_none=True) for m in system + self.messages(history)]
+            "messages": [m.model_dump(exclude_none=True) for m in system + conversation]
         }
         for name, value in (
             ("model", self.model),
@@ -309,5 +308,5 @@ class ResponsesRequest(BaseModel):
         except ValidationError as exc:
             where, message = first_error(exc)
             # A check of the whole request (the last turn's role) is about the conversation: the input.
-            param = responses_param(where or "messages", plan.json_schema is not None)
+            param = responses_param(where or "messages", plan.forces_call)
             raise ApiError(400, message, param=param) from None

@@ -68,6 +68,11 @@ class ToolPlan:
     function: str | None = None  # named: the function called
     stop: tuple[str, ...] = ()  # auto with parallel_tool_calls false: the answer ends after one call
 
+    @property
+    def forces_call(self) -> bool:
+        """Whether the answer must be a call (required, named): its grammar is the tools'."""
+        return self.mode in ("required", "named")
+
     def job_fields(self, stop: str | list[str] | None) -> dict[str, Any]:
         """What the plan adds to the job request (whose own ``stop`` is given)."""
         fields: dict[str, Any] = {}
@@ -100,7 +105,7 @@ def plan_tools(
     if response_format is not None and response_format.type != "text":
         raise ApiError(  # the JSON grammar would rule out every call
             400,
-            "tools cannot be combined with a JSON response_format (unless tool_choice is 'none')",
+            "a JSON 'response_format' rules out every tool call: give tool_choice 'none', or no tools",
             param="response_format",
         )
     if choice is None or choice == "auto":

@@ -174,7 +174,8 @@ def run_up(settings: Settings, host: str, port: int, model: str | None, workers:
                 came_up[i - 1] = False
                 children[i] = _spawn(["worker", "--model", model_path, "--name", names[i - 1]], env)
             if not announced and _ready(url):
-                _print_banner(url, model_path, workers, redis_url, private=redis_proc is not None)
+                keyed = bool(settings.api_keys.get_secret_value() or settings.api_keys_file)
+                _print_banner(url, model_path, workers, redis_url, redis_proc is not None, keyed)
                 announced = True
             elif not announced and not hinted and time.monotonic() - started > 60:
                 print(f"streamq up: still waiting for {url}/readyz (loading the model?)", file=sys.stderr)
@@ -192,23 +193,26 @@ def run_up(settings: Settings, host: str, port: int, model: str | None, workers:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _print_banner(url: str, model: str, workers: int, redis_url: str, private: bool) -> None:
+def _print_banner(url: str, model: str, workers: int, redis_url: str, private: bool, keyed: bool) -> None:
     where = "private, removed on exit" if private else "shared"
+    # With API keys the examples send one, from $STREAMQ_KEY (the banner never shows a key).
+    auth = ' -H "Authorization: Bearer $STREAMQ_KEY"' if keyed else ""
+    key_note = "\nAPI keys are on: set STREAMQ_KEY to one of them for these examples.\n" if keyed else ""
     print(
         f"""
 streamq is up at {url}
   model:   {model}  ({workers} worker{"s" if workers != 1 else ""})
   redis:   {redis_url}  ({where})
   docs:    {url}/docs
-
+{key_note}
 Stream an answer (job API, Server-Sent Events):
-  JOB=$(curl -s {url}/v1/jobs -H 'Content-Type: application/json' \\
+  JOB=$(curl -s {url}/v1/jobs{auth} -H 'Content-Type: application/json' \\
         -d '{{"messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 64}}' \\
         | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-  curl -N {url}/v1/jobs/$JOB/events
+  curl -N {url}/v1/jobs/$JOB/events{auth}
 
 The seed's streaming API (each chunk is <^> + the answer so far):
-  curl -N {url}/stream -H 'Content-Type: application/json' -d '{{"prompt": "Hello!", "history": []}}'
+  curl -N {url}/stream{auth} -H 'Content-Type: application/json' -d '{{"prompt": "Hello!", "history": []}}'
 
 Queues, workers and jobs (this stack's Redis):
   STREAMQ_REDIS_URL={redis_url} streamq status

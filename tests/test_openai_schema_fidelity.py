@@ -107,6 +107,12 @@ def test_a_valid_schema_the_worker_cannot_compile_names_its_field(
         }
         for fields, param in ((shaped, "response_format"), (forced, "tools")):
             _fails_naming(client, stack, fields, param)
+        # Responses: the same, in its own fields (text.format, and tools for a forced call).
+        text_format = {"text": {"format": {"type": "json_schema", "name": "s", "schema": schema}}}
+        function = {"type": "function", "name": "f", "parameters": schema}
+        forced_call = {"tools": [function], "tool_choice": "required"}
+        for fields, param in ((text_format, "text.format"), (forced_call, "tools")):
+            _response_fails_naming(client, stack, fields, param)
 
 
 def _fails_naming(client: openai.OpenAI, stack: Stack, fields: dict[str, Any], param: str) -> None:
@@ -117,6 +123,18 @@ def _fails_naming(client: openai.OpenAI, stack: Stack, fields: dict[str, Any], p
     with pytest.raises(openai.APIError) as in_stream:
         list(client.chat.completions.create(**ask(stack, "JSON please"), **fields, stream=True))
     assert in_stream.value.body["param"] == param, in_stream.value.body  # type: ignore[index]
+
+
+def _response_fails_naming(client: openai.OpenAI, stack: Stack, fields: dict[str, Any], param: str) -> None:
+    asked: dict[str, Any] = {"model": stack.model_dir.name, "input": "JSON please", "max_output_tokens": 20}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(**asked, **fields)
+    assert refused.value.body["param"] == param, refused.value.body  # type: ignore[index]
+    assert refused.value.body["message"].startswith(f"{param}: "), refused.value.body  # type: ignore[index]
+    events = list(client.responses.create(**asked, **fields, stream=True))
+    errors = [e for e in events if e.type == "error"]
+    assert [(e.param, e.message.split(":")[0]) for e in errors] == [(param, param)], errors
+    assert events[-1].type == "response.failed"
 
 
 class Address(BaseModel):

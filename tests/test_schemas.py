@@ -29,7 +29,7 @@ def test_messages_are_kept_as_given() -> None:
 @pytest.mark.parametrize(
     ("body", "complaint"),
     [
-        ({}, "either 'messages' or 'prompt'"),
+        ({}, "'messages' or 'prompt' (or 'raw_prompt') is required"),
         ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "not both"),
         ({"messages": []}, "must not be empty"),
         (

@@ -146,7 +146,7 @@ async def _complete(
 def _as_sent(exc: ApiError, kind: Kind, tools: ToolPlan | None) -> ApiError:
     """``exc`` naming the field as the client sent it: a job request's field (the prompt's
     ``messages`` on the completions route), or ``tools`` for the schema a forced call was held to."""
-    forced = tools is not None and tools.json_schema is not None
+    forced = tools is not None and tools.forces_call
     if forced and (exc.param or "").startswith("response_format"):
         sent: str | None = "tools"
     else:

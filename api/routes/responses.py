@@ -65,7 +65,7 @@ async def create_response(
     try:
         view = await jobs.submit(job_request, caller)
     except ApiError as exc:  # name the field as the client sent it
-        raise named_as_sent(exc, body.tool_plan().json_schema is not None) from None
+        raise named_as_sent(exc, body.tool_plan().forces_call) from None
     try:
         record = new_record(body, view, history)
         await save_record(jobs, record, caller.name)
@@ -93,7 +93,9 @@ async def _cancel_quietly(jobs: JobClient, job_id: str, owner: str) -> None:
 
 async def _wait(job: ClientJob, events: Events, record: ResponseRecord, headers: dict[str, str]) -> Response:
     """The finished response object, whatever its end (completed, incomplete, failed,
-    cancelled); 499 when the client went away first."""
+    cancelled), except a job refused for what the request asked (a JSON schema its worker cannot
+    compile): that is a 400 naming the field, as when the front refuses it. 499 when the client
+    went away first."""
     mapped = ResponseEvents(record)
     try:
         async with job.followed():
@@ -101,6 +103,9 @@ async def _wait(job: ClientJob, events: Events, record: ResponseRecord, headers:
                 if event is not None:
                     mapped.feed(event)
                 if mapped.final:
+                    if mapped.failure is not None and mapped.failure.status == 400:
+                        mapped.failure.headers = {**(mapped.failure.headers or {}), **headers}
+                        raise mapped.failure
                     return JSONResponse(mapped.response(), headers=headers)
     except StreamInterrupted as exc:
         message = f"{exc}; the response may still run: GET /v1/responses/{record.response_id}"

@@ -10,11 +10,14 @@ from shared.logprobs import MAX_LOGPROBS, MAX_PROMPT_LOGPROBS
 from shared.schemas.json_schema_check import UsableSchema
 from shared.schemas.messages import ChatMessage, Text, ToolDefinition
 
+# A structured output's name, as OpenAI takes it (letters, digits, '_' and '-'; 64 at most).
+FormatName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
 
 class JsonSchemaFormat(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
-    name: str = "response"
+    name: FormatName = "response"
     schema_: UsableSchema = Field(alias="schema", description="the JSON Schema the answer follows")
     strict: bool | None = None
 
@@ -136,9 +139,10 @@ class JobRequest(SamplingFields):
     def _check_input(self) -> JobRequest:
         given = [name for name in ("messages", "prompt", "raw_prompt") if getattr(self, name) is not None]
         if not given:
-            raise ValueError("give either 'messages' or 'prompt' (or 'raw_prompt')")
+            raise ValueError("'messages' or 'prompt' (or 'raw_prompt') is required")
         if len(given) > 1:
-            raise ValueError(f"give one of 'messages', 'prompt' and 'raw_prompt', not both ({given})")
+            # The param is the second: the field that should not be there beside the first.
+            raise ValueError(f"'{given[1]}' cannot go with '{given[0]}': give one of them, not both")
         if self.history and self.prompt is None:
             raise ValueError("'history' goes with 'prompt'; put earlier turns in 'messages' instead")
         if self.messages is not None:

@@ -87,6 +87,22 @@ async def test_the_seed_chat_route_answers_with_history(front: Front) -> None:
     assert response.headers["x-streamq-job-id"]
 
 
+async def test_the_seed_routes_read_json_sent_without_a_content_type(front: Front) -> None:
+    """ChatGLM-6B's clients post ``data=json.dumps(...)``, with no Content-Type: the seed's
+    routes read it as JSON; the other routes say what to send instead of a puzzling 400."""
+    body = json.dumps({"prompt": "hi you", "history": []}).encode()
+    answered = await front.http.post("/", content=body)
+    assert "content-type" not in answered.request.headers
+    assert (answered.status_code, answered.json()["response"]) == (200, "hi you")
+    async with front.http.stream("POST", "/stream", content=body) as response:
+        assert [c for c in (await response.aread()).decode().split("<^>") if c] == ["hi", "hi you"]
+    for headers in ({}, {"content-type": "text/plain"}):
+        refused = await front.http.post("/v1/jobs", content=b'{"prompt": "hi"}', headers=headers)
+        error = refused.json()["error"]
+        assert refused.status_code == 415, refused.text
+        assert "Content-Type: application/json" in error["message"], error
+
+
 async def test_the_seed_stream_sends_the_whole_answer_so_far_each_time(front: Front) -> None:
     async with front.http.stream("POST", "/stream", json={"prompt": "a b c"}) as response:
         body = (await response.aread()).decode()

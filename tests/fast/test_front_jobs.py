@@ -128,6 +128,21 @@ async def test_a_field_the_job_api_does_not_know_is_refused_by_name(front: Front
     assert _error(response)["param"] == "frobnicate"
 
 
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"max_tokens": 4}, "messages"),
+        ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "prompt"),
+        ({"messages": [{"role": "user", "content": "b"}], "raw_prompt": "a"}, "raw_prompt"),
+    ],
+)
+async def test_a_missing_or_doubled_input_names_its_field(
+    front: Front, body: dict[str, Any], param: str
+) -> None:
+    response = await front.http.post("/v1/jobs", json=body)
+    assert (response.status_code, _error(response)["param"]) == (400, param), response.text
+
+
 async def test_server_limits_are_400s_that_name_the_field_and_setting(limited: Front) -> None:
     response = await limited.http.post("/v1/jobs", json={**HELLO, "max_tokens": 17})
     assert response.status_code == 400

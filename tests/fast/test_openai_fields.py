@@ -105,6 +105,10 @@ async def test_fields_streamq_cannot_honour_are_refused_by_name(front: Front) ->
         ({"min_p": 0.1}, "min_p"),
         ({"store": True}, "store"),
         ({"modalities": ["audio"]}, "modalities.0"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}},
+            "response_format.json_schema.name",
+        ),
     ):
         with pytest.raises(BadRequestError) as refused:
             await client.chat.completions.create(model="fake-model", messages=ask, extra_body=extra)
@@ -115,3 +119,21 @@ async def test_fields_streamq_cannot_honour_are_refused_by_name(front: Front) ->
     with pytest.raises(BadRequestError) as refused:
         await client.completions.create(model="fake-model", prompt="x", suffix="after")
     assert isinstance(refused.value.body, dict) and refused.value.body.get("param") == "suffix"
+
+
+async def test_metadata_over_openais_limits_is_refused_on_every_route(front: Front) -> None:
+    """16 pairs, keys of 64 characters, values of 512 (as OpenAI): within them it is taken."""
+    client = _openai(front)
+    ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+    for metadata in ({str(i): "v" for i in range(17)}, {"k" * 65: "v"}, {"k": "v" * 513}):
+        with pytest.raises(BadRequestError) as chat:
+            await client.chat.completions.create(model="fake-model", messages=ask, metadata=metadata)
+        with pytest.raises(BadRequestError) as text:
+            await client.completions.create(model="fake-model", prompt="x", extra_body={"metadata": metadata})
+        with pytest.raises(BadRequestError) as response:
+            await client.responses.create(model="fake-model", input="hi", metadata=metadata)
+        for refused in (chat, text, response):
+            assert isinstance(refused.value.body, dict) and refused.value.body.get("param") == "metadata"
+    widest = {f"{i:064d}": "v" * 512 for i in range(16)}
+    answer = await client.chat.completions.create(model="fake-model", messages=ask, metadata=widest)
+    assert answer.choices[0].message.content == "hi"

@@ -1,0 +1,108 @@
+"""A conversation's tool results must answer its calls, on the chat route and on Responses, as
+OpenAI checks them: a result that answers no call, or a call left without its result, is a 400
+(before a job exists), and a conversation that follows the rule is taken. Through the official
+SDK over the in-memory job system; the fake model answers the last message back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from openai import BadRequestError
+
+from tests.fast.conftest import Front
+from tests.fast.test_front_formats import _openai
+from tests.fast.test_responses import ADD, MODEL
+
+pytestmark = pytest.mark.anyio
+
+
+def _calling(*ids: str) -> dict[str, Any]:
+    calls = [{"id": i, "type": "function", "function": {"name": "add", "arguments": "{}"}} for i in ids]
+    return {"role": "assistant", "content": None, "tool_calls": calls}
+
+
+def _result(call_id: str) -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": call_id, "content": "4"}
+
+
+USER = {"role": "user", "content": "add"}
+
+
+@pytest.mark.parametrize(
+    ("messages", "param", "says"),
+    [
+        ([USER, _result("nope")], "messages.1.role", "must answer a call"),
+        ([USER, _calling("a"), _result("nope")], "messages.2.tool_call_id", "'nope' is not the id"),
+        ([USER, _calling("a", "b"), _result("a"), USER], "messages.1.tool_calls", "no answer to: b"),
+        ([USER, _calling("a", "b"), _result("b")], "messages.1.tool_calls", "no answer to: a"),
+        ([USER, _calling("a"), USER, _result("a")], "messages.1.tool_calls", "no answer to: a"),
+    ],
+)
+async def test_chat_refuses_tool_results_that_do_not_answer_the_calls(
+    front: Front, messages: list[dict[str, Any]], param: str, says: str
+) -> None:
+    with pytest.raises(BadRequestError) as refused:
+        await _openai(front).chat.completions.create(model=MODEL, messages=messages)  # type: ignore[arg-type]
+    body: Any = refused.value.body
+    assert body["param"] == param and says in body["message"], body
+    assert not front.jobs.jobs  # refused before any job was made
+
+
+async def test_chat_takes_every_call_answered_in_any_order(front: Front) -> None:
+    messages: Any = [USER, _calling("a", "b"), _result("b"), _result("a"), USER, _calling("c"), _result("c")]
+    answer = await _openai(front).chat.completions.create(model=MODEL, messages=messages)
+    assert answer.choices[0].message.content == "4"
+
+
+async def test_responses_refuse_outputs_that_answer_no_call_and_calls_left_unanswered(front: Front) -> None:
+    client = _openai(front)
+    forced = await client.responses.create(
+        model=MODEL, input='{"a": 2}', tools=[ADD], tool_choice={"type": "function", "name": "add"}
+    )
+    [call] = forced.output
+    assert call.type == "function_call"
+    bogus: Any = [{"type": "function_call_output", "call_id": "call_bogus", "output": "4"}]
+    for previous, given, says in (
+        (forced.id, bogus, "No tool call found for function call output with call_id call_bogus."),
+        (None, bogus, "No tool call found for function call output with call_id call_bogus."),
+        (forced.id, "go on", f"No tool output found for function call {call.call_id}."),
+    ):
+        with pytest.raises(BadRequestError) as refused:
+            await client.responses.create(
+                model=MODEL, previous_response_id=previous, input=given, tools=[ADD]
+            )
+        body: Any = refused.value.body
+        assert (body["param"], body["message"]) == ("input", says), body
+    answered: Any = [{"type": "function_call_output", "call_id": call.call_id, "output": "four"}]
+    taken = await client.responses.create(
+        model=MODEL, previous_response_id=forced.id, input=answered, tools=[ADD]
+    )
+    assert taken.output_text == "four"
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "says"),
+    [
+        ({"input": [{"type": "item_reference", "id": "x"}]}, "input.0", "not supported"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input.0.content.0", "image"),
+        ({"input": [{"role": "robot", "content": "x"}]}, "input.0.role", "should be 'user'"),
+        ({"input": [{"type": "function_call_output", "output": "4"}]}, "input.0.call_id", "required"),
+        ({"max_output_tokens": 100}, "max_output_tokens", "'max_output_tokens' must be at most 16"),
+        ({"tools": [ADD], "text": {"format": {"type": "json_object"}}}, "text.format", "JSON 'text.format'"),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "my format!", "schema": {"type": "object"}}}},
+            "text.format.name",
+            "should match pattern",
+        ),
+    ],
+)
+async def test_a_responses_400_names_the_field_as_sent_and_in_its_words(
+    limited: Front, body: dict[str, Any], param: str, says: str
+) -> None:
+    """No union member's tag in the place (input.0.content, not input.0.message.content), and
+    the message names the Responses field, not the job request's."""
+    response = await limited.http.post("/v1/responses", json={"input": "hi", **body})
+    error = response.json()["error"]
+    assert (response.status_code, error["param"]) == (400, param), error
+    assert says in error["message"], error
