@@ -185,7 +185,8 @@ def _relevant(errors: Sequence[Any]) -> list[Any]:
 def _not_json(request: Request, errors: Sequence[Any]) -> ApiError | None:
     """The 415 for a body that was not read as JSON for want of a JSON Content-Type."""
     kind = request.headers.get("content-type", "")
-    if kind.split(";")[0].strip().lower().endswith(("/json", "+json")):
+    main, _, sub = kind.split(";")[0].strip().lower().partition("/")
+    if main == "application" and (sub == "json" or sub.endswith("+json")):  # what FastAPI reads
         return None
     unread = ("body",), "model_attributes_type"
     if not any((tuple(e.get("loc", ())), e.get("type")) == unread for e in errors):

@@ -118,13 +118,19 @@ InputItem = Annotated[
 
 
 def chat_messages(items: list[InputItem], history: list[ChatMessage]) -> list[ChatMessage]:
-    """``history`` (earlier turns), then ``items`` as chat messages."""
+    """``history`` (earlier turns), then ``items`` as chat messages. The assistant's items that
+    follow one another (a response's output sent back: its text, its calls, text after them)
+    are one assistant turn, as the model wrote them."""
     messages = list(history)
     names = {call.id: call.function.name for m in history for call in m.tool_calls or []}
-    for item in items:
+    for n, item in enumerate(items):
         if isinstance(item, MessageItem):
             role = "system" if item.role == "developer" else item.role
-            messages.append(ChatMessage(role=role, content=_text(item.content)))
+            same_turn = role == "assistant" and n > 0 and messages[-1].role == "assistant"
+            if same_turn:  # after the same turn's text or call, in this input
+                messages[-1].content += _text(item.content)
+            else:
+                messages.append(ChatMessage(role=role, content=_text(item.content)))
         elif isinstance(item, FunctionCallItem):
             names[item.call_id] = item.name
             call = ToolCall(id=item.call_id, function=FunctionCall(name=item.name, arguments=item.arguments))

@@ -29,7 +29,7 @@ from api.errors import ApiError, first_error, renamed
 from api.openai_schemas import Metadata, ServiceTier, StreamObfuscation, refuse_unless
 from api.responses_items import InputItem, MessageItem, chat_messages, item_type
 from api.tool_calls import NamedFunction, NamedToolChoice, ToolChoice, ToolPlan, plan_tools
-from api.tool_turns import tool_turn_problem
+from api.tool_turns import answers_after_calls, unpaired_output
 from shared.schemas import (
     ChatMessage,
     FunctionDefinition,
@@ -177,8 +177,10 @@ class ResponsesRequest(BaseModel):
         return value
 
     max_output_tokens: int | None = Field(None, ge=1, strict=True)
-    temperature: float | None = Field(None, ge=0, le=2, strict=True, description="0 means greedy")
-    top_p: float | None = Field(None, gt=0, le=1, strict=True)
+    temperature: float | None = Field(
+        None, ge=0, le=2, strict=True, allow_inf_nan=False, description="0 means greedy"
+    )
+    top_p: float | None = Field(None, gt=0, le=1, strict=True, allow_inf_nan=False)
     stream: bool | None = False
     stream_options: StreamObfuscation | None = None
     background: bool | None = Field(False, description="run on when the client goes; poll or stream it later")
@@ -276,19 +278,21 @@ class ResponsesRequest(BaseModel):
 
     def messages(self, history: list[ChatMessage]) -> list[ChatMessage]:
         """The conversation for the job, instructions aside: ``history`` (earlier turns), then the
-        input as chat messages."""
-        return chat_messages(self.items(), history)
+        input as chat messages, each function call's output right after it. A 400 (OpenAI's
+        words) when an output answers no call before it, or a call has no output."""
+        conversation = chat_messages(self.items(), history)
+        if (problem := unpaired_output(conversation)) is not None:
+            message = f"No tool call found for function call output with call_id {problem.call_id}."
+            if problem.field == "tool_calls":
+                message = f"No tool output found for function call {problem.call_id}."
+            raise ApiError(400, message, param="input")
+        return answers_after_calls(conversation)
 
     def job_request(self, history: list[ChatMessage]) -> JobRequest:
         """The job request (a 400 naming the Responses field when it is not valid)."""
         plan = self.tool_plan()
         system = [ChatMessage(role="system", content=self.instructions)] if self.instructions else []
         conversation = self.messages(history)
-        if (problem := tool_turn_problem(conversation)) is not None:  # as OpenAI words it
-            message = f"No tool call found for function call output with call_id {problem.call_id}."
-            if problem.field == "tool_calls":
-                message = f"No tool output found for function call {problem.call_id}."
-            raise ApiError(400, message, param="input")
         fields: dict[str, Any] = {
             "messages": [m.model_dump(exclude_none=True) for m in system + conversation]
         }

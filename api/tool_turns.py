@@ -1,10 +1,17 @@
-"""Whether a conversation's tool turns answer its calls, checked as OpenAI checks them.
+"""Whether a conversation's tool results answer its calls, checked as OpenAI checks them.
 
-- A ``tool`` turn answers a call of the assistant turn with ``tool_calls`` before it (only tool
-  turns between them): its ``tool_call_id`` is the id of one of those calls.
-- Every call of such an assistant turn is answered before the conversation goes on.
+Chat completions (``tool_turn_problem``):
+- a ``tool`` turn answers a call of the assistant turn with ``tool_calls`` before it (only tool
+  turns between them): its ``tool_call_id`` is the id of one of those calls;
+- every call of such an assistant turn is answered before the conversation goes on.
 
-A conversation that breaks either is refused (OpenAI answers a 400 as well), instead of being
+Responses (``unpaired_output``) pairs outputs with calls by id wherever they sit, as its input
+is written (``input += response.output`` puts the model's text after its call before the
+client appends the outputs): every output answers a call made before it, and every call is
+answered. ``answers_after_calls`` then puts each result right after its call's turn, where a
+chat template expects it.
+
+A conversation that breaks these is refused (OpenAI answers a 400 as well), instead of being
 rendered for the model with a result that answers nothing, or a call left without its result.
 The chat route names the message (``messages.3.tool_call_id``), the Responses route its input.
 """
@@ -13,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from shared.schemas import ToolCall
 
@@ -81,3 +88,45 @@ def _unanswered(caller: int, unanswered: list[str]) -> TurnProblem:
         f"messages.{caller}: an assistant message with 'tool_calls' must be followed by a 'tool' "
         f"message answering each call; no answer to: {', '.join(unanswered)}",
     )
+
+
+def unpaired_output(messages: Sequence[Turn]) -> TurnProblem | None:
+    """Responses' rule: the first output that answers no call made before it, else the first
+    call no output answers; None when every output and call pair up."""
+    callers: dict[str, int] = {}  # call id → the place of the turn that made it
+    answered: set[str] = set()
+    for index, message in enumerate(messages):
+        if message.role == "tool":
+            answer = message.tool_call_id or ""
+            if answer not in callers:
+                return TurnProblem(index, "tool_call_id", answer, f"no call {answer} before it")
+            answered.add(answer)
+        elif message.role == "assistant":
+            for call in message.tool_calls or []:
+                callers.setdefault(call.id, index)
+    for call_id, index in callers.items():
+        if call_id not in answered:
+            return TurnProblem(index, "tool_calls", call_id, f"no output answers call {call_id}")
+    return None
+
+
+T = TypeVar("T", bound=Turn)
+
+
+def answers_after_calls(messages: list[T]) -> list[T]:
+    """The conversation with each result right after the turn that made its call (results in
+    the order given); the turns that came between them follow. For a conversation that
+    ``unpaired_output`` passes."""
+    results: dict[str, list[T]] = {}
+    for message in messages:
+        if message.role == "tool":
+            results.setdefault(message.tool_call_id or "", []).append(message)
+    ordered: list[T] = []
+    for message in messages:
+        if message.role == "tool":
+            continue
+        ordered.append(message)
+        calls = message.tool_calls if message.role == "assistant" else None
+        for call in calls or []:
+            ordered += results.pop(call.id, [])
+    return ordered

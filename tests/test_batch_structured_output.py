@@ -172,29 +172,36 @@ def test_a_jobs_grammar_is_compiled_in_its_slot_thread_not_the_engines(tiny_back
 
 def test_a_jobs_prompt_is_rendered_in_its_slot_thread_not_the_engines(tiny_backend: Any) -> None:
     """A chat template with tools takes milliseconds a prompt: the slot thread renders it
-    (``prepare``), so a burst of such jobs never holds back the running ones; the answer is the
-    one the engine gives when it renders the prompt itself."""
+    (``prepare``), with a tokenizer of its own, so a burst of such jobs never holds back the
+    running ones; the answer is the one the engine gives when it renders the prompt itself."""
     import threading
 
     model = BatchedCausalLM(tiny_backend, slots=2, max_len=256)
-    rendered_in: list[str] = []
+    rendered: list[tuple[str, bool]] = []  # (thread, with the model's own tokenizer)
     encode = type(tiny_backend).encode
 
     def spy(self: Any, prompt: Any, tokenizer: Any = None) -> list[int]:
-        rendered_in.append(threading.current_thread().name)
+        own = tokenizer is None or tokenizer is tiny_backend.tokenizer
+        rendered.append((threading.current_thread().name, own))
+        if prompt.messages and prompt.messages[-1].content == "refuse me":
+            raise ValueError("the template refuses this turn")
         return encode(self, prompt, tokenizer)
 
     r = request("render me", max_tokens=12)
     alone_text = alone(tiny_backend, r)[0]
     type(tiny_backend).encode = spy  # type: ignore[method-assign]
     try:
-        j = job(r)
-        slot = threading.Thread(target=model.prepare, args=(j,), name="slot-3")
-        slot.start()
-        slot.join()
+        j, refused = job(r), job(request("refuse me", max_tokens=12))
+        for one in (j, refused):
+            slot = threading.Thread(target=model.prepare, args=(one,), name="slot-3")
+            slot.start()
+            slot.join()
+        ids = j.prompt_ids
         seen = drive(model, [j], {})  # the engine's side, in this (main) thread
+        with pytest.raises(ValueError, match="the template refuses this turn"):
+            model.add(refused)  # what the slot thread found, as the engine would have found it
     finally:
         type(tiny_backend).encode = encode  # type: ignore[method-assign]
-    assert rendered_in == ["slot-3"]
-    assert j.prompt_ids == tiny_backend.encode(r)
+    assert rendered == [("slot-3", False), ("slot-3", False)]  # never the engine's thread
+    assert ids == tiny_backend.encode(r) and j.prompt_ids is None  # handed over, not kept twice
     assert seen.text(j) == alone_text

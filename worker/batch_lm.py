@@ -93,13 +93,15 @@ class BatchedCausalLM:
     def prepare(self, job: EngineJob) -> None:
         """Render the job's prompt and compile its grammar in the calling (job) thread; a schema
         xgrammar refuses is refused again, naming it, when the job joins."""
-        job.prompt_ids = self._renderer.render(job.request)
+        job.prompt_ids, job.prompt_error = self._renderer.render(job.request)
         with contextlib.suppress(InvalidJobRequest):
             self._grammars.compiled(job.request)
 
     def add(self, job: EngineJob) -> None:
         request = job.request
-        prompt = job.prompt_ids if job.prompt_ids is not None else self.backend.encode(request)
+        prompt = job.rendered_prompt()
+        if prompt is None:
+            prompt = self.backend.encode(request)
         self._check_prompt(prompt, "raw_prompt" if request.raw else "messages")
         answer = self.backend.answer(request, len(prompt), self.cache.max_len)
         params, draws = self.backend.sampling(request, job.job_id)

@@ -39,7 +39,7 @@ class ChatPrompt:
         """Token ids of the prompt: a conversation (and its tools) rendered with the tokenizer's
         chat template, or a raw prompt as it is (text tokenized with the tokenizer's special
         tokens, such as a BOS, as a completion server does)."""
-        tokenizer = tokenizer or self.tokenizer
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         if prompt.token_ids is not None:
             return list(prompt.token_ids)
         if prompt.text is not None:
@@ -86,11 +86,11 @@ class PromptRenderer:
         self._tokenizer = copy.deepcopy(prompts.tokenizer)
         self._lock = threading.Lock()
 
-    def render(self, request: PromptInput) -> list[int] | None:
-        """The prompt's token ids; None when it cannot be rendered (the engine thread renders it
-        again when the job joins, and fails the job with the reason)."""
+    def render(self, request: PromptInput) -> tuple[list[int] | None, Exception | None]:
+        """The prompt's token ids, or what rendering it raised (the job fails with it when it
+        joins the engine, as if the engine had rendered it)."""
         with self._lock:
             try:
-                return self._prompts.encode(request, self._tokenizer)
-            except Exception:
-                return None
+                return self._prompts.encode(request, self._tokenizer), None
+            except Exception as exc:
+                return None, exc

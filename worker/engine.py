@@ -51,8 +51,18 @@ class EngineJob:
     completion_tokens: int = 0
     first_token_at: float | None = None
     # The prompt's token ids, rendered by its job thread (``BatchModel.prepare``) so that a long
-    # chat template (tools) never stalls the running jobs; None: the engine renders it on ``add``.
+    # chat template (tools) never stalls the running jobs, or what rendering it raised.
     prompt_ids: list[int] | None = None
+    prompt_error: Exception | None = None
+
+    def rendered_prompt(self) -> list[int] | None:
+        """The prompt its job thread rendered, handed over once (the model keeps its own copy);
+        None if none was (the engine renders it); raises what rendering it raised."""
+        if self.prompt_error is not None:
+            raise self.prompt_error
+        ids, self.prompt_ids = self.prompt_ids, None
+        return ids
+
     publish_due: float = 0.0  # monotonic time its next output write is due (set by the publisher)
 
 

@@ -195,12 +195,14 @@ class VLLMModel:
 
     def prepare(self, job: EngineJob) -> None:
         """Render the job's prompt in the calling (job) thread."""
-        job.prompt_ids = self._renderer.render(job.request)
+        job.prompt_ids, job.prompt_error = self._renderer.render(job.request)
 
     def add(self, job: EngineJob) -> None:
         from vllm import TokensPrompt
 
-        prompt = job.prompt_ids if job.prompt_ids is not None else self.served.encode(job.request)
+        prompt = job.rendered_prompt()
+        if prompt is None:
+            prompt = self.served.encode(job.request)
         answer = self.served.answer(job.request, len(prompt), self.max_len)
         job.prompt_tokens = len(prompt)
         for token in job.resume_ids:  # continue an earlier run: replayed here, their text was sent

@@ -40,7 +40,8 @@ class ResponseFormat(BaseModel):
 class SamplingFields(BaseModel):
     """The sampling settings every job request takes (job API and the seed's API)."""
 
-    model_config = ConfigDict(extra="ignore")
+    # NaN and infinities (which Python's JSON reads) are "not a finite number", not out of range.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: Text | None = Field(None, description="served model name; optional when one model is served")
     max_tokens: int | None = Field(None, ge=1, strict=True, description="most new tokens to generate")

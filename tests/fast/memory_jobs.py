@@ -26,10 +26,10 @@ from api.job_client import Events, JobEvent
 from api.metrics import FrontMetrics
 from api.request_limits import generation_request
 from api.stream_hub import parse_entry_id
-from shared.job_store.payloads import Canceled, Delta, Done, Queued, Started
+from shared.job_store.payloads import Canceled, Delta, Done, Failed, Queued, Started
 from shared.job_store.vocabulary import FINAL_STATUSES, EventName, FinishReason, JobStatus
 from shared.logprobs import TokenLogprob, TopLogprob
-from shared.schemas import GenerationRequest, JobRequest, JobView, Timings, Usage
+from shared.schemas import GenerationRequest, JobError, JobRequest, JobView, Timings, Usage
 from shared.settings import Settings
 
 
@@ -74,6 +74,7 @@ class MemoryJobClient:
         self.jobs: dict[str, MemoryJob] = {}
         self.hold = False
         self.pause_after: int | None = None
+        self.fail_with: JobError | None = None  # set: jobs fail with it once started, as a worker's would
         self.submitted = asyncio.Event()  # set at each submit (a test waits for its job)
         self.responses: dict[str, tuple[str, str]] = {}  # job id → (owner, Responses API record)
         self._clock = itertools.count(1_700_000_000_000)
@@ -109,6 +110,11 @@ class MemoryJobClient:
         if job.view.status == JobStatus.QUEUED:
             job.view.status, job.view.started_at, job.view.worker = JobStatus.RUNNING, time.time(), "memory"
             self._append(job, EventName.STARTED, Started(worker="memory.0", attempt=1).encode())
+        if self.fail_with is not None:
+            job.view.error = self.fail_with
+            failed = Failed(**self.fail_with.model_dump()).encode()
+            self._end(job, JobStatus.FAILED, EventName.ERROR, failed, FinishReason.ERROR)
+            return
         words = answer_words(job.request)
         out = words[: job.request.max_tokens]
         stop_at = len(out) if self.pause_after is None else min(len(out), self.pause_after)

@@ -96,11 +96,16 @@ async def test_the_seed_routes_read_json_sent_without_a_content_type(front: Fron
     assert (answered.status_code, answered.json()["response"]) == (200, "hi you")
     async with front.http.stream("POST", "/stream", content=body) as response:
         assert [c for c in (await response.aread()).decode().split("<^>") if c] == ["hi", "hi you"]
-    for headers in ({}, {"content-type": "text/plain"}):
+    for headers in ({}, {"content-type": "text/plain"}, {"content-type": "text/json"}):
         refused = await front.http.post("/v1/jobs", content=b'{"prompt": "hi"}', headers=headers)
         error = refused.json()["error"]
         assert refused.status_code == 415, refused.text
         assert "Content-Type: application/json" in error["message"], error
+    json_kind = {"content-type": "application/vnd.api+json; charset=utf-8"}
+    taken = await front.http.post("/v1/jobs", content=b'{"prompt": "hi"}', headers=json_kind)
+    assert taken.status_code == 202, taken.text
+    documented = (await front.http.get("/openapi.json")).json()["paths"]["/v1/jobs"]["post"]["responses"]
+    assert "415" in documented
 
 
 async def test_the_seed_stream_sends_the_whole_answer_so_far_each_time(front: Front) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from openai import AsyncOpenAI, BadRequestError, ConflictError, NotFoundError
-from openai.types.responses import FunctionToolParam
+from openai.types.responses import FunctionToolParam, Response
 
 from shared.schemas import GenerationRequest
 from tests.fast.conftest import KEY_A, KEY_B, Front
@@ -66,6 +66,7 @@ async def test_a_response_is_a_job_with_its_text_and_usage(front: Front) -> None
     assert (response.status, response.output_text, response.model) == ("completed", "one two three", MODEL)
     assert response.usage is not None and response.usage.output_tokens == 3
     assert response.usage.total_tokens == response.usage.input_tokens + 3
+    Response.model_validate(raw.http_response.json())  # every field the SDK's type requires
     assert (response.instructions, response.metadata, response.background) == ("be brief", {"k": "v"}, False)
     assert _turns(front, response.id) == [("system", "be brief"), ("user", "one two three")]
     job = (await front.http.get(f"/v1/jobs/{job_id}")).json()

@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 from openai import BadRequestError
 
+from shared.schemas import JobError
 from tests.fast.conftest import Front
 from tests.fast.test_front_formats import _openai
-from tests.fast.test_responses import ADD, MODEL
+from tests.fast.test_responses import ADD, MODEL, _asked
 
 pytestmark = pytest.mark.anyio
 
@@ -81,6 +82,31 @@ async def test_responses_refuse_outputs_that_answer_no_call_and_calls_left_unans
     assert taken.output_text == "four"
 
 
+async def test_responses_pair_outputs_with_calls_by_id_wherever_they_sit(front: Front) -> None:
+    """OpenAI's manual loop (``input += response.output``, then the outputs) with text after the
+    call, and a user message between a call and its output: taken, each output rendered right
+    after its call's turn, the assistant's items as one turn."""
+    client = _openai(front)
+    calling = 'Adding. <tool_call> {"name": "add", "arguments": {"a": 2}} </tool_call> Done.'
+    first = await client.responses.create(model=MODEL, input=calling, tools=[ADD])
+    assert [item.type for item in first.output] == ["message", "function_call", "message"]
+    call = first.output[1]
+    assert call.type == "function_call"
+    output = {"type": "function_call_output", "call_id": call.call_id, "output": "4"}
+    items: Any = [
+        {"role": "user", "content": "add"},
+        *[item.model_dump(exclude_none=True) for item in first.output],
+        {"role": "user", "content": "and say it"},
+        output,
+    ]
+    answered = await client.responses.create(model=MODEL, input=items, tools=[ADD])
+    asked = _asked(front, answered.id).messages
+    assert [m.role for m in asked] == ["user", "assistant", "tool", "user"]
+    assert asked[1].content == "Adding.  Done." and asked[1].tool_calls
+    assert asked[2].tool_call_id == call.call_id
+    assert answered.output_text == "and say it"
+
+
 @pytest.mark.parametrize(
     ("body", "param", "says"),
     [
@@ -106,3 +132,31 @@ async def test_a_responses_400_names_the_field_as_sent_and_in_its_words(
     error = response.json()["error"]
     assert (response.status_code, error["param"]) == (400, param), error
     assert says in error["message"], error
+
+
+async def test_a_response_whose_job_is_refused_by_its_worker_is_a_400_unless_in_the_background(
+    front: Front,
+) -> None:
+    """A schema only the worker's compiler refuses: the response waited for is a 400 naming the
+    Responses field (tools for a forced call), a background one ends failed with the same error,
+    a streamed one ends with an error event; a generation error stays a failed response."""
+    client = _openai(front)
+    front.jobs.fail_with = JobError(
+        type="invalid_request_error", message="response_format: cannot be compiled", param="response_format"
+    )
+    forced: dict[str, Any] = {"tools": [ADD], "tool_choice": "required"}
+    for fields, param in (({}, "text.format"), (forced, "tools")):
+        with pytest.raises(BadRequestError) as refused:
+            await client.responses.create(model=MODEL, input="x", **fields)
+        body: Any = refused.value.body
+        assert (body["param"], body["message"]) == (param, f"{param}: cannot be compiled"), body
+        assert refused.value.response.headers["x-streamq-job-id"]
+    background = await client.responses.create(model=MODEL, input="x", background=True)
+    polled = await client.responses.retrieve(background.id)
+    assert polled.status == "failed" and polled.error is not None
+    assert polled.error.message == "text.format: cannot be compiled"
+    events = [e async for e in await client.responses.create(model=MODEL, input="x", stream=True)]
+    assert [e.type for e in events[-2:]] == ["error", "response.failed"]
+    front.jobs.fail_with = JobError(type="generation_error", message="the engine stopped")
+    failed = await client.responses.create(model=MODEL, input="x")
+    assert failed.status == "failed" and failed.error is not None
