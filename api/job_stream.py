@@ -84,7 +84,7 @@ class JobFollower:
                         if update is not None and update.final:
                             return
                     continue
-                item = await self._event(entry)
+                item = await self._event(entry, moved_on=not sub.queue.empty())
                 if item.event == EventName.DELTA or item.final:
                     self._last_beat = time.monotonic()
                 yield item
@@ -152,11 +152,14 @@ class JobFollower:
         """The final ``error`` event of a job whose record vanished with Redis's data."""
         return JobEvent.of(None, EventName.ERROR, {"type": "job_lost", "message": JOB_LOST})
 
-    async def _event(self, entry: tuple[str, dict[str, str]]) -> JobEvent:
+    async def _event(self, entry: tuple[str, dict[str, str]], moved_on: bool = False) -> JobEvent:
+        """The client's event for a stream entry. ``moved_on``: later entries are here already
+        (the job has left its queue since, as a client opening the stream of a job that started
+        finds): a ``queued`` event's place is then none, not looked up in Redis."""
         entry_id, fields = entry
         item = JobEvent(entry_id, fields.get("event", ""), fields.get("data") or "{}")
         if item.event == EventName.QUEUED:  # the stored event says when; the place is told now
-            self._position = await self._recent_position()
+            self._position = None if moved_on else await self._recent_position()
             return await self._queued(entry_id, item.data)
         if item.event in (EventName.STARTED, EventName.DELTA) or item.final:
             self._waiting = False

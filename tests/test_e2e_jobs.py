@@ -223,7 +223,7 @@ def test_cancel_a_queued_and_a_running_job(stack: Stack, long_prompts: list[str]
 @pytest.mark.parametrize(
     ("body", "status", "param", "says"),
     [
-        ({"max_tokens": 5}, 400, None, "either 'messages' or 'prompt'"),
+        ({"max_tokens": 5}, 400, "messages", "'messages' or 'prompt' (or 'raw_prompt') is required"),
         ({"prompt": "x", "temperature": -1}, 400, "temperature", "greater than or equal to 0"),
         ({"prompt": "x", "top_p": 0}, 400, "top_p", "greater than 0"),
         ({"prompt": "x", "top_p": 1.01}, 400, "top_p", "less than or equal to 1"),

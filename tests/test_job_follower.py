@@ -148,3 +148,34 @@ def test_the_hubs_question_changes_nothing_for_a_job_that_exists() -> None:
 
     items = asyncio.run(follow())
     assert [item.event for item in items if item is not None] == [EventName.DELTA]
+
+
+def test_a_job_that_left_its_queue_is_not_looked_up_in_it() -> None:
+    """Opened after the job started, the stream's stored ``queued`` event has no place (the
+    job is in no queue) and nothing is asked of Redis for it; opened while the job waits, its
+    place is looked up."""
+
+    async def first_event(entries: list[str]) -> tuple[Any, list[str]]:
+        hub, jobs = _Hub(), _Jobs()
+        asked: list[str] = []
+        recent = jobs.positions.recent
+
+        async def counted(model: str, job_id: str) -> int:
+            asked.append(job_id)
+            return await recent(model, job_id)
+
+        jobs.positions.recent = counted  # type: ignore[method-assign]
+        job = JobView(id="job", model="m", status=JobStatus.QUEUED, created_at=time.time())
+        follower = JobFollower(cast(Any, jobs), cast(Any, hub), job, None, PING, POSITION_POLL)
+        for n, event in enumerate(entries, 1):
+            hub.sub.queue.put_nowait((f"{n}-0", {"event": event, "data": '{"model": "m"}'}))
+        events = follower.events("0-0")
+        try:
+            return await anext(events), asked
+        finally:
+            await events.aclose()
+
+    started, asked = asyncio.run(first_event([EventName.QUEUED, EventName.STARTED, EventName.DELTA]))
+    assert (started.event, started.data["position"], asked) == (EventName.QUEUED, None, [])
+    waiting, asked = asyncio.run(first_event([EventName.QUEUED]))
+    assert (waiting.data["position"], asked) == (1000, ["job"])
