@@ -28,9 +28,15 @@ if TYPE_CHECKING:
 def add_commands(sub: Any) -> None:
     """Add ``api`` to the ``streamq`` command's subparsers."""
     api = sub.add_parser("api", help="run the HTTP front (uvicorn)")
-    api.add_argument("--host", default="127.0.0.1")
-    api.add_argument("--port", type=int, default=8000)
-    api.add_argument("--log-level", default="info")
+    api.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    api.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    api.add_argument(
+        "--log-level",
+        default="info",
+        type=str.lower,
+        choices=("critical", "error", "warning", "info", "debug", "trace"),
+        help="the front's and uvicorn's log level (default info)",
+    )
     api.add_argument("--insecure", action="store_true", default=None, help=INSECURE_HELP)
     api.add_argument(
         "--workers",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import Any
 
@@ -18,6 +19,8 @@ from api.stream_hub import CHECK_JOB, StreamHub, Subscription
 from shared import keys
 from shared.job_store.vocabulary import EventName
 from shared.schemas import JobView
+
+log = logging.getLogger("streamq.api")
 
 _IDLE = object()  # no event within the wait: time for a position update or a keep-alive
 JOB_LOST = (
@@ -65,8 +68,9 @@ class JobFollower:
     async def events(self, after: str) -> Events:
         try:
             sub = await self._hub.subscribe(keys.events(self._job_id), after)
-        except RedisError as exc:
-            raise StreamInterrupted(f"the job store (Redis) failed: {exc}") from exc
+        except RedisError as exc:  # the client is told what failed, the log where and how
+            log.warning("job %s: its stream could not be opened: %s", self._job_id, exc)
+            raise StreamInterrupted("the job store (Redis) failed") from exc
         if self._request is not None:
             self._gone = asyncio.ensure_future(_wait_disconnect(self._request))
         try:

@@ -177,7 +177,8 @@ class StreamHub:
                 if not isinstance(exc, RedisError):
                     log.exception("stream reader failed")
                 log.warning("stream reader failed (%s); retrying in %.1fs", exc, backoff)
-                self._interrupt_all(f"the job store (Redis) could not be read: {exc}")
+                # Clients are told what failed, not where (the address and driver's words: the log).
+                self._interrupt_all("the job store (Redis) could not be read")
                 # Pause before the next read, unless a new subscription comes: it is tried at
                 # once (and told at once if Redis is still away) rather than after the pause.
                 self._changed.clear()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.connection import parse_url
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -219,6 +221,33 @@ class Settings(BaseSettings):
                 "submit's WAIT runs within one command's time"
             )
         return self
+
+    @field_validator("redis_url")
+    @classmethod
+    def _a_redis_url(cls, value: str | None) -> str | None:
+        """A URL redis-py reads as it was meant (its message never repeats the URL: a password)."""
+        if value is None:
+            return value
+        try:
+            parse_url(value)
+        except ValueError as exc:
+            raise ValueError(f"not a Redis URL: {exc}") from None
+        parts = urlsplit(value)
+        database = parts.path.strip("/")
+        if parts.scheme in ("redis", "rediss") and database and not database.isdigit():
+            raise ValueError(f"not a Redis URL: its database must be a number, not {database!r}")
+        return value
+
+    @field_validator("lease_renew_seconds")
+    @classmethod
+    def _renewed_within_the_lease(cls, value: float, info: ValidationInfo) -> float:
+        lease = info.data.get("lease_seconds")
+        if lease is not None and value * 2 > lease:
+            raise ValueError(
+                f"must be at most half of STREAMQ_LEASE_SECONDS ({lease:g} s), so that a lease outlives "
+                "one late renewal: a lease that lapses while its job runs fine lets another worker take it"
+            )
+        return value
 
     @field_validator("redis_sentinels")
     @classmethod

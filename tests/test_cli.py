@@ -149,11 +149,11 @@ def test_a_port_a_stopped_server_just_closed_is_free_to_start_on_again() -> None
     assert not port_in_use("127.0.0.1", port)
 
 
-def test_a_setting_that_is_not_valid_stops_a_process_with_what_is_wrong_not_a_traceback() -> None:
-    env = {**os.environ, "STREAMQ_SLOTS": "many", "STREAMQ_KV_CACHE_GIB": "-1"}
+def _refused(args: list[str], env: dict[str, str]) -> str:
+    """The one line a process that refuses its settings says (exit 2, no traceback)."""
     done = subprocess.run(
-        [sys.executable, "-m", "streamq", "worker", "--model", "x"],
-        env=env,
+        [sys.executable, "-m", "streamq", *args],
+        env={**os.environ, **env},
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -162,6 +162,11 @@ def test_a_setting_that_is_not_valid_stops_a_process_with_what_is_wrong_not_a_tr
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("streamq: refusing to start: "), line
+    return line
+
+
+def test_a_setting_that_is_not_valid_stops_a_process_with_what_is_wrong_not_a_traceback() -> None:
+    line = _refused(["worker", "--model", "x"], {"STREAMQ_SLOTS": "many", "STREAMQ_KV_CACHE_GIB": "-1"})
     assert "STREAMQ_SLOTS (--slots): input should be a valid integer" in line and "got 'many'" in line
     assert "STREAMQ_KV_CACHE_GIB: input should be greater than 0, got '-1'" in line
     # A check of several settings together says which, and no setting's value: no password leaks.
@@ -255,6 +260,26 @@ def test_make_tiny_model_writes_a_loadable_folder(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     names = {p.name for p in (tmp_path / "m").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= names
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "says"),
+    [
+        ("STREAMQ_REDIS_URL", "http://s3cret@nope", "not a Redis URL: Redis URL must specify one of"),
+        ("STREAMQ_REDIS_URL", "redis://:s3cret@db:notaport/0", "Port could not be cast"),
+        ("STREAMQ_REDIS_URL", "redis://:s3cret@db:6379/abc", "its database must be a number"),
+        ("STREAMQ_LEASE_RENEW_SECONDS", "3", "at most half of STREAMQ_LEASE_SECONDS (5 s)"),
+    ],
+)
+def test_the_front_refuses_a_bad_redis_url_or_lease_renewal_in_one_line(
+    setting: str, value: str, says: str
+) -> None:
+    """Refused before the front starts serving, in one line, the URL's password never shown
+    (a malformed URL made uvicorn print a traceback; a renewal no sooner than the lease lapsed
+    made a healthy worker's jobs be taken from it)."""
+    line = _refused(["api", "--port", str(free_port())], {setting: value})
+    assert line.startswith(f"streamq: refusing to start: {setting}") and says in line, line
+    assert "s3cret" not in line
 
 
 def test_the_up_banners_examples_send_a_key_when_keys_are_on(capsys: pytest.CaptureFixture[str]) -> None:

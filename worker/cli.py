@@ -32,7 +32,11 @@ def add_commands(sub: Any) -> None:
     worker.add_argument(
         "--backend", choices=["model", "synthetic"], help="synthetic: no model, paced tokens (load tests)"
     )
-    worker.add_argument("--tokens-per-second", type=float, help="pace of the synthetic backend")
+    worker.add_argument(
+        "--tokens-per-second",
+        type=float,
+        help="pace of the synthetic backend (STREAMQ_SYNTHETIC_TOKENS_PER_SECOND; default 20)",
+    )
 
     tiny = sub.add_parser("make-tiny-model", help="build a small random-weight chat model into DIR")
     tiny.add_argument("dir")
