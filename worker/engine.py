@@ -103,7 +103,7 @@ class BatchModel(Protocol):
     def prepare(self, job: EngineJob) -> None:
         """Slow set-up of a job that may run outside the engine thread (a job thread calls it
         before ``submit``): rendering its prompt, compiling its grammar; either would stall every
-        running job. It raises nothing: what fails here is done again on ``add``, which says why."""
+        running job. It raises nothing: ``add`` raises what it met, as if it had met it itself."""
         ...
 
     def add(self, job: EngineJob) -> None:
