@@ -120,7 +120,8 @@ InputItem = Annotated[
 def chat_messages(items: list[InputItem], history: list[ChatMessage]) -> list[ChatMessage]:
     """``history`` (earlier turns), then ``items`` as chat messages. The assistant's items that
     follow one another (a response's output sent back: its text, its calls, text after them)
-    are one assistant turn, as the model wrote them."""
+    are one assistant turn, as the model wrote them. ``history``'s messages are not changed: a
+    turn this input extends is a copy."""
     messages = list(history)
     names = {call.id: call.function.name for m in history for call in m.tool_calls or []}
     for n, item in enumerate(items):
@@ -128,7 +129,8 @@ def chat_messages(items: list[InputItem], history: list[ChatMessage]) -> list[Ch
             role = "system" if item.role == "developer" else item.role
             same_turn = role == "assistant" and n > 0 and messages[-1].role == "assistant"
             if same_turn:  # after the same turn's text or call, in this input
-                messages[-1].content += _text(item.content)
+                last = messages[-1]
+                messages[-1] = last.model_copy(update={"content": last.content + _text(item.content)})
             else:
                 messages.append(ChatMessage(role=role, content=_text(item.content)))
         elif isinstance(item, FunctionCallItem):
@@ -136,7 +138,9 @@ def chat_messages(items: list[InputItem], history: list[ChatMessage]) -> list[Ch
             call = ToolCall(id=item.call_id, function=FunctionCall(name=item.name, arguments=item.arguments))
             if not (messages and messages[-1].role == "assistant"):
                 messages.append(ChatMessage(role="assistant"))
-            messages[-1].tool_calls = [*(messages[-1].tool_calls or []), call]
+            last = messages[-1]
+            if all(made.id != call.id for made in last.tool_calls or []):  # sent again: once is enough
+                messages[-1] = last.model_copy(update={"tool_calls": [*(last.tool_calls or []), call]})
         elif isinstance(item, FunctionCallOutputItem):
             answer = ChatMessage(role="tool", content=_text(item.output), tool_call_id=item.call_id)
             answer.name = names.get(item.call_id)

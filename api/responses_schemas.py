@@ -164,6 +164,7 @@ class ResponsesRequest(BaseModel):
 
     model_config = _FORBID
     _plan: ToolPlan | None = PrivateAttr(None)
+    _conversation: list[ChatMessage] | None = PrivateAttr(None)  # one history per request
 
     model: Text | None = Field(None, description="a served model; optional when one model is served")
     input: Text | list[InputItem]
@@ -279,14 +280,18 @@ class ResponsesRequest(BaseModel):
     def messages(self, history: list[ChatMessage]) -> list[ChatMessage]:
         """The conversation for the job, instructions aside: ``history`` (earlier turns), then the
         input as chat messages, each function call's output right after it. A 400 (OpenAI's
-        words) when an output answers no call before it, or a call has no output."""
+        words) when an output answers no call before it, or a call has no output. Made once per
+        request (the job request and the stored record both use it)."""
+        if self._conversation is not None:
+            return self._conversation
         conversation = chat_messages(self.items(), history)
         if (problem := unpaired_output(conversation)) is not None:
             message = f"No tool call found for function call output with call_id {problem.call_id}."
             if problem.field == "tool_calls":
                 message = f"No tool output found for function call {problem.call_id}."
             raise ApiError(400, message, param="input")
-        return answers_after_calls(conversation)
+        self._conversation = answers_after_calls(conversation)
+        return self._conversation
 
     def job_request(self, history: list[ChatMessage]) -> JobRequest:
         """The job request (a 400 naming the Responses field when it is not valid)."""

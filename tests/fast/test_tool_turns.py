@@ -160,3 +160,26 @@ async def test_a_response_whose_job_is_refused_by_its_worker_is_a_400_unless_in_
     front.jobs.fail_with = JobError(type="generation_error", message="the engine stopped")
     failed = await client.responses.create(model=MODEL, input="x")
     assert failed.status == "failed" and failed.error is not None
+
+
+async def test_a_call_sent_again_with_the_previous_response_is_kept_once(front: Front) -> None:
+    """An input that sends back the previous response's call beside its output: the stored
+    conversation, which later turns continue, holds the call once (the earlier turns given to
+    the request were extended in place, and the record, made from them again, held it twice)."""
+    client = _openai(front)
+    forced = await client.responses.create(
+        model=MODEL, input='{"a": 2}', tools=[ADD], tool_choice={"type": "function", "name": "add"}
+    )
+    [call] = forced.output
+    assert call.type == "function_call"
+    again: Any = [
+        call.model_dump(exclude_none=True),
+        {"type": "function_call_output", "call_id": call.call_id, "output": "4"},
+    ]
+    second = await client.responses.create(
+        model=MODEL, previous_response_id=forced.id, input=again, tools=[ADD]
+    )
+    third = await client.responses.create(model=MODEL, previous_response_id=second.id, input="thanks")
+    asked = _asked(front, third.id).messages
+    assert [m.role for m in asked] == ["user", "assistant", "tool", "assistant", "user"]
+    assert [c.id for c in asked[1].tool_calls or []] == [call.call_id]
