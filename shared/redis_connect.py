@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 import redis.asyncio.sentinel as async_sentinel
 import redis.sentinel as sync_sentinel
 
+from shared.redis_packing import pack_in_one_call
 from shared.settings import Settings
 
 SENTINEL_TIMEOUT = 2.0  # seconds a sentinel may take to answer (then the next one is asked)
@@ -97,6 +98,9 @@ class RedisTarget:
     def sync_pool(self, *, blocking_timeout: float | None = None, **options: Any) -> redis.ConnectionPool:
         """A pool for redis-py's synchronous client (RQ, the workers, the janitor, the CLI).
         ``blocking_timeout``: requests wait that long for a free connection (else: fail at once)."""
+        return pack_in_one_call(self._sync_pool(blocking_timeout, options))
+
+    def _sync_pool(self, blocking_timeout: float | None, options: dict[str, Any]) -> redis.ConnectionPool:
         if not self.managed:
             if blocking_timeout is None:
                 return redis.ConnectionPool.from_url(self.url, **options)
@@ -113,6 +117,11 @@ class RedisTarget:
         """A pool for redis-py's asyncio client (the front), waiting up to ``blocking_timeout``
         for a free connection under load. ``replica``: with Sentinel, to a replica in sync (the
         primary when there is none), for reads that must not run ahead of the replicas."""
+        return pack_in_one_call(self._async_pool(blocking_timeout, replica, options))
+
+    def _async_pool(
+        self, blocking_timeout: float, replica: bool, options: dict[str, Any]
+    ) -> aioredis.ConnectionPool:
         if not self.managed:
             return aioredis.BlockingConnectionPool.from_url(self.url, timeout=blocking_timeout, **options)
         options = {**self._url_options(), **options}

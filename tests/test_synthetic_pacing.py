@@ -1,0 +1,60 @@
+"""The synthetic backend (load tests without a GPU): each job's tokens come at its rate, the
+first at once, and jobs running together share the engine's steps, as a batching engine's do."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+
+from shared.schemas import GenerationRequest
+from worker.engine import Engine, EngineJob, JobOutput
+from worker.synthetic import SyntheticBackend, SyntheticModel
+
+RATE = 100.0  # tokens per second, per job
+TOKENS = 20
+JOBS = 50
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.received: dict[str, list[tuple[float, JobOutput]]] = defaultdict(list)
+        self.ends = 0
+        self.all_ended = threading.Event()
+
+    def put(self, outputs: list[JobOutput]) -> None:
+        now = time.monotonic()
+        for output in outputs:
+            self.received[output.job.job_id].append((now, output))
+            if output.finish_reason:
+                self.ends += 1
+                if self.ends == JOBS:
+                    self.all_ended.set()
+
+
+def test_tokens_come_at_the_jobs_rate_and_jobs_share_steps() -> None:
+    sink = _Sink()
+    engine = Engine(SyntheticModel(SyntheticBackend("synth", RATE), JOBS), sink)
+    engine.start()
+    try:
+        request = GenerationRequest(prompt="hi", max_tokens=TOKENS, temperature=0, top_p=1)
+        submitted = {}
+        for i in range(JOBS):
+            now = time.time()
+            submitted[f"job-{i}"] = time.monotonic()
+            engine.submit(EngineJob(f"job-{i}", request, now, now, time.monotonic() + 60))
+            time.sleep(1 / RATE / JOBS)  # arrivals spread over a token's time, as clients come
+        assert sink.all_ended.wait(30)
+    finally:
+        engine.stop()
+    for job_id, received in sink.received.items():
+        counts = [o.completion_tokens for _t, o in received]
+        assert counts == list(range(1, TOKENS + 1)), job_id  # one token per output, none lost
+        assert received[-1][1].finish_reason == "length"
+        first, last = received[0][0], received[-1][0]
+        assert first - submitted[job_id] < 1.0  # the first at once (not after a token's time)
+        # Never faster than the rate: token n is due (n - 1) / RATE after the first.
+        assert last - first >= (TOKENS - 1) / RATE - 0.002, job_id
+    # Jobs that run together get their tokens in shared steps, not one step per token (their
+    # arrivals, spread over a token's time, gave each job its own moment for every token).
+    assert engine.steps < JOBS * TOKENS / 2, engine.steps
