@@ -6,7 +6,7 @@ a worker's output script (``delta``: 19 arguments) took 13 µs to pack against 1
 ``hiredis.pack_command`` call, and the stream hub's ``XREAD`` naming 1,000 followed streams
 1.2 ms. ``hiredis.pack_command`` encodes str (UTF-8), bytes, int and float exactly as redis-py
 does; any other argument (bool, None, bytearray: redis-py's own checks and errors), or a
-command name with a space in it (redis-py splits "CLIENT SETNAME"), goes to redis-py's packer.
+command name with whitespace in it (redis-py splits "CLIENT SETNAME"), goes to redis-py's packer.
 
 Installed only where it packs alike: connections that encode UTF-8 strictly (redis-py's
 default; a URL may ask for another encoding) whose redis-py packs with hiredis.
@@ -28,8 +28,8 @@ class OneCallPacker:
 
     def pack(self, *args: Any) -> list[bytes]:
         name = args[0]
-        if (b" " if isinstance(name, bytes) else " ") in name:
-            return self.fallback.pack(*args)
+        if not isinstance(name, (str, bytes)) or len(name.split()) != 1:
+            return self.fallback.pack(*args)  # redis-py splits "CLIENT SETNAME" (any whitespace)
         try:
             return [hiredis.pack_command(args)]
         except TypeError:  # bool, None, bytearray...: redis-py's packer encodes or refuses them
@@ -40,6 +40,8 @@ def packs_alike(connection: Any) -> bool:
     """hiredis would pack this connection's commands byte for byte as redis-py does."""
     encoder = getattr(connection, "encoder", None)
     if encoder is None or getattr(connection, "_command_packer", None) is None:
+        return False
+    if not callable(getattr(hiredis, "pack_command", None)):  # hiredis before 2.1 (redis 5.0 allows it)
         return False
     return codecs.lookup(encoder.encoding).name == "utf-8" and encoder.encoding_errors == "strict"
 

@@ -20,6 +20,8 @@ COMMANDS: list[tuple[object, ...]] = [
     ("SET", "k", memoryview(b"view")),
     ("CLIENT SETNAME", "streamq-front"),  # redis-py splits a name with a space in it
     (b"CLIENT SETNAME", b"streamq-front"),
+    ("CLIENT\tSETNAME", "streamq-front"),  # any whitespace
+    (bytearray(b"PING"),),
     ("SET", "k", bytearray(b"array")),  # hiredis refuses bytearrays: redis-py packs it
 ]
 
