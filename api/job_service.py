@@ -258,7 +258,7 @@ class JobService:
         try:
             answer_budget(generation, int(count["prompt_tokens"]), count.get("context_length"))
         except InvalidJobRequest as exc:
-            raise ApiError(400, str(exc), param=exc.param) from None
+            raise ApiError(400, str(exc), param=exc.param, code=exc.code) from None
 
     # ----- reading --------------------------------------------------------------------------
     async def position(self, job_id: str, model: str) -> int | None:

@@ -97,6 +97,7 @@ def generation_request(request: JobRequest, settings: Settings) -> GenerationReq
         logprobs=request.logprobs,
         prompt_logprobs=request.prompt_logprobs,
         max_tokens=max_tokens,
+        max_tokens_given=request.max_tokens is not None,
         max_length=request.max_length,
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,

@@ -9,9 +9,10 @@ from shared.schemas import GenerationRequest
 class InvalidJobRequest(ValueError):
     """The request cannot be served by this model (e.g. max_length is not above the prompt)."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+        self.code = code  # OpenAI's error code, where it has one
 
 
 def answer_budget(request: GenerationRequest, prompt_tokens: int, context_length: int | None) -> int:
@@ -37,6 +38,16 @@ def answer_budget(request: GenerationRequest, prompt_tokens: int, context_length
             raise InvalidJobRequest(
                 f"the prompt is {prompt_tokens} tokens long; the model's context holds {context_length}",
                 param="messages",
+                code="context_length_exceeded",
+            )
+        if request.max_tokens_given and prompt_tokens + request.max_tokens > context_length:
+            raise InvalidJobRequest(
+                f"This model's maximum context length is {context_length} tokens. However, you "
+                f"requested {prompt_tokens + request.max_tokens} tokens ({prompt_tokens} in the "
+                f"messages, {request.max_tokens} in the completion). Please reduce the length of "
+                "the messages or completion ('max_tokens').",
+                param="max_tokens",
+                code="context_length_exceeded",  # OpenAI's words and code: LiteLLM, for one, maps them
             )
         budget = min(budget, context_length - prompt_tokens)
     return budget
@@ -44,12 +55,14 @@ def answer_budget(request: GenerationRequest, prompt_tokens: int, context_length
 
 def may_not_fit(request: GenerationRequest, context_length: int | None) -> bool:
     """Whether the prompt's token count is needed to accept the request: max_length is given, or
-    the text is long enough that it might not fit the context. A token holds at least one byte
-    (byte-level BPE; SentencePiece with byte fallback), so bytes + template room bound it. The
-    same holds for the server's prompt-token limit."""
+    the text is long enough that it might not fit the context (with the max_tokens the client
+    set). A token holds at least one byte (byte-level BPE; SentencePiece with byte fallback), so
+    bytes + template room bound it. The same holds for the server's prompt-token limit."""
     if request.max_length is not None:
         return True
-    bounds = [n for n in (context_length, request.max_prompt_tokens) if n is not None]
-    if not bounds:
+    most_tokens = request.size_bytes() + 256 + 16 * len(request.messages)
+    if request.max_prompt_tokens is not None and most_tokens >= request.max_prompt_tokens:
+        return True
+    if context_length is None:
         return False
-    return request.size_bytes() + 256 + 16 * len(request.messages) >= min(bounds)
+    return most_tokens + (request.max_tokens if request.max_tokens_given else 0) >= context_length

@@ -138,6 +138,24 @@ def test_the_front_asks_for_a_count_only_when_the_prompt_might_not_fit() -> None
     assert may_not_fit(request("hello", max_length=100), 4096)
     assert may_not_fit(request("x" * 4000), 4096)
     assert not may_not_fit(request("x" * 4000), None)
+    # A max_tokens the client set must fit beside the prompt: counted when it might not.
+    assert may_not_fit(request("hello", max_tokens=4000, max_tokens_given=True), 4096)
+    assert not may_not_fit(request("hello", max_tokens=3000, max_tokens_given=True), 4096)
+    assert not may_not_fit(request("hello", max_tokens=4000), 4096)  # a default is cut instead
+
+
+def test_a_max_tokens_the_client_set_must_fit_the_context_and_a_default_is_cut() -> None:
+    from shared.limits import InvalidJobRequest, answer_budget
+
+    with pytest.raises(InvalidJobRequest) as refused:
+        answer_budget(request(max_tokens=4000, max_tokens_given=True), 100, 4096)
+    assert refused.value.param == "max_tokens" and refused.value.code == "context_length_exceeded"
+    assert str(refused.value).startswith(
+        "This model's maximum context length is 4096 tokens. However, you requested 4100 tokens "
+        "(100 in the messages, 4000 in the completion)."
+    )
+    assert answer_budget(request(max_tokens=3996, max_tokens_given=True), 100, 4096) == 3996
+    assert answer_budget(request(max_tokens=4000), 100, 4096) == 3996  # the server's default, cut
 
 
 def test_the_worker_refuses_a_prompt_over_the_servers_token_limit(tiny_backend: Any) -> None:

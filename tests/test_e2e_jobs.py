@@ -305,7 +305,23 @@ def test_prompt_length_limits_are_checked_with_the_workers_tokenizer(stack: Stac
         huge = client.post(f"{stack.url}/v1/jobs", json={"prompt": "Redis streams " * 3000, "max_tokens": 5})
         assert huge.status_code == 400 and huge.json()["error"]["param"] == "messages"
         assert "the model's context holds 4096" in huge.json()["error"]["message"]
-        assert job_records(stack) - before == set()  # nothing was created for either
+        # A max_tokens the client set must fit beside the prompt (OpenAI's rule, words and code).
+        asked = 4096  # the whole context for the answer alone
+        chat = {"model": stack.model_dir.name, "messages": [{"role": "user", "content": prompt}]}
+        over = client.post(f"{stack.url}/v1/chat/completions", json=chat | {"max_tokens": asked})
+        assert over.status_code == 400, over.text
+        error = over.json()["error"]
+        assert (error["param"], error["code"]) == ("max_tokens", "context_length_exceeded"), error
+        assert error["message"].startswith(
+            f"This model's maximum context length is 4096 tokens. However, you requested "
+            f"{prompt_tokens + asked} tokens ({prompt_tokens} in the messages, {asked} in the completion)."
+        )
+        responses = {"model": stack.model_dir.name, "input": prompt, "max_output_tokens": asked}
+        over_r = client.post(f"{stack.url}/v1/responses", json=responses)
+        assert over_r.status_code == 400, over_r.text
+        assert over_r.json()["error"]["param"] == "max_output_tokens"
+        assert "'max_output_tokens'" in over_r.json()["error"]["message"]
+        assert job_records(stack) - before == set()  # nothing was created for any of them
 
         job = submit(client, stack.url, prompt=prompt, max_length=prompt_tokens + 3, temperature=0)
         # The records a refused request must not leave are what an accepted one does leave.

@@ -48,6 +48,9 @@ class GenerationRequest(PromptInput):
     """What a worker needs to run a job: stored with the job, resolved against server limits."""
 
     max_tokens: int
+    # The client set max_tokens: prompt and answer must fit the model's context together, or
+    # the job is refused (OpenAI's and vLLM's rule). A server default is cut to the room left.
+    max_tokens_given: bool = False
     max_length: int | None = None
     temperature: float
     top_p: float
