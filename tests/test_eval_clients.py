@@ -105,3 +105,7 @@ def test_litellm_calls_a_tool_and_answers_json(stack: Stack, monkeypatch: pytest
         **common,
     )
     assert json.loads(answered.choices[0].message.content)["size"] in ("small", "large")
+    # An answer that cannot fit beside the prompt is LiteLLM's own context error (its fallbacks
+    # to a model with a longer context key on it), not a cut answer.
+    with pytest.raises(litellm.ContextWindowExceededError):
+        litellm.completion(messages=[{"role": "user", "content": "Hi."}], **common | {"max_tokens": 4096})
