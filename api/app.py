@@ -20,6 +20,7 @@ from api.metrics import router as metrics_router
 from api.redis_job_client import RedisJobClient
 from api.routes import compat, health, jobs, openai_api, responses
 from api.routes import web as web_page
+from api.shutdown import end_streams_when_stopping
 from shared.heap import release_heap, settle_heap
 from shared.settings import Settings, load_settings
 
@@ -34,12 +35,15 @@ def create_app(
     api_keys: ApiKeys | None = None,
     open_jobs: JobClientOpener = RedisJobClient.open,
     settle_heap_at_start: bool = False,
+    end_streams_on_stop: bool = False,
 ) -> FastAPI:
     """The front. ValueError when the keys cannot be used (an unreadable keys file, a short
     key): better not to start than to start open. ``open_jobs`` opens the job system behind the
     routes in the app's lifespan (Redis and RQ; the fast tests give an in-memory one).
     ``settle_heap_at_start``: a served front's process (``streamq api``) freezes its start-up
-    heap out of the garbage collector's sight once the job system is open."""
+    heap out of the garbage collector's sight once the job system is open.
+    ``end_streams_on_stop``: served by ``streamq api``, a SIGTERM ends the open streams before
+    uvicorn's grace runs out (``api/shutdown.py``)."""
     settings = settings or load_settings()
     api_keys = api_keys if api_keys is not None else ApiKeys.from_settings(settings)
     # This app's own registry, served on /metrics; shared by the processes of `--workers N`.
@@ -51,6 +55,7 @@ def create_app(
         app.state.jobs = jobs
         if settle_heap_at_start:
             settle_heap(settings)
+        unchain = end_streams_when_stopping(jobs, settings.shutdown_grace) if end_streams_on_stop else None
         if api_keys.enabled:
             log.info("API keys required (%d configured)", len(api_keys))
         else:
@@ -58,6 +63,8 @@ def create_app(
         try:
             yield
         finally:
+            if unchain is not None:
+                unchain()
             await jobs.close()
             if settle_heap_at_start:
                 release_heap()

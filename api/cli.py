@@ -50,8 +50,7 @@ def front_settings(args: argparse.Namespace) -> Settings | None:
     """The settings from the environment with the command line's options, checked alike (an
     option bypasses no bound); None (after saying why) when one is bad."""
     try:
-        settings = with_options(load_settings(), insecure=args.insecure, api_workers=args.workers)
-        return Settings.model_validate(settings.model_dump())
+        return with_options(load_settings(), insecure=args.insecure, api_workers=args.workers)
     except ValidationError as exc:
         print(f"streamq: refusing to start: {settings_refusal(exc)}", file=sys.stderr)
         return None
@@ -116,7 +115,7 @@ def front_process_app() -> FastAPI:
         die_with_parent()
         if os.getppid() != parent.pid:  # it ended before the line above
             os.kill(os.getpid(), signal.SIGTERM)
-    return create_app(settle_heap_at_start=True)
+    return create_app(settle_heap_at_start=True, end_streams_on_stop=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,11 +137,12 @@ def run(args: argparse.Namespace) -> int:
         "log_level": args.log_level,
         "log_config": logging_config(settings.log_format, args.log_level),
         "timeout_graceful_shutdown": settings.shutdown_grace,
+        "timeout_keep_alive": settings.keep_alive,
     }
     if settings.api_workers == 1:
         from api.app import create_app
 
-        uvicorn.run(create_app(settings, keys, settle_heap_at_start=True), **common)
+        uvicorn.run(create_app(settings, keys, settle_heap_at_start=True, end_streams_on_stop=True), **common)
         return 0
     with front_processes(settings) as factory:
         uvicorn.run(factory, factory=True, workers=settings.api_workers, **common)

@@ -91,6 +91,11 @@ class JobClient(Protocol):
         cannot be read."""
         ...
 
+    def end_streams(self, reason: str) -> None:
+        """End every ``follow`` now, and any begun from now on, with StreamInterrupted(``reason``):
+        the front is stopping. Jobs run on; their clients resume or retry on another front."""
+        ...
+
     async def last_event_id(self, job_id: str) -> str | None:
         """The id of the job's newest event."""
         ...

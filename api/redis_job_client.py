@@ -226,6 +226,9 @@ class RedisJobClient:
             body["error"] = "Redis is unreachable"
         return body
 
+    def end_streams(self, reason: str) -> None:
+        self.hub.close_streams(reason)
+
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self.background.add(task)

@@ -84,6 +84,7 @@ class StreamHub:
         self._wake_cursor = "0-0"
         self._wake_task: asyncio.Task[None] | None = None  # the wake-up of the XREAD in flight
         self._wake_key_kept = -float(WAKE_KEY_LIFE)  # monotonic time the wake-up key's TTL was last set
+        self._closed: str | None = None  # why every stream ends at once (the front is stopping)
 
     @property
     def stream_count(self) -> int:
@@ -107,6 +108,10 @@ class StreamHub:
         """Entries of stream ``key`` after ``last_id`` (and all later ones) go to the subscription's queue."""
         parse_entry_id(last_id)
         sub = Subscription(key, last_id)
+        if self._closed is not None:  # the front is stopping: this stream ends at once too
+            sub.interrupted = self._closed
+            sub.queue.put_nowait(None)
+            return sub
         self._subs.setdefault(key, set()).add(sub)
         cursor = self._cursors.get(key)
         if cursor is None or parse_entry_id(last_id) < parse_entry_id(cursor):
@@ -232,6 +237,12 @@ class StreamHub:
         for subs in self._subs.values():
             for sub in subs:
                 sub.queue.put_nowait(CHECK_JOB)
+
+    def close_streams(self, reason: str) -> None:
+        """End every subscription now, and any made from now on, with ``reason`` (the front is
+        stopping: its clients resume or retry on another)."""
+        self._closed = reason
+        self._interrupt_all(reason)
 
     def _interrupt_all(self, reason: str) -> None:
         """End every subscription: its follower reports the interruption; clients resume later."""

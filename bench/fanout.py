@@ -224,9 +224,9 @@ def print_fanout(
     row("delivery latency p99, after the ramp (ms)", ms(p99), "≤ 50", p99 <= 0.050)
     row("deltas measured after the ramp", str(load["deltas"]))
     row("deltas relayed per second after the ramp", f"{float(load['delta_rate']):.0f}")
-    row("delivery latency p99 during the ramp, with the submits (ms)", ms(float(load["ramp_p99"])))
+    row("delivery latency p99, ramp and submits included (ms)", ms(float(load["ramp_p99"])))
     row("clients failed", str(load["failed"]), "0", load["failed"] == 0)
-    row("ramp: first POST → every stream open (s)", f"{float(load['ramp']):.1f}")
+    row("ramp: clients started → every stream open (s)", f"{float(load['ramp']):.1f}")
     # The front's connections are bounded by its pools, whatever the number of streams: one
     # reader follows them all; the shared pool opens what the submits' round trips need at once;
     # 2 for RQ, 2 for prompt counts, 2 for the janitor and the epoch check (the front inherits

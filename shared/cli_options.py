@@ -16,5 +16,11 @@ DTYPES = ["auto", "float32", "bfloat16", "float16"]
 
 
 def with_options(settings: Settings, **changes: object) -> Settings:
-    """The settings with the options given on the command line (None = not given)."""
-    return settings.model_copy(update={k: v for k, v in changes.items() if v is not None})
+    """The settings with the options given on the command line (None = not given), checked as
+    the environment's are (an option bypasses no bound: ``--slots -3`` is refused as
+    ``STREAMQ_SLOTS=-3`` is). Raises pydantic's ValidationError (``settings_refusal`` says it in
+    one line)."""
+    given = {name: value for name, value in changes.items() if value is not None}
+    if not given:
+        return settings
+    return Settings.model_validate({**settings.model_dump(), **given})

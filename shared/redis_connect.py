@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -137,9 +137,15 @@ class RedisTarget:
 
 
 def redacted(url: str) -> str:
-    """The Redis URL without its password (it may hold one: redis://:secret@host)."""
+    """The Redis URL without its password: in its user part (redis://:secret@host) or its query
+    (unix:///run/redis.sock?password=secret)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        url = url.replace(f":{parts.password}@", ":***@", 1)
+    if parts.query:
+        query = "&".join(
+            f"{field.partition('=')[0]}=***" if field.partition("=")[0].lower() == "password" else field
+            for field in parts.query.split("&")
+        )
+        url = url.replace(f"?{parts.query}", f"?{query}", 1)
+    return url

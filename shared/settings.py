@@ -115,7 +115,9 @@ class Settings(BaseSettings):
         None, ge=16, description="prompt + answer tokens per job; the KV cache holds slots × this at most"
     )
     prefill_chunk: int = Field(512, ge=16, description="prompt tokens computed per engine step")
-    synthetic_tokens_per_second: float = Field(20.0, gt=0, description="pace of the synthetic backend")
+    synthetic_tokens_per_second: float = Field(
+        20.0, gt=0, allow_inf_nan=False, description="pace of the synthetic backend"
+    )
     synthetic_text: str | None = Field(
         None,
         min_length=1,
@@ -156,6 +158,12 @@ class Settings(BaseSettings):
         1.0, gt=0, description="how often a waiting stream re-checks its queue position"
     )
     cancel_wait: float = Field(5.0, ge=0, description="cancel waits this long for a running job to stop")
+    keep_alive: int = Field(
+        75,
+        ge=1,
+        description="front: seconds an idle HTTP connection is kept open (longer than clients' and load "
+        "balancers' own, or a request they send as it closes fails)",
+    )
     shutdown_grace: int = Field(
         5, ge=0, description="a stopping front waits this long for open streams before cutting them"
     )
@@ -229,9 +237,15 @@ class Settings(BaseSettings):
         if value is None:
             return value
         try:
-            parse_url(value)
+            options = parse_url(value)
         except ValueError as exc:
             raise ValueError(f"not a Redis URL: {exc}") from None
+        if "socket_timeout" in options:  # redis-py lets the URL's win over what each pool asks
+            raise ValueError(
+                "socket_timeout in the URL would cut streamq's blocking reads (a stream's wait, a "
+                "worker's dequeue, a prompt count) short: set STREAMQ_REDIS_SOCKET_TIMEOUT (workers) "
+                "and STREAMQ_REDIS_COMMAND_TIMEOUT (the front) instead; blocking reads add their wait"
+            )
         parts = urlsplit(value)
         database = parts.path.strip("/")
         if parts.scheme in ("redis", "rediss") and database and not database.isdigit():
@@ -276,6 +290,7 @@ class Settings(BaseSettings):
 # The command-line options that set a setting, named with it when it is refused.
 OPTIONS = {
     "api_workers": "--workers",
+    "synthetic_tokens_per_second": "--tokens-per-second",
     "insecure": "--insecure",
     "slots": "--slots",
     "model": "--model",

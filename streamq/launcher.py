@@ -24,7 +24,7 @@ import redis
 from shared import keys
 from shared.cli_options import with_options
 from shared.parent_death import die_with_parent
-from shared.redis_connect import RedisTarget
+from shared.redis_connect import RedisTarget, redacted
 from shared.settings import Settings
 from streamq.processes import port_in_use, streamq_command
 from streamq.redis_server import start_private_redis
@@ -198,11 +198,13 @@ def _print_banner(url: str, model: str, workers: int, redis_url: str, private: b
     # With API keys the examples send one, from $STREAMQ_KEY (the banner never shows a key).
     auth = ' -H "Authorization: Bearer $STREAMQ_KEY"' if keyed else ""
     key_note = "\nAPI keys are on: set STREAMQ_KEY to one of them for these examples.\n" if keyed else ""
+    # A shared Redis's URL is the caller's STREAMQ_REDIS_URL already (and may hold a password).
+    status = f"STREAMQ_REDIS_URL={redis_url} streamq status" if private else "streamq status"
     print(
         f"""
 streamq is up at {url}
   model:   {model}  ({workers} worker{"s" if workers != 1 else ""})
-  redis:   {redis_url}  ({where})
+  redis:   {redacted(redis_url)}  ({where})
   docs:    {url}/docs
 {key_note}
 Stream an answer (job API, Server-Sent Events):
@@ -215,7 +217,7 @@ The seed's streaming API (each chunk is <^> + the answer so far):
   curl -N {url}/stream{auth} -H 'Content-Type: application/json' -d '{{"prompt": "Hello!", "history": []}}'
 
 Queues, workers and jobs (this stack's Redis):
-  STREAMQ_REDIS_URL={redis_url} streamq status
+  {status}
 
 Press Ctrl-C to stop.
 """,

@@ -7,11 +7,14 @@ imported when their command runs.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from typing import Any
 
+from pydantic import ValidationError
+
 from shared.cli_options import DEVICES, DTYPES, ENGINE_HELP, ENGINES, INSECURE_HELP, with_options
-from shared.settings import Settings, load_settings
+from shared.settings import Settings, load_settings, settings_refusal
 
 
 def add_commands(sub: Any) -> None:
@@ -36,15 +39,19 @@ def run(args: argparse.Namespace, front_may_start: Callable[[Settings, str], boo
     """Run ``up`` or ``status``. ``front_may_start`` (the front's own check of its keys and bind
     address, which says why not) lets ``up`` refuse before it starts anything."""
     settings = load_settings()
-    if args.command == "status":
-        from streamq.status_report import print_status
+    try:
+        if args.command == "status":
+            from streamq.status_report import print_status
 
-        return print_status(with_options(settings, redis_url=args.redis_url))
+            return print_status(with_options(settings, redis_url=args.redis_url))
+        settings = with_options(
+            settings, device=args.device, dtype=args.dtype, engine=args.engine, insecure=args.insecure
+        )
+    except ValidationError as exc:
+        print(f"streamq: refusing to start: {settings_refusal(exc)}", file=sys.stderr)
+        return 2
     from streamq.launcher import run_up
 
-    settings = with_options(
-        settings, device=args.device, dtype=args.dtype, engine=args.engine, insecure=args.insecure
-    )
     if not front_may_start(settings, args.host):
         return 2
     return run_up(settings, args.host, args.port, args.model, args.workers)

@@ -269,6 +269,12 @@ def test_make_tiny_model_writes_a_loadable_folder(tmp_path: Path) -> None:
         ("STREAMQ_REDIS_URL", "redis://:s3cret@db:notaport/0", "Port could not be cast"),
         ("STREAMQ_REDIS_URL", "redis://:s3cret@db:6379/abc", "its database must be a number"),
         ("STREAMQ_LEASE_RENEW_SECONDS", "3", "at most half of STREAMQ_LEASE_SECONDS (5 s)"),
+        # redis-py lets the URL's socket_timeout win over a blocking read's: streams were cut.
+        (
+            "STREAMQ_REDIS_URL",
+            "redis://:s3cret@db:6379/0?socket_timeout=0.5",
+            "set STREAMQ_REDIS_SOCKET_TIMEOUT",
+        ),
     ],
 )
 def test_the_front_refuses_a_bad_redis_url_or_lease_renewal_in_one_line(
@@ -280,6 +286,31 @@ def test_the_front_refuses_a_bad_redis_url_or_lease_renewal_in_one_line(
     line = _refused(["api", "--port", str(free_port())], {setting: value})
     assert line.startswith(f"streamq: refusing to start: {setting}") and says in line, line
     assert "s3cret" not in line
+
+
+@pytest.mark.parametrize(
+    ("option", "says"),
+    [
+        (["--slots", "-3"], "STREAMQ_SLOTS (--slots): input should be greater than or equal to 1, got -3"),
+        (["--slots", "0"], "STREAMQ_SLOTS (--slots): input should be greater than or equal to 1, got 0"),
+        (["--tokens-per-second", "0"], "(--tokens-per-second): input should be greater than 0"),
+        (["--tokens-per-second", "nan"], "(--tokens-per-second): input should be a finite number"),
+    ],
+)
+def test_a_workers_options_are_checked_as_its_settings_are(option: list[str], says: str) -> None:
+    """An option bypasses no bound (--slots -3 started a worker that looked live and took no job;
+    --tokens-per-second 0 died of a ZeroDivisionError)."""
+    line = _refused(["worker", "--backend", "synthetic", *option], {})
+    assert says in line, line
+
+
+def test_the_up_banner_never_shows_a_redis_password(capsys: pytest.CaptureFixture[str]) -> None:
+    from streamq.launcher import _print_banner
+
+    for url in ("redis://:s3cret@db:6379/0", "unix:///run/redis.sock?db=1&password=s3cret"):
+        _print_banner("http://127.0.0.1:8000", "m", 1, url, private=False, keyed=False)
+        banner = capsys.readouterr().out
+        assert "s3cret" not in banner and "***" in banner, banner
 
 
 def test_the_up_banners_examples_send_a_key_when_keys_are_on(capsys: pytest.CaptureFixture[str]) -> None:

@@ -58,3 +58,31 @@ def test_tokens_come_at_the_jobs_rate_and_jobs_share_steps() -> None:
     # Jobs that run together get their tokens in shared steps, not one step per token (their
     # arrivals, spread over a token's time, gave each job its own moment for every token).
     assert engine.steps < JOBS * TOKENS / 2, engine.steps
+
+
+def test_a_cancel_stops_a_slow_job_without_waiting_for_its_next_token() -> None:
+    ended = threading.Event()
+    reasons: list[str | None] = []
+
+    class Sink:
+        def put(self, outputs: list[JobOutput]) -> None:
+            for output in outputs:
+                if output.finish_reason:
+                    reasons.append(output.finish_reason)
+                    ended.set()
+
+    engine = Engine(SyntheticModel(SyntheticBackend("synth", 0.1), 1), Sink())  # a token each 10 s
+    engine.start()
+    try:
+        now = time.time()
+        request = GenerationRequest(prompt="hi", max_tokens=5, temperature=0, top_p=1)
+        job = EngineJob("slow", request, now, now, time.monotonic() + 60)
+        engine.submit(job)
+        time.sleep(0.3)  # its first token came at once; the next is 10 s away
+        asked = time.monotonic()
+        job.cancel.set()
+        assert ended.wait(5)
+        assert reasons == ["canceled"]
+        assert time.monotonic() - asked < 0.5  # was up to a second: the engine's longest wait
+    finally:
+        engine.stop()

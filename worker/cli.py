@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from pydantic import ValidationError
 
 from shared.cli_options import DEVICES, DTYPES, ENGINE_HELP, ENGINES, with_options
 from shared.redis_connect import RedisTarget
-from shared.settings import load_settings
+from shared.settings import load_settings, settings_refusal
 
 
 def add_commands(sub: Any) -> None:
@@ -56,18 +57,22 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from worker.main import run_worker
 
-    settings = with_options(
-        load_settings(),
-        model=args.model,
-        served_name=args.served_name,
-        device=args.device,
-        dtype=args.dtype,
-        engine=args.engine,
-        trust_remote_code=args.trust_remote_code,
-        slots=args.slots,
-        backend=args.backend,
-        synthetic_tokens_per_second=args.tokens_per_second,
-    )
+    try:
+        settings = with_options(
+            load_settings(),
+            model=args.model,
+            served_name=args.served_name,
+            device=args.device,
+            dtype=args.dtype,
+            engine=args.engine,
+            trust_remote_code=args.trust_remote_code,
+            slots=args.slots,
+            backend=args.backend,
+            synthetic_tokens_per_second=args.tokens_per_second,
+        )
+    except ValidationError as exc:
+        print(f"streamq: refusing to start: {settings_refusal(exc)}", file=sys.stderr)
+        return 2
     if settings.backend == "model" and not settings.model:
         print("streamq worker: give --model NAME_OR_PATH (or set STREAMQ_MODEL)", file=sys.stderr)
         return 2

@@ -56,6 +56,9 @@ class SyntheticBackend:
 # going over every job, and the engine thread, stepping as fast as it could, took most of a core
 # from the front and Redis it is there to load.
 STEP_SECONDS = 0.001
+# The engine looks at its jobs' cancels and deadlines between two waits: at a slow pace (0.1
+# token/s) a cancel waited for the next token, or a second.
+LOOK_EVERY = 0.05
 
 
 class SyntheticModel:
@@ -90,7 +93,7 @@ class SyntheticModel:
             heapq.heappop(self._due)  # a removed job's
         if not self._due:
             return None
-        return max(0.0, self._due[0][0] - time.monotonic())
+        return max(0.0, min(self._due[0][0] - time.monotonic(), LOOK_EVERY))
 
     def step(self) -> list[JobOutput]:
         now = time.monotonic()

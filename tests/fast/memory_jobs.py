@@ -22,7 +22,7 @@ from fastapi import Request
 
 from api.auth import Caller
 from api.errors import ApiError
-from api.job_client import Events, JobEvent
+from api.job_client import Events, JobEvent, StreamInterrupted
 from api.metrics import FrontMetrics
 from api.request_limits import generation_request
 from api.stream_hub import parse_entry_id
@@ -79,6 +79,7 @@ class MemoryJobClient:
         self.responses: dict[str, tuple[str, str]] = {}  # job id → (owner, Responses API record)
         self._clock = itertools.count(1_700_000_000_000)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.ended_streams: str | None = None  # end_streams' reason (the front is stopping)
 
     @classmethod
     def opener(cls, **kwargs: Any) -> Any:
@@ -182,6 +183,8 @@ class MemoryJobClient:
         mark = parse_entry_id(after)
         sent = 0
         while True:
+            if self.ended_streams is not None:
+                raise StreamInterrupted(self.ended_streams)
             fresh = [e for e in record.events[sent:] if parse_entry_id(e.id or "0-0") > mark]
             sent = len(record.events)
             for event in fresh:
@@ -193,6 +196,12 @@ class MemoryJobClient:
                 await asyncio.wait_for(changed.wait(), self.settings.ping_interval)
             except TimeoutError:
                 yield None
+
+    def end_streams(self, reason: str) -> None:
+        self.ended_streams = reason
+        for record in self.jobs.values():  # wake every follower
+            record.changed.set()
+            record.changed = asyncio.Event()
 
     async def last_event_id(self, job_id: str) -> str | None:
         job = self.jobs.get(job_id)

@@ -3,6 +3,8 @@ own packer makes, its refusals stay its own, and every pool streamq opens uses i
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -24,6 +26,11 @@ COMMANDS: list[tuple[object, ...]] = [
     (bytearray(b"PING"),),
     ("SET", "k", bytearray(b"array")),  # hiredis refuses bytearrays: redis-py packs it
 ]
+
+
+def _packer(pool: Any) -> Any:
+    """The packer of a connection the pool makes."""
+    return pool.make_connection()._command_packer
 
 
 def _packers() -> tuple[OneCallPacker, Connection]:
@@ -50,12 +57,12 @@ def test_every_pool_streamq_opens_packs_in_one_call_where_it_packs_alike() -> No
     target = RedisTarget.of(Settings(redis_url="redis://127.0.0.1:1/0"))
     sync_pools = [target.sync_pool(), target.sync_pool(blocking_timeout=1.0)]
     for pool in sync_pools:
-        assert isinstance(pool.make_connection()._command_packer, OneCallPacker)
+        assert isinstance(_packer(pool), OneCallPacker)
     async_pool = target.async_pool(blocking_timeout=1.0)
-    assert isinstance(async_pool.make_connection()._command_packer, OneCallPacker)
+    assert isinstance(_packer(async_pool), OneCallPacker)
     sentinels = RedisTarget.of(Settings(redis_sentinels="s1:26379"))
-    assert isinstance(sentinels.sync_pool().make_connection()._command_packer, OneCallPacker)
+    assert isinstance(_packer(sentinels.sync_pool()), OneCallPacker)
     # A URL that asks for another encoding keeps redis-py's packer (hiredis would write UTF-8).
     latin = RedisTarget.of(Settings(redis_url="redis://127.0.0.1:1/0?encoding=latin-1"))
-    assert not isinstance(latin.sync_pool().make_connection()._command_packer, OneCallPacker)
+    assert not isinstance(_packer(latin.sync_pool()), OneCallPacker)
     assert isinstance(async_pool, aioredis.ConnectionPool)

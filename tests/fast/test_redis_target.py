@@ -33,6 +33,16 @@ def test_replicas_waited_for_default_to_one_with_sentinels_only() -> None:
     assert Settings(redis_wait_ms=5000).redis_wait_ms == 5000  # no replicas waited for: no limit
 
 
+def test_a_password_in_the_urls_query_is_hidden_too() -> None:
+    from shared.redis_connect import redacted
+
+    assert (
+        redacted("unix:///run/redis.sock?db=2&password=s3cret") == "unix:///run/redis.sock?db=2&password=***"
+    )
+    assert redacted("redis://:s3cret@h:1/0?Password=s3cret") == "redis://:***@h:1/0?Password=***"
+    assert redacted("redis://h:1/0?socket_connect_timeout=1") == "redis://h:1/0?socket_connect_timeout=1"
+
+
 def test_a_plain_url_gives_plain_pools() -> None:
     target = RedisTarget.of(Settings(redis_url="redis://:secret@h:6390/3"))
     assert not target.managed and target.describe() == "redis://:***@h:6390/3"
