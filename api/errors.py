@@ -107,6 +107,12 @@ def renamed(exc: ApiError, sent: str | None) -> ApiError:
     return exc
 
 
+def front_stopping(message: str) -> ApiError:
+    """A 503 for a request that comes while the front stops: send it again (another front)."""
+    retry = {"Retry-After": "1"}
+    return ApiError(503, message, type="stream_interrupted", code="front_stopping", headers=retry)
+
+
 def too_many_requests(message: str, code: str, retry_after: int) -> ApiError:
     """A 429 ``rate_limit_error`` that says when to come back (``Retry-After``, seconds)."""
     return ApiError(429, message, code=code, headers={"Retry-After": str(retry_after)})

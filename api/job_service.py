@@ -95,7 +95,7 @@ class JobService:
             check_token_ids(generation, await self.directory.vocab_size(model))
         context_length = await self.directory.context_length(model)
         if may_not_fit(generation, context_length):
-            await self._check_prompt_length(model, generation)
+            await self._check_prompt_length(model, generation, context_length)
         job_id = new_job_id()
         created_at = time.time()
         position = await self._create(job_id, model, generation, created_at, caller.name)
@@ -227,7 +227,9 @@ class JobService:
             log.error("job %s: refused, but its cancel failed (it may run): %s", job_id, exc)
         return True
 
-    async def _check_prompt_length(self, model: str, generation: GenerationRequest) -> None:
+    async def _check_prompt_length(
+        self, model: str, generation: GenerationRequest, context_length: int | None
+    ) -> None:
         """Ask a worker of the model for the prompt's token count and refuse (400) a request that
         cannot fit. Without an answer in time (or with both count connections busy) the job is
         accepted: its worker checks it again and fails it with the reason."""
@@ -255,8 +257,11 @@ class JobService:
         count = json.loads(answer[1])
         if "error" in count:
             raise ApiError(400, f"the model cannot render these messages: {count['error']}", param="messages")
+        # The smallest context the model's live workers serve (``context_length``, from their
+        # heartbeats): the job may run on any of them.
+        served = [n for n in (count.get("context_length"), context_length) if n]
         try:
-            answer_budget(generation, int(count["prompt_tokens"]), count.get("context_length"))
+            answer_budget(generation, int(count["prompt_tokens"]), min(served, default=None))
         except InvalidJobRequest as exc:
             raise ApiError(400, str(exc), param=exc.param, code=exc.code) from None
 

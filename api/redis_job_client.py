@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry as SyncRetry
 
 from api.auth import Caller
+from api.errors import front_stopping
 from api.job_client import Events
 from api.job_service import JobService
 from api.job_stream import JobFollower
@@ -170,6 +171,8 @@ class RedisJobClient:
 
     # ----- the JobClient boundary --------------------------------------------------------------
     async def submit(self, request: JobRequest, caller: Caller) -> JobView:
+        if self.hub.closed is not None:  # no job its request could no longer follow
+            raise front_stopping(self.hub.closed)
         return await self.jobs.submit(request, caller)
 
     async def view(self, job_id: str, owner: str, *, brief: bool = False) -> JobView:

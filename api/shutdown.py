@@ -46,9 +46,11 @@ def end_streams_when_stopping(jobs: JobClient, grace: float) -> Callable[[], Non
 
     def schedule() -> None:
         nonlocal scheduled
-        if not scheduled:
-            scheduled = True
-            loop.call_later(max(0.0, grace - BEFORE_THE_CUT), end_streams)
+        if scheduled:  # a second signal: uvicorn quits at once ("force quit"), so end them now
+            loop.call_soon(end_streams)
+            return
+        scheduled = True
+        loop.call_later(max(0.0, grace - BEFORE_THE_CUT), end_streams)
 
     def handler(signum: int, frame: FrameType | None) -> None:
         loop.call_soon_threadsafe(schedule)

@@ -87,6 +87,11 @@ class StreamHub:
         self._closed: str | None = None  # why every stream ends at once (the front is stopping)
 
     @property
+    def closed(self) -> str | None:
+        """Why every stream was ended (``close_streams``), or None while the hub serves."""
+        return self._closed
+
+    @property
     def stream_count(self) -> int:
         return len(self._subs)
 

@@ -184,7 +184,9 @@ def run_up(settings: Settings, host: str, port: int, model: str | None, workers:
         print("\nstreamq up: stopping...", flush=True)
         return 0
     finally:
-        _stop_all(children[:1], grace=10, hurry=stop)  # the front first: its clients resume elsewhere
+        # The front first, with its own grace and then some: it ends its open requests itself
+        # a second before that grace runs out, and its clients resume elsewhere.
+        _stop_all(children[:1], grace=settings.shutdown_grace + 5, hurry=stop)
         # Then the workers: a warm stop lets a running job finish; a second SIGTERM (RQ's cold
         # stop) fails it with a reason rather than leaving it "running".
         _stop_all(children[1:], grace=15, hurry=stop, signals=2)

@@ -127,6 +127,11 @@ def test_the_prompt_counter_answers_with_the_models_own_count(tiny_backend: Any)
     reply, count = counter.answer(json.dumps({"reply": "r1", "prompt": {"messages": messages}}))  # type: ignore[misc]
     expected = len(tiny_backend.encode(PromptInput(messages=[ChatMessage(**m) for m in messages])))
     assert (reply, count) == ("r1", {"prompt_tokens": expected, "context_length": 4096})
+    # A worker whose engine holds less per job (STREAMQ_MAX_SEQ_LEN) says so: the front's check
+    # is then the one the worker applies (the model's own context let through what it refused).
+    engine_sized = PromptCounter(fakeredis.FakeRedis(), tiny_backend, 512)
+    answered = engine_sized.answer(json.dumps({"reply": "r2", "prompt": {"messages": messages}}))
+    assert answered is not None and answered[1]["context_length"] == 512
     assert counter.answer(b"not json") is None
 
 

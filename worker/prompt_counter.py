@@ -27,10 +27,15 @@ REPLY_TTL = 30
 class PromptCounter(BackgroundThread):
     thread_name = "streamq-prompt-counter"
 
-    def __init__(self, connection: redis.Redis, backend: ServedModel) -> None:
+    def __init__(
+        self, connection: redis.Redis, backend: ServedModel, context_length: int | None = None
+    ) -> None:
         super().__init__()
         self._redis = connection
         self._backend = backend
+        # What one job may hold on this worker's engine (its STREAMQ_MAX_SEQ_LEN), as the
+        # heartbeat says: the model's own context when the engine gives no other.
+        self._context_length = context_length or backend.context_length
         self._tokenizer = copy.deepcopy(backend.tokenizer)
         self._key = keys.count_requests(backend.name)
 
@@ -50,7 +55,7 @@ class PromptCounter(BackgroundThread):
             count: dict[str, object] = {"prompt_tokens": self._backend.prompt_tokens(prompt, self._tokenizer)}
         except Exception as exc:  # a template that refuses these messages: say why
             count = {"error": f"{type(exc).__name__}: {exc}"}
-        count["context_length"] = self._backend.context_length
+        count["context_length"] = self._context_length
         return reply, count
 
     def _run(self) -> None:

@@ -107,7 +107,7 @@ class WorkerRuntime:
                 "vocab_size": str(getattr(model, "vocab_size", None) or ""),
             },
         )
-        self.counter = PromptCounter(connection, backend)
+        self.counter = PromptCounter(connection, backend, context_length)
         self.leases = LeaseKeeper(connection, settings)
         self.janitor = Janitor(connection, settings)
         self.epoch = EpochWatch(connection, settings.redis_epoch_interval, self._data_lost)

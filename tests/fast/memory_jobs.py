@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import Request
 
 from api.auth import Caller
-from api.errors import ApiError
+from api.errors import ApiError, front_stopping
 from api.job_client import Events, JobEvent, StreamInterrupted
 from api.metrics import FrontMetrics
 from api.request_limits import generation_request
@@ -143,6 +143,8 @@ class MemoryJobClient:
 
     # ----- the JobClient boundary -------------------------------------------------------------
     async def submit(self, request: JobRequest, caller: Caller) -> JobView:
+        if self.ended_streams is not None:
+            raise front_stopping(self.ended_streams)
         generation = generation_request(request, self.settings)
         model = request.model or self.models[0]
         if model not in self.models:

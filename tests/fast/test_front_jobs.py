@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import anyio
 import pytest
 from openai import NotFoundError
 
@@ -237,3 +238,27 @@ async def test_responses_routes_this_server_lacks_are_404s_not_405s(front: Front
     assert response.status_code == 404 and response.json()["error"]["code"] == "unknown_url"
     response = await front.http.post("/v1/responses/resp_" + "0" * 32, json={})
     assert response.status_code == 405  # a response's own path, another method
+
+
+async def test_a_stopping_front_refuses_new_jobs_and_ends_the_waiting_requests(front: Front) -> None:
+    """Once a stopping front has ended its streams (``api/shutdown.py``), a request that comes
+    makes no job its client could no longer follow: a 503 to send again, elsewhere."""
+    front.jobs.hold = True  # jobs wait: the request below is waiting when the front stops
+    chat = {"model": "fake-model", "max_tokens": 4, **HELLO}
+    waiting = None
+    async with anyio.create_task_group() as tasks:
+
+        async def whole() -> None:
+            nonlocal waiting
+            waiting = await front.http.post("/v1/chat/completions", json=chat)
+
+        tasks.start_soon(whole)
+        await front.jobs.submitted.wait()
+        front.jobs.end_streams("this front is stopping")
+    assert waiting is not None
+    assert waiting.status_code == 503 and _error(waiting)["type"] == "stream_interrupted"
+    assert waiting.headers["X-Streamq-Job-Id"] in front.jobs.jobs  # named, to re-attach to
+    jobs_before = len(front.jobs.jobs)
+    late = await front.http.post("/v1/jobs", json=chat)
+    assert late.status_code == 503 and late.headers["Retry-After"] == "1"
+    assert _error(late)["code"] == "front_stopping" and len(front.jobs.jobs) == jobs_before
