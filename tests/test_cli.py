@@ -244,7 +244,9 @@ def test_worker_started_the_rq_way_serves_jobs_and_shows_in_rq_info(stack: Stack
         assert "rq-way-1" in info and "streamq:rq-way" in info
     finally:
         worker.send_signal(signal.SIGTERM)
-        worker.communicate(timeout=60)
+        # Its stop takes seconds: RQ's worker-channel thread asleep in a minute-long wait held it
+        # up to 60 s (redis-py 8 waits for that thread; StreamqWorker.subscribe wakes it each second).
+        worker.communicate(timeout=30)
     assert worker.returncode == 0
 
 

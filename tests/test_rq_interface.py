@@ -40,7 +40,15 @@ OVERRIDES: dict[type, tuple[type, set[str], set[str]]] = {
     StreamqJob: (Job, {"_execute"}, set()),
     StreamqWorker: (
         SimpleWorker,
-        {"__init__", "bootstrap", "teardown", "execute_job", "clean_registries", "handle_job_success"},
+        {
+            "__init__",
+            "bootstrap",
+            "teardown",
+            "subscribe",
+            "execute_job",
+            "clean_registries",
+            "handle_job_success",
+        },
         set(),
     ),
 }
@@ -117,6 +125,10 @@ def test_rq_workers_have_the_private_attributes_the_adapter_uses(redis_server: R
     assert isinstance(SimpleWorker.death_penalty_class, type)  # EngineDeadline takes its place
     assert worker.job_class is StreamqJob  # RQ builds the jobs it dequeues with it
     assert isinstance(worker.executions, dict)  # RQ's runs of the worker, by execution id
+    # The worker-channel subscription it redoes (StreamqWorker.subscribe), as RQ's own does it.
+    assert isinstance(worker.pubsub_channel_name, str) and callable(worker.handle_payload)
+    assert callable(worker._pubsub_exception_handler)
+    assert "sleep_time" in inspect.signature(redis_server.client().pubsub().run_in_thread).parameters
     probe = vars(Job("probe", connection=redis_server.client()))
     assert {"_result", "ended_at"} <= set(probe)  # the dispatcher sets them before RQ files a success
 

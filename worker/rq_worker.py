@@ -130,6 +130,18 @@ class StreamqWorker(SimpleWorker):
             release_heap()
         super().teardown()
 
+    def subscribe(self) -> None:
+        """RQ's subscription to its worker channel (``rq`` commands such as ``kill-horse``), its
+        listener thread waking every second instead of every minute. At the stop, RQ unsubscribes
+        and stops that thread, and redis-py 8 waits for it: a thread asleep in its minute-long
+        wait held the worker's exit for up to 60 s after its warm shutdown."""
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(  # type: ignore[assignment]  # RQ types it None
+            sleep_time=1, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
+
     def execute_job(self, job: Job, queue: Queue) -> None:
         if isinstance(job, StreamqJob):
             job.host, job.slot_name = self.runtime, self.name
