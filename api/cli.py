@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from shared.cli_options import INSECURE_HELP, with_options
 from shared.parent_death import die_with_parent
-from shared.settings import Settings, load_settings, settings_refusal
+from shared.settings import Settings, load_settings, refuse_to_start
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -52,7 +52,7 @@ def front_settings(args: argparse.Namespace) -> Settings | None:
     try:
         return with_options(load_settings(), insecure=args.insecure, api_workers=args.workers)
     except ValidationError as exc:
-        print(f"streamq: refusing to start: {settings_refusal(exc)}", file=sys.stderr)
+        refuse_to_start(exc)
         return None
 
 

@@ -143,9 +143,9 @@ def redacted(url: str) -> str:
     if parts.password is not None:
         url = url.replace(f":{parts.password}@", ":***@", 1)
     if parts.query:
+        fields = [field.partition("=") for field in parts.query.split("&")]
         query = "&".join(
-            f"{field.partition('=')[0]}=***" if field.partition("=")[0].lower() == "password" else field
-            for field in parts.query.split("&")
+            f"{name}=***" if name.lower() == "password" else name + eq + value for name, eq, value in fields
         )
         url = url.replace(f"?{parts.query}", f"?{query}", 1)
     return url

@@ -324,6 +324,12 @@ def settings_refusal(exc: ValidationError) -> str:
     return "; ".join(problems)
 
 
+def refuse_to_start(exc: ValidationError) -> int:
+    """Say in one line why the settings (or a command's options) are refused; the exit code, 2."""
+    print(f"streamq: refusing to start: {settings_refusal(exc)}", file=sys.stderr)
+    return 2
+
+
 def load_settings() -> Settings:
     """Read the settings from the environment (call once per process, then pass the object down).
     Settings that are not valid stop the process (exit code 2) with one line that says why, not
@@ -331,5 +337,4 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        print(f"streamq: refusing to start: {settings_refusal(exc)}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(refuse_to_start(exc)) from None

@@ -7,14 +7,13 @@ imported when their command runs.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
 
 from shared.cli_options import DEVICES, DTYPES, ENGINE_HELP, ENGINES, INSECURE_HELP, with_options
-from shared.settings import Settings, load_settings, settings_refusal
+from shared.settings import Settings, load_settings, refuse_to_start
 
 
 def add_commands(sub: Any) -> None:
@@ -48,8 +47,7 @@ def run(args: argparse.Namespace, front_may_start: Callable[[Settings, str], boo
             settings, device=args.device, dtype=args.dtype, engine=args.engine, insecure=args.insecure
         )
     except ValidationError as exc:
-        print(f"streamq: refusing to start: {settings_refusal(exc)}", file=sys.stderr)
-        return 2
+        return refuse_to_start(exc)
     from streamq.launcher import run_up
 
     if not front_may_start(settings, args.host):

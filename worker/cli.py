@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from shared.cli_options import DEVICES, DTYPES, ENGINE_HELP, ENGINES, with_options
 from shared.redis_connect import RedisTarget
-from shared.settings import load_settings, settings_refusal
+from shared.settings import load_settings, refuse_to_start
 
 
 def add_commands(sub: Any) -> None:
@@ -71,8 +71,7 @@ def run(args: argparse.Namespace) -> int:
             synthetic_tokens_per_second=args.tokens_per_second,
         )
     except ValidationError as exc:
-        print(f"streamq: refusing to start: {settings_refusal(exc)}", file=sys.stderr)
-        return 2
+        return refuse_to_start(exc)
     if settings.backend == "model" and not settings.model:
         print("streamq worker: give --model NAME_OR_PATH (or set STREAMQ_MODEL)", file=sys.stderr)
         return 2
