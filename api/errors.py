@@ -96,9 +96,12 @@ class ApiError(Exception):
         return error_envelope(self.message, self.type, self.param, self.code) | (self.body or {})
 
 
-def renamed(exc: ApiError, sent: str | None) -> ApiError:
+def renamed(exc: ApiError, sent: str | None, prompt: str = "messages") -> ApiError:
     """``exc`` naming field ``sent`` (as the client sent it) where it named a job request's:
-    its ``param``, its message's quotes, and a worker's message that names its field first."""
+    its ``param``, its message's quotes, and a worker's message that names its field first;
+    ``prompt``: what the route calls its prompt, where the message says "the messages"."""
+    if prompt != "messages":
+        exc.message = exc.message.replace("the messages", f"the {prompt}")
     if sent and exc.param and sent != exc.param:
         exc.message = exc.message.replace(f"'{exc.param}'", f"'{sent}'")
         if exc.message.startswith(f"{exc.param}: "):
@@ -337,4 +340,6 @@ def job_failure_error(event: str, data: dict[str, Any]) -> ApiError:
     kind = str(data.get("type") or "generation_error")
     message = str(data.get("message") or "the job failed")
     status = {"invalid_request_error": 400, "timeout": 504, "stream_interrupted": 503}.get(kind, 502)
-    return ApiError(status, message, type=kind, param=data.get("param") or None)
+    return ApiError(
+        status, message, type=kind, param=data.get("param") or None, code=data.get("code") or None
+    )

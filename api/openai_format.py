@@ -107,6 +107,7 @@ class CompletionFormat:
     logprobs: bool = False  # the request asked for logprobs
     tools: ToolPlan = field(default_factory=ToolPlan)  # chat: how its text is read back
     echo: str | None = None  # text: the answer begins with this prompt text ("" : from its tokens)
+    max_tokens_param: str = "max_tokens"  # the name the client gave the answer's length (errors)
 
     @property
     def id(self) -> str:

@@ -257,6 +257,10 @@ class ChatCompletionRequest(OpenAIFields):
             )
         return self._plan
 
+    def max_tokens_param(self) -> str:
+        """The field that set the answer's length, as sent (errors name it)."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
     def job_request(self) -> JobRequest:
         if (problem := tool_turn_problem(self.messages)) is not None:
             param = f"messages.{problem.index}.{problem.field}"

@@ -154,7 +154,7 @@ def responses_param(param: str | None, forced_call: bool = False) -> str | None:
 def named_as_sent(exc: ApiError, forced_call: bool = False) -> ApiError:
     """``exc`` naming the Responses field the client sent: its ``param``, and its message's quote."""
     sent = responses_param(exc.param, forced_call)
-    renamed(exc, sent)
+    renamed(exc, sent, "input")
     exc.param = sent
     return exc
 

@@ -240,11 +240,18 @@ class Settings(BaseSettings):
             options = parse_url(value)
         except ValueError as exc:
             raise ValueError(f"not a Redis URL: {exc}") from None
-        if "socket_timeout" in options:  # redis-py lets the URL's win over what each pool asks
+        # redis-py lets the URL's options win over what each pool asks for.
+        if "socket_timeout" in options:
             raise ValueError(
                 "socket_timeout in the URL would cut streamq's blocking reads (a stream's wait, a "
                 "worker's dequeue, a prompt count) short: set STREAMQ_REDIS_SOCKET_TIMEOUT (workers) "
                 "and STREAMQ_REDIS_COMMAND_TIMEOUT (the front) instead; blocking reads add their wait"
+            )
+        if "max_connections" in options or "timeout" in options:
+            raise ValueError(
+                "max_connections and timeout in the URL would size every pool alike (the front's "
+                "shared pool, its stream reader, a worker's): set STREAMQ_REDIS_MAX_CONNECTIONS and "
+                "STREAMQ_REDIS_POOL_TIMEOUT (the front's) instead"
             )
         parts = urlsplit(value)
         database = parts.path.strip("/")

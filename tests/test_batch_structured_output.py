@@ -11,9 +11,11 @@ import jsonschema
 import pytest
 import torch
 
+from shared.job_store.vocabulary import JobField
 from tests.engine_outputs import ids_of
 from tests.test_engine import alone, drive, job, request, running_engine
 from worker.batch_lm import BatchedCausalLM
+from worker.step_publisher import final_record
 
 SCHEMA = {
     "type": "object",
@@ -123,6 +125,18 @@ def test_a_schema_xgrammar_cannot_compile_fails_that_job_only(tiny_backend: Any)
         assert 'Unsupported type "strong"' in (seen.end(bad).error_message if seen.end(bad) else "")
         assert seen.text(good) == alone(tiny_backend, good.request)[0]
         assert engine.alive()
+        # The worker's own refusals keep OpenAI's code (the front shows it: LiteLLM maps it).
+        too_long = job(request("too long", max_tokens=600, max_tokens_given=True))
+        engine.submit(too_long)
+        seen.wait(lambda: seen.end(too_long) is not None)
+        end = seen.end(too_long)
+        assert end is not None and (end.error_param, end.error_code) == (
+            "max_tokens",
+            "context_length_exceeded",
+        )
+        record = final_record(end, 0.0)  # what the publisher writes: the job's hash and error event
+        assert record.fields[JobField.ERROR_CODE] == "context_length_exceeded"
+        assert json.loads(record.data.encode())["code"] == "context_length_exceeded"
 
 
 def test_a_continued_job_under_a_grammar_still_ends_in_valid_json(

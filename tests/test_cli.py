@@ -277,6 +277,8 @@ def test_make_tiny_model_writes_a_loadable_folder(tmp_path: Path) -> None:
             "redis://:s3cret@db:6379/0?socket_timeout=0.5",
             "set STREAMQ_REDIS_SOCKET_TIMEOUT",
         ),
+        ("STREAMQ_REDIS_URL", "redis://:s3cret@db:6379/0?max_connections=5", "STREAMQ_REDIS_MAX_CONNECTIONS"),
+        ("STREAMQ_REDIS_URL", "redis://:s3cret@db:6379/0?timeout=1", "STREAMQ_REDIS_POOL_TIMEOUT"),
     ],
 )
 def test_the_front_refuses_a_bad_redis_url_or_lease_renewal_in_one_line(

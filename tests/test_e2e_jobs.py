@@ -316,11 +316,20 @@ def test_prompt_length_limits_are_checked_with_the_workers_tokenizer(stack: Stac
             f"This model's maximum context length is 4096 tokens. However, you requested "
             f"{prompt_tokens + asked} tokens ({prompt_tokens} in the messages, {asked} in the completion)."
         )
+        # Named as sent: the chat route's newer field, and the completions route's prompt.
+        newer = client.post(f"{stack.url}/v1/chat/completions", json=chat | {"max_completion_tokens": asked})
+        assert newer.status_code == 400 and newer.json()["error"]["param"] == "max_completion_tokens"
+        assert newer.json()["error"]["message"].endswith("completion ('max_completion_tokens').")
+        raw = {"model": stack.model_dir.name, "prompt": prompt, "max_tokens": asked}
+        over_c = client.post(f"{stack.url}/v1/completions", json=raw)
+        assert over_c.status_code == 400 and over_c.json()["error"]["code"] == "context_length_exceeded"
+        assert " in the prompt, " in over_c.json()["error"]["message"], over_c.text
         responses = {"model": stack.model_dir.name, "input": prompt, "max_output_tokens": asked}
         over_r = client.post(f"{stack.url}/v1/responses", json=responses)
         assert over_r.status_code == 400, over_r.text
         assert over_r.json()["error"]["param"] == "max_output_tokens"
         assert "'max_output_tokens'" in over_r.json()["error"]["message"]
+        assert " in the input, " in over_r.json()["error"]["message"]
         assert job_records(stack) - before == set()  # nothing was created for any of them
 
         job = submit(client, stack.url, prompt=prompt, max_length=prompt_tokens + 3, temperature=0)

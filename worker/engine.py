@@ -78,6 +78,7 @@ class JobOutput:
     error_type: str = ""
     error_message: str = ""
     error_param: str | None = None  # the request field an invalid_request_error is about
+    error_code: str | None = None  # OpenAI's code for it, where it has one
     token_ids: tuple[int, ...] = ()  # the tokens behind ``text`` (kept for a continuation)
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token of ``token_ids`` when the job asked
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # once, when the job asked
@@ -88,9 +89,21 @@ HANDBACK = "handback"
 
 
 def ended(
-    job: EngineJob, reason: str, error_type: str = "", message: str = "", param: str | None = None
+    job: EngineJob,
+    reason: str,
+    error_type: str = "",
+    message: str = "",
+    param: str | None = None,
+    code: str | None = None,
 ) -> JobOutput:
-    return JobOutput(job, "", job.prompt_tokens, job.completion_tokens, reason, error_type, message, param)
+    return JobOutput(
+        job, "", job.prompt_tokens, job.completion_tokens, reason, error_type, message, param, code
+    )
+
+
+def refused(job: EngineJob, exc: InvalidJobRequest) -> JobOutput:
+    """The end of a job its request cannot be served for: a 400 naming the field, OpenAI's code."""
+    return ended(job, "error", "invalid_request_error", str(exc), exc.param, exc.code)
 
 
 class BatchModel(Protocol):
@@ -219,7 +232,7 @@ class Engine:
                 self.model.add(job)
                 self._jobs.add(job)
             except InvalidJobRequest as exc:
-                outputs.append(ended(job, "error", "invalid_request_error", str(exc), exc.param))
+                outputs.append(refused(job, exc))
             except Exception as exc:  # e.g. a prompt its tokenizer cannot take
                 log.exception("job %s could not join the engine", job.job_id)
                 outputs.append(ended(job, "error", "generation_error", f"{type(exc).__name__}: {exc}"))

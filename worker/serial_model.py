@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from shared.limits import InvalidJobRequest
 from worker.backend import ChatBackend, GenerationStep
-from worker.engine import EngineJob, JobOutput, ended
+from worker.engine import EngineJob, JobOutput, ended, refused
 
 
 class SerialModel:
@@ -49,7 +49,7 @@ class SerialModel:
                 step = next(steps, None)
             except InvalidJobRequest as exc:
                 self._steps.pop(job)
-                outputs.append(ended(job, "error", "invalid_request_error", str(exc), exc.param))
+                outputs.append(refused(job, exc))
                 continue
             except Exception as exc:
                 self._steps.pop(job)

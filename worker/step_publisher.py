@@ -69,7 +69,9 @@ def final_record(output: JobOutput, finished_at: float) -> Ending:
     if reason == FinishReason.CANCELED:
         return ended_canceled(job.completion_tokens, finished_at)
     if reason == FinishReason.ERROR:
-        return ended_failed(output.error_type, output.error_message, finished_at, output.error_param)
+        return ended_failed(
+            output.error_type, output.error_message, finished_at, output.error_param, output.error_code
+        )
     first = job.first_token_at
     timings = Timings(
         queue_seconds=round(job.started_at - job.created_at, 6),

@@ -72,8 +72,8 @@ async def chat_completions(
     try:
         job_request = body.job_request()
     except ApiError as exc:
-        raise _as_sent(exc, "chat", plan) from None
-    extras = {"logprobs": bool(body.logprobs), "tools": plan}
+        raise _as_sent(exc, "chat", plan, body.max_tokens_param()) from None
+    extras = {"logprobs": bool(body.logprobs), "tools": plan, "max_tokens_param": body.max_tokens_param()}
     return await _complete(jobs, request, caller, "chat", body, job_request, detach, extras)
 
 
@@ -123,7 +123,7 @@ async def _complete(
             jobs, job_request, request, caller, detached=detach_requested(body.background, detach)
         )
     except ApiError as exc:
-        raise _as_sent(exc, kind, extras.get("tools")) from None
+        raise _as_sent(exc, kind, extras.get("tools"), extras.get("max_tokens_param", "max_tokens")) from None
     if body.end_user() or body.metadata:
         log.info(
             "job %s: OpenAI %s completion for user %r, metadata %s",
@@ -143,15 +143,18 @@ async def _complete(
     return await _wait(job, fmt, headers)
 
 
-def _as_sent(exc: ApiError, kind: Kind, tools: ToolPlan | None) -> ApiError:
+def _as_sent(exc: ApiError, kind: Kind, tools: ToolPlan | None, max_tokens: str = "max_tokens") -> ApiError:
     """``exc`` naming the field as the client sent it: a job request's field (the prompt's
-    ``messages`` on the completions route), or ``tools`` for the schema a forced call was held to."""
+    ``messages`` on the completions route; ``max_tokens``, the name the client gave it), or
+    ``tools`` for the schema a forced call was held to."""
     forced = tools is not None and tools.forces_call
     if forced and (exc.param or "").startswith("response_format"):
         sent: str | None = "tools"
+    elif exc.param == "max_tokens":
+        sent = max_tokens
     else:
         sent = (CHAT_PARAMS if kind == "chat" else COMPLETION_PARAMS).get(exc.param or "")
-    return renamed(exc, sent)
+    return renamed(exc, sent, "messages" if kind == "chat" else "prompt")
 
 
 async def _wait(job: ClientJob, fmt: CompletionFormat, headers: dict[str, str]) -> Response:
@@ -159,7 +162,7 @@ async def _wait(job: ClientJob, fmt: CompletionFormat, headers: dict[str, str]) 
     try:
         result = await job.whole_output(error_headers=headers)
     except ApiError as exc:
-        raise _as_sent(exc, fmt.kind, fmt.tools) from None
+        raise _as_sent(exc, fmt.kind, fmt.tools, fmt.max_tokens_param) from None
     if result is None:
         return Response(status_code=499)  # the client went away
     done = result.done.data
@@ -193,7 +196,8 @@ async def _stream(job: ClientJob, fmt: CompletionFormat) -> AsyncIterator[bytes]
                 yield DONE
                 return
             else:
-                error = _as_sent(job_failure_error(event.event, event.data), fmt.kind, fmt.tools)
+                failure = job_failure_error(event.event, event.data)
+                error = _as_sent(failure, fmt.kind, fmt.tools, fmt.max_tokens_param)
                 if error.type == "stream_interrupted":
                     error.message += f"; the job may still run: re-attach at /v1/jobs/{job.id}/events"
                 yield sse_data(error.envelope())

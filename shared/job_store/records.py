@@ -34,6 +34,7 @@ def view_from_hash(job_id: str, fields: Mapping[str, str], text: str, position: 
             type=fields[JobField.ERROR_TYPE],
             message=fields.get(JobField.ERROR_MESSAGE, ""),
             param=fields.get(JobField.ERROR_PARAM) or None,
+            code=fields.get(JobField.ERROR_CODE) or None,
         )
     status = JobStatus(fields[JobField.STATUS])
     return JobView(

@@ -246,7 +246,11 @@ class Ending:
 
 
 def ended_failed(
-    error_type: str, message: str, finished_at: float | None = None, param: str | None = None
+    error_type: str,
+    message: str,
+    finished_at: float | None = None,
+    param: str | None = None,
+    code: str | None = None,
 ) -> Ending:
     fields: dict[str, Any] = {
         JobField.FINISH_REASON: FinishReason.ERROR,
@@ -256,7 +260,10 @@ def ended_failed(
     }
     if param:
         fields[JobField.ERROR_PARAM] = param
-    failed = Failed(type=error_type, message=message, **({"param": param} if param else {}))
+    if code:
+        fields[JobField.ERROR_CODE] = code
+    extra = {name: value for name, value in (("param", param), ("code", code)) if value}
+    failed = Failed(type=error_type, message=message, **extra)
     return Ending(JobStatus.FAILED, EventName.ERROR, failed, fields)
 
 

@@ -65,3 +65,4 @@ class JobField(StrEnum):
     ERROR_TYPE = "error_type"
     ERROR_MESSAGE = "error_message"
     ERROR_PARAM = "error_param"  # the request field an invalid_request_error is about, if any
+    ERROR_CODE = "error_code"  # OpenAI's code for the error, if it has one

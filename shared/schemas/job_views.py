@@ -19,6 +19,7 @@ class JobError(BaseModel):
     type: str
     message: str
     param: str | None = Field(None, description="the request field at fault, when one is")
+    code: str | None = Field(None, description="OpenAI's error code, where it has one")
 
 
 class JobView(BaseModel):
