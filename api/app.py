@@ -74,6 +74,9 @@ def create_app(
         version="0.1.0",
         summary="Queue-backed chat LLM serving: jobs in Redis (RQ), output streamed from GPU workers.",
         lifespan=lifespan,
+        # A path with a trailing slash is not a route here: a 404 in the envelope that names it,
+        # not a bodiless 307 (which a client following it would send again, body and all).
+        redirect_slashes=False,
     )
     app.state.api_keys = api_keys
     app.state.metrics = front_metrics

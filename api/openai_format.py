@@ -58,10 +58,11 @@ def entries_text(entries: list[Entry]) -> str:
 
 class TextOffsets:
     """Where each token's text begins in the answer: the characters its predecessors' bytes
-    make (a token that ends inside a character counts up to that character)."""
+    make (a token that ends inside a character counts up to that character); bytes that make
+    no character count as the U+FFFD each becomes in the answer's text."""
 
     def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")("ignore")
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._chars = 0
 
     def next(self, entry: Entry) -> int:

@@ -60,7 +60,8 @@ Metadata = Annotated[dict[str, str] | None, AfterValidator(_small_metadata)]
 
 
 class OpenAIMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # e.g. a returned message's "refusal": null, sent back
+    # A field OpenAI's messages do not have is refused by name (``messages.0.foo``), as at the top.
+    model_config = ConfigDict(extra="forbid")
 
     role: Role
     content: Text | None = Field(
@@ -72,12 +73,16 @@ class OpenAIMessage(BaseModel):
     tool_call_id: Text | None = Field(None, description="a tool turn: the call it answers")
     audio: Any = Field(None, description="not supported: refused unless null")
     function_call: Any = Field(None, description="deprecated, not supported: use tool_calls")
+    refusal: Any = Field(None, description="an answer's refusal, sent back with it: only null")
+    annotations: Any = Field(None, description="an answer's annotations, sent back with it: none")
 
     @field_validator("content", mode="before")
     @classmethod
     def _join_text_parts(cls, value: Any) -> Any:
         if not isinstance(value, list):
             return value
+        if not value:
+            raise ValueError("an empty list of content parts: send at least one part, or a string")
         texts = []
         for part in value:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
@@ -92,6 +97,12 @@ class OpenAIMessage(BaseModel):
     @classmethod
     def _unsupported(cls, value: Any) -> Any:
         return refuse_unless(value, (None,), "not supported by this server (use content and tool_calls)")
+
+    @field_validator("refusal", "annotations")
+    @classmethod
+    def _sent_back_empty(cls, value: Any) -> Any:
+        # What an answer from this server carries (the SDK sends a returned message back whole).
+        return refuse_unless(value, (None, []), "only null here: answers from this server carry none")
 
     @model_validator(mode="after")
     def _has_content(self) -> OpenAIMessage:
@@ -303,14 +314,6 @@ class CompletionRequest(OpenAIFields):
             raise ValueError("the prompt must not be empty")
         return value
 
-    @model_validator(mode="after")
-    def _echoed_logprobs(self) -> CompletionRequest:
-        if self.echo and self.logprobs is not None and self.logprobs > MAX_PROMPT_LOGPROBS:
-            raise ValueError(
-                f"with echo, logprobs is at most {MAX_PROMPT_LOGPROBS} (every prompt token gets them)"
-            )
-        return self
-
     @field_validator("best_of")
     @classmethod
     def _one_of_one(cls, value: int | None) -> int | None:
@@ -325,6 +328,9 @@ class CompletionRequest(OpenAIFields):
         return self.prompt  # type: ignore[return-value]  # one prompt, after _one_prompt
 
     def job_request(self) -> JobRequest:
+        if self.echo and self.logprobs is not None and self.logprobs > MAX_PROMPT_LOGPROBS:
+            message = f"with echo, logprobs is at most {MAX_PROMPT_LOGPROBS} (every prompt token gets them)"
+            raise ApiError(400, message, param="logprobs")
         fields: dict[str, Any] = {"raw_prompt": self.prompt_value()}
         if self.logprobs is not None:
             fields["logprobs"] = self.logprobs

@@ -215,6 +215,13 @@ class ResponsesRequest(BaseModel):
             )
         return value
 
+    @field_validator("stream_options")
+    @classmethod
+    def _options_of_a_stream(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("'stream_options' goes with 'stream': true")
+        return value
+
     @field_validator("include")
     @classmethod
     def _nothing_included(cls, value: list[str] | None) -> list[str] | None:

@@ -79,7 +79,8 @@ class ToolPlan:
         if self.tools:
             fields["tools"] = [t.model_dump(exclude_none=True) for t in self.tools]
         if self.json_schema is not None:
-            fields["response_format"] = {"type": "json_schema", "json_schema": {"schema": self.json_schema}}
+            forced = {"name": "tool_call", "schema": self.json_schema}
+            fields["response_format"] = {"type": "json_schema", "json_schema": forced}
         if self.stop:
             fields["stop"] = ([stop] if isinstance(stop, str) else list(stop or [])) + list(self.stop)
         return fields
@@ -96,6 +97,12 @@ def plan_tools(
     response_format: ResponseFormat | None,
 ) -> ToolPlan:
     """The plan for these fields, or a 400 naming the one that cannot be served."""
+    seen: set[str] = set()
+    for index, tool in enumerate(tools or []):
+        if tool.function.name in seen:  # a call naming it could not be told from the other's
+            message = f"the function name '{tool.function.name}' is given twice: names must be unique"
+            raise ApiError(400, message, param=f"tools.{index}.function.name")
+        seen.add(tool.function.name)
     if not tools:
         if choice not in (None, "none"):
             raise ApiError(400, "'tool_choice' needs 'tools'", param="tool_choice")

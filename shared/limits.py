@@ -36,7 +36,9 @@ def answer_budget(request: GenerationRequest, prompt_tokens: int, context_length
     if context_length is not None:
         if prompt_tokens >= context_length:
             raise InvalidJobRequest(
-                f"the prompt is {prompt_tokens} tokens long; the model's context holds {context_length}",
+                f"This model's maximum context length is {context_length} tokens. However, the "
+                f"messages resulted in {prompt_tokens} tokens, which leaves no room for the "
+                "completion. Please reduce the length of the messages.",
                 param="messages",
                 code="context_length_exceeded",
             )

@@ -304,7 +304,10 @@ def test_prompt_length_limits_are_checked_with_the_workers_tokenizer(stack: Stac
         }
         huge = client.post(f"{stack.url}/v1/jobs", json={"prompt": "Redis streams " * 3000, "max_tokens": 5})
         assert huge.status_code == 400 and huge.json()["error"]["param"] == "messages"
-        assert "the model's context holds 4096" in huge.json()["error"]["message"]
+        assert huge.json()["error"]["message"].startswith(
+            "This model's maximum context length is 4096 tokens. However, the messages resulted in "
+        )
+        assert huge.json()["error"]["code"] == "context_length_exceeded"
         # A max_tokens the client set must fit beside the prompt (OpenAI's rule, words and code).
         asked = 4096  # the whole context for the answer alone
         chat = {"model": stack.model_dir.name, "messages": [{"role": "user", "content": prompt}]}

@@ -172,7 +172,7 @@ def test_a_job_longer_than_the_cache_allows_is_refused_clearly(tiny_backend: Any
     from shared.limits import InvalidJobRequest
 
     model = BatchedCausalLM(tiny_backend, slots=2, max_len=32)
-    with pytest.raises(InvalidJobRequest, match="context holds 32"):
+    with pytest.raises(InvalidJobRequest, match="maximum context length is 32 tokens"):
         model.add(job(request("this prompt is long " * 10)))
     fits = job(request("hi", max_tokens=500))
     seen = drive(model, [fits], {})

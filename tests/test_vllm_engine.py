@@ -152,7 +152,7 @@ def test_prompt_too_long_for_the_engine_is_a_clear_400(stack: Stack, vllm_worker
     )
     assert response.status_code == 400, response.text
     error = response.json()["error"]
-    assert error["param"] == "messages" and f"context holds {MAX_LEN}" in error["message"]
+    assert error["param"] == "messages" and f"maximum context length is {MAX_LEN} tokens" in error["message"]
 
 
 def test_a_killed_vllm_workers_job_continues_on_another_with_the_stream_whole(

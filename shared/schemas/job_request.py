@@ -15,11 +15,16 @@ FormatName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
 class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    """OpenAI's ``json_schema`` format: its fields, each required where OpenAI requires it."""
 
-    name: FormatName = "response"
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: FormatName
+    description: str | None = Field(
+        None, description="accepted; the schema alone holds the answer (it is not given to the model)"
+    )
     schema_: UsableSchema = Field(alias="schema", description="the JSON Schema the answer follows")
-    strict: bool | None = None
+    strict: bool | None = Field(None, description="accepted: the answer always follows the schema")
 
 
 class ResponseFormat(BaseModel):

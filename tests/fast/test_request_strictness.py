@@ -1,0 +1,112 @@
+"""What a user's trial found accepted and then ignored, or refused without naming the field:
+each is now a 400 naming what is wrong, as OpenAI answers it, while what clients send back from
+an answer (the SDK's ``messages.append(answer.choices[0].message)``) is still taken."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from openai import BadRequestError
+
+from api.openai_format import text_logprobs
+from tests.fast.conftest import Front
+from tests.fast.test_front_formats import _openai
+
+pytestmark = pytest.mark.anyio
+
+MODEL = "fake-model"
+USER: Any = {"role": "user", "content": "one two"}
+
+
+def _tool(name: str) -> Any:
+    return {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "says"),
+    [
+        ({"messages": [USER | {"foo": 1}]}, "messages.0.foo", "'messages.0.foo' is not a parameter"),
+        ({"messages": [USER | {"content": []}]}, "messages.0.content", "an empty list of content parts"),
+        (
+            {"messages": [{"role": "assistant", "content": "x", "refusal": "no"}, USER]},
+            "messages.0.refusal",
+            "",
+        ),
+        (
+            {"messages": [USER], "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+            "response_format.json_schema.name",
+            "Field required",
+        ),
+        (
+            {"messages": [USER], "tools": [_tool("add"), _tool("add")]},
+            "tools.1.function.name",
+            "the function name 'add' is given twice",
+        ),
+    ],
+)
+async def test_chat_refuses_what_it_would_have_ignored(
+    front: Front, fields: dict[str, Any], param: str, says: str
+) -> None:
+    with pytest.raises(BadRequestError) as refused:
+        await _openai(front).chat.completions.create(model=MODEL, **fields)
+    body: Any = refused.value.body
+    assert body["param"] == param and says in body["message"], body
+    assert not front.jobs.jobs
+
+
+async def test_a_returned_message_sent_back_whole_is_taken(front: Front) -> None:
+    client = _openai(front)
+    first = await client.chat.completions.create(model=MODEL, messages=[USER])
+    returned = first.choices[0].message
+    assert returned.refusal is None
+    again = await client.chat.completions.create(
+        model=MODEL,
+        messages=[USER, returned.model_dump(), {"role": "user", "content": "three", "name": "ann"}],  # type: ignore[list-item]
+    )
+    assert again.choices[0].message.content == "three"
+
+
+async def test_responses_refuse_stream_options_without_a_stream_and_twice_named_tools(front: Front) -> None:
+    client = _openai(front)
+    flat = {"type": "function", "name": "add", "parameters": {"type": "object"}}
+    for fields, param in (
+        ({"stream_options": {"include_obfuscation": False}}, "stream_options"),
+        ({"tools": [flat, flat]}, "tools.1.name"),
+    ):
+        with pytest.raises(BadRequestError) as refused:
+            await client.responses.create(model=MODEL, input="x", **fields)  # type: ignore[call-overload]
+        body: Any = refused.value.body
+        assert body["param"] == param, body
+    streamed = await client.responses.create(
+        model=MODEL, input="x", stream=True, stream_options={"include_obfuscation": False}
+    )
+    assert [e.type async for e in streamed][-1] == "response.completed"
+
+
+async def test_echoed_logprobs_over_the_prompt_limit_name_logprobs(front: Front) -> None:
+    with pytest.raises(BadRequestError) as refused:
+        await _openai(front).completions.create(model=MODEL, prompt="one", echo=True, logprobs=6)
+    body: Any = refused.value.body
+    assert body["param"] == "logprobs" and "with echo, logprobs is at most 5" in body["message"], body
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/chat/completions/"), ("GET", "/v1/jobs/")])
+async def test_a_trailing_slash_is_a_404_in_the_envelope_not_a_redirect(
+    front: Front, method: str, path: str
+) -> None:
+    answer = await front.http.request(method, path, json={"model": MODEL, "messages": [USER]})
+    assert answer.status_code == 404, answer.text
+    assert answer.json()["error"]["code"] == "unknown_url" and "location" not in answer.headers
+
+
+def test_text_offsets_count_bytes_that_make_no_character_as_the_answer_shows_them() -> None:
+    def entry(raw: bytes) -> dict[str, Any]:
+        return {"token": raw.decode("utf-8", "replace"), "logprob": -1.0, "bytes": list(raw)}
+
+    # "jou", two stray continuation bytes (U+FFFD twice in the text), then a control character.
+    stray = [entry(b"jou"), entry(b"\x80\x81"), entry(b"\x07")]
+    assert text_logprobs(stray)["text_offset"] == [0, 3, 5]
+    # A character split over two tokens begins where the second does; what follows, after it.
+    split = [entry("日".encode()[:2]), entry("日".encode()[2:]), entry(b"x")]
+    assert text_logprobs(split)["text_offset"] == [0, 0, 1]
