@@ -158,37 +158,56 @@ _MEMBER_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "bytes"}
 _MODEL_TAG = re.compile(r"^[A-Z][A-Za-z0-9]*$")
 
 
+def _member_tag(p: Any) -> bool:
+    return isinstance(p, str) and (
+        "[" in p or p.removeprefix("constrained-") in _MEMBER_TAGS or bool(_MODEL_TAG.match(p))
+    )
+
+
 def _param(loc: tuple[Any, ...]) -> str | None:
-    parts = [
-        str(p)
-        for p in loc
-        if p not in ("body", "query", "path", "header")
-        and not (
-            isinstance(p, str)
-            and ("[" in p or p.removeprefix("constrained-") in _MEMBER_TAGS or _MODEL_TAG.match(p))
-        )
-    ]
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header") and not _member_tag(p)]
     return ".".join(parts) or None
+
+
+def _other_member(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether two complaints' places part at a union, in two of its members."""
+    shared = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return shared < min(len(a), len(b)) and _member_tag(a[shared]) and _member_tag(b[shared])
 
 
 def _relevant(errors: Sequence[Any]) -> list[Any]:
     """The complaints worth showing: for a value a union took apart, the member that matched its
-    shape says what is wrong (a lone surrogate inside a list of stop strings), not the members
-    whose type it is not ("stop: Input should be a valid string"): a type complaint is left out
-    where another complaint lies inside the same place."""
+    shape says what is wrong (a lone surrogate inside a list of stop strings; a negative id in
+    a prompt of token ids), not the members whose type it is not ("stop: Input should be a
+    valid string"): a type complaint is left out where another complaint lies inside the same
+    place, or in another member of a union it lies in. When every member's complaint is of
+    type, they say it once ("Input should be a valid string, or a valid list")."""
 
     def where(e: Any) -> str:
         return _param(tuple(e.get("loc", ()))) or ""
 
-    inner = [where(e) for e in errors if not str(e.get("type", "")).endswith("_type")]
+    def of_type(e: Any) -> bool:
+        return str(e.get("type", "")).endswith("_type")
+
+    inner = [e for e in errors if not of_type(e)]
 
     def outdone(e: Any) -> bool:
-        at = where(e)
-        return str(e.get("type", "")).endswith("_type") and any(
-            p == at or p.startswith(at + ".") for p in inner
+        at, loc = where(e), tuple(e.get("loc", ()))
+        return of_type(e) and any(
+            where(v) == at or where(v).startswith(at + ".") or _other_member(loc, tuple(v.get("loc", ())))
+            for v in inner
         )
 
-    return [e for e in errors if not outdone(e)] or list(errors)
+    kept = [e for e in errors if not outdone(e)] or list(errors)
+    merged: list[Any] = []
+    for e in kept:
+        before = merged[-1] if merged else None
+        if before is not None and of_type(e) and of_type(before) and where(e) == where(before):
+            also = str(e.get("msg", "")).removeprefix("Input should be ")
+            merged[-1] = {**before, "msg": f"{before.get('msg', '')}, or {also}"}
+        else:
+            merged.append(e)
+    return merged
 
 
 def _not_json(request: Request, errors: Sequence[Any]) -> ApiError | None:

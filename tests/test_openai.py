@@ -209,7 +209,7 @@ def test_an_unknown_model_is_not_found(client: openai.OpenAI) -> None:
         ({"n": 2}, "n", "only n=1"),
         ({"temperature": -1}, "temperature", "greater than or equal to 0"),
         ({"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
-        ({"max_completion_tokens": 100_000}, "max_tokens", "at most"),
+        ({"max_completion_tokens": 100_000}, "max_completion_tokens", "at most"),  # named as sent
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role", "'user'"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from api.errors import ApiError
 from api.openai_format import CompletionFormat, CompletionStream
 from api.openai_schemas import ChatCompletionRequest, CompletionRequest
 
@@ -125,5 +126,6 @@ def test_text_offsets_count_characters_a_token_may_split() -> None:
     offsets = text_logprobs(entries)["text_offset"]
     assert offsets == [0, 2, 3, 3, 5, 7, 8, 9, 9]  # "🙂" (4 bytes) and "我" (3) span two tokens each
     assert CompletionRequest.model_validate({"prompt": "a", "echo": True, "logprobs": 5}).job_request()
-    with pytest.raises(ValidationError):
-        CompletionRequest.model_validate({"prompt": "a", "echo": True, "logprobs": 6})
+    with pytest.raises(ApiError) as refused:
+        CompletionRequest.model_validate({"prompt": "a", "echo": True, "logprobs": 6}).job_request()
+    assert refused.value.param == "logprobs"

@@ -110,3 +110,21 @@ def test_text_offsets_count_bytes_that_make_no_character_as_the_answer_shows_the
     # A character split over two tokens begins where the second does; what follows, after it.
     split = [entry("日".encode()[:2]), entry("日".encode()[2:]), entry(b"x")]
     assert text_logprobs(split)["text_offset"] == [0, 0, 1]
+
+
+async def test_a_union_field_names_the_bad_item_and_says_its_types_once(front: Front) -> None:
+    """A token-id prompt with a negative id is about that id (it was ``prompt.0`` and three
+    complaints, two of them types the prompt is not); a stop of no type it takes says its
+    types in one phrase (it said the field twice)."""
+    with pytest.raises(BadRequestError) as refused:
+        await _openai(front).completions.create(model=MODEL, prompt=[1, -2])
+    body: Any = refused.value.body
+    assert body["param"] == "prompt.1" and body["message"] == (
+        "prompt.1: Input should be greater than or equal to 0"
+    ), body
+    wrong_stop: Any = 5
+    with pytest.raises(BadRequestError) as refused:
+        await _openai(front).chat.completions.create(model=MODEL, messages=[USER], stop=wrong_stop)
+    body = refused.value.body
+    assert body["param"] == "stop", body
+    assert body["message"] == "stop: Input should be a valid string, or a valid list", body
