@@ -99,9 +99,11 @@ class ApiError(Exception):
 def renamed(exc: ApiError, sent: str | None, prompt: str = "messages") -> ApiError:
     """``exc`` naming field ``sent`` (as the client sent it) where it named a job request's:
     its ``param``, its message's quotes, and a worker's message that names its field first;
-    ``prompt``: what the route calls its prompt, where the message says "the messages"."""
+    ``prompt``: what the route calls its prompt, where a length refusal (shared.limits) says
+    "the messages"."""
     if prompt != "messages":
-        exc.message = exc.message.replace("the messages", f"the {prompt}")
+        for said in (" in the messages, ", "the messages resulted in", "length of the messages"):
+            exc.message = exc.message.replace(said, said.replace("messages", prompt))
     if sent and exc.param and sent != exc.param:
         exc.message = exc.message.replace(f"'{exc.param}'", f"'{sent}'")
         if exc.message.startswith(f"{exc.param}: "):
@@ -169,10 +171,17 @@ def _param(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
-def _other_member(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
-    """Whether two complaints' places part at a union, in two of its members."""
+def _inside_other_member(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether complaint place ``b`` lies inside another member of a union that ``a`` lies in:
+    the member matched the value's shape, and something within it is wrong (a member that is a
+    scalar, such as a literal, complains at its tag: it did not match the value's shape)."""
     shared = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-    return shared < min(len(a), len(b)) and _member_tag(a[shared]) and _member_tag(b[shared])
+    return (
+        shared < min(len(a), len(b))
+        and _member_tag(a[shared])
+        and _member_tag(b[shared])
+        and len(b) > shared + 1
+    )
 
 
 def _relevant(errors: Sequence[Any]) -> list[Any]:
@@ -194,7 +203,9 @@ def _relevant(errors: Sequence[Any]) -> list[Any]:
     def outdone(e: Any) -> bool:
         at, loc = where(e), tuple(e.get("loc", ()))
         return of_type(e) and any(
-            where(v) == at or where(v).startswith(at + ".") or _other_member(loc, tuple(v.get("loc", ())))
+            where(v) == at
+            or where(v).startswith(at + ".")
+            or _inside_other_member(loc, tuple(v.get("loc", ())))
             for v in inner
         )
 
@@ -204,7 +215,9 @@ def _relevant(errors: Sequence[Any]) -> list[Any]:
         before = merged[-1] if merged else None
         if before is not None and of_type(e) and of_type(before) and where(e) == where(before):
             also = str(e.get("msg", "")).removeprefix("Input should be ")
-            merged[-1] = {**before, "msg": f"{before.get('msg', '')}, or {also}"}
+            said = str(before.get("msg", ""))
+            if also not in said.removeprefix("Input should be ").split(", or "):
+                merged[-1] = {**before, "msg": f"{said}, or {also}"}
         else:
             merged.append(e)
     return merged

@@ -16,6 +16,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -75,13 +76,19 @@ class OpenAIMessage(BaseModel):
     function_call: Any = Field(None, description="deprecated, not supported: use tool_calls")
     refusal: Any = Field(None, description="an answer's refusal, sent back with it: only null")
     annotations: Any = Field(None, description="an answer's annotations, sent back with it: none")
+    parsed: Any = Field(
+        None, description="the openai SDK's parse() result, sent back with its answer: not read (content is)"
+    )
 
     @field_validator("content", mode="before")
     @classmethod
-    def _join_text_parts(cls, value: Any) -> Any:
+    def _join_text_parts(cls, value: Any, info: ValidationInfo) -> Any:
         if not isinstance(value, list):
             return value
         if not value:
+            # A tool that found nothing (LangChain sends its [] as is), or an answer of calls only.
+            if info.data.get("role") in ("tool", "assistant"):
+                return ""
             raise ValueError("an empty list of content parts: send at least one part, or a string")
         texts = []
         for part in value:

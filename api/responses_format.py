@@ -169,7 +169,9 @@ class ResponseEvents:
             failure = named_as_sent(job_failure_error(event.event, event.data), self._forced_call)
             self.failure = failure
             self.error = _error_object(event.data) | {"message": failure.message}
-            self._emit("error", code=self.error["code"], message=failure.message, param=failure.param)
+            # The event's code is free text (the error object's is one of OpenAI's few): the job's own.
+            code = failure.code or self.error["code"]
+            self._emit("error", code=code, message=failure.message, param=failure.param)
             self._end("failed", event.id)
         elif event.event == EventName.CANCELED:
             self._end("cancelled", event.id)

@@ -178,10 +178,8 @@ def run_fanout(
         for i in range(workers):
             args = ["worker", "--backend", "synthetic", "--tokens-per-second", str(TOKENS_PER_SECOND)]
             args += ["--slots", str(slots), "--served-name", "synthetic", "--name", f"bench-synthetic-{i}"]
-            # redis-py 8 caps a client's pool at 100 connections by default, fewer than the slot
-            # threads' blocking dequeues need (worker bug, reported): a bigger pool, via the URL.
-            worker_env = {"STREAMQ_REDIS_URL": f"{server.url}?max_connections={2 * slots + 100}"}
-            services.append(Service(args, worker_env, f"synthetic-{i}", workdir))
+            # A worker sizes its pool from its slots (worker.slot_pool.worker_connection).
+            services.append(Service(args, {"STREAMQ_REDIS_URL": server.url}, f"synthetic-{i}", workdir))
         worker_pids = [service.proc.pid for service in services]
         front, url = start_front(env, workdir, "fanout-front")
         services.append(front)

@@ -34,11 +34,13 @@ def answer_budget(request: GenerationRequest, prompt_tokens: int, context_length
             )
         budget = min(budget, request.max_length - prompt_tokens)
     if context_length is not None:
+        # OpenAI's words: "the messages" for a conversation; a raw prompt is "the prompt".
+        noun = "prompt" if request.raw else "messages"
         if prompt_tokens >= context_length:
             raise InvalidJobRequest(
                 f"This model's maximum context length is {context_length} tokens. However, the "
-                f"messages resulted in {prompt_tokens} tokens, which leaves no room for the "
-                "completion. Please reduce the length of the messages.",
+                f"{noun} resulted in {prompt_tokens} tokens, which leaves no room for the "
+                f"completion. Please reduce the length of the {noun}.",
                 param="messages",
                 code="context_length_exceeded",
             )
@@ -46,8 +48,8 @@ def answer_budget(request: GenerationRequest, prompt_tokens: int, context_length
             raise InvalidJobRequest(
                 f"This model's maximum context length is {context_length} tokens. However, you "
                 f"requested {prompt_tokens + request.max_tokens} tokens ({prompt_tokens} in the "
-                f"messages, {request.max_tokens} in the completion). Please reduce the length of "
-                "the messages or completion ('max_tokens').",
+                f"{noun}, {request.max_tokens} in the completion). Please reduce the length of "
+                f"the {noun} or completion ('max_tokens').",
                 param="max_tokens",
                 code="context_length_exceeded",  # OpenAI's words and code: LiteLLM, for one, maps them
             )

@@ -250,8 +250,8 @@ class Settings(BaseSettings):
         if "max_connections" in options or "timeout" in options:
             raise ValueError(
                 "max_connections and timeout in the URL would size every pool alike (the front's "
-                "shared pool, its stream reader, a worker's): set STREAMQ_REDIS_MAX_CONNECTIONS and "
-                "STREAMQ_REDIS_POOL_TIMEOUT (the front's) instead"
+                "shared pool, its stream reader, a worker's): a front's are STREAMQ_REDIS_MAX_CONNECTIONS "
+                "and STREAMQ_REDIS_POOL_TIMEOUT; a worker sizes its pool from its slots"
             )
         parts = urlsplit(value)
         database = parts.path.strip("/")

@@ -73,6 +73,9 @@ async def test_completions_and_responses_call_the_prompt_as_they_do(front: Front
     with pytest.raises(BadRequestError) as refused:
         await client.responses.create(model=MODEL, input="hi", max_output_tokens=ASKED)
     _says(refused.value.body, "max_output_tokens", "input")
+    events = [e async for e in await client.responses.create(model=MODEL, input="hi", stream=True)]
+    error: Any = next(e for e in events if e.type == "error")
+    assert (error.code, error.param) == ("context_length_exceeded", "max_output_tokens"), error
     polled = await client.responses.create(model=MODEL, input="hi", max_output_tokens=ASKED, background=True)
     again = await client.responses.retrieve(polled.id)
     assert again.status == "failed" and again.error is not None

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from openai import BadRequestError
+from pydantic import BaseModel
 
 from api.openai_format import text_logprobs
 from tests.fast.conftest import Front
@@ -16,6 +17,12 @@ from tests.fast.test_front_formats import _openai
 pytestmark = pytest.mark.anyio
 
 MODEL = "fake-model"
+
+
+class Size(BaseModel):
+    size: str
+
+
 USER: Any = {"role": "user", "content": "one two"}
 
 
@@ -65,6 +72,22 @@ async def test_a_returned_message_sent_back_whole_is_taken(front: Front) -> None
         messages=[USER, returned.model_dump(), {"role": "user", "content": "three", "name": "ann"}],  # type: ignore[list-item]
     )
     assert again.choices[0].message.content == "three"
+    # The SDK's parse() answer carries "parsed" when sent back; a tool that found nothing, [].
+    parsed = await client.chat.completions.parse(
+        model=MODEL, messages=[{"role": "user", "content": '{"size":"small"}'}], response_format=Size
+    )
+    assert parsed.choices[0].message.parsed == Size(size="small")
+    call: Any = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{}"}}
+    turns: Any = [
+        USER,
+        parsed.choices[0].message,
+        USER,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": []},
+        {"role": "user", "content": "four"},
+    ]
+    last = await client.chat.completions.create(model=MODEL, messages=turns, tools=[_tool("add")])
+    assert last.choices[0].message.content == "four"
 
 
 async def test_responses_refuse_stream_options_without_a_stream_and_twice_named_tools(front: Front) -> None:
@@ -128,3 +151,15 @@ async def test_a_union_field_names_the_bad_item_and_says_its_types_once(front: F
     body = refused.value.body
     assert body["param"] == "stop", body
     assert body["message"] == "stop: Input should be a valid string, or a valid list", body
+    with pytest.raises(BadRequestError) as refused:
+        await _openai(front).completions.create(model=MODEL, prompt=wrong_stop)
+    body = refused.value.body  # four members, two kinds: each said once
+    assert body["message"] == "prompt: Input should be a valid string, or a valid list", body
+    # A member that is a literal does not hide what is wrong inside the object member.
+    choice: Any = {"type": "function", "function": "add"}
+    with pytest.raises(BadRequestError) as refused:
+        await _openai(front).chat.completions.create(
+            model=MODEL, messages=[USER], tools=[_tool("add")], tool_choice=choice
+        )
+    body = refused.value.body
+    assert "tool_choice.function: Input should be a valid dictionary" in body["message"], body
