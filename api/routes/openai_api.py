@@ -68,12 +68,12 @@ async def chat_completions(
     """OpenAI's chat completion: a ``chat.completion``, or with ``stream`` the
     ``chat.completion.chunk`` events, then ``data: [DONE]``. Tool calls come back as
     ``tool_calls`` (see the README's field table for what each field does here)."""
-    plan = body.tool_plan()
+    plan, length_field = body.tool_plan(), body.max_tokens_param()
     try:
         job_request = body.job_request()
     except ApiError as exc:
-        raise _as_sent(exc, "chat", plan, body.max_tokens_param()) from None
-    extras = {"logprobs": bool(body.logprobs), "tools": plan, "max_tokens_param": body.max_tokens_param()}
+        raise _as_sent(exc, "chat", plan, length_field) from None
+    extras = {"logprobs": bool(body.logprobs), "tools": plan, "max_tokens_param": length_field}
     return await _complete(jobs, request, caller, "chat", body, job_request, detach, extras)
 
 
