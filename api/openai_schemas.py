@@ -241,6 +241,19 @@ class ChatCompletionRequest(OpenAIFields):
     functions: Any = Field(None, description="deprecated: use tools")
     function_call: Any = Field(None, description="deprecated: use tool_choice")
 
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _function_choices_only(cls, value: Any) -> Any:
+        """A choice of another type (OpenAI's ``custom`` tools, ``allowed_tools``) is refused by its
+        type, rather than as an unknown field that comes with it."""
+        kind = value.get("type") if isinstance(value, dict) else None
+        if isinstance(kind, str) and kind != "function":
+            raise ValueError(
+                f"a tool_choice of type {kind!r} is not supported: only 'none', 'auto', 'required' or "
+                "a function"
+            )
+        return value
+
     @field_validator(
         "audio",
         "prediction",

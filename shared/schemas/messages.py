@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def _encodable(value: str) -> str:
@@ -88,9 +88,28 @@ class FunctionDefinition(BaseModel):
 
 
 class ToolDefinition(BaseModel):
-    """A function the model may call (OpenAI's ``tools`` entries; only ``function`` tools)."""
+    """A function the model may call (OpenAI's ``tools`` entries; only ``function`` tools). A tool
+    of another type (OpenAI's ``custom`` free-form tools, a built-in one) is refused on its
+    ``type``, not on the fields that come with it (``custom`` is not "an unknown parameter")."""
 
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["function"]
     function: FunctionDefinition
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_the_type(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("type", "function") != "function":
+            return {"type": value["type"]}
+        return value
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _named_type(cls, value: Any) -> Any:
+        if value != "function":
+            raise ValueError(
+                f"tools of type {value!r} are not supported: only functions (no template here renders "
+                "custom or built-in tools, nor parses their calls)"
+            )
+        return value

@@ -50,6 +50,21 @@ def _tool(name: str) -> Any:
             "tools.1.function.name",
             "the function name 'add' is given twice",
         ),
+        (  # OpenAI's custom (free-form text) tools: no template here renders one, nor parses its calls
+            {"messages": [USER], "tools": [{"type": "custom", "custom": {"name": "shell"}}]},
+            "tools.0.type",
+            "tools of type 'custom' are not supported",
+        ),
+        (
+            {"messages": [USER], "tool_choice": {"type": "custom", "custom": {"name": "shell"}}},
+            "tool_choice",
+            "a tool_choice of type 'custom' is not supported",
+        ),
+        (
+            {"messages": [USER], "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto"}}},
+            "tool_choice",
+            "a tool_choice of type 'allowed_tools' is not supported",
+        ),
     ],
 )
 async def test_chat_refuses_what_it_would_have_ignored(
