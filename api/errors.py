@@ -371,7 +371,9 @@ def job_failure_error(event: str, data: dict[str, Any]) -> ApiError:
         return ApiError(409, "the job was canceled before it finished", code="job_canceled")
     kind = str(data.get("type") or "generation_error")
     message = str(data.get("message") or "the job failed")
-    status = {"invalid_request_error": 400, "timeout": 504, "stream_interrupted": 503}.get(kind, 502)
+    # Past a time limit (the front's wait, the job's queue_ttl): 504; the worker failed it: 502.
+    status = {"invalid_request_error": 400, "timeout": 504, "expired": 504, "stream_interrupted": 503}
+    status_code = status.get(kind, 502)
     return ApiError(
-        status, message, type=kind, param=data.get("param") or None, code=data.get("code") or None
+        status_code, message, type=kind, param=data.get("param") or None, code=data.get("code") or None
     )

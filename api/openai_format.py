@@ -58,17 +58,31 @@ def entries_text(entries: list[Entry]) -> str:
 
 class TextOffsets:
     """Where each token's text begins in the answer: the characters its predecessors' bytes
-    make (a token that ends inside a character counts up to that character); bytes that make
-    no character count as the U+FFFD each becomes in the answer's text."""
+    make (a character split between tokens begins where the token that finishes it does); bytes
+    that make no character count as the U+FFFD each becomes in the answer's text, before the
+    token that shows them to be no character (a lead byte whose next bytes do not go on with it)."""
 
     def __init__(self) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._chars = 0
 
     def next(self, entry: Entry) -> int:
-        at = self._chars
-        self._chars += len(self._decoder.decode(_entry_bytes(entry)))
+        raw = _entry_bytes(entry)
+        unfinished, _ = self._decoder.getstate()
+        at = self._chars + (1 if unfinished and not _goes_on(unfinished, raw) else 0)
+        self._chars += len(self._decoder.decode(raw))
         return at
+
+
+def _goes_on(unfinished: bytes, raw: bytes) -> bool:
+    """Whether ``raw`` begins with what finishes (or goes on with) the character whose first
+    bytes, ``unfinished``, came before it."""
+    size = 2 if unfinished[0] < 0xE0 else 3 if unfinished[0] < 0xF0 else 4
+    try:
+        (unfinished + raw[: size - len(unfinished)]).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.reason == "unexpected end of data"  # a beginning still: it may yet be finished
+    return True
 
 
 def text_logprobs(entries: list[Entry], offsets_from: TextOffsets | None = None) -> dict[str, Any]:

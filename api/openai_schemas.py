@@ -97,6 +97,9 @@ class OpenAIMessage(BaseModel):
                 raise ValueError(f"content parts of type '{kind}' are not supported (only 'text')")
             if not isinstance(part.get("text"), str):
                 raise ValueError("a 'text' content part needs a string 'text'")
+            other = sorted(set(part) - {"type", "text"})
+            if other:  # e.g. cache_control, which LiteLLM passes on: it would do nothing here
+                raise ValueError(f"a text content part has only 'type' and 'text', not {other[0]!r}")
             texts.append(part["text"])
         return "\n".join(texts)
 

@@ -25,6 +25,18 @@ def answer_budget(request: GenerationRequest, prompt_tokens: int, context_length
             param="messages",
         )
     budget = request.max_tokens
+    # OpenAI's words: "the messages" for a conversation; a raw prompt is "the prompt".
+    noun = "prompt" if request.raw else "messages"
+    if context_length is not None and prompt_tokens >= context_length:
+        # First: a prompt the model cannot take is the prompt's fault, whatever max_length says
+        # (POST / has a max_length of 2048 when the client sends none).
+        raise InvalidJobRequest(
+            f"This model's maximum context length is {context_length} tokens. However, the "
+            f"{noun} resulted in {prompt_tokens} tokens, which leaves no room for the "
+            f"completion. Please reduce the length of the {noun}.",
+            param="messages",
+            code="context_length_exceeded",
+        )
     if request.max_length is not None:
         if request.max_length <= prompt_tokens:
             raise InvalidJobRequest(
@@ -34,16 +46,6 @@ def answer_budget(request: GenerationRequest, prompt_tokens: int, context_length
             )
         budget = min(budget, request.max_length - prompt_tokens)
     if context_length is not None:
-        # OpenAI's words: "the messages" for a conversation; a raw prompt is "the prompt".
-        noun = "prompt" if request.raw else "messages"
-        if prompt_tokens >= context_length:
-            raise InvalidJobRequest(
-                f"This model's maximum context length is {context_length} tokens. However, the "
-                f"{noun} resulted in {prompt_tokens} tokens, which leaves no room for the "
-                f"completion. Please reduce the length of the {noun}.",
-                param="messages",
-                code="context_length_exceeded",
-            )
         if request.max_tokens_given and prompt_tokens + request.max_tokens > context_length:
             raise InvalidJobRequest(
                 f"This model's maximum context length is {context_length} tokens. However, you "

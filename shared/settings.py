@@ -23,7 +23,7 @@ def parse_sentinels(value: str) -> list[tuple[str, int]]:
         host, sep, port = item.rpartition(":")
         if not sep:
             host, port = item, "26379"
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise ValueError(f"a sentinel address is host:port, not {item!r}")
         addresses.append((host.strip("[]"), int(port)))
     return addresses
@@ -255,7 +255,8 @@ class Settings(BaseSettings):
             )
         parts = urlsplit(value)
         database = parts.path.strip("/")
-        if parts.scheme in ("redis", "rediss") and database and not database.isdigit():
+        number = database.isascii() and database.isdigit()
+        if parts.scheme in ("redis", "rediss") and database and not number:
             raise ValueError(f"not a Redis URL: its database must be a number, not {database!r}")
         return value
 

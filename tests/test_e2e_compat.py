@@ -73,6 +73,18 @@ def test_seed_errors_are_json_with_a_4xx(stack: Stack) -> None:
     assert "max_length (2) must be greater" in too_short.json()["error"]["message"]
     bad_p = requests.post(f"{stack.url}/", json={"prompt": "x", "top_p": 2})
     assert bad_p.status_code == 400 and bad_p.json()["error"]["param"] == "top_p"
+    # A prompt over the model's context, and no max_length sent: the prompt's fault (OpenAI's
+    # words and code), not the max_length of 2048 this API takes when none is sent.
+    for path in ("/", "/stream"):
+        huge = requests.post(f"{stack.url}{path}", json={"prompt": "Redis streams " * 3000})
+        error = huge.json()["error"]
+        assert huge.status_code == 400 and (error["param"], error["code"]) == (
+            "prompt",
+            "context_length_exceeded",
+        ), error
+        assert error["message"].startswith(
+            "This model's maximum context length is 4096 tokens. However, the prompt resulted in "
+        ), error
 
 
 def _job_id_of_prompt(stack: Stack, prompt: str) -> str:

@@ -126,11 +126,11 @@ def test_text_put_during_a_round_trip_is_not_left_waiting(
     execute = publisher._scripts.execute
     put_during: list[bool] = []
 
-    def slow_execute(pipe: Any) -> list[Any]:
+    def slow_execute(pipe: Any, raise_on_error: bool = True) -> list[Any]:
         if not put_during:
             put_during.append(True)
             publisher.put([_output(second, "late?", 7)])
-        return execute(pipe)
+        return execute(pipe, raise_on_error)
 
     publisher._scripts.execute = slow_execute  # type: ignore[method-assign]
     publisher.put([_output(first, "first", 1)])
@@ -155,3 +155,29 @@ def test_a_stop_writes_buffered_text_at_once_then_waits_for_the_ends(connection:
     assert job.ended.wait(SOON) and job.status == JobStatus.FINISHED
     stopping.join(SOON)
     assert not stopping.is_alive()
+
+
+def test_a_write_redis_refuses_drops_its_job_only_and_the_others_writes_stand(
+    publisher: StepPublisher, connection: redis.Redis
+) -> None:
+    """A pipeline is not a transaction: when Redis refuses one job's write (here its record is
+    of the wrong type; out of memory does the same), the other jobs' writes in the same round
+    trip did run. Their later writes must still land, with no hole and no repeat, and the refused
+    job is dropped here (to be continued from what Redis holds), not left writing past a hole."""
+    good, bad = _running_job(connection, "pr-good"), _running_job(connection, "pr-bad")
+    publisher.put([_output(good, "one ", 1), _output(bad, "uno ", 1)])
+    assert _within(SOON, lambda: _stored(connection, "pr-good") == "one " and _stored(connection, "pr-bad"))
+    connection.delete(keys.job("pr-bad"))
+    connection.set(keys.job("pr-bad"), "not a hash", ex=60)  # its next write: WRONGTYPE
+    try:
+        for n, word in enumerate(["two ", "three ", "four "], start=2):
+            publisher.put([_output(good, word, n), _output(bad, "dos ", n)])
+            time.sleep(INTERVAL * 1.5)
+        publisher.put([_output(good, "five", 5)])
+        assert _within(SOON, lambda: _stored(connection, "pr-good") == "one two three four five")
+    finally:
+        connection.delete(keys.job("pr-bad"))  # other tests read every job's record
+    assert bad.lost and bad.cancel.is_set() and not good.lost
+    assert connection.llen(keys.tokens("pr-good")) == 5  # every token id, once
+    assert int(connection.hget(keys.job("pr-good"), "stored_tokens") or 0) == 5
+    assert publisher.round_trips >= 4

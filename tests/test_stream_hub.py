@@ -179,7 +179,7 @@ def test_followers_joining_a_busy_stream_miss_nothing(redis_server: RedisServer)
 
 def test_ids_redis_would_refuse_are_refused_before_reading() -> None:
     hub = StreamHub(None, None, front_id="unit")  # type: ignore[arg-type]
-    for bad in ("99999999999999999999999", "1-18446744073709551616", "abc", "1-", "-1"):
+    for bad in ("99999999999999999999999", "1-18446744073709551616", "abc", "1-", "-1", "²-0", "١٢-0"):
         with pytest.raises(ValueError, match="stream entry id"):
             asyncio.run(hub.subscribe("k", bad))
     assert parse_entry_id("18446744073709551615-0") == (2**64 - 1, 0)

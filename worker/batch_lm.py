@@ -109,6 +109,8 @@ class BatchedCausalLM:
         if job.resume_ids:  # continue an earlier run: its tokens are replayed, their text was sent
             for token in job.resume_ids:
                 answer.push(token)
+                if answer.finish_reason is not None:  # a smaller budget here than the earlier run's
+                    break
             job.completion_tokens = answer.completion_tokens
             if answer.finish_reason is not None:
                 raise InvalidJobRequest("the job's earlier run had already ended its answer")

@@ -29,6 +29,11 @@ from shared.schemas import GenerationRequest
 log = logging.getLogger("streamq.worker")
 
 
+class CannotContinue(Exception):
+    """This engine cannot continue the job from its earlier run's tokens: it ends failed, with
+    this reason (a continuation that went on would break the answer)."""
+
+
 @dataclass(eq=False)
 class EngineJob:
     """One job inside the engine, from submit to its final state in Redis."""
@@ -233,6 +238,9 @@ class Engine:
                 self._jobs.add(job)
             except InvalidJobRequest as exc:
                 outputs.append(refused(job, exc))
+            except CannotContinue as exc:
+                log.warning("job %s cannot be continued here: %s", job.job_id, exc)
+                outputs.append(ended(job, "error", "generation_error", str(exc)))
             except Exception as exc:  # e.g. a prompt its tokenizer cannot take
                 log.exception("job %s could not join the engine", job.job_id)
                 outputs.append(ended(job, "error", "generation_error", f"{type(exc).__name__}: {exc}"))

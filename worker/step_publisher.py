@@ -133,27 +133,35 @@ class StepPublisher(BackgroundThread):
             try:
                 self._write(time.monotonic(), final=self._stop.is_set())
                 backoff = 0.05
-            except redis.ResponseError as exc:  # Redis refused (e.g. out of memory): do not loop
-                self._metrics.redis_errors.inc()
-                log.error("Redis refused job output (%s); the jobs concerned end failed", exc)
-                self._give_up(str(exc))
             except redis.RedisError as exc:  # kept and written again once Redis answers
                 self._metrics.redis_errors.inc()
                 log.warning("could not write job output to Redis (%s); retrying in %.2fs", exc, backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
-    def _give_up(self, reason: str) -> None:
-        """Drop what could not be written; release the jobs that were ending (as failed)."""
-        next_write = time.monotonic() + self._interval  # not again at every step while Redis refuses
-        for p in list(self._pending.values()):
-            p.text, p.ids, p.counts_dirty = "", [], False
-            p.job.publish_due = next_write
-            p.logprobs, p.prompt_logprobs = [], None
-            if p.end is not None:
-                p.job.status, p.job.error = JobStatus.FAILED, f"could not write its end to Redis: {reason}"
-                del self._pending[p.job]
-                p.job.ended.set()
+    def _refused(self, p: _Pending, exc: Exception) -> None:
+        """Redis refused this job's write (out of memory, say) and ran the others': its output is
+        dropped, and so is the job here, so that no later write leaves a hole where this one's
+        text was. Redis holds the job's output up to the write before; once its lease lapses the
+        job is continued from there (here or on another worker)."""
+        self._metrics.redis_errors.inc()
+        log.error(
+            "job %s: Redis refused its output (%s); dropped here, to be continued from what Redis "
+            "holds once its lease lapses",
+            p.job.job_id,
+            exc,
+        )
+        p.job.lost = True
+        p.job.cancel.set()
+
+    def _end_refused(self, p: _Pending, exc: Exception) -> None:
+        """Redis refused the job's end: the job ends failed here (its record in Redis still says
+        running, and it is continued from there once its lease lapses)."""
+        self._metrics.redis_errors.inc()
+        log.error("job %s: Redis refused its end (%s)", p.job.job_id, exc)
+        p.job.status, p.job.error = JobStatus.FAILED, f"could not write its end to Redis: {exc}"
+        self._pending.pop(p.job, None)
+        p.job.ended.set()
 
     def _next_due(self) -> float:
         """When (monotonic) some buffered text is due: -inf for now (an end; after a stop, any
@@ -248,15 +256,23 @@ class StepPublisher(BackgroundThread):
             if p.end is not None:
                 status, index = self._queue_end(pipe, p, finished_at)
                 ends.append((index, p, status))
-        results = self._scripts.execute(pipe) if len(pipe) else []
+        results = self._scripts.execute(pipe, raise_on_error=False) if len(pipe) else []
         self.round_trips += 1
-        for _index, p in writes:  # their ids are in Redis now (written by this or an earlier try)
-            p.stored += len(p.ids)
+        for result in results:
+            if isinstance(result, redis.ReadOnlyError):  # a replica (failover): write it all again
+                raise result
+        for index, p in writes:  # their ids are in Redis now (written by this or an earlier try)
+            if isinstance(results[index - 1], Exception):
+                self._refused(p, results[index - 1])
+            else:
+                p.stored += len(p.ids)
         for p in due:
             p.text, p.ids, p.counts_dirty = "", [], False
             p.job.publish_due = now + self._interval
             p.logprobs, p.prompt_logprobs = [], None
         for index, p in writes:
+            if isinstance(results[index - 1], Exception):
+                continue
             flag = int(results[index - 1])
             if flag == DeltaAnswer.CANCEL_ASKED:
                 p.job.cancel.set()
@@ -269,7 +285,9 @@ class StepPublisher(BackgroundThread):
             if p.job.lost and p.end is not None:
                 self._release(p, Answer.REQUEUED if p.job.handed_back else "lost")
         for index, p, status in ends:
-            if p.job in self._pending:
+            if p.job in self._pending and isinstance(results[index - 1], Exception):
+                self._end_refused(p, results[index - 1])
+            elif p.job in self._pending:
                 answer = scripts.answer(results[index - 1])
                 if answer == Answer.REQUEUED and status != Answer.REQUEUED:  # the end found a gap
                     self._lost_writes(p)

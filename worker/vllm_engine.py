@@ -34,7 +34,7 @@ from shared.schemas import ENGINE_FEATURES, TOOLS, GenerationRequest
 from shared.settings import Settings
 from worker.answer_tokens import AnswerTokens
 from worker.chat_prompt import ChatPrompt, PromptRenderer, eos_ids_of
-from worker.engine import EngineJob, JobOutput
+from worker.engine import CannotContinue, EngineJob, JobOutput
 from worker.token_logprobs import TokenTexts
 from worker.vllm_cpu import check_head_size, default_kv_cache_bytes, set_cpu_defaults
 
@@ -205,8 +205,12 @@ class VLLMModel:
             prompt = self.served.encode(job.request)
         answer = self.served.answer(job.request, len(prompt), self.max_len)
         job.prompt_tokens = len(prompt)
+        if job.resume_ids:
+            check_continuable(job.request)
         for token in job.resume_ids:  # continue an earlier run: replayed here, their text was sent
             answer.push(token)
+            if answer.finish_reason is not None:
+                break
         job.completion_tokens = answer.completion_tokens
         if answer.finish_reason is not None:
             raise InvalidJobRequest("the job's earlier run had already ended its answer")
@@ -281,18 +285,24 @@ class VLLMModel:
                     logprobs.append(_logprob_entry(self.texts, token, completion.logprobs[place], k))
                 if answer.finish_reason is not None:
                     break
+            failure = ""
             if result.finished and answer.finish_reason is None:
+                # vLLM's own end of a request it could not go on with (a grammar that failed to
+                # compile or refused a token, a KV load that failed): the job fails, not "stop".
+                if completion.finish_reason in ("abort", "error"):
+                    failure = f"the vLLM engine ended the request ({completion.finish_reason})"
                 text += answer.end("length" if completion.finish_reason == "length" else "stop")
             job.completion_tokens = answer.completion_tokens
             new_ids = tuple(answer.token_ids[before:])
-            done_as = answer.finish_reason
             outputs.append(
                 JobOutput(
                     job,
                     text,
                     job.prompt_tokens,
                     job.completion_tokens,
-                    done_as,
+                    "error" if failure else answer.finish_reason,
+                    "generation_error" if failure else "",
+                    failure,
                     token_ids=new_ids,
                     logprobs=tuple(logprobs),
                     prompt_logprobs=self._prompt_logprobs(held, result),
@@ -320,6 +330,19 @@ class VLLMModel:
             if position is None
             else _logprob_entry(self.texts, token, position, k)
             for token, position in zip(result.prompt_token_ids, positions, strict=True)
+        )
+
+
+def check_continuable(request: GenerationRequest) -> None:
+    """CannotContinue for a job this engine cannot continue from its earlier run's tokens: a JSON
+    answer (``response_format``, or a call that ``tool_choice`` forces). vLLM hands those tokens
+    to the model as prompt, and its grammar starts from the beginning of the answer, so the
+    continuation would begin a second JSON value mid-answer. (The transformers engine replays
+    them through the grammar.)"""
+    if request.json_schema is not None or request.json_object:
+        raise CannotContinue(
+            "its worker stopped mid-answer, and the vLLM engine cannot continue a JSON answer (its "
+            "grammar would start again mid-answer): send the request again"
         )
 
 

@@ -21,7 +21,7 @@ from pydantic import Field
 
 from api.auth import CallerDep
 from api.client_job import JOB_HEADER, ClientJob
-from api.errors import error_responses, job_failure_error
+from api.errors import ApiError, error_responses, job_failure_error, renamed
 from api.job_client import ClientGone, JobClient, get_jobs
 from shared.job_store.vocabulary import EventName
 from shared.schemas import JobRequest, SamplingFields, Text
@@ -51,14 +51,23 @@ class ChatGLMRequest(SamplingFields):
         return JobRequest.model_validate(self.model_dump())
 
 
+def _as_chatglm(exc: ApiError) -> ApiError:
+    """An error named as this API's fields are: its ``prompt`` (with ``history``) where a job's
+    error names the ``messages`` (a prompt too long for the model's context)."""
+    return renamed(exc, "prompt" if exc.param == "messages" else None, "prompt")
+
+
 @router.post("/")
 async def chat(
     body: ChatGLMRequest, request: Request, response: Response, jobs: JobsDep, caller: CallerDep
 ) -> Any:
     """Answer one chat turn, waiting for the whole answer."""
-    job = await ClientJob.submit(jobs, body.job_request(), request, caller)
-    response.headers[JOB_HEADER] = job.id
-    result = await job.whole_answer()
+    try:
+        job = await ClientJob.submit(jobs, body.job_request(), request, caller)
+        response.headers[JOB_HEADER] = job.id
+        result = await job.whole_answer()
+    except ApiError as exc:
+        raise _as_chatglm(exc) from None
     if result is None:
         return Response(status_code=499)  # the client went away
     answer = result[0]
@@ -81,7 +90,10 @@ async def chat_stream(body: ChatGLMRequest, request: Request, jobs: JobsDep, cal
     sees bytes. An error that comes before the first keep-alive would be due is an HTTP error;
     once the response has begun, an error is a last chunk holding the error envelope
     (``<^>{"error": ...}``)."""
-    job = await ClientJob.submit(jobs, body.job_request(), request, caller)
+    try:
+        job = await ClientJob.submit(jobs, body.job_request(), request, caller)
+    except ApiError as exc:
+        raise _as_chatglm(exc) from None
     try:
         first = await job.next_output(ticks=True)  # at most until the first keep-alive is due
     except (ClientGone, asyncio.CancelledError) as exc:
@@ -92,7 +104,7 @@ async def chat_stream(body: ChatGLMRequest, request: Request, jobs: JobsDep, cal
         raise
     if first is not None and first.final and first.event != EventName.DONE:
         await job.close()
-        raise job_failure_error(first.event, first.data)
+        raise _as_chatglm(job_failure_error(first.event, first.data))
 
     async def chunks() -> AsyncIterator[str]:
         answer = ""
@@ -106,7 +118,8 @@ async def chat_stream(body: ChatGLMRequest, request: Request, jobs: JobsDep, cal
                     yield MARKER + answer
                 elif event.final:
                     if event.event != EventName.DONE:
-                        yield MARKER + json.dumps(job_failure_error(event.event, event.data).envelope())
+                        error = _as_chatglm(job_failure_error(event.event, event.data))
+                        yield MARKER + json.dumps(error.envelope())
                     elif not answer:
                         yield MARKER
                     return

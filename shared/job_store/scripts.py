@@ -123,14 +123,20 @@ class JobScripts:
             return script(keys=call.keys, args=call.args)
         return client.evalsha(script.sha, len(call.keys), *call.keys, *call.args)
 
-    def execute(self, pipe: Any) -> list[Any]:
-        """``pipe.execute()``; ScriptsReloaded (after loading them) when a script was missing."""
+    def execute(self, pipe: Any, raise_on_error: bool = True) -> list[Any]:
+        """``pipe.execute()``; ScriptsReloaded (after loading them) when a script was missing. With
+        ``raise_on_error=False``, a command Redis refused answers its error in its place (as
+        redis-py's pipeline gives it) and the others' answers stand: a pipeline is not a
+        transaction, so the commands before and after a refused one did run."""
         try:
-            return list(pipe.execute())
+            results = list(pipe.execute(raise_on_error=raise_on_error))
         except NoScriptError:
+            results = [NoScriptError()]
+        if any(isinstance(result, NoScriptError) for result in results):
             for script in SCRIPTS:
                 self._connection.script_load(script.source)
-            raise ScriptsReloaded("Redis had lost streamq's scripts; loaded again") from None
+            raise ScriptsReloaded("Redis had lost streamq's scripts; loaded again")
+        return results
 
     async def execute_async(self, pipe: Any) -> list[Any]:
         """``execute`` for a pipeline of an asyncio connection."""

@@ -93,7 +93,7 @@ class SamplingFields(BaseModel):
     @classmethod
     def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for token, bias in (value or {}).items():
-            if not token.isdigit():
+            if not (token.isascii() and token.isdigit()):  # not '²', nor other scripts' digits
                 raise ValueError(f"logit_bias keys are token ids, got {token!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"a logit bias is from -100 to 100, got {bias} for token {token}")

@@ -100,8 +100,10 @@ class ToolDefinition(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _only_the_type(cls, value: Any) -> Any:
+        # Another type: only its type is checked (and refused), with a stand-in function, so that
+        # the refusal is the type's alone (not also "function: Field required").
         if isinstance(value, dict) and value.get("type", "function") != "function":
-            return {"type": value["type"]}
+            return {"type": value["type"], "function": {"name": "unused"}}
         return value
 
     @field_validator("type", mode="before")
@@ -109,7 +111,7 @@ class ToolDefinition(BaseModel):
     def _named_type(cls, value: Any) -> Any:
         if value != "function":
             raise ValueError(
-                f"tools of type {value!r} are not supported: only functions (no template here renders "
-                "custom or built-in tools, nor parses their calls)"
+                f"tools of type {json.dumps(value)} are not supported: only functions (no template "
+                "here renders custom or built-in tools, nor parses their calls)"
             )
         return value

@@ -7,10 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from openai import BadRequestError
+from openai import APIStatusError, BadRequestError
 from pydantic import BaseModel
 
 from api.openai_format import text_logprobs
+from shared.schemas import JobError
 from tests.fast.conftest import Front
 from tests.fast.test_front_formats import _openai
 
@@ -36,6 +37,11 @@ def _tool(name: str) -> Any:
         ({"messages": [USER | {"foo": 1}]}, "messages.0.foo", "'messages.0.foo' is not a parameter"),
         ({"messages": [USER | {"content": []}]}, "messages.0.content", "an empty list of content parts"),
         (
+            {"messages": [USER | {"content": [{"type": "text", "text": "hi", "cache_control": {}}]}]},
+            "messages.0.content",
+            "a text content part has only 'type' and 'text', not 'cache_control'",
+        ),
+        (
             {"messages": [{"role": "assistant", "content": "x", "refusal": "no"}, USER]},
             "messages.0.refusal",
             "",
@@ -53,8 +59,14 @@ def _tool(name: str) -> Any:
         (  # OpenAI's custom (free-form text) tools: no template here renders one, nor parses its calls
             {"messages": [USER], "tools": [{"type": "custom", "custom": {"name": "shell"}}]},
             "tools.0.type",
-            "tools of type 'custom' are not supported",
+            'tools of type "custom" are not supported',
         ),
+        (  # str.isdigit() takes '²' (a 500 before: int('²') fails) and '١٢' (taken as token 12)
+            {"messages": [USER], "logit_bias": {"²": 1}},
+            "logit_bias",
+            "logit_bias keys are token ids, got '²'",
+        ),
+        ({"messages": [USER], "logit_bias": {"١٢": 1}}, "logit_bias", "got '١٢'"),
         (
             {"messages": [USER], "tool_choice": {"type": "custom", "custom": {"name": "shell"}}},
             "tool_choice",
@@ -148,6 +160,10 @@ def test_text_offsets_count_bytes_that_make_no_character_as_the_answer_shows_the
     # A character split over two tokens begins where the second does; what follows, after it.
     split = [entry("日".encode()[:2]), entry("日".encode()[2:]), entry(b"x")]
     assert text_logprobs(split)["text_offset"] == [0, 0, 1]
+    # A lead byte that the next token does not go on with: its U+FFFD is before that token (the
+    # text is "ab\ufffd trav"; " trav" was at 2 before, inside "ab\ufffd").
+    stranded = [entry(b"ab\xe5"), entry(b" trav"), entry(b"\xf0\x9f"), entry(b"\x9a\x80!")]
+    assert text_logprobs(stranded)["text_offset"] == [0, 3, 8, 8]
 
 
 async def test_a_union_field_names_the_bad_item_and_says_its_types_once(front: Front) -> None:
@@ -178,3 +194,21 @@ async def test_a_union_field_names_the_bad_item_and_says_its_types_once(front: F
         )
     body = refused.value.body
     assert "tool_choice.function: Input should be a valid dictionary" in body["message"], body
+
+
+@pytest.mark.parametrize(
+    ("failure", "status"),
+    [("expired", 504), ("generation_error", 502)],
+)
+async def test_a_job_that_fails_on_its_worker_answers_its_status(
+    front: Front, failure: str, status: int
+) -> None:
+    """A route that waits for the answer: a job past its queue_ttl is a 504 (a time limit, like the
+    front's own wait); one the worker failed, a 502. The SDK raises both as 5xx errors."""
+    front.jobs.fail_with = JobError(type=failure, message="it went wrong")
+    client = _openai(front).with_options(max_retries=0)
+    with pytest.raises(APIStatusError) as failed:
+        await client.chat.completions.create(model=MODEL, messages=[USER])
+    assert failed.value.status_code == status
+    body: Any = failed.value.body
+    assert (body["type"], body["message"]) == (failure, "it went wrong")

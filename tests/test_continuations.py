@@ -1,0 +1,76 @@
+"""A job continued from its earlier run's tokens (after its worker was lost) that an engine cannot
+continue: it ends failed with a reason, and the engine goes on with the others."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.engine_outputs import ids_of
+from tests.test_batch_structured_output import SCHEMA
+from tests.test_engine import Collected, alone, drive, job, request
+from worker.batch_lm import BatchedCausalLM
+from worker.engine import CannotContinue, Engine, EngineJob
+from worker.vllm_engine import check_continuable
+
+
+def test_a_continuation_whose_earlier_tokens_fill_this_runs_budget_is_refused_cleanly(
+    batched: BatchedCausalLM,
+) -> None:
+    whole = job(request("a long answer", max_tokens=30))
+    ids = ids_of(drive(batched, [whole], {}), whole)
+    assert len(ids) == 30
+    continued = job(request("a long answer", max_tokens=10))  # this worker's budget: smaller
+    continued.resume_ids = ids[:20]
+    seen = Collected()
+    engine = Engine(batched, seen)
+    engine.start()
+    try:
+        engine.submit(continued)
+        seen.wait(lambda: seen.end(continued) is not None)
+    finally:
+        engine.stop()
+    end: Any = seen.end(continued)
+    assert end.finish_reason == "error" and end.error_type == "invalid_request_error"
+    assert end.error_message == "the job's earlier run had already ended its answer"  # not a RuntimeError
+
+
+@pytest.mark.parametrize("fields", [{"json_schema": SCHEMA}, {"json_object": True}])
+def test_the_vllm_engine_does_not_continue_a_json_answer(fields: dict[str, Any]) -> None:
+    # vLLM takes the earlier tokens as prompt and starts its grammar over: a second JSON value
+    # would begin mid-answer. (The transformers engine replays them through the grammar:
+    # test_batch_structured_output.)
+    with pytest.raises(CannotContinue, match="cannot continue a JSON answer"):
+        check_continuable(request("x", **fields))
+    check_continuable(request("x"))  # any other answer goes on
+
+
+def test_a_job_that_cannot_be_continued_ends_failed_with_its_reason_and_the_engine_goes_on(
+    tiny_backend: Any,
+) -> None:
+    model = BatchedCausalLM(tiny_backend, slots=2, max_len=512)
+    add = model.add
+
+    def add_as_vllm_does(j: EngineJob) -> None:
+        if j.resume_ids:
+            check_continuable(j.request)
+        add(j)
+
+    model.add = add_as_vllm_does  # type: ignore[method-assign]
+    seen = Collected()
+    engine = Engine(model, seen)
+    engine.start()
+    try:
+        continued = job(request("a person", json_schema=SCHEMA, max_tokens=40))
+        continued.resume_ids = tiny_backend.tokenizer.encode('{"name": "Al', add_special_tokens=False)
+        after = job(request("after it", max_tokens=10))
+        engine.submit(continued)
+        engine.submit(after)
+        seen.wait(lambda: seen.end(continued) is not None and seen.end(after) is not None)
+        end: Any = seen.end(continued)
+        assert (end.finish_reason, end.error_type) == ("error", "generation_error")
+        assert "cannot continue a JSON answer" in end.error_message and seen.text(continued) == ""
+        assert seen.text(after) == alone(tiny_backend, after.request)[0]
+    finally:
+        engine.stop()
