@@ -115,7 +115,7 @@ class ClientJob:
                 else:
                     error = job_failure_error(event.event, event.data)
                     if error_headers:
-                        error.headers = error_headers
+                        error.headers = {**(error.headers or {}), **error_headers}
                     raise error
         return None  # the client went away
 

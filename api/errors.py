@@ -367,13 +367,21 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def job_failure_error(event: str, data: dict[str, Any]) -> ApiError:
     """The HTTP error for a job that ended without an answer (routes that wait for the answer)."""
+    # The openai SDK sends a request again after a 409 or a 5xx, which queues a new job: not for a
+    # job someone canceled, nor one that waited out its queue_ttl (it would wait again).
+    final = {"x-should-retry": "false"}
     if event == EventName.CANCELED:
-        return ApiError(409, "the job was canceled before it finished", code="job_canceled")
+        return ApiError(409, "the job was canceled before it finished", code="job_canceled", headers=final)
     kind = str(data.get("type") or "generation_error")
     message = str(data.get("message") or "the job failed")
     # Past a time limit (the front's wait, the job's queue_ttl): 504; the worker failed it: 502.
     status = {"invalid_request_error": 400, "timeout": 504, "expired": 504, "stream_interrupted": 503}
     status_code = status.get(kind, 502)
     return ApiError(
-        status_code, message, type=kind, param=data.get("param") or None, code=data.get("code") or None
+        status_code,
+        message,
+        type=kind,
+        param=data.get("param") or None,
+        code=data.get("code") or None,
+        headers=final if kind == "expired" else None,
     )

@@ -58,9 +58,10 @@ def entries_text(entries: list[Entry]) -> str:
 
 class TextOffsets:
     """Where each token's text begins in the answer: the characters its predecessors' bytes
-    make (a character split between tokens begins where the token that finishes it does); bytes
-    that make no character count as the U+FFFD each becomes in the answer's text, before the
-    token that shows them to be no character (a lead byte whose next bytes do not go on with it)."""
+    make, as the answer's text decodes them (errors replaced: bytes that make no character are
+    the U+FFFD each group becomes). A character split between tokens begins where the token that
+    finishes it does; a U+FFFD belongs to the token whose bytes it replaces, wherever the decoder
+    noticed it."""
 
     def __init__(self) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -68,21 +69,35 @@ class TextOffsets:
 
     def next(self, entry: Entry) -> int:
         raw = _entry_bytes(entry)
-        unfinished, _ = self._decoder.getstate()
-        at = self._chars + (1 if unfinished and not _goes_on(unfinished, raw) else 0)
+        held, _ = self._decoder.getstate()  # bytes the decoder has not decided on yet
+        at = self._chars + (_ending_within(held, raw[:4]) if held and raw else 0)
         self._chars += len(self._decoder.decode(raw))
         return at
 
 
-def _goes_on(unfinished: bytes, raw: bytes) -> bool:
-    """Whether ``raw`` begins with what finishes (or goes on with) the character whose first
-    bytes, ``unfinished``, came before it."""
-    size = 2 if unfinished[0] < 0xE0 else 3 if unfinished[0] < 0xF0 else 4
-    try:
-        (unfinished + raw[: size - len(unfinished)]).decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return exc.reason == "unexpected end of data"  # a beginning still: it may yet be finished
-    return True
+def _ending_within(held: bytes, more: bytes) -> int:
+    """How many characters of ``held + more`` (as decoded with errors replaced) end within
+    ``held``: what the held bytes turn out to be before the next token's own text."""
+    return sum(1 for end in _character_ends(held + more) if end <= len(held))
+
+
+def _character_ends(data: bytes) -> list[int]:
+    """The byte index just past each character that ``data`` decodes to, errors replaced (one
+    U+FFFD for each group of bytes the decoder refuses, as ``errors="replace"`` makes it)."""
+    ends: list[int] = []
+    at = 0
+    while at < len(data):
+        try:
+            text, bad = data[at:].decode("utf-8"), None
+        except UnicodeDecodeError as exc:
+            text, bad = data[at : at + exc.start].decode("utf-8"), exc
+        for char in text:
+            at += len(char.encode("utf-8"))
+            ends.append(at)
+        if bad is not None:
+            at += bad.end - bad.start
+            ends.append(at)
+    return ends
 
 
 def text_logprobs(entries: list[Entry], offsets_from: TextOffsets | None = None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ is not one of streamq's extensions) is refused as unknown (``extra="forbid"``, s
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -252,8 +253,8 @@ class ChatCompletionRequest(OpenAIFields):
         kind = value.get("type") if isinstance(value, dict) else None
         if isinstance(kind, str) and kind != "function":
             raise ValueError(
-                f"a tool_choice of type {kind!r} is not supported: only 'none', 'auto', 'required' or "
-                "a function"
+                f"a tool_choice of type {json.dumps(kind)} is not supported: only 'none', 'auto', "
+                "'required' or a function"
             )
         return value
 

@@ -181,3 +181,21 @@ def test_a_write_redis_refuses_drops_its_job_only_and_the_others_writes_stand(
     assert connection.llen(keys.tokens("pr-good")) == 5  # every token id, once
     assert int(connection.hget(keys.job("pr-good"), "stored_tokens") or 0) == 5
     assert publisher.round_trips >= 4
+
+
+def test_a_refused_end_leaves_the_job_to_be_continued_not_failed(
+    publisher: StepPublisher, connection: redis.Redis
+) -> None:
+    """Redis refused the job's end: its record still says running, so the job is continued once
+    its lease lapses. Filed failed here, RQ would list it failed, and the janitor end it so."""
+    job = _running_job(connection, "pr-end")
+    publisher.put([_output(job, "text ", 1)])
+    assert _within(SOON, lambda: _stored(connection, "pr-end") == "text ")
+    connection.delete(keys.job("pr-end"))
+    connection.set(keys.job("pr-end"), "not a hash", ex=60)  # its end: WRONGTYPE
+    try:
+        publisher.put([_output(job, "end", 2, end=FinishReason.STOP)])
+        assert job.ended.wait(SOON)
+    finally:
+        connection.delete(keys.job("pr-end"))
+    assert (job.status, job.lost) == ("lost", True)

@@ -29,6 +29,16 @@ from shared.schemas import GenerationRequest
 log = logging.getLogger("streamq.worker")
 
 
+class AnswerEnded(Exception):
+    """Replaying a job's earlier tokens ended its answer here: the last token finished a stop
+    sequence (the earlier run's end was lost), or they fill this worker's smaller budget. The
+    job ends with that finish reason and no new text."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class CannotContinue(Exception):
     """This engine cannot continue the job from its earlier run's tokens: it ends failed, with
     this reason (a continuation that went on would break the answer)."""
@@ -238,6 +248,8 @@ class Engine:
                 self._jobs.add(job)
             except InvalidJobRequest as exc:
                 outputs.append(refused(job, exc))
+            except AnswerEnded as exc:
+                outputs.append(ended(job, exc.reason))
             except CannotContinue as exc:
                 log.warning("job %s cannot be continued here: %s", job.job_id, exc)
                 outputs.append(ended(job, "error", "generation_error", str(exc)))

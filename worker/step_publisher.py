@@ -155,10 +155,16 @@ class StepPublisher(BackgroundThread):
         p.job.cancel.set()
 
     def _end_refused(self, p: _Pending, exc: Exception) -> None:
-        """Redis refused the job's end: the job ends failed here (its record in Redis still says
-        running, and it is continued from there once its lease lapses)."""
+        """Redis refused the job's end. A run's job is lost here: its record in Redis still says
+        running, and it is continued from there once its lease lapses (failed here, RQ would
+        file it failed, and the janitor end it so). A job no run holds (it expired in its queue)
+        ends failed here."""
         self._metrics.redis_errors.inc()
         log.error("job %s: Redis refused its end (%s)", p.job.job_id, exc)
+        if p.job.run:
+            p.job.lost = True
+            self._release(p, "lost")
+            return
         p.job.status, p.job.error = JobStatus.FAILED, f"could not write its end to Redis: {exc}"
         self._pending.pop(p.job, None)
         p.job.ended.set()
@@ -261,9 +267,11 @@ class StepPublisher(BackgroundThread):
         for result in results:
             if isinstance(result, redis.ReadOnlyError):  # a replica (failover): write it all again
                 raise result
+        refused: set[EngineJob] = set()
         for index, p in writes:  # their ids are in Redis now (written by this or an earlier try)
             if isinstance(results[index - 1], Exception):
                 self._refused(p, results[index - 1])
+                refused.add(p.job)
             else:
                 p.stored += len(p.ids)
         for p in due:
@@ -281,8 +289,9 @@ class StepPublisher(BackgroundThread):
                 p.job.cancel.set()
             elif flag == DeltaAnswer.GAP:  # the script handed the job back
                 self._lost_writes(p)
+        ending = {p.job for _index, p, _status in ends}
         for p in due:
-            if p.job.lost and p.end is not None:
+            if p.job.lost and p.end is not None and not (p.job in refused and p.job in ending):
                 self._release(p, Answer.REQUEUED if p.job.handed_back else "lost")
         for index, p, status in ends:
             if p.job in self._pending and isinstance(results[index - 1], Exception):

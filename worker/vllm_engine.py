@@ -34,7 +34,7 @@ from shared.schemas import ENGINE_FEATURES, TOOLS, GenerationRequest
 from shared.settings import Settings
 from worker.answer_tokens import AnswerTokens
 from worker.chat_prompt import ChatPrompt, PromptRenderer, eos_ids_of
-from worker.engine import CannotContinue, EngineJob, JobOutput
+from worker.engine import AnswerEnded, CannotContinue, EngineJob, JobOutput
 from worker.token_logprobs import TokenTexts
 from worker.vllm_cpu import check_head_size, default_kv_cache_bytes, set_cpu_defaults
 
@@ -205,15 +205,15 @@ class VLLMModel:
             prompt = self.served.encode(job.request)
         answer = self.served.answer(job.request, len(prompt), self.max_len)
         job.prompt_tokens = len(prompt)
-        if job.resume_ids:
-            check_continuable(job.request)
         for token in job.resume_ids:  # continue an earlier run: replayed here, their text was sent
             answer.push(token)
             if answer.finish_reason is not None:
                 break
         job.completion_tokens = answer.completion_tokens
         if answer.finish_reason is not None:
-            raise InvalidJobRequest("the job's earlier run had already ended its answer")
+            raise AnswerEnded(answer.finish_reason)
+        if job.resume_ids:
+            check_continuable(job.request)
         # A continued job's prompt log probabilities went out with its earlier run's first output.
         prompt_logprobs = job.request.prompt_logprobs is not None and not job.resume_ids
         request_id = f"{job.job_id}-{job.run or 'local'}-{next(self._ids)}"

@@ -70,12 +70,12 @@ def _tool(name: str) -> Any:
         (
             {"messages": [USER], "tool_choice": {"type": "custom", "custom": {"name": "shell"}}},
             "tool_choice",
-            "a tool_choice of type 'custom' is not supported",
+            'a tool_choice of type "custom" is not supported',
         ),
         (
             {"messages": [USER], "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto"}}},
             "tool_choice",
-            "a tool_choice of type 'allowed_tools' is not supported",
+            'a tool_choice of type "allowed_tools" is not supported',
         ),
     ],
 )
@@ -164,6 +164,11 @@ def test_text_offsets_count_bytes_that_make_no_character_as_the_answer_shows_the
     # text is "ab\ufffd trav"; " trav" was at 2 before, inside "ab\ufffd").
     stranded = [entry(b"ab\xe5"), entry(b" trav"), entry(b"\xf0\x9f"), entry(b"\x9a\x80!")]
     assert text_logprobs(stranded)["text_offset"] == [0, 3, 8, 8]
+    # A lead byte the next token goes on with and then breaks: the U+FFFD is that token's. A
+    # surrogate's bytes (ED A0) are two U+FFFD, before the token that follows them.
+    assert text_logprobs([entry(b"\xf0"), entry(b"\x90a")])["text_offset"] == [0, 0]
+    assert text_logprobs([entry(b"\xed\xa0"), entry(b"a")])["text_offset"] == [0, 2]
+    assert text_logprobs([entry(b"\xed"), entry(b"\xa0"), entry(b"a")])["text_offset"] == [0, 1, 2]
 
 
 async def test_a_union_field_names_the_bad_item_and_says_its_types_once(front: Front) -> None:
@@ -206,9 +211,12 @@ async def test_a_job_that_fails_on_its_worker_answers_its_status(
     """A route that waits for the answer: a job past its queue_ttl is a 504 (a time limit, like the
     front's own wait); one the worker failed, a 502. The SDK raises both as 5xx errors."""
     front.jobs.fail_with = JobError(type=failure, message="it went wrong")
-    client = _openai(front).with_options(max_retries=0)
+    client = _openai(front).with_options(max_retries=1)
     with pytest.raises(APIStatusError) as failed:
         await client.chat.completions.create(model=MODEL, messages=[USER])
     assert failed.value.status_code == status
     body: Any = failed.value.body
     assert (body["type"], body["message"]) == (failure, "it went wrong")
+    # The SDK sends it again after a 5xx, as a new job: not a job that waited out its queue_ttl
+    # (x-should-retry: false), which would wait again.
+    assert len(front.jobs.jobs) == (1 if failure == "expired" else 2)
