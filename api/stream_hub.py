@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from shared import keys
+from shared.digits import ascii_digits
 
 log = logging.getLogger("streamq.api")
 
@@ -35,14 +36,10 @@ GATHER_MAX = 0.010
 _MAX_PART = 2**64 - 1
 
 
-def _digits(text: str) -> bool:
-    return text.isascii() and text.isdigit()  # ASCII only: str.isdigit() takes '²' and '١'
-
-
 def parse_entry_id(entry_id: str) -> tuple[int, int]:
     """A stream entry id ("<ms>-<seq>" or "<ms>") as a pair; ValueError if Redis would refuse it."""
     ms, dash, seq = entry_id.partition("-")
-    if not _digits(ms) or (dash and not _digits(seq)):
+    if not ascii_digits(ms) or (dash and not ascii_digits(seq)):
         raise ValueError(f"not a stream entry id: {entry_id!r}")
     pair = int(ms), int(seq or 0)
     if max(pair) > _MAX_PART:

@@ -11,6 +11,8 @@ from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_va
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.connection import parse_url
 
+from shared.digits import ascii_digits
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
@@ -23,7 +25,7 @@ def parse_sentinels(value: str) -> list[tuple[str, int]]:
         host, sep, port = item.rpartition(":")
         if not sep:
             host, port = item, "26379"
-        if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        if not host or not ascii_digits(port) or not 0 < int(port) < 65536:
             raise ValueError(f"a sentinel address is host:port, not {item!r}")
         addresses.append((host.strip("[]"), int(port)))
     return addresses
@@ -255,8 +257,7 @@ class Settings(BaseSettings):
             )
         parts = urlsplit(value)
         database = parts.path.strip("/")
-        number = database.isascii() and database.isdigit()
-        if parts.scheme in ("redis", "rediss") and database and not number:
+        if parts.scheme in ("redis", "rediss") and database and not ascii_digits(database):
             raise ValueError(f"not a Redis URL: its database must be a number, not {database!r}")
         return value
 

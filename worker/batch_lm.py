@@ -30,7 +30,7 @@ from worker.answer_tokens import AnswerTokens
 from worker.batch_logprobs import answer_entries, prompt_entries
 from worker.causal_lm import CausalLMChat
 from worker.chat_prompt import PromptRenderer
-from worker.engine import AnswerEnded, EngineJob, JobOutput
+from worker.engine import EngineJob, JobOutput, resume
 from worker.logits_rules import JobRules, apply_rules, logits_width
 from worker.sampling import JobDraws, SamplingParams
 from worker.slot_cache import SlotCache, decode_mask, extend_mask, prefill_mask
@@ -106,14 +106,7 @@ class BatchedCausalLM:
         answer = self.backend.answer(request, len(prompt), self.cache.max_len)
         params, draws = self.backend.sampling(request, job.job_id)
         job.prompt_tokens = len(prompt)
-        if job.resume_ids:  # continue an earlier run: its tokens are replayed, their text was sent
-            for token in job.resume_ids:
-                answer.push(token)
-                if answer.finish_reason is not None:  # a smaller budget here than the earlier run's
-                    break
-            job.completion_tokens = answer.completion_tokens
-            if answer.finish_reason is not None:
-                raise AnswerEnded(answer.finish_reason)
+        resume(job, answer)  # continue an earlier run, if there was one
         rules = JobRules.of(request, prompt, job.resume_ids, self._grammars, self._device)
         sequence = _Sequence(job, prompt + job.resume_ids, answer, params, draws, rules, request.logprobs)
         if request.prompt_logprobs is not None and not job.resume_ids:  # else the earlier run sent them

@@ -20,11 +20,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from shared.limits import InvalidJobRequest
 from shared.logprobs import TokenLogprob
 from shared.schemas import GenerationRequest
+
+if TYPE_CHECKING:
+    from worker.answer_tokens import AnswerTokens
 
 log = logging.getLogger("streamq.worker")
 
@@ -101,6 +104,18 @@ class JobOutput:
 
 # The finish reason of a job a stopping engine gives back, for its queue (never a job's own end).
 HANDBACK = "handback"
+
+
+def resume(job: EngineJob, answer: AnswerTokens) -> None:
+    """Replay into ``answer`` the tokens an earlier run of the job generated (their text was
+    sent), so that it goes on from there; AnswerEnded when they end the answer here."""
+    for token in job.resume_ids:
+        answer.push(token)
+        if answer.finish_reason is not None:  # e.g. a smaller budget here than the earlier run's
+            break
+    job.completion_tokens = answer.completion_tokens
+    if answer.finish_reason is not None:
+        raise AnswerEnded(answer.finish_reason)
 
 
 def ended(

@@ -35,7 +35,7 @@ def vllm_serves(model: str, trust_remote_code: bool) -> bool:
 
 
 def choose_engine(settings: Settings, device: str) -> EngineName:
-    from worker.vllm_engine import vllm_installed
+    from worker.vllm_setup import vllm_installed
 
     if settings.engine != "auto":
         return settings.engine

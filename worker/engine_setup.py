@@ -55,10 +55,10 @@ def build_model(settings: Settings, backend: ServedModel) -> tuple[BatchModel, i
 
     if isinstance(backend, SyntheticBackend):
         return SyntheticModel(backend, settings.slots or SYNTHETIC_SLOTS), None
-    from worker.vllm_engine import VLLMServed
+    from worker.vllm_setup import VLLMServed
 
     if isinstance(backend, VLLMServed):
-        from worker.vllm_engine import build_vllm_model
+        from worker.vllm_setup import build_vllm_model
 
         return build_vllm_model(settings, backend)
     if isinstance(backend, ChatGLMChat):  # a model with its own stream_chat: one job per slot, unbatched

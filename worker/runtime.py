@@ -55,7 +55,7 @@ def load_worker_backend(settings: Settings, served: str) -> ServedModel:
     engine = choose_engine(settings, device)
     log.info("engine: %s (STREAMQ_ENGINE=%s)", engine, settings.engine)
     if engine == "vllm":
-        from worker.vllm_engine import load_vllm_served
+        from worker.vllm_setup import load_vllm_served
 
         return load_vllm_served(settings, served, device)
     configure_threads(device, settings.torch_threads)

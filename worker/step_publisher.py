@@ -151,8 +151,9 @@ class StepPublisher(BackgroundThread):
             p.job.job_id,
             exc,
         )
-        p.job.lost = True
-        p.job.cancel.set()
+        if p.end is None:  # else its handback went in the same round trip: its answer decides
+            p.job.lost = True
+            p.job.cancel.set()
 
     def _end_refused(self, p: _Pending, exc: Exception) -> None:
         """Redis refused the job's end. A run's job is lost here: its record in Redis still says
@@ -267,21 +268,13 @@ class StepPublisher(BackgroundThread):
         for result in results:
             if isinstance(result, redis.ReadOnlyError):  # a replica (failover): write it all again
                 raise result
-        refused: set[EngineJob] = set()
-        for index, p in writes:  # their ids are in Redis now (written by this or an earlier try)
-            if isinstance(results[index - 1], Exception):
-                self._refused(p, results[index - 1])
-                refused.add(p.job)
-            else:
-                p.stored += len(p.ids)
-        for p in due:
-            p.text, p.ids, p.counts_dirty = "", [], False
-            p.job.publish_due = now + self._interval
-            p.logprobs, p.prompt_logprobs = [], None
         for index, p in writes:
-            if isinstance(results[index - 1], Exception):
+            result = results[index - 1]
+            if isinstance(result, Exception):
+                self._refused(p, result)
                 continue
-            flag = int(results[index - 1])
+            p.stored += len(p.ids)  # in Redis now (written by this or an earlier try)
+            flag = int(result)
             if flag == DeltaAnswer.CANCEL_ASKED:
                 p.job.cancel.set()
             elif flag == DeltaAnswer.NOT_HELD:  # another run holds the job now (this worker was thought dead)
@@ -289,9 +282,11 @@ class StepPublisher(BackgroundThread):
                 p.job.cancel.set()
             elif flag == DeltaAnswer.GAP:  # the script handed the job back
                 self._lost_writes(p)
-        ending = {p.job for _index, p, _status in ends}
         for p in due:
-            if p.job.lost and p.end is not None and not (p.job in refused and p.job in ending):
+            p.text, p.ids, p.counts_dirty = "", [], False
+            p.job.publish_due = now + self._interval
+            p.logprobs, p.prompt_logprobs = [], None
+            if p.job.lost and p.end is not None:
                 self._release(p, Answer.REQUEUED if p.job.handed_back else "lost")
         for index, p, status in ends:
             if p.job in self._pending and isinstance(results[index - 1], Exception):

@@ -129,10 +129,10 @@ class JobScripts:
         redis-py's pipeline gives it) and the others' answers stand: a pipeline is not a
         transaction, so the commands before and after a refused one did run."""
         try:
-            results = list(pipe.execute(raise_on_error=raise_on_error))
+            results: list[Any] | None = list(pipe.execute(raise_on_error=raise_on_error))
         except NoScriptError:
-            results = [NoScriptError()]
-        if any(isinstance(result, NoScriptError) for result in results):
+            results = None
+        if results is None or any(isinstance(result, NoScriptError) for result in results):
             for script in SCRIPTS:
                 self._connection.script_load(script.source)
             raise ScriptsReloaded("Redis had lost streamq's scripts; loaded again")

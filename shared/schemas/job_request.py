@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shared.digits import ascii_digits
 from shared.logprobs import MAX_LOGPROBS, MAX_PROMPT_LOGPROBS
 from shared.schemas.json_schema_check import UsableSchema
 from shared.schemas.messages import ChatMessage, Text, ToolDefinition
@@ -93,7 +94,7 @@ class SamplingFields(BaseModel):
     @classmethod
     def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for token, bias in (value or {}).items():
-            if not (token.isascii() and token.isdigit()):  # not '²', nor other scripts' digits
+            if not ascii_digits(token):
                 raise ValueError(f"logit_bias keys are token ids, got {token!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"a logit bias is from -100 to 100, got {bias} for token {token}")

@@ -1,0 +1,166 @@
+"""Starting vLLM as a worker's engine: what the worker serves (the tokenizer side; vLLM loads the
+weights in its own engine), vLLM's engine arguments from streamq's settings (KV cache, context,
+slots, CPU binding), and the engine itself with the slots its scheduler and KV cache hold.
+``worker.vllm_engine`` drives it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from shared.logprobs import MAX_LOGPROBS
+from shared.settings import Settings
+from worker.chat_prompt import ChatPrompt, eos_ids_of
+from worker.vllm_cpu import check_head_size, default_kv_cache_bytes, set_cpu_defaults
+from worker.vllm_engine import VLLMModel
+
+log = logging.getLogger("streamq.worker")
+
+DEFAULT_MAX_MODEL_LEN = 8192
+GiB = 2**30
+
+
+class VLLMServed(ChatPrompt):
+    """What a vLLM worker serves, as the worker's threads see it: the tokenizer side only (vLLM
+    loads the weights in its own engine)."""
+
+    def __init__(
+        self, name_or_path: str, tokenizer: Any, name: str, device: str, dtype: str, eos_ids: set[int]
+    ) -> None:
+        self.name_or_path = name_or_path
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = device
+        self.dtype = dtype
+        self.eos_ids = eos_ids
+        self.model_context: int | None = None  # the model's own (max_position_embeddings)
+        self.kv_bytes_per_token: int | None = None  # keys and values of every layer, in dtype
+        self.context_length: int | None = None  # set by the engine: vLLM's max_model_len
+
+
+def vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def load_vllm_served(settings: Settings, served: str, device: str) -> VLLMServed:
+    """The tokenizer, chat template and end-of-sequence ids of ``settings.model``, to serve on
+    ``device`` (resolved: cpu or cuda)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from worker.engine_setup import kv_bytes_per_token
+    from worker.model_loading import resolve_dtype
+
+    if not vllm_installed():
+        raise ValueError("the vLLM engine is not installed: run `make install-vllm` (see README)")
+    model = settings.model or ""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"the vLLM engine runs on 'cpu' or 'cuda', not {device!r}")
+    dtype = resolve_dtype(settings.dtype, device)
+    remote = settings.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=remote)
+    config = AutoConfig.from_pretrained(model, trust_remote_code=remote)
+    try:
+        generation: Any = GenerationConfig.from_pretrained(model)
+    except OSError:
+        generation = None
+    eos_ids = eos_ids_of(tokenizer, generation, config)
+    served_model = VLLMServed(model, tokenizer, served, device, dtype, eos_ids)
+    served_model.model_context = getattr(config, "max_position_embeddings", None)
+    if device == "cpu":
+        check_head_size(config)
+    if getattr(config, "num_hidden_layers", None) and getattr(config, "num_attention_heads", None):
+        served_model.kv_bytes_per_token = kv_bytes_per_token(config, 4 if dtype == "float32" else 2)
+    return served_model
+
+
+def check_kv_budget(settings: Settings, served: VLLMServed, max_len: int) -> None:
+    """Refuse a KV cache too small for one job of ``max_len`` tokens, before vLLM starts (and
+    fails far less clearly, in its engine process)."""
+    per_token = served.kv_bytes_per_token
+    if not settings.kv_cache_gib or not per_token:
+        return
+    tokens = int(settings.kv_cache_gib * GiB) // per_token
+    if tokens < max_len:
+        need = max_len * per_token / GiB
+        raise ValueError(
+            f"STREAMQ_KV_CACHE_GIB={settings.kv_cache_gib:g} holds about {tokens} tokens of this "
+            f"model, and one job may take {max_len} (STREAMQ_MAX_SEQ_LEN): give the KV cache at "
+            f"least {need:.2f} GiB, or lower STREAMQ_MAX_SEQ_LEN"
+        )
+
+
+def job_length(settings: Settings, served: VLLMServed) -> int:
+    """Prompt + answer tokens of one job: vLLM's max_model_len."""
+    context = min(served.model_context or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
+    return settings.max_seq_len or context
+
+
+def engine_args(settings: Settings, served: VLLMServed) -> Any:
+    from vllm import EngineArgs
+    from vllm.config import StructuredOutputsConfig
+
+    kv_bytes = int(settings.kv_cache_gib * GiB) if settings.kv_cache_gib else None
+    if kv_bytes is None and served.device == "cpu":
+        kv_bytes = default_kv_cache_bytes(job_length(settings, served), served.kv_bytes_per_token)
+    return EngineArgs(
+        # On a CPU, vLLM runs the model in an executor process of its own (its OpenMP threads are
+        # bound there); that process exits when the worker dies, however it dies.
+        distributed_executor_backend="mp" if served.device == "cpu" else None,
+        model=served.name_or_path,
+        served_model_name=served.name,
+        dtype=served.dtype,
+        trust_remote_code=settings.trust_remote_code,
+        max_model_len=job_length(settings, served),
+        max_num_seqs=settings.slots,
+        kv_cache_memory_bytes=kv_bytes,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        pipeline_parallel_size=settings.pipeline_parallel_size,
+        enforce_eager=settings.vllm_eager,
+        # JSON answers without free whitespace (engine-wide in vLLM): a model cannot pad one out
+        # until max_tokens, and the JSON is as valid.
+        structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
+        # Log probabilities of the model's own distribution, before temperature, penalties, bias
+        # or a grammar change it (vLLM's default, as OpenAI reports them), up to OpenAI's limit.
+        logprobs_mode="raw_logprobs",
+        max_logprobs=MAX_LOGPROBS,
+        disable_log_stats=True,
+    )
+
+
+def kv_cache_tokens(engine: Any) -> int | None:
+    cache = engine.vllm_config.cache_config
+    blocks = getattr(cache, "num_gpu_blocks", None)
+    return int(blocks) * int(cache.block_size) if blocks else None
+
+
+def build_vllm_model(settings: Settings, served: VLLMServed) -> tuple[VLLMModel, int]:
+    """Start vLLM's engine on the model; the slots are what its scheduler and KV cache hold."""
+    check_kv_budget(settings, served, job_length(settings, served))
+    if served.device == "cpu":
+        set_cpu_defaults(settings)
+    # vLLM's engine core (its scheduler) in this process, stepped by the worker's engine thread:
+    # in a process of its own it would outlive a worker killed with SIGKILL, holding its memory.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLMEngine
+
+    engine = LLMEngine.from_engine_args(engine_args(settings, served))
+    config = engine.vllm_config
+    max_len = int(config.model_config.max_model_len)
+    max_seqs = int(config.scheduler_config.max_num_seqs)
+    kv_tokens = kv_cache_tokens(engine)
+    # Every job the worker takes has room for its whole length in the KV cache, so vLLM never
+    # preempts one: STREAMQ_SLOTS asks for more (vLLM then preempts and recomputes when short).
+    fit = max(1, kv_tokens // max_len) if kv_tokens else max_seqs
+    slots = settings.slots or min(max_seqs, fit)
+    served.context_length = max_len
+    log.info(
+        "vLLM engine: %d slots (max_num_seqs %d, KV cache %s tokens), %d tokens per job",
+        slots,
+        max_seqs,
+        kv_tokens if kv_tokens is not None else "?",
+        max_len,
+    )
+    return VLLMModel(engine, served, slots, max_len), max_len
