@@ -74,3 +74,26 @@ def test_a_job_that_cannot_be_continued_ends_failed_with_its_reason_and_the_engi
         assert seen.text(after) == alone(tiny_backend, after.request)[0]
     finally:
         engine.stop()
+
+
+def test_a_stream_chat_model_cannot_continue_and_says_so_as_a_failure_not_a_bad_request(
+    tiny_backend: Any,
+) -> None:
+    """A model served through its own stream_chat (ChatGLM) cannot take an earlier run's tokens:
+    the job fails (502 on routes that wait, which the client may send again), not a 400 that
+    blames a request that was fine."""
+    from worker.serial_model import SerialModel
+
+    seen = Collected()
+    engine = Engine(SerialModel(tiny_backend, slots=1), seen)
+    engine.start()
+    try:
+        continued = job(request("go on", max_tokens=10))
+        continued.resume_ids = [5, 6, 7]
+        engine.submit(continued)
+        seen.wait(lambda: seen.end(continued) is not None)
+    finally:
+        engine.stop()
+    end: Any = seen.end(continued)
+    assert (end.finish_reason, end.error_type) == ("error", "generation_error")
+    assert "cannot continue an answer another worker began" in end.error_message

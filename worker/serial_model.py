@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from shared.limits import InvalidJobRequest
 from worker.backend import ChatBackend, GenerationStep
-from worker.engine import EngineJob, JobOutput, ended, refused
+from worker.engine import CannotContinue, EngineJob, JobOutput, ended, refused
 
 
 class SerialModel:
@@ -27,10 +27,10 @@ class SerialModel:
         """Nothing to set up outside the engine thread."""
 
     def add(self, job: EngineJob) -> None:
-        if job.resume_ids:
-            raise InvalidJobRequest(
+        if job.resume_ids:  # not the client's request at fault: a 502 the client may send again
+            raise CannotContinue(
                 "this model runs through its own stream_chat, which cannot continue an answer "
-                "another worker began; the job's worker was lost"
+                "another worker began; the job's worker was lost: send the request again"
             )
         self._steps[job] = self.backend.generate(job.request)
 
