@@ -271,13 +271,6 @@ class ChatCompletionRequest(OpenAIFields):
     def _unsupported(cls, value: Any) -> Any:
         return refuse_unless(value, (None,), "not supported by this server")
 
-    @field_validator("messages")
-    @classmethod
-    def _ends_with_user(cls, value: list[OpenAIMessage]) -> list[OpenAIMessage]:
-        if value and value[-1].role not in ("user", "tool"):
-            raise ValueError("the last message must have role 'user' (or 'tool')")
-        return value
-
     @model_validator(mode="after")
     def _logprobs_asked(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:

@@ -51,6 +51,42 @@ def test_the_prompt_is_built_with_the_chat_template(tiny_backend: Any) -> None:
     )
 
 
+def test_a_conversation_may_end_with_an_assistant_or_system_turn(tiny_backend: Any) -> None:
+    """As OpenAI and vLLM take it: the model answers in a new assistant turn after it."""
+    for last in (ChatMessage(role="assistant", content="hello"), ChatMessage(role="system", content="hey")):
+        ids = tiny_backend.encode(PromptInput(messages=[ChatMessage(role="user", content="hi"), last]))
+        assert tiny_backend.tokenizer.decode(ids) == (
+            f"<|im_start|>user\nhi<|im_end|>\n<|im_start|>{last.role}\n{last.content}<|im_end|>\n"
+            "<|im_start|>assistant\n"
+        )
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_bad_request_naming_messages(tiny_backend: Any) -> None:
+    """A template's own check (Llama-style "roles must alternate") is about the request, not a
+    failure of the model: a 400 naming ``messages`` with the template's words."""
+    import copy
+
+    from worker.chatglm import to_query_and_history
+
+    tokenizer = copy.deepcopy(tiny_backend.tokenizer)
+    tokenizer.chat_template = (
+        "{%- if messages[-1]['role'] != 'user' %}{{ raise_exception('roles must alternate') }}{%- endif %}"
+        "{%- for m in messages %}{{ m['content'] }}{%- endfor %}"
+    )
+    ending_with_the_assistant = PromptInput(
+        messages=[ChatMessage(role="user", content="hi"), ChatMessage(role="assistant", content="hello")]
+    )
+    with pytest.raises(InvalidJobRequest) as refused:
+        tiny_backend.encode(ending_with_the_assistant, tokenizer)
+    assert refused.value.param == "messages" and "roles must alternate" in str(refused.value)
+    # ChatGLM's stream_chat is asked a question: a conversation must end with the user's turn.
+    with pytest.raises(InvalidJobRequest) as refused:
+        to_query_and_history(ending_with_the_assistant.messages)
+    assert refused.value.param == "messages" and "user" in str(refused.value)
+    system_last = [ChatMessage(role="user", content="hi"), ChatMessage(role="system", content="x")]
+    assert to_query_and_history(system_last) == ("x\n\nhi", [])
+
+
 def test_greedy_is_repeatable_and_prompts_give_different_answers(tiny_backend: Any) -> None:
     first = run(tiny_backend, request("alpha"))
     assert first == run(tiny_backend, request("alpha"))

@@ -216,7 +216,6 @@ def test_an_unknown_model_is_not_found(client: openai.OpenAI) -> None:
             "messages.0.content",
             "image_url",
         ),
-        ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages", "last message"),
         ({"messages": []}, "messages", "at least 1"),
     ],
 )
@@ -230,6 +229,28 @@ def test_bad_parameters_are_a_bad_request(
     assert error.type == "invalid_request_error"
     assert isinstance(error.param, str) and error.param.startswith(param), error.param
     assert words in error.message
+
+
+def test_a_conversation_ending_with_an_assistant_or_system_turn_is_answered_in_a_new_turn(
+    client: openai.OpenAI, stack: Stack, tiny_backend: Any
+) -> None:
+    """OpenAI answers such a conversation (an assistant's earlier answer, a system note last) with
+    a new assistant turn; the prompt is the whole conversation rendered by the chat template."""
+    from shared.schemas import ChatMessage, GenerationRequest, PromptInput
+
+    for last in ({"role": "assistant", "content": "A list."}, {"role": "system", "content": "Be brief."}):
+        messages = [{"role": "user", "content": "What is a queue?"}, last]
+        completion = client.chat.completions.create(
+            model=model_of(stack),
+            messages=messages,
+            max_tokens=8,
+            temperature=0,  # type: ignore[arg-type]
+        )
+        turns = [ChatMessage(**m) for m in messages]
+        assert completion.usage is not None
+        assert completion.usage.prompt_tokens == len(tiny_backend.encode(PromptInput(messages=turns)))
+        alone = GenerationRequest(messages=turns, max_tokens=8, temperature=0.0, top_p=1.0)
+        assert completion.choices[0].message.content == "".join(s.delta for s in tiny_backend.generate(alone))
 
 
 def test_any_signed_64_bit_seed_and_a_null_stream_are_taken_as_openai_takes_them(

@@ -11,7 +11,9 @@ import copy
 import threading
 from typing import Any
 
-from shared.limits import answer_budget
+from jinja2 import TemplateError
+
+from shared.limits import InvalidJobRequest, answer_budget
 from shared.schemas import GenerationRequest, PromptInput
 from worker.answer_tokens import AnswerTokens
 
@@ -47,9 +49,14 @@ class ChatPrompt:
         turns = [m.template_turn() for m in prompt.messages]
         if getattr(tokenizer, "chat_template", None):
             tools = [t.model_dump(exclude_none=True) for t in prompt.tools] if prompt.tools else None
-            text = tokenizer.apply_chat_template(
-                turns, tools=tools, add_generation_prompt=True, tokenize=False
-            )
+            try:
+                text = tokenizer.apply_chat_template(
+                    turns, tools=tools, add_generation_prompt=True, tokenize=False
+                )
+            except TemplateError as exc:  # the template's own check (``raise_exception``)
+                raise InvalidJobRequest(
+                    f"the model's chat template refused the conversation: {exc}", "messages"
+                ) from exc
         elif prompt.tools:
             raise ValueError("this model has no chat template to give it tools")
         else:  # a base model without a template: a plain transcript

@@ -22,12 +22,19 @@ def has_own_stream_chat(model: Any) -> bool:
 def to_query_and_history(messages: list[ChatMessage]) -> tuple[str, list[tuple[str, str]]]:
     """ChatGLM's (query, [(query, response), ...]) from OpenAI-style messages.
 
-    A system message is put before the first query, as ChatGLM-6B has no system role.
+    A system message is put before the first query, as ChatGLM-6B has no system role. The last
+    turn (system messages aside) must be the user's: stream_chat has no other way to be asked.
     """
     if any(m.role == "tool" or m.tool_calls for m in messages):
         raise InvalidJobRequest("this model's stream_chat takes no tool calls or tool results", "messages")
     system = "\n".join(m.content for m in messages if m.role == "system")
     turns = [m for m in messages if m.role != "system"]
+    if not turns or turns[-1].role != "user":
+        raise InvalidJobRequest(
+            "this model's stream_chat answers a question: the last message other than a system "
+            "message must be the user's",
+            "messages",
+        )
     history: list[tuple[str, str]] = []
     pending: str | None = None
     for message in turns[:-1]:

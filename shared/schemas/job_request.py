@@ -152,11 +152,8 @@ class JobRequest(SamplingFields):
             raise ValueError(f"'{given[1]}' cannot go with '{given[0]}': give one of them, not both")
         if self.history and self.prompt is None:
             raise ValueError("'history' goes with 'prompt'; put earlier turns in 'messages' instead")
-        if self.messages is not None:
-            if not self.messages:
-                raise ValueError("'messages' must not be empty")
-            if self.messages[-1].role not in ("user", "tool"):
-                raise ValueError("the last message must have role 'user' (or 'tool')")
+        if self.messages is not None and not self.messages:
+            raise ValueError("'messages' must not be empty")
         if self.raw_prompt is not None and not self.raw_prompt:
             raise ValueError("'raw_prompt' must not be empty")
         if self.tools is not None and self.messages is None:

@@ -189,6 +189,16 @@ async def test_delete_forgets_the_response_and_cancels_a_running_one(front: Fron
     assert job["status"] == "canceled"  # the job itself stays readable until it expires
 
 
+async def test_input_ending_with_an_assistant_or_developer_message_is_answered(front: Front) -> None:
+    """As OpenAI takes it: the model answers after the last item, in a new turn."""
+    client = _openai(front)
+    for last in ({"role": "assistant", "content": "me last"}, {"role": "developer", "content": "be brief"}):
+        response = await client.responses.create(model=MODEL, input=[{"role": "user", "content": "hi"}, last])
+        assert response.status == "completed" and response.output_text
+        role = "system" if last["role"] == "developer" else last["role"]
+        assert _turns(front, response.id) == [("user", "hi"), (role, last["content"])]
+
+
 async def test_input_items_are_listed_newest_first_and_paged(front: Front) -> None:
     client = _openai(front)
     given: Any = [
@@ -336,7 +346,6 @@ async def test_text_format_json_schema_is_the_jobs_response_format(front: Front)
         ({"tools": [ADD], "tool_choice": {"type": "function", "name": "sub"}}, "tool_choice"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
         ({"input": [{"type": "item_reference", "id": "x"}]}, "input"),
-        ({"input": [{"role": "assistant", "content": "me last"}]}, "input"),
         ({"conversation": "conv_1"}, "conversation"),
         ({"stream_options": {"include_obfuscation": True}}, "stream_options.include_obfuscation"),
         (
