@@ -114,6 +114,8 @@ class ClientJob:
                     return WholeAnswer("".join(parts), event, entries, prompt_entries)
                 else:
                     error = job_failure_error(event.event, event.data)
+                    if error.type == "stream_interrupted":
+                        error.message += self.interrupted_wait()
                     if error_headers:
                         error.headers = {**(error.headers or {}), **error_headers}
                     raise error
@@ -133,6 +135,17 @@ class ClientJob:
             raise
         finally:
             await self.close()
+
+    def interrupted_wait(self, resource: str = "") -> str:
+        """A request waiting for the whole answer could not follow its job to the end (the front
+        is stopping, its stream read failed): the client can only send the request again (the
+        SDKs do so after the 503 at once), so the job is canceled unless detached, not left to run
+        beside its retry. What to add to the error's message (``resource``: where a detached
+        job's result is read, its job by default)."""
+        self.client_gone()
+        if self.detached:
+            return f"; the job runs on: GET {resource or f'/v1/jobs/{self.id}'}"
+        return "; its job was canceled: send the request again"
 
     def client_gone(self) -> None:
         """The client went away (or its request was torn down): cancel the job without waiting,

@@ -50,6 +50,7 @@ CLIENT_NAME = "streamq-front"  # how the front's connections show in CLIENT LIST
 # short pauses: an unreachable Redis (refused) fails the request within ~0.1 s; a timeout is not
 # retried, so a Redis that hangs fails it after one command timeout.
 _RETRIES = 3
+CANCELS_AT_CLOSE = 2.0  # seconds a closing front waits for its cancels still in flight
 _BACKOFF = {"cap": 0.2, "base": 0.02}
 _RETRIED = (RedisConnectionError,)  # not TimeoutError (which redis-py's Retry includes by default)
 
@@ -238,6 +239,10 @@ class RedisJobClient:
         task.add_done_callback(self.background.discard)
 
     async def close(self) -> None:
+        # The cancels of jobs whose clients went away (or whose waits the shutdown ended) go out
+        # before the connections close, each within a command's timeout and a retry or two.
+        if self.background:
+            await asyncio.wait(list(self.background), timeout=CANCELS_AT_CLOSE)
         self.metrics.unwatch_deployment()
         self.janitor.request_stop()
         self.epoch.request_stop()

@@ -143,7 +143,9 @@ class ResponseEvents:
     def feed(self, event: JobEvent) -> list[Obj]:
         """The response's events for one of the job's stored events (none for a live position)."""
         self._events = []
-        if event.id is None or self.final:
+        # An event without an id is a live position update, or the final error of a job Redis
+        # lost (``job_lost``): that one ends the response.
+        if self.final or (event.id is None and not event.final):
             return []
         if not self._created:
             self._created = True
@@ -184,7 +186,7 @@ class ResponseEvents:
     def _lifecycle(self, kind: str) -> None:
         self._emit(kind, response=self.response())
 
-    def _end(self, status: str, event_id: str) -> None:
+    def _end(self, status: str, event_id: str | None) -> None:
         self._close("completed" if status == "completed" else "incomplete")
         self.status = status
         self.completed_at = _seconds(event_id)

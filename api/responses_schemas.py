@@ -175,6 +175,14 @@ class ResponsesRequest(BaseModel):
     def _some_input(cls, value: str | list[InputItem]) -> str | list[InputItem]:
         if isinstance(value, list) and not value:
             raise ValueError("'input' must not be empty")
+        seen: dict[str, int] = {}
+        for n, item in enumerate(value if isinstance(value, list) else []):
+            given = getattr(item, "id", None)
+            if given is not None and seen.setdefault(given, n) != n:  # its items are listed by id
+                raise ValueError(
+                    f"Duplicate item found with id {given} (input.{seen[given]} and input.{n}): "
+                    "remove duplicate items from your input and try again"
+                )
         return value
 
     max_output_tokens: int | None = Field(None, ge=1, strict=True)

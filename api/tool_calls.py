@@ -227,17 +227,29 @@ class ToolCallReader:
         self._job_id = job_id
         self._buffer = ""
         self._in_call = False
+        self._blank = ""  # trailing whitespace, held until text (not a call) follows
         self.calls = 0  # calls made so far
 
     def _next_call(self, name: str, arguments: str) -> dict[str, Any]:
         index = self.calls
         self.calls += 1
+        self._blank = ""  # the newlines between calls
         return {"tool_calls": [_call(f"call_{self._job_id}_{index}", index, name, arguments)]}
 
     def _content(self, text: str) -> list[dict[str, Any]]:
-        if not text or (self.calls and not text.strip()):  # the newlines between calls
-            return []
-        return [{"content": text}]
+        """Text as a content delta. Its trailing whitespace is held back: sent before the text
+        that follows it, dropped when a call follows it (the newlines around calls) or the
+        answer ends after one. So text keeps its line breaks however its deltas were cut (a
+        delta of only a newline is common), and the stream's content is the whole answer's."""
+        text = self._blank + text
+        body = text.rstrip()
+        self._blank = text[len(body) :]
+        return [{"content": body}] if body else []
+
+    def _end(self, deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The last deltas, with the whitespace held at the end when the answer made no call."""
+        blank, self._blank = self._blank, ""
+        return [*deltas, {"content": blank}] if blank and not self.calls else deltas
 
     def feed(self, text: str) -> list[dict[str, Any]]:
         mode = self.plan.mode
@@ -287,12 +299,12 @@ class ToolCallReader:
         (``cut``: the answer ended at its length limit, and a call it had begun is a call)."""
         rest, self._buffer = self._buffer, ""
         if self.plan.mode == "required":
-            return self._required(rest, cut)
+            return self._end(self._required(rest, cut))
         if self._in_call:  # the answer ended inside a call: a call if its JSON is whole
             self._in_call = False
             parsed = _hermes_call(rest.strip())
-            return [self._next_call(*parsed)] if parsed else self._content(OPEN + rest)
-        return self._content(rest)
+            return self._end([self._next_call(*parsed)] if parsed else self._content(OPEN + rest))
+        return self._end(self._content(rest))
 
     def _required(self, text: str, cut: bool) -> list[dict[str, Any]]:
         if not text.lstrip().startswith("["):  # not a list of calls after all (no grammar held it)

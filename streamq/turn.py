@@ -30,8 +30,6 @@ class Turn:
 
     def apply(self, event: StreamEvent) -> None:
         self.reconnecting = None
-        if event.id is not None:
-            self.last_event_id = event.id
         if event.event == EventName.QUEUED:
             self.phase = "queued"
             self.position = event.position
@@ -49,6 +47,9 @@ class Turn:
             self.phase, self.error = "error", event.job_error()
         elif event.event == EventName.CANCELED:
             self.phase = "canceled"
+        # Last: a Ctrl-C between the two would re-follow from an event whose text it never kept.
+        if event.id is not None:
+            self.last_event_id = event.id
 
     def on_reconnect(self, attempt: int, wait: float, why: str) -> None:
         """The client's reconnect hook: the stream dropped and is being re-attached."""

@@ -1,7 +1,8 @@
 """A front stopped with SIGTERM (a rolling deploy): its open requests end as the README says,
 before uvicorn's grace runs out, and their jobs run on. A request waiting for its whole answer
-gets a 503 in the error envelope (with its job's id), an OpenAI stream an error event, a job
-API stream its "reconnect with Last-Event-ID" comment; no job is canceled, no 500, no traceback."""
+gets a 503 in the error envelope (with its job's id) and its job is canceled (the client's retry
+runs it again), an OpenAI stream an error event, a job API stream its "reconnect with
+Last-Event-ID" comment, and the streamed jobs run on; no 500, no traceback."""
 
 from __future__ import annotations
 
@@ -66,14 +67,18 @@ def test_a_stopping_front_ends_its_requests_cleanly_and_its_jobs_run_on(slow_sta
     assert whole_answer.status_code == 503, whole_answer.text
     error = whole_answer.json()["error"]
     assert error["type"] == "stream_interrupted" and "this front is stopping" in error["message"], error
+    assert "its job was canceled: send the request again" in error["message"]
     datas = [line[6:] for line in results["stream"] if line.startswith("data: ")]
     assert datas and "error" in json.loads(datas[-1]), results["stream"]  # an error event ends it
     assert "this front is stopping" in json.loads(datas[-1])["error"]["message"]
     assert ": interrupted, reconnect with Last-Event-ID" in results["events"]
 
-    # The jobs run on, on the other front too (they were not canceled with their requests).
-    for job_id in (whole_answer.headers["X-Streamq-Job-Id"], results["stream_job"], job["id"]):
+    # The streamed jobs run on, on the other front too (they were not canceled with their
+    # requests); the waited one is canceled, as no one can read it now.
+    for job_id in (results["stream_job"], job["id"]):
         assert slow_stack.job(job_id)["status"] == "running", job_id
+    waited = whole_answer.headers["X-Streamq-Job-Id"]
+    wait_for(lambda: slow_stack.job(waited)["status"] == "canceled", 10, "the waited job's cancel")
     log = front.log()
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log
-    slow_stack.cancel([whole_answer.headers["X-Streamq-Job-Id"], results["stream_job"], job["id"]])
+    slow_stack.cancel([results["stream_job"], job["id"]])

@@ -55,12 +55,28 @@ def test_hermes_calls_are_read_whole_and_streamed_alike() -> None:
     ]
     for seed in range(20):
         deltas = streamed(AUTO, TWO_CALLS, seed)
-        assert "".join(d.get("content", "") for d in deltas) == "Let me check.\n"
+        assert "".join(d.get("content", "") for d in deltas) == "Let me check."  # as the whole answer's
         streamed_calls = [c for d in deltas for c in d.get("tool_calls", [])]
         assert [c["index"] for c in streamed_calls] == [0, 1]
         assert [c["function"]["arguments"] for c in streamed_calls] == [
             c["function"]["arguments"] for c in calls
         ]
+
+
+def test_text_after_a_call_keeps_its_line_breaks_however_its_deltas_are_cut() -> None:
+    """Whitespace between calls, and after the last, is no content; text after a call keeps every
+    blank of its own, in whatever pieces it streams (a delta of only a newline is common)."""
+    after = "Result:\n- a\n- b 🙂"
+    text = TWO_CALLS + "\n\n" + after + "\n"
+    content, calls = read_whole(AUTO, "job1", text)
+    assert len(calls) == 2 and content == "Let me check.\n\n" + after
+    for seed in range(30):
+        deltas = streamed(AUTO, text, seed)
+        assert "".join(d.get("content", "") for d in deltas) == "Let me check.\n\n" + after
+    pieces = ['<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>', "\n", "\n", "Done", " ", "."]
+    reader = ToolCallReader(AUTO, "j")
+    deltas = [d for piece in pieces for d in reader.feed(piece)] + reader.finish()
+    assert [d.get("content") for d in deltas if "content" in d] == ["\n\nDone", " ."]
 
 
 def test_text_that_only_looks_like_a_call_stays_text() -> None:

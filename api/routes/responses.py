@@ -108,8 +108,8 @@ async def _wait(job: ClientJob, events: Events, record: ResponseRecord, headers:
                         raise mapped.failure
                     return JSONResponse(mapped.response(), headers=headers)
     except StreamInterrupted as exc:
-        message = f"{exc}; the response may still run: GET /v1/responses/{record.response_id}"
-        raise ApiError(503, message, type="stream_interrupted", headers=headers) from None
+        where = job.interrupted_wait(f"/v1/responses/{record.response_id}")
+        raise ApiError(503, f"{exc}{where}", type="stream_interrupted", headers=headers) from None
     return Response(status_code=499)
 
 
@@ -131,7 +131,9 @@ async def _events(record: ResponseRecord, events: Events, after: int | None) -> 
             if mapped.final:
                 return
     except StreamInterrupted as exc:
-        resume = f"GET /v1/responses/{record.response_id}?stream=true&starting_after={sent}"
+        resume = f"GET /v1/responses/{record.response_id}?stream=true"
+        if sent >= 0:
+            resume += f"&starting_after={sent}"
         error = ApiError(
             503, f"{exc}; the response may still run: resume with {resume}", type="stream_interrupted"
         )
@@ -209,6 +211,7 @@ async def cancel_response(response_id: str, jobs: JobsDep, caller: CallerDep) ->
                 409,
                 f"response '{response_id}' has already ended ({response_status(view)})",
                 code="response_already_ended",
+                headers={"x-should-retry": "false"},  # the SDK would send it again, to the same end
             ) from None
     return response_of(record, view)
 

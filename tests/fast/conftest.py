@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import anyio
 import httpx
 import pytest
 
@@ -27,6 +28,15 @@ class Front:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+async def settled(condition: Callable[[], bool], within: float = 1.0) -> None:
+    """Wait for work the front spawned and does not wait for (a cancel): fails past ``within``."""
+    for _ in range(int(within / 0.01)):
+        if condition():
+            return
+        await anyio.sleep(0.01)
+    assert condition(), "not settled in time"
 
 
 def _settings(**changes: object) -> Settings:

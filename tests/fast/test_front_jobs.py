@@ -10,7 +10,7 @@ import anyio
 import pytest
 from openai import NotFoundError
 
-from tests.fast.conftest import KEY_A, KEY_B, Front
+from tests.fast.conftest import KEY_A, KEY_B, Front, settled
 from tests.fast.test_front_formats import _openai
 
 pytestmark = pytest.mark.anyio
@@ -243,21 +243,28 @@ async def test_responses_routes_this_server_lacks_are_404s_not_405s(front: Front
 async def test_a_stopping_front_refuses_new_jobs_and_ends_the_waiting_requests(front: Front) -> None:
     """Once a stopping front has ended its streams (``api/shutdown.py``), a request that comes
     makes no job its client could no longer follow: a 503 to send again, elsewhere."""
-    front.jobs.hold = True  # jobs wait: the request below is waiting when the front stops
+    front.jobs.hold = True  # jobs wait: the requests below are waiting when the front stops
     chat = {"model": "fake-model", "max_tokens": 4, **HELLO}
-    waiting = None
+    waiting: dict[str, Any] = {}
     async with anyio.create_task_group() as tasks:
 
-        async def whole() -> None:
-            nonlocal waiting
-            waiting = await front.http.post("/v1/chat/completions", json=chat)
+        async def whole(name: str, headers: dict[str, str]) -> None:
+            waiting[name] = await front.http.post("/v1/chat/completions", json=chat, headers=headers)
 
-        tasks.start_soon(whole)
-        await front.jobs.submitted.wait()
+        for name, headers in (("tied", {}), ("detached", {"X-Streamq-Detach": "1"})):
+            front.jobs.submitted.clear()
+            tasks.start_soon(whole, name, headers)
+            await front.jobs.submitted.wait()
+        await anyio.sleep(0.05)  # both wait on their jobs
         front.jobs.end_streams("this front is stopping")
-    assert waiting is not None
-    assert waiting.status_code == 503 and _error(waiting)["type"] == "stream_interrupted"
-    assert waiting.headers["X-Streamq-Job-Id"] in front.jobs.jobs  # named, to re-attach to
+    for name, answer in waiting.items():
+        assert answer.status_code == 503 and _error(answer)["type"] == "stream_interrupted", name
+    # The client can only send it again (the SDK does at once): its job does not run beside that.
+    tied, detached = (front.jobs.jobs[waiting[n].headers["X-Streamq-Job-Id"]] for n in ("tied", "detached"))
+    assert "its job was canceled: send the request again" in str(_error(waiting["tied"])["message"])
+    await settled(lambda: tied.view.status == "canceled")
+    assert detached.view.status == "queued"  # detached: it runs on, where the message says
+    assert f"the job runs on: GET /v1/jobs/{detached.view.id}" in str(_error(waiting["detached"])["message"])
     jobs_before = len(front.jobs.jobs)
     late = await front.http.post("/v1/jobs", json=chat)
     assert late.status_code == 503 and late.headers["Retry-After"] == "1"

@@ -13,8 +13,9 @@ import pytest
 from openai import AsyncOpenAI, BadRequestError, ConflictError, NotFoundError
 from openai.types.responses import FunctionToolParam, Response
 
+from api.job_client import JobEvent
 from shared.schemas import GenerationRequest
-from tests.fast.conftest import KEY_A, KEY_B, Front
+from tests.fast.conftest import KEY_A, KEY_B, Front, settled
 from tests.fast.test_front_formats import _openai
 from tests.response_items import item_text
 
@@ -168,8 +169,47 @@ async def test_cancel_a_queued_and_a_running_response(front: Front) -> None:
 
     front.jobs.release()
     done = await client.responses.create(model=MODEL, input="fine")
-    with pytest.raises(ConflictError):
+    with pytest.raises(ConflictError) as ended:
         await client.responses.cancel(done.id)
+    assert ended.value.response.headers["x-should-retry"] == "false"  # the SDK would send it again
+
+
+async def test_a_job_redis_lost_ends_its_response_as_failed(front: Front) -> None:
+    """The follower's final ``job_lost`` error (it has no stream entry, so no id) ends a waiting
+    response as failed and a stream with its error and ``response.failed``, as on the chat route."""
+    follow = front.jobs.follow
+
+    async def losing(job: Any, after: str, request: Any) -> Any:
+        async for event in follow(job, after, request):
+            yield event
+            if event is not None and event.event == "delta":  # Redis lost the job after a word
+                yield JobEvent.of(None, "error", {"type": "job_lost", "message": "Redis lost the job"})
+                return
+
+    front.jobs.follow = losing  # type: ignore[method-assign]
+    client = _openai(front)
+    waited = await client.responses.create(model=MODEL, input="a b c")
+    assert (waited.status, waited.output_text) == ("failed", "a")
+    assert waited.error is not None and "Redis lost the job" in waited.error.message
+    streamed = [
+        event async for event in await client.responses.create(model=MODEL, input="a b c", stream=True)
+    ]
+    assert [e.type for e in streamed][-5:] == ["error", *CLOSE, "response.failed"]
+    assert streamed[-1].response.output_text == "a"
+
+
+async def test_a_response_whose_wait_the_front_ended_is_canceled_for_its_retry(front: Front) -> None:
+    front.jobs.hold = True
+    waiting = asyncio.ensure_future(front.http.post("/v1/responses", json={"input": "a b"}))
+    await front.jobs.submitted.wait()
+    await asyncio.sleep(0.05)
+    front.jobs.end_streams("this front is stopping")
+    answer = await waiting
+    error = answer.json()["error"]
+    assert answer.status_code == 503 and error["type"] == "stream_interrupted"
+    assert "its job was canceled: send the request again" in error["message"]
+    [job] = front.jobs.jobs.values()
+    await settled(lambda: job.view.status == "canceled")
 
 
 async def test_delete_forgets_the_response_and_cancels_a_running_one(front: Front) -> None:
@@ -298,7 +338,7 @@ async def test_calls_in_the_text_become_function_call_items(front: Front) -> Non
     calling = 'Adding. <tool_call> {"name": "add", "arguments": {"a": 2}} </tool_call>'
     response = await client.responses.create(model=MODEL, input=calling, tools=[ADD])
     assert [item.type for item in response.output] == ["message", "function_call"]
-    assert response.output_text == "Adding. "
+    assert response.output_text == "Adding."  # the blank before the call is no text
     call = response.output[1]
     assert call.type == "function_call"
     assert json.loads(call.arguments) == {"a": 2}
@@ -313,7 +353,7 @@ async def test_calls_in_the_text_become_function_call_items(front: Front) -> Non
     asked = _asked(front, answered.id).messages
     assert [m.role for m in asked] == ["user", "assistant", "tool"]
     assert (
-        asked[1].content == "Adding. "
+        asked[1].content == "Adding."
         and asked[1].tool_calls
         and asked[1].tool_calls[0].function.name == "add"
     )
@@ -347,6 +387,15 @@ async def test_text_format_json_schema_is_the_jobs_response_format(front: Front)
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
         ({"input": [{"type": "item_reference", "id": "x"}]}, "input"),
         ({"conversation": "conv_1"}, "conversation"),
+        (
+            {
+                "input": [
+                    {"role": "user", "content": "a", "id": "m1"},
+                    {"role": "user", "content": "b", "id": "m1"},
+                ]
+            },
+            "input",
+        ),
         ({"stream_options": {"include_obfuscation": True}}, "stream_options.include_obfuscation"),
         (
             {"text": {"format": {"type": "json_schema", "name": "s", "schema": {"not": {}}}}},
