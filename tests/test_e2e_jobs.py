@@ -235,6 +235,15 @@ def test_cancel_a_queued_and_a_running_job(stack: Stack, long_prompts: list[str]
         ({"prompt": "\ud800"}, 400, "prompt", "valid Unicode"),
         ({"messages": [{"role": "user", "content": "a\udfffb"}]}, 400, "messages.0.content", "valid Unicode"),
         ({"prompt": "x", "model": "\ud800"}, 400, "model", "valid Unicode"),
+        (  # anywhere in the body, a JSON Schema's keys included
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"\udc00": 1}}}],
+            },
+            400,
+            "tools.0.function.parameters",
+            "a key in 'tools.0.function.parameters' is not valid Unicode",
+        ),
         ({"prompt": "x", "max_tokens": "5"}, 400, "max_tokens", "valid integer"),
         ({"prompt": "x", "max_tokens": True}, 400, "max_tokens", "valid integer"),
         ({"prompt": "x", "temperature": "hot"}, 400, "temperature", "valid number"),

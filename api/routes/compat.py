@@ -23,11 +23,13 @@ from api.auth import CallerDep
 from api.client_job import JOB_HEADER, ClientJob
 from api.errors import ApiError, error_responses, job_failure_error, renamed
 from api.job_client import ClientGone, JobClient, get_jobs
+from api.unicode_bodies import UnicodeCheckedRoute
 from shared.job_store.vocabulary import EventName
 from shared.schemas import JobRequest, SamplingFields, Text
 
 log = logging.getLogger("streamq.api")
 router = APIRouter(
+    route_class=UnicodeCheckedRoute,
     tags=["chatglm-compatible"],
     # ChatGLM-6B's clients (``requests.post(url, data=json.dumps(...))``) send JSON without a
     # Content-Type, which the FastAPI of its day read as JSON: these routes still do.

@@ -12,10 +12,12 @@ from api.auth import CallerDep
 from api.errors import ApiError, error_responses
 from api.job_client import ClientGone, JobClient, JobEvent, StreamInterrupted, get_jobs
 from api.stream_hub import parse_entry_id
+from api.unicode_bodies import UnicodeCheckedRoute
 from shared.job_store.vocabulary import FINAL_STATUSES
 from shared.schemas import JobRequest, JobView
 
 router = APIRouter(
+    route_class=UnicodeCheckedRoute,
     prefix="/v1/jobs",
     tags=["jobs"],
     responses=error_responses(401, 503),

@@ -40,11 +40,13 @@ from api.openai_schemas import (
     OpenAIFields,
 )
 from api.tool_calls import ToolPlan
+from api.unicode_bodies import UnicodeCheckedRoute
 from shared.job_store.vocabulary import EventName
 from shared.schemas import JobRequest
 
 log = logging.getLogger("streamq.api")
 router = APIRouter(
+    route_class=UnicodeCheckedRoute,
     prefix="/v1",
     tags=["openai-compatible"],
     responses=error_responses(401, 503),

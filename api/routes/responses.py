@@ -37,11 +37,17 @@ from api.responses_store import (
     save_record,
 )
 from api.routes.openai_api import SSE_HEADERS, DetachHeader, JobsDep
+from api.unicode_bodies import UnicodeCheckedRoute
 from shared.job_store.vocabulary import FINAL_STATUSES, JobStatus
 from shared.schemas import ChatMessage
 
 log = logging.getLogger("streamq.api")
-router = APIRouter(prefix="/v1/responses", tags=["responses"], responses=error_responses(401, 503))
+router = APIRouter(
+    prefix="/v1/responses",
+    tags=["responses"],
+    responses=error_responses(401, 503),
+    route_class=UnicodeCheckedRoute,
+)
 _JSON_OR_SSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/json": {}, "text/event-stream": {}}}
 }

@@ -4,6 +4,7 @@ an answer (the SDK's ``messages.append(answer.choices[0].message)``) is still ta
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -220,3 +221,52 @@ async def test_a_job_that_fails_on_its_worker_answers_its_status(
     # The SDK sends it again after a 5xx, as a new job: not a job that waited out its queue_ttl
     # (x-should-retry: false), which would wait again.
     assert len(front.jobs.jobs) == (1 if failure == "expired" else 2)
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "string", "description": "\ud800"}}}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/responses", {"input": "hi", "metadata": {"\udc00": "v"}}, "metadata"),
+        ("/v1/responses", {"input": "hi", "metadata": {"k": "\ud800"}}, "metadata.k"),
+        ("/v1/responses", {"input": "hi", "user": "\ud800", "background": True}, "user"),
+        (
+            "/v1/responses",
+            {"input": "hi", "stream": True, "safety_identifier": "\ud800"},
+            "safety_identifier",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [USER],
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": SCHEMA}}],
+            },
+            "tools.0.function.parameters.properties.a.description",
+        ),
+        (
+            "/v1/jobs",
+            {
+                "prompt": "x",
+                "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}},
+            },
+            "response_format.json_schema.schema.properties.a.description",
+        ),
+        ("/", {"prompt": "x", "history": [["\ud800", "a"]]}, "history.0.0"),
+    ],
+)
+async def test_a_lone_surrogate_anywhere_in_a_body_is_a_400_naming_it_and_makes_no_job(
+    front: Front, path: str, body: dict[str, Any], param: str
+) -> None:
+    """A JSON body can escape half a surrogate pair ("\\ud800"); text that is not valid Unicode
+    fails where it is encoded (the response, its record, an SSE event): a 400 before any job, not
+    a 500 after one (a user's trial found both, from fields the schemas do not check as text)."""
+    sent = json.dumps({"model": MODEL, **body})  # ASCII: the escapes travel as a client sends them
+    response = await front.http.post(path, content=sent, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == (param, "invalid_unicode") and "lone surrogate" in error[
+        "message"
+    ]
+    assert not front.jobs.jobs
