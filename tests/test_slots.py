@@ -17,6 +17,7 @@ from shared.schemas import ChatMessage, GenerationRequest
 from streamq.processes import Service, wait_for
 from tests.conftest import Stack
 from tests.sse import follow, text_of
+from worker.synthetic import WORDS
 
 pytestmark = pytest.mark.e2e
 
@@ -148,3 +149,31 @@ def test_a_job_that_waited_past_its_queue_ttl_fails_as_expired_in_streamq_and_rq
         lambda: Job.fetch(late["id"], connection=stack.redis.client()).get_status() == "failed", 10, "RQ"
     )
     worker.stop()
+
+
+def test_a_job_handed_back_after_its_queue_ttl_is_continued_not_expired(stack: Stack) -> None:
+    """queue_ttl bounds a job's wait for its first start only: a job a stopping worker hands back
+    (its attempt given back) after running longer than that is continued by the next worker,
+    whole, not failed as "expired" mid-answer."""
+    env = {**stack.env, "STREAMQ_DRAIN_SECONDS": "0"}
+    args = ["worker", "--backend", "synthetic", "--tokens-per-second", "10", "--served-name", "handed"]
+    first = Service([*args, "--name", "handed-a"], env, "handed-a", stack.logdir)
+    stack.services.append(first)
+    serving(stack, "handed")
+    tokens = 40
+    with httpx.Client(timeout=60) as client:
+        body = {"prompt": "a", "model": "handed", "max_tokens": tokens, "queue_ttl": 1}
+        job_id = client.post(f"{stack.url}/v1/jobs", json=body).json()["id"]
+        wait_for(
+            lambda: client.get(f"{stack.url}/v1/jobs/{job_id}").json()["usage"]["completion_tokens"] >= 15,
+            20,
+            "1.5 s of output: past the job's queue_ttl",
+        )
+        first.stop()  # SIGTERM, no drain time: the job goes back to its queue
+        assert client.get(f"{stack.url}/v1/jobs/{job_id}").json()["status"] == "queued"
+        second = Service([*args, "--name", "handed-b"], env, "handed-b", stack.logdir)
+        stack.services.append(second)
+        events = follow(client, stack.url, job_id)
+    assert events[-1].event == "done", events[-1]
+    assert text_of(events) == "".join(WORDS[n % len(WORDS)] + " " for n in range(1, tokens + 1))
+    second.stop()

@@ -183,3 +183,34 @@ def test_a_queue_lost_from_rqs_set_of_queues_is_listed_again_by_its_worker(stack
         wait_for(lambda: r.sismember(keys.RQ_QUEUES, queue), 10, "the queue to be listed again")
     finally:
         worker.stop()
+
+
+def test_a_worker_stalled_past_its_lease_that_takes_its_job_back_finishes_it_whole(stack: Stack) -> None:
+    """A worker frozen longer than the lease (a long GC pause, a VM stall): a janitor hands its
+    job back to the queue, and the same worker, awake, takes it again in its free slot while the
+    frozen run is still there. The stalled run finds itself lost and ends; the new run keeps its
+    own lease (the lost run's end released it, so the job was handed back, and failed after its
+    attempts) and finishes the job once, its text whole: no gap, no repeat."""
+    model = "stall-retake"
+    worker = start_synthetic_worker(
+        stack.env, stack.logdir, model, f"{model}-a", tokens_per_second=10, slots=2
+    )
+    stack.services.append(worker)
+    wait_for(lambda: serving(stack, model, 1), 60, "the worker")
+    tokens = 200  # 20 s: the new run goes on well past a lease after the stall
+    job_id = httpx.post(
+        f"{stack.url}/v1/jobs", json={"model": model, "prompt": "go", "max_tokens": tokens}
+    ).json()["id"]
+    wait_for(
+        lambda: len(httpx.get(f"{stack.url}/v1/jobs/{job_id}").json()["text"]) > 0, 20, "the first words"
+    )
+    worker.proc.send_signal(signal.SIGSTOP)
+    time.sleep(Settings().lease_seconds + 2)  # past the lease: a front's janitor requeues the job
+    worker.proc.send_signal(signal.SIGCONT)
+    with httpx.Client(timeout=60) as client:
+        events = follow(client, stack.url, job_id)
+    assert events[-1].event == "done", events[-1]
+    assert text_of(events) == "".join(WORDS[n % len(WORDS)] + " " for n in range(1, tokens + 1))
+    view = httpx.get(f"{stack.url}/v1/jobs/{job_id}").json()
+    assert view["status"] == "finished" and view["usage"]["completion_tokens"] == tokens
+    worker.stop()

@@ -23,19 +23,26 @@ class CancelWatcher(BackgroundThread):
     def __init__(self, connection: redis.Redis) -> None:
         super().__init__()
         self._redis = connection
-        self._watched: dict[str, threading.Event] = {}
+        # Runs of a job this process holds: two at once when it took back a job whose lease lapsed
+        # while it stalled, until the earlier run finds it lost.
+        self._watched: dict[str, list[threading.Event]] = {}
         self._lock = threading.Lock()
 
     def watch(self, job_id: str) -> threading.Event:
         """An event that is set when a cancel of ``job_id`` is announced."""
         event = threading.Event()
         with self._lock:
-            self._watched[job_id] = event
+            self._watched.setdefault(job_id, []).append(event)
         return event
 
-    def unwatch(self, job_id: str) -> None:
+    def unwatch(self, job_id: str, event: threading.Event) -> None:
+        """Stop watching for the run that ``watch`` gave ``event``."""
         with self._lock:
-            self._watched.pop(job_id, None)
+            events = self._watched.get(job_id, [])
+            if event in events:
+                events.remove(event)
+            if not events:
+                self._watched.pop(job_id, None)
 
     def _run(self) -> None:
         backoff = 0.5
@@ -50,8 +57,8 @@ class CancelWatcher(BackgroundThread):
                         job_id = message["data"]
                         job_id = job_id.decode() if isinstance(job_id, bytes) else str(job_id)
                         with self._lock:
-                            event = self._watched.get(job_id)
-                        if event is not None:
+                            events = list(self._watched.get(job_id, []))
+                        for event in events:
                             event.set()
             except redis.RedisError as exc:
                 log.warning("cancel listener lost Redis (%s); retrying in %.1fs", exc, backoff)

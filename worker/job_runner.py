@@ -113,7 +113,10 @@ class JobRunner:
             pipe.execute()
             return Outcome.REQUEUED
         attempts = int(fields.get(JobField.ATTEMPTS) or 0)
-        first_run = not attempts  # a continued job was not waiting all along
+        # A continued job was not waiting all along. Not "no attempts": a handback (a draining
+        # worker, a failover's gap) gives its attempt back, and such a job, older than its
+        # queue_ttl, was failed "expired" mid-answer. The first start's time is kept for good.
+        first_run = not fields.get(JobField.STARTED_AT)
         if first_run and waited > limit:
             self._metrics.queue_wait.observe(waited)  # the longest waits too, or the histogram lies low
             message = f"the job waited {waited:.0f} s in its queue, longer than the limit of {limit} s"
@@ -171,7 +174,7 @@ class JobRunner:
                 resumed_tokens=len(job.resume_ids),
             ),
         )
-        job.cancel = self._cancels.watch(job_id)
+        job.cancel = cancel = self._cancels.watch(job_id)
         self._leases.hold(job)
         try:
             self._engine.model.prepare(job)  # its prompt and grammar, here, not in the engine's thread
@@ -179,7 +182,7 @@ class JobRunner:
             self._wait(job)
         finally:
             self._leases.release(job)
-            self._cancels.unwatch(job_id)
+            self._cancels.unwatch(job_id, cancel)
         return self._outcome(job)
 
     def _wait(self, job: EngineJob) -> None:

@@ -39,8 +39,11 @@ class LeaseKeeper(BackgroundThread):
             self._jobs[job.job_id] = job
 
     def release(self, job: EngineJob) -> None:
+        """Stop renewing ``job``'s lease: this run's, not a later run of the same job that this
+        worker took back meanwhile (its lease was taken as lapsed while it stalled)."""
         with self._lock:
-            self._jobs.pop(job.job_id, None)
+            if self._jobs.get(job.job_id) is job:
+                del self._jobs[job.job_id]
 
     def renew(self) -> None:
         with self._lock:

@@ -121,7 +121,7 @@ class WorkerRuntime:
             worker_name,
             self.metrics,
         )
-        self._running: dict[str, str] = {}
+        self._running: dict[str, str] = {}  # slot name → the job it runs (a job may run twice)
         self._lock = threading.Lock()
 
     def _data_lost(self) -> None:
@@ -162,8 +162,8 @@ class WorkerRuntime:
     def run_job(self, job_id: str, slot_name: str, fields: dict[str, str] | None = None) -> Outcome:
         """Run one job on the engine (from the job thread the dispatcher gave it); JobFailed if it failed."""
         with self._lock:
-            self._running[job_id] = slot_name
-            self.heartbeat.current_job = ",".join(self._running)
+            self._running[slot_name] = job_id
+            self.heartbeat.current_job = ",".join(self._running.values())
         status = "failed"  # JobFailed, or anything else the run raised
         try:
             outcome = self.runner.run(job_id, slot_name, fields)
@@ -172,6 +172,6 @@ class WorkerRuntime:
         finally:
             self.metrics.job_ended(status)
             with self._lock:
-                self._running.pop(job_id, None)
-                self.heartbeat.current_job = ",".join(self._running)
+                self._running.pop(slot_name, None)
+                self.heartbeat.current_job = ",".join(self._running.values())
                 self.heartbeat.jobs_done += 1
