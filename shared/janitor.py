@@ -32,7 +32,7 @@ from shared.background import BackgroundThread
 from shared.job_store import scripts
 from shared.job_store.payloads import Failed
 from shared.job_store.scripts import Answer, JobScripts
-from shared.job_store.vocabulary import JobStatus
+from shared.job_store.vocabulary import JobField, JobStatus
 from shared.log_format import job_fields
 from shared.redis_text import names, text
 from shared.settings import Settings
@@ -61,6 +61,8 @@ class Janitor(BackgroundThread):
             except redis.RedisError as exc:
                 self._redis_failed_at = time.monotonic()
                 log.warning("janitor: Redis error: %s", exc)
+            except Exception:  # a record it cannot read: said, and the next round goes on
+                log.exception("janitor: a round failed")
 
     def _leases_trusted(self) -> bool:
         """Whether a missing lease means a dead worker. Not for a while after Redis failed (a
@@ -96,10 +98,16 @@ class Janitor(BackgroundThread):
         pipe = self._redis.pipeline(transaction=False)
         for job_id in running:
             pipe.exists(keys.lease(job_id))
-        orphans = [j for j, alive in zip(running, pipe.execute(), strict=True) if not alive]
+            pipe.hget(keys.job(job_id), JobField.STATUS)
+        answers = pipe.execute()
+        orphans = [
+            (job_id, status in (JobStatus.RUNNING, JobStatus.RUNNING.encode()))
+            for job_id, alive, status in zip(running, answers[::2], answers[1::2], strict=True)
+            if not alive
+        ]
         requeued = []
         s = self._settings
-        for job_id in orphans:
+        for job_id, was_running in orphans:
             failure = Failed(
                 type="worker_lost",
                 message=f"the job's worker was lost {s.max_attempts} times; it is not run again",
@@ -107,7 +115,9 @@ class Janitor(BackgroundThread):
             # Into RQ's queue first, then the state: should this process die in between, the job
             # is at worst queued twice (a worker that finds it running under a live lease leaves
             # it), never left queued in streamq with nothing in RQ to run it.
-            model = self._requeue_in_rq(job_id)
+            # One no longer running (ended, or its hash gone) is only taken off the running set,
+            # by the script: queued again in RQ, it came back here at every round.
+            model = self._requeue_in_rq(job_id) if was_running else ""
             requeue = scripts.requeue(
                 job_id,
                 maxlen=s.stream_maxlen,

@@ -21,7 +21,7 @@ import redis
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.queue import Queue
-from rq.registry import FailedJobRegistry
+from rq.registry import FailedJobRegistry, StartedJobRegistry
 
 from shared import keys
 from shared.job_store import scripts
@@ -86,6 +86,9 @@ class StrandedJobs:
             self._redis.lrem(parked, 1, job_id)
             self._end_failed(job_id, model, "its queue record was lost before any worker started it")
             return False
+        # The dead worker's execution of it, if it got as far as RQ's record of its run: else it
+        # stays in RQ's started registry, whose cleaning fails the job once another worker runs it.
+        StartedJobRegistry(queue=queue).remove_executions(job)
         # Into the queue first, then off the parked list: a janitor dying in between leaves the
         # job in both (a later round drops the parked copy), never in neither.
         queue.enqueue_job(job, at_front=True)

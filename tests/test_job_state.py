@@ -84,6 +84,11 @@ def test_only_the_run_holding_a_job_writes_to_it(redis_server: RedisServer) -> N
     assert _requeue(r, "js4") == "requeued"
     assert r.hget(keys.job("js4"), "status") == "queued"
     assert _start(r, "js4", "run-new") == "running" and r.hget(keys.job("js4"), "attempts") == "2"
+    # The same start sent again (its reply was lost with a connection): it holds the job, once,
+    # with the earlier run's token ids; the old run's start, sent now, finds the job taken.
+    again = scripts.started(_run(r, _start_call("js4", "run-new")))
+    assert again == ("running", [11, 12]) and r.hget(keys.job("js4"), "attempts") == "2"
+    assert _start(r, "js4", "run-old") == "taken"
     # The old run wakes up: it can neither write nor renew nor finish.
     assert _delta(r, "js4", "run-old", " stale", [99]) == -1
     assert _run(r, scripts.renew("js4", run="run-old", lease_ms=5000)) == RenewAnswer.TAKEN
@@ -105,6 +110,33 @@ def test_a_job_whose_worker_keeps_dying_fails_after_its_attempts(redis_server: R
     state = r.hgetall(keys.job("js5"))
     assert (state["status"], state["error_type"]) == ("failed", "worker_lost")
     assert _events(r, "js5")[-1] == "error" and r.zscore(keys.RUNNING, "js5") is None
+
+
+def test_a_running_job_whose_record_is_gone_or_ended_leaves_the_running_set_once(
+    redis_server: RedisServer,
+) -> None:
+    """A job on the running set with no lease whose hash expired (or Redis lost it), or that
+    ended without leaving the set: the janitor's requeue takes it off, and the janitor does not
+    queue it again in RQ (it came back at every round, a copy on the queue each time)."""
+    from rq.queue import Queue
+
+    from shared.janitor import Janitor
+    from shared.settings import Settings
+    from worker.tasks import TASK
+
+    r = redis_server.client()
+    for job_id, model in (("js-gone", "gone-model"), ("js-ended", "ended-model")):
+        queue = Queue(keys.queue_name(model), connection=r)
+        queue.enqueue_call(TASK, args=(job_id,), job_id=job_id, result_ttl=600)
+        r.lpop(queue.key)  # a worker took it and started it; then its worker died
+        r.zadd(keys.RUNNING, {job_id: 1})
+    r.hset(keys.job("js-ended"), mapping={"status": "finished"})  # and js-gone has no hash left
+    janitor = Janitor(r, Settings(redis_url=redis_server.url))
+    for _ in range(3):
+        janitor.sweep()
+    assert r.zscore(keys.RUNNING, "js-gone") is None and r.zscore(keys.RUNNING, "js-ended") is None
+    assert r.llen(keys.rq_queue("gone-model")) == 0 and r.llen(keys.rq_queue("ended-model")) == 0
+    r.delete(keys.job("js-ended"))
 
 
 def test_a_handback_puts_the_job_back_on_its_queue_in_the_same_step(redis_server: RedisServer) -> None:
@@ -130,7 +162,7 @@ def test_every_word_the_scripts_use_is_in_the_vocabulary() -> None:
     commands = {"HGET", "HSET", "HSETNX", "HINCRBY", "HDEL", "SET", "PX", "ZADD", "ZREM", "ZCARD", "XADD"}
     commands |= {"MAXLEN", "~", "*", "event", "data", "LLEN", "APPEND", "RPUSH", "PTTL", "PEXPIRE"}
     commands |= {"EXISTS", "EXPIRE", "DEL", "LPUSH", "LREM", "HMGET", "SADD", "LPOS", "", "{}", "0", "1"}
-    commands |= {"LMOVE", "LEFT", "RIGHT", "LRANGE"}
+    commands |= {"LMOVE", "LEFT", "RIGHT", "LRANGE", "GET"}
     for script in scripts.SCRIPTS:
         literals = set(re.findall(r"'([^']*)'", script.source))
         assert literals - words - commands == set(), script.name

@@ -42,6 +42,7 @@ from worker.dispatcher import IDLE_WAIT, Dispatcher
 from worker.job_runner import JobFailed, JobRunner, Outcome
 from worker.rq_runs import RqRuns
 from worker.rq_worker import StreamqWorker
+from worker.runtime import build_runtime
 from worker.tasks import TASK
 
 
@@ -296,3 +297,63 @@ def test_a_job_taken_as_the_worker_stops_goes_back_to_its_queue_once(redis_serve
     assert connection.hget(keys.job(job_id), JobField.STATUS) == StreamqStatus.QUEUED.encode()
     assert Job.fetch(job_id, connection=connection).get_status() == "queued"
     assert StartedJobRegistry(queue=queue).get_job_ids() == []
+
+
+def test_a_job_started_as_the_engine_stops_is_handed_back_by_its_own_thread(
+    redis_server: RedisServer,
+) -> None:
+    """The engine took its last arrivals and stopped while a job's thread was still starting the
+    job (its start script, its prompt: a grammar can take seconds): the engine refuses the job,
+    and the thread hands it back to its queue, fenced by its run, at once. It was left unread, and
+    the job failed after a minute of waiting, or was ended lost by a janitor."""
+    model = unique("rq-closing")
+    connection = redis_server.client()
+    queue = Queue(keys.queue_name(model), connection=connection)
+    job_id = uuid.uuid4().hex
+    request = GenerationRequest(
+        messages=[ChatMessage(role="user", content="hi")], max_tokens=4, temperature=0.0, top_p=1.0
+    )
+    records = QueuedRecords(queue, TASK, timeout=300, result_ttl=600)
+    fields: dict[str, str] = {
+        JobField.ID: job_id,
+        JobField.STATUS: StreamqStatus.QUEUED,
+        JobField.MODEL: model,
+        JobField.CREATED_AT: repr(time.time()),
+        JobField.REQUEST: request.model_dump_json(),
+    }
+    submit = scripts.submit(
+        job_id,
+        fields=fields,
+        rq_job=records.queued(job_id, "job"),
+        queue_list=queue.key,
+        max_queued=0,
+        life=600,
+        maxlen=100,
+        queued_event=Queued(model=model),
+        quota=None,
+        now=time.time(),
+    )
+    JobScripts(connection).run(submit)
+    settings = Settings(redis_url=redis_server.url, backend="synthetic", served_name=model)
+    runtime = build_runtime(settings, connection, model)
+    runtime.start()
+    try:
+        runtime.engine.stop()  # it stopped after the runner asked whether it was stopping:
+        runtime.engine.stopping = lambda: False  # type: ignore[method-assign]
+        runs = RqRuns(
+            connection,
+            SimpleWorker([queue], name=model, connection=connection),
+            result_ttl=600,
+            job_timeout=300,
+        )
+        (run,) = runs.begin(runs.take(4, wait=1))
+        began = time.monotonic()
+        outcome = runtime.run_job(job_id, f"{model}.0", run.fields)
+        runs.end(run, outcome)
+    finally:
+        runtime.stop()
+    assert outcome is Outcome.REQUEUED and time.monotonic() - began < 5
+    assert queue.job_ids == [job_id] and connection.llen(keys.intermediate(queue.key)) == 0
+    state = connection.hmget(keys.job(job_id), [JobField.STATUS, JobField.ATTEMPTS])
+    assert state == [StreamqStatus.QUEUED.encode(), b"0"]  # its attempt given back
+    assert Job.fetch(job_id, connection=connection).get_status() == "queued"

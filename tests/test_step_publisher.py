@@ -14,12 +14,12 @@ import redis
 
 from shared import keys
 from shared.job_store import scripts
-from shared.job_store.scripts import JobScripts
+from shared.job_store.scripts import Answer, JobScripts
 from shared.job_store.vocabulary import FinishReason, JobField, JobStatus
 from shared.schemas import ChatMessage, GenerationRequest
 from shared.settings import Settings
 from streamq.redis_server import RedisServer
-from worker.engine import EngineJob, JobOutput
+from worker.engine import HANDBACK, EngineJob, JobOutput
 from worker.step_publisher import StepPublisher
 
 INTERVAL = 0.04  # STREAMQ_PUBLISH_INTERVAL_MS's default
@@ -199,3 +199,21 @@ def test_a_refused_end_leaves_the_job_to_be_continued_not_failed(
     finally:
         connection.delete(keys.job("pr-end"))
     assert (job.status, job.lost) == ("lost", True)
+
+
+def test_a_handback_that_finds_its_job_queued_already_is_a_handback(
+    publisher: StepPublisher, connection: redis.Redis
+) -> None:
+    """The handback was applied and its reply lost (a dropped connection, the pipeline sent
+    again), or a janitor requeued the job first: the job is queued, and this run's end is a
+    handback (REQUEUED, filed so in RQ), not a "queued" end that RQ would list as finished."""
+    job = _running_job(connection, "pub-handed")
+    try:
+        handback = scripts.requeue(job.job_id, maxlen=100, ttl=60, attempts_allowed=0, run=job.run)
+        assert scripts.answer(JobScripts(connection).run(handback)) == "requeued"  # the first time
+        publisher.put([JobOutput(job, "", 1, 0, HANDBACK)])  # and again
+        assert job.ended.wait(SOON)
+        assert job.status == Answer.REQUEUED
+        assert connection.hget(keys.job(job.job_id), JobField.STATUS) == b"queued"
+    finally:
+        connection.delete(keys.job(job.job_id), keys.events(job.job_id))

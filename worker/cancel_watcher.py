@@ -64,5 +64,9 @@ class CancelWatcher(BackgroundThread):
                 log.warning("cancel listener lost Redis (%s); retrying in %.1fs", exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
+            except Exception:  # a bug must not end the listener (cancels would wait for a flush)
+                log.exception("cancel listener failed; listening again in %.1fs", backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
             finally:
                 pubsub.close()

@@ -200,6 +200,10 @@ class Engine:
         self._sink = sink
         self._on_step = on_step  # given each model step's duration (seconds): one call per step
         self._inbox: queue.SimpleQueue[EngineJob | None] = queue.SimpleQueue()
+        # Closed once the engine has taken its last arrivals: a job submitted later (its thread
+        # was still starting it) is refused, and handed back by that thread, not left unread.
+        self._closed = False
+        self._closing = threading.Lock()
         self._jobs: set[EngineJob] = set()
         self._stopping = threading.Event()
         self._running = threading.Event()
@@ -226,8 +230,19 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=STOP_WAIT)
 
-    def submit(self, job: EngineJob) -> None:
-        self._inbox.put(job)
+    def submit(self, job: EngineJob) -> bool:
+        """Hand the engine a job; False once it has stopped (the caller hands the job back)."""
+        with self._closing:
+            if self._closed:
+                return False
+            self._inbox.put(job)
+            return True
+
+    def _close(self) -> list[EngineJob]:
+        """Take no more jobs: the jobs held and those that arrived since the last step."""
+        with self._closing:
+            self._closed = True
+            return list(self._jobs) + self._arrivals(0)
 
     def run(self) -> None:
         """Step until ``request_stop`` (in the calling thread)."""
@@ -235,12 +250,12 @@ class Engine:
         try:
             while not self._stopping.is_set():
                 self._step()
-            left = list(self._jobs) + self._arrivals(0)
+            left = self._close()
             self._sink.put([ended(j, HANDBACK) for j in left])
             self._jobs.clear()
         except BaseException:
             log.exception("the engine stopped on an error")
-            left = list(self._jobs) + self._arrivals(0)
+            left = self._close()
             self._sink.put([ended(j, "error", "worker_stopped", "the worker's engine failed") for j in left])
             self._jobs.clear()
             raise

@@ -79,3 +79,5 @@ class Heartbeat(BackgroundThread):
                 self.beat()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
+            except Exception:  # a bug must not end the beats (the worker would look dead)
+                log.exception("heartbeat failed")

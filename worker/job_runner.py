@@ -24,7 +24,7 @@ from shared.redis_text import hash_fields
 from shared.schemas import GenerationRequest
 from shared.settings import Settings
 from worker.cancel_watcher import CancelWatcher
-from worker.engine import Engine, EngineJob, ended
+from worker.engine import HANDBACK, Engine, EngineJob, ended
 from worker.leases import LeaseKeeper
 from worker.metrics import WorkerMetrics
 from worker.step_publisher import StepPublisher
@@ -120,8 +120,10 @@ class JobRunner:
         if first_run and waited > limit:
             self._metrics.queue_wait.observe(waited)  # the longest waits too, or the histogram lies low
             message = f"the job waited {waited:.0f} s in its queue, longer than the limit of {limit} s"
-            self._redis.lrem(keys.intermediate(queue_list), 1, job_id)  # never started: done with it
-            return self._end_here(job, ended(job, "error", "expired", message))
+            try:
+                return self._end_here(job, ended(job, "error", "expired", message))
+            finally:  # never started: done with it, once its end is written (a kill before that
+                self._redis.lrem(keys.intermediate(queue_list), 1, job_id)  # leaves it listed)
         s = self._settings
         run = f"{slot_name}:{uuid.uuid4().hex[:12]}"
         start = scripts.start(
@@ -178,7 +180,8 @@ class JobRunner:
         self._leases.hold(job)
         try:
             self._engine.model.prepare(job)  # its prompt and grammar, here, not in the engine's thread
-            self._engine.submit(job)
+            if not self._engine.submit(job):  # the engine stopped while this job was starting
+                return self._end_here(job, ended(job, HANDBACK))
             self._wait(job)
         finally:
             self._leases.release(job)

@@ -69,3 +69,5 @@ class LeaseKeeper(BackgroundThread):
                 self.renew()
             except redis.RedisError as exc:
                 log.warning("could not renew job leases: %s", exc)
+            except Exception:  # a bug must not end the renewals (every running job would be lost)
+                log.exception("could not renew job leases")

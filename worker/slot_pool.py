@@ -37,6 +37,7 @@ from worker.runtime import WorkerRuntime, build_runtime
 log = logging.getLogger("streamq.worker")
 
 SWITCH_INTERVAL = 0.0005  # seconds
+JOBS_AT_STOP = 10.0  # seconds the stopping worker waits for its job threads to end (each hands back)
 
 
 def worker_connection(settings: Settings) -> redis.Redis:
@@ -104,6 +105,9 @@ class SlotPool:
             self._stop.set()
             dispatcher.stop_taking()
             manager.join(timeout=self.settings.drain_seconds + 10)
+            # A job still starting when the engine stopped is handed back by its own thread,
+            # through the publisher: the publisher stops after the job threads have ended.
+            dispatcher.wait_idle(JOBS_AT_STOP)
             runtime.stop()  # what is left is written; the worker leaves the lists
             taking.join(timeout=10)
             release_heap()

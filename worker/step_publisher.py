@@ -278,6 +278,8 @@ class StepPublisher(BackgroundThread):
             if flag == DeltaAnswer.CANCEL_ASKED:
                 p.job.cancel.set()
             elif flag == DeltaAnswer.NOT_HELD:  # another run holds the job now (this worker was thought dead)
+                if p.end is not None and p.end.finish_reason == HANDBACK:
+                    continue  # or this handback applied already: its own answer tells which
                 p.job.lost = True
                 p.job.cancel.set()
             elif flag == DeltaAnswer.GAP:  # the script handed the job back
@@ -293,6 +295,10 @@ class StepPublisher(BackgroundThread):
                 self._end_refused(p, results[index - 1])
             elif p.job in self._pending:
                 answer = scripts.answer(results[index - 1])
+                if status == Answer.REQUEUED and answer == JobStatus.QUEUED:
+                    # Queued already: this handback sent again after its reply was lost (the
+                    # write applied), or a janitor's requeue: either way back on its queue.
+                    answer = Answer.REQUEUED
                 if answer == Answer.REQUEUED and status != Answer.REQUEUED:  # the end found a gap
                     self._lost_writes(p)
                     self._release(p, Answer.REQUEUED)

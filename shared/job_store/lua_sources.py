@@ -9,10 +9,11 @@ there once, next to the typed function that makes it).
 # when given: until this step, a worker killed after taking the job leaves it there, for the
 # janitor to queue again). KEYS: job hash, events, lease, running set, token ids[, intermediate
 # list]. ARGV: worker, now, maxlen, event data, run id, lease ms, job id. Returns {answer, ids}:
-# the answer is "running", "cancel" (a cancel was asked before it started), "taken" (another run
-# holds a live lease), "missing", or the job's final status; ids are the token ids an earlier run
-# stored, read in the same step (only when the job has output: a new job's start reads nothing),
-# and counted in the hash's stored_tokens, which every output write then checks and keeps.
+# the answer is "running" (also to this start sent again), "cancel" (a cancel was asked before it
+# started), "taken" (another run holds a live lease), "missing", or the job's final status; ids
+# are the token ids an earlier run stored, read in the same step (only when the job has output: a
+# new job's start reads nothing), and counted in the hash's stored_tokens, which every output
+# write then checks and keeps.
 START = """
 if KEYS[6] then redis.call('LREM', KEYS[6], 1, ARGV[7]) end
 local job = redis.call('HMGET', KEYS[1], 'status', 'cancel', 'started_at', 'attempts', 'completion_tokens')
@@ -20,9 +21,14 @@ local status = job[1]
 if not status then return {'missing', {}} end
 if status ~= 'queued' and status ~= 'running' then return {status, {}} end
 if job[2] then return {'cancel', {}} end
-if status == 'running' and redis.call('EXISTS', KEYS[3]) == 1 then return {'taken', {}} end
 local ids = {}
 if (tonumber(job[5]) or 0) > 0 then ids = redis.call('LRANGE', KEYS[5], 0, -1) end
+if status == 'running' then
+  local holder = redis.call('GET', KEYS[3])
+  -- This very start, sent again after its reply was lost (a dropped connection): it holds the job.
+  if holder == ARGV[5] then return {'running', ids} end
+  if holder then return {'taken', {}} end
+end
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'run', ARGV[5],
   'started_at', job[3] or ARGV[2], 'attempts', (tonumber(job[4]) or 0) + 1, 'stored_tokens', #ids)
 redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
@@ -168,10 +174,15 @@ return 'ok'
 # Returns "requeued", "alive" (the lease is live), "lost", "failed" (attempts used up),
 # "canceled" (a cancel was pending), "missing", or the final status already there.
 REQUEUE = (
-    ENDING
+    # Not running (ended, or its hash gone: expired, lost with Redis's data): off the running set,
+    # or the janitor would find it there, without a lease, at every round.
+    """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then redis.call('ZREM', KEYS[6], ARGV[1]) end
+"""
+    + ENDING
     + """
 local run = ARGV[#ARGV]
-if status ~= 'running' then redis.call('ZREM', KEYS[6], ARGV[1]) return status end
+if status ~= 'running' then return status end
 if run ~= '' then
   if job[2] ~= run then return 'lost' end
   redis.call('HINCRBY', KEYS[1], 'attempts', -1)  -- a handback is not a lost attempt
