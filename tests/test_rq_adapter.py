@@ -253,11 +253,8 @@ class StoppingEngine:
         return True
 
 
-def test_a_job_taken_as_the_worker_stops_goes_back_to_its_queue_once(redis_server: RedisServer) -> None:
-    """The dispatcher's wait on the queue brings a job just as the worker is told to stop: the job
-    is not started, and it is queued once again (not lost, not twice), in streamq and in RQ."""
-    model = unique("rq-stopping")
-    connection = redis_server.client()
+def submitted(connection: Any, model: str) -> tuple[Queue, str]:
+    """A job submitted to ``model``'s queue as a front submits it (one script): its queue and id."""
     queue = Queue(keys.queue_name(model), connection=connection)
     job_id = uuid.uuid4().hex
     request = GenerationRequest(
@@ -284,6 +281,15 @@ def test_a_job_taken_as_the_worker_stops_goes_back_to_its_queue_once(redis_serve
         now=time.time(),
     )
     JobScripts(connection).run(call)
+    return queue, job_id
+
+
+def test_a_job_taken_as_the_worker_stops_goes_back_to_its_queue_once(redis_server: RedisServer) -> None:
+    """The dispatcher's wait on the queue brings a job just as the worker is told to stop: the job
+    is not started, and it is queued once again (not lost, not twice), in streamq and in RQ."""
+    model = unique("rq-stopping")
+    connection = redis_server.client()
+    queue, job_id = submitted(connection, model)
     runs = RqRuns(
         connection, SimpleWorker([queue], name=model, connection=connection), result_ttl=600, job_timeout=300
     )
@@ -308,32 +314,7 @@ def test_a_job_started_as_the_engine_stops_is_handed_back_by_its_own_thread(
     the job failed after a minute of waiting, or was ended lost by a janitor."""
     model = unique("rq-closing")
     connection = redis_server.client()
-    queue = Queue(keys.queue_name(model), connection=connection)
-    job_id = uuid.uuid4().hex
-    request = GenerationRequest(
-        messages=[ChatMessage(role="user", content="hi")], max_tokens=4, temperature=0.0, top_p=1.0
-    )
-    records = QueuedRecords(queue, TASK, timeout=300, result_ttl=600)
-    fields: dict[str, str] = {
-        JobField.ID: job_id,
-        JobField.STATUS: StreamqStatus.QUEUED,
-        JobField.MODEL: model,
-        JobField.CREATED_AT: repr(time.time()),
-        JobField.REQUEST: request.model_dump_json(),
-    }
-    submit = scripts.submit(
-        job_id,
-        fields=fields,
-        rq_job=records.queued(job_id, "job"),
-        queue_list=queue.key,
-        max_queued=0,
-        life=600,
-        maxlen=100,
-        queued_event=Queued(model=model),
-        quota=None,
-        now=time.time(),
-    )
-    JobScripts(connection).run(submit)
+    queue, job_id = submitted(connection, model)
     settings = Settings(redis_url=redis_server.url, backend="synthetic", served_name=model)
     runtime = build_runtime(settings, connection, model)
     runtime.start()
