@@ -150,6 +150,16 @@ def run_up(settings: Settings, host: str, port: int, model: str | None, workers:
         started = time.monotonic()
         hinted = False
         while not stop["signal"]:
+            if redis_proc is not None and redis_proc.poll() is not None:
+                # Its private Redis held every job, queue and stream: they are gone with it, and
+                # nothing here could come back to a Redis started anew. Stop, and say so.
+                print(
+                    f"streamq up: its private Redis exited (code {redis_proc.returncode}), and every "
+                    "job, queue and stream with it; stopping (start `streamq up` again)",
+                    file=sys.stderr,
+                )
+                stop["signal"] = 2  # nothing is left to hand back: the workers need no drain
+                return 1
             _note_live_workers(directory, names, came_up)
             for i, proc in enumerate(children):
                 if proc.poll() is None:

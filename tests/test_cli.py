@@ -69,7 +69,8 @@ def streamq_up(*args: str, **env: str) -> Iterator[Up]:
                 break
         yield up
     finally:
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole foreground group
+        with contextlib.suppress(ProcessLookupError):  # unless it stopped by itself
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole foreground group
         up.out, _ = proc.communicate(timeout=90)
 
 
@@ -132,6 +133,26 @@ def test_up_runs_the_whole_stack_and_cleans_up(tmp_path: Path) -> None:
         redis.Redis.from_url(redis_url).ping()  # the private Redis is gone
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/healthz")
+
+
+def test_up_stops_with_what_happened_when_its_private_redis_dies(tmp_path: Path) -> None:
+    """Its private Redis killed (out of memory, a stray kill): every job, queue and stream went
+    with it, so the stack stops at once with a message and code 1, its children with it. It stayed
+    up before, every route answering 503 for good, its workers retrying Redis, and a Ctrl-C then
+    waited out the workers' drain."""
+    port = free_port()
+    with streamq_up(
+        "--port", str(port), STREAMQ_CACHE_DIR=str(tmp_path / "cache"), STREAMQ_TORCH_THREADS="1"
+    ) as up:
+        children = psutil.Process(up.proc.pid).children()
+        [server] = [c for c in children if "redis-server" in " ".join(c.cmdline())]
+        server.kill()
+        killed_at = time.monotonic()
+        wait_for(lambda: up.proc.poll() is not None, 60, "streamq up to stop")
+        took = time.monotonic() - killed_at
+    assert up.proc.returncode == 1 and took < 30, (took, up.out[-2000:])
+    assert "its private Redis exited (code -9)" in up.out, up.out[-2000:]
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
 
 
 def test_a_port_a_stopped_server_just_closed_is_free_to_start_on_again() -> None:
