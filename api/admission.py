@@ -45,13 +45,17 @@ class DrainRates:
         self._cached[model] = (time.monotonic(), rate)
         return rate
 
-    async def estimated_wait(self, model: str, position: int | None) -> float | None:
-        """Seconds until a job at 0-based ``position`` in the queue starts, at the current drain
-        rate: (position + 1) / rate. None when the position or the rate is unknown (0)."""
+    async def estimated_wait(self, model: str, position: int | None, free_slots: int = 0) -> float | None:
+        """Seconds until a job at 0-based ``position`` in the queue starts: none while a slot is
+        free for it (the first ``free_slots`` queued jobs start as soon as a worker takes them),
+        else until the jobs before it have each freed a slot, at the current drain rate:
+        (position + 1 - free_slots) / rate. None when the position or the rate is unknown (0)."""
         if position is None:
             return None
+        if position < free_slots:
+            return 0.0
         rate = await self.rate(model)
-        return round((position + 1) / rate, 1) if rate > 0 else None
+        return round((position + 1 - free_slots) / rate, 1) if rate > 0 else None
 
 
 class Admission:

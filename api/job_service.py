@@ -276,8 +276,12 @@ class JobService:
         return await self.position(job_id, model) or 0
 
     async def estimated_wait(self, model: str, position: int | None) -> float | None:
-        """Seconds until a queued job at ``position`` starts, at the model's drain rate (or None)."""
-        return await self.drain_rates.estimated_wait(model, position)
+        """Seconds until a queued job at ``position`` starts: 0 while its model's workers have a
+        slot free for it, else at the model's drain rate (or None)."""
+        if position is None:
+            return None
+        free = await self.directory.free_slots(model)
+        return await self.drain_rates.estimated_wait(model, position, free)
 
     async def find(self, job_id: str, owner: str, brief: bool = False) -> JobView | None:
         """The job, if it exists and belongs to ``owner`` (another key's job is not found);

@@ -26,6 +26,13 @@ class WorkerInfo:
     engine: str = ""
     features: frozenset[str] = frozenset()
     vocab_size: int | None = None  # the token ids its engine takes (0 to vocab_size - 1)
+    slots: int = 0  # jobs it runs at once (0: it did not say)
+
+    @property
+    def free_slots(self) -> int:
+        """Slots free at its last heartbeat: its slots less the jobs it named as running."""
+        running = len([job for job in self.current_job.split(",") if job])
+        return max(0, self.slots - running)
 
 
 class WorkerDirectory:
@@ -58,6 +65,7 @@ class WorkerDirectory:
                 engine=info.get("engine", ""),
                 features=frozenset(f for f in info.get("features", "").split(",") if f),
                 vocab_size=int(info["vocab_size"]) if info.get("vocab_size") else None,
+                slots=int(info.get("slots") or 0),
             )
             for name, info in zip(names, infos, strict=True)
             if info
@@ -88,6 +96,10 @@ class WorkerDirectory:
         """The smallest context of the model's live workers (None if none says)."""
         known = [w.context_length for w in await self._workers() if w.model == model and w.context_length]
         return min(known) if known else None
+
+    async def free_slots(self, model: str) -> int:
+        """Slots of the model's live workers that were free at their last heartbeats."""
+        return sum(w.free_slots for w in await self._workers() if w.model == model)
 
     async def vocab_size(self, model: str) -> int | None:
         """The token ids every live worker of the model takes: 0 to this - 1 (None if none says)."""

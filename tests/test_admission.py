@@ -99,7 +99,9 @@ def test_retry_after_is_the_jobs_ahead_over_the_rate_clamped() -> None:
 def test_a_full_queue_is_refused_with_429_until_it_drains(mini: Mini) -> None:
     # One slot at 50 tokens/s: each job runs 3 s, so the queue stays full while this test looks.
     with httpx.Client(timeout=30) as client:
-        running = post_job(client, mini, "synth", max_tokens=150).json()["id"]
+        submitted = post_job(client, mini, "synth", max_tokens=150).json()
+        assert submitted["estimated_wait_seconds"] == 0.0  # an idle worker has a slot for it: no wait
+        running = submitted["id"]
         wait_for(
             lambda: client.get(f"{mini.url}/v1/jobs/{running}").json()["status"] == "running", 10, "a start"
         )
@@ -161,6 +163,13 @@ def test_retry_after_and_wait_estimates_follow_the_drain_rate(mini: Mini) -> Non
                 queued = next(e for e in read_events(response) if e is not None)
             assert queued.event == "queued"
             assert queued.data["position"] == 1 and queued.data["estimated_wait_seconds"] == 20.0
+
+            # The model's worker has a slot free (2 slots, 1 job running): the first queued job
+            # waits for no job to end, the second for one.
+            r.hset(keys.worker("fake-stalled"), mapping={"slots": "2", "current_job": "elsewhere"})
+            time.sleep(1.1)  # the front keeps the workers' heartbeats for a second
+            views = [client.get(f"{mini.url}/v1/jobs/{j.json()['id']}").json() for j in jobs]
+            assert [(v["position"], v["estimated_wait_seconds"]) for v in views] == [(0, 0.0), (1, 10.0)]
         finally:
             remove_fake_worker(mini, "fake-stalled")
             for job in jobs:
