@@ -6,7 +6,9 @@ Ctrl-C during an answer cancels its job on the server; in the chat it then retur
 
 History: the chat sends the whole conversation with each question. An answer that finished is
 kept in it (also one cut by the token limit); a stopped (canceled) or failed answer is left out
-together with its question, so the next question goes on from the last complete exchange.
+together with its question, so the next question goes on from the last complete exchange. A
+conversation that outgrew the model's context loses its oldest exchanges, as many as it takes
+(the chat says so), not the question.
 """
 
 from __future__ import annotations
@@ -80,14 +82,25 @@ def answer(
     """Submit one question and draw its answer until the job ends; Ctrl-C cancels it. The Turn,
     or None when the job could not be submitted (a Ctrl-C while submitting propagates)."""
     from streamq.errors import StreamqError
-    from streamq.turn import Turn
 
     try:
         view = client.submit(messages, **options)
     except StreamqError as exc:
-        hint = " (give the key with --api-key or STREAMQ_API_KEY)" if exc.status == 401 else ""
-        renderer.problem(f"could not submit the question: {exc}{hint}")
+        _not_submitted(exc, renderer)
         return None
+    return follow(client, view, renderer)
+
+
+def _not_submitted(exc: Exception, renderer: Renderer) -> None:
+    hint = " (give the key with --api-key or STREAMQ_API_KEY)" if getattr(exc, "status", None) == 401 else ""
+    renderer.problem(f"could not submit the question: {exc}{hint}")
+
+
+def follow(client: StreamqClient, view: Any, renderer: Renderer) -> Turn:
+    """Draw a submitted job's answer until it ends; Ctrl-C cancels it."""
+    from streamq.errors import StreamqError
+    from streamq.turn import Turn
+
     turn = Turn(view.id, position=view.position)
     note = None
     try:  # from here on the job exists: a Ctrl-C anywhere below cancels it
@@ -165,7 +178,29 @@ def _ask(client: StreamqClient, args: argparse.Namespace) -> int:
     return 130 if turn.phase == "canceled" else 0
 
 
+def _submit_fitting(
+    client: StreamqClient, messages: list[dict[str, str]], kept: int, options: dict[str, Any]
+) -> tuple[Any, list[dict[str, str]], int]:
+    """Submit the conversation; while the server finds it longer than the model's context, leave
+    out its oldest exchange (a question and its answer; the first ``kept`` messages, the system
+    message, stay) and submit it again. The job's view, the messages sent, and how many exchanges
+    were left out; the server's error when even the question alone does not fit."""
+    from streamq.errors import StreamqError
+
+    dropped = 0
+    while True:
+        try:
+            return client.submit(messages, **options), messages, dropped
+        except StreamqError as exc:
+            if exc.code != "context_length_exceeded" or len(messages) - kept < 3:
+                raise
+        messages = [*messages[:kept], *messages[kept + 2 :]]
+        dropped += 1
+
+
 def _chat(client: StreamqClient, args: argparse.Namespace) -> int:
+    from streamq.errors import StreamqError
+
     with contextlib.suppress(ImportError):  # not on every platform
         import readline  # noqa: F401 - line editing and history for input()
     tty = sys.stdout.isatty()
@@ -192,11 +227,24 @@ def _chat(client: StreamqClient, args: argparse.Namespace) -> int:
             print(HELP, flush=True)
             continue
         messages = [*history, {"role": "user", "content": line}]
+        renderer = _renderer(summary=True)
         try:
-            turn = answer(client, messages, _options(args), _renderer(summary=True))
+            submitted = _submit_fitting(client, messages, len(start), _options(args))
         except KeyboardInterrupt:  # while submitting: no job id came back to cancel
             print("(interrupted while sending; the question may still be answered on the server)")
             continue
+        except StreamqError as exc:
+            _not_submitted(exc, renderer)
+            continue
+        view, messages, dropped = submitted
+        if dropped:
+            print(
+                f"(the conversation outgrew the model's context: its {dropped} oldest exchange"
+                f"{'s were' if dropped > 1 else ' was'} left out)",
+                flush=True,
+            )
+            history = [*messages[:-1]]
+        turn = follow(client, view, renderer)
         if turn is not None and turn.phase == "done":
             history = [*messages, {"role": "assistant", "content": turn.text}]
         elif turn is not None:

@@ -12,11 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pexpect
 import pytest
 
-from streamq.processes import Service, start_front
-from tests.conftest import SLOW_TOKENS_PER_SECOND, SlowStack
+from shared import keys
+from shared.schemas import GenerationRequest
+from streamq.processes import Service, start_front, wait_for
+from tests.conftest import SLOW_TOKENS_PER_SECOND, SlowStack, Stack
 from tests.processes import ROOT, restart_front_soon
 from worker.synthetic import WORDS
 
@@ -231,3 +234,44 @@ def test_ask_in_a_terminal_shows_the_queue_position_while_the_job_waits(slow_sta
         slow_stack.cancel(blockers)
         child.close(force=True)
     assert child.exitstatus == 0
+
+
+@pytest.mark.usefixtures("retire_extra_workers")
+def test_chat_leaves_out_its_oldest_exchange_once_the_conversation_outgrows_the_context(
+    stack: Stack,
+) -> None:
+    """A long chat outgrows the model's context: the next question is sent with the oldest
+    exchange left out (the chat says so), not refused until /reset (a new user's trial was stuck
+    there, every question answered with the server's 400)."""
+    model = "short-context"  # the tiny model with a context of 256 tokens: two exchanges do not fit
+    args = ["worker", "--model", str(stack.model_dir), "--served-name", model, "--name", "short-ctx"]
+    worker = Service(args, {**stack.env, "STREAMQ_MAX_SEQ_LEN": "256"}, "short-ctx", stack.logdir)
+    stack.services.append(worker)
+    wait_for(lambda: model in httpx.get(f"{stack.url}/readyz").json()["models"], 90, "the worker")
+    first, second = "the " * 90, "a " * 60  # about 90 and 60 tokens
+    command = ["-m", "streamq", "chat", "--url", stack.url, "--model", model, "--max-tokens", "100"]
+    child = pexpect.spawn(
+        sys.executable, command, cwd=str(ROOT), env=_env(), dimensions=(30, 250), encoding="utf-8", timeout=60
+    )
+    try:
+        child.expect_exact(PROMPT)
+        child.sendline(first)
+        child.expect(r"job ([0-9a-f]+)\]")
+        child.expect_exact(PROMPT)
+        child.sendline(second)
+        child.expect_exact(
+            "(the conversation outgrew the model's context: its 1 oldest exchange was left out)"
+        )
+        child.expect(r"(stop|length) · \d+ tokens · .* job ([0-9a-f]+)\]")
+        answered = child.match.group(2)
+        child.expect_exact(PROMPT)
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    job = httpx.get(f"{stack.url}/v1/jobs/{answered}").json()
+    assert job["status"] == "finished"
+    stored = stack.redis.client(decode_responses=True).hget(keys.job(answered), "request")
+    asked = GenerationRequest.model_validate_json(str(stored)).messages
+    assert [(m.role, m.content) for m in asked] == [("user", second.strip())]
