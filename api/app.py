@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -81,6 +82,7 @@ def create_app(
     app.state.api_keys = api_keys
     app.state.metrics = front_metrics
     install_error_handlers(app)
+    app.openapi = _without_validation_errors(app.openapi)  # type: ignore[method-assign]
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequireApiKey, keys=api_keys)  # added last: runs first
     if settings.cors_origin_list():
@@ -101,3 +103,17 @@ def create_app(
     app.include_router(metrics_router)  # open, like /healthz and /readyz
     app.include_router(web_page.router)  # GET / and /static/*: the chat page (open, no API key)
     return app
+
+
+def _without_validation_errors(build: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    """The OpenAPI document without FastAPI's 422 "Validation Error" on every route: a field that
+    fails validation is a 400 in the envelope here, and so is a body that is not JSON."""
+
+    def openapi() -> dict[str, Any]:
+        schema = build()  # FastAPI's, made once and kept
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        return schema
+
+    return openapi

@@ -29,7 +29,6 @@ _TYPES = {
     409: "conflict_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
-    422: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
     504: "timeout",
@@ -56,7 +55,6 @@ _MEANINGS = {
     409: "the job has already ended, or was canceled",
     413: "the request body is too large",
     415: "the body was not sent as JSON (its Content-Type)",
-    422: "the body is not valid JSON",
     429: "over a quota or a full queue: see Retry-After",
     502: "the job failed",
     503: "Redis is unreachable, or no live worker serves the model",
@@ -245,7 +243,8 @@ def _validation_response(request: Request, exc: Exception) -> JSONResponse:
     if any(e.get("type") == "json_invalid" for e in errors):
         first = next(e for e in errors if e.get("type") == "json_invalid")
         detail = first.get("ctx", {}).get("error", "")
-        return error_response(ApiError(422, f"the request body is not valid JSON: {detail}".rstrip(": ")))
+        message = f"the request body is not valid JSON: {detail}".rstrip(": ")
+        return error_response(ApiError(400, message, code="invalid_json"))
     if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") == "missing" for e in errors):
         return error_response(ApiError(400, "the request has no body: send a JSON object"))
     unknown = next((e for e in errors if e.get("type") == "extra_forbidden"), None)
@@ -287,9 +286,11 @@ def _http_response(request: Request, exc: Exception) -> JSONResponse:
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
     if exc.status_code == 400 and message == "There was an error parsing the body":
         # FastAPI's answer to a body json cannot even begin to read (not UTF-8, nested too deep):
-        # the same 422 as any other body that is not JSON.
+        # the same 400 as any other body that is not JSON.
         return error_response(
-            ApiError(422, "the request body is not valid JSON (not UTF-8, or nested too deep)")
+            ApiError(
+                400, "the request body is not valid JSON (not UTF-8, or nested too deep)", code="invalid_json"
+            )
         )
     return error_response(ApiError(exc.status_code, message, headers=headers))
 

@@ -34,7 +34,7 @@ router = APIRouter(
     # ChatGLM-6B's clients (``requests.post(url, data=json.dumps(...))``) send JSON without a
     # Content-Type, which the FastAPI of its day read as JSON: these routes still do.
     strict_content_type=False,
-    responses=error_responses(400, 401, 404, 409, 413, 415, 422, 429, 502, 503, 504),
+    responses=error_responses(400, 401, 404, 409, 413, 415, 429, 502, 503, 504),
 )
 JobsDep = Annotated[JobClient, Depends(get_jobs)]
 MARKER = "<^>"

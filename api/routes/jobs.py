@@ -47,7 +47,7 @@ def sse_message(event: JobEvent | None) -> bytes:
     return f"{head}event: {event.event}\ndata: {event.raw}\n\n".encode()
 
 
-@router.post("", status_code=202, responses=error_responses(400, 404, 413, 415, 422, 429))
+@router.post("", status_code=202, responses=error_responses(400, 404, 413, 415, 429))
 async def create_job(body: JobRequest, response: Response, jobs: JobsDep, caller: CallerDep) -> JobView:
     """Queue a chat job. Answers 202 with the job's view; follow it at ``/v1/jobs/{id}/events``."""
     view = await jobs.submit(body, caller)

@@ -56,7 +56,7 @@ DetachHeader = Annotated[
     str | None, Header(alias="X-Streamq-Detach", description="1: keep the job running if the client goes")
 ]
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_ERRORS = error_responses(400, 404, 409, 413, 415, 422, 429, 502, 504)
+_ERRORS = error_responses(400, 404, 409, 413, 415, 429, 502, 504)
 
 
 @router.post("/chat/completions", response_model=None, responses=_ERRORS)

@@ -54,7 +54,7 @@ _JSON_OR_SSE: dict[int | str, dict[str, Any]] = {
 NoInclude = Annotated[list[str] | None, Query(description="nothing more can be included: only empty")]
 
 
-@router.post("", response_model=None, responses=_JSON_OR_SSE | error_responses(400, 404, 413, 415, 422, 429))
+@router.post("", response_model=None, responses=_JSON_OR_SSE | error_responses(400, 404, 413, 415, 429))
 async def create_response(
     body: ResponsesRequest,
     request: Request,
