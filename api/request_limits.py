@@ -100,8 +100,10 @@ def generation_request(request: JobRequest, settings: Settings) -> GenerationReq
         max_tokens_given=request.max_tokens is not None,
         max_length=request.max_length,
         temperature=1.0 if request.temperature is None else request.temperature,
-        top_p=1.0 if request.top_p is None else request.top_p,
-        top_k=request.top_k or 0,
+        # top_p 0, a nucleus of no probability: as OpenAI takes it, the most likely token only.
+        # Said as top_k 1, which every engine takes (vLLM and transformers refuse a top_p of 0).
+        top_p=1.0 if not request.top_p else request.top_p,
+        top_k=1 if request.top_p == 0 else request.top_k or 0,
         stop=stop,
         seed=None if request.seed is None else request.seed % 2**64,  # the engines' unsigned seed
         queue_ttl=request.queue_ttl,

@@ -189,7 +189,7 @@ class ResponsesRequest(BaseModel):
     temperature: float | None = Field(
         None, ge=0, le=2, strict=True, allow_inf_nan=False, description="0 means greedy"
     )
-    top_p: float | None = Field(None, gt=0, le=1, strict=True, allow_inf_nan=False)
+    top_p: float | None = Field(None, ge=0, le=1, strict=True, allow_inf_nan=False)
     stream: bool | None = False
     stream_options: StreamObfuscation | None = None
     background: bool | None = Field(False, description="run on when the client goes; poll or stream it later")

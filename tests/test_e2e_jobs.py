@@ -225,7 +225,7 @@ def test_cancel_a_queued_and_a_running_job(stack: Stack, long_prompts: list[str]
     [
         ({"max_tokens": 5}, 400, "messages", "'messages' or 'prompt' (or 'raw_prompt') is required"),
         ({"prompt": "x", "temperature": -1}, 400, "temperature", "greater than or equal to 0"),
-        ({"prompt": "x", "top_p": 0}, 400, "top_p", "greater than 0"),
+        ({"prompt": "x", "top_p": -0.5}, 400, "top_p", "greater than or equal to 0"),
         ({"prompt": "x", "top_p": 1.01}, 400, "top_p", "less than or equal to 1"),
         ({"prompt": "x", "max_tokens": 10**6}, 400, "max_tokens", "at most"),
         ({"prompt": "x", "timeout": 10**6}, 400, "timeout", "at most 1800 seconds"),

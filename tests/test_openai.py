@@ -231,6 +231,29 @@ def test_bad_parameters_are_a_bad_request(
     assert words in error.message
 
 
+def test_a_top_p_of_0_keeps_only_the_most_likely_token_as_openai_takes_it(
+    client: openai.OpenAI, stack: Stack, tiny_backend: Any
+) -> None:
+    """Clients send top_p 0 to mean "no sampling" (OpenAI takes it; vLLM and transformers refuse
+    it): at any temperature the answer is the greedy one, on every route."""
+    from tests.test_e2e_jobs import greedy_answer
+
+    greedy = greedy_answer(tiny_backend, "What is a queue?", 12)
+    for temperature in (0.7, 1.5):
+        chat = client.chat.completions.create(
+            model=model_of(stack),
+            messages=[{"role": "user", "content": "What is a queue?"}],
+            max_tokens=12,
+            temperature=temperature,
+            top_p=0,
+        )
+        assert chat.choices[0].message.content == greedy
+    answered = client.responses.create(
+        model=model_of(stack), input="What is a queue?", max_output_tokens=12, temperature=1.0, top_p=0
+    )
+    assert answered.output_text == greedy and answered.top_p == 0
+
+
 def test_a_conversation_ending_with_an_assistant_or_system_turn_is_answered_in_a_new_turn(
     client: openai.OpenAI, stack: Stack, tiny_backend: Any
 ) -> None:

@@ -38,7 +38,7 @@ def test_messages_are_kept_as_given() -> None:
         ({"prompt": "a", "temperature": -0.1}, "greater than or equal to 0"),
         ({"prompt": "a", "temperature": float("nan")}, "finite number"),
         ({"prompt": "a", "logit_bias": {"5": float("inf")}}, "finite number"),
-        ({"prompt": "a", "top_p": 0}, "greater than 0"),
+        ({"prompt": "a", "top_p": -0.1}, "greater than or equal to 0"),
         ({"prompt": "a", "top_p": 1.5}, "less than or equal to 1"),
         ({"prompt": "a", "max_tokens": 0}, "greater than or equal to 1"),
         ({"prompt": "a", "stop": ""}, "must not be empty"),

@@ -47,7 +47,7 @@ class ChatGLMRequest(SamplingFields):
     history: list[tuple[Text, Text]] | None = None
     max_length: int | None = Field(2048, ge=1, strict=True, description="prompt + answer tokens")
     temperature: float | None = Field(0.95, ge=0, le=2, strict=True)
-    top_p: float | None = Field(0.7, gt=0, le=1, strict=True)
+    top_p: float | None = Field(0.7, ge=0, le=1, strict=True)
 
     def job_request(self) -> JobRequest:
         return JobRequest.model_validate(self.model_dump())

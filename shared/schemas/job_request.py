@@ -58,7 +58,9 @@ class SamplingFields(BaseModel):
         description="ChatGLM's limit: prompt tokens + new tokens (must exceed the prompt)",
     )
     temperature: float | None = Field(None, ge=0, le=2, strict=True, description="0 means greedy")
-    top_p: float | None = Field(None, gt=0, le=1, strict=True)
+    top_p: float | None = Field(
+        None, ge=0, le=1, strict=True, description="0 keeps only the most likely token, as OpenAI takes it"
+    )
     top_k: int | None = Field(None, ge=0, strict=True, description="0 means no top-k cut")
     stop: Text | list[Text] | None = Field(None, description="text that ends the answer (not included)")
     seed: int | None = Field(
