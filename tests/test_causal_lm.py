@@ -141,6 +141,34 @@ def test_a_conversation_is_answered_token_by_token_from_all_its_turns(tiny_backe
     assert answers[-1] != run(tiny_backend, last_turn_alone)[0]  # the earlier turns shape the answer
 
 
+def test_a_chatglm_models_stream_chat_is_given_top_k(tiny_backend: Any) -> None:
+    """top_k (and top_p 0, taken as top_k 1: the most likely token) reaches a ChatGLM model
+    through the keyword arguments its stream_chat hands on to generate; it was dropped."""
+    from types import SimpleNamespace
+
+    from worker.chatglm import ChatGLMChat
+
+    class OwnStreamChat:  # the one method, and config, ChatGLMChat uses of a ChatGLM model
+        config = SimpleNamespace(seq_length=512)
+
+        def __init__(self) -> None:
+            self.asked: list[dict[str, Any]] = []
+
+        def stream_chat(self, tokenizer: Any, query: str, history: Any, **kwargs: Any) -> Any:
+            self.asked.append(kwargs)
+            yield "an answer", history
+
+    model = OwnStreamChat()
+    glm = ChatGLMChat(model, tiny_backend.tokenizer, "glm", "cpu", "float32")
+    for sampling in (
+        {"top_k": 5, "temperature": 0.8},
+        {"top_k": 1, "temperature": 0.8},
+        {"temperature": 0.8},
+    ):
+        assert "".join(step.delta for step in glm.generate(request(**sampling))) == "an answer"
+    assert [(a.get("top_k"), a["do_sample"]) for a in model.asked] == [(5, True), (1, False), (None, True)]
+
+
 def test_device_and_dtype_choice() -> None:
     from worker.model_loading import default_served_name, resolve_device, resolve_dtype
 

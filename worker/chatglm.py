@@ -54,8 +54,8 @@ def to_query_and_history(messages: list[ChatMessage]) -> tuple[str, list[tuple[s
 
 class ChatGLMChat(LoadedModel):
     """Adapter from a model's own ``stream_chat(tokenizer, query, history, max_length, top_p,
-    temperature)`` to the job runner's steps. Stop sequences and seeds are applied here; top_k is
-    not (ChatGLM's stream_chat has no such parameter)."""
+    temperature)`` to the job runner's steps. Stop sequences and seeds are applied here; top_k
+    goes through the keyword arguments stream_chat hands on to ``generate`` (ChatGLM's do)."""
 
     def __init__(self, model: Any, tokenizer: Any, name: str, device: str, dtype: str) -> None:
         super().__init__(model, tokenizer, name, device, dtype)
@@ -90,6 +90,7 @@ class ChatGLMChat(LoadedModel):
         answer = ""
         steps = 0
         stops = StopMatcher(request.stop)
+        extra = {"top_k": request.top_k} if request.top_k else {}  # top_k 1: the most likely token
         stream = self.model.stream_chat(
             self.tokenizer,
             query,
@@ -97,7 +98,8 @@ class ChatGLMChat(LoadedModel):
             max_length=n_prompt + budget,
             top_p=request.top_p,
             temperature=max(request.temperature, 1e-5),
-            do_sample=request.temperature > 0,
+            do_sample=request.temperature > 0 and request.top_k != 1,
+            **extra,
         )
         for response, _history in stream:
             steps += 1
