@@ -114,6 +114,9 @@ def _without_validation_errors(build: Callable[[], dict[str, Any]]) -> Callable[
         for operations in schema.get("paths", {}).values():
             for operation in operations.values():
                 operation.get("responses", {}).pop("422", None)
+        schemas = schema.get("components", {}).get("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):  # only the 422s named them
+            schemas.pop(unused, None)
         return schema
 
     return openapi

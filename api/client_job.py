@@ -145,7 +145,7 @@ class ClientJob:
         self.client_gone()
         if self.detached:
             return f"; the job runs on: GET {resource or f'/v1/jobs/{self.id}'}"
-        return "; its job was canceled: send the request again"
+        return "; its job is being canceled: send the request again"
 
     def client_gone(self) -> None:
         """The client went away (or its request was torn down): cancel the job without waiting,

@@ -227,24 +227,30 @@ class ToolCallReader:
         self._job_id = job_id
         self._buffer = ""
         self._in_call = False
-        self._blank = ""  # trailing whitespace, held until text (not a call) follows
+        self._blank = ""  # whitespace held back until text follows it (calls between or not)
+        self._said = False  # some content went out: whitespace is the answer's leading no more
         self.calls = 0  # calls made so far
 
     def _next_call(self, name: str, arguments: str) -> dict[str, Any]:
         index = self.calls
         self.calls += 1
-        self._blank = ""  # the newlines between calls
         return {"tool_calls": [_call(f"call_{self._job_id}_{index}", index, name, arguments)]}
 
     def _content(self, text: str) -> list[dict[str, Any]]:
-        """Text as a content delta. Its trailing whitespace is held back: sent before the text
-        that follows it, dropped when a call follows it (the newlines around calls) or the
-        answer ends after one. So text keeps its line breaks however its deltas were cut (a
-        delta of only a newline is common), and the stream's content is the whole answer's."""
+        """Text as a content delta. Whitespace is held back until text follows it, and then goes
+        before that text, calls between or not ("Hello\n<call>world" is "Hello\nworld"); the
+        answer's leading whitespace is no content, nor its trailing whitespace once it made a
+        call (the newlines around calls). So the content keeps its line breaks however its deltas
+        were cut (a delta of only a newline is common), and streamed it is the whole answer's."""
         text = self._blank + text
         body = text.rstrip()
         self._blank = text[len(body) :]
-        return [{"content": body}] if body else []
+        if not self._said:
+            body = body.lstrip()
+        if not body:
+            return []
+        self._said = True
+        return [{"content": body}]
 
     def _end(self, deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The last deltas, with the whitespace held at the end when the answer made no call."""
@@ -310,12 +316,12 @@ class ToolCallReader:
         if not text.lstrip().startswith("["):  # not a list of calls after all (no grammar held it)
             return self._content(text)
         items, rest = _whole_items(text)
-        deltas = []
-        for call in items:
-            if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-                return self._content(text)
-            arguments = call.get("arguments", {})
-            deltas.append(self._next_call(call["name"], json.dumps(arguments, ensure_ascii=False)))
+        if not all(isinstance(call, dict) and isinstance(call.get("name"), str) for call in items):
+            return self._content(text)  # checked first: no call is counted for an answer that has none
+        deltas = [
+            self._next_call(call["name"], json.dumps(call.get("arguments", {}), ensure_ascii=False))
+            for call in items
+        ]
         # An answer its length cut (max_tokens) ends with a call begun: once its name is whole it
         # is a call, with its arguments as far as they came, as OpenAI answers a call the length
         # cut. (A stop sequence inside the JSON is the client's doing: the whole calls only.)

@@ -5,7 +5,9 @@ The request models check the text fields a job is made of (``shared.schemas.Text
 surrogate anywhere else (a metadata key, a JSON Schema's description, a ``user``) passed them
 and failed later, where text is encoded: a 500, sometimes after the job was created. So every
 route that takes a body checks all of it here once (``UnicodeCheckedRoute``, the routers' route
-class). A body without a ``\\uD800``-``\\uDFFF`` escape cannot hold one, and is not read twice.
+class). A UTF-8 body with no ``\\uD800``-``\\uDFFF`` escape and no surrogate's bytes cannot hold
+one, and is not parsed twice; one that may is checked whole at C speed, and walked only when it
+does, to name where.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from fastapi.routing import APIRoute
 
 from api.errors import ApiError
 
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+# Where a body may hold a lone surrogate: a \uD800-\uDFFF escape, the 3 bytes UTF-8 would give
+# one (which Python's JSON reader takes: it decodes with surrogatepass), or a UTF-16/32 body.
+_MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}|\xed[\xa0-\xbf]")
 
 
 def _valid(text: str) -> bool:
@@ -33,34 +37,53 @@ def _valid(text: str) -> bool:
     return True
 
 
-def lone_surrogate(value: Any, path: tuple[str, ...] = ()) -> tuple[str, str] | None:
+def lone_surrogate(value: Any) -> tuple[str, str] | None:
     """(where, what) of the first text in a parsed JSON value that is not valid Unicode: its
     dotted path (``metadata.k``, ``tools.0.function.parameters``), and whether it is a value or
-    a key there; None if all of it is valid."""
-    pending: list[tuple[Any, tuple[str, ...]]] = [(value, path)]  # depth first, in document order
+    a key there; None if all of it is valid. Linear in the value's size: each node keeps its
+    parent's place, and a path is made for the one node found only."""
+    nodes: list[tuple[int, str]] = [(-1, "")]  # (parent's place, own key) per node visited
+    pending: list[tuple[Any, int]] = [(value, 0)]  # depth first, in document order
     while pending:
-        node, at = pending.pop()
+        node, place = pending.pop()
+        found = ""
         if isinstance(node, str):
-            if not _valid(node):
-                return ".".join(at), "text"
+            found = "" if _valid(node) else "text"
         elif isinstance(node, dict):
             if not all(_valid(key) for key in node):
-                return ".".join(at), "a key"
-            pending.extend((item, (*at, key)) for key, item in reversed(node.items()))
+                found = "a key"
+            for key, item in reversed(node.items()):
+                nodes.append((place, key))
+                pending.append((item, len(nodes) - 1))
         elif isinstance(node, list):
-            pending.extend((node[n], (*at, str(n))) for n in range(len(node) - 1, -1, -1))
+            for n in range(len(node) - 1, -1, -1):
+                nodes.append((place, str(n)))
+                pending.append((node[n], len(nodes) - 1))
+        if found:
+            path: list[str] = []
+            while place > 0:
+                place, key = nodes[place]
+                path.append(key)
+            return ".".join(reversed(path)), found
     return None
 
 
 async def refuse_lone_surrogates(request: Request) -> None:
-    """ApiError (400) when the request's JSON body holds a lone surrogate. A body that is not
-    JSON is left to the route (its own 4xx)."""
-    body = await request.body()
-    if not _SURROGATE_ESCAPE.search(body):
+    """ApiError (400) when the request's JSON body holds a lone surrogate. A body that cannot be
+    read or is not JSON is left to the route (its own 4xx)."""
+    try:
+        body = await request.body()
+    except Exception:  # the client went away mid-body: the route meets it as it always did
+        return
+    if not _MAYBE_SURROGATE.search(body) and json.detect_encoding(body) == "utf-8":
         return
     try:
         parsed = json.loads(body)
-    except ValueError:
+        json.dumps(parsed, ensure_ascii=False).encode("utf-8")  # all of it at once, at C speed
+        return
+    except UnicodeEncodeError:
+        pass
+    except (ValueError, RecursionError):  # not JSON, or nested past what the reader takes
         return
     found = lone_surrogate(parsed)
     if found is None:

@@ -23,6 +23,7 @@ def answer_budget(request: GenerationRequest, prompt_tokens: int, context_length
             f"the prompt is {prompt_tokens} tokens long; this server takes at most {limit} "
             "(STREAMQ_MAX_PROMPT_TOKENS)",
             param="messages",
+            code="context_length_exceeded",  # as a context that is full: send less
         )
     budget = request.max_tokens
     # OpenAI's words: "the messages" for a conversation; a raw prompt is "the prompt".

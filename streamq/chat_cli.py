@@ -198,6 +198,33 @@ def _submit_fitting(
         dropped += 1
 
 
+def _ask_fitting(
+    client: StreamqClient, messages: list[dict[str, str]], kept: int, options: dict[str, Any]
+) -> tuple[Turn, list[dict[str, str]]]:
+    """Ask, and draw the answer; while the conversation is longer than the model's context (the
+    front's 400, or the worker's refusal when the front could not count it), leave out its
+    oldest exchanges and ask again, saying so. The turn, and the messages it was asked with."""
+    while True:
+        view, fitted, dropped = _submit_fitting(client, messages, kept, options)
+        if dropped:
+            _left_out(dropped)
+        turn = follow(client, view, _renderer(summary=True))
+        error = turn.error
+        too_long = turn.phase == "error" and error is not None and error.code == "context_length_exceeded"
+        if not too_long or len(fitted) - kept < 3:
+            return turn, fitted
+        messages = [*fitted[:kept], *fitted[kept + 2 :]]
+        _left_out(1)
+
+
+def _left_out(dropped: int) -> None:
+    print(
+        f"(the conversation outgrew the model's context: its {dropped} oldest exchange"
+        f"{'s were' if dropped > 1 else ' was'} left out)",
+        flush=True,
+    )
+
+
 def _chat(client: StreamqClient, args: argparse.Namespace) -> int:
     from streamq.errors import StreamqError
 
@@ -227,24 +254,15 @@ def _chat(client: StreamqClient, args: argparse.Namespace) -> int:
             print(HELP, flush=True)
             continue
         messages = [*history, {"role": "user", "content": line}]
-        renderer = _renderer(summary=True)
         try:
-            submitted = _submit_fitting(client, messages, len(start), _options(args))
+            turn, messages = _ask_fitting(client, messages, len(start), _options(args))
         except KeyboardInterrupt:  # while submitting: no job id came back to cancel
             print("(interrupted while sending; the question may still be answered on the server)")
             continue
         except StreamqError as exc:
-            _not_submitted(exc, renderer)
+            _not_submitted(exc, _renderer(summary=True))
             continue
-        view, messages, dropped = submitted
-        if dropped:
-            print(
-                f"(the conversation outgrew the model's context: its {dropped} oldest exchange"
-                f"{'s were' if dropped > 1 else ' was'} left out)",
-                flush=True,
-            )
-            history = [*messages[:-1]]
-        turn = follow(client, view, renderer)
+        history = messages[:-1]  # without the exchanges left out, if any were
         if turn is not None and turn.phase == "done":
             history = [*messages, {"role": "assistant", "content": turn.text}]
         elif turn is not None:

@@ -67,7 +67,7 @@ def test_a_stopping_front_ends_its_requests_cleanly_and_its_jobs_run_on(slow_sta
     assert whole_answer.status_code == 503, whole_answer.text
     error = whole_answer.json()["error"]
     assert error["type"] == "stream_interrupted" and "this front is stopping" in error["message"], error
-    assert "its job was canceled: send the request again" in error["message"]
+    assert "its job is being canceled: send the request again" in error["message"]
     datas = [line[6:] for line in results["stream"] if line.startswith("data: ")]
     assert datas and "error" in json.loads(datas[-1]), results["stream"]  # an error event ends it
     assert "this front is stopping" in json.loads(datas[-1])["error"]["message"]

@@ -179,6 +179,11 @@ def test_a_hung_redis_is_503_within_the_command_timeout(outage: Outage) -> None:
                 assert response.status_code == 503, response.text
                 if path != "/readyz":
                     assert_unavailable(response)
+            # The worker gives up on replies that never come too (as from a primary whose host
+            # died without closing its connections): it says so and retries, instead of waiting
+            # for as long as TCP takes to notice (its connections had no read timeout).
+            worker = outage.services[0]
+            wait_for(lambda: "Timeout reading from" in worker.log(), 60, "the worker to give up on Redis")
         finally:
             os.kill(outage.redis.proc.pid, signal.SIGCONT)
         wait_for(lambda: client.get(f"{url}/readyz").status_code == 200, 30, "the front to be ready again")

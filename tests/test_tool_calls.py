@@ -64,19 +64,27 @@ def test_hermes_calls_are_read_whole_and_streamed_alike() -> None:
 
 
 def test_text_after_a_call_keeps_its_line_breaks_however_its_deltas_are_cut() -> None:
-    """Whitespace between calls, and after the last, is no content; text after a call keeps every
-    blank of its own, in whatever pieces it streams (a delta of only a newline is common)."""
+    """Whitespace goes with the text that follows it, calls between or not; the answer's leading
+    whitespace, and its trailing whitespace after a call, are no content. So the content streamed
+    in any pieces (a delta of only a newline is common) is the whole answer's."""
     after = "Result:\n- a\n- b 🙂"
-    text = TWO_CALLS + "\n\n" + after + "\n"
+    text = "\n" + TWO_CALLS + "\n\n" + after + "\n"
     content, calls = read_whole(AUTO, "job1", text)
-    assert len(calls) == 2 and content == "Let me check.\n\n" + after
+    assert len(calls) == 2 and content == "Let me check.\n\n\n\n" + after
     for seed in range(30):
         deltas = streamed(AUTO, text, seed)
-        assert "".join(d.get("content", "") for d in deltas) == "Let me check.\n\n" + after
-    pieces = ['<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>', "\n", "\n", "Done", " ", "."]
+        assert "".join(d.get("content", "") for d in deltas) == content
+    glued = '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>'
+    assert read_whole(AUTO, "j", "Hello\n" + glued + "world")[0] == "Hello\nworld"
+    pieces = [glued, "\n", "\n", "Done", " ", "."]
     reader = ToolCallReader(AUTO, "j")
     deltas = [d for piece in pieces for d in reader.feed(piece)] + reader.finish()
-    assert [d.get("content") for d in deltas if "content" in d] == ["\n\nDone", " ."]
+    assert [d.get("content") for d in deltas if "content" in d] == ["Done", " ."]
+    plain = ToolCallReader(AUTO, "j")  # no call: an answer's trailing whitespace is its own
+    assert [d for piece in ("Hi", " ", "\n") for d in plain.feed(piece)] + plain.finish() == [
+        {"content": "Hi"},
+        {"content": " \n"},
+    ]
 
 
 def test_text_that_only_looks_like_a_call_stays_text() -> None:
@@ -190,3 +198,7 @@ def test_one_call_at_most_in_auto_mode_ends_the_answer_after_the_first() -> None
 def test_a_required_answer_that_is_not_a_list_of_calls_stays_text() -> None:
     required = plan_tools([WEATHER], "required", None, None)
     assert read_whole(required, "j", "[1, 2]") == ("[1, 2]", [])
+    # A call, then an item that is none: text, and no call counted (the stream said tool_calls).
+    mixed = '[{"name": "get_weather", "arguments": {"city": "Oslo"}}, 5]'
+    reader = ToolCallReader(required, "j")
+    assert reader.feed(mixed) + reader.finish() == [{"content": mixed}] and reader.calls == 0

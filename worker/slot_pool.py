@@ -42,7 +42,10 @@ JOBS_AT_STOP = 10.0  # seconds the stopping worker waits for its job threads to 
 
 def worker_connection(settings: Settings) -> redis.Redis:
     return RedisTarget.of(settings).client(
-        socket_timeout=None,  # the dispatcher blocks on its queue
+        # The dispatcher blocks on its queue for IDLE_WAIT at most; past that and a command's
+        # allowance, a reply that never comes (a primary whose host died without closing the
+        # connection) is given up on, not waited for the minutes TCP takes to say so.
+        socket_timeout=IDLE_WAIT + settings.redis_socket_timeout,
         socket_connect_timeout=settings.redis_socket_timeout,
         # The dispatcher holds one while it waits on the queue; each running job borrows one now
         # and then (its start, its end in RQ); the engine's threads need a few more.

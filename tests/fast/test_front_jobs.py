@@ -67,6 +67,8 @@ async def test_invalid_requests_get_the_error_envelope_naming_the_field(front: F
     spec = (await front.http.get("/openapi.json")).json()
     statuses = [set(op["responses"]) for ops in spec["paths"].values() for op in ops.values()]
     assert statuses and not [s for s in statuses if "422" in s]
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    assert "HTTPValidationError" not in json.dumps(spec)  # nothing names what is gone
     assert "400" in spec["paths"]["/v1/jobs"]["post"]["responses"]
 
     for body in (b'{"prompt": "h\xffi"}', b"[" * 100_000 + b"]" * 100_000):
@@ -265,7 +267,7 @@ async def test_a_stopping_front_refuses_new_jobs_and_ends_the_waiting_requests(f
         assert answer.status_code == 503 and _error(answer)["type"] == "stream_interrupted", name
     # The client can only send it again (the SDK does at once): its job does not run beside that.
     tied, detached = (front.jobs.jobs[waiting[n].headers["X-Streamq-Job-Id"]] for n in ("tied", "detached"))
-    assert "its job was canceled: send the request again" in str(_error(waiting["tied"])["message"])
+    assert "its job is being canceled: send the request again" in str(_error(waiting["tied"])["message"])
     await settled(lambda: tied.view.status == "canceled")
     assert detached.view.status == "queued"  # detached: it runs on, where the message says
     assert f"the job runs on: GET /v1/jobs/{detached.view.id}" in str(_error(waiting["detached"])["message"])

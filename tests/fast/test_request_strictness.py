@@ -270,3 +270,23 @@ async def test_a_lone_surrogate_anywhere_in_a_body_is_a_400_naming_it_and_makes_
         "message"
     ]
     assert not front.jobs.jobs
+
+
+async def test_a_lone_surrogate_sent_as_raw_bytes_or_in_utf_16_is_refused_and_a_pair_or_a_backslash_is_not(
+    front: Front,
+) -> None:
+    """Python's JSON reader takes a surrogate's UTF-8 bytes (it decodes with surrogatepass) and
+    UTF-16 bodies, so neither gets past the check; an escaped pair (an emoji, as json.dumps sends
+    it) and an escaped backslash before "ud800" are text like any other."""
+    headers = {"Content-Type": "application/json"}
+    for body in (
+        b'{"input": "hi", "metadata": {"k": "\xed\xa0\x80"}}',
+        '{"input": "hi", "metadata": {"k": "\\ud800"}}'.encode("utf-16"),
+    ):
+        refused = await front.http.post("/v1/responses", content=body, headers=headers)
+        assert (refused.status_code, refused.json()["error"]["param"]) == (400, "metadata.k"), refused.text
+    assert not front.jobs.jobs
+    for text in ("\U0001f600", "\\ud800"):
+        sent = json.dumps({"model": MODEL, "input": "hi", "metadata": {"k": text}})
+        taken = await front.http.post("/v1/responses", content=sent, headers=headers)
+        assert taken.status_code == 200 and taken.json()["metadata"] == {"k": text}, taken.text

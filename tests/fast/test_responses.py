@@ -207,7 +207,7 @@ async def test_a_response_whose_wait_the_front_ended_is_canceled_for_its_retry(f
     answer = await waiting
     error = answer.json()["error"]
     assert answer.status_code == 503 and error["type"] == "stream_interrupted"
-    assert "its job was canceled: send the request again" in error["message"]
+    assert "its job is being canceled: send the request again" in error["message"]
     [job] = front.jobs.jobs.values()
     await settled(lambda: job.view.status == "canceled")
 

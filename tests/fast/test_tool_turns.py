@@ -102,7 +102,7 @@ async def test_responses_pair_outputs_with_calls_by_id_wherever_they_sit(front: 
     answered = await client.responses.create(model=MODEL, input=items, tools=[ADD])
     asked = _asked(front, answered.id).messages
     assert [m.role for m in asked] == ["user", "assistant", "tool", "user"]
-    assert asked[1].content == "Adding. Done." and asked[1].tool_calls
+    assert asked[1].content == "Adding.  Done." and asked[1].tool_calls
     assert asked[2].tool_call_id == call.call_id
     assert answered.output_text == "and say it"
 
