@@ -255,9 +255,12 @@ async def test_a_stopping_front_refuses_new_jobs_and_ends_the_waiting_requests(f
     async with anyio.create_task_group() as tasks:
 
         async def whole(name: str, headers: dict[str, str]) -> None:
+            if name == "seed":  # the seed's stream, before its first chunk: an HTTP error still
+                waiting[name] = await front.http.post("/stream", json={"prompt": "hi"})
+                return
             waiting[name] = await front.http.post("/v1/chat/completions", json=chat, headers=headers)
 
-        for name, headers in (("tied", {}), ("detached", {"X-Streamq-Detach": "1"})):
+        for name, headers in (("tied", {}), ("detached", {"X-Streamq-Detach": "1"}), ("seed", {})):
             front.jobs.submitted.clear()
             tasks.start_soon(whole, name, headers)
             await front.jobs.submitted.wait()
@@ -266,9 +269,12 @@ async def test_a_stopping_front_refuses_new_jobs_and_ends_the_waiting_requests(f
     for name, answer in waiting.items():
         assert answer.status_code == 503 and _error(answer)["type"] == "stream_interrupted", name
     # The client can only send it again (the SDK does at once): its job does not run beside that.
-    tied, detached = (front.jobs.jobs[waiting[n].headers["X-Streamq-Job-Id"]] for n in ("tied", "detached"))
-    assert "its job is being canceled: send the request again" in str(_error(waiting["tied"])["message"])
-    await settled(lambda: tied.view.status == "canceled")
+    tied, detached, seed = (
+        front.jobs.jobs[waiting[n].headers["X-Streamq-Job-Id"]] for n in ("tied", "detached", "seed")
+    )
+    for name in ("tied", "seed"):
+        assert "its job is being canceled: send the request again" in str(_error(waiting[name])["message"])
+    await settled(lambda: tied.view.status == "canceled" and seed.view.status == "canceled")
     assert detached.view.status == "queued"  # detached: it runs on, where the message says
     assert f"the job runs on: GET /v1/jobs/{detached.view.id}" in str(_error(waiting["detached"])["message"])
     jobs_before = len(front.jobs.jobs)
