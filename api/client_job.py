@@ -14,7 +14,7 @@ from typing import Any
 from starlette.requests import Request
 
 from api.auth import Caller
-from api.errors import job_failure_error
+from api.errors import ApiError, job_failure_error
 from api.job_client import ClientGone, Events, JobClient, JobEvent, StreamInterrupted
 from shared.job_store.vocabulary import EventName
 from shared.schemas import JobRequest, JobView
@@ -113,9 +113,7 @@ class ClientJob:
                 elif event.event == EventName.DONE:
                     return WholeAnswer("".join(parts), event, entries, prompt_entries)
                 else:
-                    error = job_failure_error(event.event, event.data)
-                    if error.type == "stream_interrupted":
-                        error.message += self.interrupted_wait()
+                    error = self.failure(event)
                     if error_headers:
                         error.headers = {**(error.headers or {}), **error_headers}
                     raise error
@@ -135,6 +133,14 @@ class ClientJob:
             raise
         finally:
             await self.close()
+
+    def failure(self, event: JobEvent) -> ApiError:
+        """The HTTP error of the job's final event when it ended without its answer; a wait the
+        front could not follow to its end also cancels the job (``interrupted_wait``)."""
+        error = job_failure_error(event.event, event.data)
+        if error.type == "stream_interrupted":
+            error.message += self.interrupted_wait()
+        return error
 
     def interrupted_wait(self, resource: str = "") -> str:
         """A request waiting for the whole answer could not follow its job to the end (the front

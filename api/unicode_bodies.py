@@ -21,20 +21,11 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
 from api.errors import ApiError
+from shared.schemas.messages import valid_unicode
 
 # Where a body may hold a lone surrogate: a \uD800-\uDFFF escape, the 3 bytes UTF-8 would give
 # one (which Python's JSON reader takes: it decodes with surrogatepass), or a UTF-16/32 body.
 _MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}|\xed[\xa0-\xbf]")
-
-
-def _valid(text: str) -> bool:
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def lone_surrogate(value: Any) -> tuple[str, str] | None:
@@ -48,9 +39,9 @@ def lone_surrogate(value: Any) -> tuple[str, str] | None:
         node, place = pending.pop()
         found = ""
         if isinstance(node, str):
-            found = "" if _valid(node) else "text"
+            found = "" if valid_unicode(node) else "text"
         elif isinstance(node, dict):
-            if not all(_valid(key) for key in node):
+            if not all(valid_unicode(key) for key in node):
                 found = "a key"
             for key, item in reversed(node.items()):
                 nodes.append((place, key))

@@ -178,43 +178,37 @@ def _ask(client: StreamqClient, args: argparse.Namespace) -> int:
     return 130 if turn.phase == "canceled" else 0
 
 
-def _submit_fitting(
-    client: StreamqClient, messages: list[dict[str, str]], kept: int, options: dict[str, Any]
-) -> tuple[Any, list[dict[str, str]], int]:
-    """Submit the conversation; while the server finds it longer than the model's context, leave
-    out its oldest exchange (a question and its answer; the first ``kept`` messages, the system
-    message, stay) and submit it again. The job's view, the messages sent, and how many exchanges
-    were left out; the server's error when even the question alone does not fit."""
-    from streamq.errors import StreamqError
-
-    dropped = 0
-    while True:
-        try:
-            return client.submit(messages, **options), messages, dropped
-        except StreamqError as exc:
-            if exc.code != "context_length_exceeded" or len(messages) - kept < 3:
-                raise
-        messages = [*messages[:kept], *messages[kept + 2 :]]
-        dropped += 1
+TOO_LONG = "context_length_exceeded"
 
 
 def _ask_fitting(
     client: StreamqClient, messages: list[dict[str, str]], kept: int, options: dict[str, Any]
 ) -> tuple[Turn, list[dict[str, str]]]:
-    """Ask, and draw the answer; while the conversation is longer than the model's context (the
-    front's 400, or the worker's refusal when the front could not count it), leave out its
-    oldest exchanges and ask again, saying so. The turn, and the messages it was asked with."""
+    """Ask, and draw the answer. While the conversation is longer than the model's context (the
+    front's 400 at submit, or the worker's refusal when the front could not count it), leave out
+    its oldest exchange (a question and its answer; the first ``kept`` messages, the system
+    message, stay) and ask again, saying so. The turn, and the messages it was asked with; the
+    server's error when even the question alone does not fit."""
+    from streamq.errors import StreamqError
+
+    dropped = 0
     while True:
-        view, fitted, dropped = _submit_fitting(client, messages, kept, options)
-        if dropped:
-            _left_out(dropped)
-        turn = follow(client, view, _renderer(summary=True))
-        error = turn.error
-        too_long = turn.phase == "error" and error is not None and error.code == "context_length_exceeded"
-        if not too_long or len(fitted) - kept < 3:
-            return turn, fitted
-        messages = [*fitted[:kept], *fitted[kept + 2 :]]
-        _left_out(1)
+        trimmable = len(messages) - kept >= 3
+        try:
+            view = client.submit(messages, **options)
+        except StreamqError as exc:
+            if exc.code != TOO_LONG or not trimmable:
+                raise
+        else:
+            if dropped:
+                _left_out(dropped)
+                dropped = 0
+            turn = follow(client, view, _renderer(summary=True))
+            refused = turn.error.code if turn.phase == "error" and turn.error is not None else None
+            if refused != TOO_LONG or not trimmable:
+                return turn, messages
+        messages = [*messages[:kept], *messages[kept + 2 :]]
+        dropped += 1
 
 
 def _left_out(dropped: int) -> None:

@@ -295,3 +295,48 @@ def test_langchain_bind_tools_and_structured_output_return_parsed_objects(stack:
     for method in ("function_calling", "json_schema"):
         parsed = llm.with_structured_output(Weather, method=method).invoke("Weather in Kyiv?")
         assert isinstance(parsed, Weather), method
+
+
+def test_a_top_p_of_0_keeps_only_the_most_likely_token_as_openai_takes_it(
+    client: openai.OpenAI, stack: Stack, tiny_backend: Any
+) -> None:
+    """Clients send top_p 0 to mean "no sampling" (OpenAI takes it; vLLM and transformers refuse
+    it): at any temperature the answer is the greedy one, on every route."""
+    from tests.test_e2e_jobs import greedy_answer
+
+    greedy = greedy_answer(tiny_backend, "What is a queue?", 12)
+    for temperature in (0.7, 1.5):
+        chat = client.chat.completions.create(
+            model=stack.model_dir.name,
+            messages=[{"role": "user", "content": "What is a queue?"}],
+            max_tokens=12,
+            temperature=temperature,
+            top_p=0,
+        )
+        assert chat.choices[0].message.content == greedy
+    answered = client.responses.create(
+        model=stack.model_dir.name, input="What is a queue?", max_output_tokens=12, temperature=1.0, top_p=0
+    )
+    assert answered.output_text == greedy and answered.top_p == 0
+
+
+def test_a_conversation_ending_with_an_assistant_or_system_turn_is_answered_in_a_new_turn(
+    client: openai.OpenAI, stack: Stack, tiny_backend: Any
+) -> None:
+    """OpenAI answers such a conversation (an assistant's earlier answer, a system note last) with
+    a new assistant turn; the prompt is the whole conversation rendered by the chat template."""
+    from shared.schemas import ChatMessage, GenerationRequest, PromptInput
+
+    for last in ({"role": "assistant", "content": "A list."}, {"role": "system", "content": "Be brief."}):
+        messages = [{"role": "user", "content": "What is a queue?"}, last]
+        completion = client.chat.completions.create(
+            model=stack.model_dir.name,
+            messages=messages,
+            max_tokens=8,
+            temperature=0,  # type: ignore[arg-type]
+        )
+        turns = [ChatMessage(**m) for m in messages]
+        assert completion.usage is not None
+        assert completion.usage.prompt_tokens == len(tiny_backend.encode(PromptInput(messages=turns)))
+        alone = GenerationRequest(messages=turns, max_tokens=8, temperature=0.0, top_p=1.0)
+        assert completion.choices[0].message.content == "".join(s.delta for s in tiny_backend.generate(alone))

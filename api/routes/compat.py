@@ -21,8 +21,8 @@ from pydantic import Field
 
 from api.auth import CallerDep
 from api.client_job import JOB_HEADER, ClientJob
-from api.errors import ApiError, error_responses, job_failure_error, renamed
-from api.job_client import ClientGone, JobClient, JobEvent, get_jobs
+from api.errors import ApiError, error_responses, renamed
+from api.job_client import ClientGone, JobClient, get_jobs
 from api.unicode_bodies import UnicodeCheckedRoute
 from shared.job_store.vocabulary import EventName
 from shared.schemas import JobRequest, SamplingFields, Text
@@ -78,16 +78,6 @@ async def chat(
     return {"response": answer, "history": history, "status": 200, "time": now}
 
 
-def _ended_without_answer(job: ClientJob, event: JobEvent) -> ApiError:
-    """The error of a job that ended without its answer. A stream the front could not follow
-    to the end (it is stopping, its read failed) cannot be re-attached to by the seed's clients:
-    its job is canceled, for the request sent again."""
-    error = job_failure_error(event.event, event.data)
-    if error.type == "stream_interrupted":
-        error.message += job.interrupted_wait()
-    return error
-
-
 @router.post(
     "/stream",
     response_class=StreamingResponse,
@@ -116,7 +106,7 @@ async def chat_stream(body: ChatGLMRequest, request: Request, jobs: JobsDep, cal
         raise
     if first is not None and first.final and first.event != EventName.DONE:
         await job.close()
-        error = _ended_without_answer(job, first)
+        error = job.failure(first)  # the seed's clients cannot re-attach: its job is canceled
         error.headers = {**(error.headers or {}), JOB_HEADER: job.id}
         raise _as_chatglm(error)
 
@@ -132,7 +122,7 @@ async def chat_stream(body: ChatGLMRequest, request: Request, jobs: JobsDep, cal
                     yield MARKER + answer
                 elif event.final:
                     if event.event != EventName.DONE:
-                        error = _as_chatglm(_ended_without_answer(job, event))
+                        error = _as_chatglm(job.failure(event))
                         yield MARKER + json.dumps(error.envelope())
                     elif not answer:
                         yield MARKER

@@ -9,12 +9,21 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
+def valid_unicode(text: str) -> bool:
+    """Whether ``text`` is valid Unicode: no lone surrogate (such as "\\ud800" in JSON)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _encodable(value: str) -> str:
     """Refuse text that is not valid Unicode (lone surrogates such as "\\ud800" in JSON)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("text must be valid Unicode (it holds a lone surrogate)") from None
+    if not valid_unicode(value):
+        raise ValueError("text must be valid Unicode (it holds a lone surrogate)")
     return value
 
 

@@ -10,12 +10,11 @@ import json
 from typing import Any
 
 import pytest
-from openai import AsyncOpenAI, BadRequestError, ConflictError, NotFoundError
+from openai import AsyncOpenAI, BadRequestError, NotFoundError
 from openai.types.responses import FunctionToolParam, Response
 
-from api.job_client import JobEvent
 from shared.schemas import GenerationRequest
-from tests.fast.conftest import KEY_A, KEY_B, Front, settled
+from tests.fast.conftest import KEY_A, KEY_B, Front
 from tests.fast.test_front_formats import _openai
 from tests.response_items import item_text
 
@@ -143,90 +142,6 @@ async def test_keep_alives_are_comment_lines_inside_the_next_event(front: Front)
     blocks = body.split("\n\n")
     assert blocks[-1] == "" and all("\ndata: " in block for block in blocks[:-1])
     assert (await front.http.get(url)).text == body.replace(": ping\n", "")  # the same events, read again
-
-
-async def test_cancel_a_queued_and_a_running_response(front: Front) -> None:
-    client = _openai(front)
-    front.jobs.hold = True
-    queued = await client.responses.create(model=MODEL, input="never runs", background=True)
-    cancelled = await client.responses.cancel(queued.id)
-    assert (cancelled.status, cancelled.output) == ("cancelled", [])
-    assert [e.type for e in await _events(client, queued.id)] == [
-        "response.created",
-        "response.queued",
-        "response.cancelled",
-    ]
-    again = await client.responses.cancel(queued.id)  # a cancelled response is answered as it is
-    assert again.status == "cancelled"
-
-    front.jobs.hold, front.jobs.pause_after = False, 1
-    running = await client.responses.create(model=MODEL, input="x y z", background=True)
-    stopped = await client.responses.cancel(running.id)
-    assert (stopped.status, stopped.output_text) == ("cancelled", "x")
-    assert stopped.output[0].status == "incomplete"  # type: ignore[union-attr]
-    events = await _events(client, running.id)
-    assert [e.type for e in events][-4:] == [*CLOSE, "response.cancelled"]
-
-    front.jobs.release()
-    done = await client.responses.create(model=MODEL, input="fine")
-    with pytest.raises(ConflictError) as ended:
-        await client.responses.cancel(done.id)
-    assert ended.value.response.headers["x-should-retry"] == "false"  # the SDK would send it again
-
-
-async def test_a_job_redis_lost_ends_its_response_as_failed(front: Front) -> None:
-    """The follower's final ``job_lost`` error (it has no stream entry, so no id) ends a waiting
-    response as failed and a stream with its error and ``response.failed``, as on the chat route."""
-    follow = front.jobs.follow
-
-    async def losing(job: Any, after: str, request: Any) -> Any:
-        async for event in follow(job, after, request):
-            yield event
-            if event is not None and event.event == "delta":  # Redis lost the job after a word
-                yield JobEvent.of(None, "error", {"type": "job_lost", "message": "Redis lost the job"})
-                return
-
-    front.jobs.follow = losing  # type: ignore[method-assign]
-    client = _openai(front)
-    waited = await client.responses.create(model=MODEL, input="a b c")
-    assert (waited.status, waited.output_text) == ("failed", "a")
-    assert waited.error is not None and "Redis lost the job" in waited.error.message
-    streamed = [
-        event async for event in await client.responses.create(model=MODEL, input="a b c", stream=True)
-    ]
-    assert [e.type for e in streamed][-5:] == ["error", *CLOSE, "response.failed"]
-    assert streamed[-1].response.output_text == "a"
-
-
-async def test_a_response_whose_wait_the_front_ended_is_canceled_for_its_retry(front: Front) -> None:
-    front.jobs.hold = True
-    waiting = asyncio.ensure_future(front.http.post("/v1/responses", json={"input": "a b"}))
-    await front.jobs.submitted.wait()
-    await asyncio.sleep(0.05)
-    front.jobs.end_streams("this front is stopping")
-    answer = await waiting
-    error = answer.json()["error"]
-    assert answer.status_code == 503 and error["type"] == "stream_interrupted"
-    assert "its job is being canceled: send the request again" in error["message"]
-    [job] = front.jobs.jobs.values()
-    await settled(lambda: job.view.status == "canceled")
-
-
-async def test_delete_forgets_the_response_and_cancels_a_running_one(front: Front) -> None:
-    client = _openai(front)
-    front.jobs.pause_after = 1
-    running = await client.responses.create(model=MODEL, input="x y z", background=True)
-    deleted = await front.http.delete(f"/v1/responses/{running.id}")
-    assert deleted.json() == {"id": running.id, "object": "response.deleted", "deleted": True}
-    for call in (
-        client.responses.retrieve(running.id),
-        client.responses.delete(running.id),
-        client.responses.input_items.list(running.id),
-    ):
-        with pytest.raises(NotFoundError):
-            await call
-    job = (await front.http.get(f"/v1/jobs/{running.id.removeprefix('resp_')}")).json()
-    assert job["status"] == "canceled"  # the job itself stays readable until it expires
 
 
 async def test_input_ending_with_an_assistant_or_developer_message_is_answered(front: Front) -> None:
