@@ -280,6 +280,9 @@ class ChatCompletionRequest(OpenAIFields):
     def tool_plan(self) -> ToolPlan:
         """The request's tool plan, made once (it checks the forced functions' schemas)."""
         if self._plan is None:
+            if self.parallel_tool_calls is not None and not self.tools:  # as OpenAI refuses it
+                message = "'parallel_tool_calls' is only allowed when 'tools' are specified"
+                raise ApiError(400, message, param="parallel_tool_calls")
             self._plan = plan_tools(
                 self.tools, self.tool_choice, self.parallel_tool_calls, self.response_format
             )
@@ -302,6 +305,9 @@ class ChatCompletionRequest(OpenAIFields):
 
 
 PromptIds = list[Annotated[int, Field(ge=0, strict=True)]]
+# A completion's length when the request gives none: 16 tokens, as OpenAI's legacy completions
+# and vLLM answer it (a prompt that leaves less room is refused, naming max_tokens, as they do).
+COMPLETION_MAX_TOKENS = 16
 
 
 class CompletionRequest(OpenAIFields):
@@ -349,6 +355,8 @@ class CompletionRequest(OpenAIFields):
             message = f"with echo, logprobs is at most {MAX_PROMPT_LOGPROBS} (every prompt token gets them)"
             raise ApiError(400, message, param="logprobs")
         fields: dict[str, Any] = {"raw_prompt": self.prompt_value()}
+        if self.max_tokens is None:  # this route's default, OpenAI's and vLLM's
+            fields["max_tokens"] = COMPLETION_MAX_TOKENS
         if self.logprobs is not None:
             fields["logprobs"] = self.logprobs
         if self.echo and (self.logprobs is not None or not isinstance(self.prompt, str)):

@@ -7,8 +7,9 @@ and how the job's text becomes ``tool_calls``.
   (Qwen2.5, Hermes and others; workers announce the ``tools`` feature only for templates that
   use it), parsed here as the text streams in.
 - ``required`` and a named function: guided decoding makes the answer JSON that validates (a
-  list of calls, or the named function's arguments), so even a small model returns a valid
-  call; ``parallel_tool_calls: false`` allows one call.
+  list of calls, read as it streams by ``api.required_calls``, or the named function's
+  arguments), so even a small model returns a valid call; ``parallel_tool_calls: false``
+  allows one call. Both stream a call's arguments as they come.
 
 The job's own text stays the model's raw output (the job API shows it as it is); only the
 OpenAI answer is shaped here. A call's id is derived from its job's id, so an answer read
@@ -17,9 +18,7 @@ twice (a re-attached stream) names its calls the same way.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -27,6 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from api.errors import ApiError
+from api.required_calls import Arguments, Call, Event, RequiredCalls
 from shared.schemas import ResponseFormat, ToolDefinition
 from shared.schemas.json_schema_check import (
     ONE_SCHEMA,
@@ -230,6 +230,7 @@ class ToolCallReader:
         self._blank = ""  # whitespace held back until text follows it (calls between or not)
         self._said = False  # some content went out: whitespace is the answer's leading no more
         self.calls = 0  # calls made so far
+        self._required = RequiredCalls()  # tool_choice required: its list of calls, read as it comes
 
     def _next_call(self, name: str, arguments: str) -> dict[str, Any]:
         index = self.calls
@@ -268,8 +269,10 @@ class ToolCallReader:
                 assert self.plan.function is not None
                 return [self._next_call(self.plan.function, text)]
             return [{"tool_calls": [{"index": 0, "function": {"arguments": text}}]}]
+        if mode == "required":
+            return self._from_required(self._required.feed(text))
         self._buffer += text
-        return self._auto() if mode == "auto" else []
+        return self._auto()
 
     def _auto(self) -> list[dict[str, Any]]:
         deltas: list[dict[str, Any]] = []
@@ -301,61 +304,29 @@ class ToolCallReader:
         return [self._next_call(*parsed)]
 
     def finish(self, cut: bool = False) -> list[dict[str, Any]]:
-        """What the text's end releases: held-back text, an unclosed call, the required calls
-        (``cut``: the answer ended at its length limit, and a call it had begun is a call)."""
+        """What the text's end releases: held-back text, an unclosed call, a required call whose
+        name is whole (``cut``: the answer ended at its length limit, and a call it had begun is a
+        call)."""
         rest, self._buffer = self._buffer, ""
         if self.plan.mode == "required":
-            return self._end(self._required(rest, cut))
+            return self._end(self._from_required(self._required.finish(cut)))
         if self._in_call:  # the answer ended inside a call: a call if its JSON is whole
             self._in_call = False
             parsed = _hermes_call(rest.strip())
             return self._end([self._next_call(*parsed)] if parsed else self._content(OPEN + rest))
         return self._end(self._content(rest))
 
-    def _required(self, text: str, cut: bool) -> list[dict[str, Any]]:
-        if not text.lstrip().startswith("["):  # not a list of calls after all (no grammar held it)
-            return self._content(text)
-        items, rest = _whole_items(text)
-        if not all(isinstance(call, dict) and isinstance(call.get("name"), str) for call in items):
-            return self._content(text)  # checked first: no call is counted for an answer that has none
-        deltas = [
-            self._next_call(call["name"], json.dumps(call.get("arguments", {}), ensure_ascii=False))
-            for call in items
-        ]
-        # An answer its length cut (max_tokens) ends with a call begun: once its name is whole it
-        # is a call, with its arguments as far as they came, as OpenAI answers a call the length
-        # cut. (A stop sequence inside the JSON is the client's doing: the whole calls only.)
-        named = _NAMED.match(rest) if cut else None
-        if named is not None:
-            given = _ARGUMENTS.match(rest, named.end())
-            arguments = rest[given.end() :].rstrip() if given is not None else ""
-            with contextlib.suppress(ValueError):  # a name JSON cannot read: no call
-                deltas.append(self._next_call(json.loads(named[1]), arguments))
+    def _from_required(self, events: list[Event]) -> list[dict[str, Any]]:
+        deltas: list[dict[str, Any]] = []
+        for event in events:
+            if isinstance(event, Call):
+                deltas.append(self._next_call(event.name, ""))
+            elif isinstance(event, Arguments):
+                arguments = {"index": self.calls - 1, "function": {"arguments": event.text}}
+                deltas.append({"tool_calls": [arguments]})
+            else:
+                deltas += self._content(event.text)
         return deltas
-
-
-# A required call's beginning, as its grammar writes it: {"name": "...", "arguments": ...
-_NAMED = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")')
-_ARGUMENTS = re.compile(r'\s*,\s*"arguments"\s*:\s*')
-
-
-def _whole_items(text: str) -> tuple[list[Any], str]:
-    """The items of a JSON list that are whole, even when the list itself was cut short, and
-    the text after them (an item begun, when it was)."""
-    decoder = json.JSONDecoder()
-    start = text.lstrip()
-    items: list[Any] = []
-    at = 1
-    while True:
-        while at < len(start) and start[at] in " \t\r\n,":
-            at += 1
-        if at >= len(start) or start[at] == "]":
-            return items, ""
-        try:
-            item, at = decoder.raw_decode(start, at)
-        except ValueError:
-            return items, start[at:]
-        items.append(item)
 
 
 def cut_short(finish_reason: str | None) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
@@ -231,6 +231,15 @@ class Settings(BaseSettings):
                 "submit's WAIT runs within one command's time"
             )
         return self
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any, info: ValidationInfo) -> Any:
+        """An empty value of a setting that is unset by default is unset (compose passes
+        `${X:-}` on as an empty string): `STREAMQ_KV_CACHE_GIB=` is vLLM's default, not a 400."""
+        if value == "" and info.field_name and cls.model_fields[info.field_name].default is None:
+            return None
+        return value
 
     @field_validator("redis_url")
     @classmethod

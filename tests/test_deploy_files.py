@@ -7,6 +7,7 @@ manifests agree with the code (queue key, drain time, probes), and so does the k
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import fakeredis
@@ -15,6 +16,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from pydantic import ValidationError
 from rq.queue import Queue
 
 from shared import keys
@@ -273,6 +275,28 @@ def test_compose_vllm_worker_asks_for_as_many_gpus_as_it_splits_the_model_over()
     (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
     assert len(device["device_ids"]) == int(env["STREAMQ_TENSOR_PARALLEL_SIZE"]) == 2
     Settings(engine=env["STREAMQ_ENGINE"], tensor_parallel_size=env["STREAMQ_TENSOR_PARALLEL_SIZE"])
+
+
+def test_every_compose_services_environment_starts_its_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each service's STREAMQ_ settings, as compose resolves them with nothing set in the shell
+    (`${X:-}` is an empty string), are settings its process starts with: an empty optional one
+    is unset (STREAMQ_KV_CACHE_GIB= stopped the vLLM worker)."""
+    result = compose("--profile", "cpu", "--profile", "vllm", "config")
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert "worker-vllm" in services
+    for name, service in services.items():
+        env = service.get("environment") or {}
+        with monkeypatch.context() as patch:
+            for key in [k for k in os.environ if k.startswith("STREAMQ_")]:
+                patch.delenv(key)
+            for key, value in env.items():
+                if key.startswith("STREAMQ_") and value is not None:
+                    patch.setenv(key, str(value))
+            try:
+                Settings()
+            except ValidationError as exc:
+                raise AssertionError(f"{name}: {exc}") from None
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)

@@ -29,12 +29,17 @@ def compiler(tiny_model: Path) -> Any:
     return xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
 
 
+class Written(str):
+    """JSON text as the grammar may write it, where no Python value shows it (a key twice)."""
+
+
 def accepts(compiler: Any, schema: dict[str, Any], instance: Any) -> bool:
     """Whether the grammar of ``schema`` takes ``instance`` (as the grammar writes JSON) whole."""
     import xgrammar
 
     matcher = xgrammar.GrammarMatcher(compiler.compile_json_schema(json.dumps(schema), any_whitespace=False))
-    return bool(matcher.accept_string(json.dumps(instance))) and bool(matcher.is_completed())
+    text = instance if isinstance(instance, Written) else json.dumps(instance)
+    return bool(matcher.accept_string(text)) and bool(matcher.is_completed())
 
 
 @pytest.mark.parametrize(
@@ -87,6 +92,32 @@ def accepts(compiler: Any, schema: dict[str, Any], instance: Any) -> bool:
         ({"type": "integer", "$dynamicRef": "#meta", "$defs": {"m": {"minimum": 5}}}, 1, "'$dynamicRef'"),
         ({"$recursiveRef": "#/$defs/X", "$defs": {"X": {"type": "integer"}}}, "s", "'$recursiveRef'"),
         ({"type": "string", "pattern": "^a+$", "minLength": 3}, "a", "'minLength' beside a 'pattern'"),
+        # A required name that properties do not declare: left out, or the object closed to {}.
+        ({"type": "object", "required": ["a"]}, {}, "'required' name 'a' outside 'properties'"),
+        ({"required": ["a"]}, 3, "'required' name 'a'"),
+        (
+            {"type": "object", "additionalProperties": {"type": "boolean"}, "required": ["a"]},
+            {},
+            "'required' name 'a'",
+        ),
+        ({**OBJECT_AB, "required": ["c"], "additionalProperties": False}, {"b": 1}, "'required' name 'c'"),
+        ({"type": "object", "patternProperties": {"^a$": {"type": "integer"}}, "required": ["a"]}, {}, "'a'"),
+        # Open keys may be written again and again: one property, however many entries.
+        (
+            {"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 2},
+            Written('{"c": 5, "c": 7}'),
+            "'minProperties' above the required names",
+        ),
+        (
+            {**OBJECT_AB, "required": ["a"], "patternProperties": {"^c$": {}}, "minProperties": 2},
+            Written('{"a": 1, "c": 2, "c": 3}'),
+            "'minProperties'",
+        ),
+        (
+            {"type": "object", "propertyNames": {"pattern": "^[a-c]$"}, "minProperties": 2},
+            Written('{"a": 1, "a": 2}'),
+            "'minProperties'",
+        ),
     ],
 )
 def test_a_refused_keyword_is_one_the_grammar_does_not_enforce(
@@ -125,6 +156,26 @@ def test_a_refused_keyword_is_one_the_grammar_does_not_enforce(
             {"$defs": {"O": {**OBJECT_AB, "required": ["a"]}}, "$ref": "#/$defs/O", "type": "object"},
             {},
             {"a": 1},
+        ),
+        # Required names that are declared, and as many properties as they make, with open keys;
+        # a required list on a type that is not an object says nothing.
+        (
+            {
+                **OBJECT_AB,
+                "required": ["a", "b"],
+                "additionalProperties": {"type": "integer"},
+                "minProperties": 2,
+            },
+            {"a": 1},
+            {"a": 1, "b": 2, "c": 3},
+        ),
+        ({"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 1}, {}, {"c": 1}),
+        ({"type": "object", "patternProperties": {}, "properties": {}, "minProperties": 0}, {"a": 1}, {}),
+        ({"type": "string", "required": ["a"]}, 1, "s"),
+        (  # property names beside declared properties close the object
+            {**OBJECT_AB, "required": ["a"], "propertyNames": {"pattern": "^[a-c]$"}, "minProperties": 2},
+            {"a": 1, "c": 2},
+            {"a": 1, "b": 2},
         ),
     ],
 )

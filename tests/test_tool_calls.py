@@ -126,9 +126,14 @@ def test_forced_calls_read_the_guided_json() -> None:
     ]
     named_only = read_whole(required, "j", '[{"name": "get_weather", "argu', cut=True)[1]
     assert [(c["function"]["name"], c["function"]["arguments"]) for c in named_only] == [("get_weather", "")]
-    # Ended by the client's stop sequence, not the length: the whole calls only.
-    assert read_whole(required, "j", '[{"name": "get_weather", "arguments": {"city": "Ro') == ("", [])
-    assert read_whole(required, "j", '[{"name": "get_\\q", "arguments": {', cut=True) == ("", [])
+    # Ended by the client's stop sequence: the call streamed as far as it came stands, as the length.
+    stopped = read_whole(required, "j", '[{"name": "get_weather", "arguments": {"city": "Ro')[1]
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in stopped] == [
+        ("get_weather", '{"city": "Ro')
+    ]
+    # A name JSON cannot read is no call: the model's text, whole.
+    unreadable = '[{"name": "get_\\q", "arguments": {'
+    assert read_whole(required, "j", unreadable, cut=True) == (unreadable, [])
     # Cut short after a whole call (a small model that keeps adding calls): that call stands.
     cut = '[{"name": "get_weather", "arguments": {"city": "Rome"}}, {"name": "get_w'
     assert [c["function"]["name"] for c in read_whole(required, "j", cut)[1]] == ["get_weather"]
@@ -198,7 +203,51 @@ def test_one_call_at_most_in_auto_mode_ends_the_answer_after_the_first() -> None
 def test_a_required_answer_that_is_not_a_list_of_calls_stays_text() -> None:
     required = plan_tools([WEATHER], "required", None, None)
     assert read_whole(required, "j", "[1, 2]") == ("[1, 2]", [])
-    # A call, then an item that is none: text, and no call counted (the stream said tool_calls).
+    assert read_whole(required, "j", '[{"nom": "x"}]') == ('[{"nom": "x"}]', [])
+    # A call, then an item that is none: the call came out as it streamed and stands; what
+    # follows it is the model's text (nothing is dropped).
     mixed = '[{"name": "get_weather", "arguments": {"city": "Oslo"}}, 5]'
+    content, calls = read_whole(required, "j", mixed)
+    assert content == "5]" and [c["function"]["arguments"] for c in calls] == ['{"city": "Oslo"}']
+
+
+def test_required_calls_stream_as_they_are_written() -> None:
+    """Each call comes out once its name is whole, then its arguments piece by piece (as OpenAI
+    streams them, and as the named function's do), however the text is cut; the same calls as
+    the whole answer's."""
+    required = plan_tools(
+        [
+            WEATHER,
+            WEATHER.model_copy(update={"function": WEATHER.function.model_copy(update={"name": "get_time"})}),
+        ],
+        "required",
+        None,
+        None,
+    )
+    text = (
+        '[{"name": "get_weather", "arguments": {"city": "Rome \\"Eternal\\" [city]"}}, '
+        '{"name": "get_time", "arguments": {"city": "Lima", "n": [1, {"a": null}]}}]'
+    )
+    content, calls = read_whole(required, "j", text)
+    assert content is None and [
+        (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls
+    ] == [
+        ("get_weather", {"city": 'Rome "Eternal" [city]'}),
+        ("get_time", {"city": "Lima", "n": [1, {"a": None}]}),
+    ]
+    for seed in range(30):
+        deltas = streamed(required, text, seed)
+        pieces = [c for d in deltas for c in d.get("tool_calls", [])]
+        heads = [c for c in pieces if "id" in c]
+        assert [(c["index"], c["function"]["name"]) for c in heads] == [(0, "get_weather"), (1, "get_time")]
+        for index, call in enumerate(calls):
+            arguments = "".join(c["function"]["arguments"] for c in pieces if c["index"] == index)
+            assert arguments == call["function"]["arguments"]
+        assert not any(d.get("content") for d in deltas)
+    # The first call is out, with the first of its arguments, before its arguments are whole.
     reader = ToolCallReader(required, "j")
-    assert reader.feed(mixed) + reader.finish() == [{"content": mixed}] and reader.calls == 0
+    early = reader.feed('[{"name": "get_weather", "arguments": {"ci')
+    assert [c["function"] for d in early for c in d["tool_calls"]] == [
+        {"name": "get_weather", "arguments": ""},
+        {"arguments": '{"ci'},
+    ]

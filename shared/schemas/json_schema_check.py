@@ -9,7 +9,10 @@ Refused, each with the place in the schema:
   not enforce, so that an answer would end ``stop`` without following it: ``not``,
   ``if``/``then``/``else``, ``allOf`` of two or more schemas, ``contains``, ``uniqueItems``,
   ``dependentRequired``/``dependentSchemas``/``dependencies``, ``multipleOf`` on a
-  non-integer, a length limit beside a ``pattern`` or a checked ``format``, and a constraint
+  non-integer, a length limit beside a ``pattern`` or a checked ``format``, a ``required`` name
+  that ``properties`` does not declare (the grammar leaves it out, or writes ``{}``), a
+  ``minProperties`` above the required names where other keys are open (the grammar may write
+  one open key again and again: ``{"c": 1, "c": 2}`` is one property), and a constraint
   beside a ``$ref``, ``anyOf``, ``oneOf`` or ``allOf``, or two of these side by side (the
   grammar follows one reference or set of branches alone). An annotation passes, and so do an
   ``enum``/``const`` beside branches and a ``type`` the branches or the referenced schema
@@ -223,12 +226,47 @@ def _node_problem(root: dict[str, Any], node: dict[str, Any]) -> str | None:
     integers = all(t in ("integer", "null") for t in listed) and "integer" in listed
     if "multipleOf" in given and not integers:
         return f"'multipleOf' on a type other than 'integer' {NOT_ENFORCED}"
+    problem = _object_problem(given)
+    if problem is not None:
+        return problem
     limits = [key for key in ("minLength", "maxLength") if key in given]
     form = given.get("format")
     checked_format = isinstance(form, str) and form in CHECKED_FORMATS
     if limits and ("pattern" in given or checked_format):
         near = "a 'pattern'" if "pattern" in given else f"format '{form}'"
         return f"'{limits[0]}' beside {near} {NOT_ENFORCED} (write the length into a pattern)"
+    return None
+
+
+def _object_problem(given: dict[str, Any]) -> str | None:
+    """What of an object's ``required`` and ``minProperties`` the grammar does not enforce. Its
+    keys beyond the declared properties are open (xgrammar's strict mode, which both engines use,
+    closes them otherwise) with additional or unevaluated properties that are not false, pattern
+    properties, or property names where no property is declared."""
+    types = given.get("type")
+    if types is not None and "object" not in (types if isinstance(types, list) else [types]):
+        return None
+    declared = given.get("properties")
+    declared = declared if isinstance(declared, dict) else {}
+    required = given.get("required")
+    names = {name for name in required if isinstance(name, str)} if isinstance(required, list) else set()
+    missing = sorted(names - declared.keys())
+    if missing:
+        return f"'required' name {_shown(missing[0])} outside 'properties' {NOT_ENFORCED} (declare it there)"
+    least = given.get("minProperties")
+    open_keys = (
+        any(
+            key in given and given[key] is not False
+            for key in ("additionalProperties", "unevaluatedProperties")
+        )
+        or bool(given.get("patternProperties"))
+        or ("propertyNames" in given and not declared)  # beside declared properties it closes them
+    )
+    if open_keys and isinstance(least, int) and not isinstance(least, bool) and least > max(1, len(names)):
+        return (
+            f"'minProperties' above the required names, where other keys are open, {NOT_ENFORCED} "
+            "(the grammar may write one key again and again; require the keys by name)"
+        )
     return None
 
 

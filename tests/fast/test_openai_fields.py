@@ -98,6 +98,36 @@ async def test_echo_with_logprobs_gives_the_prompts_tokens_first(front: Front) -
     assert echoed.choices[0].text == "say itsay it" and echoed.choices[0].logprobs is None
 
 
+async def test_a_completion_without_max_tokens_is_16_tokens_as_openai_and_vllm_answer_it(
+    front: Front,
+) -> None:
+    client = _openai(front)
+    words = " ".join(f"w{i}" for i in range(20))
+    done = await client.completions.create(model="fake-model", prompt=words)
+    assert done.choices[0].text == " ".join(words.split()[:16]) and done.choices[0].finish_reason == "length"
+    assert done.usage is not None and done.usage.completion_tokens == 16
+    longer = await client.completions.create(model="fake-model", prompt=words, max_tokens=40)
+    assert longer.choices[0].text == words and longer.choices[0].finish_reason == "stop"
+    chat = await client.chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": words}]
+    )
+    assert chat.choices[0].message.content == words  # the chat route keeps the server's default
+
+
+async def test_parallel_tool_calls_without_tools_is_refused_as_openai_refuses_it(front: Front) -> None:
+    client = _openai(front)
+    ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+    with pytest.raises(BadRequestError) as refused:
+        await client.chat.completions.create(model="fake-model", messages=ask, parallel_tool_calls=False)
+    body = refused.value.body
+    assert isinstance(body, dict) and body.get("param") == "parallel_tool_calls", body
+    assert "only allowed when 'tools' are specified" in str(body.get("message"))
+    done = await client.chat.completions.create(
+        model="fake-model", messages=ask, tools=TOOLS, parallel_tool_calls=False
+    )
+    assert done.choices[0].message.content == "hi"
+
+
 async def test_fields_streamq_cannot_honour_are_refused_by_name(front: Front) -> None:
     client = _openai(front)
     ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
