@@ -7,8 +7,7 @@ then handed on whole, or refused once it passes it.
 
 from __future__ import annotations
 
-import json
-
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_envelope
@@ -52,13 +51,13 @@ class BodySizeLimit:
         await self.app(scope, _replay(b"".join(chunks), receive), send)
 
     async def _refuse(self, send: Send) -> None:
-        body = json.dumps(
+        body = JSONResponse(  # rendered as every other error is
             error_envelope(
                 f"the request body is larger than {self.max_bytes} bytes (STREAMQ_MAX_BODY_BYTES)",
                 "invalid_request_error",
                 code="request_too_large",
             )
-        ).encode()
+        ).body
         await send(
             {
                 "type": "http.response.start",

@@ -16,6 +16,7 @@ from starlette.requests import Request
 from api.auth import Caller
 from api.errors import ApiError, job_failure_error
 from api.job_client import ClientGone, Events, JobClient, JobEvent, StreamInterrupted
+from api.shutdown import STOPPING_FRONT
 from shared.job_store.vocabulary import EventName
 from shared.schemas import JobRequest, JobView
 
@@ -139,6 +140,8 @@ class ClientJob:
         front could not follow to its end also cancels the job (``interrupted_wait``)."""
         error = job_failure_error(event.event, event.data)
         if error.type == "stream_interrupted":
+            if error.message.startswith(STOPPING_FRONT):  # no stream to resume: say why alone
+                error.message = STOPPING_FRONT
             error.message += self.interrupted_wait()
         return error
 

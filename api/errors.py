@@ -246,7 +246,7 @@ def _validation_response(request: Request, exc: Exception) -> JSONResponse:
         message = f"the request body is not valid JSON: {detail}".rstrip(": ")
         return error_response(ApiError(400, message, code="invalid_json"))
     if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") == "missing" for e in errors):
-        return error_response(ApiError(400, "the request has no body: send a JSON object"))
+        return error_response(ApiError(400, "the request body is missing or null: send a JSON object"))
     unknown = next((e for e in errors if e.get("type") == "extra_forbidden"), None)
     if unknown is not None:
         name = _param(tuple(unknown.get("loc", ())))

@@ -32,6 +32,12 @@ from shared.redis_connect import RedisTarget
 from shared.settings import Settings
 
 
+def said(rate: RateLimitItem) -> str:
+    """A rate as a person says it: '120 per minute', '6 per 20 seconds'."""
+    unit = rate.GRANULARITY.name
+    return f"{rate.amount} per {unit if rate.multiples == 1 else f'{rate.multiples} {unit}s'}"
+
+
 def parse_rate_limit(text: str) -> RateLimitItem | None:
     """``STREAMQ_KEY_RATE_LIMIT`` as a limit (None: no limit); ValueError when unreadable."""
     if not text.strip():
@@ -86,7 +92,7 @@ class KeyQuotas:
             raise RedisError(f"rate limit storage: {exc}") from exc
         retry = max(1, math.ceil(stats.reset_time - time.time()))
         raise too_many_requests(
-            f"this API key is over its request rate ({self._rate}, STREAMQ_KEY_RATE_LIMIT); "
+            f"this API key is over its request rate ({said(self._rate)}, STREAMQ_KEY_RATE_LIMIT); "
             f"retry in {retry} s",
             "rate_limit_exceeded",
             retry,

@@ -26,7 +26,10 @@ from api.job_client import JobClient
 
 log = logging.getLogger("streamq.api")
 
-STOPPING = "this front is stopping: resume the stream, or send the request again, on another front"
+STOPPING_FRONT = "this front is stopping"
+# What a stream's client is told (a request that waits for the whole answer is told its own way:
+# ClientJob.failure).
+STOPPING = f"{STOPPING_FRONT}: resume the stream, or send the request again, on another front"
 BEFORE_THE_CUT = 1.0  # seconds before uvicorn's grace ends that the streams are ended
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

@@ -230,6 +230,12 @@ def test_front_is_ready_on_readyz_and_disruption_bounded() -> None:
     assert find_base("Service", "streamq-api")["spec"]["selector"] == labels
     hpa = find_base("HorizontalPodAutoscaler", "streamq-api")["spec"]
     assert hpa["scaleTargetRef"]["name"] == "streamq-api" and hpa["minReplicas"] >= 2
+    # A read-only root, and a writable temporary directory where `streamq api --workers N` makes
+    # the one its processes share their metrics through (tempfile's default, /tmp).
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in api["spec"]["template"]["spec"].get("volumes", [])}
+    assert "emptyDir" in volumes[mounts["/tmp"]], mounts
 
 
 # ----- images -----------------------------------------------------------------------------------

@@ -270,7 +270,7 @@ def test_malformed_json_unknown_job_and_bad_event_id(stack: Stack) -> None:
     )
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
     empty = httpx.post(f"{stack.url}/v1/jobs", headers={"Content-Type": "application/json"})
-    assert empty.status_code == 400 and "no body" in empty.json()["error"]["message"]
+    assert empty.status_code == 400 and "body is missing" in empty.json()["error"]["message"]
     for path in ("/v1/jobs/0123456789abcdef0123456789abcdef", "/v1/jobs/nope", "/v1/jobs/nope/events"):
         missing = httpx.get(f"{stack.url}{path}")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "job_not_found"

@@ -71,6 +71,7 @@ def test_a_key_over_its_request_rate_gets_429_until_its_window_passes(secure: Se
     assert over.status_code == 429
     error = over.json()["error"]
     assert error["code"] == "rate_limit_exceeded" and "STREAMQ_KEY_RATE_LIMIT" in error["message"]
+    assert f"({RATE} per {RATE_SECONDS} seconds," in error["message"], error  # as a person says it
     retry = int(over.headers["retry-after"])
     assert 1 <= retry <= RATE_SECONDS
     assert _post(secure.b, "erin").status_code == 202, "another key keeps its own rate"

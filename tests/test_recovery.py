@@ -94,6 +94,17 @@ def test_a_killed_workers_job_continues_on_another_and_the_stream_stays_whole(
     assert events[-1].event == "done"
     assert text_of(events) == greedy_answer(tiny_backend, prompt, LONG_TOKENS)  # no gap, no repeat
     assert events[-1].data["usage"]["completion_tokens"] == LONG_TOKENS
+    # Timings: the wait before the first run (not until the second), and the rate of the tokens
+    # this run generated (not of those the killed run did too).
+    timings = events[-1].data["timings"]
+    at = {e.event: int(str(e.id).split("-")[0]) / 1000 for e in reversed(events) if e.id}  # first of each
+    second_start = [int(str(e.id).split("-")[0]) / 1000 for e in events if e.event == "started"][1]
+    assert abs(timings["queue_seconds"] - (at["started"] - at["queued"])) < 0.5, timings
+    assert timings["queue_seconds"] < second_start - at["queued"] - 1.0, timings
+    generated = timings["tokens_per_second"] * (
+        timings["generation_seconds"] - timings["first_token_seconds"]
+    )
+    assert 0 < generated <= LONG_TOKENS - 100 + 2, timings
     check_rq_has_no_ghost(stack, job["id"], model)
 
     def dead_worker_gone() -> bool:

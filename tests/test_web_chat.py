@@ -96,6 +96,26 @@ def _open(driver: Any, slow: SlowStack, url: str) -> None:
     until(driver, lambda: slow.model in driver.execute_script(models), "the model list")
 
 
+def _open_on(driver: Any, slow: SlowStack, model: str, wait: float = 60) -> None:
+    """The page, once ``model`` is served, with it picked (a worker started by the test)."""
+    import httpx
+
+    from streamq.processes import wait_for
+
+    def served() -> bool:
+        models = httpx.get(f"{slow.url}/v1/models", headers=slow.headers, timeout=10)
+        return model in [m["id"] for m in models.json()["data"]]
+
+    wait_for(served, wait, f"a worker serving {model}")
+    _open(driver, slow, slow.url)
+    driver.execute_script(
+        "const s = document.getElementById('model');"
+        "if (![...s.options].some((o) => o.value === arguments[0])) s.add(new Option(arguments[0]));"
+        "s.value = arguments[0];",
+        model,
+    )
+
+
 def _ask(driver: Any, question: str, max_tokens: int) -> Any:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -218,31 +238,46 @@ def test_the_page_shows_text_with_line_separators_and_carriage_returns_whole(
     browser: Any, slow_stack: SlowStack
 ) -> None:
     """U+2028, U+2029, U+0085, CR+LF pairs and lone CRs reach the page's answer exactly (issue 19)."""
-    from streamq.processes import start_synthetic_worker, wait_for
+    from streamq.processes import start_synthetic_worker
     from tests.test_line_separators import EXPECTED, TEXT, TOKENS
 
     model = "separators-web"
     env = {**slow_stack.env, "STREAMQ_SYNTHETIC_TEXT": TEXT}
     worker = start_synthetic_worker(env, slow_stack.logdir, model, "separators-web-1", tokens_per_second=200)
     try:
-        import httpx
-
-        def served() -> bool:
-            models = httpx.get(f"{slow_stack.url}/v1/models", headers=slow_stack.headers, timeout=10)
-            return model in [m["id"] for m in models.json()["data"]]
-
-        wait_for(served, 60, "the separators worker")
-        _open(browser, slow_stack, slow_stack.url)
-        browser.execute_script(
-            "const s = document.getElementById('model');"
-            "if (![...s.options].some((o) => o.value === arguments[0])) s.add(new Option(arguments[0]));"
-            "s.value = arguments[0];",
-            model,
-        )
+        _open_on(browser, slow_stack, model)
         answer = _ask(browser, "hi", TOKENS)
         until(browser, lambda: _state(answer) == "done", "the answer to finish")
         job = slow_stack.job(answer.get_attribute("data-job-id"))
         assert job["model"] == model and job["text"] == EXPECTED
         assert _text(answer) == EXPECTED
+    finally:
+        worker.stop()
+
+
+def test_the_page_leaves_out_the_oldest_exchange_once_the_conversation_outgrows_the_context(
+    browser: Any, slow_stack: SlowStack, tiny_model: Path
+) -> None:
+    """As the terminal chat does: the next question goes with the oldest exchange left out, and
+    the page says so under the answer (every question was refused until "New chat")."""
+    from selenium.webdriver.common.by import By
+
+    model = "short-context-web"  # the tiny model with a context of 256 tokens: two exchanges do not fit
+    args = ["worker", "--model", str(tiny_model), "--served-name", model, "--name", "short-ctx-web"]
+    worker = Service(
+        args, {**slow_stack.env, "STREAMQ_MAX_SEQ_LEN": "256"}, "short-ctx-web", slow_stack.logdir
+    )
+    try:
+        _open_on(browser, slow_stack, model, wait=90)
+        first = _ask(browser, "the " * 90, 100)  # about 90 tokens, and its answer
+        until(browser, lambda: _state(first) in ("done", "error"), "the first answer", timeout=60)
+        assert _state(first) == "done" and not first.find_elements(By.CSS_SELECTOR, ".note")
+        second = _ask(browser, "a " * 60, 100)
+        until(browser, lambda: _state(second) in ("done", "error"), "the second answer", timeout=60)
+        assert _state(second) == "done", second.find_element(By.CSS_SELECTOR, ".status").text
+        note = second.find_element(By.CSS_SELECTOR, ".note").text
+        assert note == "The conversation outgrew the model's context: its 1 oldest exchange was left out."
+        asked = slow_stack.asked(str(second.get_attribute("data-job-id")))
+        assert [(role, content.strip()) for role, content in asked] == [("user", ("a " * 60).strip())]
     finally:
         worker.stop()

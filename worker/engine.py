@@ -54,13 +54,14 @@ class EngineJob:
     job_id: str
     request: GenerationRequest
     created_at: float  # unix time the job was submitted
-    started_at: float  # unix time the job started
+    started_at: float  # unix time this run started
     deadline: float  # monotonic time after which it stops with finish_reason "timeout"
     cancel: threading.Event = field(default_factory=threading.Event)
     ended: threading.Event = field(default_factory=threading.Event)  # set once its end is written
     model: str = ""
     run: str = ""  # the run id that holds the job's lease (see START_SCRIPT)
     resume_ids: list[int] = field(default_factory=list)  # tokens an earlier run generated
+    first_started_at: float | None = None  # unix time its first run started (None: this one)
     status: str = ""  # how it ended here: finished, canceled, failed, requeued (handed back), lost
     error: str = ""
     lost: bool = False  # another run holds the job now: write nothing more for it

@@ -117,6 +117,8 @@ class JobRunner:
         # worker, a failover's gap) gives its attempt back, and such a job, older than its
         # queue_ttl, was failed "expired" mid-answer. The first start's time is kept for good.
         first_run = not fields.get(JobField.STARTED_AT)
+        if not first_run:
+            job.first_started_at = float(fields[JobField.STARTED_AT])
         if first_run and waited > limit:
             self._metrics.queue_wait.observe(waited)  # the longest waits too, or the histogram lies low
             message = f"the job waited {waited:.0f} s in its queue, longer than the limit of {limit} s"

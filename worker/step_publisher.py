@@ -72,13 +72,16 @@ def final_record(output: JobOutput, finished_at: float) -> Ending:
         return ended_failed(
             output.error_type, output.error_message, finished_at, output.error_param, output.error_code
         )
+    # A continued job's: its wait before its first run; this run's time to its first token, its
+    # time, and its rate over the tokens it generated (not those an earlier run did).
     first = job.first_token_at
+    generated = job.completion_tokens - len(job.resume_ids)
     timings = Timings(
-        queue_seconds=round(job.started_at - job.created_at, 6),
+        queue_seconds=round((job.first_started_at or job.started_at) - job.created_at, 6),
         first_token_seconds=round(first - job.started_at, 6) if first else None,
         generation_seconds=round(finished_at - job.started_at, 6),
         tokens_per_second=(
-            round(job.completion_tokens / (finished_at - first), 3) if first and finished_at > first else None
+            round(generated / (finished_at - first), 3) if first and finished_at > first else None
         ),
     )
     usage = Usage(prompt_tokens=job.prompt_tokens, completion_tokens=job.completion_tokens)

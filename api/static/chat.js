@@ -221,7 +221,7 @@
 
   // ----- a question and its answer -----------------------------------------------------------
   async function ask(question) {
-    const messages = history.concat([{ role: "user", content: question }]);
+    let messages = history.concat([{ role: "user", content: question }]);
     addMessage("user", question);
     const answer = addMessage("assistant", "");
     answer.el.dataset.state = "queued";
@@ -243,7 +243,8 @@
     };
     try {
       running = { jobId: null, stopped: false }; // Stop works from here on, even before the id
-      const job = await api("POST", "/v1/jobs", body);
+      const job = await submitFitting(body, answer);
+      messages = body.messages;
       running.jobId = job.id;
       answer.el.dataset.jobId = job.id;
       answer.status.textContent = queuedText(job);
@@ -289,6 +290,31 @@
     }
     running = null;
     setRunning(false);
+  }
+
+  // Submit; while the conversation is longer than the model's context (the front's 400), leave
+  // out its oldest exchange (a question and its answer) and send it again, saying so under the
+  // answer, as the terminal chat does. The question alone that does not fit is the error.
+  async function submitFitting(body, answer) {
+    let dropped = 0;
+    for (;;) {
+      try {
+        const job = await api("POST", "/v1/jobs", body);
+        if (dropped) {
+          const note = document.createElement("div");
+          note.className = "note";
+          note.textContent = `The conversation outgrew the model's context: its ${dropped} oldest ` +
+            (dropped > 1 ? "exchanges were" : "exchange was") + " left out.";
+          answer.el.append(note);
+        }
+        return job;
+      } catch (err) {
+        const tooLong = err instanceof ApiError && err.code === "context_length_exceeded";
+        if (!tooLong || body.messages.length < 3) throw err;
+        body.messages = body.messages.slice(2);
+        dropped += 1;
+      }
+    }
   }
 
   async function stop() {

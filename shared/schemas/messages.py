@@ -48,15 +48,25 @@ class ToolCall(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One turn of a conversation. ``tool`` turns answer an assistant's ``tool_calls``."""
+    """One turn of a conversation. ``tool`` turns answer an assistant's ``tool_calls``. A field
+    it does not know is refused, and so is a turn with no ``content`` but an assistant's (which
+    may hold calls alone), as OpenAI refuses them."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant", "tool"]
     content: Text = ""
     name: Text | None = None  # the speaker's (or a tool turn's function) name, for the template
     tool_calls: list[ToolCall] | None = None  # assistant turns only
     tool_call_id: Text | None = None  # tool turns only: the call this answers
+
+    @model_validator(mode="after")
+    def _a_whole_turn(self) -> ChatMessage:
+        if self.role != "assistant" and "content" not in self.model_fields_set:
+            raise ValueError(f"a '{self.role}' message needs 'content'")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an 'assistant' message has 'tool_calls'")
+        return self
 
     def template_turn(self) -> dict[str, Any]:
         """The turn as Hugging Face chat templates take it: a call's arguments as an object."""

@@ -10,6 +10,7 @@ import anyio
 import pytest
 from openai import NotFoundError
 
+from api.shutdown import STOPPING
 from tests.fast.conftest import KEY_A, KEY_B, Front, settled
 from tests.fast.test_front_formats import _openai
 
@@ -77,6 +78,12 @@ async def test_invalid_requests_get_the_error_envelope_naming_the_field(front: F
         )
         assert response.status_code == 400 and _error(response)["code"] == "invalid_json", response.text
         assert "not valid JSON" in _error(response)["message"]
+    for body in (b"null", b""):  # JSON's null, or nothing at all
+        response = await front.http.post(
+            "/v1/jobs", content=body, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400, response.text
+        assert _error(response)["message"] == "the request body is missing or null: send a JSON object"
 
 
 @pytest.mark.parametrize(
@@ -89,6 +96,31 @@ async def test_invalid_requests_get_the_error_envelope_naming_the_field(front: F
         ("/v1/responses", {"input": "\ud800"}, "input", "valid Unicode"),
         # A check of the whole request names the field it is about.
         ("/v1/jobs", {"messages": []}, "messages", "must not be empty"),
+        # A job's turns as OpenAI's: content (but an assistant's), calls from the assistant, no
+        # field it would drop.
+        ("/v1/jobs", {"messages": [{"role": "user"}]}, "messages.0", "a 'user' message needs 'content'"),
+        ("/v1/jobs", {"messages": [{"role": "tool"}]}, "messages.0", "a 'tool' message needs 'content'"),
+        (
+            "/v1/jobs",
+            {
+                "messages": [
+                    {"role": "user", "content": "x", "tool_calls": []},
+                    {
+                        "role": "user",
+                        "content": "y",
+                        "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{}"}}],
+                    },
+                ]
+            },
+            "messages.1",
+            "only an 'assistant' message has 'tool_calls'",
+        ),
+        (
+            "/v1/jobs",
+            {"messages": [{"role": "user", "content": "x", "refusal": None}]},
+            "messages.0.refusal",
+            "",
+        ),
         (
             "/v1/chat/completions",
             {"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}},
@@ -163,6 +195,10 @@ async def test_server_limits_are_400s_that_name_the_field_and_setting(limited: F
     response = await limited.http.post("/v1/jobs", json=big)
     assert response.status_code == 413
     _error(response)
+    refused = await limited.http.post("/v1/jobs", json={"messages": "x"})  # rendered alike
+    assert response.content.startswith(b'{"error":{"message":') and refused.content.startswith(
+        b'{"error":{"message":'
+    ), (response.content, refused.content)
 
 
 async def test_unknown_jobs_and_routes_are_404s_in_the_envelope(front: Front) -> None:
@@ -258,22 +294,28 @@ async def test_a_stopping_front_refuses_new_jobs_and_ends_the_waiting_requests(f
             if name == "seed":  # the seed's stream, before its first chunk: an HTTP error still
                 waiting[name] = await front.http.post("/stream", json={"prompt": "hi"})
                 return
+            if name == "seed-wait":
+                waiting[name] = await front.http.post("/", json={"prompt": "hi"})
+                return
             waiting[name] = await front.http.post("/v1/chat/completions", json=chat, headers=headers)
 
-        for name, headers in (("tied", {}), ("detached", {"X-Streamq-Detach": "1"}), ("seed", {})):
+        cases = (("tied", {}), ("detached", {"X-Streamq-Detach": "1"}), ("seed", {}), ("seed-wait", {}))
+        for name, headers in cases:
             front.jobs.submitted.clear()
             tasks.start_soon(whole, name, headers)
             await front.jobs.submitted.wait()
-        await anyio.sleep(0.05)  # both wait on their jobs
-        front.jobs.end_streams("this front is stopping")
+        await anyio.sleep(0.05)  # all wait on their jobs
+        front.jobs.end_streams(STOPPING)
     for name, answer in waiting.items():
         assert answer.status_code == 503 and _error(answer)["type"] == "stream_interrupted", name
     # The client can only send it again (the SDK does at once): its job does not run beside that.
     tied, detached, seed = (
         front.jobs.jobs[waiting[n].headers["X-Streamq-Job-Id"]] for n in ("tied", "detached", "seed")
     )
-    for name in ("tied", "seed"):
-        assert "its job is being canceled: send the request again" in str(_error(waiting[name])["message"])
+    for name in ("tied", "seed", "seed-wait"):
+        message = str(_error(waiting[name])["message"])  # no stream to resume: the request again
+        assert message == "this front is stopping; its job is being canceled: send the request again", name
+        assert waiting[name].headers["X-Streamq-Job-Id"] in front.jobs.jobs, name
     await settled(lambda: tied.view.status == "canceled" and seed.view.status == "canceled")
     assert detached.view.status == "queued"  # detached: it runs on, where the message says
     assert f"the job runs on: GET /v1/jobs/{detached.view.id}" in str(_error(waiting["detached"])["message"])
