@@ -140,21 +140,21 @@ class ClientJob:
         front could not follow to its end also cancels the job (``interrupted_wait``)."""
         error = job_failure_error(event.event, event.data)
         if error.type == "stream_interrupted":
-            if error.message.startswith(STOPPING_FRONT):  # no stream to resume: say why alone
-                error.message = STOPPING_FRONT
-            error.message += self.interrupted_wait()
+            error.message = self.interrupted_wait(error.message)
         return error
 
-    def interrupted_wait(self, resource: str = "") -> str:
+    def interrupted_wait(self, reason: str, resource: str = "") -> str:
         """A request waiting for the whole answer could not follow its job to the end (the front
-        is stopping, its stream read failed): the client can only send the request again (the
-        SDKs do so after the 503 at once), so the job is canceled unless detached, not left to run
-        beside its retry. What to add to the error's message (``resource``: where a detached
-        job's result is read, its job by default)."""
+        is stopping, its stream read failed: ``reason``): the client can only send the request
+        again (the SDKs do so after the 503 at once), so the job is canceled unless detached, not
+        left to run beside its retry. The error's message (``resource``: where a detached job's
+        result is read, its job by default)."""
         self.client_gone()
+        if reason.startswith(STOPPING_FRONT):  # the streams' hint: there is no stream to resume
+            reason = STOPPING_FRONT
         if self.detached:
-            return f"; the job runs on: GET {resource or f'/v1/jobs/{self.id}'}"
-        return "; its job is being canceled: send the request again"
+            return f"{reason}; the job runs on: GET {resource or f'/v1/jobs/{self.id}'}"
+        return f"{reason}; its job is being canceled: send the request again"
 
     def client_gone(self) -> None:
         """The client went away (or its request was torn down): cancel the job without waiting,

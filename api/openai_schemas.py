@@ -306,7 +306,8 @@ class ChatCompletionRequest(OpenAIFields):
 
 PromptIds = list[Annotated[int, Field(ge=0, strict=True)]]
 # A completion's length when the request gives none: 16 tokens, as OpenAI's legacy completions
-# and vLLM answer it (a prompt that leaves less room is refused, naming max_tokens, as they do).
+# and vLLM answer it (a prompt that leaves less room is refused, naming max_tokens, as OpenAI
+# does; vLLM answers with the room left).
 COMPLETION_MAX_TOKENS = 16
 
 

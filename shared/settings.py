@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
@@ -29,6 +29,12 @@ def parse_sentinels(value: str) -> list[tuple[str, int]]:
             raise ValueError(f"a sentinel address is host:port, not {item!r}")
         addresses.append((host.strip("[]"), int(port)))
     return addresses
+
+
+def _a_number(annotation: Any) -> bool:
+    """Whether a setting's type is a number, or a number or None."""
+    kinds = [kind for kind in get_args(annotation) or (annotation,) if kind is not type(None)]
+    return bool(kinds) and all(kind in (int, float) for kind in kinds)
 
 
 class Settings(BaseSettings):
@@ -235,9 +241,11 @@ class Settings(BaseSettings):
     @field_validator("*", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any, info: ValidationInfo) -> Any:
-        """An empty value of a setting that is unset by default is unset (compose passes
-        `${X:-}` on as an empty string): `STREAMQ_KV_CACHE_GIB=` is vLLM's default, not a 400."""
-        if value == "" and info.field_name and cls.model_fields[info.field_name].default is None:
+        """An empty value of a number that is unset by default is unset (compose passes `${X:-}`
+        on as an empty string): `STREAMQ_KV_CACHE_GIB=` is vLLM's default, not a refusal. (Not
+        for text or paths: an empty key file or Redis URL stays an error, not a quiet default.)"""
+        field = cls.model_fields[info.field_name] if info.field_name else None
+        if value == "" and field is not None and field.default is None and _a_number(field.annotation):
             return None
         return value
 

@@ -106,11 +106,11 @@ def accepts(compiler: Any, schema: dict[str, Any], instance: Any) -> bool:
         (
             {"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 2},
             Written('{"c": 5, "c": 7}'),
-            "'minProperties' above the required names",
+            "'minProperties' over the required names and one more",
         ),
         (
-            {**OBJECT_AB, "required": ["a"], "patternProperties": {"^c$": {}}, "minProperties": 2},
-            Written('{"a": 1, "c": 2, "c": 3}'),
+            {**OBJECT_AB, "required": ["a"], "patternProperties": {"^c$": {}}, "minProperties": 3},
+            Written('{"a": 1, "c": 2, "c": 3}'),  # two properties
             "'minProperties'",
         ),
         (
@@ -170,6 +170,11 @@ def test_a_refused_keyword_is_one_the_grammar_does_not_enforce(
             {"a": 1, "b": 2, "c": 3},
         ),
         ({"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 1}, {}, {"c": 1}),
+        (  # the first open key after the required ones is a new property
+            {**OBJECT_AB, "required": ["a"], "additionalProperties": {"type": "integer"}, "minProperties": 2},
+            Written('{"a": 1, "a": 2}'),
+            {"a": 1, "c": 2},
+        ),
         ({"type": "object", "patternProperties": {}, "properties": {}, "minProperties": 0}, {"a": 1}, {}),
         ({"type": "string", "required": ["a"]}, 1, "s"),
         (  # property names beside declared properties close the object

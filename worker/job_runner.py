@@ -213,7 +213,9 @@ class JobRunner:
         if first is not None and tokens > 1 and ended_at > first:
             self._metrics.inter_token_latency.observe((ended_at - first) / (tokens - 1))
         timings = {
-            "queue_seconds": round(job.started_at - job.created_at, 6),
+            "queue_seconds": round(
+                (job.first_started_at or job.started_at) - job.created_at, 6
+            ),  # as the record
             "first_token_seconds": round(first - job.started_at, 6) if first else None,
             "run_seconds": round(ended_at - job.started_at, 6),
             "completion_tokens": job.completion_tokens,

@@ -114,8 +114,8 @@ async def _wait(job: ClientJob, events: Events, record: ResponseRecord, headers:
                         raise mapped.failure
                     return JSONResponse(mapped.response(), headers=headers)
     except StreamInterrupted as exc:
-        where = job.interrupted_wait(f"/v1/responses/{record.response_id}")
-        raise ApiError(503, f"{exc}{where}", type="stream_interrupted", headers=headers) from None
+        message = job.interrupted_wait(str(exc), f"/v1/responses/{record.response_id}")
+        raise ApiError(503, message, type="stream_interrupted", headers=headers) from None
     return Response(status_code=499)
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from shared.digits import ascii_digits
 from shared.logprobs import MAX_LOGPROBS, MAX_PROMPT_LOGPROBS
 from shared.schemas.json_schema_check import UsableSchema
-from shared.schemas.messages import ChatMessage, Text, ToolDefinition
+from shared.schemas.messages import ChatMessage, Text, ToolDefinition, whole_turn
 
 # A structured output's name, as OpenAI takes it (letters, digits, '_' and '-'; 64 at most).
 FormatName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
@@ -118,7 +118,7 @@ class JobRequest(SamplingFields):
 
     model_config = ConfigDict(extra="forbid")
 
-    messages: list[ChatMessage] | None = None
+    messages: list[Annotated[ChatMessage, BeforeValidator(whole_turn)]] | None = None
     prompt: Text | None = None
     history: list[tuple[Text, Text]] | None = Field(
         None, description="ChatGLM history: [[query, response], ...]; only with prompt"

@@ -262,10 +262,12 @@ def _object_problem(given: dict[str, Any]) -> str | None:
         or bool(given.get("patternProperties"))
         or ("propertyNames" in given and not declared)  # beside declared properties it closes them
     )
-    if open_keys and isinstance(least, int) and not isinstance(least, bool) and least > max(1, len(names)):
+    # Required names and declared properties are written once each, and the first open key is a
+    # new one: the grammar holds minProperties up to the required names and one more.
+    if open_keys and isinstance(least, int) and not isinstance(least, bool) and least > len(names) + 1:
         return (
-            f"'minProperties' above the required names, where other keys are open, {NOT_ENFORCED} "
-            "(the grammar may write one key again and again; require the keys by name)"
+            f"'minProperties' over the required names and one more, where other keys are open, "
+            f"{NOT_ENFORCED} (the grammar may write one key again and again; require the keys by name)"
         )
     return None
 

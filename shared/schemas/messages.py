@@ -48,25 +48,16 @@ class ToolCall(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One turn of a conversation. ``tool`` turns answer an assistant's ``tool_calls``. A field
-    it does not know is refused, and so is a turn with no ``content`` but an assistant's (which
-    may hold calls alone), as OpenAI refuses them."""
+    """One turn of a conversation. ``tool`` turns answer an assistant's ``tool_calls``. (What a
+    client may send as one is checked where it comes in: ``whole_turn``.)"""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool"]
     content: Text = ""
     name: Text | None = None  # the speaker's (or a tool turn's function) name, for the template
     tool_calls: list[ToolCall] | None = None  # assistant turns only
     tool_call_id: Text | None = None  # tool turns only: the call this answers
-
-    @model_validator(mode="after")
-    def _a_whole_turn(self) -> ChatMessage:
-        if self.role != "assistant" and "content" not in self.model_fields_set:
-            raise ValueError(f"a '{self.role}' message needs 'content'")
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError("only an 'assistant' message has 'tool_calls'")
-        return self
 
     def template_turn(self) -> dict[str, Any]:
         """The turn as Hugging Face chat templates take it: a call's arguments as an object."""
@@ -88,6 +79,30 @@ class ChatMessage(BaseModel):
         if self.name is not None:
             turn["name"] = self.name
         return turn
+
+
+# What an answer from an OpenAI-compatible server carries, which a client sends back with it: taken
+# when empty (as on the chat route); the SDK's parse() adds ``parsed``, which is not read.
+SENT_BACK = frozenset({"refusal", "annotations", "audio", "function_call"})
+
+
+def whole_turn(value: Any) -> Any:
+    """A turn as a client sends it (a JSON object), refused as OpenAI refuses it: no ``content``
+    but an assistant's (which may hold calls alone), ``tool_calls`` off an assistant, or a field
+    it does not know (one an answer carries is taken when empty). Stored turns, which may leave
+    out an empty content, are not checked."""
+    if not isinstance(value, dict):
+        return value
+    role = value.get("role")
+    if role != "assistant" and "content" not in value:
+        raise ValueError(f"a '{role}' message needs 'content'")
+    if value.get("tool_calls") and role != "assistant":
+        raise ValueError("only an 'assistant' message has 'tool_calls'")
+    known = ChatMessage.model_fields.keys() | {"parsed"}
+    unknown = [k for k in value if k not in known and not (k in SENT_BACK and value[k] in (None, []))]
+    if unknown:
+        raise ValueError(f"a message has no field '{unknown[0]}'")
+    return value
 
 
 def _arguments(text: str) -> Any:

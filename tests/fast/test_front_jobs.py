@@ -117,9 +117,20 @@ async def test_invalid_requests_get_the_error_envelope_naming_the_field(front: F
         ),
         (
             "/v1/jobs",
-            {"messages": [{"role": "user", "content": "x", "refusal": None}]},
-            "messages.0.refusal",
-            "",
+            {"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y", "cache": 1}]},
+            "messages.1",
+            "a message has no field 'cache'",
+        ),
+        (
+            "/v1/jobs",
+            {
+                "messages": [
+                    {"role": "assistant", "content": "x", "refusal": "no"},
+                    {"role": "user", "content": "y"},
+                ]
+            },
+            "messages.0",
+            "a message has no field 'refusal'",
         ),
         (
             "/v1/chat/completions",
@@ -323,3 +334,19 @@ async def test_a_stopping_front_refuses_new_jobs_and_ends_the_waiting_requests(f
     late = await front.http.post("/v1/jobs", json=chat)
     assert late.status_code == 503 and late.headers["Retry-After"] == "1"
     assert _error(late)["code"] == "front_stopping" and len(front.jobs.jobs) == jobs_before
+
+
+async def test_a_job_takes_an_answer_sent_back_as_the_openai_sdk_returns_it(front: Front) -> None:
+    """The SDK's message (empty refusal, annotations, audio and function_call) goes back in the
+    conversation as it is, as on the chat route."""
+    from openai.types.chat import ChatCompletionMessage
+
+    answer = ChatCompletionMessage(role="assistant", content="Paris.").model_dump()
+    assert {"refusal", "annotations", "audio", "function_call"} <= answer.keys()
+    messages = [
+        {"role": "user", "content": "capital of France?"},
+        answer,
+        {"role": "user", "content": "and Peru?"},
+    ]
+    response = await front.http.post("/v1/jobs", json={"messages": messages})
+    assert response.status_code == 202, response.text

@@ -11,6 +11,7 @@ import pytest
 from openai import ConflictError, NotFoundError
 
 from api.job_client import JobEvent
+from api.shutdown import STOPPING
 from tests.fast.conftest import Front, settled
 from tests.fast.test_front_formats import _openai
 from tests.fast.test_responses import CLOSE, MODEL, _events
@@ -76,11 +77,12 @@ async def test_a_response_whose_wait_the_front_ended_is_canceled_for_its_retry(f
     waiting = asyncio.ensure_future(front.http.post("/v1/responses", json={"input": "a b"}))
     await front.jobs.submitted.wait()
     await asyncio.sleep(0.05)
-    front.jobs.end_streams("this front is stopping")
+    front.jobs.end_streams(STOPPING)
     answer = await waiting
     error = answer.json()["error"]
     assert answer.status_code == 503 and error["type"] == "stream_interrupted"
-    assert "its job is being canceled: send the request again" in error["message"]
+    # No stream to resume: the request again.
+    assert error["message"] == "this front is stopping; its job is being canceled: send the request again"
     [job] = front.jobs.jobs.values()
     await settled(lambda: job.view.status == "canceled")
 

@@ -272,6 +272,15 @@ async def test_calls_in_the_text_become_function_call_items(front: Front) -> Non
         and asked[1].tool_calls
         and asked[1].tool_calls[0].function.name == "add"
     )
+    # A tool that returned nothing: its empty output is kept, and the response is read back,
+    # listed and chained on (its stored record leaves the empty content out).
+    items[-1]["output"] = ""
+    empty = await client.responses.create(model=MODEL, input=items, tools=[ADD])
+    assert (await client.responses.retrieve(empty.id)).id == empty.id
+    assert len((await client.responses.input_items.list(empty.id)).data) == len(items)
+    chained = await client.responses.create(model=MODEL, input="and then?", previous_response_id=empty.id)
+    turns = [(m.role, m.content) for m in _asked(front, chained.id).messages]
+    assert turns[2] == ("tool", "") and turns[-1] == ("user", "and then?"), turns
 
 
 async def test_text_format_json_schema_is_the_jobs_response_format(front: Front) -> None:
