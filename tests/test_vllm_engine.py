@@ -32,14 +32,15 @@ from tests.vllm_stack import (
     MAX_LEN,
     MODEL,
     SLOTS,
-    VLLM_ENV,
     logprobs_of,
     prompt_logprobs_of,
+    refused_start,
     serving,
     spelled,
     start_vllm_worker,
     streamed,
     submit,
+    token_of,
     view,
 )
 
@@ -197,41 +198,17 @@ def test_a_killed_vllm_workers_job_continues_on_another_with_the_stream_whole(
     wait_for(all_gone, 30, "the killed worker's vLLM processes to exit")  # nothing left holding memory
 
 
-def _refused(stack: Stack, model: Path, **env: str | None) -> str:
-    """``streamq worker`` with the vLLM engine on ``model`` (with ``env`` over the tests'; None
-    unsets a variable): it
-    must stop before vLLM starts, with exit code 1 and a one-line reason (no traceback), which
-    is returned."""
-    import subprocess
-    import sys
-
-    from tests.processes import ROOT
-
-    args = ["worker", "--model", str(model), "--served-name", "vllm-refused"]
-    done = subprocess.run(
-        [sys.executable, "-m", "streamq", *args],
-        env={k: v for k, v in {**os.environ, **stack.env, **VLLM_ENV, **env}.items() if v is not None},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 1, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("streamq worker: cannot serve"), last
-    return last
-
-
 def test_a_kv_cache_too_small_for_one_job_stops_the_worker_with_a_clear_reason(
     stack: Stack, hd64_model: Path
 ) -> None:
-    last = _refused(stack, hd64_model, STREAMQ_KV_CACHE_GIB="0.0001")
+    last = refused_start(stack, hd64_model, STREAMQ_KV_CACHE_GIB="0.0001")
     assert "STREAMQ_KV_CACHE_GIB=0.0001" in last
     assert f"one job may take {MAX_LEN} (STREAMQ_MAX_SEQ_LEN)" in last
+    need = float(last.split("give the KV cache at least ")[1].split(" GiB")[0])
+    assert 0.0001 < need < 1, last  # what it takes, rounded up (it said 0.00)
     # Unset on a CPU, the cache is 4 GiB or half the free memory: a job longer than that holds is
     # refused the same way, naming the setting to raise.
-    last = _refused(stack, hd64_model, STREAMQ_KV_CACHE_GIB=None, STREAMQ_MAX_SEQ_LEN=str(10**9))
+    last = refused_start(stack, hd64_model, STREAMQ_KV_CACHE_GIB=None, STREAMQ_MAX_SEQ_LEN=str(10**9))
     assert "half the memory available" in last and "set STREAMQ_KV_CACHE_GIB" in last, last
 
 
@@ -240,7 +217,7 @@ def test_a_model_whose_head_size_vllms_cpu_attention_cannot_run_is_refused_at_st
 ) -> None:
     """The demo model's heads are 16 wide, which vLLM's CPU attention does not run: the worker
     says so when it starts, instead of becoming ready and failing every job."""
-    last = _refused(stack, tiny_model)
+    last = refused_start(stack, tiny_model)
     assert "this model's is 16: serve it with --engine transformers" in last, last
 
 
@@ -256,7 +233,9 @@ def test_penalties_and_logit_bias_are_honoured_as_vllm_alone_honours_them(
     assert biased == reference.prompt.tokenizer.decode([token] * 6)
 
 
-def test_the_openai_sdk_gets_json_following_its_schema(stack: Stack, vllm_worker: Service) -> None:
+def test_the_openai_sdk_gets_json_following_its_schema(
+    stack: Stack, vllm_worker: Service, hd64_model: Path
+) -> None:
     import json
 
     import jsonschema
@@ -285,11 +264,27 @@ def test_the_openai_sdk_gets_json_following_its_schema(stack: Stack, vllm_worker
         anything = asked("Some JSON, please.", {"type": "json_object"}, presence_penalty=0.5)
         if anything.choices[0].finish_reason == "stop":  # a random model may fill its budget
             assert isinstance(json.loads(anything.choices[0].message.content or ""), dict)
-        # A schema vLLM's grammar cannot take (a Unicode class): the 400 names the field.
+        # A schema vLLM's grammar cannot take (a Unicode class): the 400 names the field, and
+        # says why without the grammar library's time and source file.
         letters = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^\\p{L}+$"}}}
         with pytest.raises(openai.BadRequestError) as refused:
             asked("JSON.", schema_format("s", letters))
-        assert refused.value.body["param"] == "response_format", refused.value.body  # type: ignore[index]
+        body: Any = refused.value.body
+        assert body["param"] == "response_format" and "Regex parsing error" in body["message"], body
+        assert ".cc:" not in body["message"] and not body["message"].endswith("\n"), body
+        # A string with a length limit: xgrammar's rule for it takes raw control characters (invalid
+        # JSON), which the engine rules out, pushed as hard as a client can push them.
+        bounded = {
+            "type": "object",
+            "properties": {"s": {"type": "string", "maxLength": 5}},
+            "required": ["s"],
+        }
+        tab = token_of(hd64_model, "\t")
+        reply = asked(
+            "JSON.", schema_format("b", {**bounded, "additionalProperties": False}), logit_bias={tab: 30}
+        )
+        assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
+        jsonschema.validate(json.loads(reply.choices[0].message.content or ""), bounded)
 
 
 def test_logprobs_of_the_answer_and_the_prompt_agree_with_vllm_alone_and_transformers(

@@ -3,6 +3,7 @@ API: a job submitted, its view, its events, and the log probabilities those carr
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,40 @@ def spelled(entries: list[dict[str, Any]], special: set[str]) -> str:
     make valid UTF-8."""
     kept = [bytes(e["bytes"]) for e in entries if e["token"] not in special]
     return b"".join(kept).decode("utf-8", errors="replace")
+
+
+def refused_start(stack: Stack, model: Path, **env: str | None) -> str:
+    """``streamq worker`` with the vLLM engine on ``model`` (with ``env`` over the tests'; None
+    unsets a variable): it
+    must stop before vLLM starts, with exit code 1 and a one-line reason (no traceback), which
+    is returned."""
+    import subprocess
+    import sys
+
+    from tests.processes import ROOT
+
+    args = ["worker", "--model", str(model), "--served-name", "vllm-refused"]
+    done = subprocess.run(
+        [sys.executable, "-m", "streamq", *args],
+        env={k: v for k, v in {**os.environ, **stack.env, **VLLM_ENV, **env}.items() if v is not None},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("streamq worker: cannot serve"), last
+    return last
+
+
+def token_of(model: Path, text: str) -> int:
+    """The id of a token of the model's tokenizer that is ``text`` alone (a tab, say)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    return next(i for i in range(len(tokenizer)) if tokenizer.decode([i]) == text)
 
 
 def view(stack: Stack, job_id: str) -> dict[str, Any]:

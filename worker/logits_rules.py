@@ -50,31 +50,43 @@ def special_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
-def _allowed_words(tokenizer: Any, vocabulary: list[bytes], stop_ids: set[int]) -> torch.Tensor:
-    """xgrammar's bitmask words (int32, bit ``t % 32`` of word ``t // 32`` for token ``t``) of
-    the tokens a JSON grammar may allow. Left out: the tokenizer's special tokens but its end of
-    sequence (decoding skips them, so the text would not be the JSON the grammar checked), and
-    tokens with a control character: JSON without free whitespace has none outside its strings,
-    and a raw one inside a string is invalid JSON, which xgrammar 0.2.8's rule for a string with
-    a ``maxLength`` still lets through."""
-    words = [0xFFFFFFFF] * -(-len(vocabulary) // 32)
+def not_json_ids(tokenizer: Any, vocabulary: list[bytes], stop_ids: set[int]) -> set[int]:
+    """The tokens a JSON answer must never take, whatever its grammar allows (both engines rule
+    them out): the tokenizer's special tokens but its ends of sequence (decoding skips them, so
+    the text would not be the JSON the grammar checked), and tokens with a control character:
+    JSON without free whitespace has none outside its strings, and a raw one inside a string is
+    invalid JSON, which xgrammar 0.2.8's rule for a string with a ``maxLength`` or ``minLength``
+    still lets through. ``vocabulary``: each token's bytes (xgrammar's decoded vocabulary)."""
     banned = {i for i in special_ids(tokenizer) if i < len(vocabulary)}
     banned |= {i for i, raw in enumerate(vocabulary) if any(b < 0x20 for b in raw)}
-    for token in banned - stop_ids:
+    return banned - stop_ids
+
+
+def _allowed_words(tokenizer: Any, vocabulary: list[bytes], stop_ids: set[int]) -> torch.Tensor:
+    """xgrammar's bitmask words (int32, bit ``t % 32`` of word ``t // 32`` for token ``t``) of
+    the tokens a JSON grammar may allow: all but ``not_json_ids``."""
+    words = [0xFFFFFFFF] * -(-len(vocabulary) // 32)
+    for token in not_json_ids(tokenizer, vocabulary, stop_ids):
         words[token // 32] &= ~(1 << (token % 32))
     return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
 
 
-_SOURCE_PLACE = re.compile(r"^\S+\.(?:cc|cpp|cxx|h|hpp|py):\d+:\s*")
+_SOURCE_PLACE = re.compile(r"(?:^|(?<=\s))\S+\.(?:cc|cpp|cxx|h|hpp|py):\d+:\s*")
+_LOG_TIME = re.compile(r"\[\d{1,2}:\d{2}:\d{2}\]\s*")
 
 
 def _first_line(exc: BaseException) -> str:
     """An xgrammar error's first line, without its "[time] " and its C++ source "file.cc:line: "
-    (the client gets the reason, not the library's source tree)."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    text = text.split("] ", 1)[-1] if text.startswith("[") else text
-    return _SOURCE_PLACE.sub("", text)
+    wherever they are (the client gets the reason, not the library's source tree)."""
+    return library_reason(str(exc)) or type(exc).__name__
+
+
+def library_reason(text: str) -> str:
+    """The first line of a library's error (xgrammar's, or vLLM's that quotes it), without the
+    times and C++ source places it holds."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    first = _LOG_TIME.sub("", lines[0]) if lines else ""
+    return _SOURCE_PLACE.sub("", first).strip()
 
 
 class Grammars:

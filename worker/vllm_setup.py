@@ -6,6 +6,7 @@ slots, CPU binding), and the engine itself with the slots its scheduler and KV c
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any
 
@@ -84,11 +85,11 @@ def check_kv_budget(settings: Settings, served: VLLMServed, max_len: int) -> Non
         return
     tokens = int(settings.kv_cache_gib * GiB) // per_token
     if tokens < max_len:
-        need = max_len * per_token / GiB
+        need = math.ceil(max_len * per_token / GiB * 1000) / 1000  # rounded up: it must hold them
         raise ValueError(
             f"STREAMQ_KV_CACHE_GIB={settings.kv_cache_gib:g} holds about {tokens} tokens of this "
             f"model, and one job may take {max_len} (STREAMQ_MAX_SEQ_LEN): give the KV cache at "
-            f"least {need:.2f} GiB, or lower STREAMQ_MAX_SEQ_LEN"
+            f"least {need:g} GiB, or lower STREAMQ_MAX_SEQ_LEN"
         )
 
 
