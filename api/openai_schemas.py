@@ -34,6 +34,7 @@ from shared.schemas import (
     ToolCall,
     ToolDefinition,
 )
+from shared.schemas.messages import turn_problem
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
@@ -117,10 +118,8 @@ class OpenAIMessage(BaseModel):
 
     @model_validator(mode="after")
     def _has_content(self) -> OpenAIMessage:
-        if self.content is None and not (self.role == "assistant"):
-            raise ValueError(f"a '{self.role}' message needs 'content'")
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError("only an 'assistant' message has 'tool_calls'")
+        if (problem := turn_problem(self.role, self.content is not None, bool(self.tool_calls))) is not None:
+            raise ValueError(problem)
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("a 'tool' message needs the 'tool_call_id' of the call it answers")
         return self

@@ -237,6 +237,10 @@ class ToolCallReader:
         self.calls += 1
         return {"tool_calls": [_call(f"call_{self._job_id}_{index}", index, name, arguments)]}
 
+    def _more_arguments(self, text: str) -> dict[str, Any]:
+        """The last call's arguments, streamed on."""
+        return {"tool_calls": [{"index": self.calls - 1, "function": {"arguments": text}}]}
+
     def _content(self, text: str) -> list[dict[str, Any]]:
         """Text as a content delta. Whitespace is held back until text follows it, and then goes
         before that text, calls between or not ("Hello\n<call>world" is "Hello\nworld"); the
@@ -268,7 +272,7 @@ class ToolCallReader:
             if self.calls == 0:
                 assert self.plan.function is not None
                 return [self._next_call(self.plan.function, text)]
-            return [{"tool_calls": [{"index": 0, "function": {"arguments": text}}]}]
+            return [self._more_arguments(text)]
         if mode == "required":
             return self._from_required(self._required.feed(text))
         self._buffer += text
@@ -322,8 +326,7 @@ class ToolCallReader:
             if isinstance(event, Call):
                 deltas.append(self._next_call(event.name, ""))
             elif isinstance(event, Arguments):
-                arguments = {"index": self.calls - 1, "function": {"arguments": event.text}}
-                deltas.append({"tool_calls": [arguments]})
+                deltas.append(self._more_arguments(event.text))
             else:
                 deltas += self._content(event.text)
         return deltas

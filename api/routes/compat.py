@@ -64,16 +64,12 @@ async def chat(
     body: ChatGLMRequest, request: Request, response: Response, jobs: JobsDep, caller: CallerDep
 ) -> Any:
     """Answer one chat turn, waiting for the whole answer."""
-    job: ClientJob | None = None
     try:
         job = await ClientJob.submit(jobs, body.job_request(), request, caller)
         response.headers[JOB_HEADER] = job.id
-        result = await job.whole_answer()
+        result = await job.whole_answer({JOB_HEADER: job.id})  # a raised error drops the response's
     except ApiError as exc:
-        error = _as_chatglm(exc)
-        if job is not None:  # an error raised drops the response's headers: it names the job itself
-            error.headers = {**(error.headers or {}), JOB_HEADER: job.id}
-        raise error from None
+        raise _as_chatglm(exc) from None
     if result is None:
         return Response(status_code=499)  # the client went away
     answer = result[0]

@@ -86,6 +86,16 @@ class ChatMessage(BaseModel):
 SENT_BACK = frozenset({"refusal", "annotations", "audio", "function_call"})
 
 
+def turn_problem(role: Any, has_content: bool, has_calls: bool) -> str | None:
+    """What OpenAI refuses in a turn of this role (every route's check): no content but an
+    assistant's (which may hold calls alone), calls off an assistant."""
+    if role != "assistant" and not has_content:
+        return f"a '{role}' message needs 'content'"
+    if has_calls and role != "assistant":
+        return "only an 'assistant' message has 'tool_calls'"
+    return None
+
+
 def whole_turn(value: Any) -> Any:
     """A turn as a client sends it (a JSON object), refused as OpenAI refuses it: no ``content``
     but an assistant's (which may hold calls alone), ``tool_calls`` off an assistant, or a field
@@ -93,11 +103,9 @@ def whole_turn(value: Any) -> Any:
     out an empty content, are not checked."""
     if not isinstance(value, dict):
         return value
-    role = value.get("role")
-    if role != "assistant" and "content" not in value:
-        raise ValueError(f"a '{role}' message needs 'content'")
-    if value.get("tool_calls") and role != "assistant":
-        raise ValueError("only an 'assistant' message has 'tool_calls'")
+    problem = turn_problem(value.get("role"), "content" in value, bool(value.get("tool_calls")))
+    if problem is not None:
+        raise ValueError(problem)
     known = ChatMessage.model_fields.keys() | {"parsed"}
     unknown = [k for k in value if k not in known and not (k in SENT_BACK and value[k] in (None, []))]
     if unknown:
