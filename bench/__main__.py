@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python -m bench [--only core|throughput|fanout|recovery|security|chaos] [--quick]``.
+"""Run the benchmarks: ``python -m bench [--only PART] [--quick]``; the parts:
 
 core: submit → first delta and the front's Redis connections (bench/core.py);
 submits: submits/s and POST latency of one front as concurrency rises, 1 and 2 processes (bench/submits.py);
@@ -9,6 +9,8 @@ recovery: cancel latency with 16 running jobs, and crash detection (bench/recove
 security: what API keys, ownership and per-key quotas add to a request (bench/security.py);
 vllm: streamq on vLLM's engine against vLLM's own server (bench/vllm_rows.py; not in the default
 run: it needs `make install-vllm` and takes about an hour on 2 cores);
+json-mask: what a JSON answer costs vLLM's engine step, streamq's mask against vLLM's allowed_token_ids
+(bench/json_mask.py; not in the default run: it needs `make install-vllm`);
 chaos: a soak under mixed load while workers, fronts and the Redis primary are killed, then an audit of
 every job: none lost, no stream with a gap or a repeat (bench/chaos.py; not in the default run: it takes
 about twice --chaos-minutes plus 2 minutes, the result TTL's expiry included; it exits non-zero when a
@@ -29,8 +31,9 @@ from types import FrameType
 
 from bench.core import run_core
 
-PARTS = ("core", "submits", "commands", "throughput", "fanout", "recovery", "security", "vllm", "chaos")
-DEFAULT_PARTS = PARTS[:-2]
+PARTS = ("core", "submits", "commands", "throughput", "fanout", "recovery", "security")
+PARTS += ("vllm", "json-mask", "chaos")
+DEFAULT_PARTS = PARTS[:-3]
 SHAPES = ("tiny", "qwen2.5-0.5b")
 
 
@@ -112,6 +115,10 @@ def main() -> int:
             shape = args.models or "qwen2.5-0.5b"
             dtypes = tuple(d.strip() for d in args.vllm_dtypes.split(",") if d.strip())
             run_vllm(workdir, args.tokens or (16 if quick else 128), shape, args.vllm_systems, dtypes)
+        if "json-mask" in parts:
+            from bench.json_mask import run_json_mask
+
+            run_json_mask(workdir)
         if "chaos" in parts:
             from bench.chaos import run_chaos
 

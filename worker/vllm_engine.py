@@ -32,7 +32,7 @@ from shared.schemas import ENGINE_FEATURES, TOOLS, GenerationRequest
 from worker.answer_tokens import AnswerTokens
 from worker.chat_prompt import PromptRenderer
 from worker.engine import CannotContinue, EngineJob, JobOutput, resume
-from worker.logits_rules import library_reason, not_json_ids
+from worker.logits_rules import library_reason
 from worker.token_logprobs import TokenTexts
 
 if TYPE_CHECKING:
@@ -74,7 +74,6 @@ class VLLMModel:
         vocab_size = int(engine.vllm_config.model_config.get_vocab_size())
         self.vocab_size = vocab_size  # the ids vLLM takes in prompts and logit biases: the model's
         self.texts = TokenTexts(served.tokenizer, vocab_size).warm()  # log probabilities' entries
-        self.json_tokens = json_tokens(served, vocab_size)  # what a JSON answer may take
         self._renderer = PromptRenderer(served)
         self._held: dict[EngineJob, _Request] = {}
         self._by_id: dict[str, _Request] = {}
@@ -114,6 +113,8 @@ class VLLMModel:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        from worker.vllm_json_mask import JSON_MASK
+
         grammar = structured_outputs(request)
         return SamplingParams(
             temperature=request.temperature,
@@ -130,9 +131,9 @@ class VLLMModel:
             repetition_penalty=request.repetition_penalty,
             logit_bias=dict(request.logit_bias) or None,
             structured_outputs=grammar,
-            # Beside the grammar, as the transformers engine masks them: xgrammar's rule for a
-            # string with a length limit takes raw control characters (invalid JSON).
-            allowed_token_ids=self.json_tokens if grammar is not None else None,
+            # Beside the grammar, the tokens the transformers engine masks too: xgrammar's rule
+            # for a string with a length limit takes raw control characters (invalid JSON).
+            extra_args={JSON_MASK: True} if grammar is not None else None,
             logprobs=request.logprobs,
             prompt_logprobs=request.prompt_logprobs if prompt_logprobs else None,
             max_tokens=max_tokens,
@@ -240,17 +241,6 @@ def refusals() -> tuple[type[Exception], ...]:
     except ImportError:  # a vLLM before its own error classes
         return (ValueError,)
     return (ValueError, VLLMClientError)
-
-
-def json_tokens(served: VLLMServed, vocab_size: int) -> list[int]:
-    """The token ids a JSON answer may take: all but those the transformers engine masks too
-    (``worker.logits_rules.not_json_ids``: special tokens, raw control characters)."""
-    import xgrammar
-
-    info = xgrammar.TokenizerInfo.from_huggingface(served.tokenizer, vocab_size=vocab_size)
-    vocabulary = info.decoded_vocab
-    banned = not_json_ids(served.tokenizer, vocabulary, set(served.eos_ids))
-    return [token for token in range(len(vocabulary)) if token not in banned]
 
 
 def structured_outputs(request: GenerationRequest) -> Any:

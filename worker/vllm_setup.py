@@ -103,6 +103,8 @@ def engine_args(settings: Settings, served: VLLMServed) -> Any:
     from vllm import EngineArgs
     from vllm.config import StructuredOutputsConfig
 
+    from worker.vllm_json_mask import PROCESSOR
+
     kv_bytes = int(settings.kv_cache_gib * GiB) if settings.kv_cache_gib else None
     if kv_bytes is None and served.device == "cpu":
         kv_bytes = default_kv_cache_bytes(job_length(settings, served), served.kv_bytes_per_token)
@@ -123,6 +125,8 @@ def engine_args(settings: Settings, served: VLLMServed) -> Any:
         # JSON answers without free whitespace (engine-wide in vLLM): a model cannot pad one out
         # until max_tokens, and the JSON is as valid.
         structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
+        # With the grammar, the mask of the tokens no JSON answer may take (worker.vllm_json_mask).
+        logits_processors=[PROCESSOR],
         # Log probabilities of the model's own distribution, before temperature, penalties, bias
         # or a grammar change it (vLLM's default, as OpenAI reports them), up to OpenAI's limit.
         logprobs_mode="raw_logprobs",
