@@ -255,29 +255,65 @@ def test_the_page_shows_text_with_line_separators_and_carriage_returns_whole(
         worker.stop()
 
 
+@pytest.mark.parametrize("refused_by", ["front", "worker"])
 def test_the_page_leaves_out_the_oldest_exchange_once_the_conversation_outgrows_the_context(
-    browser: Any, slow_stack: SlowStack, tiny_model: Path
+    browser: Any, slow_stack: SlowStack, tiny_model: Path, refused_by: str
 ) -> None:
     """As the terminal chat does: the next question goes with the oldest exchange left out, and
-    the page says so under the answer (every question was refused until "New chat")."""
+    the page says so under the answer (every question was refused until "New chat"). The front
+    refuses it at submit (a 400) when a worker counts the prompt in time; with none live to count
+    it (a front that scales to zero, between workers), the job's worker refuses it (an error
+    event in the stream), and the page sends it again all the same."""
+    import httpx
     from selenium.webdriver.common.by import By
 
-    model = "short-context-web"  # the tiny model with a context of 256 tokens: two exchanges do not fit
-    args = ["worker", "--model", str(tiny_model), "--served-name", model, "--name", "short-ctx-web"]
-    worker = Service(
-        args, {**slow_stack.env, "STREAMQ_MAX_SEQ_LEN": "256"}, "short-ctx-web", slow_stack.logdir
-    )
+    from shared import keys
+    from shared.job_store.vocabulary import JobField
+    from streamq.processes import wait_for
+
+    model = f"short-context-{refused_by}"  # the tiny model, a context of 256 tokens: two exchanges do not fit
+    env = {**slow_stack.env, "STREAMQ_MAX_SEQ_LEN": "256"}
+
+    def worker(name: str) -> Service:
+        args = ["worker", "--model", str(tiny_model), "--served-name", model, "--name", name]
+        return Service(args, env, name, slow_stack.logdir)
+
+    services = [worker(f"{model}-1")]
     try:
         _open_on(browser, slow_stack, model, wait=90)
+        url = slow_stack.url
+        if refused_by == "worker":  # a front that queues jobs for the model while no worker is live
+            scaling = {"STREAMQ_SCALE_TO_ZERO": "1", "STREAMQ_MODELS": model, "STREAMQ_COUNT_TIMEOUT": "0.5"}
+            front, url = start_front({**slow_stack.env, **scaling}, slow_stack.logdir, "scaling-front")
+            services.append(front)
+            _open(browser, slow_stack, url)
+            browser.execute_script("document.getElementById('model').value = arguments[0];", model)
         first = _ask(browser, "the " * 90, 100)  # about 90 tokens, and its answer
         until(browser, lambda: _state(first) in ("done", "error"), "the first answer", timeout=60)
         assert _state(first) == "done" and not first.find_elements(By.CSS_SELECTOR, ".note")
+        if refused_by == "worker":
+            services.pop(0).stop()
+            wait_for(lambda: not httpx.get(f"{url}/readyz").json()["models"].get(model), 30, "no live worker")
         second = _ask(browser, "a " * 60, 100)
-        until(browser, lambda: _state(second) in ("done", "error"), "the second answer", timeout=60)
+        if refused_by == "worker":
+            until(browser, lambda: second.get_attribute("data-job-id"), "the question queued")
+            services.append(worker(f"{model}-2"))  # takes the job, refuses it; counts the next try
+        until(browser, lambda: _state(second) in ("done", "error"), "the second answer", timeout=90)
         assert _state(second) == "done", second.find_element(By.CSS_SELECTOR, ".status").text
         note = second.find_element(By.CSS_SELECTOR, ".note").text
         assert note == "The conversation outgrew the model's context: its 1 oldest exchange was left out."
         asked = slow_stack.asked(str(second.get_attribute("data-job-id")))
         assert [(role, content.strip()) for role, content in asked] == [("user", ("a " * 60).strip())]
+        redis = slow_stack.redis.client(decode_responses=True)
+        failed = [
+            job
+            for key in redis.scan_iter(keys.job("*"))
+            if (job := redis.hgetall(key)).get("model") == model and job.get("status") == "failed"
+        ]
+        # The worker's refusal of the whole conversation: the page's first try.
+        assert [job.get(JobField.ERROR_CODE) for job in failed] == (
+            ["context_length_exceeded"] if refused_by == "worker" else []
+        )
     finally:
-        worker.stop()
+        for service in reversed(services):
+            service.stop()

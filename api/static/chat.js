@@ -243,42 +243,53 @@
     };
     try {
       running = { jobId: null, stopped: false }; // Stop works from here on, even before the id
-      const job = await submitFitting(body, answer);
-      messages = body.messages;
-      running.jobId = job.id;
-      answer.el.dataset.jobId = job.id;
-      answer.status.textContent = queuedText(job);
-      if (running.stopped) cancelJob(job.id); // Stop was pressed while the question was sent
-      if (!$("model").value) loadModels(); // a worker came since the page loaded
-      await follow(
-        job.id,
-        (ev) => {
-          if (ev.event === "queued") {
-            answer.status.textContent = queuedText(ev.data);
-          } else if (ev.event === "started") {
-            state = "running";
-            answer.status.textContent = "Generating…";
-          } else if (ev.event === "delta") {
-            state = "running";
-            text += ev.data.text || "";
-            answer.status.textContent = "Generating…";
-            if (!pending) { pending = true; requestAnimationFrame(draw); }
-          } else if (ev.event === "done") {
-            state = "done";
-            answer.status.textContent = doneText(ev.data);
-          } else if (ev.event === "error") {
-            state = "error";
-            answer.status.textContent = `Failed: ${ev.data.message || ev.data.type || "error"}`;
-          } else if (ev.event === "canceled") {
-            state = "canceled";
-            answer.status.textContent = "Stopped · not kept in the conversation";
-          }
-          answer.el.dataset.state = state;
-        },
-        (attempt, wait) => {
-          answer.status.textContent = `Connection lost · reconnecting (try ${attempt}, in ${(wait / 1000).toFixed(1)} s)…`;
-        },
-      );
+      let dropped = 0;
+      for (;;) {
+        let tooLong = false; // the worker's refusal: the front could not count the prompt in time
+        const job = await submitFitting(body, answer, dropped);
+        dropped = job.dropped;
+        messages = body.messages;
+        running.jobId = job.id;
+        answer.el.dataset.jobId = job.id;
+        answer.status.textContent = queuedText(job);
+        if (running.stopped) cancelJob(job.id); // Stop was pressed while the question was sent
+        if (!$("model").value) loadModels(); // a worker came since the page loaded
+        await follow(
+          job.id,
+          (ev) => {
+            if (ev.event === "queued") {
+              answer.status.textContent = queuedText(ev.data);
+            } else if (ev.event === "started") {
+              state = "running";
+              answer.status.textContent = "Generating…";
+            } else if (ev.event === "delta") {
+              state = "running";
+              text += ev.data.text || "";
+              answer.status.textContent = "Generating…";
+              if (!pending) { pending = true; requestAnimationFrame(draw); }
+            } else if (ev.event === "done") {
+              state = "done";
+              answer.status.textContent = doneText(ev.data);
+            } else if (ev.event === "error" && ev.data.code === TOO_LONG && trimmable(body) && !running.stopped) {
+              tooLong = true;
+              answer.status.textContent = "Too long for the model's context · leaving out the oldest exchange…";
+            } else if (ev.event === "error") {
+              state = "error";
+              answer.status.textContent = `Failed: ${ev.data.message || ev.data.type || "error"}`;
+            } else if (ev.event === "canceled") {
+              state = "canceled";
+              answer.status.textContent = "Stopped · not kept in the conversation";
+            }
+            answer.el.dataset.state = state;
+          },
+          (attempt, wait) => {
+            answer.status.textContent = `Connection lost · reconnecting (try ${attempt}, in ${(wait / 1000).toFixed(1)} s)…`;
+          },
+        );
+        if (!tooLong) break;
+        body.messages = body.messages.slice(2);
+        dropped += 1;
+      }
     } catch (err) {
       state = "error";
       answer.status.textContent = explain(err);
@@ -292,25 +303,32 @@
     setRunning(false);
   }
 
+  const TOO_LONG = "context_length_exceeded";
+  const trimmable = (body) => body.messages.length >= 3; // an exchange to leave out, and the question
+
   // Submit; while the conversation is longer than the model's context (the front's 400), leave
   // out its oldest exchange (a question and its answer) and send it again, saying so under the
   // answer, as the terminal chat does. The question alone that does not fit is the error.
-  async function submitFitting(body, answer) {
-    let dropped = 0;
+  // ``dropped``: exchanges already left out for this question (after a worker's refusal); the
+  // job comes back with the total as its ``dropped``.
+  async function submitFitting(body, answer, dropped) {
     for (;;) {
       try {
         const job = await api("POST", "/v1/jobs", body);
         if (dropped) {
-          const note = document.createElement("div");
-          note.className = "note";
+          let note = answer.el.querySelector(".note");
+          if (!note) {
+            note = document.createElement("div");
+            note.className = "note";
+            answer.el.append(note);
+          }
           note.textContent = `The conversation outgrew the model's context: its ${dropped} oldest ` +
             (dropped > 1 ? "exchanges were" : "exchange was") + " left out.";
-          answer.el.append(note);
         }
-        return job;
+        return Object.assign(job, { dropped });
       } catch (err) {
-        const tooLong = err instanceof ApiError && err.code === "context_length_exceeded";
-        if (!tooLong || body.messages.length < 3) throw err;
+        const tooLong = err instanceof ApiError && err.code === TOO_LONG;
+        if (!tooLong || !trimmable(body)) throw err;
         body.messages = body.messages.slice(2);
         dropped += 1;
       }
