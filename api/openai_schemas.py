@@ -141,7 +141,9 @@ class StreamObfuscation(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    include_obfuscation: bool | None = Field(None, description="streamq pads nothing: only false")
+    include_obfuscation: bool | None = Field(
+        None, strict=True, description="streamq pads nothing: only false"
+    )
 
     @field_validator("include_obfuscation")
     @classmethod
@@ -150,7 +152,7 @@ class StreamObfuscation(BaseModel):
 
 
 class StreamOptions(StreamObfuscation):
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)
 
 
 class OpenAIFields(SamplingFields):
@@ -166,12 +168,16 @@ class OpenAIFields(SamplingFields):
     safety_identifier: str | None = Field(None, description="the end user's id (logged with the job id)")
     metadata: Metadata = Field(None, description="logged with the job id (16 pairs at most)")
     service_tier: ServiceTier = Field(None, description="'auto' or 'default': one tier here")
-    store: bool | None = Field(None, description="stored completions are not offered: only false")
+    store: bool | None = Field(
+        None, strict=True, description="stored completions are not offered: only false"
+    )
     prompt_cache_key: str | None = Field(
         None, description="accepted: prompt caching needs no key here (vLLM caches prefixes itself)"
     )
     background: bool = Field(
-        False, description="keep the job running when the client goes away (header X-Streamq-Detach: 1)"
+        False,
+        strict=True,
+        description="keep the job running when the client goes away (header X-Streamq-Detach: 1)",
     )
 
     @field_validator("stream", mode="before")
@@ -222,7 +228,7 @@ class ChatCompletionRequest(OpenAIFields):
     _plan: ToolPlan | None = PrivateAttr(None)
     messages: list[OpenAIMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, strict=True, description="wins over max_tokens")
-    logprobs: bool | None = Field(None, description="each answer token's log probability")
+    logprobs: bool | None = Field(None, strict=True, description="each answer token's log probability")
     top_logprobs: int | None = Field(
         None,
         ge=0,
@@ -234,7 +240,9 @@ class ChatCompletionRequest(OpenAIFields):
     tool_choice: ToolChoice | None = Field(
         None, description="none, auto (default with tools), required, or one"
     )
-    parallel_tool_calls: bool | None = Field(None, description="false: at most one call per answer")
+    parallel_tool_calls: bool | None = Field(
+        None, strict=True, description="false: at most one call per answer"
+    )
     modalities: list[Literal["text"]] | None = Field(None, description="only text")
     audio: Any = Field(None, description="not supported: refused unless null")
     prediction: Any = Field(None, description="not supported: refused unless null")
@@ -322,7 +330,7 @@ class CompletionRequest(OpenAIFields):
         strict=True,
         description="each token's log probability and this many others",
     )
-    echo: bool = Field(False, description="the answer begins with the prompt (and its logprobs)")
+    echo: bool = Field(False, strict=True, description="the answer begins with the prompt (and its logprobs)")
     best_of: int | None = Field(None, strict=True, description="only 1 (one choice per request)")
     suffix: str | None = Field(None, description="text after the insertion: not supported")
 

@@ -10,8 +10,10 @@ pair a requeued job writes again are not events of the response.
 
 The job's events map as follows (``n`` counts output items):
 
-- its first ``queued``: ``response.created`` then ``response.queued`` (status queued);
-- its first ``started``: ``response.in_progress``;
+- its first ``queued``: ``response.created`` then, for a background response,
+  ``response.queued`` (status queued), and its first ``started`` ``response.in_progress``; a
+  foreground response is ``in_progress`` from the start, as OpenAI's are (never ``queued``):
+  ``response.created`` then ``response.in_progress``, whether its job waits in the queue or not;
 - ``delta``: text, read through ``api.tool_calls.ToolCallReader`` as on the chat route: content
   opens a message item (``response.output_item.added``, ``response.content_part.added``) and goes
   out as ``response.output_text.delta``; a tool call opens a ``function_call`` item, its
@@ -87,7 +89,9 @@ class ResponseEvents:
         self._forced_call = record.tool_plan().forces_call
         self._next = 0  # the next sequence number
         self._events: list[Obj] = []  # what the event being fed gives
-        self.status = "queued"
+        # OpenAI's own: only a background response is ever "queued"; a foreground one is
+        # in_progress from its creation (its job may still wait in streamq's queue).
+        self.status = "queued" if record.background else "in_progress"
         self.output: list[Obj] = []
         self._index: dict[str, int] = {}  # item id → its place in output
         self._open: Obj | None = None  # the item being written
@@ -150,7 +154,7 @@ class ResponseEvents:
         if not self._created:
             self._created = True
             self._lifecycle("response.created")
-            self._lifecycle("response.queued")
+            self._lifecycle("response.queued" if self.status == "queued" else "response.in_progress")
         if event.event in (EventName.STARTED, EventName.DELTA) and self.status == "queued":
             self.status = "in_progress"
             self._lifecycle("response.in_progress")

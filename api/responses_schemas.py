@@ -79,7 +79,7 @@ class TextFormat(BaseModel):
     type: Literal["text", "json_object", "json_schema"]
     name: FormatName | None = None
     schema_: UsableSchema | None = Field(None, alias="schema")
-    strict: bool | None = None
+    strict: bool | None = Field(None, strict=True)
     description: str | None = None
 
     @model_validator(mode="after")
@@ -190,16 +190,20 @@ class ResponsesRequest(BaseModel):
         None, ge=0, le=2, strict=True, allow_inf_nan=False, description="0 means greedy"
     )
     top_p: float | None = Field(None, ge=0, le=1, strict=True, allow_inf_nan=False)
-    stream: bool | None = False
+    stream: bool | None = Field(False, strict=True)
     stream_options: StreamObfuscation | None = None
-    background: bool | None = Field(False, description="run on when the client goes; poll or stream it later")
-    store: bool | None = Field(None, description="false: the response cannot be continued or listed")
+    background: bool | None = Field(
+        False, strict=True, description="run on when the client goes; poll or stream it later"
+    )
+    store: bool | None = Field(
+        None, strict=True, description="false: the response cannot be continued or listed"
+    )
     previous_response_id: str | None = Field(None, description="continue that response's conversation")
     metadata: Metadata = Field(None, description="kept with the response (16 pairs at most)")
     text: TextConfig | None = None
     tools: list[FunctionTool] | None = Field(None, description="function tools only")
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
-    parallel_tool_calls: bool | None = Field(None, description="false: at most one call")
+    parallel_tool_calls: bool | None = Field(None, strict=True, description="false: at most one call")
     user: str | None = Field(None, description="the end user's id (logged with the job id)")
     safety_identifier: str | None = Field(None, description="the end user's id (logged with the job id)")
     prompt_cache_key: str | None = Field(None, description="accepted: no key is needed for prompt caching")

@@ -103,6 +103,14 @@ def plan_tools(
             message = f"the function name '{tool.function.name}' is given twice: names must be unique"
             raise ApiError(400, message, param=f"tools.{index}.function.name")
         seen.add(tool.function.name)
+        parameters = tool.function.parameters
+        if parameters and parameters.get("type") != "object":  # the arguments are an object's keys
+            raise ApiError(
+                400,
+                f"Invalid schema for function '{tool.function.name}': schema must be a JSON Schema of "
+                f"'type: \"object\"', got 'type: \"{parameters.get('type')}\"'.",
+                param=f"tools.{index}.function.parameters",
+            )
     if not tools:
         if choice not in (None, "none"):
             raise ApiError(400, "'tool_choice' needs 'tools'", param="tool_choice")

@@ -25,7 +25,9 @@ class JsonSchemaFormat(BaseModel):
         None, description="accepted; the schema alone holds the answer (it is not given to the model)"
     )
     schema_: UsableSchema = Field(alias="schema", description="the JSON Schema the answer follows")
-    strict: bool | None = Field(None, description="accepted: the answer always follows the schema")
+    strict: bool | None = Field(
+        None, strict=True, description="accepted: the answer always follows the schema"
+    )
 
 
 class ResponseFormat(BaseModel):

@@ -126,7 +126,7 @@ class FunctionDefinition(BaseModel):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
     description: Text | None = None
     parameters: dict[str, Any] | None = Field(None, description="JSON Schema of the arguments")
-    strict: bool | None = None
+    strict: bool | None = Field(None, strict=True)
 
 
 class ToolDefinition(BaseModel):

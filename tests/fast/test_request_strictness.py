@@ -28,8 +28,8 @@ class Size(BaseModel):
 USER: Any = {"role": "user", "content": "one two"}
 
 
-def _tool(name: str) -> Any:
-    return {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+def _tool(name: str, parameters: Any = None) -> Any:
+    return {"type": "function", "function": {"name": name, "parameters": parameters or {"type": "object"}}}
 
 
 @pytest.mark.parametrize(
@@ -57,11 +57,23 @@ def _tool(name: str) -> Any:
             "tools.1.function.name",
             "the function name 'add' is given twice",
         ),
+        (  # a call's arguments are keyword arguments: a string or array schema made "\"gKers\""
+            {"messages": [USER], "tools": [_tool("add", {"type": "string"})]},
+            "tools.0.function.parameters",
+            "Invalid schema for function 'add': schema must be a JSON Schema of 'type: \"object\"', "
+            "got 'type: \"string\"'",
+        ),
+        (
+            {"messages": [USER], "tools": [_tool("f", {"anyOf": []})]},
+            "tools.0.function.parameters",
+            "got 'type: \"None\"'",
+        ),
         (  # OpenAI's custom (free-form text) tools: no template here renders one, nor parses its calls
             {"messages": [USER], "tools": [{"type": "custom", "custom": {"name": "shell"}}]},
             "tools.0.type",
             'tools of type "custom" are not supported',
         ),
+        ({"messages": [USER], "logprobs": "true"}, "logprobs", "Input should be a valid boolean"),
         (  # str.isdigit() takes '²' (a 500 before: int('²') fails) and '١٢' (taken as token 12)
             {"messages": [USER], "logit_bias": {"²": 1}},
             "logit_bias",

@@ -13,12 +13,12 @@ from api.responses_store import ResponseRecord
 MODEL = "fake-model"
 
 
-def _record() -> ResponseRecord:
-    return ResponseRecord(id="ab" * 16, model=MODEL, created_at=1_700_000_000.0)
+def _record(background: bool = False) -> ResponseRecord:
+    return ResponseRecord(id="ab" * 16, model=MODEL, created_at=1_700_000_000.0, background=background)
 
 
-def _fed(events: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
-    mapped = ResponseEvents(_record())
+def _fed(events: list[tuple[str, dict[str, Any]]], background: bool = False) -> list[dict[str, Any]]:
+    mapped = ResponseEvents(_record(background))
     out: list[dict[str, Any]] = []
     for n, (name, data) in enumerate(events):
         out += mapped.feed(JobEvent.of(f"{1_700_000_000_000 + n}-0", name, data))
@@ -39,9 +39,31 @@ def test_a_requeued_job_gives_the_same_events_as_one_run() -> None:
     assert live.feed(JobEvent(None, "queued", '{"position": 3}')) == []  # a live position is no event
 
 
+def test_only_a_background_response_is_ever_queued() -> None:
+    """As OpenAI's: a foreground response is in_progress from its creation, whether its job waits
+    in the queue or not; a background one is queued until its job starts."""
+    job = [("queued", {}), ("started", {}), ("delta", {"text": "a"})]
+    foreground, background = _fed(job), _fed(job, background=True)
+    assert [(e["type"], e["response"]["status"]) for e in foreground[:2]] == [
+        ("response.created", "in_progress"),
+        ("response.in_progress", "in_progress"),
+    ]
+    assert [(e["type"], e["response"]["status"]) for e in background[:3]] == [
+        ("response.created", "queued"),
+        ("response.queued", "queued"),
+        ("response.in_progress", "in_progress"),
+    ]
+    assert [e["type"] for e in foreground[2:]] == [e["type"] for e in background[3:]]
+
+
 def test_a_failed_job_ends_with_an_error_event_and_response_failed() -> None:
     failed = _fed([("queued", {}), ("error", {"type": "worker_lost", "message": "gone"})])
-    assert [e["type"] for e in failed] == ["response.created", "response.queued", "error", "response.failed"]
+    assert [e["type"] for e in failed] == [
+        "response.created",
+        "response.in_progress",
+        "error",
+        "response.failed",
+    ]
     assert failed[2]["message"] == "gone" and failed[2]["sequence_number"] == 2
     assert failed[-1]["response"]["error"] == {
         "code": "server_error",
