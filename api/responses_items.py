@@ -65,6 +65,16 @@ class MessageItem(BaseModel):
     status: ItemStatus | None = None
     phase: Literal["commentary", "final_answer"] | None = None
 
+    @model_validator(mode="after")
+    def _output_from_the_assistant(self) -> MessageItem:
+        """``output_text`` is what a model wrote: only an assistant turn has it (OpenAI's rule)."""
+        parts = [] if isinstance(self.content, str) else self.content
+        if self.role != "assistant" and any(part.type == "output_text" for part in parts):
+            raise ValueError(
+                f"a {self.role} message's content parts are input_text: output_text is an assistant message's"
+            )
+        return self
+
 
 class FunctionCallItem(BaseModel):
     """A call the model made earlier (an assistant turn's tool call)."""
