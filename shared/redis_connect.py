@@ -78,8 +78,9 @@ class RedisTarget:
             return f"sentinel://{where}/{self.master}"
         return redacted(self.url)
 
-    def _url_options(self) -> dict[str, Any]:
-        """What the URL says besides the address: db, user, password, TLS, its query options."""
+    def primary_options(self) -> dict[str, Any]:
+        """What the URL says besides the address, for the primary the sentinels name: db, user,
+        password, TLS, its query options."""
         options = redis.connection.parse_url(self.url)
         for where in ("host", "port", "path"):  # the sentinels say where the primary is
             options.pop(where, None)
@@ -87,7 +88,9 @@ class RedisTarget:
             options["ssl"] = True
         return options
 
-    def _sentinel_kwargs(self, options: dict[str, Any]) -> dict[str, Any]:
+    def sentinel_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The options of a connection to a sentinel, given the primary's: its socket options,
+        a timeout, and the sentinels' own password."""
         kwargs = {k: v for k, v in options.items() if k.startswith("socket_")}
         if kwargs.get("socket_timeout") is None:  # a silent sentinel must not hang discovery
             kwargs["socket_timeout"] = SENTINEL_TIMEOUT
@@ -105,8 +108,8 @@ class RedisTarget:
             if blocking_timeout is None:
                 return redis.ConnectionPool.from_url(self.url, **options)
             return redis.BlockingConnectionPool.from_url(self.url, timeout=blocking_timeout, **options)
-        options = {**self._url_options(), **options}
-        manager = sync_sentinel.Sentinel(list(self.sentinels), sentinel_kwargs=self._sentinel_kwargs(options))
+        options = {**self.primary_options(), **options}
+        manager = sync_sentinel.Sentinel(list(self.sentinels), sentinel_kwargs=self.sentinel_options(options))
         if blocking_timeout is None:
             return sync_sentinel.SentinelConnectionPool(self.master, manager, **options)
         return _BlockingSentinelPool(self.master, manager, timeout=blocking_timeout, **options)
@@ -124,8 +127,8 @@ class RedisTarget:
     ) -> aioredis.ConnectionPool:
         if not self.managed:
             return aioredis.BlockingConnectionPool.from_url(self.url, timeout=blocking_timeout, **options)
-        options = {**self._url_options(), **options}
-        sentinel_kwargs = self._sentinel_kwargs(options)
+        options = {**self.primary_options(), **options}
+        sentinel_kwargs = self.sentinel_options(options)
         manager = _SyncedReplicas(list(self.sentinels), sentinel_kwargs=sentinel_kwargs)
         return _AsyncBlockingSentinelPool(
             self.master, manager, timeout=blocking_timeout, is_master=not replica, **options

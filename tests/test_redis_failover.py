@@ -10,12 +10,16 @@ repeat; a job no replica got is refused, not promised; new jobs work, with no re
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import httpx
 import pytest
@@ -319,3 +323,50 @@ def test_a_job_no_replica_got_is_refused_not_promised(ha_stack: HaStack) -> None
         )
         assert job.status_code == 202, job.text
         assert follow(client, url, job.json()["id"])[-1].event == "done"
+
+
+def test_a_worker_run_the_rq_way_finds_the_new_primary(ha_stack: HaStack, tmp_path: Path) -> None:
+    """``rq worker -w worker.rq_worker.StreamqWorker -c worker.rq_config`` (the README's command)
+    asks the sentinels for the primary. RQ's loop ends at a Redis error outside its wait for a
+    job (its rule), so it runs under a supervisor that starts it again: started again, it serves
+    from the new primary. (With ``-u`` and the primary's address, as the README said, it went
+    back to the old primary, a replica by then, and the model had no live worker.)"""
+    model = "synth-rq"
+    env = {**os.environ, **ha_stack.ha.env(), "STREAMQ_BACKEND": "synthetic", "STREAMQ_SERVED_NAME": model}
+    command = [str(Path(sys.executable).with_name("rq")), "worker", "-w", "worker.rq_worker.StreamqWorker"]
+    command += ["-c", "worker.rq_config", "-n", "ha-rq"]
+    log = tmp_path / "rq-worker.log"
+
+    def started() -> subprocess.Popen[bytes]:  # as a supervisor (re)starts it
+        with open(log, "ab") as out:
+            return subprocess.Popen(command, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=out, stderr=out)
+
+    url = ha_stack.urls[0]
+    workers = [started()]
+    try:
+        with httpx.Client(timeout=30) as client:
+
+            def answered() -> str:
+                body = {"model": model, "prompt": "rq", "max_tokens": 5}
+                job = _answered(partial(client.post, f"{url}/v1/jobs", json=body), within=30)
+                assert job.status_code == 202, job.text
+                return follow(client, url, job.json()["id"])[-1].event
+
+            def within(seconds: float) -> str | None:  # a job no worker takes waits forever
+                ended: list[str] = []
+                runner = threading.Thread(target=lambda: ended.append(answered()), daemon=True)
+                runner.start()
+                runner.join(seconds)
+                return ended[0] if ended else None
+
+            wait_for(lambda: model in client.get(f"{url}/readyz").json()["models"], 60, "the RQ worker")
+            assert within(60) == "done"
+            ha_stack.ha.fail_over()
+            time.sleep(3)  # RQ's loop meets the failover (its wait for a job, or its heartbeat)
+            if workers[-1].poll() is not None:
+                workers.append(started())
+            assert within(60) == "done", log.read_text(errors="replace")
+    finally:
+        for worker in workers:
+            worker.terminate()
+            worker.wait(timeout=30)

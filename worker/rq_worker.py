@@ -6,7 +6,7 @@ context) that runs its jobs, one at a time, on a worker runtime's engine: one sl
 its own runtime. ``streamq worker`` does not use it (its dispatcher takes jobs for all its slots,
 ``worker.dispatcher``); it also serves as that process's record in RQ's list of workers::
 
-    STREAMQ_MODEL=/path/to/model rq worker -w worker.rq_worker.StreamqWorker -u redis://...
+    STREAMQ_MODEL=/path/to/model rq worker -w worker.rq_worker.StreamqWorker -c worker.rq_config
 
 The job path: RQ's loop takes a job from the model's queue (``streamq:<served name>``) and calls
 ``Job.perform``; a ``StreamqJob`` runs streamq's task there on the runtime its worker handed it
