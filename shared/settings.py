@@ -92,8 +92,10 @@ class Settings(BaseSettings):
     # The worker serves `model` (a hub name or a local folder) under `served_name`.
     model: str | None = None
     served_name: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: cuda > mps > cpu")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="worker: auto is bf16 on CUDA where supported, fp16 on MPS, fp32 on CPU"
+    )
     cache_dir: str | None = Field(None, description="where `streamq up` keeps the tiny demo model")
     trust_remote_code: bool = Field(False, description="allow a model's own code (ChatGLM needs it)")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker (default: all cores)")
@@ -115,7 +117,9 @@ class Settings(BaseSettings):
     vllm_eager: bool = Field(
         False, description="worker (vLLM): no compilation or CUDA graphs (starts faster, runs slower)"
     )
-    backend: str = Field("model", description="'model' (load `model`) or 'synthetic' (a load-test stand-in)")
+    backend: Literal["model", "synthetic"] = Field(
+        "model", description="'model' (load `model`) or 'synthetic' (a load-test stand-in)"
+    )
     slots: int | None = Field(
         None, ge=1, description="jobs one worker runs at once (default: 8 on CPU; on a GPU, what fits)"
     )
@@ -323,6 +327,7 @@ OPTIONS = {
     "engine": "--engine",
     "device": "--device",
     "dtype": "--dtype",
+    "backend": "--backend",
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -224,15 +225,17 @@ def test_up_without_redis_server_on_path_serves_on_the_embedded_server(
 
 
 def test_worker_started_the_rq_way_serves_jobs_and_shows_in_rq_info(stack: Stack) -> None:
+    """The README's command: RQ takes its Redis from streamq's settings (-c worker.rq_config)."""
     env = _env(STREAMQ_MODEL=str(stack.model_dir), STREAMQ_SERVED_NAME="rq-way", STREAMQ_TORCH_THREADS="1")
+    env["STREAMQ_REDIS_URL"] = stack.redis.url
     worker = subprocess.Popen(
         [
             str(BIN / "rq"),
             "worker",
             "-w",
             "worker.rq_worker.StreamqWorker",
-            "-u",
-            stack.redis.url,
+            "-c",
+            "worker.rq_config",
             "-n",
             "rq-way-1",
         ],
@@ -256,7 +259,7 @@ def test_worker_started_the_rq_way_serves_jobs_and_shows_in_rq_info(stack: Stack
             assert follow(client, stack.url, job["id"])[-1].event == "done"
             assert client.get(f"{stack.url}/v1/jobs/{job['id']}").json()["worker"] == "rq-way-1"
         info = subprocess.run(
-            [str(BIN / "rq"), "info", "-u", stack.redis.url],
+            [str(BIN / "rq"), "info", "-c", "worker.rq_config"],
             capture_output=True,
             text=True,
             timeout=30,
@@ -327,6 +330,41 @@ def test_a_workers_options_are_checked_as_its_settings_are(option: list[str], sa
     --tokens-per-second 0 died of a ZeroDivisionError)."""
     line = _refused(["worker", "--backend", "synthetic", *option], {})
     assert says in line, line
+
+
+def test_a_bad_dtype_or_backend_is_refused_before_anything_starts() -> None:
+    """They were checked once the engine was set up (exit 1), "cannot serve None" for a backend."""
+    line = _refused(["worker", "--model", "x"], {"STREAMQ_DTYPE": "fp8", "STREAMQ_BACKEND": "foo"})
+    assert (
+        "STREAMQ_DTYPE (--dtype): input should be 'auto', 'float32', 'bfloat16' or 'float16', got 'fp8'"
+        in line
+    )
+    assert "STREAMQ_BACKEND (--backend): input should be 'model' or 'synthetic', got 'foo'" in line
+
+
+def test_a_folder_without_a_model_or_its_tokenizer_says_what_it_lacks(tmp_path: Path, stack: Stack) -> None:
+    """An empty folder was refused with transformers' advice to install sentencepiece; a model
+    without its tokenizer files loaded, and then refused every prompt as "no tokens"."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(stack.model_dir, no_tokenizer)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (no_tokenizer / name).unlink()
+    for folder, says in (
+        (empty, "the folder holds no model: it has no config.json"),
+        (no_tokenizer, "no tokenizer"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "streamq", "worker", "--model", str(folder)],
+            env=_env(STREAMQ_REDIS_URL=stack.redis.url),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 1, done.stderr
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"streamq worker: cannot serve {folder}: ") and says in last, last
 
 
 def test_the_up_banner_never_shows_a_redis_password(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,6 +15,31 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+# What a local model folder holds its tokenizer in (one of them, at least): fast tokenizers,
+# their configuration, SentencePiece and BPE vocabularies (ChatGLM-6B: ice_text.model).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+    "vocab.txt", "ice_text.model",
+)  # fmt: skip
+
+
+def check_model_folder(name_or_path: str) -> None:
+    """A local folder that holds no model, or no tokenizer, says so (transformers' own error for
+    an empty folder names tokenizer libraries to install, and a folder without its tokenizer
+    files loaded an empty one: every prompt was "no tokens"). A hub name is left to
+    transformers."""
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        return
+    if not (folder / "config.json").is_file():
+        raise ValueError(
+            "the folder holds no model: it has no config.json (a transformers model folder holds "
+            "its config.json, its weights and its tokenizer's files)"
+        )
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"the folder has no tokenizer: none of {', '.join(TOKENIZER_FILES)}")
+
+
 def resolve_device(device: str) -> str:
     import torch
 

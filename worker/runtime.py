@@ -24,7 +24,13 @@ from worker.heartbeat import Heartbeat
 from worker.job_runner import JobRunner, Outcome
 from worker.leases import LeaseKeeper
 from worker.metrics import WorkerMetrics
-from worker.model_loading import configure_threads, default_served_name, load_backend, resolve_device
+from worker.model_loading import (
+    check_model_folder,
+    configure_threads,
+    default_served_name,
+    load_backend,
+    resolve_device,
+)
 from worker.prompt_counter import PromptCounter
 from worker.step_publisher import StepPublisher
 
@@ -49,6 +55,7 @@ def load_worker_backend(settings: Settings, served: str) -> ServedModel:
         raise ValueError(f"backend must be 'model' or 'synthetic', not {settings.backend!r}")
     if not settings.model:
         raise ValueError("no model to serve: pass --model or set STREAMQ_MODEL")
+    check_model_folder(settings.model)
     from worker.engine_choice import choose_engine
 
     device = resolve_device(settings.device)
