@@ -293,6 +293,17 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("worker_ttl")
+    @classmethod
+    def _outlives_heartbeats(cls, value: float, info: ValidationInfo) -> float:
+        interval = info.data.get("heartbeat_interval")
+        if interval is not None and value < 2 * interval:
+            raise ValueError(
+                f"must be at least twice STREAMQ_HEARTBEAT_INTERVAL ({interval:g} s), so that a live "
+                "worker is never silent that long: a shorter one makes models come and go (404s, 503s)"
+            )
+        return value
+
     @field_validator("redis_sentinels")
     @classmethod
     def _sentinels_parse(cls, value: str) -> str:

@@ -189,6 +189,8 @@ def _refused(args: list[str], env: dict[str, str]) -> str:
 
 def test_a_setting_that_is_not_valid_stops_a_process_with_what_is_wrong_not_a_traceback() -> None:
     line = _refused(["worker", "--model", "x"], {"STREAMQ_SLOTS": "many", "STREAMQ_KV_CACHE_GIB": "-1"})
+    ttl = _refused(["api"], {"STREAMQ_WORKER_TTL": "1"})  # workers beat every 2 s: models came and went
+    assert "STREAMQ_WORKER_TTL: value error, must be at least twice STREAMQ_HEARTBEAT_INTERVAL (2 s)" in ttl
     assert "STREAMQ_SLOTS (--slots): input should be a valid integer" in line and "got 'many'" in line
     assert "STREAMQ_KV_CACHE_GIB: input should be greater than 0, got '-1'" in line
     # A check of several settings together says which, and no setting's value: no password leaks.
