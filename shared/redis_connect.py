@@ -139,6 +139,13 @@ class RedisTarget:
         return redis.Redis(connection_pool=self.sync_pool(**options))
 
 
+def redis_problem(exc: BaseException) -> str:
+    """A Redis error's message for a person: redis-py's "No master found" carries the repr of each
+    sentinel client it asked (a kilobyte of pool and connection internals): the first words say
+    it."""
+    return str(exc).split(" : <", 1)[0]
+
+
 def redacted(url: str) -> str:
     """The Redis URL without its password: in its user part (redis://:secret@host) or its query
     (unix:///run/redis.sock?password=secret)."""

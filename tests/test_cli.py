@@ -391,3 +391,19 @@ def test_the_up_banners_examples_send_a_key_when_keys_are_on(capsys: pytest.Capt
     assert len(curls) == 3 and all('-H "Authorization: Bearer $STREAMQ_KEY"' in line for line in curls)
     assert "set STREAMQ_KEY" in keyed
     assert "Authorization" not in open_ and "STREAMQ_KEY" not in open_
+
+
+def test_a_worker_with_no_sentinel_to_ask_says_so_in_words() -> None:
+    """redis-py's "No master found" carried a kilobyte of its clients' repr."""
+    from streamq.processes import free_port
+
+    done = subprocess.run(
+        [sys.executable, "-m", "streamq", "worker", "--backend", "synthetic"],
+        env=_env(STREAMQ_REDIS_SENTINELS=f"127.0.0.1:{free_port()}"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.endswith("/streamq: No master found for 'streamq'"), last

@@ -14,7 +14,7 @@ import redis
 from pydantic import ValidationError
 
 from shared.cli_options import DEVICES, DTYPES, ENGINE_HELP, ENGINES, with_options
-from shared.redis_connect import RedisTarget
+from shared.redis_connect import RedisTarget, redis_problem
 from shared.settings import load_settings, refuse_to_start
 
 
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         return run_worker(settings, name=args.name, burst=args.burst)
     except redis.RedisError as exc:  # checked before the model loads
         target = RedisTarget.of(settings).describe()
-        print(f"streamq worker: cannot reach Redis at {target}: {exc}", file=sys.stderr)
+        print(f"streamq worker: cannot reach Redis at {target}: {redis_problem(exc)}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:  # a model that cannot be found or loaded
         print(f"streamq worker: cannot serve {settings.model}: {exc}", file=sys.stderr)
