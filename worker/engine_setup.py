@@ -70,8 +70,14 @@ def build_model(settings: Settings, backend: ServedModel) -> tuple[BatchModel, i
     from worker.batch_lm import BatchedCausalLM
 
     max_len = settings.max_seq_len or min(backend.context_length or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
-    if backend.context_length:
-        max_len = min(max_len, backend.context_length)
+    if backend.context_length and max_len > backend.context_length:
+        log.warning(
+            "STREAMQ_MAX_SEQ_LEN (%d) is more than the model's context (%d tokens): a job holds %d",
+            max_len,
+            backend.context_length,
+            backend.context_length,
+        )
+        max_len = backend.context_length
     per_token = kv_bytes_per_token(backend.model.config, next(backend.model.parameters()).element_size())
     slots = choose_slots(settings, backend, per_token, max_len)
     log.info(
