@@ -80,3 +80,55 @@ def test_a_json_request_loses_special_and_control_tokens_but_keeps_its_own_stops
         BatchUpdate(batch_size=2, removed=[], added=[(1, params(False, []), [1], [])], moved=[])
     )
     assert masked(2) == [set(), set()]
+
+
+def test_model_runner_v2_takes_its_own_mask_which_follows_its_slots(
+    mask: Any, hd64_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM's Model Runner V2 (its default on GPUs with Triton) refuses a processor of the first
+    runner's interface at the engine's start, and takes at most 1,024 allowed_token_ids: it gets
+    JsonAnswerMaskV2, whose rows are found through each step's slot mapping."""
+    import numpy as np
+    import torch
+    from vllm import SamplingParams
+    from vllm.config import ModelConfig, VllmConfig
+    from vllm.v1.sample.logits_processor import BatchUpdate
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext, LogitsProcRequestState
+    from vllm.v1.worker.gpu.sample.logits_processor.loader import (
+        build_custom_logits_processors_params_validator,
+    )
+
+    from worker.vllm_json_mask import JSON_MASK, PROCESSOR, PROCESSOR_V2, JsonAnswerMaskV2, processor_for
+
+    config = VllmConfig(model_config=ModelConfig(model=str(hd64_model), dtype="float32"))
+    assert processor_for(config) == PROCESSOR  # this CPU build has no Triton: the first runner
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    assert processor_for(config) == PROCESSOR_V2
+    build_custom_logits_processors_params_validator([PROCESSOR_V2])  # V2's own check at the start
+    with pytest.raises(ValueError, match="not a subclass"):
+        build_custom_logits_processors_params_validator([PROCESSOR])
+
+    vocab = int(config.model_config.get_vocab_size())
+    state = LogitsProcRequestState(torch.device("cpu"), 4, vocab, None, None, None, None)  # type: ignore[arg-type]
+    v2 = JsonAnswerMaskV2(config, state)
+    json_params = SamplingParams(stop_token_ids=[5], extra_args={JSON_MASK: True})
+    assert v2.add_request(2, json_params) and not v2.add_request(0, SamplingParams())
+
+    def masked(slots: list[int]) -> list[set[int]]:
+        v2.apply_staged_writes()
+        mapping = torch.tensor(slots)
+        ctx = LogitsContext(
+            mapping, mapping, np.array(slots), mapping * 0, mapping * 0, mapping * 0, np.ones(len(slots))
+        )
+        logits = v2.apply(torch.zeros(len(slots), vocab), ctx)
+        return [set(torch.nonzero(torch.isinf(row)).flatten().tolist()) for row in logits]
+
+    # What the first runner's mask bans for the same request (its stops allowed).
+    mask.update_state(BatchUpdate(batch_size=1, removed=[], added=[(0, json_params, [1], [])], moved=[]))
+    first_runner = mask.apply(torch.zeros(1, vocab))
+    expected = set(torch.nonzero(torch.isinf(first_runner[0])).flatten().tolist())
+    assert expected and 5 not in expected
+    assert masked([0, 2]) == [set(), expected]  # rows follow the step's mapping: slot 2 is row 1
+    assert masked([2, 0]) == [expected, set()]
+    v2.add_request(2, SamplingParams())  # slot 2 reused by a plain request
+    assert masked([0, 2]) == [set(), set()]

@@ -5,16 +5,20 @@ through (invalid JSON), and a special token decodes to nothing (the text would n
 the grammar checked). The transformers engine masks both kinds for every JSON answer
 (``worker.logits_rules.not_json_ids``); this processor does the same inside vLLM's sampler.
 
-It is one of vLLM's batch-level logits processors (``EngineArgs.logits_processors``): built
-once per engine, where vLLM runs the model, with the set of banned ids read from the model's
-tokenizer there; a request asks for it with ``extra_args={JSON_MASK: True}``. Each step it sets
-those rows' banned logits to -inf, in place. A request's own stop tokens (its end of sequence)
-stay allowed, or its answer could not end.
+It is a vLLM logits processor (``EngineArgs.logits_processors``), built once per engine where
+vLLM runs the model, with the set of banned ids read from the model's tokenizer there; a
+request asks for it with ``extra_args={JSON_MASK: True}``. Each step it sets those rows' banned
+logits to -inf, in place. A request's own stop tokens (its end of sequence) stay allowed, or its
+answer could not end. vLLM has two model runners, each with its own interface for such a
+processor: ``JsonAnswerMask`` for the first (vLLM's choice on CPUs, and where the second cannot
+run), ``JsonAnswerMaskV2`` for Model Runner V2 (its default on GPUs with Triton);
+``processor_for`` names the one the engine's configuration runs.
 
 vLLM's ``allowed_token_ids`` did the same per request, at a price that grows with the
 vocabulary: the list of every other id (about 150,000 on Qwen's vocabulary) travels with each
 request, and vLLM fills a vocabulary-wide mask row from it when the request joins the batch,
-in the engine's step (bench/json_mask.py measures both).
+in the engine's step (bench/json_mask.py measures both); Model Runner V2 takes at most 1,024
+allowed ids, so it refused every JSON request.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
 
 from worker.logits_rules import not_json_ids
 
@@ -31,7 +36,17 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 JSON_MASK = "streamq_json_mask"  # the SamplingParams.extra_args key that asks for the mask
-PROCESSOR = "worker.vllm_json_mask:JsonAnswerMask"  # its name for EngineArgs.logits_processors
+PROCESSOR = "worker.vllm_json_mask:JsonAnswerMask"  # their names for EngineArgs.logits_processors
+PROCESSOR_V2 = "worker.vllm_json_mask:JsonAnswerMaskV2"
+
+
+def processor_for(vllm_config: Any) -> str:
+    """The mask's class for the model runner this engine configuration runs."""
+    return PROCESSOR_V2 if vllm_config.use_v2_model_runner else PROCESSOR
+
+
+def _asks(params: Any) -> bool:
+    return bool((params.extra_args or {}).get(JSON_MASK))
 
 
 def banned_ids(model_config: Any) -> set[int]:
@@ -65,7 +80,7 @@ class JsonAnswerMask(LogitsProcessor):
         return False  # it changes what greedy decoding picks
 
     def _banned_for(self, params: Any, _prompt: Any, _output: Any) -> tuple[torch.Tensor] | None:
-        if not (params.extra_args or {}).get(JSON_MASK):
+        if not _asks(params):
             return None
         stops = frozenset(params.all_stop_token_ids)
         banned = self._by_stops.get(stops)
@@ -82,4 +97,53 @@ class JsonAnswerMask(LogitsProcessor):
         for row, (banned,) in self._rows.items():
             if banned.numel():
                 logits[row].index_fill_(0, banned, float("-inf"))
+        return logits
+
+
+class JsonAnswerMaskV2(V2LogitsProcessor):
+    """The same mask for Model Runner V2, whose rows are reordered every step: each request slot
+    that asks for it has its banned ids as a vocabulary-wide row (one per set of stop tokens),
+    and each step fills the rows of those slots, on the device, with no wait for the host."""
+
+    def __init__(self, vllm_config: VllmConfig, req_states: Any) -> None:
+        self._device = req_states.device
+        self._vocab = int(req_states.vocab_size)
+        self._banned = frozenset(banned_ids(vllm_config.model_config))
+        self._sets: dict[frozenset[int], int] = {}  # stop tokens -> the index of its banned row
+        self._rows: list[torch.Tensor] = []  # [vocab] bool, True where banned
+        self._set_of_slot = [-1] * int(req_states.max_num_reqs)  # -1: no mask
+        self._slot_sets: torch.Tensor | None = None  # the list above, on the device
+        self._dirty = True
+
+    def add_request(self, req_idx: int, sampling_params: Any) -> bool:
+        asked = _asks(sampling_params)
+        index = self._set_index(frozenset(sampling_params.all_stop_token_ids)) if asked else -1
+        if self._set_of_slot[req_idx] != index:
+            self._set_of_slot[req_idx] = index
+            self._dirty = True
+        return asked
+
+    def _set_index(self, stops: frozenset[int]) -> int:
+        index = self._sets.get(stops)
+        if index is None:
+            row = torch.zeros(self._vocab, dtype=torch.bool)
+            row[[i for i in self._banned - stops if i < self._vocab]] = True
+            self._rows.append(row.to(self._device))
+            index = self._sets[stops] = len(self._rows) - 1
+        return index
+
+    def apply_staged_writes(self) -> None:
+        if self._dirty:
+            self._slot_sets = torch.tensor(self._set_of_slot, dtype=torch.long).to(self._device)
+            self._dirty = False
+
+    def apply(self, logits: torch.Tensor, ctx: Any) -> torch.Tensor:
+        if self._slot_sets is None or not any(
+            self._set_of_slot[slot] >= 0 for slot in ctx.idx_mapping_np.tolist()
+        ):
+            return logits
+        row_sets = self._slot_sets[ctx.expanded_idx_mapping]  # each logits row's set, or -1
+        for index, banned in enumerate(self._rows):
+            rows = row_sets == index
+            logits.masked_fill_(rows.unsqueeze(1) & banned.unsqueeze(0), float("-inf"))
         return logits

@@ -103,8 +103,6 @@ def engine_args(settings: Settings, served: VLLMServed) -> Any:
     from vllm import EngineArgs
     from vllm.config import StructuredOutputsConfig
 
-    from worker.vllm_json_mask import PROCESSOR
-
     kv_bytes = int(settings.kv_cache_gib * GiB) if settings.kv_cache_gib else None
     if kv_bytes is None and served.device == "cpu":
         kv_bytes = default_kv_cache_bytes(job_length(settings, served), served.kv_bytes_per_token)
@@ -125,8 +123,6 @@ def engine_args(settings: Settings, served: VLLMServed) -> Any:
         # JSON answers without free whitespace (engine-wide in vLLM): a model cannot pad one out
         # until max_tokens, and the JSON is as valid.
         structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
-        # With the grammar, the mask of the tokens no JSON answer may take (worker.vllm_json_mask).
-        logits_processors=[PROCESSOR],
         # Log probabilities of the model's own distribution, before temperature, penalties, bias
         # or a grammar change it (vLLM's default, as OpenAI reports them), up to OpenAI's limit.
         logprobs_mode="raw_logprobs",
@@ -151,7 +147,13 @@ def build_vllm_model(settings: Settings, served: VLLMServed) -> tuple[VLLMModel,
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLMEngine
 
-    engine = LLMEngine.from_engine_args(engine_args(settings, served))
+    from worker.vllm_json_mask import processor_for
+
+    config = engine_args(settings, served).create_engine_config()
+    # With the grammar, the mask of the tokens no JSON answer may take (worker.vllm_json_mask), in
+    # the interface of the model runner this configuration runs.
+    config.model_config.logits_processors = [processor_for(config)]
+    engine = LLMEngine.from_vllm_config(config, disable_log_stats=True)
     config = engine.vllm_config
     max_len = int(config.model_config.max_model_len)
     max_seqs = int(config.scheduler_config.max_num_seqs)
