@@ -28,13 +28,14 @@ PREFIX = "resp_"
 _RESPONSE_ID = re.compile(r"^resp_([0-9a-f]{32})$")
 
 
-def response_status(view: JobView) -> str:
-    """The Responses API's status of a job: queued, in_progress, completed, incomplete (cut by its
-    length or time limit), failed, cancelled."""
+def response_status(view: JobView, background: bool = True) -> str:
+    """The Responses API's status of a job: queued (a background response's only: a foreground
+    one is in_progress from its creation, as OpenAI's are), in_progress, completed, incomplete
+    (cut by its length or time limit), failed, cancelled."""
     if view.status == JobStatus.FINISHED:
         return "completed" if view.finish_reason == FinishReason.STOP else "incomplete"
     return {
-        JobStatus.QUEUED: "queued",
+        JobStatus.QUEUED: "queued" if background else "in_progress",
         JobStatus.RUNNING: "in_progress",
         JobStatus.FAILED: "failed",
         JobStatus.CANCELED: "cancelled",
@@ -146,7 +147,7 @@ async def earlier_turns(jobs: JobClient, previous_id: str, owner: str) -> list[C
     if not record.store:
         raise _refuse_chaining(previous_id, "was created with store: false: it cannot be continued")
     view = await jobs.view(record.id, owner)
-    status = response_status(view)
+    status = response_status(view, record.background)
     if status not in ("completed", "incomplete"):
         raise _refuse_chaining(previous_id, f"is {status}: only a finished response can be continued")
     content, calls = read_whole(record.tool_plan(), record.id, view.text, cut=cut_short(view.finish_reason))

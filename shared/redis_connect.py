@@ -10,6 +10,7 @@ connections and the janitor all get their pools here.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -139,11 +140,21 @@ class RedisTarget:
         return redis.Redis(connection_pool=self.sync_pool(**options))
 
 
+_SENTINEL_ERROR = re.compile(r"> - (.*?)(?=, <redis\.|$)")  # after each sentinel client's repr
+_ERROR_CLASS = re.compile(r"^[\w.:]*(?:Error|Exception)(?:\(.*?\))?: ")  # "network:ConnectionError: "
+
+
 def redis_problem(exc: BaseException) -> str:
-    """A Redis error's message for a person: redis-py's "No master found" carries the repr of each
-    sentinel client it asked (a kilobyte of pool and connection internals): the first words say
-    it."""
-    return str(exc).split(" : <", 1)[0]
+    """A Redis error's message for a person. redis-py's "No master found" carries, for each
+    sentinel it asked, the client's repr (a kilobyte of pool and connection internals) and the
+    error it met: here the first words, then each error's own text."""
+    text = str(exc)
+    head, found, _ = text.partition(" : <")
+    if not found:
+        return text
+    reasons = [_ERROR_CLASS.sub("", m.group(1)).strip() for m in _SENTINEL_ERROR.finditer(text)]
+    reasons = [r for r in reasons if r]
+    return f"{head}: {'; '.join(dict.fromkeys(reasons))}" if reasons else head
 
 
 def redacted(url: str) -> str:

@@ -205,8 +205,18 @@ async def test_a_previous_response_id_chain_carries_the_conversation(front: Fron
         await client.responses.input_items.list(unstored.id)
     front.jobs.hold = True
     waiting = await client.responses.create(model=MODEL, input="later", background=True)
-    with pytest.raises(BadRequestError, match="queued"):
+    with pytest.raises(BadRequestError, match="is queued"):
         await client.responses.create(model=MODEL, input="go on", previous_response_id=waiting.id)
+    # A foreground response is never "queued", even while its job waits (as OpenAI's).
+    before = set(front.jobs.jobs)
+    front.jobs.submitted.clear()
+    foreground = asyncio.create_task(client.responses.create(model=MODEL, input="now"))
+    await front.jobs.submitted.wait()
+    [job_id] = set(front.jobs.jobs) - before
+    with pytest.raises(BadRequestError, match="is in_progress"):
+        await client.responses.create(model=MODEL, input="go on", previous_response_id=f"resp_{job_id}")
+    front.jobs.release()
+    assert (await foreground).status == "completed"
     with pytest.raises(NotFoundError):
         await client.responses.create(model=MODEL, input="go on", previous_response_id="resp_nope")
 
