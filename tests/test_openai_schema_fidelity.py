@@ -74,8 +74,9 @@ def test_a_schema_no_answer_can_follow_is_a_400_naming_it_and_makes_no_job(
     client: openai.OpenAI, stack: Stack, field: str, param: str, schema: dict[str, Any], says: str
 ) -> None:
     request = ask(stack, "JSON please")
-    if field == "tools":
-        request |= {"tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}]}
+    if field == "tools":  # a function's parameters are an object (OpenAI refuses another root)
+        parameters = {"type": "object", **schema}
+        request |= {"tools": [{"type": "function", "function": {"name": "f", "parameters": parameters}}]}
         request |= {"tool_choice": "required"}
     else:
         request |= {
@@ -97,7 +98,8 @@ def test_a_valid_schema_the_worker_cannot_compile_names_its_field(
         "type": "object",
         "properties": {"a": {"type": "string", "pattern": "^\\p{L}+$"}},
     }
-    for schema in (unicode_class, {"type": "strin"}):
+    misspelt: dict[str, Any] = {"type": "object", "properties": {"a": {"type": "strin"}}}
+    for schema in (unicode_class, misspelt):
         forced: dict[str, Any] = {
             "tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}]
         }
