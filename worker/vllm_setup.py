@@ -146,10 +146,11 @@ def build_vllm_model(settings: Settings, served: VLLMServed) -> tuple[VLLMModel,
     # in a process of its own it would outlive a worker killed with SIGKILL, holding its memory.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLMEngine
+    from vllm.usage.usage_lib import UsageContext
 
     from worker.vllm_json_mask import processor_for
 
-    config = engine_args(settings, served).create_engine_config()
+    config = engine_args(settings, served).create_engine_config(UsageContext.ENGINE_CONTEXT)
     # With the grammar, the mask of the tokens no JSON answer may take (worker.vllm_json_mask), in
     # the interface of the model runner this configuration runs.
     config.model_config.logits_processors = [processor_for(config)]
