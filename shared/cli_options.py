@@ -6,13 +6,15 @@ streamq/launcher.py, streamq/status_report.py); streamq/cli.py only wires them t
 
 from __future__ import annotations
 
-from shared.settings import Settings
+from typing import get_args
+
+from shared.settings import Device, Dtype, Engine, Settings
 
 INSECURE_HELP = "serve without API keys on a non-loopback address (STREAMQ_INSECURE=1)"
-ENGINES = ["auto", "transformers", "vllm"]
+ENGINES = list(get_args(Engine))
 ENGINE_HELP = "the worker's engine (STREAMQ_ENGINE; auto: vLLM on a GPU when installed, else transformers)"
-DEVICES = ["auto", "cpu", "cuda", "mps"]
-DTYPES = ["auto", "float32", "bfloat16", "float16"]
+DEVICES = list(get_args(Device))
+DTYPES = list(get_args(Dtype))
 
 
 def with_options(settings: Settings, **changes: object) -> Settings:

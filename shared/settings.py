@@ -37,6 +37,13 @@ def _a_number(annotation: Any) -> bool:
     return bool(kinds) and all(kind in (int, float) for kind in kinds)
 
 
+# The worker's choices, one list each (the command line's options offer the same).
+Device = Literal["auto", "cpu", "cuda", "mps"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Engine = Literal["auto", "transformers", "vllm"]
+Backend = Literal["model", "synthetic"]
+
+
 class Settings(BaseSettings):
     """streamq's settings. Every field can be set as ``STREAMQ_<FIELD>`` (upper case)."""
 
@@ -92,8 +99,8 @@ class Settings(BaseSettings):
     # The worker serves `model` (a hub name or a local folder) under `served_name`.
     model: str | None = None
     served_name: str | None = None
-    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: cuda > mps > cpu")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    device: Device = Field("auto", description="auto: cuda > mps > cpu")
+    dtype: Dtype = Field(
         "auto", description="worker: auto is bf16 on CUDA where supported, fp16 on MPS, fp32 on CPU"
     )
     cache_dir: str | None = Field(None, description="where `streamq up` keeps the tiny demo model")
@@ -101,7 +108,7 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker (default: all cores)")
 
     # The worker's engine.
-    engine: Literal["auto", "transformers", "vllm"] = Field(
+    engine: Engine = Field(
         "auto",
         description="worker: 'vllm', 'transformers', or 'auto' (vLLM on a GPU when installed and it "
         "serves the model; else transformers)",
@@ -117,7 +124,7 @@ class Settings(BaseSettings):
     vllm_eager: bool = Field(
         False, description="worker (vLLM): no compilation or CUDA graphs (starts faster, runs slower)"
     )
-    backend: Literal["model", "synthetic"] = Field(
+    backend: Backend = Field(
         "model", description="'model' (load `model`) or 'synthetic' (a load-test stand-in)"
     )
     slots: int | None = Field(

@@ -3,6 +3,7 @@ with the product's helpers (streamq/processes.py, streamq/redis_server.py), as b
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,6 +12,13 @@ from urllib.parse import urlparse
 from streamq.processes import Service, start_front
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def clean_env(**changes: str) -> dict[str, str]:
+    """This process's environment without any STREAMQ_ setting, with ``changes``: a command run
+    as a new user would run it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMQ_")}
+    return {**env, "PYTHONUNBUFFERED": "1", **changes}
 
 
 def restart_front_soon(

@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, cast, get_args
 
+from shared.settings import Device, Dtype
 from worker.backend import ChatBackend
 
 log = logging.getLogger("streamq.worker")
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES: tuple[str, ...] = get_args(Device)
+DTYPES: tuple[str, ...] = get_args(Dtype)
 
 
 # What a local model folder holds its tokenizer in (one of them, at least): fast tokenizers,

@@ -23,8 +23,10 @@ allowed ids, so it refused every JSON request.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+import numpy as np
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 JSON_MASK = "streamq_json_mask"  # the SamplingParams.extra_args key that asks for the mask
 PROCESSOR = "worker.vllm_json_mask:JsonAnswerMask"  # their names for EngineArgs.logits_processors
 PROCESSOR_V2 = "worker.vllm_json_mask:JsonAnswerMaskV2"
+T = TypeVar("T")
 
 
 def processor_for(vllm_config: Any) -> str:
@@ -66,13 +69,29 @@ def banned_ids(model_config: Any) -> set[int]:
     return not_json_ids(tokenizer, vocabulary, set())
 
 
+class _PerStopSet(Generic[T]):
+    """The engine's banned ids less a request's own stop tokens, made into what a processor keeps
+    (``make``), once per set of stop tokens (every streamq request has the same one)."""
+
+    def __init__(self, model_config: Any, make: Callable[[list[int]], T]) -> None:
+        self._banned = frozenset(banned_ids(model_config))
+        self._make = make
+        self._made: dict[frozenset[int], T] = {}
+
+    def of(self, params: Any) -> T:
+        stops = frozenset(params.all_stop_token_ids)
+        if stops not in self._made:
+            self._made[stops] = self._make(sorted(self._banned - stops))
+        return self._made[stops]
+
+
 class JsonAnswerMask(LogitsProcessor):
     """Sets the banned ids' logits to -inf in the rows of the requests that ask for it."""
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
-        self._device = device
-        self._banned = frozenset(banned_ids(vllm_config.model_config))
-        self._by_stops: dict[frozenset[int], torch.Tensor] = {}  # banned ids less a set of stops
+        self._banned = _PerStopSet(
+            vllm_config.model_config, lambda ids: torch.tensor(ids, dtype=torch.long, device=device)
+        )
         # Batch row -> (the ids banned there,): in a tuple, which vLLM's helper tests for truth.
         self._rows: dict[int, tuple[torch.Tensor]] = {}
 
@@ -80,15 +99,7 @@ class JsonAnswerMask(LogitsProcessor):
         return False  # it changes what greedy decoding picks
 
     def _banned_for(self, params: Any, _prompt: Any, _output: Any) -> tuple[torch.Tensor] | None:
-        if not _asks(params):
-            return None
-        stops = frozenset(params.all_stop_token_ids)
-        banned = self._by_stops.get(stops)
-        if banned is None:
-            ids = sorted(self._banned - stops)
-            banned = torch.tensor(ids, dtype=torch.long, device=self._device)
-            self._by_stops[stops] = banned
-        return (banned,)
+        return (self._banned.of(params),) if _asks(params) else None
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         process_dict_updates(self._rows, batch_update, self._banned_for)
@@ -108,39 +119,33 @@ class JsonAnswerMaskV2(V2LogitsProcessor):
     def __init__(self, vllm_config: VllmConfig, req_states: Any) -> None:
         self._device = req_states.device
         self._vocab = int(req_states.vocab_size)
-        self._banned = frozenset(banned_ids(vllm_config.model_config))
-        self._sets: dict[frozenset[int], int] = {}  # stop tokens -> the index of its banned row
         self._rows: list[torch.Tensor] = []  # [vocab] bool, True where banned
-        self._set_of_slot = [-1] * int(req_states.max_num_reqs)  # -1: no mask
-        self._slot_sets: torch.Tensor | None = None  # the list above, on the device
+        self._banned = _PerStopSet(vllm_config.model_config, self._new_row)  # -> its index in _rows
+        self._set_of_slot = np.full(int(req_states.max_num_reqs), -1, dtype=np.int64)  # -1: no mask
+        self._slot_sets: torch.Tensor | None = None  # the array above, on the device
         self._dirty = True
+
+    def _new_row(self, ids: list[int]) -> int:
+        row = torch.zeros(self._vocab, dtype=torch.bool)
+        row[[i for i in ids if i < self._vocab]] = True
+        self._rows.append(row.to(self._device))
+        return len(self._rows) - 1
 
     def add_request(self, req_idx: int, sampling_params: Any) -> bool:
         asked = _asks(sampling_params)
-        index = self._set_index(frozenset(sampling_params.all_stop_token_ids)) if asked else -1
+        index = self._banned.of(sampling_params) if asked else -1
         if self._set_of_slot[req_idx] != index:
             self._set_of_slot[req_idx] = index
             self._dirty = True
         return asked
 
-    def _set_index(self, stops: frozenset[int]) -> int:
-        index = self._sets.get(stops)
-        if index is None:
-            row = torch.zeros(self._vocab, dtype=torch.bool)
-            row[[i for i in self._banned - stops if i < self._vocab]] = True
-            self._rows.append(row.to(self._device))
-            index = self._sets[stops] = len(self._rows) - 1
-        return index
-
     def apply_staged_writes(self) -> None:
         if self._dirty:
-            self._slot_sets = torch.tensor(self._set_of_slot, dtype=torch.long).to(self._device)
+            self._slot_sets = torch.from_numpy(self._set_of_slot.copy()).to(self._device)
             self._dirty = False
 
     def apply(self, logits: torch.Tensor, ctx: Any) -> torch.Tensor:
-        if self._slot_sets is None or not any(
-            self._set_of_slot[slot] >= 0 for slot in ctx.idx_mapping_np.tolist()
-        ):
+        if self._slot_sets is None or not (self._set_of_slot[ctx.idx_mapping_np] >= 0).any():
             return logits
         row_sets = self._slot_sets[ctx.expanded_idx_mapping]  # each logits row's set, or -1
         for index, banned in enumerate(self._rows):
