@@ -110,6 +110,7 @@ def plan_tools(
                 f"Invalid schema for function '{tool.function.name}': schema must be a JSON Schema of "
                 f"'type: \"object\"', got 'type: \"{parameters.get('type')}\"'.",
                 param=f"tools.{index}.function.parameters",
+                code="invalid_function_parameters",  # OpenAI's code for this refusal
             )
     if not tools:
         if choice not in (None, "none"):
@@ -173,6 +174,7 @@ def _check_held_to(tools: list[ToolDefinition], forced: Iterable[int]) -> None:
                 400,
                 f"a call to '{function.name}' cannot be held to its parameters: {problem}",
                 param=f"tools.{index}.function.parameters",
+                code="invalid_function_parameters",  # OpenAI's code for this refusal
             )
 
 

@@ -260,6 +260,15 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("device", mode="before")
+    @classmethod
+    def _one_gpu_by_visibility(cls, value: Any) -> Any:
+        """``cuda:1`` is a common way to name a GPU: say how a worker is given one."""
+        if isinstance(value, str) and value.startswith("cuda:"):
+            index = value.removeprefix("cuda:")
+            raise ValueError(f"pick the GPU with CUDA_VISIBLE_DEVICES={index} and STREAMQ_DEVICE=cuda")
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _a_redis_url(cls, value: str | None) -> str | None:
@@ -306,8 +315,9 @@ class Settings(BaseSettings):
         interval = info.data.get("heartbeat_interval")
         if interval is not None and value < 2 * interval:
             raise ValueError(
-                f"must be at least twice STREAMQ_HEARTBEAT_INTERVAL ({interval:g} s), so that a live "
-                "worker is never silent that long: a shorter one makes models come and go (404s, 503s)"
+                f"must be at least twice STREAMQ_HEARTBEAT_INTERVAL ({interval:g} s here), so that a live "
+                "worker is never silent that long: a shorter one makes models come and go (404s, 503s). "
+                "Where the workers beat faster, give this process their STREAMQ_HEARTBEAT_INTERVAL too"
             )
         return value
 

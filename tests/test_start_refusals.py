@@ -37,7 +37,9 @@ def _refused(args: list[str], env: dict[str, str]) -> str:
 def test_a_setting_that_is_not_valid_stops_a_process_with_what_is_wrong_not_a_traceback() -> None:
     line = _refused(["worker", "--model", "x"], {"STREAMQ_SLOTS": "many", "STREAMQ_KV_CACHE_GIB": "-1"})
     ttl = _refused(["api"], {"STREAMQ_WORKER_TTL": "1"})  # workers beat every 2 s: models came and went
-    assert "STREAMQ_WORKER_TTL: value error, must be at least twice STREAMQ_HEARTBEAT_INTERVAL (2 s)" in ttl
+    assert "STREAMQ_WORKER_TTL: value error, must be at least twice STREAMQ_HEARTBEAT_INTERVAL" in ttl
+    assert "(2 s here)" in ttl
+    assert "give this process their STREAMQ_HEARTBEAT_INTERVAL too" in ttl
     assert "STREAMQ_SLOTS (--slots): input should be a valid integer" in line and "got 'many'" in line
     assert "STREAMQ_KV_CACHE_GIB: input should be greater than 0, got '-1'" in line
     # A check of several settings together says which, and no setting's value: no password leaks.
@@ -100,6 +102,9 @@ def test_a_bad_dtype_or_backend_is_refused_before_anything_starts() -> None:
         in line
     )
     assert "STREAMQ_BACKEND (--backend): input should be 'model' or 'synthetic', got 'foo'" in line
+    # A GPU by its index is a common spelling: the refusal says how a worker is given one GPU.
+    gpu = _refused(["worker", "--model", "x"], {"STREAMQ_DEVICE": "cuda:1"})
+    assert "pick the GPU with CUDA_VISIBLE_DEVICES=1 and STREAMQ_DEVICE=cuda" in gpu, gpu
 
 
 def test_a_folder_without_a_model_or_its_tokenizer_says_what_it_lacks(tmp_path: Path, stack: Stack) -> None:
