@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ import psutil
 import pytest
 import redis
 
+from shared import keys
 from streamq.processes import free_port, port_in_use, wait_for
 from tests.conftest import Stack
 from tests.processes import ROOT, clean_env
@@ -184,9 +186,14 @@ def test_up_without_redis_server_on_path_serves_on_the_embedded_server(
 
 
 def test_worker_started_the_rq_way_serves_jobs_and_shows_in_rq_info(stack: Stack) -> None:
-    """The README's command: RQ takes its Redis from streamq's settings (-c worker.rq_config)."""
+    """The README's command: RQ takes its Redis from streamq's settings (-c worker.rq_config). RQ's
+    loop runs one job at a time, and the worker says so (it said 8 slots, so waits were estimated
+    as none); its log lines are streamq's, in STREAMQ_LOG_FORMAT (only RQ's were written)."""
     env = clean_env(
-        STREAMQ_MODEL=str(stack.model_dir), STREAMQ_SERVED_NAME="rq-way", STREAMQ_TORCH_THREADS="1"
+        STREAMQ_MODEL=str(stack.model_dir),
+        STREAMQ_SERVED_NAME="rq-way",
+        STREAMQ_TORCH_THREADS="1",
+        STREAMQ_LOG_FORMAT="json",
     )
     env["STREAMQ_REDIS_URL"] = stack.redis.url
     worker = subprocess.Popen(
@@ -219,6 +226,7 @@ def test_worker_started_the_rq_way_serves_jobs_and_shows_in_rq_info(stack: Stack
             ).json()
             assert follow(client, stack.url, job["id"])[-1].event == "done"
             assert client.get(f"{stack.url}/v1/jobs/{job['id']}").json()["worker"] == "rq-way-1"
+        assert stack.redis.client().hget(keys.worker("rq-way-1"), "slots") in ("1", b"1")
         info = subprocess.run(
             [str(BIN / "rq"), "info", "-c", "worker.rq_config"],
             capture_output=True,
@@ -231,8 +239,12 @@ def test_worker_started_the_rq_way_serves_jobs_and_shows_in_rq_info(stack: Stack
         worker.send_signal(signal.SIGTERM)
         # Its stop takes seconds: RQ's worker-channel thread asleep in a minute-long wait held it
         # up to 60 s (redis-py 8 waits for that thread; StreamqWorker.subscribe wakes it each second).
-        worker.communicate(timeout=30)
+        out, _ = worker.communicate(timeout=30)
     assert worker.returncode == 0
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(lines) == len(out.splitlines()), out  # every line JSON, RQ's too
+    assert {"started", "finished"} <= {line.get("event") for line in lines if line.get("job_id") == job["id"]}
+    assert any("Worker rq-way-1: started" in line["message"] for line in lines), out
 
 
 def test_make_tiny_model_writes_a_loadable_folder(tmp_path: Path) -> None:

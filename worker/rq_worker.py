@@ -38,6 +38,7 @@ from worker.job_runner import Outcome
 from worker.rq_runs import file_ending
 from worker.runtime import WorkerRuntime, build_runtime, served_name_of
 from worker.tasks import TASK
+from worker.worker_logging import rq_logs_through_ours
 
 log = logging.getLogger("streamq.worker")
 
@@ -108,11 +109,19 @@ class StreamqWorker(SimpleWorker):
         self._owned: WorkerRuntime | None = None  # the runtime it built itself (`rq worker -w`)
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+        if self.runtime is None:  # run on its own (`rq worker -w ...`): its logs are streamq's
+            rq_logs_through_ours(self.settings)
         super().bootstrap(*args, **kwargs)
         if self.runtime is not None:
             return
-        try:  # run on its own (`rq worker -w ...`): load the model here
-            owned = build_runtime(self.settings, self.connection, self.name)
+        if (self.settings.slots or 1) > 1:
+            log.warning(
+                "RQ's worker loop runs one job at a time: STREAMQ_SLOTS=%d is not used", self.settings.slots
+            )
+        # RQ's loop runs one job at a time: the engine is sized, and the worker says it has, one slot.
+        one_slot = self.settings.model_copy(update={"slots": 1})
+        try:  # load the model here
+            owned = build_runtime(one_slot, self.connection, self.name)
         except BaseException as exc:
             log.error("worker %s could not load %s: %s", self.name, self.settings.model, exc)
             self.register_death()  # no ghost in `rq info`
