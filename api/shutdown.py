@@ -6,8 +6,10 @@ away: the OpenAI and seed routes canceled its job, a request waiting for a whole
 uvicorn's bare 500, and each left a traceback in the log. Instead, a second before the grace
 ends (at once with no grace), every stream this front follows is ended as a Redis outage ends
 it: a job API stream with its "reconnect with Last-Event-ID" comment, an OpenAI or Responses
-stream with an error event, a request waiting for its answer with a 503 in the error envelope.
-The jobs run on: their clients resume or retry on another front.
+stream with an error event, a request waiting for its answer (and the seed's ``/stream``) with a
+503 in the error envelope. The streams' jobs run on, for their clients to resume on another front;
+a whole-answer request's job is canceled unless detached (``ClientJob.interrupted_wait``): its
+client can only send the request again.
 
 The handler is chained in front of uvicorn's own (it keeps doing what it does) and taken off
 when the app stops.

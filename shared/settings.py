@@ -71,7 +71,7 @@ class Settings(BaseSettings):
         128,
         ge=2,
         description="front: its shared pool, opened as needed (plus 1 stream reader, 2 for RQ, 2 for "
-        "prompt counts): about the requests in flight per process, or they queue for it",
+        "prompt counts, 2 for the janitor and epoch check): about the requests in flight per process",
     )
     redis_connect_timeout: float = Field(0.5, gt=0, description="front: seconds to open a Redis connection")
     redis_pool_timeout: float = Field(

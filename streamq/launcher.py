@@ -207,9 +207,9 @@ def run_up(settings: Settings, host: str, port: int, model: str | None, workers:
 
 def _print_banner(url: str, model: str, workers: int, redis_url: str, private: bool, keyed: bool) -> None:
     where = "private, removed on exit" if private else "shared"
-    # With API keys the examples send one, from $STREAMQ_KEY (the banner never shows a key).
-    auth = ' -H "Authorization: Bearer $STREAMQ_KEY"' if keyed else ""
-    key_note = "\nAPI keys are on: set STREAMQ_KEY to one of them for these examples.\n" if keyed else ""
+    # With API keys the examples send one, from $STREAMQ_API_KEY (the banner never shows a key).
+    auth = ' -H "Authorization: Bearer $STREAMQ_API_KEY"' if keyed else ""
+    key_note = "\nAPI keys are on: set STREAMQ_API_KEY to one of them for these examples.\n" if keyed else ""
     # A shared Redis's URL is the caller's STREAMQ_REDIS_URL already (and may hold a password).
     status = f"STREAMQ_REDIS_URL={redis_url} streamq status" if private else "streamq status"
     print(

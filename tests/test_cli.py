@@ -271,7 +271,7 @@ def test_the_up_banner_never_shows_a_redis_password(capsys: pytest.CaptureFixtur
 
 
 def test_the_up_banners_examples_send_a_key_when_keys_are_on(capsys: pytest.CaptureFixture[str]) -> None:
-    """With API keys, the curl examples `streamq up` prints send one (from $STREAMQ_KEY: the
+    """With API keys, the curl examples `streamq up` prints send one (from $STREAMQ_API_KEY: the
     banner never shows a key), so copying them works; without keys they send none."""
     from streamq.launcher import _print_banner
 
@@ -280,6 +280,6 @@ def test_the_up_banners_examples_send_a_key_when_keys_are_on(capsys: pytest.Capt
     _print_banner("http://127.0.0.1:8000", "m", 1, "redis://127.0.0.1:1", private=True, keyed=False)
     open_ = capsys.readouterr().out
     curls = [line for line in keyed.splitlines() if "curl " in line]
-    assert len(curls) == 3 and all('-H "Authorization: Bearer $STREAMQ_KEY"' in line for line in curls)
-    assert "set STREAMQ_KEY" in keyed
-    assert "Authorization" not in open_ and "STREAMQ_KEY" not in open_
+    assert len(curls) == 3 and all('-H "Authorization: Bearer $STREAMQ_API_KEY"' in line for line in curls)
+    assert "set STREAMQ_API_KEY" in keyed
+    assert "Authorization" not in open_ and "STREAMQ_API_KEY" not in open_
