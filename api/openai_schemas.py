@@ -316,11 +316,14 @@ PromptIds = list[Annotated[int, Field(ge=0, strict=True)]]
 # and vLLM answer it (a prompt that leaves less room is refused, naming max_tokens, as OpenAI
 # does; vLLM answers with the room left).
 COMPLETION_MAX_TOKENS = 16
+# Prompts in one /v1/completions request (lm-evaluation-harness sends its batch_size): each is
+# a job of its own, answered as one choice of the completion.
+MAX_PROMPTS = 64
 
 
 class CompletionRequest(OpenAIFields):
     """Body of ``POST /v1/completions``: the prompt goes to the model as it is (no chat template),
-    as text or as token ids, one prompt per request."""
+    as text or as token ids; a list of prompts is a job each, answered as the choices in order."""
 
     prompt: Text | list[Text] | PromptIds | list[PromptIds]
     logprobs: int | None = Field(
@@ -336,14 +339,13 @@ class CompletionRequest(OpenAIFields):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: Any) -> Any:
-        if isinstance(value, list) and value and isinstance(value[0], str | list):
-            if len(value) != 1:
-                raise ValueError(f"give one prompt per request, got a list of {len(value)}")
-            value = value[0]
-        if not value:
+    def _prompts(cls, value: Any) -> Any:
+        prompts = _prompt_list(value)
+        if len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
+        if not value or not all(prompts):
             raise ValueError("the prompt must not be empty")
-        return value
+        return prompts[0] if len(prompts) == 1 else value
 
     @field_validator("best_of")
     @classmethod
@@ -355,22 +357,29 @@ class CompletionRequest(OpenAIFields):
     def _no_suffix(cls, value: str | None) -> str | None:
         return refuse_unless(value, (None, ""), "suffix (insertion) is not supported by this server")
 
-    def prompt_value(self) -> str | list[int]:
-        return self.prompt  # type: ignore[return-value]  # one prompt, after _one_prompt
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, in order: one, or those of a list."""
+        return _prompt_list(self.prompt)
 
-    def job_request(self) -> JobRequest:
+    def job_request(self, prompt: str | list[int]) -> JobRequest:
+        """The job of one of the prompts."""
         if self.echo and self.logprobs is not None and self.logprobs > MAX_PROMPT_LOGPROBS:
             message = f"with echo, logprobs is at most {MAX_PROMPT_LOGPROBS} (every prompt token gets them)"
             raise ApiError(400, message, param="logprobs")
-        fields: dict[str, Any] = {"raw_prompt": self.prompt_value()}
+        fields: dict[str, Any] = {"raw_prompt": prompt}
         if self.max_tokens is None:  # this route's default, OpenAI's and vLLM's
             fields["max_tokens"] = COMPLETION_MAX_TOKENS
         if self.logprobs is not None:
             fields["logprobs"] = self.logprobs
-        if self.echo and (self.logprobs is not None or not isinstance(self.prompt, str)):
+        if self.echo and (self.logprobs is not None or not isinstance(prompt, str)):
             # The prompt's tokens (and their logprobs) come from the worker's tokenizer.
             fields["prompt_logprobs"] = self.logprobs or 0
         return self._job_request(**fields)
+
+
+def _prompt_list(value: Any) -> list[Any]:
+    """A prompt field's prompts: a list of texts or of token-id lists, or one of either."""
+    return list(value) if isinstance(value, list) and value and isinstance(value[0], str | list) else [value]
 
 
 # Job-request fields as OpenAI's requests name them (a refusal names what the client sent).

@@ -39,7 +39,12 @@ def reference_loglikelihood(backend: Any, context: str, continuation: str) -> tu
     return total, greedy
 
 
-def test_lm_eval_local_completions_scores_as_the_model_does(stack: Stack, tiny_backend: Any) -> None:
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_lm_eval_local_completions_scores_as_the_model_does(
+    stack: Stack, tiny_backend: Any, batch_size: int
+) -> None:
+    """batch_size 3 sends the three pairs as one request, a list of prompts (lm-eval's README
+    runs local-completions with batch_size=16): they were a 400."""
     from lm_eval.api.instance import Instance
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
@@ -49,6 +54,7 @@ def test_lm_eval_local_completions_scores_as_the_model_does(stack: Stack, tiny_b
         tokenizer_backend="huggingface",
         tokenizer=str(stack.model_dir),
         max_retries=1,
+        batch_size=batch_size,
     )
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(PAIRS)]
     scores = lm.loglikelihood(requests)
@@ -57,10 +63,12 @@ def test_lm_eval_local_completions_scores_as_the_model_does(stack: Stack, tiny_b
         assert score == pytest.approx(expected, abs=2e-3), (context, score, expected)
         assert greedy == expected_greedy
 
-    (generated,) = lm.generate_until(
-        [Instance("generate_until", {}, ("Once upon a time", {"until": ["\n\n"], "max_gen_toks": 6}), 0)]
+    contexts = ["Once upon a time", "Redis streams", "你好"]
+    asked = {"until": ["\n\n"], "max_gen_toks": 6}
+    generated = lm.generate_until(
+        [Instance("generate_until", {}, (c, asked), i) for i, c in enumerate(contexts)]
     )
-    assert isinstance(generated, str) and generated
+    assert len(generated) == 3 and all(isinstance(text, str) and text for text in generated)
 
 
 def test_litellm_calls_a_tool_and_answers_json(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:

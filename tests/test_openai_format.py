@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from pydantic import ValidationError
 
@@ -82,15 +84,26 @@ def test_an_agent_loop_conversation_becomes_template_turns() -> None:
 
 
 def test_a_completion_prompt_is_raw_text_or_token_ids() -> None:
-    job = CompletionRequest.model_validate({"prompt": ["Once"], "max_tokens": 3}).job_request()
+    def job_of(body: dict[str, Any]) -> Any:
+        request = CompletionRequest.model_validate(body)
+        (prompt,) = request.prompts()
+        return request.job_request(prompt)
+
+    job = job_of({"prompt": ["Once"], "max_tokens": 3})
     assert job.raw_prompt == "Once" and job.chat_messages() == []
-    assert CompletionRequest.model_validate({"prompt": [[1, 2, 3]]}).job_request().raw_prompt == [1, 2, 3]
-    assert CompletionRequest.model_validate({"prompt": [4, 5]}).job_request().raw_prompt == [4, 5]
-    echoed = CompletionRequest.model_validate({"prompt": [4, 5], "echo": True, "logprobs": 1}).job_request()
+    assert job_of({"prompt": [[1, 2, 3]]}).raw_prompt == [1, 2, 3]
+    assert job_of({"prompt": [4, 5]}).raw_prompt == [4, 5]
+    echoed = job_of({"prompt": [4, 5], "echo": True, "logprobs": 1})
     assert (echoed.logprobs, echoed.prompt_logprobs) == (1, 1)
+    # A list of prompts (lm-eval's batch): a job each, in order.
+    assert CompletionRequest.model_validate({"prompt": ["one", "two"]}).prompts() == ["one", "two"]
+    assert CompletionRequest.model_validate({"prompt": [[1], [2, 3]]}).prompts() == [[1], [2, 3]]
     for bad in (
-        {"prompt": ["one", "two"]},
         {"prompt": ""},
+        {"prompt": []},
+        {"prompt": ["one", ""]},
+        {"prompt": [[1], []]},
+        {"prompt": ["p"] * 65},
         {"prompt": "a", "suffix": "z"},
         {"prompt": "a", "best_of": 2},
     ):
@@ -125,7 +138,7 @@ def test_text_offsets_count_characters_a_token_may_split() -> None:
     assert entries_text(entries) == "Hi 🙂 ok 我们"
     offsets = text_logprobs(entries)["text_offset"]
     assert offsets == [0, 2, 3, 3, 5, 7, 8, 9, 9]  # "🙂" (4 bytes) and "我" (3) span two tokens each
-    assert CompletionRequest.model_validate({"prompt": "a", "echo": True, "logprobs": 5}).job_request()
+    assert CompletionRequest.model_validate({"prompt": "a", "echo": True, "logprobs": 5}).job_request("a")
     with pytest.raises(ApiError) as refused:
-        CompletionRequest.model_validate({"prompt": "a", "echo": True, "logprobs": 6}).job_request()
+        CompletionRequest.model_validate({"prompt": "a", "echo": True, "logprobs": 6}).job_request("a")
     assert refused.value.param == "logprobs"

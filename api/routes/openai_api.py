@@ -11,6 +11,7 @@ an ``APIError``), with no ``[DONE]`` after it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -88,11 +89,24 @@ async def completions(
     detach: DetachHeader = None,
 ) -> Response:
     """OpenAI's (legacy) text completion: the prompt (text or token ids) is given to the model
-    as it is, with no chat template."""
-    prompt = body.prompt_value()
+    as it is, with no chat template. A list of prompts (lm-evaluation-harness's batches) is a job
+    each, answered together: choice *i* is prompt *i*'s (not streamed)."""
+    prompts = body.prompts()
+    job_requests = [body.job_request(prompt) for prompt in prompts]
+    if len(prompts) == 1:
+        extras = _text_extras(body, prompts[0])
+        return await _complete(jobs, request, caller, "text", body, job_requests[0], detach, extras)
+    if body.stream:
+        message = f"a list of prompts ({len(prompts)}) is answered whole here: stream one prompt per request"
+        raise ApiError(400, message, param="stream")
+    return await _complete_each(jobs, request, caller, body, prompts, job_requests, detach)
+
+
+def _text_extras(body: CompletionRequest, prompt: str | list[int]) -> dict[str, Any]:
+    """How a text completion of ``prompt`` is written: with logprobs, and the prompt echoed
+    (token ids: echoed as the worker's tokens spell them)."""
     echo = (prompt if isinstance(prompt, str) else "") if body.echo else None
-    extras = {"logprobs": body.logprobs is not None, "echo": echo}
-    return await _complete(jobs, request, caller, "text", body, body.job_request(), detach, extras)
+    return {"logprobs": body.logprobs is not None, "echo": echo}
 
 
 @router.get("/models")
@@ -176,6 +190,70 @@ async def _wait(job: ClientJob, fmt: CompletionFormat, headers: dict[str, str]) 
         result.prompt_logprobs,
     )
     return JSONResponse(answer, headers=headers)
+
+
+async def _complete_each(
+    jobs: JobClient,
+    request: Request,
+    caller: Caller,
+    body: CompletionRequest,
+    prompts: list[str | list[int]],
+    job_requests: list[JobRequest],
+    detach: str | None,
+) -> Response:
+    """A list of prompts: a job each, admitted one after another as if each were a request of
+    its own (the caller's quotas count each), answered as one text completion whose choice *i*
+    is prompt *i*'s answer, with the usage of all. Their ids are in ``X-Streamq-Job-Id``, comma
+    separated. A job refused at submit cancels those before it, detached or not (the error
+    names no job to follow); one that fails cancels the others unless detached."""
+    detached = detach_requested(body.background, detach)
+    submitted: list[ClientJob] = []
+    try:
+        for job_request in job_requests:
+            submitted.append(await ClientJob.submit(jobs, job_request, request, caller, detached=detached))
+    except BaseException as exc:
+        for job in submitted:
+            job.detached = False
+            job.client_gone()
+            await job.close()
+        if isinstance(exc, ApiError):
+            raise _as_sent(exc, "text", None) from None
+        raise
+    headers = {JOB_HEADER: ",".join(job.id for job in submitted)}
+    waits = [asyncio.ensure_future(job.whole_output(error_headers=headers)) for job in submitted]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_EXCEPTION)
+    finally:  # those still waiting (a job failed, or this request was torn down): canceled
+        for wait in waits:
+            wait.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+    for wait in waits:
+        failure = None if wait.cancelled() else wait.exception()
+        if isinstance(failure, ApiError):
+            raise _as_sent(failure, "text", None) from None
+        if failure is not None:
+            raise failure
+    results = [wait.result() for wait in waits]
+    answers = []
+    for job, prompt, result in zip(submitted, prompts, results, strict=True):
+        if result is None:
+            return Response(status_code=499)  # the client went away
+        fmt = CompletionFormat(
+            "text", job.id, job.view.model, int(job.view.created_at), **_text_extras(body, prompt)
+        )
+        done = result.done.data
+        answers.append(
+            fmt.response(
+                result.text,
+                done.get("finish_reason", "stop"),
+                done.get("usage"),
+                result.logprobs,
+                result.prompt_logprobs,
+            )
+        )
+    usage = {name: sum(answer["usage"][name] for answer in answers) for name in answers[0]["usage"]}
+    choices = [answer["choices"][0] | {"index": index} for index, answer in enumerate(answers)]
+    return JSONResponse(answers[0] | {"choices": choices, "usage": usage}, headers=headers)
 
 
 async def _stream(job: ClientJob, fmt: CompletionFormat) -> AsyncIterator[bytes]:

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import httpx
 import pytest
-from openai import AsyncOpenAI, BadRequestError
+from openai import AsyncOpenAI, BadRequestError, InternalServerError, RateLimitError
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.fast.conftest import Front
+from api.errors import ApiError
+from shared.job_store.payloads import Failed
+from shared.job_store.vocabulary import EventName, FinishReason, JobStatus
+from tests.fast.conftest import Front, settled
 
 pytestmark = pytest.mark.anyio
 
@@ -127,3 +131,71 @@ async def test_a_seed_stream_error_after_output_is_a_last_chunk_with_the_envelop
     chunks = response.text.split("<^>")[1:]
     assert chunks[0] == "x"
     assert json.loads(chunks[-1])["error"]["code"] == "job_canceled"
+
+
+async def test_a_list_of_prompts_is_a_job_each_answered_as_the_choices_in_order(front: Front) -> None:
+    """lm-evaluation-harness sends its batch (batch_size > 1) as one request: a 400 before."""
+    client = _openai(front)
+    prompts = ["one two", "three", "four five six"]
+    raw = await client.completions.with_raw_response.create(
+        model="fake-model", prompt=prompts, max_tokens=2, logprobs=1
+    )
+    whole = raw.parse()
+    assert [(c.index, c.text, c.finish_reason) for c in whole.choices] == [
+        (0, "one two", "stop"),
+        (1, "three", "stop"),
+        (2, "four five", "length"),
+    ]
+    assert [c.logprobs and c.logprobs.tokens for c in whole.choices] == [
+        ["one", " two"],
+        ["three"],
+        ["four", " five"],
+    ]
+    assert whole.usage is not None and whole.usage.completion_tokens == 5
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + 5
+    ids = raw.headers["X-Streamq-Job-Id"].split(",")
+    assert len(ids) == 3 and set(ids) == set(front.jobs.jobs)
+    assert [front.jobs.jobs[i].request.text for i in ids] == prompts  # each job its own prompt, in order
+    token_ids = await client.completions.create(model="fake-model", prompt=[[1, 2], [3]], echo=True)
+    # Each answer begins with its own prompt (the fake model answers a prompt back, so twice).
+    assert [c.text for c in token_ids.choices] == ["t1 t2" * 2, "t3" * 2]
+
+
+async def test_a_list_of_prompts_is_not_streamed_and_a_refused_one_cancels_the_rest(
+    front: Front, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = _openai(front)
+    with pytest.raises(BadRequestError) as refused:
+        await client.completions.create(model="fake-model", prompt=["a", "b"], stream=True)
+    body = refused.value.body
+    assert isinstance(body, dict) and body["param"] == "stream", body
+    assert not front.jobs.jobs
+
+    front.jobs.hold = True  # the first job waits in its queue while the second is refused
+    submit, submitted = front.jobs.submit, []
+
+    async def refuse_the_second(request: Any, caller: Any) -> Any:
+        if submitted:
+            raise ApiError(429, "the model's queue is full", code="queue_full")
+        submitted.append(await submit(request, caller))
+        return submitted[-1]
+
+    monkeypatch.setattr(front.jobs, "submit", refuse_the_second)
+    with pytest.raises(RateLimitError):
+        await client.completions.create(model="fake-model", prompt=["a", "b"])
+    await settled(lambda: front.jobs.jobs[submitted[0].id].view.status == JobStatus.CANCELED)
+
+
+async def test_a_failed_prompt_of_a_list_fails_the_request_and_cancels_the_others(front: Front) -> None:
+    front.jobs.pause_after = 1  # every job stops after its first word
+    client = _openai(front)
+    request = asyncio.create_task(client.completions.create(model="fake-model", prompt=["a b", "c d", "e f"]))
+    await settled(lambda: len(front.jobs.jobs) == 3 and all(j.written for j in front.jobs.jobs.values()))
+    first = next(iter(front.jobs.jobs.values()))
+    failure = Failed(type="server_error", message="the worker broke").encode()
+    front.jobs._end(first, JobStatus.FAILED, EventName.ERROR, failure, FinishReason.ERROR)
+    with pytest.raises(InternalServerError) as failed:
+        await request
+    assert "the worker broke" in str(failed.value)
+    others = [j for j in front.jobs.jobs.values() if j is not first]
+    await settled(lambda: all(j.view.status == JobStatus.CANCELED for j in others))
