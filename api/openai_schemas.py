@@ -347,6 +347,16 @@ class CompletionRequest(OpenAIFields):
             raise ValueError("the prompt must not be empty")
         return prompts[0] if len(prompts) == 1 else value
 
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _no_empty_answer(cls, value: Any) -> Any:
+        """Legacy OpenAI scored a prompt with ``max_tokens: 0``; here an answer has a token."""
+        if value == 0 and not isinstance(value, bool):
+            raise ValueError(
+                "must be at least 1: to score a prompt, send echo and logprobs with max_tokens 1"
+            )
+        return value
+
     @field_validator("best_of")
     @classmethod
     def _one_of_one(cls, value: int | None) -> int | None:

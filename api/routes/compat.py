@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from api.auth import CallerDep
 from api.client_job import JOB_HEADER, ClientJob
@@ -48,6 +48,19 @@ class ChatGLMRequest(SamplingFields):
     max_length: int | None = Field(2048, ge=1, strict=True, description="prompt + answer tokens")
     temperature: float | None = Field(0.95, ge=0, le=2, strict=True)
     top_p: float | None = Field(0.7, ge=0, le=1, strict=True)
+
+    @field_validator("history", mode="before")
+    @classmethod
+    def _pairs(cls, value: Any) -> Any:
+        """Each turn a [query, response] pair: a ChatGLM3-style turn ({role, content}) was
+        refused with pydantic's "Input should be a valid tuple"."""
+        for index, turn in enumerate(value if isinstance(value, list) else []):
+            if not isinstance(turn, list) or len(turn) != 2:
+                raise ValueError(
+                    f"each turn is a [query, response] pair of strings (ChatGLM-6B's history); turn "
+                    f"{index} is not: send a chat as 'messages' to /v1/chat/completions"
+                )
+        return value
 
     def job_request(self) -> JobRequest:
         return JobRequest.model_validate(self.model_dump())

@@ -89,6 +89,12 @@ async def test_the_seed_chat_route_answers_with_history(front: Front) -> None:
     assert (body["response"], body["status"]) == ("hi you", 200)
     assert body["history"] == [["a", "b"], ["hi you", "hi you"]]
     assert response.headers["x-streamq-job-id"]
+    # A ChatGLM3-style turn is refused saying what a turn is here, not "a valid tuple".
+    chatglm3 = {"prompt": "hi", "history": [["a", "b"], {"role": "user", "content": "a"}]}
+    refused = await front.http.post("/", json=chatglm3)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "history", refused.text
+    assert "turn 1 is not" in refused.json()["error"]["message"], refused.text
+    assert not [job for job in front.jobs.jobs.values() if job.request.messages[-1].content == "hi"]
 
 
 async def test_the_seed_routes_read_json_sent_without_a_content_type(front: Front) -> None:
@@ -199,3 +205,12 @@ async def test_a_failed_prompt_of_a_list_fails_the_request_and_cancels_the_other
     assert "the worker broke" in str(failed.value)
     others = [j for j in front.jobs.jobs.values() if j is not first]
     await settled(lambda: all(j.view.status == JobStatus.CANCELED for j in others))
+
+
+async def test_max_tokens_zero_says_how_to_score_a_prompt(front: Front) -> None:
+    """Legacy OpenAI scored a prompt with max_tokens 0: the refusal says what works here."""
+    with pytest.raises(BadRequestError) as refused:
+        await _openai(front).completions.create(model="fake-model", prompt="a b", max_tokens=0, echo=True)
+    body = refused.value.body
+    assert isinstance(body, dict) and body["param"] == "max_tokens", body
+    assert "send echo and logprobs with max_tokens 1" in body["message"], body
