@@ -19,7 +19,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from api.auth import Caller, CallerDep
+from api.auth import OPEN, Caller, CallerDep
 from api.client_job import JOB_HEADER, ClientJob, detach_requested
 from api.errors import ApiError, error_responses, job_failure_error, renamed
 from api.job_client import JobClient, get_jobs
@@ -140,14 +140,7 @@ async def _complete(
         )
     except ApiError as exc:
         raise _as_sent(exc, kind, extras.get("tools"), extras.get("max_tokens_param", "max_tokens")) from None
-    if body.end_user() or body.metadata:
-        log.info(
-            "job %s: OpenAI %s completion for user %r, metadata %s",
-            job.id,
-            kind,
-            (body.end_user() or "")[:64],
-            body.metadata,
-        )
+    _log_end_user(body, job.id, kind)
     fmt = CompletionFormat(
         kind, job.id, job.view.model, int(job.view.created_at), body.include_usage, **extras
     )
@@ -157,6 +150,13 @@ async def _complete(
             _stream(job, fmt), media_type="text/event-stream", headers=SSE_HEADERS | headers
         )
     return await _wait(job, fmt, headers)
+
+
+def _log_end_user(body: OpenAIFields, job_ids: str, kind: Kind) -> None:
+    """The request's ``user`` and ``metadata``, logged with its job's id (or jobs')."""
+    if body.end_user() or body.metadata:
+        user = (body.end_user() or "")[:64]
+        log.info("job %s: OpenAI %s completion for user %r, metadata %s", job_ids, kind, user, body.metadata)
 
 
 def _as_sent(exc: ApiError, kind: Kind, tools: ToolPlan | None, max_tokens: str = "max_tokens") -> ApiError:
@@ -206,6 +206,13 @@ async def _complete_each(
     is prompt *i*'s answer, with the usage of all. Their ids are in ``X-Streamq-Job-Id``, comma
     separated. A job refused at submit cancels those before it, detached or not (the error
     names no job to follow); one that fails cancels the others unless detached."""
+    most = jobs.settings.key_max_concurrent
+    if most and caller.name != OPEN and len(prompts) > most:  # it could never be admitted whole
+        message = (
+            f"a list of {len(prompts)} prompts is {len(prompts)} jobs, more than this API key may have "
+            f"at once ({most}, STREAMQ_KEY_MAX_CONCURRENT): send at most {most} per request"
+        )
+        raise ApiError(400, message, param="prompt")
     detached = detach_requested(body.background, detach)
     submitted: list[ClientJob] = []
     try:
@@ -219,6 +226,7 @@ async def _complete_each(
         if isinstance(exc, ApiError):
             raise _as_sent(exc, "text", None) from None
         raise
+    _log_end_user(body, ",".join(job.id for job in submitted), "text")
     headers = {JOB_HEADER: ",".join(job.id for job in submitted)}
     waits = [asyncio.ensure_future(job.whole_output(error_headers=headers)) for job in submitted]
     try:

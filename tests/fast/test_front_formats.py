@@ -15,7 +15,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from api.errors import ApiError
 from shared.job_store.payloads import Failed
 from shared.job_store.vocabulary import EventName, FinishReason, JobStatus
-from tests.fast.conftest import Front, settled
+from tests.fast.conftest import KEY_A, Front, settled
 
 pytestmark = pytest.mark.anyio
 
@@ -214,3 +214,16 @@ async def test_max_tokens_zero_says_how_to_score_a_prompt(front: Front) -> None:
     body = refused.value.body
     assert isinstance(body, dict) and body["param"] == "max_tokens", body
     assert "send echo and logprobs with max_tokens 1" in body["message"], body
+
+
+async def test_a_list_of_more_prompts_than_a_key_may_run_at_once_is_refused_whole(keyed: Front) -> None:
+    """Admitted one by one, the 17th of 17 prompts met the key's concurrency quota (16) every
+    time: the first 16 ran and were canceled at each retry, and the 429 never said why."""
+    auth = {"Authorization": f"Bearer {KEY_A}"}
+    body = {"model": "fake-model", "prompt": [f"p{i}" for i in range(17)], "max_tokens": 1}
+    refused = await keyed.http.post("/v1/completions", json=body, headers=auth)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt", refused.text
+    assert "STREAMQ_KEY_MAX_CONCURRENT" in refused.json()["error"]["message"]
+    assert not keyed.jobs.jobs
+    fits = await keyed.http.post("/v1/completions", json=body | {"prompt": body["prompt"][:16]}, headers=auth)
+    assert fits.status_code == 200 and len(fits.json()["choices"]) == 16, fits.text
