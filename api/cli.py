@@ -32,10 +32,10 @@ def add_commands(sub: Any) -> None:
     api.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     api.add_argument(
         "--log-level",
-        default="info",
+        default=None,
         type=str.lower,
         choices=("critical", "error", "warning", "info", "debug", "trace"),
-        help="the front's and uvicorn's log level (default info)",
+        help="the front's and uvicorn's log level (default: STREAMQ_LOG_LEVEL, info)",
     )
     api.add_argument("--insecure", action="store_true", default=None, help=INSECURE_HELP)
     api.add_argument(
@@ -131,11 +131,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     # Open SSE streams would hold a stopping front for as long as their jobs run: cut them
     # after this grace; their clients re-attach elsewhere with Last-Event-ID.
+    level = args.log_level or settings.log_level
     common: dict[str, Any] = {
         "host": args.host,
         "port": args.port,
-        "log_level": args.log_level,
-        "log_config": logging_config(settings.log_format, args.log_level),
+        "log_level": level,
+        "log_config": logging_config(settings.log_format, level),
         "timeout_graceful_shutdown": settings.shutdown_grace,
         "timeout_keep_alive": settings.keep_alive,
     }

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic.functional_validators import BeforeValidator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.connection import parse_url
 
@@ -42,6 +43,7 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Engine = Literal["auto", "transformers", "vllm"]
 Backend = Literal["model", "synthetic"]
+LogLevel = Annotated[Literal["critical", "error", "warning", "info", "debug"], BeforeValidator(str.lower)]
 
 
 class Settings(BaseSettings):
@@ -183,20 +185,14 @@ class Settings(BaseSettings):
         description="front: seconds an idle HTTP connection is kept open (longer than clients' and load "
         "balancers' own, or a request they send as it closes fails)",
     )
-    shutdown_grace: int = Field(
-        5, ge=0, description="a stopping front waits this long for open streams before cutting them"
-    )
-    count_timeout: float = Field(
-        2.0, gt=0, description="how long the front waits for a worker to count a prompt's tokens"
-    )
+    shutdown_grace: int = Field(5, ge=0, description="a stopping front's wait for its streams, then cut")
+    count_timeout: float = Field(2.0, gt=0, description="the front's wait for a worker to count a prompt")
 
     # Security (see README "Security"). Keys: comma-separated, each `KEY` or `name:KEY`; the file
     # holds one per line. With no keys the front runs open, and only on a loopback address.
     api_keys: SecretStr = Field(SecretStr(""), description="front: API keys, comma-separated")
     api_keys_file: Path | None = Field(None, description="front: a file of API keys, one per line")
-    api_workers: int = Field(
-        1, ge=1, le=64, description="front: processes sharing the port (`streamq api --workers`)"
-    )
+    api_workers: int = Field(1, ge=1, le=64, description="front: processes sharing the port (api --workers)")
     insecure: bool = Field(False, description="front: allow running without keys on a non-loopback address")
     key_max_concurrent: int = Field(
         16, ge=0, description="front: jobs one key may have queued or running at once (0: no limit)"
@@ -230,6 +226,7 @@ class Settings(BaseSettings):
         "(0: Python's default)",
     )
     log_format: str = Field("text", pattern="^(text|json)$", description="'json': one JSON object per line")
+    log_level: LogLevel = Field("info", description="front and worker (the front's --log-level wins)")
     metrics_port: int = Field(
         9310, ge=0, le=65535, description="worker: first port tried for /metrics (0: none; busy: the next)"
     )

@@ -135,3 +135,23 @@ def test_a_worker_with_no_sentinel_to_ask_says_so_in_words() -> None:
     last = done.stderr.strip().splitlines()[-1]
     assert "/streamq: No master found for 'streamq': Error 111 connecting to 127.0.0.1:" in last, last
     assert "Connection refused" in last and "redis.connection" not in last and len(last) < 300, last
+
+
+def test_the_log_level_is_a_setting_of_every_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """STREAMQ_LOG_LEVEL was no setting (a worker always logged at info); a bad one is refused."""
+    import logging
+
+    from shared.settings import Settings
+    from worker.worker_logging import configure_worker_logging
+
+    monkeypatch.setenv("STREAMQ_LOG_LEVEL", "WARNING")
+    root = logging.getLogger()
+    before = (root.level, list(root.handlers))
+    try:
+        configure_worker_logging(Settings(backend="synthetic"))
+        assert root.level == logging.WARNING
+    finally:
+        root.setLevel(before[0])
+        root.handlers[:] = before[1]
+    line = _refused(["worker", "--backend", "synthetic"], {"STREAMQ_LOG_LEVEL": "loud"})
+    assert "STREAMQ_LOG_LEVEL: input should be 'critical', 'error', 'warning', 'info' or 'debug'" in line

@@ -20,7 +20,7 @@ def _transformers_logs_through_ours() -> None:
 
 
 def configure_worker_logging(settings: Settings) -> None:
-    configure_logging(settings.log_format)
+    configure_logging(settings.log_format, settings.log_level)
     if settings.log_format == "json" and settings.backend == "model":
         _transformers_logs_through_ours()
 
