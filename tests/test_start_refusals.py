@@ -107,7 +107,7 @@ def test_a_bad_dtype_or_backend_is_refused_before_anything_starts() -> None:
     assert "pick the GPU with CUDA_VISIBLE_DEVICES=1 and STREAMQ_DEVICE=cuda" in gpu, gpu
 
 
-def test_a_folder_without_a_model_or_its_tokenizer_says_what_it_lacks(tmp_path: Path, stack: Stack) -> None:
+def test_a_worker_says_what_its_model_folder_or_engine_lacks(tmp_path: Path, stack: Stack) -> None:
     """An empty folder was refused with transformers' advice to install sentencepiece; a model
     without its tokenizer files loaded, and then refused every prompt as "no tokens"."""
     empty = tmp_path / "empty"
@@ -116,11 +116,16 @@ def test_a_folder_without_a_model_or_its_tokenizer_says_what_it_lacks(tmp_path: 
     shutil.copytree(stack.model_dir, no_tokenizer)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (no_tokenizer / name).unlink()
-    for folder, says in (
-        (empty, "the folder holds no model: it has no config.json"),
-        (no_tokenizer, "no tokenizer"),
+    # A model split over GPUs needs the vLLM engine: the transformers engine ran it on one device.
+    split = {"STREAMQ_TENSOR_PARALLEL_SIZE": "2", "STREAMQ_ENGINE": "transformers"}
+    for folder, says, env in (
+        (empty, "the folder holds no model: it has no config.json", {}),
+        (no_tokenizer, "no tokenizer", {}),
+        (stack.model_dir, "split a model over GPUs on the vLLM engine (--engine vllm) only", split),
     ):
-        done = _streamq(["worker", "--model", str(folder)], clean_env(STREAMQ_REDIS_URL=stack.redis.url))
+        done = _streamq(
+            ["worker", "--model", str(folder)], clean_env(STREAMQ_REDIS_URL=stack.redis.url, **env)
+        )
         assert done.returncode == 1, done.stderr
         last = done.stderr.strip().splitlines()[-1]
         assert last.startswith(f"streamq worker: cannot serve {folder}: ") and says in last, last

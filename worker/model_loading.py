@@ -64,8 +64,8 @@ def resolve_dtype(dtype: str, device: str) -> str:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if dtype != "auto":
         return dtype
-    if device == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device == "cuda":  # bf16 where the GPU computes in it (Ampere on), not where torch emulates it
+        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
     if device == "mps":
         return "float16"
     return "float32"

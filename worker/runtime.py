@@ -61,6 +61,11 @@ def load_worker_backend(settings: Settings, served: str) -> ServedModel:
     device = resolve_device(settings.device)
     engine = choose_engine(settings, device)
     log.info("engine: %s (STREAMQ_ENGINE=%s)", engine, settings.engine)
+    if engine == "transformers" and settings.tensor_parallel_size * settings.pipeline_parallel_size > 1:
+        raise ValueError(
+            "STREAMQ_TENSOR_PARALLEL_SIZE and STREAMQ_PIPELINE_PARALLEL_SIZE split a model over GPUs "
+            "on the vLLM engine (--engine vllm) only: the transformers engine runs on one device"
+        )
     if engine == "vllm":
         from worker.vllm_setup import load_vllm_served
 

