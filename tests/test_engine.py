@@ -12,7 +12,7 @@ import pytest
 
 from shared.schemas import ChatMessage, GenerationRequest
 from worker.batch_lm import BatchedCausalLM
-from worker.engine import Engine, EngineJob, JobOutput
+from worker.engine import FAILED_STEPS_IN_A_ROW, Engine, EngineJob, JobOutput
 
 
 def request(prompt: str, **overrides: Any) -> GenerationRequest:
@@ -289,5 +289,31 @@ def test_a_failing_step_fails_the_jobs_it_held_and_the_engine_goes_on(tiny_backe
         engine.submit(after)
         seen.wait(lambda: seen.end(after) is not None)
         assert engine.alive() and seen.text(after) == alone(tiny_backend, after.request)[0]
+    finally:
+        engine.stop()
+
+
+def test_steps_that_keep_failing_stop_the_engine_and_hand_its_jobs_back(tiny_backend: Any) -> None:
+    """A lost GPU (or vLLM's executor dead) fails every step: the worker took job after job and
+    failed each. Now the engine stops after a few failed steps in a row, so its worker exits for
+    its supervisor, and jobs it had not started go back to their queue."""
+    model = BatchedCausalLM(tiny_backend, slots=2, max_len=512)
+    seen = Collected()
+    engine = Engine(model, seen)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+
+    model._forward = broken  # type: ignore[method-assign]
+    engine.start()
+    try:
+        for i in range(FAILED_STEPS_IN_A_ROW):
+            doomed = job(request(f"doomed {i}", max_tokens=5))
+            assert engine.submit(doomed)
+            seen.wait(lambda: seen.end(doomed) is not None)  # noqa: B023  # waited for here
+            assert seen.end(doomed).error_type == "generation_error"  # type: ignore[union-attr]
+        seen.wait(lambda: not engine.alive())
+        later = job(request("after", max_tokens=5))
+        assert not engine.submit(later)  # its thread hands it back to the queue
     finally:
         engine.stop()

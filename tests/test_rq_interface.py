@@ -125,6 +125,7 @@ def test_rq_workers_have_the_private_attributes_the_adapter_uses(redis_server: R
     assert isinstance(SimpleWorker.death_penalty_class, type)  # EngineDeadline takes its place
     assert worker.job_class is StreamqJob  # RQ builds the jobs it dequeues with it
     assert isinstance(worker.executions, dict)  # RQ's runs of the worker, by execution id
+    assert worker._stop_requested is False  # its loop ends after the job when set (a broken engine)
     # The worker-channel subscription it redoes (StreamqWorker.subscribe), as RQ's own does it.
     assert isinstance(worker.pubsub_channel_name, str) and callable(worker.handle_payload)
     assert callable(worker._pubsub_exception_handler)

@@ -184,6 +184,15 @@ class OutputSink(Protocol):
 
 
 STOP_WAIT = 300.0  # a step in flight (a long prefill on a CPU) is let finish before the jobs end
+# Steps failed one after another, each with other jobs, before the engine counts itself broken
+# (its GPU lost, vLLM's executor dead: every later step fails too) and stops, so that its
+# worker exits for its supervisor to start again rather than fail every job it takes.
+FAILED_STEPS_IN_A_ROW = 3
+
+
+class EngineBroken(RuntimeError):
+    """The engine's steps keep failing: the jobs it holds go back to their queue, for another
+    worker, and the worker stops."""
 
 
 class Engine:
@@ -210,6 +219,7 @@ class Engine:
         self._running = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self._failed_in_a_row = 0
 
     @property
     def slots(self) -> int:
@@ -254,6 +264,11 @@ class Engine:
             left = self._close()
             self._sink.put([ended(j, HANDBACK) for j in left])
             self._jobs.clear()
+        except EngineBroken:
+            log.exception("the engine is broken: the worker stops")
+            self._sink.put([ended(j, HANDBACK) for j in self._close()])  # not theirs: for another worker
+            self._jobs.clear()
+            raise
         except BaseException:
             log.exception("the engine stopped on an error")
             left = self._close()
@@ -292,8 +307,10 @@ class Engine:
             began = time.perf_counter()
             try:
                 outputs += self.model.step()
+                self._failed_in_a_row = 0
             except Exception as exc:  # a bad step fails the jobs it held, not the worker
                 log.exception("a generation step failed")
+                self._failed_in_a_row += 1
                 message = f"{type(exc).__name__}: {exc}"
                 for job in list(self._jobs):
                     self.model.remove(job)
@@ -306,6 +323,8 @@ class Engine:
                 self._jobs.discard(output.job)
         if outputs:
             self._sink.put(outputs)
+        if self._failed_in_a_row >= FAILED_STEPS_IN_A_ROW:
+            raise EngineBroken(f"{self._failed_in_a_row} generation steps failed one after another")
 
     def _arrivals(self, wait: float | None) -> list[EngineJob]:
         """New jobs: waits for one while there is nothing to compute (at most ``wait`` seconds)."""

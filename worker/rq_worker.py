@@ -155,6 +155,11 @@ class StreamqWorker(SimpleWorker):
         if isinstance(job, StreamqJob):
             job.host, job.slot_name = self.runtime, self.name
         super().execute_job(job, queue)
+        if self._owned is not None and not self._owned.engine.alive():
+            # Its engine stopped (its steps kept failing: worker.engine.EngineBroken): the job was
+            # handed back; take no more, so the supervisor starts the worker again.
+            log.error("worker %s: its engine has stopped; it takes no more jobs", self.name)
+            self._stop_requested = True
 
     def clean_registries(self) -> None:
         """RQ's own cleaning, and the canceled registry's, which RQ leaves to grow."""
