@@ -12,7 +12,7 @@ import pytest
 
 from shared.schemas import ChatMessage, GenerationRequest
 from worker.batch_lm import BatchedCausalLM
-from worker.engine import FAILED_STEPS_IN_A_ROW, Engine, EngineJob, JobOutput
+from worker.engine import PROBE, Engine, EngineJob, JobOutput
 
 
 def request(prompt: str, **overrides: Any) -> GenerationRequest:
@@ -293,10 +293,41 @@ def test_a_failing_step_fails_the_jobs_it_held_and_the_engine_goes_on(tiny_backe
         engine.stop()
 
 
-def test_steps_that_keep_failing_stop_the_engine_and_hand_its_jobs_back(tiny_backend: Any) -> None:
+def test_a_step_that_fails_for_its_request_leaves_the_engine_running(tiny_backend: Any) -> None:
+    """A request that breaks every step it joins, sent again and again (the SDKs retry a 502),
+    fails each time, and the engine goes on: its own two-token job runs after each failure."""
+    model = BatchedCausalLM(tiny_backend, slots=2, max_len=512)
+    seen = Collected()
+    engine = Engine(model, seen)
+    real_forward = model._forward
+
+    def poisoned(*args: Any, **kwargs: Any) -> Any:
+        if any(j.job_id.startswith("poison") for j in model._held):
+            raise RuntimeError("a kernel refused this input (simulated)")
+        return real_forward(*args, **kwargs)
+
+    model._forward = poisoned  # type: ignore[method-assign]
+    engine.start()
+    try:
+        for i in range(4):
+            bad = job(request(f"bad {i}", max_tokens=5), name=f"poison-{i}")
+            assert engine.submit(bad)
+            seen.wait(lambda: seen.end(bad) is not None)  # noqa: B023  # waited for here
+            assert seen.end(bad).error_type == "generation_error"  # type: ignore[union-attr]
+        good = job(request("fine", max_tokens=5))
+        assert engine.submit(good)
+        seen.wait(lambda: seen.end(good) is not None)
+        assert engine.alive() and seen.text(good) == alone(tiny_backend, good.request)[0]
+        assert PROBE not in {out.job.job_id for _, out in seen.outputs}  # its own job is not published
+    finally:
+        engine.stop()
+
+
+def test_a_step_failure_the_engine_cannot_run_past_stops_it(tiny_backend: Any) -> None:
     """A lost GPU (or vLLM's executor dead) fails every step: the worker took job after job and
-    failed each. Now the engine stops after a few failed steps in a row, so its worker exits for
-    its supervisor, and jobs it had not started go back to their queue."""
+    failed each. Now a failed step is followed by the engine's own two-token job; when that fails
+    too, the engine stops, so its worker exits for its supervisor, and a job it had not started
+    goes back to its queue."""
     model = BatchedCausalLM(tiny_backend, slots=2, max_len=512)
     seen = Collected()
     engine = Engine(model, seen)
@@ -307,11 +338,10 @@ def test_steps_that_keep_failing_stop_the_engine_and_hand_its_jobs_back(tiny_bac
     model._forward = broken  # type: ignore[method-assign]
     engine.start()
     try:
-        for i in range(FAILED_STEPS_IN_A_ROW):
-            doomed = job(request(f"doomed {i}", max_tokens=5))
-            assert engine.submit(doomed)
-            seen.wait(lambda: seen.end(doomed) is not None)  # noqa: B023  # waited for here
-            assert seen.end(doomed).error_type == "generation_error"  # type: ignore[union-attr]
+        doomed = job(request("doomed", max_tokens=5))
+        assert engine.submit(doomed)
+        seen.wait(lambda: seen.end(doomed) is not None)
+        assert seen.end(doomed).error_type == "generation_error"  # type: ignore[union-attr]
         seen.wait(lambda: not engine.alive())
         later = job(request("after", max_tokens=5))
         assert not engine.submit(later)  # its thread hands it back to the queue

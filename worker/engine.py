@@ -14,6 +14,7 @@ The model is only ever touched from this thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from shared.limits import InvalidJobRequest
 from shared.logprobs import TokenLogprob
-from shared.schemas import GenerationRequest
+from shared.schemas import ChatMessage, GenerationRequest
 
 if TYPE_CHECKING:
     from worker.answer_tokens import AnswerTokens
@@ -184,15 +185,13 @@ class OutputSink(Protocol):
 
 
 STOP_WAIT = 300.0  # a step in flight (a long prefill on a CPU) is let finish before the jobs end
-# Steps failed one after another, each with other jobs, before the engine counts itself broken
-# (its GPU lost, vLLM's executor dead: every later step fails too) and stops, so that its
-# worker exits for its supervisor to start again rather than fail every job it takes.
-FAILED_STEPS_IN_A_ROW = 3
+PROBE = "engine-probe"  # the job id of the engine's own check after a failed step
 
 
 class EngineBroken(RuntimeError):
-    """The engine's steps keep failing: the jobs it holds go back to their queue, for another
-    worker, and the worker stops."""
+    """The engine cannot run a job any more (its GPU lost, vLLM's executor dead): the jobs it
+    has not started go back to their queue, for another worker, and the worker stops, for its
+    supervisor to start it again, rather than fail every job it takes."""
 
 
 class Engine:
@@ -219,7 +218,6 @@ class Engine:
         self._running = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0
-        self._failed_in_a_row = 0
 
     @property
     def slots(self) -> int:
@@ -286,6 +284,7 @@ class Engine:
 
     def _step(self) -> None:
         outputs: list[JobOutput] = []
+        broken = False
         wait = self.model.ready_in()
         for job in self._arrivals(wait):
             try:
@@ -307,14 +306,12 @@ class Engine:
             began = time.perf_counter()
             try:
                 outputs += self.model.step()
-                self._failed_in_a_row = 0
             except Exception as exc:  # a bad step fails the jobs it held, not the worker
                 log.exception("a generation step failed")
-                self._failed_in_a_row += 1
                 message = f"{type(exc).__name__}: {exc}"
                 for job in list(self._jobs):
-                    self.model.remove(job)
                     outputs.append(ended(job, "error", "generation_error", message))
+                broken = not self._removed(list(self._jobs)) or not self._runs_a_job()
             self.steps += 1
             if self._on_step is not None:
                 self._on_step(time.perf_counter() - began)
@@ -323,8 +320,42 @@ class Engine:
                 self._jobs.discard(output.job)
         if outputs:
             self._sink.put(outputs)
-        if self._failed_in_a_row >= FAILED_STEPS_IN_A_ROW:
-            raise EngineBroken(f"{self._failed_in_a_row} generation steps failed one after another")
+        if broken:
+            raise EngineBroken("a generation step failed, and so did the engine's own two-token job after it")
+
+    def _removed(self, jobs: list[EngineJob]) -> bool:
+        """Take the jobs of a failed step out of the model; False when that fails as well."""
+        try:
+            for job in jobs:
+                self.model.remove(job)
+        except Exception:
+            log.exception("the jobs of a failed step could not be taken out of the engine")
+            return False
+        return True
+
+    def _runs_a_job(self) -> bool:
+        """After a failed step (its jobs failed and taken out): whether the model still runs a
+        two-token job of the engine's own. A request that breaks every step it joins (retried by
+        its client, too) leaves a well engine; a lost GPU or a dead vLLM executor fails this."""
+        request = GenerationRequest(
+            messages=[ChatMessage(role="user", content="hi")], max_tokens=2, temperature=0.0, top_p=1.0
+        )
+        now = time.time()
+        probe = EngineJob(PROBE, request, now, now, time.monotonic() + 60)
+        try:
+            self.model.add(probe)
+            for _ in range(16):  # two tokens: a prefill and a decode step or two, with room to spare
+                if any(
+                    out.job is probe and out.finish_reason in ("stop", "length") for out in self.model.step()
+                ):
+                    return True
+            return False
+        except Exception:
+            log.exception("the engine's own job failed after a failed step")
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                self.model.remove(probe)
 
     def _arrivals(self, wait: float | None) -> list[EngineJob]:
         """New jobs: waits for one while there is nothing to compute (at most ``wait`` seconds)."""

@@ -107,6 +107,7 @@ class StreamqWorker(SimpleWorker):
         self.served_name = served
         self.runtime = runtime
         self._owned: WorkerRuntime | None = None  # the runtime it built itself (`rq worker -w`)
+        self._engine_stopped = False
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         if self.runtime is None:  # run on its own (`rq worker -w ...`): its logs are streamq's
@@ -159,7 +160,13 @@ class StreamqWorker(SimpleWorker):
             # Its engine stopped (its steps kept failing: worker.engine.EngineBroken): the job was
             # handed back; take no more, so the supervisor starts the worker again.
             log.error("worker %s: its engine has stopped; it takes no more jobs", self.name)
-            self._stop_requested = True
+            self._stop_requested = self._engine_stopped = True
+
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        worked = bool(super().work(*args, **kwargs))
+        if self._engine_stopped:  # a failure, for a supervisor that restarts failed processes only
+            raise SystemExit(1)
+        return worked
 
     def clean_registries(self) -> None:
         """RQ's own cleaning, and the canceled registry's, which RQ leaves to grow."""

@@ -62,10 +62,13 @@ def load_worker_backend(settings: Settings, served: str) -> ServedModel:
     engine = choose_engine(settings, device)
     log.info("engine: %s (STREAMQ_ENGINE=%s)", engine, settings.engine)
     if engine == "transformers" and settings.tensor_parallel_size * settings.pipeline_parallel_size > 1:
-        raise ValueError(
+        split = (
             "STREAMQ_TENSOR_PARALLEL_SIZE and STREAMQ_PIPELINE_PARALLEL_SIZE split a model over GPUs "
             "on the vLLM engine (--engine vllm) only: the transformers engine runs on one device"
         )
+        if settings.engine == "transformers":
+            raise ValueError(split)
+        log.warning("%s (the one chosen for this model): they are not used", split)
     if engine == "vllm":
         from worker.vllm_setup import load_vllm_served
 

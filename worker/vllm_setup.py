@@ -37,6 +37,7 @@ class VLLMServed(ChatPrompt):
         self.eos_ids = eos_ids
         self.model_context: int | None = None  # the model's own (max_position_embeddings)
         self.kv_bytes_per_token: int | None = None  # keys and values of every layer, in dtype
+        self.kv_layout: tuple[int, int] | None = None  # (layers, key-value heads) they are of
         self.context_length: int | None = None  # set by the engine: vLLM's max_model_len
 
 
@@ -83,7 +84,20 @@ def load_vllm_served(settings: Settings, served: str, device: str) -> VLLMServed
         check_head_size(config)
     if getattr(config, "num_hidden_layers", None) and getattr(config, "num_attention_heads", None):
         served_model.kv_bytes_per_token = kv_bytes_per_token(config, 4 if dtype == "float32" else 2)
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        served_model.kv_layout = (int(config.num_hidden_layers), int(heads))
     return served_model
+
+
+def per_gpu(per_token: int, layout: tuple[int, int] | None, tensor: int, pipeline: int) -> int:
+    """A token's keys and values on one GPU of a model split ``tensor`` by ``pipeline`` ways (the
+    KV budget is each GPU's): a pipeline stage holds its layers (the first stages one more when
+    they do not divide), a tensor shard its heads (a head on each when there are fewer heads than
+    shards: vLLM copies them)."""
+    if layout is None:
+        return max(1, per_token // (tensor * pipeline))
+    layers, heads = layout
+    return per_token * math.ceil(layers / pipeline) * max(1, heads // tensor) // (layers * heads)
 
 
 def check_kv_budget(settings: Settings, served: VLLMServed, max_len: int) -> None:
@@ -92,8 +106,9 @@ def check_kv_budget(settings: Settings, served: VLLMServed, max_len: int) -> Non
     per_token = served.kv_bytes_per_token
     if not settings.kv_cache_gib or not per_token:
         return
-    # The budget is each GPU's, and each holds its share of a token's keys and values.
-    per_token = max(1, per_token // (settings.tensor_parallel_size * settings.pipeline_parallel_size))
+    per_token = per_gpu(
+        per_token, served.kv_layout, settings.tensor_parallel_size, settings.pipeline_parallel_size
+    )
     tokens = int(settings.kv_cache_gib * GiB) // per_token
     if tokens < max_len:
         need = math.ceil(max_len * per_token / GiB * 1000) / 1000  # rounded up: it must hold them
