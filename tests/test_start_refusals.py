@@ -146,17 +146,27 @@ def test_the_log_level_is_a_setting_of_every_process(monkeypatch: pytest.MonkeyP
     """STREAMQ_LOG_LEVEL was no setting (a worker always logged at info); a bad one is refused."""
     import logging
 
+    from rq.logutils import setup_loghandlers
+
     from shared.settings import Settings
-    from worker.worker_logging import configure_worker_logging
+    from worker.worker_logging import configure_worker_logging, rq_levels_follow_ours, rq_logs_through_ours
 
     monkeypatch.setenv("STREAMQ_LOG_LEVEL", "WARNING")
     root = logging.getLogger()
     before = (root.level, list(root.handlers))
+    rq_logger = logging.getLogger("rq.worker")
+    rq_before = (rq_logger.level, list(rq_logger.handlers), rq_logger.propagate)
     try:
         configure_worker_logging(Settings(backend="synthetic"))
         assert root.level == logging.WARNING
+        # A plain RQ worker: `rq worker` and RQ's start set RQ's loggers at info; they follow ours.
+        rq_logs_through_ours(Settings(backend="synthetic"))
+        setup_loghandlers("INFO", name="rq.worker")  # as RQ's bootstrap does
+        rq_levels_follow_ours()
+        assert rq_logger.getEffectiveLevel() == logging.WARNING and not rq_logger.handlers
     finally:
         root.setLevel(before[0])
         root.handlers[:] = before[1]
+        rq_logger.level, rq_logger.handlers[:], rq_logger.propagate = rq_before
     line = _refused(["worker", "--backend", "synthetic"], {"STREAMQ_LOG_LEVEL": "loud"})
     assert "STREAMQ_LOG_LEVEL: input should be 'critical', 'error', 'warning', 'info' or 'debug'" in line

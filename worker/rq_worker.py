@@ -38,7 +38,7 @@ from worker.job_runner import Outcome
 from worker.rq_runs import file_ending
 from worker.runtime import WorkerRuntime, build_runtime, served_name_of
 from worker.tasks import TASK
-from worker.worker_logging import rq_logs_through_ours
+from worker.worker_logging import rq_levels_follow_ours, rq_logs_through_ours
 
 log = logging.getLogger("streamq.worker")
 
@@ -115,6 +115,7 @@ class StreamqWorker(SimpleWorker):
         super().bootstrap(*args, **kwargs)
         if self.runtime is not None:
             return
+        rq_levels_follow_ours()
         if (self.settings.slots or 1) > 1:
             log.warning(
                 "RQ's worker loop runs one job at a time: STREAMQ_SLOTS=%d is not used", self.settings.slots

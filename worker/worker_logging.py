@@ -25,13 +25,22 @@ def configure_worker_logging(settings: Settings) -> None:
         _transformers_logs_through_ours()
 
 
+RQ_LOGGERS = ("rq.worker", "rq.job")
+
+
 def rq_logs_through_ours(settings: Settings) -> None:
     """``configure_worker_logging`` in a worker that RQ's own command started: `rq worker` gave
     RQ's loggers handlers of their own, which would leave streamq's lines unwritten and RQ's in
     RQ's format; RQ's lines now go through streamq's handler too."""
     configure_worker_logging(settings)
-    for name in ("rq.worker", "rq.job"):
+    for name in RQ_LOGGERS:
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
         logger.propagate = True
+
+
+def rq_levels_follow_ours() -> None:
+    """RQ's loggers at STREAMQ_LOG_LEVEL, the root's (RQ's start sets its own, info by default)."""
+    for name in RQ_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET)

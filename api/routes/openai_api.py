@@ -212,19 +212,25 @@ async def _complete_each(
             f"a list of {len(prompts)} prompts is {len(prompts)} jobs, more than this API key may have "
             f"at once ({most}, STREAMQ_KEY_MAX_CONCURRENT): send at most {most} per request"
         )
-        raise ApiError(400, message, param="prompt")
+        raise ApiError(400, message, param="prompt", code="limit_exceeded")
     detached = detach_requested(body.background, detach)
     submitted: list[ClientJob] = []
     try:
         for job_request in job_requests:
             submitted.append(await ClientJob.submit(jobs, job_request, request, caller, detached=detached))
-    except BaseException as exc:
+    except ApiError as exc:  # their ends written before the answer: a retry finds its quota free
+        await asyncio.gather(*(jobs.cancel(job.id, caller.name) for job in submitted), return_exceptions=True)
+        for job in submitted:
+            await job.close()
+        refused = _as_sent(exc, "text", None)
+        if refused.param == "prompt":  # which of the list
+            refused.param = f"prompt.{len(submitted)}"
+        raise refused from None
+    except BaseException:  # this request torn down: canceled without waiting
         for job in submitted:
             job.detached = False
             job.client_gone()
             await job.close()
-        if isinstance(exc, ApiError):
-            raise _as_sent(exc, "text", None) from None
         raise
     _log_end_user(body, ",".join(job.id for job in submitted), "text")
     headers = {JOB_HEADER: ",".join(job.id for job in submitted)}

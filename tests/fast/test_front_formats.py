@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from openai import AsyncOpenAI, BadRequestError, InternalServerError, RateLimitError
+from openai import AsyncOpenAI, BadRequestError, InternalServerError
 from openai.types.chat import ChatCompletionMessageParam
 
 from api.errors import ApiError
@@ -181,15 +181,17 @@ async def test_a_list_of_prompts_is_not_streamed_and_a_refused_one_cancels_the_r
     submit, submitted = front.jobs.submit, []
 
     async def refuse_the_second(request: Any, caller: Any) -> Any:
-        if submitted:
-            raise ApiError(429, "the model's queue is full", code="queue_full")
+        if submitted:  # as a prompt too long for the model's context is refused at submit
+            raise ApiError(400, "too long for the context", param="messages", code="context_length_exceeded")
         submitted.append(await submit(request, caller))
         return submitted[-1]
 
     monkeypatch.setattr(front.jobs, "submit", refuse_the_second)
-    with pytest.raises(RateLimitError):
+    with pytest.raises(BadRequestError) as too_long:
         await client.completions.create(model="fake-model", prompt=["a", "b"])
-    await settled(lambda: front.jobs.jobs[submitted[0].id].view.status == JobStatus.CANCELED)
+    assert isinstance(too_long.value.body, dict) and too_long.value.body["param"] == "prompt.1"  # which one
+    # Canceled before the answer (a quick retry found the key's quota taken by it).
+    assert front.jobs.jobs[submitted[0].id].view.status == JobStatus.CANCELED
 
 
 async def test_a_failed_prompt_of_a_list_fails_the_request_and_cancels_the_others(front: Front) -> None:
@@ -224,6 +226,7 @@ async def test_a_list_of_more_prompts_than_a_key_may_run_at_once_is_refused_whol
     refused = await keyed.http.post("/v1/completions", json=body, headers=auth)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt", refused.text
     assert "STREAMQ_KEY_MAX_CONCURRENT" in refused.json()["error"]["message"]
+    assert refused.json()["error"]["code"] == "limit_exceeded"
     assert not keyed.jobs.jobs
     fits = await keyed.http.post("/v1/completions", json=body | {"prompt": body["prompt"][:16]}, headers=auth)
     assert fits.status_code == 200 and len(fits.json()["choices"]) == 16, fits.text
