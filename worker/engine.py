@@ -284,7 +284,7 @@ class Engine:
 
     def _step(self) -> None:
         outputs: list[JobOutput] = []
-        broken = False
+        broken = recheck = False
         wait = self.model.ready_in()
         for job in self._arrivals(wait):
             try:
@@ -304,14 +304,18 @@ class Engine:
         outputs += self._drop_stopped()
         if self._jobs and self.model.ready_in() == 0:
             began = time.perf_counter()
+            failure = None
             try:
                 outputs += self.model.step()
             except Exception as exc:  # a bad step fails the jobs it held, not the worker
                 log.exception("a generation step failed")
-                message = f"{type(exc).__name__}: {exc}"
-                for job in list(self._jobs):
-                    outputs.append(ended(job, "error", "generation_error", message))
-                broken = not self._removed(list(self._jobs)) or not self._runs_a_job()
+                failure = f"{type(exc).__name__}: {exc}"
+            # Out of the except block: the failed step's frames (and the memory they held) are gone.
+            if failure is not None:
+                held = list(self._jobs)
+                outputs += [ended(job, "error", "generation_error", failure) for job in held]
+                recheck = self._removed(held)  # else broken: the model could not even let them go
+                broken = not recheck
             self.steps += 1
             if self._on_step is not None:
                 self._on_step(time.perf_counter() - began)
@@ -320,6 +324,8 @@ class Engine:
                 self._jobs.discard(output.job)
         if outputs:
             self._sink.put(outputs)
+        if recheck and not self._runs_a_job():  # after the failed jobs' ends are on their way
+            broken = True
         if broken:
             raise EngineBroken("a generation step failed, and so did the engine's own two-token job after it")
 
@@ -345,6 +351,7 @@ class Engine:
         try:
             self.model.add(probe)
             for _ in range(16):  # two tokens: a prefill and a decode step or two, with room to spare
+                time.sleep(min(self.model.ready_in() or 0.0, 1.0))  # a paced model's next token
                 if any(
                     out.job is probe and out.finish_reason in ("stop", "length") for out in self.model.step()
                 ):

@@ -91,9 +91,9 @@ def load_vllm_served(settings: Settings, served: str, device: str) -> VLLMServed
 
 def per_gpu(per_token: int, layout: tuple[int, int] | None, tensor: int, pipeline: int) -> int:
     """A token's keys and values on one GPU of a model split ``tensor`` by ``pipeline`` ways (the
-    KV budget is each GPU's): a pipeline stage holds its layers (the first stages one more when
-    they do not divide), a tensor shard its heads (a head on each when there are fewer heads than
-    shards: vLLM copies them)."""
+    KV budget is each GPU's): a pipeline stage holds its layers (some stages one more when they
+    do not divide: the most is counted), a tensor shard its heads (a head on each when there are
+    fewer heads than shards: vLLM copies them)."""
     if layout is None:
         return max(1, per_token // (tensor * pipeline))
     layers, heads = layout

@@ -218,20 +218,31 @@ async def _complete_each(
     try:
         for job_request in job_requests:
             submitted.append(await ClientJob.submit(jobs, job_request, request, caller, detached=detached))
-    except ApiError as exc:  # their ends written before the answer: a retry finds its quota free
-        await asyncio.gather(*(jobs.cancel(job.id, caller.name) for job in submitted), return_exceptions=True)
-        for job in submitted:
-            await job.close()
+    except BaseException as exc:
+        canceled = False
+        try:
+            if isinstance(
+                exc, ApiError
+            ):  # their ends written before the answer: a retry finds its quota free
+                ends = [jobs.cancel(job.id, caller.name) for job in submitted]
+                for job, end in zip(
+                    submitted, await asyncio.gather(*ends, return_exceptions=True), strict=True
+                ):
+                    if isinstance(end, Exception) and not isinstance(end, ApiError):  # 409: ended already
+                        log.warning("job %s: could not be canceled: %s", job.id, end)
+                canceled = True
+        finally:  # the request torn down (or that wait cut short): canceled without waiting
+            for job in submitted:
+                if not canceled:
+                    job.detached = False
+                    job.client_gone()
+                await job.close()
+        if not isinstance(exc, ApiError):
+            raise
         refused = _as_sent(exc, "text", None)
         if refused.param == "prompt":  # which of the list
             refused.param = f"prompt.{len(submitted)}"
         raise refused from None
-    except BaseException:  # this request torn down: canceled without waiting
-        for job in submitted:
-            job.detached = False
-            job.client_gone()
-            await job.close()
-        raise
     _log_end_user(body, ",".join(job.id for job in submitted), "text")
     headers = {JOB_HEADER: ",".join(job.id for job in submitted)}
     waits = [asyncio.ensure_future(job.whole_output(error_headers=headers)) for job in submitted]
