@@ -323,6 +323,7 @@ def test_a_step_that_fails_for_its_request_leaves_the_engine_running(tiny_backen
         engine.stop()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # its thread ends so
 def test_a_step_failure_the_engine_cannot_run_past_stops_it(tiny_backend: Any) -> None:
     """A lost GPU (or vLLM's executor dead) fails every step: the worker took job after job and
     failed each. Now a failed step is followed by the engine's own two-token job; when that fails

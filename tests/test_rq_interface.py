@@ -46,6 +46,7 @@ OVERRIDES: dict[type, tuple[type, set[str], set[str]]] = {
             "teardown",
             "subscribe",
             "execute_job",
+            "work",  # exits 1 after its loop when its engine broke
             "clean_registries",
             "handle_job_success",
         },
