@@ -7,9 +7,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from api.completion_request import CompletionRequest
 from api.errors import ApiError
 from api.openai_format import CompletionFormat, CompletionStream
-from api.openai_schemas import ChatCompletionRequest, CompletionRequest
+from api.openai_schemas import ChatCompletionRequest
 
 
 def test_chat_request_becomes_a_job_request() -> None:

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.auth import OPEN, Caller, CallerDep
 from api.client_job import JOB_HEADER, ClientJob, detach_requested
+from api.completion_request import COMPLETION_PARAMS, CompletionRequest
 from api.errors import ApiError, error_responses, job_failure_error, renamed
 from api.job_client import JobClient, get_jobs
 from api.openai_format import (
@@ -33,13 +34,7 @@ from api.openai_format import (
     model_object,
     sse_data,
 )
-from api.openai_schemas import (
-    CHAT_PARAMS,
-    COMPLETION_PARAMS,
-    ChatCompletionRequest,
-    CompletionRequest,
-    OpenAIFields,
-)
+from api.openai_schemas import CHAT_PARAMS, ChatCompletionRequest, OpenAIFields
 from api.tool_calls import ToolPlan
 from api.unicode_bodies import UnicodeCheckedRoute
 from shared.job_store.vocabulary import EventName
@@ -219,24 +214,7 @@ async def _complete_each(
         for job_request in job_requests:
             submitted.append(await ClientJob.submit(jobs, job_request, request, caller, detached=detached))
     except BaseException as exc:
-        canceled = False
-        try:
-            if isinstance(
-                exc, ApiError
-            ):  # their ends written before the answer: a retry finds its quota free
-                ends = [jobs.cancel(job.id, caller.name) for job in submitted]
-                for job, end in zip(
-                    submitted, await asyncio.gather(*ends, return_exceptions=True), strict=True
-                ):
-                    if isinstance(end, Exception) and not isinstance(end, ApiError):  # 409: ended already
-                        log.warning("job %s: could not be canceled: %s", job.id, end)
-                canceled = True
-        finally:  # the request torn down (or that wait cut short): canceled without waiting
-            for job in submitted:
-                if not canceled:
-                    job.detached = False
-                    job.client_gone()
-                await job.close()
+        await _withdraw(jobs, caller, submitted, wait=isinstance(exc, ApiError))
         if not isinstance(exc, ApiError):
             raise
         refused = _as_sent(exc, "text", None)
@@ -279,6 +257,28 @@ async def _complete_each(
     usage = {name: sum(answer["usage"][name] for answer in answers) for name in answers[0]["usage"]}
     choices = [answer["choices"][0] | {"index": index} for index, answer in enumerate(answers)]
     return JSONResponse(answers[0] | {"choices": choices, "usage": usage}, headers=headers)
+
+
+async def _withdraw(jobs: JobClient, caller: Caller, submitted: list[ClientJob], *, wait: bool) -> None:
+    """Cancel the jobs of a list that will not be answered, detached or not: with ``wait`` (a
+    refusal) their ends are written before the answer, so a retry finds the key's quota free;
+    without (the request torn down, or that wait cut short), at once, without waiting."""
+    canceled = False
+    try:
+        if wait:
+            ends = await asyncio.gather(
+                *(jobs.cancel(job.id, caller.name) for job in submitted), return_exceptions=True
+            )
+            for job, end in zip(submitted, ends, strict=True):
+                if isinstance(end, Exception) and not isinstance(end, ApiError):  # 409: ended already
+                    log.warning("job %s: could not be canceled: %s", job.id, end)
+            canceled = True
+    finally:
+        for job in submitted:
+            if not canceled:
+                job.detached = False
+                job.client_gone()
+            await job.close()
 
 
 async def _stream(job: ClientJob, fmt: CompletionFormat) -> AsyncIterator[bytes]:
