@@ -348,3 +348,51 @@ def test_a_step_failure_the_engine_cannot_run_past_stops_it(tiny_backend: Any) -
         assert not engine.submit(later)  # its thread hands it back to the queue
     finally:
         engine.stop()
+
+
+class FailingChat:
+    """The tiny model's own single-job loop (the shape of ChatGLM's stream_chat) that fails,
+    when told, at a job's second step: for one prompt only (``poison``), or for all (``broken``:
+    a lost GPU)."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.broken = False
+
+    def generate(self, req: GenerationRequest) -> Iterator[Any]:
+        for n, step in enumerate(self.backend.generate(req)):
+            if n == 1 and (self.broken or "poison" in str(req.messages[-1].content)):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+            yield step
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # its thread ends so
+def test_a_serial_model_stops_its_engine_when_every_job_fails_but_not_for_one_bad_job(
+    tiny_backend: Any,
+) -> None:
+    from worker.serial_model import SerialModel
+
+    chat = FailingChat(tiny_backend)
+    with running_engine(SerialModel(chat, slots=2)) as (engine, seen):  # type: ignore[arg-type]
+        good, bad = job(request("fine", max_tokens=30)), job(request("poison", max_tokens=30))
+        for j in (good, bad):
+            assert engine.submit(j)
+        seen.wait(lambda: seen.end(good) is not None and seen.end(bad) is not None)
+        assert seen.end(bad).error_type == "generation_error"  # type: ignore[union-attr]
+        assert seen.text(good) == alone(tiny_backend, good.request)[0]  # a job beside it runs on
+        alone_bad = job(request("poison again", max_tokens=30))  # alone, its step is the whole step
+        assert engine.submit(alone_bad)
+        seen.wait(lambda: seen.end(alone_bad) is not None)
+        assert seen.end(alone_bad).error_type == "generation_error"  # type: ignore[union-attr]
+        after = job(request("after", max_tokens=10))
+        assert engine.submit(after)
+        seen.wait(lambda: seen.end(after) is not None)
+        assert engine.alive() and seen.text(after) == alone(tiny_backend, after.request)[0]
+
+        chat.broken = True  # now every job fails, and the engine's own job after them
+        doomed = job(request("doomed", max_tokens=30))
+        assert engine.submit(doomed)
+        seen.wait(lambda: seen.end(doomed) is not None)
+        assert seen.end(doomed).error_type == "generation_error"  # type: ignore[union-attr]
+        seen.wait(lambda: not engine.alive())
+        assert not engine.submit(job(request("later", max_tokens=5)))  # its thread hands it back

@@ -149,7 +149,7 @@ def test_the_log_level_is_a_setting_of_every_process(monkeypatch: pytest.MonkeyP
     from rq.logutils import setup_loghandlers
 
     from shared.settings import Settings
-    from worker.worker_logging import configure_worker_logging, rq_levels_follow_ours, rq_logs_through_ours
+    from worker.worker_logging import configure_worker_logging, rq_logs_through_ours
 
     monkeypatch.setenv("STREAMQ_LOG_LEVEL", "WARNING")
     root = logging.getLogger()
@@ -159,10 +159,11 @@ def test_the_log_level_is_a_setting_of_every_process(monkeypatch: pytest.MonkeyP
     try:
         configure_worker_logging(Settings(backend="synthetic"))
         assert root.level == logging.WARNING
-        # A plain RQ worker: `rq worker` and RQ's start set RQ's loggers at info; they follow ours.
+        # A plain RQ worker: `rq worker` sets RQ's loggers at info, with handlers of their own,
+        # before the worker starts; then its start (StreamqWorker.bootstrap) gives RQ no level.
+        setup_loghandlers("INFO", name="rq.worker")  # as `rq worker`'s command does
         rq_logs_through_ours(Settings(backend="synthetic"))
-        setup_loghandlers("INFO", name="rq.worker")  # as RQ's bootstrap does
-        rq_levels_follow_ours()
+        setup_loghandlers(None, name="rq.worker")  # as RQ's bootstrap does, given no level
         assert rq_logger.getEffectiveLevel() == logging.WARNING and not rq_logger.handlers
     finally:
         root.setLevel(before[0])

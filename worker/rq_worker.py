@@ -38,7 +38,7 @@ from worker.job_runner import Outcome
 from worker.rq_runs import file_ending
 from worker.runtime import WorkerRuntime, build_runtime, served_name_of
 from worker.tasks import TASK
-from worker.worker_logging import rq_levels_follow_ours, rq_logs_through_ours
+from worker.worker_logging import rq_logs_through_ours
 
 log = logging.getLogger("streamq.worker")
 
@@ -109,13 +109,13 @@ class StreamqWorker(SimpleWorker):
         self._owned: WorkerRuntime | None = None  # the runtime it built itself (`rq worker -w`)
         self._engine_stopped = False
 
-    def bootstrap(self, *args: Any, **kwargs: Any) -> None:
-        if self.runtime is None:  # run on its own (`rq worker -w ...`): its logs are streamq's
-            rq_logs_through_ours(self.settings)
-        super().bootstrap(*args, **kwargs)
+    def bootstrap(self, logging_level: str | None = "INFO", *args: Any, **kwargs: Any) -> None:
         if self.runtime is not None:
+            super().bootstrap(logging_level, *args, **kwargs)
             return
-        rq_levels_follow_ours()
+        # Run on its own (`rq worker -w ...`): its logs are streamq's, RQ's start-up lines too.
+        rq_logs_through_ours(self.settings)
+        super().bootstrap(None, *args, **kwargs)  # RQ's loggers keep STREAMQ_LOG_LEVEL
         if (self.settings.slots or 1) > 1:
             log.warning(
                 "RQ's worker loop runs one job at a time: STREAMQ_SLOTS=%d is not used", self.settings.slots

@@ -43,7 +43,12 @@ class SerialModel:
         return 0.0 if self._steps else None
 
     def step(self) -> list[JobOutput]:
+        """One step of each held job. A job whose step raises fails alone, while another job's
+        step runs; when every held job's step raised, the step as a whole failed and raises (the
+        engine fails them all, then checks with a job of its own whether the model still runs, as
+        after a batched model's failed step), so a lost GPU stops the worker here too."""
         outputs = []
+        failures: list[Exception] = []
         for job, steps in list(self._steps.items()):
             try:
                 step = next(steps, None)
@@ -53,6 +58,7 @@ class SerialModel:
                 continue
             except Exception as exc:
                 self._steps.pop(job)
+                failures.append(exc)
                 outputs.append(ended(job, "error", "generation_error", f"{type(exc).__name__}: {exc}"))
                 continue
             if step is None:  # ended without saying why: an answer that simply stopped
@@ -65,4 +71,6 @@ class SerialModel:
             )
             if step.finish_reason is not None:
                 self.remove(job)
+        if failures and len(failures) == len(outputs):
+            raise failures[0]
         return outputs

@@ -30,17 +30,14 @@ RQ_LOGGERS = ("rq.worker", "rq.job")
 
 def rq_logs_through_ours(settings: Settings) -> None:
     """``configure_worker_logging`` in a worker that RQ's own command started: `rq worker` gave
-    RQ's loggers handlers of their own, which would leave streamq's lines unwritten and RQ's in
-    RQ's format; RQ's lines now go through streamq's handler too."""
+    RQ's loggers handlers of their own and the level info, which would leave streamq's lines
+    unwritten and RQ's in RQ's format at info; RQ's lines now go through streamq's handler, at
+    STREAMQ_LOG_LEVEL (the root's). RQ's start must then be given no level (``bootstrap``'s
+    ``logging_level=None``), or it sets info again."""
     configure_worker_logging(settings)
     for name in RQ_LOGGERS:
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
         logger.propagate = True
-
-
-def rq_levels_follow_ours() -> None:
-    """RQ's loggers at STREAMQ_LOG_LEVEL, the root's (RQ's start sets its own, info by default)."""
-    for name in RQ_LOGGERS:
-        logging.getLogger(name).setLevel(logging.NOTSET)
+        logger.setLevel(logging.NOTSET)
