@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from rq import Queue, Worker
 
 from shared import keys
 from streamq.processes import Service, start_front, start_synthetic_worker, wait_for, wait_workers
@@ -107,6 +108,15 @@ def test_a_redis_restarted_empty_is_noticed_and_no_client_waits_forever(empty_st
         )
         wait_for(lambda: "Redis lost its data" in empty_stack.worker.log(), 10, "the worker's log line")
         assert "Redis lost its data" in empty_stack.front.log()
+        # `rq info` shows the worker and its queue again (it showed no worker until a restart).
+        store = empty_stack.redis.client()
+
+        def in_rq_info() -> bool:
+            workers = {w.name: w for w in Worker.all(connection=store)}
+            return "empty-w" in workers and workers["empty-w"].queue_names() == [keys.queue_name("synth")]
+
+        wait_for(in_rq_info, 10, "the worker in RQ's list of workers")
+        assert keys.queue_name("synth") in {q.name for q in Queue.all(connection=store)}
 
         # New jobs work, on the same processes.
         job = client.post(f"{url}/v1/jobs", json={"prompt": "after", "max_tokens": 5})

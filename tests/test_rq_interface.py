@@ -50,7 +50,7 @@ OVERRIDES: dict[type, tuple[type, set[str], set[str]]] = {
             "clean_registries",
             "handle_job_success",
         },
-        set(),
+        {"reannounce"},  # enters RQ's lists again after Redis came back empty
     ),
 }
 
@@ -60,6 +60,7 @@ CALLED: list[tuple[Any, set[str]]] = [
     (SimpleWorker.register_death, set()),
     (SimpleWorker.heartbeat, set()),
     (SimpleWorker.set_state, {"state"}),
+    (SimpleWorker.get_state, set()),
     (SimpleWorker.increment_successful_job_count, {"pipeline"}),
     (SimpleWorker.increment_failed_job_count, {"pipeline"}),
     (SimpleWorker.increment_total_working_time, {"pipeline"}),

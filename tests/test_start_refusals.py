@@ -107,6 +107,16 @@ def test_a_bad_dtype_or_backend_is_refused_before_anything_starts() -> None:
     assert "pick the GPU with CUDA_VISIBLE_DEVICES=1 and STREAMQ_DEVICE=cuda" in gpu, gpu
 
 
+def test_a_plain_rq_worker_without_a_model_says_so_in_one_line(stack: Stack) -> None:
+    """It stopped with a traceback that told to pass --model, an option `rq worker` has not."""
+    rq = Path(sys.executable).with_name("rq")
+    command = [str(rq), "worker", "-w", "worker.rq_worker.StreamqWorker", "-c", "worker.rq_config", "--burst"]
+    env = clean_env(STREAMQ_REDIS_URL=stack.redis.url, STREAMQ_METRICS_PORT="0")
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip() == "streamq: refusing to start: no model to serve: set STREAMQ_MODEL"
+
+
 def test_a_worker_says_what_its_model_folder_or_engine_lacks(tmp_path: Path, stack: Stack) -> None:
     """An empty folder was refused with transformers' advice to install sentencepiece; a model
     without its tokenizer files loaded, and then refused every prompt as "no tokens"."""
@@ -149,7 +159,7 @@ def test_the_log_level_is_a_setting_of_every_process(monkeypatch: pytest.MonkeyP
     from rq.logutils import setup_loghandlers
 
     from shared.settings import Settings
-    from worker.worker_logging import configure_worker_logging, rq_logs_through_ours
+    from worker.worker_logging import configure_worker_logging
 
     monkeypatch.setenv("STREAMQ_LOG_LEVEL", "WARNING")
     root = logging.getLogger()
@@ -157,12 +167,12 @@ def test_the_log_level_is_a_setting_of_every_process(monkeypatch: pytest.MonkeyP
     rq_logger = logging.getLogger("rq.worker")
     rq_before = (rq_logger.level, list(rq_logger.handlers), rq_logger.propagate)
     try:
+        # RQ sets its loggers at info when imported (the dispatcher's RQ calls log through them
+        # in `streamq worker` too); `rq worker` also gives them handlers of their own, before the
+        # worker starts; then its start (StreamqWorker.bootstrap) gives RQ no level.
+        setup_loghandlers("INFO", name="rq.worker")  # as `rq worker`'s command does
         configure_worker_logging(Settings(backend="synthetic"))
         assert root.level == logging.WARNING
-        # A plain RQ worker: `rq worker` sets RQ's loggers at info, with handlers of their own,
-        # before the worker starts; then its start (StreamqWorker.bootstrap) gives RQ no level.
-        setup_loghandlers("INFO", name="rq.worker")  # as `rq worker`'s command does
-        rq_logs_through_ours(Settings(backend="synthetic"))
         setup_loghandlers(None, name="rq.worker")  # as RQ's bootstrap does, given no level
         assert rq_logger.getEffectiveLevel() == logging.WARNING and not rq_logger.handlers
     finally:

@@ -75,6 +75,11 @@ class Dispatcher:
         self._pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="streamq-job")
         self._state_lock = threading.Lock()
         self._written_state = ""
+        self._reannounce = threading.Event()  # set when Redis came back empty
+
+    def data_lost(self) -> None:
+        """Redis came back empty: the loop enters RQ's lists again (``StreamqWorker.reannounce``)."""
+        self._reannounce.set()
 
     def running(self) -> int:
         with self._changed:
@@ -112,6 +117,9 @@ class Dispatcher:
                         self._register()
                         registered = True
                         self._write_state()
+                    if self._reannounce.is_set():
+                        worker.reannounce()
+                        self._reannounce.clear()
                     now = time.monotonic()
                     if now >= beat_due:
                         worker.heartbeat()

@@ -22,6 +22,7 @@ the installed RQ by tests/test_rq_interface.py.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any, Protocol
 
@@ -38,7 +39,7 @@ from worker.job_runner import Outcome
 from worker.rq_runs import file_ending
 from worker.runtime import WorkerRuntime, build_runtime, served_name_of
 from worker.tasks import TASK
-from worker.worker_logging import rq_logs_through_ours
+from worker.worker_logging import configure_worker_logging
 
 log = logging.getLogger("streamq.worker")
 
@@ -93,7 +94,9 @@ class StreamqWorker(SimpleWorker):
     ) -> None:
         self.settings = settings or load_settings()
         if runtime is None and self.settings.backend == "model" and not self.settings.model:
-            raise ValueError("no model to serve: pass --model or set STREAMQ_MODEL")
+            # One line and exit code 2, as for any setting refused (`rq worker` has no --model).
+            print("streamq: refusing to start: no model to serve: set STREAMQ_MODEL", file=sys.stderr)
+            raise SystemExit(2)
         served = runtime.served_name if runtime else served_name_of(self.settings)
         queue = keys.queue_name(served)
         given = queues if isinstance(queues, list | tuple) else [queues] if queues else []
@@ -114,7 +117,7 @@ class StreamqWorker(SimpleWorker):
             super().bootstrap(logging_level, *args, **kwargs)
             return
         # Run on its own (`rq worker -w ...`): its logs are streamq's, RQ's start-up lines too.
-        rq_logs_through_ours(self.settings)
+        configure_worker_logging(self.settings)
         super().bootstrap(None, *args, **kwargs)  # RQ's loggers keep STREAMQ_LOG_LEVEL
         if (self.settings.slots or 1) > 1:
             log.warning(
@@ -128,11 +131,22 @@ class StreamqWorker(SimpleWorker):
             log.error("worker %s could not load %s: %s", self.name, self.settings.model, exc)
             self.register_death()  # no ghost in `rq info`
             raise
+        owned.on_data_lost.append(self.reannounce)
         owned.start()
         self.runtime = self._owned = owned
         settle_heap(self.settings)
         backend = owned.backend
         log.info("worker %s serves %s on %s (%s)", self.name, backend.name, backend.device, backend.dtype)
+
+    def reannounce(self) -> None:
+        """Redis came back empty (``shared.redis_epoch``): enter RQ's lists of workers and queues
+        again, as at the start, or `rq info` shows no worker until the process restarts. A record
+        of this name there now is this worker's own, rewritten since by RQ's heartbeat (partial:
+        no birth, no queues), and is replaced."""
+        self.connection.delete(self.key)
+        self.register_birth()
+        self.set_state(self.get_state())  # busy or idle, as last written
+        self.connection.sadd(keys.RQ_QUEUES, *(queue.key for queue in self.queues))
 
     def teardown(self) -> None:
         if self._owned is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import redis
 
@@ -138,12 +139,17 @@ class WorkerRuntime:
         )
         self._running: dict[str, str] = {}  # slot name → the job it runs (a job may run twice)
         self._lock = threading.Lock()
+        # Called (in the epoch watch's thread) when Redis came back empty: the RQ worker that
+        # takes this process's jobs enters RQ's lists again.
+        self.on_data_lost: list[Callable[[], None]] = []
 
     def _data_lost(self) -> None:
         """Redis came back empty: count it, and announce this worker again at once (the fronts
-        see no live worker until its next heartbeat)."""
+        see no live worker until its next heartbeat; `rq info`, none until it restarted)."""
         self.metrics.redis_data_lost.inc()
         self.heartbeat.beat()
+        for listener in self.on_data_lost:
+            listener()
 
     def start(self, engine_thread: bool = True) -> None:
         """Start the helper threads, and the engine in a thread of its own unless the caller
