@@ -197,6 +197,47 @@ def test_the_page_rides_out_a_front_restart_mid_answer(browser: Any, slow_stack:
             service.stop()
 
 
+def test_a_reload_mid_answer_shows_the_conversation_again_and_follows_the_answer_on(
+    browser: Any, slow_stack: SlowStack
+) -> None:
+    """A reload lost the conversation, and the running job went on unseen (taking its slot)."""
+    from selenium.webdriver.common.by import By
+
+    _open(browser, slow_stack, slow_stack.url)
+    first = _ask(browser, "A short one first.", 3)
+    until(browser, lambda: _state(first) == "done", "the first answer to finish")
+    first_text = _text(first)
+    tokens = 6 * SLOW_TOKENS_PER_SECOND
+    long = _ask(browser, "Then a longer one.", tokens)
+    until(browser, lambda: len(_text(long).split()) >= 5, "the answer to run")
+    job_id = long.get_attribute("data-job-id")
+
+    browser.refresh()
+    until(
+        browser,
+        lambda: len(_answers(browser)) == 2 and _state(_answers(browser)[-1]) == "done",
+        "the answer to go on to its end after the reload",
+        timeout=60,
+    )
+    before, after = _answers(browser)
+    assert _text(before) == first_text and _state(before) == "done"
+    assert after.get_attribute("data-job-id") == job_id  # the same job followed, not sent again
+    job = slow_stack.job(job_id)
+    assert job["status"] == "finished" and _text(after) == job["text"] and len(job["text"].split()) == tokens
+    questions = browser.find_elements(By.CSS_SELECTOR, "#log .msg.user .body")
+    assert [q.get_attribute("textContent") for q in questions] == ["A short one first.", "Then a longer one."]
+
+    third = _ask(browser, "And one more.", 3)  # the conversation goes on from both exchanges
+    until(browser, lambda: _state(third) == "done", "the third answer to finish")
+    assert slow_stack.asked(third.get_attribute("data-job-id")) == [
+        ("user", "A short one first."),
+        ("assistant", first_text),
+        ("user", "Then a longer one."),
+        ("assistant", job["text"]),
+        ("user", "And one more."),
+    ]
+
+
 def test_the_page_shows_the_queue_position_while_the_job_waits(browser: Any, slow_stack: SlowStack) -> None:
     from selenium.webdriver.common.by import By
 

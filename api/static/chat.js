@@ -219,19 +219,58 @@
     return `${data.finish_reason} · ${u.completion_tokens} tokens · ${(t.generation_seconds || 0).toFixed(1)} s${rate}`;
   }
 
+  // ----- what a reload keeps ------------------------------------------------------------------
+  // The conversation shown, the one sent, and the answer being written are kept for this tab
+  // (sessionStorage): a reload shows them again and follows the running job from its first event
+  // (it ran on meanwhile), rather than losing the conversation and leaving the job unseen.
+  const SAVED = "streamq.chat";
+  let shown = []; // {role, text, status?, state?, jobId?, note?} of each ended exchange, in order
+
+  function save() {
+    const pending = running && running.resume && !running.stopped ? running.resume : null;
+    try {
+      sessionStorage.setItem(SAVED, JSON.stringify({ history, shown, pending }));
+    } catch (_) { /* storage full or refused: the page works on, a reload just forgets */ }
+  }
+
+  function restore() {
+    let kept = {};
+    try { kept = JSON.parse(sessionStorage.getItem(SAVED) || "{}") || {}; } catch (_) { kept = {}; }
+    history = Array.isArray(kept.history) ? kept.history : [];
+    shown = Array.isArray(kept.shown) ? kept.shown : [];
+    for (const m of shown) {
+      const msg = addMessage(m.role === "user" ? "user" : "assistant", String(m.text || ""));
+      if (m.state) msg.el.dataset.state = m.state;
+      if (m.jobId) msg.el.dataset.jobId = m.jobId;
+      if (m.status) msg.status.textContent = m.status;
+      if (m.note) noteOn(msg, m.note);
+    }
+    const p = kept.pending;
+    if (p && p.jobId && p.body && Array.isArray(p.body.messages) && typeof p.question === "string") {
+      addMessage("user", p.question);
+      answerIn(p.question, p.body, p.jobId, p.dropped || 0);
+    }
+    scrollDown();
+  }
+
   // ----- a question and its answer -----------------------------------------------------------
   async function ask(question) {
-    let messages = history.concat([{ role: "user", content: question }]);
-    addMessage("user", question);
-    const answer = addMessage("assistant", "");
-    answer.el.dataset.state = "queued";
-    answer.status.textContent = "Sending…";
-    scrollDown();
-    setRunning(true);
-    const body = { messages };
+    const body = { messages: history.concat([{ role: "user", content: question }]) };
     if ($("model").value) body.model = $("model").value;
     const maxTokens = parseInt($("max-tokens").value, 10);
     if (maxTokens > 0) body.max_tokens = maxTokens;
+    addMessage("user", question);
+    await answerIn(question, body, null, 0);
+  }
+
+  // The answer to ``body`` (its last message the question) in a new bubble: submitted here, or,
+  // given ``jobId``, a job submitted before the page was reloaded, followed from its start.
+  async function answerIn(question, body, jobId, dropped) {
+    const answer = addMessage("assistant", "");
+    answer.el.dataset.state = "queued";
+    answer.status.textContent = jobId ? "Reconnecting…" : "Sending…";
+    scrollDown();
+    setRunning(true);
     let text = "";
     let state = "queued";
     let pending = false;
@@ -242,20 +281,25 @@
       if (nearBottom) scrollDown();
     };
     try {
-      running = { jobId: null, stopped: false }; // Stop works from here on, even before the id
-      let dropped = 0;
+      running = { jobId: null, stopped: false, resume: null }; // Stop works from here on, even before the id
       for (;;) {
         let tooLong = false; // the worker's refusal: the front could not count the prompt in time
-        const job = await submitFitting(body, answer, dropped);
-        dropped = job.dropped;
-        messages = body.messages;
-        running.jobId = job.id;
-        answer.el.dataset.jobId = job.id;
-        answer.status.textContent = queuedText(job);
-        if (running.stopped) cancelJob(job.id); // Stop was pressed while the question was sent
+        if (jobId === null) {
+          const job = await submitFitting(body, answer, dropped);
+          dropped = job.dropped;
+          jobId = job.id;
+          answer.status.textContent = queuedText(job);
+        } else if (dropped) {
+          noteDropped(answer, dropped);
+        }
+        running.jobId = jobId;
+        running.resume = { question, body, jobId, dropped };
+        save();
+        answer.el.dataset.jobId = jobId;
+        if (running.stopped) cancelJob(jobId); // Stop was pressed while the question was sent
         if (!$("model").value) loadModels(); // a worker came since the page loaded
         await follow(
-          job.id,
+          jobId,
           (ev) => {
             if (ev.event === "queued") {
               answer.status.textContent = queuedText(ev.data);
@@ -289,6 +333,7 @@
         if (!tooLong) break;
         body.messages = body.messages.slice(2);
         dropped += 1;
+        jobId = null;
       }
     } catch (err) {
       state = "error";
@@ -297,9 +342,15 @@
     draw();
     answer.el.dataset.state = state;
     if (state === "done") {
-      history = messages.concat([{ role: "assistant", content: text }]);
+      history = body.messages.concat([{ role: "assistant", content: text }]);
     }
+    const note = answer.el.querySelector(".note");
+    shown.push({ role: "user", text: question }, {
+      role: "assistant", text, state, status: answer.status.textContent,
+      jobId: answer.el.dataset.jobId || null, note: note ? note.textContent : null,
+    });
     running = null;
+    save();
     setRunning(false);
   }
 
@@ -315,16 +366,7 @@
     for (;;) {
       try {
         const job = await api("POST", "/v1/jobs", body);
-        if (dropped) {
-          let note = answer.el.querySelector(".note");
-          if (!note) {
-            note = document.createElement("div");
-            note.className = "note";
-            answer.el.append(note);
-          }
-          note.textContent = `The conversation outgrew the model's context: its ${dropped} oldest ` +
-            (dropped > 1 ? "exchanges were" : "exchange was") + " left out.";
-        }
+        if (dropped) noteDropped(answer, dropped);
         return Object.assign(job, { dropped });
       } catch (err) {
         const tooLong = err instanceof ApiError && err.code === TOO_LONG;
@@ -333,6 +375,21 @@
         dropped += 1;
       }
     }
+  }
+
+  function noteDropped(answer, dropped) {
+    noteOn(answer, `The conversation outgrew the model's context: its ${dropped} oldest ` +
+      (dropped > 1 ? "exchanges were" : "exchange was") + " left out.");
+  }
+
+  function noteOn(msg, text) {
+    let note = msg.el.querySelector(".note");
+    if (!note) {
+      note = document.createElement("div");
+      note.className = "note";
+      msg.el.append(note);
+    }
+    note.textContent = text;
   }
 
   async function stop() {
@@ -382,10 +439,13 @@
     $("new-chat").addEventListener("click", () => {
       if (running) return;
       history = [];
+      shown = [];
+      save();
       $("log").replaceChildren($("empty"));
       $("empty").hidden = false;
     });
     loadModels();
+    restore();
     $("question").focus();
   }
 
