@@ -272,6 +272,37 @@ def test_a_three_turn_chain_and_store_false(
     assert refused.value.body["param"] == "previous_response_id"  # type: ignore[index]
 
 
+def test_the_previous_responses_items_sent_again_with_it_are_refused(
+    client: openai.OpenAI, stack: Stack
+) -> None:
+    """An agent's loop that appends each output to its input and chains with previous_response_id
+    too: the model read the answer twice (two assistant turns in a row), with no error."""
+    model = model_of(stack)
+    first = client.responses.create(model=model, input="hi", temperature=0, max_output_tokens=4)
+    again = [item.model_dump(exclude_none=True) for item in first.output]
+    more = {"role": "user", "content": "more"}
+    for sent in ([*again, more], [more, *again]):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(
+                model=model, previous_response_id=first.id, input=sent, max_output_tokens=2
+            )
+        error = refused.value.body
+        assert error["param"] == f"input.{sent.index(again[0])}"  # type: ignore[index]
+        assert f"Duplicate item found with id {first.output[0].id}" in error["message"]  # type: ignore[index]
+    # The next turn of such a loop sends the first turn's output again too: in the second's input.
+    hi = {"role": "user", "content": "hi"}
+    second = client.responses.create(model=model, input=[hi, *again, more], max_output_tokens=2)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model=model, previous_response_id=second.id, input=[*again, more])
+    assert refused.value.body["param"] == "input.0"  # type: ignore[index]
+    # The new items alone are the next turn, as is the whole conversation sent without the chain.
+    chained = client.responses.create(
+        model=model, previous_response_id=first.id, input=[more], max_output_tokens=2
+    )
+    by_hand = client.responses.create(model=model, input=[hi, *again, more], max_output_tokens=2)
+    assert chained.usage.input_tokens == by_hand.usage.input_tokens  # type: ignore[union-attr]
+
+
 WEATHER = {
     "type": "function",
     "name": "get_weather",

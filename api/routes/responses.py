@@ -66,7 +66,9 @@ async def create_response(
     ``background`` it answers at once (status queued) and runs on whatever the client does."""
     history: list[ChatMessage] = []
     if body.previous_response_id:
-        history = await earlier_turns(jobs, body.previous_response_id, caller.name)
+        ids = [getattr(item, "id", None) for item in body.items()]
+        given = {item_id: n for n, item_id in enumerate(ids) if isinstance(item_id, str)}
+        history = await earlier_turns(jobs, body.previous_response_id, caller.name, given)
     job_request = body.job_request(history)
     try:
         view = await jobs.submit(job_request, caller)
