@@ -272,6 +272,23 @@ def test_the_openai_sdk_gets_json_following_its_schema(
         body: Any = refused.value.body
         assert body["param"] == "response_format" and "Regex parsing error" in body["message"], body
         assert ".cc:" not in body["message"] and not body["message"].endswith("\n"), body
+        # A keyword vLLM refuses for xgrammar (pydantic's conint(multiple_of=5)): it says only that
+        # the schema has such features; the 400 says where.
+        from pydantic import BaseModel, conint
+
+        class Step(BaseModel):
+            size: conint(multiple_of=5)  # type: ignore[valid-type]
+
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.parse(
+                model=MODEL,
+                messages=[{"role": "user", "content": "JSON."}],
+                response_format=Step,
+                max_tokens=20,
+            )
+        body = refused.value.body
+        assert body["param"] == "response_format", body
+        assert '(at #/properties/size: {"multipleOf": 5' in body["message"], body
         # A string with a length limit: xgrammar's rule for it takes raw control characters (invalid
         # JSON), which the engine rules out, pushed as hard as a client can push them.
         bounded = {

@@ -22,6 +22,7 @@ penalties, logit bias, grammar-constrained JSON. ``worker.vllm_setup`` starts th
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -104,6 +105,8 @@ class VLLMModel:
             asked_json = job.request.json_schema is not None or job.request.json_object
             param = "response_format" if asked_json and _about_the_grammar(str(exc)) else None
             reason = library_reason(str(exc)) or type(exc).__name__  # no grammar library's time and source
+            if param and job.request.json_schema is not None:
+                reason += unsupported_place(job.request.json_schema)
             raise InvalidJobRequest(f"the vLLM engine refused the request: {reason}", param) from exc
         held = _Request(job, request_id, answer, prompt_logprobs)
         self._held[job] = held
@@ -252,6 +255,46 @@ def structured_outputs(request: GenerationRequest) -> Any:
     if request.json_object:
         return StructuredOutputsParams(json_object=True)
     return None
+
+
+_NOT_SCHEMAS = frozenset({"enum", "const", "default", "examples"})  # values, not subschemas
+
+
+def unsupported_place(schema: dict[str, Any]) -> str:
+    """Where in ``schema`` vLLM's xgrammar check finds what it cannot enforce, as " (at #/…:
+    {the subschema's own keywords})", or "" when no one place is to blame. vLLM says only that
+    the schema has such features; its own check is run on each subschema alone (its nested
+    subschemas left out), so this follows vLLM's rules as they are, not a copy of them."""
+    try:
+        from vllm.v1.structured_output.backend_xgrammar import has_xgrammar_unsupported_json_features
+    except ImportError:
+        return ""
+
+    def own(node: dict[str, Any]) -> dict[str, Any]:  # propertyNames: read with its object's keywords
+        return {
+            k: v
+            for k, v in node.items()
+            if k == "propertyNames"
+            or not (isinstance(v, dict) or (isinstance(v, list) and v and isinstance(v[0], dict)))
+        }
+
+    def find(node: Any, path: str) -> str | None:
+        if isinstance(node, list):
+            return next((p for n, item in enumerate(node) if (p := find(item, f"{path}/{n}"))), None)
+        if not isinstance(node, dict):
+            return None
+        for key, value in node.items():
+            nested = key not in _NOT_SCHEMAS and isinstance(value, dict | list)
+            if nested and (place := find(value, f"{path}/{key}")):
+                return place
+        if has_xgrammar_unsupported_json_features(own(node)):
+            return f" (at {path}: {json.dumps(own(node))[:200]})"
+        return None
+
+    try:
+        return find(schema, "#") or ""
+    except Exception:  # vLLM's check changed its ways: its own message stands alone
+        return ""
 
 
 def _about_the_grammar(message: str) -> bool:
