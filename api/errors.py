@@ -200,11 +200,16 @@ def _relevant(errors: Sequence[Any]) -> list[Any]:
 
     def outdone(e: Any) -> bool:
         at, loc = where(e), tuple(e.get("loc", ()))
-        return of_type(e) and any(
-            where(v) == at
-            or where(v).startswith(at + ".")
-            or _inside_other_member(loc, tuple(v.get("loc", ())))
-            for v in inner
+        return of_type(e) and (
+            any(
+                where(v) == at
+                or where(v).startswith(at + ".")
+                or _inside_other_member(loc, tuple(v.get("loc", ())))
+                for v in inner
+            )
+            # Every member's complaint of type, one from inside a member that took the value's
+            # shape (a list of items, one with a null content): that one says where.
+            or any(of_type(v) and _inside_other_member(loc, tuple(v.get("loc", ()))) for v in errors)
         )
 
     kept = [e for e in errors if not outdone(e)] or list(errors)

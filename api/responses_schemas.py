@@ -12,6 +12,7 @@ refused as unknown (``extra="forbid"``, see ``api.errors``). The input (a string
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import (
@@ -295,6 +296,14 @@ class ResponsesRequest(BaseModel):
             if isinstance(self.input, list)
             else [MessageItem(role="user", content=self.input)]
         )
+
+    def leave_out(self, known: Callable[[str], bool]) -> None:
+        """Leave out the input items whose ids ``known`` (the previous response's items, which the
+        chain brings): an agent's loop that appends each output to its input and chains too sent
+        them again, and the model read them twice. Kept once, as a call sent again always was
+        (``chat_messages``); OpenAI refuses them ("Duplicate item found")."""
+        if isinstance(self.input, list):
+            self.input = [item for item in self.input if not known(getattr(item, "id", None) or "")]
 
     def messages(self, history: list[ChatMessage]) -> list[ChatMessage]:
         """The conversation for the job, instructions aside: ``history`` (earlier turns), then the

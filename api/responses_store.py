@@ -12,6 +12,7 @@ chain needs only this record and this job's text.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -130,22 +131,13 @@ def new_record(body: ResponsesRequest, view: JobView, history: list[ChatMessage]
     )
 
 
-def _refuse_items_sent_again(record: ResponseRecord, given_ids: dict[str, int]) -> None:
-    """A response's output (or its input) sent again with ``previous_response_id``, which brings
-    them already: the model would read them twice (an agent's loop that appends each output to its
-    input and chains too). Refused as OpenAI refuses it. The previous response's input items
-    include what earlier turns' outputs were sent in it, so a loop's whole list is caught."""
-    output = re.compile(rf"(?:msg|fc)_{re.escape(record.id)}_\d+")  # api.responses_format's ids
+def _items_of(record: ResponseRecord) -> Callable[[str], bool]:
+    """Whether an item id is one of ``record``'s items: its output's (``api.responses_format``
+    makes them from the job id) or its input's (which hold what earlier turns' outputs were sent
+    in it, so an agent's loop that appends each output to its input is covered whole)."""
+    output = re.compile(rf"(?:msg|fc)_{re.escape(record.id)}_\d+")
     listed = {item.get("id") for item in record.input_items}
-    for item_id, n in given_ids.items():
-        if item_id in listed or output.fullmatch(item_id):
-            raise ApiError(
-                400,
-                f"Duplicate item found with id {item_id}: it is an item of response "
-                f"'{record.response_id}' already, which previous_response_id brings; send only "
-                "the new items",
-                param=f"input.{n}",
-            )
+    return lambda item_id: item_id in listed or output.fullmatch(item_id) is not None
 
 
 def _refuse_chaining(response_id: str, why: str) -> ApiError:
@@ -158,17 +150,16 @@ def _refuse_chaining(response_id: str, why: str) -> ApiError:
 
 
 async def earlier_turns(
-    jobs: JobClient, previous_id: str, owner: str, given_ids: dict[str, int]
-) -> list[ChatMessage]:
+    jobs: JobClient, previous_id: str, owner: str
+) -> tuple[list[ChatMessage], Callable[[str], bool]]:
     """The conversation that ``previous_id`` ends: its own (earlier turns and its input) and its
-    answer, as an assistant turn with its tool calls. A 400 naming ``previous_response_id`` for a
-    response that was not stored or has not finished; a 404 for one that is not the caller's; a
-    400 naming the input item for one of ``given_ids`` (this input's item ids, by place) that is
-    an item of that response already."""
+    answer, as an assistant turn with its tool calls; and whether an item id is one of that
+    response's items (which the conversation holds already). A 400 naming
+    ``previous_response_id`` for a response that was not stored or has not finished; a 404 for
+    one that is not the caller's."""
     record = await load_record(jobs, previous_id, owner, param="previous_response_id")
     if not record.store:
         raise _refuse_chaining(previous_id, "was created with store: false: it cannot be continued")
-    _refuse_items_sent_again(record, given_ids)
     view = await jobs.view(record.id, owner)
     status = response_status(view, record.background)
     if status not in ("completed", "incomplete"):
@@ -176,4 +167,4 @@ async def earlier_turns(
     content, calls = read_whole(record.tool_plan(), record.id, view.text, cut=cut_short(view.finish_reason))
     tool_calls = [ToolCall(id=c["id"], function=FunctionCall(**c["function"])) for c in calls]
     answer = ChatMessage(role="assistant", content=content or "", tool_calls=tool_calls or None)
-    return [*record.conversation, answer]
+    return [*record.conversation, answer], _items_of(record)

@@ -66,9 +66,8 @@ async def create_response(
     ``background`` it answers at once (status queued) and runs on whatever the client does."""
     history: list[ChatMessage] = []
     if body.previous_response_id:
-        ids = [getattr(item, "id", None) for item in body.items()]
-        given = {item_id: n for n, item_id in enumerate(ids) if isinstance(item_id, str)}
-        history = await earlier_turns(jobs, body.previous_response_id, caller.name, given)
+        history, known = await earlier_turns(jobs, body.previous_response_id, caller.name)
+        body.leave_out(known)
     job_request = body.job_request(history)
     try:
         view = await jobs.submit(job_request, caller)

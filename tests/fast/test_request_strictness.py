@@ -74,6 +74,7 @@ def _tool(name: str, parameters: Any = None) -> Any:
             'tools of type "custom" are not supported',
         ),
         ({"messages": [USER], "logprobs": "true"}, "logprobs", "Input should be a valid boolean"),
+        ({"messages": [USER | {"content": 5}]}, "messages.0.content", "Input should be a valid string"),
         (  # str.isdigit() takes '²' (a 500 before: int('²') fails) and '١٢' (taken as token 12)
             {"messages": [USER], "logit_bias": {"²": 1}},
             "logit_bias",

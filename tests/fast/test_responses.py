@@ -337,6 +337,8 @@ async def test_text_format_json_schema_is_the_jobs_response_format(front: Front)
         ({"tools": [{**ADD, "parameters": {"$ref": "#/$defs/none"}}], "tool_choice": "required"}, "tools.0"),
         ({"tools": [{**ADD, "parameters": {"type": "array"}}]}, "tools.0.parameters"),
         ({"input": [{"role": "user", "content": [{"type": "output_text", "text": "x"}]}]}, "input.0"),
+        # Every member of a union complains of type: the member that took the list says where.
+        ({"input": [{"role": "user", "content": None}]}, "input.0.content"),
         ({"stream": "yes"}, "stream"),  # JSON's true or false only, as OpenAI takes them (was: a stream)
         ({"background": "true"}, "background"),
         ({"store": 0}, "store"),
