@@ -12,7 +12,7 @@ import asyncio
 import datetime
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -28,11 +28,34 @@ from shared.job_store.vocabulary import EventName
 from shared.schemas import JobRequest, SamplingFields, Text
 
 log = logging.getLogger("streamq.api")
+
+# What curl (``-d``) and HTML forms send as a body's type: the seed read any body as JSON.
+_SENT_AS_FORM_OR_TEXT = ("application/x-www-form-urlencoded", "text/plain")
+
+
+class SeedBodyRoute(UnicodeCheckedRoute):
+    """A route of the seed's: its body is read as JSON whatever its Content-Type says, as the
+    seed's ``await request.json()`` did. ChatGLM-6B's clients (``requests.post(url,
+    data=json.dumps(...))``) send none (``strict_content_type=False`` below), and ``curl -d``
+    without ``-H`` sends a form's; either was answered a 415."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def as_json(request: Request) -> Response:
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind in _SENT_AS_FORM_OR_TEXT:
+                headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+                request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
+                request = Request(request.scope, request.receive)
+            return await handler(request)
+
+        return as_json
+
+
 router = APIRouter(
-    route_class=UnicodeCheckedRoute,
+    route_class=SeedBodyRoute,
     tags=["chatglm-compatible"],
-    # ChatGLM-6B's clients (``requests.post(url, data=json.dumps(...))``) send JSON without a
-    # Content-Type, which the FastAPI of its day read as JSON: these routes still do.
     strict_content_type=False,
     responses=error_responses(400, 401, 404, 409, 413, 415, 429, 502, 503, 504),
 )

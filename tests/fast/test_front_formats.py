@@ -98,14 +98,24 @@ async def test_the_seed_chat_route_answers_with_history(front: Front) -> None:
 
 
 async def test_the_seed_routes_read_json_sent_without_a_content_type(front: Front) -> None:
-    """ChatGLM-6B's clients post ``data=json.dumps(...)``, with no Content-Type: the seed's
-    routes read it as JSON; the other routes say what to send instead of a puzzling 400."""
+    """ChatGLM-6B's clients post ``data=json.dumps(...)``, with no Content-Type, and ``curl -d``
+    without ``-H`` posts it as a form: the seed read any body as JSON, and its routes still do;
+    the other routes say what to send instead of a puzzling 400."""
     body = json.dumps({"prompt": "hi you", "history": []}).encode()
     answered = await front.http.post("/", content=body)
     assert "content-type" not in answered.request.headers
     assert (answered.status_code, answered.json()["response"]) == (200, "hi you")
     async with front.http.stream("POST", "/stream", content=body) as response:
         assert [c for c in (await response.aread()).decode().split("<^>") if c] == ["hi", "hi you"]
+    for kind in ("application/x-www-form-urlencoded", "text/plain; charset=utf-8"):
+        as_curl = await front.http.post("/", content=body, headers={"content-type": kind})
+        assert (as_curl.status_code, as_curl.json()["response"]) == (200, "hi you"), as_curl.text
+        async with front.http.stream(
+            "POST", "/stream", content=body, headers={"content-type": kind}
+        ) as response:
+            assert [c for c in (await response.aread()).decode().split("<^>") if c] == ["hi", "hi you"]
+    bad = await front.http.post("/", content=b'{"prompt": 1}', headers={"content-type": "text/plain"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt", bad.text
     for headers in ({}, {"content-type": "text/plain"}, {"content-type": "text/json"}):
         refused = await front.http.post("/v1/jobs", content=b'{"prompt": "hi"}', headers=headers)
         error = refused.json()["error"]
