@@ -297,13 +297,23 @@ class ResponsesRequest(BaseModel):
             else [MessageItem(role="user", content=self.input)]
         )
 
-    def leave_out(self, known: Callable[[str], bool]) -> None:
-        """Leave out the input items whose ids ``known`` (the previous response's items, which the
-        chain brings): an agent's loop that appends each output to its input and chains too sent
-        them again, and the model read them twice. Kept once, as a call sent again always was
-        (``chat_messages``); OpenAI refuses them ("Duplicate item found")."""
-        if isinstance(self.input, list):
-            self.input = [item for item in self.input if not known(getattr(item, "id", None) or "")]
+    def leave_out(self, made: Callable[[str], bool]) -> None:
+        """Leave out the input items whose ids streamq ``made`` for the chain's responses (their
+        outputs, which the chain brings): an agent's loop that appends each output to its input
+        and chains too sent them again, and the model read them twice. Kept once, as a call sent
+        again always was (``chat_messages``); OpenAI refuses them ("Duplicate item found"). An
+        input of such items only is a 400: nothing new to answer."""
+        if not isinstance(self.input, list):
+            return
+        kept = [item for item in self.input if not made(getattr(item, "id", None) or "")]
+        if not kept:
+            raise ApiError(
+                400,
+                "every item of 'input' is one of the previous responses' own, which "
+                "previous_response_id brings already: send the new items",
+                param="input",
+            )
+        self.input = kept
 
     def messages(self, history: list[ChatMessage]) -> list[ChatMessage]:
         """The conversation for the job, instructions aside: ``history`` (earlier turns), then the

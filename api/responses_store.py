@@ -68,6 +68,7 @@ class ResponseRecord(BaseModel):
     prompt_cache_key: str | None = None
     input_items: list[dict[str, Any]] = Field(default_factory=list)  # with ids; [] unless stored
     conversation: list[ChatMessage] = Field(default_factory=list)  # earlier turns + this input
+    chain: list[str] = Field(default_factory=list)  # the job ids of the responses before it, oldest first
 
     @property
     def response_id(self) -> str:
@@ -96,7 +97,9 @@ async def save_record(jobs: JobClient, record: ResponseRecord, owner: str) -> No
     await jobs.save_response(record.id, owner, record.model_dump_json(exclude_defaults=True))
 
 
-def new_record(body: ResponsesRequest, view: JobView, history: list[ChatMessage]) -> ResponseRecord:
+def new_record(
+    body: ResponsesRequest, view: JobView, history: list[ChatMessage], chain: list[str]
+) -> ResponseRecord:
     """The record of the response that ``body`` created as job ``view``."""
     plan = body.tool_plan()
     text = {"format": {"type": "text"}, "verbosity": "medium"}
@@ -128,16 +131,19 @@ def new_record(body: ResponsesRequest, view: JobView, history: list[ChatMessage]
         prompt_cache_key=body.prompt_cache_key,
         input_items=listed_items(body.items(), view.id) if body.stored else [],
         conversation=body.messages(history) if body.stored else [],
+        chain=chain if body.stored else [],
     )
 
 
-def _items_of(record: ResponseRecord) -> Callable[[str], bool]:
-    """Whether an item id is one of ``record``'s items: its output's (``api.responses_format``
-    makes them from the job id) or its input's (which hold what earlier turns' outputs were sent
-    in it, so an agent's loop that appends each output to its input is covered whole)."""
-    output = re.compile(rf"(?:msg|fc)_{re.escape(record.id)}_\d+")
-    listed = {item.get("id") for item in record.input_items}
-    return lambda item_id: item_id in listed or output.fullmatch(item_id) is not None
+def made_for(chain: list[str]) -> Callable[[str], bool]:
+    """Whether an item id is one streamq made for a response of ``chain`` (job ids): an output
+    item's (``msg_<job>_<n>``, ``fc_<job>_<n>``: api.responses_format) or an input item's listed
+    without an id of its own (``msg_<job>_in<n>``...: api.responses_items). Ids a client gave
+    its items are its own, and never taken for one of these."""
+    if not chain:
+        return lambda _: False
+    made = re.compile(rf"(?:msg|fc|fco)_(?:{'|'.join(map(re.escape, chain))})_(?:in)?\d+")
+    return lambda item_id: made.fullmatch(item_id) is not None
 
 
 def _refuse_chaining(response_id: str, why: str) -> ApiError:
@@ -149,14 +155,11 @@ def _refuse_chaining(response_id: str, why: str) -> ApiError:
     )
 
 
-async def earlier_turns(
-    jobs: JobClient, previous_id: str, owner: str
-) -> tuple[list[ChatMessage], Callable[[str], bool]]:
+async def earlier_turns(jobs: JobClient, previous_id: str, owner: str) -> tuple[list[ChatMessage], list[str]]:
     """The conversation that ``previous_id`` ends: its own (earlier turns and its input) and its
-    answer, as an assistant turn with its tool calls; and whether an item id is one of that
-    response's items (which the conversation holds already). A 400 naming
-    ``previous_response_id`` for a response that was not stored or has not finished; a 404 for
-    one that is not the caller's."""
+    answer, as an assistant turn with its tool calls; and the job ids of the chain's responses,
+    ``previous_id``'s last. A 400 naming ``previous_response_id`` for a response that was not
+    stored or has not finished; a 404 for one that is not the caller's."""
     record = await load_record(jobs, previous_id, owner, param="previous_response_id")
     if not record.store:
         raise _refuse_chaining(previous_id, "was created with store: false: it cannot be continued")
@@ -167,4 +170,4 @@ async def earlier_turns(
     content, calls = read_whole(record.tool_plan(), record.id, view.text, cut=cut_short(view.finish_reason))
     tool_calls = [ToolCall(id=c["id"], function=FunctionCall(**c["function"])) for c in calls]
     answer = ChatMessage(role="assistant", content=content or "", tool_calls=tool_calls or None)
-    return [*record.conversation, answer], _items_of(record)
+    return [*record.conversation, answer], [*record.chain, record.id]

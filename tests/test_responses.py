@@ -276,31 +276,38 @@ def test_the_previous_responses_items_sent_again_with_it_are_kept_once(
     client: openai.OpenAI, stack: Stack
 ) -> None:
     """An agent's loop that appends each output to its input and chains with previous_response_id
-    too: the model read the answer twice (two assistant turns in a row)."""
+    too: the model read the answers twice (two assistant turns in a row)."""
     model = model_of(stack)
-    first = client.responses.create(model=model, input="hi", temperature=0, max_output_tokens=4)
-    again = [item.model_dump(exclude_none=True) for item in first.output]
-    hi, more = {"role": "user", "content": "hi"}, {"role": "user", "content": "more"}
-    by_hand = client.responses.create(model=model, input=[hi, *again, more], max_output_tokens=2)
-    chained = client.responses.create(
-        model=model, previous_response_id=first.id, input=[more], max_output_tokens=2
-    )
-    resent = client.responses.create(
-        model=model, previous_response_id=first.id, input=[*again, more], max_output_tokens=2
-    )
+
+    def turn(**fields: Any) -> Any:
+        return client.responses.create(model=model, temperature=0, max_output_tokens=3, **fields)
+
+    def user(text: str, **more: Any) -> dict[str, Any]:
+        return {"role": "user", "content": text, **more}
+
+    first = turn(input="hi")
+    out1 = [item.model_dump(exclude_none=True) for item in first.output]
+    second = turn(previous_response_id=first.id, input=[*out1, user("more")])
+    assert [item_text(i) for i in client.responses.input_items.list(second.id).data] == ["more"]
+    out2 = [item.model_dump(exclude_none=True) for item in second.output]
+    # Two turns back as well: the first output came through the chain, not in the second's input.
+    third = turn(previous_response_id=second.id, input=[*out1, *out2, user("again")])
+    clean = turn(previous_response_id=second.id, input=[user("again")])
+    by_hand = turn(input=[user("hi"), *out1, user("more"), *out2, user("again")])
     assert (
-        asked(stack, resent.id).messages
-        == asked(stack, chained.id).messages
+        asked(stack, third.id).messages
+        == asked(stack, clean.id).messages
         == asked(stack, by_hand.id).messages
     )
-    assert [item_text(i) for i in client.responses.input_items.list(resent.id).data] == ["more"]
-    # The loop's next turn sends the first turn's output again too: it came in the second's input.
-    second = client.responses.create(model=model, input=[hi, *again, more], max_output_tokens=2)
-    third = client.responses.create(
-        model=model, previous_response_id=second.id, input=[*again, more], max_output_tokens=2
-    )
-    turns = asked(stack, third.id).messages
-    assert [m.role for m in turns] == ["user", "assistant", "user", "assistant", "user"]
+    assert [m.role for m in asked(stack, third.id).messages] == ["user", "assistant"] * 2 + ["user"]
+    # Only the ids streamq made are taken for the chain's items: a client's own ids are its own.
+    numbered = turn(input=[user("what is two and two", id="item-0")])
+    next_one = turn(previous_response_id=numbered.id, input=[user("and three", id="item-0")])
+    assert asked(stack, next_one.id).messages[-1].content == "and three"
+    # Nothing new: a 400 naming the input, not the last turn answered again.
+    with pytest.raises(openai.BadRequestError) as refused:
+        turn(previous_response_id=second.id, input=[*out1, *out2])
+    assert refused.value.body["param"] == "input"  # type: ignore[index]
 
 
 WEATHER = {

@@ -338,3 +338,42 @@ def test_a_job_started_as_the_engine_stops_is_handed_back_by_its_own_thread(
     state = connection.hmget(keys.job(job_id), [JobField.STATUS, JobField.ATTEMPTS])
     assert state == [StreamqStatus.QUEUED.encode(), b"0"]  # its attempt given back
     assert Job.fetch(job_id, connection=connection).get_status() == "queued"
+
+
+def test_a_worker_enters_rqs_lists_again_after_redis_came_back_empty(redis_server: RedisServer) -> None:
+    """`rq info` showed no worker after Redis restarted empty, until each worker restarted: RQ's
+    heartbeat wrote back a record of the worker's name with no birth and no queues, outside RQ's
+    lists. ``reannounce`` (on a loss that the epoch watch noticed) replaces it whole, in one step,
+    with the state last written."""
+    model = unique("reannounce")
+    connection = redis_server.client()
+    worker = UnsubscribedWorker(
+        connection=connection,
+        settings=Settings(),
+        runtime=Scripted(redis_server, model, {}),
+        name=f"{model}.0",
+    )
+    queue = keys.queue_name(model)
+
+    def in_rq_info() -> SimpleWorker | None:
+        return next((w for w in SimpleWorker.all(connection=connection) if w.name == worker.name), None)
+
+    worker.register_birth()
+    worker.set_state("busy")
+    try:
+        # Redis loses this worker's records (not the whole shared test Redis: its own keys only).
+        connection.delete(worker.key)
+        connection.srem("rq:workers", worker.key)
+        connection.srem(f"rq:workers:{queue}", worker.key)
+        connection.srem(keys.RQ_QUEUES, f"rq:queue:{queue}")
+        worker.heartbeat()  # RQ's loop beats on
+        assert connection.exists(worker.key) and in_rq_info() is None
+        worker.reannounce()
+        found = in_rq_info()
+        assert found is not None and found.queue_names() == [queue] and found.get_state() == "busy"
+        assert (
+            connection.hget(worker.key, "birth") and 0 < connection.ttl(worker.key) <= worker.worker_ttl + 60
+        )
+        assert queue in {q.name for q in Queue.all(connection=connection)}
+    finally:
+        worker.register_death()

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import rq
 from packaging.requirements import Requirement
+from rq import worker_registration
 from rq.executions import Execution
 from rq.job import Job
 from rq.queue import Queue
@@ -50,7 +51,7 @@ OVERRIDES: dict[type, tuple[type, set[str], set[str]]] = {
             "clean_registries",
             "handle_job_success",
         },
-        {"reannounce"},  # enters RQ's lists again after Redis came back empty
+        {"reannounce", "_reannounce_soon"},  # enters RQ's lists again after Redis came back empty
     ),
 }
 
@@ -61,6 +62,8 @@ CALLED: list[tuple[Any, set[str]]] = [
     (SimpleWorker.heartbeat, set()),
     (SimpleWorker.set_state, {"state"}),
     (SimpleWorker.get_state, set()),
+    (SimpleWorker.serialize, set()),
+    (worker_registration.register, {"worker", "pipeline"}),
     (SimpleWorker.increment_successful_job_count, {"pipeline"}),
     (SimpleWorker.increment_failed_job_count, {"pipeline"}),
     (SimpleWorker.increment_total_working_time, {"pipeline"}),

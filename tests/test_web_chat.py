@@ -236,6 +236,15 @@ def test_a_reload_mid_answer_shows_the_conversation_again_and_follows_the_answer
         ("assistant", job["text"]),
         ("user", "And one more."),
     ]
+    # What the tab kept, spoilt (another version of the page, a hand): the page starts anew.
+    spoilt = '{"history": [null], "shown": [null, 5], "pending": {"jobId": 7, "body": {}}}'
+    browser.execute_script("sessionStorage.setItem('streamq.chat', arguments[0])", spoilt)
+    browser.refresh()
+    fresh = _ask(browser, "After a store that could not be read.", 3)
+    until(browser, lambda: _state(fresh) == "done", "an answer after the page started anew")
+    assert slow_stack.asked(fresh.get_attribute("data-job-id")) == [
+        ("user", "After a store that could not be read.")
+    ]
 
 
 def test_the_page_shows_the_queue_position_while_the_job_waits(browser: Any, slow_stack: SlowStack) -> None:

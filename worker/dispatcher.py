@@ -118,8 +118,13 @@ class Dispatcher:
                         registered = True
                         self._write_state()
                     if self._reannounce.is_set():
-                        worker.reannounce()
-                        self._reannounce.clear()
+                        self._reannounce.clear()  # a second loss meanwhile sets it again
+                        try:
+                            with self._state_lock:  # the state it writes is the last written
+                                worker.reannounce()
+                        except BaseException:
+                            self._reannounce.set()  # tried again at the next round
+                            raise
                     now = time.monotonic()
                     if now >= beat_due:
                         worker.heartbeat()

@@ -188,17 +188,19 @@ STOP_WAIT = 300.0  # a step in flight (a long prefill on a CPU) is let finish be
 PROBE = "engine-probe"  # the job id of the engine's own check after a failed step
 
 
+class StepFailed(RuntimeError):
+    """A step failed as a whole, raised anew with its cause's "Type: message" only (not its frames)."""
+
+
 class EngineBroken(RuntimeError):
-    """The engine cannot run a job any more (its GPU lost, vLLM's executor dead): the jobs it
-    has not started go back to their queue, for another worker, and the worker stops, for its
-    supervisor to start it again, rather than fail every job it takes."""
+    """The engine cannot run a job any more (its GPU lost, vLLM's executor dead): its unstarted
+    jobs go back to their queue and the worker stops, for its supervisor to start it again."""
 
 
 class Engine:
     """Runs in the thread that loaded the model: ``run()`` there (a worker's main thread), or
-    ``start()`` for a thread of its own. On the CPU, torch work from a second thread is slow
-    (each thread gets its own OpenMP team; measured 3x slower at 2 threads), so a worker runs
-    the engine in the thread that loaded and warmed up the model."""
+    ``start()`` for a thread of its own. On the CPU, torch work from a second thread is slow (its
+    own OpenMP team: 3x slower at 2 threads), so a worker runs it where the model was loaded."""
 
     thread_name = "streamq-engine"
 
@@ -309,7 +311,7 @@ class Engine:
                 outputs += self.model.step()
             except Exception as exc:  # a bad step fails the jobs it held, not the worker
                 log.exception("a generation step failed")
-                failure = f"{type(exc).__name__}: {exc}"
+                failure = str(exc) if isinstance(exc, StepFailed) else f"{type(exc).__name__}: {exc}"
             # Out of the except block: the failed step's frames (and the memory they held) are gone.
             if failure is not None:
                 held = list(self._jobs)
@@ -340,9 +342,8 @@ class Engine:
         return True
 
     def _runs_a_job(self) -> bool:
-        """After a failed step (its jobs failed and taken out): whether the model still runs a
-        two-token job of the engine's own. A request that breaks every step it joins (retried by
-        its client, too) leaves a well engine; a lost GPU or a dead vLLM executor fails this."""
+        """After a failed step: whether the model still runs a two-token job of the engine's own (a
+        request that breaks every step it joins leaves a well engine; a lost GPU fails this)."""
         request = GenerationRequest(
             messages=[ChatMessage(role="user", content="hi")], max_tokens=2, temperature=0.0, top_p=1.0
         )

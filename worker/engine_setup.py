@@ -81,8 +81,9 @@ def build_model(settings: Settings, backend: ServedModel) -> tuple[BatchModel, i
     per_token = kv_bytes_per_token(backend.model.config, next(backend.model.parameters()).element_size())
     slots = choose_slots(settings, backend, per_token, max_len)
     log.info(
-        "engine: %d slots × %d tokens; KV cache at most %.0f MiB",
+        "engine: %d slot%s × %d tokens; KV cache at most %.0f MiB",
         slots,
+        "" if slots == 1 else "s",
         max_len,
         slots * max_len * per_token / 2**20,
     )

@@ -26,10 +26,13 @@ import sys
 import time
 from typing import Any, Protocol
 
+import redis
+from rq import worker_registration
 from rq.job import Job
 from rq.queue import Queue
 from rq.registry import CanceledJobRegistry, StartedJobRegistry
 from rq.timeouts import BaseDeathPenalty
+from rq.utils import now as utcnow
 from rq.worker import SimpleWorker
 
 from shared import keys
@@ -42,6 +45,7 @@ from worker.tasks import TASK
 from worker.worker_logging import configure_worker_logging
 
 log = logging.getLogger("streamq.worker")
+REANNOUNCE_TRIES = 30  # seconds a plain RQ worker keeps trying to enter RQ's lists again
 
 
 class JobHost(Protocol):
@@ -131,7 +135,7 @@ class StreamqWorker(SimpleWorker):
             log.error("worker %s could not load %s: %s", self.name, self.settings.model, exc)
             self.register_death()  # no ghost in `rq info`
             raise
-        owned.on_data_lost.append(self.reannounce)
+        owned.on_data_lost.append(self._reannounce_soon)
         owned.start()
         self.runtime = self._owned = owned
         settle_heap(self.settings)
@@ -142,11 +146,28 @@ class StreamqWorker(SimpleWorker):
         """Redis came back empty (``shared.redis_epoch``): enter RQ's lists of workers and queues
         again, as at the start, or `rq info` shows no worker until the process restarts. A record
         of this name there now is this worker's own, rewritten since by RQ's heartbeat (partial:
-        no birth, no queues), and is replaced."""
-        self.connection.delete(self.key)
-        self.register_birth()
-        self.set_state(self.get_state())  # busy or idle, as last written
-        self.connection.sadd(keys.RQ_QUEUES, *(queue.key for queue in self.queues))
+        no birth, no queues): it is replaced in one transaction, RQ's birth record with the
+        state last written, so RQ's loop, writing beside it, never meets a record half made."""
+        self.birth_date = self.last_heartbeat = utcnow()
+        with self.connection.pipeline() as pipe:
+            pipe.delete(self.key)
+            pipe.hset(self.key, mapping={**self.serialize(), "state": self.get_state()})
+            pipe.expire(self.key, self.worker_ttl + 60)
+            worker_registration.register(self, pipe)
+            pipe.sadd(keys.RQ_QUEUES, *(queue.key for queue in self.queues))
+            pipe.execute()
+
+    def _reannounce_soon(self) -> None:
+        """``reannounce`` from the epoch watch's thread (a plain RQ worker), tried again each
+        second for a while: Redis has only just come back."""
+        for _ in range(REANNOUNCE_TRIES):
+            try:
+                self.reannounce()
+                return
+            except redis.RedisError as exc:
+                log.warning("worker %s: could not enter RQ's lists again yet: %s", self.name, exc)
+                time.sleep(1.0)
+        log.error("worker %s: not in RQ's lists (`rq info`) until it restarts", self.name)
 
     def teardown(self) -> None:
         if self._owned is not None:

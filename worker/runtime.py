@@ -147,9 +147,13 @@ class WorkerRuntime:
         """Redis came back empty: count it, and announce this worker again at once (the fronts
         see no live worker until its next heartbeat; `rq info`, none until it restarted)."""
         self.metrics.redis_data_lost.inc()
-        self.heartbeat.beat()
-        for listener in self.on_data_lost:
-            listener()
+        for announce in (self.heartbeat.beat, *self.on_data_lost):  # each, whatever the others do
+            try:
+                announce()
+            except Exception as exc:
+                log.warning(
+                    "after Redis lost its data, %s failed: %s", getattr(announce, "__name__", announce), exc
+                )
 
     def start(self, engine_thread: bool = True) -> None:
         """Start the helper threads, and the engine in a thread of its own unless the caller

@@ -7,11 +7,14 @@ jobs go through the same publisher as batched ones.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 from shared.limits import InvalidJobRequest
 from worker.backend import ChatBackend, GenerationStep
-from worker.engine import CannotContinue, EngineJob, JobOutput, ended, refused
+from worker.engine import CannotContinue, EngineJob, JobOutput, StepFailed, ended, refused
+
+log = logging.getLogger("streamq.worker")
 
 
 class SerialModel:
@@ -48,7 +51,7 @@ class SerialModel:
         engine fails them all, then checks with a job of its own whether the model still runs, as
         after a batched model's failed step), so a lost GPU stops the worker here too."""
         outputs = []
-        failures: list[Exception] = []
+        failures: list[str] = []  # what each failed, not the exceptions: their frames hold memory
         for job, steps in list(self._steps.items()):
             try:
                 step = next(steps, None)
@@ -57,9 +60,10 @@ class SerialModel:
                 outputs.append(refused(job, exc))
                 continue
             except Exception as exc:
+                log.exception("job %s: its step failed", job.job_id)
                 self._steps.pop(job)
-                failures.append(exc)
-                outputs.append(ended(job, "error", "generation_error", f"{type(exc).__name__}: {exc}"))
+                failures.append(f"{type(exc).__name__}: {exc}")
+                outputs.append(ended(job, "error", "generation_error", failures[-1]))
                 continue
             if step is None:  # ended without saying why: an answer that simply stopped
                 self._steps.pop(job)
@@ -72,5 +76,5 @@ class SerialModel:
             if step.finish_reason is not None:
                 self.remove(job)
         if failures and len(failures) == len(outputs):
-            raise failures[0]
+            raise StepFailed(failures[0])
         return outputs

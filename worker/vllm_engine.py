@@ -270,12 +270,21 @@ def unsupported_place(schema: dict[str, Any]) -> str:
     except ImportError:
         return ""
 
-    def own(node: dict[str, Any]) -> dict[str, Any]:  # propertyNames: read with its object's keywords
+    def own(node: dict[str, Any]) -> dict[str, Any]:
+        """The node with its subschemas as empty stubs: their presence and number stay, which
+        vLLM's check reads (properties beside patternProperties, two patterns, allOf's
+        branches); propertyNames stays whole, read with its object's keywords."""
         return {
-            k: v
+            k: (
+                v
+                if k == "propertyNames"
+                else {name: {} for name in v}
+                if isinstance(v, dict)
+                else [{} if isinstance(item, dict) else item for item in v]
+                if isinstance(v, list)
+                else v
+            )
             for k, v in node.items()
-            if k == "propertyNames"
-            or not (isinstance(v, dict) or (isinstance(v, list) and v and isinstance(v[0], dict)))
         }
 
     def find(node: Any, path: str) -> str | None:

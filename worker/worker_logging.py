@@ -12,15 +12,13 @@ from shared.settings import Settings
 RQ_LOGGERS = ("rq.worker", "rq.job")
 
 
-def _transformers_logs_through_ours(bars: bool) -> None:
+def _transformers_logs_through_ours(quiet: bool) -> None:
     """transformers logs through its own handler: with JSON logs its records go through the root
-    logger like every other. Its progress bars (loading weights) are drawn only in text logs at
-    info or below."""
+    logger like every other. Its progress bars (loading weights) are not drawn in JSON logs or
+    above info (where they are, HF_HUB_DISABLE_PROGRESS_BARS still turns them off)."""
     from transformers.utils import logging as hf_logging
 
-    if bars:
-        hf_logging.enable_progress_bar()
-    else:
+    if quiet:
         hf_logging.disable_progress_bar()
     hf_logging.disable_default_handler()
     hf_logging.enable_propagation()
@@ -44,4 +42,4 @@ def configure_worker_logging(settings: Settings) -> None:
     _rq_logs_through_ours()
     if settings.backend == "model":
         quiet = settings.log_format == "json" or settings.log_level not in ("debug", "info")
-        _transformers_logs_through_ours(bars=not quiet)
+        _transformers_logs_through_ours(quiet)

@@ -32,6 +32,7 @@ from api.responses_store import (
     ResponseRecord,
     earlier_turns,
     load_record,
+    made_for,
     new_record,
     response_status,
     save_record,
@@ -65,16 +66,17 @@ async def create_response(
     """Create a response (a job): the response object, or with ``stream`` its events. With
     ``background`` it answers at once (status queued) and runs on whatever the client does."""
     history: list[ChatMessage] = []
+    chain: list[str] = []
     if body.previous_response_id:
-        history, known = await earlier_turns(jobs, body.previous_response_id, caller.name)
-        body.leave_out(known)
+        history, chain = await earlier_turns(jobs, body.previous_response_id, caller.name)
+        body.leave_out(made_for(chain))
     job_request = body.job_request(history)
     try:
         view = await jobs.submit(job_request, caller)
     except ApiError as exc:  # name the field as the client sent it
         raise named_as_sent(exc, body.tool_plan().forces_call) from None
     try:
-        record = new_record(body, view, history)
+        record = new_record(body, view, history, chain)
         await save_record(jobs, record, caller.name)
     except BaseException:  # a response without its record is none: its job goes
         jobs.spawn(_cancel_quietly(jobs, view.id, caller.name))

@@ -233,22 +233,29 @@
     } catch (_) { /* storage full or refused: the page works on, a reload just forgets */ }
   }
 
+  // What another version of the page (or a hand) left there is checked before it is used: a
+  // conversation that cannot be read is a new one.
+  const isObject = (v) => v !== null && typeof v === "object" && !Array.isArray(v);
+  const isTurn = (m) => isObject(m) && typeof m.role === "string" && typeof m.content === "string";
+
   function restore() {
     let kept = {};
-    try { kept = JSON.parse(sessionStorage.getItem(SAVED) || "{}") || {}; } catch (_) { kept = {}; }
-    history = Array.isArray(kept.history) ? kept.history : [];
-    shown = Array.isArray(kept.shown) ? kept.shown : [];
+    try { kept = JSON.parse(sessionStorage.getItem(SAVED) || "{}"); } catch (_) { kept = {}; }
+    if (!isObject(kept)) kept = {};
+    history = Array.isArray(kept.history) && kept.history.every(isTurn) ? kept.history : [];
+    shown = Array.isArray(kept.shown) ? kept.shown.filter(isObject) : [];
     for (const m of shown) {
       const msg = addMessage(m.role === "user" ? "user" : "assistant", String(m.text || ""));
-      if (m.state) msg.el.dataset.state = m.state;
-      if (m.jobId) msg.el.dataset.jobId = m.jobId;
-      if (m.status) msg.status.textContent = m.status;
-      if (m.note) noteOn(msg, m.note);
+      if (typeof m.state === "string") msg.el.dataset.state = m.state;
+      if (typeof m.jobId === "string") msg.el.dataset.jobId = m.jobId;
+      if (typeof m.status === "string") msg.status.textContent = m.status;
+      if (typeof m.note === "string") noteOn(msg, m.note);
     }
     const p = kept.pending;
-    if (p && p.jobId && p.body && Array.isArray(p.body.messages) && typeof p.question === "string") {
+    if (isObject(p) && typeof p.jobId === "string" && isObject(p.body) && Array.isArray(p.body.messages) &&
+        p.body.messages.every(isTurn) && typeof p.question === "string") {
       addMessage("user", p.question);
-      answerIn(p.question, p.body, p.jobId, p.dropped || 0);
+      answerIn(p.question, p.body, p.jobId, Number(p.dropped) || 0);
     }
     scrollDown();
   }
