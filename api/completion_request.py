@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 
 from api.errors import ApiError
 from api.openai_schemas import OpenAIFields, refuse_unless
-from shared.logprobs import MAX_LOGPROBS, MAX_PROMPT_LOGPROBS
+from shared.logprobs import MAX_PROMPT_LOGPROBS, LogprobCount
 from shared.schemas import JobRequest, Text
 
 PromptIds = list[Annotated[int, Field(ge=0, strict=True)]]
@@ -27,13 +27,7 @@ class CompletionRequest(OpenAIFields):
     as text or as token ids; a list of prompts is a job each, answered as the choices in order."""
 
     prompt: Text | list[Text] | PromptIds | list[PromptIds]
-    logprobs: int | None = Field(
-        None,
-        ge=0,
-        le=MAX_LOGPROBS,
-        strict=True,
-        description="each token's log probability and this many others",
-    )
+    logprobs: LogprobCount = Field(None, description="each token's log probability and this many others")
     echo: bool = Field(False, strict=True, description="the answer begins with the prompt (and its logprobs)")
     best_of: int | None = Field(None, strict=True, description="only 1 (one choice per request)")
     suffix: str | None = Field(None, description="text after the insertion: not supported")

@@ -25,7 +25,7 @@ from pydantic import (
 from api.errors import ApiError, first_error
 from api.tool_calls import ToolChoice, ToolPlan, plan_tools
 from api.tool_turns import tool_turn_problem
-from shared.logprobs import MAX_LOGPROBS
+from shared.logprobs import LogprobCount
 from shared.schemas import (
     ChatMessage,
     JobRequest,
@@ -229,13 +229,7 @@ class ChatCompletionRequest(OpenAIFields):
     messages: list[OpenAIMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, strict=True, description="wins over max_tokens")
     logprobs: bool | None = Field(None, strict=True, description="each answer token's log probability")
-    top_logprobs: int | None = Field(
-        None,
-        ge=0,
-        le=MAX_LOGPROBS,
-        strict=True,
-        description="with logprobs: the likeliest tokens at each place",
-    )
+    top_logprobs: LogprobCount = Field(None, description="with logprobs: the likeliest tokens at each place")
     tools: list[ToolDefinition] | None = Field(None, description="functions the model may call")
     tool_choice: ToolChoice | None = Field(
         None, description="none, auto (default with tools), required, or one"

@@ -12,6 +12,8 @@ from streamq.redis_server import RedisServer
 from tests.secure_stack import SecureStack, secure_stack
 
 if TYPE_CHECKING:
+    import openai
+
     from worker.batch_lm import BatchedCausalLM
 
 
@@ -154,6 +156,27 @@ def stack(
     finally:
         for service in services:
             service.stop()
+
+
+def openai_client(url: str, key: str = "x") -> openai.OpenAI:
+    """The openai SDK on a front, as a user makes it, without its retries (a test sees each answer)."""
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[openai.OpenAI]:
+    """The openai SDK on the stack's first front."""
+    with openai_client(stack.url) as c:
+        yield c
+
+
+@pytest.fixture
+def client2(stack: Stack) -> Iterator[openai.OpenAI]:
+    """The openai SDK on the stack's other front."""
+    with openai_client(stack.url2) as c:
+        yield c
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -17,12 +16,6 @@ from tests.sse import follow, text_of
 pytestmark = pytest.mark.e2e
 
 JOB_HEADER = "X-Streamq-Job-Id"
-
-
-@pytest.fixture
-def client(stack: Stack) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0, timeout=60) as c:
-        yield c
 
 
 def model_of(stack: Stack) -> str:

@@ -6,7 +6,6 @@ and a two-turn agent loop. tests/test_vllm_engine.py checks the same on the vLLM
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
@@ -46,12 +45,6 @@ WEATHER: ChatCompletionToolParam = {
         },
     },
 }
-
-
-@pytest.fixture
-def client(stack: Stack) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0, timeout=120) as c:
-        yield c
 
 
 def ask(stack: Stack, content: str, max_tokens: int = 80) -> dict[str, Any]:

@@ -7,7 +7,6 @@ tests/test_json_schema_check.py checks the rules themselves against xgrammar."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -18,12 +17,6 @@ from tests.conftest import Stack
 from tests.test_openai_fidelity import WEATHER, ask
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def client(stack: Stack) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0, timeout=120) as c:
-        yield c
 
 
 def test_a_required_call_cut_by_max_tokens_is_a_call_with_the_arguments_it_got(

@@ -27,7 +27,7 @@ from shared.schemas import ChatMessage, PromptInput
 from streamq.processes import Service, wait_for
 from tests.conftest import Stack
 from tests.sse import SSE, follow, text_of
-from tests.vllm_reference import Reference
+from tests.vllm_reference import Reference, logprob_rows
 from tests.vllm_stack import (
     MAX_LEN,
     MODEL,
@@ -71,18 +71,7 @@ def reference(hd64_model: Path, vllm_worker: Service) -> Reference:
 
 @pytest.fixture(scope="module")
 def transformers_logprobs(hd64_model: Path) -> Any:
-    """Log probabilities of every next token at every place of a sequence of ids, from a full
-    transformers forward pass of the same weights (fp32)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(hd64_model, dtype=torch.float32).eval()
-
-    def rows(ids: list[int]) -> Any:
-        with torch.no_grad():
-            return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
-
-    return rows
+    return logprob_rows(hd64_model)
 
 
 def test_greedy_jobs_run_together_equal_vllm_alone_and_never_exceed_the_slots(

@@ -55,3 +55,18 @@ class Reference:
 
     def answer(self, prompt: str, max_tokens: int, **sampling: Any) -> str:
         return self.text(self.generate(self.ids(prompt), max_tokens, **sampling).outputs[0].token_ids)
+
+
+def logprob_rows(model_dir: Path) -> Any:
+    """Log probabilities of every next token at every place of a sequence of ids (a function of
+    the ids), from a full transformers forward pass of the same weights (fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def rows(ids: list[int]) -> Any:
+        with torch.no_grad():
+            return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+    return rows

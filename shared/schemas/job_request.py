@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from shared.digits import ascii_digits
-from shared.logprobs import MAX_LOGPROBS, MAX_PROMPT_LOGPROBS
+from shared.logprobs import MAX_PROMPT_LOGPROBS, LogprobCount
 from shared.schemas.json_schema_check import UsableSchema
 from shared.schemas.messages import ChatMessage, Text, ToolDefinition, whole_turn
 
@@ -131,12 +131,8 @@ class JobRequest(SamplingFields):
     tools: list[ToolDefinition] | None = Field(
         None, description="functions the model may call: given to its chat template (with messages)"
     )
-    logprobs: int | None = Field(
-        None,
-        ge=0,
-        le=MAX_LOGPROBS,
-        strict=True,
-        description="give each answer token's log probability and this many most likely tokens",
+    logprobs: LogprobCount = Field(
+        None, description="give each answer token's log probability and this many most likely tokens"
     )
     prompt_logprobs: int | None = Field(
         None,
