@@ -212,7 +212,7 @@ class ResponsesRequest(BaseModel):
     include: list[str] | None = Field(None, description="nothing more can be included: only empty")
     truncation: Literal["auto", "disabled"] | None = Field(None, description="only disabled")
     reasoning: ReasoningSettings | None = None
-    top_logprobs: int | None = Field(None, description="not offered here: only 0")
+    top_logprobs: int | None = Field(None, strict=True, description="not offered here: only 0")
     max_tool_calls: int | None = Field(None, description="not offered: use parallel_tool_calls")
     prompt: Any = Field(None, description="stored prompts are not offered")
     conversation: Any = Field(None, description="conversations are not offered: use previous_response_id")

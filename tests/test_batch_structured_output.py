@@ -219,3 +219,42 @@ def test_a_jobs_prompt_is_rendered_in_its_slot_thread_not_the_engines(tiny_backe
     assert rendered == [("slot-3", False), ("slot-3", False)]  # never the engine's thread
     assert ids == tiny_backend.encode(r) and j.prompt_ids is None  # handed over, not kept twice
     assert seen.text(j) == alone_text
+
+
+def test_a_job_left_no_token_to_take_fails_alone_and_the_others_go_on(
+    tiny_backend: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A schema no JSON value completes compiles, then its mask allows nothing; scores a tiny
+    # repetition penalty overflows (the front refuses it; the worker may still meet such rows)
+    # fail the job's draw. Each ends that job alone: the jobs beside it answer as they do alone.
+    model = BatchedCausalLM(tiny_backend, slots=4, max_len=512)
+    plain = [request("a long answer", max_tokens=60), request("sampled", temperature=0.9, seed=3)]
+    bad = [
+        request("cycle", json_schema={"$ref": "#"}),
+        request("no string", json_schema={"type": "string", "pattern": "[^\\s\\S]"}, temperature=1.0),
+        request("overflow", repetition_penalty=1e-300, temperature=1.0, seed=1),
+    ]
+    with running_engine(model) as (engine, seen):
+        good = [job(r) for r in plain]
+        for j in good:
+            engine.submit(j)
+        seen.wait(lambda: all(seen.text(j) for j in good))  # running when the bad ones join
+        failing = [job(r) for r in bad]
+        for j in failing:
+            engine.submit(j)
+        seen.wait(lambda: all(seen.end(j) is not None for j in good + failing))
+        for j in good:
+            assert (seen.text(j), seen.end(j).finish_reason) == alone(tiny_backend, j.request)  # type: ignore[union-attr]
+        ends = [seen.end(j) for j in failing]
+        assert all(end is not None and end.finish_reason == "error" for end in ends)
+        for end in ends[:2]:
+            assert end is not None and (end.error_type, end.error_param) == (
+                "invalid_request_error",
+                "response_format",
+            )
+            assert "the schema allows no token after the answer's first" in end.error_message
+        assert ends[2] is not None and ends[2].error_type == "generation_error"
+        assert "probability tensor" in ends[2].error_message
+        assert engine.alive() and engine.steps > 0
+        assert model.running == 0 and not model._held  # every row is free again
+    assert "a generation step failed" not in caplog.text  # no step failed: only those jobs

@@ -157,7 +157,7 @@ def test_neutral_values_ask_for_nothing_and_run_anywhere(stack: Stack, fields: d
         ({"logit_bias": {"x": 1}}, "logit_bias", "token ids"),
         ({"logit_bias": {"5": 101}}, "logit_bias", "-100 to 100"),
         ({"presence_penalty": 3}, "presence_penalty", "less than or equal to 2"),
-        ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+        ({"repetition_penalty": 0}, "repetition_penalty", "greater than or equal to 0.01"),
         ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
         ({"response_format": {"type": "yaml"}}, "response_format.type", "json_object"),
     ],

@@ -16,6 +16,7 @@ tokens with one batched argmax (and each sampling job its own draw), as if no jo
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,11 +31,14 @@ from worker.answer_tokens import AnswerTokens
 from worker.batch_logprobs import answer_entries, prompt_entries
 from worker.causal_lm import CausalLMChat
 from worker.chat_prompt import PromptRenderer
-from worker.engine import EngineJob, JobOutput, resume
+from worker.engine import EngineJob, JobOutput, ended, resume
 from worker.logits_rules import JobRules, apply_rules, logits_width
+from worker.row_failures import RowFailed, dead_row, is_dead
 from worker.sampling import JobDraws, SamplingParams
 from worker.slot_cache import SlotCache, decode_mask, extend_mask, prefill_mask
 from worker.token_logprobs import TokenTexts
+
+log = logging.getLogger("streamq.worker")
 
 
 def attention_windows(config: Any) -> dict[str, int | None]:
@@ -264,44 +268,68 @@ class BatchedCausalLM:
         entries = prompt_entries(self._texts, logits[: len(targets)], targets, sequence.prompt_k)
         sequence.prompt_entries += entries
 
-    def _choose(self, sequences: list[_Sequence], logits: torch.Tensor) -> list[int]:
-        """Each job's next token: greedy or sampled with its own settings, after its own rules."""
-        best = logits.argmax(dim=-1).tolist()
+    def _choose(self, sequences: list[_Sequence], logits: torch.Tensor) -> list[int | RowFailed]:
+        """Each job's next token: greedy or sampled with its own settings, after its own rules; a
+        row with no token to take fails its own job only (``RowFailed``), not the step's others."""
+        best: list[int | RowFailed] = list(logits.argmax(dim=-1).tolist())
         changed: dict[int, torch.Tensor] = {}
         ruled = [i for i, s in enumerate(sequences) if s.rules is not None]
         if ruled:  # a float32 copy of those rows, changed by each job's rules
             block = logits[ruled].float()
             apply_rules(block, [r for i in ruled if (r := sequences[i].rules)], self._grammars.allowed)
+            dead = is_dead(block)
             for j, token in enumerate(block.argmax(dim=-1).tolist()):
-                best[ruled[j]], changed[ruled[j]] = token, block[j]
+                i = ruled[j]
+                rules, answered = sequences[i].rules, len(sequences[i].answer.token_ids)
+                grammar = rules is not None and rules.matcher is not None
+                best[i] = dead_row(block[j], grammar, answered) if dead[j] else token
+                changed[i] = block[j]
         # A sampled draw depends on the job's seed and the token's index in its answer only, so a
         # continued job (its earlier tokens replayed into ``answer``) draws as the first run would.
         return [
             best[i]
-            if s.params.greedy
-            else s.draws.next_token(changed.get(i, logits[i]), s.params, len(s.answer.token_ids))
+            if s.params.greedy or isinstance(best[i], RowFailed)
+            else self._drawn(s, changed.get(i, logits[i]))
             for i, s in enumerate(sequences)
         ]
+
+    @staticmethod
+    def _drawn(sequence: _Sequence, row: torch.Tensor) -> int | RowFailed:
+        try:
+            return sequence.draws.next_token(row, sequence.params, len(sequence.answer.token_ids))
+        except RuntimeError as exc:  # e.g. scores that overflowed: torch.multinomial refuses them
+            return RowFailed.of(exc)
 
     def _sample(self, sequences: list[_Sequence], logits: torch.Tensor) -> list[JobOutput]:
         """Each job's next token with its own settings; the text it adds; the jobs that ended."""
         tokens = self._choose(sequences, logits)
-        asked = [i for i, s in enumerate(sequences) if s.logprobs is not None]
+        taken = {i: token for i, token in enumerate(tokens) if isinstance(token, int)}
+        asked = [i for i, s in enumerate(sequences) if s.logprobs is not None and i in taken]
         entries: dict[int, TokenLogprob] = {}
         if asked:  # from the raw logits, before any rule changed them
             ks = [sequences[i].logprobs or 0 for i in asked]
-            found = answer_entries(self._texts, logits[asked], [tokens[i] for i in asked], ks)
+            found = answer_entries(self._texts, logits[asked], [taken[i] for i in asked], ks)
             entries = dict(zip(asked, found, strict=True))
         outputs = []
         finished = []
         for i, sequence in enumerate(sequences):
             token = tokens[i]
+            job = sequence.job
             answer = sequence.answer
             before = len(answer.token_ids)
-            text = answer.push(token)
-            if sequence.rules is not None and answer.finish_reason is None:
-                sequence.rules.accept(token)
-            job = sequence.job
+            failed = token if isinstance(token, RowFailed) else None
+            if not isinstance(token, RowFailed):
+                try:
+                    text = answer.push(token)
+                    if sequence.rules is not None and answer.finish_reason is None:
+                        sequence.rules.accept(token)
+                except Exception as exc:  # e.g. a token its grammar refuses
+                    failed = RowFailed.of(exc)
+            if failed is not None:  # this job's own failure: it ends, the others go on
+                log.warning("job %s failed in a step, alone: %s", job.job_id, failed)
+                outputs.append(ended(job, "error", failed.error_type, str(failed), failed.param))
+                finished.append(sequence)
+                continue
             job.completion_tokens = answer.completion_tokens
             new_ids = tuple(answer.token_ids[before:])
             prompt_logprobs = None
@@ -316,7 +344,7 @@ class BatchedCausalLM:
                     job.completion_tokens,
                     answer.finish_reason,
                     token_ids=new_ids,
-                    logprobs=(entries[i],) if new_ids and i in entries else (),
+                    logprobs=(entries[i],) if i in entries else (),  # an end of sequence's too
                     prompt_logprobs=prompt_logprobs,
                 )
             )

@@ -34,6 +34,7 @@ from worker.answer_tokens import AnswerTokens
 from worker.chat_prompt import PromptRenderer
 from worker.engine import CannotContinue, EngineJob, JobOutput, resume
 from worker.logits_rules import library_reason
+from worker.row_failures import RowFailed, no_way_on
 from worker.token_logprobs import TokenTexts
 
 if TYPE_CHECKING:
@@ -102,8 +103,7 @@ class VLLMModel:
             params = self.sampling(job.request, answer.budget - answer.completion_tokens, prompt_logprobs)
             self.vllm.add_request(request_id, TokensPrompt(prompt_token_ids=prompt + job.resume_ids), params)
         except refusals() as exc:  # vLLM's own checks: a token id out of its vocabulary, a bad schema
-            asked_json = job.request.json_schema is not None or job.request.json_object
-            param = "response_format" if asked_json and _about_the_grammar(str(exc)) else None
+            param = "response_format" if _asks_json(job.request) and _about_the_grammar(str(exc)) else None
             reason = library_reason(str(exc)) or type(exc).__name__  # no grammar library's time and source
             if param and job.request.json_schema is not None:
                 reason += unsupported_place(job.request.json_schema)
@@ -169,18 +169,23 @@ class VLLMModel:
             text = ""
             logprobs: list[TokenLogprob] = []
             for place, token in enumerate(completion.token_ids):
-                taken = len(answer.token_ids)
                 text += answer.push(token)
-                if k is not None and len(answer.token_ids) > taken:  # the answer took it (not an EOS)
+                if k is not None:  # an end of sequence too: lm-eval reads the last token's entry
                     logprobs.append(_logprob_entry(self.texts, token, completion.logprobs[place], k))
                 if answer.finish_reason is not None:
                     break
-            failure = ""
+            failure: RowFailed | None = None
             if result.finished and answer.finish_reason is None:
                 # vLLM's own end of a request it could not go on with (a grammar that failed to
                 # compile or refused a token, a KV load that failed): the job fails, not "stop".
-                if completion.finish_reason in ("abort", "error"):
-                    failure = f"the vLLM engine ended the request ({completion.finish_reason})"
+                if completion.finish_reason == "error" and _asks_json(job.request):
+                    # Its grammar's mask left no token: vLLM took one anyway, which the grammar
+                    # refused (no KV transfer, the other cause, is configured here).
+                    failure = no_way_on(len(answer.token_ids))
+                elif completion.finish_reason in ("abort", "error"):
+                    failure = RowFailed(
+                        "generation_error", f"the vLLM engine ended the request ({completion.finish_reason})"
+                    )
                 text += answer.end("length" if completion.finish_reason == "length" else "stop")
             job.completion_tokens = answer.completion_tokens
             new_ids = tuple(answer.token_ids[before:])
@@ -191,8 +196,9 @@ class VLLMModel:
                     job.prompt_tokens,
                     job.completion_tokens,
                     "error" if failure else answer.finish_reason,
-                    "generation_error" if failure else "",
-                    failure,
+                    failure.error_type if failure else "",
+                    str(failure or ""),
+                    failure.param if failure else None,
                     token_ids=new_ids,
                     logprobs=tuple(logprobs),
                     prompt_logprobs=self._prompt_logprobs(held, result),
@@ -304,6 +310,10 @@ def unsupported_place(schema: dict[str, Any]) -> str:
         return find(schema, "#") or ""
     except Exception:  # vLLM's check changed its ways: its own message stands alone
         return ""
+
+
+def _asks_json(request: GenerationRequest) -> bool:
+    return request.json_schema is not None or request.json_object
 
 
 def _about_the_grammar(message: str) -> bool:

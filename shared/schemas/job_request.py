@@ -73,15 +73,16 @@ class SamplingFields(BaseModel):
         description="any signed 64-bit integer, as OpenAI takes it (a negative one is its 64-bit pattern)",
     )
     presence_penalty: float | None = Field(
-        None, ge=-2, le=2, description="penalize tokens already in the answer (vLLM engine)"
+        None, ge=-2, le=2, strict=True, description="penalize tokens already in the answer"
     )
     frequency_penalty: float | None = Field(
-        None, ge=-2, le=2, description="penalize tokens by how often they are in the answer (vLLM engine)"
+        None, ge=-2, le=2, strict=True, description="penalize tokens by how often they are in the answer"
     )
+    # Below 0.01 the scores it divides overflow (inf, then NaN probabilities): refused, not run.
     repetition_penalty: float | None = Field(
-        None, gt=0, le=2, description="(extension) divide repeated tokens' scores by this (vLLM engine)"
+        None, ge=0.01, le=2, strict=True, description="(extension) divide repeated tokens' scores by this"
     )
-    logit_bias: dict[str, float] | None = Field(
+    logit_bias: dict[str, Annotated[float, Field(strict=True)]] | None = Field(
         None, description="token id (a string) → bias from -100 to 100 added to its score (vLLM engine)"
     )
     response_format: ResponseFormat | None = Field(

@@ -1,0 +1,63 @@
+"""streamq's vLLM engine (``VLLMModel``) in this process, stepped as the engine thread steps it:
+a request whose schema no JSON value completes fails alone, with a 400 naming
+``response_format`` (vLLM ends it with "error" once its grammar refuses the token it took), while
+a job beside it answers whole; an answer that ends on its end of sequence keeps that token's
+log-probability entry and counts it, as lm-eval's loglikelihood needs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.engine_outputs import outputs_of
+from tests.test_engine import drive, job, request
+
+if os.environ.get("STREAMQ_REQUIRE_VLLM") != "1":  # CI sets it: there, a missing vLLM fails
+    pytest.importorskip("vllm", reason="the vLLM engine is not installed (make install-vllm)")
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def vllm_model(hd64_model: Path) -> Any:
+    from shared.settings import Settings
+    from worker.vllm_setup import build_vllm_model, load_vllm_served
+
+    settings = Settings(
+        model=str(hd64_model), engine="vllm", dtype="float32", vllm_eager=True, kv_cache_gib=0.25,
+        max_seq_len=512, slots=4,
+    )  # fmt: skip
+    model, _ = build_vllm_model(settings, load_vllm_served(settings, "row-failures", "cpu"))
+    return model
+
+
+def test_a_schema_no_value_completes_fails_alone_with_a_400_naming_it(vllm_model: Any) -> None:
+    eos = vllm_model.served.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    plain = job(request("a long answer", max_tokens=40, logit_bias={eos: -100.0}))
+    cycle = job(request("cycle", json_schema={"$ref": "#"}))
+    no_match = {"type": "string", "pattern": "[^\\s\\S]"}
+    nothing = job(request("no string", json_schema=no_match, temperature=1.0))
+    seen = drive(vllm_model, [plain], {2: [cycle, nothing]})
+    assert seen.end(plain) is not None and seen.end(plain).finish_reason == "length"  # type: ignore[union-attr]
+    assert plain.completion_tokens == 40
+    for failed in (cycle, nothing):
+        end = seen.end(failed)
+        assert end is not None and end.finish_reason == "error"
+        assert (end.error_type, end.error_param) == ("invalid_request_error", "response_format")
+        assert "the schema allows no token after the answer's first" in end.error_message
+    assert not vllm_model._held  # every request is out of vLLM
+
+
+def test_an_answer_ending_on_its_end_of_sequence_has_an_entry_for_it(vllm_model: Any) -> None:
+    eos = vllm_model.served.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ended = job(request("end now", logprobs=2, logit_bias={eos: 100.0}, max_tokens=5))
+    seen = drive(vllm_model, [ended], {})
+    end = seen.end(ended)
+    assert end is not None and end.finish_reason == "stop" and seen.text(ended) == ""
+    entries = [e for o in outputs_of(seen, ended) for e in o.logprobs]
+    assert [e.token for e in entries] == ["<|im_end|>"] and entries[0].bytes == []
+    assert entries[0].logprob is not None and entries[0].logprob < 0  # its raw log probability
+    assert ended.completion_tokens == 1
