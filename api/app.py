@@ -9,11 +9,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 
 from api.auth import ApiKeys, RequireApiKey
 from api.body_limit import BodySizeLimit
 from api.cli import MULTIPROC_ENV
+from api.cors import EnvelopeCORS
 from api.errors import install_error_handlers
 from api.job_client import JobClient
 from api.metrics import FrontMetrics
@@ -88,7 +88,7 @@ def create_app(
     if settings.cors_origin_list():
         # Off unless origins are configured: browsers then refuse cross-origin calls.
         app.add_middleware(
-            CORSMiddleware,
+            EnvelopeCORS,
             allow_origins=settings.cors_origin_list(),
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Streamq-Detach"],

@@ -1,4 +1,6 @@
-"""A request body larger than ``STREAMQ_MAX_BODY_BYTES`` is refused with 413 before any route reads it.
+"""A request body larger than ``STREAMQ_MAX_BODY_BYTES`` is refused with 413 before any route reads it,
+and one sent compressed (a ``Content-Encoding`` but ``identity``) with 415: the routes read JSON
+as it is sent, and would take a gzip body for bad JSON, or a plain body labelled gzip as plain.
 
 A declared ``Content-Length`` over the limit is refused without reading (the server holds the
 body to its length); a body sent without one (chunked, or HTTP/2) is read up to the limit and
@@ -23,6 +25,11 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
+        encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip()
+        if encoding and encoding.lower() != "identity":
+            refusal = f"the body's Content-Encoding '{encoding}' is not supported: send it uncompressed"
+            await _refuse(send, 415, refusal, "unsupported_content_encoding")
+            return
         length = headers.get(b"content-length")
         if length is not None:
             try:
@@ -51,25 +58,24 @@ class BodySizeLimit:
         await self.app(scope, _replay(b"".join(chunks), receive), send)
 
     async def _refuse(self, send: Send) -> None:
-        body = JSONResponse(  # rendered as every other error is
-            error_envelope(
-                f"the request body is larger than {self.max_bytes} bytes (STREAMQ_MAX_BODY_BYTES)",
-                "invalid_request_error",
-                code="request_too_large",
-            )
-        ).body
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        message = f"the request body is larger than {self.max_bytes} bytes (STREAMQ_MAX_BODY_BYTES)"
+        await _refuse(send, 413, message, "request_too_large")
+
+
+async def _refuse(send: Send, status: int, message: str, code: str) -> None:
+    body = JSONResponse(error_envelope(message, "invalid_request_error", code=code)).body  # as every error
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

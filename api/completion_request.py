@@ -28,7 +28,9 @@ class CompletionRequest(OpenAIFields):
 
     prompt: Text | list[Text] | PromptIds | list[PromptIds]
     logprobs: LogprobCount = Field(None, description="each token's log probability and this many others")
-    echo: bool = Field(False, strict=True, description="the answer begins with the prompt (and its logprobs)")
+    echo: bool | None = Field(
+        False, strict=True, description="the answer begins with the prompt (and its logprobs)"
+    )
     best_of: int | None = Field(None, strict=True, description="only 1 (one choice per request)")
     suffix: str | None = Field(None, description="text after the insertion: not supported")
 

@@ -281,7 +281,7 @@ def _http_response(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     headers = getattr(exc, "headers", None)
     if exc.status_code == 405 and _OTHER_ROUTES.match(request.url.path):
-        return error_response(_unknown_url(request.method, request.url.path))
+        return error_response(unknown_url(request.method, request.url.path))
     if exc.status_code == 405:  # a known path, another method
         allowed = _allowed_methods(request)
         message = f"{request.method} is not allowed on {_shown_path(request.url.path)}"
@@ -320,12 +320,12 @@ def _no_such_route(fallback: ASGIApp) -> ASGIApp:
         if scope["type"] != "http":
             await fallback(scope, receive, send)
             return
-        raise _unknown_url(scope["method"], scope["path"])
+        raise unknown_url(scope["method"], scope["path"])
 
     return app
 
 
-def _unknown_url(method: str, path: str) -> ApiError:
+def unknown_url(method: str, path: str) -> ApiError:
     return ApiError(
         404,
         f"Invalid URL ({method} {_shown_path(path)}): "

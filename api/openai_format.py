@@ -63,13 +63,20 @@ class TextOffsets:
     finishes it does; a U+FFFD belongs to the token whose bytes it replaces, wherever the decoder
     noticed it."""
 
-    def __init__(self) -> None:
+    def __init__(self, echo: str = "") -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._chars = 0
+        self.echo = echo  # the prompt text the answer begins with (echo), where it has one
 
     def next(self, entry: Entry) -> int:
         raw = _entry_bytes(entry)
         held, _ = self._decoder.getstate()  # bytes the decoder has not decided on yet
+        token = str(entry.get("token") or "")
+        if not raw and not held and token and self.echo.startswith(token, self._chars):
+            # A special token the echoed prompt spells (``<|im_start|>``): no bytes, as in an
+            # answer's text, which leaves it out; the prompt's text has it, as its name.
+            self._chars += len(token)
+            return self._chars - len(token)
         at = self._chars + (_ending_within(held, raw[:4]) if held and raw else 0)
         self._chars += len(self._decoder.decode(raw))
         return at
@@ -109,16 +116,28 @@ def text_logprobs(entries: list[Entry], offsets_from: TextOffsets | None = None)
     tops: list[dict[str, float] | None] = []
     offsets: list[int] = []
     for entry in entries:
-        tokens.append(entry["token"])
+        tokens.append(_legacy_token(entry))
         logprobs.append(entry["logprob"])
         if entry["logprob"] is None:  # a prompt's first token
             tops.append(None)
         else:
-            top = {alt["token"]: alt["logprob"] for alt in entry.get("top_logprobs", [])}
-            top.setdefault(entry["token"], entry["logprob"])
+            top = {_legacy_token(alt): alt["logprob"] for alt in entry.get("top_logprobs", [])}
+            top.setdefault(_legacy_token(entry), entry["logprob"])
             tops.append(top)
         offsets.append(where.next(entry))
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _legacy_token(entry: Entry) -> str:
+    """A token as OpenAI's legacy completions name it: its text, or where its bytes are part of
+    a character only, ``bytes:\\xe4\\xbd`` (each such token its own key in ``top_logprobs``,
+    where their text, U+FFFD alike, would make them one)."""
+    raw = bytes(entry.get("bytes") or [])
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+    return str(entry["token"])
 
 
 def chat_logprobs(entries: list[Entry]) -> dict[str, Any]:
@@ -174,7 +193,8 @@ class CompletionFormat:
             obj = "chat.completion"
         else:
             prefix, echoed = self._echo(prompt_entries)
-            logprobs = text_logprobs(echoed + (entries or [])) if self.logprobs else None
+            offsets = TextOffsets(prefix)
+            logprobs = text_logprobs(echoed + (entries or []), offsets) if self.logprobs else None
             reason = openai_finish_reason(finish_reason)
             choice = {"index": 0, "text": prefix + text, "logprobs": logprobs, "finish_reason": reason}
             obj = "text_completion"
@@ -229,7 +249,7 @@ class CompletionStream:
             return [self.fmt.chunk(d) for d in deltas]
         if not self._echoed and (data.get("prompt_logprobs") is not None or text or entries):
             prefix, echoed = self.fmt._echo(data.get("prompt_logprobs"))
-            self._echoed = True
+            self._echoed, self._offsets.echo = True, prefix
             text, entries = prefix + text, echoed + entries
         if not text and not (self.fmt.logprobs and entries):
             return []

@@ -47,22 +47,32 @@ def test_logprobs_are_the_raw_distributions_with_k_alternatives(
     ]
     jobs = [job(r) for r in reqs]
     seen = drive(batched, jobs, {})
+    tokenizer = tiny_backend.tokenizer
     for j, r in zip(jobs, reqs, strict=True):
         outputs = outputs_of(seen, j)
         entries = [e for o in outputs for e in o.logprobs]
+        # An entry per token the model took; an end of sequence's too (lm-eval's loglikelihood
+        # reads the last one), named and with no bytes: the answer's text leaves it out.
+        eos = [o for o in outputs if o.finish_reason == "stop" and not o.token_ids and o.logprobs]
         for o in outputs:
-            assert len(o.logprobs) == (len(o.token_ids) if r.logprobs is not None else 0)
+            taken = len(o.token_ids) + (1 if o in eos else 0)
+            assert len(o.logprobs) == (taken if r.logprobs is not None else 0)
         if r.logprobs is None:
             assert entries == []
             continue
         assert len(entries) == j.completion_tokens
-        check_entries(tiny_backend, tiny_backend.encode(r), ids_of(seen, j), entries, r.logprobs)
+        answer = ids_of(seen, j)
+        if eos:
+            assert entries[-1].token == "<|im_end|>" and entries[-1].bytes == []
+            answer = [*answer, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        check_entries(tiny_backend, tiny_backend.encode(r), answer, entries, r.logprobs)
         joined = b"".join(bytes(e.bytes or []) for e in entries).decode("utf-8", errors="replace")
         assert joined == seen.text(j)
         for e in entries:
             values = [t.logprob for t in e.top_logprobs]
             assert values == sorted(values, reverse=True)
-    assert seen.end(jobs[2]).finish_reason == "stop"  # type: ignore[union-attr]  # its end has no entry
+    assert seen.end(jobs[2]).finish_reason == "stop"  # type: ignore[union-attr]
+    assert outputs_of(seen, jobs[2])[-1].logprobs[-1].token == "<|im_end|>"  # the JSON's end, with its entry
 
 
 @pytest.mark.parametrize("chunk", [64, 16])  # one left-padded pass, or a chunk per step

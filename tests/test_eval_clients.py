@@ -71,6 +71,45 @@ def test_lm_eval_local_completions_scores_as_the_model_does(
     assert len(generated) == 3 and all(isinstance(text, str) and text for text in generated)
 
 
+def test_an_answer_that_is_an_end_of_sequence_keeps_its_entry_for_lm_eval(
+    stack: Stack, tiny_backend: Any
+) -> None:
+    """lm-eval's loglikelihood asks for one token after the echoed text and drops its entry
+    (``token_logprobs[ctxlen:-1]``): where the model's next token is its end of sequence, the
+    answer had no entry, so lm-eval dropped the continuation's last token instead (scored 0.0,
+    "greedy"). The end's entry is there, named, and counted, as vLLM gives it."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    from tests.conftest import openai_client
+
+    tokenizer = tiny_backend.tokenizer
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    context, continuation = PAIRS[1]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    n_context = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    answer = openai_client(stack.url).completions.create(
+        model=stack.model_dir.name,
+        prompt=whole,
+        echo=True,
+        logprobs=1,
+        max_tokens=1,
+        temperature=0,
+        logit_bias={str(eos): 100},  # the next token is the end, whatever this random model says
+    )
+    choice = answer.choices[0]
+    assert choice.finish_reason == "stop" and answer.usage is not None and answer.usage.completion_tokens == 1
+    assert choice.logprobs is not None and choice.logprobs.tokens is not None
+    assert len(choice.logprobs.tokens) == len(whole) + 1 and choice.logprobs.tokens[-1] == "<|im_end|>"
+    ((score, greedy),) = LocalCompletionsAPI.parse_logprobs(answer.model_dump(), ctxlens=[n_context])
+    expected, expected_greedy = reference_loglikelihood(tiny_backend, context, continuation)
+    assert score == pytest.approx(expected, abs=2e-3) and greedy == expected_greedy
+    with torch.inference_mode():  # the end's own entry: its raw log probability, before the bias
+        logits = tiny_backend.model(input_ids=torch.tensor([whole])).logits[0, -1].float()
+    raw = float(torch.log_softmax(logits, dim=-1)[eos])
+    assert choice.logprobs.token_logprobs is not None
+    assert choice.logprobs.token_logprobs[-1] == pytest.approx(raw, abs=2e-3)
+
+
 def test_litellm_calls_a_tool_and_answers_json(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network here: its bundled copy
     import litellm

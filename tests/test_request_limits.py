@@ -3,6 +3,8 @@ exists; CORS is off unless origins are configured."""
 
 from __future__ import annotations
 
+import gzip
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,20 @@ def test_a_body_over_the_size_limit_is_413_with_or_without_a_length(secure: Secu
     assert ok.status_code == 200 and ok.json()["status"] == 200
 
 
+def test_a_compressed_body_is_a_415_naming_its_encoding_not_bad_json_or_plain(secure: SecureStack) -> None:
+    body = json.dumps(_chat()).encode()
+    before = _job_count(secure)
+    for encoding, content in (("gzip", gzip.compress(body)), ("br", body), ("GZIP, identity", body)):
+        sent = headers("judy") | {"Content-Type": "application/json", "Content-Encoding": encoding}
+        r = httpx.post(f"{secure.a}/v1/chat/completions", content=content, headers=sent)
+        assert r.status_code == 415, r.text
+        error = r.json()["error"]
+        assert error["code"] == "unsupported_content_encoding" and f"'{encoding}'" in error["message"]
+    assert _job_count(secure) == before
+    plain = headers("judy") | {"Content-Type": "application/json", "Content-Encoding": "identity"}
+    assert httpx.post(f"{secure.a}/v1/chat/completions", content=body, headers=plain).status_code == 200
+
+
 def test_the_prompt_token_limit_is_counted_with_the_workers_tokenizer(stack: Stack, tmp_path: Path) -> None:
     front, url = start_front(stack.env | {"STREAMQ_MAX_PROMPT_TOKENS": "40"}, tmp_path, "token-limit")
     try:
@@ -139,5 +155,7 @@ def test_cors_is_off_by_default_and_allows_only_the_configured_origins(secure: S
     assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
     other = _preflight(secure.b, "https://evil.example.net")
     assert other.headers.get("access-control-allow-origin") != "https://evil.example.net"
+    assert other.status_code == 400 and other.json()["error"]["code"] == "cors_not_allowed"  # the envelope
+    assert "its origin" in other.json()["error"]["message"]
     simple = httpx.get(f"{secure.b}/v1/models", headers=headers("bob") | {"Origin": ALLOWED_ORIGIN})
     assert simple.headers["access-control-allow-origin"] == ALLOWED_ORIGIN

@@ -30,7 +30,8 @@ class AnswerTokens:
         or "length") when the answer has ended: end of sequence, a stop sequence, the budget."""
         if self.finish_reason is not None:
             raise RuntimeError("the answer has already ended")
-        if token in self._eos_ids:
+        if token in self._eos_ids:  # a token the model generated (counted, as vLLM and OpenAI do)
+            self.completion_tokens += 1
             tail, _ = self._stops.push(self._decoder.flush())
             self.finish_reason = "stop"
             return tail + self._stops.flush()

@@ -100,7 +100,7 @@ class JobOutput:
     error_param: str | None = None  # the request field an invalid_request_error is about
     error_code: str | None = None  # OpenAI's code for it, where it has one
     token_ids: tuple[int, ...] = ()  # the tokens behind ``text`` (kept for a continuation)
-    logprobs: tuple[TokenLogprob, ...] = ()  # one per token of ``token_ids`` when the job asked
+    logprobs: tuple[TokenLogprob, ...] = ()  # per token of ``token_ids`` (and an ending EOS), if asked
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # once, when the job asked
 
 

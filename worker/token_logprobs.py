@@ -19,6 +19,17 @@ from shared.logprobs import TokenLogprob, TopLogprob
 FLOOR = -9999.0  # stands for -inf (a token the model gives no chance), which JSON cannot carry
 
 
+def special_names(tokenizer: Any) -> dict[int, str]:
+    """The special tokens' ids and names (``<|im_end|>``): the answer's text leaves them out."""
+    names = {}
+    for token_id in getattr(tokenizer, "all_special_ids", []) or []:
+        names[int(token_id)] = str(tokenizer.convert_ids_to_tokens(int(token_id)))
+    for token_id, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            names[int(token_id)] = str(added.content)
+    return names
+
+
 def vocabulary_bytes(tokenizer: Any, vocab_size: int | None = None) -> list[bytes]:
     """Every token id's bytes as it reads in an answer's text: special tokens (``<|im_end|>``),
     which the text leaves out, have none, and nor do ids past the tokenizer's vocabulary
@@ -27,11 +38,7 @@ def vocabulary_bytes(tokenizer: Any, vocab_size: int | None = None) -> list[byte
 
     info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
     table = list(info.decoded_vocab)
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    for token_id, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
-        if getattr(added, "special", False):
-            special.add(int(token_id))
-    for token_id in special:
+    for token_id in special_names(tokenizer):
         if 0 <= token_id < len(table):
             table[token_id] = b""
     return table
@@ -49,6 +56,7 @@ class TokenTexts:
         self._tokenizer = tokenizer
         self._vocab_size = vocab_size
         self._bytes: list[bytes] | None = None
+        self._special: dict[int, str] = {}
 
     def warm(self) -> TokenTexts:
         """Build the vocabulary table now (a worker does at start-up: about a second for a large
@@ -59,12 +67,16 @@ class TokenTexts:
     def token_bytes(self, token_id: int) -> bytes:
         if self._bytes is None:
             self._bytes = vocabulary_bytes(self._tokenizer, self._vocab_size)
+            self._special = special_names(self._tokenizer)
         return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
 
     def top(self, token_id: int, logprob: float) -> TopLogprob:
         raw = self.token_bytes(token_id)
+        # A special token is named (``<|im_end|>``), as vLLM names it, with no bytes: it has none
+        # in the answer's text (OpenAI: bytes may be absent where a token has no bytes).
+        token = self._special.get(token_id) if not raw else None
         return TopLogprob(
-            token=raw.decode("utf-8", errors="replace"), logprob=_number(logprob), bytes=list(raw)
+            token=token or raw.decode("utf-8", errors="replace"), logprob=_number(logprob), bytes=list(raw)
         )
 
     def entry(

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from api.auth import OPEN, Caller, CallerDep
 from api.client_job import JOB_HEADER, ClientJob, detach_requested
 from api.completion_request import COMPLETION_PARAMS, CompletionRequest
-from api.errors import ApiError, error_responses, job_failure_error, renamed
+from api.errors import ApiError, error_responses, job_failure_error, renamed, unknown_url
 from api.job_client import JobClient, get_jobs
 from api.openai_format import (
     DONE,
@@ -111,8 +111,10 @@ async def list_models(jobs: JobsDep) -> dict[str, Any]:
 
 
 @router.get("/models/{model:path}", responses=error_responses(404))
-async def get_model(model: str, jobs: JobsDep) -> dict[str, Any]:
+async def get_model(model: str, request: Request, jobs: JobsDep) -> dict[str, Any]:
     """One served model; 404 ``model_not_found`` if no live worker serves it."""
+    if not model or model.endswith("/"):  # a trailing slash, as on every other route
+        raise unknown_url(request.method, request.url.path)
     since = await jobs.served_models()
     if model not in since:
         raise ApiError(404, f"model '{model}' is not served by any live worker", code="model_not_found")

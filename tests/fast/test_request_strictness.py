@@ -11,7 +11,7 @@ import pytest
 from openai import APIStatusError, BadRequestError
 from pydantic import BaseModel
 
-from api.openai_format import text_logprobs
+from api.openai_format import TextOffsets, text_logprobs
 from shared.schemas import JobError
 from tests.fast.conftest import Front
 from tests.fast.test_front_formats import _openai
@@ -81,6 +81,16 @@ def _tool(name: str, parameters: Any = None) -> Any:
             "logit_bias keys are token ids, got '²'",
         ),
         ({"messages": [USER], "logit_bias": {"١٢": 1}}, "logit_bias", "got '١٢'"),
+        # JSON's true is no number (it ran as a penalty of 1); a tiny penalty overflowed the scores
+        ({"messages": [USER], "presence_penalty": True}, "presence_penalty", "a valid number"),
+        ({"messages": [USER], "frequency_penalty": False}, "frequency_penalty", "a valid number"),
+        ({"messages": [USER], "extra_body": {"repetition_penalty": True}}, "repetition_penalty", "number"),
+        ({"messages": [USER], "logit_bias": {"5": True}}, "logit_bias.5", "a valid number"),
+        (
+            {"messages": [USER], "extra_body": {"repetition_penalty": 1e-300}},
+            "repetition_penalty",
+            "greater than or equal to 0.01",
+        ),
         (
             {"messages": [USER], "tool_choice": {"type": "custom", "custom": {"name": "shell"}}},
             "tool_choice",
@@ -157,7 +167,15 @@ async def test_echoed_logprobs_over_the_prompt_limit_name_logprobs(front: Front)
     assert body["param"] == "logprobs" and "with echo, logprobs is at most 5" in body["message"], body
 
 
-@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/chat/completions/"), ("GET", "/v1/jobs/")])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/chat/completions/"),
+        ("GET", "/v1/jobs/"),
+        ("GET", "/v1/models/"),
+        ("GET", f"/v1/models/{MODEL}/"),
+    ],
+)
 async def test_a_trailing_slash_is_a_404_in_the_envelope_not_a_redirect(
     front: Front, method: str, path: str
 ) -> None:
@@ -185,6 +203,42 @@ def test_text_offsets_count_bytes_that_make_no_character_as_the_answer_shows_the
     assert text_logprobs([entry(b"\xf0"), entry(b"\x90a")])["text_offset"] == [0, 0]
     assert text_logprobs([entry(b"\xed\xa0"), entry(b"a")])["text_offset"] == [0, 2]
     assert text_logprobs([entry(b"\xed"), entry(b"\xa0"), entry(b"a")])["text_offset"] == [0, 1, 2]
+
+
+def test_an_echoed_prompts_special_tokens_take_their_place_in_its_text() -> None:
+    def entry(token: str, raw: bytes) -> dict[str, Any]:
+        return {"token": token, "logprob": -1.0, "bytes": list(raw)}
+
+    spelled = [entry("<|im_end|>", b""), entry("hel", b"hel"), entry("lo", b"lo"), entry("j", b"j")]
+    # The prompt's text spells the special token: the tokens after it begin after it.
+    assert text_logprobs(spelled, TextOffsets("<|im_end|>hello"))["text_offset"] == [0, 10, 13, 15]
+    # A token the tokenizer added (a BOS), which the text does not spell, takes no room.
+    assert text_logprobs(spelled, TextOffsets("hello"))["text_offset"] == [0, 0, 3, 5]
+
+
+def test_tokens_that_are_part_of_a_character_are_named_by_their_bytes_and_never_share_a_key() -> None:
+    # Two such tokens were both "\ufffd" in a place's top_logprobs: one key, the other's value.
+    chosen = {"token": "\ufffd", "logprob": -1.0, "bytes": [0xE4, 0xBD]}
+    alternatives = [
+        {"token": "day", "logprob": -0.5, "bytes": list(b"day")},
+        chosen,
+        {"token": "\ufffd", "logprob": -1.5, "bytes": [0xE5]},
+        {"token": "<|im_end|>", "logprob": -2.0, "bytes": []},  # a special token: named, no bytes
+    ]
+    shown = text_logprobs([chosen | {"top_logprobs": alternatives}])
+    assert shown["tokens"] == ["bytes:\\xe4\\xbd"]
+    keys = {"day": -0.5, "bytes:\\xe4\\xbd": -1.0, "bytes:\\xe5": -1.5, "<|im_end|>": -2.0}
+    assert shown["top_logprobs"] == [keys]
+
+
+async def test_echo_may_be_null_as_in_openais_schema(front: Front) -> None:
+    texts = []
+    for echo in (None, False, True):
+        body = {"model": MODEL, "prompt": "one two", "echo": echo, "temperature": 0}
+        answer = await front.http.post("/v1/completions", json=body)
+        assert answer.status_code == 200, answer.text
+        texts.append(answer.json()["choices"][0]["text"])
+    assert texts[0] == texts[1] and texts[2] == "one two" + texts[1]  # null is no echo
 
 
 async def test_a_union_field_names_the_bad_item_and_says_its_types_once(front: Front) -> None:
