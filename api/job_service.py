@@ -159,8 +159,7 @@ class JobService:
     async def _run_replicated(self, call: ScriptCall, job_id: str, model: str) -> Any:
         """Run the submit script; with replicas to wait for (Sentinel), WAIT for them on the same
         connection, in the same round trip. A job the replicas did not get in time is canceled
-        and refused with a 503 (a 202 promises a job that survives a failover), unless a worker
-        took it meanwhile."""
+        and refused with a 503 (a 202 promises a job that survives a failover)."""
         s = self._settings
         replicas = s.replicas_to_wait_for()
         if not replicas:
@@ -184,9 +183,7 @@ class JobService:
                 self._unreplicated_until = 0.0
                 return answer
             self._unreplicated_until = time.monotonic() + UNREPLICATED_PAUSE
-            if not await self._withdraw(job_id, model):
-                log.warning("job %s: no Redis replica had it in time, but a worker took it: accepted", job_id)
-                return answer  # refusing it now would only have the client run it twice
+            await self._withdraw(job_id, model)
             log.error(
                 "job %s: %d of %d Redis replicas had it after %d ms; canceled and refused",
                 job_id,
@@ -206,18 +203,16 @@ class JobService:
             headers={"Retry-After": "1"},
         )
 
-    async def _withdraw(self, job_id: str, model: str) -> bool:
-        """Cancel a job that no replica had in time, unless a worker took it meanwhile (it is on
-        the primary, which is up: refusing it then would only have the client run it twice).
-        True when it was withdrawn (or its cancel failed: it may run, unpromised)."""
+    async def _withdraw(self, job_id: str, model: str) -> None:
+        """Cancel a job that no replica had in time, whether or not a worker took it meanwhile:
+        its primary may be one the sentinels have already replaced (a failover they were told
+        to make leaves it up and writable for seconds), where the job and its run would vanish
+        after a 202, and a worker on it takes the job at once."""
         s = self._settings
         cancel = scripts.cancel(job_id, model, ttl=s.result_ttl, maxlen=s.stream_maxlen)
         try:
-            status = await self._redis.hget(keys.job(job_id), JobField.STATUS)
-            if status is None:  # gone already (Redis lost it): nothing to cancel, nothing promised
-                return True
-            if status != JobStatus.QUEUED:
-                return False
+            if await self._redis.hget(keys.job(job_id), JobField.STATUS) is None:
+                return  # gone already (Redis lost it): nothing to cancel, nothing promised
             answer = scripts.answer(await self._scripts.run(cancel))
             if answer == Answer.OK:
                 await anyio.to_thread.run_sync(self._file_rq_cancel, job_id)
@@ -225,7 +220,6 @@ class JobService:
                 await self._redis.publish(keys.CANCEL_CHANNEL, job_id)
         except RedisError as exc:
             log.error("job %s: refused, but its cancel failed (it may run): %s", job_id, exc)
-        return True
 
     async def _check_prompt_length(
         self, model: str, generation: GenerationRequest, context_length: int | None

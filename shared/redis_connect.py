@@ -10,7 +10,9 @@ connections and the janitor all get their pools here.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,13 +28,59 @@ from shared.settings import Settings
 SENTINEL_TIMEOUT = 2.0  # seconds a sentinel may take to answer (then the next one is asked)
 
 
-class _BlockingSentinelPool(sync_sentinel.SentinelConnectionPool, redis.BlockingConnectionPool):
+PRIMARY_RECHECK = 1.0  # seconds between a pool's questions to the sentinels, while it is used
+
+
+class _FollowsPrimary(sync_sentinel.SentinelConnectionPool):
+    """A Sentinel pool that, while used, asks the sentinels for the primary at most once a
+    second, and drops a connection made for another: a failover they were told to make
+    (``SENTINEL FAILOVER``) leaves the old primary up and writable until they reconfigure it,
+    seconds later, and a pool that asked only when it opened a connection wrote there meanwhile
+    (a job accepted there vanished with it; a worker beating there looked dead on the new one)."""
+
+    _primary_asked = 0.0
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        now = time.monotonic()
+        if self.is_master and now - self._primary_asked >= PRIMARY_RECHECK:
+            self._primary_asked = now
+            with contextlib.suppress(redis.RedisError):  # none named: the connection's own asking says so
+                self.get_master_address()  # another: idle connections close
+        connection = super().get_connection(*args, **kwargs)
+        if self.is_master and _elsewhere(connection, self.master_address):
+            connection.disconnect()  # it connects to the primary again at its first command
+        return connection
+
+
+class _SentinelPool(_FollowsPrimary):
+    """A Sentinel pool that fails at once when all its connections are in use."""
+
+
+class _BlockingSentinelPool(_FollowsPrimary, redis.BlockingConnectionPool):
     """A Sentinel pool whose requests wait for a free connection (as the front's other pools do)
     instead of failing when all are in use."""
 
 
 class _AsyncBlockingSentinelPool(async_sentinel.SentinelConnectionPool, aioredis.BlockingConnectionPool):
     """The asyncio twin of ``_BlockingSentinelPool``."""
+
+    _primary_asked = 0.0
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        now = time.monotonic()
+        if self.is_master and now - self._primary_asked >= PRIMARY_RECHECK:
+            self._primary_asked = now
+            with contextlib.suppress(redis.RedisError):
+                await self.get_master_address()
+        connection = await super().get_connection(*args, **kwargs)
+        if self.is_master and _elsewhere(connection, self.master_address):
+            await connection.disconnect()
+        return connection
+
+
+def _elsewhere(connection: Any, primary: Any) -> bool:
+    """Whether ``connection`` is open to another server than ``primary`` (host, port)."""
+    return bool(primary and connection.is_connected and (connection.host, connection.port) != tuple(primary))
 
 
 class _SyncedReplicas(async_sentinel.Sentinel):
@@ -112,7 +160,7 @@ class RedisTarget:
         options = {**self.primary_options(), **options}
         manager = sync_sentinel.Sentinel(list(self.sentinels), sentinel_kwargs=self.sentinel_options(options))
         if blocking_timeout is None:
-            return sync_sentinel.SentinelConnectionPool(self.master, manager, **options)
+            return _SentinelPool(self.master, manager, **options)
         return _BlockingSentinelPool(self.master, manager, timeout=blocking_timeout, **options)
 
     def async_pool(

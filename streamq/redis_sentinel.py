@@ -177,6 +177,28 @@ class SentinelRedis:
         self.rejoin(old, new)
         return old, new, took
 
+    def commanded_failover(self, timeout: float = 30) -> tuple[int, int, float]:
+        """``SENTINEL FAILOVER``, as an operator moves the primary (an upgrade, a host drained):
+        the old primary stays up, and writable, until the sentinels reconfigure it as a replica of
+        the new one, seconds after the promotion. Returns (old port, new port, seconds to promote),
+        once the old one is a replica in sync."""
+        old = self.primary_port()
+        began = time.monotonic()
+        self._sentinel(self.sentinel_ports[0]).execute_command("SENTINEL", "FAILOVER", self.master)
+        new = self.wait_promoted(old, timeout)
+        took = time.monotonic() - began
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                link = self.client(old).info("replication").get("master_link_status")
+            except redis.RedisError:
+                link = None
+            if link == "up":
+                break
+            time.sleep(0.1)
+        self.wait_ready(timeout)
+        return old, new, took
+
     def wait_promoted(self, old: int, timeout: float = 30) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -19,6 +19,8 @@ import pytest
 from rq import Queue, Worker
 
 from shared import keys
+from shared.janitor import Janitor
+from shared.settings import Settings
 from streamq.processes import Service, start_front, start_synthetic_worker, wait_for, wait_workers
 from streamq.redis_server import RedisServer
 from tests.redis_replies import decoded_entries
@@ -123,6 +125,28 @@ def test_a_redis_restarted_empty_is_noticed_and_no_client_waits_forever(empty_st
         assert job.status_code == 202, job.text
         assert follow(client, url, job.json()["id"])[-1].event == "done"
     assert empty_stack.front.alive() and empty_stack.worker.alive()
+
+
+def test_a_worker_a_janitor_took_for_dead_enters_rqs_lists_again(empty_stack: EmptyStack) -> None:
+    """A worker paused past its TTL (SIGSTOP, a long GC, a frozen VM) is removed by a janitor,
+    in streamq's registry and RQ's; when it goes on, its heartbeat finds it gone and it enters
+    both again: `rq info` listed no worker for good while it took jobs."""
+    store = empty_stack.redis.client()
+
+    def in_rq_info() -> bool:
+        workers = {w.name: w for w in Worker.all(connection=store)}
+        return "empty-w" in workers and workers["empty-w"].queue_names() == [keys.queue_name("synth")]
+
+    wait_for(in_rq_info, 10, "the worker in RQ's list of workers")
+    store.zadd(keys.WORKERS, {"empty-w": 0})  # its last beat long ago, as after a pause
+    Janitor(store, Settings()).forget_dead_workers()
+    assert not in_rq_info()
+    wait_for(in_rq_info, 15, "the worker in RQ's list of workers again")
+    assert "dropped from the registry" in empty_stack.worker.log()
+    with httpx.Client(timeout=30) as client:
+        job = client.post(f"{empty_stack.url}/v1/jobs", json={"prompt": "back", "max_tokens": 3})
+        assert job.status_code == 202, job.text
+        assert follow(client, empty_stack.url, job.json()["id"])[-1].event == "done"
 
 
 def test_a_follower_of_a_job_that_vanished_gets_a_final_error(empty_stack: EmptyStack) -> None:

@@ -175,6 +175,24 @@ def test_an_idle_dispatcher_is_one_rq_worker_and_stops_soon_after_it_is_asked(
     assert model not in {w.name for w in SimpleWorker.all(connection=redis_server.client())}
 
 
+def test_a_job_that_comes_while_a_stopping_dispatcher_waits_stays_queued(redis_server: RedisServer) -> None:
+    """Told to stop while it waits on its queue (up to IDLE_WAIT), a dispatcher that the wait
+    then brings a job puts it back at the queue's head, never begun: another worker's."""
+    model = unique("rq-stop-wait")
+    connection = redis_server.client()
+    dispatcher = Dispatcher(connection, Scripted(redis_server, model, {}), 2, model, Settings())
+    thread, failed = dispatch_in_a_thread(dispatcher)
+    time.sleep(0.5)  # waiting on its queue
+    dispatcher.stop_taking()
+    job_ids = [unique("late"), unique("later")]
+    queue = enqueue(redis_server, model, job_ids)
+    thread.join(timeout=IDLE_WAIT + 10)
+    assert not thread.is_alive() and not failed
+    assert queue.job_ids == job_ids and connection.llen(keys.intermediate(queue.key)) == 0
+    assert {Job.fetch(j, connection=connection).get_status() for j in job_ids} == {JobStatus.QUEUED}
+    assert StartedJobRegistry(queue=queue).get_job_ids() == []
+
+
 def test_a_plain_rq_worker_fails_a_streamq_job_clearly(redis_server: RedisServer) -> None:
     job_id = unique("plain")
     queue = enqueue(redis_server, unique("rq-plain"), [job_id])

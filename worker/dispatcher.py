@@ -216,6 +216,9 @@ class Dispatcher:
             return True
         look = self._burst or self._backlog
         taken = self.runs.take(free, None if look else IDLE_WAIT)
+        if taken and self._stop.is_set():  # asked to stop while it waited: another worker's
+            self.runs.put_back(taken)
+            return True
         self._backlog = bool(taken)
         if not taken:
             if self._burst:

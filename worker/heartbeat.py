@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -40,6 +41,9 @@ class Heartbeat(BackgroundThread):
         }
         self.current_job = ""
         self.jobs_done = 0
+        # Called (in this thread) when a beat finds this worker gone from the registry: a janitor
+        # took it for dead (a pause past STREAMQ_WORKER_TTL), or Redis lost its data.
+        self.on_forgotten: Callable[[], None] | None = None
 
     def publish(self, **info: str) -> None:
         """Add fields to what the worker announces (from its next beat on)."""
@@ -59,7 +63,9 @@ class Heartbeat(BackgroundThread):
         except redis.RedisError as exc:
             log.warning("could not remove worker %s from the registry: %s", self.worker_name, exc)
 
-    def beat(self) -> None:
+    def beat(self) -> bool:
+        """Write this worker's record and its place in the registry; True when that place was
+        gone (a janitor, or an empty Redis, had dropped it)."""
         now = time.time()
         pipe = self._redis.pipeline(transaction=True)
         fields: dict[Any, Any] = {
@@ -71,12 +77,16 @@ class Heartbeat(BackgroundThread):
         pipe.hset(keys.worker(self.worker_name), mapping=fields)
         pipe.expire(keys.worker(self.worker_name), int(self._ttl * 3) + 1)
         pipe.zadd(keys.WORKERS, {self.worker_name: now})
-        pipe.execute()
+        return bool(pipe.execute()[-1])
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             try:
-                self.beat()
+                if self.beat() and self.on_forgotten is not None:
+                    log.warning(
+                        "worker %s was dropped from the registry: announcing it again", self.worker_name
+                    )
+                    self.on_forgotten()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
             except Exception:  # a bug must not end the beats (the worker would look dead)

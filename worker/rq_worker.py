@@ -135,7 +135,7 @@ class StreamqWorker(SimpleWorker):
             log.error("worker %s could not load %s: %s", self.name, self.settings.model, exc)
             self.register_death()  # no ghost in `rq info`
             raise
-        owned.on_data_lost.append(self._reannounce_soon)
+        owned.on_forgotten.append(self._reannounce_soon)
         owned.start()
         self.runtime = self._owned = owned
         settle_heap(self.settings)

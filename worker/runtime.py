@@ -139,20 +139,27 @@ class WorkerRuntime:
         )
         self._running: dict[str, str] = {}  # slot name → the job it runs (a job may run twice)
         self._lock = threading.Lock()
-        # Called (in the epoch watch's thread) when Redis came back empty: the RQ worker that
-        # takes this process's jobs enters RQ's lists again.
-        self.on_data_lost: list[Callable[[], None]] = []
+        # Called (in the epoch watch's or the heartbeat's thread) when Redis forgot this worker
+        # (it came back empty, or a janitor took the worker for dead after a pause): the RQ
+        # worker that takes this process's jobs enters RQ's lists again.
+        self.on_forgotten: list[Callable[[], None]] = []
+        self.heartbeat.on_forgotten = self._announce_again
 
     def _data_lost(self) -> None:
         """Redis came back empty: count it, and announce this worker again at once (the fronts
         see no live worker until its next heartbeat; `rq info`, none until it restarted)."""
         self.metrics.redis_data_lost.inc()
-        for announce in (self.heartbeat.beat, *self.on_data_lost):  # each, whatever the others do
+        self._announce_again(self.heartbeat.beat)
+
+    def _announce_again(self, *first: Callable[[], object]) -> None:
+        for announce in (*first, *self.on_forgotten):  # each, whatever the others do
             try:
                 announce()
             except Exception as exc:
                 log.warning(
-                    "after Redis lost its data, %s failed: %s", getattr(announce, "__name__", announce), exc
+                    "announcing this worker again, %s failed: %s",
+                    getattr(announce, "__name__", announce),
+                    exc,
                 )
 
     def start(self, engine_thread: bool = True) -> None:

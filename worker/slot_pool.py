@@ -93,7 +93,7 @@ class SlotPool:
             slots,
         )
         dispatcher = Dispatcher(self.connection, runtime, slots, self.name, self.settings, burst=self.burst)
-        runtime.on_data_lost.append(dispatcher.data_lost)
+        runtime.on_forgotten.append(dispatcher.data_lost)
         taking = threading.Thread(target=dispatcher.run, name="streamq-dispatcher", daemon=True)
         taking.start()
         manager = threading.Thread(
