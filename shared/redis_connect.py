@@ -10,8 +10,10 @@ connections and the janitor all get their pools here.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,20 +38,32 @@ class _FollowsPrimary(sync_sentinel.SentinelConnectionPool):
     second, and drops a connection made for another: a failover they were told to make
     (``SENTINEL FAILOVER``) leaves the old primary up and writable until they reconfigure it,
     seconds later, and a pool that asked only when it opened a connection wrote there meanwhile
-    (a job accepted there vanished with it; a worker beating there looked dead on the new one)."""
+    (a job accepted there vanished with it; a worker beating there looked dead on the new one).
+    The question runs in a thread of its own: no caller waits for a sentinel that is slow or
+    gone (a lease renewal that did would let its lease lapse)."""
 
     _primary_asked = 0.0
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._asking = threading.Lock()
+
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         now = time.monotonic()
-        if self.is_master and now - self._primary_asked >= PRIMARY_RECHECK:
+        if self.is_master and now - self._primary_asked >= PRIMARY_RECHECK and self._asking.acquire(False):
             self._primary_asked = now
-            with contextlib.suppress(redis.RedisError):  # none named: the connection's own asking says so
-                self.get_master_address()  # another: idle connections close
+            threading.Thread(target=self._ask, name="streamq-sentinel-ask", daemon=True).start()
         connection = super().get_connection(*args, **kwargs)
         if self.is_master and _elsewhere(connection, self.master_address):
             connection.disconnect()  # it connects to the primary again at its first command
         return connection
+
+    def _ask(self) -> None:
+        try:
+            with contextlib.suppress(redis.RedisError, OSError):  # none named: connecting says so
+                self.get_master_address()  # another: idle connections close, in-use ones on release
+        finally:
+            self._asking.release()
 
 
 class _SentinelPool(_FollowsPrimary):
@@ -62,20 +76,29 @@ class _BlockingSentinelPool(_FollowsPrimary, redis.BlockingConnectionPool):
 
 
 class _AsyncBlockingSentinelPool(async_sentinel.SentinelConnectionPool, aioredis.BlockingConnectionPool):
-    """The asyncio twin of ``_BlockingSentinelPool``."""
+    """The asyncio twin of ``_BlockingSentinelPool`` (its question to the sentinels a task)."""
 
     _primary_asked = 0.0
+    _asking: asyncio.Task[None] | None = None
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         now = time.monotonic()
-        if self.is_master and now - self._primary_asked >= PRIMARY_RECHECK:
+        due = self.is_master and now - self._primary_asked >= PRIMARY_RECHECK
+        if due and (self._asking is None or self._asking.done()):
             self._primary_asked = now
-            with contextlib.suppress(redis.RedisError):
-                await self.get_master_address()
+            self._asking = asyncio.get_running_loop().create_task(self._ask())
         connection = await super().get_connection(*args, **kwargs)
         if self.is_master and _elsewhere(connection, self.master_address):
-            await connection.disconnect()
+            try:
+                await connection.disconnect(nowait=True)
+            except BaseException:  # cancelled: the connection is the pool's again, not lost
+                await self.release(connection)
+                raise
         return connection
+
+    async def _ask(self) -> None:
+        with contextlib.suppress(redis.RedisError, OSError):
+            await self.get_master_address()
 
 
 def _elsewhere(connection: Any, primary: Any) -> bool:

@@ -48,6 +48,8 @@ def test_a_schema_no_value_completes_fails_alone_with_a_400_naming_it(vllm_model
         assert end is not None and end.finish_reason == "error"
         assert (end.error_type, end.error_param) == ("invalid_request_error", "response_format")
         assert "the schema allows no token after the answer's first" in end.error_message
+    # The token vLLM took where the mask left none, which the grammar refused, is not the answer's.
+    assert seen.text(cycle) == "" and "after the answer's first 0 tokens" in seen.end(cycle).error_message  # type: ignore[union-attr]
     assert not vllm_model._held  # every request is out of vLLM
 
 

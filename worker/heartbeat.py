@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -41,7 +42,7 @@ class Heartbeat(BackgroundThread):
         }
         self.current_job = ""
         self.jobs_done = 0
-        # Called (in this thread) when a beat finds this worker gone from the registry: a janitor
+        # Called (in a thread of its own) when a beat finds this worker gone from the registry: a janitor
         # took it for dead (a pause past STREAMQ_WORKER_TTL), or Redis lost its data.
         self.on_forgotten: Callable[[], None] | None = None
 
@@ -82,11 +83,12 @@ class Heartbeat(BackgroundThread):
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             try:
-                if self.beat() and self.on_forgotten is not None:
+                if self.beat() and self.on_forgotten is not None and not self._stop.is_set():
                     log.warning(
                         "worker %s was dropped from the registry: announcing it again", self.worker_name
                     )
-                    self.on_forgotten()
+                    # In a thread of its own: announcing may retry for a while, and the beats go on.
+                    threading.Thread(target=self.on_forgotten, name="streamq-reannounce", daemon=True).start()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
             except Exception:  # a bug must not end the beats (the worker would look dead)

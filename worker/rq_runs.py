@@ -169,11 +169,7 @@ class RqRuns:
     def put_back(self, job_ids: list[str]) -> None:
         """Return taken ids, never begun, to their queue's head in their order (a worker asked to
         stop while it waited for them): RQ's record of each is still the queued one."""
-        with self._redis.pipeline(transaction=True) as pipe:
-            for job_id in reversed(job_ids):
-                pipe.lpush(self.queue.key, job_id)
-                pipe.lrem(self._parked, 1, job_id)
-            pipe.execute()
+        self._scripts.run(scripts.put_back(self.queue.key, job_ids))
 
     def begin(self, job_ids: list[str]) -> list[Run]:
         """RQ's start of each job, as its worker records it (an execution in the started registry;

@@ -168,7 +168,12 @@ class VLLMModel:
             before = len(answer.token_ids)
             text = ""
             logprobs: list[TokenLogprob] = []
-            for place, token in enumerate(completion.token_ids):
+            # vLLM ends a JSON request whose grammar refused the token it took (its mask left
+            # none) with "error", that token last among the new ones: it is not the answer's.
+            errored = result.finished and completion.finish_reason == "error"
+            refused = bool(errored and _asks_json(job.request) and completion.token_ids)
+            taken = list(completion.token_ids)[: -1 if refused else None]
+            for place, token in enumerate(taken):
                 text += answer.push(token)
                 if k is not None:  # an end of sequence too: lm-eval reads the last token's entry
                     logprobs.append(_logprob_entry(self.texts, token, completion.logprobs[place], k))
@@ -176,11 +181,9 @@ class VLLMModel:
                     break
             failure: RowFailed | None = None
             if result.finished and answer.finish_reason is None:
-                # vLLM's own end of a request it could not go on with (a grammar that failed to
-                # compile or refused a token, a KV load that failed): the job fails, not "stop".
-                if completion.finish_reason == "error" and _asks_json(job.request):
-                    # Its grammar's mask left no token: vLLM took one anyway, which the grammar
-                    # refused (no KV transfer, the other cause, is configured here).
+                # vLLM's own end of a request it could not go on with (a grammar that refused a
+                # token or failed to compile, an error in its engine): the job fails, not "stop".
+                if refused:
                     failure = no_way_on(len(answer.token_ids))
                 elif completion.finish_reason in ("abort", "error"):
                     failure = RowFailed(

@@ -94,8 +94,9 @@ REQUEUE = Lua("requeue", lua_sources.REQUEUE)
 CANCEL = Lua("cancel", lua_sources.CANCEL)
 SUBMIT = Lua("submit", lua_sources.SUBMIT)
 TAKE = Lua("take", lua_sources.TAKE)
+PUT_BACK = Lua("put_back", lua_sources.PUT_BACK)
 
-SCRIPTS: tuple[Lua, ...] = (SUBMIT, START, DELTA, RENEW, FINISH, REQUEUE, CANCEL, TAKE)
+SCRIPTS: tuple[Lua, ...] = (SUBMIT, START, DELTA, RENEW, FINISH, REQUEUE, CANCEL, TAKE, PUT_BACK)
 
 
 class ScriptsReloaded(RedisConnectionError):
@@ -150,6 +151,10 @@ class JobScripts:
 
 def take(queue_list: str, most: int) -> ScriptCall:
     return ScriptCall(TAKE, [queue_list, keys.intermediate(queue_list)], [most])
+
+
+def put_back(queue_list: str, job_ids: list[str]) -> ScriptCall:
+    return ScriptCall(PUT_BACK, [queue_list, keys.intermediate(queue_list)], list(job_ids))
 
 
 def _pairs(fields: Mapping[str, Any]) -> list[Any]:

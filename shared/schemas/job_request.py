@@ -78,7 +78,8 @@ class SamplingFields(BaseModel):
     frequency_penalty: float | None = Field(
         None, ge=-2, le=2, strict=True, description="penalize tokens by how often they are in the answer"
     )
-    # Below 0.01 the scores it divides overflow (inf, then NaN probabilities): refused, not run.
+    # Tiny ones overflow the scores they divide (about 1e-37 in float32: NaN probabilities, which
+    # vLLM's sampler does not survive); 0.01 is far below any useful one.
     repetition_penalty: float | None = Field(
         None, ge=0.01, le=2, strict=True, description="(extension) divide repeated tokens' scores by this"
     )
