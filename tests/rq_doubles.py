@@ -1,16 +1,20 @@
-"""What the RQ tests share: a worker's engine side scripted per job, and names no other test
-session shares."""
+"""What the RQ tests share: a worker's engine side scripted per job, names no other test session
+shares, jobs queued the RQ way, and a dispatcher run as ``streamq worker`` runs it."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from typing import Any
 
 from rq.job import Job
+from rq.queue import Queue
 
 from shared import keys
 from streamq.redis_server import RedisServer
+from worker.dispatcher import Dispatcher
 from worker.job_runner import Outcome
+from worker.tasks import TASK
 
 
 class Scripted:
@@ -37,3 +41,31 @@ class Scripted:
 def unique(name: str) -> str:
     """Names no other test session shares (sessions that run at once may share a Redis)."""
     return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+def enqueue(redis_server: RedisServer, model: str, job_ids: list[str]) -> Queue:
+    queue = Queue(keys.queue_name(model), connection=redis_server.client())
+    for job_id in job_ids:
+        queue.enqueue_call(TASK, args=(job_id,), job_id=job_id, result_ttl=600, failure_ttl=600)
+    return queue
+
+
+def slot_threads() -> set[int | None]:
+    """The job threads of the dispatchers in this process (their pools name them so)."""
+    return {t.ident for t in threading.enumerate() if t.name.startswith("streamq-job")}
+
+
+def dispatch_in_a_thread(dispatcher: Dispatcher) -> tuple[threading.Thread, list[BaseException]]:
+    """As ``streamq worker`` runs its dispatcher: not in the main thread. Returns the thread and
+    what ``run`` raised, if anything."""
+    failed: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            dispatcher.run()
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=work, name="rq-contract-dispatcher", daemon=True)
+    thread.start()
+    return thread, failed
