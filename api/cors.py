@@ -17,7 +17,10 @@ class EnvelopeCORS(CORSMiddleware):
             return answer
         refused = bytes(answer.body).decode()  # "Disallowed CORS origin, method, headers"
         what = refused.removeprefix("Disallowed CORS ")
-        message = f"this cross-origin request is not allowed: its {what} (STREAMQ_CORS_ORIGINS)"
+        message = (
+            f"this cross-origin request is refused: its {what} is not allowed here "
+            "(STREAMQ_CORS_ORIGINS lists the origins that may call this API)"
+        )
         kept = {k: v for k, v in answer.headers.items() if k.lower().startswith("access-control-")}
         kept["Vary"] = answer.headers.get("vary", "Origin")
         return error_response(ApiError(400, message, code="cors_not_allowed", headers=kept))

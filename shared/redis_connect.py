@@ -3,8 +3,9 @@
 Redis is either one server (``STREAMQ_REDIS_URL``) or a primary that Redis Sentinel manages
 (``STREAMQ_REDIS_SENTINELS`` and ``STREAMQ_REDIS_SENTINEL_MASTER``; the URL then gives only the
 database number, user and password). A Sentinel pool asks the sentinels for the primary each time
-it opens a connection, drops a connection that meets a former primary (now a read-only replica),
-and so follows a failover by itself: no restart, no configuration change. Fronts, workers, RQ's
+it opens a connection and, while used, once a second; it drops a connection made for another
+server or that meets a former primary (now a read-only replica), and so follows a failover by
+itself: no restart, no configuration change. Fronts, workers, RQ's
 connections and the janitor all get their pools here.
 """
 
@@ -52,7 +53,10 @@ class _FollowsPrimary(sync_sentinel.SentinelConnectionPool):
         now = time.monotonic()
         if self.is_master and now - self._primary_asked >= PRIMARY_RECHECK and self._asking.acquire(False):
             self._primary_asked = now
-            threading.Thread(target=self._ask, name="streamq-sentinel-ask", daemon=True).start()
+            try:
+                threading.Thread(target=self._ask, name="streamq-sentinel-ask", daemon=True).start()
+            except RuntimeError:  # no thread to be had (the interpreter is stopping): not this time
+                self._asking.release()
         connection = super().get_connection(*args, **kwargs)
         if self.is_master and _elsewhere(connection, self.master_address):
             connection.disconnect()  # it connects to the primary again at its first command
@@ -106,9 +110,51 @@ def _elsewhere(connection: Any, primary: Any) -> bool:
     return bool(primary and connection.is_connected and (connection.host, connection.port) != tuple(primary))
 
 
+_SENTINEL_ERRORS = (redis.ConnectionError, redis.ResponseError, redis.TimeoutError)
+
+
+class _Newest:
+    """The primary of the newest configuration the sentinels hold (the highest config epoch),
+    asking each: redis-py took the first sentinel's answer, and one that has not yet heard of a
+    failover names the old primary, which stays up and writable until the sentinels reconfigure
+    it (``SENTINEL FAILOVER``: seconds), so new connections went back there."""
+
+    def __init__(self, service_name: str) -> None:
+        self.service_name = service_name
+        self.best: tuple[int, tuple[str, int]] | None = None
+        self.errors: list[str] = []
+
+    def heard(self, masters: Any, valid: Any) -> None:
+        state = masters.get(self.service_name)
+        if state and valid(state, self.service_name):
+            epoch = int(state.get("config-epoch") or 0)
+            if self.best is None or epoch > self.best[0]:
+                self.best = (epoch, (state["ip"], state["port"]))
+
+    def failed(self, sentinel: Any, exc: Exception) -> None:
+        self.errors.append(f"{sentinel} - {exc!r}: {exc}")
+
+    def primary(self) -> tuple[str, int]:
+        if self.best is None:
+            found = f" : {', '.join(self.errors)}" if self.errors else ""
+            raise sync_sentinel.MasterNotFoundError(f"No master found for {self.service_name!r}{found}")
+        return self.best[1]
+
+
+class _Sentinels(sync_sentinel.Sentinel):
+    def discover_master(self, service_name: str) -> tuple[str, int]:
+        newest = _Newest(service_name)
+        for sentinel in self.sentinels:
+            try:
+                newest.heard(sentinel.sentinel_masters(), self.check_master_state)
+            except _SENTINEL_ERRORS as exc:
+                newest.failed(sentinel, exc)
+        return newest.primary()
+
+
 class _SyncedReplicas(async_sentinel.Sentinel):
     """Sentinel that hands out only replicas in sync with the primary (link up, not down): one
-    that is still loading a full copy would serve old or no data."""
+    that is still loading a full copy would serve old or no data; and the newest primary."""
 
     def filter_slaves(self, slaves: Any) -> Any:
         return [
@@ -117,6 +163,15 @@ class _SyncedReplicas(async_sentinel.Sentinel):
             if not (replica["is_odown"] or replica["is_sdown"])
             and replica.get("master-link-status", "ok") == "ok"
         ]
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        newest = _Newest(service_name)
+        for sentinel in self.sentinels:
+            try:
+                newest.heard(await sentinel.sentinel_masters(), self.check_master_state)
+            except _SENTINEL_ERRORS as exc:
+                newest.failed(sentinel, exc)
+        return newest.primary()
 
 
 @dataclass(frozen=True)
@@ -181,7 +236,7 @@ class RedisTarget:
                 return redis.ConnectionPool.from_url(self.url, **options)
             return redis.BlockingConnectionPool.from_url(self.url, timeout=blocking_timeout, **options)
         options = {**self.primary_options(), **options}
-        manager = sync_sentinel.Sentinel(list(self.sentinels), sentinel_kwargs=self.sentinel_options(options))
+        manager = _Sentinels(list(self.sentinels), sentinel_kwargs=self.sentinel_options(options))
         if blocking_timeout is None:
             return _SentinelPool(self.master, manager, **options)
         return _BlockingSentinelPool(self.master, manager, timeout=blocking_timeout, **options)

@@ -75,3 +75,49 @@ def test_sentinel_pools_keep_the_urls_db_and_password_and_wait_for_a_connection(
     apool = target.async_pool(blocking_timeout=1.0, max_connections=2)
     assert isinstance(apool, aioredis.BlockingConnectionPool) and apool.service_name == "prod"  # type: ignore[attr-defined]
     assert isinstance(target.sync_pool(), redis.sentinel.SentinelConnectionPool)
+
+
+class _Answers:
+    """A sentinel's answer to ``SENTINEL MASTERS`` (what redis-py's client parses it into)."""
+
+    def __init__(self, port: int | None, epoch: int = 0) -> None:
+        self.port, self.epoch = port, epoch
+
+    def masters(self) -> dict[str, dict[str, object]]:
+        if self.port is None:
+            raise redis.ConnectionError("refused")
+        state = {"ip": "127.0.0.1", "port": self.port, "config-epoch": self.epoch, "is_master": True}
+        return {"streamq": state | {"is_sdown": False, "is_odown": False, "num-other-sentinels": 2}}
+
+    def sentinel_masters(self) -> dict[str, dict[str, object]]:
+        return self.masters()
+
+
+class _AsyncAnswers(_Answers):
+    async def sentinel_masters(self) -> dict[str, dict[str, object]]:  # type: ignore[override]
+        return self.masters()
+
+
+# The first sentinel has not heard of the failover yet (the old primary, which a commanded
+# failover leaves up and writable for seconds); redis-py took the first valid answer.
+HEARD = [(6001, 3), (None, 0), (6002, 4)]
+
+
+def test_the_sync_pools_take_the_primary_of_the_newest_configuration() -> None:
+    from shared.redis_connect import _Sentinels
+
+    sentinels = _Sentinels([("s1", 1), ("s2", 2), ("s3", 3)])
+    sentinels.sentinels = [_Answers(port, epoch) for port, epoch in HEARD]  # type: ignore[misc]
+    assert sentinels.discover_master("streamq") == ("127.0.0.1", 6002)
+    sentinels.sentinels = [_Answers(None)]  # type: ignore[misc]
+    with pytest.raises(redis.sentinel.MasterNotFoundError, match="refused"):
+        sentinels.discover_master("streamq")
+
+
+@pytest.mark.anyio
+async def test_the_front_pools_take_the_primary_of_the_newest_configuration() -> None:
+    from shared.redis_connect import _SyncedReplicas
+
+    sentinels = _SyncedReplicas([("s1", 1), ("s2", 2), ("s3", 3)])
+    sentinels.sentinels = [_AsyncAnswers(port, epoch) for port, epoch in HEARD]  # type: ignore[misc]
+    assert await sentinels.discover_master("streamq") == ("127.0.0.1", 6002)
