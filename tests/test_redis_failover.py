@@ -362,15 +362,21 @@ def test_a_worker_run_the_rq_way_finds_the_new_primary(ha_stack: HaStack, tmp_pa
     model = "synth-rq"
     env = {**os.environ, **ha_stack.ha.env(), "STREAMQ_BACKEND": "synthetic", "STREAMQ_SERVED_NAME": model}
     command = [str(Path(sys.executable).with_name("rq")), "worker", "-w", "worker.rq_worker.StreamqWorker"]
-    command += ["-c", "worker.rq_config", "-n", "ha-rq"]
+    command += ["-c", "worker.rq_config"]
     log = tmp_path / "rq-worker.log"
 
-    def started() -> subprocess.Popen[bytes]:  # as a supervisor (re)starts it
+    def started() -> subprocess.Popen[bytes]:  # as a supervisor (re)starts it: RQ's default name
+        # is new each time; a fixed ``-n`` is refused while RQ still holds the record of the run
+        # that quit (RQ's rule: it could not mark its death on the primary that had just died)
+        name = ["-n", f"ha-rq-{len(workers)}"]
         with open(log, "ab") as out:
-            return subprocess.Popen(command, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=out, stderr=out)
+            return subprocess.Popen(
+                command + name, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=out, stderr=out
+            )
 
     url = ha_stack.urls[0]
-    workers = [started()]
+    workers: list[subprocess.Popen[bytes]] = []
+    workers.append(started())
     try:
         with httpx.Client(timeout=30) as client:
 
