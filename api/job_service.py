@@ -210,9 +210,7 @@ class JobService:
         after a 202, and a worker on it takes the job at once."""
         s = self._settings
         cancel = scripts.cancel(job_id, model, ttl=s.result_ttl, maxlen=s.stream_maxlen)
-        try:
-            if await self._redis.hget(keys.job(job_id), JobField.STATUS) is None:
-                return  # gone already (Redis lost it): nothing to cancel, nothing promised
+        try:  # a job gone already (Redis lost it) answers "missing": nothing to cancel or promise
             answer = scripts.answer(await self._scripts.run(cancel))
             if answer == Answer.OK:
                 await anyio.to_thread.run_sync(self._file_rq_cancel, job_id)
