@@ -23,7 +23,13 @@ pytestmark = pytest.mark.e2e
 
 SHORT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 LONG = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
-OPEN_ROUTES = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")}
+OPEN_ROUTES = {
+    ("GET", "/healthz"),
+    ("HEAD", "/healthz"),
+    ("GET", "/readyz"),
+    ("HEAD", "/readyz"),
+    ("GET", "/metrics"),
+}
 FAKE_ID = "0" * 32
 
 
@@ -200,6 +206,9 @@ def test_a_rotated_key_of_the_same_name_reaches_its_jobs_and_file_keys_work(secu
 def test_health_readiness_and_the_schema_are_open(secure: SecureStack) -> None:
     for path in ("/healthz", "/readyz", "/openapi.json", "/metrics"):
         assert httpx.get(f"{secure.a}{path}", timeout=10).status_code == 200, path
+    for path in ("/healthz", "/readyz"):  # load balancers' checks often send HEAD
+        r = httpx.head(f"{secure.a}{path}", timeout=10)
+        assert r.status_code == 200 and r.content == b"", path
 
 
 def test_without_a_key_nothing_else_is_learned(secure: SecureStack) -> None:

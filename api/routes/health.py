@@ -12,13 +12,13 @@ from api.job_client import JobClient, get_jobs
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.api_route("/healthz", methods=["GET", "HEAD"])
 async def healthz() -> dict[str, str]:
     """The process is up (it says nothing of Redis or workers)."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "not ready"}})
+@router.api_route("/readyz", methods=["GET", "HEAD"], responses={503: {"description": "not ready"}})
 async def readyz(jobs: Annotated[JobClient, Depends(get_jobs)]) -> JSONResponse:
     """Ready: Redis answers and each served model has a live worker."""
     body: dict[str, Any] = await jobs.readiness()
