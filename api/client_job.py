@@ -17,6 +17,7 @@ from api.auth import Caller
 from api.errors import ApiError, job_failure_error
 from api.job_client import ClientGone, Events, JobClient, JobEvent, StreamInterrupted
 from api.shutdown import STOPPING_FRONT
+from shared.job_store.payloads import Failed
 from shared.job_store.vocabulary import EventName
 from shared.schemas import JobRequest, JobView
 
@@ -82,7 +83,8 @@ class ClientJob:
                 elif event.event == EventName.DELTA or event.final:
                     return event
         except StreamInterrupted as exc:
-            return JobEvent.of(None, EventName.ERROR, {"type": "stream_interrupted", "message": str(exc)})
+            interrupted = Failed(type="stream_interrupted", message=str(exc))
+            return JobEvent(None, EventName.ERROR, interrupted.encode())
         raise RuntimeError("the job's event stream ended without a final event")
 
     async def next_event(self) -> JobEvent:

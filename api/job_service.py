@@ -32,7 +32,7 @@ from shared import keys
 from shared.job_store import scripts
 from shared.job_store.payloads import Queued
 from shared.job_store.records import new_job_fields, view_from_hash
-from shared.job_store.rq_records import QueuedRecords
+from shared.job_store.rq_records import TASK, QueuedRecords
 from shared.job_store.scripts import Answer, JobScripts, ScriptCall, ScriptsReloaded
 from shared.job_store.vocabulary import FINAL_STATUSES, JobField, JobStatus
 from shared.limits import InvalidJobRequest, answer_budget, may_not_fit
@@ -45,7 +45,6 @@ log = logging.getLogger("streamq.api")
 # After a submit no replica acknowledged in time, the next ones are refused at once for this long
 # (no write, no wait): while the replica is down, a WAIT per submit would hold the front's pool.
 UNREPLICATED_PAUSE = 1.0
-TASK = "worker.tasks.generate"  # enqueued by name: the front never imports the worker
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 

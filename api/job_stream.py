@@ -18,6 +18,7 @@ from api.job_client import ClientGone, Events, JobEvent, StreamInterrupted
 from api.job_service import JobService
 from api.stream_hub import CHECK_JOB, Entry, StreamHub, Subscription
 from shared import keys
+from shared.job_store.payloads import Failed
 from shared.job_store.vocabulary import EventName
 from shared.schemas import JobView
 
@@ -160,7 +161,7 @@ class JobFollower:
 
     async def _lost(self) -> JobEvent:
         """The final ``error`` event of a job whose record vanished with Redis's data."""
-        return JobEvent.of(None, EventName.ERROR, {"type": "job_lost", "message": JOB_LOST})
+        return JobEvent(None, EventName.ERROR, Failed(type="job_lost", message=JOB_LOST).encode())
 
     async def _event(self, entry: tuple[str, dict[str, str]], moved_on: bool = False) -> JobEvent:
         """The client's event for a stream entry. ``moved_on``: later entries are here already

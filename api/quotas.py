@@ -39,15 +39,17 @@ def said(rate: RateLimitItem) -> str:
 
 
 def parse_rate_limit(text: str) -> RateLimitItem | None:
-    """``STREAMQ_KEY_RATE_LIMIT`` as a limit (None: no limit); ValueError when unreadable."""
-    if not text.strip():
+    """``STREAMQ_KEY_RATE_LIMIT`` as a limit (None: no limit: empty, ``0``, or none per a window,
+    which the library would take as "refuse every request"); ValueError when unreadable."""
+    if text.strip() in ("", "0"):
         return None
     try:
-        return parse(text)
+        rate = parse(text)
     except ValueError:
         raise ValueError(
             f"STREAMQ_KEY_RATE_LIMIT {text!r} is not a rate such as '120/minute' or '5 per 10 seconds'"
         ) from None
+    return rate if rate.amount > 0 else None
 
 
 class KeyQuotas:

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
+from collections.abc import Callable
 
 import redis
+from redis.exceptions import LockError
+from redis.lock import Lock
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.queue import Queue
@@ -34,7 +36,7 @@ from shared.job_store.payloads import Failed
 from shared.job_store.scripts import Answer, JobScripts
 from shared.job_store.vocabulary import JobField, JobStatus
 from shared.log_format import job_fields
-from shared.redis_text import names, text
+from shared.redis_text import names
 from shared.settings import Settings
 from shared.stranded_jobs import StrandedJobs
 
@@ -48,7 +50,10 @@ class Janitor(BackgroundThread):
         super().__init__()
         self._redis = connection
         self._settings = settings
-        self._owner = uuid.uuid4().hex
+        self._janitor_lock = Lock(
+            connection, keys.JANITOR_LOCK, timeout=3 * settings.janitor_interval, thread_local=False
+        )
+        self._holding = False
         self._scripts = JobScripts(connection)
         self.stranded = StrandedJobs(connection, settings)
         self._redis_failed_at = float("-inf")  # monotonic time of this janitor's last Redis error
@@ -57,7 +62,7 @@ class Janitor(BackgroundThread):
         while not self._stop.wait(self._settings.janitor_interval):
             try:
                 if self._lock():
-                    self.sweep()
+                    self.sweep(still_ours=self._lock)
             except redis.RedisError as exc:
                 self._redis_failed_at = time.monotonic()
                 log.warning("janitor: Redis error: %s", exc)
@@ -73,22 +78,25 @@ class Janitor(BackgroundThread):
         return time.monotonic() - self._redis_failed_at >= quiet
 
     def _lock(self) -> bool:
-        """Hold the janitor lock for a few rounds (renewed while we are the holder)."""
-        ms = int(self._settings.janitor_interval * 3000)
-        if self._redis.set(keys.JANITOR_LOCK, self._owner, nx=True, px=ms):
-            return True
-        held = self._redis.get(keys.JANITOR_LOCK)
-        if text(held) == self._owner:
-            self._redis.pexpire(keys.JANITOR_LOCK, ms)
-            return True
-        return False
+        """Hold the janitor lock for three rounds from now: renewed while this janitor holds it,
+        taken when no one does. Renewing is one step that checks the holder (redis-py's Lock), so
+        a lock that lapsed and went to another janitor is never extended by this one."""
+        if self._holding:
+            try:
+                return self._janitor_lock.reacquire()
+            except LockError:  # it lapsed (a long round, a pause); maybe taken by another janitor
+                self._holding = False
+        self._holding = self._janitor_lock.acquire(blocking=False)
+        return self._holding
 
-    def sweep(self) -> None:
-        self.requeue_orphans()
+    def sweep(self, still_ours: Callable[[], bool] = lambda: True) -> None:
+        """One round. ``still_ours``: asked before each requeue (the lock, renewed: a round that
+        outlived it stops, as another janitor may be sweeping now)."""
+        self.requeue_orphans(still_ours)
         self.stranded.sweep()
         self.forget_dead_workers()
 
-    def requeue_orphans(self) -> list[str]:
+    def requeue_orphans(self, still_ours: Callable[[], bool] = lambda: True) -> list[str]:
         """Requeue (or fail) running jobs whose lease lapsed; returns the ids it requeued."""
         if not self._leases_trusted():
             return []
@@ -108,6 +116,8 @@ class Janitor(BackgroundThread):
         requeued = []
         s = self._settings
         for job_id, was_running in orphans:
+            if not still_ours():
+                break
             failure = Failed(
                 type="worker_lost",
                 message=f"the job's worker was lost {s.max_attempts} times; it is not run again",

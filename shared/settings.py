@@ -201,7 +201,7 @@ class Settings(BaseSettings):
         16, ge=0, description="front: jobs one key may have queued or running at once (0: no limit)"
     )
     key_rate_limit: str = Field(
-        "120/minute", description="front: job requests per key, as `N/second|minute|hour` ('' : no limit)"
+        "120/minute", description="front: job requests per key, as `N/second|minute|hour` ('' or 0: no limit)"
     )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="front: largest request body (413 beyond)")
     max_messages: int = Field(256, ge=1, description="front: most messages (or history turns × 2 + 1)")

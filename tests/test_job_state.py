@@ -139,6 +139,38 @@ def test_a_running_job_whose_record_is_gone_or_ended_leaves_the_running_set_once
     r.delete(keys.job("js-ended"))
 
 
+def test_one_janitor_holds_the_lock_and_one_whose_lock_lapsed_stops_its_round() -> None:
+    """Janitors of every front and worker share one lock. One whose lock lapsed (a round longer
+    than the lock's three rounds, a pause) and went to another neither renews the other's lock
+    (a holder check then an expiry, two steps, could) nor requeues any more jobs in its round (two
+    janitors requeueing the same lapsed job put it on its queue twice)."""
+    from shared.janitor import Janitor
+    from shared.settings import Settings
+
+    server = RedisServer()  # its own: the lock is one key for all, and other tests' janitors hold it
+    try:
+        r = server.client(decode_responses=True)
+        settings = Settings(redis_url=server.url, janitor_interval=5.0)
+        first, second = Janitor(r, settings), Janitor(r, settings)
+        assert first._lock() and not second._lock() and first._lock()
+        r.delete(keys.JANITOR_LOCK)  # the first's lock lapsed
+        assert second._lock()
+        held, ttl = r.get(keys.JANITOR_LOCK), r.pttl(keys.JANITOR_LOCK)
+        r.pexpire(keys.JANITOR_LOCK, 4000)
+        assert not first._lock()
+        assert r.get(keys.JANITOR_LOCK) == held and r.pttl(keys.JANITOR_LOCK) <= 4000 < ttl
+        for job_id in ("js-lapsed-1", "js-lapsed-2"):
+            _new_job(r, job_id)
+            assert _start(r, job_id, f"run-{job_id}") == "running"
+            r.delete(keys.lease(job_id))  # its worker died
+        asked = []
+        assert first.requeue_orphans(still_ours=lambda: bool(asked.append(1))) == []
+        assert asked == [1] and r.zcard(keys.RUNNING) == 2  # it stopped at the first job
+        assert sorted(second.requeue_orphans()) == ["js-lapsed-1", "js-lapsed-2"]
+    finally:
+        server.close()
+
+
 def test_a_handback_puts_the_job_back_on_its_queue_in_the_same_step(redis_server: RedisServer) -> None:
     """A stopping worker's handback leaves no window where the job is queued in streamq but on no
     RQ list: the script itself pushes it to the queue's front (RQ's enqueue then writes its record)."""

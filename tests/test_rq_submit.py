@@ -19,7 +19,7 @@ from shared.job_store.scripts import JobScripts
 from streamq.redis_server import RedisServer
 from tests.redis_replies import entries
 from tests.rq_doubles import unique
-from worker.tasks import TASK
+from worker.tasks import TASK, generate
 
 
 def _submit(
@@ -78,6 +78,7 @@ def test_a_job_the_front_creates_is_the_job_rq_would_have_enqueued(redis_server:
         JobStatus.QUEUED,
     )
     assert job.enqueued_at is not None and job.timeout == 300
+    assert job.func is generate  # the name the front writes is the worker's function
     assert queue.job_ids == [theirs, ours] and queue.count == 2
     assert queue.key.encode() in r.smembers(keys.RQ_QUEUES)
 

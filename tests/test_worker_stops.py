@@ -9,6 +9,7 @@ import time
 import uuid
 from typing import Any
 
+import pytest
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.registry import StartedJobRegistry
@@ -23,6 +24,7 @@ from shared.job_store.vocabulary import JobField
 from shared.job_store.vocabulary import JobStatus as StreamqStatus
 from shared.schemas import ChatMessage, GenerationRequest
 from shared.settings import Settings
+from shared.stranded_jobs import StrandedJobs
 from streamq.redis_server import RedisServer
 from tests.rq_doubles import Scripted, dispatch_in_a_thread, enqueue, slot_threads, unique
 from worker.dispatcher import IDLE_WAIT, Dispatcher
@@ -131,9 +133,14 @@ def submitted(connection: Any, model: str) -> tuple[Queue, str]:
     return queue, job_id
 
 
-def test_a_job_taken_as_the_worker_stops_goes_back_to_its_queue_once(redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("janitor_first", [False, True], ids=["alone", "after-a-janitor"])
+def test_a_job_taken_as_the_worker_stops_goes_back_to_its_queue_once(
+    redis_server: RedisServer, janitor_first: bool
+) -> None:
     """The dispatcher's wait on the queue brings a job just as the worker is told to stop: the job
-    is not started, and it is queued once again (not lost, not twice), in streamq and in RQ."""
+    is not started, and it is queued once again (not lost, not twice), in streamq and in RQ. Also
+    when a janitor found it taken on two rounds and queued it again first (a worker slow to get to
+    it): it was then on its queue twice, and a second worker took a job already taken."""
     model = unique("rq-stopping")
     connection = redis_server.client()
     queue, job_id = submitted(connection, model)
@@ -142,6 +149,9 @@ def test_a_job_taken_as_the_worker_stops_goes_back_to_its_queue_once(redis_serve
     )
     (run,) = runs.begin(runs.take(4, wait=1))
     settings = Settings()
+    if janitor_first:
+        stranded = StrandedJobs(connection, settings)
+        assert stranded.sweep() == [] and stranded.sweep() == [job_id]
     runner = JobRunner(connection, StoppingEngine(), None, settings, None, None, model)  # type: ignore[arg-type]
     outcome = runner.run(job_id, f"{model}.0", run.fields)
     runs.end(run, outcome)

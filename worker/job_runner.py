@@ -107,10 +107,8 @@ class JobRunner:
         limit = request.queue_ttl or self._settings.queue_ttl
         queue_list = keys.rq_queue(job.model)
         if self._engine.stopping():  # taken just as this worker stops: back to the queue, untouched
-            pipe = self._redis.pipeline(transaction=True)  # as the handback script does
-            pipe.lpush(queue_list, job_id)
-            pipe.lrem(keys.intermediate(queue_list), 1, job_id)
-            pipe.execute()
+            # (only if still listed as taken: a janitor that found it there may have put it back)
+            self._scripts.run(scripts.put_back(queue_list, [job_id]))
             return Outcome.REQUEUED
         attempts = int(fields.get(JobField.ATTEMPTS) or 0)
         # A continued job was not waiting all along. Not "no attempts": a handback (a draining
@@ -191,10 +189,10 @@ class JobRunner:
         return self._outcome(job)
 
     def _wait(self, job: EngineJob) -> None:
-        limit = (job.request.timeout or self._settings.job_timeout) + STUCK_MARGIN
+        stuck_at = job.deadline + STUCK_MARGIN  # monotonic: a step of the wall clock stops no job
         while not job.ended.wait(1.0):
             stopped = not self._engine.alive() and not job.ended.wait(STUCK_MARGIN)
-            if stopped or time.time() - job.started_at > limit:
+            if stopped or time.monotonic() > stuck_at:
                 job.cancel.set()
                 self._end_here(job, ended(job, "error", "generation_error", "the engine stopped"))
                 return

@@ -8,7 +8,9 @@ here, and the job fails with this error.
 
 from __future__ import annotations
 
-TASK = "worker.tasks.generate"
+from shared.job_store.rq_records import TASK
+
+__all__ = ["TASK", "generate"]
 
 
 def generate(job_id: str) -> str:

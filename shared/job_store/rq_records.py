@@ -17,6 +17,10 @@ from rq.job import JobStatus
 from rq.queue import Queue
 from rq.utils import now
 
+# The function every streamq job names, by name: the front never imports the worker
+# (worker/tasks.py defines it, for RQ workers that are not streamq's).
+TASK = "worker.tasks.generate"
+
 
 class QueuedRecords:
     """RQ's records of ``func(job_id)`` jobs queued on ``queue``. No RQ ttl: RQ would drop an
