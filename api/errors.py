@@ -226,8 +226,15 @@ def _relevant(errors: Sequence[Any]) -> list[Any]:
     return merged
 
 
+# Set in a request's scope by a route that reads any body as JSON (the seed's): a body it read
+# that is not an object is then a 400, not a 415 for its Content-Type.
+BODY_READ_AS_JSON = "streamq.body_read_as_json"
+
+
 def _not_json(request: Request, errors: Sequence[Any]) -> ApiError | None:
     """The 415 for a body that was not read as JSON for want of a JSON Content-Type."""
+    if request.scope.get(BODY_READ_AS_JSON):
+        return None
     kind = request.headers.get("content-type", "")
     main, _, sub = kind.split(";")[0].strip().lower().partition("/")
     if main == "application" and (sub == "json" or sub.endswith("+json")):  # what FastAPI reads

@@ -222,14 +222,21 @@ def _left_out(dropped: int) -> None:
 def _chat(client: StreamqClient, args: argparse.Namespace) -> int:
     from streamq.errors import StreamqError
 
+    editing = False
     with contextlib.suppress(ImportError):  # not on every platform
         import readline  # noqa: F401 - line editing and history for input()
+
+        editing = True
     tty = sys.stdout.isatty()
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
     where = f"{client.url}" + (f" · model {args.model}" if args.model else "")
     print(f"streamq chat · {where}\n{HELP}", flush=True)
-    prompt = "\x1b[1;32myou ›\x1b[0m " if tty and os.environ.get("TERM") != "dumb" else "you › "
+    # Line editing is told which of the prompt's characters take no columns (\001 … \002), or it
+    # counts the colour codes and redraws an edited line in the wrong places.
+    hide, show = ("\001", "\002") if editing else ("", "")
+    colour = tty and os.environ.get("TERM") != "dumb"
+    prompt = f"{hide}\x1b[1;32m{show}you ›{hide}\x1b[0m{show} " if colour else "you › "
     while True:
         try:
             line = input(prompt).strip()

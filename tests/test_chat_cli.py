@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pexpect
+import pyte
 import pytest
 
 from shared import keys
@@ -275,3 +276,42 @@ def test_chat_leaves_out_its_oldest_exchange_once_the_conversation_outgrows_the_
     stored = stack.redis.client(decode_responses=True).hget(keys.job(answered), "request")
     asked = GenerationRequest.model_validate_json(str(stored)).messages
     assert [(m.role, m.content) for m in asked] == [("user", second.strip())]
+
+
+def test_a_line_of_wide_characters_edited_in_place_shows_what_will_be_sent() -> None:
+    """Line editing (readline) must know that the prompt's colour codes take no columns: it counted
+    them, so moving about a line of CJK characters redrew it wrong (a character hidden, one shown
+    twice), although the line sent was right. Drawn on a terminal emulator (pyte)."""
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "streamq", "chat", "--url", "http://127.0.0.1:9"],  # no front: nothing is sent
+        cwd=str(ROOT),
+        env=_env(LANG="C.UTF-8", LC_ALL="C.UTF-8"),
+        dimensions=(24, 90),
+        encoding="utf-8",
+        timeout=30,
+    )
+    screen = pyte.Screen(90, 24)
+    terminal = pyte.Stream(screen)
+
+    def settle() -> None:
+        """Everything the program drew, until it has drawn nothing for a moment."""
+        while True:
+            try:
+                terminal.feed(child.read_nonblocking(4096, timeout=0.5))
+            except pexpect.TIMEOUT:
+                return
+
+    try:
+        child.expect_exact(PROMPT)
+        terminal.feed(child.before + child.after)
+        hanzi = "一二三四五六七八九十" * 3
+        child.send(hanzi)
+        settle()
+        child.send("\x01X\x05\x7f\x7f\x7f")  # Ctrl-A, X, Ctrl-E, three backspaces
+        settle()
+        typed = f"{PROMPT} X{hanzi[:-3]}"
+        drawn = "".join(line.rstrip() for line in screen.display if line.strip())
+        assert drawn.replace(" ", "").endswith(typed.replace(" ", "")), screen.display
+    finally:
+        child.terminate(force=True)

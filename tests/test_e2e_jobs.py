@@ -317,6 +317,13 @@ def test_prompt_length_limits_are_checked_with_the_workers_tokenizer(stack: Stac
             "This model's maximum context length is 4096 tokens. However, the messages resulted in "
         )
         assert huge.json()["error"]["code"] == "context_length_exceeded"
+        # Fewer characters than the context but more tokens: the front counts UTF-8 bytes, not
+        # characters, to know it must ask (it took 2,000 CJK characters, and the job failed later).
+        hanzi = "".join(chr(0x4E00 + i * 7919 % 20000) for i in range(2000))
+        tokens = len(tiny_backend.encode(PromptInput(messages=[ChatMessage(role="user", content=hanzi)])))
+        assert len(hanzi) + 300 < 4096 < tokens
+        cjk = client.post(f"{stack.url}/v1/jobs", json={"prompt": hanzi, "max_tokens": 5})
+        assert cjk.status_code == 400 and cjk.json()["error"]["code"] == "context_length_exceeded", cjk.text
         # A max_tokens the client set must fit beside the prompt (OpenAI's rule, words and code).
         asked = 4096  # the whole context for the answer alone
         chat = {"model": stack.model_dir.name, "messages": [{"role": "user", "content": prompt}]}

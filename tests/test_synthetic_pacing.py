@@ -7,7 +7,7 @@ import threading
 import time
 from collections import defaultdict
 
-from shared.schemas import GenerationRequest
+from shared.schemas import ChatMessage, GenerationRequest
 from worker.engine import Engine, EngineJob, JobOutput
 from worker.synthetic import SyntheticBackend, SyntheticModel
 
@@ -86,3 +86,40 @@ def test_a_cancel_stops_a_slow_job_without_waiting_for_its_next_token() -> None:
         assert time.monotonic() - asked < 0.5  # was up to a second: the engine's longest wait
     finally:
         engine.stop()
+
+
+def test_max_length_bounds_the_prompt_and_the_answer_together() -> None:
+    """POST / sends max_length 2048 by default: the answer is what is left beside the prompt (it
+    went on to STREAMQ_MAX_TOKENS_LIMIT tokens, 4,096 here), and none left is the model's 400."""
+    outputs: dict[str, list[JobOutput]] = defaultdict(list)
+    done = threading.Event()
+
+    class Sink:
+        def put(self, batch: list[JobOutput]) -> None:
+            for output in batch:
+                outputs[output.job.job_id].append(output)
+            if sum(1 for o in outputs.values() if o[-1].finish_reason) == 2:
+                done.set()
+
+    backend = SyntheticBackend("synth", 1000.0)
+    engine = Engine(SyntheticModel(backend, 2), Sink())
+    engine.start()
+    try:
+        now = time.time()
+        for job_id, max_length in (("fits", 8), ("full", 6)):
+            request = GenerationRequest(
+                messages=[ChatMessage(role="user", content="two words")],
+                max_length=max_length,
+                max_tokens=4096,
+                temperature=0,
+                top_p=1,
+            )
+            assert backend.prompt_tokens(request) == 6  # a word per token, 4 for the message
+            engine.submit(EngineJob(job_id, request, now, now, time.monotonic() + 60))
+        assert done.wait(10)
+    finally:
+        engine.stop()
+    fits, full = outputs["fits"][-1], outputs["full"][-1]
+    assert (fits.finish_reason, fits.completion_tokens, len(outputs["fits"])) == ("length", 2, 2)
+    assert (full.finish_reason, full.error_param) == ("error", "max_length")
+    assert full.error_message == "max_length (6) must be greater than the prompt's length (6 tokens)"

@@ -1,6 +1,7 @@
 """A model-free backend for load tests: ``streamq worker --backend synthetic --tokens-per-second R``.
 
-Each job "generates" ``max_tokens`` tokens at R tokens per second (a word per token), through
+Each job "generates" ``max_tokens`` tokens at R tokens per second (a word per token; fewer when a
+``max_length`` leaves less room beside the prompt, counted a word per token as well), through
 the same engine, publisher and Redis path as a real model. Operators use it to size Redis and
 fronts (how many streams a front carries, how fast deltas reach clients) without a GPU.
 """
@@ -13,6 +14,7 @@ import math
 import time
 from typing import Any
 
+from shared.limits import answer_budget
 from shared.schemas import RAW_PROMPT, PromptInput
 from worker.engine import EngineJob, JobOutput
 
@@ -74,6 +76,7 @@ class SyntheticModel:
         # A heap of (step time, entry number, paced time, job): the earliest next token first.
         self._due: list[tuple[float, int, float, EngineJob]] = []
         self._live: dict[EngineJob, int] = {}  # each job's live entry (a removed job has none)
+        self._budget: dict[EngineJob, int] = {}  # each job's last token's number (max_length's too)
         self._numbers = itertools.count()
 
     def prepare(self, job: EngineJob) -> None:
@@ -81,12 +84,15 @@ class SyntheticModel:
 
     def add(self, job: EngineJob) -> None:
         job.prompt_tokens = self._backend.prompt_tokens(job.request)
+        # InvalidJobRequest (a max_length not above the prompt) refuses the job, as a model does
+        self._budget[job] = answer_budget(job.request, job.prompt_tokens, None)
         job.completion_tokens = len(job.resume_ids)  # a continued job goes on from there
         now = time.monotonic()
         self._push(job, now, now)  # the first token comes at once
 
     def remove(self, job: EngineJob) -> None:
         self._live.pop(job, None)  # its heap entry is skipped when it comes up
+        self._budget.pop(job, None)
 
     def ready_in(self) -> float | None:
         while self._due and self._live.get(self._due[0][3]) != self._due[0][1]:
@@ -104,9 +110,10 @@ class SyntheticModel:
                 continue  # removed
             job.completion_tokens += 1
             n = job.completion_tokens
-            done = n >= job.request.max_tokens
+            done = n >= self._budget[job]
             if done:
                 del self._live[job]
+                del self._budget[job]
             else:  # on the first tick after its paced time (paced keeps the rate: no drift)
                 paced += self._interval
                 self._push(job, math.ceil(paced / STEP_SECONDS) * STEP_SECONDS, paced)

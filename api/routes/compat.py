@@ -21,7 +21,7 @@ from pydantic import Field, field_validator
 
 from api.auth import CallerDep
 from api.client_job import JOB_HEADER, ClientJob
-from api.errors import ApiError, error_responses, renamed
+from api.errors import BODY_READ_AS_JSON, ApiError, error_responses, renamed
 from api.job_client import ClientGone, JobClient, get_jobs
 from api.unicode_bodies import UnicodeCheckedRoute
 from shared.job_store.vocabulary import EventName
@@ -43,6 +43,7 @@ class SeedBodyRoute(UnicodeCheckedRoute):
         handler = super().get_route_handler()
 
         async def as_json(request: Request) -> Response:
+            request.scope[BODY_READ_AS_JSON] = True
             kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if kind in _SENT_AS_FORM_OR_TEXT:
                 headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]

@@ -39,7 +39,8 @@ class PromptInput(BaseModel):
             return len(self.token_ids)
         if self.text is not None:
             return len(self.text.encode("utf-8"))
-        return sum(len(m.model_dump_json()) for m in self.messages) + len(
+        # UTF-8 bytes, not characters: a CJK character is 3 bytes, and may be 2 tokens.
+        return sum(len(m.model_dump_json().encode("utf-8")) for m in self.messages) + len(
             json.dumps([t.model_dump() for t in self.tools or []])
         )
 

@@ -116,6 +116,10 @@ async def test_the_seed_routes_read_json_sent_without_a_content_type(front: Fron
             assert [c for c in (await response.aread()).decode().split("<^>") if c] == ["hi", "hi you"]
     bad = await front.http.post("/", content=b'{"prompt": 1}', headers={"content-type": "text/plain"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt", bad.text
+    for headers in ({}, {"content-type": "application/x-www-form-urlencoded"}):  # JSON, not an object
+        not_object = await front.http.post("/", content=b"[]", headers=headers)
+        error = not_object.json()["error"]
+        assert not_object.status_code == 400 and "valid dictionary" in error["message"], not_object.text
     for headers in ({}, {"content-type": "text/plain"}, {"content-type": "text/json"}):
         refused = await front.http.post("/v1/jobs", content=b'{"prompt": "hi"}', headers=headers)
         error = refused.json()["error"]
