@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from shared.schemas import ChatMessage, JobView, StreamEvent
     from streamq.async_client import AsyncStreamqClient
-    from streamq.errors import StreamqConnectionError, StreamqError
+    from streamq.errors import StreamqConnectionError, StreamqError, StreamqJobError
     from streamq.resume import Backoff
     from streamq.sync_client import StreamqClient
 
@@ -31,6 +31,7 @@ _HOMES = {
     "StreamqClient": "streamq.sync_client",
     "StreamqConnectionError": "streamq.errors",
     "StreamqError": "streamq.errors",
+    "StreamqJobError": "streamq.errors",
 }
 __all__ = [
     "AsyncStreamqClient",
@@ -41,6 +42,7 @@ __all__ = [
     "StreamqClient",
     "StreamqConnectionError",
     "StreamqError",
+    "StreamqJobError",
 ]
 
 

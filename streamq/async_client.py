@@ -6,6 +6,7 @@ client/sse.py, client/resume.py); only the I/O is asynchronous."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Unpack
@@ -25,7 +26,8 @@ class AsyncStreamqClient:
 
     ``api_key`` defaults to ``STREAMQ_API_KEY`` and goes out as ``Authorization: Bearer``.
     ``events()`` re-attaches with ``Last-Event-ID`` when a stream drops, so the caller sees every
-    event once; ``backoff`` says how long it keeps trying."""
+    event once; ``backoff`` says how long it keeps trying. ``max_connections``: the most open at
+    once (None: no cap), streams included."""
 
     def __init__(
         self,
@@ -34,13 +36,15 @@ class AsyncStreamqClient:
         api_key: str | None = None,
         backoff: Backoff | None = None,
         read_timeout: float = 60.0,
+        max_connections: int | None = None,
     ) -> None:
-        self.url = (url or protocol.default_url()).rstrip("/")
+        self.url = protocol.base_url(url)
         self.backoff = backoff or Backoff()
         self._http = httpx.AsyncClient(
             base_url=self.url,
             headers=protocol.base_headers(api_key),
             timeout=protocol.default_timeout(read_timeout),
+            limits=protocol.limits(max_connections),
         )
 
     # ----- one request each -------------------------------------------------------------------
@@ -63,11 +67,11 @@ class AsyncStreamqClient:
         return protocol.job_view(await self._send("POST", "/v1/jobs", json=body))
 
     async def status(self, job_id: str) -> JobView:
-        return protocol.job_view(await self._send("GET", f"/v1/jobs/{job_id}"))
+        return protocol.job_view(await self._send("GET", protocol.job_path(job_id)))
 
     async def cancel(self, job_id: str) -> JobView:
         """Cancel a queued or running job; StreamqError 409 (``.job`` holds it) if it had ended."""
-        return protocol.job_view(await self._send("POST", f"/v1/jobs/{job_id}/cancel"))
+        return protocol.job_view(await self._send("POST", protocol.job_path(job_id, "/cancel")))
 
     async def models(self) -> list[str]:
         return protocol.model_ids(await self._send("GET", "/v1/models"))
@@ -108,7 +112,7 @@ class AsyncStreamqClient:
             await asyncio.sleep(state.dropped(why, on_reconnect))
 
     async def wait(self, job_id: str, *, on_reconnect: ReconnectHook | None = None) -> JobView:
-        """Follow the job to its end; its final view (status, text, usage)."""
+        """Follow the job to its end; its final view (status, text, usage), whatever the end."""
         async for _ in self.events(job_id, on_reconnect=on_reconnect):
             pass
         return await self.status(job_id)
@@ -121,9 +125,18 @@ class AsyncStreamqClient:
         history: Sequence[tuple[str, str]] | None = None,
         **options: Unpack[JobOptions],
     ) -> JobView:
-        """Submit and wait: the finished job's view (its answer in ``.text``)."""
+        """Submit and wait: the finished job's view (its answer in ``.text``). StreamqJobError when
+        the job failed or was canceled; cancelled (a timeout, a task's cancel), it cancels the
+        job, which no one else knows of."""
         view = await self.submit(messages, prompt=prompt, history=history, **options)
-        return await self.wait(view.id)
+        try:
+            return protocol.finished(await self.wait(view.id))
+        except StreamqError:
+            raise
+        except BaseException:
+            with contextlib.suppress(StreamqError):
+                await self.cancel(view.id)
+            raise
 
     # ----- lifetime -------------------------------------------------------------------------------
     async def aclose(self) -> None:

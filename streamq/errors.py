@@ -48,10 +48,31 @@ class StreamqError(Exception):
 
 
 class StreamqConnectionError(StreamqError):
-    """The front could not be reached, or a stream could not be resumed within the retry policy."""
+    """The front could not be reached, or a stream could not be resumed within the retry policy
+    (then ``job_id`` and ``last_event_id`` say where to pick it up: ``events(job_id,
+    last_event_id=...)``; the job itself may still run)."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, job_id: str | None = None, last_event_id: str | None = None) -> None:
         super().__init__(message, type="connection_error")
+        self.job_id = job_id
+        self.last_event_id = last_event_id
+
+
+class StreamqJobError(StreamqError):
+    """A job that ended without finishing (``chat()``): failed, canceled or expired. ``job`` is
+    its final view; ``type``, ``message``, ``param`` and ``code`` are its error's (a cancel's:
+    ``canceled``)."""
+
+    def __init__(self, view: JobView) -> None:
+        error = view.error
+        message = error.message if error is not None else f"the job was {view.status}"
+        super().__init__(
+            f"job {view.id}: {message}",
+            type=error.type if error is not None else str(view.status),
+            param=error.param if error is not None else None,
+            code=error.code if error is not None else None,
+            body={"job": view.model_dump(mode="json")},
+        )
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:

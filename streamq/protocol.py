@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict
+from urllib.parse import quote
 
 import httpx
 
+from shared.job_store.vocabulary import JobStatus
 from shared.schemas import ChatMessage, JobView
-from streamq.errors import StreamqConnectionError, StreamqError, error_from_response
+from streamq.errors import StreamqConnectionError, StreamqError, StreamqJobError, error_from_response
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 API_KEY_ENV = "STREAMQ_API_KEY"
@@ -28,11 +30,22 @@ class JobOptions(TypedDict, total=False):
     top_k: int
     stop: str | list[str]
     seed: int
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+    logit_bias: dict[str, float]
+    response_format: dict[str, Any]
+    tools: list[dict[str, Any]]
+    logprobs: int
+    prompt_logprobs: int
+    raw_prompt: str | list[int]
     queue_ttl: int
     timeout: int
 
 
-Message = ChatMessage | Mapping[str, str]
+# A message: a ChatMessage, or its JSON as a mapping (role, content, and an assistant's
+# tool_calls, a tool's tool_call_id, a name: all sent as given, for the front to validate).
+Message = ChatMessage | Mapping[str, Any]
 
 
 def default_url() -> str:
@@ -46,6 +59,26 @@ def base_headers(api_key: str | None) -> dict[str, str]:
     if key:
         head["Authorization"] = f"Bearer {key}"
     return head
+
+
+def base_url(url: str | None) -> str:
+    """The front's URL; ValueError for one the client cannot send to (no http:// or https://:
+    each request would fail as if the front were down, and a stream retry for half a minute)."""
+    chosen = (url or default_url()).rstrip("/")
+    if httpx.URL(chosen).scheme not in ("http", "https"):
+        raise ValueError(f"streamq: the front's URL must start with http:// or https://, not {chosen!r}")
+    return chosen
+
+
+def limits(max_connections: int | None) -> httpx.Limits:
+    """The connection pool: ``max_connections`` at once (None: no cap; httpx's default of 100
+    made the 101st request wait behind 100 open streams, then fail as if the front were down)."""
+    return httpx.Limits(max_connections=max_connections, max_keepalive_connections=20)
+
+
+def job_path(job_id: str, suffix: str = "") -> str:
+    """A job's route; the id escaped, so that no id reaches another route."""
+    return f"/v1/jobs/{quote(job_id, safe='')}{suffix}"
 
 
 def default_timeout(read: float) -> httpx.Timeout:
@@ -64,8 +97,7 @@ def job_body(
     body: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
     if messages is not None:
         body["messages"] = [
-            m.model_dump() if isinstance(m, ChatMessage) else {"role": m["role"], "content": m["content"]}
-            for m in messages
+            m.model_dump(exclude_none=True) if isinstance(m, ChatMessage) else dict(m) for m in messages
         ]
     if prompt is not None:
         body["prompt"] = prompt
@@ -93,6 +125,14 @@ def job_view(response: httpx.Response) -> JobView:
 def model_ids(response: httpx.Response) -> list[str]:
     check(response)
     return [str(m["id"]) for m in response.json().get("data", [])]
+
+
+def finished(view: JobView) -> JobView:
+    """A finished job's view; StreamqJobError (``.job`` is the view) for one that failed, was
+    canceled or expired: ``chat()``'s answer is a finished one or an exception."""
+    if view.status != JobStatus.FINISHED:
+        raise StreamqJobError(view)
+    return view
 
 
 def unreachable(url: str, exc: httpx.HTTPError) -> StreamqError:

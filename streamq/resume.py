@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from shared.schemas import StreamEvent
 from streamq.errors import StreamqConnectionError, StreamqError
@@ -50,7 +51,7 @@ class ResumeState:
 
     @property
     def path(self) -> str:
-        return f"/v1/jobs/{self.job_id}/events"
+        return f"/v1/jobs/{quote(self.job_id, safe='')}/events"
 
     def headers(self) -> dict[str, str]:
         head = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
@@ -81,7 +82,9 @@ class ResumeState:
         if self.attempts > self.backoff.max_attempts:
             raise StreamqConnectionError(
                 f"gave up on job {self.job_id}'s events after {self.backoff.max_attempts} reconnects "
-                f"with nothing new: {why}"
+                f"with nothing new: {why}",
+                job_id=self.job_id,
+                last_event_id=self.last_event_id,
             )
         self.reconnects += 1
         wait = max(self.backoff.delay(self.attempts), at_least)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from types import TracebackType
@@ -22,7 +23,8 @@ class StreamqClient:
 
     ``api_key`` defaults to ``STREAMQ_API_KEY`` and goes out as ``Authorization: Bearer``.
     ``events()`` re-attaches with ``Last-Event-ID`` when a stream drops, so the caller sees every
-    event once; ``backoff`` says how long it keeps trying."""
+    event once; ``backoff`` says how long it keeps trying. ``max_connections``: the most open at
+    once (None: no cap), streams included."""
 
     def __init__(
         self,
@@ -31,13 +33,15 @@ class StreamqClient:
         api_key: str | None = None,
         backoff: Backoff | None = None,
         read_timeout: float = 60.0,
+        max_connections: int | None = None,
     ) -> None:
-        self.url = (url or protocol.default_url()).rstrip("/")
+        self.url = protocol.base_url(url)
         self.backoff = backoff or Backoff()
         self._http = httpx.Client(
             base_url=self.url,
             headers=protocol.base_headers(api_key),
             timeout=protocol.default_timeout(read_timeout),
+            limits=protocol.limits(max_connections),
         )
 
     # ----- one request each -------------------------------------------------------------------
@@ -60,11 +64,11 @@ class StreamqClient:
         return protocol.job_view(self._send("POST", "/v1/jobs", json=body))
 
     def status(self, job_id: str) -> JobView:
-        return protocol.job_view(self._send("GET", f"/v1/jobs/{job_id}"))
+        return protocol.job_view(self._send("GET", protocol.job_path(job_id)))
 
     def cancel(self, job_id: str) -> JobView:
         """Cancel a queued or running job; StreamqError 409 (``.job`` holds it) if it had ended."""
-        return protocol.job_view(self._send("POST", f"/v1/jobs/{job_id}/cancel"))
+        return protocol.job_view(self._send("POST", protocol.job_path(job_id, "/cancel")))
 
     def models(self) -> list[str]:
         return protocol.model_ids(self._send("GET", "/v1/models"))
@@ -105,7 +109,7 @@ class StreamqClient:
             time.sleep(state.dropped(why, on_reconnect))
 
     def wait(self, job_id: str, *, on_reconnect: ReconnectHook | None = None) -> JobView:
-        """Follow the job to its end; its final view (status, text, usage)."""
+        """Follow the job to its end; its final view (status, text, usage), whatever the end."""
         for _ in self.events(job_id, on_reconnect=on_reconnect):
             pass
         return self.status(job_id)
@@ -118,8 +122,18 @@ class StreamqClient:
         history: Sequence[tuple[str, str]] | None = None,
         **options: Unpack[JobOptions],
     ) -> JobView:
-        """Submit and wait: the finished job's view (its answer in ``.text``)."""
-        return self.wait(self.submit(messages, prompt=prompt, history=history, **options).id)
+        """Submit and wait: the finished job's view (its answer in ``.text``). StreamqJobError when
+        the job failed or was canceled; interrupted (Ctrl-C), it cancels the job, which no one
+        else knows of."""
+        view = self.submit(messages, prompt=prompt, history=history, **options)
+        try:
+            return protocol.finished(self.wait(view.id))
+        except StreamqError:
+            raise
+        except BaseException:
+            with contextlib.suppress(StreamqError):
+                self.cancel(view.id)
+            raise
 
     # ----- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:

@@ -6,12 +6,23 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
+import time
 from typing import Any
 
 import httpx
 import pytest
 
-from streamq import AsyncStreamqClient, Backoff, StreamEvent, StreamqClient, StreamqError
+from shared import keys
+from shared.schemas import GenerationRequest
+from streamq import (
+    AsyncStreamqClient,
+    Backoff,
+    StreamEvent,
+    StreamqClient,
+    StreamqConnectionError,
+    StreamqError,
+    StreamqJobError,
+)
 from streamq.processes import Service, start_front
 from tests.conftest import LONG_TOKENS, SlowStack, Stack
 from tests.processes import restart_front_soon
@@ -125,3 +136,107 @@ def test_the_client_sends_its_api_key(slow_stack: SlowStack) -> None:
     with StreamqClient(slow_stack.url, api_key=slow_stack.api_key) as client:
         assert slow_stack.model in client.models()
     assert httpx.get(f"{slow_stack.url}/", timeout=10).status_code == 200  # the page needs no key
+
+
+def test_messages_given_as_mappings_reach_the_worker_whole(slow_stack: SlowStack) -> None:
+    """A tool conversation as the openai SDK's users write it, plain dicts: the client sent only
+    each message's role and content, and the model got another conversation, silently."""
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
+    }
+    messages = [
+        {"role": "user", "content": "weather in Paris?", "name": "alice"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "22C", "tool_call_id": "call_1"},
+    ]
+    with StreamqClient(slow_stack.url, api_key=slow_stack.api_key) as client:
+        job = client.submit(messages, model=slow_stack.model, max_tokens=2)
+        client.wait(job.id)
+    stored = slow_stack.redis.client(decode_responses=True).hget(keys.job(job.id), "request")
+    assert isinstance(stored, str)
+    sent = GenerationRequest.model_validate_json(stored).messages
+    assert sent[0].name == "alice" and sent[2].tool_call_id == "call_1"
+    assert sent[1].tool_calls is not None and sent[1].tool_calls[0].function.arguments == '{"city": "Paris"}'
+
+
+def test_chat_raises_for_an_answer_that_did_not_finish_and_cancels_one_it_leaves(
+    slow_stack: SlowStack,
+) -> None:
+    """chat() answers a finished job or raises: a canceled one came back as a view with no text,
+    which a script took for an empty answer. A chat() given up (a timeout) cancels its job, whose
+    id the caller never had; a stream given up says where to resume."""
+    with StreamqClient(slow_stack.url, api_key=slow_stack.api_key) as client:
+        canceled: list[str] = []
+
+        def cancel_when_running() -> None:
+            while not canceled:
+                running = slow_stack.redis.client(decode_responses=True).zrange(keys.RUNNING, 0, -1)
+                for job_id in running:
+                    client.cancel(job_id)
+                    canceled.append(job_id)
+
+        canceller = threading.Thread(target=cancel_when_running)
+        canceller.start()
+        with pytest.raises(StreamqJobError) as stopped:
+            client.chat(prompt="hi", model=slow_stack.model, max_tokens=200)
+        canceller.join()
+        assert stopped.value.job is not None and stopped.value.job.id == canceled[0]
+        assert (stopped.value.type, stopped.value.job.status) == ("canceled", "canceled")
+        with pytest.raises(StreamqError) as escaped:  # an id is a job's, never another route
+            client.status("../models")
+        assert escaped.value.status == 404
+    with pytest.raises(ValueError, match="must start with http"):
+        StreamqClient("localhost:8000")
+
+    async def given_up() -> None:
+        before = _job_ids(slow_stack)
+        async with AsyncStreamqClient(slow_stack.url, api_key=slow_stack.api_key) as client:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await client.chat(prompt="hi", model=slow_stack.model, max_tokens=200)
+        (job_id,) = _job_ids(slow_stack) - before
+        assert slow_stack.job(job_id)["status"] == "canceled", "it went on, its id unknown to the caller"
+
+    asyncio.run(given_up())
+    dead = StreamqClient("http://127.0.0.1:9", backoff=Backoff(initial=0.01, cap=0.01, max_attempts=1))
+    with dead, pytest.raises(StreamqConnectionError) as lost:
+        list(dead.events("0" * 32, last_event_id="1-0"))
+    assert (lost.value.job_id, lost.value.last_event_id) == ("0" * 32, "1-0")
+
+
+def _job_ids(slow_stack: SlowStack) -> set[str]:
+    r = slow_stack.redis.client(decode_responses=True)
+    return {str(r.hget(name, "id")) for name in r.scan_iter(keys.job("*"))}
+
+
+def test_one_async_client_holds_more_than_a_hundred_streams(slow_stack: SlowStack) -> None:
+    """httpx's pool of 100 made the 101st request of a client relaying 100 streams wait, then
+    fail as if the front were down."""
+
+    async def scenario() -> float:
+        async with AsyncStreamqClient(slow_stack.url, api_key=slow_stack.api_key) as client:
+            job = await client.submit(prompt="hi", model=slow_stack.model, max_tokens=200)
+            opened = asyncio.Event()
+            count = [0]
+
+            async def follow() -> None:
+                async for _ in client.events(job.id):
+                    count[0] += 1
+                    if count[0] == 101:
+                        opened.set()
+                    await asyncio.sleep(30)  # hold the stream open
+
+            followers = [asyncio.create_task(follow()) for _ in range(101)]
+            await asyncio.wait_for(opened.wait(), 30)
+            began = time.monotonic()
+            await client.status(job.id)
+            took = time.monotonic() - began
+            for task in followers:
+                task.cancel()
+            await asyncio.gather(*followers, return_exceptions=True)
+            await client.cancel(job.id)
+            return took
+
+    assert asyncio.run(scenario()) < 10  # the pool's wait was 30 s
