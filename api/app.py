@@ -23,7 +23,8 @@ from api.routes import compat, health, jobs, openai_api, responses
 from api.routes import web as web_page
 from api.shutdown import end_streams_when_stopping
 from shared.heap import release_heap, settle_heap
-from shared.settings import Settings, load_settings
+from shared.settings import Settings
+from shared.settings_loading import load_settings
 
 log = logging.getLogger("streamq.api")
 

@@ -17,7 +17,8 @@ from pydantic import ValidationError
 
 from shared.cli_options import INSECURE_HELP, with_options
 from shared.parent_death import die_with_parent
-from shared.settings import Settings, load_settings, refuse_to_start
+from shared.settings import Settings
+from shared.settings_loading import load_settings, refuse_to_start
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

@@ -20,8 +20,8 @@ DTYPES = list(get_args(Dtype))
 def with_options(settings: Settings, **changes: object) -> Settings:
     """The settings with the options given on the command line (None = not given), checked as
     the environment's are (an option bypasses no bound: ``--slots -3`` is refused as
-    ``STREAMQ_SLOTS=-3`` is). Raises pydantic's ValidationError (``settings_refusal`` says it in
-    one line)."""
+    ``STREAMQ_SLOTS=-3`` is). Raises pydantic's ValidationError (``settings_refusal`` in
+    shared/settings_loading.py says it in one line)."""
     given = {name: value for name, value in changes.items() if value is not None}
     if not given:
         return settings

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic.functional_validators import BeforeValidator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.connection import parse_url
@@ -241,11 +240,17 @@ class Settings(BaseSettings):
         return self.redis_url or DEFAULT_REDIS_URL
 
     @model_validator(mode="after")
-    def _wait_within_command_timeout(self) -> Settings:
+    def _consistent(self) -> Settings:
         if self.replicas_to_wait_for() and self.redis_wait_ms >= self.redis_command_timeout * 1000:
             raise ValueError(
                 "STREAMQ_REDIS_WAIT_MS must be shorter than STREAMQ_REDIS_COMMAND_TIMEOUT (in ms): a "
                 "submit's WAIT runs within one command's time"
+            )
+        if self.stream_maxlen < self.max_tokens_limit + 64:  # an event a token at most, and a few more
+            raise ValueError(
+                f"STREAMQ_STREAM_MAXLEN ({self.stream_maxlen}) must be at least STREAMQ_MAX_TOKENS_LIMIT "
+                f"+ 64 ({self.max_tokens_limit + 64}): Redis would trim the first events of a long answer, "
+                "and a reader who came late would get its tail as if it were whole"
             )
         return self
 
@@ -343,57 +348,3 @@ class Settings(BaseSettings):
 
     def model_list(self) -> list[str]:
         return [m.strip() for m in self.models.split(",") if m.strip()]
-
-
-# The command-line options that set a setting, named with it when it is refused.
-OPTIONS = {
-    "api_workers": "--workers",
-    "synthetic_tokens_per_second": "--tokens-per-second",
-    "insecure": "--insecure",
-    "slots": "--slots",
-    "model": "--model",
-    "engine": "--engine",
-    "device": "--device",
-    "dtype": "--dtype",
-    "backend": "--backend",
-}
-
-
-def _may_hold_a_secret(field: str) -> bool:
-    """A secret setting (its type hides it), or the Redis URL (its password)."""
-    info = Settings.model_fields.get(field)
-    return field == "redis_url" or (info is not None and "SecretStr" in str(info.annotation))
-
-
-def settings_refusal(exc: ValidationError) -> str:
-    """Bad settings as one line: each variable (and its option), what is wrong, what was given."""
-    problems = []
-    for error in exc.errors():
-        field = ".".join(str(part) for part in error["loc"])
-        message = error["msg"]
-        if not field:  # a check of several settings together: its message names them
-            problems.append(message.removeprefix("Value error, "))
-            continue
-        name = f"STREAMQ_{field.upper()}"
-        if field in OPTIONS:
-            name += f" ({OPTIONS[field]})"
-        # What was given, unless it may hold a secret (a key, a password in a URL).
-        given = "" if _may_hold_a_secret(field) else f", got {error.get('input')!r}"
-        problems.append(f"{name}: {message[0].lower()}{message[1:]}{given}")
-    return "; ".join(problems)
-
-
-def refuse_to_start(exc: ValidationError) -> int:
-    """Say in one line why the settings (or a command's options) are refused; the exit code, 2."""
-    print(f"streamq: refusing to start: {settings_refusal(exc)}", file=sys.stderr)
-    return 2
-
-
-def load_settings() -> Settings:
-    """Read the settings from the environment (call once per process, then pass the object down).
-    Settings that are not valid stop the process (exit code 2) with one line that says why, not
-    a traceback: whichever command or server reads them."""
-    try:
-        return Settings()
-    except ValidationError as exc:
-        raise SystemExit(refuse_to_start(exc)) from None

@@ -13,7 +13,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from shared.cli_options import DEVICES, DTYPES, ENGINE_HELP, ENGINES, INSECURE_HELP, with_options
-from shared.settings import Settings, load_settings, refuse_to_start
+from shared.settings import Settings
+from shared.settings_loading import load_settings, refuse_to_start
 
 
 def add_commands(sub: Any) -> None:

@@ -206,6 +206,25 @@ def test_a_known_model_without_live_workers_is_503_an_unknown_one_404(mini: Mini
         assert_error(post_job(client, mini, "never-seen"), 404, "not_found_error", "model_not_found")
 
 
+def test_with_no_live_worker_at_all_any_model_is_503_to_retry(tmp_path: Path) -> None:
+    """Redis restarted empty: until the workers re-announce (seconds), no model is served and RQ
+    has forgotten every queue. The openai SDK raised NotFoundError for the 404 and never retried;
+    a 503 it retries. (With a worker live, a name never seen stays a 404: above.)"""
+    server = RedisServer()
+    front, url = start_front({"STREAMQ_REDIS_URL": server.url}, tmp_path, "workerless-front")
+    try:
+        with (
+            openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30) as sdk,
+            pytest.raises(openai.InternalServerError) as caught,
+        ):
+            sdk.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 503 and caught.value.code == "model_unavailable"
+        assert caught.value.response.headers["Retry-After"]
+    finally:
+        front.stop()
+        server.close()
+
+
 def test_scale_to_zero_queues_jobs_with_no_worker_and_keeps_the_front_ready(tmp_path: Path) -> None:
     """STREAMQ_SCALE_TO_ZERO (KEDA minReplicaCount 0): a job for a model in STREAMQ_MODELS waits
     in its queue while no worker is live, the front stays ready, and the worker that starts

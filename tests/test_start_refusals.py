@@ -57,6 +57,8 @@ def test_a_setting_that_is_not_valid_stops_a_process_with_what_is_wrong_not_a_tr
         ("STREAMQ_REDIS_URL", "redis://:s3cret@db:notaport/0", "Port could not be cast"),
         ("STREAMQ_REDIS_URL", "redis://:s3cret@db:6379/abc", "its database must be a number"),
         ("STREAMQ_LEASE_RENEW_SECONDS", "3", "at most half of STREAMQ_LEASE_SECONDS (5 s)"),
+        # Redis trimmed a long answer's first events: a late reader got its tail as if whole.
+        ("STREAMQ_STREAM_MAXLEN", "100", "must be at least STREAMQ_MAX_TOKENS_LIMIT + 64 (4160)"),
         # redis-py lets the URL's socket_timeout win over a blocking read's: streams were cut.
         (
             "STREAMQ_REDIS_URL",

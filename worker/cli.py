@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from shared.cli_options import DEVICES, DTYPES, ENGINE_HELP, ENGINES, with_options
 from shared.redis_connect import RedisTarget, redis_problem
-from shared.settings import load_settings, refuse_to_start
+from shared.settings_loading import load_settings, refuse_to_start
 
 
 def add_commands(sub: Any) -> None:

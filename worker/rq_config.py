@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from shared.redis_connect import RedisTarget
-from shared.settings import load_settings
+from shared.settings_loading import load_settings
 
 
 def rq_redis_settings(target: RedisTarget) -> dict[str, Any]:

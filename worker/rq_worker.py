@@ -37,7 +37,8 @@ from rq.worker import SimpleWorker
 
 from shared import keys
 from shared.heap import release_heap, settle_heap
-from shared.settings import Settings, load_settings
+from shared.settings import Settings
+from shared.settings_loading import load_settings
 from worker.job_runner import Outcome
 from worker.rq_runs import file_ending
 from worker.runtime import WorkerRuntime, build_runtime, served_name_of

@@ -81,8 +81,8 @@ async def job_events(
     ``done`` / ``error`` / ``canceled``. Send ``Last-Event-ID`` to get only the events after it;
     204 when that was the job's final event."""
     view = await jobs.view(job_id, caller.name, brief=True)  # the events carry its text and place
+    last_event_id = (last_event_id or "").strip() or None  # empty: none, as EventSource means it
     if last_event_id is not None:
-        last_event_id = last_event_id.strip()
         try:
             after = parse_entry_id(last_event_id)
         except ValueError:

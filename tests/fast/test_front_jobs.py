@@ -259,6 +259,8 @@ async def test_events_resume_after_last_event_id(front: Front) -> None:
     assert final.status_code == 204  # it has every event: EventSource stops
     garbage = await front.http.get(url, headers={"Last-Event-ID": "yesterday"})
     assert (garbage.status_code, _error(garbage)["param"]) == (400, "Last-Event-ID")
+    empty = await front.http.get(url, headers={"Last-Event-ID": " "})  # none yet (EventSource's empty)
+    assert [i for i, _, _ in _events(empty.text)] == [i for i, _, _ in events]
     front.jobs.hold = True  # a job still queued: an id past its newest event is no event of it
     waiting = (await front.http.post("/v1/jobs", json=HELLO)).json()
     future = await front.http.get(

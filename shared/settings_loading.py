@@ -1,0 +1,62 @@
+"""Reading the settings once per process, and saying in one line why they are refused."""
+
+from __future__ import annotations
+
+import sys
+
+from pydantic import ValidationError
+
+from shared.settings import Settings
+
+# The command-line options that set a setting, named with it when it is refused.
+OPTIONS = {
+    "api_workers": "--workers",
+    "synthetic_tokens_per_second": "--tokens-per-second",
+    "insecure": "--insecure",
+    "slots": "--slots",
+    "model": "--model",
+    "engine": "--engine",
+    "device": "--device",
+    "dtype": "--dtype",
+    "backend": "--backend",
+}
+
+
+def _may_hold_a_secret(field: str) -> bool:
+    """A secret setting (its type hides it), or the Redis URL (its password)."""
+    info = Settings.model_fields.get(field)
+    return field == "redis_url" or (info is not None and "SecretStr" in str(info.annotation))
+
+
+def settings_refusal(exc: ValidationError) -> str:
+    """Bad settings as one line: each variable (and its option), what is wrong, what was given."""
+    problems = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"])
+        message = error["msg"]
+        if not field:  # a check of several settings together: its message names them
+            problems.append(message.removeprefix("Value error, "))
+            continue
+        name = f"STREAMQ_{field.upper()}"
+        if field in OPTIONS:
+            name += f" ({OPTIONS[field]})"
+        # What was given, unless it may hold a secret (a key, a password in a URL).
+        given = "" if _may_hold_a_secret(field) else f", got {error.get('input')!r}"
+        problems.append(f"{name}: {message[0].lower()}{message[1:]}{given}")
+    return "; ".join(problems)
+
+
+def refuse_to_start(exc: ValidationError) -> int:
+    """Say in one line why the settings (or a command's options) are refused; the exit code, 2."""
+    print(f"streamq: refusing to start: {settings_refusal(exc)}", file=sys.stderr)
+    return 2
+
+
+def load_settings() -> Settings:
+    """Read the settings from the environment (call once per process, then pass the object down).
+    Settings that are not valid stop the process (exit code 2) with one line that says why, not
+    a traceback: whichever command or server reads them."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SystemExit(refuse_to_start(exc)) from None
