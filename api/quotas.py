@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 import redis.asyncio as aioredis
-from limits import RateLimitItem, parse
+from limits import RateLimitItem, parse_many
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
@@ -44,10 +44,10 @@ def parse_rate_limit(text: str) -> RateLimitItem | None:
     if text.strip() in ("", "0"):
         return None
     try:
-        rate = parse(text)
+        (rate,) = parse_many(text)  # one rate: "0/second;5/minute" read as its first was no limit
     except ValueError:
         raise ValueError(
-            f"STREAMQ_KEY_RATE_LIMIT {text!r} is not a rate such as '120/minute' or '5 per 10 seconds'"
+            f"STREAMQ_KEY_RATE_LIMIT {text!r} is not one rate such as '120/minute' or '5 per 10 seconds'"
         ) from None
     return rate if rate.amount > 0 else None
 

@@ -140,8 +140,8 @@ class WorkerDirectory:
 
     async def resolve(self, requested: str | None) -> str:
         """The model a job goes to, or the ApiError that explains why none fits: 404 for a model
-        never seen while others are served, 503 (with Retry-After) for a known one that has no
-        live worker right now, or any while no worker is live."""
+        never seen, 503 (with Retry-After) for a known one that has no live worker right now, or
+        any while no worker is live and STREAMQ_MODELS does not say which models exist."""
         models = await self.served_models()
         if requested and requested not in models:
             models = await self.served_models(fresh=True)
@@ -150,9 +150,11 @@ class WorkerDirectory:
         if requested:
             if requested in models or (self._scale_to_zero and requested in self._expected):
                 return requested  # scale to zero: the job waits in its queue for a worker to start
-            # No live worker at all: an outage (Redis restarted empty: its workers re-announce
-            # within seconds, and RQ's list of queues is gone) rather than a wrong name.
-            if not models or await self.known(requested):
+            # No live worker at all, and no list of the models to expect: an outage (Redis
+            # restarted empty: its workers re-announce within seconds, and RQ's list of queues is
+            # gone) rather than a wrong name. With STREAMQ_MODELS, a name not in it stays a 404.
+            outage = not models and not self._expected
+            if outage or await self.known(requested):
                 raise ApiError(
                     503,
                     f"model '{requested}' has no live worker right now; try again shortly",

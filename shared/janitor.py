@@ -54,6 +54,7 @@ class Janitor(BackgroundThread):
             connection, keys.JANITOR_LOCK, timeout=3 * settings.janitor_interval, thread_local=False
         )
         self._holding = False
+        self._renewed_at = float("-inf")
         self._scripts = JobScripts(connection)
         self.stranded = StrandedJobs(connection, settings)
         self._redis_failed_at = float("-inf")  # monotonic time of this janitor's last Redis error
@@ -62,7 +63,7 @@ class Janitor(BackgroundThread):
         while not self._stop.wait(self._settings.janitor_interval):
             try:
                 if self._lock():
-                    self.sweep(still_ours=self._lock)
+                    self.sweep(still_ours=self._still_ours)
             except redis.RedisError as exc:
                 self._redis_failed_at = time.monotonic()
                 log.warning("janitor: Redis error: %s", exc)
@@ -81,20 +82,32 @@ class Janitor(BackgroundThread):
         """Hold the janitor lock for three rounds from now: renewed while this janitor holds it,
         taken when no one does. Renewing is one step that checks the holder (redis-py's Lock), so
         a lock that lapsed and went to another janitor is never extended by this one."""
+        asked_at = time.monotonic()  # the lock's three rounds start after this
         if self._holding:
             try:
-                return self._janitor_lock.reacquire()
+                self._janitor_lock.reacquire()
+                self._renewed_at = asked_at
+                return True
             except LockError:  # it lapsed (a long round, a pause); maybe taken by another janitor
                 self._holding = False
         self._holding = self._janitor_lock.acquire(blocking=False)
+        self._renewed_at = asked_at
         return self._holding
+
+    def _still_ours(self) -> bool:
+        """Whether this janitor may go on with its round: the lock was taken or renewed less than
+        two rounds ago (it lasts three), else renewed now, if it is still this janitor's."""
+        recent = time.monotonic() - self._renewed_at < 2 * self._settings.janitor_interval
+        return (self._holding and recent) or self._lock()
 
     def sweep(self, still_ours: Callable[[], bool] = lambda: True) -> None:
         """One round. ``still_ours``: asked before each requeue (the lock, renewed: a round that
         outlived it stops, as another janitor may be sweeping now)."""
         self.requeue_orphans(still_ours)
-        self.stranded.sweep()
-        self.forget_dead_workers()
+        if still_ours():
+            self.stranded.sweep()
+        if still_ours():
+            self.forget_dead_workers()
 
     def requeue_orphans(self, still_ours: Callable[[], bool] = lambda: True) -> list[str]:
         """Requeue (or fail) running jobs whose lease lapsed; returns the ids it requeued."""

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Unpack
 
+import anyio
 import httpx
 
 from shared.schemas import JobView, StreamEvent
@@ -134,9 +135,15 @@ class AsyncStreamqClient:
         except StreamqError:
             raise
         except BaseException:
-            with contextlib.suppress(StreamqError):
-                await self.cancel(view.id)
+            await self._abandon(view.id)
             raise
+
+    async def _abandon(self, job_id: str) -> None:
+        """Cancel a job no one will read, quickly and quietly: the caller is leaving already (a
+        cancelled task: shielded, as anyio cancels every await of a cancelled scope again)."""
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            path = protocol.job_path(job_id, "/cancel")
+            await self._send("POST", path, timeout=protocol.ABANDON_TIMEOUT)
 
     # ----- lifetime -------------------------------------------------------------------------------
     async def aclose(self) -> None:

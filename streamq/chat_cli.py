@@ -55,7 +55,12 @@ def run(args: argparse.Namespace) -> int:
     from streamq.sync_client import StreamqClient
 
     backoff = Backoff(max_attempts=max(1, args.reconnects))
-    with StreamqClient(args.url or default_url(), api_key=args.api_key, backoff=backoff) as client:
+    try:
+        client = StreamqClient(args.url or default_url(), api_key=args.api_key, backoff=backoff)
+    except ValueError as exc:  # a URL it cannot send to (no http://)
+        print(exc, file=sys.stderr)
+        return 2
+    with client:
         if args.command == "ask":
             return _ask(client, args)
         return _chat(client, args)

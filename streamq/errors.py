@@ -10,7 +10,8 @@ from shared.schemas import JobView
 
 
 class StreamqError(Exception):
-    """An error answered by the API (``status`` set), or a failure to reach it (``status`` None).
+    """An error answered by the API (``status`` set), or none (``status`` None): the front out of
+    reach (StreamqConnectionError), or a job that did not finish (StreamqJobError).
 
     ``type``, ``message``, ``param`` and ``code`` are the envelope's members; ``body`` is the
     whole JSON answer (a 409 from cancel carries the ended job there: see ``job``)."""
@@ -73,6 +74,10 @@ class StreamqJobError(StreamqError):
             code=error.code if error is not None else None,
             body={"job": view.model_dump(mode="json")},
         )
+        self._view = view
+
+    def __reduce__(self) -> tuple[type[StreamqJobError], tuple[JobView]]:
+        return StreamqJobError, (self._view,)  # pickled whole (a process pool's result)
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:

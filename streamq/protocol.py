@@ -81,6 +81,10 @@ def job_path(job_id: str, suffix: str = "") -> str:
     return f"/v1/jobs/{quote(job_id, safe='')}{suffix}"
 
 
+# Seconds a chat() given up on (Ctrl-C, a timeout) spends cancelling its job on the way out.
+ABANDON_TIMEOUT = 3.0
+
+
 def default_timeout(read: float) -> httpx.Timeout:
     """Connect fast, and give a stream ``read`` seconds between bytes (the front pings every 15 s
     by default, so a silent connection is a dead one)."""

@@ -131,9 +131,13 @@ class StreamqClient:
         except StreamqError:
             raise
         except BaseException:
-            with contextlib.suppress(StreamqError):
-                self.cancel(view.id)
+            self._abandon(view.id)
             raise
+
+    def _abandon(self, job_id: str) -> None:
+        """Cancel a job no one will read, quickly and quietly: the caller is leaving already."""
+        with contextlib.suppress(Exception):
+            self._send("POST", protocol.job_path(job_id, "/cancel"), timeout=protocol.ABANDON_TIMEOUT)
 
     # ----- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:

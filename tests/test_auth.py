@@ -23,13 +23,7 @@ pytestmark = pytest.mark.e2e
 
 SHORT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 LONG = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
-OPEN_ROUTES = {
-    ("GET", "/healthz"),
-    ("HEAD", "/healthz"),
-    ("GET", "/readyz"),
-    ("HEAD", "/readyz"),
-    ("GET", "/metrics"),
-}
+OPEN_ROUTES = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")}
 FAKE_ID = "0" * 32
 
 

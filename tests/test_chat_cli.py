@@ -135,6 +135,16 @@ def test_ask_in_a_pipe_prints_the_plain_answer(slow_stack: SlowStack) -> None:
         timeout=60,
     )
     assert bad.returncode == 1 and "temperature" in bad.stderr and bad.stdout == ""
+    schemeless = subprocess.run(
+        [sys.executable, "-m", "streamq", "ask", "--url", "localhost:8000", "hi"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert schemeless.returncode == 2 and "must start with http://" in schemeless.stderr, schemeless.stderr
+    assert "Traceback" not in schemeless.stderr
     denied = subprocess.run(
         [*_ask(slow_stack), "hi", "--api-key", "not-the-key"],  # the last --api-key wins
         cwd=ROOT,

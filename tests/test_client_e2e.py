@@ -9,6 +9,7 @@ import threading
 import time
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -191,13 +192,18 @@ def test_chat_raises_for_an_answer_that_did_not_finish_and_cancels_one_it_leaves
         StreamqClient("localhost:8000")
 
     async def given_up() -> None:
-        before = _job_ids(slow_stack)
         async with AsyncStreamqClient(slow_stack.url, api_key=slow_stack.api_key) as client:
+            before = _job_ids(slow_stack)
             with pytest.raises(TimeoutError):
                 async with asyncio.timeout(1.0):
                     await client.chat(prompt="hi", model=slow_stack.model, max_tokens=200)
-        (job_id,) = _job_ids(slow_stack) - before
-        assert slow_stack.job(job_id)["status"] == "canceled", "it went on, its id unknown to the caller"
+            (job_id,) = _job_ids(slow_stack) - before
+            assert slow_stack.job(job_id)["status"] == "canceled", "it went on, its id unknown to the caller"
+            before = _job_ids(slow_stack)
+            with anyio.move_on_after(1.0):  # anyio cancels every await of the scope again
+                await client.chat(prompt="hi", model=slow_stack.model, max_tokens=200)
+            (job_id,) = _job_ids(slow_stack) - before
+            assert slow_stack.job(job_id)["status"] == "canceled"
 
     asyncio.run(given_up())
     dead = StreamqClient("http://127.0.0.1:9", backoff=Backoff(initial=0.01, cap=0.01, max_attempts=1))

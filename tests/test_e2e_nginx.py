@@ -3,7 +3,9 @@ proxy"), read by the clients people use: the seed's streaming client (``requests
 time), the openai SDK and httpx-sse. nginx passes a response on as it reads it, at most
 ``proxy_buffer_size`` at a time: the seed's client keeps the last ``<^>`` piece of each chunk, so
 a chunk passed on in pieces left it with the tail of the answer (4 KB in, it got 2,625 bytes of
-6,712). A synthetic worker answers fast with long answers (a word per token)."""
+6,712). nginx and the front are on one host here, as the README's second block needs (across a
+network a chunk may come in several reads, and no setting keeps it whole). A synthetic worker
+answers fast with long answers (a word per token)."""
 
 from __future__ import annotations
 

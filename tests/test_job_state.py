@@ -167,6 +167,12 @@ def test_one_janitor_holds_the_lock_and_one_whose_lock_lapsed_stops_its_round() 
         assert first.requeue_orphans(still_ours=lambda: bool(asked.append(1))) == []
         assert asked == [1] and r.zcard(keys.RUNNING) == 2  # it stopped at the first job
         assert sorted(second.requeue_orphans()) == ["js-lapsed-1", "js-lapsed-2"]
+        # Within two rounds of its renewal a janitor goes on without asking Redis; later it asks.
+        assert second._still_ours()
+        second._renewed_at -= 2 * settings.janitor_interval
+        assert second._still_ours() and r.pttl(keys.JANITOR_LOCK) > 14_000  # renewed: 15 s again
+        first._renewed_at -= 2 * settings.janitor_interval
+        assert not first._still_ours()
     finally:
         server.close()
 

@@ -43,8 +43,9 @@ class SeedBodyRoute(UnicodeCheckedRoute):
         handler = super().get_route_handler()
 
         async def as_json(request: Request) -> Response:
-            request.scope[BODY_READ_AS_JSON] = True
             kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if not kind or kind in _SENT_AS_FORM_OR_TEXT:  # read as JSON: no 415 for its type
+                request.scope[BODY_READ_AS_JSON] = True
             if kind in _SENT_AS_FORM_OR_TEXT:
                 headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
                 request.scope["headers"] = [*headers, (b"content-type", b"application/json")]

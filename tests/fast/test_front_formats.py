@@ -120,6 +120,8 @@ async def test_the_seed_routes_read_json_sent_without_a_content_type(front: Fron
         not_object = await front.http.post("/", content=b"[]", headers=headers)
         error = not_object.json()["error"]
         assert not_object.status_code == 400 and "valid dictionary" in error["message"], not_object.text
+    binary = await front.http.post("/", content=body, headers={"content-type": "application/octet-stream"})
+    assert binary.status_code == 415 and "Content-Type: application/json" in binary.json()["error"]["message"]
     for headers in ({}, {"content-type": "text/plain"}, {"content-type": "text/json"}):
         refused = await front.http.post("/v1/jobs", content=b'{"prompt": "hi"}', headers=headers)
         error = refused.json()["error"]

@@ -23,6 +23,7 @@ def test_a_rate_admits_that_many_requests_per_window() -> None:
     assert limiter.hit(rate, "bob")
 
 
-def test_an_unreadable_rate_is_refused_naming_the_setting() -> None:
-    with pytest.raises(ValueError, match="STREAMQ_KEY_RATE_LIMIT 'lots' is not a rate"):
-        parse_rate_limit("lots")
+@pytest.mark.parametrize("text", ["lots", "0/second;5/minute"])
+def test_an_unreadable_rate_or_several_are_refused_naming_the_setting(text: str) -> None:
+    with pytest.raises(ValueError, match=f"STREAMQ_KEY_RATE_LIMIT '{text}' is not one rate"):
+        parse_rate_limit(text)
