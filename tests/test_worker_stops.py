@@ -133,14 +133,15 @@ def submitted(connection: Any, model: str) -> tuple[Queue, str]:
     return queue, job_id
 
 
-@pytest.mark.parametrize("janitor_first", [False, True], ids=["alone", "after-a-janitor"])
+@pytest.mark.parametrize("before", ["nothing", "a-janitor", "rq-prepared-it"])
 def test_a_job_taken_as_the_worker_stops_goes_back_to_its_queue_once(
-    redis_server: RedisServer, janitor_first: bool
+    redis_server: RedisServer, before: str
 ) -> None:
     """The dispatcher's wait on the queue brings a job just as the worker is told to stop: the job
     is not started, and it is queued once again (not lost, not twice), in streamq and in RQ. Also
     when a janitor found it taken on two rounds and queued it again first (a worker slow to get to
-    it): it was then on its queue twice, and a second worker took a job already taken."""
+    it): it was then on its queue twice, and a second worker took a job already taken. And when
+    RQ's own worker loop (a plain `rq worker`) took it off the taken list before the run."""
     model = unique("rq-stopping")
     connection = redis_server.client()
     queue, job_id = submitted(connection, model)
@@ -149,9 +150,11 @@ def test_a_job_taken_as_the_worker_stops_goes_back_to_its_queue_once(
     )
     (run,) = runs.begin(runs.take(4, wait=1))
     settings = Settings()
-    if janitor_first:
+    if before == "a-janitor":
         stranded = StrandedJobs(connection, settings)
         assert stranded.sweep() == [] and stranded.sweep() == [job_id]
+    elif before == "rq-prepared-it":  # as its prepare_job_execution does, for one queue
+        connection.lrem(keys.intermediate(queue.key), 1, job_id)
     runner = JobRunner(connection, StoppingEngine(), None, settings, None, None, model)  # type: ignore[arg-type]
     outcome = runner.run(job_id, f"{model}.0", run.fields)
     runs.end(run, outcome)

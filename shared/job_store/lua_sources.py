@@ -279,12 +279,14 @@ return taken
 
 # KEYS: a queue list, its intermediate list; ARGV: job ids taken from it, in their order. Each
 # id still in the intermediate list goes back to the queue's head, in order; one a janitor
-# queued again meanwhile is left where it is (never twice on the queue).
+# queued again meanwhile is left where it is (never twice on the queue). Returns how many went back.
 PUT_BACK = """
+local pushed = 0
 for i = #ARGV, 1, -1 do
   if redis.call('LREM', KEYS[2], 1, ARGV[i]) == 1 then
     redis.call('LPUSH', KEYS[1], ARGV[i])
+    pushed = pushed + 1
   end
 end
-return #ARGV
+return pushed
 """
