@@ -11,11 +11,12 @@ import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.validation_messages import param_of, relevant, where_at
 from shared.job_store.vocabulary import EventName
 
 log = logging.getLogger("streamq.api")
@@ -131,101 +132,6 @@ def error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.envelope(), status_code=exc.status, headers=exc.headers)
 
 
-def first_error(exc: ValidationError) -> tuple[str | None, str]:
-    """The field (dotted) and the message of a pydantic error's first complaint."""
-    first = _relevant(exc.errors())[0]
-    return _where(first), str(first["msg"]).removeprefix("Value error, ")
-
-
-# A check of the whole request names the field it is about first, in quotes ("'messages' must
-# not be empty"): that is its param.
-_NAMED_FIRST = re.compile(r"^(?:Value error, )?'([A-Za-z_][\w.]*)'")
-
-
-def _where(error: Any) -> str | None:
-    """The field a complaint is about: its place, or for a whole-request check the field its
-    message names first."""
-    found = _param(tuple(error.get("loc", ())))
-    if found is None and (named := _NAMED_FIRST.match(str(error.get("msg", "")))) is not None:
-        return named[1]
-    return found
-
-
-# Pydantic names the member of a union a complaint is about in its location ("stop",
-# "function-after[_encodable(), str]"; a model's class, "NamedToolChoice"): not a field the
-# client sent (fields and OpenAI's names are snake_case).
-_MEMBER_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "bytes"}
-_MODEL_TAG = re.compile(r"^[A-Z][A-Za-z0-9]*$")
-
-
-def _member_tag(p: Any) -> bool:
-    return isinstance(p, str) and (
-        "[" in p or p.removeprefix("constrained-") in _MEMBER_TAGS or bool(_MODEL_TAG.match(p))
-    )
-
-
-def _param(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header") and not _member_tag(p)]
-    return ".".join(parts) or None
-
-
-def _inside_other_member(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
-    """Whether complaint place ``b`` lies inside another member of a union that ``a`` lies in:
-    the member matched the value's shape, and something within it is wrong (a member that is a
-    scalar, such as a literal, complains at its tag: it did not match the value's shape)."""
-    shared = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-    return (
-        shared < min(len(a), len(b))
-        and _member_tag(a[shared])
-        and _member_tag(b[shared])
-        and len(b) > shared + 1
-    )
-
-
-def _relevant(errors: Sequence[Any]) -> list[Any]:
-    """The complaints worth showing: for a value a union took apart, the member that matched its
-    shape says what is wrong (a lone surrogate inside a list of stop strings; a negative id in
-    a prompt of token ids), not the members whose type it is not ("stop: Input should be a
-    valid string"): a type complaint is left out where another complaint lies inside the same
-    place, or in another member of a union it lies in. When every member's complaint is of
-    type, they say it once ("Input should be a valid string, or a valid list")."""
-
-    def where(e: Any) -> str:
-        return _param(tuple(e.get("loc", ()))) or ""
-
-    def of_type(e: Any) -> bool:
-        return str(e.get("type", "")).endswith("_type")
-
-    inner = [e for e in errors if not of_type(e)]
-
-    def outdone(e: Any) -> bool:
-        at, loc = where(e), tuple(e.get("loc", ()))
-        return of_type(e) and (
-            any(
-                where(v) == at
-                or where(v).startswith(at + ".")
-                or _inside_other_member(loc, tuple(v.get("loc", ())))
-                for v in inner
-            )
-            # Every member's complaint of type, one from inside a member that took the value's
-            # shape (a list of items, one with a null content): that one says where.
-            or any(of_type(v) and _inside_other_member(loc, tuple(v.get("loc", ()))) for v in errors)
-        )
-
-    kept = [e for e in errors if not outdone(e)] or list(errors)
-    merged: list[Any] = []
-    for e in kept:
-        before = merged[-1] if merged else None
-        if before is not None and of_type(e) and of_type(before) and where(e) == where(before):
-            also = str(e.get("msg", "")).removeprefix("Input should be ")
-            said = str(before.get("msg", ""))
-            if also not in said.removeprefix("Input should be ").split(", or "):
-                merged[-1] = {**before, "msg": f"{said}, or {also}"}
-        else:
-            merged.append(e)
-    return merged
-
-
 # Set in a request's scope by a route that reads any body as JSON (the seed's): a body it read
 # that is not an object is then a 400, not a 415 for its Content-Type.
 BODY_READ_AS_JSON = "streamq.body_read_as_json"
@@ -261,7 +167,7 @@ def _validation_response(request: Request, exc: Exception) -> JSONResponse:
         return error_response(ApiError(400, "the request body is missing or null: send a JSON object"))
     unknown = next((e for e in errors if e.get("type") == "extra_forbidden"), None)
     if unknown is not None:
-        name = _param(tuple(unknown.get("loc", ())))
+        name = param_of(tuple(unknown.get("loc", ())))
         return error_response(
             ApiError(
                 400,
@@ -271,12 +177,12 @@ def _validation_response(request: Request, exc: Exception) -> JSONResponse:
             )
         )
     messages = []
-    errors = _relevant(errors)
+    errors = relevant(errors)
     for e in errors:
-        where = _param(tuple(e.get("loc", ())))
+        where = param_of(tuple(e.get("loc", ())))
         text = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
         messages.append(f"{where}: {text}" if where else text)
-    first_param = _where(errors[0]) if errors else None
+    first_param = where_at(errors[0]) if errors else None
     return error_response(ApiError(400, "; ".join(messages), param=first_param))
 
 

@@ -22,9 +22,10 @@ from pydantic import (
     model_validator,
 )
 
-from api.errors import ApiError, first_error
+from api.errors import ApiError
 from api.tool_calls import ToolChoice, ToolPlan, plan_tools
 from api.tool_turns import tool_turn_problem
+from api.validation_messages import first_error
 from shared.logprobs import LogprobCount
 from shared.schemas import (
     ChatMessage,

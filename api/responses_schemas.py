@@ -26,11 +26,12 @@ from pydantic import (
     model_validator,
 )
 
-from api.errors import ApiError, first_error, renamed
+from api.errors import ApiError, renamed
 from api.openai_schemas import Metadata, ServiceTier, StreamObfuscation, refuse_unless
 from api.responses_items import InputItem, MessageItem, chat_messages, item_type
 from api.tool_calls import NamedFunction, NamedToolChoice, ToolChoice, ToolPlan, plan_tools
 from api.tool_turns import answers_after_calls, unpaired_output
+from api.validation_messages import first_error
 from shared.schemas import (
     ChatMessage,
     FunctionDefinition,
