@@ -110,6 +110,8 @@ def whole_turn(value: Any) -> Any:
     unknown = [k for k in value if k not in known and not (k in SENT_BACK and value[k] in (None, []))]
     if unknown:
         raise ValueError(f"a message has no field '{unknown[0]}'")
+    if value.get("role") == "assistant" and "content" in value and value["content"] is None:
+        return {**value, "content": ""}  # OpenAI's turn of calls alone (its SDK's model_dump())
     return value
 
 

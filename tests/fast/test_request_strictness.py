@@ -359,3 +359,20 @@ async def test_a_lone_surrogate_sent_as_raw_bytes_or_in_utf_16_is_refused_and_a_
         sent = json.dumps({"model": MODEL, "input": "hi", "metadata": {"k": text}})
         taken = await front.http.post("/v1/responses", content=sent, headers=headers)
         assert taken.status_code == 200 and taken.json()["metadata"] == {"k": text}, taken.text
+
+
+async def test_the_job_api_takes_an_assistant_turn_of_calls_alone_with_null_content(front: Front) -> None:
+    """The openai SDK's model_dump() of a turn of calls says "content": null: the chat route took
+    it, the job API (and so the streamq client, which sends dicts as given) answered a 400."""
+    call: Any = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{}"}}
+    turns = [
+        {"role": "user", "content": "add"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "3"},
+    ]
+    taken = await front.http.post("/v1/jobs", json={"messages": turns, "max_tokens": 2})
+    assert taken.status_code == 202, taken.text
+    (job,) = [j for j in front.jobs.jobs.values() if j.request.messages[-1].content == "3"]
+    assert job.request.messages[1].content == "" and job.request.messages[1].tool_calls is not None
+    refused = await front.http.post("/v1/jobs", json={"messages": [{"role": "user", "content": None}]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages.0.content"
