@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import os
@@ -10,6 +11,8 @@ import re
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -304,24 +307,27 @@ def test_a_line_of_wide_characters_edited_in_place_shows_what_will_be_sent() -> 
     screen = pyte.Screen(90, 24)
     terminal = pyte.Stream(screen)
 
-    def settle() -> None:
-        """Everything the program drew, until it has drawn nothing for a moment."""
-        while True:
-            try:
-                terminal.feed(child.read_nonblocking(4096, timeout=0.5))
-            except pexpect.TIMEOUT:
-                return
+    def shown() -> str:
+        """The screen's lines with text, joined, without spaces (a wide character's cell pair)."""
+        return "".join(line.strip() for line in screen.display if line.strip()).replace(" ", "")
+
+    def draw_until(done: Callable[[], bool], within: float = 20.0) -> None:
+        """Feed what the program draws to the terminal until ``done`` (or ``within`` seconds: a
+        busy machine draws late, so no fixed pause would do)."""
+        deadline = time.monotonic() + within
+        while not done() and time.monotonic() < deadline:
+            with contextlib.suppress(pexpect.TIMEOUT):
+                terminal.feed(child.read_nonblocking(4096, timeout=0.2))
 
     try:
         child.expect_exact(PROMPT)
         terminal.feed(child.before + child.after)
         hanzi = "一二三四五六七八九十" * 3
         child.send(hanzi)
-        settle()
+        draw_until(lambda: shown().endswith(hanzi))
         child.send("\x01X\x05\x7f\x7f\x7f")  # Ctrl-A, X, Ctrl-E, three backspaces
-        settle()
-        typed = f"{PROMPT} X{hanzi[:-3]}"
-        drawn = "".join(line.rstrip() for line in screen.display if line.strip())
-        assert drawn.replace(" ", "").endswith(typed.replace(" ", "")), screen.display
+        typed = f"{PROMPT}X{hanzi[:-3]}".replace(" ", "")
+        draw_until(lambda: shown().endswith(typed))
+        assert shown().endswith(typed), screen.display
     finally:
         child.terminate(force=True)
