@@ -10,10 +10,10 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import quote
 
 from shared.schemas import StreamEvent
 from streamq.errors import StreamqConnectionError, StreamqError
+from streamq.protocol import job_path
 
 # Answers worth retrying on a stream: the front (or its Redis) is briefly unavailable.
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
@@ -51,7 +51,7 @@ class ResumeState:
 
     @property
     def path(self) -> str:
-        return f"/v1/jobs/{quote(self.job_id, safe='')}/events"
+        return job_path(self.job_id, "/events")
 
     def headers(self) -> dict[str, str]:
         head = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
