@@ -68,9 +68,12 @@ Events = AsyncGenerator[JobEvent | None, None]
 class JobClient(Protocol):
     settings: Settings
 
-    async def submit(self, request: JobRequest, caller: Caller) -> JobView:
+    async def submit(
+        self, request: JobRequest, caller: Caller, idempotency_key: str | None = None
+    ) -> JobView:
         """Check the caller's quotas, validate the request, admit and queue the job; raises the
-        ApiError that says why not."""
+        ApiError that says why not. With ``idempotency_key`` (``api.idempotency``), the job that
+        key made already, if any, as it is now (its view ``replayed``)."""
         ...
 
     async def view(self, job_id: str, owner: str, *, brief: bool = False) -> JobView:

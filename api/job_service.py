@@ -20,6 +20,7 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.registry import CanceledJobRegistry
 
+from api import idempotency
 from api.admission import Admission, DrainRates
 from api.auth import OPEN, Caller
 from api.errors import ApiError
@@ -80,10 +81,13 @@ class JobService:
         self.admission = Admission(settings, self.drain_rates)
 
     # ----- creating -------------------------------------------------------------------------
-    async def submit(self, request: JobRequest, caller: Caller) -> JobView:
+    async def submit(
+        self, request: JobRequest, caller: Caller, idempotency_key: str | None = None
+    ) -> JobView:
         """Check the caller's rate, validate, pick the model, then create the job (owned by the
         caller) in one script that also checks the model's queue limit and the caller's
-        concurrency, and writes RQ's job and queue entry."""
+        concurrency, and writes RQ's job and queue entry. With ``idempotency_key``, a request
+        sent again gets the job the first one made, as it is now (``replayed``)."""
         await self.quotas.hit(caller.name)
         generation = generation_request(request, self._settings)
         model = await self.directory.resolve(request.model)
@@ -95,9 +99,15 @@ class JobService:
         context_length = await self.directory.context_length(model)
         if may_not_fit(generation, context_length):
             await self._check_prompt_length(model, generation, context_length)
-        job_id = new_job_id()
+        job_id, fingerprint = new_job_id(), ""
+        if idempotency_key is not None:
+            job_id = idempotency.job_id(caller.name, idempotency_key)
+            fingerprint = idempotency.fingerprint(model, generation)
         created_at = time.time()
-        position = await self._create(job_id, model, generation, created_at, caller.name)
+        position = await self._create(job_id, model, generation, created_at, caller.name, fingerprint)
+        if position is None:  # sent again: the job exists
+            view = await self.get(job_id, caller.name)
+            return view.as_replayed() if idempotency_key is not None else view
         log.info(
             "job %s: queued for %s%s",
             job_id,
@@ -122,10 +132,18 @@ class JobService:
         )
 
     async def _create(
-        self, job_id: str, model: str, generation: GenerationRequest, created_at: float, owner: str
-    ) -> int:
-        """Create the job in one round trip; returns its place in the queue. 429 when the model's
-        queue is full or the caller's key has its most jobs queued or running."""
+        self,
+        job_id: str,
+        model: str,
+        generation: GenerationRequest,
+        created_at: float,
+        owner: str,
+        fingerprint: str,
+    ) -> int | None:
+        """Create the job in one round trip; returns its place in the queue, or None when it
+        exists already (the request sent again: 400 if what it asks is not what made the job).
+        429 when the model's queue is full or the caller's key has its most jobs queued or
+        running."""
         s = self._settings
         records = self._rq_records.get(model)
         if records is None:
@@ -133,6 +151,8 @@ class JobService:
             records = QueuedRecords(queue, TASK, timeout=s.job_timeout, result_ttl=s.result_ttl)
             self._rq_records[model] = records
         fields = new_job_fields(job_id, model=model, owner=owner, created_at=created_at, request=generation)
+        if fingerprint:
+            fields[JobField.FINGERPRINT] = fingerprint
         call = scripts.submit(
             job_id,
             fields=fields,
@@ -149,6 +169,10 @@ class JobService:
             outcome, value = await self._run_replicated(call, job_id, model)
             if outcome == JobStatus.QUEUED:
                 return int(value)
+            if outcome == Answer.EXISTS:
+                if value != fingerprint:
+                    raise idempotency.reused()
+                return None
             if outcome == Answer.QUEUE_FULL:
                 raise await self.admission.queue_full(model, int(value))
             if pruned or not await self.quotas.prune(owner):

@@ -171,10 +171,12 @@ class RedisJobClient:
         )
 
     # ----- the JobClient boundary --------------------------------------------------------------
-    async def submit(self, request: JobRequest, caller: Caller) -> JobView:
+    async def submit(
+        self, request: JobRequest, caller: Caller, idempotency_key: str | None = None
+    ) -> JobView:
         if self.hub.closed is not None:  # no job its request could no longer follow
             raise front_stopping(self.hub.closed)
-        return await self.jobs.submit(request, caller)
+        return await self.jobs.submit(request, caller, idempotency_key)
 
     async def view(self, job_id: str, owner: str, *, brief: bool = False) -> JobView:
         return await self.jobs.get(job_id, owner, brief=brief)

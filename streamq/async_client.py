@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Unpack
@@ -61,11 +62,20 @@ class AsyncStreamqClient:
         *,
         prompt: str | None = None,
         history: Sequence[tuple[str, str]] | None = None,
+        idempotency_key: str | None = None,
         **options: Unpack[JobOptions],
     ) -> JobView:
-        """Queue a job (``messages``, or ``prompt`` + ``history``); returns its view (queued)."""
+        """Queue a job (``messages``, or ``prompt`` + ``history``); returns its view (queued).
+        Sent again, with one ``Idempotency-Key`` (``idempotency_key``, else a new one), when the
+        connection drops or a gateway answers 502/504 before the answer came: never two jobs."""
         body = protocol.job_body(messages, prompt, history, options)
-        return protocol.job_view(await self._send("POST", "/v1/jobs", json=body))
+        headers = protocol.submit_headers(idempotency_key)
+        for sends in itertools.count(1):
+            try:
+                return protocol.job_view(await self._send("POST", "/v1/jobs", json=body, headers=headers))
+            except StreamqError as exc:
+                await asyncio.sleep(protocol.submit_again_in(sends, exc, self.backoff.delay(sends)))
+        raise AssertionError("unreachable")
 
     async def status(self, job_id: str) -> JobView:
         return protocol.job_view(await self._send("GET", protocol.job_path(job_id)))
@@ -124,12 +134,15 @@ class AsyncStreamqClient:
         *,
         prompt: str | None = None,
         history: Sequence[tuple[str, str]] | None = None,
+        idempotency_key: str | None = None,
         **options: Unpack[JobOptions],
     ) -> JobView:
         """Submit and wait: the finished job's view (its answer in ``.text``). StreamqJobError when
         the job failed or was canceled; cancelled (a timeout, a task's cancel), it cancels the
         job, which no one else knows of."""
-        view = await self.submit(messages, prompt=prompt, history=history, **options)
+        view = await self.submit(
+            messages, prompt=prompt, history=history, idempotency_key=idempotency_key, **options
+        )
         try:
             return protocol.finished(await self.wait(view.id))
         except StreamqError:

@@ -4,6 +4,7 @@ answer means. No I/O here: the sync and async clients send what this builds."""
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict
 from urllib.parse import quote
@@ -108,6 +109,28 @@ def job_body(
     if history is not None:
         body["history"] = [list(turn) for turn in history]
     return body
+
+
+# A submit is sent again after a dropped connection or a gateway's 502/504 (the front may have
+# made the job, or not) and after a stopping front's 503 (it did not), up to this many sends in
+# all, with one Idempotency-Key: the front answers the job the first send made, if it made one.
+SUBMIT_SENDS = 4
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def submit_headers(idempotency_key: str | None) -> dict[str, str]:
+    """The submit's key: the caller's, or a new random one (each submit() call its own)."""
+    return {IDEMPOTENCY_HEADER: idempotency_key or uuid.uuid4().hex}
+
+
+def submit_again_in(sends: int, error: StreamqError, delay: float) -> float:
+    """Seconds to wait before sending again a submit whose ``sends``-th send failed with
+    ``error`` (``delay``: the client's backoff for it); raises ``error`` when it is not one to
+    send again, or after the last send."""
+    again = error.status in (None, 502, 504) or (error.status == 503 and error.code == "front_stopping")
+    if not again or sends >= SUBMIT_SENDS or isinstance(error, StreamqJobError):
+        raise error
+    return max(delay, error.retry_after or 0.0)
 
 
 def error_of(response: httpx.Response) -> StreamqError:

@@ -7,6 +7,7 @@ import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from streamq.processes import Service, start_front
@@ -34,3 +35,15 @@ def restart_front_soon(
     thread = threading.Thread(target=start, name=f"restart {name}")
     thread.start()
     return thread
+
+
+def jobs_asking(redis: Any, marker: str) -> list[str]:
+    """The ids of the jobs in a stack's Redis (a RedisServer) whose request holds ``marker``."""
+    from shared import keys
+
+    r = redis.client(decode_responses=True)
+    return [
+        r.hget(key, "id")
+        for key in r.scan_iter(match=keys.job("*"), count=1000)
+        if marker in (r.hget(key, "request") or "")
+    ]

@@ -84,14 +84,16 @@ def test_a_job_the_front_creates_is_the_job_rq_would_have_enqueued(redis_server:
 
 
 def test_a_submit_sent_twice_creates_one_job(redis_server: RedisServer) -> None:
-    """The front's connection dropped after Redis ran the script, and redis-py sent it again: the
-    client is told the job is queued, and the job is queued once (even with the queue then full)."""
+    """The front's connection dropped after Redis ran the script, and redis-py sent it again (or
+    a client sent its request again with its Idempotency-Key): the front is told the job exists,
+    with what made it (its fingerprint, none here), and the job is queued once (even with the
+    queue then full)."""
     r = redis_server.client()
     queue = Queue(unique("rq-twice"), connection=r)
     records = QueuedRecords(queue, TASK, timeout=300, result_ttl=60)
     job_id = uuid.uuid4().hex
     assert _submit(r, queue, job_id, records, max_queued=1) == [b"queued", 0]
-    assert _submit(r, queue, job_id, records, max_queued=1) == [b"queued", 0]
+    assert _submit(r, queue, job_id, records, max_queued=1) == [b"exists", b""]
     assert queue.job_ids == [job_id]
     assert [fields[b"event"] for _, fields in entries(r.xrange(keys.events(job_id)))] == [b"queued"]
 

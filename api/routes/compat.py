@@ -22,6 +22,7 @@ from pydantic import Field, field_validator
 from api.auth import CallerDep
 from api.client_job import JOB_HEADER, ClientJob
 from api.errors import BODY_READ_AS_JSON, ApiError, error_responses, renamed
+from api.idempotency import NOT_IDEMPOTENT
 from api.job_client import ClientGone, JobClient, get_jobs
 from api.unicode_bodies import UnicodeCheckedRoute
 from shared.job_store.vocabulary import EventName
@@ -97,7 +98,7 @@ def _as_chatglm(exc: ApiError) -> ApiError:
     return renamed(exc, "prompt" if exc.param == "messages" else None, "prompt")
 
 
-@router.post("/")
+@router.post("/", dependencies=[NOT_IDEMPOTENT])
 async def chat(
     body: ChatGLMRequest, request: Request, response: Response, jobs: JobsDep, caller: CallerDep
 ) -> Any:
@@ -118,6 +119,7 @@ async def chat(
 
 @router.post(
     "/stream",
+    dependencies=[NOT_IDEMPOTENT],
     response_class=StreamingResponse,
     responses={200: {"content": {"text/plain": {}}}},
 )

@@ -8,8 +8,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
+from api import idempotency
 from api.auth import CallerDep
 from api.errors import ApiError, error_responses
+from api.idempotency import IdempotencyKeyHeader
 from api.job_client import ClientGone, JobClient, JobEvent, StreamInterrupted, get_jobs
 from api.stream_hub import parse_entry_id
 from api.unicode_bodies import UnicodeCheckedRoute
@@ -48,10 +50,20 @@ def sse_message(event: JobEvent | None) -> bytes:
 
 
 @router.post("", status_code=202, responses=error_responses(400, 404, 413, 415, 429))
-async def create_job(body: JobRequest, response: Response, jobs: JobsDep, caller: CallerDep) -> JobView:
-    """Queue a chat job. Answers 202 with the job's view; follow it at ``/v1/jobs/{id}/events``."""
-    view = await jobs.submit(body, caller)
+async def create_job(
+    body: JobRequest,
+    response: Response,
+    jobs: JobsDep,
+    caller: CallerDep,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> JobView:
+    """Queue a chat job. Answers 202 with the job's view; follow it at ``/v1/jobs/{id}/events``.
+    With an ``Idempotency-Key``, the request sent again gets the job the first one made, as it
+    is now (``Idempotent-Replayed: true``); the key with another request is a 400."""
+    view = await jobs.submit(body, caller, idempotency.checked(idempotency_key))
     response.headers["Location"] = f"/v1/jobs/{view.id}"
+    if view.replayed:
+        response.headers.update(idempotency.REPLAYED)
     return view
 
 

@@ -23,6 +23,7 @@ from api.auth import OPEN, Caller, CallerDep
 from api.client_job import JOB_HEADER, ClientJob, detach_requested
 from api.completion_request import COMPLETION_PARAMS, CompletionRequest
 from api.errors import ApiError, error_responses, job_failure_error, renamed, unknown_url
+from api.idempotency import NOT_IDEMPOTENT
 from api.job_client import JobClient, get_jobs
 from api.openai_format import (
     DONE,
@@ -55,7 +56,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _ERRORS = error_responses(400, 404, 409, 413, 415, 429, 502, 504)
 
 
-@router.post("/chat/completions", response_model=None, responses=_ERRORS)
+@router.post("/chat/completions", response_model=None, responses=_ERRORS, dependencies=[NOT_IDEMPOTENT])
 async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,
@@ -75,7 +76,7 @@ async def chat_completions(
     return await _complete(jobs, request, caller, "chat", body, job_request, detach, extras)
 
 
-@router.post("/completions", response_model=None, responses=_ERRORS)
+@router.post("/completions", response_model=None, responses=_ERRORS, dependencies=[NOT_IDEMPOTENT])
 async def completions(
     body: CompletionRequest,
     request: Request,

@@ -22,9 +22,11 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from api import idempotency
 from api.auth import CallerDep
 from api.client_job import JOB_HEADER, ClientJob, detach_requested
 from api.errors import ApiError, error_responses
+from api.idempotency import REPLAYED, IdempotencyKeyHeader
 from api.job_client import ClientGone, Events, JobClient, StreamInterrupted
 from api.responses_format import PING, ResponseEvents, item_list, response_of, sse_event
 from api.responses_schemas import ResponsesRequest, named_as_sent
@@ -62,9 +64,14 @@ async def create_response(
     jobs: JobsDep,
     caller: CallerDep,
     detach: DetachHeader = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Create a response (a job): the response object, or with ``stream`` its events. With
-    ``background`` it answers at once (status queued) and runs on whatever the client does."""
+    ``background`` it answers at once (status queued) and runs on whatever the client does; an
+    ``Idempotency-Key`` then makes a request sent again get the response the first one made."""
+    key = idempotency.checked(idempotency_key)
+    if not body.background:
+        idempotency.refuse(key, "a response without background")
     history: list[ChatMessage] = []
     chain: list[str] = []
     if body.previous_response_id:
@@ -72,7 +79,7 @@ async def create_response(
         body.leave_out(made_for(chain))
     job_request = body.job_request(history)
     try:
-        view = await jobs.submit(job_request, caller)
+        view = await jobs.submit(job_request, caller, key)
     except ApiError as exc:  # name the field as the client sent it
         raise named_as_sent(exc, body.tool_plan().forces_call) from None
     try:
@@ -84,7 +91,7 @@ async def create_response(
     if body.user or body.safety_identifier or body.metadata:
         user = (body.user or body.safety_identifier or "")[:64]
         log.info("job %s: response for user %r, metadata %s", view.id, user, body.metadata)
-    headers = {JOB_HEADER: view.id}
+    headers = {JOB_HEADER: view.id} | (REPLAYED if view.replayed else {})
     if body.background and not body.stream:
         return JSONResponse(response_of(record, view), headers=headers)
     events = jobs.follow(view, "0-0", request)

@@ -13,7 +13,7 @@
   // The conversation sent with each question: finished answers only (a stopped or failed
   // answer is left out together with its question).
   let history = [];
-  let running = null; // {jobId, stopped}
+  let running = null; // {jobId, stopped, resume}
 
   class ApiError extends Error {
     constructor(status, body) {
@@ -32,8 +32,8 @@
     return h;
   }
 
-  async function api(method, path, body) {
-    const init = { method, headers: headers(body ? { "Content-Type": "application/json" } : {}) };
+  async function api(method, path, body, extra) {
+    const init = { method, headers: headers(Object.assign(body ? { "Content-Type": "application/json" } : {}, extra)) };
     if (body) init.body = JSON.stringify(body);
     const res = await fetch(path, init);
     let data = null;
@@ -251,11 +251,14 @@
       if (typeof m.status === "string") msg.status.textContent = m.status;
       if (typeof m.note === "string") noteOn(msg, m.note);
     }
+    // A question whose job id had not come back (a reload while it was being sent) is sent
+    // again with its Idempotency-Key: the front answers the job the first send made, if any.
     const p = kept.pending;
-    if (isObject(p) && typeof p.jobId === "string" && isObject(p.body) && Array.isArray(p.body.messages) &&
+    const sent = isObject(p) && (typeof p.jobId === "string" || (p.jobId === null && typeof p.key === "string"));
+    if (sent && isObject(p.body) && Array.isArray(p.body.messages) &&
         p.body.messages.every(isTurn) && typeof p.question === "string") {
       addMessage("user", p.question);
-      answerIn(p.question, p.body, p.jobId, Number(p.dropped) || 0);
+      answerIn(p.question, p.body, p.jobId, Number(p.dropped) || 0, typeof p.key === "string" ? p.key : newKey());
     }
     scrollDown();
   }
@@ -267,12 +270,20 @@
     const maxTokens = parseInt($("max-tokens").value, 10);
     if (maxTokens > 0) body.max_tokens = maxTokens;
     addMessage("user", question);
-    await answerIn(question, body, null, 0);
+    await answerIn(question, body, null, 0, newKey());
+  }
+
+  // A question's Idempotency-Key (random; each body it is sent with adds its count of
+  // exchanges left out): kept with it, so a reload while it is sent does not make a second job.
+  function newKey() {
+    const bytes = new Uint8Array(16);
+    crypto.getRandomValues(bytes); // randomUUID() is only in secure contexts: not plain http
+    return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
   }
 
   // The answer to ``body`` (its last message the question) in a new bubble: submitted here, or,
   // given ``jobId``, a job submitted before the page was reloaded, followed from its start.
-  async function answerIn(question, body, jobId, dropped) {
+  async function answerIn(question, body, jobId, dropped, key) {
     const answer = addMessage("assistant", "");
     answer.el.dataset.state = "queued";
     answer.status.textContent = jobId ? "Reconnecting…" : "Sending…";
@@ -292,7 +303,7 @@
       for (;;) {
         let tooLong = false; // the worker's refusal: the front could not count the prompt in time
         if (jobId === null) {
-          const job = await submitFitting(body, answer, dropped);
+          const job = await submitFitting(question, body, answer, dropped, key);
           dropped = job.dropped;
           jobId = job.id;
           answer.status.textContent = queuedText(job);
@@ -300,7 +311,7 @@
           noteDropped(answer, dropped);
         }
         running.jobId = jobId;
-        running.resume = { question, body, jobId, dropped };
+        running.resume = { question, body, jobId, dropped, key };
         save();
         answer.el.dataset.jobId = jobId;
         if (running.stopped) cancelJob(jobId); // Stop was pressed while the question was sent
@@ -369,10 +380,12 @@
   // answer, as the terminal chat does. The question alone that does not fit is the error.
   // ``dropped``: exchanges already left out for this question (after a worker's refusal); the
   // job comes back with the total as its ``dropped``.
-  async function submitFitting(body, answer, dropped) {
+  async function submitFitting(question, body, answer, dropped, key) {
     for (;;) {
+      running.resume = { question, body, jobId: null, dropped, key };
+      save(); // before it is sent: a reload from here on sends it again with its key
       try {
-        const job = await api("POST", "/v1/jobs", body);
+        const job = await api("POST", "/v1/jobs", body, { "Idempotency-Key": `${key}-${dropped}` });
         if (dropped) noteDropped(answer, dropped);
         return Object.assign(job, { dropped });
       } catch (err) {

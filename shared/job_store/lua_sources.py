@@ -238,10 +238,13 @@ return 'ok'
 # lives, how many items the job hash's field/value pairs take (n), then those n items and RQ's
 # job's field/value pairs. Returns {"queued", the job's place in its queue (0: next)},
 # {"full", jobs queued} or {"quota", 0}. A call sent again (a connection that dropped before
-# the reply) finds the job created and answers "queued" again, writing nothing twice.
+# the reply, a request with the same Idempotency-Key) finds the job created and answers
+# {"exists", its fingerprint}, writing nothing.
 SUBMIT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then  -- sent again (its reply was lost): created already
-  return {'queued', redis.call('LPOS', KEYS[4], ARGV[1]) or 0}
+-- Sent again (its reply was lost, or with its Idempotency-Key): created already. The front
+-- compares what was asked (its fingerprint, '' without a key) and shows the job as it is.
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {'exists', redis.call('HGET', KEYS[1], 'fingerprint') or ''}
 end
 local limit = tonumber(ARGV[2])
 if limit > 0 then

@@ -51,6 +51,7 @@ class Answer(StrEnum):
     MISSING = "missing"  # the job's hash is gone
     QUEUE_FULL = "full"  # submit: the model's queue holds its most jobs
     QUOTA = "quota"  # submit: the caller's key has its most jobs queued or running
+    EXISTS = "exists"  # submit: the id has a job already (sent again), with its fingerprint
 
 
 class DeltaAnswer(IntEnum):

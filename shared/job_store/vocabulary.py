@@ -50,6 +50,7 @@ class JobField(StrEnum):
     MODEL = "model"
     OWNER = "owner"  # the API key's name (OPEN without keys): another key's job is not found
     REQUEST = "request"  # the GenerationRequest, as JSON
+    FINGERPRINT = "fingerprint"  # with an Idempotency-Key: what was asked (api.idempotency)
     STATUS = "status"
     CREATED_AT = "created_at"
     STARTED_AT = "started_at"  # set by the first start only

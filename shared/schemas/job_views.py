@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 from shared.job_store.vocabulary import FINAL_EVENTS, EventName, FinishReason, JobStatus
 
@@ -40,6 +40,17 @@ class JobView(BaseModel):
     finished_at: float | None = None
     worker: str | None = None
     error: JobError | None = None
+    # Not shown: the view answers a request sent again with its Idempotency-Key (the job existed).
+    _replayed: bool = PrivateAttr(False)
+
+    @property
+    def replayed(self) -> bool:
+        return self._replayed
+
+    def as_replayed(self) -> JobView:
+        view = self.model_copy()
+        view._replayed = True
+        return view
 
 
 class Timings(BaseModel):

@@ -20,6 +20,7 @@ from typing import Any
 
 from fastapi import Request
 
+from api import idempotency
 from api.auth import Caller
 from api.errors import ApiError, front_stopping
 from api.job_client import Events, JobEvent, StreamInterrupted
@@ -41,6 +42,7 @@ class MemoryJob:
     events: list[JobEvent] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     written: int = 0  # words of the answer sent
+    fingerprint: str = ""  # with an Idempotency-Key: what was asked
 
 
 def answer_words(request: GenerationRequest) -> list[str]:
@@ -142,15 +144,25 @@ class MemoryJobClient:
         self._end(job, JobStatus.FINISHED, EventName.DONE, done.encode(), reason)
 
     # ----- the JobClient boundary -------------------------------------------------------------
-    async def submit(self, request: JobRequest, caller: Caller) -> JobView:
+    async def submit(
+        self, request: JobRequest, caller: Caller, idempotency_key: str | None = None
+    ) -> JobView:
         if self.ended_streams is not None:
             raise front_stopping(self.ended_streams)
         generation = generation_request(request, self.settings)
         model = request.model or self.models[0]
         if model not in self.models:
             raise ApiError(404, f"model '{model}' is not served", param="model", code="model_not_found")
-        view = JobView(id=secrets.token_hex(16), model=model, status=JobStatus.QUEUED, created_at=time.time())
-        job = MemoryJob(view, caller.name, generation)
+        job_id, fingerprint = secrets.token_hex(16), ""
+        if idempotency_key is not None:  # as the submit script does (api.idempotency)
+            job_id = idempotency.job_id(caller.name, idempotency_key)
+            fingerprint = idempotency.fingerprint(model, generation)
+            if (made := self.jobs.get(job_id)) is not None:
+                if made.fingerprint != fingerprint:
+                    raise idempotency.reused()
+                return made.view.as_replayed()
+        view = JobView(id=job_id, model=model, status=JobStatus.QUEUED, created_at=time.time())
+        job = MemoryJob(view, caller.name, generation, fingerprint=fingerprint)
         self.jobs[view.id] = job
         self._append(job, EventName.QUEUED, Queued(model=model).encode())
         if not self.hold:
