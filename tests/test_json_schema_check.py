@@ -92,6 +92,19 @@ def accepts(compiler: Any, schema: dict[str, Any], instance: Any) -> bool:
         ({"type": "integer", "$dynamicRef": "#meta", "$defs": {"m": {"minimum": 5}}}, 1, "'$dynamicRef'"),
         ({"$recursiveRef": "#/$defs/X", "$defs": {"X": {"type": "integer"}}}, "s", "'$recursiveRef'"),
         ({"type": "string", "pattern": "^a+$", "minLength": 3}, "a", "'minLength' beside a 'pattern'"),
+        # A lookahead is left out of the pattern's grammar (xgrammar logs that it ignores it).
+        ({"type": "string", "pattern": "^(?=z)[a-y]$"}, "d", "a lookahead"),
+        ({"type": "string", "pattern": "^(?=.*[0-9])[a-z0-9]{4}$"}, "abcd", "a lookahead"),
+        (
+            {"type": "string", "pattern": "^(?!.*b)[ab]{3}$"},
+            "bab",
+            "a lookahead ('(?=' or '(?!') in the 'pattern'",
+        ),
+        (
+            {"type": "object", "patternProperties": {"^(?!b)[a-z]$": {"type": "integer"}}},
+            {"b": 1},
+            "in the 'patternProperties'",
+        ),
         # A required name that properties do not declare: left out, or the object closed to {}.
         ({"type": "object", "required": ["a"]}, {}, "'required' name 'a' outside 'properties'"),
         ({"required": ["a"]}, 3, "'required' name 'a'"),
@@ -135,6 +148,9 @@ def test_a_refused_keyword_is_one_the_grammar_does_not_enforce(
         ({"type": "integer", "multipleOf": 5}, 3, 10),
         ({"type": "string", "format": "color", "maxLength": 3}, "abcdef", "abc"),
         ({"type": "string", "pattern": "^a{1,2}$"}, "aaaa", "aa"),
+        # "(?=" inside a character class, or after an escaped parenthesis, is no lookahead.
+        ({"type": "string", "pattern": "^[(?=]$"}, "a", "("),
+        ({"type": "string", "pattern": "^\\(?=$"}, "x", "(="),
         ({"type": "string", "format": "email"}, "nope", "a@b.co"),
         ({"$defs": {"A B": {"type": "integer"}}, "$ref": "#/$defs/A B"}, "s", 1),
         (

@@ -11,6 +11,7 @@ Refused, each with the place in the schema:
   ``dependentRequired``/``dependentSchemas``/``dependencies``, ``multipleOf`` on a
   non-integer, a length limit beside a ``pattern`` or a checked ``format``, a ``required`` name
   that ``properties`` does not declare (the grammar leaves it out, or writes ``{}``), a
+  lookahead (``(?=``, ``(?!``) in a ``pattern`` or a ``patternProperties`` name, a
   ``minProperties`` above the required names where other keys are open (the grammar may write
   one open key again and again: ``{"c": 1, "c": 2}`` is one property), and a constraint
   beside a ``$ref``, ``anyOf``, ``oneOf`` or ``allOf``, or two of these side by side (the
@@ -235,7 +236,38 @@ def _node_problem(root: dict[str, Any], node: dict[str, Any]) -> str | None:
     if limits and ("pattern" in given or checked_format):
         near = "a 'pattern'" if "pattern" in given else f"format '{form}'"
         return f"'{limits[0]}' beside {near} {NOT_ENFORCED} (write the length into a pattern)"
+    for keyword, regex in _regexes(given):
+        if _has_lookahead(regex):
+            return f"a lookahead ('(?=' or '(?!') in the '{keyword}' {_shown(regex)} {NOT_ENFORCED}"
     return None
+
+
+def _regexes(given: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """The node's regular expressions: its ``pattern``, and its ``patternProperties``' names."""
+    if isinstance(given.get("pattern"), str):
+        yield "pattern", given["pattern"]
+    if isinstance(given.get("patternProperties"), dict):
+        yield from (("patternProperties", name) for name in given["patternProperties"])
+
+
+def _has_lookahead(regex: str) -> bool:
+    """Whether ``regex`` asserts ahead (``(?=…)``, ``(?!…)``) outside a character class: xgrammar
+    compiles such a pattern with the assertion left out (its log says so), so ``^(?=.*[0-9])…``
+    would let an answer without a digit through."""
+    at, in_class = 0, False
+    while at < len(regex):
+        char = regex[at]
+        if char == "\\":
+            at += 2
+            continue
+        if in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif regex.startswith(("(?=", "(?!"), at):
+            return True
+        at += 1
+    return False
 
 
 def _object_problem(given: dict[str, Any]) -> str | None:
