@@ -15,6 +15,7 @@ from shared.job_store.vocabulary import JobField
 from tests.engine_outputs import ids_of
 from tests.test_engine import alone, drive, job, request, running_engine
 from worker.batch_lm import BatchedCausalLM
+from worker.engine import CannotContinue
 from worker.step_publisher import final_record
 
 SCHEMA = {
@@ -258,3 +259,26 @@ def test_a_job_left_no_token_to_take_fails_alone_and_the_others_go_on(
         assert engine.alive() and engine.steps > 0
         assert model.running == 0 and not model._held  # every row is free again
     assert "a generation step failed" not in caplog.text  # no step failed: only those jobs
+
+
+def test_json_is_written_as_vllm_writes_it_and_a_vllm_run_is_continued_here(
+    tiny_backend: Any, batched: BatchedCausalLM
+) -> None:
+    """Compact JSON (no space after ',' or ':'), as vLLM's engine writes it: a job a vLLM worker
+    began and died on is continued here through the grammar (its tokens were refused by the
+    grammar's spaced separators, and the job failed as the client's fault), and both engines give
+    the same text. An earlier run the grammar refuses fails as the server's, not the request's."""
+    seen = drive(batched, [whole := job(request("compact", json_schema=SCHEMA, max_tokens=100))], {})
+    text = seen.text(whole)
+    assert text == json.dumps(json.loads(text), separators=(",", ":"), ensure_ascii=False), text
+
+    vllm_wrote = tiny_backend.tokenizer.encode('{"name":"ab', add_special_tokens=False)
+    continued = job(request("compact", json_schema=SCHEMA, max_tokens=100))
+    continued.resume_ids = vllm_wrote
+    seen = drive(batched, [continued], {})
+    assert seen.end(continued).finish_reason == "stop"  # type: ignore[union-attr]
+    jsonschema.validate(json.loads('{"name":"ab' + seen.text(continued)), SCHEMA)
+
+    spaced = tiny_backend.tokenizer.encode('{"name": "ab', add_special_tokens=False)
+    with pytest.raises(CannotContinue, match="send the request again"):
+        batched._grammars.matcher(continued.request, spaced)

@@ -9,8 +9,10 @@ leaves only the tokens that keep the answer valid JSON. Temperature, top-k and t
 
 Structured output uses xgrammar, as vLLM does: a model's tokenizer table is built once, each
 schema is compiled once (a small LRU keyed by the schema's compact JSON), and each job has
-its own ``GrammarMatcher``. JSON comes without free whitespace (vLLM's engine runs with
-``disable_any_whitespace``): a model cannot pad an answer with blanks until its budget runs out.
+its own ``GrammarMatcher``. JSON comes without free whitespace and with compact separators
+(``{"a":1,"b":2}``), exactly as vLLM's engine writes it (``disable_any_whitespace``): a model
+cannot pad an answer with blanks until its budget runs out, both engines write the same text, and
+a job a vLLM worker began (then died) is continued here through the same grammar.
 Once the JSON is complete the grammar allows only end of sequence, so the answer ends "stop".
 """
 
@@ -26,7 +28,9 @@ import torch
 
 from shared.limits import InvalidJobRequest
 from shared.schemas import LOGIT_BIAS, PENALTIES, STRUCTURED_OUTPUT, GenerationRequest
+from worker.engine import CannotContinue
 
+JSON_SEPARATORS = (",", ":")  # as vLLM's xgrammar backend with disable_any_whitespace
 RULED = {PENALTIES, LOGIT_BIAS, STRUCTURED_OUTPUT}  # the features that change the logits
 GRAMMAR_CACHE = 32  # compiled grammars kept per model
 ANY_OBJECT = '{"type":"object"}'  # json_object: any JSON object (not an array, not a bare value)
@@ -134,7 +138,9 @@ class Grammars:
             if found is not None:
                 return found
             try:
-                grammar = self._grammar_compiler().compile_json_schema(key, any_whitespace=False)
+                grammar = self._grammar_compiler().compile_json_schema(
+                    key, any_whitespace=False, separators=JSON_SEPARATORS
+                )
             except (RuntimeError, ValueError, TypeError) as exc:
                 raise InvalidJobRequest(
                     f"response_format: this JSON schema cannot be used for constrained decoding "
@@ -164,9 +170,10 @@ class Grammars:
 
         matcher = xgrammar.GrammarMatcher(grammar)
         for token in replay:
-            if not matcher.accept_token(token):
-                raise InvalidJobRequest(
-                    "the job's earlier answer does not follow its response_format", param="response_format"
+            if not matcher.accept_token(token):  # not the request's fault: the earlier run's
+                raise CannotContinue(
+                    "its worker stopped mid-answer, and the answer so far does not follow this "
+                    "engine's grammar for its JSON: send the request again"
                 )
         return matcher
 
