@@ -22,6 +22,16 @@ ItemStatus = Literal["in_progress", "completed", "incomplete"]
 ITEM_TYPES = ("message", "function_call", "function_call_output")
 
 
+def said_nothing(value: Any, fields: dict[str, tuple[Any, ...]]) -> Any:
+    """``value`` (a dict) without the OpenAI fields it gives with a value that asks for nothing
+    (null, or the field's default): the SDK's ``model_dump()`` of an item or a tool writes
+    them so (``"async": null``, ``"defer_loading": false``). Any other value of them is still
+    refused, naming it."""
+    if not isinstance(value, dict):
+        return value
+    return {k: v for k, v in value.items() if not any(v is nothing for nothing in fields.get(k, ("-",)))}
+
+
 def item_type(value: Any, default: str | None = None) -> Any:
     """The ``type`` of an item or part, given as a dict or a model."""
     return value.get("type", default) if isinstance(value, dict) else getattr(value, "type", default)
@@ -87,6 +97,14 @@ class FunctionCallItem(BaseModel):
     arguments: Text
     id: str | None = None
     status: ItemStatus | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _said_nothing(cls, value: Any) -> Any:
+        # As the openai SDK dumps a call it returned (``async_``: its Python name, unaliased).
+        return said_nothing(
+            value, {"async": (None, False), "async_": (None, False), "caller": (None,), "namespace": (None,)}
+        )
 
 
 class FunctionCallOutputItem(BaseModel):

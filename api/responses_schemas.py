@@ -28,7 +28,7 @@ from pydantic import (
 
 from api.errors import ApiError, renamed
 from api.openai_schemas import Metadata, ServiceTier, StreamObfuscation, refuse_unless
-from api.responses_items import InputItem, MessageItem, chat_messages, item_type
+from api.responses_items import InputItem, MessageItem, chat_messages, item_type, said_nothing
 from api.tool_calls import NamedFunction, NamedToolChoice, ToolChoice, ToolPlan, plan_tools
 from api.tool_turns import answers_after_calls, unpaired_output
 from api.validation_messages import first_error
@@ -65,7 +65,18 @@ class FunctionTool(FunctionDefinition):
                 f"tools of type {item_type(value)!r} are not supported: only function tools (no built-in "
                 "tools such as web_search or file_search run here)"
             )
-        return value
+        # As the openai SDK dumps a tool of a response it returned: fields that ask for nothing.
+        nothing = (None,)
+        return said_nothing(
+            value,
+            {
+                "async": (None, False),
+                "async_": (None, False),
+                "defer_loading": (None, False),
+                "output_schema": nothing,
+                "allowed_callers": nothing,
+            },
+        )
 
 
 class FunctionChoice(BaseModel):
