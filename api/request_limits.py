@@ -25,8 +25,11 @@ def check_limits(
     request: JobRequest, messages: list[ChatMessage], stop: list[str], settings: Settings
 ) -> None:
     """The request (its conversation as ``messages``, its ``stop`` as a list) against the server's
-    limits: messages, prompt characters, stop sequences, max_tokens and the job's lifetimes."""
+    limits: messages, prompt characters, stop sequences, max_tokens and the job's lifetimes. The
+    earlier turns a Responses chain carries count toward none of them (they did when they were
+    sent): a chain is bounded by the model's context alone, as OpenAI's are."""
     s = settings
+    carried_messages, carried_chars = request.carried
     conversation = "messages" if request.messages is not None else "history"
     if request.raw_prompt is not None:
         size = len(request.raw_prompt)
@@ -37,13 +40,15 @@ def check_limits(
                 "max_prompt_chars",
                 "raw_prompt",
             )
-    if len(messages) > s.max_messages:
+    count = len(messages) - carried_messages
+    if count > s.max_messages:
         raise _refuse(
-            f"{conversation}: {len(messages)} messages, at most {s.max_messages} are allowed",
+            f"{conversation}: {count} messages, at most {s.max_messages} are allowed",
             "max_messages",
             conversation,
         )
     chars = sum(len(m.content) for m in messages) + sum(len(t.model_dump_json()) for t in request.tools or [])
+    chars -= carried_chars
     if chars > s.max_prompt_chars:
         raise _refuse(
             f"the prompt is {chars} characters long, at most {s.max_prompt_chars} are allowed",

@@ -363,7 +363,7 @@ class ResponsesRequest(BaseModel):
             fields["response_format"] = response_format.model_dump(by_alias=True, exclude_none=True)
         fields |= plan.job_fields(None)
         try:
-            return JobRequest.model_validate(fields)
+            return JobRequest.model_validate(fields).carrying(history)
         except ValidationError as exc:
             where, message = first_error(exc)
             # A check of the whole request (the last turn's role) is about the conversation: the input.

@@ -203,7 +203,9 @@ class Settings(BaseSettings):
         "120/minute", description="front: job requests per key, as `N/second|minute|hour` ('' or 0: no limit)"
     )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="front: largest request body (413 beyond)")
-    max_messages: int = Field(256, ge=1, description="front: most messages (or history turns × 2 + 1)")
+    max_messages: int = Field(
+        256, ge=1, description="front: most messages a request brings (or history turns × 2 + 1)"
+    )
     max_prompt_chars: int = Field(200_000, ge=1, description="front: most characters in all messages")
     max_prompt_tokens: int | None = Field(
         None, ge=1, description="most prompt tokens, by the model's tokenizer (default: its context)"

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 
 from shared.digits import ascii_digits
 from shared.logprobs import MAX_PROMPT_LOGPROBS, LogprobCount
@@ -133,6 +141,19 @@ class JobRequest(SamplingFields):
     tools: list[ToolDefinition] | None = Field(
         None, description="functions the model may call: given to its chat template (with messages)"
     )
+    # Not a field: how many of the leading messages, and of their characters, a Responses chain
+    # carried from its earlier turns (checked against the limits when they were sent).
+    _carried: tuple[int, int] = PrivateAttr((0, 0))
+
+    def carrying(self, earlier: list[ChatMessage]) -> JobRequest:
+        """This request, its messages led by a chain's ``earlier`` turns."""
+        self._carried = (len(earlier), sum(len(m.content) for m in earlier))
+        return self
+
+    @property
+    def carried(self) -> tuple[int, int]:
+        return self._carried
+
     logprobs: LogprobCount = Field(
         None, description="give each answer token's log probability and this many most likely tokens"
     )

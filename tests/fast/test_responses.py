@@ -257,30 +257,6 @@ async def test_a_named_function_call_answered_with_its_output(front: Front) -> N
     assert _asked(front, answered.id).json_schema is None  # tool_choice auto: the template takes the tools
 
 
-async def test_a_call_and_tools_sent_back_as_the_sdk_dumps_them_are_taken(front: Front) -> None:
-    """Apps keep a conversation as JSON: ``model_dump()`` of the call and of the response's tools
-    writes OpenAI's fields that ask for nothing (``"async": null``, ``"defer_loading": null``);
-    those are taken, and a value that asks for something is still refused, naming it."""
-    client = _openai(front)
-    forced = await client.responses.create(
-        model=MODEL, input='{"a": 2}', tools=[ADD], tool_choice={"type": "function", "name": "add"}
-    )
-    [call] = forced.output
-    tools = [tool.model_dump() for tool in forced.tools]
-    for dumped in (call.model_dump(), call.model_dump(by_alias=True), call.model_dump(mode="json")):
-        history: list[Any] = [{"role": "user", "content": '{"a": 2}'}, dumped]
-        output = {"type": "function_call_output", "call_id": call.call_id, "output": "four"}  # type: ignore[union-attr]
-        answered = await client.responses.create(model=MODEL, input=[*history, output], tools=tools)
-        assert answered.output_text == "four"
-        asked = _asked(front, answered.id).messages
-        assert asked[1].tool_calls is not None and asked[1].tool_calls[0].function.arguments == call.arguments  # type: ignore[union-attr]
-    asking = {**call.model_dump(by_alias=True), "async": True}
-    output = {"type": "function_call_output", "call_id": call.call_id, "output": "four"}  # type: ignore[union-attr]
-    with pytest.raises(BadRequestError) as refused:
-        await client.responses.create(model=MODEL, input=[asking, output], tools=tools)
-    assert refused.value.body["param"] == "input.0.async"  # type: ignore[index]
-
-
 async def test_calls_in_the_text_become_function_call_items(front: Front) -> None:
     client = _openai(front)
     calling = 'Adding. <tool_call> {"name": "add", "arguments": {"a": 2}} </tool_call>'

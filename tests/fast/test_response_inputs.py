@@ -1,0 +1,61 @@
+"""What a Responses request may bring back over the in-memory job system: a call and tools as the
+openai SDK dumps them, and a chain longer than one request's limits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from openai import BadRequestError
+
+from api.auth import ApiKeys
+from tests.fast.conftest import Front, _settings, open_front
+from tests.fast.test_front_formats import _openai
+from tests.fast.test_responses import ADD, MODEL, _asked
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_call_and_tools_sent_back_as_the_sdk_dumps_them_are_taken(front: Front) -> None:
+    """Apps keep a conversation as JSON: ``model_dump()`` of the call and of the response's tools
+    writes OpenAI's fields that ask for nothing (``"async": null``, ``"defer_loading": null``);
+    those are taken, and a value that asks for something is still refused, naming it."""
+    client = _openai(front)
+    forced = await client.responses.create(
+        model=MODEL, input='{"a": 2}', tools=[ADD], tool_choice={"type": "function", "name": "add"}
+    )
+    [call] = forced.output
+    tools = [tool.model_dump() for tool in forced.tools]
+    for dumped in (call.model_dump(), call.model_dump(by_alias=True), call.model_dump(mode="json")):
+        history: list[Any] = [{"role": "user", "content": '{"a": 2}'}, dumped]
+        output = {"type": "function_call_output", "call_id": call.call_id, "output": "four"}  # type: ignore[union-attr]
+        answered = await client.responses.create(model=MODEL, input=[*history, output], tools=tools)
+        assert answered.output_text == "four"
+        asked = _asked(front, answered.id).messages
+        assert asked[1].tool_calls is not None and asked[1].tool_calls[0].function.arguments == call.arguments  # type: ignore[union-attr]
+    asking = {**call.model_dump(by_alias=True), "async": True}
+    output = {"type": "function_call_output", "call_id": call.call_id, "output": "four"}  # type: ignore[union-attr]
+    with pytest.raises(BadRequestError) as refused:
+        await client.responses.create(model=MODEL, input=[asking, output], tools=tools)
+    assert refused.value.body["param"] == "input.0.async"  # type: ignore[index]
+
+
+async def test_a_chain_is_bounded_by_the_context_not_by_the_limits_of_one_request() -> None:
+    """The limits of messages and characters are a request's: a chain's earlier turns, checked
+    when they were sent, do not count again (a conversation of 256 messages broke at turn 128)."""
+    settings = _settings(max_messages=4, max_prompt_chars=120)
+    async for front in open_front(settings, ApiKeys([])):
+        client = _openai(front)
+        previous = None
+        for turn in range(6):  # 12 messages and about 300 characters by the end
+            response = await client.responses.create(
+                model=MODEL, input=f"turn {turn} of a long conversation", previous_response_id=previous
+            )
+            previous = response.id
+        assert len(_asked(front, previous).messages) == 11  # the chain whole: 5 turns and the input
+        with pytest.raises(BadRequestError) as refused:
+            await client.responses.create(model=MODEL, input=[*[{"role": "user", "content": "q"}] * 5])
+        assert refused.value.body["param"] == "input"  # type: ignore[index]
+        with pytest.raises(BadRequestError) as refused:
+            await client.responses.create(model=MODEL, input="x" * 121, previous_response_id=previous)
+        assert refused.value.body["param"] == "input"  # type: ignore[index]
