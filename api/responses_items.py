@@ -158,7 +158,10 @@ def chat_messages(items: list[InputItem], history: list[ChatMessage]) -> list[Ch
             same_turn = role == "assistant" and n > 0 and messages[-1].role == "assistant"
             if same_turn:  # after the same turn's text or call, in this input
                 last = messages[-1]
-                messages[-1] = last.model_copy(update={"content": last.content + _text(item.content)})
+                # Two texts in a row are two messages (a line apart, as a message's parts are);
+                # the text after a call goes on from the text before it, as the model wrote it.
+                joint = "\n" if isinstance(items[n - 1], MessageItem) and last.content else ""
+                messages[-1] = last.model_copy(update={"content": last.content + joint + _text(item.content)})
             else:
                 messages.append(ChatMessage(role=role, content=_text(item.content)))
         elif isinstance(item, FunctionCallItem):

@@ -106,6 +106,20 @@ async def test_responses_pair_outputs_with_calls_by_id_wherever_they_sit(front: 
     assert asked[2].tool_call_id == call.call_id
     assert answered.output_text == "and say it"
 
+    # Two texts of the assistant in a row (two message items) are a line apart in its one turn.
+    said: Any = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "How are you?"}]},
+        {"role": "user", "content": "fine"},
+    ]
+    replied = await client.responses.create(model=MODEL, input=said)
+    assert [(m.role, m.content) for m in _asked(front, replied.id).messages] == [
+        ("user", "Hi"),
+        ("assistant", "Hello.\nHow are you?"),
+        ("user", "fine"),
+    ]
+
 
 @pytest.mark.parametrize(
     ("body", "param", "says"),
