@@ -231,8 +231,11 @@ class CompletionStream:
         self._echoed = fmt.echo is None
 
     def first(self) -> list[dict[str, Any]]:
-        """What a stream opens with: the assistant's role (chat; text completions have none)."""
-        return [self.fmt.chunk({"role": "assistant", "content": ""})] if self.fmt.kind == "chat" else []
+        """What a stream opens with: the assistant's role (chat; text completions have none), with
+        no content where the answer is a forced call (as OpenAI's, and as its whole answer has)."""
+        if self.fmt.kind != "chat":
+            return []
+        return [self.fmt.chunk({"role": "assistant", "content": None if self.fmt.tools.forces_call else ""})]
 
     def delta(self, data: dict[str, Any]) -> list[dict[str, Any]]:
         """The chunks of one ``delta`` event's data."""

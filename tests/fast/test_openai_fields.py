@@ -5,6 +5,7 @@ The fake model answers the last message (or raw prompt) back, one word per token
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from openai import AsyncOpenAI, BadRequestError
@@ -56,6 +57,26 @@ async def test_a_hermes_call_in_the_answer_is_a_tool_call(front: Front) -> None:
     assert plain.choices[0].message.tool_calls is None and "<tool_call>" in (
         plain.choices[0].message.content or ""
     )
+
+
+async def test_a_forced_call_streamed_has_no_content_as_the_whole_answer(front: Front) -> None:
+    """The SDK's stream helper built ``content: ""`` from the opening chunk, where the answer not
+    streamed (and OpenAI's stream) has none."""
+    client: AsyncOpenAI = _openai(front)
+    ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": '{"a": 2}'}]
+    named: Any = {"type": "function", "function": {"name": "add"}}
+    whole = await client.chat.completions.create(
+        model="fake-model", messages=ask, tools=TOOLS, tool_choice=named
+    )
+    async with client.chat.completions.stream(
+        model="fake-model", messages=ask, tools=TOOLS, tool_choice=named
+    ) as stream:
+        events = [event.type async for event in stream]
+        streamed = await stream.get_final_completion()
+    assert "content.delta" not in events
+    for message in (whole.choices[0].message, streamed.choices[0].message):
+        assert message.content is None and message.tool_calls is not None
+        assert [c.function.name for c in message.tool_calls] == ["add"]  # type: ignore[union-attr]
 
 
 async def test_chat_logprobs_match_the_answer_streamed_and_not(front: Front) -> None:
