@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from api.errors import ApiError
+from api.strict_tools import strict_calls_grammar
 from shared.schemas import ChatMessage, GenerationRequest, JobRequest, ResponseFormat
 from shared.settings import Settings
 
@@ -119,7 +120,13 @@ def generation_request(request: JobRequest, settings: Settings) -> GenerationReq
         repetition_penalty=request.repetition_penalty or 1.0,
         logit_bias={int(token): bias for token, bias in (request.logit_bias or {}).items()},
         **structured_output(request.response_format),
+        # Calls held to strict functions, where the answer is not JSON already (a forced call's).
+        structural_tag=None if json_answer(request.response_format) else strict_calls_grammar(request.tools),
     )
+
+
+def json_answer(response_format: ResponseFormat | None) -> bool:
+    return response_format is not None and response_format.type != "text"
 
 
 def structured_output(response_format: ResponseFormat | None) -> dict[str, Any]:

@@ -83,9 +83,9 @@ def test_plain_jobs_answer_as_alone_beside_constrained_ones_which_answer_as_they
     ruled_rows: list[int] = []
     real = worker.batch_lm.apply_rules
 
-    def counting(block: torch.Tensor, rules: Any, allowed: Any) -> None:
+    def counting(block: torch.Tensor, rules: Any) -> None:
         ruled_rows.append(block.shape[0])
-        real(block, rules, allowed)
+        real(block, rules)
 
     monkeypatch.setattr(worker.batch_lm, "apply_rules", counting)
     reqs = [

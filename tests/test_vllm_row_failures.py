@@ -2,10 +2,12 @@
 a request whose schema no JSON value completes fails alone, with a 400 naming
 ``response_format`` (vLLM ends it with "error" once its grammar refuses the token it took), while
 a job beside it answers whole; an answer that ends on its end of sequence keeps that token's
-log-probability entry and counts it, as lm-eval's loglikelihood needs."""
+log-probability entry and counts it, as lm-eval's loglikelihood needs; the grammar of strict
+functions' calls (api.strict_tools) is taken as vLLM's structural tag."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -63,3 +65,22 @@ def test_an_answer_ending_on_its_end_of_sequence_has_an_entry_for_it(vllm_model:
     assert [e.token for e in entries] == ["<|im_end|>"] and entries[0].bytes == []
     assert entries[0].logprob is not None and entries[0].logprob < 0  # its raw log probability
     assert ended.completion_tokens == 1
+
+
+def test_the_strict_calls_grammar_is_taken_as_a_structural_tag(vllm_model: Any) -> None:
+    from api.strict_tools import strict_calls_grammar
+    from shared.schemas import ToolDefinition
+    from worker.vllm_engine import structured_outputs
+
+    weather = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    given = [
+        ToolDefinition.model_validate(
+            {"type": "function", "function": {"name": "w", "parameters": weather, "strict": True}}
+        )
+    ]
+    strict = request("weather?", structural_tag=strict_calls_grammar(given), max_tokens=12)
+    assert json.loads(structured_outputs(strict).structural_tag) == strict.structural_tag
+    seen = drive(vllm_model, [ran := job(strict)], {})
+    end = seen.end(ran)
+    assert end is not None and end.finish_reason in ("stop", "length") and not end.error_type, end
+    assert ran.completion_tokens > 0 and not vllm_model._held

@@ -276,7 +276,7 @@ class BatchedCausalLM:
         ruled = [i for i, s in enumerate(sequences) if s.rules is not None]
         if ruled:  # a float32 copy of those rows, changed by each job's rules
             block = logits[ruled].float()
-            apply_rules(block, [r for i in ruled if (r := sequences[i].rules)], self._grammars.allowed)
+            apply_rules(block, [r for i in ruled if (r := sequences[i].rules)])
             dead = is_dead(block)
             for j, token in enumerate(block.argmax(dim=-1).tolist()):
                 i = ruled[j]

@@ -75,7 +75,7 @@ class CausalLMChat(LoadedModel, ChatPrompt):
             logits = out.logits[:, -1]
             if rules is not None:
                 logits = logits.float()
-                apply_rules(logits, [rules], self.grammars.allowed)
+                apply_rules(logits, [rules])
             token = draws.next_token(logits[0], params, len(answer.token_ids))
             text = answer.push(token)
             if rules is not None and answer.finish_reason is None:

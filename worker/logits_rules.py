@@ -31,6 +31,7 @@ from shared.schemas import LOGIT_BIAS, PENALTIES, STRUCTURED_OUTPUT, GenerationR
 from worker.engine import CannotContinue
 
 JSON_SEPARATORS = (",", ":")  # as vLLM's xgrammar backend with disable_any_whitespace
+TAG = "tag:"  # a structural tag's key in the cache (a JSON schema's key starts with '{')
 RULED = {PENALTIES, LOGIT_BIAS, STRUCTURED_OUTPUT}  # the features that change the logits
 GRAMMAR_CACHE = 32  # compiled grammars kept per model
 ANY_OBJECT = '{"type":"object"}'  # json_object: any JSON object (not an array, not a bare value)
@@ -54,23 +55,33 @@ def special_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
-def not_json_ids(tokenizer: Any, vocabulary: list[bytes], stop_ids: set[int]) -> set[int]:
+def not_json_ids(
+    tokenizer: Any, vocabulary: list[bytes], stop_ids: set[int], blanks: bool = False
+) -> set[int]:
     """The tokens a JSON answer must never take, whatever its grammar allows (both engines rule
     them out): the tokenizer's special tokens but its ends of sequence (decoding skips them, so
     the text would not be the JSON the grammar checked), and tokens with a control character:
     JSON without free whitespace has none outside its strings, and a raw one inside a string is
     invalid JSON, which xgrammar 0.2.8's rule for a string with a ``maxLength`` or ``minLength``
-    still lets through. ``vocabulary``: each token's bytes (xgrammar's decoded vocabulary)."""
+    still lets through. ``vocabulary``: each token's bytes (xgrammar's decoded vocabulary).
+    ``blanks``: tab, newline and carriage return are taken (text with strict calls in it, whose
+    format has newlines around each call)."""
     banned = {i for i in special_ids(tokenizer) if i < len(vocabulary)}
-    banned |= {i for i, raw in enumerate(vocabulary) if any(b < 0x20 for b in raw)}
+    allowed = BLANKS if blanks else b""
+    banned |= {i for i, raw in enumerate(vocabulary) if any(b < 0x20 and b not in allowed for b in raw)}
     return banned - stop_ids
 
 
-def _allowed_words(tokenizer: Any, vocabulary: list[bytes], stop_ids: set[int]) -> torch.Tensor:
+BLANKS = b"\t\n\r"
+
+
+def _allowed_words(
+    tokenizer: Any, vocabulary: list[bytes], stop_ids: set[int], blanks: bool = False
+) -> torch.Tensor:
     """xgrammar's bitmask words (int32, bit ``t % 32`` of word ``t // 32`` for token ``t``) of
     the tokens a JSON grammar may allow: all but ``not_json_ids``."""
     words = [0xFFFFFFFF] * -(-len(vocabulary) // 32)
-    for token in not_json_ids(tokenizer, vocabulary, stop_ids):
+    for token in not_json_ids(tokenizer, vocabulary, stop_ids, blanks):
         words[token // 32] &= ~(1 << (token % 32))
     return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
 
@@ -101,7 +112,8 @@ class Grammars:
         self.vocab_size = vocab_size
         self._stop_ids = sorted(stop_ids)
         self._compiler: Any = None
-        self.allowed: torch.Tensor | None = None  # bitmask words: what a grammar may ever allow
+        self.allowed: torch.Tensor | None = None  # bitmask words: what a JSON grammar may ever allow
+        self.allowed_calls: torch.Tensor | None = None  # and strict calls' (blanks too)
         self._compiled: OrderedDict[str, Any] = OrderedDict()
         # Slot threads compile a job's grammar before it joins the engine (``prepare``), so a
         # slow schema (seconds for a long maxLength on a large vocabulary) never stalls the
@@ -118,6 +130,9 @@ class Grammars:
             )
             self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
             self.allowed = _allowed_words(self._tokenizer, info.decoded_vocab, set(self._stop_ids))
+            self.allowed_calls = _allowed_words(
+                self._tokenizer, info.decoded_vocab, set(self._stop_ids), True
+            )
         return self._compiler
 
     def compiled(self, request: GenerationRequest) -> Any | None:
@@ -128,6 +143,8 @@ class Grammars:
             key = json.dumps(request.json_schema, separators=(",", ":"))
         elif request.json_object:
             key = ANY_OBJECT
+        elif request.structural_tag is not None:  # strict functions' calls (api.strict_tools)
+            key = TAG + json.dumps(request.structural_tag, separators=(",", ":"))
         else:
             return None
         found = self._cached(key)
@@ -138,14 +155,18 @@ class Grammars:
             if found is not None:
                 return found
             try:
-                grammar = self._grammar_compiler().compile_json_schema(
-                    key, any_whitespace=False, separators=JSON_SEPARATORS
-                )
+                compiler = self._grammar_compiler()
+                if key.startswith(TAG):
+                    grammar = compiler.compile_structural_tag(key.removeprefix(TAG))
+                else:
+                    grammar = compiler.compile_json_schema(
+                        key, any_whitespace=False, separators=JSON_SEPARATORS
+                    )
             except (RuntimeError, ValueError, TypeError) as exc:
+                field = "tools" if key.startswith(TAG) else "response_format"
                 raise InvalidJobRequest(
-                    f"response_format: this JSON schema cannot be used for constrained decoding "
-                    f"({_first_line(exc)})",
-                    param="response_format",
+                    f"{field}: this JSON schema cannot be used for constrained decoding ({_first_line(exc)})",
+                    param=field,
                 ) from exc
         with self._cache_lock:
             self._compiled[key] = grammar
@@ -203,6 +224,7 @@ class JobRules:
         vocab_size: int,
         device: Any,
         matcher: Any | None = None,
+        allowed: torch.Tensor | None = None,
     ) -> None:
         for token in request.logit_bias:
             if not 0 <= token < vocab_size:
@@ -229,6 +251,9 @@ class JobRules:
         # The prompt's and the answer's tokens: repetition.
         self.repeated = _Tokens(prompt + answer, device) if self.repetition != 1.0 else None
         self.matcher = matcher
+        # What its grammar may ever allow: no special token, no raw control character in a JSON
+        # answer (Grammars.allowed); tabs and newlines too around strict calls (allowed_calls).
+        self.allowed = allowed
 
     @classmethod
     def of(
@@ -238,7 +263,8 @@ class JobRules:
         if not RULED & set(request.engine_features()):
             return None
         matcher = grammars.matcher(request, answer)
-        return cls(request, prompt, answer, grammars.vocab_size, device, matcher)
+        allowed = grammars.allowed_calls if request.structural_tag is not None else grammars.allowed
+        return cls(request, prompt, answer, grammars.vocab_size, device, matcher, allowed)
 
     def adjust(self, row: torch.Tensor) -> None:
         """Bias and penalties on one job's float32 logits row, in place."""
@@ -263,10 +289,10 @@ class JobRules:
             raise RuntimeError(f"token {token} broke the job's grammar (its mask allowed it)")
 
 
-def apply_rules(logits: torch.Tensor, rules: list[JobRules], allowed: torch.Tensor | None) -> None:
+def apply_rules(logits: torch.Tensor, rules: list[JobRules]) -> None:
     """Each row's rules on a float32 ``[rows, vocab]`` block of logits, in place: bias and
     penalties row by row, then the grammar masks of the rows that have one, in one pass, each
-    within ``allowed`` (``Grammars.allowed``)."""
+    within what its grammar may ever allow (``JobRules.allowed``)."""
     for i, rule in enumerate(rules):
         rule.adjust(logits[i])
     matchers = {i: rule.matcher for i, rule in enumerate(rules) if rule.matcher is not None}
@@ -278,8 +304,9 @@ def apply_rules(logits: torch.Tensor, rules: list[JobRules], allowed: torch.Tens
     for i, matcher in matchers.items():
         matcher.fill_next_token_bitmask(bitmask, i)
     rows = list(matchers)
-    if allowed is not None:
-        bitmask[rows] &= allowed
+    for i in rows:
+        if (allowed := rules[i].allowed) is not None:
+            bitmask[i] &= allowed
     xgrammar.apply_token_bitmask_inplace(
         logits,
         bitmask.to(logits.device, non_blocking=True),

@@ -116,7 +116,7 @@ class VLLMModel:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        from worker.vllm_json_mask import JSON_MASK
+        from worker.vllm_json_mask import CALLS, JSON_MASK
 
         grammar = structured_outputs(request)
         return SamplingParams(
@@ -136,7 +136,9 @@ class VLLMModel:
             structured_outputs=grammar,
             # Beside the grammar, the tokens the transformers engine masks too: xgrammar's rule
             # for a string with a length limit takes raw control characters (invalid JSON).
-            extra_args={JSON_MASK: True} if grammar is not None else None,
+            extra_args={JSON_MASK: CALLS if request.structural_tag is not None else True}
+            if grammar is not None
+            else None,
             logprobs=request.logprobs,
             prompt_logprobs=request.prompt_logprobs if prompt_logprobs else None,
             max_tokens=max_tokens,
@@ -238,10 +240,10 @@ def check_continuable(request: GenerationRequest) -> None:
     to the model as prompt, and its grammar starts from the beginning of the answer, so the
     continuation would begin a second JSON value mid-answer. (The transformers engine replays
     them through the grammar.)"""
-    if request.json_schema is not None or request.json_object:
+    if request.json_schema is not None or request.json_object or request.structural_tag is not None:
         raise CannotContinue(
-            "its worker stopped mid-answer, and the vLLM engine cannot continue a JSON answer (its "
-            "grammar would start again mid-answer): send the request again"
+            "its worker stopped mid-answer, and the vLLM engine cannot continue a JSON answer or "
+            "one with strict calls (its grammar would start again mid-answer): send the request again"
         )
 
 
@@ -263,6 +265,8 @@ def structured_outputs(request: GenerationRequest) -> Any:
         return StructuredOutputsParams(json=request.json_schema)
     if request.json_object:
         return StructuredOutputsParams(json_object=True)
+    if request.structural_tag is not None:  # strict functions' calls (api.strict_tools)
+        return StructuredOutputsParams(structural_tag=json.dumps(request.structural_tag))
     return None
 
 

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 JSON_MASK = "streamq_json_mask"  # the SamplingParams.extra_args key that asks for the mask
+CALLS = "calls"  # its value for text with strict calls (True: a JSON answer)
 PROCESSOR = "worker.vllm_json_mask:JsonAnswerMask"  # their names for EngineArgs.logits_processors
 PROCESSOR_V2 = "worker.vllm_json_mask:JsonAnswerMaskV2"
 T = TypeVar("T")
@@ -52,10 +53,17 @@ def _asks(params: Any) -> bool:
     return bool((params.extra_args or {}).get(JSON_MASK))
 
 
-def banned_ids(model_config: Any) -> set[int]:
+def _blanks(params: Any) -> bool:
+    """Whether the request's text has strict calls in it (``JSON_MASK: CALLS``): tabs, newlines and
+    carriage returns stay allowed, as the calls' format needs them."""
+    return (params.extra_args or {}).get(JSON_MASK) == CALLS
+
+
+def banned_ids(model_config: Any) -> dict[bool, frozenset[int]]:
     """The ids no JSON answer may take on this model (its stop tokens included: each request
     allows its own): special tokens and tokens with a raw control character, from the model's
-    tokenizer and xgrammar's decoded vocabulary, as vLLM's own xgrammar backend reads it."""
+    tokenizer and xgrammar's decoded vocabulary, as vLLM's own xgrammar backend reads it; under
+    True, those of text with strict calls in it (tab, newline and carriage return allowed)."""
     import xgrammar
     from transformers import AutoTokenizer
 
@@ -66,7 +74,7 @@ def banned_ids(model_config: Any) -> set[int]:
     )
     vocab_size = int(model_config.get_vocab_size())
     vocabulary = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size).decoded_vocab
-    return not_json_ids(tokenizer, vocabulary, set())
+    return {blanks: frozenset(not_json_ids(tokenizer, vocabulary, set(), blanks)) for blanks in (False, True)}
 
 
 class _PerStopSet(Generic[T]):
@@ -74,15 +82,15 @@ class _PerStopSet(Generic[T]):
     (``make``), once per set of stop tokens (every streamq request has the same one)."""
 
     def __init__(self, model_config: Any, make: Callable[[list[int]], T]) -> None:
-        self._banned = frozenset(banned_ids(model_config))
+        self._banned = banned_ids(model_config)  # blanks allowed? -> the ids banned
         self._make = make
-        self._made: dict[frozenset[int], T] = {}
+        self._made: dict[tuple[bool, frozenset[int]], T] = {}
 
     def of(self, params: Any) -> T:
-        stops = frozenset(params.all_stop_token_ids)
-        if stops not in self._made:
-            self._made[stops] = self._make(sorted(self._banned - stops))
-        return self._made[stops]
+        blanks, stops = _blanks(params), frozenset(params.all_stop_token_ids)
+        if (blanks, stops) not in self._made:
+            self._made[blanks, stops] = self._make(sorted(self._banned[blanks] - stops))
+        return self._made[blanks, stops]
 
 
 class JsonAnswerMask(LogitsProcessor):

@@ -67,6 +67,8 @@ class GenerationRequest(PromptInput):
     logit_bias: dict[int, float] = Field(default_factory=dict)
     json_schema: dict[str, Any] | None = None  # the answer is JSON following this schema
     json_object: bool = False  # the answer is a JSON object
+    # Strict functions (api.strict_tools): xgrammar's structural tag that holds the answer's calls.
+    structural_tag: dict[str, Any] | None = None
     logprobs: int | None = None  # None: no log probabilities; k: the token's and the k likeliest
     prompt_logprobs: int | None = None  # the same for the prompt's tokens
 
@@ -87,6 +89,8 @@ class GenerationRequest(PromptInput):
             needed[LOGIT_BIAS] = "logit_bias"
         if self.json_schema is not None or self.json_object:
             needed[STRUCTURED_OUTPUT] = "response_format"
+        elif self.structural_tag is not None:
+            needed[STRUCTURED_OUTPUT] = "tools"
         if self.logprobs is not None:
             needed[LOGPROBS] = "logprobs"
         if self.prompt_logprobs is not None:

@@ -79,6 +79,25 @@ async def test_a_forced_call_streamed_has_no_content_as_the_whole_answer(front: 
         assert [c.function.name for c in message.tool_calls] == ["add"]  # type: ignore[union-attr]
 
 
+async def test_strict_functions_with_auto_give_the_job_the_calls_grammar(front: Front) -> None:
+    client: AsyncOpenAI = _openai(front)
+    ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+    strict: Any = [{**TOOLS[0], "function": {**TOOLS[0]["function"], "strict": True}}]
+    for tools, held in ((TOOLS, False), (strict, True)):
+        await client.chat.completions.create(model="fake-model", messages=ask, tools=tools)
+        asked = [job.request for job in front.jobs.jobs.values()][-1]
+        assert (asked.structural_tag is not None) is held
+    tag = asked.structural_tag
+    assert tag is not None and tag["format"]["triggers"] == ["<tool_call>"]
+    assert tag["format"]["tags"][0]["content"]["json_schema"] == TOOLS[0]["function"]["parameters"]
+    unholdable: Any = [
+        {**strict[0], "function": {**strict[0]["function"], "parameters": {"type": "object", "not": {}}}}
+    ]
+    with pytest.raises(BadRequestError) as refused:
+        await client.chat.completions.create(model="fake-model", messages=ask, tools=unholdable)
+    assert refused.value.body["param"] == "tools.0.function.parameters"  # type: ignore[index]
+
+
 async def test_chat_logprobs_match_the_answer_streamed_and_not(front: Front) -> None:
     client = _openai(front)
     ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": "one two three"}]
