@@ -92,8 +92,14 @@ def create_app(
             EnvelopeCORS,
             allow_origins=settings.cors_origin_list(),
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Streamq-Detach"],
-            expose_headers=["X-Streamq-Job-Id", "Location", "Retry-After"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "Last-Event-ID",
+                "X-Streamq-Detach",
+                "Idempotency-Key",
+            ],
+            expose_headers=["X-Streamq-Job-Id", "Location", "Retry-After", "Idempotent-Replayed"],
             max_age=600,
         )
     app.include_router(jobs.router)

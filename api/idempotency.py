@@ -1,12 +1,17 @@
 """``Idempotency-Key`` on job creation: a request sent again (its answer was lost on the way, a
 page reloaded while it was being sent) gets the job the first one made, not a second job.
 
-The job's id is derived from the caller's key name and the client's idempotency key, so the
-``submit`` script, which creates a job only where its id has none, is the whole check: no record
-of its own, no extra Redis command, and the same on every front. The job keeps a fingerprint of
-what was asked (the model and the generation request), so the key sent with another request is a
-400 (as Stripe's), not that other request's job. A key is remembered as long as its job is (until
-``STREAMQ_RESULT_TTL`` after its end); after that it makes a new job.
+The job's id is ``HMAC(secret, key name, idempotency key)``, the secret a random one kept in Redis
+(``keys.IDEMPOTENCY_SECRET``, made by the first front that needs it): the same on every front, and
+no one can work it out from the key alone (a guessed key is no way to another client's job). A
+request with a key first looks its job up (``JobService``), before the quotas and checks a new
+job goes through, so a request sent again is answered whatever the rate limit or the workers say
+now; the ``submit`` script, which creates a job only where its id has none, settles two sent at
+once. The job keeps a fingerprint of the request as the client sent it (the body, whatever the
+front's defaults), so the key sent with another request is a 400 (as Stripe's), not that other
+request's job. A key is remembered as long as its job is (until ``STREAMQ_RESULT_TTL`` after its
+end); after that it makes a new job. A job a front withdrew (no Redis replica had it in time:
+the request was answered 503) is forgotten, so the key sent again makes it anew.
 
 The routes that create a job a client follows on its own connection (chat and legacy
 completions, a Responses request without ``background``, the seed's routes) refuse the header:
@@ -16,12 +21,14 @@ a job sent again there would have been canceled when the first connection went a
 from __future__ import annotations
 
 import hashlib
+import hmac
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from pydantic import BaseModel
 
 from api.errors import ApiError
-from shared.schemas import GenerationRequest
 
 HEADER = "Idempotency-Key"
 MAX_LENGTH = 255  # as Stripe's
@@ -52,14 +59,27 @@ def checked(value: str | None) -> str | None:
     return key
 
 
-def job_id(owner: str, key: str) -> str:
-    """The id of the job ``key`` makes for ``owner``: another key name's same key is another job."""
-    return hashlib.sha256(f"streamq idempotency\0{owner}\0{key}".encode()).hexdigest()[:32]
+@dataclass(frozen=True)
+class Idempotent:
+    """A request's Idempotency-Key, with the fingerprint of the body it came with."""
+
+    key: str
+    fingerprint: str
+
+    @classmethod
+    def of(cls, header: str | None, body: BaseModel) -> Idempotent | None:
+        key = checked(header)
+        return None if key is None else cls(key, fingerprint(body))
+
+    def job_id(self, secret: bytes, owner: str) -> str:
+        """The id of the job this key makes for ``owner`` (another key name's same key: another job)."""
+        return hmac.new(secret, f"{owner}\0{self.key}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
-def fingerprint(model: str, request: GenerationRequest) -> str:
-    """What a job was asked, to tell the request sent again from another one with the same key."""
-    return hashlib.sha256(f"{model}\0{request.model_dump_json()}".encode()).hexdigest()
+def fingerprint(body: BaseModel) -> str:
+    """The request as the client sent it (its validated body), to tell the request sent again
+    from another one with the same key."""
+    return hashlib.sha256(body.model_dump_json().encode()).hexdigest()
 
 
 def reused() -> ApiError:
@@ -74,7 +94,7 @@ def reused() -> ApiError:
 
 def refuse(value: str | None, route: str) -> None:
     """A 400 for the header on a route whose job lives with its connection."""
-    if value is not None:
+    if value is not None:  # even one that is not a key: the route takes none
         raise ApiError(
             400,
             f"{HEADER} is honoured by POST /v1/jobs and background responses only: {route} runs its "

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from fastapi import Request
 
 from api.auth import Caller
+from api.idempotency import Idempotent
 from shared.job_store.payloads import encode
 from shared.job_store.vocabulary import FINAL_EVENTS
 from shared.schemas import JobRequest, JobView
@@ -69,10 +70,10 @@ class JobClient(Protocol):
     settings: Settings
 
     async def submit(
-        self, request: JobRequest, caller: Caller, idempotency_key: str | None = None
+        self, request: JobRequest, caller: Caller, idempotent: Idempotent | None = None
     ) -> JobView:
         """Check the caller's quotas, validate the request, admit and queue the job; raises the
-        ApiError that says why not. With ``idempotency_key`` (``api.idempotency``), the job that
+        ApiError that says why not. With an Idempotency-Key (``api.idempotency``), the job that
         key made already, if any, as it is now (its view ``replayed``)."""
         ...
 

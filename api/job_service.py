@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import re
 import secrets
@@ -24,7 +23,10 @@ from api import idempotency
 from api.admission import Admission, DrainRates
 from api.auth import OPEN, Caller
 from api.errors import ApiError
+from api.idempotency import Idempotent
+from api.idempotent_jobs import IdempotentJobs
 from api.metrics import FrontMetrics
+from api.prompt_counts import PromptCounts
 from api.queue_positions import QueuePositions
 from api.quotas import KeyQuotas
 from api.request_limits import check_token_ids, generation_request
@@ -36,7 +38,7 @@ from shared.job_store.records import new_job_fields, view_from_hash
 from shared.job_store.rq_records import TASK, QueuedRecords
 from shared.job_store.scripts import Answer, JobScripts, ScriptCall, ScriptsReloaded
 from shared.job_store.vocabulary import FINAL_STATUSES, JobField, JobStatus
-from shared.limits import InvalidJobRequest, answer_budget, may_not_fit
+from shared.limits import may_not_fit
 from shared.log_format import job_fields
 from shared.schemas import GenerationRequest, JobRequest, JobView
 from shared.settings import Settings
@@ -70,10 +72,10 @@ class JobService:
         self.metrics = metrics or FrontMetrics()
         self._redis = connection
         self._rq = rq_connection
-        self._count_redis = count_connection
-        self._counting = asyncio.Semaphore(2)  # one per count connection
+        self.prompt_counts = PromptCounts(settings, count_connection)
         self.directory = directory
         self._scripts = JobScripts(connection)
+        self._idempotent = IdempotentJobs(connection, self._scripts)
         self._unreplicated_until = 0.0  # monotonic: refuse submits at once until then
         self._rq_records: dict[str, QueuedRecords] = {}  # per model: RQ's records, built with no I/O
         self.positions = QueuePositions(connection, max_age=settings.position_poll_interval)
@@ -82,12 +84,17 @@ class JobService:
 
     # ----- creating -------------------------------------------------------------------------
     async def submit(
-        self, request: JobRequest, caller: Caller, idempotency_key: str | None = None
+        self, request: JobRequest, caller: Caller, idempotent: Idempotent | None = None
     ) -> JobView:
         """Check the caller's rate, validate, pick the model, then create the job (owned by the
         caller) in one script that also checks the model's queue limit and the caller's
-        concurrency, and writes RQ's job and queue entry. With ``idempotency_key``, a request
-        sent again gets the job the first one made, as it is now (``replayed``)."""
+        concurrency, and writes RQ's job and queue entry. With an Idempotency-Key, the job it made
+        already, if any, as it is now (``replayed``), before any quota or check."""
+        job_id = new_job_id()
+        if idempotent is not None:
+            job_id, made = await self._idempotent.find(idempotent, caller.name)
+            if made:
+                return (await self._settled(job_id, caller.name)).as_replayed()
         await self.quotas.hit(caller.name)
         generation = generation_request(request, self._settings)
         model = await self.directory.resolve(request.model)
@@ -98,16 +105,13 @@ class JobService:
             check_token_ids(generation, await self.directory.vocab_size(model))
         context_length = await self.directory.context_length(model)
         if may_not_fit(generation, context_length):
-            await self._check_prompt_length(model, generation, context_length)
-        job_id, fingerprint = new_job_id(), ""
-        if idempotency_key is not None:
-            job_id = idempotency.job_id(caller.name, idempotency_key)
-            fingerprint = idempotency.fingerprint(model, generation)
+            await self.prompt_counts.check(model, generation, context_length)
+        fingerprint = idempotent.fingerprint if idempotent is not None else ""
         created_at = time.time()
         position = await self._create(job_id, model, generation, created_at, caller.name, fingerprint)
         if position is None:  # sent again: the job exists
             view = await self.get(job_id, caller.name)
-            return view.as_replayed() if idempotency_key is not None else view
+            return view.as_replayed() if idempotent is not None else view
         log.info(
             "job %s: queued for %s%s",
             job_id,
@@ -202,6 +206,8 @@ class JobService:
             except RedisTimeoutError:  # the job may be written: it must not run behind a 503
                 await self._withdraw(job_id, model)
                 raise
+            if answer[0] == Answer.EXISTS and int(acked) < replicas:  # its own request withdraws it
+                raise self._unreplicated()
             if answer[0] != JobStatus.QUEUED or int(acked) >= replicas:
                 self._unreplicated_until = 0.0
                 return answer
@@ -216,6 +222,21 @@ class JobService:
             )
             raise self._unreplicated()
         raise AssertionError("unreachable")
+
+    async def _settled(self, job_id: str, owner: str) -> JobView:
+        """A job made already, once its own request can no longer withdraw it: with replicas to
+        wait for (Sentinel), that request waits up to STREAMQ_REDIS_WAIT_MS for them, and
+        withdraws the job if they do not have it; a younger job is looked at again after that."""
+        view = await self.get(job_id, owner)
+        s = self._settings
+        if s.replicas_to_wait_for():
+            young = view.created_at + s.redis_wait_ms / 1000 + 0.1 - time.time()
+            if young > 0:
+                await asyncio.sleep(young)
+            if await self._redis.hget(keys.job(job_id), JobField.WITHDRAWN):
+                raise self._unreplicated()
+            view = await self.get(job_id, owner)
+        return view
 
     @staticmethod
     def _unreplicated() -> ApiError:
@@ -235,50 +256,14 @@ class JobService:
         cancel = scripts.cancel(job_id, model, ttl=s.result_ttl, maxlen=s.stream_maxlen)
         try:  # a job gone already (Redis lost it) answers "missing": nothing to cancel or promise
             answer = scripts.answer(await self._scripts.run(cancel))
+            if answer != Answer.MISSING:  # its Idempotency-Key, sent again, makes it anew once it ended
+                await self._redis.hset(keys.job(job_id), JobField.WITHDRAWN, "1")
             if answer == Answer.OK:
                 await anyio.to_thread.run_sync(self._file_rq_cancel, job_id)
             elif answer == Answer.RUNNING:  # started just now: it stops at its next step
                 await self._redis.publish(keys.CANCEL_CHANNEL, job_id)
         except RedisError as exc:
             log.error("job %s: refused, but its cancel failed (it may run): %s", job_id, exc)
-
-    async def _check_prompt_length(
-        self, model: str, generation: GenerationRequest, context_length: int | None
-    ) -> None:
-        """Ask a worker of the model for the prompt's token count and refuse (400) a request that
-        cannot fit. Without an answer in time (or with both count connections busy) the job is
-        accepted: its worker checks it again and fails it with the reason."""
-        if self._counting.locked():
-            log.info("prompt counts are all busy; the worker will check this prompt's length")
-            return
-        timeout = self._settings.count_timeout
-        reply = keys.count_reply(secrets.token_hex(8))
-        question = json.dumps(
-            {
-                "reply": reply,
-                "deadline": time.time() + timeout,
-                "prompt": generation.prompt_input().model_dump(mode="json", exclude_none=True),
-            }
-        )
-        async with self._counting:
-            pipe = self._count_redis.pipeline(transaction=False)
-            pipe.lpush(keys.count_requests(model), question)
-            pipe.expire(keys.count_requests(model), 60)
-            await pipe.execute()
-            answer = await self._count_redis.blpop([reply], timeout=timeout)
-        if answer is None:
-            log.warning("no worker of %s counted a prompt in time; the worker will check it", model)
-            return
-        count = json.loads(answer[1])
-        if "error" in count:
-            raise ApiError(400, f"the model cannot render these messages: {count['error']}", param="messages")
-        # The smallest context the model's live workers serve (``context_length``, from their
-        # heartbeats): the job may run on any of them.
-        served = [n for n in (count.get("context_length"), context_length) if n]
-        try:
-            answer_budget(generation, int(count["prompt_tokens"]), min(served, default=None))
-        except InvalidJobRequest as exc:
-            raise ApiError(400, str(exc), param=exc.param, code=exc.code) from None
 
     # ----- reading --------------------------------------------------------------------------
     async def position(self, job_id: str, model: str) -> int | None:

@@ -26,6 +26,7 @@ from redis.retry import Retry as SyncRetry
 
 from api.auth import Caller
 from api.errors import front_stopping
+from api.idempotency import Idempotent
 from api.job_client import Events
 from api.job_service import JobService
 from api.job_stream import JobFollower
@@ -172,11 +173,11 @@ class RedisJobClient:
 
     # ----- the JobClient boundary --------------------------------------------------------------
     async def submit(
-        self, request: JobRequest, caller: Caller, idempotency_key: str | None = None
+        self, request: JobRequest, caller: Caller, idempotent: Idempotent | None = None
     ) -> JobView:
         if self.hub.closed is not None:  # no job its request could no longer follow
             raise front_stopping(self.hub.closed)
-        return await self.jobs.submit(request, caller, idempotency_key)
+        return await self.jobs.submit(request, caller, idempotent)
 
     async def view(self, job_id: str, owner: str, *, brief: bool = False) -> JobView:
         return await self.jobs.get(job_id, owner, brief=brief)

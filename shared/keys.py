@@ -81,6 +81,11 @@ def count_reply(request_id: str) -> str:
     return f"{PREFIX}:count-reply:{request_id}"
 
 
+# A random secret, made by the first front that needs it: a job made with an Idempotency-Key has
+# the id HMAC(secret, key name, key), which no one can work out from the key alone.
+IDEMPOTENCY_SECRET = f"{PREFIX}:idempotency-secret"
+
+
 def tokens(job_id: str) -> str:
     """List of the answer's token ids so far, kept so that another worker can continue the job."""
     return f"{PREFIX}:tokens:{{{job_id}}}"

@@ -3,6 +3,7 @@ answer means. No I/O here: the sync and async clients send what this builds."""
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from collections.abc import Mapping, Sequence
@@ -115,6 +116,7 @@ def job_body(
 # made the job, or not) and after a stopping front's 503 (it did not), up to this many sends in
 # all, with one Idempotency-Key: the front answers the job the first send made, if it made one.
 SUBMIT_SENDS = 4
+SUBMIT_WAIT_CAP = 30.0  # seconds at most between two sends, whatever a Retry-After asks
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
@@ -130,7 +132,8 @@ def submit_again_in(sends: int, error: StreamqError, delay: float) -> float:
     again = error.status in (None, 502, 504) or (error.status == 503 and error.code == "front_stopping")
     if not again or sends >= SUBMIT_SENDS or isinstance(error, StreamqJobError):
         raise error
-    return max(delay, error.retry_after or 0.0)
+    asked = error.retry_after if error.retry_after is not None and math.isfinite(error.retry_after) else 0.0
+    return min(max(delay, asked), SUBMIT_WAIT_CAP)
 
 
 def error_of(response: httpx.Response) -> StreamqError:

@@ -25,6 +25,9 @@ KEYS = {
     # Refused requests still count toward a key's rate: the limit tests have keys of their own.
     "ivan": "sk-ivan-3c4d5e6f",
     "judy": "sk-judy-7a8b9c0d",
+    # The Idempotency-Key tests': a rate used up, and a withdrawn job.
+    "kate": "sk-kate-1f2e3d4c",
+    "lena": "sk-lena-9b8a7c6d",
 }
 FILE_KEY = ("carol", "sk-carol-from-file-1234")
 MAX_CONCURRENT = 2

@@ -110,6 +110,31 @@ def test_only_temporary_errors_are_retried_and_retry_after_is_honoured() -> None
     assert odd.status == 502 and "bad gateway" in odd.message
 
 
+def test_a_submit_is_sent_again_only_when_its_answer_may_be_lost_and_waits_at_most_the_cap() -> None:
+    from streamq.protocol import SUBMIT_SENDS, SUBMIT_WAIT_CAP, submit_again_in
+
+    assert submit_again_in(1, StreamqConnectionError("cut"), 0.25) == 0.25
+    for status in (502, 504):
+        assert submit_again_in(2, StreamqError("gateway", status=status), 0.5) == 0.5
+    assert (
+        submit_again_in(1, StreamqError("stopping", status=503, code="front_stopping", retry_after=1.0), 0.25)
+        == 1.0
+    )
+    for after in (86400.0, float("inf"), float("nan")):  # a Retry-After never holds it longer than the cap
+        assert (
+            submit_again_in(1, StreamqError("slow", status=502, retry_after=after), 0.25) <= SUBMIT_WAIT_CAP
+        )
+    for error in (
+        StreamqError("busy", status=429, retry_after=1.0),
+        StreamqError("no worker", status=503, code="model_unavailable"),
+        StreamqError("bad", status=400),
+    ):
+        with pytest.raises(StreamqError):
+            submit_again_in(1, error, 0.25)
+    with pytest.raises(StreamqConnectionError):
+        submit_again_in(SUBMIT_SENDS, StreamqConnectionError("cut"), 0.25)
+
+
 @pytest.mark.parametrize("width", [8, 13, 40])
 def test_rows_rebuild_the_text_fit_the_width_and_only_the_last_row_changes(width: int) -> None:
     text = "lorem ipsum  dolor sit amet, 你好世界你好世界 consecteturadipiscingelitseddoeiusmod tempor"

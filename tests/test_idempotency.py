@@ -18,11 +18,12 @@ import httpx
 import openai
 import pytest
 
+from shared import keys
 from streamq import StreamqClient
 from streamq.errors import StreamqError
 from tests.conftest import SlowStack
 from tests.processes import jobs_asking
-from tests.secure_stack import KEYS, SecureStack, headers
+from tests.secure_stack import KEYS, RATE, SecureStack, headers
 
 pytestmark = pytest.mark.e2e
 
@@ -90,6 +91,40 @@ def test_a_key_with_another_request_or_another_api_key(secure: SecureStack) -> N
     assert theirs.json()["id"] != made.json()["id"]
 
 
+def test_a_request_sent_again_is_answered_past_the_rate_limit(secure: SecureStack) -> None:
+    """The rate limit counts jobs asked for: one sent again, whose job exists, is answered (a 429
+    there would leave its client without the job its first send made)."""
+    body = {"prompt": "rate", "max_tokens": 1}
+    key = str(uuid.uuid4())
+    made = _post(secure.a, "kate", body, key)
+    assert made.status_code == 202, made.text
+    statuses = [_post(secure.a, "kate", body, None).status_code for _ in range(RATE)]
+    assert statuses[-1] == 429, statuses  # the key's rate is used up
+    again = _post(secure.a, "kate", body, key)
+    assert again.status_code == 202 and again.json()["id"] == made.json()["id"], again.text
+    assert _post(secure.a, "kate", body, str(uuid.uuid4())).status_code == 429  # a new key: a new job
+
+
+def test_a_withdrawn_job_is_made_anew_by_its_key(secure: SecureStack) -> None:
+    """A front that refused a job after writing it (no Redis replica had it in time: a 503) marks
+    it withdrawn; once it has ended, the key sent again makes it anew under the same id."""
+    body = {"prompt": "withdrawn then made", "max_tokens": 40}
+    key = str(uuid.uuid4())
+    first = _post(secure.a, "lena", body, key).json()
+    httpx.post(f"{secure.a}/v1/jobs/{first['id']}/cancel", headers=headers("lena"), timeout=30)
+    r = secure.redis.client(decode_responses=True)
+    r.hset(keys.job(first["id"]), "withdrawn", "1")  # as the front's withdraw leaves it
+    again = _post(secure.b, "lena", body, key)
+    assert again.status_code == 202 and "Idempotent-Replayed" not in again.headers, again.text
+    assert again.json()["id"] == first["id"] and again.json()["status"] == "queued"
+    with httpx.stream(
+        "GET", f"{secure.a}/v1/jobs/{first['id']}/events", headers=headers("lena"), timeout=30
+    ) as stream:
+        events = [line for line in stream.iter_lines() if line.startswith("event:")]
+    assert events[0] == "event: queued" and events[-1] == "event: done", events  # no canceled before it
+    assert not r.hget(keys.job(first["id"]), "withdrawn")
+
+
 @pytest.mark.parametrize("bad", [b"", b"a\tb", b"x" * 256, "clé".encode()])
 def test_a_key_that_is_not_one_is_a_400_naming_the_header(secure: SecureStack, bad: bytes) -> None:
     answer = httpx.post(
@@ -150,6 +185,19 @@ def test_a_background_response_sent_again_with_its_key_is_the_same_response(secu
         done = sdk.responses.retrieve(first.id)
     assert done.status == "incomplete" and done.output_text  # its 16 tokens: the synthetic model goes on
     assert len(jobs_asking(secure.redis, marker)) == 1
+
+    # The same key with other metadata is another request; a deleted response is not made again.
+    with pytest.raises(openai.BadRequestError) as reused:
+        sdk.responses.create(
+            model="synth", input=f"{marker} go", background=True, max_output_tokens=16,
+            metadata={"a": "changed"}, extra_headers=key,
+        )  # fmt: skip
+    assert reused.value.body["code"] == "idempotency_key_reused"  # type: ignore[index]
+    sdk.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.create(
+            model="synth", input=f"{marker} go", background=True, max_output_tokens=16, extra_headers=key
+        )
 
 
 class _LosingProxy:

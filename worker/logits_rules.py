@@ -9,8 +9,9 @@ leaves only the tokens that keep the answer valid JSON. Temperature, top-k and t
 
 Structured output uses xgrammar, as vLLM does: a model's tokenizer table is built once, each
 schema is compiled once (a small LRU keyed by the schema's compact JSON), and each job has
-its own ``GrammarMatcher``. JSON comes without free whitespace and with compact separators
-(``{"a":1,"b":2}``), exactly as vLLM's engine writes it (``disable_any_whitespace``): a model
+its own ``GrammarMatcher``. JSON comes without free whitespace and with vLLM's separators
+(``{"a":1,"b":2}``; xgrammar 0.2.8 keeps ``, `` in arrays and open objects), exactly as vLLM's
+engine writes it (``disable_any_whitespace``): a model
 cannot pad an answer with blanks until its budget runs out, both engines write the same text, and
 a job a vLLM worker began (then died) is continued here through the same grammar.
 Once the JSON is complete the grammar allows only end of sequence, so the answer ends "stop".

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from api import idempotency
 from api.auth import CallerDep
 from api.errors import ApiError, error_responses
-from api.idempotency import IdempotencyKeyHeader
+from api.idempotency import IdempotencyKeyHeader, Idempotent
 from api.job_client import ClientGone, JobClient, JobEvent, StreamInterrupted, get_jobs
 from api.stream_hub import parse_entry_id
 from api.unicode_bodies import UnicodeCheckedRoute
@@ -60,7 +60,7 @@ async def create_job(
     """Queue a chat job. Answers 202 with the job's view; follow it at ``/v1/jobs/{id}/events``.
     With an ``Idempotency-Key``, the request sent again gets the job the first one made, as it
     is now (``Idempotent-Replayed: true``); the key with another request is a 400."""
-    view = await jobs.submit(body, caller, idempotency.checked(idempotency_key))
+    view = await jobs.submit(body, caller, Idempotent.of(idempotency_key, body))
     response.headers["Location"] = f"/v1/jobs/{view.id}"
     if view.replayed:
         response.headers.update(idempotency.REPLAYED)

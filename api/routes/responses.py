@@ -14,6 +14,7 @@ request sent ``X-Streamq-Detach: 1``. A ``GET`` stream that goes away cancels no
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -26,7 +27,7 @@ from api import idempotency
 from api.auth import CallerDep
 from api.client_job import JOB_HEADER, ClientJob, detach_requested
 from api.errors import ApiError, error_responses
-from api.idempotency import REPLAYED, IdempotencyKeyHeader
+from api.idempotency import REPLAYED, IdempotencyKeyHeader, Idempotent
 from api.job_client import ClientGone, Events, JobClient, StreamInterrupted
 from api.responses_format import PING, ResponseEvents, item_list, response_of, sse_event
 from api.responses_schemas import ResponsesRequest, named_as_sent
@@ -45,6 +46,7 @@ from shared.job_store.vocabulary import FINAL_STATUSES, JobStatus
 from shared.schemas import ChatMessage
 
 log = logging.getLogger("streamq.api")
+RECORD_TRIES = 20  # a replayed response's record: looked for over a second at most
 router = APIRouter(
     prefix="/v1/responses",
     tags=["responses"],
@@ -69,9 +71,9 @@ async def create_response(
     """Create a response (a job): the response object, or with ``stream`` its events. With
     ``background`` it answers at once (status queued) and runs on whatever the client does; an
     ``Idempotency-Key`` then makes a request sent again get the response the first one made."""
-    key = idempotency.checked(idempotency_key)
+    idempotent = Idempotent.of(idempotency_key, body)  # the body as sent: metadata, user too
     if not body.background:
-        idempotency.refuse(key, "a response without background")
+        idempotency.refuse(idempotency_key, "a response without background")
     history: list[ChatMessage] = []
     chain: list[str] = []
     if body.previous_response_id:
@@ -79,15 +81,18 @@ async def create_response(
         body.leave_out(made_for(chain))
     job_request = body.job_request(history)
     try:
-        view = await jobs.submit(job_request, caller, key)
+        view = await jobs.submit(job_request, caller, idempotent)
     except ApiError as exc:  # name the field as the client sent it
         raise named_as_sent(exc, body.tool_plan().forces_call) from None
-    try:
-        record = new_record(body, view, history, chain)
-        await save_record(jobs, record, caller.name)
-    except BaseException:  # a response without its record is none: its job goes
-        jobs.spawn(_cancel_quietly(jobs, view.id, caller.name))
-        raise
+    if view.replayed:  # the response the first request made, as it is (404 if deleted since)
+        record = await _record_made(jobs, view.id, caller.name)
+    else:
+        try:
+            record = new_record(body, view, history, chain)
+            await save_record(jobs, record, caller.name)
+        except BaseException:  # a response without its record is none: its job goes
+            jobs.spawn(_cancel_quietly(jobs, view.id, caller.name))
+            raise
     if body.user or body.safety_identifier or body.metadata:
         user = (body.user or body.safety_identifier or "")[:64]
         log.info("job %s: response for user %r, metadata %s", view.id, user, body.metadata)
@@ -100,6 +105,16 @@ async def create_response(
         stream = _followed(job, events, record)
         return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS | headers)
     return await _wait(job, events, record, headers)
+
+
+async def _record_made(jobs: JobClient, job_id: str, owner: str) -> ResponseRecord:
+    """The record of a response made already: its first request saves it just after its job, so
+    a request sent again at once may look for it a moment before it is there."""
+    for _ in range(RECORD_TRIES - 1):
+        if await jobs.load_response(job_id, owner) is not None:
+            break
+        await asyncio.sleep(0.05)
+    return await load_record(jobs, f"resp_{job_id}", owner)
 
 
 async def _cancel_quietly(jobs: JobClient, job_id: str, owner: str) -> None:

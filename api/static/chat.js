@@ -224,10 +224,15 @@
   // (sessionStorage): a reload shows them again and follows the running job from its first event
   // (it ran on meanwhile), rather than losing the conversation and leaving the job unseen.
   const SAVED = "streamq.chat";
+  const SUBMIT_RESENDS = 3; // a question whose answer was lost on the way is sent again this often
   let shown = []; // {role, text, status?, state?, jobId?, note?} of each ended exchange, in order
 
   function save() {
-    const pending = running && running.resume && !running.stopped ? running.resume : null;
+    // A question stopped before its job's id came back is kept too: sent again after a reload,
+    // its job (made or not) is then canceled.
+    const pending = running && running.resume && !(running.stopped && running.resume.jobId)
+      ? Object.assign({}, running.resume, { stopped: running.stopped })
+      : null;
     try {
       sessionStorage.setItem(SAVED, JSON.stringify({ history, shown, pending }));
     } catch (_) { /* storage full or refused: the page works on, a reload just forgets */ }
@@ -258,7 +263,8 @@
     if (sent && isObject(p.body) && Array.isArray(p.body.messages) &&
         p.body.messages.every(isTurn) && typeof p.question === "string") {
       addMessage("user", p.question);
-      answerIn(p.question, p.body, p.jobId, Number(p.dropped) || 0, typeof p.key === "string" ? p.key : newKey());
+      answerIn(p.question, p.body, p.jobId, Number(p.dropped) || 0, typeof p.key === "string" ? p.key : newKey(),
+        p.stopped === true);
     }
     scrollDown();
   }
@@ -283,7 +289,7 @@
 
   // The answer to ``body`` (its last message the question) in a new bubble: submitted here, or,
   // given ``jobId``, a job submitted before the page was reloaded, followed from its start.
-  async function answerIn(question, body, jobId, dropped, key) {
+  async function answerIn(question, body, jobId, dropped, key, stopped) {
     const answer = addMessage("assistant", "");
     answer.el.dataset.state = "queued";
     answer.status.textContent = jobId ? "Reconnecting…" : "Sending…";
@@ -299,7 +305,7 @@
       if (nearBottom) scrollDown();
     };
     try {
-      running = { jobId: null, stopped: false, resume: null }; // Stop works from here on, even before the id
+      running = { jobId: null, stopped: !!stopped, resume: null }; // Stop works from here on, even before the id
       for (;;) {
         let tooLong = false; // the worker's refusal: the front could not count the prompt in time
         if (jobId === null) {
@@ -381,7 +387,7 @@
   // ``dropped``: exchanges already left out for this question (after a worker's refusal); the
   // job comes back with the total as its ``dropped``.
   async function submitFitting(question, body, answer, dropped, key) {
-    for (;;) {
+    for (let lost = 0; ; ) {
       running.resume = { question, body, jobId: null, dropped, key };
       save(); // before it is sent: a reload from here on sends it again with its key
       try {
@@ -389,6 +395,15 @@
         if (dropped) noteDropped(answer, dropped);
         return Object.assign(job, { dropped });
       } catch (err) {
+        // The answer lost on the way (fetch's TypeError, a gateway's 502/504): sent again with
+        // its key, it gets the job the first send made, if it made one.
+        const lostOnTheWay = !(err instanceof ApiError) || err.status === 502 || err.status === 504;
+        if (lostOnTheWay && lost < SUBMIT_RESENDS) {
+          lost += 1;
+          answer.status.textContent = `Connection lost · sending again (try ${lost})…`;
+          await new Promise((done) => setTimeout(done, 500 * 2 ** lost));
+          continue;
+        }
         const tooLong = err instanceof ApiError && err.code === TOO_LONG;
         if (!tooLong || !trimmable(body)) throw err;
         body.messages = body.messages.slice(2);
@@ -415,6 +430,7 @@
   async function stop() {
     if (!running || running.stopped) return;
     running.stopped = true;
+    save(); // a reload from here on does not follow the answer on
     $("stop").disabled = true;
     if (running.jobId) await cancelJob(running.jobId); // else: ask() cancels once the id is back
   }

@@ -293,3 +293,16 @@ for i = #ARGV, 1, -1 do
 end
 return pushed
 """
+
+# Forgets a job a front withdrew (no replica had it in time: its request was answered 503), once
+# it has ended, so that its Idempotency-Key, sent again, makes it anew. KEYS: job hash, events,
+# text, token ids, RQ's job hash, the response record, RQ's canceled registry; ARGV: the job id.
+# Returns 1 (forgotten), 0 (not a withdrawn job) or -1 (withdrawn, not yet ended: its run stops).
+FORGET = """
+if redis.call('HGET', KEYS[1], 'withdrawn') ~= '1' then return 0 end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'canceled' and status ~= 'failed' and status ~= 'finished' then return -1 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+redis.call('ZREM', KEYS[7], ARGV[1])
+return 1
+"""

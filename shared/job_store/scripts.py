@@ -96,8 +96,9 @@ CANCEL = Lua("cancel", lua_sources.CANCEL)
 SUBMIT = Lua("submit", lua_sources.SUBMIT)
 TAKE = Lua("take", lua_sources.TAKE)
 PUT_BACK = Lua("put_back", lua_sources.PUT_BACK)
+FORGET = Lua("forget", lua_sources.FORGET)  # api.idempotent_jobs
 
-SCRIPTS: tuple[Lua, ...] = (SUBMIT, START, DELTA, RENEW, FINISH, REQUEUE, CANCEL, TAKE, PUT_BACK)
+SCRIPTS: tuple[Lua, ...] = (SUBMIT, START, DELTA, RENEW, FINISH, REQUEUE, CANCEL, TAKE, PUT_BACK, FORGET)
 
 
 class ScriptsReloaded(RedisConnectionError):

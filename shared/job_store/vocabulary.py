@@ -51,6 +51,7 @@ class JobField(StrEnum):
     OWNER = "owner"  # the API key's name (OPEN without keys): another key's job is not found
     REQUEST = "request"  # the GenerationRequest, as JSON
     FINGERPRINT = "fingerprint"  # with an Idempotency-Key: what was asked (api.idempotency)
+    WITHDRAWN = "withdrawn"  # "1": refused after it was written (no replica had it in time)
     STATUS = "status"
     CREATED_AT = "created_at"
     STARTED_AT = "started_at"  # set by the first start only

@@ -23,6 +23,7 @@ from fastapi import Request
 from api import idempotency
 from api.auth import Caller
 from api.errors import ApiError, front_stopping
+from api.idempotency import Idempotent
 from api.job_client import Events, JobEvent, StreamInterrupted
 from api.metrics import FrontMetrics
 from api.request_limits import generation_request
@@ -145,7 +146,7 @@ class MemoryJobClient:
 
     # ----- the JobClient boundary -------------------------------------------------------------
     async def submit(
-        self, request: JobRequest, caller: Caller, idempotency_key: str | None = None
+        self, request: JobRequest, caller: Caller, idempotent: Idempotent | None = None
     ) -> JobView:
         if self.ended_streams is not None:
             raise front_stopping(self.ended_streams)
@@ -154,9 +155,8 @@ class MemoryJobClient:
         if model not in self.models:
             raise ApiError(404, f"model '{model}' is not served", param="model", code="model_not_found")
         job_id, fingerprint = secrets.token_hex(16), ""
-        if idempotency_key is not None:  # as the submit script does (api.idempotency)
-            job_id = idempotency.job_id(caller.name, idempotency_key)
-            fingerprint = idempotency.fingerprint(model, generation)
+        if idempotent is not None:  # as api.idempotent_jobs does
+            job_id, fingerprint = idempotent.job_id(b"fast-tier", caller.name), idempotent.fingerprint
             if (made := self.jobs.get(job_id)) is not None:
                 if made.fingerprint != fingerprint:
                     raise idempotency.reused()
