@@ -22,8 +22,8 @@ from typing import Any
 from api.errors import ApiError
 from shared.schemas import ToolDefinition
 from shared.schemas.json_schema_check import Budget, schema_problem
+from shared.tool_call_format import CLOSE, OPEN
 
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
 ANY_ARGUMENTS: dict[str, Any] = {"type": "object"}
 
 
@@ -34,12 +34,22 @@ def strict_calls_grammar(tools: list[ToolDefinition] | None) -> dict[str, Any] |
         return None
     budget = Budget()
     tags = []
+    names: set[str] = set()
     for index, tool in enumerate(tools):
         function = tool.function
+        if function.name in names:  # two tags of one name: a call would be held to either schema
+            message = f"the function name '{function.name}' is given twice: names must be unique"
+            raise ApiError(400, message, param=f"tools.{index}.function.name")
+        names.add(function.name)
         arguments = ANY_ARGUMENTS
         if function.strict:
             arguments = function.parameters or {"type": "object", "properties": {}}
-            if (problem := schema_problem(arguments, budget)) is not None:
+            problem: str | None = None
+            if arguments.get("type") != "object":  # the arguments are an object's keys
+                problem = f"its schema must be of 'type: \"object\"', got {arguments.get('type')!r}"
+            else:
+                problem = schema_problem(arguments, budget)
+            if problem is not None:
                 raise ApiError(
                     400,
                     f"a strict call to '{function.name}' cannot be held to its parameters: {problem}",

@@ -36,8 +36,7 @@ from shared.schemas.json_schema_check import (
     schema_problem,
     subschemas,
 )
-
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
+from shared.tool_call_format import CLOSE, OPEN
 
 
 class NamedFunction(BaseModel):
@@ -217,8 +216,9 @@ def _call(call_id: str, index: int, name: str, arguments: str) -> dict[str, Any]
 
 def _hermes_call(block: str) -> tuple[str, str] | None:
     """(name, arguments as JSON text) of one ``<tool_call>`` block's JSON, or None if it is not one."""
-    try:
-        value = json.loads(block)
+    try:  # not strict: a raw tab or newline in a string (xgrammar lets them into one with a length
+        # limit) is read as escaped, and the arguments are written out again escaped
+        value = json.loads(block, strict=False)
     except ValueError:
         return None
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):

@@ -79,3 +79,76 @@ def test_no_strict_function_no_grammar_and_a_strict_schema_it_cannot_hold_is_a_4
     with pytest.raises(ApiError) as refused:
         strict_calls_grammar([*tools(strict=None), bad])
     assert refused.value.param == "tools.2.function.parameters"
+
+
+def test_a_schema_with_no_way_on_fails_the_job_naming_tools(
+    tiny_backend: Any, batched: BatchedCausalLM
+) -> None:
+    never = {
+        "type": "object",
+        "properties": {"a": {"type": "string", "pattern": "^a[^\\s\\S]$"}},
+        "required": ["a"],
+    }
+    given = [
+        ToolDefinition.model_validate(
+            {"type": "function", "function": {"name": "f", "parameters": never, "strict": True}}
+        )
+    ]
+    calling = job(request("f?", structural_tag=strict_calls_grammar(given), max_tokens=60))
+    calling.resume_ids = tiny_backend.tokenizer.encode(
+        '<tool_call>\n{"name": "f", "arguments": {"a": "a', add_special_tokens=False
+    )
+    end = drive(batched, [calling], {}).end(calling)
+    assert end is not None and (end.error_type, end.error_param) == ("invalid_request_error", "tools")
+
+
+def test_a_raw_tab_in_a_strict_calls_string_is_still_a_call() -> None:
+    """xgrammar's rule for a string with a length limit lets a raw tab in: the call is read, its
+    arguments written out again with the tab escaped."""
+    plan = plan_tools(tools(), "auto", None, None)
+    _, calls = read_whole(
+        plan,
+        "job",
+        '<tool_call>\n{"name": "weather", "arguments": {"city": "a\tb", "days": 2}}\n</tool_call>',
+    )
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"city": "a\tb", "days": 2}]
+
+
+def test_the_job_apis_strict_tools_are_checked_as_the_chat_routes() -> None:
+    twice = [*tools(), *tools()]
+    with pytest.raises(ApiError) as refused:
+        strict_calls_grammar(twice)
+    assert refused.value.param == "tools.2.function.name"
+    flat = ToolDefinition.model_validate(
+        {"type": "function", "function": {"name": "f", "strict": True, "parameters": {"type": "string"}}}
+    )
+    with pytest.raises(ApiError) as refused:
+        strict_calls_grammar([flat])
+    assert refused.value.param == "tools.0.function.parameters"
+
+
+@pytest.mark.parametrize(
+    ("answered", "inside"),
+    [
+        ("Let me look.", False),
+        (
+            'Sure. <tool_call>\n{"name": "weather", "arguments": {"city": "Oslo", "days": 1}}'
+            "\n</tool_call> and",
+            False,
+        ),
+        ('Let me look. <tool_call>\n{"name": "wea', True),
+        ("Let me look. <tool_", True),  # where a call may be beginning
+        ("Let me look. <", True),
+    ],
+)
+def test_vllm_continues_an_answer_with_strict_calls_only_between_calls(answered: str, inside: bool) -> None:
+    from worker.engine import CannotContinue
+    from worker.vllm_engine import check_continuable
+
+    strict = request("weather?", structural_tag=strict_calls_grammar(tools()))
+    if inside:
+        with pytest.raises(CannotContinue):
+            check_continuable(strict, answered)
+    else:
+        check_continuable(strict, answered)
+    check_continuable(request("weather?"), answered)  # no strict function: any answer goes on

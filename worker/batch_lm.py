@@ -281,7 +281,7 @@ class BatchedCausalLM:
             for j, token in enumerate(block.argmax(dim=-1).tolist()):
                 i = ruled[j]
                 rules, answered = sequences[i].rules, len(sequences[i].answer.token_ids)
-                grammar = rules is not None and rules.matcher is not None
+                grammar = sequences[i].job.request.grammar_field() if rules and rules.matcher else None
                 best[i] = dead_row(block[j], grammar, answered) if dead[j] else token
                 changed[i] = block[j]
         # A sampled draw depends on the job's seed and the token's index in its answer only, so a

@@ -28,12 +28,12 @@ from typing import Any
 import torch
 
 from shared.limits import InvalidJobRequest
-from shared.schemas import LOGIT_BIAS, PENALTIES, STRUCTURED_OUTPUT, GenerationRequest
+from shared.schemas import LOGIT_BIAS, PENALTIES, STRICT_CALLS, STRUCTURED_OUTPUT, GenerationRequest
 from worker.engine import CannotContinue
 
 JSON_SEPARATORS = (",", ":")  # as vLLM's xgrammar backend with disable_any_whitespace
 TAG = "tag:"  # a structural tag's key in the cache (a JSON schema's key starts with '{')
-RULED = {PENALTIES, LOGIT_BIAS, STRUCTURED_OUTPUT}  # the features that change the logits
+RULED = {PENALTIES, LOGIT_BIAS, STRUCTURED_OUTPUT, STRICT_CALLS}  # the features that change the logits
 GRAMMAR_CACHE = 32  # compiled grammars kept per model
 ANY_OBJECT = '{"type":"object"}'  # json_object: any JSON object (not an array, not a bare value)
 

@@ -24,24 +24,26 @@ class RowFailed(Exception):
         return cls("generation_error", f"{type(exc).__name__}: {exc}")
 
 
-def dead_row(row: torch.Tensor, grammar: bool, answered: int) -> RowFailed:
+def dead_row(row: torch.Tensor, grammar: str | None, answered: int) -> RowFailed:
     """Why a job's float32 logits row, after its rules, leaves it no token: a NaN score, or
-    (every score -inf) a grammar with no way on, ``answered`` tokens into its answer."""
+    (every score -inf) a grammar with no way on, ``answered`` tokens into its answer (``grammar``:
+    the request field it comes from)."""
     if bool(torch.isnan(row).any()):
         return RowFailed("generation_error", "the job's token scores are not numbers (NaN) after its rules")
     if grammar:
-        return no_way_on(answered)
+        return no_way_on(answered, grammar)
     return RowFailed("generation_error", "the job's logit bias and penalties left it no token to take")
 
 
-def no_way_on(answered: int) -> RowFailed:
-    """A job's grammar that allows no token ``answered`` tokens into its answer: its schema."""
+def no_way_on(answered: int, field: str = "response_format") -> RowFailed:
+    """A job's grammar that allows no token ``answered`` tokens into its answer: its schema (of
+    ``field``: the answer's, or a strict function's in ``tools``)."""
     return RowFailed(
         "invalid_request_error",
-        f"response_format: the schema allows no token after the answer's first {answered} tokens: "
+        f"{field}: the schema allows no token after the answer's first {answered} tokens: "
         "no JSON value can complete it (a $ref cycle with no way out, or a pattern that matches "
         "nothing?)",
-        param="response_format",
+        param=field,
     )
 
 

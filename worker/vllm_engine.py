@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from shared.limits import InvalidJobRequest
 from shared.logprobs import TokenLogprob
 from shared.schemas import ENGINE_FEATURES, TOOLS, GenerationRequest
+from shared.tool_call_format import CLOSE, OPEN
 from worker.answer_tokens import AnswerTokens
 from worker.chat_prompt import PromptRenderer
 from worker.engine import CannotContinue, EngineJob, JobOutput, resume
@@ -95,7 +96,7 @@ class VLLMModel:
         job.prompt_tokens = len(prompt)
         resume(job, answer)  # continue an earlier run, if there was one
         if job.resume_ids:
-            check_continuable(job.request)
+            check_continuable(job.request, self.served.tokenizer.decode(job.resume_ids))
         # A continued job's prompt log probabilities went out with its earlier run's first output.
         prompt_logprobs = job.request.prompt_logprobs is not None and not job.resume_ids
         request_id = f"{job.job_id}-{job.run or 'local'}-{next(self._ids)}"
@@ -103,7 +104,8 @@ class VLLMModel:
             params = self.sampling(job.request, answer.budget - answer.completion_tokens, prompt_logprobs)
             self.vllm.add_request(request_id, TokensPrompt(prompt_token_ids=prompt + job.resume_ids), params)
         except refusals() as exc:  # vLLM's own checks: a token id out of its vocabulary, a bad schema
-            param = "response_format" if _asks_json(job.request) and _about_the_grammar(str(exc)) else None
+            grammar = job.request.grammar_field()
+            param = grammar if grammar and _about_the_grammar(str(exc)) else None
             reason = library_reason(str(exc)) or type(exc).__name__  # no grammar library's time and source
             if param and job.request.json_schema is not None:
                 reason += unsupported_place(job.request.json_schema)
@@ -173,7 +175,7 @@ class VLLMModel:
             # vLLM ends a JSON request whose grammar refused the token it took (its mask left
             # none) with "error", that token last among the new ones: it is not the answer's.
             errored = result.finished and completion.finish_reason == "error"
-            refused = bool(errored and _asks_json(job.request) and completion.token_ids)
+            refused = bool(errored and job.request.grammar_field() and completion.token_ids)
             taken = list(completion.token_ids)[: -1 if refused else None]
             for place, token in enumerate(taken):
                 text += answer.push(token)
@@ -186,7 +188,9 @@ class VLLMModel:
                 # vLLM's own end of a request it could not go on with (a grammar that refused a
                 # token or failed to compile, an error in its engine): the job fails, not "stop".
                 if refused:
-                    failure = no_way_on(len(answer.token_ids))
+                    failure = no_way_on(
+                        len(answer.token_ids), job.request.grammar_field() or "response_format"
+                    )
                 elif completion.finish_reason in ("abort", "error"):
                     failure = RowFailed(
                         "generation_error", f"the vLLM engine ended the request ({completion.finish_reason})"
@@ -234,17 +238,27 @@ class VLLMModel:
         )
 
 
-def check_continuable(request: GenerationRequest) -> None:
+def check_continuable(request: GenerationRequest, answered: str) -> None:
     """CannotContinue for a job this engine cannot continue from its earlier run's tokens: a JSON
     answer (``response_format``, or a call that ``tool_choice`` forces). vLLM hands those tokens
     to the model as prompt, and its grammar starts from the beginning of the answer, so the
     continuation would begin a second JSON value mid-answer. (The transformers engine replays
     them through the grammar.)"""
-    if request.json_schema is not None or request.json_object or request.structural_tag is not None:
+    if request.json_schema is not None or request.json_object or _inside_a_call(request, answered):
         raise CannotContinue(
-            "its worker stopped mid-answer, and the vLLM engine cannot continue a JSON answer or "
-            "one with strict calls (its grammar would start again mid-answer): send the request again"
+            "its worker stopped mid-answer, and the vLLM engine cannot continue a JSON answer or a "
+            "strict call (its grammar would start again mid-answer): send the request again"
         )
+
+
+def _inside_a_call(request: GenerationRequest, answered: str) -> bool:
+    """Whether ``answered`` (the answer so far) stops inside a strict call, or where one may be
+    beginning: the calls' grammar, started again, would hold the rest of it no more. Between calls
+    (text, or after a whole call) it starts where it was."""
+    if request.structural_tag is None:
+        return False
+    opened, closed = answered.rfind(OPEN), answered.rfind(CLOSE)
+    return opened > closed or any(answered.endswith(OPEN[:n]) for n in range(1, len(OPEN)))
 
 
 def refusals() -> tuple[type[Exception], ...]:
@@ -317,10 +331,6 @@ def unsupported_place(schema: dict[str, Any]) -> str:
         return find(schema, "#") or ""
     except Exception:  # vLLM's check changed its ways: its own message stands alone
         return ""
-
-
-def _asks_json(request: GenerationRequest) -> bool:
-    return request.json_schema is not None or request.json_object
 
 
 def _about_the_grammar(message: str) -> bool:

@@ -153,10 +153,11 @@ class JsonAnswerMaskV2(V2LogitsProcessor):
             self._dirty = False
 
     def apply(self, logits: torch.Tensor, ctx: Any) -> torch.Tensor:
-        if self._slot_sets is None or not (self._set_of_slot[ctx.idx_mapping_np] >= 0).any():
+        used = self._set_of_slot[ctx.idx_mapping_np]  # on the host: each slot's set, or -1
+        if self._slot_sets is None or not (used >= 0).any():
             return logits
         row_sets = self._slot_sets[ctx.expanded_idx_mapping]  # each logits row's set, or -1
-        for index, banned in enumerate(self._rows):
+        for index in sorted(set(used[used >= 0].tolist())):  # only the sets this step's rows have
             rows = row_sets == index
-            logits.masked_fill_(rows.unsqueeze(1) & banned.unsqueeze(0), float("-inf"))
+            logits.masked_fill_(rows.unsqueeze(1) & self._rows[index].unsqueeze(0), float("-inf"))
         return logits

@@ -10,6 +10,7 @@ from shared.schemas.engine_features import (
     PENALTIES,
     PROMPT_LOGPROBS,
     RAW_PROMPT,
+    STRICT_CALLS,
     STRUCTURED_OUTPUT,
     TOOLS,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "PENALTIES",
     "PROMPT_LOGPROBS",
     "RAW_PROMPT",
+    "STRICT_CALLS",
     "STRUCTURED_OUTPUT",
     "TOOLS",
     "ChatMessage",

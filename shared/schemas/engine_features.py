@@ -9,6 +9,9 @@ LOGPROBS = "logprobs"  # log probabilities of the answer's tokens (and the most 
 PROMPT_LOGPROBS = "prompt_logprobs"  # ... and of the prompt's tokens
 RAW_PROMPT = "raw_prompt"  # a prompt given to the model as is (text or token ids), no chat template
 TOOLS = "tools"  # the chat template takes tool definitions, and calls come back as <tool_call>
+# Strict functions' calls held by a structural tag (api.strict_tools): its own name, so that a
+# worker from before it (which would drop the tag, and run the job unheld) is never sent one.
+STRICT_CALLS = "strict_calls"
 ENGINE_FEATURES = frozenset(
-    {PENALTIES, LOGIT_BIAS, STRUCTURED_OUTPUT, LOGPROBS, PROMPT_LOGPROBS, RAW_PROMPT, TOOLS}
+    {PENALTIES, LOGIT_BIAS, STRUCTURED_OUTPUT, LOGPROBS, PROMPT_LOGPROBS, RAW_PROMPT, TOOLS, STRICT_CALLS}
 )

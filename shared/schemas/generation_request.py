@@ -14,6 +14,7 @@ from shared.schemas.engine_features import (
     PENALTIES,
     PROMPT_LOGPROBS,
     RAW_PROMPT,
+    STRICT_CALLS,
     STRUCTURED_OUTPUT,
     TOOLS,
 )
@@ -72,6 +73,13 @@ class GenerationRequest(PromptInput):
     logprobs: int | None = None  # None: no log probabilities; k: the token's and the k likeliest
     prompt_logprobs: int | None = None  # the same for the prompt's tokens
 
+    def grammar_field(self) -> str | None:
+        """The request field its grammar comes from, if it has one: a JSON answer's
+        ``response_format``, or the ``tools`` whose strict calls it holds."""
+        if self.json_schema is not None or self.json_object:
+            return "response_format"
+        return "tools" if self.structural_tag is not None else None
+
     def prompt_input(self) -> PromptInput:
         return PromptInput(messages=self.messages, tools=self.tools, text=self.text, token_ids=self.token_ids)
 
@@ -90,7 +98,7 @@ class GenerationRequest(PromptInput):
         if self.json_schema is not None or self.json_object:
             needed[STRUCTURED_OUTPUT] = "response_format"
         elif self.structural_tag is not None:
-            needed[STRUCTURED_OUTPUT] = "tools"
+            needed[STRICT_CALLS] = "tools"
         if self.logprobs is not None:
             needed[LOGPROBS] = "logprobs"
         if self.prompt_logprobs is not None:
