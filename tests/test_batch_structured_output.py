@@ -174,13 +174,17 @@ def test_a_jobs_grammar_is_compiled_in_its_slot_thread_not_the_engines(tiny_back
             compiled_in.append(threading.current_thread().name)
             return compile_json_schema(*args, **kwargs)
 
-    grammars._compiler = Spy()
-    schema = {"type": "object", "properties": {"slot": {"enum": ["a", "b"]}}, "required": ["slot"]}
-    j = job(request("prepare me", json_schema=schema, max_tokens=20))
-    slot = threading.Thread(target=model.prepare, args=(j,), name="slot-7")
-    slot.start()
-    slot.join()
-    seen = drive(model, [j], {})  # the engine's side, in this (main) thread
+    real = grammars._compiler
+    grammars._compiler = Spy()  # the backend's grammars, which later tests share: put back below
+    try:
+        schema = {"type": "object", "properties": {"slot": {"enum": ["a", "b"]}}, "required": ["slot"]}
+        j = job(request("prepare me", json_schema=schema, max_tokens=20))
+        slot = threading.Thread(target=model.prepare, args=(j,), name="slot-7")
+        slot.start()
+        slot.join()
+        seen = drive(model, [j], {})  # the engine's side, in this (main) thread
+    finally:
+        grammars._compiler = real
     assert compiled_in == ["slot-7"]
     assert json.loads(seen.text(j))["slot"] in ("a", "b")
 

@@ -22,7 +22,10 @@ from worker.batch_lm import BatchedCausalLM
 
 WEATHER = {
     "type": "object",
-    "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "minimum": 1}},
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "days": {"type": "integer", "minimum": 1, "maximum": 30},
+    },
     "required": ["city", "days"],
     "additionalProperties": False,
 }
