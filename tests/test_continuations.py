@@ -42,8 +42,8 @@ def test_the_vllm_engine_does_not_continue_a_json_answer(fields: dict[str, Any])
     # would begin mid-answer. (The transformers engine replays them through the grammar:
     # test_batch_structured_output.)
     with pytest.raises(CannotContinue, match="cannot continue a JSON answer"):
-        check_continuable(request("x", **fields))
-    check_continuable(request("x"))  # any other answer goes on
+        check_continuable(request("x", **fields), '{"name": "Al')
+    check_continuable(request("x"), '{"name": "Al')  # any other answer goes on
 
 
 def test_a_job_that_cannot_be_continued_ends_failed_with_its_reason_and_the_engine_goes_on(
@@ -54,7 +54,7 @@ def test_a_job_that_cannot_be_continued_ends_failed_with_its_reason_and_the_engi
 
     def add_as_vllm_does(j: EngineJob) -> None:
         if j.resume_ids:
-            check_continuable(j.request)
+            check_continuable(j.request, tiny_backend.tokenizer.decode(j.resume_ids))
         add(j)
 
     model.add = add_as_vllm_does  # type: ignore[method-assign]
