@@ -20,6 +20,7 @@ import json
 from typing import Any
 
 from api.errors import ApiError
+from api.tool_calls import check_functions
 from shared.schemas import ToolDefinition
 from shared.schemas.json_schema_check import Budget, schema_problem
 from shared.tool_call_format import CLOSE, OPEN
@@ -32,24 +33,15 @@ def strict_calls_grammar(tools: list[ToolDefinition] | None) -> dict[str, Any] |
     naming the first strict function whose schema the grammar cannot hold a call to."""
     if not tools or not any(tool.function.strict for tool in tools):
         return None
+    check_functions(tools)  # as the chat route's: two tags of one name would take either schema
     budget = Budget()
     tags = []
-    names: set[str] = set()
     for index, tool in enumerate(tools):
         function = tool.function
-        if function.name in names:  # two tags of one name: a call would be held to either schema
-            message = f"the function name '{function.name}' is given twice: names must be unique"
-            raise ApiError(400, message, param=f"tools.{index}.function.name")
-        names.add(function.name)
         arguments = ANY_ARGUMENTS
         if function.strict:
             arguments = function.parameters or {"type": "object", "properties": {}}
-            problem: str | None = None
-            if arguments.get("type") != "object":  # the arguments are an object's keys
-                problem = f"its schema must be of 'type: \"object\"', got {arguments.get('type')!r}"
-            else:
-                problem = schema_problem(arguments, budget)
-            if problem is not None:
+            if (problem := schema_problem(arguments, budget)) is not None:
                 raise ApiError(
                     400,
                     f"a strict call to '{function.name}' cannot be held to its parameters: {problem}",

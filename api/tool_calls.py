@@ -89,13 +89,10 @@ def _parameters(tool: ToolDefinition) -> dict[str, Any]:
     return tool.function.parameters or {"type": "object", "properties": {}}
 
 
-def plan_tools(
-    tools: list[ToolDefinition] | None,
-    choice: ToolChoice | None,
-    parallel: bool | None,
-    response_format: ResponseFormat | None,
-) -> ToolPlan:
-    """The plan for these fields, or a 400 naming the one that cannot be served."""
+def check_functions(tools: list[ToolDefinition] | None) -> None:
+    """A 400 naming the first function whose name is given twice (a call naming it could not be
+    told from the other's) or whose parameters are not an object's schema (a call's arguments
+    are an object's keys), in OpenAI's words."""
     seen: set[str] = set()
     for index, tool in enumerate(tools or []):
         if tool.function.name in seen:  # a call naming it could not be told from the other's
@@ -111,6 +108,16 @@ def plan_tools(
                 param=f"tools.{index}.function.parameters",
                 code="invalid_function_parameters",  # OpenAI's code for this refusal
             )
+
+
+def plan_tools(
+    tools: list[ToolDefinition] | None,
+    choice: ToolChoice | None,
+    parallel: bool | None,
+    response_format: ResponseFormat | None,
+) -> ToolPlan:
+    """The plan for these fields, or a 400 naming the one that cannot be served."""
+    check_functions(tools)
     if not tools:
         if choice not in (None, "none"):
             raise ApiError(400, "'tool_choice' needs 'tools'", param="tool_choice")

@@ -280,9 +280,11 @@ class BatchedCausalLM:
             dead = is_dead(block)
             for j, token in enumerate(block.argmax(dim=-1).tolist()):
                 i = ruled[j]
-                rules, answered = sequences[i].rules, len(sequences[i].answer.token_ids)
-                grammar = sequences[i].job.request.grammar_field() if rules and rules.matcher else None
-                best[i] = dead_row(block[j], grammar, answered) if dead[j] else token
+                if dead[j]:  # only then: which grammar, if any, left it no token
+                    rules, request = sequences[i].rules, sequences[i].job.request
+                    grammar = request.grammar_field() if rules and rules.matcher else None
+                    token = dead_row(block[j], grammar, len(sequences[i].answer.token_ids))
+                best[i] = token
                 changed[i] = block[j]
         # A sampled draw depends on the job's seed and the token's index in its answer only, so a
         # continued job (its earlier tokens replayed into ``answer``) draws as the first run would.
