@@ -285,9 +285,7 @@ class ChatCompletionRequest(OpenAIFields):
             if self.parallel_tool_calls is not None and not self.tools:  # as OpenAI refuses it
                 message = "'parallel_tool_calls' is only allowed when 'tools' are specified"
                 raise ApiError(400, message, param="parallel_tool_calls")
-            self._plan = plan_tools(
-                self.tools, self.tool_choice, self.parallel_tool_calls, self.response_format
-            )
+            self._plan = plan_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
         return self._plan
 
     def max_tokens_param(self) -> str:
@@ -303,7 +301,8 @@ class ChatCompletionRequest(OpenAIFields):
             fields["max_tokens"] = self.max_completion_tokens
         if self.logprobs:
             fields["logprobs"] = self.top_logprobs or 0
-        return self._job_request(**fields, **self.tool_plan().job_fields(self.stop))
+        plan = self.tool_plan()
+        return self._job_request(**fields, **plan.job_fields(self.stop)).forcing_a_call(plan.forces_call)
 
 
 # Job-request fields as OpenAI's chat requests name them (a refusal names what the client sent).

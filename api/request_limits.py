@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from api.errors import ApiError
-from api.strict_tools import strict_calls_grammar
+from api.strict_tools import ANY_OBJECT, calls_or_json_grammar, strict_calls_grammar
 from shared.schemas import ChatMessage, GenerationRequest, JobRequest, ResponseFormat
 from shared.settings import Settings
 
@@ -119,14 +119,23 @@ def generation_request(request: JobRequest, settings: Settings) -> GenerationReq
         frequency_penalty=request.frequency_penalty or 0.0,
         repetition_penalty=request.repetition_penalty or 1.0,
         logit_bias={int(token): bias for token, bias in (request.logit_bias or {}).items()},
-        **structured_output(request.response_format),
-        # Calls held to strict functions, where the answer is not JSON already (a forced call's).
-        structural_tag=None if json_answer(request.response_format) else strict_calls_grammar(request.tools),
+        **answer_grammar(request),
     )
 
 
-def json_answer(response_format: ResponseFormat | None) -> bool:
-    return response_format is not None and response_format.type != "text"
+def answer_grammar(request: JobRequest) -> dict[str, Any]:
+    """The job's grammar fields: a JSON answer (``response_format``, or the call that tool_choice
+    forces), tools beside a JSON answer (calls or the JSON: one structural tag), or calls held
+    to strict functions in a free answer (a structural tag where any function is strict)."""
+    response_format = request.response_format
+    json_answer = response_format is not None and response_format.type != "text"
+    if json_answer and request.tools and not request.forced_call:
+        assert response_format is not None
+        schema = response_format.json_schema.schema_ if response_format.json_schema else ANY_OBJECT
+        return {"structural_tag": calls_or_json_grammar(request.tools, schema)}
+    if json_answer:
+        return structured_output(response_format)
+    return {"structural_tag": strict_calls_grammar(request.tools)}
 
 
 def structured_output(response_format: ResponseFormat | None) -> dict[str, Any]:

@@ -297,7 +297,7 @@ class ResponsesRequest(BaseModel):
             choice = self.tool_choice
         tools = [tool.definition() for tool in self.tools or []]
         try:
-            return plan_tools(tools, choice, self.parallel_tool_calls, self.response_format())
+            return plan_tools(tools, choice, self.parallel_tool_calls)
         except ApiError as exc:
             raise named_as_sent(exc) from None
 
@@ -363,7 +363,7 @@ class ResponsesRequest(BaseModel):
             fields["response_format"] = response_format.model_dump(by_alias=True, exclude_none=True)
         fields |= plan.job_fields(None)
         try:
-            return JobRequest.model_validate(fields).carrying(history)
+            return JobRequest.model_validate(fields).carrying(history).forcing_a_call(plan.forces_call)
         except ValidationError as exc:
             where, message = first_error(exc)
             # A check of the whole request (the last turn's role) is about the conversation: the input.

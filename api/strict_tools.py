@@ -12,6 +12,9 @@ schema kept. Without a strict function nothing changes: calls are read as the mo
 
 A strict function's schema is checked as a forced call's is (``json_schema_check``): one the
 grammar would not hold an answer to is a 400 naming it.
+
+Tools beside a JSON ``response_format`` (``tool_choice`` auto) get one tag for both, as OpenAI
+serves them: the answer is one call or more, or the JSON answer (``calls_or_json_grammar``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from shared.schemas import ToolDefinition
 from shared.schemas.json_schema_check import Budget, schema_problem
 from shared.tool_call_format import CLOSE, OPEN
 
-ANY_ARGUMENTS: dict[str, Any] = {"type": "object"}
+ANY_OBJECT: dict[str, Any] = {"type": "object"}  # a call's arguments, or a json_object answer
 
 
 def strict_calls_grammar(tools: list[ToolDefinition] | None) -> dict[str, Any] | None:
@@ -33,12 +36,55 @@ def strict_calls_grammar(tools: list[ToolDefinition] | None) -> dict[str, Any] |
     naming the first strict function whose schema the grammar cannot hold a call to."""
     if not tools or not any(tool.function.strict for tool in tools):
         return None
+    return _structural_tag(
+        {
+            "type": "triggered_tags",
+            "triggers": [OPEN],
+            "tags": _call_tags(tools),
+            "at_least_one": False,
+            "stop_after_first": False,
+        }
+    )
+
+
+def calls_or_json_grammar(tools: list[ToolDefinition], answer: dict[str, Any]) -> dict[str, Any]:
+    """The structural tag for tools beside a JSON ``response_format`` (``answer``: its schema, or
+    any object for ``json_object``), as OpenAI serves the two together: the answer is either
+    JSON following ``answer`` (one blank at most between tokens, as in a call) or one call or more, one to a
+    line, each held as ``strict_calls_grammar`` holds it (a function that is not strict takes
+    any JSON object). The model chooses which with its first token; no text around either.
+    (``GenerationRequest.json_or_calls`` reads the JSON's schema back: the first element.)"""
+    return _structural_tag(
+        {
+            "type": "or",
+            "elements": [
+                {"type": "json_schema", "json_schema": answer, "max_whitespace_cnt": 1},
+                {
+                    "type": "tags_with_separator",
+                    "tags": _call_tags(tools),
+                    "separator": "\n",
+                    "at_least_one": True,
+                    "stop_after_first": False,
+                },
+            ],
+        }
+    )
+
+
+def _structural_tag(format_: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "structural_tag", "format": format_}
+
+
+def _call_tags(tools: list[ToolDefinition]) -> list[dict[str, Any]]:
+    """A tag per function: its call's opening with the function's name, then its arguments (held
+    to its schema where it is strict, else any JSON object); a 400 naming the first strict
+    function whose schema the grammar cannot hold a call to."""
     check_functions(tools)  # as the chat route's: two tags of one name would take either schema
     budget = Budget()
     tags = []
     for index, tool in enumerate(tools):
         function = tool.function
-        arguments = ANY_ARGUMENTS
+        arguments = ANY_OBJECT
         if function.strict:
             arguments = function.parameters or {"type": "object", "properties": {}}
             if (problem := schema_problem(arguments, budget)) is not None:
@@ -57,13 +103,4 @@ def strict_calls_grammar(tools: list[ToolDefinition] | None) -> dict[str, Any] |
                 "end": f"}}\n{CLOSE}",
             }
         )
-    return {
-        "type": "structural_tag",
-        "format": {
-            "type": "triggered_tags",
-            "triggers": [OPEN],
-            "tags": tags,
-            "at_least_one": False,
-            "stop_after_first": False,
-        },
-    }
+    return tags

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 
 from api.errors import ApiError
 from api.required_calls import Arguments, Call, Event, RequiredCalls
-from shared.schemas import ResponseFormat, ToolDefinition
+from shared.schemas import ToolDefinition
 from shared.schemas.json_schema_check import (
     ONE_SCHEMA,
     SCHEMA_LISTS,
@@ -114,9 +114,10 @@ def plan_tools(
     tools: list[ToolDefinition] | None,
     choice: ToolChoice | None,
     parallel: bool | None,
-    response_format: ResponseFormat | None,
 ) -> ToolPlan:
-    """The plan for these fields, or a 400 naming the one that cannot be served."""
+    """The plan for these fields, or a 400 naming the one that cannot be served. A JSON
+    ``response_format`` beside them is the answer's when the model answers instead of calling
+    (``api.request_limits.answer_grammar``); a forced call has no answer for it to hold."""
     check_functions(tools)
     if not tools:
         if choice not in (None, "none"):
@@ -124,12 +125,6 @@ def plan_tools(
         return ToolPlan()
     if choice == "none":
         return ToolPlan()
-    if response_format is not None and response_format.type != "text":
-        raise ApiError(  # the JSON grammar would rule out every call
-            400,
-            "a JSON 'response_format' rules out every tool call: give tool_choice 'none', or no tools",
-            param="response_format",
-        )
     if choice is None or choice == "auto":
         # One call at most: the answer stops at the end of the first (read as a call when the
         # JSON before it is whole).

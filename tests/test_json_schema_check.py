@@ -234,7 +234,7 @@ def test_the_forced_functions_of_one_request_share_one_limit() -> None:
         for i in range(3)
     ]
     with pytest.raises(ApiError) as refused:
-        plan_tools(tools, "required", None, None)
+        plan_tools(tools, "required", None)
     assert refused.value.param == "tools.2.function.parameters"
     assert "more than 5000 schemas in one request" in refused.value.message
 
@@ -257,7 +257,7 @@ def test_a_forced_call_finds_its_functions_nested_models(compiler: Any) -> None:
     tool = ToolDefinition.model_validate(
         {"type": "function", "function": {"name": "person", "parameters": person}}
     )
-    schema = plan_tools([tool], "required", None, None).json_schema
+    schema = plan_tools([tool], "required", None).json_schema
     assert schema is not None and schema_problem(schema) is None
     call = {"name": "person", "arguments": {"home": {"zip": 1}, "next": {"home": {"zip": 2}, "next": None}}}
     assert accepts(compiler, schema, [call])

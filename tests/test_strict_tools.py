@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from api.errors import ApiError
-from api.strict_tools import strict_calls_grammar
+from api.strict_tools import calls_or_json_grammar, strict_calls_grammar
 from api.tool_calls import plan_tools, read_whole
 from shared.schemas import ToolDefinition
 from tests.engine_outputs import ids_of
@@ -56,7 +56,7 @@ def test_a_call_begun_is_held_to_a_declared_function_and_its_strict_parameters(
         calling.resume_ids = began
         seen = drive(batched, [calling], {})
         text = tiny_backend.tokenizer.decode(began + ids_of(seen, calling), skip_special_tokens=True)
-        plan = plan_tools(given, "auto", None, None)
+        plan = plan_tools(given, "auto", None)
         _, calls = read_whole(plan, "job", text, cut=False)
         assert calls, repr(text)  # the call is whole: it names a declared function, its JSON parses
         for call in calls:
@@ -68,6 +68,53 @@ def test_a_call_begun_is_held_to_a_declared_function_and_its_strict_parameters(
                 jsonschema.validate(arguments, WEATHER)
             else:
                 assert isinstance(arguments, dict)
+
+
+ANSWER = {
+    "type": "object",
+    "properties": {"total": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["total"],
+    "additionalProperties": False,
+}
+
+
+def test_tools_beside_a_json_format_answer_the_json_or_calls(
+    tiny_backend: Any, batched: BatchedCausalLM
+) -> None:
+    """The tiny model's sampled answers under the calls-or-JSON tag: each is JSON following the
+    answer's schema, or calls (read back as the chat route reads them) to the declared function
+    with arguments following its schema; a job continued from a call it began stays a call."""
+    import jsonschema
+
+    given = tools()[:1]  # weather, strict: its calls are short (a city of 12 characters at most)
+    tag = calls_or_json_grammar(given, ANSWER)
+    plan = plan_tools(given, "auto", None)
+    answers = []
+    for seed in range(4):
+        answering = job(request("sum?", structural_tag=tag, temperature=1.0, seed=seed, max_tokens=200))
+        seen = drive(batched, [answering], {})
+        end = seen.end(answering)
+        assert end is not None and end.finish_reason in ("stop", "length") and not end.error_type, end
+        answers.append((seen.text(answering), end.finish_reason == "length"))
+    began = tiny_backend.tokenizer.encode('<tool_call>\n{"name": "we', add_special_tokens=False)
+    calling = job(request("sum?", structural_tag=tag, temperature=1.0, seed=9, max_tokens=200))
+    calling.resume_ids = began
+    seen = drive(batched, [calling], {})
+    end = seen.end(calling)
+    assert end is not None
+    text = tiny_backend.tokenizer.decode(began + ids_of(seen, calling), skip_special_tokens=True)
+    answers.append((text, end.finish_reason == "length"))
+    for text, cut in answers:
+        content, calls = read_whole(plan, "job", text, cut=cut)
+        if calls or text.startswith("<tool_call>"):
+            # Nothing but calls (cut short by max_tokens: the one it cut stays its text).
+            assert calls and (not content or (cut and content.startswith("<tool_call>"))), text
+            for call in calls:
+                assert call["function"]["name"] == "weather", text
+                jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER)
+        else:
+            jsonschema.validate(json.loads(text), ANSWER)
+    assert answers[-1][0].startswith('<tool_call>\n{"name": "weather"')
 
 
 def test_no_strict_function_no_grammar_and_a_strict_schema_it_cannot_hold_is_a_400() -> None:
@@ -108,7 +155,7 @@ def test_a_schema_with_no_way_on_fails_the_job_naming_tools(
 def test_a_raw_tab_in_a_strict_calls_string_is_still_a_call() -> None:
     """xgrammar's rule for a string with a length limit lets a raw tab in: the call is read, its
     arguments written out again with the tab escaped."""
-    plan = plan_tools(tools(), "auto", None, None)
+    plan = plan_tools(tools(), "auto", None)
     _, calls = read_whole(
         plan,
         "job",

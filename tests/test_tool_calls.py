@@ -11,7 +11,7 @@ import pytest
 
 from api.errors import ApiError
 from api.tool_calls import NamedToolChoice, ToolCallReader, ToolPlan, plan_tools, read_whole
-from shared.schemas import ResponseFormat, ToolDefinition
+from shared.schemas import ToolDefinition
 
 WEATHER = ToolDefinition.model_validate(
     {
@@ -106,7 +106,6 @@ def test_forced_calls_read_the_guided_json() -> None:
         [WEATHER],
         NamedToolChoice.model_validate({"type": "function", "function": {"name": "get_weather"}}),
         None,
-        None,
     )
     assert named.json_schema == WEATHER.function.parameters
     deltas = streamed(named, '{"city": "Lima"}', 1)
@@ -114,7 +113,7 @@ def test_forced_calls_read_the_guided_json() -> None:
     assert "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas) == '{"city": "Lima"}'
     assert read_whole(named, "j", '{"city": "Lima"}')[1][0]["function"]["arguments"] == '{"city": "Lima"}'
 
-    required = plan_tools([WEATHER], "required", False, None)
+    required = plan_tools([WEATHER], "required", False)
     assert required.json_schema is not None and required.json_schema["maxItems"] == 1
     calls = read_whole(required, "j", '[{"name": "get_weather", "arguments": {"city": "Rome"}}]')[1]
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Rome"}
@@ -140,21 +139,19 @@ def test_forced_calls_read_the_guided_json() -> None:
 
 
 @pytest.mark.parametrize(
-    ("tools", "choice", "response_format", "param"),
+    ("tools", "choice", "param"),
     [
-        (None, "required", None, "tool_choice"),
-        ([WEATHER], {"type": "function", "function": {"name": "nope"}}, None, "tool_choice"),
-        ([WEATHER], "required", {"type": "json_object"}, "response_format"),
+        (None, "required", "tool_choice"),
+        ([WEATHER], {"type": "function", "function": {"name": "nope"}}, "tool_choice"),
     ],
 )
 def test_tool_choices_that_cannot_be_served_name_their_field(
-    tools: list[ToolDefinition] | None, choice: Any, response_format: Any, param: str
+    tools: list[ToolDefinition] | None, choice: Any, param: str
 ) -> None:
     if isinstance(choice, dict):
         choice = NamedToolChoice.model_validate(choice)
-    fmt = ResponseFormat.model_validate(response_format) if response_format else None
     with pytest.raises(ApiError) as refused:
-        plan_tools(tools, choice, None, fmt)
+        plan_tools(tools, choice, None)
     assert refused.value.status == 400 and refused.value.param == param
 
 
@@ -173,35 +170,32 @@ def test_only_a_forced_calls_schema_is_checked_for_what_the_grammar_cannot_hold(
             },
         }
     )
-    assert plan_tools([WEATHER, sets], "auto", None, None).mode == "auto"
+    assert plan_tools([WEATHER, sets], "auto", None).mode == "auto"
     named = NamedToolChoice.model_validate({"type": "function", "function": {"name": "tag"}})
     for choice in ("required", named):
         with pytest.raises(ApiError) as refused:
-            plan_tools([WEATHER, sets], choice, None, None)
+            plan_tools([WEATHER, sets], choice, None)
         assert refused.value.param == "tools.1.function.parameters"
         assert "'uniqueItems' is not enforced" in refused.value.message
 
 
 def test_tool_choice_none_gives_the_job_no_tools() -> None:
-    assert plan_tools([WEATHER], "none", None, None) == ToolPlan()
-    assert plan_tools([WEATHER], None, None, None).mode == "auto"
+    assert plan_tools([WEATHER], "none", None) == ToolPlan()
+    assert plan_tools([WEATHER], None, None).mode == "auto"
 
 
 def test_one_call_at_most_in_auto_mode_ends_the_answer_after_the_first() -> None:
-    plan = plan_tools([WEATHER], "auto", False, None)
+    plan = plan_tools([WEATHER], "auto", False)
     assert plan.job_fields("\n\n")["stop"] == ["\n\n", "</tool_call>"]
     # The answer as the stop sequence leaves it: the first call, unclosed.
     content, calls = read_whole(
         plan, "j", 'Ok.<tool_call>\n{"name": "get_weather", "arguments": {"city": "A"}}\n'
     )
     assert content == "Ok." and len(calls) == 1
-    with pytest.raises(ApiError) as refused:  # a JSON grammar would rule out every call
-        plan_tools([WEATHER], "auto", None, ResponseFormat(type="json_object"))
-    assert refused.value.param == "response_format"
 
 
 def test_a_required_answer_that_is_not_a_list_of_calls_stays_text() -> None:
-    required = plan_tools([WEATHER], "required", None, None)
+    required = plan_tools([WEATHER], "required", None)
     assert read_whole(required, "j", "[1, 2]") == ("[1, 2]", [])
     assert read_whole(required, "j", '[{"nom": "x"}]') == ('[{"nom": "x"}]', [])
     # A call, then an item that is none: the call came out as it streamed and stands; what
@@ -221,7 +215,6 @@ def test_required_calls_stream_as_they_are_written() -> None:
             WEATHER.model_copy(update={"function": WEATHER.function.model_copy(update={"name": "get_time"})}),
         ],
         "required",
-        None,
         None,
     )
     text = (

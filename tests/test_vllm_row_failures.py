@@ -84,3 +84,24 @@ def test_the_strict_calls_grammar_is_taken_as_a_structural_tag(vllm_model: Any) 
     end = seen.end(ran)
     assert end is not None and end.finish_reason in ("stop", "length") and not end.error_type, end
     assert ran.completion_tokens > 0 and not vllm_model._held
+
+
+def test_tools_beside_a_json_format_are_one_structural_tag(vllm_model: Any) -> None:
+    """vLLM's engine takes the calls-or-JSON tag; a greedy answer is the JSON or calls."""
+    from api.strict_tools import calls_or_json_grammar
+    from api.tool_calls import plan_tools, read_whole
+    from shared.schemas import ToolDefinition
+
+    given = [
+        ToolDefinition.model_validate(
+            {"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}}
+        )
+    ]
+    answer = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    asked = request("sum?", structural_tag=calls_or_json_grammar(given, answer), max_tokens=40)
+    seen = drive(vllm_model, [ran := job(asked)], {})
+    end = seen.end(ran)
+    assert end is not None and end.finish_reason == "stop" and not end.error_type, (end, seen.text(ran))
+    text = seen.text(ran)
+    _, calls = read_whole(plan_tools(given, "auto", None), "j", text, cut=False)
+    assert calls or isinstance(json.loads(text)["n"], int), text

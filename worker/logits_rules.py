@@ -136,6 +136,13 @@ class Grammars:
             )
         return self._compiler
 
+    def _compiles(self, schema: dict[str, Any]) -> bool:
+        try:
+            self._grammar_compiler().compile_json_schema(json.dumps(schema), any_whitespace=False)
+        except (RuntimeError, ValueError, TypeError):
+            return False
+        return True
+
     def compiled(self, request: GenerationRequest) -> Any | None:
         """The request's compiled grammar (None: it asks for no JSON); InvalidJobRequest naming
         ``response_format`` when xgrammar cannot compile its schema."""
@@ -165,6 +172,8 @@ class Grammars:
                     )
             except (RuntimeError, ValueError, TypeError) as exc:
                 field = "tools" if key.startswith(TAG) else "response_format"
+                if (answer := request.json_or_calls()) is not None and not self._compiles(answer):
+                    field = "response_format"  # the JSON answer's schema beside the tools
                 raise InvalidJobRequest(
                     f"{field}: this JSON schema cannot be used for constrained decoding ({_first_line(exc)})",
                     param=field,

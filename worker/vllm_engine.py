@@ -240,11 +240,17 @@ class VLLMModel:
 
 def check_continuable(request: GenerationRequest, answered: str) -> None:
     """CannotContinue for a job this engine cannot continue from its earlier run's tokens: a JSON
-    answer (``response_format``, or a call that ``tool_choice`` forces). vLLM hands those tokens
-    to the model as prompt, and its grammar starts from the beginning of the answer, so the
-    continuation would begin a second JSON value mid-answer. (The transformers engine replays
-    them through the grammar.)"""
-    if request.json_schema is not None or request.json_object or _inside_a_call(request, answered):
+    answer (``response_format``, a call that ``tool_choice`` forces, or calls or JSON where tools
+    go beside it), or one stopped inside a strict call. vLLM hands those tokens to the model as
+    prompt, and its grammar starts from the beginning of the answer, so the continuation would
+    begin a second JSON value mid-answer. (The transformers engine replays them through the
+    grammar.)"""
+    if (
+        request.json_schema is not None
+        or request.json_object
+        or (request.json_or_calls() is not None and answered != "")
+        or _inside_a_call(request, answered)
+    ):
         raise CannotContinue(
             "its worker stopped mid-answer, and the vLLM engine cannot continue a JSON answer or a "
             "strict call (its grammar would start again mid-answer): send the request again"

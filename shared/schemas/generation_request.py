@@ -75,10 +75,19 @@ class GenerationRequest(PromptInput):
 
     def grammar_field(self) -> str | None:
         """The request field its grammar comes from, if it has one: a JSON answer's
-        ``response_format``, or the ``tools`` whose strict calls it holds."""
+        ``response_format``, or the ``tools`` whose calls it holds (beside a JSON answer too)."""
         if self.json_schema is not None or self.json_object:
             return "response_format"
         return "tools" if self.structural_tag is not None else None
+
+    def json_or_calls(self) -> dict[str, Any] | None:
+        """Where tools go beside a JSON ``response_format`` (api.strict_tools's
+        ``calls_or_json_grammar``: the answer is calls, or that JSON), the JSON's schema."""
+        tag_format = (self.structural_tag or {}).get("format", {})
+        if tag_format.get("type") != "or":
+            return None
+        schema: dict[str, Any] = tag_format["elements"][0]["json_schema"]
+        return schema
 
     def prompt_input(self) -> PromptInput:
         return PromptInput(messages=self.messages, tools=self.tools, text=self.text, token_ids=self.token_ids)

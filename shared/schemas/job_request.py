@@ -154,6 +154,19 @@ class JobRequest(SamplingFields):
     def carried(self) -> tuple[int, int]:
         return self._carried
 
+    # Not a field: its response_format is the schema of a call that tool_choice forces (the
+    # OpenAI routes' required or named), so the answer is that JSON alone. Otherwise tools beside
+    # a JSON response_format are served as OpenAI serves them: the answer is calls, or the JSON.
+    _forced_call: bool = PrivateAttr(False)
+
+    def forcing_a_call(self, forced: bool) -> JobRequest:
+        self._forced_call = forced
+        return self
+
+    @property
+    def forced_call(self) -> bool:
+        return self._forced_call
+
     logprobs: LogprobCount = Field(
         None, description="give each answer token's log probability and this many most likely tokens"
     )

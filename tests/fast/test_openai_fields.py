@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from openai import AsyncOpenAI, BadRequestError
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
+from pydantic import BaseModel
 
 from tests.fast.conftest import Front
 from tests.fast.test_front_formats import _openai
@@ -96,6 +97,71 @@ async def test_strict_functions_with_auto_give_the_job_the_calls_grammar(front: 
     with pytest.raises(BadRequestError) as refused:
         await client.chat.completions.create(model="fake-model", messages=ask, tools=unholdable)
     assert refused.value.body["param"] == "tools.0.function.parameters"  # type: ignore[index]
+
+
+async def test_tools_beside_a_json_format_give_the_job_calls_or_the_json(front: Front) -> None:
+    """Tools with a JSON ``response_format`` (LangChain's agent with a provider-side structured
+    response sends both): the job's grammar is calls or that JSON, and the answer is read as
+    either; a forced call is the call's JSON alone, and the job API takes the pair the same way."""
+    client = _openai(front)
+
+    class Sum(BaseModel):
+        total: int
+
+    ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": '{"total": 3}'}]
+    strict: Any = [{**TOOLS[0], "function": {**TOOLS[0]["function"], "strict": True}}]
+    parsed = await client.chat.completions.parse(
+        model="fake-model", messages=ask, tools=strict, response_format=Sum
+    )
+    assert parsed.choices[0].message.parsed == Sum(total=3)
+    asked = [job.request for job in front.jobs.jobs.values()][-1]
+    assert asked.json_schema is None and asked.structural_tag is not None
+    answer_schema = asked.json_or_calls()
+    assert answer_schema is not None and answer_schema["properties"] == {
+        "total": {"title": "Total", "type": "integer"}
+    }
+    assert [t["begin"] for t in asked.structural_tag["format"]["elements"][1]["tags"]] == [
+        '<tool_call>\n{"name": "add", "arguments": '
+    ]
+    calling: list[ChatCompletionMessageParam] = [{"role": "user", "content": CALLING}]
+    called = await client.chat.completions.create(
+        model="fake-model", messages=calling, tools=TOOLS, response_format={"type": "json_object"}
+    )
+    assert called.choices[0].finish_reason == "tool_calls"
+    assert [c.function.name for c in called.choices[0].message.tool_calls or []] == ["add"]  # type: ignore[union-attr]
+    assert [job.request for job in front.jobs.jobs.values()][-1].json_or_calls() == {"type": "object"}
+
+    forced = await client.chat.completions.create(
+        model="fake-model",
+        messages=[{"role": "user", "content": '{"a": 2}'}],
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "add"}},
+        response_format={"type": "json_object"},
+    )
+    assert [c.function.name for c in forced.choices[0].message.tool_calls or []] == ["add"]  # type: ignore[union-attr]
+    asked = [job.request for job in front.jobs.jobs.values()][-1]
+    assert asked.structural_tag is None and asked.json_schema == TOOLS[0]["function"]["parameters"]
+
+    answered = await client.responses.create(
+        model="fake-model",
+        input='{"total": 3}',
+        tools=[{"type": "function", "name": "add", "parameters": TOOLS[0]["function"]["parameters"]}],  # type: ignore[typeddict-item]
+        text={"format": {"type": "json_schema", "name": "sum", "schema": Sum.model_json_schema()}},
+    )
+    assert json.loads(answered.output_text) == {"total": 3}
+    assert [job.request for job in front.jobs.jobs.values()][-1].json_or_calls() is not None
+
+    job = await front.http.post(
+        "/v1/jobs",
+        json={
+            "messages": ask,
+            "tools": TOOLS,
+            "response_format": {"type": "json_object"},
+            "model": "fake-model",
+        },
+    )
+    assert job.status_code == 202, job.text
+    assert front.jobs.jobs[job.json()["id"]].request.json_or_calls() == {"type": "object"}
 
 
 async def test_chat_logprobs_match_the_answer_streamed_and_not(front: Front) -> None:
