@@ -142,8 +142,18 @@ class ClientJob:
         front could not follow to its end also cancels the job (``interrupted_wait``)."""
         error = job_failure_error(event.event, event.data)
         if error.type == "stream_interrupted":
-            error.message = self.interrupted_wait(error.message)
+            return self.interrupted_error(error.message)
         return error
+
+    def interrupted_error(
+        self, reason: str, resource: str = "", headers: dict[str, str] | None = None
+    ) -> ApiError:
+        """The 503 of a wait the front could not follow to its end (``interrupted_wait``), with
+        a code saying why (``front_stopping``: send it to another front) and a Retry-After."""
+        code = "front_stopping" if reason.startswith(STOPPING_FRONT) else "stream_interrupted"
+        message = self.interrupted_wait(reason, resource)
+        headers = {**(headers or {}), "Retry-After": "1"}
+        return ApiError(503, message, type="stream_interrupted", code=code, headers=headers)
 
     def interrupted_wait(self, reason: str, resource: str = "") -> str:
         """A request waiting for the whole answer could not follow its job to the end (the front

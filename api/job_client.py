@@ -100,8 +100,9 @@ class JobClient(Protocol):
         the front is stopping. Jobs run on; their clients resume or retry on another front."""
         ...
 
-    async def last_event_id(self, job_id: str) -> str | None:
-        """The id of the job's newest event."""
+    async def resume_point(self, job_id: str, event_id: tuple[int, int]) -> tuple[str | None, bool]:
+        """The id of the job's newest event (None: it has none), and whether ``event_id`` (a
+        resuming client's Last-Event-ID) is one of its events."""
         ...
 
     async def save_response(self, job_id: str, owner: str, record: str) -> None:

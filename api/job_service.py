@@ -238,12 +238,13 @@ class JobService:
             view = await self.get(job_id, owner)
         return view
 
-    @staticmethod
-    def _unreplicated() -> ApiError:
+    def _unreplicated(self) -> ApiError:
+        self.metrics.jobs_unreplicated.inc()
         return ApiError(
             503,
             "the job store (Redis) could not copy the job to a replica in time, so it was not "
             "accepted; try again shortly",
+            code="replica_unavailable",
             headers={"Retry-After": "1"},
         )
 
@@ -310,9 +311,14 @@ class JobService:
         """The job's record is in Redis (it expires with its result, or vanishes with Redis's data)."""
         return bool(await self._redis.exists(keys.job(job_id)))
 
-    async def last_event_id(self, job_id: str) -> str | None:
-        newest = await self._redis.xrevrange(keys.events(job_id), count=1)
-        return str(newest[0][0]) if newest else None
+    async def resume_point(self, job_id: str, event_id: tuple[int, int]) -> tuple[str | None, bool]:
+        """The job's newest event id, and whether ``event_id`` is one of its events (one round trip)."""
+        exact = "-".join(map(str, event_id))
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xrevrange(keys.events(job_id), count=1)
+        pipe.xrange(keys.events(job_id), min=exact, max=exact, count=1)
+        newest, found = await pipe.execute()
+        return (str(newest[0][0]) if newest else None), bool(found)
 
     async def get(self, job_id: str, owner: str, brief: bool = False) -> JobView:
         view = await self.find(job_id, owner, brief)

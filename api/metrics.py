@@ -95,6 +95,11 @@ class FrontMetrics:
         self.jobs_submitted = Counter(
             "streamq_jobs_submitted", "Jobs this front queued", ["model"], registry=self.registry
         )
+        self.jobs_unreplicated = Counter(
+            "streamq_jobs_unreplicated",
+            "Jobs this front refused (503 replica_unavailable): no replica held them in time",
+            registry=self.registry,
+        )
         self.cancel_latency = Histogram(
             "streamq_cancel_latency_seconds",
             "Cancel call to the job's canceled state (state: where the job was when asked)",

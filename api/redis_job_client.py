@@ -190,8 +190,8 @@ class RedisJobClient:
         follower = JobFollower(self.jobs, self.hub, job, request, s.ping_interval, s.position_poll_interval)
         return follower.events(after)
 
-    async def last_event_id(self, job_id: str) -> str | None:
-        return await self.jobs.last_event_id(job_id)
+    async def resume_point(self, job_id: str, event_id: tuple[int, int]) -> tuple[str | None, bool]:
+        return await self.jobs.resume_point(job_id, event_id)
 
     async def save_response(self, job_id: str, owner: str, record: str) -> None:
         s = self.settings

@@ -25,9 +25,13 @@ def parse_sentinels(value: str) -> list[tuple[str, int]]:
         host, sep, port = item.rpartition(":")
         if not sep:
             host, port = item, "26379"
-        if not host or not ascii_digits(port) or not 0 < int(port) < 65536:
+        bracketed = host.startswith("[") and host.endswith("]")  # an IPv6 address, [::1]:26379
+        bare = host.strip("[]") if bracketed else host
+        # A URL (redis://…), another separator (a;b) or an unbracketed IPv6 address is no host.
+        odd = any(c in bare for c in "/;@ \t") or (":" in bare and not bracketed)
+        if not bare or odd or not ascii_digits(port) or not 0 < int(port) < 65536:
             raise ValueError(f"a sentinel address is host:port, not {item!r}")
-        addresses.append((host.strip("[]"), int(port)))
+        addresses.append((bare, int(port)))
     return addresses
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
+import os
 import sys
+from collections.abc import Mapping
 
 from pydantic import ValidationError
 
@@ -20,6 +23,36 @@ OPTIONS = {
     "dtype": "--dtype",
     "backend": "--backend",
 }
+
+
+# STREAMQ_* variables that are not settings: the client's (streamq.protocol), the compose files'
+# and the test suite's.
+NOT_SETTINGS = frozenset(
+    {
+        "STREAMQ_URL",
+        "STREAMQ_API_KEY",
+        "STREAMQ_API_PORTS",
+        "STREAMQ_REDIS_MAXMEMORY",
+        "STREAMQ_REQUIRE_VLLM",
+        "STREAMQ_WEB_SCREENSHOT",
+    }
+)
+
+
+def unknown_settings(environ: Mapping[str, str]) -> list[str]:
+    """One line for each STREAMQ_* variable that names no setting (a misspelt one is otherwise
+    ignored: STREAMQ_REDIS_SENTINAL would leave the process on the default Redis), with the
+    setting it most likely meant."""
+    names = sorted(f"STREAMQ_{field.upper()}" for field in Settings.model_fields)
+    lines = []
+    for variable in sorted(environ):
+        upper = variable.upper()
+        if not upper.startswith("STREAMQ_") or upper in NOT_SETTINGS or upper in names:
+            continue
+        close = difflib.get_close_matches(upper, names, n=1)
+        meant = f" (did you mean {close[0]}?)" if close else ""
+        lines.append(f"{variable} is not a setting: it is ignored{meant}")
+    return lines
 
 
 def _may_hold_a_secret(field: str) -> bool:
@@ -57,6 +90,9 @@ def load_settings() -> Settings:
     Settings that are not valid stop the process (exit code 2) with one line that says why, not
     a traceback: whichever command or server reads them."""
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as exc:
         raise SystemExit(refuse_to_start(exc)) from None
+    for line in unknown_settings(os.environ):
+        print(f"streamq: warning: {line}", file=sys.stderr)
+    return settings

@@ -294,6 +294,15 @@ def test_resuming_after_the_final_event_ends_at_once(stack: Stack, long_prompts:
             f"{stack.url}/v1/jobs/{running['id']}/events", headers={"Last-Event-ID": "99999999999999-0"}
         )
         assert future.status_code == 400 and "not an event of this job" in future.json()["error"]["message"]
+        # An id between two of the job's events (one a crashed Redis lost, another job's) is none
+        # of its events either; 0-0 is the stream's start.
+        assert events[1].id is not None
+        ms, seq = events[1].id.split("-")
+        between = f"{ms}-{int(seq) + 1000}"
+        lost = client.get(f"{stack.url}/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": between})
+        assert lost.status_code == 400 and "not an event" in lost.json()["error"]["message"], between
+        whole = client.get(f"{stack.url}/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "0-0"})
+        assert whole.status_code == 200 and whole.text.count("event: delta") > 0
         cancel_all(client, stack.url, [running])
 
 

@@ -68,6 +68,7 @@ def test_a_stopping_front_ends_its_requests_cleanly_and_its_jobs_run_on(slow_sta
     error = whole_answer.json()["error"]
     assert error["type"] == "stream_interrupted" and "this front is stopping" in error["message"], error
     assert "its job is being canceled: send the request again" in error["message"]
+    assert error["code"] == "front_stopping" and whole_answer.headers["Retry-After"] == "1", error
     datas = [line[6:] for line in results["stream"] if line.startswith("data: ")]
     assert datas and "error" in json.loads(datas[-1]), results["stream"]  # an error event ends it
     assert "this front is stopping" in json.loads(datas[-1])["error"]["message"]

@@ -11,6 +11,7 @@ repeat; a job no replica got is refused, not promised; new jobs work, with no re
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -165,6 +166,15 @@ def test_a_job_no_replica_got_is_refused_not_promised(ha_stack: HaStack, slots_f
             return {k for k in primary.scan_iter(keys.job("*")) if primary.hget(k, "status") in statuses}
 
         canceled_before = with_status("canceled")
+
+        def unreplicated() -> float:
+            found = re.search(
+                r"^streamq_jobs_unreplicated_total (\S+)$", client.get(f"{url}/metrics").text, re.M
+            )
+            assert found is not None
+            return float(found[1])
+
+        refused_before = unreplicated()
         replica = ha.replica_port()
         ha.kill(replica)
         try:
@@ -173,8 +183,10 @@ def test_a_job_no_replica_got_is_refused_not_promised(ha_stack: HaStack, slots_f
             refused = client.post(f"{url}/v1/jobs", json=body)
             assert refused.status_code == 503, refused.text
             assert refused.headers["Retry-After"].isdigit()
-            assert "replica" in refused.json()["error"]["message"]
+            error = refused.json()["error"]
+            assert "replica" in error["message"] and error["code"] == "replica_unavailable", error
             assert time.monotonic() - began < 5
+            assert unreplicated() == refused_before + 1
             # What it wrote is canceled (stopped, if a worker took it): nothing is left to run, or
             # to count against the key.
             wait_for(lambda: not with_status("queued", "running") - set(map(keys.job, busy)), 10, "a stop")

@@ -67,6 +67,9 @@ def test_a_setting_that_is_not_valid_stops_a_process_with_what_is_wrong_not_a_tr
         ),
         ("STREAMQ_REDIS_URL", "redis://:s3cret@db:6379/0?max_connections=5", "STREAMQ_REDIS_MAX_CONNECTIONS"),
         ("STREAMQ_REDIS_URL", "redis://:s3cret@db:6379/0?timeout=1", "STREAMQ_REDIS_POOL_TIMEOUT"),
+        # Taken for a host named "redis://127.0.0.1": the process logged "No master found" each second.
+        ("STREAMQ_REDIS_SENTINELS", "redis://127.0.0.1:26379", "a sentinel address is host:port"),
+        ("STREAMQ_REDIS_SENTINELS", "a:1;b:2", "a sentinel address is host:port"),
     ],
 )
 def test_the_front_refuses_a_bad_redis_url_or_lease_renewal_in_one_line(
@@ -183,3 +186,17 @@ def test_the_log_level_is_a_setting_of_every_process(monkeypatch: pytest.MonkeyP
         rq_logger.level, rq_logger.handlers[:], rq_logger.propagate = rq_before
     line = _refused(["worker", "--backend", "synthetic"], {"STREAMQ_LOG_LEVEL": "loud"})
     assert "STREAMQ_LOG_LEVEL: input should be 'critical', 'error', 'warning', 'info' or 'debug'" in line
+
+
+def test_a_streamq_variable_that_names_no_setting_is_warned_of_with_the_one_it_likely_meant() -> None:
+    """A misspelt setting was ignored in silence: STREAMQ_REDIS_SENTINAL left a process on the
+    default Redis, not the sentinels. The client's own variables are not warned of."""
+    env = {**os.environ, "STREAMQ_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    env |= {"STREAMQ_REDIS_SENTINAL": "10.0.0.1:26379", "STREAMQ_SLOT": "4", "STREAMQ_URL": "http://x"}
+    done = _streamq(["status"], env)
+    warned = [line for line in done.stderr.splitlines() if line.startswith("streamq: warning: ")]
+    assert warned == [
+        "streamq: warning: STREAMQ_REDIS_SENTINAL is not a setting: it is ignored "
+        "(did you mean STREAMQ_REDIS_SENTINELS?)",
+        "streamq: warning: STREAMQ_SLOT is not a setting: it is ignored (did you mean STREAMQ_SLOTS?)",
+    ], done.stderr

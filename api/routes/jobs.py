@@ -101,12 +101,12 @@ async def job_events(
             raise ApiError(
                 400, "Last-Event-ID must be an event id such as 1700000000000-0", param="Last-Event-ID"
             ) from None
-        newest = await jobs.last_event_id(job_id)
-        if newest is not None and after >= parse_entry_id(newest):
-            if view.status in FINAL_STATUSES:
-                return Response(status_code=204)  # it has every event; EventSource stops here
-            if after > parse_entry_id(newest):
-                raise ApiError(400, "Last-Event-ID is not an event of this job", param="Last-Event-ID")
+        newest, known = await jobs.resume_point(job_id, after)
+        if newest is not None and after == parse_entry_id(newest) and view.status in FINAL_STATUSES:
+            return Response(status_code=204)  # it has every event; EventSource stops here
+        if not known and after != (0, 0):  # 0-0: from the start. Else another job's, made up, or
+            # one Redis lost (a crash of its machine: the job goes on from what it kept)
+            raise ApiError(400, "Last-Event-ID is not an event of this job", param="Last-Event-ID")
     events = jobs.follow(view, last_event_id or "0-0", request)
 
     async def body() -> AsyncIterator[bytes]:

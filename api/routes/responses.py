@@ -41,6 +41,7 @@ from api.responses_store import (
     save_record,
 )
 from api.routes.openai_api import SSE_HEADERS, DetachHeader, JobsDep
+from api.shutdown import STOPPING_FRONT
 from api.unicode_bodies import UnicodeCheckedRoute
 from shared.job_store.vocabulary import FINAL_STATUSES, JobStatus
 from shared.schemas import ChatMessage
@@ -139,8 +140,8 @@ async def _wait(job: ClientJob, events: Events, record: ResponseRecord, headers:
                         raise mapped.failure
                     return JSONResponse(mapped.response(), headers=headers)
     except StreamInterrupted as exc:
-        message = job.interrupted_wait(str(exc), f"/v1/responses/{record.response_id}")
-        raise ApiError(503, message, type="stream_interrupted", headers=headers) from None
+        resource = f"/v1/responses/{record.response_id}"
+        raise job.interrupted_error(str(exc), resource, headers) from None
     return Response(status_code=499)
 
 
@@ -165,9 +166,9 @@ async def _events(record: ResponseRecord, events: Events, after: int | None) -> 
         resume = f"GET /v1/responses/{record.response_id}?stream=true"
         if sent >= 0:
             resume += f"&starting_after={sent}"
-        error = ApiError(
-            503, f"{exc}; the response may still run: resume with {resume}", type="stream_interrupted"
-        )
+        code = "front_stopping" if str(exc).startswith(STOPPING_FRONT) else "stream_interrupted"
+        message = f"{exc}; the response may still run: resume with {resume}"
+        error = ApiError(503, message, type="stream_interrupted", code=code)
         yield sse_event(error.envelope(), "error")
 
 

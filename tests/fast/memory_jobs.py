@@ -217,9 +217,11 @@ class MemoryJobClient:
             record.changed.set()
             record.changed = asyncio.Event()
 
-    async def last_event_id(self, job_id: str) -> str | None:
+    async def resume_point(self, job_id: str, event_id: tuple[int, int]) -> tuple[str | None, bool]:
         job = self.jobs.get(job_id)
-        return job.events[-1].id if job and job.events else None
+        events = job.events if job else []
+        exact = "-".join(map(str, event_id))
+        return (events[-1].id if events else None), any(e.id == exact for e in events)
 
     async def save_response(self, job_id: str, owner: str, record: str) -> None:
         self.responses[job_id] = (owner, record)

@@ -257,6 +257,10 @@ async def test_events_resume_after_last_event_id(front: Front) -> None:
 
     final = await front.http.get(url, headers={"Last-Event-ID": str(events[-1][0])})
     assert final.status_code == 204  # it has every event: EventSource stops
+    ms, seq = str(second_delta).split("-")  # an id between its events (one a crashed Redis lost)
+    for lost in (f"{ms}-{int(seq) + 1}", "9999999999999-0"):
+        refused = await front.http.get(url, headers={"Last-Event-ID": lost})
+        assert (refused.status_code, _error(refused)["param"]) == (400, "Last-Event-ID"), lost
     garbage = await front.http.get(url, headers={"Last-Event-ID": "yesterday"})
     assert (garbage.status_code, _error(garbage)["param"]) == (400, "Last-Event-ID")
     empty = await front.http.get(url, headers={"Last-Event-ID": " "})  # none yet (EventSource's empty)
