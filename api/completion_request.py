@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ModelWrapValidatorHandler, PrivateAttr, field_validator, model_validator
 
 from api.errors import ApiError
 from api.openai_schemas import OpenAIFields, refuse_unless
@@ -33,6 +33,21 @@ class CompletionRequest(OpenAIFields):
     )
     best_of: int | None = Field(None, strict=True, description="only 1 (one choice per request)")
     suffix: str | None = Field(None, description="text after the insertion: not supported")
+    _prompt_only: bool = PrivateAttr(False)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _scoring(cls, data: Any, handler: ModelWrapValidatorHandler[CompletionRequest]) -> CompletionRequest:
+        """``max_tokens: 0`` with ``echo``: the prompt alone comes back, with its logprobs (legacy
+        OpenAI's way to score a prompt, and vLLM's). Its job answers one token, left out."""
+        scoring = isinstance(data, dict) and data.get("echo") is True and _zero(data.get("max_tokens"))
+        request = handler({**data, "max_tokens": 1} if scoring else data)
+        request._prompt_only = scoring
+        return request
+
+    @property
+    def prompt_only(self) -> bool:
+        return self._prompt_only
 
     @field_validator("prompt")
     @classmethod
@@ -47,11 +62,9 @@ class CompletionRequest(OpenAIFields):
     @field_validator("max_tokens", mode="before")
     @classmethod
     def _no_empty_answer(cls, value: Any) -> Any:
-        """Legacy OpenAI scored a prompt with ``max_tokens: 0``; here an answer has a token."""
-        if value == 0 and not isinstance(value, bool):
-            raise ValueError(
-                "must be at least 1: to score a prompt, send echo and logprobs with max_tokens 1"
-            )
+        """``max_tokens: 0`` goes with ``echo`` only (``_scoring``): an answer of nothing else."""
+        if _zero(value):
+            raise ValueError("must be at least 1, or 0 with echo (the prompt alone, to score it)")
         return value
 
     @field_validator("best_of")
@@ -82,6 +95,10 @@ class CompletionRequest(OpenAIFields):
             # The prompt's tokens (and their logprobs) come from the worker's tokenizer.
             fields["prompt_logprobs"] = self.logprobs or 0
         return self._job_request(**fields)
+
+
+def _zero(value: Any) -> bool:
+    return value == 0 and not isinstance(value, bool)
 
 
 def _prompt_list(value: Any) -> list[Any]:

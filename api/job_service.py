@@ -338,13 +338,7 @@ class JobService:
         if answer == Answer.MISSING:
             raise ApiError(404, f"no job with id '{job_id}'", param="id", code="job_not_found")
         if answer in FINAL_STATUSES:
-            ended = await self.get(job_id, owner)
-            raise ApiError(
-                409,
-                f"job '{job_id}' has already ended ({ended.status})",
-                code="job_already_ended",
-                body={"job": ended.model_dump(mode="json")},
-            )
+            raise self._already_ended(await self.get(job_id, owner))
         if answer == Answer.OK:  # no run held it (still queued, or taken by a worker that never started it)
             log.info(
                 "job %s: canceled while queued", job_id, extra=job_fields("canceled", job_id, view.model)
@@ -358,8 +352,19 @@ class JobService:
             canceled = await self.get(job_id, owner)
             if canceled.status == JobStatus.CANCELED:
                 self.metrics.cancel_latency.labels("running").observe(time.monotonic() - asked)
+            elif canceled.status in FINAL_STATUSES:  # it ended before its worker saw the cancel
+                raise self._already_ended(canceled)
             return canceled
         return await self.get(job_id, owner)
+
+    @staticmethod
+    def _already_ended(ended: JobView) -> ApiError:
+        return ApiError(
+            409,
+            f"job '{ended.id}' has already ended ({ended.status})",
+            code="job_already_ended",
+            body={"job": ended.model_dump(mode="json")},
+        )
 
     def _file_rq_cancel(self, job_id: str) -> None:
         """Keep RQ's registries true: the RQ job is canceled too (it never ran)."""

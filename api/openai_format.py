@@ -156,6 +156,7 @@ class CompletionFormat:
     logprobs: bool = False  # the request asked for logprobs
     tools: ToolPlan = field(default_factory=ToolPlan)  # chat: how its text is read back
     echo: str | None = None  # text: the answer begins with this prompt text ("" : from its tokens)
+    prompt_only: bool = False  # text: max_tokens 0 with echo, the prompt alone (the answer is left out)
     max_tokens_param: str = "max_tokens"  # the name the client gave the answer's length (errors)
 
     @property
@@ -192,13 +193,21 @@ class CompletionFormat:
             choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": reason}
             obj = "chat.completion"
         else:
+            if self.prompt_only:
+                text, entries, finish_reason = "", [], "length"
             prefix, echoed = self._echo(prompt_entries)
             offsets = TextOffsets(prefix)
             logprobs = text_logprobs(echoed + (entries or []), offsets) if self.logprobs else None
             reason = openai_finish_reason(finish_reason)
             choice = {"index": 0, "text": prefix + text, "logprobs": logprobs, "finish_reason": reason}
             obj = "text_completion"
-        return self._head(obj) | {"choices": [choice], "usage": openai_usage(usage)}
+        return self._head(obj) | {"choices": [choice], "usage": self.usage(usage)}
+
+    def usage(self, usage: dict[str, Any] | None) -> dict[str, int]:
+        """OpenAI's usage: the prompt's tokens, and the answer's (none left out: ``prompt_only``)."""
+        if self.prompt_only:
+            usage = {**(usage or {}), "completion_tokens": 0}
+        return openai_usage(usage)
 
     def chunk(
         self, delta: dict[str, Any] | str, finish_reason: str | None = None, logprobs: Any = None
@@ -218,7 +227,7 @@ class CompletionFormat:
     def usage_chunk(self, usage: dict[str, Any] | None) -> dict[str, Any]:
         """The last chunk when ``stream_options.include_usage``: no choices, the usage."""
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return self._head(obj) | {"choices": [], "usage": openai_usage(usage)}
+        return self._head(obj) | {"choices": [], "usage": self.usage(usage)}
 
 
 class CompletionStream:
@@ -250,6 +259,8 @@ class CompletionStream:
                     self.fmt.chunk(d) for d in deltas[1:]
                 ]
             return [self.fmt.chunk(d) for d in deltas]
+        if self.fmt.prompt_only:
+            text, entries = "", []
         if not self._echoed and (data.get("prompt_logprobs") is not None or text or entries):
             prefix, echoed = self.fmt._echo(data.get("prompt_logprobs"))
             self._echoed, self._offsets.echo = True, prefix
@@ -269,6 +280,7 @@ class CompletionStream:
         else:
             if not self._echoed:
                 chunks += self.delta({"text": ""} | {"prompt_logprobs": []})
+            finish_reason = "length" if self.fmt.prompt_only else finish_reason
             chunks.append(self.fmt.chunk("", openai_finish_reason(finish_reason)))
         if self.fmt.include_usage:
             chunks.append(self.fmt.usage_chunk(usage))

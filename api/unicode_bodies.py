@@ -4,21 +4,19 @@ can escape and Python's JSON reader takes) is a 400 naming where it is, before a
 The request models check the text fields a job is made of (``shared.schemas.Text``), but a lone
 surrogate anywhere else (a metadata key, a JSON Schema's description, a ``user``) passed them
 and failed later, where text is encoded: a 500, sometimes after the job was created. So every
-route that takes a body checks all of it here once (``UnicodeCheckedRoute``, the routers' route
-class). A UTF-8 body with no ``\\uD800``-``\\uDFFF`` escape and no surrogate's bytes cannot hold
-one, and is not parsed twice; one that may is checked whole at C speed, and walked only when it
-does, to name where.
+route that takes a body checks all of it here once (``api.body_checks.CheckedBodyRoute``, the
+routers' route class). A UTF-8 body with no ``\\uD800``-``\\uDFFF`` escape and no surrogate's
+bytes cannot hold one, and is not parsed twice; one that may is checked whole at C speed, and
+walked only when it does, to name where.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import Request, Response
-from fastapi.routing import APIRoute
+from fastapi import Request
 
 from api.errors import ApiError
 from shared.schemas.messages import valid_unicode
@@ -88,17 +86,3 @@ async def refuse_lone_surrogates(request: Request) -> None:
         param=where or None,
         code="invalid_unicode",
     )
-
-
-class UnicodeCheckedRoute(APIRoute):
-    """A route whose JSON body is refused (400) when it holds a lone surrogate anywhere."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def checked(request: Request) -> Response:
-            if request.method in ("POST", "PUT", "PATCH"):
-                await refuse_lone_surrogates(request)
-            return await handler(request)
-
-        return checked

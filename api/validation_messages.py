@@ -45,7 +45,7 @@ def _member_tag(p: Any) -> bool:
 
 def param_of(loc: tuple[Any, ...]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header") and not _member_tag(p)]
-    return ".".join(parts) or None
+    return ".".join(parts) if parts else None  # a key "" is a place too: named "", not None
 
 
 def _inside_other_member(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:

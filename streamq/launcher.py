@@ -58,6 +58,23 @@ def _ready(url: str) -> bool:
         return False
 
 
+def worker_cores(workers: int, threads: int | None = None) -> list[dict[str, str]]:
+    """Each worker's own share of this process's cores (``threads`` at most) for vLLM's CPU
+    threads (its ``VLLM_CPU_OMP_THREADS_BIND``; the transformers engine does not read it): by
+    default each binds to the first cores it may use, so every worker would take the same ones.
+    None where the user set the variable."""
+    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        return [{} for _ in range(workers)]
+    cores = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cores) // max(1, workers))
+    share = min(share, threads or share)
+    bound = []
+    for i in range(workers):
+        own = cores[i * share : (i + 1) * share] or [cores[i % len(cores)]]  # more workers than cores
+        bound.append({"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, own))})
+    return bound
+
+
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     # Own session: Ctrl-C in the terminal reaches only the launcher, which then stops the
     # children in order (front, workers, Redis) instead of all at once.
@@ -141,7 +158,11 @@ def run_up(settings: Settings, host: str, port: int, model: str | None, workers:
             env["STREAMQ_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
         children.append(_spawn(["api", "--host", host, "--port", str(port)], env))
         names = [f"up{os.getpid()}-{i + 1}" for i in range(workers)]  # each start's name in Redis
-        children += [_spawn(["worker", "--model", model_path, "--name", name], env) for name in names]
+        worker_envs = [env | cores for cores in worker_cores(workers, settings.torch_threads)]
+        children += [
+            _spawn(["worker", "--model", model_path, "--name", name], worker_env)
+            for name, worker_env in zip(names, worker_envs, strict=True)
+        ]
         came_up = [False] * workers  # its start showed in the directory of live workers
         restarts: list[list[float]] = [[] for _ in range(workers)]  # each worker's, within a minute
         directory = RedisTarget.of(with_options(settings, redis_url=redis_url)).client(socket_timeout=2)
@@ -182,7 +203,8 @@ def run_up(settings: Settings, host: str, port: int, model: str | None, workers:
                 restarts[i - 1] = [*recent, now]
                 names[i - 1] = f"{names[i - 1].split('.')[0]}.{len(restarts[i - 1])}.{int(now)}"
                 came_up[i - 1] = False
-                children[i] = _spawn(["worker", "--model", model_path, "--name", names[i - 1]], env)
+                worker = ["worker", "--model", model_path, "--name", names[i - 1]]
+                children[i] = _spawn(worker, worker_envs[i - 1])
             if not announced and _ready(url):
                 keyed = bool(settings.api_keys.get_secret_value() or settings.api_keys_file)
                 _print_banner(url, model_path, workers, redis_url, redis_proc is not None, keyed)

@@ -283,3 +283,20 @@ def test_the_up_banners_examples_send_a_key_when_keys_are_on(capsys: pytest.Capt
     assert len(curls) == 3 and all('-H "Authorization: Bearer $STREAMQ_API_KEY"' in line for line in curls)
     assert "set STREAMQ_API_KEY" in keyed
     assert "Authorization" not in open_ and "STREAMQ_API_KEY" not in open_
+
+
+def test_streamq_up_gives_each_vllm_worker_its_own_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's CPU threads bind to the first cores a worker may use: two workers started by
+    ``streamq up --workers 2`` both took core 0 and left core 1 idle."""
+    from streamq.launcher import worker_cores
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    bound = [env["VLLM_CPU_OMP_THREADS_BIND"] for env in worker_cores(2)]
+    assert bound == ["0,1,2,3", "4,5,6,7"]
+    assert [env["VLLM_CPU_OMP_THREADS_BIND"] for env in worker_cores(2, threads=2)] == ["0,1", "2,3"]
+    assert [env["VLLM_CPU_OMP_THREADS_BIND"] for env in worker_cores(3)] == ["0,1", "2,3", "4,5"]
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0, 1})
+    assert [env["VLLM_CPU_OMP_THREADS_BIND"] for env in worker_cores(3)] == ["0", "1", "0"]
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "1")  # the user's own: left to every worker
+    assert worker_cores(2) == [{}, {}]

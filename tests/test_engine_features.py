@@ -95,6 +95,25 @@ def test_the_openai_sdk_gets_a_bad_request_naming_the_field_as_it_sent_it(slow_s
         assert caught.value.body["param"] == "response_format"  # type: ignore[index]
 
 
+def test_the_synthetic_engine_ends_an_answer_at_a_stop_sequence(slow_stack: SlowStack) -> None:
+    """It took ``stop`` and went on past it (a fuzzer's find): it ends there, as a model does,
+    a stop sequence across two of its tokens too (the text before it held back meanwhile)."""
+    with openai.OpenAI(
+        base_url=slow_stack.url + "/v1", api_key=slow_stack.api_key, max_retries=0, timeout=60
+    ) as client:
+        for stop, said in (("amet", "ipsum dolor sit "), ("sit am", "ipsum dolor ")):
+            answer = client.chat.completions.create(
+                model=slow_stack.model, messages=[{"role": "user", "content": "hi"}], max_tokens=20, stop=stop
+            )
+            choice = answer.choices[0]
+            assert (choice.message.content, choice.finish_reason) == (said, "stop"), stop
+        plain = client.chat.completions.create(
+            model=slow_stack.model, messages=[{"role": "user", "content": "hi"}], max_tokens=5, stop="nowhere"
+        )
+        assert plain.choices[0].message.content == "ipsum dolor sit amet consectetur "
+        assert plain.choices[0].finish_reason == "length"
+
+
 def finished_job(stack: Stack, job_id: str, timeout: float = 60) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

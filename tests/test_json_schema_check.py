@@ -226,6 +226,15 @@ def test_references_that_point_at_nothing_and_deep_nesting_are_refused_with_thei
     assert schema_problem({"type": [{"a": 1}], "anyOf": [{}], "$ref": "#/anyOf/²"}) is not None  # no 500
 
 
+def test_an_empty_enum_is_refused_before_a_job_exists(compiler: Any) -> None:
+    """No value follows ``enum: []``: the grammar compiler refuses it in the worker, where a
+    streamed request had already opened with a 200 and got an error event."""
+    empty = {"type": "object", "properties": {"a": {"enum": []}}, "required": ["a"]}
+    assert schema_problem(empty) == "'enum' lists no value: nothing can follow it (at #/properties/a)"
+    with pytest.raises(RuntimeError):
+        compiler.compile_json_schema(json.dumps(empty), any_whitespace=False)
+
+
 def test_the_forced_functions_of_one_request_share_one_limit() -> None:
     """Many large functions are no way around the limit: a request's forced functions share it."""
     wide = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(2000)}}

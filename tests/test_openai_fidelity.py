@@ -214,6 +214,20 @@ def test_lm_evals_loglikelihood_request_scores_every_prompt_token(
     # lm-eval's own check: is each token the most likely one at its place?
     for token_logprob, top in zip(logprobs.token_logprobs[1:], logprobs.top_logprobs[1:], strict=True):
         assert top is not None and token_logprob is not None and token_logprob <= max(top.values()) + 1e-6
+    # Legacy OpenAI's and vLLM's way: max_tokens 0 with echo, the prompt alone, with the same scores.
+    for prompt in ([ids], "The quick brown fox"):
+        scored = client.completions.create(
+            model=stack.model_dir.name, prompt=prompt, echo=True, logprobs=1, max_tokens=0
+        )
+        alone = scored.choices[0]
+        assert (alone.text, alone.finish_reason) == ("The quick brown fox", "length")
+        assert alone.logprobs is not None and alone.logprobs.token_logprobs is not None
+        assert alone.logprobs.token_logprobs[0] is None
+        assert alone.logprobs.token_logprobs[1:] == pytest.approx(logprobs.token_logprobs[1:-1], abs=1e-4)
+        assert scored.usage is not None and (scored.usage.prompt_tokens, scored.usage.completion_tokens) == (
+            len(ids),
+            0,
+        )
 
 
 def test_a_completion_is_raw_not_chat_templated(
@@ -375,3 +389,25 @@ def test_a_conversation_ending_with_an_assistant_or_system_turn_is_answered_in_a
         assert completion.usage.prompt_tokens == len(tiny_backend.encode(PromptInput(messages=turns)))
         alone = GenerationRequest(messages=turns, max_tokens=8, temperature=0.0, top_p=1.0)
         assert completion.choices[0].message.content == "".join(s.delta for s in tiny_backend.generate(alone))
+
+
+def test_the_deepest_json_the_front_takes_runs_on_a_worker(client: openai.OpenAI, stack: Stack) -> None:
+    """A tool's parameters 200 deep were taken, then the worker could not read its job back
+    (RQ failed it as lost: a 502). The front now refuses bodies nested past 160 levels, and the
+    deepest it takes runs: the worker reads the job, in its grammar's form too (a JSON format
+    beside the tools puts the schemas a few levels deeper)."""
+    node: dict[str, Any] = {}
+    for _ in range(160 - 6):  # the body's own levels above the parameters' "x": 6
+        node = {"a": node}
+    tool: Any = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "x": node}}}
+    answer = client.chat.completions.create(
+        **ask(stack, "hi", max_tokens=2), tools=[tool], response_format={"type": "json_object"}
+    )
+    assert answer.choices[0].finish_reason in ("length", "stop", "tool_calls"), answer
+    deeper: Any = {
+        "type": "function",
+        "function": {"name": "f", "parameters": {"type": "object", "x": [node]}},
+    }
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(**ask(stack, "hi", max_tokens=2), tools=[deeper])
+    assert refused.value.body["code"] == "too_deep"  # type: ignore[index]

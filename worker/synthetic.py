@@ -17,6 +17,7 @@ from typing import Any
 from shared.limits import answer_budget
 from shared.schemas import RAW_PROMPT, PromptInput
 from worker.engine import EngineJob, JobOutput
+from worker.text_decoding import StopMatcher
 
 TEXT_PER_TOKEN = 4
 WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
@@ -66,7 +67,7 @@ LOOK_EVERY = 0.05
 class SyntheticModel:
     engine = "synthetic"
     # Raw prompts (its answers never depend on the prompt); no penalties, logit bias,
-    # structured output, logprobs or tools.
+    # structured output, logprobs or tools. Stop sequences end its answers as a model's.
     features: frozenset[str] = frozenset({RAW_PROMPT})
 
     def __init__(self, backend: SyntheticBackend, slots: int) -> None:
@@ -77,6 +78,7 @@ class SyntheticModel:
         self._due: list[tuple[float, int, float, EngineJob]] = []
         self._live: dict[EngineJob, int] = {}  # each job's live entry (a removed job has none)
         self._budget: dict[EngineJob, int] = {}  # each job's last token's number (max_length's too)
+        self._stops: dict[EngineJob, StopMatcher] = {}  # its stop sequences, as a model's answer ends at one
         self._numbers = itertools.count()
 
     def prepare(self, job: EngineJob) -> None:
@@ -87,12 +89,16 @@ class SyntheticModel:
         # InvalidJobRequest (a max_length not above the prompt) refuses the job, as a model does
         self._budget[job] = answer_budget(job.request, job.prompt_tokens, None)
         job.completion_tokens = len(job.resume_ids)  # a continued job goes on from there
+        stops = self._stops[job] = StopMatcher(job.request.stop)
+        for n in range(1, job.completion_tokens + 1):  # what the earlier run held back, held again
+            stops.push(self._backend.token_text(n))
         now = time.monotonic()
         self._push(job, now, now)  # the first token comes at once
 
     def remove(self, job: EngineJob) -> None:
         self._live.pop(job, None)  # its heap entry is skipped when it comes up
         self._budget.pop(job, None)
+        self._stops.pop(job, None)
 
     def ready_in(self) -> float | None:
         while self._due and self._live.get(self._due[0][3]) != self._due[0][1]:
@@ -110,15 +116,15 @@ class SyntheticModel:
                 continue  # removed
             job.completion_tokens += 1
             n = job.completion_tokens
-            done = n >= self._budget[job]
-            if done:
-                del self._live[job]
-                del self._budget[job]
+            stops = self._stops[job]
+            text, stopped = stops.push(self._backend.token_text(n))
+            reason = "stop" if stopped else "length" if n >= self._budget[job] else None
+            if reason is not None:
+                text += "" if stopped else stops.flush()
+                self.remove(job)
             else:  # on the first tick after its paced time (paced keeps the rate: no drift)
                 paced += self._interval
                 self._push(job, math.ceil(paced / STEP_SECONDS) * STEP_SECONDS, paced)
-            reason = "length" if done else None
-            text = self._backend.token_text(n)
             outputs.append(JobOutput(job, text, job.prompt_tokens, n, reason, token_ids=(n,)))
         return outputs
 

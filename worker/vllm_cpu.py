@@ -4,12 +4,15 @@ worker never reports ready and then fails every job)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from shared.settings import Settings
 from worker.engine_setup import head_size
+
+log = logging.getLogger("streamq.worker")
 
 GiB = 2**30
 DEFAULT_KV_CACHE = 4 * GiB  # on a CPU, with STREAMQ_KV_CACHE_GIB unset (or half the free memory)
@@ -20,6 +23,12 @@ def set_cpu_defaults(settings: Settings) -> None:
     threads bound to the cores this process may use (its default keeps one core for itself:
     85 against 120 tok/s on 2 cores), and its distributed setup on the loopback address."""
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    if settings.kv_cache_gib and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        log.warning(
+            "VLLM_CPU_KVCACHE_SPACE=%s GiB overrides STREAMQ_KV_CACHE_GIB=%g in vLLM: unset one of them",
+            os.environ["VLLM_CPU_KVCACHE_SPACE"],
+            settings.kv_cache_gib,
+        )
     if settings.tensor_parallel_size == 1 and settings.pipeline_parallel_size == 1:
         cores = sorted(os.sched_getaffinity(0))
         if settings.torch_threads:

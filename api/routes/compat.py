@@ -20,11 +20,11 @@ from fastapi.responses import StreamingResponse
 from pydantic import Field, field_validator
 
 from api.auth import CallerDep
+from api.body_checks import CheckedBodyRoute
 from api.client_job import JOB_HEADER, ClientJob
 from api.errors import BODY_READ_AS_JSON, ApiError, error_responses, renamed
 from api.idempotency import NOT_IDEMPOTENT
 from api.job_client import ClientGone, JobClient, get_jobs
-from api.unicode_bodies import UnicodeCheckedRoute
 from shared.job_store.vocabulary import EventName
 from shared.schemas import JobRequest, SamplingFields, Text
 
@@ -34,7 +34,7 @@ log = logging.getLogger("streamq.api")
 _SENT_AS_FORM_OR_TEXT = ("application/x-www-form-urlencoded", "text/plain")
 
 
-class SeedBodyRoute(UnicodeCheckedRoute):
+class SeedBodyRoute(CheckedBodyRoute):
     """A route of the seed's: its body is read as JSON whatever its Content-Type says, as the
     seed's ``await request.json()`` did. ChatGLM-6B's clients (``requests.post(url,
     data=json.dumps(...))``) send none (``strict_content_type=False`` below), and ``curl -d``

@@ -10,16 +10,16 @@ from fastapi.responses import StreamingResponse
 
 from api import idempotency
 from api.auth import CallerDep
+from api.body_checks import CheckedBodyRoute
 from api.errors import ApiError, error_responses
 from api.idempotency import IdempotencyKeyHeader, Idempotent
 from api.job_client import ClientGone, JobClient, JobEvent, StreamInterrupted, get_jobs
 from api.stream_hub import parse_entry_id
-from api.unicode_bodies import UnicodeCheckedRoute
 from shared.job_store.vocabulary import FINAL_STATUSES
 from shared.schemas import JobRequest, JobView
 
 router = APIRouter(
-    route_class=UnicodeCheckedRoute,
+    route_class=CheckedBodyRoute,
     prefix="/v1/jobs",
     tags=["jobs"],
     responses=error_responses(401, 503),

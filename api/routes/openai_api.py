@@ -20,6 +20,7 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.auth import OPEN, Caller, CallerDep
+from api.body_checks import CheckedBodyRoute
 from api.client_job import JOB_HEADER, ClientJob, detach_requested
 from api.completion_request import COMPLETION_PARAMS, CompletionRequest
 from api.errors import ApiError, error_responses, job_failure_error, renamed, unknown_url
@@ -37,13 +38,12 @@ from api.openai_format import (
 )
 from api.openai_schemas import CHAT_PARAMS, ChatCompletionRequest, OpenAIFields
 from api.tool_calls import ToolPlan
-from api.unicode_bodies import UnicodeCheckedRoute
 from shared.job_store.vocabulary import EventName
 from shared.schemas import JobRequest
 
 log = logging.getLogger("streamq.api")
 router = APIRouter(
-    route_class=UnicodeCheckedRoute,
+    route_class=CheckedBodyRoute,
     prefix="/v1",
     tags=["openai-compatible"],
     responses=error_responses(401, 503),
@@ -100,9 +100,9 @@ async def completions(
 
 def _text_extras(body: CompletionRequest, prompt: str | list[int]) -> dict[str, Any]:
     """How a text completion of ``prompt`` is written: with logprobs, and the prompt echoed
-    (token ids: echoed as the worker's tokens spell them)."""
+    (token ids: echoed as the worker's tokens spell them), alone for ``max_tokens: 0``."""
     echo = (prompt if isinstance(prompt, str) else "") if body.echo else None
-    return {"logprobs": body.logprobs is not None, "echo": echo}
+    return {"logprobs": body.logprobs is not None, "echo": echo, "prompt_only": body.prompt_only}
 
 
 @router.get("/models")

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from api import idempotency
 from api.auth import CallerDep
+from api.body_checks import CheckedBodyRoute
 from api.client_job import JOB_HEADER, ClientJob, detach_requested
 from api.errors import ApiError, error_responses
 from api.idempotency import REPLAYED, IdempotencyKeyHeader, Idempotent
@@ -42,7 +43,6 @@ from api.responses_store import (
 )
 from api.routes.openai_api import SSE_HEADERS, DetachHeader, JobsDep
 from api.shutdown import STOPPING_FRONT
-from api.unicode_bodies import UnicodeCheckedRoute
 from shared.job_store.vocabulary import FINAL_STATUSES, JobStatus
 from shared.schemas import ChatMessage
 
@@ -52,7 +52,7 @@ router = APIRouter(
     prefix="/v1/responses",
     tags=["responses"],
     responses=error_responses(401, 503),
-    route_class=UnicodeCheckedRoute,
+    route_class=CheckedBodyRoute,
 )
 _JSON_OR_SSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/json": {}, "text/event-stream": {}}}

@@ -222,6 +222,8 @@ def _node_problem(root: dict[str, Any], node: dict[str, Any]) -> str | None:
             return f"'{beside[0]}' beside '{combinators[0]}' {NOT_ENFORCED} (put it inside)"
     if given.get("uniqueItems") is True:
         return f"'uniqueItems' {NOT_ENFORCED}"
+    if given.get("enum") == []:  # no value can follow it (the grammar compiler refuses it too)
+        return "'enum' lists no value: nothing can follow it"
     types = given.get("type")
     listed = types if isinstance(types, list) else [types]
     integers = all(t in ("integer", "null") for t in listed) and "integer" in listed

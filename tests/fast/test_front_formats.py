@@ -225,13 +225,38 @@ async def test_a_failed_prompt_of_a_list_fails_the_request_and_cancels_the_other
     await settled(lambda: all(j.view.status == JobStatus.CANCELED for j in others))
 
 
-async def test_max_tokens_zero_says_how_to_score_a_prompt(front: Front) -> None:
-    """Legacy OpenAI scored a prompt with max_tokens 0: the refusal says what works here."""
+async def test_max_tokens_zero_with_echo_scores_the_prompt_alone(front: Front) -> None:
+    """Legacy OpenAI's and vLLM's way to score a prompt: ``max_tokens: 0`` with ``echo`` answers
+    the prompt alone, with its tokens' logprobs, streamed or not; without echo it is a 400."""
+    client = _openai(front)
+    whole = await client.completions.create(
+        model="fake-model", prompt=[[7, 8, 9]], max_tokens=0, echo=True, logprobs=1
+    )
+    choice = whole.choices[0]
+    assert (choice.text, choice.finish_reason) == ("t7 t8 t9", "length")
+    assert choice.logprobs is not None and choice.logprobs.tokens == ["t7", " t8", " t9"]
+    assert whole.usage is not None and whole.usage.completion_tokens == 0
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens
+    assert [job.request.max_tokens for job in front.jobs.jobs.values()] == [1]
+    stream = await client.completions.create(
+        model="fake-model",
+        prompt="say it",
+        max_tokens=0,
+        echo=True,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "say it"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 0
+    listed = await client.completions.create(model="fake-model", prompt=["a b", "c"], max_tokens=0, echo=True)
+    assert [c.text for c in listed.choices] == ["a b", "c"]
     with pytest.raises(BadRequestError) as refused:
-        await _openai(front).completions.create(model="fake-model", prompt="a b", max_tokens=0, echo=True)
+        await client.completions.create(model="fake-model", prompt="a b", max_tokens=0)
     body = refused.value.body
     assert isinstance(body, dict) and body["param"] == "max_tokens", body
-    assert "send echo and logprobs with max_tokens 1" in body["message"], body
+    assert "or 0 with echo" in body["message"], body
 
 
 async def test_a_list_of_more_prompts_than_a_key_may_run_at_once_is_refused_whole(keyed: Front) -> None:
