@@ -60,6 +60,11 @@ def create_app(
         unchain = end_streams_when_stopping(jobs, settings.shutdown_grace) if end_streams_on_stop else None
         if api_keys.enabled:
             log.info("API keys required (%d configured)", len(api_keys))
+        elif os.environ.get("STREAMQ_API_KEY"):  # the client's variable, set for the server's
+            log.warning(
+                "no API keys configured: the API is open to anyone who reaches it (STREAMQ_API_KEY "
+                "is the clients' key; the front's keys are STREAMQ_API_KEYS)"
+            )
         else:
             log.warning("no API keys configured: the API is open to anyone who reaches it")
         try:

@@ -71,8 +71,10 @@ def refuse_deep_nesting(body: bytes) -> None:
         return
     try:
         place = deep_place(json.loads(body))
-    except (ValueError, RecursionError):  # past what Python's JSON reader takes: no place to name
+    except RecursionError:  # past what Python's JSON reader takes: no place to name
         place = ""
+    except ValueError:  # not JSON at all (an unterminated string, say): the route's invalid_json
+        return
     where = f"'{place}'" if place else "the body"
     raise ApiError(
         400,

@@ -148,10 +148,15 @@ class ClientJob:
     def interrupted_error(
         self, reason: str, resource: str = "", headers: dict[str, str] | None = None
     ) -> ApiError:
-        """The 503 of a wait the front could not follow to its end (``interrupted_wait``), with
-        a code saying why (``front_stopping``: send it to another front) and a Retry-After."""
-        code = "front_stopping" if reason.startswith(STOPPING_FRONT) else "stream_interrupted"
+        """The 503 of a wait the front could not follow to its end (``interrupted_wait``): its
+        job canceled, ``front_stopping`` (send the request again, to another front) with a
+        Retry-After; a detached job runs on (``stream_interrupted``: read it where it says)."""
         message = self.interrupted_wait(reason, resource)
+        if self.detached:
+            return ApiError(
+                503, message, type="stream_interrupted", code="stream_interrupted", headers=headers
+            )
+        code = "front_stopping" if reason.startswith(STOPPING_FRONT) else "stream_interrupted"
         headers = {**(headers or {}), "Retry-After": "1"}
         return ApiError(503, message, type="stream_interrupted", code=code, headers=headers)
 

@@ -98,7 +98,7 @@ class CompletionRequest(OpenAIFields):
 
 
 def _zero(value: Any) -> bool:
-    return value == 0 and not isinstance(value, bool)
+    return type(value) is int and value == 0  # not False, not 0.0 (max_tokens is an integer)
 
 
 def _prompt_list(value: Any) -> list[Any]:

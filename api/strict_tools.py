@@ -50,9 +50,12 @@ def strict_calls_grammar(tools: list[ToolDefinition] | None) -> dict[str, Any] |
 def calls_or_json_grammar(tools: list[ToolDefinition], answer: dict[str, Any]) -> dict[str, Any]:
     """The structural tag for tools beside a JSON ``response_format`` (``answer``: its schema, or
     any object for ``json_object``), as OpenAI serves the two together: the answer is either
-    JSON following ``answer`` (one blank at most between tokens, as in a call) or one call or more, one to a
-    line, each held as ``strict_calls_grammar`` holds it (a function that is not strict takes
-    any JSON object). The model chooses which with its first token; no text around either.
+    JSON following ``answer`` (one blank at most between tokens) or one call or more, each held
+    as ``strict_calls_grammar`` holds it (a function that is not strict takes any JSON object).
+    The model chooses which with its first token; no text around either. No newline in it: the
+    job gets the JSON answer's token mask (no raw control character), for xgrammar lets a raw
+    tab into a string with a length limit, which is not JSON; so the calls are written
+    ``<tool_call>{…}</tool_call>``, one after another, as Hermes' reader takes them too.
     (``GenerationRequest.json_or_calls`` reads the JSON's schema back: the first element.)"""
     return _structural_tag(
         {
@@ -61,8 +64,8 @@ def calls_or_json_grammar(tools: list[ToolDefinition], answer: dict[str, Any]) -
                 {"type": "json_schema", "json_schema": answer, "max_whitespace_cnt": 1},
                 {
                     "type": "tags_with_separator",
-                    "tags": _call_tags(tools),
-                    "separator": "\n",
+                    "tags": _call_tags(tools, newline=""),
+                    "separator": " ",
                     "at_least_one": True,
                     "stop_after_first": False,
                 },
@@ -75,7 +78,7 @@ def _structural_tag(format_: dict[str, Any]) -> dict[str, Any]:
     return {"type": "structural_tag", "format": format_}
 
 
-def _call_tags(tools: list[ToolDefinition]) -> list[dict[str, Any]]:
+def _call_tags(tools: list[ToolDefinition], newline: str = "\n") -> list[dict[str, Any]]:
     """A tag per function: its call's opening with the function's name, then its arguments (held
     to its schema where it is strict, else any JSON object); a 400 naming the first strict
     function whose schema the grammar cannot hold a call to."""
@@ -97,10 +100,10 @@ def _call_tags(tools: list[ToolDefinition]) -> list[dict[str, Any]]:
         tags.append(
             {
                 "type": "tag",
-                "begin": f'{OPEN}\n{{"name": {json.dumps(function.name)}, "arguments": ',
+                "begin": f'{OPEN}{newline}{{"name": {json.dumps(function.name)}, "arguments": ',
                 # One blank at most between tokens: as a model spaces JSON, but no padding on.
                 "content": {"type": "json_schema", "json_schema": arguments, "max_whitespace_cnt": 1},
-                "end": f"}}\n{CLOSE}",
+                "end": f"}}{newline}{CLOSE}",
             }
         )
     return tags

@@ -18,7 +18,6 @@ twice (a re-attached stream) names its calls the same way.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from api.errors import ApiError
+from api.hermes_calls import cut_call, hermes_call
 from api.required_calls import Arguments, Call, Event, RequiredCalls
 from shared.schemas import ToolDefinition
 from shared.schemas.json_schema_check import (
@@ -216,20 +216,6 @@ def _call(call_id: str, index: int, name: str, arguments: str) -> dict[str, Any]
     }
 
 
-def _hermes_call(block: str) -> tuple[str, str] | None:
-    """(name, arguments as JSON text) of one ``<tool_call>`` block's JSON, or None if it is not one."""
-    try:  # not strict: a raw tab or newline in a string (xgrammar lets them into one with a length
-        # limit) is read as escaped, and the arguments are written out again escaped
-        value = json.loads(block, strict=False)
-    except ValueError:
-        return None
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        return None
-    arguments = value.get("arguments", value.get("parameters", {}))
-    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    return value["name"], text
-
-
 class ToolCallReader:
     """Reads a job's text as it streams in (``feed``, then ``finish``) into chat deltas: each a
     ``{"content": ...}`` or a ``{"tool_calls": [...]}`` delta as OpenAI streams them."""
@@ -314,7 +300,7 @@ class ToolCallReader:
             return deltas + self._content(ready)
 
     def _block(self, block: str) -> list[dict[str, Any]]:
-        parsed = _hermes_call(block.strip())
+        parsed = hermes_call(block.strip())
         if parsed is None:  # not a call after all: the model's text, as it wrote it
             return self._content(OPEN + block + CLOSE)
         return [self._next_call(*parsed)]
@@ -326,10 +312,14 @@ class ToolCallReader:
         rest, self._buffer = self._buffer, ""
         if self.plan.mode == "required":
             return self._end(self._from_required(self._required.finish(cut)))
-        if self._in_call:  # the answer ended inside a call: a call if its JSON is whole
+        if self._in_call:  # the answer ended inside a call: a call once its name is whole
             self._in_call = False
-            parsed = _hermes_call(rest.strip())
-            return self._end([self._next_call(*parsed)] if parsed else self._content(OPEN + rest))
+            if (parsed := cut_call(rest)) is not None:
+                return self._end([self._next_call(*parsed)])
+            # Cut before its name: no call, and its markup is no content; else the model's text.
+            return self._end([] if cut else self._content(OPEN + rest))
+        if cut and rest.strip() and OPEN.startswith(rest.strip()):  # a call's first characters
+            rest = ""
         return self._end(self._content(rest))
 
     def _from_required(self, events: list[Event]) -> list[dict[str, Any]]:

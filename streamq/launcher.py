@@ -58,12 +58,13 @@ def _ready(url: str) -> bool:
         return False
 
 
-def worker_cores(workers: int, threads: int | None = None) -> list[dict[str, str]]:
+def worker_cores(workers: int, threads: int | None = None, parallel: bool = False) -> list[dict[str, str]]:
     """Each worker's own share of this process's cores (``threads`` at most) for vLLM's CPU
     threads (its ``VLLM_CPU_OMP_THREADS_BIND``; the transformers engine does not read it): by
     default each binds to the first cores it may use, so every worker would take the same ones.
-    None where the user set the variable."""
-    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+    Nothing where the user set the variable, or for workers with tensor or pipeline parallelism
+    (``parallel``: vLLM then wants one list of cores per rank, and makes them itself)."""
+    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or parallel:
         return [{} for _ in range(workers)]
     cores = sorted(os.sched_getaffinity(0))
     share = max(1, len(cores) // max(1, workers))
@@ -158,7 +159,8 @@ def run_up(settings: Settings, host: str, port: int, model: str | None, workers:
             env["STREAMQ_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
         children.append(_spawn(["api", "--host", host, "--port", str(port)], env))
         names = [f"up{os.getpid()}-{i + 1}" for i in range(workers)]  # each start's name in Redis
-        worker_envs = [env | cores for cores in worker_cores(workers, settings.torch_threads)]
+        parallel = settings.tensor_parallel_size > 1 or settings.pipeline_parallel_size > 1
+        worker_envs = [env | cores for cores in worker_cores(workers, settings.torch_threads, parallel)]
         children += [
             _spawn(["worker", "--model", model_path, "--name", name], worker_env)
             for name, worker_env in zip(names, worker_envs, strict=True)

@@ -298,5 +298,6 @@ def test_streamq_up_gives_each_vllm_worker_its_own_cores(monkeypatch: pytest.Mon
     assert [env["VLLM_CPU_OMP_THREADS_BIND"] for env in worker_cores(3)] == ["0,1", "2,3", "4,5"]
     monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0, 1})
     assert [env["VLLM_CPU_OMP_THREADS_BIND"] for env in worker_cores(3)] == ["0", "1", "0"]
+    assert worker_cores(1, parallel=True) == [{}]  # vLLM wants a list per rank: its own making
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "1")  # the user's own: left to every worker
     assert worker_cores(2) == [{}, {}]

@@ -96,7 +96,7 @@ def test_tools_beside_a_json_format_answer_the_json_or_calls(
         end = seen.end(answering)
         assert end is not None and end.finish_reason in ("stop", "length") and not end.error_type, end
         answers.append((seen.text(answering), end.finish_reason == "length"))
-    began = tiny_backend.tokenizer.encode('<tool_call>\n{"name": "we', add_special_tokens=False)
+    began = tiny_backend.tokenizer.encode('<tool_call>{"name": "we', add_special_tokens=False)
     calling = job(request("sum?", structural_tag=tag, temperature=1.0, seed=9, max_tokens=200))
     calling.resume_ids = began
     seen = drive(batched, [calling], {})
@@ -107,14 +107,40 @@ def test_tools_beside_a_json_format_answer_the_json_or_calls(
     for text, cut in answers:
         content, calls = read_whole(plan, "job", text, cut=cut)
         if calls or text.startswith("<tool_call>"):
-            # Nothing but calls (cut short by max_tokens: the one it cut stays its text).
-            assert calls and (not content or (cut and content.startswith("<tool_call>"))), text
-            for call in calls:
+            assert calls and not content, text  # nothing but calls (cut short too: no markup)
+            for call in calls[: -1 if cut else None]:  # the one max_tokens cut: its arguments as they came
                 assert call["function"]["name"] == "weather", text
                 jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER)
         else:
             jsonschema.validate(json.loads(text), ANSWER)
-    assert answers[-1][0].startswith('<tool_call>\n{"name": "weather"')
+    assert answers[-1][0].startswith('<tool_call>{"name": "weather"')
+
+
+def test_a_json_answer_beside_tools_has_no_raw_control_character_in_a_string(
+    tiny_backend: Any, batched: BatchedCausalLM
+) -> None:
+    """xgrammar lets a raw tab into a string with a length limit (pydantic's max_length): beside
+    tools the job had strict calls' token mask, which keeps tabs, and a tab pushed as hard as a
+    client can push it (logit_bias) made the answer JSON no reader takes. It has the JSON
+    answer's mask: the answer parses."""
+    tab = tiny_backend.tokenizer.convert_tokens_to_ids(tiny_backend.tokenizer.tokenize("a\tb"))
+    tabs = [i for i in tab if "\t" in tiny_backend.tokenizer.decode([i])]
+    assert tabs, tab
+    named = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 8}},
+        "required": ["name"],
+    }
+    tag = calls_or_json_grammar(tools(strict=None), named)
+    asked = request("name?", structural_tag=tag, logit_bias=dict.fromkeys(tabs, 100.0), max_tokens=40)
+    answering = job(asked)
+    answering.resume_ids = tiny_backend.tokenizer.encode('{"name": "a', add_special_tokens=False)
+    seen = drive(batched, [answering], {})
+    text = tiny_backend.tokenizer.decode(
+        answering.resume_ids + ids_of(seen, answering), skip_special_tokens=True
+    )
+    assert "\t" not in text.split('"name": "', 1)[1].split('"', 1)[0], repr(text)
+    assert len(json.loads(text)["name"]) <= 8, repr(text)
 
 
 def test_no_strict_function_no_grammar_and_a_strict_schema_it_cannot_hold_is_a_400() -> None:
@@ -150,6 +176,18 @@ def test_a_schema_with_no_way_on_fails_the_job_naming_tools(
     )
     end = drive(batched, [calling], {}).end(calling)
     assert end is not None and (end.error_type, end.error_param) == ("invalid_request_error", "tools")
+    # Beside a JSON format, the failure names the field whose branch the answer took.
+    beside = calls_or_json_grammar(given, never)
+    for began, field in (
+        ('{"a": "a', "response_format"),
+        ('<tool_call>{"name": "f", "arguments": {"a": "a', "tools"),
+    ):
+        answering = job(request("f?", structural_tag=beside, max_tokens=60))
+        answering.resume_ids = tiny_backend.tokenizer.encode(began, add_special_tokens=False)
+        end = drive(batched, [answering], {}).end(answering)
+        assert end is not None and (end.error_type, end.error_param) == ("invalid_request_error", field), (
+            began
+        )
 
 
 def test_a_raw_tab_in_a_strict_calls_string_is_still_a_call() -> None:

@@ -33,8 +33,9 @@ TWO_CALLS = (
 )
 
 
-def streamed(plan: ToolPlan, text: str, seed: int) -> list[dict[str, Any]]:
-    """The deltas of ``text`` fed in random pieces (as a job's deltas come)."""
+def streamed(plan: ToolPlan, text: str, seed: int, cut: bool = False) -> list[dict[str, Any]]:
+    """The deltas of ``text`` fed in random pieces (as a job's deltas come; ``cut``: it ended at
+    its length limit)."""
     rng = random.Random(seed)
     reader = ToolCallReader(plan, "job1")
     deltas: list[dict[str, Any]] = []
@@ -43,7 +44,7 @@ def streamed(plan: ToolPlan, text: str, seed: int) -> list[dict[str, Any]]:
         size = rng.randint(1, 7)
         deltas += reader.feed(text[at : at + size])
         at += size
-    return deltas + reader.finish()
+    return deltas + reader.finish(cut)
 
 
 def test_hermes_calls_are_read_whole_and_streamed_alike() -> None:
@@ -98,7 +99,41 @@ def test_a_call_cut_before_its_closing_tag_is_a_call_when_its_json_is_whole() ->
     content, calls = read_whole(AUTO, "j", '<tool_call>{"name": "get_weather", "arguments": {"city": "x"}}')
     assert content is None and calls[0]["function"]["arguments"] == '{"city": "x"}'
     content, calls = read_whole(AUTO, "j", '<tool_call>{"name": "get_wea')
-    assert (content, calls) == ('<tool_call>{"name": "get_wea', [])
+    assert (content, calls) == ('<tool_call>{"name": "get_wea', [])  # ended there: the model's text
+
+
+@pytest.mark.parametrize(
+    ("text", "cut", "arguments"),
+    [
+        # max_tokens cut it inside its closing tag, its JSON whole (an agent's trial: no call,
+        # and the markup as content).
+        (
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "A"}}\n</tool_cal',
+            True,
+            ['{"city": "A"}'],
+        ),
+        # A call, then the first characters of the next: they are no content.
+        ('<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>\n<', True, ["{}"]),
+        ('<tool_call>{"name": "get_weather", "arguments": {}}</tool_call> <tool_', True, ["{}"]),
+        # Cut in its arguments (max_tokens, or a stop sequence): a call, as far as they came, as a
+        # forced call cut short is.
+        ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Os', True, ['{"city": "Os']),
+        ('<tool_call>{"name": "get_weather", "arguments": {"city": "Os', False, ['{"city": "Os']),
+        # Cut before its name is whole: no call, and no markup as content.
+        ('<tool_call>\n{"name": "get_wea', True, []),
+    ],
+)
+def test_an_answer_cut_in_a_call_gives_the_call_and_no_markup(
+    text: str, cut: bool, arguments: list[str]
+) -> None:
+    content, calls = read_whole(AUTO, "j", text, cut=cut)
+    assert [c["function"]["arguments"] for c in calls] == arguments
+    assert content in (None, ""), content
+    assert all(c["function"]["name"] == "get_weather" for c in calls)
+    for seed in range(10):  # streamed in any pieces, the same
+        deltas = streamed(AUTO, text, seed, cut)
+        assert "".join(d.get("content", "") for d in deltas) == ""
+        assert [c["function"]["arguments"] for d in deltas for c in d.get("tool_calls", [])] == arguments
 
 
 def test_forced_calls_read_the_guided_json() -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from shared.limits import InvalidJobRequest
 from tests.engine_outputs import outputs_of
 from tests.test_engine import drive, job, request
 
@@ -105,3 +106,25 @@ def test_tools_beside_a_json_format_are_one_structural_tag(vllm_model: Any) -> N
     text = seen.text(ran)
     _, calls = read_whole(plan_tools(given, "auto", None), "j", text, cut=False)
     assert calls or isinstance(json.loads(text)["n"], int), text
+    # The JSON answer's mask, not strict calls' (which keeps tabs: xgrammar lets a raw tab into a
+    # string with a length limit): a tab pushed as hard as a client can push it stays out.
+    tokenizer = vllm_model.served.tokenizer
+    tabs = [i for i in tokenizer.encode("a\tb\t", add_special_tokens=False) if "\t" in tokenizer.decode([i])]
+    named = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 6}}, "required": ["s"]}
+    pushed = request(
+        "s?",
+        structural_tag=calls_or_json_grammar(given, named),
+        logit_bias=dict.fromkeys(tabs, 100.0),
+        max_tokens=40,
+    )
+    seen = drive(vllm_model, [ran := job(pushed)], {})
+    text = seen.text(ran)
+    _, calls = read_whole(plan_tools(given, "auto", None), "j", text, cut=False)
+    assert calls or len(json.loads(text)["s"]) <= 6, repr(text)
+    # A schema vLLM's check refuses, in the JSON answer beside the tools: refused, naming it (vLLM
+    # says only "Invalid structural tag specification").
+    unicode_class = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^\\p{L}+$"}}}
+    refused = request("a?", structural_tag=calls_or_json_grammar(given, unicode_class), max_tokens=4)
+    with pytest.raises(InvalidJobRequest) as refusal:
+        vllm_model.add(job(refused))
+    assert refusal.value.param == "response_format", refusal.value

@@ -282,7 +282,9 @@ class BatchedCausalLM:
                 i = ruled[j]
                 if dead[j]:  # only then: which grammar, if any, left it no token
                     rules, request = sequences[i].rules, sequences[i].job.request
-                    grammar = request.grammar_field() if rules and rules.matcher else None
+                    answered = sequences[i].answer.token_ids
+                    start = self._texts.token_bytes(answered[0]) if answered else None
+                    grammar = request.grammar_field(start) if rules and rules.matcher else None
                     token = dead_row(block[j], grammar, len(sequences[i].answer.token_ids))
                 best[i] = token
                 changed[i] = block[j]

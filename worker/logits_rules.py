@@ -273,7 +273,9 @@ class JobRules:
         if not RULED & set(request.engine_features()):
             return None
         matcher = grammars.matcher(request, answer)
-        allowed = grammars.allowed_calls if request.structural_tag is not None else grammars.allowed
+        # Free text with strict calls keeps tabs and newlines; a JSON answer (calls beside it too) not.
+        calls_in_text = request.structural_tag is not None and request.json_or_calls() is None
+        allowed = grammars.allowed_calls if calls_in_text else grammars.allowed
         return cls(request, prompt, answer, grammars.vocab_size, device, matcher, allowed)
 
     def adjust(self, row: torch.Tensor) -> None:

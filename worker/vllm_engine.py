@@ -104,7 +104,7 @@ class VLLMModel:
             params = self.sampling(job.request, answer.budget - answer.completion_tokens, prompt_logprobs)
             self.vllm.add_request(request_id, TokensPrompt(prompt_token_ids=prompt + job.resume_ids), params)
         except refusals() as exc:  # vLLM's own checks: a token id out of its vocabulary, a bad schema
-            grammar = job.request.grammar_field()
+            grammar = _refused_field(job.request)
             param = grammar if grammar and _about_the_grammar(str(exc)) else None
             reason = library_reason(str(exc)) or type(exc).__name__  # no grammar library's time and source
             if param and job.request.json_schema is not None:
@@ -138,7 +138,7 @@ class VLLMModel:
             structured_outputs=grammar,
             # Beside the grammar, the tokens the transformers engine masks too: xgrammar's rule
             # for a string with a length limit takes raw control characters (invalid JSON).
-            extra_args={JSON_MASK: CALLS if request.structural_tag is not None else True}
+            extra_args={JSON_MASK: CALLS if request.structural_tag and not request.json_or_calls() else True}
             if grammar is not None
             else None,
             logprobs=request.logprobs,
@@ -188,9 +188,9 @@ class VLLMModel:
                 # vLLM's own end of a request it could not go on with (a grammar that refused a
                 # token or failed to compile, an error in its engine): the job fails, not "stop".
                 if refused:
-                    failure = no_way_on(
-                        len(answer.token_ids), job.request.grammar_field() or "response_format"
-                    )
+                    start = self.texts.token_bytes(answer.token_ids[0]) if answer.token_ids else None
+                    field = job.request.grammar_field(start) or "response_format"
+                    failure = no_way_on(len(answer.token_ids), field)
                 elif completion.finish_reason in ("abort", "error"):
                     failure = RowFailed(
                         "generation_error", f"the vLLM engine ended the request ({completion.finish_reason})"
@@ -341,4 +341,20 @@ def unsupported_place(schema: dict[str, Any]) -> str:
 
 def _about_the_grammar(message: str) -> bool:
     """Whether vLLM's refusal is of the job's JSON schema (its structured-output checks)."""
-    return any(word in message.lower() for word in ("schema", "grammar", "xgrammar", "structured output"))
+    words = ("schema", "grammar", "xgrammar", "structured output", "structural tag")
+    return any(word in message.lower() for word in words)
+
+
+def _refused_field(request: GenerationRequest) -> str | None:
+    """The field whose grammar vLLM refused: beside tools, the JSON answer's ``response_format``
+    when its schema alone does not compile (vLLM names neither), else ``tools``."""
+    field = request.grammar_field()
+    answer = request.json_or_calls()
+    if field == "tools" and answer is not None:
+        import xgrammar
+
+        try:
+            xgrammar.Grammar.from_json_schema(json.dumps(answer))
+        except (RuntimeError, ValueError, TypeError):
+            return "response_format"
+    return field

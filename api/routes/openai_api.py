@@ -306,7 +306,8 @@ async def _stream(job: ClientJob, fmt: CompletionFormat) -> AsyncIterator[bytes]
             else:
                 failure = job_failure_error(event.event, event.data)
                 error = _as_sent(failure, fmt.kind, fmt.tools, fmt.max_tokens_param)
-                if error.type == "stream_interrupted":
+                if error.type == "stream_interrupted":  # the job runs on: re-attach, not send again
                     error.message += f"; the job may still run: re-attach at /v1/jobs/{job.id}/events"
+                    error.code = "stream_interrupted"
                 yield sse_data(error.envelope())
                 return

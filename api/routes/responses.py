@@ -42,7 +42,6 @@ from api.responses_store import (
     save_record,
 )
 from api.routes.openai_api import SSE_HEADERS, DetachHeader, JobsDep
-from api.shutdown import STOPPING_FRONT
 from shared.job_store.vocabulary import FINAL_STATUSES, JobStatus
 from shared.schemas import ChatMessage
 
@@ -166,9 +165,8 @@ async def _events(record: ResponseRecord, events: Events, after: int | None) -> 
         resume = f"GET /v1/responses/{record.response_id}?stream=true"
         if sent >= 0:
             resume += f"&starting_after={sent}"
-        code = "front_stopping" if str(exc).startswith(STOPPING_FRONT) else "stream_interrupted"
         message = f"{exc}; the response may still run: resume with {resume}"
-        error = ApiError(503, message, type="stream_interrupted", code=code)
+        error = ApiError(503, message, type="stream_interrupted", code="stream_interrupted")
         yield sse_event(error.envelope(), "error")
 
 

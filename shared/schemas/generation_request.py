@@ -73,12 +73,18 @@ class GenerationRequest(PromptInput):
     logprobs: int | None = None  # None: no log probabilities; k: the token's and the k likeliest
     prompt_logprobs: int | None = None  # the same for the prompt's tokens
 
-    def grammar_field(self) -> str | None:
+    def grammar_field(self, answer_start: bytes | None = None) -> str | None:
         """The request field its grammar comes from, if it has one: a JSON answer's
-        ``response_format``, or the ``tools`` whose calls it holds (beside a JSON answer too)."""
+        ``response_format``, or the ``tools`` whose calls it holds; beside a JSON answer, the one
+        whose branch the answer took (``answer_start``: its first token's bytes; a call's begin
+        with "<")."""
         if self.json_schema is not None or self.json_object:
             return "response_format"
-        return "tools" if self.structural_tag is not None else None
+        if self.structural_tag is None:
+            return None
+        if answer_start and self.json_or_calls() is not None and not answer_start.lstrip().startswith(b"<"):
+            return "response_format"
+        return "tools"
 
     def json_or_calls(self) -> dict[str, Any] | None:
         """Where tools go beside a JSON ``response_format`` (api.strict_tools's

@@ -121,7 +121,7 @@ async def test_tools_beside_a_json_format_give_the_job_calls_or_the_json(front: 
         "total": {"title": "Total", "type": "integer"}
     }
     assert [t["begin"] for t in asked.structural_tag["format"]["elements"][1]["tags"]] == [
-        '<tool_call>\n{"name": "add", "arguments": '
+        '<tool_call>{"name": "add", "arguments": '
     ]
     calling: list[ChatCompletionMessageParam] = [{"role": "user", "content": CALLING}]
     called = await client.chat.completions.create(
