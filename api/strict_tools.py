@@ -19,14 +19,13 @@ serves them: the answer is one call or more, or the JSON answer (``calls_or_json
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from api.errors import ApiError
 from api.tool_calls import check_functions
 from shared.schemas import ToolDefinition
 from shared.schemas.json_schema_check import Budget, schema_problem
-from shared.tool_call_format import CLOSE, OPEN
+from shared.tool_call_format import call_tag, calls_in_text, calls_or_json
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}  # a call's arguments, or a json_object answer
 
@@ -36,15 +35,7 @@ def strict_calls_grammar(tools: list[ToolDefinition] | None) -> dict[str, Any] |
     naming the first strict function whose schema the grammar cannot hold a call to."""
     if not tools or not any(tool.function.strict for tool in tools):
         return None
-    return _structural_tag(
-        {
-            "type": "triggered_tags",
-            "triggers": [OPEN],
-            "tags": _call_tags(tools),
-            "at_least_one": False,
-            "stop_after_first": False,
-        }
-    )
+    return calls_in_text(_call_tags(tools))
 
 
 def calls_or_json_grammar(tools: list[ToolDefinition], answer: dict[str, Any]) -> dict[str, Any]:
@@ -55,33 +46,13 @@ def calls_or_json_grammar(tools: list[ToolDefinition], answer: dict[str, Any]) -
     The model chooses which with its first token; no text around either. No newline in it: the
     job gets the JSON answer's token mask (no raw control character), for xgrammar lets a raw
     tab into a string with a length limit, which is not JSON; so the calls are written
-    ``<tool_call>{…}</tool_call>``, one after another, as Hermes' reader takes them too.
-    (``GenerationRequest.json_or_calls`` reads the JSON's schema back: the first element.)"""
-    return _structural_tag(
-        {
-            "type": "or",
-            "elements": [
-                {"type": "json_schema", "json_schema": answer, "max_whitespace_cnt": 1},
-                {
-                    "type": "tags_with_separator",
-                    "tags": _call_tags(tools, newline=""),
-                    "separator": " ",
-                    "at_least_one": True,
-                    "stop_after_first": False,
-                },
-            ],
-        }
-    )
-
-
-def _structural_tag(format_: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "structural_tag", "format": format_}
+    ``<tool_call>{…}</tool_call>``, one after another, as Hermes' reader takes them too."""
+    return calls_or_json(_call_tags(tools, newline=""), answer)
 
 
 def _call_tags(tools: list[ToolDefinition], newline: str = "\n") -> list[dict[str, Any]]:
-    """A tag per function: its call's opening with the function's name, then its arguments (held
-    to its schema where it is strict, else any JSON object); a 400 naming the first strict
-    function whose schema the grammar cannot hold a call to."""
+    """A tag per function (held to its schema where it is strict, else any JSON object); a 400
+    naming the first strict function whose schema the grammar cannot hold a call to."""
     check_functions(tools)  # as the chat route's: two tags of one name would take either schema
     budget = Budget()
     tags = []
@@ -97,13 +68,5 @@ def _call_tags(tools: list[ToolDefinition], newline: str = "\n") -> list[dict[st
                     param=f"tools.{index}.function.parameters",
                     code="invalid_function_parameters",
                 )
-        tags.append(
-            {
-                "type": "tag",
-                "begin": f'{OPEN}{newline}{{"name": {json.dumps(function.name)}, "arguments": ',
-                # One blank at most between tokens: as a model spaces JSON, but no padding on.
-                "content": {"type": "json_schema", "json_schema": arguments, "max_whitespace_cnt": 1},
-                "end": f"}}{newline}{CLOSE}",
-            }
-        )
+        tags.append(call_tag(function.name, arguments, newline))
     return tags

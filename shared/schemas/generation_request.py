@@ -19,6 +19,7 @@ from shared.schemas.engine_features import (
     TOOLS,
 )
 from shared.schemas.messages import ChatMessage, ToolDefinition
+from shared.tool_call_format import json_answer_schema
 
 
 class PromptInput(BaseModel):
@@ -87,13 +88,9 @@ class GenerationRequest(PromptInput):
         return "tools"
 
     def json_or_calls(self) -> dict[str, Any] | None:
-        """Where tools go beside a JSON ``response_format`` (api.strict_tools's
-        ``calls_or_json_grammar``: the answer is calls, or that JSON), the JSON's schema."""
-        tag_format = (self.structural_tag or {}).get("format", {})
-        if tag_format.get("type") != "or":
-            return None
-        schema: dict[str, Any] = tag_format["elements"][0]["json_schema"]
-        return schema
+        """Where tools go beside a JSON ``response_format`` (``shared.tool_call_format``'s
+        ``calls_or_json``: the answer is calls, or that JSON), the JSON's schema."""
+        return json_answer_schema(self.structural_tag)
 
     def prompt_input(self) -> PromptInput:
         return PromptInput(messages=self.messages, tools=self.tools, text=self.text, token_ids=self.token_ids)
