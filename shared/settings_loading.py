@@ -39,17 +39,20 @@ NOT_SETTINGS = frozenset(
 )
 
 
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """The STREAMQ_* variables in ``environ`` that name no setting."""
+    names = {f"STREAMQ_{field.upper()}" for field in Settings.model_fields} | NOT_SETTINGS
+    return sorted(v for v in environ if v.upper().startswith("STREAMQ_") and v.upper() not in names)
+
+
 def unknown_settings(environ: Mapping[str, str]) -> list[str]:
     """One line for each STREAMQ_* variable that names no setting (a misspelt one is otherwise
     ignored: STREAMQ_REDIS_SENTINAL would leave the process on the default Redis), with the
     setting it most likely meant."""
     names = sorted(f"STREAMQ_{field.upper()}" for field in Settings.model_fields)
     lines = []
-    for variable in sorted(environ):
-        upper = variable.upper()
-        if not upper.startswith("STREAMQ_") or upper in NOT_SETTINGS or upper in names:
-            continue
-        close = difflib.get_close_matches(upper, names, n=1)
+    for variable in unknown_variables(environ):
+        close = difflib.get_close_matches(variable.upper(), names, n=1)
         meant = f" (did you mean {close[0]}?)" if close else ""
         lines.append(f"{variable} is not a setting: it is ignored{meant}")
     return lines

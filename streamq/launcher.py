@@ -26,6 +26,7 @@ from shared.cli_options import with_options
 from shared.parent_death import die_with_parent
 from shared.redis_connect import RedisTarget, redacted
 from shared.settings import Settings
+from shared.settings_loading import unknown_variables
 from streamq.processes import port_in_use, streamq_command
 from streamq.redis_server import start_private_redis
 
@@ -151,7 +152,10 @@ def run_up(settings: Settings, host: str, port: int, model: str | None, workers:
         # vLLM's CPU attention needs heads of 32+ dimensions: its demo model has 64.
         shape = "tiny-hd64" if settings.engine == "vllm" else "tiny"
         model_path = model or str(ensure_tiny_model(settings.cache_path(), shape))
-        env = {**os.environ, "STREAMQ_REDIS_URL": redis_url, "STREAMQ_DEVICE": settings.device}
+        # Variables that name no setting: said once, here, not again by each process it starts.
+        unknown = set(unknown_variables(os.environ))
+        env = {k: v for k, v in os.environ.items() if k not in unknown}
+        env |= {"STREAMQ_REDIS_URL": redis_url, "STREAMQ_DEVICE": settings.device}
         env["STREAMQ_DTYPE"] = settings.dtype
         env["STREAMQ_ENGINE"] = settings.engine
         env["STREAMQ_INSECURE"] = "1" if settings.insecure else "0"

@@ -91,7 +91,8 @@ def test_up_runs_the_whole_stack_and_cleans_up(tmp_path: Path) -> None:
     port = free_port()
     cache = str(tmp_path / "cache")
     args = ("--port", str(port), "--workers", "2")
-    with streamq_up(*args, STREAMQ_CACHE_DIR=cache, STREAMQ_TORCH_THREADS="1") as up:
+    # A misspelt setting is said once (by `up`), not by each process it starts (it was 3 times).
+    with streamq_up(*args, STREAMQ_CACHE_DIR=cache, STREAMQ_TORCH_THREADS="1", STREAMQ_SLOT="2") as up:
         text = up.banner
         assert f"streamq is up at http://127.0.0.1:{port}" in text, text
         assert "curl -N" in text
@@ -121,6 +122,10 @@ def test_up_runs_the_whole_stack_and_cleans_up(tmp_path: Path) -> None:
         _answers_a_job(f"http://127.0.0.1:{port}")
         assert up.proc.poll() is None
     assert up.proc.returncode == 0, up.out
+    said = (up.banner + up.out).count(
+        "STREAMQ_SLOT is not a setting: it is ignored (did you mean STREAMQ_SLOTS?)"
+    )
+    assert said == 1, up.banner
     assert "exited (code -9); starting another" in up.out, up.out[-2000:]
     assert "streamq up: stopping..." in up.out
     # Nothing stays frozen past the stop: native extensions (triton's) report what is still
