@@ -183,8 +183,16 @@ class SentinelRedis:
         the new one, seconds after the promotion. Returns (old port, new port, seconds to promote),
         once the old one is a replica in sync."""
         old = self.primary_port()
-        began = time.monotonic()
-        self._sentinel(self.sentinel_ports[0]).execute_command("SENTINEL", "FAILOVER", self.master)
+        deadline = time.monotonic() + timeout
+        while True:  # until the sentinel sees a replica it may promote: one that rejoined is made
+            began = time.monotonic()  # promotable after its sync, and a sentinel reads that in
+            try:  # its next INFO of the replica (every 10 s): NOGOODSLAVE meanwhile
+                self._sentinel(self.sentinel_ports[0]).execute_command("SENTINEL", "FAILOVER", self.master)
+                break
+            except redis.ResponseError as exc:
+                if "NOGOODSLAVE" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
         new = self.wait_promoted(old, timeout)
         took = time.monotonic() - began
         deadline = time.monotonic() + timeout
