@@ -184,9 +184,12 @@ class SentinelRedis:
         once the old one is a replica in sync."""
         old = self.primary_port()
         deadline = time.monotonic() + timeout
-        while True:  # until the sentinel sees a replica it may promote: one that rejoined is made
-            began = time.monotonic()  # promotable after its sync, and a sentinel reads that in
-            try:  # its next INFO of the replica (every 10 s): NOGOODSLAVE meanwhile
+        # Until the sentinel sees a replica it may promote: a node that rejoined is made promotable
+        # once it has synced, and a sentinel reads that in its next INFO of it (every 10 s); it
+        # answers NOGOODSLAVE meanwhile.
+        while True:
+            began = time.monotonic()
+            try:
                 self._sentinel(self.sentinel_ports[0]).execute_command("SENTINEL", "FAILOVER", self.master)
                 break
             except redis.ResponseError as exc:
