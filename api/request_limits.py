@@ -127,15 +127,11 @@ def answer_grammar(request: JobRequest) -> dict[str, Any]:
     """The job's grammar fields: a JSON answer (``response_format``, or the call that tool_choice
     forces), tools beside a JSON answer (calls or the JSON: one structural tag), or calls held
     to strict functions in a free answer (a structural tag where any function is strict)."""
-    response_format = request.response_format
-    json_answer = response_format is not None and response_format.type != "text"
+    json_answer = structured_output(request.response_format)
     if json_answer and request.tools and not request.forced_call:
-        assert response_format is not None
-        schema = response_format.json_schema.schema_ if response_format.json_schema else ANY_OBJECT
+        schema = json_answer.get("json_schema", ANY_OBJECT)
         return {"structural_tag": calls_or_json_grammar(request.tools, schema)}
-    if json_answer:
-        return structured_output(response_format)
-    return {"structural_tag": strict_calls_grammar(request.tools)}
+    return json_answer or {"structural_tag": strict_calls_grammar(request.tools)}
 
 
 def structured_output(response_format: ResponseFormat | None) -> dict[str, Any]:
