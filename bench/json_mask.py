@@ -59,7 +59,7 @@ def _measure(model_dir: Path) -> dict[str, dict[str, list[float]]]:
     )  # fmt: skip
     served = load_vllm_served(settings, "json-mask", "cpu")
     engine = build_vllm_model(settings, served)[0].vllm
-    banned = banned_ids(engine.vllm_config.model_config) - served.eos_ids
+    banned = banned_ids(engine.vllm_config.model_config)[0][False] - served.eos_ids
     allowed = [token for token in range(VOCAB) if token not in banned]
     prompt = served.tokenizer("Answer in JSON")["input_ids"]
     count = 0

@@ -16,6 +16,7 @@ from tests.engine_outputs import ids_of
 from tests.test_engine import alone, drive, job, request, running_engine
 from worker.batch_lm import BatchedCausalLM
 from worker.engine import CannotContinue
+from worker.logits_rules import not_json_ids
 from worker.step_publisher import final_record
 
 SCHEMA = {
@@ -31,10 +32,7 @@ SCHEMA = {
 }
 
 
-# Seeded: an unseeded job draws from its id (its object's address here), and about one draw in
-# many hundreds takes a byte-level token that xgrammar's string rule lets in though it is not
-# UTF-8 (an encoded surrogate): three U+FFFD characters, past a maxLength (the README's known
-# issue; a CI run met it once).
+# Seeded: an unseeded job draws from its id (its object's address here); a run is the same every time.
 @pytest.mark.parametrize(
     "sampling", [{}, {"temperature": 1.0, "seed": 7}, {"temperature": 0.8, "top_p": 0.9, "seed": 11}]
 )
@@ -77,6 +75,39 @@ def test_control_characters_and_special_tokens_never_get_into_the_json(
         assert seen.end(j).finish_reason == "stop"  # type: ignore[union-attr]
         jsonschema.validate(json.loads(seen.text(j)), SCHEMA)
         assert not set(ids_of(seen, j)) & set(control + special)
+
+
+def test_bytes_that_spell_a_surrogate_never_get_into_a_json_string(
+    tiny_backend: Any, batched: BatchedCausalLM
+) -> None:
+    """xgrammar's string rule takes ED A0-BF xx (an encoded surrogate, not UTF-8) as one
+    character: such bytes decoded to three U+FFFD characters each, past the name's maxLength of
+    6. Pushed as hard as a client can push them (the lead byte ED, and every token that begins
+    with A0-BF), the name is still 6 characters at most, each one UTF-8 wrote (after ED, one just
+    below U+D800)."""
+    import xgrammar
+
+    vocabulary = xgrammar.TokenizerInfo.from_huggingface(tiny_backend.tokenizer).decoded_vocab
+    lead = vocabulary.index(b"\xed")
+    high = [i for i, raw in enumerate(vocabulary) if raw and 0xA0 <= raw[0] <= 0xBF]
+    favoured = dict.fromkeys([lead, *high], 100.0)
+    jobs = [
+        job(request(f"surrogates {i}", json_schema=SCHEMA, max_tokens=100, logit_bias=favoured))
+        for i in range(2)
+    ]
+    seen = drive(batched, jobs, {})
+    for j in jobs:
+        text = seen.text(j)
+        assert seen.end(j).finish_reason == "stop", text  # type: ignore[union-attr]
+        assert "\ufffd" not in text, repr(text)
+        answer = json.loads(text)
+        jsonschema.validate(answer, SCHEMA)
+        assert any("\ud000" <= c < "\ud800" for c in answer["name"]), repr(text)  # ED, then 80-9F
+    # A token that spells a surrogate inside itself is never taken (no vocabulary here has one).
+    bytes_of = [b"a", b"\xed\xa0", b"x\xed\xbf\x80", b"\xed\x9f\xbf", b"\xed", b"\xa0"]
+    after = len(tiny_backend.tokenizer)  # past the tokenizer's own (special) ids
+    banned = not_json_ids(tiny_backend.tokenizer, [b"a"] * after + bytes_of, set())
+    assert {i - after for i in banned if i >= after} == {1, 2}
 
 
 def test_plain_jobs_answer_as_alone_beside_constrained_ones_which_answer_as_they_do_alone(

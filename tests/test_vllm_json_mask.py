@@ -75,11 +75,41 @@ def test_a_json_request_loses_special_and_control_tokens_but_keeps_its_own_stops
         BatchUpdate(batch_size=2, removed=[], added=[], moved=[(0, 1, MoveDirectionality.SWAP)])
     )
     assert masked(2) == [set(), no_stops]
+    # After a token that ends with ED (the answer's last, or the prompt's before the answer: a
+    # continued one's), no token that begins with A0-BF: a surrogate is not UTF-8.
+    lead, high = surrogate_bytes(hd64_model)
+    answer = [lead]
+    mask.update_state(
+        BatchUpdate(batch_size=2, removed=[], added=[(0, params(True, []), [1, lead], [])], moved=[])
+    )
+    assert masked(2) == [no_stops | high, no_stops]
+    mask.update_state(
+        BatchUpdate(batch_size=2, removed=[], added=[(0, params(True, []), [1], answer)], moved=[])
+    )
+    assert masked(2)[0] == no_stops | high
+    answer.append(letter)  # vLLM's live list of the answer's ids grows
+    assert masked(2)[0] == no_stops
+    answer.append(-1)  # a placeholder (async scheduling): not known, nothing more banned
+    assert masked(2)[0] == no_stops
+    mask.update_state(
+        BatchUpdate(batch_size=2, removed=[], added=[(0, params(False, []), [1], [])], moved=[])
+    )
     # A new plain request takes the masked request's row.
     mask.update_state(
         BatchUpdate(batch_size=2, removed=[], added=[(1, params(False, []), [1], [])], moved=[])
     )
     assert masked(2) == [set(), set()]
+
+
+def surrogate_bytes(model: Path) -> tuple[int, set[int]]:
+    """The model's token of the byte ED alone, and its tokens that begin with A0-BF."""
+    import xgrammar
+    from transformers import AutoTokenizer
+
+    vocabulary = xgrammar.TokenizerInfo.from_huggingface(AutoTokenizer.from_pretrained(model)).decoded_vocab
+    return vocabulary.index(b"\xed"), {
+        i for i, raw in enumerate(vocabulary) if raw and 0xA0 <= raw[0] <= 0xBF
+    }
 
 
 def test_model_runner_v2_takes_its_own_mask_which_follows_its_slots(
@@ -90,6 +120,7 @@ def test_model_runner_v2_takes_its_own_mask_which_follows_its_slots(
     JsonAnswerMaskV2, whose rows are found through each step's slot mapping."""
     import numpy as np
     import torch
+    import vllm.envs
     from vllm import SamplingParams
     from vllm.config import ModelConfig, VllmConfig
     from vllm.v1.sample.logits_processor import BatchUpdate
@@ -102,8 +133,16 @@ def test_model_runner_v2_takes_its_own_mask_which_follows_its_slots(
 
     config = VllmConfig(model_config=ModelConfig(model=str(hd64_model), dtype="float32"))
     assert processor_for(config) == PROCESSOR  # this CPU build has no Triton: the first runner
+    # vLLM caches its environment once an engine started (another test's, in this process): the
+    # cache is emptied around the variable's change, and again once it is taken back.
+    fresh_environment = getattr(vllm.envs.__getattr__, "cache_clear", lambda: None)
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    assert processor_for(config) == PROCESSOR_V2
+    fresh_environment()
+    try:
+        assert processor_for(config) == PROCESSOR_V2
+    finally:
+        monkeypatch.undo()
+        fresh_environment()
     build_custom_logits_processors_params_validator([PROCESSOR_V2])  # V2's own check at the start
     with pytest.raises(ValueError, match="not a subclass"):
         build_custom_logits_processors_params_validator([PROCESSOR])
@@ -114,11 +153,12 @@ def test_model_runner_v2_takes_its_own_mask_which_follows_its_slots(
     json_params = SamplingParams(stop_token_ids=[5], extra_args={JSON_MASK: True})
     assert v2.add_request(2, json_params) and not v2.add_request(0, SamplingParams())
 
-    def masked(slots: list[int]) -> list[set[int]]:
+    def masked(slots: list[int], previous: list[int] | None = None) -> list[set[int]]:
         v2.apply_staged_writes()
         mapping = torch.tensor(slots)
+        inputs = torch.tensor(previous or [0] * len(slots), dtype=torch.int32)  # each row's last token
         ctx = LogitsContext(
-            mapping, mapping, np.array(slots), mapping * 0, mapping * 0, mapping * 0, np.ones(len(slots))
+            mapping, mapping, np.array(slots), mapping * 0, inputs, mapping * 0, np.ones(len(slots))
         )
         logits = v2.apply(torch.zeros(len(slots), vocab), ctx)
         return [set(torch.nonzero(torch.isinf(row)).flatten().tolist()) for row in logits]
@@ -130,5 +170,9 @@ def test_model_runner_v2_takes_its_own_mask_which_follows_its_slots(
     assert expected and 5 not in expected
     assert masked([0, 2]) == [set(), expected]  # rows follow the step's mapping: slot 2 is row 1
     assert masked([2, 0]) == [expected, set()]
+    # After a token that ends with ED, no token that begins with A0-BF (a surrogate), in that row only.
+    lead, high = surrogate_bytes(hd64_model)
+    assert masked([2, 0], [lead, lead]) == [expected | high, set()]
+    assert masked([2, 0], [high[0] if (high := sorted(high)) else 0, lead])[0] == expected
     v2.add_request(2, SamplingParams())  # slot 2 reused by a plain request
     assert masked([0, 2]) == [set(), set()]

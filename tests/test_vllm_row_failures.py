@@ -128,3 +128,22 @@ def test_tools_beside_a_json_format_are_one_structural_tag(vllm_model: Any) -> N
     with pytest.raises(InvalidJobRequest) as refusal:
         vllm_model.add(job(refused))
     assert refusal.value.param == "response_format", refusal.value
+
+
+def test_bytes_that_spell_a_surrogate_never_get_into_a_json_string(vllm_model: Any) -> None:
+    """xgrammar's string rule takes ED A0-BF xx (an encoded surrogate, not UTF-8) as one
+    character (3 of 15 sampled answers of a user's trial held such bytes): pushed as hard as a
+    client can push them, the mask keeps them out, and the string keeps its maxLength."""
+    import xgrammar
+
+    vocabulary = xgrammar.TokenizerInfo.from_huggingface(vllm_model.served.tokenizer).decoded_vocab
+    high = [i for i, raw in enumerate(vocabulary) if raw and 0xA0 <= raw[0] <= 0xBF]
+    favoured = dict.fromkeys([vocabulary.index(b"\xed"), *high], 100.0)
+    named = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 6}}, "required": ["s"]}
+    jobs = [job(request(f"s {i}?", json_schema=named, logit_bias=favoured, max_tokens=60)) for i in range(2)]
+    seen = drive(vllm_model, jobs, {})
+    for ran in jobs:
+        text = seen.text(ran)
+        assert seen.end(ran).finish_reason == "stop" and "\ufffd" not in text, repr(text)  # type: ignore[union-attr]
+        answer = json.loads(text)["s"]
+        assert len(answer) <= 6 and any("\ud000" <= c < "\ud800" for c in answer), repr(text)

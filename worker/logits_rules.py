@@ -30,6 +30,7 @@ import torch
 from shared.limits import InvalidJobRequest
 from shared.schemas import LOGIT_BIAS, PENALTIES, STRICT_CALLS, STRUCTURED_OUTPUT, GenerationRequest
 from worker.engine import CannotContinue
+from worker.surrogate_bytes import SurrogateGuard, has_surrogate
 
 JSON_SEPARATORS = (",", ":")  # as vLLM's xgrammar backend with disable_any_whitespace
 TAG = "tag:"  # a structural tag's key in the cache (a JSON schema's key starts with '{')
@@ -64,25 +65,28 @@ def not_json_ids(
     the text would not be the JSON the grammar checked), and tokens with a control character:
     JSON without free whitespace has none outside its strings, and a raw one inside a string is
     invalid JSON, which xgrammar 0.2.8's rule for a string with a ``maxLength`` or ``minLength``
-    still lets through. ``vocabulary``: each token's bytes (xgrammar's decoded vocabulary).
+    still lets through; and tokens that spell a surrogate, not UTF-8 (``worker.surrogate_bytes``).
+    ``vocabulary``: each token's bytes (xgrammar's decoded vocabulary).
     ``blanks``: tab, newline and carriage return are taken (text with strict calls in it, whose
     format has newlines around each call)."""
     banned = {i for i in special_ids(tokenizer) if i < len(vocabulary)}
     allowed = BLANKS if blanks else b""
-    banned |= {i for i, raw in enumerate(vocabulary) if any(b < 0x20 and b not in allowed for b in raw)}
+    banned |= {
+        i
+        for i, raw in enumerate(vocabulary)
+        if any(b < 0x20 and b not in allowed for b in raw) or has_surrogate(raw)
+    }
     return banned - stop_ids
 
 
 BLANKS = b"\t\n\r"
 
 
-def _allowed_words(
-    tokenizer: Any, vocabulary: list[bytes], stop_ids: set[int], blanks: bool = False
-) -> torch.Tensor:
-    """xgrammar's bitmask words (int32, bit ``t % 32`` of word ``t // 32`` for token ``t``) of
-    the tokens a JSON grammar may allow: all but ``not_json_ids``."""
-    words = [0xFFFFFFFF] * -(-len(vocabulary) // 32)
-    for token in not_json_ids(tokenizer, vocabulary, stop_ids, blanks):
+def _words_without(size: int, banned: set[int] | frozenset[int]) -> torch.Tensor:
+    """xgrammar's bitmask words (int32, bit ``t % 32`` of word ``t // 32`` for token ``t``) that
+    allow every one of ``size`` tokens but ``banned``."""
+    words = [0xFFFFFFFF] * -(-size // 32)
+    for token in banned:
         words[token // 32] &= ~(1 << (token % 32))
     return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
 
@@ -115,6 +119,8 @@ class Grammars:
         self._compiler: Any = None
         self.allowed: torch.Tensor | None = None  # bitmask words: what a JSON grammar may ever allow
         self.allowed_calls: torch.Tensor | None = None  # and strict calls' (blanks too)
+        self.guard: SurrogateGuard | None = None  # no surrogate across two tokens:
+        self.after_lead: torch.Tensor | None = None  # what may follow a token that ends with ED
         self._compiled: OrderedDict[str, Any] = OrderedDict()
         # Slot threads compile a job's grammar before it joins the engine (``prepare``), so a
         # slow schema (seconds for a long maxLength on a large vocabulary) never stalls the
@@ -130,10 +136,12 @@ class Grammars:
                 self._tokenizer, vocab_size=self.vocab_size, stop_token_ids=self._stop_ids or None
             )
             self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
-            self.allowed = _allowed_words(self._tokenizer, info.decoded_vocab, set(self._stop_ids))
-            self.allowed_calls = _allowed_words(
-                self._tokenizer, info.decoded_vocab, set(self._stop_ids), True
-            )
+            vocabulary, stops = info.decoded_vocab, set(self._stop_ids)
+            size = len(vocabulary)
+            self.allowed = _words_without(size, not_json_ids(self._tokenizer, vocabulary, stops))
+            self.allowed_calls = _words_without(size, not_json_ids(self._tokenizer, vocabulary, stops, True))
+            self.guard = SurrogateGuard(vocabulary)
+            self.after_lead = _words_without(size, self.guard.after_lead)
         return self._compiler
 
     def _compiles(self, schema: dict[str, Any]) -> bool:
@@ -235,6 +243,7 @@ class JobRules:
         device: Any,
         matcher: Any | None = None,
         allowed: torch.Tensor | None = None,
+        surrogates: tuple[SurrogateGuard, torch.Tensor] | None = None,
     ) -> None:
         for token in request.logit_bias:
             if not 0 <= token < vocab_size:
@@ -264,6 +273,11 @@ class JobRules:
         # What its grammar may ever allow: no special token, no raw control character in a JSON
         # answer (Grammars.allowed); tabs and newlines too around strict calls (allowed_calls).
         self.allowed = allowed
+        # No surrogate across two tokens: what may follow a token that ends with ED, and the
+        # last token (the prompt's last, before the answer's first: a continued answer's).
+        self.surrogates = surrogates
+        earlier = answer or prompt
+        self.last: int | None = earlier[-1] if earlier else None
 
     @classmethod
     def of(
@@ -276,7 +290,10 @@ class JobRules:
         # Free text with strict calls keeps tabs and newlines; a JSON answer (calls beside it too) not.
         calls_in_text = request.structural_tag is not None and request.json_or_calls() is None
         allowed = grammars.allowed_calls if calls_in_text else grammars.allowed
-        return cls(request, prompt, answer, grammars.vocab_size, device, matcher, allowed)
+        surrogates = None
+        if matcher is not None and grammars.guard is not None and grammars.after_lead is not None:
+            surrogates = (grammars.guard, grammars.after_lead)
+        return cls(request, prompt, answer, grammars.vocab_size, device, matcher, allowed, surrogates)
 
     def adjust(self, row: torch.Tensor) -> None:
         """Bias and penalties on one job's float32 logits row, in place."""
@@ -292,6 +309,7 @@ class JobRules:
 
     def accept(self, token: int) -> None:
         """The token the job took (an end of sequence ends the job: nothing to count)."""
+        self.last = token
         if self.answered is not None:
             self.counts[token] += 1
             self.answered.add(token)
@@ -319,6 +337,8 @@ def apply_rules(logits: torch.Tensor, rules: list[JobRules]) -> None:
     for i in rows:
         if (allowed := rules[i].allowed) is not None:
             bitmask[i] &= allowed
+        if (surrogates := rules[i].surrogates) is not None and surrogates[0].leaves_lead(rules[i].last):
+            bitmask[i] &= surrogates[1]
     xgrammar.apply_token_bitmask_inplace(
         logits,
         bitmask.to(logits.device, non_blocking=True),

@@ -5,6 +5,9 @@ through (invalid JSON), and a special token decodes to nothing (the text would n
 the grammar checked). The transformers engine masks both kinds for every JSON answer
 (``worker.logits_rules.not_json_ids``); this processor does the same inside vLLM's sampler.
 
+It also keeps a surrogate out across two tokens (``worker.surrogate_bytes``): after a token that
+ends with the byte ED, no token that begins with A0-BF, as the transformers engine does.
+
 It is a vLLM logits processor (``EngineArgs.logits_processors``), built once per engine where
 vLLM runs the model, with the set of banned ids read from the model's tokenizer there; a
 request asks for it with ``extra_args={JSON_MASK: True}``. Each step it sets those rows' banned
@@ -23,7 +26,7 @@ allowed ids, so it refused every JSON request.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
@@ -33,6 +36,7 @@ from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
 
 from worker.logits_rules import not_json_ids
+from worker.surrogate_bytes import SurrogateGuard
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -59,11 +63,12 @@ def _blanks(params: Any) -> bool:
     return (params.extra_args or {}).get(JSON_MASK) == CALLS
 
 
-def banned_ids(model_config: Any) -> dict[bool, frozenset[int]]:
+def banned_ids(model_config: Any) -> tuple[dict[bool, frozenset[int]], SurrogateGuard]:
     """The ids no JSON answer may take on this model (its stop tokens included: each request
     allows its own): special tokens and tokens with a raw control character, from the model's
     tokenizer and xgrammar's decoded vocabulary, as vLLM's own xgrammar backend reads it; under
-    True, those of text with strict calls in it (tab, newline and carriage return allowed)."""
+    True, those of text with strict calls in it (tab, newline and carriage return allowed). And
+    the vocabulary's tokens that leave a surrogate's lead byte open, and those that may not follow."""
     import xgrammar
     from transformers import AutoTokenizer
 
@@ -74,15 +79,18 @@ def banned_ids(model_config: Any) -> dict[bool, frozenset[int]]:
     )
     vocab_size = int(model_config.get_vocab_size())
     vocabulary = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size).decoded_vocab
-    return {blanks: frozenset(not_json_ids(tokenizer, vocabulary, set(), blanks)) for blanks in (False, True)}
+    banned = {
+        blanks: frozenset(not_json_ids(tokenizer, vocabulary, set(), blanks)) for blanks in (False, True)
+    }
+    return banned, SurrogateGuard(vocabulary)
 
 
 class _PerStopSet(Generic[T]):
     """The engine's banned ids less a request's own stop tokens, made into what a processor keeps
     (``make``), once per set of stop tokens (every streamq request has the same one)."""
 
-    def __init__(self, model_config: Any, make: Callable[[list[int]], T]) -> None:
-        self._banned = banned_ids(model_config)  # blanks allowed? -> the ids banned
+    def __init__(self, banned: dict[bool, frozenset[int]], make: Callable[[list[int]], T]) -> None:
+        self._banned = banned  # blanks allowed? -> the ids banned
         self._make = make
         self._made: dict[tuple[bool, frozenset[int]], T] = {}
 
@@ -93,29 +101,40 @@ class _PerStopSet(Generic[T]):
         return self._made[blanks, stops]
 
 
+def _last_token(prompt: list[int] | None, output: list[int]) -> int | None:
+    """The token before the one to sample: the answer's last, else the prompt's (a continued
+    answer's last); None where not known yet (vLLM's placeholder, -1, with async scheduling)."""
+    last = output[-1] if output else (prompt[-1] if prompt else None)
+    return None if last is None or last < 0 else last
+
+
 class JsonAnswerMask(LogitsProcessor):
     """Sets the banned ids' logits to -inf in the rows of the requests that ask for it."""
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
-        self._banned = _PerStopSet(
-            vllm_config.model_config, lambda ids: torch.tensor(ids, dtype=torch.long, device=device)
-        )
-        # Batch row -> (the ids banned there,): in a tuple, which vLLM's helper tests for truth.
-        self._rows: dict[int, tuple[torch.Tensor]] = {}
+        banned, self._guard = banned_ids(vllm_config.model_config)
+        self._banned = _PerStopSet(banned, lambda ids: torch.tensor(ids, dtype=torch.long, device=device))
+        self._after_lead = torch.tensor(sorted(self._guard.after_lead), dtype=torch.long, device=device)
+        # Batch row -> the ids banned there, and the request's prompt and live output ids.
+        self._rows: dict[int, tuple[torch.Tensor, list[int] | None, list[int]]] = {}
 
     def is_argmax_invariant(self) -> bool:
         return False  # it changes what greedy decoding picks
 
-    def _banned_for(self, params: Any, _prompt: Any, _output: Any) -> tuple[torch.Tensor] | None:
-        return (self._banned.of(params),) if _asks(params) else None
+    def _banned_for(
+        self, params: Any, prompt: list[int] | None, output: list[int]
+    ) -> tuple[torch.Tensor, list[int] | None, list[int]] | None:
+        return (self._banned.of(params), prompt, output) if _asks(params) else None
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         process_dict_updates(self._rows, batch_update, self._banned_for)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        for row, (banned,) in self._rows.items():
+        for row, (banned, prompt, output) in self._rows.items():
             if banned.numel():
                 logits[row].index_fill_(0, banned, float("-inf"))
+            if self._guard.leaves_lead(_last_token(prompt, output)):
+                logits[row].index_fill_(0, self._after_lead, float("-inf"))
         return logits
 
 
@@ -128,15 +147,22 @@ class JsonAnswerMaskV2(V2LogitsProcessor):
         self._device = req_states.device
         self._vocab = int(req_states.vocab_size)
         self._rows: list[torch.Tensor] = []  # [vocab] bool, True where banned
-        self._banned = _PerStopSet(vllm_config.model_config, self._new_row)  # -> its index in _rows
+        banned, guard = banned_ids(vllm_config.model_config)
+        self._banned = _PerStopSet(banned, self._new_row)  # -> its index in _rows
+        # No surrogate across two tokens: the ids that end with ED, and those that may not follow.
+        self._lead_ends = self._vocab_row(guard.lead_ends)
+        self._after_lead = self._vocab_row(guard.after_lead)
         self._set_of_slot = np.full(int(req_states.max_num_reqs), -1, dtype=np.int64)  # -1: no mask
         self._slot_sets: torch.Tensor | None = None  # the array above, on the device
         self._dirty = True
 
-    def _new_row(self, ids: list[int]) -> int:
+    def _vocab_row(self, ids: Iterable[int]) -> torch.Tensor:
         row = torch.zeros(self._vocab, dtype=torch.bool)
         row[[i for i in ids if i < self._vocab]] = True
-        self._rows.append(row.to(self._device))
+        return row.to(self._device)
+
+    def _new_row(self, ids: list[int]) -> int:
+        self._rows.append(self._vocab_row(ids))
         return len(self._rows) - 1
 
     def add_request(self, req_idx: int, sampling_params: Any) -> bool:
@@ -160,4 +186,9 @@ class JsonAnswerMaskV2(V2LogitsProcessor):
         for index in sorted(set(used[used >= 0].tolist())):  # only the sets this step's rows have
             rows = row_sets == index
             logits.masked_fill_(rows.unsqueeze(1) & self._rows[index].unsqueeze(0), float("-inf"))
+        # Each row's input token is the one before the token it samples (the prompt's last at a
+        # prefill: a continued answer's last).
+        previous = ctx.input_ids.long().clamp(0, self._vocab - 1)
+        lead_open = (row_sets >= 0) & self._lead_ends[previous]
+        logits.masked_fill_(lead_open.unsqueeze(1) & self._after_lead.unsqueeze(0), float("-inf"))
         return logits
