@@ -55,7 +55,8 @@ class TextPart(BaseModel):
             raise ValueError(
                 f"content parts of type {item_type(value)!r} are not supported (only input_text)"
             )
-        return value
+        # As the openai SDK dumps an input_text it listed (a cache breakpoint: refused if given).
+        return said_nothing(value, {"prompt_cache_breakpoint": (None,)})
 
 
 Content = Text | list[TextPart]
@@ -101,9 +102,16 @@ class FunctionCallItem(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _said_nothing(cls, value: Any) -> Any:
-        # As the openai SDK dumps a call it returned (``async_``: its Python name, unaliased).
+        # As the openai SDK dumps a call it returned or listed (``async_``: its Python name, unaliased).
         return said_nothing(
-            value, {"async": (None, False), "async_": (None, False), "caller": (None,), "namespace": (None,)}
+            value,
+            {
+                "async": (None, False),
+                "async_": (None, False),
+                "caller": (None,),
+                "namespace": (None,),
+                "created_by": (None,),
+            },
         )
 
 
@@ -117,6 +125,13 @@ class FunctionCallOutputItem(BaseModel):
     output: Content
     id: str | None = None
     status: ItemStatus | None = None
+    name: Text | None = None  # the function's: names the tool turn (else the call's, where known)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _said_nothing(cls, value: Any) -> Any:
+        # As the openai SDK dumps an output item it listed (a caller or namespace given is refused).
+        return said_nothing(value, {"caller": (None,), "namespace": (None,), "created_by": (None,)})
 
 
 class UnsupportedItem(BaseModel):
@@ -174,7 +189,7 @@ def chat_messages(items: list[InputItem], history: list[ChatMessage]) -> list[Ch
                 messages[-1] = last.model_copy(update={"tool_calls": [*(last.tool_calls or []), call]})
         elif isinstance(item, FunctionCallOutputItem):
             answer = ChatMessage(role="tool", content=_text(item.output), tool_call_id=item.call_id)
-            answer.name = names.get(item.call_id)
+            answer.name = item.name or names.get(item.call_id)
             messages.append(answer)
     return messages
 
@@ -211,6 +226,7 @@ def listed_items(items: list[InputItem], job_id: str) -> list[dict[str, Any]]:
                     "id": item.id or f"fco_{job_id}_in{n}",
                     "type": "function_call_output",
                     "call_id": item.call_id,
+                    **({"name": item.name} if item.name else {}),
                     "output": output
                     if isinstance(output, str)
                     else [p.model_dump(exclude_none=True) for p in output],

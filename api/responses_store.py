@@ -155,14 +155,30 @@ def _refuse_chaining(response_id: str, why: str) -> ApiError:
     )
 
 
+def _not_found(response_id: str, why: str) -> ApiError:
+    return ApiError(
+        400,
+        f"Previous response with id '{response_id}' not found{why}.",
+        param="previous_response_id",
+        code="previous_response_not_found",
+    )
+
+
 async def earlier_turns(jobs: JobClient, previous_id: str, owner: str) -> tuple[list[ChatMessage], list[str]]:
     """The conversation that ``previous_id`` ends: its own (earlier turns and its input) and its
     answer, as an assistant turn with its tool calls; and the job ids of the chain's responses,
-    ``previous_id``'s last. A 400 naming ``previous_response_id`` for a response that was not
-    stored or has not finished; a 404 for one that is not the caller's."""
-    record = await load_record(jobs, previous_id, owner, param="previous_response_id")
+    ``previous_id``'s last. A 400 naming ``previous_response_id``: OpenAI's
+    ``previous_response_not_found`` for one there is none of (never made, expired, deleted,
+    another key's, or created with ``store: false``: clients that meet it send the whole
+    conversation again), ``invalid_previous_response`` for one not finished."""
+    try:
+        record = await load_record(jobs, previous_id, owner, param="previous_response_id")
+    except ApiError as missing:
+        if missing.status != 404:
+            raise
+        raise _not_found(previous_id, "") from missing
     if not record.store:
-        raise _refuse_chaining(previous_id, "was created with store: false: it cannot be continued")
+        raise _not_found(previous_id, " (it was created with store: false, so it was not kept)")
     view = await jobs.view(record.id, owner)
     status = response_status(view, record.background)
     if status not in ("completed", "incomplete"):

@@ -258,10 +258,12 @@ def test_another_keys_response_is_not_found(secure: SecureStack) -> None:
             lambda: bob.responses.cancel(mine.id),
             lambda: bob.responses.delete(mine.id),
             lambda: bob.responses.input_items.list(mine.id),
-            lambda: bob.responses.create(model=MODEL, input="x", previous_response_id=mine.id),
         ):
             with pytest.raises(openai.NotFoundError):
                 call()
+        with pytest.raises(openai.BadRequestError) as refused:  # as OpenAI answers a missing one
+            bob.responses.create(model=MODEL, input="x", previous_response_id=mine.id)
+        assert refused.value.body["code"] == "previous_response_not_found"  # type: ignore[index]
         with openai_client(secure.b, KEYS["alice"]) as alice_b:  # the owner, on the other front
             assert polled(alice_b, mine.id).status in ("completed", "incomplete")
 

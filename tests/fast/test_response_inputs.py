@@ -59,3 +59,40 @@ async def test_a_chain_is_bounded_by_the_context_not_by_the_limits_of_one_reques
         with pytest.raises(BadRequestError) as refused:
             await client.responses.create(model=MODEL, input="x" * 121, previous_response_id=previous)
         assert refused.value.body["param"] == "input"  # type: ignore[index]
+
+
+async def test_listed_input_items_sent_back_as_the_sdk_dumps_them_are_taken(front: Front) -> None:
+    """``input_items.list`` and ``model_dump()`` of each item write ``"prompt_cache_breakpoint":
+    null`` on a text part, and a call's output its ``caller``, ``name`` and ``namespace``
+    (null, or the function's name): taken, the name naming the tool turn; a cache breakpoint or
+    a caller that asks for something is refused, naming it."""
+    client = _openai(front)
+    forced = await client.responses.create(
+        model=MODEL, input='{"a": 2}', tools=[ADD], tool_choice={"type": "function", "name": "add"}
+    )
+    [call] = forced.output
+    output = {"type": "function_call_output", "call_id": call.call_id, "output": "four", "name": "add"}  # type: ignore[union-attr]
+    first = await client.responses.create(
+        model=MODEL, input=[{"role": "user", "content": '{"a": 2}'}, call.model_dump(), output]
+    )
+    listed = (await client.responses.input_items.list(first.id, order="asc")).data
+    dumped = [item.model_dump() for item in listed]
+    assert "prompt_cache_breakpoint" in dumped[0]["content"][0] and dumped[2]["name"] == "add"
+    again = await client.responses.create(model=MODEL, input=dumped)
+    assert again.output_text == "four"
+    assert [(m.role, m.name) for m in _asked(front, again.id).messages] == [
+        ("user", None),
+        ("assistant", None),
+        ("tool", "add"),
+    ]
+    breakpoint_given = {"type": "input_text", "text": "hi", "prompt_cache_breakpoint": {"ttl": "5m"}}
+    caller_given = {**output, "caller": {"type": "direct"}}
+    for item, param in (
+        ({"role": "user", "content": [breakpoint_given]}, "input.0.content.0.prompt_cache_breakpoint"),
+        (caller_given, "input.1.caller"),
+    ):
+        with pytest.raises(BadRequestError) as refused:
+            await client.responses.create(
+                model=MODEL, input=[call.model_dump(), item] if param.startswith("input.1") else [item]
+            )
+        assert refused.value.body["param"] == param  # type: ignore[index]

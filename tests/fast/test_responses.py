@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 import pytest
-from openai import AsyncOpenAI, BadRequestError, NotFoundError
+from openai import AsyncOpenAI, BadRequestError
 from openai.types.responses import FunctionToolParam, Response
 
 from shared.schemas import GenerationRequest
@@ -200,6 +200,7 @@ async def test_a_previous_response_id_chain_carries_the_conversation(front: Fron
     with pytest.raises(BadRequestError) as refused:
         await client.responses.create(model=MODEL, input="go on", previous_response_id=unstored.id)
     assert refused.value.body["param"] == "previous_response_id"  # type: ignore[index]
+    assert refused.value.body["code"] == "previous_response_not_found"  # type: ignore[index]
     assert "store: false" in refused.value.body["message"]  # type: ignore[index]
     with pytest.raises(BadRequestError):
         await client.responses.input_items.list(unstored.id)
@@ -217,8 +218,14 @@ async def test_a_previous_response_id_chain_carries_the_conversation(front: Fron
         await client.responses.create(model=MODEL, input="go on", previous_response_id=f"resp_{job_id}")
     front.jobs.release()
     assert (await foreground).status == "completed"
-    with pytest.raises(NotFoundError):
-        await client.responses.create(model=MODEL, input="go on", previous_response_id="resp_nope")
+    # One there is none of (never made, expired, deleted) is OpenAI's 400, which clients that
+    # chain take as the sign to send the whole conversation again.
+    for missing in ("resp_nope", f"resp_{'0' * 32}"):
+        with pytest.raises(BadRequestError) as refused:
+            await client.responses.create(model=MODEL, input="go on", previous_response_id=missing)
+        body = refused.value.body
+        assert (body["code"], body["param"]) == ("previous_response_not_found", "previous_response_id")  # type: ignore[index]
+        assert body["message"] == f"Previous response with id '{missing}' not found."  # type: ignore[index]
 
 
 async def test_a_named_function_call_answered_with_its_output(front: Front) -> None:
@@ -382,5 +389,10 @@ async def test_another_keys_response_is_not_found(keyed: Front) -> None:
         response = await http.request(method, path, headers=b)
         assert (response.status_code, response.json()["error"]["code"]) == (404, "response_not_found")
     chained = await http.post("/v1/responses", json={"input": "x", "previous_response_id": rid}, headers=b)
-    assert (chained.status_code, chained.json()["error"]["param"]) == (404, "previous_response_id")
+    refused = chained.json()["error"]
+    assert (chained.status_code, refused["param"], refused["code"]) == (
+        400,
+        "previous_response_id",
+        "previous_response_not_found",
+    )  # as OpenAI answers one it has none of
     assert (await http.get(f"/v1/responses/{rid}", headers=a)).json()["status"] == "completed"
