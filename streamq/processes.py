@@ -21,19 +21,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def port_in_use(host: str, port: int) -> bool:
-    """Something listens on (or holds) ``host:port``. Bound as uvicorn binds (SO_REUSEADDR), so a
-    port whose last connections linger in TIME_WAIT (a stack just stopped) is free, as it is to
-    uvicorn."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
 def streamq_command(*args: str) -> list[str]:
     """The ``streamq`` command run by this Python (no console script on PATH needed)."""
     return [sys.executable, "-m", "streamq", *args]

@@ -22,8 +22,10 @@ def add_commands(sub: Any) -> None:
     up = sub.add_parser(
         "up", help="run Redis (private, unless STREAMQ_REDIS_URL is set), the front and workers"
     )
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8000)
+    up.add_argument(
+        "--host", default="127.0.0.1", help="the front's address (default 127.0.0.1; another needs API keys)"
+    )
+    up.add_argument("--port", type=int, default=8000, help="the front's port (default 8000)")
     up.add_argument("--model", help="hub name or local folder (default: the tiny demo model)")
     up.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     up.add_argument("--device", choices=DEVICES)

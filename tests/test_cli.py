@@ -22,7 +22,8 @@ import pytest
 import redis
 
 from shared import keys
-from streamq.processes import free_port, port_in_use, wait_for
+from shared.ports import port_in_use
+from streamq.processes import free_port, wait_for
 from tests.conftest import Stack
 from tests.processes import ROOT, clean_env
 from tests.sse import follow
@@ -170,6 +171,23 @@ def test_a_port_a_stopped_server_just_closed_is_free_to_start_on_again() -> None
     listener.close()
     client.close()
     assert not port_in_use("127.0.0.1", port)
+
+
+def test_a_front_on_a_port_in_use_says_so_before_it_starts() -> None:
+    """``streamq api`` on a taken port logged "Application startup complete", then uvicorn's
+    errno, and exited 3; it now says which port, and what to do, before anything starts."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        refused = subprocess.run(
+            [str(BIN / "streamq"), "api", "--port", str(port)],
+            env=clean_env(STREAMQ_METRICS_PORT="0"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert refused.returncode == 2, refused.stderr
+    assert f"port {port} on 127.0.0.1 is in use; choose another with --port" in refused.stderr
+    assert "startup complete" not in refused.stderr
 
 
 def test_up_without_redis_server_on_path_serves_on_the_embedded_server(

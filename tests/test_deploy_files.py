@@ -199,6 +199,19 @@ def test_scaled_object_targets_the_queue_the_code_uses() -> None:
     assert config.get("STREAMQ_SCALE_TO_ZERO") == "1" or scaled["minReplicaCount"] > 0
 
 
+def test_a_stopping_front_is_out_of_the_service_before_it_stops_listening() -> None:
+    """A front closes its listener at SIGTERM, while the Service's endpoints (and an ingress's
+    upstreams) still send it new connections for a few seconds: refused, a 502 no proxy retries
+    for a POST. A preStop wait holds the signal back; the grace period has room for it and the
+    front's own STREAMQ_SHUTDOWN_GRACE."""
+    pod = find_base("Deployment", "streamq-api")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    waited = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert waited[0] == "sleep" and float(waited[1]) >= 5
+    grace = Settings().shutdown_grace
+    assert pod["terminationGracePeriodSeconds"] >= float(waited[1]) + grace + 5
+
+
 def test_worker_deployment_has_a_gpu_a_model_cache_and_time_to_drain() -> None:
     config = find_base("ConfigMap", "streamq-config")["data"]
     Settings(**{k.removeprefix("STREAMQ_").lower(): v for k, v in config.items() if k.startswith("STREAMQ_")})

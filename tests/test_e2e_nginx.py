@@ -80,6 +80,12 @@ http {{
     server {{
         listen 127.0.0.1:{port};
 {readme_nginx_blocks()}
+        location /llm/ {{  # the same fronts under a path prefix (the web page's paths are relative)
+            proxy_pass http://streamq_fronts/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
     }}
 }}
 """
@@ -143,3 +149,28 @@ def test_event_streams_arrive_whole_and_resume_through_nginx(proxied: Proxied) -
     assert [line for line in whole.splitlines() if line.startswith("id: ")] == [
         f"id: {i}" for i in seen + [e.id for e in rest]
     ]
+
+
+def test_a_body_too_large_gets_the_fronts_json_refusal_through_nginx(proxied: Proxied) -> None:
+    """nginx's own limit (1 MB by default) answered an HTML page: the README's blocks let the
+    front's limit (STREAMQ_MAX_BODY_BYTES, 1 MiB) refuse it, in the envelope."""
+    big = {"model": MODEL, "prompt": "x" * 1_100_000, "max_tokens": 1}
+    refused = httpx.post(f"{proxied.url}/v1/jobs", json=big, timeout=30)
+    assert refused.status_code == 413 and refused.headers["content-type"].startswith("application/json")
+    assert refused.json()["error"]["code"] == "request_too_large"
+
+
+def test_the_web_page_works_under_a_path_prefix(proxied: Proxied) -> None:
+    """The page's files and its calls are relative to it: under /llm/, all of them stay there."""
+    page = httpx.get(f"{proxied.url}/llm/", timeout=10)
+    assert page.status_code == 200
+    files = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert files and all(not f.startswith("/") for f in files if not f.startswith("data:")), files
+    for name in files:
+        if not name.startswith("data:"):
+            assert httpx.get(f"{proxied.url}/llm/{name}", timeout=10).status_code == 200, name
+    script = httpx.get(f"{proxied.url}/llm/static/chat.js", timeout=10).text
+    called = re.findall(r'(?:api\("[A-Z]+", |fetch\()[`"]([^`"]+)', script)
+    assert called and all(path.startswith("v1/") for path in called), called
+    for path in ("v1/models",):
+        assert MODEL in httpx.get(f"{proxied.url}/llm/{path}", timeout=10).text

@@ -85,11 +85,12 @@ class SlotPool:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         slots = runtime.engine.slots
+        device = runtime.backend.device
         log.info(
-            "worker %s serves %s on %s with %d slots",
+            "worker %s serves %s %s with %d slots",
             self.name,
             runtime.served_name,
-            runtime.backend.device,
+            "(synthetic text, no model)" if device == "none" else f"on {device}",
             slots,
         )
         dispatcher = Dispatcher(self.connection, runtime, slots, self.name, self.settings, burst=self.burst)

@@ -58,9 +58,10 @@
   // ----- models ------------------------------------------------------------------------------
   async function loadModels() {
     const select = $("model");
-    const wanted = select.value;
     try {
-      const list = await api("GET", "/v1/models");
+      const list = await api("GET", "v1/models");
+      // The one chosen, else the one this tab chose before a reload (restore()).
+      const wanted = select.value || keptModel;
       select.replaceChildren();
       for (const m of list.data) {
         const opt = document.createElement("option");
@@ -68,8 +69,15 @@
         opt.textContent = m.id;
         select.append(opt);
       }
-      if (wanted) select.value = wanted;
-      notice(list.data.length ? "" : "No model is served right now (no live worker).");
+      const served = list.data.some((m) => m.id === wanted);
+      if (served) select.value = wanted;
+      if (list.data.length && wanted && !served) {
+        notice(`The model ${wanted} is not served now: questions go to ${select.value}.`);
+      } else {
+        notice(list.data.length ? "" : "No model is served right now (no live worker).");
+      }
+      keptModel = "";
+      save();
     } catch (err) {
       notice(explain(err));
     }
@@ -164,7 +172,7 @@
       try {
         const h = headers({ Accept: "text/event-stream" });
         if (lastId) h["Last-Event-ID"] = lastId;
-        const res = await fetch(`/v1/jobs/${encodeURIComponent(jobId)}/events`, { headers: h, cache: "no-store" });
+        const res = await fetch(`v1/jobs/${encodeURIComponent(jobId)}/events`, { headers: h, cache: "no-store" });
         if (res.status === 204) return; // the final event was already received
         if (!res.ok) {
           let body = null;
@@ -224,6 +232,7 @@
   // (sessionStorage): a reload shows them again and follows the running job from its first event
   // (it ran on meanwhile), rather than losing the conversation and leaving the job unseen.
   const SAVED = "streamq.chat";
+  let keptModel = ""; // the model this tab had chosen, until the list of models is back
   const SUBMIT_RESENDS = 3; // a question whose answer was lost on the way is sent again this often
   let shown = []; // {role, text, status?, state?, jobId?, note?} of each ended exchange, in order
 
@@ -234,7 +243,8 @@
       ? Object.assign({}, running.resume, { stopped: running.stopped })
       : null;
     try {
-      sessionStorage.setItem(SAVED, JSON.stringify({ history, shown, pending }));
+      const settings = { model: $("model").value || keptModel, maxTokens: $("max-tokens").value };
+      sessionStorage.setItem(SAVED, JSON.stringify({ history, shown, pending, settings }));
     } catch (_) { /* storage full or refused: the page works on, a reload just forgets */ }
   }
 
@@ -247,6 +257,10 @@
     let kept = {};
     try { kept = JSON.parse(sessionStorage.getItem(SAVED) || "{}"); } catch (_) { kept = {}; }
     if (!isObject(kept)) kept = {};
+    // The model and the answer's length chosen: the next question goes where the last one went.
+    const settings = isObject(kept.settings) ? kept.settings : {};
+    if (typeof settings.model === "string" && !$("model").value) keptModel = settings.model;
+    if (typeof settings.maxTokens === "string") $("max-tokens").value = settings.maxTokens;
     history = Array.isArray(kept.history) && kept.history.every(isTurn) ? kept.history : [];
     shown = Array.isArray(kept.shown) ? kept.shown.filter(isObject) : [];
     for (const m of shown) {
@@ -391,7 +405,7 @@
       running.resume = { question, body, jobId: null, dropped, key };
       save(); // before it is sent: a reload from here on sends it again with its key
       try {
-        const job = await api("POST", "/v1/jobs", body, { "Idempotency-Key": `${key}-${dropped}` });
+        const job = await api("POST", "v1/jobs", body, { "Idempotency-Key": `${key}-${dropped}` });
         if (dropped) noteDropped(answer, dropped);
         return Object.assign(job, { dropped });
       } catch (err) {
@@ -437,7 +451,7 @@
 
   async function cancelJob(jobId) {
     try {
-      await api("POST", `/v1/jobs/${encodeURIComponent(jobId)}/cancel`);
+      await api("POST", `v1/jobs/${encodeURIComponent(jobId)}/cancel`);
     } catch (err) {
       if (!(err instanceof ApiError && err.status === 409)) notice(`Could not stop: ${explain(err)}`);
     }
@@ -471,6 +485,8 @@
       }
     });
     $("stop").addEventListener("click", stop);
+    $("model").addEventListener("change", save);
+    $("max-tokens").addEventListener("input", save);
     $("question").addEventListener("focus", () => { if (!$("model").value) loadModels(); });
     $("new-chat").addEventListener("click", () => {
       if (running) return;
@@ -480,8 +496,8 @@
       $("log").replaceChildren($("empty"));
       $("empty").hidden = false;
     });
-    loadModels();
     restore();
+    loadModels();
     $("question").focus();
   }
 
