@@ -2,9 +2,12 @@
 and one sent compressed (a ``Content-Encoding`` but ``identity``) with 415: the routes read JSON
 as it is sent, and would take a gzip body for bad JSON, or a plain body labelled gzip as plain.
 
-A declared ``Content-Length`` over the limit is refused without reading (the server holds the
-body to its length); a body sent without one (chunked, or HTTP/2) is read up to the limit and
-then handed on whole, or refused once it passes it.
+A declared ``Content-Length`` over the limit is refused once the body is read and dropped, up to
+``DRAIN_FACTOR`` times the limit: a reverse proxy (nginx) sends a body it has buffered whole, and
+a server that answers and closes before reading it breaks the proxy's write, which the client
+then sees as the proxy's 502, not this 413. A longer one is refused without reading (the
+connection closes). A body sent without a length (chunked, or HTTP/2) is read up to the limit
+and then handed on whole, or refused once it passes it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_envelope
+
+DRAIN_FACTOR = 8  # a body declared up to this many times the limit is read (and dropped) before the 413
 
 
 class BodySizeLimit:
@@ -37,6 +42,8 @@ class BodySizeLimit:
             except ValueError:
                 declared = -1
             if declared > self.max_bytes:
+                if declared <= DRAIN_FACTOR * self.max_bytes and not await _drained(receive):
+                    return  # the client went away while sending
                 await self._refuse(send)
                 return
             await self.app(scope, receive, send)  # the server holds the body to its length
@@ -60,6 +67,16 @@ class BodySizeLimit:
     async def _refuse(self, send: Send) -> None:
         message = f"the request body is larger than {self.max_bytes} bytes (STREAMQ_MAX_BODY_BYTES)"
         await _refuse(send, 413, message, "request_too_large")
+
+
+async def _drained(receive: Receive) -> bool:
+    """Read the rest of the body and drop it; False if the client went away first."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return False
+        if not message.get("more_body", False):
+            return True
 
 
 async def _refuse(send: Send, status: int, message: str, code: str) -> None:
