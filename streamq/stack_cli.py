@@ -50,7 +50,7 @@ def run(args: argparse.Namespace, front_may_start: Callable[[Settings, str], boo
             settings, device=args.device, dtype=args.dtype, engine=args.engine, insecure=args.insecure
         )
     except ValidationError as exc:
-        return refuse_to_start(exc)
+        return refuse_to_start(exc, {"redis_url": "--redis-url"} if args.command == "status" else None)
     from streamq.launcher import run_up
 
     if not front_may_start(settings, args.host):

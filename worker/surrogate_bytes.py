@@ -10,8 +10,10 @@ stray continuation bytes, code points past U+10FFFF) the grammar already refuses
 So a JSON answer (or text with strict calls) never takes a token with ED and A0-BF inside it
 (``has_surrogate``: both engines' fixed mask), and after a token that ends with the lead byte ED
 no token that begins with A0-BF (``after_lead``): ED 80-9F, the characters just below U+D800,
-stay allowed, so the grammar always has a way on. ED is never a continuation byte, so a token
-that ends with it always leaves a character open.
+stay allowed, so any grammar that allows some character there has a way on (one whose string
+allows surrogates only, a ``pattern`` of the range U+D800 to U+DFFF, has none: its job fails naming
+``response_format``, as for any schema no UTF-8 answer follows). ED is never a continuation
+byte, so a token that ends with it always leaves a character open.
 """
 
 from __future__ import annotations

@@ -149,9 +149,11 @@ class JsonAnswerMaskV2(V2LogitsProcessor):
         self._rows: list[torch.Tensor] = []  # [vocab] bool, True where banned
         banned, guard = banned_ids(vllm_config.model_config)
         self._banned = _PerStopSet(banned, self._new_row)  # -> its index in _rows
-        # No surrogate across two tokens: the ids that end with ED, and those that may not follow.
+        # No surrogate across two tokens: the ids that end with ED, and those that may not follow
+        # (a few thousand ids: only their columns are touched).
         self._lead_ends = self._vocab_row(guard.lead_ends)
-        self._after_lead = self._vocab_row(guard.after_lead)
+        after_lead = sorted(i for i in guard.after_lead if i < self._vocab)
+        self._after_lead = torch.tensor(after_lead, dtype=torch.long).to(self._device)
         self._set_of_slot = np.full(int(req_states.max_num_reqs), -1, dtype=np.int64)  # -1: no mask
         self._slot_sets: torch.Tensor | None = None  # the array above, on the device
         self._dirty = True
@@ -190,5 +192,7 @@ class JsonAnswerMaskV2(V2LogitsProcessor):
         # prefill: a continued answer's last).
         previous = ctx.input_ids.long().clamp(0, self._vocab - 1)
         lead_open = (row_sets >= 0) & self._lead_ends[previous]
-        logits.masked_fill_(lead_open.unsqueeze(1) & self._after_lead.unsqueeze(0), float("-inf"))
+        if self._after_lead.numel():
+            columns = logits[:, self._after_lead]
+            logits[:, self._after_lead] = columns.masked_fill(lead_open.unsqueeze(1), float("-inf"))
         return logits

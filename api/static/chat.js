@@ -5,7 +5,9 @@
 
 (() => {
   const $ = (id) => document.getElementById(id);
-  const KEY_STORE = "streamq.apiKey";
+  // Storage is the origin's: a page under a path prefix (a proxy's /llm/) keeps its own.
+  const SCOPE = location.pathname === "/" ? "" : `:${location.pathname}`;
+  const KEY_STORE = `streamq.apiKey${SCOPE}`;
   const FINAL = new Set(["done", "error", "canceled"]);
   const RETRY_STATUSES = new Set([429, 502, 503, 504]);
   const BACKOFF = { initial: 250, factor: 2, cap: 4000, maxAttempts: 12 };
@@ -71,11 +73,12 @@
       }
       const served = list.data.some((m) => m.id === wanted);
       if (served) select.value = wanted;
-      if (list.data.length && wanted && !served) {
-        notice(`The model ${wanted} is not served now: questions go to ${select.value}.`);
-      } else {
-        notice(list.data.length ? "" : "No model is served right now (no live worker).");
+      if (!list.data.length) {
+        notice("No model is served right now (no live worker).");
+        keptModel = wanted; // the choice stays for the next list
+        return;
       }
+      notice(wanted && !served ? `The model ${wanted} is not served now: questions go to ${select.value}.` : "");
       keptModel = "";
       save();
     } catch (err) {
@@ -231,7 +234,7 @@
   // The conversation shown, the one sent, and the answer being written are kept for this tab
   // (sessionStorage): a reload shows them again and follows the running job from its first event
   // (it ran on meanwhile), rather than losing the conversation and leaving the job unseen.
-  const SAVED = "streamq.chat";
+  const SAVED = `streamq.chat${SCOPE}`;
   let keptModel = ""; // the model this tab had chosen, until the list of models is back
   const SUBMIT_RESENDS = 3; // a question whose answer was lost on the way is sent again this often
   let shown = []; // {role, text, status?, state?, jobId?, note?} of each ended exchange, in order
@@ -286,7 +289,8 @@
   // ----- a question and its answer -----------------------------------------------------------
   async function ask(question) {
     const body = { messages: history.concat([{ role: "user", content: question }]) };
-    if ($("model").value) body.model = $("model").value;
+    const model = $("model").value || keptModel; // the one kept, until the list is back
+    if (model) body.model = model;
     const maxTokens = parseInt($("max-tokens").value, 10);
     if (maxTokens > 0) body.max_tokens = maxTokens;
     addMessage("user", question);
