@@ -379,8 +379,22 @@ class JobService:
             log.warning("job %s: RQ bookkeeping of the cancel failed: %s", job_id, exc)
 
     async def _wait_final(self, job_id: str) -> None:
-        deadline = time.monotonic() + self._settings.cancel_wait
-        while time.monotonic() < deadline:
+        """Wait up to ``cancel_wait`` for the job to end; then, where its run's lease is no longer
+        renewed (its worker died), until it lapses and the janitor has ended the job: a worker
+        that died just before the cancel holds its job until then (as long as the wait, by
+        default), and its cancel answered "running" a tenth of a second before the job ended."""
+        s = self._settings
+        deadline = time.monotonic() + s.cancel_wait
+        extended = False
+        while True:
             if await self._redis.hget(keys.job(job_id), JobField.STATUS) in FINAL_STATUSES:
                 return
+            if time.monotonic() >= deadline:
+                if extended:
+                    return
+                extended = True
+                left = await self._redis.pttl(keys.lease(job_id))  # ms; -2: lapsed already
+                if left > 1000 * (s.lease_seconds - 2 * s.lease_renew_seconds):  # renewed: a live
+                    return  # worker's (it ends when the engine drops it, after this answer)
+                deadline = time.monotonic() + max(left, 0) / 1000 + 2 * s.janitor_interval + 0.5
             await asyncio.sleep(0.02)

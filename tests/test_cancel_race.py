@@ -2,7 +2,9 @@
 cancel. The cancel answered 200 with the finished job (a fuzzer's find, about 1 in 80 tries),
 as if it had canceled it; it is a 409 ``job_already_ended`` with the job, as for a job that had
 ended before the cancel came. Made certain here: the worker is frozen (SIGSTOP) while the
-cancel waits, and its end is written as its worker would write it."""
+cancel waits, and its end is written as its worker would write it. A cancel that comes as its
+job's worker dies waits for the lease to lapse and the job to end canceled (it answered
+"running", a tenth of a second before the job ended)."""
 
 from __future__ import annotations
 
@@ -72,3 +74,17 @@ def test_a_cancel_the_jobs_end_overtook_is_a_409_with_the_finished_job(
     assert response.status_code == 409, response.text
     body = response.json()
     assert body["error"]["code"] == "job_already_ended" and body["job"]["status"] == "finished", body
+
+
+def test_a_cancel_as_the_worker_dies_answers_the_canceled_job(
+    deployment: tuple[str, Service, redis.Redis],
+) -> None:
+    url, worker, r = deployment
+    with httpx.Client(timeout=30) as http:
+        job = http.post(f"{url}/v1/jobs", json={"model": MODEL, "prompt": "hi", "max_tokens": 100}).json()
+        wait_for(lambda: r.hget(keys.job(job["id"]), JobField.STATUS) == "running", 20, "the job running")
+        worker.proc.kill()
+        worker.proc.wait(10)
+        canceled = http.post(f"{url}/v1/jobs/{job['id']}/cancel")
+    assert canceled.status_code == 200, canceled.text
+    assert canceled.json()["status"] == "canceled", canceled.json()  # not "running"

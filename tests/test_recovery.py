@@ -130,3 +130,30 @@ def test_a_stopping_worker_hands_its_job_back_after_the_drain_time(
     check_rq_has_no_ghost(stack, job["id"], model)
     view = httpx.get(f"{stack.url}/v1/jobs/{job['id']}").json()
     assert view["worker"] != stopping.name
+
+
+def test_a_continued_jobs_timeout_counts_from_its_first_start(stack: Stack) -> None:
+    """A job's timeout started again with each run: a 3 s job handed back again and again ran
+    on for 23 s, and past its keys' lifetime (set at submit), which expired under it: the job
+    vanished mid-answer. Its timeout now counts from its first start."""
+    from streamq.processes import start_synthetic_worker
+
+    model = "recover-timeout"
+    env = {**stack.env, "STREAMQ_DRAIN_SECONDS": "0.2", "STREAMQ_LEASE_SECONDS": "2"}
+    workers = [start_synthetic_worker(env, stack.logdir, model, f"{model}-{n}", 10) for n in "ab"]
+    stack.services.extend(workers)
+    wait_for(lambda: httpx.get(f"{stack.url}/readyz").json()["models"].get(model, 0) == 2, 60, "2 workers")
+    body = {"model": model, "prompt": "x", "max_tokens": 200, "timeout": 4}
+    job_id = httpx.post(f"{stack.url}/v1/jobs", json=body, timeout=30).json()["id"]
+    first = running_on(stack, job_id, 20)  # 2 s into its 4
+    next(w for w in workers if w.name == first).stop(signal.SIGTERM)  # handed back to the other
+
+    def ended() -> dict[str, Any] | None:
+        view = httpx.get(f"{stack.url}/v1/jobs/{job_id}").json()
+        return view if view["status"] in ("finished", "failed", "canceled") else None
+
+    wait_for(lambda: ended() is not None, 30, "the job to end")
+    view = ended()
+    assert view is not None and view["finish_reason"] == "timeout" and view["worker"] != first, view
+    assert view["finished_at"] - view["started_at"] < 4 + 1.0, view  # not 4 s after the second start
+    assert view["usage"]["completion_tokens"] <= 4 * 10 + 5, view

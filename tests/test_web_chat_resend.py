@@ -1,10 +1,14 @@
 """The web chat page reloaded while a question is being sent (headless Chromium): the job was
 made, its id had not come back. The page sends the question again with its Idempotency-Key and
 follows the one job the first send made, rather than losing the question (or making a second
-job). A reload keeps the model and the answer's length chosen."""
+job). A reload keeps the model and the answer's length chosen. A stream that went silent (a
+front that froze, a path that dropped it without a reset) is resumed on a new connection."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import uuid
 from typing import Any
 
@@ -76,3 +80,79 @@ def test_a_reload_keeps_the_model_and_the_answer_length_chosen(browser: Any, slo
         assert job["model"] == model and job["usage"]["completion_tokens"] == 4, job
     finally:
         worker.stop()
+
+
+class _StallingProxy:
+    """A TCP proxy to a front whose open connections can be made to pass nothing from then on,
+    both ways, without a close or a reset (a path that lost them); new connections pass."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.removeprefix("http://").split(":")
+        self.upstream = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connections = 0
+        self._stalled: list[threading.Event] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            upstream = socket.create_connection(self.upstream)
+            stalled = threading.Event()
+            self._stalled.append(stalled)
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink, stalled), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket, stalled: threading.Event) -> None:
+        try:
+            while data := source.recv(65536):
+                if not stalled.is_set():  # once stalled, what comes is dropped
+                    sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def stall(self) -> None:
+        for stalled in self._stalled:
+            stalled.set()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_stream_that_went_silent_is_resumed_on_a_new_connection(
+    browser: Any, slow_stack: SlowStack
+) -> None:
+    """A front that froze, or a path that dropped the stream without a reset: the page waited
+    for ever ("Generating…" with the job long finished). A stream silent for twice the front's
+    keep-alive interval and 5 s is taken for lost, and resumed after its last event."""
+    from streamq.processes import start_front
+
+    front, url = start_front(
+        {**slow_stack.env, "STREAMQ_PING_INTERVAL": "1"}, slow_stack.logdir, "pinging-front"
+    )
+    proxy = _StallingProxy(url)
+    try:
+        _open(browser, slow_stack, proxy.url)
+        tokens = 8 * SLOW_TOKENS_PER_SECOND
+        answer = _ask(browser, "A long one.", tokens)
+        until(browser, lambda: len(_text(answer).split()) >= 5, "the answer to run")
+        before = proxy.connections
+        proxy.stall()
+        until(browser, lambda: _state(answer) == "done", "the answer to its end after the stall", timeout=60)
+        job = slow_stack.job(answer.get_attribute("data-job-id"))
+        assert job["status"] == "finished" and len(job["text"].split()) == tokens
+        assert _text(answer) == job["text"]  # nothing lost, nothing twice
+        assert proxy.connections > before  # a new connection took the stream on
+    finally:
+        proxy.close()
+        front.stop()

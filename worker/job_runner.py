@@ -120,6 +120,12 @@ class JobRunner:
         first_run = not fields.get(JobField.STARTED_AT)
         if not first_run:
             job.first_started_at = float(fields[JobField.STARTED_AT])
+            # Its timeout counts from its first start, the runs before this one and their gaps
+            # included: restarted with each run, a job handed back or continued again and again
+            # ran on past it, and past its keys' lifetime (set at submit: queue TTL + timeout +
+            # result TTL), which then expired under it mid-answer. Spent already: it ends at
+            # once, "timeout", with the text it has.
+            job.deadline -= max(0.0, started_at - job.first_started_at)
         if first_run and waited > limit:
             self._metrics.queue_wait.observe(waited)  # the longest waits too, or the histogram lies low
             message = f"the job waited {waited:.0f} s in its queue, longer than the limit of {limit} s"

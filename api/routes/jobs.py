@@ -122,7 +122,10 @@ async def job_events(
         finally:
             await events.aclose()
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
+    # The keep-alive's interval: a client that heard nothing for a few of them takes the stream
+    # for lost (a front that froze, a network path that dropped it silently) and resumes.
+    heard_every = {"X-Streamq-Ping-Interval": f"{jobs.settings.ping_interval:g}"}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS | heard_every)
 
 
 @router.post("/{job_id}/cancel", responses=error_responses(404, 409))

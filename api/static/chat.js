@@ -126,14 +126,16 @@
   }
 
   // ----- streaming ---------------------------------------------------------------------------
-  // Server-Sent Events from a fetch() body: calls onEvent({id, event, data}) per event.
-  async function readEvents(response, onEvent) {
+  // Server-Sent Events from a fetch() body: calls onEvent({id, event, data}) per event, and
+  // heard() whenever bytes come (keep-alive comments too).
+  async function readEvents(response, onEvent, heard) {
     const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
     let ev = { id: null, event: "message", data: [] };
     for (;;) {
       const { value, done } = await reader.read();
       if (done) return false;
+      heard();
       buffer += value;
       let cut;
       while ((cut = buffer.search(/\r\n|\r|\n/)) >= 0) {
@@ -164,6 +166,12 @@
 
   const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+  // A stream with nothing, not even a keep-alive, for this long is taken for dropped: a front that
+  // froze, or a network path that lost it without a reset, would hold the answer forever. The
+  // front sends a keep-alive after X-Streamq-Ping-Interval seconds of silence (15 by default).
+  const silenceLimit = (ping) => (2 * ping + 5) * 1000;
+  let silenceMs = silenceLimit(15);
+
   // Follows a job to its final event; resumes with Last-Event-ID after a drop (capped backoff).
   async function follow(jobId, onEvent, onRetry) {
     let lastId = null;
@@ -172,10 +180,22 @@
     let pageError = null;
     for (;;) {
       let why;
+      const stream = new AbortController();
+      let timer = null;
+      let stalled = false;
+      const heard = () => {
+        clearTimeout(timer);
+        timer = setTimeout(() => { stalled = true; stream.abort(); }, silenceMs);
+      };
       try {
         const h = headers({ Accept: "text/event-stream" });
         if (lastId) h["Last-Event-ID"] = lastId;
-        const res = await fetch(`v1/jobs/${encodeURIComponent(jobId)}/events`, { headers: h, cache: "no-store" });
+        heard(); // the wait for the answer's headers counts too
+        const res = await fetch(`v1/jobs/${encodeURIComponent(jobId)}/events`,
+          { headers: h, cache: "no-store", signal: stream.signal });
+        const ping = parseFloat(res.headers.get("X-Streamq-Ping-Interval"));
+        if (ping > 0) silenceMs = silenceLimit(ping);
+        heard();
         if (res.status === 204) return; // the final event was already received
         if (!res.ok) {
           let body = null;
@@ -195,7 +215,7 @@
             if (ev.id) lastId = ev.id; // after it was shown: a resume never skips an event
             attempts = 0;
             return FINAL.has(ev.event);
-          });
+          }, heard);
           if (pageError) throw pageError;
           if (ended) return;
           why = "the stream ended early";
@@ -203,7 +223,9 @@
       } catch (err) {
         if (err === pageError) throw err;
         if (err instanceof ApiError && !RETRY_STATUSES.has(err.status)) throw err;
-        why = why || err.message || "network error";
+        why = stalled ? `nothing came for ${Math.round(silenceMs / 1000)} s` : why || err.message || "network error";
+      } finally {
+        clearTimeout(timer);
       }
       attempts += 1;
       if (attempts > BACKOFF.maxAttempts) throw new Error(`connection lost: ${why}`);
