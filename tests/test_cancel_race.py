@@ -49,13 +49,21 @@ def deployment(tmp_path: Path) -> Iterator[tuple[str, Service, redis.Redis]]:
         server.close()
 
 
+def _running_job(http: httpx.Client, url: str, r: redis.Redis) -> dict[str, Any]:
+    """A job submitted, once its worker runs it."""
+    job: dict[str, Any] = http.post(
+        f"{url}/v1/jobs", json={"model": MODEL, "prompt": "hi", "max_tokens": 100}
+    ).json()
+    wait_for(lambda: r.hget(keys.job(job["id"]), JobField.STATUS) == "running", 20, "the job running")
+    return job
+
+
 def test_a_cancel_the_jobs_end_overtook_is_a_409_with_the_finished_job(
     deployment: tuple[str, Service, redis.Redis],
 ) -> None:
     url, worker, r = deployment
     with httpx.Client(timeout=30) as http:
-        job = http.post(f"{url}/v1/jobs", json={"model": MODEL, "prompt": "hi", "max_tokens": 100}).json()
-        wait_for(lambda: r.hget(keys.job(job["id"]), JobField.STATUS) == "running", 20, "the job running")
+        job = _running_job(http, url, r)
         worker.proc.send_signal(signal.SIGSTOP)  # it will not see the cancel
         answer: dict[str, Any] = {}
 
@@ -81,8 +89,7 @@ def test_a_cancel_as_the_worker_dies_answers_the_canceled_job(
 ) -> None:
     url, worker, r = deployment
     with httpx.Client(timeout=30) as http:
-        job = http.post(f"{url}/v1/jobs", json={"model": MODEL, "prompt": "hi", "max_tokens": 100}).json()
-        wait_for(lambda: r.hget(keys.job(job["id"]), JobField.STATUS) == "running", 20, "the job running")
+        job = _running_job(http, url, r)
         worker.proc.kill()
         worker.proc.wait(10)
         canceled = http.post(f"{url}/v1/jobs/{job['id']}/cancel")
