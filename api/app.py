@@ -14,6 +14,7 @@ from api.auth import ApiKeys, RequireApiKey
 from api.body_limit import BodySizeLimit
 from api.cli import MULTIPROC_ENV
 from api.cors import EnvelopeCORS
+from api.error_counts import count_errors
 from api.errors import install_error_handlers
 from api.job_client import JobClient
 from api.metrics import FrontMetrics
@@ -107,6 +108,7 @@ def create_app(
             expose_headers=["X-Streamq-Job-Id", "Location", "Retry-After", "Idempotent-Replayed"],
             max_age=600,
         )
+    app.add_middleware(count_errors, counter=front_metrics.api_errors)  # added last: sees every answer
     app.include_router(jobs.router)
     app.include_router(health.router)
     app.include_router(compat.router)

@@ -107,6 +107,12 @@ class FrontMetrics:
             buckets=WAIT_BUCKETS,
             registry=self.registry,
         )
+        self.api_errors = Counter(
+            "streamq_api_errors",
+            "Error answers of this front, by HTTP status and the error envelope's code",
+            ["status", "code"],
+            registry=self.registry,
+        )
         self.redis_errors = Counter(
             "streamq_redis_errors", "Redis commands that failed", ["component"], registry=self.registry
         ).labels("front")

@@ -25,8 +25,9 @@ from redis.exceptions import LockError
 from redis.lock import Lock
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
+from rq.job import JobStatus as RQStatus
 from rq.queue import Queue
-from rq.registry import StartedJobRegistry
+from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.worker import Worker
 
 from shared import keys
@@ -158,7 +159,26 @@ class Janitor(BackgroundThread):
                 )
             if answer == Answer.REQUEUED:
                 requeued.append(job_id)
+            elif answer in (JobStatus.FAILED, JobStatus.CANCELED) and model:
+                self._unqueue_ended(job_id, answer, failure.message)
         return requeued
+
+    def _unqueue_ended(self, job_id: str, answer: str, reason: str) -> None:
+        """A job the requeue ended (its attempts spent, or a cancel its dead worker never saw)
+        leaves the RQ queue it was put back on first, and RQ's record says how it ended: left
+        there, it counted in the queue's depth and load (a failed job "waiting", with no worker),
+        and the next worker took it and counted it failed once more."""
+        try:
+            job = Job.fetch(job_id, connection=self._redis)
+        except NoSuchJobError:
+            return
+        queue = Queue(job.origin, connection=self._redis)
+        if answer == JobStatus.CANCELED:
+            job.cancel()  # off the queue, into RQ's canceled registry
+            return
+        queue.remove(job)
+        job.set_status(RQStatus.FAILED)
+        FailedJobRegistry(queue=queue).add(job, ttl=self._settings.result_ttl, exc_string=reason)
 
     def _requeue_in_rq(self, job_id: str) -> str:
         """Put the job back at the front of its RQ queue; returns its model ("" if unknown)."""

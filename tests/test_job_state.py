@@ -139,6 +139,36 @@ def test_a_running_job_whose_record_is_gone_or_ended_leaves_the_running_set_once
     r.delete(keys.job("js-ended"))
 
 
+def test_a_job_the_janitor_fails_leaves_its_rq_queue_and_rq_records_it_failed(
+    redis_server: RedisServer,
+) -> None:
+    """The janitor puts a job whose worker died back on its RQ queue before its script decides;
+    one whose attempts were spent ended failed but stayed on the queue: counted in its depth and
+    load with no worker left, and counted failed again by the next worker that took it."""
+    from rq.job import Job
+    from rq.queue import Queue
+    from rq.registry import FailedJobRegistry
+
+    from shared.janitor import Janitor
+    from shared.settings import Settings
+    from worker.tasks import TASK
+
+    r = redis_server.client(decode_responses=True)
+    queue = Queue(keys.queue_name("spent-model"), connection=redis_server.client())
+    _new_job(r, "js-spent", "spent-model")
+    r.delete(keys.rq_queue("spent-model"))
+    queue.enqueue_call(TASK, args=("js-spent",), job_id="js-spent", result_ttl=600)
+    r.lpop(queue.key)  # a worker took it and started it; then its worker died
+    assert _start(r, "js-spent", "run-1") == "running"
+    r.delete(keys.lease("js-spent"))
+    janitor = Janitor(redis_server.client(), Settings(redis_url=redis_server.url, max_attempts=1))
+    janitor.sweep()
+    assert r.hget(keys.job("js-spent"), JobField.STATUS) == JobStatus.FAILED
+    assert r.llen(queue.key) == 0  # not "waiting" for a worker
+    assert Job.fetch("js-spent", connection=redis_server.client()).get_status() == "failed"
+    assert "js-spent" in FailedJobRegistry(queue=queue).get_job_ids()
+
+
 def test_one_janitor_holds_the_lock_and_one_whose_lock_lapsed_stops_its_round() -> None:
     """Janitors of every front and worker share one lock. One whose lock lapsed (a round longer
     than the lock's three rounds, a pause) and went to another neither renews the other's lock

@@ -1,0 +1,56 @@
+"""Every error answer the front gives, counted by status and the envelope's ``code``
+(``streamq_api_errors_total``): refusals (429 ``rate_limit_exceeded``, ``concurrency_limit_exceeded``,
+``queue_full``; 503 ``model_unavailable``), bad requests (400 by code, 401, 413) and failures
+(5xx) show in the metrics, whichever layer answered (a route, the key check, the body limit).
+
+An ASGI middleware outside all the others: it reads the status of each answer, and for an error
+in the JSON envelope the ``code`` of its first body chunk (the envelope is small, sent whole). A
+code that is not one of streamq's short snake_case names counts as ``other``, so the series stay
+few; an error with no code counts as ``none``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from prometheus_client import Counter
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+_CODE = re.compile(r"[a-z][a-z0-9_]{0,47}")
+
+
+def envelope_code(body: bytes) -> str:
+    """The ``error.code`` of an error envelope, as a label value."""
+    try:
+        code = json.loads(body)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return "other"
+    if code is None:
+        return "none"
+    return code if isinstance(code, str) and _CODE.fullmatch(code) else "other"
+
+
+def count_errors(app: ASGIApp, counter: Counter) -> ASGIApp:
+    """``app``, with each of its error answers counted in ``counter`` (status, code)."""
+
+    async def counting(scope: Scope, receive: Receive, send: Send) -> None:
+        status = 0
+        enveloped = False
+
+        async def counted(message: Message) -> None:
+            nonlocal status, enveloped
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                kind = dict(message.get("headers") or []).get(b"content-type", b"")
+                enveloped = status >= 400 and kind.startswith(b"application/json")
+                if status >= 400 and not enveloped:
+                    counter.labels(str(status), "none").inc()
+            elif message["type"] == "http.response.body" and enveloped:
+                enveloped = False  # the first chunk holds the envelope
+                counter.labels(str(status), envelope_code(message.get("body", b""))).inc()
+            await send(message)
+
+        await app(scope, receive, counted if scope["type"] == "http" else send)
+
+    return counting
