@@ -165,6 +165,43 @@ def test_metrics_count_jobs_on_the_worker_and_the_front(ops: OpsStack) -> None:
     assert ("streamq_redis_errors_total", frozenset({("component", "front")})) in front
 
 
+def test_failures_are_counted_by_type_and_refusals_by_code(ops: OpsStack) -> None:
+    """A job the request's own schema fails (the request's fault) is counted apart from the
+    service's failures; an error answer of the front is counted by status and code."""
+    worker_url = ops.worker_metrics_url("ops-tiny")
+    before, front_before = scrape(worker_url), scrape(f"{ops.url}/metrics")
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}
+    body = {"model": TINY, "prompt": "x", "max_tokens": 4, "response_format": bad_schema}
+    with httpx.Client(timeout=60) as client:
+        job = client.post(f"{ops.url}/v1/jobs", json=body).json()
+        assert follow(client, ops.url, job["id"])[-1].data["type"] == "invalid_request_error"
+        assert client.get(f"{ops.url}/v1/jobs/no-such-job").status_code == 404
+    m = {"model": TINY}
+
+    def counted() -> bool:
+        now = scrape(worker_url)
+        return (
+            value(now, "streamq_jobs_total", status="failed", **m)
+            - value(before, "streamq_jobs_total", status="failed", **m)
+            == 1
+        )
+
+    wait_for(counted, 10, "the worker to count the failure")
+    after, front = scrape(worker_url), scrape(f"{ops.url}/metrics")
+    by_type = {"type": "invalid_request_error", **m}
+    assert (
+        value(after, "streamq_jobs_failed_total", **by_type)
+        - value(before, "streamq_jobs_failed_total", **by_type)
+        == 1
+    )
+    refused = {"status": "404", "code": "job_not_found"}
+    assert (
+        value(front, "streamq_api_errors_total", **refused)
+        - value(front_before, "streamq_api_errors_total", **refused)
+        == 1
+    )
+
+
 def test_status_lists_workers_and_queue_depth_and_cancels_are_timed(ops: OpsStack) -> None:
     slow_metrics = ops.worker_metrics_url("ops-slow")
     with httpx.Client(timeout=30) as client:

@@ -65,6 +65,7 @@ class EngineJob:
     first_started_at: float | None = None  # unix time its first run started (None: this one)
     status: str = ""  # how it ended here: finished, canceled, failed, requeued (handed back), lost
     error: str = ""
+    error_type: str = ""  # its failure's type (invalid_request_error: the request's fault)
     lost: bool = False  # another run holds the job now: write nothing more for it
     handed_back: bool = False  # lost because Redis lost its last output: back in its queue
     prompt_tokens: int = 0

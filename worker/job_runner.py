@@ -35,7 +35,12 @@ STUCK_MARGIN = 30.0  # seconds past its deadline before a job the engine never e
 
 
 class JobFailed(Exception):
-    """Raised after a job's failure is recorded in its state, so that RQ files it as failed too."""
+    """Raised after a job's failure is recorded in its state, so that RQ files it as failed too;
+    ``error_type``: its failure's type where known (``invalid_request_error``: the request's fault)."""
+
+    def __init__(self, message: str, error_type: str = "") -> None:
+        super().__init__(message)
+        self.error_type = error_type
 
 
 class Outcome(StrEnum):
@@ -229,7 +234,10 @@ class JobRunner:
         }
         fields = job_fields(job.status, job.job_id, job.model, worker=self._worker_name, **timings)
         if job.status == JobStatus.FAILED:
-            log.info("job %s: failed: %s", job.job_id, job.error, extra={**fields, "error": job.error})
-            raise JobFailed(f"job {job.job_id} failed: {job.error}")
+            # The request's fault (a schema no grammar takes) is no trouble of the service's.
+            level = logging.INFO if job.error_type == "invalid_request_error" else logging.WARNING
+            extra = {**fields, "error": job.error, "error_type": job.error_type}
+            log.log(level, "job %s: failed (%s): %s", job.job_id, job.error_type, job.error, extra=extra)
+            raise JobFailed(f"job {job.job_id} failed: {job.error}", job.error_type)
         log.info("job %s: %s, %d tokens", job.job_id, job.status, job.completion_tokens, extra=fields)
         return Outcome.of(job.status)

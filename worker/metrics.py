@@ -14,6 +14,7 @@ its heartbeat record, so ``streamq status`` lists it.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,6 +24,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 log = logging.getLogger("streamq.worker")
+_TYPE = re.compile(r"[a-z][a-z0-9_]{0,47}")  # an error type as a label: streamq's short names
 
 PORTS_TRIED = 32  # STREAMQ_METRICS_PORT, then the next ones, until one is free
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -58,6 +60,12 @@ class WorkerMetrics:
             "streamq_jobs",
             "Jobs this worker ended, by status (finished, failed, canceled; requeued: handed back)",
             ["model", "status"],
+            registry=r,
+        )
+        self._failed = Counter(
+            "streamq_jobs_failed",
+            "Jobs this worker ended failed, by error type (invalid_request_error: the request's fault)",
+            ["model", "type"],
             registry=r,
         )
         self.queue_wait = Histogram(
@@ -103,6 +111,10 @@ class WorkerMetrics:
 
     def job_ended(self, status: str) -> None:
         self._jobs.labels(self.model, status).inc()
+
+    def job_failed(self, error_type: str) -> None:
+        """One of the failed jobs, by its error's type (a short name of streamq's, else "other")."""
+        self._failed.labels(self.model, error_type if _TYPE.fullmatch(error_type) else "other").inc()
 
     def describe_worker(self, **info: str) -> None:
         self._info.info(info)

@@ -22,7 +22,7 @@ from worker.backend import ServedModel
 from worker.cancel_watcher import CancelWatcher
 from worker.engine import BatchModel, Engine
 from worker.heartbeat import Heartbeat
-from worker.job_runner import JobRunner, Outcome
+from worker.job_runner import JobFailed, JobRunner, Outcome
 from worker.leases import LeaseKeeper
 from worker.metrics import WorkerMetrics
 from worker.model_loading import (
@@ -201,6 +201,12 @@ class WorkerRuntime:
             outcome = self.runner.run(job_id, slot_name, fields)
             status = outcome.value
             return outcome
+        except JobFailed as failed:
+            self.metrics.job_failed(failed.error_type or "unknown")
+            raise
+        except Exception:
+            self.metrics.job_failed("worker_error")
+            raise
         finally:
             self.metrics.job_ended(status)
             with self._lock:

@@ -170,6 +170,7 @@ class StepPublisher(BackgroundThread):
             self._release(p, "lost")
             return
         p.job.status, p.job.error = JobStatus.FAILED, f"could not write its end to Redis: {exc}"
+        p.job.error_type = "redis_error"
         self._pending.pop(p.job, None)
         p.job.ended.set()
 
@@ -366,5 +367,6 @@ class StepPublisher(BackgroundThread):
     def _release(self, p: _Pending, status: str) -> None:
         p.job.status = status
         p.job.error = p.end.error_message if p.end is not None else ""
+        p.job.error_type = p.end.error_type if p.end is not None else ""
         self._pending.pop(p.job, None)
         p.job.ended.set()
