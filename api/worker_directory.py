@@ -27,12 +27,13 @@ class WorkerInfo:
     features: frozenset[str] = frozenset()
     vocab_size: int | None = None  # the token ids its engine takes (0 to vocab_size - 1)
     slots: int = 0  # jobs it runs at once (0: it did not say)
+    draining: bool = False  # stopping: it takes no new job
 
     @property
     def free_slots(self) -> int:
         """Slots free at its last heartbeat: its slots less the jobs it named as running."""
         running = len([job for job in self.current_job.split(",") if job])
-        return max(0, self.slots - running)
+        return 0 if self.draining else max(0, self.slots - running)
 
 
 class WorkerDirectory:
@@ -66,6 +67,7 @@ class WorkerDirectory:
                 features=frozenset(f for f in info.get("features", "").split(",") if f),
                 vocab_size=int(info["vocab_size"]) if info.get("vocab_size") else None,
                 slots=int(info.get("slots") or 0),
+                draining=bool(info.get("draining")),
             )
             for name, info in zip(names, infos, strict=True)
             if info

@@ -49,6 +49,7 @@ class WorkerStat:
     host: str
     metrics_port: str  # "" when it serves no /metrics
     live: bool  # heard from within STREAMQ_WORKER_TTL
+    draining: bool = False  # stopping: its slots take no new job (counted as its busy ones)
 
 
 def model_of_queue_key(key: str) -> str | None:
@@ -111,8 +112,10 @@ def workers(connection: redis.Redis, worker_ttl: float, now: float | None = None
                 name=name,
                 model=info.get("model", ""),
                 device=info.get("device", ""),
-                slots=int(info.get("slots") or 0),
+                # A draining worker's capacity is what it still runs: its free slots take nothing.
+                slots=len(current) if info.get("draining") else int(info.get("slots") or 0),
                 busy=len(current),
+                draining=bool(info.get("draining")),
                 last_heartbeat=float(info.get("last_heartbeat") or score),
                 host=info.get("host", ""),
                 metrics_port=info.get("metrics_port", ""),

@@ -46,6 +46,7 @@ def worker_table(workers: list[WorkerStat], now: float) -> Table:
         table.add_column(column, justify="right" if column == "slots busy/total" else "left")
     for w in sorted(workers, key=lambda w: (w.model, w.name)):
         beat = f"{_age(now - w.last_heartbeat)} ago" + ("" if w.live else " (silent)")
+        beat += " (draining)" if w.draining and w.live else ""
         port = f":{w.metrics_port}" if w.metrics_port else "-"
         table.add_row(w.name, w.model, w.device, f"{w.busy}/{w.slots}", beat, w.host, port)
     return table

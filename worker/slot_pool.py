@@ -14,6 +14,7 @@ the engine and takes the signals; a manager thread stops the rest:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -123,6 +124,10 @@ class SlotPool:
         while not self._stop.wait(0.5) and taking.is_alive():
             pass
         dispatcher.stop_taking()
+        # Said at once: its free slots take nothing now (the fronts' estimates, /scaling, status).
+        runtime.heartbeat.publish(draining="1")
+        with contextlib.suppress(redis.RedisError):
+            runtime.heartbeat.beat()
         deadline = time.monotonic() + self.settings.drain_seconds
         # A take under way (a wait on the queue) ends first: a job it brings is started and
         # counted before the drain is measured, never stopped before its start.
