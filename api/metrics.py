@@ -34,7 +34,9 @@ WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 
 class DeploymentCollector(Collector):
     """Queue depth and oldest wait per model, live workers and their slots, running jobs: read
-    from Redis when Prometheus scrapes (a failed read leaves them out and counts a Redis error)."""
+    from Redis when Prometheus scrapes (a failed read leaves them out and counts a Redis error).
+    ``streamq_redis_up`` says whether the read worked: an alert on a gauge that went missing
+    stays silent, one on this gauge does not."""
 
     def __init__(self, connection: redis.Redis, worker_ttl: float, redis_errors: Counter) -> None:
         self._redis = connection
@@ -50,7 +52,9 @@ class DeploymentCollector(Collector):
         except redis.RedisError as exc:
             log.warning("metrics: could not read the queues from Redis: %s", exc)
             self._redis_errors.inc()
+            yield self._redis_up(0)
             return
+        yield self._redis_up(1)
         depth = GaugeMetricFamily(
             "streamq_queue_depth", "Jobs waiting in the model's queue", labels=["model"]
         )
@@ -74,6 +78,12 @@ class DeploymentCollector(Collector):
             busy.add_metric([model], sum(w.busy for w in serving))
         yield from (depth, oldest, live, slots, busy)
         yield GaugeMetricFamily("streamq_jobs_running", "Jobs running now on any worker", value=running)
+
+    @staticmethod
+    def _redis_up(up: int) -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "streamq_redis_up", "1 when this scrape could read the deployment from Redis, else 0", value=up
+        )
 
 
 class FrontMetrics:

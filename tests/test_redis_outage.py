@@ -139,12 +139,16 @@ def test_a_redis_outage_is_503_at_once_and_service_resumes_after_it(outage: Outa
             ready = client.get(f"{url}/readyz")
             assert time.monotonic() - started < QUICK
             assert ready.status_code == 503 and ready.json()["redis"] is False
+            # The deployment's gauges cannot be read: left out, with a gauge that says why.
+            scraped = client.get(f"{url}/metrics").text
+            assert "\nstreamq_redis_up 0.0" in scraped and "streamq_queue_depth{" not in scraped
             time.sleep(max(0.0, 1.0 - (time.monotonic() - down_at)))  # let the load meet the outage
         finally:
             outage.redis.start()
 
         # Ready again, same front process, and new jobs run to the end.
         wait_for(lambda: client.get(f"{url}/readyz").status_code == 200, 30, "the front to be ready again")
+        assert "\nstreamq_redis_up 1.0" in client.get(f"{url}/metrics").text
         load.stop.set()
         load.join(30)
         job = client.post(f"{url}/v1/jobs", json={"prompt": "after", "max_tokens": 5})
