@@ -23,6 +23,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from api.errors import ApiError
 from shared import queue_stats
 
 log = logging.getLogger("streamq.api")
@@ -153,11 +154,15 @@ class FrontMetrics:
             registry.register(self._deployment)
         return generate_latest(registry)
 
-    def model_load(self, model: str) -> dict[str, int | str]:
+    def model_load(self, model: str, configured: list[str]) -> dict[str, int | str] | None:
         """What an autoscaler needs of one model: jobs waiting, jobs running on its live workers
-        (as of their last heartbeat), their slots, and load = waiting + running."""
+        (as of their last heartbeat), their slots, and load = waiting + running. None for a
+        model not in ``configured`` (STREAMQ_MODELS) that no live worker serves and no queue
+        has held: a misspelt name in the autoscaler's configuration, which zeros would hide."""
         assert self._connection is not None, "watch_deployment() first"
         live = [w for w in queue_stats.workers(self._connection, self._worker_ttl) if w.live]
+        if model not in configured and model not in queue_stats.known_models(self._connection, live):
+            return None
         serving = [w for w in live if w.model == model]
         (queue,) = queue_stats.queues(self._connection, [model])
         running = sum(w.busy for w in serving)
@@ -198,4 +203,14 @@ async def scaling(request: Request, model: str) -> dict[str, int | str]:
     """One model's load for an autoscaler (KEDA's metrics-api trigger): ``load`` = jobs waiting +
     jobs running. Open, like /metrics; it tells no more than /metrics does."""
     front_metrics: FrontMetrics = request.app.state.metrics
-    return await front_metrics.in_turn(lambda: front_metrics.model_load(model))
+    configured = request.app.state.jobs.settings.model_list()
+    load = await front_metrics.in_turn(lambda: front_metrics.model_load(model, configured))
+    if load is None:
+        raise ApiError(
+            404,
+            f"no model '{model}': no live worker serves it, no queue has held it, and it is not in "
+            "STREAMQ_MODELS (check the autoscaler's model name)",
+            param="model",
+            code="model_not_found",
+        )
+    return load

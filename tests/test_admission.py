@@ -242,6 +242,9 @@ def test_scale_to_zero_queues_jobs_with_no_worker_and_keeps_the_front_ready(tmp_
         assert load == {"model": "cold", "queued": 1, "running": 0, "slots": 0, "load": 1}
         unknown = httpx.post(f"{url}/v1/jobs", json={"prompt": "hi", "model": "other"}, timeout=10)
         assert unknown.status_code == 404
+        # A name the autoscaler misspelt: a 404 naming it, not zeros that would never scale.
+        misspelt = httpx.get(f"{url}/scaling", params={"model": "cld"}, timeout=5)
+        assert misspelt.status_code == 404 and misspelt.json()["error"]["param"] == "model"
         services.append(start_synthetic_worker(env, tmp_path, "cold", "cold-1"))
         with httpx.stream("GET", f"{url}/v1/jobs/{job.json()['id']}/events", timeout=60) as r:
             events = [e.event for e in read_events(r) if e is not None]
