@@ -315,3 +315,11 @@ def test_json_logs_hold_each_lifecycle_step_and_no_prompt(ops: OpsStack) -> None
     assert not any(
         "/readyz" in line["message"] or "/healthz" in line["message"] for line in _json_lines(ops.front)
     )
+
+
+def test_a_workers_job_counts_are_there_from_its_start(ops: OpsStack) -> None:
+    """Every status's series exists at 0 before its first job ends (increase() over a series
+    that appears with its first event misses that event)."""
+    after = scrape(ops.worker_metrics_url("ops-slow"))
+    for status in ("finished", "failed", "canceled", "requeued", "lost", "missing"):
+        assert ("streamq_jobs_total", frozenset({("model", SLOW), ("status", status)})) in after, status

@@ -68,6 +68,10 @@ class WorkerMetrics:
             ["model", "type"],
             registry=r,
         )
+        # Every status's series from the start (at 0): increase() over a series that appears
+        # with its first job misses that job.
+        for status in ("finished", "failed", "canceled", "requeued", "lost", "missing"):
+            self._jobs.labels(model, status)
         self.queue_wait = Histogram(
             "streamq_queue_wait_seconds",
             "Job created to started on a worker (first run of a job)",
