@@ -18,7 +18,15 @@ import anyio.to_thread
 import redis
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
@@ -98,6 +106,11 @@ class FrontMetrics:
         self, registry: CollectorRegistry | None = None, multiprocess_dir: str | None = None
     ) -> None:
         self.registry = registry or CollectorRegistry()
+        # The process's own (memory, CPU, open files, start time: restarts and OOMs show), as
+        # prometheus_client's default registry has them; a front of several processes sums
+        # its counters from files instead, where these would be one process's only.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self._multiprocess_dir = multiprocess_dir
         self._deployment: DeploymentCollector | None = None
         self._scrape_lock: asyncio.Lock | None = None  # made in the event loop, at the first scrape

@@ -317,9 +317,14 @@ def test_json_logs_hold_each_lifecycle_step_and_no_prompt(ops: OpsStack) -> None
     )
 
 
-def test_a_workers_job_counts_are_there_from_its_start(ops: OpsStack) -> None:
+def test_a_workers_job_counts_are_there_from_its_start_with_process_metrics(ops: OpsStack) -> None:
     """Every status's series exists at 0 before its first job ends (increase() over a series
-    that appears with its first event misses that event)."""
+    that appears with its first event misses that event); fronts and workers have the process
+    metrics prometheus_client's default registry has."""
     after = scrape(ops.worker_metrics_url("ops-slow"))
     for status in ("finished", "failed", "canceled", "requeued", "lost", "missing"):
         assert ("streamq_jobs_total", frozenset({("model", SLOW), ("status", status)})) in after, status
+    # The processes' own: memory, CPU, start time (restarts and OOMs show).
+    for scraped in (after, scrape(f"{ops.url}/metrics")):
+        assert value(scraped, "process_resident_memory_bytes") > 0
+        assert value(scraped, "process_start_time_seconds") > 0

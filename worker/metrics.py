@@ -19,7 +19,15 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -54,6 +62,9 @@ class SlotCollector(Collector):
 class WorkerMetrics:
     def __init__(self, model: str, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        # The process's own (memory, CPU, open files, start time: restarts and OOMs show).
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self.model = model
         r = self.registry
         self._jobs = Counter(
