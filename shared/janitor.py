@@ -16,6 +16,7 @@ starting (or whose start a failover lost) is put back too, and one RQ failed is 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from collections.abc import Callable
 import redis
 from redis.exceptions import LockError
 from redis.lock import Lock
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
 from rq.queue import Queue
@@ -174,7 +175,8 @@ class Janitor(BackgroundThread):
             return
         queue = Queue(job.origin, connection=self._redis)
         if answer == JobStatus.CANCELED:
-            job.cancel()  # off the queue, into RQ's canceled registry
+            with contextlib.suppress(InvalidJobOperation):  # canceled in RQ already
+                job.cancel()  # off the queue, into RQ's canceled registry
             return
         queue.remove(job)
         job.set_status(RQStatus.FAILED)

@@ -167,6 +167,18 @@ def test_a_job_the_janitor_fails_leaves_its_rq_queue_and_rq_records_it_failed(
     assert r.llen(queue.key) == 0  # not "waiting" for a worker
     assert Job.fetch("js-spent", connection=redis_server.client()).get_status() == "failed"
     assert "js-spent" in FailedJobRegistry(queue=queue).get_job_ids()
+    # One whose cancel its dead worker never saw: canceled, off the queue, canceled in RQ too.
+    _new_job(r, "js-asked", "spent-model")
+    r.lrem(queue.key, 0, "js-asked")
+    queue.enqueue_call(TASK, args=("js-asked",), job_id="js-asked", result_ttl=600)
+    r.lpop(queue.key)
+    assert _start(r, "js-asked", "run-1") == "running"
+    assert _cancel(r, "js-asked", "spent-model") == "running"  # flagged: its worker should stop it
+    r.delete(keys.lease("js-asked"))
+    janitor.sweep()
+    assert r.hget(keys.job("js-asked"), JobField.STATUS) == JobStatus.CANCELED
+    assert r.llen(queue.key) == 0
+    assert Job.fetch("js-asked", connection=redis_server.client()).get_status() == "canceled"
 
 
 def test_one_janitor_holds_the_lock_and_one_whose_lock_lapsed_stops_its_round() -> None:
