@@ -4,7 +4,9 @@
 (5xx) show in the metrics, whichever layer answered (a route, the key check, the body limit).
 
 An ASGI middleware outside all the others: it reads the status of each answer, and for an error
-in the JSON envelope the ``code`` of its first body chunk (the envelope is small, sent whole). A
+in the JSON envelope the ``code`` of its first body chunk (the envelope is small, sent whole); an
+unexpected exception, which the server answers with its 500 outside every middleware, counts as
+a 500 with no code. A
 code that is not one of streamq's short snake_case names counts as ``other``, so the series stay
 few; an error with no code counts as ``none``.
 """
@@ -51,6 +53,14 @@ def count_errors(app: ASGIApp, counter: Counter) -> ASGIApp:
                 counter.labels(str(status), envelope_code(message.get("body", b""))).inc()
             await send(message)
 
-        await app(scope, receive, counted if scope["type"] == "http" else send)
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        try:
+            await app(scope, receive, counted)
+        except Exception:
+            if not status:  # answered by the server's own 500, outside every middleware
+                counter.labels("500", "none").inc()
+            raise
 
     return counting
