@@ -17,7 +17,6 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.job import Job
 from rq.queue import Queue
-from rq.registry import CanceledJobRegistry
 
 from api import idempotency
 from api.admission import Admission, DrainRates
@@ -35,6 +34,7 @@ from shared import keys
 from shared.job_store import scripts
 from shared.job_store.payloads import Queued
 from shared.job_store.records import new_job_fields, view_from_hash
+from shared.job_store.rq_ended_records import file_canceled
 from shared.job_store.rq_records import TASK, QueuedRecords
 from shared.job_store.scripts import Answer, JobScripts, ScriptCall, ScriptsReloaded
 from shared.job_store.vocabulary import FINAL_STATUSES, JobField, JobStatus
@@ -369,12 +369,7 @@ class JobService:
     def _file_rq_cancel(self, job_id: str) -> None:
         """Keep RQ's registries true: the RQ job is canceled too (it never ran)."""
         try:
-            job = Job.fetch(job_id, connection=self._rq)
-            job.cancel()
-            job.cleanup(ttl=self._settings.result_ttl, remove_from_queue=False)
-            # Give the registry entry the same lifetime (StreamqWorker prunes it after that).
-            registry = CanceledJobRegistry(job.origin, connection=self._rq)
-            registry.add(job, ttl=self._settings.result_ttl, xx=True)
+            file_canceled(self._rq, Job.fetch(job_id, connection=self._rq), self._settings.result_ttl)
         except Exception as exc:  # bookkeeping only: the job is already canceled for streamq
             log.warning("job %s: RQ bookkeeping of the cancel failed: %s", job_id, exc)
 

@@ -16,7 +16,6 @@ starting (or whose start a failover lost) is put back too, and one RQ failed is 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -24,17 +23,17 @@ from collections.abc import Callable
 import redis
 from redis.exceptions import LockError
 from redis.lock import Lock
-from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.exceptions import NoSuchJobError
 from rq.job import Job
-from rq.job import JobStatus as RQStatus
 from rq.queue import Queue
-from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.registry import StartedJobRegistry
 from rq.worker import Worker
 
 from shared import keys
 from shared.background import BackgroundThread
 from shared.job_store import scripts
 from shared.job_store.payloads import Failed
+from shared.job_store.rq_ended_records import file_canceled, file_failed
 from shared.job_store.scripts import Answer, JobScripts
 from shared.job_store.vocabulary import JobField, JobStatus
 from shared.log_format import job_fields
@@ -173,14 +172,10 @@ class Janitor(BackgroundThread):
             job = Job.fetch(job_id, connection=self._redis)
         except NoSuchJobError:
             return
-        queue = Queue(job.origin, connection=self._redis)
         if answer == JobStatus.CANCELED:
-            with contextlib.suppress(InvalidJobOperation):  # canceled in RQ already
-                job.cancel()  # off the queue, into RQ's canceled registry
-            return
-        queue.remove(job)
-        job.set_status(RQStatus.FAILED)
-        FailedJobRegistry(queue=queue).add(job, ttl=self._settings.result_ttl, exc_string=reason)
+            file_canceled(self._redis, job, self._settings.result_ttl)
+        else:
+            file_failed(self._redis, job, self._settings.result_ttl, reason)
 
     def _requeue_in_rq(self, job_id: str) -> str:
         """Put the job back at the front of its RQ queue; returns its model ("" if unknown)."""

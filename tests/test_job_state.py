@@ -5,6 +5,7 @@ only the run that holds a job writes to it."""
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 import redis
@@ -179,6 +180,15 @@ def test_a_job_the_janitor_fails_leaves_its_rq_queue_and_rq_records_it_failed(
     assert r.hget(keys.job("js-asked"), JobField.STATUS) == JobStatus.CANCELED
     assert r.llen(queue.key) == 0
     assert Job.fetch("js-asked", connection=redis_server.client()).get_status() == "canceled"
+    # Both records kept as long as streamq's (RQ's own cancel kept the job for ever, its
+    # registry entry not at all), and the failed one's likewise.
+    from rq.registry import CanceledJobRegistry
+
+    ttl = Settings().result_ttl
+    for job_id, registry in (("js-asked", CanceledJobRegistry), ("js-spent", FailedJobRegistry)):
+        assert 0 < r.ttl(f"rq:job:{job_id}") <= ttl, job_id
+        score = r.zscore(registry(queue=queue).key, job_id)
+        assert score is not None and score > time.time() + ttl - 60, job_id
 
 
 def test_one_janitor_holds_the_lock_and_one_whose_lock_lapsed_stops_its_round() -> None:
