@@ -44,10 +44,11 @@ def count_errors(app: ASGIApp, counter: Counter) -> ASGIApp:
             nonlocal status, enveloped
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                kind = dict(message.get("headers") or []).get(b"content-type", b"")
-                enveloped = status >= 400 and kind.startswith(b"application/json")
-                if status >= 400 and not enveloped:
-                    counter.labels(str(status), "none").inc()
+                if status >= 400:  # a success costs this one comparison
+                    kind = dict(message.get("headers") or []).get(b"content-type", b"")
+                    enveloped = kind.startswith(b"application/json")
+                    if not enveloped:
+                        counter.labels(str(status), "none").inc()
             elif message["type"] == "http.response.body" and enveloped:
                 enveloped = False  # the first chunk holds the envelope
                 counter.labels(str(status), envelope_code(message.get("body", b""))).inc()

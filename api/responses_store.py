@@ -146,22 +146,11 @@ def made_for(chain: list[str]) -> Callable[[str], bool]:
     return lambda item_id: made.fullmatch(item_id) is not None
 
 
-def _refuse_chaining(response_id: str, why: str) -> ApiError:
-    return ApiError(
-        400,
-        f"previous_response_id: response '{response_id}' {why}",
-        param="previous_response_id",
-        code="invalid_previous_response",
-    )
+NOT_FOUND = "previous_response_not_found"  # OpenAI's code: chaining clients send the whole conversation
 
 
-def _not_found(response_id: str, why: str) -> ApiError:
-    return ApiError(
-        400,
-        f"Previous response with id '{response_id}' not found{why}.",
-        param="previous_response_id",
-        code="previous_response_not_found",
-    )
+def _refuse_chaining(code: str, message: str) -> ApiError:
+    return ApiError(400, message, param="previous_response_id", code=code)
 
 
 async def earlier_turns(jobs: JobClient, previous_id: str, owner: str) -> tuple[list[ChatMessage], list[str]]:
@@ -176,13 +165,23 @@ async def earlier_turns(jobs: JobClient, previous_id: str, owner: str) -> tuple[
     except ApiError as missing:
         if missing.status != 404:
             raise
-        raise _not_found(previous_id, "") from missing
+        raise _refuse_chaining(
+            NOT_FOUND, f"Previous response with id '{previous_id}' not found."
+        ) from missing
     if not record.store:
-        raise _not_found(previous_id, " (it was created with store: false, so it was not kept)")
+        raise _refuse_chaining(
+            NOT_FOUND,
+            f"Previous response with id '{previous_id}' not found (it was created with store: false, "
+            "so it was not kept).",
+        )
     view = await jobs.view(record.id, owner)
     status = response_status(view, record.background)
     if status not in ("completed", "incomplete"):
-        raise _refuse_chaining(previous_id, f"is {status}: only a finished response can be continued")
+        raise _refuse_chaining(
+            "invalid_previous_response",
+            f"previous_response_id: response '{previous_id}' is {status}: "
+            "only a finished response can be continued",
+        )
     content, calls = read_whole(record.tool_plan(), record.id, view.text, cut=cut_short(view.finish_reason))
     tool_calls = [ToolCall(id=c["id"], function=FunctionCall(**c["function"])) for c in calls]
     answer = ChatMessage(role="assistant", content=content or "", tool_calls=tool_calls or None)

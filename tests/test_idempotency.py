@@ -24,6 +24,7 @@ from streamq.errors import StreamqError
 from tests.conftest import SlowStack
 from tests.processes import jobs_asking
 from tests.secure_stack import KEYS, RATE, SecureStack, headers
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -200,55 +201,26 @@ def test_a_background_response_sent_again_with_its_key_is_the_same_response(secu
         )
 
 
-class _LosingProxy:
+class _LosingProxy(TcpProxy):
     """A TCP proxy to the front that, on its first connection only, passes the request on and
     then closes the connection without the answer: the reply lost after the job was made."""
 
     def __init__(self, upstream: str) -> None:
-        url = httpx.URL(upstream)
-        self.upstream = (url.host, url.port or 80)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.connections = 0
         self.lost = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(upstream)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(client, self.connections == 1), daemon=True).start()
-
-    def _serve(self, client: socket.socket, lose: bool) -> None:
-        upstream = socket.create_connection(self.upstream)
-        threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
-        if lose:
-            upstream.recv(65536)  # the front answered: the job exists
-            self.lost.set()
-            for s in (client, upstream):  # shutdown: close() would leave the other thread's recv
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
+    def serve(self, client: socket.socket, number: int) -> None:
+        if number > 1:
+            super().serve(client, number)
             return
-        self._pipe(upstream, client)
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.listener.close()
+        upstream = socket.create_connection(self.upstream)
+        threading.Thread(target=self.pipe, args=(client, upstream), daemon=True).start()
+        upstream.recv(65536)  # the front answered: the job exists
+        self.lost.set()
+        for s in (client, upstream):  # shutdown: close() would leave the other thread's recv
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ front that froze, a path that dropped it without a reset) is resumed on a new co
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import threading
 import uuid
@@ -14,6 +13,7 @@ from typing import Any
 
 from tests.conftest import SLOW_TOKENS_PER_SECOND, SlowStack
 from tests.processes import jobs_asking
+from tests.tcp_proxy import TcpProxy
 from tests.test_web_chat import _answers, _ask, _open, _open_on, _state, _text, browser, pytestmark, until
 
 __all__ = ["browser", "pytestmark"]  # the fixture and the marks of the page's tests, used here too
@@ -82,51 +82,24 @@ def test_a_reload_keeps_the_model_and_the_answer_length_chosen(browser: Any, slo
         worker.stop()
 
 
-class _StallingProxy:
+class _StallingProxy(TcpProxy):
     """A TCP proxy to a front whose open connections can be made to pass nothing from then on,
     both ways, without a close or a reset (a path that lost them); new connections pass."""
 
     def __init__(self, upstream: str) -> None:
-        host, port = upstream.removeprefix("http://").split(":")
-        self.upstream = (host, int(port))
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.connections = 0
         self._stalled: list[threading.Event] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(upstream)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            upstream = socket.create_connection(self.upstream)
-            stalled = threading.Event()
-            self._stalled.append(stalled)
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(source, sink, stalled), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket, stalled: threading.Event) -> None:
-        try:
-            while data := source.recv(65536):
-                if not stalled.is_set():  # once stalled, what comes is dropped
-                    sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+    def serve(self, client: socket.socket, number: int) -> None:
+        upstream = socket.create_connection(self.upstream)
+        stalled = threading.Event()
+        self._stalled.append(stalled)
+        threading.Thread(target=self.pipe, args=(client, upstream, stalled), daemon=True).start()
+        self.pipe(upstream, client, stalled)
 
     def stall(self) -> None:
         for stalled in self._stalled:
             stalled.set()
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 def test_a_stream_that_went_silent_is_resumed_on_a_new_connection(
