@@ -6,9 +6,10 @@
 An ASGI middleware outside all the others: it reads the status of each answer, and for an error
 in the JSON envelope the ``code`` of its first body chunk (the envelope is small, sent whole); an
 unexpected exception, which the server answers with its 500 outside every middleware, counts as
-a 500 with no code. A
-code that is not one of streamq's short snake_case names counts as ``other``, so the series stay
-few; an error with no code counts as ``none``.
+a 500 with no code. A code that is not one of streamq's short snake_case names counts as
+``other``, so the series stay few; an error with no code counts as ``none``. A JSON answer that
+is no error envelope is not counted: ``/readyz``'s 503 says the front is not ready (a probe's
+answer, polled while workers load), not that a request failed.
 """
 
 from __future__ import annotations
@@ -22,12 +23,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 _CODE = re.compile(r"[a-z][a-z0-9_]{0,47}")
 
 
-def envelope_code(body: bytes) -> str:
-    """The ``error.code`` of an error envelope, as a label value."""
+def envelope_code(body: bytes) -> str | None:
+    """The ``error.code`` of an error envelope, as a label value; None for JSON that is no error
+    envelope (a readiness probe's answer)."""
     try:
-        code = json.loads(body)["error"]["code"]
-    except (ValueError, KeyError, TypeError):
+        error = json.loads(body)
+    except ValueError:
         return "other"
+    if not isinstance(error, dict) or not isinstance(error.get("error"), dict):
+        return None
+    code = error["error"].get("code")
     if code is None:
         return "none"
     return code if isinstance(code, str) and _CODE.fullmatch(code) else "other"
@@ -51,7 +56,9 @@ def count_errors(app: ASGIApp, counter: Counter) -> ASGIApp:
                         counter.labels(str(status), "none").inc()
             elif message["type"] == "http.response.body" and enveloped:
                 enveloped = False  # the first chunk holds the envelope
-                counter.labels(str(status), envelope_code(message.get("body", b""))).inc()
+                code = envelope_code(message.get("body", b""))
+                if code is not None:
+                    counter.labels(str(status), code).inc()
             await send(message)
 
         if scope["type"] != "http":

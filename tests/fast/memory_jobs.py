@@ -240,7 +240,11 @@ class MemoryJobClient:
         return dict.fromkeys(self.models, 1_700_000_000.0)
 
     async def readiness(self) -> dict[str, Any]:
-        return {"ready": True, "redis": True, "models": dict.fromkeys(self.models, 1)}
+        """As the front's: not ready while a model of STREAMQ_MODELS has no worker."""
+        served = dict.fromkeys(self.models, 1) | {
+            m: 0 for m in self.settings.model_list() if m not in self.models
+        }
+        return {"ready": all(served.values()), "redis": True, "models": served}
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_error_answers_are_counted_by_status_and_code() -> None:
-    async for front in open_front(_settings(max_body_bytes=4096), ApiKeys([("a", KEY_A)])):
+    settings = _settings(max_body_bytes=4096, models="nobody-serves-it")
+    async for front in open_front(settings, ApiKeys([("a", KEY_A)])):
         key = {"Authorization": f"Bearer {KEY_A}"}
         answers = [
             await front.http.get("/v1/jobs/nope"),  # no key
@@ -26,8 +27,9 @@ async def test_error_answers_are_counted_by_status_and_code() -> None:
                 "/v1/jobs", content=b"{not json", headers=key | {"Content-Type": "application/json"}
             ),
             await front.http.get("/v1/models", headers=key),  # no error: not counted
+            await front.http.get("/readyz"),  # not ready (no worker): a probe's answer, not counted
         ]
-        assert [a.status_code for a in answers] == [401, 404, 404, 413, 400, 400, 200]
+        assert [a.status_code for a in answers] == [401, 404, 404, 413, 400, 400, 200, 503]
         scraped = (await front.http.get("/metrics")).text
     counted = {
         (sample.labels["status"], sample.labels["code"]): sample.value
