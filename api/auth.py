@@ -158,10 +158,11 @@ class RequireApiKey:
         if scope["type"] != "http" or not self.keys.enabled or is_open(scope["method"], scope["path"]):
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
-        raw = headers.get(b"authorization")
+        sent = [value for name, value in scope["headers"] if name == b"authorization"]
         try:
-            caller = identify(self.keys, raw.decode("latin-1") if raw is not None else None)
+            if len(sent) > 1:  # which one counts would be up to each proxy on the way
+                raise _unauthorized("send one 'Authorization' header, not several")
+            caller = identify(self.keys, sent[0].decode("latin-1") if sent else None)
         except ApiError as exc:
             await error_response(exc)(scope, receive, send)
             return

@@ -48,7 +48,7 @@ log = logging.getLogger("streamq.api")
 # After a submit no replica acknowledged in time, the next ones are refused at once for this long
 # (no write, no wait): while the replica is down, a WAIT per submit would hold the front's pool.
 UNREPLICATED_PAUSE = 1.0
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def new_job_id() -> str:
@@ -287,7 +287,7 @@ class JobService:
     async def find(self, job_id: str, owner: str, brief: bool = False) -> JobView | None:
         """The job, if it exists and belongs to ``owner`` (another key's job is not found);
         ``brief``: without its text and queue position (one command)."""
-        if not _JOB_ID.match(job_id):
+        if not _JOB_ID.fullmatch(job_id):
             return None
         pipe = self._redis.pipeline(transaction=False)
         pipe.hgetall(keys.job(job_id))

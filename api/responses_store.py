@@ -26,7 +26,7 @@ from shared.job_store.vocabulary import FinishReason, JobStatus
 from shared.schemas import ChatMessage, FunctionCall, JobView, ToolCall
 
 PREFIX = "resp_"
-_RESPONSE_ID = re.compile(r"^resp_([0-9a-f]{32})$")
+_RESPONSE_ID = re.compile(r"resp_([0-9a-f]{32})")
 
 
 def response_status(view: JobView, background: bool = True) -> str:
@@ -86,7 +86,7 @@ async def load_record(
     jobs: JobClient, response_id: str, owner: str, param: str = "response_id"
 ) -> ResponseRecord:
     """``owner``'s response (a 404 naming ``param`` if there is none: another key's is not found)."""
-    found = _RESPONSE_ID.match(response_id)
+    found = _RESPONSE_ID.fullmatch(response_id)
     stored = await jobs.load_response(found.group(1), owner) if found else None
     if stored is None:
         raise not_found(response_id, param)

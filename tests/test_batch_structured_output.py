@@ -224,6 +224,50 @@ def test_a_jobs_grammar_is_compiled_in_its_slot_thread_not_the_engines(tiny_back
     assert json.loads(seen.text(j))["slot"] in ("a", "b")
 
 
+def test_a_slow_grammar_holds_up_only_the_jobs_with_its_schema(tiny_backend: Any) -> None:
+    """A schema that takes long to compile (seconds for a long maxLength on a large vocabulary)
+    keeps no other job's grammar waiting: another schema compiles beside it, and a second job
+    with the slow schema waits for its one compile instead of compiling it again."""
+    import threading
+
+    model = BatchedCausalLM(tiny_backend, slots=3, max_len=256)
+    grammars = model._grammars
+    real = grammars._grammar_compiler()
+    entered, release = threading.Event(), threading.Event()
+    compiled: list[str] = []
+
+    class Slow:  # the compiler, held inside the slow schema's compile until released
+        def compile_json_schema(self, text: str, **kwargs: Any) -> Any:
+            compiled.append(text)
+            if "slow" in text:
+                entered.set()
+                release.wait(30)
+            return real.compile_json_schema(text, **kwargs)
+
+    slow = {"type": "object", "properties": {"slow": {"type": "integer"}}, "required": ["slow"]}
+    quick = {"type": "object", "properties": {"quick": {"type": "integer"}}, "required": ["quick"]}
+    grammars._compiler = Slow()  # the backend's grammars, which later tests share: put back below
+    try:
+        first, again = (
+            threading.Thread(target=model.prepare, args=(job(request(n, json_schema=slow)),)) for n in "ab"
+        )
+        first.start()
+        assert entered.wait(30)
+        again.start()
+        other = threading.Thread(target=grammars.compiled, args=(request("c", json_schema=quick),))
+        other.start()
+        other.join(10)
+        assert not other.is_alive(), "another schema's compile waited for the slow one"
+        assert again.is_alive()  # waits for the compile under way
+    finally:
+        release.set()
+        first.join(30)
+        again.join(30)
+        grammars._compiler = real
+    assert [("slow" in text) for text in compiled] == [True, False]  # the slow schema compiled once
+    assert grammars.compiled(request("d", json_schema=slow)) is not None
+
+
 def test_a_jobs_prompt_is_rendered_in_its_slot_thread_not_the_engines(tiny_backend: Any) -> None:
     """A chat template with tools takes milliseconds a prompt: the slot thread renders it
     (``prepare``), with a tokenizer of its own, so a burst of such jobs never holds back the

@@ -272,3 +272,51 @@ def test_a_forced_call_finds_its_functions_nested_models(compiler: Any) -> None:
     assert accepts(compiler, schema, [call])
     call["arguments"]["home"] = {"zip": "s"}  # type: ignore[index]
     assert not accepts(compiler, schema, [call])
+
+
+def test_patterns_that_repeat_too_much_are_refused_and_common_ones_are_enforced(compiler: Any) -> None:
+    """A counted repetition is written out by the grammar compiler, whose time grows with its
+    square (``^a{24000}$``: 45 s of a worker's slot, from a body of 270 bytes): a request's
+    patterns may come to 4,096 positions, nested repetitions multiplied."""
+
+    def of(pattern: str) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "properties": {"a": {"type": "string", "pattern": pattern}},
+            "required": ["a"],
+        }
+
+    for bomb in ("^a{24000}$", "^((a{100}){100})$", "^(ab|[cd]){2049}$", "^x{5000,}$"):
+        problem = schema_problem(of(bomb)) or ""
+        assert "repeats too much for constrained decoding" in problem, bomb
+        assert problem.endswith("(at #/properties/a)"), problem
+    named = {"type": "object", "patternProperties": {"^k{9000}$": {"type": "integer"}}}
+    assert "the 'patternProperties' '^k{9000}$' repeats too much" in (schema_problem(named) or "")
+    two = {"type": "object", "properties": {n: of("^a{3000}$")["properties"]["a"] for n in "xy"}}
+    assert "(at #/properties/y)" in (schema_problem(two) or "")  # one limit for the whole schema
+
+    uuid = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+    for pattern, follows, breaks in (
+        (uuid, "123e4567-e89b-12d3-a456-426614174000", "123e4567-e89b-12d3-a456-42661417400"),
+        (r"^\d{4}-\d{2}-\d{2}$", "2026-12-08", "2026-12-8"),
+        ("^(ab){2,3}$", "ababab", "abababab"),
+        ("^a{4000}$", "a" * 4000, "a" * 3999),  # at the limit: taken
+    ):
+        assert schema_problem(of(pattern)) is None, pattern
+        assert accepts(compiler, of(pattern), {"a": follows}) and not accepts(
+            compiler, of(pattern), {"a": breaks}
+        )
+
+
+def test_the_forced_functions_of_one_request_share_one_pattern_limit() -> None:
+    repeated = {"type": "object", "properties": {"s": {"type": "string", "pattern": "^a{1500}$"}}}
+    tools = [
+        ToolDefinition.model_validate(
+            {"type": "function", "function": {"name": f"f{i}", "parameters": repeated}}
+        )
+        for i in range(3)
+    ]
+    with pytest.raises(ApiError) as refused:
+        plan_tools(tools, "required", None)
+    assert refused.value.param == "tools.2.function.parameters"
+    assert "repeats too much" in refused.value.message

@@ -124,11 +124,18 @@ class Grammars:
         self._compiled: OrderedDict[str, Any] = OrderedDict()
         # Slot threads compile a job's grammar before it joins the engine (``prepare``), so a
         # slow schema (seconds for a long maxLength on a large vocabulary) never stalls the
-        # engine thread; that thread only finds it in the cache.
+        # engine thread; that thread only finds it in the cache. Jobs with the same schema wait
+        # for one compile; others compile beside it (xgrammar's compiler takes calls from
+        # several threads, as vLLM's pool makes them), so one slow schema holds up no other.
         self._cache_lock = threading.Lock()
-        self._compile_lock = threading.Lock()
+        self._setup_lock = threading.Lock()
+        self._compiling: dict[str, threading.Lock] = {}
 
     def _grammar_compiler(self) -> Any:
+        with self._setup_lock:
+            return self._compiler or self._set_up()
+
+    def _set_up(self) -> Any:
         if self._compiler is None:
             import xgrammar
 
@@ -166,7 +173,17 @@ class Grammars:
         found = self._cached(key)
         if found is not None:
             return found
-        with self._compile_lock:
+        with self._cache_lock:
+            compiling = self._compiling.setdefault(key, threading.Lock())
+        try:
+            return self._compile(request, key, compiling)
+        finally:
+            with self._cache_lock:
+                if not compiling.locked():
+                    self._compiling.pop(key, None)
+
+    def _compile(self, request: GenerationRequest, key: str, compiling: threading.Lock) -> Any:
+        with compiling:
             found = self._cached(key)  # compiled by another thread meanwhile
             if found is not None:
                 return found
@@ -186,11 +203,11 @@ class Grammars:
                     f"{field}: this JSON schema cannot be used for constrained decoding ({_first_line(exc)})",
                     param=field,
                 ) from exc
-        with self._cache_lock:
-            self._compiled[key] = grammar
-            while len(self._compiled) > GRAMMAR_CACHE:
-                self._compiled.popitem(last=False)
-        return grammar
+            with self._cache_lock:  # before the next waiter looks
+                self._compiled[key] = grammar
+                while len(self._compiled) > GRAMMAR_CACHE:
+                    self._compiled.popitem(last=False)
+            return grammar
 
     def _cached(self, key: str) -> Any | None:
         with self._cache_lock:

@@ -241,6 +241,11 @@ async def test_api_keys_are_required_and_jobs_are_private_to_their_key(keyed: Fr
     assert (other.status_code, _error(other)["code"]) == (404, "job_not_found")
     assert (await keyed.http.post(f"/v1/jobs/{job['id']}/cancel", headers=b)).status_code == 404
     assert (await keyed.http.get("/healthz")).status_code == 200  # probes stay open
+    # Two Authorization headers (B's, then A's): which counts would depend on each proxy.
+    both = [("Authorization", f"Bearer {KEY_B}"), ("Authorization", f"Bearer {KEY_A}")]
+    twice = await keyed.http.get(f"/v1/jobs/{job['id']}", headers=both)
+    assert (twice.status_code, _error(twice)["code"]) == (401, "invalid_api_key")
+    assert "one 'Authorization' header" in _error(twice)["message"]
 
 
 async def test_events_resume_after_last_event_id(front: Front) -> None:

@@ -273,3 +273,27 @@ async def test_metadata_over_openais_limits_is_refused_on_every_route(front: Fro
     widest = {f"{i:064d}": "v" * 512 for i in range(16)}
     answer = await client.chat.completions.create(model="fake-model", messages=ask, metadata=widest)
     assert answer.choices[0].message.content == "hi"
+
+
+async def test_a_pattern_that_repeats_too_much_is_refused_before_a_job_exists(front: Front) -> None:
+    """``^a{24000}$`` would hold a worker's slot for the grammar's compile (45 s here): a 400
+    naming the field, in a JSON format and in a strict function's parameters alike."""
+    client = _openai(front)
+    jobs_before = len(front.jobs.jobs)
+    bomb = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^a{24000}$"}}}
+    ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": "x"}]
+    with pytest.raises(BadRequestError) as refused:
+        await client.chat.completions.create(
+            model="fake-model",
+            messages=ask,
+            response_format={"type": "json_schema", "json_schema": {"name": "b", "schema": bomb}},
+        )
+    assert refused.value.param == "response_format.json_schema.schema"
+    assert "repeats too much" in refused.value.message
+    strict: Any = [{"type": "function", "function": {"name": "f", "parameters": bomb, "strict": True}}]
+    with pytest.raises(BadRequestError) as refused:
+        await client.chat.completions.create(model="fake-model", messages=ask, tools=strict)
+    assert (
+        refused.value.param == "tools.0.function.parameters" and "repeats too much" in refused.value.message
+    )
+    assert len(front.jobs.jobs) == jobs_before

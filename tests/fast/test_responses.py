@@ -72,6 +72,8 @@ async def test_a_response_is_a_job_with_its_text_and_usage(front: Front) -> None
     assert (job["status"], job["text"]) == ("finished", response.output_text)
     again = await client.responses.retrieve(response.id)
     assert again.model_dump() | {"completed_at": None} == response.model_dump() | {"completed_at": None}
+    newline = await front.http.get(f"/v1/responses/{response.id}%0A")  # another id, not this one
+    assert newline.status_code == 404 and newline.json()["error"]["param"] == "response_id"
 
     cut = await client.responses.create(model=MODEL, input="one two three", max_output_tokens=2)
     assert (cut.status, cut.output_text) == ("incomplete", "one two")
