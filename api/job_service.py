@@ -163,7 +163,7 @@ class JobService:
             rq_job=records.queued(job_id, f"streamq job {job_id} for {model}"),
             queue_list=keys.rq_queue(model),
             max_queued=s.max_queued,
-            life=s.queue_ttl + s.job_timeout + s.result_ttl,
+            life=s.records_life(),
             maxlen=s.stream_maxlen,
             queued_event=Queued(model=model),
             quota=self.quotas.quota(owner),
@@ -254,11 +254,11 @@ class JobService:
         to make leaves it up and writable for seconds), where the job and its run would vanish
         after a 202, and a worker on it takes the job at once."""
         s = self._settings
-        cancel = scripts.cancel(job_id, model, ttl=s.result_ttl, maxlen=s.stream_maxlen)
-        try:  # a job gone already (Redis lost it) answers "missing": nothing to cancel or promise
+        # Marked withdrawn in the same step (a job gone already, "missing", is not made again),
+        # so that its Idempotency-Key, sent again, makes it anew once it has ended.
+        cancel = scripts.cancel(job_id, model, ttl=s.result_ttl, maxlen=s.stream_maxlen, withdrawn=True)
+        try:
             answer = scripts.answer(await self._scripts.run(cancel))
-            if answer != Answer.MISSING:  # its Idempotency-Key, sent again, makes it anew once it ended
-                await self._redis.hset(keys.job(job_id), JobField.WITHDRAWN, "1")
             if answer == Answer.OK:
                 await anyio.to_thread.run_sync(self._file_rq_cancel, job_id)
             elif answer == Answer.RUNNING:  # started just now: it stops at its next step

@@ -57,7 +57,7 @@ class KeyQuotas:
         self._redis = connection
         self._max_concurrent = settings.key_max_concurrent
         self._rate = parse_rate_limit(settings.key_rate_limit)
-        self._set_life = settings.queue_ttl + settings.job_timeout + settings.result_ttl
+        self._set_life = settings.records_life()
         # Its own pool, as large as the shared one (the library wants bytes replies; the shared
         # pool decodes): every keyed request takes one of its connections for one round trip,
         # and a small pool made them queue. Opened as needed: none while the front has no keys.

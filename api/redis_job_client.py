@@ -84,7 +84,6 @@ def _same(stored: str | bytes | None, owner: str) -> bool:
 
 
 HUB_RECONNECT = 10.0  # seconds: with Sentinel, the stream reader reconnects (to a replica in sync)
-RUN_MARGIN = 60  # seconds past a run's timeout before its job is surely ended or handed on
 
 
 @dataclass
@@ -197,9 +196,7 @@ class RedisJobClient:
         s = self.settings
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(keys.response(job_id), mapping={"owner": owner, "record": record})
-        # As long as its job can live: its wait, every run a lost worker's job may get, its result.
-        runs = s.max_attempts * (s.job_timeout + RUN_MARGIN)
-        pipe.expire(keys.response(job_id), s.queue_ttl + runs + s.result_ttl)
+        pipe.expire(keys.response(job_id), s.records_life())  # as long as its job can live
         await pipe.execute()
 
     async def load_response(self, job_id: str, owner: str) -> str | None:

@@ -346,6 +346,13 @@ class Settings(BaseSettings):
             return self.redis_wait_replicas
         return 1 if self.sentinel_addresses() else 0
 
+    def records_life(self) -> int:
+        """Seconds a job's records (and its quota entry, its response's) live from its submit
+        until its end sets them to ``result_ttl``: its longest wait, its longest run (its
+        timeout counts from its first start, earlier runs and the gaps between included), then
+        its result's time, which covers a job that ends just as that run's limit comes."""
+        return self.queue_ttl + self.job_timeout + self.result_ttl
+
     def cache_path(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else Path.home() / ".cache" / "streamq"
 

@@ -19,6 +19,8 @@ import openai
 import pytest
 
 from shared import keys
+from shared.job_store import scripts
+from shared.job_store.scripts import JobScripts
 from streamq import StreamqClient
 from streamq.errors import StreamqError
 from tests.conftest import SlowStack
@@ -112,9 +114,13 @@ def test_a_withdrawn_job_is_made_anew_by_its_key(secure: SecureStack) -> None:
     body = {"prompt": "withdrawn then made", "max_tokens": 40}
     key = str(uuid.uuid4())
     first = _post(secure.a, "lena", body, key).json()
-    httpx.post(f"{secure.a}/v1/jobs/{first['id']}/cancel", headers=headers("lena"), timeout=30)
     r = secure.redis.client(decode_responses=True)
-    r.hset(keys.job(first["id"]), "withdrawn", "1")  # as the front's withdraw leaves it
+    withdraw = scripts.cancel(first["id"], first["model"], ttl=600, maxlen=100, withdrawn=True)
+    answer = scripts.answer(JobScripts(r).run(withdraw))  # as the front withdraws it, in one step
+    assert answer in (scripts.Answer.OK, scripts.Answer.RUNNING)
+    assert r.hget(keys.job(first["id"]), "withdrawn") == "1"
+    if answer == scripts.Answer.RUNNING:  # its worker had started it: told, it stops at its next step
+        r.publish(keys.CANCEL_CHANNEL, first["id"])
     again = _post(secure.b, "lena", body, key)
     assert again.status_code == 202 and "Idempotent-Replayed" not in again.headers, again.text
     assert again.json()["id"] == first["id"] and again.json()["status"] == "queued"

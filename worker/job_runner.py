@@ -112,11 +112,9 @@ class JobRunner:
         limit = request.queue_ttl or self._settings.queue_ttl
         queue_list = keys.rq_queue(job.model)
         if self._engine.stopping():  # taken just as this worker stops: back to the queue, untouched
-            # (only if still listed as taken: a janitor that found it there may have put it back;
-            # a plain RQ worker took it off that list itself, and it is on no list then)
-            pushed = self._scripts.run(scripts.put_back(queue_list, [job_id]))
-            if not pushed and self._redis.lpos(queue_list, job_id) is None:
-                self._redis.lpush(queue_list, job_id)
+            # (unless a janitor that found it taken put it back already; a plain RQ worker took
+            # it off that list itself, and it is on no list then), in one step
+            self._scripts.run(scripts.put_back(queue_list, [job_id], unlisted=True))
             return Outcome.REQUEUED
         attempts = int(fields.get(JobField.ATTEMPTS) or 0)
         # A continued job was not waiting all along. Not "no attempts": a handback (a draining

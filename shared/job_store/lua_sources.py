@@ -212,20 +212,26 @@ return 'requeued'
 )
 
 # Cancels a job. KEYS: job hash, events, text, the model's RQ queue list, its intermediate list.
-# ARGV: job id, event data, ttl, maxlen, then field/value pairs to set.
+# ARGV: job id, event data, ttl, maxlen, '1' when a front withdraws the job (no replica had it in
+# time: marked so whether or not it had ended, for FORGET) else '0', then field/value pairs to set.
 # A job that no run holds (status queued: in its queue, taken by a worker that has not started
 # it, or stranded by one that died) is taken off both lists and ends canceled here ("ok"): START
 # is the only way from queued to running, and it finds the job final and leaves it. A running
 # job gets its cancel flag for the worker running it ("running"). Returns "missing" or the final
 # status if the job had already ended.
 CANCEL = (
-    ENDING
+    """
+if ARGV[5] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'withdrawn', '1')
+end
+"""
+    + ENDING
     + """
 redis.call('HSET', KEYS[1], 'cancel', '1')
 if status == 'running' then return 'running' end
 redis.call('LREM', KEYS[4], 1, ARGV[1])
 redis.call('LREM', KEYS[5], 1, ARGV[1])
-finish('canceled', 'canceled', ARGV[2], ARGV[3], ARGV[4], 5)
+finish('canceled', 'canceled', ARGV[2], ARGV[3], ARGV[4], 6)
 return 'ok'
 """
 )
@@ -280,13 +286,15 @@ end
 return taken
 """
 
-# KEYS: a queue list, its intermediate list; ARGV: job ids taken from it, in their order. Each
-# id still in the intermediate list goes back to the queue's head, in order; one a janitor
+# KEYS: a queue list, its intermediate list; ARGV: '1' to push an id on neither list too (a
+# plain RQ worker's take leaves it on none) else '0', then job ids taken from it, in their order.
+# Each id still in the intermediate list goes back to the queue's head, in order; one a janitor
 # queued again meanwhile is left where it is (never twice on the queue). Returns how many went back.
 PUT_BACK = """
 local pushed = 0
-for i = #ARGV, 1, -1 do
-  if redis.call('LREM', KEYS[2], 1, ARGV[i]) == 1 then
+for i = #ARGV, 2, -1 do
+  if redis.call('LREM', KEYS[2], 1, ARGV[i]) == 1
+      or (ARGV[1] == '1' and not redis.call('LPOS', KEYS[1], ARGV[i])) then
     redis.call('LPUSH', KEYS[1], ARGV[i])
     pushed = pushed + 1
   end

@@ -155,8 +155,11 @@ def take(queue_list: str, most: int) -> ScriptCall:
     return ScriptCall(TAKE, [queue_list, keys.intermediate(queue_list)], [most])
 
 
-def put_back(queue_list: str, job_ids: list[str]) -> ScriptCall:
-    return ScriptCall(PUT_BACK, [queue_list, keys.intermediate(queue_list)], list(job_ids))
+def put_back(queue_list: str, job_ids: list[str], unlisted: bool = False) -> ScriptCall:
+    """Ids taken and never begun back to their queue's head; ``unlisted``: one on neither the
+    queue nor its intermediate list too (taken by a plain RQ worker)."""
+    flag = "1" if unlisted else "0"
+    return ScriptCall(PUT_BACK, [queue_list, keys.intermediate(queue_list)], [flag, *job_ids])
 
 
 def _pairs(fields: Mapping[str, Any]) -> list[Any]:
@@ -350,14 +353,23 @@ def requeue(
     return ScriptCall(REQUEUE, _ending_keys(job_id) + ([queue_list] if queue_list else []), args)
 
 
-def cancel(job_id: str, model: str, *, ttl: int, maxlen: int, finished_at: float | None = None) -> ScriptCall:
-    """Cancel the job: ended here if no run holds it, else flagged for its run."""
+def cancel(
+    job_id: str,
+    model: str,
+    *,
+    ttl: int,
+    maxlen: int,
+    finished_at: float | None = None,
+    withdrawn: bool = False,
+) -> ScriptCall:
+    """Cancel the job: ended here if no run holds it, else flagged for its run; ``withdrawn``:
+    marked as a job its front withdrew, in the same step (its Idempotency-Key makes it anew)."""
     queue = keys.rq_queue(model)
     ending = ended_canceled(0, finished_at)
     return ScriptCall(
         CANCEL,
         [keys.job(job_id), keys.events(job_id), keys.text(job_id), queue, keys.intermediate(queue)],
-        [job_id, ending.data.encode(), ttl, maxlen, *_pairs(ending.fields)],
+        [job_id, ending.data.encode(), ttl, maxlen, "1" if withdrawn else "0", *_pairs(ending.fields)],
     )
 
 
