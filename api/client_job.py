@@ -9,8 +9,9 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Header
 from starlette.requests import Request
 
 from api.auth import Caller
@@ -24,6 +25,11 @@ from shared.schemas import JobRequest, JobView
 log = logging.getLogger("streamq.api")
 
 JOB_HEADER = "X-Streamq-Job-Id"  # lets a client poll, cancel or re-attach to the job
+# A stream's response headers: no cache keeps it, and nginx passes each chunk on at once.
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DetachHeader = Annotated[
+    str | None, Header(alias="X-Streamq-Detach", description="1: keep the job running if the client goes")
+]
 
 
 def detach_requested(background: bool | None, header: str | None) -> bool:

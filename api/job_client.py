@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncGenerator, Coroutine
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from api.auth import Caller
 from api.idempotency import Idempotent
@@ -138,3 +138,6 @@ async def get_jobs(request: Request) -> JobClient:
     """The app's job client (a FastAPI dependency)."""
     jobs: JobClient = request.app.state.jobs
     return jobs
+
+
+JobsDep = Annotated[JobClient, Depends(get_jobs)]

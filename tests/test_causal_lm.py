@@ -10,6 +10,7 @@ import pytest
 
 from shared.limits import InvalidJobRequest
 from shared.schemas import ChatMessage, GenerationRequest, PromptInput
+from streamq.redis_server import RedisServer
 
 
 def request(prompt: str = "Tell me about Redis", **overrides: Any) -> GenerationRequest:
@@ -179,24 +180,42 @@ def test_device_and_dtype_choice() -> None:
     assert default_served_name("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
 
 
-def test_the_prompt_counter_answers_with_the_models_own_count(tiny_backend: Any) -> None:
+def test_the_prompt_counter_answers_with_the_models_own_count(
+    tiny_backend: Any, redis_server: RedisServer
+) -> None:
+    """A front's question on Redis (a request pushed on the model's list), answered on the reply
+    list it names, with the count of the model's own tokenizer and chat template."""
     import json
 
-    import fakeredis
-
+    from shared import keys
     from worker.prompt_counter import PromptCounter
 
-    counter = PromptCounter(fakeredis.FakeRedis(), tiny_backend)
+    r = redis_server.client()
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "你好"}]
-    reply, count = counter.answer(json.dumps({"reply": "r1", "prompt": {"messages": messages}}))  # type: ignore[misc]
     expected = len(tiny_backend.encode(PromptInput(messages=[ChatMessage(**m) for m in messages])))
-    assert (reply, count) == ("r1", {"prompt_tokens": expected, "context_length": 4096})
+
+    def asked(counter: PromptCounter, reply: str) -> dict[str, Any]:
+        counter.start()
+        try:
+            r.lpush(keys.count_requests(tiny_backend.name), b"not json")  # skipped, not fatal
+            r.lpush(
+                keys.count_requests(tiny_backend.name),
+                json.dumps({"reply": reply, "prompt": {"messages": messages}}),
+            )
+            answered = r.brpop([reply], timeout=30)
+        finally:
+            counter.stop()
+        assert answered is not None, "no answer from the prompt counter"
+        assert r.ttl(reply) > 0 or r.exists(reply) == 0
+        return dict(json.loads(answered[1]))
+
+    assert asked(PromptCounter(r, tiny_backend), "reply:r1") == {
+        "prompt_tokens": expected,
+        "context_length": 4096,
+    }
     # A worker whose engine holds less per job (STREAMQ_MAX_SEQ_LEN) says so: the front's check
     # is then the one the worker applies (the model's own context let through what it refused).
-    engine_sized = PromptCounter(fakeredis.FakeRedis(), tiny_backend, 512)
-    answered = engine_sized.answer(json.dumps({"reply": "r2", "prompt": {"messages": messages}}))
-    assert answered is not None and answered[1]["context_length"] == 512
-    assert counter.answer(b"not json") is None
+    assert asked(PromptCounter(r, tiny_backend, 512), "reply:r2")["context_length"] == 512
 
 
 def test_the_front_asks_for_a_count_only_when_the_prompt_might_not_fit() -> None:

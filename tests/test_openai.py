@@ -158,8 +158,9 @@ def test_models_lists_what_live_workers_serve(client: openai.OpenAI, stack: Stac
     assert model.object == "model" and model.owned_by == "streamq"
     assert 0 < model.created <= time.time()
     assert client.models.retrieve(model_of(stack)).id == model_of(stack)
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as missing:
         client.models.retrieve("no-such-model")
+    assert (missing.value.code, missing.value.param) == ("model_not_found", "model")  # as OpenAI's
 
 
 def test_a_stop_sequence_ends_the_answer_before_it(client: openai.OpenAI, stack: Stack) -> None:

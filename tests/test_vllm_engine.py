@@ -10,7 +10,6 @@ vLLM takes tens of seconds to start, so the module starts it three times in all:
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -28,6 +27,7 @@ from streamq.processes import Service, wait_for
 from tests.conftest import Stack
 from tests.sse import SSE, follow, text_of
 from tests.vllm_reference import Reference, logprob_rows
+from tests.vllm_required import need_vllm
 from tests.vllm_stack import (
     MAX_LEN,
     MODEL,
@@ -44,8 +44,7 @@ from tests.vllm_stack import (
     view,
 )
 
-if os.environ.get("STREAMQ_REQUIRE_VLLM") != "1":  # CI sets it: there, a missing vLLM fails
-    pytest.importorskip("vllm", reason="the vLLM engine is not installed (make install-vllm)")
+need_vllm()
 
 pytestmark = pytest.mark.e2e
 

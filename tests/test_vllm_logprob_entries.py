@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-if os.environ.get("STREAMQ_REQUIRE_VLLM") != "1":  # CI sets it: there, a missing vLLM fails
-    pytest.importorskip("vllm", reason="the vLLM engine is not installed (make install-vllm)")
+from tests.vllm_required import need_vllm
+
+need_vllm()
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,6 @@ functions' calls (api.strict_tools) is taken as vLLM's structural tag."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,9 @@ import pytest
 from shared.limits import InvalidJobRequest
 from tests.engine_outputs import outputs_of
 from tests.test_engine import drive, job, request
+from tests.vllm_required import need_vllm
 
-if os.environ.get("STREAMQ_REQUIRE_VLLM") != "1":  # CI sets it: there, a missing vLLM fails
-    pytest.importorskip("vllm", reason="the vLLM engine is not installed (make install-vllm)")
+need_vllm()
 
 pytestmark = pytest.mark.e2e
 

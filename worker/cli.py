@@ -27,7 +27,7 @@ def add_commands(sub: Any) -> None:
     worker.add_argument("--dtype", choices=DTYPES)
     worker.add_argument("--engine", choices=ENGINES, help=ENGINE_HELP)
     worker.add_argument("--trust-remote-code", action="store_true", default=None, help="needed for ChatGLM")
-    worker.add_argument("--name", help="worker name (default: random)")
+    worker.add_argument("--name", help="worker name (default: host.pid)")
     worker.add_argument("--burst", action="store_true", help="quit when the queue is empty")
     worker.add_argument("--slots", type=int, help="jobs run at once (default: 8 on CPU, what fits on a GPU)")
     worker.add_argument(

@@ -13,18 +13,18 @@ import datetime
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import Field, field_validator
 
 from api.auth import CallerDep
 from api.body_checks import CheckedBodyRoute
-from api.client_job import JOB_HEADER, ClientJob
+from api.client_job import JOB_HEADER, STREAM_HEADERS, ClientJob
 from api.errors import BODY_READ_AS_JSON, ApiError, error_responses, renamed
 from api.idempotency import NOT_IDEMPOTENT
-from api.job_client import ClientGone, JobClient, get_jobs
+from api.job_client import ClientGone, JobsDep
 from shared.job_store.vocabulary import EventName
 from shared.schemas import JobRequest, SamplingFields, Text
 
@@ -62,7 +62,6 @@ router = APIRouter(
     strict_content_type=False,
     responses=error_responses(400, 401, 404, 409, 413, 415, 429, 502, 503, 504),
 )
-JobsDep = Annotated[JobClient, Depends(get_jobs)]
 MARKER = "<^>"
 
 
@@ -170,5 +169,5 @@ async def chat_stream(body: ChatGLMRequest, request: Request, jobs: JobsDep, cal
                 event = await job.next_output(ticks=True)
 
     # X-Accel-Buffering: nginx passes each chunk on at once, keep-alives included.
-    headers = {JOB_HEADER: job.id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    headers = {JOB_HEADER: job.id, **STREAM_HEADERS}
     return StreamingResponse(chunks(), media_type="text/plain; charset=utf-8", headers=headers)

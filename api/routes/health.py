@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from api.job_client import JobClient, get_jobs
+from api.job_client import JobsDep
 
 router = APIRouter(tags=["health"])
 
@@ -23,7 +23,7 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses={503: {"description": "not ready"}})
 @router.head("/readyz", include_in_schema=False)
-async def readyz(jobs: Annotated[JobClient, Depends(get_jobs)]) -> JSONResponse:
+async def readyz(jobs: JobsDep) -> JSONResponse:
     """Ready: Redis answers and each served model has a live worker."""
     body: dict[str, Any] = await jobs.readiness()
     return JSONResponse(body, status_code=200 if body["ready"] else 503)

@@ -5,15 +5,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
 from api import idempotency
 from api.auth import CallerDep
 from api.body_checks import CheckedBodyRoute
+from api.client_job import STREAM_HEADERS
 from api.errors import ApiError, error_responses
 from api.idempotency import IdempotencyKeyHeader, Idempotent
-from api.job_client import ClientGone, JobClient, JobEvent, StreamInterrupted, get_jobs
+from api.job_client import ClientGone, JobEvent, JobsDep, StreamInterrupted
 from api.stream_hub import parse_entry_id
 from shared.job_store.vocabulary import FINAL_STATUSES
 from shared.schemas import JobRequest, JobView
@@ -24,9 +25,6 @@ router = APIRouter(
     tags=["jobs"],
     responses=error_responses(401, 503),
 )
-
-JobsDep = Annotated[JobClient, Depends(get_jobs)]
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
 
 
 # Only events end with a blank line, and every event has data. ``retry:`` opens the stream
@@ -125,7 +123,7 @@ async def job_events(
     # The keep-alive's interval: a client that heard nothing for a few of them takes the stream
     # for lost (a front that froze, a network path that dropped it silently) and resumes.
     heard_every = {"X-Streamq-Ping-Interval": f"{jobs.settings.ping_interval:g}"}
-    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS | heard_every)
+    return StreamingResponse(body(), media_type="text/event-stream", headers=STREAM_HEADERS | heard_every)
 
 
 @router.post("/{job_id}/cancel", responses=error_responses(404, 409))

@@ -14,18 +14,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.auth import OPEN, Caller, CallerDep
 from api.body_checks import CheckedBodyRoute
-from api.client_job import JOB_HEADER, ClientJob, detach_requested
+from api.client_job import JOB_HEADER, STREAM_HEADERS, ClientJob, DetachHeader, detach_requested
 from api.completion_request import COMPLETION_PARAMS, CompletionRequest
 from api.errors import ApiError, error_responses, job_failure_error, renamed, unknown_url
 from api.idempotency import NOT_IDEMPOTENT
-from api.job_client import JobClient, get_jobs
+from api.job_client import JobClient, JobsDep
 from api.openai_format import (
     DONE,
     PING,
@@ -48,11 +48,6 @@ router = APIRouter(
     tags=["openai-compatible"],
     responses=error_responses(401, 503),
 )
-JobsDep = Annotated[JobClient, Depends(get_jobs)]
-DetachHeader = Annotated[
-    str | None, Header(alias="X-Streamq-Detach", description="1: keep the job running if the client goes")
-]
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _ERRORS = error_responses(400, 404, 409, 413, 415, 429, 502, 504)
 
 
@@ -118,7 +113,8 @@ async def get_model(model: str, request: Request, jobs: JobsDep) -> dict[str, An
         raise unknown_url(request.method, request.url.path)
     since = await jobs.served_models()
     if model not in since:
-        raise ApiError(404, f"model '{model}' is not served by any live worker", code="model_not_found")
+        message = f"model '{model}' is not served by any live worker"
+        raise ApiError(404, message, param="model", code="model_not_found")
     return model_object(model, since[model])
 
 
@@ -145,7 +141,7 @@ async def _complete(
     headers = {JOB_HEADER: job.id}
     if body.stream:
         return StreamingResponse(
-            _stream(job, fmt), media_type="text/event-stream", headers=SSE_HEADERS | headers
+            _stream(job, fmt), media_type="text/event-stream", headers=STREAM_HEADERS | headers
         )
     return await _wait(job, fmt, headers)
 

@@ -26,10 +26,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from api import idempotency
 from api.auth import CallerDep
 from api.body_checks import CheckedBodyRoute
-from api.client_job import JOB_HEADER, ClientJob, detach_requested
+from api.client_job import JOB_HEADER, STREAM_HEADERS, ClientJob, DetachHeader, detach_requested
 from api.errors import ApiError, error_responses
 from api.idempotency import REPLAYED, IdempotencyKeyHeader, Idempotent
-from api.job_client import ClientGone, Events, JobClient, StreamInterrupted
+from api.job_client import ClientGone, Events, JobClient, JobsDep, StreamInterrupted
 from api.responses_format import PING, ResponseEvents, item_list, response_of, sse_event
 from api.responses_schemas import ResponsesRequest, named_as_sent
 from api.responses_store import (
@@ -41,7 +41,6 @@ from api.responses_store import (
     response_status,
     save_record,
 )
-from api.routes.openai_api import SSE_HEADERS, DetachHeader, JobsDep
 from shared.job_store.vocabulary import FINAL_STATUSES, JobStatus
 from shared.schemas import ChatMessage
 
@@ -103,7 +102,7 @@ async def create_response(
     job = ClientJob(jobs, view, events, detach_requested(body.background, detach), caller.name)
     if body.stream:
         stream = _followed(job, events, record)
-        return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS | headers)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=STREAM_HEADERS | headers)
     return await _wait(job, events, record, headers)
 
 
@@ -222,7 +221,7 @@ async def get_response(
         return JSONResponse(response_of(record, view), headers=headers)
     events = jobs.follow(view, "0-0", request)
     body = _reattached(events, record, starting_after)
-    return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS | headers)
+    return StreamingResponse(body, media_type="text/event-stream", headers=STREAM_HEADERS | headers)
 
 
 @router.post("/{response_id}/cancel", responses=error_responses(404, 409))
