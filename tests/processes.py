@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import psutil
+import redis
+
 from streamq.processes import Service, start_front
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,3 +50,14 @@ def jobs_asking(redis: Any, marker: str) -> list[str]:
         for key in r.scan_iter(match=keys.job("*"), count=1000)
         if marker in (r.hget(key, "request") or "")
     ]
+
+
+def blocked_in(r: redis.Redis, pid: int, command: str) -> bool:
+    """Whether a connection of process ``pid`` is blocked in ``command`` (``blmove``) on the
+    server: CLIENT LIST's entries matched by their address to the process's local ports."""
+    ports = {c.laddr.port for c in psutil.Process(pid).net_connections(kind="tcp") if c.laddr}
+    for entry in r.client_list():
+        flags, cmd = str(entry.get("flags", "")), str(entry.get("cmd", ""))
+        if cmd == command and "b" in flags and int(str(entry.get("addr", ":0")).rsplit(":", 1)[1]) in ports:
+            return True
+    return False

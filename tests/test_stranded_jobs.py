@@ -21,6 +21,7 @@ from shared.stranded_jobs import StrandedJobs
 from streamq.processes import Service, start_synthetic_worker, wait_for
 from streamq.redis_server import RedisServer
 from tests.conftest import Stack
+from tests.processes import blocked_in
 from tests.redis_replies import entries
 from tests.sse import SSE, follow, text_of
 from tests.test_e2e_jobs import greedy_answer
@@ -61,14 +62,13 @@ def strand(stack: Stack, worker: Service, model: str, body: dict[str, Any]) -> s
     """Freeze ``worker`` (its idle dispatcher stays blocked in BLMOVE on the server), submit a job
     that Redis hands to it, then kill the worker: the job is left in the intermediate list."""
     wait_for(lambda: listening(stack, model, worker.name), 60, f"{worker.name}'s dispatcher to listen")
-    time.sleep(0.5)  # from "idle" into the BLMOVE itself
+    r = stack.redis.client(decode_responses=True)
+    wait_for(lambda: blocked_in(r, worker.proc.pid, "blmove"), 30, f"{worker.name}'s BLMOVE to block")
     worker.proc.send_signal(signal.SIGSTOP)
-    time.sleep(0.3)
     response = httpx.post(f"{stack.url}/v1/jobs", json={"model": model, **body})
     assert response.status_code == 202, response.text
     job_id = str(response.json()["id"])
     parked = keys.intermediate(keys.rq_queue(model))
-    r = stack.redis.client(decode_responses=True)
     wait_for(lambda: r.lpos(parked, job_id) is not None, 10, "the job to be handed to the frozen worker")
     worker.proc.send_signal(signal.SIGKILL)
     worker.proc.wait(timeout=10)

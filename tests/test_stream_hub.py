@@ -41,6 +41,16 @@ def run(
     return asyncio.run(main())
 
 
+async def reader_blocked(r: aioredis.Redis) -> None:
+    """Until the hub's reader is blocked in its XREAD on the server (CLIENT LIST's flag ``b``)."""
+    for _ in range(500):
+        for entry in await r.client_list():
+            if entry.get("name") == "hub-test-reader" and "b" in entry.get("flags", ""):
+                return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the hub's reader never blocked in its XREAD")
+
+
 async def drain(sub: Subscription, count: int) -> list[str]:
     out = []
     for _ in range(count):
@@ -68,7 +78,7 @@ def test_one_reader_serves_many_streams_in_order(redis_server: RedisServer) -> N
 def test_a_new_subscription_joins_a_blocked_read_at_once(redis_server: RedisServer) -> None:
     async def body(hub: StreamHub, r: aioredis.Redis) -> None:
         first = await hub.subscribe("t2:a")
-        await asyncio.sleep(0.2)  # the reader is now blocked on t2:a alone (for up to 60 s)
+        await reader_blocked(r)  # on t2:a alone now (for up to 60 s)
         second = await hub.subscribe("t2:b")
         await r.xadd("t2:b", {"v": "hello"})
         assert await drain(second, 1) == ["hello"]  # well before the 60 s block would end
@@ -84,7 +94,7 @@ def test_subscriptions_that_come_together_share_one_wake_up() -> None:
 
     async def body(hub: StreamHub, r: aioredis.Redis) -> None:
         await hub.subscribe("t7:first")
-        await asyncio.sleep(0.2)  # the reader is blocked on t7:first alone
+        await reader_blocked(r)  # on t7:first alone
         await r.config_resetstat()
         subs = await asyncio.gather(*(hub.subscribe(f"t7:{i}") for i in range(30)))
         stats = await r.info("commandstats")

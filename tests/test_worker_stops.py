@@ -5,6 +5,7 @@ to its queue at once, in streamq and in RQ."""
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from typing import Any
@@ -25,7 +26,9 @@ from shared.job_store.vocabulary import JobStatus as StreamqStatus
 from shared.schemas import ChatMessage, GenerationRequest
 from shared.settings import Settings
 from shared.stranded_jobs import StrandedJobs
+from streamq.processes import wait_for
 from streamq.redis_server import RedisServer
+from tests.processes import blocked_in
 from tests.rq_doubles import Scripted, dispatch_in_a_thread, enqueue, slot_threads, unique
 from worker.dispatcher import IDLE_WAIT, Dispatcher
 from worker.job_runner import JobRunner, Outcome
@@ -43,8 +46,8 @@ def test_an_idle_dispatcher_is_one_rq_worker_and_stops_soon_after_it_is_asked(
     )
     slot_threads_before = slot_threads()
     thread, failed = dispatch_in_a_thread(dispatcher)
-    time.sleep(0.5)
-    assert thread.is_alive()  # waiting on its queue
+    wait_for(lambda: blocked_in(redis_server.client(), os.getpid(), "blmove"), 30, "the wait on its queue")
+    assert thread.is_alive()
     # Its 8 slots' threads are up before any job comes (a burst's first jobs wait for none).
     assert len(slot_threads() - slot_threads_before) == 8
     (listed,) = [w for w in SimpleWorker.all(connection=redis_server.client()) if w.name.startswith(model)]
@@ -68,7 +71,7 @@ def test_a_job_that_comes_while_a_stopping_dispatcher_waits_stays_queued(redis_s
     connection = redis_server.client()
     dispatcher = Dispatcher(connection, Scripted(redis_server, model, {}), 2, model, Settings())
     thread, failed = dispatch_in_a_thread(dispatcher)
-    time.sleep(0.5)  # waiting on its queue
+    wait_for(lambda: blocked_in(connection, os.getpid(), "blmove"), 30, "the wait on its queue")
     dispatcher.stop_taking()
     job_ids = [unique("late"), unique("later")]
     queue = enqueue(redis_server, model, job_ids)
