@@ -101,6 +101,22 @@ def _first_line(exc: BaseException) -> str:
     return library_reason(str(exc)) or type(exc).__name__
 
 
+def refused_field(request: GenerationRequest) -> str | None:
+    """The field whose grammar the compiler refused (both engines): beside tools, the JSON
+    answer's ``response_format`` when its schema alone does not compile (the compiler names
+    neither), else the field the grammar comes from (``tools``, ``response_format``)."""
+    field = request.grammar_field()
+    answer = request.json_or_calls()
+    if field == "tools" and answer is not None:
+        import xgrammar
+
+        try:
+            xgrammar.Grammar.from_json_schema(json.dumps(answer))
+        except (RuntimeError, ValueError, TypeError):
+            return "response_format"
+    return field
+
+
 def library_reason(text: str) -> str:
     """The first line of a library's error (xgrammar's, or vLLM's that quotes it), without the
     times and C++ source places it holds."""
@@ -151,13 +167,6 @@ class Grammars:
             self.after_lead = _words_without(size, self.guard.after_lead)
         return self._compiler
 
-    def _compiles(self, schema: dict[str, Any]) -> bool:
-        try:
-            self._grammar_compiler().compile_json_schema(json.dumps(schema), any_whitespace=False)
-        except (RuntimeError, ValueError, TypeError):
-            return False
-        return True
-
     def compiled(self, request: GenerationRequest) -> Any | None:
         """The request's compiled grammar (None: it asks for no JSON); InvalidJobRequest naming
         ``response_format`` when xgrammar cannot compile its schema."""
@@ -196,9 +205,7 @@ class Grammars:
                         key, any_whitespace=False, separators=JSON_SEPARATORS
                     )
             except (RuntimeError, ValueError, TypeError) as exc:
-                field = "tools" if key.startswith(TAG) else "response_format"
-                if (answer := request.json_or_calls()) is not None and not self._compiles(answer):
-                    field = "response_format"  # the JSON answer's schema beside the tools
+                field = refused_field(request) or "response_format"
                 raise InvalidJobRequest(
                     f"{field}: this JSON schema cannot be used for constrained decoding ({_first_line(exc)})",
                     param=field,

@@ -34,7 +34,7 @@ from shared.tool_call_format import CLOSE, OPEN
 from worker.answer_tokens import AnswerTokens
 from worker.chat_prompt import PromptRenderer
 from worker.engine import CannotContinue, EngineJob, JobOutput, resume
-from worker.logits_rules import library_reason
+from worker.logits_rules import library_reason, refused_field
 from worker.row_failures import RowFailed, no_way_on
 from worker.token_logprobs import TokenTexts
 
@@ -104,7 +104,7 @@ class VLLMModel:
             params = self.sampling(job.request, answer.budget - answer.completion_tokens, prompt_logprobs)
             self.vllm.add_request(request_id, TokensPrompt(prompt_token_ids=prompt + job.resume_ids), params)
         except refusals() as exc:  # vLLM's own checks: a token id out of its vocabulary, a bad schema
-            grammar = _refused_field(job.request)
+            grammar = refused_field(job.request)
             param = grammar if grammar and _about_the_grammar(str(exc)) else None
             reason = library_reason(str(exc)) or type(exc).__name__  # no grammar library's time and source
             if param and job.request.json_schema is not None:
@@ -343,18 +343,3 @@ def _about_the_grammar(message: str) -> bool:
     """Whether vLLM's refusal is of the job's JSON schema (its structured-output checks)."""
     words = ("schema", "grammar", "xgrammar", "structured output", "structural tag")
     return any(word in message.lower() for word in words)
-
-
-def _refused_field(request: GenerationRequest) -> str | None:
-    """The field whose grammar vLLM refused: beside tools, the JSON answer's ``response_format``
-    when its schema alone does not compile (vLLM names neither), else ``tools``."""
-    field = request.grammar_field()
-    answer = request.json_or_calls()
-    if field == "tools" and answer is not None:
-        import xgrammar
-
-        try:
-            xgrammar.Grammar.from_json_schema(json.dumps(answer))
-        except (RuntimeError, ValueError, TypeError):
-            return "response_format"
-    return field
