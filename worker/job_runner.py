@@ -136,15 +136,45 @@ class JobRunner:
                 return self._end_here(job, ended(job, "error", "expired", message))
             finally:  # never started: done with it, once its end is written (a kill before that
                 self._redis.lrem(keys.intermediate(queue_list), 1, job_id)  # leaves it listed)
-        s = self._settings
         run = f"{slot_name}:{uuid.uuid4().hex[:12]}"
+        answer, job.resume_ids = self._start(job, slot_name, run, attempts + 1, queue_list)
+        if answer == Answer.CANCEL:
+            return self._end_here(job, ended(job, "canceled"))
+        if answer == Answer.TAKEN:  # another worker holds it (a duplicate delivery): leave it to that one
+            return Outcome.LOST
+        if answer == JobStatus.FAILED:
+            raise JobFailed(f"job {job_id} had already failed")
+        if answer != Answer.RUNNING:
+            log.info("job %s: not started, its state is %s", job_id, answer)
+            return Outcome.of(answer)
+        job.run = run
+        if first_run:
+            self._metrics.queue_wait.observe(waited)
+        self._log_started(job, slot_name, waited, attempts + 1)
+        job.cancel = cancel = self._cancels.watch(job_id)
+        self._leases.hold(job)
+        try:
+            self._engine.model.prepare(job)  # its prompt and grammar, here, not in the engine's thread
+            if not self._engine.submit(job):  # the engine stopped while this job was starting
+                return self._end_here(job, ended(job, HANDBACK))
+            self._wait(job)
+        finally:
+            self._leases.release(job)
+            self._cancels.unwatch(job_id, cancel)
+        return self._outcome(job)
+
+    def _start(
+        self, job: EngineJob, slot_name: str, run: str, attempt: int, queue_list: str
+    ) -> tuple[str, list[int]]:
+        """The start script's answer for the job, and the token ids an earlier run generated."""
+        s = self._settings
         start = scripts.start(
-            job_id,
+            job.job_id,
             worker=self._worker_name,
             slot=slot_name,
             run=run,
-            now=started_at,
-            attempt=attempts + 1,
+            now=job.started_at,
+            attempt=attempt,
             lease_ms=int(s.lease_seconds * 1000),
             maxlen=s.stream_maxlen,
             taken_into=keys.intermediate(queue_list) if job.model else None,
@@ -158,47 +188,26 @@ class JobRunner:
             except ScriptsReloaded:  # nothing was started: start it now
                 if not first_try:
                     raise
-        answer, job.resume_ids = scripts.started(reply)
-        if answer == Answer.CANCEL:
-            return self._end_here(job, ended(job, "canceled"))
-        if answer == Answer.TAKEN:  # another worker holds it (a duplicate delivery): leave it to that one
-            return Outcome.LOST
-        if answer == JobStatus.FAILED:
-            raise JobFailed(f"job {job_id} had already failed")
-        if answer != Answer.RUNNING:
-            log.info("job %s: not started, its state is %s", job_id, answer)
-            return Outcome.of(answer)
-        job.run = run
-        if first_run:
-            self._metrics.queue_wait.observe(waited)
+        return scripts.started(reply)
+
+    def _log_started(self, job: EngineJob, slot_name: str, waited: float, attempt: int) -> None:
         log.info(
             "job %s: started on %s (waited %.3fs%s)",
-            job_id,
+            job.job_id,
             slot_name,
             waited,
             f", continuing after {len(job.resume_ids)} tokens" if job.resume_ids else "",
             extra=job_fields(
                 "started",
-                job_id,
+                job.job_id,
                 job.model,
                 worker=self._worker_name,
                 slot=slot_name,
                 queue_seconds=round(waited, 6),
-                attempt=attempts + 1,
+                attempt=attempt,
                 resumed_tokens=len(job.resume_ids),
             ),
         )
-        job.cancel = cancel = self._cancels.watch(job_id)
-        self._leases.hold(job)
-        try:
-            self._engine.model.prepare(job)  # its prompt and grammar, here, not in the engine's thread
-            if not self._engine.submit(job):  # the engine stopped while this job was starting
-                return self._end_here(job, ended(job, HANDBACK))
-            self._wait(job)
-        finally:
-            self._leases.release(job)
-            self._cancels.unwatch(job_id, cancel)
-        return self._outcome(job)
 
     def _wait(self, job: EngineJob) -> None:
         stuck_at = job.deadline + STUCK_MARGIN  # monotonic: a step of the wall clock stops no job
