@@ -196,7 +196,7 @@ class RedisJobClient:
         s = self.settings
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(keys.response(job_id), mapping={"owner": owner, "record": record})
-        pipe.expire(keys.response(job_id), s.records_life())  # as long as its job can live
+        pipe.expire(keys.response(job_id), s.response_record_life())
         await pipe.execute()
 
     async def load_response(self, job_id: str, owner: str) -> str | None:

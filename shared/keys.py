@@ -36,8 +36,8 @@ def text(job_id: str) -> str:
 
 def response(job_id: str) -> str:
     """Hash of a Responses API response's record (``owner``, ``record``: its input, instructions,
-    settings and conversation, as JSON) beside the job that answers it; it lives as long as a
-    job can (``Settings.records_life``) and is not served once its job is gone."""
+    settings and conversation, as JSON) beside the job that answers it; it outlives the job's
+    own records (``Settings.response_record_life``) and is not served once its job is gone."""
     return f"{PREFIX}:response:{{{job_id}}}"
 
 

@@ -353,6 +353,13 @@ class Settings(BaseSettings):
         its result's time, which covers a job that ends just as that run's limit comes."""
         return self.queue_ttl + self.job_timeout + self.result_ttl
 
+    def response_record_life(self) -> int:
+        """Seconds a Responses record lives from its submit: longer than its job's records, by a
+        run's timeout and a minute for each run a job may get, since a job handed back (a
+        worker lost) can end past its records' first life, and its end renews only its own
+        keys. The record is served only while its job exists: outliving it costs memory only."""
+        return self.records_life() + self.max_attempts * (self.job_timeout + 60)
+
     def cache_path(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else Path.home() / ".cache" / "streamq"
 

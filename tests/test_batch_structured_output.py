@@ -265,6 +265,7 @@ def test_a_slow_grammar_holds_up_only_the_jobs_with_its_schema(tiny_backend: Any
         again.join(30)
         grammars._compiler = real
     assert [("slow" in text) for text in compiled] == [True, False]  # the slow schema compiled once
+    assert grammars._compiling == {}  # no compile left in the books
     assert grammars.compiled(request("d", json_schema=slow)) is not None
 
 

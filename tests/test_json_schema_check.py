@@ -286,7 +286,10 @@ def test_patterns_that_repeat_too_much_are_refused_and_common_ones_are_enforced(
             "required": ["a"],
         }
 
-    for bomb in ("^a{24000}$", "^((a{100}){100})$", "^(ab|[cd]){2049}$", "^x{5000,}$"):
+    huge = "^a{" + "9" * 5000 + "}$"  # more digits than Python reads into an int
+    bombs = ("^a{24000}$", "^((a{100}){100})$", "^(ab|[cd]){2049}$", "^x{5000,}$", huge)
+    # What {0} repeats is compiled all the same: it takes nothing off the count.
+    for bomb in (*bombs, "^a{24000}b{0}$", "^a{8000}(b{4000}){0}$", "(" * 30000 + "a"):
         problem = schema_problem(of(bomb)) or ""
         assert "repeats too much for constrained decoding" in problem, bomb
         assert problem.endswith("(at #/properties/a)"), problem
@@ -320,3 +323,10 @@ def test_the_forced_functions_of_one_request_share_one_pattern_limit() -> None:
         plan_tools(tools, "required", None)
     assert refused.value.param == "tools.2.function.parameters"
     assert "repeats too much" in refused.value.message
+    digits = {"type": "object", "properties": {"s": {"type": "string", "pattern": "^a{" + "1" * 5000 + "}$"}}}
+    one = [
+        ToolDefinition.model_validate({"type": "function", "function": {"name": "f", "parameters": digits}})
+    ]
+    with pytest.raises(ApiError) as refused:  # a 400, not the int conversion's ValueError (a 500)
+        plan_tools(one, "required", None)
+    assert refused.value.status == 400 and "repeats too much" in refused.value.message

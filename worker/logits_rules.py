@@ -125,6 +125,14 @@ def library_reason(text: str) -> str:
     return _SOURCE_PLACE.sub("", first).strip()
 
 
+class _Compiling:
+    """One schema's compile: its lock, and the threads that hold it or wait for it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+
+
 class Grammars:
     """A model's JSON grammars: compiled by xgrammar for its tokenizer, each schema once."""
 
@@ -145,7 +153,7 @@ class Grammars:
         # several threads, as vLLM's pool makes them), so one slow schema holds up no other.
         self._cache_lock = threading.Lock()
         self._setup_lock = threading.Lock()
-        self._compiling: dict[str, threading.Lock] = {}
+        self._compiling: dict[str, _Compiling] = {}  # under _cache_lock
 
     def _grammar_compiler(self) -> Any:
         with self._setup_lock:
@@ -183,13 +191,15 @@ class Grammars:
         if found is not None:
             return found
         with self._cache_lock:
-            compiling = self._compiling.setdefault(key, threading.Lock())
+            compiling = self._compiling.setdefault(key, _Compiling())
+            compiling.users += 1
         try:
-            return self._compile(request, key, compiling)
+            return self._compile(request, key, compiling.lock)
         finally:
             with self._cache_lock:
-                if not compiling.locked():
-                    self._compiling.pop(key, None)
+                compiling.users -= 1
+                if not compiling.users:  # the last one out: no thread holds or waits for it
+                    del self._compiling[key]
 
     def _compile(self, request: GenerationRequest, key: str, compiling: threading.Lock) -> Any:
         with compiling:

@@ -21,8 +21,9 @@ Refused, each with the place in the schema:
   instance that breaks it; tests/test_json_schema_check.py does the same, so an xgrammar that
   changes shows up there.
 - more than 64 schemas deep, or more than 5,000 in one request;
-- patterns whose repetitions, written out, come to more than 4,096 positions in one request
-  (shared/schemas/regex_size.py: the compiler's time grows with the square of that).
+- patterns whose repetitions, written out, come to more than 4,096 positions in one schema (a
+  call's functions share the count; shared/schemas/regex_size.py: the compiler's time grows
+  with the square of that).
 
 Anything else is left to the worker's compiler, whose error names the same field: a malformed
 schema, or a ``pattern`` its regular expressions cannot take. (``oneOf`` is followed as
@@ -267,7 +268,7 @@ def _regex_problem(node: dict[str, Any], budget: Budget) -> str | None:
         if budget.regex_positions < 0:
             return (
                 f"the '{keyword}' {_shown(regex)} repeats too much for constrained decoding: a "
-                f"request's patterns may come to {MAX_REGEX_POSITIONS} characters in all with their "
+                f"schema's patterns may come to {MAX_REGEX_POSITIONS} characters in all with their "
                 "repetitions written out (the grammar's compile time grows with the square)"
             )
     return None

@@ -8,9 +8,10 @@ patterns (a few hundred characters of body) cannot cost minutes of a worker.
 
 The count walks the text once, with a stack of groups, and follows ECMA-262's syntax (which
 JSON Schema's patterns use): an escape and a character class are one position, a group is the
-sum of its alternatives, ``{m}`` is m copies, ``{m,n}`` n, ``{m,}`` m + 1, ``+`` 2, ``*`` and
-``?`` 1. A quantifier binds to the atom before it, and a second one multiplies again.
-It errs high, never low, and stops counting past ``cap``.
+sum of its alternatives, ``{m}`` is m copies, ``{m,n}`` n, ``{m,}`` m + 1, ``+`` 2, ``*``,
+``?`` and ``{0}`` 1 (the compiler builds what ``{0}`` repeats all the same). A quantifier binds
+to the atom before it, and a second one multiplies again. The count never goes down as it reads
+on, so it stops as soon as it passes ``cap``; it errs high, never low.
 """
 
 from __future__ import annotations
@@ -19,14 +20,33 @@ import re
 
 _COUNTED = re.compile(r"\{(\d+)(,(\d*))?\}")
 _BRACED_ESCAPES = frozenset("upPk")  # \u{…}, \p{…}, \P{…}, \k<…> (its name: one position)
+_GROUP_OPENERS = ("(?:", "(?=", "(?!", "(?<=", "(?<!")  # no position of their own
+MAX_CHARACTERS = 20_000  # a longer pattern is refused unread (reading one of 1 MB took a second)
+_MANY = 10**9  # a count of more digits than this has (Python reads at most 4,300 of them)
+
+
+def _number(digits: str) -> int:
+    return int(digits) if len(digits) < 10 else _MANY
 
 
 def _copies(match: re.Match[str]) -> int:
-    least = int(match.group(1))
+    least = _number(match.group(1))
     if match.group(2) is None:
-        return least
+        return max(least, 1)
     most = match.group(3)
-    return int(most) if most else least + 1
+    return max(_number(most) if most else least + 1, 1)
+
+
+def _group_body(regex: str, at: int) -> int:
+    """Where the body of the group that opens at ``regex[at] == '('`` starts (after ``?:``, a
+    lookaround's, or a name's ``?<name>`` / ``?P<name>``)."""
+    for opener in _GROUP_OPENERS:
+        if regex.startswith(opener, at):
+            return at + len(opener)
+    if regex.startswith(("(?<", "(?P<"), at):
+        close = regex.find(">", at)
+        return close + 1 if close != -1 else len(regex)
+    return at + 1
 
 
 def _escape_end(regex: str, at: int) -> int:
@@ -52,12 +72,17 @@ def _class_end(regex: str, at: int) -> int:
 
 
 def expanded_size(regex: str, cap: int) -> int:
-    """Positions ``regex`` has with its repetitions written out (at most ``cap + 1``)."""
+    """Positions ``regex`` has with its repetitions written out (at most ``cap + 1``; a pattern
+    longer than ``MAX_CHARACTERS`` counts as more, unread)."""
+    if len(regex) > MAX_CHARACTERS:
+        return cap + 1
     # A frame per open group: [its finished alternatives, the current one, the last atom's size]
     frames: list[list[int]] = [[0, 0, 0]]
     at = 0
     while at < len(regex):
         char, frame = regex[at], frames[-1]
+        if frame[0] + frame[1] > cap:  # the whole is at least as large (each group's count was
+            return cap + 1  # checked while it was the innermost; none goes down)
         quantifier = _COUNTED.match(regex, at) if char == "{" else None
         if quantifier is not None or char in "*+?":
             copies = _copies(quantifier) if quantifier is not None else (2 if char == "+" else 1)
@@ -68,7 +93,7 @@ def expanded_size(regex: str, cap: int) -> int:
             continue
         if char == "(":
             frames.append([0, 0, 0])
-            at += 1
+            at = _group_body(regex, at)
             continue
         if char == ")" and len(frames) > 1:
             done = frames.pop()
