@@ -113,6 +113,33 @@ def test_a_job_whose_worker_keeps_dying_fails_after_its_attempts(redis_server: R
     assert _events(r, "js5")[-1] == "error" and r.zscore(keys.RUNNING, "js5") is None
 
 
+def test_a_dead_workers_job_ends_as_its_run_would_have_ended_it(redis_server: RedisServer) -> None:
+    """Canceled while its worker died, or failed once its attempts are spent, the job the janitor
+    ends has what a run's own end gives it: its finished_at, the canceled event's token count,
+    its text and events kept for the TTL, and its token ids dropped."""
+    import json
+
+    r = redis_server.client(decode_responses=True)
+    for job_id, cancel in (("js-dead-cancel", True), ("js-dead-fail", False)):
+        _new_job(r, job_id)
+        assert _start(r, job_id, "run-1") == "running"
+        assert _delta(r, job_id, "run-1", "Hello", [11, 12]) == 0
+        if cancel:
+            assert _cancel(r, job_id) == "running"  # flagged: its worker died before it saw it
+        r.delete(keys.lease(job_id))
+        assert _requeue(r, job_id, attempts=1) == ("canceled" if cancel else "failed")
+        state = r.hgetall(keys.job(job_id))
+        assert float(state[JobField.FINISHED_AT]) > 0, state
+        assert state[JobField.FINISH_REASON] == ("canceled" if cancel else "error")
+        (_, last), *_ = r.xrevrange(keys.events(job_id), count=1)
+        if cancel:
+            assert (last["event"], json.loads(last["data"])) == ("canceled", {"completion_tokens": 2})
+        else:
+            assert last["event"] == "error" and json.loads(last["data"])["type"] == "worker_lost"
+        assert r.get(keys.text(job_id)) == "Hello" and 0 < r.ttl(keys.text(job_id)) <= 60
+        assert not r.exists(keys.tokens(job_id))
+
+
 def test_a_running_job_whose_record_is_gone_or_ended_leaves_the_running_set_once(
     redis_server: RedisServer,
 ) -> None:

@@ -54,6 +54,7 @@ def worker_connection(settings: Settings) -> redis.Redis:
         health_check_interval=30,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        client_name="streamq-worker",  # how its connections show in CLIENT LIST
     )
 
 

@@ -169,8 +169,9 @@ return 'ok'
 # the model's RQ queue list: the job id goes back on its front in the same step, so a worker
 # killed before RQ's own re-enqueue cannot leave the job queued with nothing to run it (the
 # janitor enqueues in RQ itself, before this script).
-# ARGV: job id, maxlen, ttl, attempts allowed, event data for a failure, then the failure's
-# field/value pairs... and, last, the run id.
+# ARGV: job id, maxlen, ttl, attempts allowed, event data for a failure, the time (a cancel's
+# finished_at), then the failure's field/value pairs... and, last, the run id. An end here keeps
+# the job's text and events for the TTL and drops its token ids, as FINISH does.
 # Returns "requeued", "alive" (the lease is live), "lost", "failed" (attempts used up),
 # "canceled" (a cancel was pending), "missing", or the final status already there.
 REQUEUE = (
@@ -189,17 +190,21 @@ if run ~= '' then
 elseif redis.call('EXISTS', KEYS[5]) == 1 then return 'alive' end
 redis.call('ZREM', KEYS[6], ARGV[1])
 redis.call('DEL', KEYS[5])
-if job[3] then
-  redis.call('HSET', KEYS[1], 'status', 'canceled', 'finish_reason', 'canceled')
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'canceled', 'data', '{}')
-  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+local function ended(status, fields, event, data)
+  redis.call('HSET', KEYS[1], 'status', status, unpack(fields))
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', event, 'data', data)
+  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+  redis.call('DEL', KEYS[4])
+end
+if job[3] then  -- as a cancel its run would have ended (the fields and event of ended_canceled)
+  local done = tonumber(redis.call('HGET', KEYS[1], 'completion_tokens') or '0')
+  local fields = {'finish_reason', 'canceled', 'finished_at', ARGV[6]}
+  ended('canceled', fields, 'canceled', cjson.encode({completion_tokens = done}))
   return 'canceled'
 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
 if run == '' and attempts >= tonumber(ARGV[4]) then
-  redis.call('HSET', KEYS[1], 'status', 'failed', unpack(ARGV, 6, #ARGV - 1))
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'error', 'data', ARGV[5])
-  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+  ended('failed', {unpack(ARGV, 7, #ARGV - 1)}, 'error', ARGV[5])
   return 'failed'
 end
 redis.call('HSET', KEYS[1], 'status', 'queued')

@@ -349,7 +349,8 @@ def requeue(
     once ``attempts_allowed`` runs were lost."""
     failure = failure or Failed(type="", message="")
     ending = ended_failed(failure.type, failure.message)
-    args = [job_id, maxlen, ttl, attempts_allowed, failure.encode(), *_pairs(ending.fields), run]
+    now = ending.fields[JobField.FINISHED_AT]
+    args = [job_id, maxlen, ttl, attempts_allowed, failure.encode(), now, *_pairs(ending.fields), run]
     return ScriptCall(REQUEUE, _ending_keys(job_id) + ([queue_list] if queue_list else []), args)
 
 
