@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from shared.schemas import ENGINE_FEATURES, TOOLS, GenerationRequest, ToolDefinition
-from tests.test_engine import drive, job, request
+from tests.engine_driving import drive, job, request
 from worker.batch_lm import BatchedCausalLM
 
 

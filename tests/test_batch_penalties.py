@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from shared.schemas import GenerationRequest
+from tests.engine_driving import alone, drive, job, request
 from tests.engine_outputs import ids_of
-from tests.test_engine import alone, drive, job, request
 from worker.batch_lm import BatchedCausalLM
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from shared.job_store.vocabulary import JobField
+from tests.engine_driving import alone, drive, job, request, running_engine
 from tests.engine_outputs import ids_of
-from tests.test_engine import alone, drive, job, request, running_engine
 from worker.batch_lm import BatchedCausalLM
 from worker.engine import CannotContinue
 from worker.logits_rules import not_json_ids

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from tests.engine_driving import Collected, alone, drive, job, request
 from tests.engine_outputs import ids_of
 from tests.test_batch_structured_output import SCHEMA
-from tests.test_engine import Collected, alone, drive, job, request
 from worker.batch_lm import BatchedCausalLM
 from worker.engine import CannotContinue, Engine, EngineJob
 from worker.vllm_engine import check_continuable

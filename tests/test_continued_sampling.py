@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from shared.schemas import GenerationRequest
-from tests.test_engine import drive, job, request
+from tests.engine_driving import drive, job, request
 from worker.batch_lm import BatchedCausalLM
 from worker.engine import EngineJob
 from worker.sampling import job_seed, token_seed

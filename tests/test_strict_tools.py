@@ -16,8 +16,8 @@ from api.errors import ApiError
 from api.strict_tools import calls_or_json_grammar, strict_calls_grammar
 from api.tool_calls import plan_tools, read_whole
 from shared.schemas import ToolDefinition
+from tests.engine_driving import drive, job, request
 from tests.engine_outputs import ids_of
-from tests.test_engine import drive, job, request
 from worker.batch_lm import BatchedCausalLM
 
 WEATHER = {

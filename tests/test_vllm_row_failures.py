@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from shared.limits import InvalidJobRequest
+from tests.engine_driving import drive, job, request
 from tests.engine_outputs import outputs_of
-from tests.test_engine import drive, job, request
 from tests.vllm_required import need_vllm
 
 need_vllm()
