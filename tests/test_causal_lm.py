@@ -11,16 +11,11 @@ import pytest
 from shared.limits import InvalidJobRequest
 from shared.schemas import ChatMessage, GenerationRequest, PromptInput
 from streamq.redis_server import RedisServer
+from tests.engine_driving import request as engine_request
 
 
 def request(prompt: str = "Tell me about Redis", **overrides: Any) -> GenerationRequest:
-    fields: dict[str, Any] = {
-        "messages": [ChatMessage(role="user", content=prompt)],
-        "max_tokens": 24,
-        "temperature": 0.0,
-        "top_p": 1.0,
-    }
-    return GenerationRequest(**(fields | overrides))
+    return engine_request(prompt, **({"max_tokens": 24} | overrides))
 
 
 def run(backend: Any, req: GenerationRequest) -> tuple[str, str | None, int]:
