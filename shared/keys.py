@@ -61,6 +61,11 @@ def rq_queue(model: str) -> str:
     return f"{RQ_KEY_PREFIX}:queue:{queue_name(model)}"
 
 
+def rq_queue_name(queue_list: str) -> str:
+    """The RQ queue name of the list ``queue_list`` (``rq:queue:NAME``): RQ's ``Queue(NAME)``."""
+    return queue_list.removeprefix(f"{RQ_KEY_PREFIX}:queue:")
+
+
 def rq_job(job_id: str) -> str:
     """RQ's hash of the job (its function call, status, registries' times), as RQ names it."""
     return f"{RQ_KEY_PREFIX}:job:{job_id}"

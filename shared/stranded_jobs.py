@@ -46,7 +46,7 @@ class StrandedJobs:
         """Every model's RQ queue (RQ lists the queues it has seen in ``rq:queues``)."""
         prefix = keys.rq_queue("")
         lists = sorted(n for n in names(self._redis.smembers(keys.RQ_QUEUES)) if n.startswith(prefix))
-        return [Queue(n.removeprefix(f"{keys.RQ_KEY_PREFIX}:queue:"), connection=self._redis) for n in lists]
+        return [Queue(keys.rq_queue_name(n), connection=self._redis) for n in lists]
 
     def sweep(self) -> list[str]:
         """One round over every model's queue; returns the ids of the jobs queued again."""

@@ -108,7 +108,7 @@ def _last_token(prompt: list[int] | None, output: list[int]) -> int | None:
     return None if last is None or last < 0 else last
 
 
-class JsonAnswerMask(LogitsProcessor):
+class JsonAnswerMask(LogitsProcessor):  # type: ignore[misc]  # vLLM's class: untyped here
     """Sets the banned ids' logits to -inf in the rows of the requests that ask for it."""
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
@@ -138,7 +138,7 @@ class JsonAnswerMask(LogitsProcessor):
         return logits
 
 
-class JsonAnswerMaskV2(V2LogitsProcessor):
+class JsonAnswerMaskV2(V2LogitsProcessor):  # type: ignore[misc]  # vLLM's class: untyped here
     """The same mask for Model Runner V2, whose rows are reordered every step: each request slot
     that asks for it has its banned ids as a vocabulary-wide row (one per set of stop tokens),
     and each step fills the rows of those slots, on the device, with no wait for the host."""
