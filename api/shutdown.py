@@ -8,7 +8,7 @@ ends (at once with no grace), every stream this front follows is ended as a Redi
 it: a job API stream with its "reconnect with Last-Event-ID" comment, an OpenAI or Responses
 stream with an error event, a request waiting for its answer (and the seed's ``/stream``) with a
 503 in the error envelope. The streams' jobs run on, for their clients to resume on another front;
-a whole-answer request's job is canceled unless detached (``ClientJob.interrupted_wait``): its
+a whole-answer request's job is canceled unless detached (``RequestJob.interrupted_wait``): its
 client can only send the request again.
 
 The handler is chained in front of uvicorn's own (it keeps doing what it does) and taken off
@@ -30,7 +30,7 @@ log = logging.getLogger("streamq.api")
 
 STOPPING_FRONT = "this front is stopping"
 # What a stream's client is told (a request that waits for the whole answer is told its own way:
-# ClientJob.failure).
+# RequestJob.failure).
 STOPPING = f"{STOPPING_FRONT}: resume the stream, or send the request again, on another front"
 BEFORE_THE_CUT = 1.0  # seconds before uvicorn's grace ends that the streams are ended
 SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -21,10 +21,10 @@ from pydantic import Field, field_validator
 
 from api.auth import CallerDep
 from api.body_checks import CheckedBodyRoute
-from api.client_job import JOB_HEADER, STREAM_HEADERS, ClientJob
 from api.errors import BODY_READ_AS_JSON, ApiError, error_responses, renamed
 from api.idempotency import NOT_IDEMPOTENT
 from api.job_client import ClientGone, JobsDep
+from api.request_job import JOB_HEADER, STREAM_HEADERS, RequestJob
 from shared.job_store.vocabulary import EventName
 from shared.schemas import JobRequest, SamplingFields, Text
 
@@ -103,7 +103,7 @@ async def chat(
 ) -> Any:
     """Answer one chat turn, waiting for the whole answer."""
     try:
-        job = await ClientJob.submit(jobs, body.job_request(), request, caller)
+        job = await RequestJob.submit(jobs, body.job_request(), request, caller)
         response.headers[JOB_HEADER] = job.id
         result = await job.whole_answer({JOB_HEADER: job.id})  # a raised error drops the response's
     except ApiError as exc:
@@ -132,7 +132,7 @@ async def chat_stream(body: ChatGLMRequest, request: Request, jobs: JobsDep, cal
     once the response has begun, an error is a last chunk holding the error envelope
     (``<^>{"error": ...}``)."""
     try:
-        job = await ClientJob.submit(jobs, body.job_request(), request, caller)
+        job = await RequestJob.submit(jobs, body.job_request(), request, caller)
     except ApiError as exc:
         raise _as_chatglm(exc) from None
     try:

@@ -11,10 +11,10 @@ from fastapi.responses import StreamingResponse
 from api import idempotency
 from api.auth import CallerDep
 from api.body_checks import CheckedBodyRoute
-from api.client_job import STREAM_HEADERS
 from api.errors import ApiError, error_responses
 from api.idempotency import IdempotencyKeyHeader, Idempotent
 from api.job_client import ClientGone, JobEvent, JobsDep, StreamInterrupted
+from api.request_job import STREAM_HEADERS
 from api.stream_hub import parse_entry_id
 from shared.job_store.vocabulary import FINAL_STATUSES
 from shared.schemas import JobRequest, JobView

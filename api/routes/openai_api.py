@@ -21,7 +21,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.auth import OPEN, Caller, CallerDep
 from api.body_checks import CheckedBodyRoute
-from api.client_job import JOB_HEADER, STREAM_HEADERS, ClientJob, DetachHeader, detach_requested
 from api.completion_request import COMPLETION_PARAMS, CompletionRequest
 from api.errors import ApiError, error_responses, job_failure_error, renamed, unknown_url
 from api.idempotency import NOT_IDEMPOTENT
@@ -37,6 +36,7 @@ from api.openai_format import (
     sse_data,
 )
 from api.openai_schemas import CHAT_PARAMS, ChatCompletionRequest, OpenAIFields
+from api.request_job import JOB_HEADER, STREAM_HEADERS, DetachHeader, RequestJob, detach_requested
 from api.tool_calls import ToolPlan
 from shared.job_store.vocabulary import EventName
 from shared.schemas import JobRequest
@@ -129,7 +129,7 @@ async def _complete(
     extras: dict[str, Any],
 ) -> Response:
     try:
-        job = await ClientJob.submit(
+        job = await RequestJob.submit(
             jobs, job_request, request, caller, detached=detach_requested(body.background, detach)
         )
     except ApiError as exc:
@@ -167,7 +167,7 @@ def _as_sent(exc: ApiError, kind: Kind, tools: ToolPlan | None, max_tokens: str 
     return renamed(exc, sent, "messages" if kind == "chat" else "prompt")
 
 
-async def _wait(job: ClientJob, fmt: CompletionFormat, headers: dict[str, str]) -> Response:
+async def _wait(job: RequestJob, fmt: CompletionFormat, headers: dict[str, str]) -> Response:
     """Wait for the whole answer; a job that ends without one is its HTTP error."""
     try:
         result = await job.whole_output(error_headers=headers)
@@ -208,10 +208,10 @@ async def _complete_each(
         )
         raise ApiError(400, message, param="prompt", code="limit_exceeded")
     detached = detach_requested(body.background, detach)
-    submitted: list[ClientJob] = []
+    submitted: list[RequestJob] = []
     try:
         for job_request in job_requests:
-            submitted.append(await ClientJob.submit(jobs, job_request, request, caller, detached=detached))
+            submitted.append(await RequestJob.submit(jobs, job_request, request, caller, detached=detached))
     except BaseException as exc:
         await _withdraw(jobs, caller, submitted, wait=isinstance(exc, ApiError))
         if not isinstance(exc, ApiError):
@@ -258,7 +258,7 @@ async def _complete_each(
     return JSONResponse(answers[0] | {"choices": choices, "usage": usage}, headers=headers)
 
 
-async def _withdraw(jobs: JobClient, caller: Caller, submitted: list[ClientJob], *, wait: bool) -> None:
+async def _withdraw(jobs: JobClient, caller: Caller, submitted: list[RequestJob], *, wait: bool) -> None:
     """Cancel the jobs of a list that will not be answered, detached or not: with ``wait`` (a
     refusal) their ends are written before the answer, so a retry finds the key's quota free;
     without (the request torn down, or that wait cut short), at once, without waiting."""
@@ -280,7 +280,7 @@ async def _withdraw(jobs: JobClient, caller: Caller, submitted: list[ClientJob],
             await job.close()
 
 
-async def _stream(job: ClientJob, fmt: CompletionFormat) -> AsyncIterator[bytes]:
+async def _stream(job: RequestJob, fmt: CompletionFormat) -> AsyncIterator[bytes]:
     """The chunks: the role, then one per delta, the one with the finish reason, the usage
     (when asked), ``[DONE]``. A keep-alive comment while the job waits in its queue."""
     chunks = CompletionStream(fmt)

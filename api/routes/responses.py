@@ -26,10 +26,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from api import idempotency
 from api.auth import CallerDep
 from api.body_checks import CheckedBodyRoute
-from api.client_job import JOB_HEADER, STREAM_HEADERS, ClientJob, DetachHeader, detach_requested
 from api.errors import ApiError, error_responses
 from api.idempotency import REPLAYED, IdempotencyKeyHeader, Idempotent
 from api.job_client import ClientGone, Events, JobClient, JobsDep, StreamInterrupted
+from api.request_job import JOB_HEADER, STREAM_HEADERS, DetachHeader, RequestJob, detach_requested
 from api.responses_format import PING, ResponseEvents, item_list, response_of, sse_event
 from api.responses_schemas import ResponsesRequest, named_as_sent
 from api.responses_store import (
@@ -99,7 +99,7 @@ async def create_response(
     if body.background and not body.stream:
         return JSONResponse(response_of(record, view), headers=headers)
     events = jobs.follow(view, "0-0", request)
-    job = ClientJob(jobs, view, events, detach_requested(body.background, detach), caller.name)
+    job = RequestJob(jobs, view, events, detach_requested(body.background, detach), caller.name)
     if body.stream:
         stream = _followed(job, events, record)
         return StreamingResponse(stream, media_type="text/event-stream", headers=STREAM_HEADERS | headers)
@@ -121,7 +121,7 @@ async def _cancel_quietly(jobs: JobClient, job_id: str, owner: str) -> None:
         await jobs.cancel(job_id, owner)
 
 
-async def _wait(job: ClientJob, events: Events, record: ResponseRecord, headers: dict[str, str]) -> Response:
+async def _wait(job: RequestJob, events: Events, record: ResponseRecord, headers: dict[str, str]) -> Response:
     """The finished response object, whatever its end (completed, incomplete, failed,
     cancelled), except a job refused for what the request asked (a JSON schema its worker cannot
     compile): that is a 400 naming the field, as when the front refuses it. 499 when the client
@@ -169,7 +169,7 @@ async def _events(record: ResponseRecord, events: Events, after: int | None) -> 
         yield sse_event(error.envelope(), "error")
 
 
-async def _followed(job: ClientJob, events: Events, record: ResponseRecord) -> AsyncIterator[bytes]:
+async def _followed(job: RequestJob, events: Events, record: ResponseRecord) -> AsyncIterator[bytes]:
     """A created response's stream: the client going away cancels its job unless detached."""
     async with job.followed(), contextlib.aclosing(_events(record, events, None)) as stream:
         async for chunk in stream:

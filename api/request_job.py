@@ -49,7 +49,7 @@ class WholeAnswer:
     prompt_logprobs: list[dict[str, Any]] | None = None
 
 
-class ClientJob:
+class RequestJob:
     def __init__(
         self,
         jobs: JobClient,
@@ -71,7 +71,7 @@ class ClientJob:
     @classmethod
     async def submit(
         cls, jobs: JobClient, body: JobRequest, request: Request, caller: Caller, *, detached: bool = False
-    ) -> ClientJob:
+    ) -> RequestJob:
         """Create the job (or raise the ApiError that says why not) and start following it;
         ``request`` is watched for the client's disconnect (ClientGone)."""
         view = await jobs.submit(body, caller)
