@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from streamq.redis_sentinel import SentinelRedis
+from harness.redis_sentinel import SentinelRedis
 
 
 @dataclass

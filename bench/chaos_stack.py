@@ -18,8 +18,8 @@ from pathlib import Path
 
 import redis
 
-from streamq.processes import Service, start_front, start_synthetic_worker, wait_workers
-from streamq.redis_sentinel import SentinelRedis
+from harness.redis_sentinel import SentinelRedis
+from harness.services import Service, start_front, start_synthetic_worker, wait_workers
 
 WORKERS, FRONTS, SLOTS, TOKENS_PER_SECOND = 2, 2, 4, 40
 MAX_ATTEMPTS = 10  # runs a job may start: repeated kills must not fail jobs

@@ -21,9 +21,9 @@ from typing import Any
 import httpx
 import redis
 
+from harness.redis_server import RedisServer
+from harness.services import start_front, start_worker, wait_workers
 from shared.schemas import ChatMessage, GenerationRequest
-from streamq.processes import start_front, start_worker, wait_workers
-from streamq.redis_server import RedisServer
 from streamq.sse import asse_lines, sse_lines
 
 PROMPT = "Say something about queues."

@@ -24,9 +24,9 @@ import redis
 from bench import ROOT
 from bench.http_client import post_json, stream_lines
 from bench.measure import cpu_seconds, ms, pct, proc_status
+from harness.redis_server import RedisServer
+from harness.services import Service, start_front, wait_workers
 from shared.settings import Settings
-from streamq.processes import Service, start_front, wait_workers
-from streamq.redis_server import RedisServer
 
 HOST = "127.0.0.1"
 TOKENS_PER_SECOND = 20

@@ -21,9 +21,9 @@ import httpx
 import redis
 
 from bench.measure import pct
+from harness.redis_server import RedisServer
+from harness.services import Service, start_front, wait_for, wait_workers
 from shared import keys
-from streamq.processes import Service, start_front, wait_for, wait_workers
-from streamq.redis_server import RedisServer
 
 RUNNING_JOBS = 16
 CRASHES = 3

@@ -22,8 +22,8 @@ from pathlib import Path
 import redis
 
 from bench.http_client import post_json, stream_lines
-from streamq.processes import Service, start_front, start_synthetic_worker, wait_workers
-from streamq.redis_server import RedisServer
+from harness.redis_server import RedisServer
+from harness.services import Service, start_front, start_synthetic_worker, wait_workers
 
 HOST = "127.0.0.1"
 SHORT = 2

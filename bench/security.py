@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 
 from bench.core import pct
-from streamq.processes import start_front, start_synthetic_worker, wait_workers
-from streamq.redis_server import RedisServer
+from harness.redis_server import RedisServer
+from harness.services import start_front, start_synthetic_worker, wait_workers
 
 KEY = "sk-bench-0123456789abcdef"
 MODEL = "synth"

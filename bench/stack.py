@@ -24,8 +24,9 @@ import httpx
 from bench import ROOT
 from bench.http_client import HTTPError, post_json, stream_lines
 from bench.measure import Cell, RequestTiming, proc_status, reset_peak_rss
-from streamq.processes import Service, free_port, start_front, wait_for, wait_workers
-from streamq.redis_server import RedisServer
+from harness.redis_server import RedisServer
+from harness.services import Service, start_front, wait_for, wait_workers
+from streamq.processes import free_port
 
 HOST = "127.0.0.1"
 WORKER_SLOTS = 16

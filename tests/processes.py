@@ -1,5 +1,5 @@
 """Test-only process helpers. The fronts, workers and private Redis servers themselves are started
-with the product's helpers (streamq/processes.py, streamq/redis_server.py), as bench/ does."""
+with the harness (harness/services.py, harness/redis_server.py), as bench/ does."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 import psutil
 import redis
 
-from streamq.processes import Service, start_front
+from harness.services import Service, start_front
 
 ROOT = Path(__file__).resolve().parent.parent
 

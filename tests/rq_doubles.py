@@ -10,8 +10,8 @@ from typing import Any
 from rq.job import Job
 from rq.queue import Queue
 
+from harness.redis_server import RedisServer
 from shared import keys
-from streamq.redis_server import RedisServer
 from worker.dispatcher import Dispatcher
 from worker.job_runner import Outcome
 from worker.tasks import TASK

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from streamq.processes import Service, start_front, start_synthetic_worker, wait_workers
-from streamq.redis_server import RedisServer
+from harness.redis_server import RedisServer
+from harness.services import Service, start_front, start_synthetic_worker, wait_workers
 
 KEYS = {
     "alice": "sk-alice-3f9a1c7e",

@@ -15,9 +15,9 @@ import openai
 import pytest
 
 from api.admission import retry_after
+from harness.redis_server import RedisServer
+from harness.services import Service, start_front, start_synthetic_worker, wait_for
 from shared import keys
-from streamq.processes import Service, start_front, start_synthetic_worker, wait_for
-from streamq.redis_server import RedisServer
 from tests.sse import read_events
 
 pytestmark = pytest.mark.e2e

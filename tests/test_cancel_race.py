@@ -19,10 +19,10 @@ import httpx
 import pytest
 import redis
 
+from harness.redis_server import RedisServer
+from harness.services import Service, start_front, start_synthetic_worker, wait_for, wait_workers
 from shared import keys
 from shared.job_store.vocabulary import JobField
-from streamq.processes import Service, start_front, start_synthetic_worker, wait_for, wait_workers
-from streamq.redis_server import RedisServer
 from tests.job_scripts import _done, _finish
 
 pytestmark = pytest.mark.e2e

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from harness.redis_server import RedisServer
 from shared.limits import InvalidJobRequest
 from shared.schemas import ChatMessage, GenerationRequest, PromptInput
-from streamq.redis_server import RedisServer
 from tests.engine_driving import request as engine_request
 
 

@@ -20,9 +20,9 @@ import pexpect
 import pyte
 import pytest
 
+from harness.services import Service, start_front, wait_for
 from shared import keys
 from shared.schemas import GenerationRequest
-from streamq.processes import Service, start_front, wait_for
 from tests.conftest import SLOW_TOKENS_PER_SECOND, SlowStack, Stack
 from tests.processes import ROOT, restart_front_soon
 from worker.synthetic import WORDS

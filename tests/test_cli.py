@@ -21,9 +21,10 @@ import psutil
 import pytest
 import redis
 
+from harness.services import wait_for
 from shared import keys
 from shared.ports import port_in_use
-from streamq.processes import free_port, wait_for
+from streamq.processes import free_port
 from tests.conftest import Stack
 from tests.processes import ROOT, clean_env
 from tests.sse import follow

@@ -13,6 +13,7 @@ import anyio
 import httpx
 import pytest
 
+from harness.services import Service, start_front
 from shared import keys
 from shared.schemas import GenerationRequest
 from streamq import (
@@ -24,7 +25,6 @@ from streamq import (
     StreamqError,
     StreamqJobError,
 )
-from streamq.processes import Service, start_front
 from tests.conftest import LONG_TOKENS, SlowStack, Stack
 from tests.processes import restart_front_soon
 from tests.test_e2e_jobs import greedy_answer

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from streamq.processes import Service, start_front, start_synthetic_worker, wait_for, wait_workers
-from streamq.redis_server import RedisServer
+from harness.redis_server import RedisServer
+from harness.services import Service, start_front, start_synthetic_worker, wait_for, wait_workers
 from tests.processes import clean_env
 
 pytestmark = pytest.mark.e2e

@@ -11,9 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
+from harness.services import start_front
 from shared import keys
 from shared.schemas import ChatMessage, GenerationRequest
-from streamq.processes import start_front
 from tests.conftest import LONG_TOKENS, STACK_CAPACITY, Stack
 from tests.sse import SSE, follow, read_events, text_of
 

@@ -19,8 +19,8 @@ import requests
 from httpx_sse import connect_sse
 from openai import OpenAI
 
-from streamq.processes import Service, start_front, start_synthetic_worker, wait_for
-from streamq.redis_server import RedisServer
+from harness.redis_server import RedisServer
+from harness.services import Service, start_front, start_synthetic_worker, wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from streamq.processes import start_front
+from harness.services import start_front
 from tests.conftest import LONG_TOKENS, Stack
 from tests.sse import SSE, follow, read_events, text_of
 from tests.test_e2e_jobs import greedy_answer

@@ -23,8 +23,9 @@ import psutil
 import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from streamq.processes import Service, _answers, free_port, start_synthetic_worker, wait_for, wait_workers
-from streamq.redis_server import RedisServer
+from harness.redis_server import RedisServer
+from harness.services import Service, _answers, start_synthetic_worker, wait_for, wait_workers
+from streamq.processes import free_port
 from tests.processes import ROOT
 from tests.sse import SSE, events_to_final, follow, read_events, text_of
 

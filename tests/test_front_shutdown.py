@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from streamq.processes import start_front, wait_for
+from harness.services import start_front, wait_for
 from tests.conftest import SLOW_TOKENS_PER_SECOND, SlowStack
 
 pytestmark = pytest.mark.e2e

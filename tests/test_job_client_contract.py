@@ -19,9 +19,9 @@ from api.idempotency import Idempotent, fingerprint
 from api.job_client import JobClient
 from api.metrics import FrontMetrics
 from api.redis_job_client import RedisJobClient
+from harness.redis_server import RedisServer
 from shared.schemas import ChatMessage, JobRequest
 from shared.settings import Settings
-from streamq.redis_server import RedisServer
 from tests.fast.memory_jobs import MemoryJobClient
 
 ALICE, BOB = Caller("alice"), Caller("bob")

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import redis
 
+from harness.redis_server import RedisServer
 from shared import keys
 from shared.job_store import scripts
 from shared.job_store.scripts import Answer, DeltaAnswer
 from shared.job_store.vocabulary import JobStatus
-from streamq.redis_server import RedisServer
 from tests.job_scripts import _delta, _done, _events, _finish, _new_job, _run, _start, _start_call
 from tests.redis_replies import decoded_entries
 

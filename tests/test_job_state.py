@@ -10,12 +10,12 @@ import time
 import pytest
 import redis
 
+from harness.redis_server import RedisServer
 from shared import keys
 from shared.job_store import scripts
 from shared.job_store.scripts import Answer, DeltaAnswer, JobScripts, RenewAnswer
 from shared.job_store.vocabulary import EventName, FinishReason, JobField, JobStatus
 from shared.logprobs import TokenLogprob
-from streamq.redis_server import RedisServer
 from tests.job_scripts import (
     _cancel,
     _delta,

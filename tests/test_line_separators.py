@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from harness.services import Service, start_synthetic_worker, wait_for
 from streamq.async_client import AsyncStreamqClient
-from streamq.processes import Service, start_synthetic_worker, wait_for
 from streamq.sse import LineSplitter, SSEParser
 from streamq.sync_client import StreamqClient
 from tests.conftest import Stack

@@ -18,17 +18,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.redis_server import RedisServer
+from harness.services import Service, _answers, start_synthetic_worker, start_worker, wait_for, wait_workers
 from shared import keys
-from streamq.processes import (
-    Service,
-    _answers,
-    free_port,
-    start_synthetic_worker,
-    start_worker,
-    wait_for,
-    wait_workers,
-)
-from streamq.redis_server import RedisServer
+from streamq.processes import free_port
 from tests.processes import ROOT
 from tests.sse import follow
 

@@ -21,8 +21,8 @@ from schemathesis.checks import (
 from schemathesis.core.result import Ok
 from schemathesis.generation import GenerationMode
 
-from streamq.processes import Service, start_front, start_synthetic_worker, wait_workers
-from streamq.redis_server import RedisServer
+from harness.redis_server import RedisServer
+from harness.services import Service, start_front, start_synthetic_worker, wait_workers
 
 pytestmark = pytest.mark.e2e
 

@@ -12,8 +12,8 @@ import pytest
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
+from harness.services import Service, wait_for
 from shared import keys
-from streamq.processes import Service, wait_for
 from tests.conftest import LONG_TOKENS, Stack
 from tests.sse import SSE, follow, text_of
 from tests.test_e2e_jobs import greedy_answer
@@ -136,7 +136,7 @@ def test_a_continued_jobs_timeout_counts_from_its_first_start(stack: Stack) -> N
     """A job's timeout started again with each run: a 3 s job handed back again and again ran
     on for 23 s, and past its keys' lifetime (set at submit), which expired under it: the job
     vanished mid-answer. Its timeout now counts from its first start."""
-    from streamq.processes import start_synthetic_worker
+    from harness.services import start_synthetic_worker
 
     model = "recover-timeout"
     env = {**stack.env, "STREAMQ_DRAIN_SECONDS": "0.2", "STREAMQ_LEASE_SECONDS": "2"}

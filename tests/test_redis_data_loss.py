@@ -18,11 +18,11 @@ import httpx
 import pytest
 from rq import Queue, Worker
 
+from harness.redis_server import RedisServer
+from harness.services import Service, start_front, start_synthetic_worker, wait_for, wait_workers
 from shared import keys
 from shared.janitor import Janitor
 from shared.settings import Settings
-from streamq.processes import Service, start_front, start_synthetic_worker, wait_for, wait_workers
-from streamq.redis_server import RedisServer
 from tests.redis_replies import decoded_entries
 from tests.sse import follow, read_events, text_of
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.redis_sentinel import SentinelRedis
+from harness.services import Service, start_front, start_synthetic_worker, wait_for, wait_workers
 from shared import keys
-from streamq.processes import Service, start_front, start_synthetic_worker, wait_for, wait_workers
-from streamq.redis_sentinel import SentinelRedis
 from tests.failover_load import HaStack, answered, audit, first_tokens_after, load_through
 from tests.sse import follow
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from streamq.processes import Service, start_front, start_synthetic_worker, wait_for
-from streamq.redis_server import RedisServer
+from harness.redis_server import RedisServer
+from harness.services import Service, start_front, start_synthetic_worker, wait_for
 from tests.sse import SSE, follow, read_events
 
 pytestmark = pytest.mark.e2e

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from streamq.redis_server import RedisServer, find_redis_server, start_private_redis
+from harness.redis_server import RedisServer
+from streamq.redis_server import find_redis_server, start_private_redis
 from tests.redis_replies import decoded_entries
 
 

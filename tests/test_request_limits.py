@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from streamq.processes import start_front
+from harness.services import start_front
 from tests.conftest import Stack
 from tests.secure_stack import ALLOWED_ORIGIN, LIMITS, MODEL, SecureStack, headers
 

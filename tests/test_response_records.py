@@ -9,9 +9,9 @@ import asyncio
 
 from api.metrics import FrontMetrics
 from api.redis_job_client import RedisJobClient
+from harness.redis_server import RedisServer
 from shared import keys
 from shared.settings import Settings
-from streamq.redis_server import RedisServer
 
 
 def test_a_records_ttl_covers_every_run_and_keeps_pace_with_its_job(redis_server: RedisServer) -> None:

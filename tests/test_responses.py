@@ -15,9 +15,9 @@ import httpx
 import openai
 import pytest
 
+from harness.services import wait_for
 from shared import keys
 from shared.schemas import STRUCTURED_OUTPUT, ChatMessage, GenerationRequest
-from streamq.processes import wait_for
 from tests.conftest import LONG_TOKENS, STACK_CAPACITY, Stack, openai_client
 from tests.redis_replies import decoded
 from tests.secure_stack import KEYS, MODEL, SecureStack

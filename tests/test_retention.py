@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from streamq.processes import Service, start_front, wait_for, wait_workers
-from streamq.redis_server import RedisServer
+from harness.redis_server import RedisServer
+from harness.services import Service, start_front, wait_for, wait_workers
 from tests.sse import follow
 
 pytestmark = pytest.mark.e2e

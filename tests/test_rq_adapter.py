@@ -25,11 +25,11 @@ from rq.registry import (
 )
 from rq.worker import SimpleWorker
 
+from harness.redis_server import RedisServer
 from shared import keys
 from shared.job_store import scripts
 from shared.job_store.scripts import JobScripts
 from shared.settings import Settings
-from streamq.redis_server import RedisServer
 from tests.rq_doubles import Scripted, dispatch_in_a_thread, enqueue, unique
 from worker.dispatcher import IDLE_WAIT, Dispatcher
 from worker.job_runner import JobFailed, Outcome

@@ -26,9 +26,9 @@ from rq.registry import CanceledJobRegistry, StartedJobRegistry
 from rq.timeouts import BaseDeathPenalty
 from rq.worker import SimpleWorker
 
+from harness.redis_server import RedisServer
 from shared import keys
 from shared.settings import Settings
-from streamq.redis_server import RedisServer
 from tests.rq_doubles import Scripted, unique
 from worker.rq_worker import EngineDeadline, StreamqJob, StreamqWorker
 

@@ -11,12 +11,12 @@ from typing import Any
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 
+from harness.redis_server import RedisServer
 from shared import keys
 from shared.job_store import scripts
 from shared.job_store.payloads import Queued
 from shared.job_store.rq_records import QueuedRecords
 from shared.job_store.scripts import JobScripts
-from streamq.redis_server import RedisServer
 from tests.redis_replies import entries
 from tests.rq_doubles import unique
 from worker.tasks import TASK, generate

@@ -12,9 +12,9 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.worker import Worker
 
+from harness.services import Service, wait_for
 from shared import keys
 from shared.schemas import ChatMessage, GenerationRequest
-from streamq.processes import Service, wait_for
 from tests.conftest import Stack
 from tests.sse import follow, text_of
 from worker.synthetic import WORDS

@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 import redis
 
+from harness.redis_server import RedisServer
 from shared import keys
 from shared.job_store import scripts
 from shared.job_store.scripts import Answer, JobScripts
 from shared.job_store.vocabulary import FinishReason, JobField, JobStatus
 from shared.schemas import ChatMessage, GenerationRequest
 from shared.settings import Settings
-from streamq.redis_server import RedisServer
 from worker.engine import HANDBACK, EngineJob, JobOutput
 from worker.step_publisher import StepPublisher
 

@@ -15,11 +15,11 @@ from rq.queue import Queue
 from rq.registry import FailedJobRegistry
 from rq.worker import Worker, WorkerStatus
 
+from harness.redis_server import RedisServer
+from harness.services import Service, start_synthetic_worker, wait_for
 from shared import keys
 from shared.settings import Settings
 from shared.stranded_jobs import StrandedJobs
-from streamq.processes import Service, start_synthetic_worker, wait_for
-from streamq.redis_server import RedisServer
 from tests.conftest import Stack
 from tests.processes import blocked_in
 from tests.redis_replies import entries

@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from api.stream_hub import StreamHub, Subscription, parse_entry_id
-from streamq.redis_server import RedisServer
+from harness.redis_server import RedisServer
 
 T = TypeVar("T")
 

@@ -22,8 +22,8 @@ import httpx
 import psutil
 import pytest
 
+from harness.services import Service, wait_for
 from shared.schemas import ChatMessage, PromptInput
-from streamq.processes import Service, wait_for
 from tests.conftest import Stack
 from tests.sse import SSE, follow, text_of
 from tests.vllm_reference import Reference, logprob_rows

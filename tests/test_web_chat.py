@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from streamq.processes import Service, start_front
+from harness.services import Service, start_front
 from tests.conftest import SLOW_TOKENS_PER_SECOND, SlowStack
 from tests.processes import restart_front_soon
 
@@ -100,7 +100,7 @@ def _open_on(driver: Any, slow: SlowStack, model: str, wait: float = 60) -> None
     """The page, once ``model`` is served, with it picked (a worker started by the test)."""
     import httpx
 
-    from streamq.processes import wait_for
+    from harness.services import wait_for
 
     def served() -> bool:
         models = httpx.get(f"{slow.url}/v1/models", headers=slow.headers, timeout=10)
@@ -288,7 +288,7 @@ def test_the_page_shows_text_with_line_separators_and_carriage_returns_whole(
     browser: Any, slow_stack: SlowStack
 ) -> None:
     """U+2028, U+2029, U+0085, CR+LF pairs and lone CRs reach the page's answer exactly (issue 19)."""
-    from streamq.processes import start_synthetic_worker
+    from harness.services import start_synthetic_worker
     from tests.test_line_separators import EXPECTED, TEXT, TOKENS
 
     model = "separators-web"
@@ -317,9 +317,9 @@ def test_the_page_leaves_out_the_oldest_exchange_once_the_conversation_outgrows_
     import httpx
     from selenium.webdriver.common.by import By
 
+    from harness.services import wait_for
     from shared import keys
     from shared.job_store.vocabulary import JobField
-    from streamq.processes import wait_for
 
     model = f"short-context-{refused_by}"  # the tiny model, a context of 256 tokens: two exchanges do not fit
     env = {**slow_stack.env, "STREAMQ_MAX_SEQ_LEN": "256"}

@@ -59,7 +59,7 @@ def test_a_reload_keeps_the_model_and_the_answer_length_chosen(browser: Any, slo
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    from streamq.processes import start_synthetic_worker
+    from harness.services import start_synthetic_worker
 
     model = "zz-chosen"  # listed after the stack's own model
     worker = start_synthetic_worker(
@@ -108,7 +108,7 @@ def test_a_stream_that_went_silent_is_resumed_on_a_new_connection(
     """A front that froze, or a path that dropped the stream without a reset: the page waited
     for ever ("Generating…" with the job long finished). A stream silent for twice the front's
     keep-alive interval and 5 s is taken for lost, and resumed after its last event."""
-    from streamq.processes import start_front
+    from harness.services import start_front
 
     front, url = start_front(
         {**slow_stack.env, "STREAMQ_PING_INTERVAL": "1"}, slow_stack.logdir, "pinging-front"

@@ -16,6 +16,8 @@ from rq.queue import Queue
 from rq.registry import StartedJobRegistry
 from rq.worker import SimpleWorker
 
+from harness.redis_server import RedisServer
+from harness.services import wait_for
 from shared import keys
 from shared.job_store import scripts
 from shared.job_store.payloads import Queued
@@ -26,8 +28,6 @@ from shared.job_store.vocabulary import JobStatus as StreamqStatus
 from shared.schemas import ChatMessage, GenerationRequest
 from shared.settings import Settings
 from shared.stranded_jobs import StrandedJobs
-from streamq.processes import wait_for
-from streamq.redis_server import RedisServer
 from tests.processes import blocked_in
 from tests.rq_doubles import Scripted, dispatch_in_a_thread, enqueue, slot_threads, unique
 from worker.dispatcher import IDLE_WAIT, Dispatcher

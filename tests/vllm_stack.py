@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from streamq.processes import Service
+from harness.services import Service
 from tests.conftest import Stack
 from tests.sse import SSE, follow
 
