@@ -55,6 +55,30 @@ def test_a_schema_no_value_completes_fails_alone_with_a_400_naming_it(vllm_model
     assert not vllm_model._held  # every request is out of vLLM
 
 
+def test_a_schema_vllms_grammar_compiler_cannot_build_is_a_400_naming_it(vllm_model: Any) -> None:
+    """vLLM's xgrammar (its cache on) fails to build a pattern that repeats one class more than
+    128 times, and vLLM ends the request with "error" before a token: a 400 naming the field and
+    how to write the pattern (it was a 502 the SDK sent three times), while the split pattern
+    runs."""
+    long = {"type": "object", "properties": {"t": {"type": "string", "pattern": "^[a-z]{1,200}$"}}}
+    split = {
+        "type": "object",
+        "properties": {"t": {"type": "string", "pattern": "^[a-z]{1,128}[a-z]{0,72}$"}},
+    }
+    failed, ran = (
+        job(request("t?", json_schema=long, max_tokens=8)),
+        job(request("t?", json_schema=split, max_tokens=8)),
+    )
+    seen = drive(vllm_model, [failed, ran], {})
+    end = seen.end(failed)
+    assert end is not None and end.finish_reason == "error", end
+    assert (end.error_type, end.error_param) == ("invalid_request_error", "response_format")
+    assert "could not build this schema's grammar" in end.error_message and "{1,128}" in end.error_message
+    other = seen.end(ran)
+    assert other is not None and not other.error_type, other
+    assert not vllm_model._held
+
+
 def test_an_answer_ending_on_its_end_of_sequence_has_an_entry_for_it(vllm_model: Any) -> None:
     eos = vllm_model.served.tokenizer.convert_tokens_to_ids("<|im_end|>")
     ended = job(request("end now", logprobs=2, logit_bias={eos: 100.0}, max_tokens=5))

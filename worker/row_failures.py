@@ -47,6 +47,19 @@ def no_way_on(answered: int, field: str = "response_format") -> RowFailed:
     )
 
 
+def grammar_not_built(field: str = "response_format") -> RowFailed:
+    """A job that vLLM ended before its first token with its grammar: its compiler could not
+    build the grammar of ``field``'s schema (one xgrammar 0.2 compiles alone, without vLLM's
+    cache, but not with it: a pattern that repeats one character or class more than 128 times)."""
+    return RowFailed(
+        "invalid_request_error",
+        f"{field}: the vLLM engine's grammar compiler could not build this schema's grammar "
+        "(with vLLM's xgrammar, a pattern that repeats one character or class more than 128 "
+        "times, such as ^[a-z]{1,200}$, is a known case: split it, as ^[a-z]{1,128}[a-z]{0,72}$)",
+        param=field,
+    )
+
+
 def is_dead(block: torch.Tensor) -> list[bool]:
     """For each row of a float32 ``[rows, vocab]`` block: whether it leaves no token to take."""
     return (torch.isneginf(block).all(dim=-1) | torch.isnan(block).any(dim=-1)).tolist()

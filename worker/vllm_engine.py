@@ -35,7 +35,7 @@ from worker.answer_tokens import AnswerTokens
 from worker.chat_prompt import PromptRenderer
 from worker.engine import CannotContinue, EngineJob, JobOutput, resume
 from worker.logits_rules import library_reason, refused_field
-from worker.row_failures import RowFailed, no_way_on
+from worker.row_failures import RowFailed, grammar_not_built, no_way_on
 from worker.token_logprobs import TokenTexts
 
 if TYPE_CHECKING:
@@ -191,6 +191,8 @@ class VLLMModel:
                     start = self.texts.token_bytes(answer.token_ids[0]) if answer.token_ids else None
                     field = job.request.grammar_field(start) or "response_format"
                     failure = no_way_on(len(answer.token_ids), field)
+                elif errored and not answer.token_ids and (built := refused_field(job.request)):
+                    failure = grammar_not_built(built)  # before a token: its grammar, not built
                 elif completion.finish_reason in ("abort", "error"):
                     failure = RowFailed(
                         "generation_error", f"the vLLM engine ended the request ({completion.finish_reason})"
