@@ -276,8 +276,9 @@ def test_a_forced_call_finds_its_functions_nested_models(compiler: Any) -> None:
 
 def test_patterns_that_repeat_too_much_are_refused_and_common_ones_are_enforced(compiler: Any) -> None:
     """A counted repetition is written out by the grammar compiler, whose time grows with its
-    square (``^a{24000}$``: 45 s of a worker's slot, from a body of 270 bytes): a request's
-    patterns may come to 4,096 positions, nested repetitions multiplied."""
+    square (``^a{24000}$``: 45 s of a worker's slot, from a body of 270 bytes): a pattern may
+    come to 1,024 positions, nested repetitions multiplied, and a schema's patterns to 16,384
+    (a schema of many UUID fields, each pattern cheap, is taken)."""
 
     def of(pattern: str) -> dict[str, Any]:
         return {
@@ -287,7 +288,7 @@ def test_patterns_that_repeat_too_much_are_refused_and_common_ones_are_enforced(
         }
 
     huge = "^a{" + "9" * 5000 + "}$"  # more digits than Python reads into an int
-    bombs = ("^a{24000}$", "^((a{100}){100})$", "^(ab|[cd]){2049}$", "^x{5000,}$", huge)
+    bombs = ("^a{24000}$", "^((a{100}){100})$", "^(ab|[cd]){513}$", "^x{1024,}$", "^.{0,4000}$", huge)
     # What {0} repeats is compiled all the same: it takes nothing off the count.
     for bomb in (*bombs, "^a{24000}b{0}$", "^a{8000}(b{4000}){0}$", "(" * 30000 + "a"):
         problem = schema_problem(of(bomb)) or ""
@@ -295,15 +296,21 @@ def test_patterns_that_repeat_too_much_are_refused_and_common_ones_are_enforced(
         assert problem.endswith("(at #/properties/a)"), problem
     named = {"type": "object", "patternProperties": {"^k{9000}$": {"type": "integer"}}}
     assert "the 'patternProperties' '^k{9000}$' repeats too much" in (schema_problem(named) or "")
-    two = {"type": "object", "properties": {n: of("^a{3000}$")["properties"]["a"] for n in "xy"}}
-    assert "(at #/properties/y)" in (schema_problem(two) or "")  # one limit for the whole schema
-
     uuid = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+    ids = {
+        "type": "object",
+        "properties": {f"id{i}": {"type": "string", "pattern": uuid} for i in range(300)},
+    }
+    assert schema_problem(ids) is None  # 300 UUID fields: 10,800 positions (0.12 s to compile)
+    many = {"type": "object", "properties": {f"p{i}": of("^a{1000}$")["properties"]["a"] for i in range(17)}}
+    problem = schema_problem(many) or ""
+    assert "come to more than 16384 characters" in problem and "(at #/properties/p16)" in problem
+
     for pattern, follows, breaks in (
         (uuid, "123e4567-e89b-12d3-a456-426614174000", "123e4567-e89b-12d3-a456-42661417400"),
         (r"^\d{4}-\d{2}-\d{2}$", "2026-12-08", "2026-12-8"),
         ("^(ab){2,3}$", "ababab", "abababab"),
-        ("^a{4000}$", "a" * 4000, "a" * 3999),  # at the limit: taken
+        ("^a{1024}$", "a" * 1024, "a" * 1023),  # at the limit: taken
     ):
         assert schema_problem(of(pattern)) is None, pattern
         assert accepts(compiler, of(pattern), {"a": follows}) and not accepts(
@@ -312,17 +319,17 @@ def test_patterns_that_repeat_too_much_are_refused_and_common_ones_are_enforced(
 
 
 def test_the_forced_functions_of_one_request_share_one_pattern_limit() -> None:
-    repeated = {"type": "object", "properties": {"s": {"type": "string", "pattern": "^a{1500}$"}}}
+    repeated = {"type": "object", "properties": {"s": {"type": "string", "pattern": "^a{1000}$"}}}
     tools = [
         ToolDefinition.model_validate(
             {"type": "function", "function": {"name": f"f{i}", "parameters": repeated}}
         )
-        for i in range(3)
+        for i in range(17)
     ]
     with pytest.raises(ApiError) as refused:
         plan_tools(tools, "required", None)
-    assert refused.value.param == "tools.2.function.parameters"
-    assert "repeats too much" in refused.value.message
+    assert refused.value.param == "tools.16.function.parameters"
+    assert "come to more than 16384 characters" in refused.value.message
     digits = {"type": "object", "properties": {"s": {"type": "string", "pattern": "^a{" + "1" * 5000 + "}$"}}}
     one = [
         ToolDefinition.model_validate({"type": "function", "function": {"name": "f", "parameters": digits}})

@@ -21,9 +21,9 @@ Refused, each with the place in the schema:
   instance that breaks it; tests/test_json_schema_check.py does the same, so an xgrammar that
   changes shows up there.
 - more than 64 schemas deep, or more than 5,000 in one request;
-- patterns whose repetitions, written out, come to more than 4,096 positions in one schema (a
-  call's functions share the count; shared/schemas/regex_size.py: the compiler's time grows
-  with the square of that).
+- a pattern whose repetitions, written out, come to more than 1,024 positions, or a schema's
+  patterns to more than 16,384 together (a call's functions share the count;
+  shared/schemas/regex_size.py: a pattern's compile time grows with the square of its own).
 
 Anything else is left to the worker's compiler, whose error names the same field: a malformed
 schema, or a ``pattern`` its regular expressions cannot take. (``oneOf`` is followed as
@@ -40,7 +40,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator
 
-from shared.schemas.regex_size import expanded_size
+from shared.schemas.regex_size import MAX_SCHEMA_REGEX_POSITIONS, pattern_problem
 
 # Keywords whose value is one schema, a list of schemas, or a map of names to schemas.
 ONE_SCHEMA = frozenset(
@@ -83,9 +83,6 @@ CHECKED_FORMATS = frozenset(
 )
 MAX_DEPTH = 64  # schemas within schemas: deeper is refused (compilers recurse; models need far less)
 MAX_SCHEMAS = 5000  # schemas in one request's checks (about 20 ms; a body of empty ones took 0.7 s)
-# Positions of a request's patterns, their repetitions written out: ^a{4096}$ compiles in about
-# 0.7 s here, with a tokenizer of 575 tokens or of 150,000 alike (a{24000}: 45 s).
-MAX_REGEX_POSITIONS = 4096
 NOT_ENFORCED = "is not enforced by the workers' grammar, so the answer would not be held to it"
 # Beside a reference or branches the grammar follows them alone: a constraint beside them is
 # dropped (an annotation, any keyword not listed here, says nothing the answer must follow).
@@ -171,7 +168,7 @@ class Budget:
     """The schemas one request may have checked, and their patterns' positions (the functions a
     forced call may call share it)."""
 
-    def __init__(self, schemas: int = MAX_SCHEMAS, regex_positions: int = MAX_REGEX_POSITIONS) -> None:
+    def __init__(self, schemas: int = MAX_SCHEMAS, regex_positions: int = MAX_SCHEMA_REGEX_POSITIONS) -> None:
         self.left = schemas
         self.regex_positions = regex_positions
 
@@ -264,13 +261,11 @@ def _regexes(given: dict[str, Any]) -> Iterator[tuple[str, str]]:
 
 def _regex_problem(node: dict[str, Any], budget: Budget) -> str | None:
     for keyword, regex in _regexes(node):
-        budget.regex_positions -= expanded_size(regex, max(budget.regex_positions, 0))
-        if budget.regex_positions < 0:
-            return (
-                f"the '{keyword}' {_shown(regex)} repeats too much for constrained decoding: a "
-                f"schema's patterns may come to {MAX_REGEX_POSITIONS} characters in all with their "
-                "repetitions written out (the grammar's compile time grows with the square)"
-            )
+        problem, budget.regex_positions = pattern_problem(
+            f"'{keyword}' {_shown(regex)}", regex, budget.regex_positions
+        )
+        if problem is not None:
+            return problem
     return None
 
 

@@ -21,6 +21,12 @@ import re
 _COUNTED = re.compile(r"\{(\d+)(,(\d*))?\}")
 _BRACED_ESCAPES = frozenset("upPk")  # \u{…}, \p{…}, \P{…}, \k<…> (its name: one position)
 _GROUP_OPENERS = ("(?:", "(?=", "(?!", "(?<=", "(?<!")  # no position of their own
+# Positions of a pattern, its repetitions written out: a pattern compiles in a time that grows
+# with their square (^a{4000}$ 0.7 s here, ^.{0,4000}$ 5.3 s, ^a{24000}$ 45 s; a tokenizer of
+# 575 tokens or of 150,000 alike), and a schema's patterns in the sum of theirs (1,000 UUID
+# patterns, 36,000 positions: 0.7 s).
+MAX_REGEX_POSITIONS = 1024  # one pattern's (^.{0,1000}$: about 0.35 s)
+MAX_SCHEMA_REGEX_POSITIONS = 16384  # a schema's patterns' together (a call's functions share it)
 MAX_CHARACTERS = 20_000  # a longer pattern is refused unread (reading one of 1 MB took a second)
 _MANY = 10**9  # a count of more digits than this has (Python reads at most 4,300 of them)
 
@@ -121,3 +127,22 @@ def expanded_size(regex: str, cap: int) -> int:
     for done in reversed(frames):  # groups left open: xgrammar refuses them anyway
         total = min(cap + 1, done[0] + done[1] + total)
     return total
+
+
+def pattern_problem(named: str, regex: str, left: int) -> tuple[str | None, int]:
+    """Why the pattern ``regex`` (``named`` so in a message) is too costly to compile, if it is,
+    and the positions ``left`` to the schema's other patterns after it."""
+    size = expanded_size(regex, MAX_REGEX_POSITIONS)
+    if size > MAX_REGEX_POSITIONS:
+        return (
+            f"the {named} repeats too much for constrained decoding: a pattern may come to "
+            f"{MAX_REGEX_POSITIONS} characters with its repetitions written out (its grammar's "
+            "compile time grows with the square of that)"
+        ), left
+    if size > left:
+        return (
+            f"the patterns, up to the {named}, come to more than {MAX_SCHEMA_REGEX_POSITIONS} "
+            "characters with their repetitions written out: more than constrained decoding takes "
+            "in one schema"
+        ), left - size
+    return None, left - size
