@@ -245,6 +245,9 @@ def _node_problem(root: dict[str, Any], node: dict[str, Any]) -> str | None:
     if limits and ("pattern" in given or checked_format):
         near = "a 'pattern'" if "pattern" in given else f"format '{form}'"
         return f"'{limits[0]}' beside {near} {NOT_ENFORCED} (write the length into a pattern)"
+    if isinstance(form, str) and not checked_format and "string" in listed:
+        known = ", ".join(sorted(CHECKED_FORMATS))
+        return f"'format' {_shown(form)} {NOT_ENFORCED} (the grammar checks these: {known})"
     for keyword, regex in _regexes(given):
         if _has_lookahead(regex):
             return f"a lookahead ('(?=' or '(?!') in the '{keyword}' {_shown(regex)} {NOT_ENFORCED}"
