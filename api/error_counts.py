@@ -27,12 +27,12 @@ def envelope_code(body: bytes) -> str | None:
     """The ``error.code`` of an error envelope, as a label value; None for JSON that is no error
     envelope (a readiness probe's answer)."""
     try:
-        error = json.loads(body)
+        answer = json.loads(body)
     except ValueError:
         return "other"
-    if not isinstance(error, dict) or not isinstance(error.get("error"), dict):
+    if not isinstance(answer, dict) or not isinstance(answer.get("error"), dict):
         return None
-    code = error["error"].get("code")
+    code = answer["error"].get("code")
     if code is None:
         return "none"
     return code if isinstance(code, str) and _CODE.fullmatch(code) else "other"

@@ -156,6 +156,8 @@ class Grammars:
         self._compiling: dict[str, _Compiling] = {}  # under _cache_lock
 
     def _grammar_compiler(self) -> Any:
+        if self._compiler is not None:  # set up once: no lock after that
+            return self._compiler
         with self._setup_lock:
             return self._compiler or self._set_up()
 
@@ -166,13 +168,14 @@ class Grammars:
             info = xgrammar.TokenizerInfo.from_huggingface(
                 self._tokenizer, vocab_size=self.vocab_size, stop_token_ids=self._stop_ids or None
             )
-            self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+            compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
             vocabulary, stops = info.decoded_vocab, set(self._stop_ids)
             size = len(vocabulary)
             self.allowed = _words_without(size, not_json_ids(self._tokenizer, vocabulary, stops))
             self.allowed_calls = _words_without(size, not_json_ids(self._tokenizer, vocabulary, stops, True))
             self.guard = SurrogateGuard(vocabulary)
             self.after_lead = _words_without(size, self.guard.after_lead)
+            self._compiler = compiler  # last: a thread that finds it finds the masks set up too
         return self._compiler
 
     def compiled(self, request: GenerationRequest) -> Any | None:
