@@ -16,6 +16,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -110,19 +111,97 @@ def _stop_all(
 MAX_RESTARTS = 3  # a worker restarted this many times within a minute stops the stack at its next exit
 
 
-def _note_live_workers(directory: redis.Redis, names: list[str], came_up: list[bool]) -> None:
-    """Mark the workers whose start shows in Redis's directory of live workers (a worker that
-    dies before that never came up: it is not started again)."""
-    if all(came_up):
-        return
-    try:
-        pipe = directory.pipeline(transaction=False)
-        for name in names:
-            pipe.zscore(keys.WORKERS, name)
-        for i, score in enumerate(pipe.execute()):
-            came_up[i] = came_up[i] or score is not None
-    except redis.RedisError:
-        pass  # looked at again on the next round
+@dataclass
+class _Worker:
+    """One worker process ``up`` keeps running, under a name of its own in Redis for each start."""
+
+    name: str
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes]
+    came_up: bool = False  # its start showed in the directory of live workers
+    restarts: list[float] = field(default_factory=list)  # when it was started again, within a minute
+
+
+class _Workers:
+    """The stack's workers: started, watched, and started again when one dies while serving."""
+
+    def __init__(self, model_path: str, envs: list[dict[str, str]]) -> None:
+        self.model_path = model_path
+        names = [f"up{os.getpid()}-{i + 1}" for i in range(len(envs))]
+        self.all = [_Worker(name, env, self._spawn(name, env)) for name, env in zip(names, envs, strict=True)]
+
+    def _spawn(self, name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        return _spawn(["worker", "--model", self.model_path, "--name", name], env)
+
+    def note_live(self, directory: redis.Redis) -> None:
+        """Mark the workers whose start shows in Redis's directory of live workers (a worker that
+        dies before that never came up: it is not started again)."""
+        waiting = [w for w in self.all if not w.came_up]
+        if not waiting:
+            return
+        try:
+            pipe = directory.pipeline(transaction=False)
+            for worker in waiting:
+                pipe.zscore(keys.WORKERS, worker.name)
+            for worker, score in zip(waiting, pipe.execute(), strict=True):
+                worker.came_up = score is not None
+        except redis.RedisError:
+            pass  # looked at again on the next round
+
+    def restart_exited(self) -> bool:
+        """Start again each worker that died while serving (killed, out of memory: its jobs go on
+        on the others, or on the one started in its place, from where they were). False where one
+        that never came up, or keeps dying, exited: the stack stops."""
+        for i, worker in enumerate(self.all, start=1):
+            if worker.proc.poll() is None:
+                continue
+            now = time.monotonic()
+            recent = [t for t in worker.restarts if now - t < 60]
+            if not worker.came_up or len(recent) >= MAX_RESTARTS:
+                print(
+                    f"streamq up: a child process exited (code {worker.proc.returncode}); stopping",
+                    file=sys.stderr,
+                )
+                return False
+            print(
+                f"streamq up: worker {i} exited (code {worker.proc.returncode}); starting another",
+                file=sys.stderr,
+            )
+            worker.restarts = [*recent, now]
+            worker.name = f"{worker.name.split('.')[0]}.{len(worker.restarts)}.{int(now)}"
+            worker.came_up = False
+            worker.proc = self._spawn(worker.name, worker.env)
+        return True
+
+    def procs(self) -> list[subprocess.Popen[bytes]]:
+        return [w.proc for w in self.all]
+
+
+def _children_env(settings: Settings, redis_url: str, workers: int) -> dict[str, str]:
+    """The environment of the front and the workers: this one, less the variables that name no
+    setting (said once, here, not again by each process it starts), plus the stack's own."""
+    unknown = set(unknown_variables(os.environ))
+    env = {k: v for k, v in os.environ.items() if k not in unknown}
+    env |= {"STREAMQ_REDIS_URL": redis_url, "STREAMQ_DEVICE": settings.device}
+    env["STREAMQ_DTYPE"] = settings.dtype
+    env["STREAMQ_ENGINE"] = settings.engine
+    env["STREAMQ_INSECURE"] = "1" if settings.insecure else "0"
+    if settings.torch_threads is None:
+        env["STREAMQ_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
+    return env
+
+
+def _redis_gone(redis_proc: subprocess.Popen[bytes] | None) -> bool:
+    if redis_proc is None or redis_proc.poll() is None:
+        return False
+    # Its private Redis held every job, queue and stream: they are gone with it, and nothing here
+    # could come back to a Redis started anew. Stop, and say so.
+    print(
+        f"streamq up: its private Redis exited (code {redis_proc.returncode}), and every "
+        "job, queue and stream with it; stopping (start `streamq up` again)",
+        file=sys.stderr,
+    )
+    return True
 
 
 def run_up(settings: Settings, host: str, port: int, model: str | None, workers: int) -> int:
@@ -141,7 +220,8 @@ def run_up(settings: Settings, host: str, port: int, model: str | None, workers:
         signal.signal(sig, on_signal)
     workdir = Path(tempfile.mkdtemp(prefix="streamq-up-"))
     redis_proc: subprocess.Popen[bytes] | None = None
-    children: list[subprocess.Popen[bytes]] = []
+    front: list[subprocess.Popen[bytes]] = []
+    pool: _Workers | None = None
     try:
         redis_url = settings.redis_url_or_default()
         if settings.redis_url is None and not settings.sentinel_addresses():
@@ -153,65 +233,29 @@ def run_up(settings: Settings, host: str, port: int, model: str | None, workers:
         # vLLM's CPU attention needs heads of 32+ dimensions: its demo model has 64.
         shape = "tiny-hd64" if settings.engine == "vllm" else "tiny"
         model_path = model or str(ensure_tiny_model(settings.cache_path(), shape))
-        # Variables that name no setting: said once, here, not again by each process it starts.
-        unknown = set(unknown_variables(os.environ))
-        env = {k: v for k, v in os.environ.items() if k not in unknown}
-        env |= {"STREAMQ_REDIS_URL": redis_url, "STREAMQ_DEVICE": settings.device}
-        env["STREAMQ_DTYPE"] = settings.dtype
-        env["STREAMQ_ENGINE"] = settings.engine
-        env["STREAMQ_INSECURE"] = "1" if settings.insecure else "0"
-        if settings.torch_threads is None:
-            env["STREAMQ_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
-        children.append(_spawn(["api", "--host", host, "--port", str(port)], env))
-        names = [f"up{os.getpid()}-{i + 1}" for i in range(workers)]  # each start's name in Redis
+        env = _children_env(settings, redis_url, workers)
+        front.append(_spawn(["api", "--host", host, "--port", str(port)], env))
         parallel = settings.tensor_parallel_size > 1 or settings.pipeline_parallel_size > 1
-        worker_envs = [env | cores for cores in worker_cores(workers, settings.torch_threads, parallel)]
-        children += [
-            _spawn(["worker", "--model", model_path, "--name", name], worker_env)
-            for name, worker_env in zip(names, worker_envs, strict=True)
-        ]
-        came_up = [False] * workers  # its start showed in the directory of live workers
-        restarts: list[list[float]] = [[] for _ in range(workers)]  # each worker's, within a minute
+        pool = _Workers(
+            model_path, [env | cores for cores in worker_cores(workers, settings.torch_threads, parallel)]
+        )
         directory = RedisTarget.of(with_options(settings, redis_url=redis_url)).client(socket_timeout=2)
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-        announced = False
+        announced = hinted = False
         started = time.monotonic()
-        hinted = False
         while not stop["signal"]:
-            if redis_proc is not None and redis_proc.poll() is not None:
-                # Its private Redis held every job, queue and stream: they are gone with it, and
-                # nothing here could come back to a Redis started anew. Stop, and say so.
-                print(
-                    f"streamq up: its private Redis exited (code {redis_proc.returncode}), and every "
-                    "job, queue and stream with it; stopping (start `streamq up` again)",
-                    file=sys.stderr,
-                )
+            if _redis_gone(redis_proc):
                 stop["signal"] = 2  # nothing is left to hand back: the workers need no drain
                 return 1
-            _note_live_workers(directory, names, came_up)
-            for i, proc in enumerate(children):
-                if proc.poll() is None:
-                    continue
-                now = time.monotonic()
-                recent = [t for t in restarts[i - 1] if now - t < 60] if i else []
-                if i == 0 or not came_up[i - 1] or len(recent) >= MAX_RESTARTS:
-                    # The front, a worker that never came up, or one that keeps dying: stop.
-                    print(
-                        f"streamq up: a child process exited (code {proc.returncode}); stopping",
-                        file=sys.stderr,
-                    )
-                    return 1
-                # A worker that died while serving (killed, out of memory): its jobs go on on the
-                # others, or on the one started in its place, from where they were.
+            pool.note_live(directory)
+            if front[0].poll() is not None:
                 print(
-                    f"streamq up: worker {i} exited (code {proc.returncode}); starting another",
+                    f"streamq up: a child process exited (code {front[0].returncode}); stopping",
                     file=sys.stderr,
                 )
-                restarts[i - 1] = [*recent, now]
-                names[i - 1] = f"{names[i - 1].split('.')[0]}.{len(restarts[i - 1])}.{int(now)}"
-                came_up[i - 1] = False
-                worker = ["worker", "--model", model_path, "--name", names[i - 1]]
-                children[i] = _spawn(worker, worker_envs[i - 1])
+                return 1
+            if not pool.restart_exited():
+                return 1
             if not announced and _ready(url):
                 keyed = bool(settings.api_keys.get_secret_value() or settings.api_keys_file)
                 _print_banner(url, model_path, workers, redis_url, redis_proc is not None, keyed)
@@ -225,10 +269,10 @@ def run_up(settings: Settings, host: str, port: int, model: str | None, workers:
     finally:
         # The front first, with its own grace and then some: it ends its open requests itself
         # a second before that grace runs out, and its clients resume elsewhere.
-        _stop_all(children[:1], grace=settings.shutdown_grace + 5, hurry=stop)
+        _stop_all(front, grace=settings.shutdown_grace + 5, hurry=stop)
         # Then the workers: a warm stop lets a running job finish; a second SIGTERM (RQ's cold
         # stop) fails it with a reason rather than leaving it "running".
-        _stop_all(children[1:], grace=15, hurry=stop, signals=2)
+        _stop_all(pool.procs() if pool else [], grace=15, hurry=stop, signals=2)
         if redis_proc is not None:
             _stop_all([redis_proc], grace=5, hurry=stop)
         shutil.rmtree(workdir, ignore_errors=True)

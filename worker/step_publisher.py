@@ -235,6 +235,28 @@ class StepPublisher(BackgroundThread):
         if not due:
             return
         pipe = self._redis.pipeline(transaction=False)
+        writes, ends = self._queue_writes(pipe, due)
+        results = self._scripts.execute(pipe, raise_on_error=False) if len(pipe) else []
+        self.round_trips += 1
+        for result in results:
+            if isinstance(result, redis.ReadOnlyError):  # a replica (failover): write it all again
+                raise result
+        for index, p in writes:
+            self._delta_written(p, results[index - 1])
+        for p in due:
+            p.text, p.ids, p.counts_dirty = "", [], False
+            p.job.publish_due = now + self._interval
+            p.logprobs, p.prompt_logprobs = [], None
+            if p.job.lost and p.end is not None:
+                self._release(p, Answer.REQUEUED if p.job.handed_back else "lost")
+        for index, p, status in ends:
+            if p.job in self._pending:
+                self._end_written(p, status, results[index - 1])
+
+    def _queue_writes(
+        self, pipe: redis.client.Pipeline, due: list[_Pending]
+    ) -> tuple[list[tuple[int, _Pending]], list[tuple[int, _Pending, str]]]:
+        """Put each due job's output write and end in ``pipe``; say where each one's reply is."""
         writes: list[tuple[int, _Pending]] = []
         ends: list[tuple[int, _Pending, str]] = []
         finished_at = time.time()
@@ -267,47 +289,40 @@ class StepPublisher(BackgroundThread):
             if p.end is not None:
                 status, index = self._queue_end(pipe, p, finished_at)
                 ends.append((index, p, status))
-        results = self._scripts.execute(pipe, raise_on_error=False) if len(pipe) else []
-        self.round_trips += 1
-        for result in results:
-            if isinstance(result, redis.ReadOnlyError):  # a replica (failover): write it all again
-                raise result
-        for index, p in writes:
-            result = results[index - 1]
-            if isinstance(result, Exception):
-                self._refused(p, result)
-                continue
-            p.stored += len(p.ids)  # in Redis now (written by this or an earlier try)
-            flag = int(result)
-            if flag == DeltaAnswer.CANCEL_ASKED:
-                p.job.cancel.set()
-            elif flag == DeltaAnswer.NOT_HELD:  # another run holds the job now (this worker was thought dead)
-                if p.end is not None and p.end.finish_reason == HANDBACK:
-                    continue  # or this handback applied already: its own answer tells which
-                p.job.lost = True
-                p.job.cancel.set()
-            elif flag == DeltaAnswer.GAP:  # the script handed the job back
-                self._lost_writes(p)
-        for p in due:
-            p.text, p.ids, p.counts_dirty = "", [], False
-            p.job.publish_due = now + self._interval
-            p.logprobs, p.prompt_logprobs = [], None
-            if p.job.lost and p.end is not None:
-                self._release(p, Answer.REQUEUED if p.job.handed_back else "lost")
-        for index, p, status in ends:
-            if p.job in self._pending and isinstance(results[index - 1], Exception):
-                self._end_refused(p, results[index - 1])
-            elif p.job in self._pending:
-                answer = scripts.answer(results[index - 1])
-                if status == Answer.REQUEUED and answer == JobStatus.QUEUED:
-                    # Queued already: this handback sent again after its reply was lost (the
-                    # write applied), or a janitor's requeue: either way back on its queue.
-                    answer = Answer.REQUEUED
-                if answer == Answer.REQUEUED and status != Answer.REQUEUED:  # the end found a gap
-                    self._lost_writes(p)
-                    self._release(p, Answer.REQUEUED)
-                else:
-                    self._release(p, status if answer in (Answer.OK, Answer.REQUEUED) else answer)
+        return writes, ends
+
+    def _delta_written(self, p: _Pending, result: Any) -> None:
+        """What the *delta* script answered for ``p``'s output."""
+        if isinstance(result, Exception):
+            self._refused(p, result)
+            return
+        p.stored += len(p.ids)  # in Redis now (written by this or an earlier try)
+        flag = int(result)
+        if flag == DeltaAnswer.CANCEL_ASKED:
+            p.job.cancel.set()
+        elif flag == DeltaAnswer.NOT_HELD:  # another run holds the job now (this worker was thought dead)
+            if p.end is not None and p.end.finish_reason == HANDBACK:
+                return  # or this handback applied already: its own answer tells which
+            p.job.lost = True
+            p.job.cancel.set()
+        elif flag == DeltaAnswer.GAP:  # the script handed the job back
+            self._lost_writes(p)
+
+    def _end_written(self, p: _Pending, status: str, result: object) -> None:
+        """What the end's script answered for ``p`` (``status``: the end it asked for)."""
+        if isinstance(result, Exception):
+            self._end_refused(p, result)
+            return
+        answer = scripts.answer(result)
+        if status == Answer.REQUEUED and answer == JobStatus.QUEUED:
+            # Queued already: this handback sent again after its reply was lost (the write
+            # applied), or a janitor's requeue: either way back on its queue.
+            answer = Answer.REQUEUED
+        if answer == Answer.REQUEUED and status != Answer.REQUEUED:  # the end found a gap
+            self._lost_writes(p)
+            self._release(p, Answer.REQUEUED)
+        else:
+            self._release(p, status if answer in (Answer.OK, Answer.REQUEUED) else answer)
 
     @staticmethod
     def _lost_writes(p: _Pending) -> None:
