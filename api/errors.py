@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.exceptions
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -230,12 +230,31 @@ def _no_such_route(fallback: ASGIApp) -> ASGIApp:
     A 404 from a route (an unknown job, a model not served) is that route's own."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await _no_websockets(WebSocket(scope, receive, send))
+            return
         if scope["type"] != "http":
             await fallback(scope, receive, send)
             return
         raise unknown_url(scope["method"], scope["path"])
 
     return app
+
+
+async def _no_websockets(websocket: WebSocket) -> None:
+    """A WebSocket upgrade (the openai SDK's ``responses.connect()``, the Agents SDK's websocket
+    transport) gets the same JSON 404 as a route this server lacks, where the server can send one
+    (uvicorn's denial-response extension), rather than a bare 403 that reads as a refused key."""
+    error = ApiError(
+        404,
+        f"Invalid URL (WebSocket {_shown_path(websocket.url.path)}): this server offers no WebSocket "
+        "routes; stream over HTTP instead (stream=true: Server-Sent Events)",
+        code="unknown_url",
+    )
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(error_response(error))
+    else:
+        await websocket.close()
 
 
 def unknown_url(method: str, path: str) -> ApiError:

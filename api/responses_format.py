@@ -128,7 +128,7 @@ class ResponseEvents:
             "parallel_tool_calls": r.parallel_tool_calls,
             "previous_response_id": r.previous_response_id,
             "prompt_cache_key": r.prompt_cache_key,
-            "reasoning": {"effort": None, "summary": None},
+            "reasoning": {"effort": r.reasoning_effort, "summary": None},
             "safety_identifier": r.safety_identifier,
             "service_tier": "default",
             "store": r.store,

@@ -53,7 +53,8 @@ class TextPart(BaseModel):
     def _text_only(cls, value: Any) -> Any:
         if item_type(value) not in ("input_text", "output_text"):
             raise ValueError(
-                f"content parts of type {item_type(value)!r} are not supported (only input_text)"
+                f"content parts of type {item_type(value)!r} are not supported (only input_text, "
+                "and output_text in an assistant message)"
             )
         # As the openai SDK dumps an input_text it listed (a cache breakpoint: refused if given).
         return said_nothing(value, {"prompt_cache_breakpoint": (None,)})

@@ -66,6 +66,7 @@ class ResponseRecord(BaseModel):
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
+    reasoning_effort: str | None = None  # "none" where the request said so (the only effort taken)
     input_items: list[dict[str, Any]] = Field(default_factory=list)  # with ids; [] unless stored
     conversation: list[ChatMessage] = Field(default_factory=list)  # earlier turns + this input
     chain: list[str] = Field(default_factory=list)  # the job ids of the responses before it, oldest first
@@ -129,6 +130,7 @@ def new_record(
         user=body.user,
         safety_identifier=body.safety_identifier,
         prompt_cache_key=body.prompt_cache_key,
+        reasoning_effort=body.reasoning.effort if body.reasoning else None,
         input_items=listed_items(body.items(), view.id) if body.stored else [],
         conversation=body.messages(history) if body.stored else [],
         chain=chain if body.stored else [],

@@ -224,11 +224,19 @@ async def get_response(
     return StreamingResponse(body, media_type="text/event-stream", headers=STREAM_HEADERS | headers)
 
 
-@router.post("/{response_id}/cancel", responses=error_responses(404, 409))
+@router.post("/{response_id}/cancel", responses=error_responses(400, 404, 409))
 async def cancel_response(response_id: str, jobs: JobsDep, caller: CallerDep) -> dict[str, Any]:
     """Cancel a queued or running response (its job leaves the queue, or stops at its next
-    token); a cancelled one is answered as it is; 409 if it had ended otherwise."""
+    token); a cancelled one is answered as it is; 409 if it had ended otherwise. Only a
+    background response, as OpenAI's: a foreground one's request is waiting for it, and would get
+    a cancelled response as if it were its answer (it stops when that request goes away)."""
     record = await load_record(jobs, response_id, caller.name)
+    if not record.background:
+        raise ApiError(
+            400,
+            f"response '{response_id}' was not created with background=true: only a background "
+            "response can be cancelled (a foreground one stops when its request's connection closes)",
+        )
     try:
         view = await jobs.cancel(record.id, caller.name)
     except ApiError as exc:
@@ -245,13 +253,20 @@ async def cancel_response(response_id: str, jobs: JobsDep, caller: CallerDep) ->
     return response_of(record, view)
 
 
-@router.delete("/{response_id}", responses=error_responses(404))
+@router.delete("/{response_id}", responses=error_responses(400, 404))
 async def delete_response(response_id: str, jobs: JobsDep, caller: CallerDep) -> dict[str, Any]:
-    """Forget the response (a running one is canceled first); its job stays readable through
+    """Forget the response (a running background one is canceled first; a foreground one, whose
+    request is waiting for it, only once it has ended); its job stays readable through
     ``/v1/jobs`` until it expires."""
     record = await load_record(jobs, response_id, caller.name)
     view = await jobs.view(record.id, caller.name)
     if view.status not in FINAL_STATUSES:
+        if not record.background:
+            raise ApiError(
+                400,
+                f"response '{response_id}' is still being answered to the request that created it "
+                "(not a background one): delete it once it has ended",
+            )
         await _cancel_quietly(jobs, record.id, caller.name)
     await jobs.delete_response(record.id, caller.name)
     return {"id": record.response_id, "object": "response.deleted", "deleted": True}

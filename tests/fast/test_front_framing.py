@@ -16,11 +16,17 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from httpx_sse import ServerSentEvent, aconnect_sse
 from openai import AsyncOpenAI, NotFoundError
+from websockets.asyncio.client import connect as websocket_connect
+from websockets.exceptions import InvalidStatus
 
+from api.app import create_app
 from api.auth import ApiKeys
+from streamq.processes import free_port
 from tests.fast.conftest import Front, _settings, open_front
+from tests.fast.memory_jobs import MemoryJobClient
 
 pytestmark = pytest.mark.anyio
 
@@ -231,3 +237,29 @@ async def test_other_404s_and_a_wrong_method_keep_their_own_errors(front: Front)
     }
     put = await front.http.put("/v1/jobs/0123456789abcdef")  # GET and DELETE live on two routes
     assert put.status_code == 405 and put.headers["allow"] == "DELETE, GET"
+
+
+async def test_a_websocket_upgrade_is_the_same_json_404_through_uvicorn() -> None:
+    """The openai SDK's ``responses.connect()`` (and the Agents SDK's websocket transport) opens a
+    WebSocket on ``/v1/responses``: uvicorn's own answer was a bare 403, which reads as a refused
+    key. Through a real uvicorn server, as a WebSocket client sees it."""
+    app = create_app(_settings(), ApiKeys([]), open_jobs=MemoryJobClient.opener())
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            assert not serving.done(), "uvicorn did not start"
+            await asyncio.sleep(0.01)
+        with pytest.raises(InvalidStatus) as refused:
+            async with websocket_connect(f"ws://127.0.0.1:{port}/v1/responses"):
+                pass
+        answer = refused.value.response
+        assert answer.status_code == 404
+        assert answer.headers["content-type"] == "application/json"
+        error = json.loads(answer.body)["error"]
+        assert error["code"] == "unknown_url" and error["type"] == "not_found_error"
+        assert "WebSocket /v1/responses" in error["message"] and "no WebSocket routes" in error["message"]
+    finally:
+        server.should_exit = True
+        await serving

@@ -8,7 +8,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from openai import ConflictError, NotFoundError
+from openai import BadRequestError, ConflictError, NotFoundError
 
 from api.job_client import JobEvent
 from api.shutdown import STOPPING
@@ -42,10 +42,39 @@ async def test_cancel_a_queued_and_a_running_response(front: Front) -> None:
     assert [e.type for e in events][-4:] == [*CLOSE, "response.cancelled"]
 
     front.jobs.release()
-    done = await client.responses.create(model=MODEL, input="fine")
+    done = await client.responses.create(model=MODEL, input="fine", background=True)
+    await settled(lambda: front.jobs.jobs[done.id.removeprefix("resp_")].view.status == "finished")
     with pytest.raises(ConflictError) as ended:
         await client.responses.cancel(done.id)
     assert ended.value.response.headers["x-should-retry"] == "false"  # the SDK would send it again
+
+
+async def test_a_foreground_response_is_neither_cancelled_nor_deleted_while_its_request_waits(
+    front: Front,
+) -> None:
+    """As OpenAI's: only a background response is cancelled. A foreground one's request is
+    waiting for it, and would take a cancelled response for its answer (the Agents SDK's
+    ``Runner.run`` did, returning the text cut short as the agent's final output)."""
+    client = _openai(front)
+    front.jobs.pause_after = 1
+    waiting = asyncio.ensure_future(client.responses.create(model=MODEL, input="x y z"))
+    await front.jobs.submitted.wait()
+    [job_id] = front.jobs.jobs
+    rid = f"resp_{job_id}"
+    with pytest.raises(BadRequestError) as refused:
+        await client.responses.cancel(rid)
+    assert "background" in refused.value.message
+    with pytest.raises(BadRequestError) as kept:
+        await client.responses.delete(rid)
+    assert "still being answered" in kept.value.message
+    front.jobs.release()
+    answer = await waiting
+    assert (answer.status, answer.output_text) == ("completed", "x y z")
+    with pytest.raises(BadRequestError):  # ended or not: it was not a background response
+        await client.responses.cancel(rid)
+    await client.responses.delete(rid)  # once ended, it is forgotten
+    with pytest.raises(NotFoundError):
+        await client.responses.retrieve(rid)
 
 
 async def test_a_job_redis_lost_ends_its_response_as_failed(front: Front) -> None:

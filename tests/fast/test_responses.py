@@ -75,7 +75,11 @@ async def test_a_response_is_a_job_with_its_text_and_usage(front: Front) -> None
     newline = await front.http.get(f"/v1/responses/{response.id}%0A")  # another id, not this one
     assert newline.status_code == 404 and newline.json()["error"]["param"] == "response_id"
 
-    cut = await client.responses.create(model=MODEL, input="one two three", max_output_tokens=2)
+    assert response.reasoning is not None and response.reasoning.effort is None
+    cut = await client.responses.create(
+        model=MODEL, input="one two three", max_output_tokens=2, reasoning={"effort": "none"}
+    )
+    assert cut.reasoning is not None and cut.reasoning.effort == "none"  # echoed, as OpenAI's
     assert (cut.status, cut.output_text) == ("incomplete", "one two")
     assert cut.incomplete_details is not None and cut.incomplete_details.reason == "max_output_tokens"
     assert cut.output[0].status == "incomplete"  # type: ignore[union-attr]
