@@ -31,7 +31,7 @@ from types import FrameType
 
 from bench.core import run_core
 
-PARTS = ("core", "submits", "commands", "throughput", "fanout", "recovery", "security")
+PARTS: tuple[str, ...] = ("core", "submits", "commands", "throughput", "fanout", "recovery", "security")
 PARTS += ("vllm", "json-mask", "chaos")
 DEFAULT_PARTS = PARTS[:-3]
 SHAPES = ("tiny", "qwen2.5-0.5b")

@@ -21,14 +21,16 @@ def accelerate_installed() -> bool:
 def _patch_cpu_device_map() -> None:
     import transformers.modeling_utils as modeling_utils
 
-    original = modeling_utils.check_and_set_device_map
+    # modeling_utils imports the function without re-exporting it (mypy's attr-defined), and
+    # from_pretrained looks it up there: it is replaced there.
+    original = modeling_utils.check_and_set_device_map  # type: ignore[attr-defined]
 
     def check(device_map: Any) -> Any:
         if device_map == "cpu" or device_map == {"": "cpu"}:
             return None
         return original(device_map)
 
-    modeling_utils.check_and_set_device_map = check
+    modeling_utils.check_and_set_device_map = check  # type: ignore[attr-defined]
 
 
 def main() -> int:

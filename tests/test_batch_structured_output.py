@@ -114,9 +114,10 @@ def test_plain_jobs_answer_as_alone_beside_constrained_ones_which_answer_as_they
     tiny_backend: Any, batched: BatchedCausalLM, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import worker.batch_lm
+    import worker.logits_rules
 
     ruled_rows: list[int] = []
-    real = worker.batch_lm.apply_rules
+    real = worker.logits_rules.apply_rules  # what worker.batch_lm imported
 
     def counting(block: torch.Tensor, rules: Any) -> None:
         ruled_rows.append(block.shape[0])
@@ -158,7 +159,8 @@ def test_a_schema_xgrammar_cannot_compile_fails_that_job_only(tiny_backend: Any)
             assert end.error_type == "invalid_request_error" and "response_format" in end.error_message
             assert end.error_param == "response_format"
             assert ".cc:" not in end.error_message and "[" not in end.error_message  # the reason only
-        assert 'Unsupported type "strong"' in (seen.end(bad).error_message if seen.end(bad) else "")
+        bad_end = seen.end(bad)
+        assert 'Unsupported type "strong"' in (bad_end.error_message if bad_end else "")
         assert seen.text(good) == alone(tiny_backend, good.request)[0]
         assert engine.alive()
         # The worker's own refusals keep OpenAI's code (the front shows it: LiteLLM maps it).
@@ -288,7 +290,7 @@ def test_a_jobs_prompt_is_rendered_in_its_slot_thread_not_the_engines(tiny_backe
 
     r = request("render me", max_tokens=12)
     alone_text = alone(tiny_backend, r)[0]
-    type(tiny_backend).encode = spy  # type: ignore[method-assign]
+    type(tiny_backend).encode = spy
     try:
         j, refused = job(r), job(request("refuse me", max_tokens=12))
         for one in (j, refused):
@@ -300,7 +302,7 @@ def test_a_jobs_prompt_is_rendered_in_its_slot_thread_not_the_engines(tiny_backe
         with pytest.raises(ValueError, match="the template refuses this turn"):
             model.add(refused)  # what the slot thread found, as the engine would have found it
     finally:
-        type(tiny_backend).encode = encode  # type: ignore[method-assign]
+        type(tiny_backend).encode = encode
     assert rendered == [("slot-3", False), ("slot-3", False)]  # never the engine's thread
     assert ids == tiny_backend.encode(r) and j.prompt_ids is None  # handed over, not kept twice
     assert seen.text(j) == alone_text

@@ -156,11 +156,12 @@ def test_a_chatglm_models_stream_chat_is_given_top_k(tiny_backend: Any) -> None:
 
     model = OwnStreamChat()
     glm = ChatGLMChat(model, tiny_backend.tokenizer, "glm", "cpu", "float32")
-    for sampling in (
+    samplings: list[dict[str, Any]] = [
         {"top_k": 5, "temperature": 0.8},
         {"top_k": 1, "temperature": 0.8},
         {"temperature": 0.8},
-    ):
+    ]
+    for sampling in samplings:
         assert "".join(step.delta for step in glm.generate(request(**sampling))) == "an answer"
     assert [(a.get("top_k"), a["do_sample"]) for a in model.asked] == [(5, True), (1, False), (None, True)]
 

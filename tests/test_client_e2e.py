@@ -147,7 +147,7 @@ def test_messages_given_as_mappings_reach_the_worker_whole(slow_stack: SlowStack
         "type": "function",
         "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
     }
-    messages = [
+    messages: list[dict[str, Any]] = [
         {"role": "user", "content": "weather in Paris?", "name": "alice"},
         {"role": "assistant", "content": "", "tool_calls": [call]},
         {"role": "tool", "content": "22C", "tool_call_id": "call_1"},
@@ -175,6 +175,7 @@ def test_chat_raises_for_an_answer_that_did_not_finish_and_cancels_one_it_leaves
             while not canceled:
                 running = slow_stack.redis.client(decode_responses=True).zrange(keys.RUNNING, 0, -1)
                 for job_id in running:
+                    assert isinstance(job_id, str)  # decode_responses
                     client.cancel(job_id)
                     canceled.append(job_id)
 

@@ -52,10 +52,10 @@ def test_a_job_that_cannot_be_continued_ends_failed_with_its_reason_and_the_engi
     model = BatchedCausalLM(tiny_backend, slots=2, max_len=512)
     add = model.add
 
-    def add_as_vllm_does(j: EngineJob) -> None:
-        if j.resume_ids:
-            check_continuable(j.request, tiny_backend.tokenizer.decode(j.resume_ids))
-        add(j)
+    def add_as_vllm_does(job: EngineJob) -> None:  # named as BatchedCausalLM.add's
+        if job.resume_ids:
+            check_continuable(job.request, tiny_backend.tokenizer.decode(job.resume_ids))
+        add(job)
 
     model.add = add_as_vllm_does  # type: ignore[method-assign]
     seen = Collected()

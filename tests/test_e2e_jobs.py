@@ -15,6 +15,7 @@ from harness.services import start_front
 from shared import keys
 from shared.schemas import ChatMessage, GenerationRequest
 from tests.conftest import LONG_TOKENS, STACK_CAPACITY, Stack
+from tests.redis_replies import decoded
 from tests.sse import SSE, follow, read_events, text_of
 
 pytestmark = pytest.mark.e2e
@@ -43,12 +44,12 @@ def job_records(stack: Stack) -> set[str]:
     ids in RQ's queue lists. A refused request must add none; other keys (leases, locks, ended
     jobs' records) may come and go meanwhile, so a count of keys cannot tell."""
     client = stack.redis.client(decode_responses=True)
-    records = set()
+    records: set[str] = set()
     for pattern in (keys.job("*"), keys.events("*"), keys.rq_job("*")):
         records.update(client.scan_iter(match=pattern))
     for queue in client.scan_iter(match=keys.rq_queue("*")):
         if client.type(queue) == "list":
-            records.update(f"{queue} {job_id}" for job_id in client.lrange(queue, 0, -1))
+            records.update(f"{queue} {decoded(job_id)}" for job_id in client.lrange(queue, 0, -1))
     return records
 
 

@@ -15,6 +15,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -114,7 +115,7 @@ http {{
 
 
 def test_the_seeds_streaming_client_gets_the_whole_answer_through_nginx(proxied: Proxied) -> None:
-    body = {"prompt": "你好", "history": [], "max_length": 2048}  # about 12 KB of answer
+    body: dict[str, Any] = {"prompt": "你好", "history": [], "max_length": 2048}  # about 12 KB of answer
     r = requests.post(f"{proxied.url}/stream", json=body, stream=True, timeout=60)
     answer = ""
     for chunk in r.iter_content(chunk_size=None):  # the README's client, as the seed's users wrote it

@@ -113,6 +113,7 @@ def test_an_answer_that_is_an_end_of_sequence_keeps_its_entry_for_lm_eval(
 def test_litellm_calls_a_tool_and_answers_json(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network here: its bundled copy
     import litellm
+    from litellm.exceptions import ContextWindowExceededError
 
     tool = {
         "type": "function",
@@ -154,5 +155,5 @@ def test_litellm_calls_a_tool_and_answers_json(stack: Stack, monkeypatch: pytest
     assert json.loads(answered.choices[0].message.content)["size"] in ("small", "large")
     # An answer that cannot fit beside the prompt is LiteLLM's own context error (its fallbacks
     # to a model with a longer context key on it), not a cut answer.
-    with pytest.raises(litellm.ContextWindowExceededError):
+    with pytest.raises(ContextWindowExceededError):
         litellm.completion(messages=[{"role": "user", "content": "Hi."}], **common | {"max_tokens": 4096})

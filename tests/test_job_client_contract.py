@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -107,11 +107,11 @@ def test_a_jobs_events_begin_queued_and_their_ids_are_resume_points(
 ) -> None:
     async def body(jobs: JobClient, model: str) -> None:
         made = await jobs.submit(_request(model), ALICE)
-        events: AsyncIterator[Any] = jobs.follow(made, "0-0", None)  # type: ignore[assignment]
+        events = jobs.follow(made, "0-0", None)
         first = await anext(events)
         while first is None or first.id is None:  # keep-alives and live positions carry no id
             first = await anext(events)
-        await events.aclose()  # type: ignore[attr-defined]
+        await events.aclose()
         assert first.event == "queued" and first.data["model"] == model
         ms, seq = (int(part) for part in first.id.split("-"))
         assert await jobs.resume_point(made.id, (ms, seq)) == (first.id, True)

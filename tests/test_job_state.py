@@ -131,7 +131,7 @@ def test_a_dead_workers_job_ends_as_its_run_would_have_ended_it(redis_server: Re
         state = r.hgetall(keys.job(job_id))
         assert float(state[JobField.FINISHED_AT]) > 0, state
         assert state[JobField.FINISH_REASON] == ("canceled" if cancel else "error")
-        (_, last), *_ = r.xrevrange(keys.events(job_id), count=1)
+        (_, last), *_ = decoded_entries(r.xrevrange(keys.events(job_id), count=1))
         if cancel:
             assert (last["event"], json.loads(last["data"])) == ("canceled", {"completion_tokens": 2})
         else:
@@ -242,8 +242,13 @@ def test_one_janitor_holds_the_lock_and_one_whose_lock_lapsed_stops_its_round() 
             _new_job(r, job_id)
             assert _start(r, job_id, f"run-{job_id}") == "running"
             r.delete(keys.lease(job_id))  # its worker died
-        asked = []
-        assert first.requeue_orphans(still_ours=lambda: bool(asked.append(1))) == []
+        asked: list[int] = []
+
+        def asked_and_lost() -> bool:
+            asked.append(1)
+            return False
+
+        assert first.requeue_orphans(still_ours=asked_and_lost) == []
         assert asked == [1] and r.zcard(keys.RUNNING) == 2  # it stopped at the first job
         assert sorted(second.requeue_orphans()) == ["js-lapsed-1", "js-lapsed-2"]
         # Within two rounds of its renewal a janitor goes on without asking Redis; later it asks.

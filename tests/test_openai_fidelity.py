@@ -11,7 +11,13 @@ from typing import Any
 import jsonschema
 import openai
 import pytest
-from openai.types.chat import ChatCompletionNamedToolChoiceParam, ChatCompletionToolParam
+from openai.types.chat import (
+    ChatCompletionAssistantMessageParam,
+    ChatCompletionMessageParam,
+    ChatCompletionNamedToolChoiceParam,
+    ChatCompletionSystemMessageParam,
+    ChatCompletionToolParam,
+)
 from openai.types.shared_params import ResponseFormatJSONSchema
 from pydantic import BaseModel, Field
 
@@ -334,13 +340,17 @@ def test_a_conversation_ending_with_an_assistant_or_system_turn_is_answered_in_a
     a new assistant turn; the prompt is the whole conversation rendered by the chat template."""
     from shared.schemas import ChatMessage, GenerationRequest, PromptInput
 
-    for last in ({"role": "assistant", "content": "A list."}, {"role": "system", "content": "Be brief."}):
-        messages = [{"role": "user", "content": "What is a queue?"}, last]
+    lasts: list[ChatCompletionAssistantMessageParam | ChatCompletionSystemMessageParam] = [
+        {"role": "assistant", "content": "A list."},
+        {"role": "system", "content": "Be brief."},
+    ]
+    for last in lasts:
+        messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is a queue?"}, last]
         completion = client.chat.completions.create(
             model=stack.model_dir.name,
             messages=messages,
             max_tokens=8,
-            temperature=0,  # type: ignore[arg-type]
+            temperature=0,
         )
         turns = [ChatMessage(**m) for m in messages]
         assert completion.usage is not None

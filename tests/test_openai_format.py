@@ -99,6 +99,7 @@ def test_a_completion_prompt_is_raw_text_or_token_ids() -> None:
     # A list of prompts (lm-eval's batch): a job each, in order.
     assert CompletionRequest.model_validate({"prompt": ["one", "two"]}).prompts() == ["one", "two"]
     assert CompletionRequest.model_validate({"prompt": [[1], [2, 3]]}).prompts() == [[1], [2, 3]]
+    bad: dict[str, Any]
     for bad in (
         {"prompt": ""},
         {"prompt": []},

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import schemathesis
@@ -71,7 +72,7 @@ def test_no_input_gets_a_server_error_or_breaks_the_schema(fuzzed_front: str) ->
 
         @given(case=operation.as_strategy(mode))
         @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-        def fuzz(case: schemathesis.Case) -> None:
+        def fuzz(case: schemathesis.Case[Any]) -> None:
             response = case.call_and_validate(headers=auth, checks=CHECKS, timeout=30)
             calls.append(response.status_code)
 

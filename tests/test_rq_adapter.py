@@ -23,7 +23,7 @@ from rq.registry import (
     FinishedJobRegistry,
     StartedJobRegistry,
 )
-from rq.worker import SimpleWorker
+from rq.worker import BaseWorker, SimpleWorker
 
 from harness.redis_server import RedisServer
 from shared import keys
@@ -197,7 +197,7 @@ def test_a_worker_enters_rqs_lists_again_after_redis_came_back_empty(redis_serve
     )
     queue = keys.queue_name(model)
 
-    def in_rq_info() -> SimpleWorker | None:
+    def in_rq_info() -> BaseWorker | None:
         return next((w for w in SimpleWorker.all(connection=connection) if w.name == worker.name), None)
 
     worker.register_birth()

@@ -43,8 +43,12 @@ def test_a_json_request_loses_special_and_control_tokens_but_keeps_its_own_stops
     vocab = len(tokenizer)
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     start = tokenizer.convert_tokens_to_ids("<|im_start|>")
-    newline = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("\n"))[0]
-    letter = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("a"))[0]
+    newlines = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("\n"))
+    letters = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("a"))
+    # A token gives its id, a list of them a list.
+    assert isinstance(end, int) and isinstance(start, int)
+    assert isinstance(newlines, list) and isinstance(letters, list)
+    newline, letter = newlines[0], letters[0]
 
     def params(json: bool, stops: list[int]) -> SamplingParams:
         return SamplingParams(stop_token_ids=stops, extra_args={JSON_MASK: True} if json else None)
@@ -55,7 +59,7 @@ def test_a_json_request_loses_special_and_control_tokens_but_keeps_its_own_stops
         return [set(torch.nonzero(torch.isinf(row)).flatten().tolist()) for row in logits]
 
     # Rows 0 and 2 ask for the mask (with different stops), row 1 does not.
-    added = [
+    added: list[tuple[int, SamplingParams, list[int], list[int]]] = [
         (0, params(True, [end]), [1], []),
         (1, params(False, [end]), [1], []),
         (2, params(True, []), [1], []),
@@ -148,7 +152,7 @@ def test_model_runner_v2_takes_its_own_mask_which_follows_its_slots(
         build_custom_logits_processors_params_validator([PROCESSOR])
 
     vocab = int(config.model_config.get_vocab_size())
-    state = LogitsProcRequestState(torch.device("cpu"), 4, vocab, None, None, None, None)  # type: ignore[arg-type]
+    state = LogitsProcRequestState(torch.device("cpu"), 4, vocab, None, None, None, None)
     v2 = JsonAnswerMaskV2(config, state)
     json_params = SamplingParams(stop_token_ids=[5], extra_args={JSON_MASK: True})
     assert v2.add_request(2, json_params) and not v2.add_request(0, SamplingParams())
@@ -173,6 +177,6 @@ def test_model_runner_v2_takes_its_own_mask_which_follows_its_slots(
     # After a token that ends with ED, no token that begins with A0-BF (a surrogate), in that row only.
     lead, high = surrogate_bytes(hd64_model)
     assert masked([2, 0], [lead, lead]) == [expected | high, set()]
-    assert masked([2, 0], [high[0] if (high := sorted(high)) else 0, lead])[0] == expected
+    assert masked([2, 0], [ordered[0] if (ordered := sorted(high)) else 0, lead])[0] == expected
     v2.add_request(2, SamplingParams())  # slot 2 reused by a plain request
     assert masked([0, 2]) == [set(), set()]

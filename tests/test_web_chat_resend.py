@@ -75,6 +75,7 @@ def test_a_reload_keeps_the_model_and_the_answer_length_chosen(browser: Any, slo
         assert browser.find_element(By.ID, "max-tokens").get_attribute("value") == "4"
         browser.find_element(By.ID, "question").send_keys("two", Keys.ENTER)
         second = until(browser, lambda: len(_answers(browser)) == 2 and _answers(browser)[-1], "the answer")
+        assert second is not False  # until answers what its condition gave once true: the element
         until(browser, lambda: _state(second) == "done", "the second answer")
         job = slow_stack.job(second.get_attribute("data-job-id"))
         assert job["model"] == model and job["usage"]["completion_tokens"] == 4, job

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from openai import BadRequestError
+from openai.types.chat import ChatCompletionUserMessageParam
 
 from tests.fast.conftest import Front
 from tests.fast.test_front_formats import _openai
@@ -14,7 +15,7 @@ from tests.fast.test_front_formats import _openai
 pytestmark = pytest.mark.anyio
 
 MODEL = "fake-model"
-USER = {"role": "user", "content": "hi"}
+USER: ChatCompletionUserMessageParam = {"role": "user", "content": "hi"}
 
 
 async def test_a_streamed_request_whose_schema_lists_an_empty_enum_is_a_400_not_a_stream(
@@ -22,11 +23,11 @@ async def test_a_streamed_request_whose_schema_lists_an_empty_enum_is_a_400_not_
 ) -> None:
     """It opened with a 200 and ended with an error event (the grammar compiler's, in the
     worker): the SDK raised an APIError with no status. Now refused before a job exists."""
-    empty = {"type": "object", "properties": {"a": {"enum": []}}, "required": ["a"]}
+    empty: dict[str, object] = {"type": "object", "properties": {"a": {"enum": []}}, "required": ["a"]}
     with pytest.raises(BadRequestError) as refused:
         await _openai(front).chat.completions.create(
             model=MODEL,
-            messages=[USER],  # type: ignore[list-item]
+            messages=[USER],
             stream=True,
             response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": empty}},
         )

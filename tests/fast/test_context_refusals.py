@@ -51,8 +51,9 @@ async def test_chat_names_the_length_field_as_the_client_sent_it(front: Front) -
     client = _openai(front)
     ask: Any = [{"role": "user", "content": "hi"}]
     for field in ("max_tokens", "max_completion_tokens"):
+        length: dict[str, Any] = {field: ASKED}
         with pytest.raises(BadRequestError) as refused:
-            await client.chat.completions.create(model=MODEL, messages=ask, **{field: ASKED})
+            await client.chat.completions.create(model=MODEL, messages=ask, **length)
         _says(refused.value.body, field, "messages")
         assert refused.value.code == "context_length_exceeded"  # what LiteLLM and others key on
     stream = await client.chat.completions.create(

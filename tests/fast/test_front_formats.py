@@ -15,6 +15,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from api.errors import ApiError
 from shared.job_store.payloads import Failed
 from shared.job_store.vocabulary import EventName, FinishReason, JobStatus
+from shared.schemas import JobView
 from tests.fast.conftest import KEY_A, Front, settled
 
 pytestmark = pytest.mark.anyio
@@ -194,7 +195,8 @@ async def test_a_list_of_prompts_is_not_streamed_and_a_refused_one_cancels_the_r
     assert not front.jobs.jobs
 
     front.jobs.hold = True  # the first job waits in its queue while the second is refused
-    submit, submitted = front.jobs.submit, []
+    submit = front.jobs.submit
+    submitted: list[JobView] = []
 
     async def refuse_the_second(request: Any, caller: Any) -> Any:
         if submitted:  # as a prompt too long for the model's context is refused at submit
@@ -263,7 +265,7 @@ async def test_a_list_of_more_prompts_than_a_key_may_run_at_once_is_refused_whol
     """Admitted one by one, the 17th of 17 prompts met the key's concurrency quota (16) every
     time: the first 16 ran and were canceled at each retry, and the 429 never said why."""
     auth = {"Authorization": f"Bearer {KEY_A}"}
-    body = {"model": "fake-model", "prompt": [f"p{i}" for i in range(17)], "max_tokens": 1}
+    body: dict[str, Any] = {"model": "fake-model", "prompt": [f"p{i}" for i in range(17)], "max_tokens": 1}
     refused = await keyed.http.post("/v1/completions", json=body, headers=auth)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt", refused.text
     assert "STREAMQ_KEY_MAX_CONCURRENT" in refused.json()["error"]["message"]

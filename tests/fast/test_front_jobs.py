@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 from openai import NotFoundError
 
@@ -31,10 +32,10 @@ def _events(body: str) -> list[tuple[str | None, str, dict[str, object]]]:
     return out
 
 
-def _error(response: object) -> dict[str, object]:
-    body = response.json()  # type: ignore[attr-defined]
+def _error(response: httpx.Response) -> dict[str, Any]:
+    body = response.json()
     assert "error" in body and set(body) <= {"error", "job"}, body
-    error: dict[str, object] = body["error"]
+    error: dict[str, Any] = body["error"]
     assert {"message", "type", "param", "code"} <= set(error)
     return error
 
@@ -325,7 +326,12 @@ async def test_a_stopping_front_refuses_new_jobs_and_ends_the_waiting_requests(f
                 return
             waiting[name] = await front.http.post("/v1/chat/completions", json=chat, headers=headers)
 
-        cases = (("tied", {}), ("detached", {"X-Streamq-Detach": "1"}), ("seed", {}), ("seed-wait", {}))
+        cases: tuple[tuple[str, dict[str, str]], ...] = (
+            ("tied", {}),
+            ("detached", {"X-Streamq-Detach": "1"}),
+            ("seed", {}),
+            ("seed-wait", {}),
+        )
         for name, headers in cases:
             front.jobs.submitted.clear()
             tasks.start_soon(whole, name, headers)

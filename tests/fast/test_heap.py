@@ -77,10 +77,16 @@ def test_both_ways_streamq_api_serves_settle_the_heap(monkeypatch: pytest.Monkey
     """One process (the app handed to uvicorn) and several (uvicorn's factory in each process)."""
     built: list[dict[str, Any]] = []
     served: list[Any] = []
-    monkeypatch.setattr(api.app, "create_app", lambda *a, **kw: built.append(kw) or "app")
+
+    def create_app(*a: Any, **kw: Any) -> str:
+        built.append(kw)
+        return "app"
+
+    monkeypatch.setattr(api.app, "create_app", create_app)
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: served.append(app))
     args = argparse.Namespace(host="127.0.0.1", port=0, log_level="warning", insecure=None, workers=1)
     assert api.cli.run(args) == 0
     assert served == ["app"]
-    assert api.cli.front_process_app() == "app"
+    app: object = api.cli.front_process_app()  # what create_app, patched, answered
+    assert app == "app"
     assert [kw.get("settle_heap_at_start") for kw in built] == [True, True]

@@ -5,6 +5,8 @@ tests/test_idempotency.py's."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tests.fast.conftest import KEY_A, KEY_B, Front
@@ -58,7 +60,7 @@ async def test_a_key_that_is_not_one_is_a_400_naming_it(front: Front, value: str
     ],
 )
 async def test_routes_whose_job_lives_with_the_connection_refuse_it(
-    front: Front, path: str, body: dict
+    front: Front, path: str, body: dict[str, Any]
 ) -> None:
     answer = await front.http.post(path, json=body, headers=_key("k-1"))
     assert answer.status_code == 400 and "Idempotency-Key" in answer.text

@@ -142,10 +142,12 @@ async def test_tools_beside_a_json_format_give_the_job_calls_or_the_json(front: 
     asked = [job.request for job in front.jobs.jobs.values()][-1]
     assert asked.structural_tag is None and asked.json_schema == TOOLS[0]["function"]["parameters"]
 
+    # Any: the SDK's FunctionToolParam requires a "strict" key, which this request leaves out.
+    function: Any = {"type": "function", "name": "add", "parameters": TOOLS[0]["function"]["parameters"]}
     answered = await client.responses.create(
         model="fake-model",
         input='{"total": 3}',
-        tools=[{"type": "function", "name": "add", "parameters": TOOLS[0]["function"]["parameters"]}],  # type: ignore[typeddict-item]
+        tools=[function],
         text={"format": {"type": "json_schema", "name": "sum", "schema": Sum.model_json_schema()}},
     )
     assert json.loads(answered.output_text) == {"total": 3}
@@ -280,7 +282,10 @@ async def test_a_pattern_that_repeats_too_much_is_refused_before_a_job_exists(fr
     naming the field, in a JSON format and in a strict function's parameters alike."""
     client = _openai(front)
     jobs_before = len(front.jobs.jobs)
-    bomb = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^a{24000}$"}}}
+    bomb: dict[str, object] = {
+        "type": "object",
+        "properties": {"a": {"type": "string", "pattern": "^a{24000}$"}},
+    }
     ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": "x"}]
     with pytest.raises(BadRequestError) as refused:
         await client.chat.completions.create(

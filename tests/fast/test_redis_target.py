@@ -109,7 +109,7 @@ def test_the_sync_pools_take_the_primary_of_the_newest_configuration() -> None:
     sentinels = _Sentinels([("s1", 1), ("s2", 2), ("s3", 3)])
     sentinels.sentinels = [_Answers(port, epoch) for port, epoch in HEARD]  # type: ignore[misc]
     assert sentinels.discover_master("streamq") == ("127.0.0.1", 6002)
-    sentinels.sentinels = [_Answers(None)]  # type: ignore[misc]
+    sentinels.sentinels = [_Answers(None)]  # type: ignore[list-item]
     with pytest.raises(redis.sentinel.MasterNotFoundError, match="refused"):
         sentinels.discover_master("streamq")
 

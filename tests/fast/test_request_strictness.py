@@ -151,7 +151,7 @@ async def test_responses_refuse_stream_options_without_a_stream_and_twice_named_
         ({"tools": [flat, flat]}, "tools.1.name"),
     ):
         with pytest.raises(BadRequestError) as refused:
-            await client.responses.create(model=MODEL, input="x", **fields)  # type: ignore[call-overload]
+            await client.responses.create(model=MODEL, input="x", **fields)
         body: Any = refused.value.body
         assert body["param"] == param, body
     streamed = await client.responses.create(

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from openai import BadRequestError, ConflictError, NotFoundError
+from openai.types.responses import ResponseFailedEvent
 
 from api.job_client import JobEvent
 from api.shutdown import STOPPING
@@ -98,7 +99,8 @@ async def test_a_job_redis_lost_ends_its_response_as_failed(front: Front) -> Non
         event async for event in await client.responses.create(model=MODEL, input="a b c", stream=True)
     ]
     assert [e.type for e in streamed][-5:] == ["error", *CLOSE, "response.failed"]
-    assert streamed[-1].response.output_text == "a"
+    failed = streamed[-1]
+    assert isinstance(failed, ResponseFailedEvent) and failed.response.output_text == "a"
 
 
 async def test_a_response_whose_wait_the_front_ended_is_canceled_for_its_retry(front: Front) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from openai import BadRequestError
+from openai.types.responses import EasyInputMessageParam
 
 from api.auth import ApiKeys
 from tests.fast.conftest import Front, _settings, open_front
@@ -25,15 +26,15 @@ async def test_a_call_and_tools_sent_back_as_the_sdk_dumps_them_are_taken(front:
         model=MODEL, input='{"a": 2}', tools=[ADD], tool_choice={"type": "function", "name": "add"}
     )
     [call] = forced.output
-    tools = [tool.model_dump() for tool in forced.tools]
+    tools: list[Any] = [tool.model_dump() for tool in forced.tools]  # dicts, as apps keep them
     for dumped in (call.model_dump(), call.model_dump(by_alias=True), call.model_dump(mode="json")):
         history: list[Any] = [{"role": "user", "content": '{"a": 2}'}, dumped]
-        output = {"type": "function_call_output", "call_id": call.call_id, "output": "four"}  # type: ignore[union-attr]
+        output: Any = {"type": "function_call_output", "call_id": call.call_id, "output": "four"}  # type: ignore[union-attr]
         answered = await client.responses.create(model=MODEL, input=[*history, output], tools=tools)
         assert answered.output_text == "four"
         asked = _asked(front, answered.id).messages
         assert asked[1].tool_calls is not None and asked[1].tool_calls[0].function.arguments == call.arguments  # type: ignore[union-attr]
-    asking = {**call.model_dump(by_alias=True), "async": True}
+    asking: Any = {**call.model_dump(by_alias=True), "async": True}
     output = {"type": "function_call_output", "call_id": call.call_id, "output": "four"}  # type: ignore[union-attr]
     with pytest.raises(BadRequestError) as refused:
         await client.responses.create(model=MODEL, input=[asking, output], tools=tools)
@@ -46,15 +47,17 @@ async def test_a_chain_is_bounded_by_the_context_not_by_the_limits_of_one_reques
     settings = _settings(max_messages=4, max_prompt_chars=120)
     async for front in open_front(settings, ApiKeys([])):
         client = _openai(front)
-        previous = None
+        previous: str | None = None
         for turn in range(6):  # 12 messages and about 300 characters by the end
             response = await client.responses.create(
                 model=MODEL, input=f"turn {turn} of a long conversation", previous_response_id=previous
             )
             previous = response.id
+        assert previous is not None
         assert len(_asked(front, previous).messages) == 11  # the chain whole: 5 turns and the input
+        question: EasyInputMessageParam = {"role": "user", "content": "q"}
         with pytest.raises(BadRequestError) as refused:
-            await client.responses.create(model=MODEL, input=[*[{"role": "user", "content": "q"}] * 5])
+            await client.responses.create(model=MODEL, input=[*[question] * 5])
         assert refused.value.body["param"] == "input"  # type: ignore[index]
         with pytest.raises(BadRequestError) as refused:
             await client.responses.create(model=MODEL, input="x" * 121, previous_response_id=previous)
@@ -72,11 +75,10 @@ async def test_listed_input_items_sent_back_as_the_sdk_dumps_them_are_taken(fron
     )
     [call] = forced.output
     output = {"type": "function_call_output", "call_id": call.call_id, "output": "four", "name": "add"}  # type: ignore[union-attr]
-    first = await client.responses.create(
-        model=MODEL, input=[{"role": "user", "content": '{"a": 2}'}, call.model_dump(), output]
-    )
+    sent: list[Any] = [{"role": "user", "content": '{"a": 2}'}, call.model_dump(), output]  # dicts, as dumped
+    first = await client.responses.create(model=MODEL, input=sent)
     listed = (await client.responses.input_items.list(first.id, order="asc")).data
-    dumped = [item.model_dump() for item in listed]
+    dumped: list[Any] = [item.model_dump() for item in listed]
     assert "prompt_cache_breakpoint" in dumped[0]["content"][0] and dumped[2]["name"] == "add"
     again = await client.responses.create(model=MODEL, input=dumped)
     assert again.output_text == "four"
@@ -91,8 +93,7 @@ async def test_listed_input_items_sent_back_as_the_sdk_dumps_them_are_taken(fron
         ({"role": "user", "content": [breakpoint_given]}, "input.0.content.0.prompt_cache_breakpoint"),
         (caller_given, "input.1.caller"),
     ):
+        sent = [call.model_dump(), item] if param.startswith("input.1") else [item]
         with pytest.raises(BadRequestError) as refused:
-            await client.responses.create(
-                model=MODEL, input=[call.model_dump(), item] if param.startswith("input.1") else [item]
-            )
+            await client.responses.create(model=MODEL, input=sent)
         assert refused.value.body["param"] == param  # type: ignore[index]

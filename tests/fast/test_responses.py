@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from openai import AsyncOpenAI, BadRequestError
-from openai.types.responses import FunctionToolParam, Response
+from openai.types.responses import EasyInputMessageParam, FunctionToolParam, Response
 
 from shared.schemas import GenerationRequest
 from tests.fast.conftest import KEY_A, KEY_B, Front
@@ -152,7 +152,11 @@ async def test_keep_alives_are_comment_lines_inside_the_next_event(front: Front)
 async def test_input_ending_with_an_assistant_or_developer_message_is_answered(front: Front) -> None:
     """As OpenAI takes it: the model answers after the last item, in a new turn."""
     client = _openai(front)
-    for last in ({"role": "assistant", "content": "me last"}, {"role": "developer", "content": "be brief"}):
+    lasts: list[EasyInputMessageParam] = [
+        {"role": "assistant", "content": "me last"},
+        {"role": "developer", "content": "be brief"},
+    ]
+    for last in lasts:
         response = await client.responses.create(model=MODEL, input=[{"role": "user", "content": "hi"}, last])
         assert response.status == "completed" and response.output_text
         role = "system" if last["role"] == "developer" else last["role"]
