@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import anyio
 import httpx
 import pytest
+from openai import AsyncOpenAI
 
 from api.app import create_app
 from api.auth import ApiKeys
@@ -23,6 +24,20 @@ KEY_B = "sk-fast-tier-key-bbbbbbbbbbbbbbbb"
 class Front:
     http: httpx.AsyncClient
     jobs: MemoryJobClient
+
+
+def openai_of(front: Front) -> AsyncOpenAI:
+    """The official SDK's async client on this front (no retries: a test sees each answer)."""
+    transport = front.http._transport  # the app's ASGI transport
+    http = httpx.AsyncClient(transport=transport, base_url="http://front/v1")
+    return AsyncOpenAI(
+        api_key="unused",
+        base_url="http://front/v1",
+        # openai 3 takes an httpx client as well as an httpx2 one (it checks for both), but its
+        # annotation names httpx2's alone.
+        http_client=http,  # type: ignore[arg-type]
+        max_retries=0,
+    )
 
 
 @pytest.fixture

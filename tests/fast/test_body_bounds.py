@@ -9,8 +9,7 @@ import pytest
 from openai import BadRequestError
 from openai.types.chat import ChatCompletionUserMessageParam
 
-from tests.fast.conftest import Front
-from tests.fast.test_front_formats import _openai
+from tests.fast.conftest import Front, openai_of
 
 pytestmark = pytest.mark.anyio
 
@@ -25,7 +24,7 @@ async def test_a_streamed_request_whose_schema_lists_an_empty_enum_is_a_400_not_
     worker): the SDK raised an APIError with no status. Now refused before a job exists."""
     empty: dict[str, object] = {"type": "object", "properties": {"a": {"enum": []}}, "required": ["a"]}
     with pytest.raises(BadRequestError) as refused:
-        await _openai(front).chat.completions.create(
+        await openai_of(front).chat.completions.create(
             model=MODEL,
             messages=[USER],
             stream=True,

@@ -12,8 +12,7 @@ from openai import APIError, BadRequestError
 
 from shared.limits import InvalidJobRequest, answer_budget
 from shared.schemas import ChatMessage, GenerationRequest, JobError
-from tests.fast.conftest import Front
-from tests.fast.test_front_formats import _openai
+from tests.fast.conftest import Front, openai_of
 
 pytestmark = pytest.mark.anyio
 
@@ -48,7 +47,7 @@ def _says(body: Any, param: str, prompt: str) -> None:
 
 async def test_chat_names_the_length_field_as_the_client_sent_it(front: Front) -> None:
     front.jobs.fail_with = _workers_refusal()
-    client = _openai(front)
+    client = openai_of(front)
     ask: Any = [{"role": "user", "content": "hi"}]
     for field in ("max_tokens", "max_completion_tokens"):
         length: dict[str, Any] = {field: ASKED}
@@ -67,7 +66,7 @@ async def test_chat_names_the_length_field_as_the_client_sent_it(front: Front) -
 
 async def test_completions_and_responses_call_the_prompt_as_they_do(front: Front) -> None:
     front.jobs.fail_with = _workers_refusal()
-    client = _openai(front)
+    client = openai_of(front)
     with pytest.raises(BadRequestError) as refused:
         await client.completions.create(model=MODEL, prompt="hi", max_tokens=ASKED)
     _says(refused.value.body, "max_tokens", "prompt")

@@ -7,37 +7,23 @@ import asyncio
 import json
 from typing import Any
 
-import httpx
 import pytest
-from openai import AsyncOpenAI, BadRequestError, InternalServerError
+from openai import BadRequestError, InternalServerError
 from openai.types.chat import ChatCompletionMessageParam
 
 from api.errors import ApiError
 from shared.job_store.payloads import Failed
 from shared.job_store.vocabulary import EventName, FinishReason, JobStatus
 from shared.schemas import JobView
-from tests.fast.conftest import KEY_A, Front, settled
+from tests.fast.conftest import KEY_A, Front, openai_of, settled
 
 pytestmark = pytest.mark.anyio
 
 ASK: list[ChatCompletionMessageParam] = [{"role": "user", "content": "one two three four"}]
 
 
-def _openai(front: Front) -> AsyncOpenAI:
-    transport = front.http._transport  # the app's ASGI transport
-    http = httpx.AsyncClient(transport=transport, base_url="http://front/v1")
-    return AsyncOpenAI(
-        api_key="unused",
-        base_url="http://front/v1",
-        # openai 3 takes an httpx client as well as an httpx2 one (it checks for both), but its
-        # annotation names httpx2's alone.
-        http_client=http,  # type: ignore[arg-type]
-        max_retries=0,
-    )
-
-
 async def test_chat_completion_shape_usage_and_finish_reasons(front: Front) -> None:
-    client = _openai(front)
+    client = openai_of(front)
     whole = await client.chat.completions.create(model="fake-model", messages=ASK)
     choice = whole.choices[0]
     assert (choice.message.role, choice.message.content, choice.finish_reason) == (
@@ -53,7 +39,7 @@ async def test_chat_completion_shape_usage_and_finish_reasons(front: Front) -> N
 
 
 async def test_streamed_chat_completion_chunks_add_up_to_the_answer(front: Front) -> None:
-    client = _openai(front)
+    client = openai_of(front)
     stream = await client.chat.completions.create(
         model="fake-model",
         messages=ASK,
@@ -69,7 +55,7 @@ async def test_streamed_chat_completion_chunks_add_up_to_the_answer(front: Front
 
 
 async def test_text_completion_and_models(front: Front) -> None:
-    client = _openai(front)
+    client = openai_of(front)
     done = await client.completions.create(model="fake-model", prompt="alpha beta")
     assert (done.choices[0].text, done.object) == ("alpha beta", "text_completion")
     models = await client.models.list()
@@ -77,7 +63,7 @@ async def test_text_completion_and_models(front: Front) -> None:
 
 
 async def test_openai_errors_come_in_openai_shape(front: Front) -> None:
-    client = _openai(front)
+    client = openai_of(front)
     with pytest.raises(BadRequestError) as refused:
         await client.chat.completions.create(model="fake-model", messages=ASK, n=2)
     assert refused.value.status_code == 400 and "n" in str(refused.value.body)
@@ -158,7 +144,7 @@ async def test_a_seed_stream_error_after_output_is_a_last_chunk_with_the_envelop
 
 async def test_a_list_of_prompts_is_a_job_each_answered_as_the_choices_in_order(front: Front) -> None:
     """lm-evaluation-harness sends its batch (batch_size > 1) as one request: a 400 before."""
-    client = _openai(front)
+    client = openai_of(front)
     prompts = ["one two", "three", "four five six"]
     raw = await client.completions.with_raw_response.create(
         model="fake-model", prompt=prompts, max_tokens=2, logprobs=1
@@ -187,7 +173,7 @@ async def test_a_list_of_prompts_is_a_job_each_answered_as_the_choices_in_order(
 async def test_a_list_of_prompts_is_not_streamed_and_a_refused_one_cancels_the_rest(
     front: Front, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    client = _openai(front)
+    client = openai_of(front)
     with pytest.raises(BadRequestError) as refused:
         await client.completions.create(model="fake-model", prompt=["a", "b"], stream=True)
     body = refused.value.body
@@ -214,7 +200,7 @@ async def test_a_list_of_prompts_is_not_streamed_and_a_refused_one_cancels_the_r
 
 async def test_a_failed_prompt_of_a_list_fails_the_request_and_cancels_the_others(front: Front) -> None:
     front.jobs.pause_after = 1  # every job stops after its first word
-    client = _openai(front)
+    client = openai_of(front)
     request = asyncio.create_task(client.completions.create(model="fake-model", prompt=["a b", "c d", "e f"]))
     await settled(lambda: len(front.jobs.jobs) == 3 and all(j.written for j in front.jobs.jobs.values()))
     first = next(iter(front.jobs.jobs.values()))
@@ -230,7 +216,7 @@ async def test_a_failed_prompt_of_a_list_fails_the_request_and_cancels_the_other
 async def test_max_tokens_zero_with_echo_scores_the_prompt_alone(front: Front) -> None:
     """Legacy OpenAI's and vLLM's way to score a prompt: ``max_tokens: 0`` with ``echo`` answers
     the prompt alone, with its tokens' logprobs, streamed or not; without echo it is a 400."""
-    client = _openai(front)
+    client = openai_of(front)
     whole = await client.completions.create(
         model="fake-model", prompt=[[7, 8, 9]], max_tokens=0, echo=True, logprobs=1
     )

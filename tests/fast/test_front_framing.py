@@ -14,18 +14,17 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import pytest
 import uvicorn
 from httpx_sse import ServerSentEvent, aconnect_sse
-from openai import AsyncOpenAI, NotFoundError
+from openai import NotFoundError
 from websockets.asyncio.client import connect as websocket_connect
 from websockets.exceptions import InvalidStatus
 
 from api.app import create_app
 from api.auth import ApiKeys
 from streamq.processes import free_port
-from tests.fast.conftest import Front, _settings, open_front
+from tests.fast.conftest import Front, _settings, open_front, openai_of
 from tests.fast.memory_jobs import MemoryJobClient
 
 pytestmark = pytest.mark.anyio
@@ -39,18 +38,6 @@ async def patient() -> AsyncIterator[Front]:
     """A front whose first keep-alive is due only after 30 s."""
     async for opened in open_front(_settings(ping_interval=30.0), ApiKeys([])):
         yield opened
-
-
-def _openai(front: Front) -> AsyncOpenAI:
-    http = httpx.AsyncClient(transport=front.http._transport, base_url="http://front/v1")
-    return AsyncOpenAI(
-        api_key="unused",
-        base_url="http://front/v1",
-        # openai 3 takes an httpx client as well as an httpx2 one (it checks for both), but its
-        # annotation names httpx2's alone.
-        http_client=http,  # type: ignore[arg-type]
-        max_retries=0,
-    )
 
 
 async def _queued_job(front: Front) -> str:
@@ -194,7 +181,7 @@ async def test_openai_streams_through_httpx_sse_each_carry_json(
 
 # ----- routes this server does not offer -----------------------------------------------------
 async def test_an_unknown_route_is_a_404_in_the_envelope_that_names_it(front: Front) -> None:
-    client = _openai(front)
+    client = openai_of(front)
     with pytest.raises(NotFoundError) as missing:
         await client.embeddings.create(model="fake-model", input="hello")
     assert missing.value.status_code == 404
@@ -218,7 +205,7 @@ async def test_an_unknown_route_is_a_404_in_the_envelope_that_names_it(front: Fr
 
 
 async def test_other_404s_and_a_wrong_method_keep_their_own_errors(front: Front) -> None:
-    client = _openai(front)
+    client = openai_of(front)
     with pytest.raises(NotFoundError) as no_model:
         await client.chat.completions.create(
             model="no-such-model", messages=[{"role": "user", "content": "x"}]

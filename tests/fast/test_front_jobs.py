@@ -12,15 +12,14 @@ import pytest
 from openai import NotFoundError
 
 from api.shutdown import STOPPING
-from tests.fast.conftest import KEY_A, KEY_B, Front, settled
-from tests.fast.test_front_formats import _openai
+from tests.fast.conftest import KEY_A, KEY_B, Front, openai_of, settled
 
 pytestmark = pytest.mark.anyio
 
 HELLO = {"messages": [{"role": "user", "content": "hello there world"}]}
 
 
-def _events(body: str) -> list[tuple[str | None, str, dict[str, object]]]:
+def events_of(body: str) -> list[tuple[str | None, str, dict[str, object]]]:
     """(id, event, data) of each SSE event in ``body``."""
     out = []
     for block in body.replace("\r\n", "\n").split("\n\n"):
@@ -254,7 +253,7 @@ async def test_events_resume_after_last_event_id(front: Front) -> None:
     url = f"/v1/jobs/{job['id']}/events"
     whole = await front.http.get(url)
     assert whole.headers["content-type"].startswith("text/event-stream")
-    events = _events(whole.text)
+    events = events_of(whole.text)
     assert [name for _, name, _ in events] == ["queued", "started", "delta", "delta", "delta", "done"]
     assert (
         "".join(str(data.get("text", "")) for _, name, data in events if name == "delta")
@@ -263,7 +262,7 @@ async def test_events_resume_after_last_event_id(front: Front) -> None:
 
     second_delta = events[3][0]
     rest = await front.http.get(url, headers={"Last-Event-ID": str(second_delta)})
-    assert [(i, name) for i, name, _ in _events(rest.text)] == [(i, name) for i, name, _ in events[4:]]
+    assert [(i, name) for i, name, _ in events_of(rest.text)] == [(i, name) for i, name, _ in events[4:]]
 
     final = await front.http.get(url, headers={"Last-Event-ID": str(events[-1][0])})
     assert final.status_code == 204  # it has every event: EventSource stops
@@ -274,7 +273,7 @@ async def test_events_resume_after_last_event_id(front: Front) -> None:
     garbage = await front.http.get(url, headers={"Last-Event-ID": "yesterday"})
     assert (garbage.status_code, _error(garbage)["param"]) == (400, "Last-Event-ID")
     empty = await front.http.get(url, headers={"Last-Event-ID": " "})  # none yet (EventSource's empty)
-    assert [i for i, _, _ in _events(empty.text)] == [i for i, _, _ in events]
+    assert [i for i, _, _ in events_of(empty.text)] == [i for i, _, _ in events]
     front.jobs.hold = True  # a job still queued: an id past its newest event is no event of it
     waiting = (await front.http.post("/v1/jobs", json=HELLO)).json()
     future = await front.http.get(
@@ -291,7 +290,7 @@ async def test_a_queued_job_cancels_once(front: Front) -> None:
     again = await front.http.delete(f"/v1/jobs/{job['id']}")
     assert (again.status_code, _error(again)["code"]) == (409, "job_already_ended")
     assert again.json()["job"]["status"] == "canceled"
-    events = _events((await front.http.get(f"/v1/jobs/{job['id']}/events")).text)
+    events = events_of((await front.http.get(f"/v1/jobs/{job['id']}/events")).text)
     assert [name for _, name, _ in events] == ["queued", "canceled"]
 
 
@@ -299,7 +298,7 @@ async def test_responses_routes_this_server_lacks_are_404s_not_405s(front: Front
     """``input_tokens`` and ``compact`` sit where a response id would (``/v1/responses/{id}``):
     the SDK's calls to them get the 404 of a route not offered (NotFoundError), not a 405 that
     suggests GET would work."""
-    client = _openai(front)
+    client = openai_of(front)
     with pytest.raises(NotFoundError) as missing:
         await client.responses.input_tokens.count(model="fake-model", input="x")
     assert missing.value.body["code"] == "unknown_url"  # type: ignore[index]

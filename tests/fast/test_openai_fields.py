@@ -12,8 +12,7 @@ from openai import AsyncOpenAI, BadRequestError
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 from pydantic import BaseModel
 
-from tests.fast.conftest import Front
-from tests.fast.test_front_formats import _openai
+from tests.fast.conftest import Front, openai_of
 
 pytestmark = pytest.mark.anyio
 
@@ -30,7 +29,7 @@ CALLING = 'Adding. <tool_call> {"name": "add", "arguments": {"a": 2}} </tool_cal
 
 
 async def test_a_hermes_call_in_the_answer_is_a_tool_call(front: Front) -> None:
-    client: AsyncOpenAI = _openai(front)
+    client: AsyncOpenAI = openai_of(front)
     ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": CALLING}]
     whole = await client.chat.completions.create(model="fake-model", messages=ask, tools=TOOLS)
     choice = whole.choices[0]
@@ -63,7 +62,7 @@ async def test_a_hermes_call_in_the_answer_is_a_tool_call(front: Front) -> None:
 async def test_a_forced_call_streamed_has_no_content_as_the_whole_answer(front: Front) -> None:
     """The SDK's stream helper built ``content: ""`` from the opening chunk, where the answer not
     streamed (and OpenAI's stream) has none."""
-    client: AsyncOpenAI = _openai(front)
+    client: AsyncOpenAI = openai_of(front)
     ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": '{"a": 2}'}]
     named: Any = {"type": "function", "function": {"name": "add"}}
     whole = await client.chat.completions.create(
@@ -81,7 +80,7 @@ async def test_a_forced_call_streamed_has_no_content_as_the_whole_answer(front: 
 
 
 async def test_strict_functions_with_auto_give_the_job_the_calls_grammar(front: Front) -> None:
-    client: AsyncOpenAI = _openai(front)
+    client: AsyncOpenAI = openai_of(front)
     ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
     strict: Any = [{**TOOLS[0], "function": {**TOOLS[0]["function"], "strict": True}}]
     for tools, held in ((TOOLS, False), (strict, True)):
@@ -103,7 +102,7 @@ async def test_tools_beside_a_json_format_give_the_job_calls_or_the_json(front: 
     """Tools with a JSON ``response_format`` (LangChain's agent with a provider-side structured
     response sends both): the job's grammar is calls or that JSON, and the answer is read as
     either; a forced call is the call's JSON alone, and the job API takes the pair the same way."""
-    client = _openai(front)
+    client = openai_of(front)
 
     class Sum(BaseModel):
         total: int
@@ -167,7 +166,7 @@ async def test_tools_beside_a_json_format_give_the_job_calls_or_the_json(front: 
 
 
 async def test_chat_logprobs_match_the_answer_streamed_and_not(front: Front) -> None:
-    client = _openai(front)
+    client = openai_of(front)
     ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": "one two three"}]
     whole = await client.chat.completions.create(
         model="fake-model", messages=ask, logprobs=True, top_logprobs=2
@@ -192,7 +191,7 @@ async def test_chat_logprobs_match_the_answer_streamed_and_not(front: Front) -> 
 
 
 async def test_echo_with_logprobs_gives_the_prompts_tokens_first(front: Front) -> None:
-    client = _openai(front)
+    client = openai_of(front)
     done = await client.completions.create(
         model="fake-model", prompt=[[7, 8, 9]], max_tokens=1, echo=True, logprobs=1
     )
@@ -209,7 +208,7 @@ async def test_echo_with_logprobs_gives_the_prompts_tokens_first(front: Front) -
 async def test_a_completion_without_max_tokens_is_16_tokens_as_openai_and_vllm_answer_it(
     front: Front,
 ) -> None:
-    client = _openai(front)
+    client = openai_of(front)
     words = " ".join(f"w{i}" for i in range(20))
     done = await client.completions.create(model="fake-model", prompt=words)
     assert done.choices[0].text == " ".join(words.split()[:16]) and done.choices[0].finish_reason == "length"
@@ -223,7 +222,7 @@ async def test_a_completion_without_max_tokens_is_16_tokens_as_openai_and_vllm_a
 
 
 async def test_parallel_tool_calls_without_tools_is_refused_as_openai_refuses_it(front: Front) -> None:
-    client = _openai(front)
+    client = openai_of(front)
     ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
     with pytest.raises(BadRequestError) as refused:
         await client.chat.completions.create(model="fake-model", messages=ask, parallel_tool_calls=False)
@@ -237,7 +236,7 @@ async def test_parallel_tool_calls_without_tools_is_refused_as_openai_refuses_it
 
 
 async def test_fields_streamq_cannot_honour_are_refused_by_name(front: Front) -> None:
-    client = _openai(front)
+    client = openai_of(front)
     ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
     for extra, param in (
         ({"min_p": 0.1}, "min_p"),
@@ -261,7 +260,7 @@ async def test_fields_streamq_cannot_honour_are_refused_by_name(front: Front) ->
 
 async def test_metadata_over_openais_limits_is_refused_on_every_route(front: Front) -> None:
     """16 pairs, keys of 64 characters, values of 512 (as OpenAI): within them it is taken."""
-    client = _openai(front)
+    client = openai_of(front)
     ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
     for metadata in ({str(i): "v" for i in range(17)}, {"k" * 65: "v"}, {"k": "v" * 513}):
         with pytest.raises(BadRequestError) as chat:
@@ -280,7 +279,7 @@ async def test_metadata_over_openais_limits_is_refused_on_every_route(front: Fro
 async def test_a_pattern_that_repeats_too_much_is_refused_before_a_job_exists(front: Front) -> None:
     """``^a{24000}$`` would hold a worker's slot for the grammar's compile (45 s here): a 400
     naming the field, in a JSON format and in a strict function's parameters alike."""
-    client = _openai(front)
+    client = openai_of(front)
     jobs_before = len(front.jobs.jobs)
     bomb: dict[str, object] = {
         "type": "object",

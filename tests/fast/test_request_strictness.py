@@ -13,8 +13,7 @@ from pydantic import BaseModel
 
 from api.openai_format import TextOffsets, text_logprobs
 from shared.schemas import JobError
-from tests.fast.conftest import Front
-from tests.fast.test_front_formats import _openai
+from tests.fast.conftest import Front, openai_of
 
 pytestmark = pytest.mark.anyio
 
@@ -107,7 +106,7 @@ async def test_chat_refuses_what_it_would_have_ignored(
     front: Front, fields: dict[str, Any], param: str, says: str
 ) -> None:
     with pytest.raises(BadRequestError) as refused:
-        await _openai(front).chat.completions.create(model=MODEL, **fields)
+        await openai_of(front).chat.completions.create(model=MODEL, **fields)
     body: Any = refused.value.body
     assert body["param"] == param and says in body["message"], body
     if says.startswith("Invalid schema for function"):  # OpenAI's code, which clients branch on
@@ -116,7 +115,7 @@ async def test_chat_refuses_what_it_would_have_ignored(
 
 
 async def test_a_returned_message_sent_back_whole_is_taken(front: Front) -> None:
-    client = _openai(front)
+    client = openai_of(front)
     first = await client.chat.completions.create(model=MODEL, messages=[USER])
     returned = first.choices[0].message
     assert returned.refusal is None
@@ -144,7 +143,7 @@ async def test_a_returned_message_sent_back_whole_is_taken(front: Front) -> None
 
 
 async def test_responses_refuse_stream_options_without_a_stream_and_twice_named_tools(front: Front) -> None:
-    client = _openai(front)
+    client = openai_of(front)
     flat = {"type": "function", "name": "add", "parameters": {"type": "object"}}
     for fields, param in (
         ({"stream_options": {"include_obfuscation": False}}, "stream_options"),
@@ -162,7 +161,7 @@ async def test_responses_refuse_stream_options_without_a_stream_and_twice_named_
 
 async def test_echoed_logprobs_over_the_prompt_limit_name_logprobs(front: Front) -> None:
     with pytest.raises(BadRequestError) as refused:
-        await _openai(front).completions.create(model=MODEL, prompt="one", echo=True, logprobs=6)
+        await openai_of(front).completions.create(model=MODEL, prompt="one", echo=True, logprobs=6)
     body: Any = refused.value.body
     assert body["param"] == "logprobs" and "with echo, logprobs is at most 5" in body["message"], body
 
@@ -246,25 +245,25 @@ async def test_a_union_field_names_the_bad_item_and_says_its_types_once(front: F
     complaints, two of them types the prompt is not); a stop of no type it takes says its
     types in one phrase (it said the field twice)."""
     with pytest.raises(BadRequestError) as refused:
-        await _openai(front).completions.create(model=MODEL, prompt=[1, -2])
+        await openai_of(front).completions.create(model=MODEL, prompt=[1, -2])
     body: Any = refused.value.body
     assert body["param"] == "prompt.1" and body["message"] == (
         "prompt.1: Input should be greater than or equal to 0"
     ), body
     wrong_stop: Any = 5
     with pytest.raises(BadRequestError) as refused:
-        await _openai(front).chat.completions.create(model=MODEL, messages=[USER], stop=wrong_stop)
+        await openai_of(front).chat.completions.create(model=MODEL, messages=[USER], stop=wrong_stop)
     body = refused.value.body
     assert body["param"] == "stop", body
     assert body["message"] == "stop: Input should be a valid string, or a valid list", body
     with pytest.raises(BadRequestError) as refused:
-        await _openai(front).completions.create(model=MODEL, prompt=wrong_stop)
+        await openai_of(front).completions.create(model=MODEL, prompt=wrong_stop)
     body = refused.value.body  # four members, two kinds: each said once
     assert body["message"] == "prompt: Input should be a valid string, or a valid list", body
     # A member that is a literal does not hide what is wrong inside the object member.
     choice: Any = {"type": "function", "function": "add"}
     with pytest.raises(BadRequestError) as refused:
-        await _openai(front).chat.completions.create(
+        await openai_of(front).chat.completions.create(
             model=MODEL, messages=[USER], tools=[_tool("add")], tool_choice=choice
         )
     body = refused.value.body
@@ -281,7 +280,7 @@ async def test_a_job_that_fails_on_its_worker_answers_its_status(
     """A route that waits for the answer: a job past its queue_ttl is a 504 (a time limit, like the
     front's own wait); one the worker failed, a 502. The SDK raises both as 5xx errors."""
     front.jobs.fail_with = JobError(type=failure, message="it went wrong")
-    client = _openai(front).with_options(max_retries=1)
+    client = openai_of(front).with_options(max_retries=1)
     with pytest.raises(APIStatusError) as failed:
         await client.chat.completions.create(model=MODEL, messages=[USER])
     assert failed.value.status_code == status

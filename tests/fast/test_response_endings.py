@@ -13,20 +13,19 @@ from openai.types.responses import ResponseFailedEvent
 
 from api.job_client import JobEvent
 from api.shutdown import STOPPING
-from tests.fast.conftest import Front, settled
-from tests.fast.test_front_formats import _openai
-from tests.fast.test_responses import CLOSE, MODEL, _events
+from tests.fast.conftest import Front, openai_of, settled
+from tests.fast.responses_calls import CLOSE, MODEL, events_of
 
 pytestmark = pytest.mark.anyio
 
 
 async def test_cancel_a_queued_and_a_running_response(front: Front) -> None:
-    client = _openai(front)
+    client = openai_of(front)
     front.jobs.hold = True
     queued = await client.responses.create(model=MODEL, input="never runs", background=True)
     cancelled = await client.responses.cancel(queued.id)
     assert (cancelled.status, cancelled.output) == ("cancelled", [])
-    assert [e.type for e in await _events(client, queued.id)] == [
+    assert [e.type for e in await events_of(client, queued.id)] == [
         "response.created",
         "response.queued",
         "response.cancelled",
@@ -39,7 +38,7 @@ async def test_cancel_a_queued_and_a_running_response(front: Front) -> None:
     stopped = await client.responses.cancel(running.id)
     assert (stopped.status, stopped.output_text) == ("cancelled", "x")
     assert stopped.output[0].status == "incomplete"  # type: ignore[union-attr]
-    events = await _events(client, running.id)
+    events = await events_of(client, running.id)
     assert [e.type for e in events][-4:] == [*CLOSE, "response.cancelled"]
 
     front.jobs.release()
@@ -56,7 +55,7 @@ async def test_a_foreground_response_is_neither_cancelled_nor_deleted_while_its_
     """As OpenAI's: only a background response is cancelled. A foreground one's request is
     waiting for it, and would take a cancelled response for its answer (the Agents SDK's
     ``Runner.run`` did, returning the text cut short as the agent's final output)."""
-    client = _openai(front)
+    client = openai_of(front)
     front.jobs.pause_after = 1
     waiting = asyncio.ensure_future(client.responses.create(model=MODEL, input="x y z"))
     await front.jobs.submitted.wait()
@@ -91,7 +90,7 @@ async def test_a_job_redis_lost_ends_its_response_as_failed(front: Front) -> Non
                 return
 
     front.jobs.follow = losing  # type: ignore[method-assign]
-    client = _openai(front)
+    client = openai_of(front)
     waited = await client.responses.create(model=MODEL, input="a b c")
     assert (waited.status, waited.output_text) == ("failed", "a")
     assert waited.error is not None and "Redis lost the job" in waited.error.message
@@ -119,7 +118,7 @@ async def test_a_response_whose_wait_the_front_ended_is_canceled_for_its_retry(f
 
 
 async def test_delete_forgets_the_response_and_cancels_a_running_one(front: Front) -> None:
-    client = _openai(front)
+    client = openai_of(front)
     front.jobs.pause_after = 1
     running = await client.responses.create(model=MODEL, input="x y z", background=True)
     deleted = await front.http.delete(f"/v1/responses/{running.id}")

@@ -10,9 +10,8 @@ from openai import BadRequestError
 from openai.types.responses import EasyInputMessageParam
 
 from api.auth import ApiKeys
-from tests.fast.conftest import Front, _settings, open_front
-from tests.fast.test_front_formats import _openai
-from tests.fast.test_responses import ADD, MODEL, _asked
+from tests.fast.conftest import Front, _settings, open_front, openai_of
+from tests.fast.responses_calls import ADD, MODEL, job_request
 
 pytestmark = pytest.mark.anyio
 
@@ -21,7 +20,7 @@ async def test_a_call_and_tools_sent_back_as_the_sdk_dumps_them_are_taken(front:
     """Apps keep a conversation as JSON: ``model_dump()`` of the call and of the response's tools
     writes OpenAI's fields that ask for nothing (``"async": null``, ``"defer_loading": null``);
     those are taken, and a value that asks for something is still refused, naming it."""
-    client = _openai(front)
+    client = openai_of(front)
     forced = await client.responses.create(
         model=MODEL, input='{"a": 2}', tools=[ADD], tool_choice={"type": "function", "name": "add"}
     )
@@ -32,7 +31,7 @@ async def test_a_call_and_tools_sent_back_as_the_sdk_dumps_them_are_taken(front:
         output: Any = {"type": "function_call_output", "call_id": call.call_id, "output": "four"}  # type: ignore[union-attr]
         answered = await client.responses.create(model=MODEL, input=[*history, output], tools=tools)
         assert answered.output_text == "four"
-        asked = _asked(front, answered.id).messages
+        asked = job_request(front, answered.id).messages
         assert asked[1].tool_calls is not None and asked[1].tool_calls[0].function.arguments == call.arguments  # type: ignore[union-attr]
     asking: Any = {**call.model_dump(by_alias=True), "async": True}
     output = {"type": "function_call_output", "call_id": call.call_id, "output": "four"}  # type: ignore[union-attr]
@@ -46,7 +45,7 @@ async def test_a_chain_is_bounded_by_the_context_not_by_the_limits_of_one_reques
     when they were sent, do not count again (a conversation of 256 messages broke at turn 128)."""
     settings = _settings(max_messages=4, max_prompt_chars=120)
     async for front in open_front(settings, ApiKeys([])):
-        client = _openai(front)
+        client = openai_of(front)
         previous: str | None = None
         for turn in range(6):  # 12 messages and about 300 characters by the end
             response = await client.responses.create(
@@ -54,7 +53,7 @@ async def test_a_chain_is_bounded_by_the_context_not_by_the_limits_of_one_reques
             )
             previous = response.id
         assert previous is not None
-        assert len(_asked(front, previous).messages) == 11  # the chain whole: 5 turns and the input
+        assert len(job_request(front, previous).messages) == 11  # the chain whole: 5 turns and the input
         question: EasyInputMessageParam = {"role": "user", "content": "q"}
         with pytest.raises(BadRequestError) as refused:
             await client.responses.create(model=MODEL, input=[*[question] * 5])
@@ -69,7 +68,7 @@ async def test_listed_input_items_sent_back_as_the_sdk_dumps_them_are_taken(fron
     null`` on a text part, and a call's output its ``caller``, ``name`` and ``namespace``
     (null, or the function's name): taken, the name naming the tool turn; a cache breakpoint or
     a caller that asks for something is refused, naming it."""
-    client = _openai(front)
+    client = openai_of(front)
     forced = await client.responses.create(
         model=MODEL, input='{"a": 2}', tools=[ADD], tool_choice={"type": "function", "name": "add"}
     )
@@ -82,7 +81,7 @@ async def test_listed_input_items_sent_back_as_the_sdk_dumps_them_are_taken(fron
     assert "prompt_cache_breakpoint" in dumped[0]["content"][0] and dumped[2]["name"] == "add"
     again = await client.responses.create(model=MODEL, input=dumped)
     assert again.output_text == "four"
-    assert [(m.role, m.name) for m in _asked(front, again.id).messages] == [
+    assert [(m.role, m.name) for m in job_request(front, again.id).messages] == [
         ("user", None),
         ("assistant", None),
         ("tool", "add"),

@@ -10,52 +10,18 @@ import json
 from typing import Any
 
 import pytest
-from openai import AsyncOpenAI, BadRequestError
-from openai.types.responses import EasyInputMessageParam, FunctionToolParam, Response
+from openai import BadRequestError
+from openai.types.responses import EasyInputMessageParam, Response
 
-from shared.schemas import GenerationRequest
-from tests.fast.conftest import KEY_A, KEY_B, Front
-from tests.fast.test_front_formats import _openai
+from tests.fast.conftest import KEY_A, KEY_B, Front, openai_of
+from tests.fast.responses_calls import ADD, CLOSE, MODEL, PLAIN, events_of, job_request, turns
 from tests.response_items import item_text
 
 pytestmark = pytest.mark.anyio
 
-MODEL = "fake-model"
-ADD: FunctionToolParam = {
-    "type": "function",
-    "name": "add",
-    "description": "adds",
-    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}},
-    "strict": None,
-}
-PLAIN = [  # a foreground response, as OpenAI's: in_progress from its creation (never queued)
-    "response.created",
-    "response.in_progress",
-    "response.output_item.added",
-    "response.content_part.added",
-]
-CLOSE = ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
-
-
-def _asked(front: Front, response_id: str) -> GenerationRequest:
-    """What the response's job was given."""
-    return front.jobs.jobs[response_id.removeprefix("resp_")].request
-
-
-def _turns(front: Front, response_id: str) -> list[tuple[str, str]]:
-    return [(m.role, m.content) for m in _asked(front, response_id).messages]
-
-
-async def _events(client: AsyncOpenAI, response_id: str, after: int | None = None) -> list[Any]:
-    if after is None:
-        stream = await client.responses.retrieve(response_id, stream=True)
-    else:
-        stream = await client.responses.retrieve(response_id, stream=True, starting_after=after)
-    return [event async for event in stream]
-
 
 async def test_a_response_is_a_job_with_its_text_and_usage(front: Front) -> None:
-    client = _openai(front)
+    client = openai_of(front)
     raw = await client.responses.with_raw_response.create(
         model=MODEL, input="one two three", instructions="be brief", metadata={"k": "v"}
     )
@@ -67,7 +33,7 @@ async def test_a_response_is_a_job_with_its_text_and_usage(front: Front) -> None
     assert response.usage.total_tokens == response.usage.input_tokens + 3
     Response.model_validate(raw.http_response.json())  # every field the SDK's type requires
     assert (response.instructions, response.metadata, response.background) == ("be brief", {"k": "v"}, False)
-    assert _turns(front, response.id) == [("system", "be brief"), ("user", "one two three")]
+    assert turns(front, response.id) == [("system", "be brief"), ("user", "one two three")]
     job = (await front.http.get(f"/v1/jobs/{job_id}")).json()
     assert (job["status"], job["text"]) == ("finished", response.output_text)
     again = await client.responses.retrieve(response.id)
@@ -86,7 +52,7 @@ async def test_a_response_is_a_job_with_its_text_and_usage(front: Front) -> None
 
 
 async def test_the_events_are_numbered_from_the_jobs_stream(front: Front) -> None:
-    client = _openai(front)
+    client = openai_of(front)
     stream = await client.responses.create(model=MODEL, input="alpha beta", stream=True, temperature=0)
     events = [event async for event in stream]
     assert [e.type for e in events] == [
@@ -104,10 +70,10 @@ async def test_the_events_are_numbered_from_the_jobs_stream(front: Front) -> Non
     assert final.temperature == 0
 
     # The same events, the same numbers, read again (a re-attach replays the job's stream).
-    replay = await _events(client, final.id)
+    replay = await events_of(client, final.id)
     assert [e.model_dump() for e in replay] == [e.model_dump() for e in events]
     for n in (0, 4, 6, len(events) - 2, len(events) - 1):
-        tail = await _events(client, final.id, after=n)
+        tail = await events_of(client, final.id, after=n)
         assert [e.model_dump() for e in tail] == [e.model_dump() for e in events[n + 1 :]]
     polled = await client.responses.retrieve(final.id)
     assert [item.model_dump() for item in polled.output] == [item.model_dump() for item in final.output]
@@ -119,18 +85,18 @@ async def test_the_events_are_numbered_from_the_jobs_stream(front: Front) -> Non
 
 
 async def test_a_background_stream_read_while_it_runs_numbers_as_a_replay(front: Front) -> None:
-    client = _openai(front)
+    client = openai_of(front)
     front.jobs.pause_after = 2  # two words out, then the job waits
     response = await client.responses.create(model=MODEL, input="a b c d", background=True)
     assert response.status == "queued" and response.background is True
     running = await client.responses.retrieve(response.id)
     assert (running.status, running.output_text) == ("in_progress", "a b")
     assert running.output[0].status == "in_progress"  # type: ignore[union-attr]
-    live = asyncio.ensure_future(_events(client, response.id, after=4))
+    live = asyncio.ensure_future(events_of(client, response.id, after=4))
     await asyncio.sleep(0.05)
     front.jobs.release()
     tail = await live
-    whole = await _events(client, response.id)
+    whole = await events_of(client, response.id)
     assert [e.model_dump() for e in tail] == [e.model_dump() for e in whole[5:]]
     assert whole[-1].response.output_text == "a b c d"
 
@@ -151,7 +117,7 @@ async def test_keep_alives_are_comment_lines_inside_the_next_event(front: Front)
 
 async def test_input_ending_with_an_assistant_or_developer_message_is_answered(front: Front) -> None:
     """As OpenAI takes it: the model answers after the last item, in a new turn."""
-    client = _openai(front)
+    client = openai_of(front)
     lasts: list[EasyInputMessageParam] = [
         {"role": "assistant", "content": "me last"},
         {"role": "developer", "content": "be brief"},
@@ -160,11 +126,11 @@ async def test_input_ending_with_an_assistant_or_developer_message_is_answered(f
         response = await client.responses.create(model=MODEL, input=[{"role": "user", "content": "hi"}, last])
         assert response.status == "completed" and response.output_text
         role = "system" if last["role"] == "developer" else last["role"]
-        assert _turns(front, response.id) == [("user", "hi"), (role, last["content"])]
+        assert turns(front, response.id) == [("user", "hi"), (role, last["content"])]
 
 
 async def test_input_items_are_listed_newest_first_and_paged(front: Front) -> None:
-    client = _openai(front)
+    client = openai_of(front)
     given: Any = [
         {"role": "developer", "content": "be kind"},
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "first"}]},
@@ -172,7 +138,7 @@ async def test_input_items_are_listed_newest_first_and_paged(front: Front) -> No
         {"role": "user", "content": "second"},
     ]
     response = await client.responses.create(model=MODEL, input=given)
-    assert _turns(front, response.id) == [
+    assert turns(front, response.id) == [
         ("system", "be kind"),
         ("user", "first"),
         ("assistant", "ok"),
@@ -189,12 +155,12 @@ async def test_input_items_are_listed_newest_first_and_paged(front: Front) -> No
 
 
 async def test_a_previous_response_id_chain_carries_the_conversation(front: Front) -> None:
-    client = _openai(front)
+    client = openai_of(front)
     first = await client.responses.create(model=MODEL, input="hello there", instructions="first only")
     second = await client.responses.create(model=MODEL, input="and more", previous_response_id=first.id)
     third = await client.responses.create(model=MODEL, input="the end", previous_response_id=second.id)
     assert third.previous_response_id == second.id
-    assert _turns(front, third.id) == [
+    assert turns(front, third.id) == [
         ("user", "hello there"),
         ("assistant", "hello there"),
         ("user", "and more"),
@@ -239,7 +205,7 @@ async def test_a_previous_response_id_chain_carries_the_conversation(front: Fron
 
 
 async def test_a_named_function_call_answered_with_its_output(front: Front) -> None:
-    client = _openai(front)
+    client = openai_of(front)
     stream = await client.responses.create(
         model=MODEL,
         input='{"a": 2}',
@@ -259,7 +225,7 @@ async def test_a_named_function_call_answered_with_its_output(front: Front) -> N
     assert (call.type, call.name, call.status) == ("function_call", "add", "completed")
     assert call.call_id.startswith("call_") and response.output_text == ""
     assert [t.name for t in response.tools] == ["add"]  # type: ignore[union-attr]
-    assert _asked(front, response.id).json_schema == ADD["parameters"]
+    assert job_request(front, response.id).json_schema == ADD["parameters"]
 
     answered = await client.responses.create(
         model=MODEL,
@@ -268,14 +234,16 @@ async def test_a_named_function_call_answered_with_its_output(front: Front) -> N
         tools=[ADD],
     )
     assert answered.output_text == "four"
-    asked = _asked(front, answered.id).messages
+    asked = job_request(front, answered.id).messages
     assert asked[1].tool_calls is not None and asked[1].tool_calls[0].id == call.call_id
     assert (asked[2].role, asked[2].tool_call_id, asked[2].name) == ("tool", call.call_id, "add")
-    assert _asked(front, answered.id).json_schema is None  # tool_choice auto: the template takes the tools
+    assert (
+        job_request(front, answered.id).json_schema is None
+    )  # tool_choice auto: the template takes the tools
 
 
 async def test_calls_in_the_text_become_function_call_items(front: Front) -> None:
-    client = _openai(front)
+    client = openai_of(front)
     calling = 'Adding. <tool_call> {"name": "add", "arguments": {"a": 2}} </tool_call>'
     response = await client.responses.create(model=MODEL, input=calling, tools=[ADD])
     assert [item.type for item in response.output] == ["message", "function_call"]
@@ -291,7 +259,7 @@ async def test_calls_in_the_text_become_function_call_items(front: Front) -> Non
         {"type": "function_call_output", "call_id": call.call_id, "output": "2"},
     ]
     answered = await client.responses.create(model=MODEL, input=items, tools=[ADD])
-    asked = _asked(front, answered.id).messages
+    asked = job_request(front, answered.id).messages
     assert [m.role for m in asked] == ["user", "assistant", "tool"]
     assert (
         asked[1].content == "Adding."
@@ -305,19 +273,19 @@ async def test_calls_in_the_text_become_function_call_items(front: Front) -> Non
     assert (await client.responses.retrieve(empty.id)).id == empty.id
     assert len((await client.responses.input_items.list(empty.id)).data) == len(items)
     chained = await client.responses.create(model=MODEL, input="and then?", previous_response_id=empty.id)
-    turns = [(m.role, m.content) for m in _asked(front, chained.id).messages]
+    turns = [(m.role, m.content) for m in job_request(front, chained.id).messages]
     assert turns[2] == ("tool", "") and turns[-1] == ("user", "and then?"), turns
 
 
 async def test_text_format_json_schema_is_the_jobs_response_format(front: Front) -> None:
-    client = _openai(front)
+    client = openai_of(front)
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
     text: Any = {"format": {"type": "json_schema", "name": "number", "schema": schema, "strict": True}}
     response = await client.responses.create(model=MODEL, input='{"n": 1}', text=text)
-    assert _asked(front, response.id).json_schema == schema
+    assert job_request(front, response.id).json_schema == schema
     assert response.text.format.type == "json_schema"  # type: ignore[union-attr]
     plain = await client.responses.create(model=MODEL, input="x", text={"format": {"type": "json_object"}})
-    assert _asked(front, plain.id).json_object is True
+    assert job_request(front, plain.id).json_object is True
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,8 @@ import pytest
 from openai import BadRequestError
 
 from shared.schemas import JobError
-from tests.fast.conftest import Front
-from tests.fast.test_front_formats import _openai
-from tests.fast.test_responses import ADD, MODEL, _asked
+from tests.fast.conftest import Front, openai_of
+from tests.fast.responses_calls import ADD, MODEL, job_request
 
 pytestmark = pytest.mark.anyio
 
@@ -44,7 +43,7 @@ async def test_chat_refuses_tool_results_that_do_not_answer_the_calls(
     front: Front, messages: list[dict[str, Any]], param: str, says: str
 ) -> None:
     with pytest.raises(BadRequestError) as refused:
-        await _openai(front).chat.completions.create(model=MODEL, messages=messages)  # type: ignore[arg-type]
+        await openai_of(front).chat.completions.create(model=MODEL, messages=messages)  # type: ignore[arg-type]
     body: Any = refused.value.body
     assert body["param"] == param and says in body["message"], body
     assert not front.jobs.jobs  # refused before any job was made
@@ -52,12 +51,12 @@ async def test_chat_refuses_tool_results_that_do_not_answer_the_calls(
 
 async def test_chat_takes_every_call_answered_in_any_order(front: Front) -> None:
     messages: Any = [USER, _calling("a", "b"), _result("b"), _result("a"), USER, _calling("c"), _result("c")]
-    answer = await _openai(front).chat.completions.create(model=MODEL, messages=messages)
+    answer = await openai_of(front).chat.completions.create(model=MODEL, messages=messages)
     assert answer.choices[0].message.content == "4"
 
 
 async def test_responses_refuse_outputs_that_answer_no_call_and_calls_left_unanswered(front: Front) -> None:
-    client = _openai(front)
+    client = openai_of(front)
     forced = await client.responses.create(
         model=MODEL, input='{"a": 2}', tools=[ADD], tool_choice={"type": "function", "name": "add"}
     )
@@ -86,7 +85,7 @@ async def test_responses_pair_outputs_with_calls_by_id_wherever_they_sit(front: 
     """OpenAI's manual loop (``input += response.output``, then the outputs) with text after the
     call, and a user message between a call and its output: taken, each output rendered right
     after its call's turn, the assistant's items as one turn."""
-    client = _openai(front)
+    client = openai_of(front)
     calling = 'Adding. <tool_call> {"name": "add", "arguments": {"a": 2}} </tool_call> Done.'
     first = await client.responses.create(model=MODEL, input=calling, tools=[ADD])
     assert [item.type for item in first.output] == ["message", "function_call", "message"]
@@ -100,7 +99,7 @@ async def test_responses_pair_outputs_with_calls_by_id_wherever_they_sit(front: 
         output,
     ]
     answered = await client.responses.create(model=MODEL, input=items, tools=[ADD])
-    asked = _asked(front, answered.id).messages
+    asked = job_request(front, answered.id).messages
     assert [m.role for m in asked] == ["user", "assistant", "tool", "user"]
     assert asked[1].content == "Adding.  Done." and asked[1].tool_calls
     assert asked[2].tool_call_id == call.call_id
@@ -114,7 +113,7 @@ async def test_responses_pair_outputs_with_calls_by_id_wherever_they_sit(front: 
         {"role": "user", "content": "fine"},
     ]
     replied = await client.responses.create(model=MODEL, input=said)
-    assert [(m.role, m.content) for m in _asked(front, replied.id).messages] == [
+    assert [(m.role, m.content) for m in job_request(front, replied.id).messages] == [
         ("user", "Hi"),
         ("assistant", "Hello.\nHow are you?"),
         ("user", "fine"),
@@ -153,7 +152,7 @@ async def test_a_response_whose_job_is_refused_by_its_worker_is_a_400_unless_in_
     """A schema only the worker's compiler refuses: the response waited for is a 400 naming the
     Responses field (tools for a forced call), a background one ends failed with the same error,
     a streamed one ends with an error event; a generation error stays a failed response."""
-    client = _openai(front)
+    client = openai_of(front)
     front.jobs.fail_with = JobError(
         type="invalid_request_error", message="response_format: cannot be compiled", param="response_format"
     )
@@ -179,7 +178,7 @@ async def test_a_call_sent_again_with_the_previous_response_is_kept_once(front: 
     """An input that sends back the previous response's call beside its output: the stored
     conversation, which later turns continue, holds the call once (the earlier turns given to
     the request were extended in place, and the record, made from them again, held it twice)."""
-    client = _openai(front)
+    client = openai_of(front)
     forced = await client.responses.create(
         model=MODEL, input='{"a": 2}', tools=[ADD], tool_choice={"type": "function", "name": "add"}
     )
@@ -193,6 +192,6 @@ async def test_a_call_sent_again_with_the_previous_response_is_kept_once(front: 
         model=MODEL, previous_response_id=forced.id, input=again, tools=[ADD]
     )
     third = await client.responses.create(model=MODEL, previous_response_id=second.id, input="thanks")
-    asked = _asked(front, third.id).messages
+    asked = job_request(front, third.id).messages
     assert [m.role for m in asked] == ["user", "assistant", "tool", "assistant", "user"]
     assert [c.id for c in asked[1].tool_calls or []] == [call.call_id]
