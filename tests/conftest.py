@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,3 +282,32 @@ def slow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlowStack]:
         for service in services:
             service.stop()
         server.close()
+
+
+# The web chat page's tests (tests/web_page.py drives the page): headless Chromium, Debian's.
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service as DriverService
+
+    options = Options()
+    options.binary_location = shutil.which("chromium") or CHROMIUM
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-background-networking",
+        "--disable-dev-shm-usage",
+    ):
+        options.add_argument(arg)
+    options.add_argument("--window-size=1100,760")
+    driver_service = DriverService(shutil.which("chromedriver") or CHROMEDRIVER)
+    driver = webdriver.Chrome(service=driver_service, options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -12,6 +12,19 @@ from typing import Any
 from shared.schemas import ChatMessage, GenerationRequest
 from worker.engine import Engine, EngineJob, JobOutput
 
+# A JSON schema the engine tests constrain answers to.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "color": {"enum": ["red", "green", "blue"]},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 3},
+    },
+    "required": ["name", "color", "age", "tags"],
+    "additionalProperties": False,
+}
+
 
 def request(prompt: str, **overrides: Any) -> GenerationRequest:
     fields: dict[str, Any] = {

@@ -10,9 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from tests.engine_driving import alone, drive, job, request
+from tests.engine_driving import SCHEMA, alone, drive, job, request
 from tests.engine_outputs import ids_of, outputs_of
-from tests.test_batch_structured_output import SCHEMA
 from worker.batch_lm import BatchedCausalLM
 
 

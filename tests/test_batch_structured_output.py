@@ -12,24 +12,12 @@ import pytest
 import torch
 
 from shared.job_store.vocabulary import JobField
-from tests.engine_driving import alone, drive, job, request, running_engine
+from tests.engine_driving import SCHEMA, alone, drive, job, request, running_engine
 from tests.engine_outputs import ids_of
 from worker.batch_lm import BatchedCausalLM
 from worker.engine import CannotContinue
 from worker.logits_rules import not_json_ids
 from worker.step_publisher import final_record
-
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 6},
-        "color": {"enum": ["red", "green", "blue"]},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 3},
-    },
-    "required": ["name", "color", "age", "tags"],
-    "additionalProperties": False,
-}
 
 
 # Seeded: an unseeded job draws from its id (its object's address here); a run is the same every time.

@@ -27,7 +27,7 @@ from streamq import (
 )
 from tests.conftest import LONG_TOKENS, SlowStack, Stack
 from tests.processes import restart_front_soon
-from tests.test_e2e_jobs import greedy_answer
+from tests.reference_answers import greedy_answer
 
 pytestmark = pytest.mark.e2e
 

@@ -7,9 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.engine_driving import Collected, alone, drive, job, request
+from tests.engine_driving import SCHEMA, Collected, alone, drive, job, request
 from tests.engine_outputs import ids_of
-from tests.test_batch_structured_output import SCHEMA
 from worker.batch_lm import BatchedCausalLM
 from worker.engine import CannotContinue, Engine, EngineJob
 from worker.vllm_engine import check_continuable

@@ -12,45 +12,12 @@ import httpx
 import pytest
 
 from harness.services import start_front
-from shared import keys
-from shared.schemas import ChatMessage, GenerationRequest
 from tests.conftest import LONG_TOKENS, STACK_CAPACITY, Stack
-from tests.redis_replies import decoded
+from tests.reference_answers import greedy_answer
 from tests.sse import SSE, follow, read_events, text_of
+from tests.stack_jobs import job_records, submit
 
 pytestmark = pytest.mark.e2e
-
-
-def greedy_answer(backend: Any, content: str, max_tokens: int) -> str:
-    """What the tiny model answers, run in this process: the reference for the stack's answers."""
-    req = GenerationRequest(
-        messages=[ChatMessage(role="user", content=content)],
-        max_tokens=max_tokens,
-        temperature=0.0,
-        top_p=1.0,
-    )
-    return "".join(step.delta for step in backend.generate(req))
-
-
-def submit(client: httpx.Client, url: str, **body: Any) -> dict[str, Any]:
-    response = client.post(f"{url}/v1/jobs", json=body)
-    assert response.status_code == 202, response.text
-    assert response.headers["Location"] == f"/v1/jobs/{response.json()['id']}"
-    return dict(response.json())
-
-
-def job_records(stack: Stack) -> set[str]:
-    """Every job record in Redis: streamq's job hashes and event streams, RQ's job hashes, and the
-    ids in RQ's queue lists. A refused request must add none; other keys (leases, locks, ended
-    jobs' records) may come and go meanwhile, so a count of keys cannot tell."""
-    client = stack.redis.client(decode_responses=True)
-    records: set[str] = set()
-    for pattern in (keys.job("*"), keys.events("*"), keys.rq_job("*")):
-        records.update(client.scan_iter(match=pattern))
-    for queue in client.scan_iter(match=keys.rq_queue("*")):
-        if client.type(queue) == "list":
-            records.update(f"{queue} {decoded(job_id)}" for job_id in client.lrange(queue, 0, -1))
-    return records
 
 
 def test_submit_stream_and_poll(stack: Stack, tiny_backend: Any) -> None:

@@ -13,7 +13,7 @@ from shared import keys
 from shared.schemas import ChatMessage, PromptInput
 from tests.conftest import Stack
 from tests.sse import follow
-from tests.test_e2e_jobs import job_records, submit
+from tests.stack_jobs import job_records, submit
 
 pytestmark = pytest.mark.e2e
 

@@ -10,8 +10,8 @@ import pytest
 
 from harness.services import start_front
 from tests.conftest import LONG_TOKENS, Stack
+from tests.reference_answers import greedy_answer
 from tests.sse import SSE, follow, read_events, text_of
-from tests.test_e2e_jobs import greedy_answer
 
 pytestmark = pytest.mark.e2e
 

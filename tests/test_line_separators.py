@@ -17,12 +17,7 @@ from streamq.async_client import AsyncStreamqClient
 from streamq.sse import LineSplitter, SSEParser
 from streamq.sync_client import StreamqClient
 from tests.conftest import Stack
-from worker.synthetic import SyntheticBackend
-
-MODEL = "separators"
-TEXT = "a\u2028b\u2029c\x85d\r\ne\rf\ng \u2028\u2028 ✓\r"
-TOKENS = 12
-EXPECTED = "".join(SyntheticBackend(MODEL, 1, TEXT).token_text(n) for n in range(1, TOKENS + 1))
+from tests.separator_text import EXPECTED, MODEL, TEXT, TOKENS
 
 
 def test_sse_lines_end_at_cr_lf_and_crlf_only_across_any_chunking() -> None:

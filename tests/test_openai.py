@@ -45,7 +45,7 @@ def chat(client: openai.OpenAI, stack: Stack, content: str, **kwargs: Any) -> An
 def test_chat_completion_answers_with_the_job_and_its_usage(
     client: openai.OpenAI, stack: Stack, tiny_backend: Any
 ) -> None:
-    from tests.test_e2e_jobs import greedy_answer
+    from tests.reference_answers import greedy_answer
 
     raw = chat(client, stack, "What is a queue?", max_tokens=12, temperature=0, user="u-1", seed=3)
     completion = raw.parse()
@@ -86,7 +86,7 @@ def test_chat_completion_answers_with_the_job_and_its_usage(
 def test_chat_stream_sends_role_deltas_finish_usage_then_done(
     client: openai.OpenAI, stack: Stack, tiny_backend: Any
 ) -> None:
-    from tests.test_e2e_jobs import greedy_answer
+    from tests.reference_answers import greedy_answer
 
     raw = chat(
         client,

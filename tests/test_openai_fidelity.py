@@ -16,12 +16,11 @@ from openai.types.chat import (
     ChatCompletionMessageParam,
     ChatCompletionNamedToolChoiceParam,
     ChatCompletionSystemMessageParam,
-    ChatCompletionToolParam,
 )
 from openai.types.shared_params import ResponseFormatJSONSchema
-from pydantic import BaseModel, Field
 
 from tests.conftest import Stack
+from tests.openai_asks import WEATHER, Weather, ask
 
 pytestmark = pytest.mark.e2e
 
@@ -35,30 +34,6 @@ PERSON: dict[str, object] = {
     "required": ["name", "mood", "tags"],
     "additionalProperties": False,
 }
-WEATHER: ChatCompletionToolParam = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 10},
-                "unit": {"enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
-
-
-def ask(stack: Stack, content: str, max_tokens: int = 80) -> dict[str, Any]:
-    return {
-        "model": stack.model_dir.name,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-    }
 
 
 def json_object_or_cut(choice: Any) -> None:
@@ -279,11 +254,6 @@ def test_a_token_id_outside_the_vocabulary_is_a_400_naming_its_field_and_makes_n
     assert "x-streamq-job-id" not in refused.value.response.headers
 
 
-class Weather(BaseModel):
-    city: str = Field(max_length=10)
-    unit: str = Field(pattern="^(celsius|fahrenheit)$")
-
-
 def test_langchain_bind_tools_and_structured_output_return_parsed_objects(stack: Stack) -> None:
     from langchain_core.messages import HumanMessage, ToolMessage
     from langchain_openai import ChatOpenAI
@@ -315,7 +285,7 @@ def test_a_top_p_of_0_keeps_only_the_most_likely_token_as_openai_takes_it(
 ) -> None:
     """Clients send top_p 0 to mean "no sampling" (OpenAI takes it; vLLM and transformers refuse
     it): at any temperature the answer is the greedy one, on every route."""
-    from tests.test_e2e_jobs import greedy_answer
+    from tests.reference_answers import greedy_answer
 
     greedy = greedy_answer(tiny_backend, "What is a queue?", 12)
     for temperature in (0.7, 1.5):

@@ -14,7 +14,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from tests.conftest import Stack
-from tests.test_openai_fidelity import WEATHER, ask
+from tests.openai_asks import WEATHER, ask
 
 pytestmark = pytest.mark.e2e
 

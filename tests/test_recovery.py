@@ -12,30 +12,14 @@ import pytest
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
-from harness.services import Service, wait_for
+from harness.services import wait_for
 from shared import keys
 from tests.conftest import LONG_TOKENS, Stack
+from tests.reference_answers import greedy_answer
 from tests.sse import SSE, follow, text_of
-from tests.test_e2e_jobs import greedy_answer
+from tests.stack_jobs import running_on, start_workers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("retire_extra_workers")]
-
-
-def start_workers(stack: Stack, model: str, *extra: str, env: dict[str, str] | None = None) -> list[Service]:
-    services = []
-    for name in (f"{model}-a", f"{model}-b"):
-        args = ["worker", "--model", str(stack.model_dir), "--served-name", model, "--name", name, *extra]
-        # A shorter lease than the default 5 s keeps the test's 10 s bound clear of a busy CI box.
-        worker_env = {**stack.env, "STREAMQ_LEASE_SECONDS": "2", **(env or {})}
-        service = Service(args, worker_env, name, stack.logdir)
-        stack.services.append(service)
-        services.append(service)
-
-    def both_live() -> bool:
-        return httpx.get(f"{stack.url}/readyz").json()["models"].get(model, 0) == 2
-
-    wait_for(both_live, 90, f"two workers serving {model}")
-    return services
 
 
 def run_and_read(stack: Stack, model: str, prompt: str) -> tuple[dict[str, Any], list[SSE], threading.Thread]:
@@ -49,18 +33,6 @@ def run_and_read(stack: Stack, model: str, prompt: str) -> tuple[dict[str, Any],
     reader = threading.Thread(target=lambda: events.extend(follow(client, stack.url2, job["id"])))
     reader.start()
     return job, events, reader
-
-
-def running_on(stack: Stack, job_id: str, min_tokens: int) -> str:
-    """The worker process running the job once it has produced ``min_tokens``."""
-    seen: dict[str, Any] = {}
-
-    def far_enough() -> bool:
-        seen.update(httpx.get(f"{stack.url}/v1/jobs/{job_id}").json())
-        return seen["status"] == "running" and seen["usage"]["completion_tokens"] >= min_tokens
-
-    wait_for(far_enough, 60, "the job to be well under way")
-    return str(seen["worker"])
 
 
 def check_rq_has_no_ghost(stack: Stack, job_id: str, model: str) -> None:

@@ -16,42 +16,17 @@ import openai
 import pytest
 
 from harness.services import wait_for
-from shared import keys
-from shared.schemas import STRUCTURED_OUTPUT, ChatMessage, GenerationRequest
+from shared.schemas import STRUCTURED_OUTPUT, ChatMessage
 from tests.conftest import LONG_TOKENS, STACK_CAPACITY, Stack, openai_client
-from tests.redis_replies import decoded
+from tests.reference_answers import greedy, greedy_answer
 from tests.secure_stack import KEYS, MODEL, SecureStack
 from tests.sse import follow, text_of
-from tests.test_e2e_jobs import greedy_answer
-from tests.test_recovery import running_on, start_workers
+from tests.stack_jobs import engines_offer, job_of, model_of, running_on, start_workers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("retire_extra_workers")]
 
 STOP_TOKENS = 200
 ENDED = ("completed", "incomplete", "failed", "cancelled")
-
-
-def model_of(stack: Stack) -> str:
-    return stack.model_dir.name
-
-
-def job_of(response_id: str) -> str:
-    return response_id.removeprefix("resp_")
-
-
-def greedy(messages: list[ChatMessage], max_tokens: int) -> GenerationRequest:
-    return GenerationRequest(messages=messages, max_tokens=max_tokens, temperature=0.0, top_p=1.0)
-
-
-def answer_to(backend: Any, messages: list[ChatMessage], max_tokens: int) -> str:
-    return "".join(step.delta for step in backend.generate(greedy(messages, max_tokens)))
-
-
-def asked(stack: Stack, response_id: str) -> GenerationRequest:
-    """The request the response's job was given, as its worker reads it."""
-    stored = stack.redis.client(decode_responses=True).hget(keys.job(job_of(response_id)), "request")
-    assert isinstance(stored, str)
-    return GenerationRequest.model_validate_json(stored)
 
 
 def polled(client: openai.OpenAI, response_id: str, timeout: float = 120) -> Any:
@@ -60,15 +35,6 @@ def polled(client: openai.OpenAI, response_id: str, timeout: float = 120) -> Any
         assert time.monotonic() < deadline, response
         time.sleep(0.05)
     return response
-
-
-def engines_offer(stack: Stack, *features: str) -> bool:
-    """Whether every live worker of the stack's model announces ``features`` (the transformers
-    engine's guided decoding and tools are on their way; until then the front refuses them)."""
-    r = stack.redis.client(decode_responses=True)
-    workers = [r.hgetall(keys.worker(decoded(name))) for name in r.zrange(keys.WORKERS, 0, -1)]
-    mine = [w for w in workers if w.get("model") == model_of(stack)]
-    return bool(mine) and all(set(features) <= set(decoded(w.get("features", "")).split(",")) for w in mine)
 
 
 @pytest.fixture(scope="session")

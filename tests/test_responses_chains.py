@@ -12,8 +12,9 @@ import pytest
 
 from shared.schemas import STRUCTURED_OUTPUT, TOOLS, ChatMessage
 from tests.conftest import Stack
+from tests.reference_answers import answer_to
 from tests.response_items import item_text
-from tests.test_responses import answer_to, asked, engines_offer, model_of
+from tests.stack_jobs import asked, engines_offer, model_of
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("retire_extra_workers")]
 

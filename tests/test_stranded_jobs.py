@@ -23,8 +23,8 @@ from shared.stranded_jobs import StrandedJobs
 from tests.conftest import Stack
 from tests.processes import blocked_in
 from tests.redis_replies import entries
+from tests.reference_answers import greedy_answer
 from tests.sse import SSE, follow, text_of
-from tests.test_e2e_jobs import greedy_answer
 from worker.synthetic import WORDS
 
 pytestmark = pytest.mark.e2e

@@ -11,7 +11,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from tests.conftest import Stack
-from tests.test_openai_fidelity import Weather, ask
+from tests.openai_asks import Weather, ask
 
 pytestmark = pytest.mark.e2e
 

@@ -6,127 +6,18 @@ here: set STREAMQ_WEB_SCREENSHOT=docs/web-chat.png to keep it."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from harness.services import Service, start_front
 from tests.conftest import SLOW_TOKENS_PER_SECOND, SlowStack
 from tests.processes import restart_front_soon
+from tests.web_page import PAGE_MARKS, answers, ask, open_on, open_page, state_of, text_of, until
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(
-        not (shutil.which("chromium") and shutil.which("chromedriver")),
-        reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
-    ),
-]
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-T = TypeVar("T")
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service as DriverService
-
-    options = Options()
-    options.binary_location = shutil.which("chromium") or CHROMIUM
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-background-networking",
-        "--disable-dev-shm-usage",
-    ):
-        options.add_argument(arg)
-    options.add_argument("--window-size=1100,760")
-    driver_service = DriverService(shutil.which("chromedriver") or CHROMEDRIVER)
-    driver = webdriver.Chrome(service=driver_service, options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-def until(driver: Any, condition: Callable[[], T], what: str, timeout: float = 30) -> T:
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    wait = WebDriverWait(
-        driver, timeout, poll_frequency=0.05, ignored_exceptions=[StaleElementReferenceException]
-    )
-    try:
-        return wait.until(lambda _: condition())
-    except Exception as exc:
-        raise AssertionError(f"timed out waiting for {what}") from exc
-
-
-def _answers(driver: Any) -> list[Any]:
-    from selenium.webdriver.common.by import By
-
-    return driver.find_elements(By.CSS_SELECTOR, "#log .msg.assistant")
-
-
-def _text(element: Any) -> str:
-    from selenium.webdriver.common.by import By
-
-    return str(element.find_element(By.CSS_SELECTOR, ".body").get_attribute("textContent"))
-
-
-def _state(element: Any) -> str | None:
-    return element.get_attribute("data-state")
-
-
-def _open(driver: Any, slow: SlowStack, url: str) -> None:
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-
-    driver.get(f"{url}/")
-    key = driver.find_element(By.ID, "api-key")
-    key.clear()
-    key.send_keys(slow.api_key, Keys.TAB)  # kept in local storage; the model list reloads with it
-    models = "return Array.from(document.querySelectorAll('#model option'), (o) => o.value)"
-    until(driver, lambda: slow.model in driver.execute_script(models), "the model list")
-
-
-def _open_on(driver: Any, slow: SlowStack, model: str, wait: float = 60) -> None:
-    """The page, once ``model`` is served, with it picked (a worker started by the test)."""
-    import httpx
-
-    from harness.services import wait_for
-
-    def served() -> bool:
-        models = httpx.get(f"{slow.url}/v1/models", headers=slow.headers, timeout=10)
-        return model in [m["id"] for m in models.json()["data"]]
-
-    wait_for(served, wait, f"a worker serving {model}")
-    _open(driver, slow, slow.url)
-    driver.execute_script(
-        "const s = document.getElementById('model');"
-        "if (![...s.options].some((o) => o.value === arguments[0])) s.add(new Option(arguments[0]));"
-        "s.value = arguments[0];",
-        model,
-    )
-
-
-def _ask(driver: Any, question: str, max_tokens: int) -> Any:
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-
-    count = len(_answers(driver))
-    field = driver.find_element(By.ID, "max-tokens")
-    field.clear()
-    field.send_keys(str(max_tokens))
-    box = driver.find_element(By.ID, "question")
-    box.send_keys(question, Keys.ENTER)
-    return until(driver, lambda: len(_answers(driver)) > count and _answers(driver)[-1], "the answer bubble")
+pytestmark = PAGE_MARKS
 
 
 def test_the_page_streams_an_answer_stops_it_and_keeps_the_conversation(
@@ -134,36 +25,38 @@ def test_the_page_streams_an_answer_stops_it_and_keeps_the_conversation(
 ) -> None:
     from selenium.webdriver.common.by import By
 
-    _open(browser, slow_stack, slow_stack.url)
+    open_page(browser, slow_stack, slow_stack.url)
     assert browser.execute_script("return localStorage.getItem('streamq.apiKey')") == slow_stack.api_key
 
     first_question = "How do I make text <b>bold</b> in HTML, and what does <script> do?"
-    first = _ask(browser, first_question, 6)
-    until(browser, lambda: _state(first) == "done", "the first answer to finish")
+    first = ask(browser, first_question, 6)
+    until(browser, lambda: state_of(first) == "done", "the first answer to finish")
     first_id = first.get_attribute("data-job-id")
     first_job = slow_stack.job(first_id)
-    assert first_job["status"] == "finished" and _text(first) == first_job["text"]
+    assert first_job["status"] == "finished" and text_of(first) == first_job["text"]
     # Text stays text: the question shows as typed, and no element came out of it.
     users = browser.find_elements(By.CSS_SELECTOR, "#log .msg.user .body")
     assert users[0].get_attribute("textContent") == first_question
     assert browser.find_elements(By.CSS_SELECTOR, "#log b, #log script") == []
 
-    long = _ask(browser, "Now tell me a long story.", 30 * SLOW_TOKENS_PER_SECOND)
-    grown = until(browser, lambda: len(_text(long).split()) >= 40 and len(_text(long)), "the answer to run")
-    until(browser, lambda: len(_text(long)) > grown, "the answer to grow")
+    long = ask(browser, "Now tell me a long story.", 30 * SLOW_TOKENS_PER_SECOND)
+    grown = until(
+        browser, lambda: len(text_of(long).split()) >= 40 and len(text_of(long)), "the answer to run"
+    )
+    until(browser, lambda: len(text_of(long)) > grown, "the answer to grow")
     assert "Generating" in long.find_element(By.CSS_SELECTOR, ".status").text
     shot = Path(os.environ.get("STREAMQ_WEB_SCREENSHOT") or tmp_path / "web-chat.png")
     assert browser.save_screenshot(str(shot)) and shot.read_bytes()[:4] == b"\x89PNG"
 
     browser.find_element(By.ID, "stop").click()
-    until(browser, lambda: _state(long) == "canceled", "the answer to stop")
+    until(browser, lambda: state_of(long) == "canceled", "the answer to stop")
     long_id = long.get_attribute("data-job-id")
     stopped = slow_stack.job(long_id)
     assert stopped["status"] == "canceled" and stopped["finish_reason"] == "canceled"
-    assert _text(long) == stopped["text"]  # every word the job wrote, once
+    assert text_of(long) == stopped["text"]  # every word the job wrote, once
 
-    third = _ask(browser, "And a short one?", 3)
-    until(browser, lambda: _state(third) == "done", "the third answer to finish")
+    third = ask(browser, "And a short one?", 3)
+    until(browser, lambda: state_of(third) == "done", "the third answer to finish")
     # The conversation goes on from the finished exchange; the stopped one is left out.
     assert slow_stack.asked(third.get_attribute("data-job-id")) == [
         ("user", first_question),
@@ -179,19 +72,19 @@ def test_the_page_rides_out_a_front_restart_mid_answer(browser: Any, slow_stack:
     front, url = start_front(slow_stack.env, slow_stack.logdir, "page-front")
     fronts: list[Service] = [front]
     try:
-        _open(browser, slow_stack, url)
+        open_page(browser, slow_stack, url)
         tokens = 8 * SLOW_TOKENS_PER_SECOND
-        answer = _ask(browser, "Keep going through a restart.", tokens)
-        until(browser, lambda: len(_text(answer).split()) >= 5, "the answer to start")
+        answer = ask(browser, "Keep going through a restart.", tokens)
+        until(browser, lambda: len(text_of(answer).split()) >= 5, "the answer to start")
         front.proc.send_signal(signal.SIGKILL)
         front.stop()
         restart = restart_front_soon(slow_stack.env, slow_stack.logdir, "page-front-2", url, fronts)
         ended = ("done", "error", "canceled")
-        until(browser, lambda: _state(answer) in ended, "the answer to end", timeout=90)
+        until(browser, lambda: state_of(answer) in ended, "the answer to end", timeout=90)
         restart.join()
         job = slow_stack.job(answer.get_attribute("data-job-id"))
-        assert _state(answer) == "done" and job["status"] == "finished"
-        assert _text(answer) == job["text"] and len(job["text"].split()) == tokens
+        assert state_of(answer) == "done" and job["status"] == "finished"
+        assert text_of(answer) == job["text"] and len(job["text"].split()) == tokens
     finally:
         for service in fronts:
             service.stop()
@@ -203,32 +96,34 @@ def test_a_reload_mid_answer_shows_the_conversation_again_and_follows_the_answer
     """A reload lost the conversation, and the running job went on unseen (taking its slot)."""
     from selenium.webdriver.common.by import By
 
-    _open(browser, slow_stack, slow_stack.url)
-    first = _ask(browser, "A short one first.", 3)
-    until(browser, lambda: _state(first) == "done", "the first answer to finish")
-    first_text = _text(first)
+    open_page(browser, slow_stack, slow_stack.url)
+    first = ask(browser, "A short one first.", 3)
+    until(browser, lambda: state_of(first) == "done", "the first answer to finish")
+    first_text = text_of(first)
     tokens = 6 * SLOW_TOKENS_PER_SECOND
-    long = _ask(browser, "Then a longer one.", tokens)
-    until(browser, lambda: len(_text(long).split()) >= 5, "the answer to run")
+    long = ask(browser, "Then a longer one.", tokens)
+    until(browser, lambda: len(text_of(long).split()) >= 5, "the answer to run")
     job_id = long.get_attribute("data-job-id")
 
     browser.refresh()
     until(
         browser,
-        lambda: len(_answers(browser)) == 2 and _state(_answers(browser)[-1]) == "done",
+        lambda: len(answers(browser)) == 2 and state_of(answers(browser)[-1]) == "done",
         "the answer to go on to its end after the reload",
         timeout=60,
     )
-    before, after = _answers(browser)
-    assert _text(before) == first_text and _state(before) == "done"
+    before, after = answers(browser)
+    assert text_of(before) == first_text and state_of(before) == "done"
     assert after.get_attribute("data-job-id") == job_id  # the same job followed, not sent again
     job = slow_stack.job(job_id)
-    assert job["status"] == "finished" and _text(after) == job["text"] and len(job["text"].split()) == tokens
+    assert (
+        job["status"] == "finished" and text_of(after) == job["text"] and len(job["text"].split()) == tokens
+    )
     questions = browser.find_elements(By.CSS_SELECTOR, "#log .msg.user .body")
     assert [q.get_attribute("textContent") for q in questions] == ["A short one first.", "Then a longer one."]
 
-    third = _ask(browser, "And one more.", 3)  # the conversation goes on from both exchanges
-    until(browser, lambda: _state(third) == "done", "the third answer to finish")
+    third = ask(browser, "And one more.", 3)  # the conversation goes on from both exchanges
+    until(browser, lambda: state_of(third) == "done", "the third answer to finish")
     assert slow_stack.asked(third.get_attribute("data-job-id")) == [
         ("user", "A short one first."),
         ("assistant", first_text),
@@ -240,8 +135,8 @@ def test_a_reload_mid_answer_shows_the_conversation_again_and_follows_the_answer
     spoilt = '{"history": [null], "shown": [null, 5], "pending": {"jobId": 7, "body": {}}}'
     browser.execute_script("sessionStorage.setItem('streamq.chat', arguments[0])", spoilt)
     browser.refresh()
-    fresh = _ask(browser, "After a store that could not be read.", 3)
-    until(browser, lambda: _state(fresh) == "done", "an answer after the page started anew")
+    fresh = ask(browser, "After a store that could not be read.", 3)
+    until(browser, lambda: state_of(fresh) == "done", "an answer after the page started anew")
     assert slow_stack.asked(fresh.get_attribute("data-job-id")) == [
         ("user", "After a store that could not be read.")
     ]
@@ -250,16 +145,16 @@ def test_a_reload_mid_answer_shows_the_conversation_again_and_follows_the_answer
 def test_the_page_shows_the_queue_position_while_the_job_waits(browser: Any, slow_stack: SlowStack) -> None:
     from selenium.webdriver.common.by import By
 
-    _open(browser, slow_stack, slow_stack.url)
+    open_page(browser, slow_stack, slow_stack.url)
     blockers = slow_stack.fill_slots()
     try:
-        answer = _ask(browser, "Are you busy?", 3)
+        answer = ask(browser, "Are you busy?", 3)
         status = answer.find_element(By.CSS_SELECTOR, ".status")
         until(browser, lambda: "Queued · next in line" in status.text, "the queue position")
-        assert _state(answer) == "queued"
+        assert state_of(answer) == "queued"
         slow_stack.cancel(blockers)
-        until(browser, lambda: _state(answer) == "done", "the answer once a slot is free")
-        assert len(_text(answer).split()) == 3
+        until(browser, lambda: state_of(answer) == "done", "the answer once a slot is free")
+        assert len(text_of(answer).split()) == 3
     finally:
         slow_stack.cancel(blockers)
 
@@ -269,18 +164,18 @@ def test_stop_pressed_while_the_question_is_still_being_sent_cancels_the_job(
 ) -> None:
     from selenium.webdriver.common.by import By
 
-    _open(browser, slow_stack, slow_stack.url)
+    open_page(browser, slow_stack, slow_stack.url)
     # A slow network: the POST that creates the job takes a second and a half to come back.
     browser.execute_cdp_cmd("Network.enable", {})
     browser.execute_cdp_cmd(
         "Network.emulateNetworkConditions",
         {"offline": False, "latency": 1500, "downloadThroughput": -1, "uploadThroughput": -1},
     )
-    answer = _ask(browser, "stop me before I start", 20 * SLOW_TOKENS_PER_SECOND)
+    answer = ask(browser, "stop me before I start", 20 * SLOW_TOKENS_PER_SECOND)
     assert answer.get_attribute("data-job-id") in (None, ""), "the job id is not back yet"
     browser.find_element(By.ID, "stop").click()
-    until(browser, lambda: _state(answer) in ("canceled", "done", "error"), "the answer to end", timeout=60)
-    assert _state(answer) == "canceled"
+    until(browser, lambda: state_of(answer) in ("canceled", "done", "error"), "the answer to end", timeout=60)
+    assert state_of(answer) == "canceled"
     assert slow_stack.job(str(answer.get_attribute("data-job-id")))["status"] == "canceled"
 
 
@@ -289,18 +184,18 @@ def test_the_page_shows_text_with_line_separators_and_carriage_returns_whole(
 ) -> None:
     """U+2028, U+2029, U+0085, CR+LF pairs and lone CRs reach the page's answer exactly (issue 19)."""
     from harness.services import start_synthetic_worker
-    from tests.test_line_separators import EXPECTED, TEXT, TOKENS
+    from tests.separator_text import EXPECTED, TEXT, TOKENS
 
     model = "separators-web"
     env = {**slow_stack.env, "STREAMQ_SYNTHETIC_TEXT": TEXT}
     worker = start_synthetic_worker(env, slow_stack.logdir, model, "separators-web-1", tokens_per_second=200)
     try:
-        _open_on(browser, slow_stack, model)
-        answer = _ask(browser, "hi", TOKENS)
-        until(browser, lambda: _state(answer) == "done", "the answer to finish")
+        open_on(browser, slow_stack, model)
+        answer = ask(browser, "hi", TOKENS)
+        until(browser, lambda: state_of(answer) == "done", "the answer to finish")
         job = slow_stack.job(answer.get_attribute("data-job-id"))
         assert job["model"] == model and job["text"] == EXPECTED
-        assert _text(answer) == EXPECTED
+        assert text_of(answer) == EXPECTED
     finally:
         worker.stop()
 
@@ -330,26 +225,26 @@ def test_the_page_leaves_out_the_oldest_exchange_once_the_conversation_outgrows_
 
     services = [worker(f"{model}-1")]
     try:
-        _open_on(browser, slow_stack, model, wait=90)
+        open_on(browser, slow_stack, model, wait=90)
         url = slow_stack.url
         if refused_by == "worker":  # a front that queues jobs for the model while no worker is live
             scaling = {"STREAMQ_SCALE_TO_ZERO": "1", "STREAMQ_MODELS": model, "STREAMQ_COUNT_TIMEOUT": "0.5"}
             front, url = start_front({**slow_stack.env, **scaling}, slow_stack.logdir, "scaling-front")
             services.append(front)
-            _open(browser, slow_stack, url)
+            open_page(browser, slow_stack, url)
             browser.execute_script("document.getElementById('model').value = arguments[0];", model)
-        first = _ask(browser, "the " * 90, 100)  # about 90 tokens, and its answer
-        until(browser, lambda: _state(first) in ("done", "error"), "the first answer", timeout=60)
-        assert _state(first) == "done" and not first.find_elements(By.CSS_SELECTOR, ".note")
+        first = ask(browser, "the " * 90, 100)  # about 90 tokens, and its answer
+        until(browser, lambda: state_of(first) in ("done", "error"), "the first answer", timeout=60)
+        assert state_of(first) == "done" and not first.find_elements(By.CSS_SELECTOR, ".note")
         if refused_by == "worker":
             services.pop(0).stop()
             wait_for(lambda: not httpx.get(f"{url}/readyz").json()["models"].get(model), 30, "no live worker")
-        second = _ask(browser, "a " * 60, 100)
+        second = ask(browser, "a " * 60, 100)
         if refused_by == "worker":
             until(browser, lambda: second.get_attribute("data-job-id"), "the question queued")
             services.append(worker(f"{model}-2"))  # takes the job, refuses it; counts the next try
-        until(browser, lambda: _state(second) in ("done", "error"), "the second answer", timeout=90)
-        assert _state(second) == "done", second.find_element(By.CSS_SELECTOR, ".status").text
+        until(browser, lambda: state_of(second) in ("done", "error"), "the second answer", timeout=90)
+        assert state_of(second) == "done", second.find_element(By.CSS_SELECTOR, ".status").text
         note = second.find_element(By.CSS_SELECTOR, ".note").text
         assert note == "The conversation outgrew the model's context: its 1 oldest exchange was left out."
         asked = slow_stack.asked(str(second.get_attribute("data-job-id")))

@@ -14,9 +14,9 @@ from typing import Any
 from tests.conftest import SLOW_TOKENS_PER_SECOND, SlowStack
 from tests.processes import jobs_asking
 from tests.tcp_proxy import TcpProxy
-from tests.test_web_chat import _answers, _ask, _open, _open_on, _state, _text, browser, pytestmark, until
+from tests.web_page import PAGE_MARKS, answers, ask, open_on, open_page, state_of, text_of, until
 
-__all__ = ["browser", "pytestmark"]  # the fixture and the marks of the page's tests, used here too
+pytestmark = PAGE_MARKS
 
 
 def test_a_reload_while_the_question_is_sent_follows_the_job_it_made(
@@ -24,14 +24,14 @@ def test_a_reload_while_the_question_is_sent_follows_the_job_it_made(
 ) -> None:
     from selenium.webdriver.common.by import By
 
-    _open(browser, slow_stack, slow_stack.url)
+    open_page(browser, slow_stack, slow_stack.url)
     marker = f"sent-once-{uuid.uuid4().hex[:8]}"
     # The answers to POST /v1/jobs are held in the browser: the front has made the job, the page
     # does not hear of it.
     held = {"patterns": [{"urlPattern": "*/v1/jobs", "requestStage": "Response"}]}
     browser.execute_cdp_cmd("Fetch.enable", held)
     tokens = 3 * SLOW_TOKENS_PER_SECOND
-    answer = _ask(browser, f"{marker} a question", tokens)
+    answer = ask(browser, f"{marker} a question", tokens)
     until(browser, lambda: len(jobs_asking(slow_stack.redis, marker)) == 1, "the job the held request made")
     (job_id,) = jobs_asking(slow_stack.redis, marker)
     assert not answer.get_attribute("data-job-id"), "the job id is not back yet"
@@ -40,15 +40,15 @@ def test_a_reload_while_the_question_is_sent_follows_the_job_it_made(
     browser.execute_cdp_cmd("Fetch.disable", {})
     until(
         browser,
-        lambda: _answers(browser) and _state(_answers(browser)[-1]) == "done",
+        lambda: answers(browser) and state_of(answers(browser)[-1]) == "done",
         "the answer after the reload",
         timeout=60,
     )
-    (after,) = _answers(browser)
+    (after,) = answers(browser)
     assert after.get_attribute("data-job-id") == job_id
     assert jobs_asking(slow_stack.redis, marker) == [job_id]  # no second job
     job = slow_stack.job(job_id)
-    assert _text(after) == job["text"] and len(job["text"].split()) == tokens
+    assert text_of(after) == job["text"] and len(job["text"].split()) == tokens
     questions = browser.find_elements(By.CSS_SELECTOR, "#log .msg.user .body")
     assert [q.get_attribute("textContent") for q in questions] == [f"{marker} a question"]
 
@@ -66,17 +66,17 @@ def test_a_reload_keeps_the_model_and_the_answer_length_chosen(browser: Any, slo
         slow_stack.env, slow_stack.logdir, model, "chosen-1", tokens_per_second=200
     )
     try:
-        _open_on(browser, slow_stack, model)
-        first = _ask(browser, "one", 4)
-        until(browser, lambda: _state(first) == "done", "the first answer")
+        open_on(browser, slow_stack, model)
+        first = ask(browser, "one", 4)
+        until(browser, lambda: state_of(first) == "done", "the first answer")
         browser.refresh()
         chosen = "return document.getElementById('model').value"
         until(browser, lambda: browser.execute_script(chosen) == model, "the chosen model after the reload")
         assert browser.find_element(By.ID, "max-tokens").get_attribute("value") == "4"
         browser.find_element(By.ID, "question").send_keys("two", Keys.ENTER)
-        second = until(browser, lambda: len(_answers(browser)) == 2 and _answers(browser)[-1], "the answer")
+        second = until(browser, lambda: len(answers(browser)) == 2 and answers(browser)[-1], "the answer")
         assert second is not False  # until answers what its condition gave once true: the element
-        until(browser, lambda: _state(second) == "done", "the second answer")
+        until(browser, lambda: state_of(second) == "done", "the second answer")
         job = slow_stack.job(second.get_attribute("data-job-id"))
         assert job["model"] == model and job["usage"]["completion_tokens"] == 4, job
     finally:
@@ -116,16 +116,18 @@ def test_a_stream_that_went_silent_is_resumed_on_a_new_connection(
     )
     proxy = _StallingProxy(url)
     try:
-        _open(browser, slow_stack, proxy.url)
+        open_page(browser, slow_stack, proxy.url)
         tokens = 8 * SLOW_TOKENS_PER_SECOND
-        answer = _ask(browser, "A long one.", tokens)
-        until(browser, lambda: len(_text(answer).split()) >= 5, "the answer to run")
+        answer = ask(browser, "A long one.", tokens)
+        until(browser, lambda: len(text_of(answer).split()) >= 5, "the answer to run")
         before = proxy.connections
         proxy.stall()
-        until(browser, lambda: _state(answer) == "done", "the answer to its end after the stall", timeout=60)
+        until(
+            browser, lambda: state_of(answer) == "done", "the answer to its end after the stall", timeout=60
+        )
         job = slow_stack.job(answer.get_attribute("data-job-id"))
         assert job["status"] == "finished" and len(job["text"].split()) == tokens
-        assert _text(answer) == job["text"]  # nothing lost, nothing twice
+        assert text_of(answer) == job["text"]  # nothing lost, nothing twice
         assert proxy.connections > before  # a new connection took the stream on
     finally:
         proxy.close()
