@@ -44,6 +44,10 @@ from shared.stranded_jobs import StrandedJobs
 log = logging.getLogger("streamq.janitor")
 
 
+# What the requeue answers where it ended the lost run (RQ's record then says so).
+_ENDED_RUN = (Answer.REQUEUED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
 class Janitor(BackgroundThread):
     thread_name = "streamq-janitor"
 
@@ -136,21 +140,24 @@ class Janitor(BackgroundThread):
                 type="worker_lost",
                 message=f"the job's worker was lost {s.max_attempts} times; it is not run again",
             )
-            # Into RQ's queue first, then the state: should this process die in between, the job
-            # is at worst queued twice (a worker that finds it running under a live lease leaves
-            # it), never left queued in streamq with nothing in RQ to run it.
-            # One no longer running (ended, or its hash gone) is only taken off the running set,
-            # by the script: queued again in RQ, it came back here at every round.
-            model = self._requeue_in_rq(job_id) if was_running else ""
+            # The script puts the id back on its RQ queue's front as it queues the job again, in
+            # one step: no worker can take the id first (and start a job whose attempts are spent,
+            # with no "requeued" event), and a janitor that dies next strands nothing. RQ's own
+            # record follows. One no longer running (ended, or its hash gone) is only taken off
+            # the running set, by the script: queued again in RQ, it came back at every round.
+            rq_job = self._rq_job(job_id) if was_running else None
+            queue = Queue(rq_job.origin, connection=self._redis) if rq_job is not None else None
+            model = str(rq_job.origin).removeprefix(keys.queue_name("")) if rq_job is not None else ""
             requeue = scripts.requeue(
                 job_id,
                 maxlen=s.stream_maxlen,
                 ttl=s.result_ttl,
                 attempts_allowed=s.max_attempts,
                 failure=failure,
+                queue_list=queue.key if queue is not None else None,
             )
             answer = scripts.answer(self._scripts.run(requeue))
-            if answer in (Answer.REQUEUED, JobStatus.FAILED, JobStatus.CANCELED):  # else it ended meanwhile
+            if answer in _ENDED_RUN:  # else it ended meanwhile, or its worker is back
                 log.warning(
                     "janitor: job %s lost its worker: %s",
                     job_id,
@@ -159,35 +166,31 @@ class Janitor(BackgroundThread):
                 )
             if answer == Answer.REQUEUED:
                 requeued.append(job_id)
-            elif answer in (JobStatus.FAILED, JobStatus.CANCELED) and model:
-                self._unqueue_ended(job_id, answer, failure.message)
+            if rq_job is not None and queue is not None and answer in _ENDED_RUN:
+                self._file_in_rq(rq_job, queue, answer, failure.message)
         return requeued
 
-    def _unqueue_ended(self, job_id: str, answer: str, reason: str) -> None:
-        """A job the requeue ended (its attempts spent, or a cancel its dead worker never saw)
-        leaves the RQ queue it was put back on first, and RQ's record says how it ended: left
-        there, it counted in the queue's depth and load (a failed job "waiting", with no worker),
-        and the next worker took it and counted it failed once more."""
+    def _rq_job(self, job_id: str) -> Job | None:
         try:
-            job = Job.fetch(job_id, connection=self._redis)
+            return Job.fetch(job_id, connection=self._redis)
         except NoSuchJobError:
-            return
-        if answer == JobStatus.CANCELED:
+            log.error("janitor: job %s has no RQ record left; it stays queued in streamq only", job_id)
+            return None
+
+    def _file_in_rq(self, job: Job, queue: Queue, answer: str, reason: str) -> None:
+        """RQ's record of a run the janitor ended. Requeued: RQ's enqueue writes its record and
+        pushes the id again, and the script's copy, next in line, is dropped (if a worker took
+        that copy already, this drops the new one instead: the job is delivered once). Ended (its
+        attempts spent, or a cancel its dead worker never saw): RQ's failed or canceled job, off
+        its queue and kept as long as streamq's record."""
+        StartedJobRegistry(queue=queue).remove_executions(job)
+        if answer == Answer.REQUEUED:
+            queue.enqueue_job(job, at_front=True)
+            self._redis.lrem(queue.key, -1, job.id)
+        elif answer == JobStatus.CANCELED:
             file_canceled(self._redis, job, self._settings.result_ttl)
         else:
             file_failed(self._redis, job, self._settings.result_ttl, reason)
-
-    def _requeue_in_rq(self, job_id: str) -> str:
-        """Put the job back at the front of its RQ queue; returns its model ("" if unknown)."""
-        try:
-            job = Job.fetch(job_id, connection=self._redis)
-        except NoSuchJobError:
-            log.error("janitor: job %s has no RQ record left; it stays queued in streamq only", job_id)
-            return ""
-        queue = Queue(job.origin, connection=self._redis)
-        StartedJobRegistry(queue=queue).remove_executions(job)
-        queue.enqueue_job(job, at_front=True)
-        return str(job.origin).removeprefix(keys.queue_name(""))
 
     def forget_dead_workers(self) -> None:
         """Drop worker processes whose heartbeat stopped, and their records in RQ's list of workers."""

@@ -165,10 +165,10 @@ return 'ok'
 )
 
 # Hands a running job back to its queue: its worker died (no lease; run id "") or is stopping
-# (its own run id). KEYS: job hash, events, text, tokens, lease, running set, and for a handback
-# the model's RQ queue list: the job id goes back on its front in the same step, so a worker
-# killed before RQ's own re-enqueue cannot leave the job queued with nothing to run it (the
-# janitor enqueues in RQ itself, before this script).
+# (its own run id). KEYS: job hash, events, text, tokens, lease, running set, and the model's RQ
+# queue list: the job id goes back on its front in the same step, so a process killed before
+# RQ's own re-enqueue cannot leave the job queued with nothing to run it, and no worker can take
+# the id before the job is queued again (and failed, its attempts spent).
 # ARGV: job id, maxlen, ttl, attempts allowed, event data for a failure, the time (a cancel's
 # finished_at), then the failure's field/value pairs... and, last, the run id. An end here keeps
 # the job's text and events for the TTL and drops its token ids, as FINISH does.
@@ -209,7 +209,7 @@ if run == '' and attempts >= tonumber(ARGV[4]) then
 end
 redis.call('HSET', KEYS[1], 'status', 'queued')
 redis.call('HDEL', KEYS[1], 'run')
-if run ~= '' and KEYS[7] then redis.call('LPUSH', KEYS[7], ARGV[1]) end
+if KEYS[7] then redis.call('LPUSH', KEYS[7], ARGV[1]) end
 local data = cjson.encode({requeued = true, attempt = attempts})
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'queued', 'data', data)
 return 'requeued'

@@ -313,9 +313,9 @@ def requeue(
     run: str = "",
     queue_list: str | None = None,
 ) -> ScriptCall:
-    """Hand the job back to its queue: from a stopping ``run`` (pushed onto ``queue_list`` in the
-    same step), or from the janitor (no run) after its lease lapsed, failing it with ``failure``
-    once ``attempts_allowed`` runs were lost."""
+    """Hand the job back to its queue (pushed onto ``queue_list``'s front in the same step): from a
+    stopping ``run``, or from the janitor (no run) after its lease lapsed, failing it with
+    ``failure`` once ``attempts_allowed`` runs were lost."""
     failure = failure or Failed(type="", message="")
     ending = ended_failed(failure.type, failure.message)
     now = ending.fields[JobField.FINISHED_AT]
