@@ -47,21 +47,22 @@ def count_errors(app: ASGIApp, counter: Counter) -> ASGIApp:
 
         async def counted(message: Message) -> None:
             nonlocal status, enveloped
-            if message["type"] == "http.response.start":
+            what = message["type"].removeprefix("websocket.")  # a refused WebSocket's answer too
+            if what == "http.response.start":
                 status = int(message["status"])
                 if status >= 400:  # a success costs this one comparison
                     kind = dict(message.get("headers") or []).get(b"content-type", b"")
                     enveloped = kind.startswith(b"application/json")
                     if not enveloped:
                         counter.labels(str(status), "none").inc()
-            elif message["type"] == "http.response.body" and enveloped:
+            elif what == "http.response.body" and enveloped:
                 enveloped = False  # the first chunk holds the envelope
                 code = envelope_code(message.get("body", b""))
                 if code is not None:
                     counter.labels(str(status), code).inc()
             await send(message)
 
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             await app(scope, receive, send)
             return
         try:

@@ -50,6 +50,7 @@ class ResponseRecord(BaseModel):
     model: str
     created_at: float
     background: bool = False
+    detached: bool = False  # foreground, sent with X-Streamq-Detach: it runs on when its client goes
     store: bool = True
     instructions: str | None = None
     previous_response_id: str | None = None
@@ -75,6 +76,12 @@ class ResponseRecord(BaseModel):
     def response_id(self) -> str:
         return PREFIX + self.id
 
+    @property
+    def runs_on(self) -> bool:
+        """Whether it runs on without a request waiting for it (background, or detached): only
+        such a response is cancelled through the Responses API, or deleted while it runs."""
+        return self.background or self.detached
+
     def tool_plan(self) -> ToolPlan:
         return ToolPlan(self.tool_mode, function=self.tool_function)
 
@@ -99,9 +106,14 @@ async def save_record(jobs: JobClient, record: ResponseRecord, owner: str) -> No
 
 
 def new_record(
-    body: ResponsesRequest, view: JobView, history: list[ChatMessage], chain: list[str]
+    body: ResponsesRequest,
+    view: JobView,
+    history: list[ChatMessage],
+    chain: list[str],
+    detached: bool = False,
 ) -> ResponseRecord:
-    """The record of the response that ``body`` created as job ``view``."""
+    """The record of the response that ``body`` created as job ``view`` (``detached``: it runs on
+    when its client goes)."""
     plan = body.tool_plan()
     text = {"format": {"type": "text"}, "verbosity": "medium"}
     if body.text and body.text.format:
@@ -114,6 +126,7 @@ def new_record(
         model=view.model,
         created_at=view.created_at,
         background=bool(body.background),
+        detached=detached and not body.background,
         store=body.stored,
         instructions=body.instructions,
         previous_response_id=body.previous_response_id,

@@ -87,7 +87,7 @@ async def create_response(
         record = await _record_made(jobs, view.id, caller.name)
     else:
         try:
-            record = new_record(body, view, history, chain)
+            record = new_record(body, view, history, chain, detach_requested(body.background, detach))
             await save_record(jobs, record, caller.name)
         except BaseException:  # a response without its record is none: its job goes
             jobs.spawn(_cancel_quietly(jobs, view.id, caller.name))
@@ -228,14 +228,17 @@ async def get_response(
 async def cancel_response(response_id: str, jobs: JobsDep, caller: CallerDep) -> dict[str, Any]:
     """Cancel a queued or running response (its job leaves the queue, or stops at its next
     token); a cancelled one is answered as it is; 409 if it had ended otherwise. Only a
-    background response, as OpenAI's: a foreground one's request is waiting for it, and would get
-    a cancelled response as if it were its answer (it stops when that request goes away)."""
+    background response, as OpenAI's, or a detached one (``X-Streamq-Detach``): a foreground
+    one's request is waiting for it, and would get a cancelled response as if it were its answer
+    (it stops when that request goes away)."""
     record = await load_record(jobs, response_id, caller.name)
-    if not record.background:
+    if not record.runs_on:
         raise ApiError(
             400,
             f"response '{response_id}' was not created with background=true: only a background "
-            "response can be cancelled (a foreground one stops when its request's connection closes)",
+            "response can be cancelled, as OpenAI's (or one sent with X-Streamq-Detach: 1); a "
+            "foreground one stops when its request's connection closes (POST /v1/jobs/{id}/cancel "
+            "stops any job)",
         )
     try:
         view = await jobs.cancel(record.id, caller.name)
@@ -255,17 +258,17 @@ async def cancel_response(response_id: str, jobs: JobsDep, caller: CallerDep) ->
 
 @router.delete("/{response_id}", responses=error_responses(400, 404))
 async def delete_response(response_id: str, jobs: JobsDep, caller: CallerDep) -> dict[str, Any]:
-    """Forget the response (a running background one is canceled first; a foreground one, whose
-    request is waiting for it, only once it has ended); its job stays readable through
+    """Forget the response (a running background or detached one is canceled first; a foreground
+    one, whose request is waiting for it, only once it has ended); its job stays readable through
     ``/v1/jobs`` until it expires."""
     record = await load_record(jobs, response_id, caller.name)
     view = await jobs.view(record.id, caller.name)
     if view.status not in FINAL_STATUSES:
-        if not record.background:
+        if not record.runs_on:
             raise ApiError(
                 400,
-                f"response '{response_id}' is still being answered to the request that created it "
-                "(not a background one): delete it once it has ended",
+                f"response '{response_id}' is a foreground one still running (for the request that "
+                "created it, unless that request has just gone): delete it once it has ended",
             )
         await _cancel_quietly(jobs, record.id, caller.name)
     await jobs.delete_response(record.id, caller.name)

@@ -14,6 +14,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from httpx_sse import ServerSentEvent, aconnect_sse
@@ -247,6 +248,9 @@ async def test_a_websocket_upgrade_is_the_same_json_404_through_uvicorn() -> Non
         error = json.loads(answer.body)["error"]
         assert error["code"] == "unknown_url" and error["type"] == "not_found_error"
         assert "WebSocket /v1/responses" in error["message"] and "no WebSocket routes" in error["message"]
+        async with httpx.AsyncClient() as http:  # counted as the error answers over HTTP are
+            scraped = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+        assert 'streamq_api_errors_total{code="unknown_url",status="404"} 1.0' in scraped, scraped
     finally:
         server.should_exit = True
         await serving

@@ -61,12 +61,16 @@ async def test_a_foreground_response_is_neither_cancelled_nor_deleted_while_its_
     await front.jobs.submitted.wait()
     [job_id] = front.jobs.jobs
     rid = f"resp_{job_id}"
+
+    def job_id_of(response_id: str) -> str:
+        return response_id.removeprefix("resp_")
+
     with pytest.raises(BadRequestError) as refused:
         await client.responses.cancel(rid)
     assert "background" in refused.value.message
     with pytest.raises(BadRequestError) as kept:
         await client.responses.delete(rid)
-    assert "still being answered" in kept.value.message
+    assert "a foreground one still running" in kept.value.message
     front.jobs.release()
     answer = await waiting
     assert (answer.status, answer.output_text) == ("completed", "x y z")
@@ -75,6 +79,19 @@ async def test_a_foreground_response_is_neither_cancelled_nor_deleted_while_its_
     await client.responses.delete(rid)  # once ended, it is forgotten
     with pytest.raises(NotFoundError):
         await client.responses.retrieve(rid)
+
+    # One sent with X-Streamq-Detach runs on when its client goes: it is cancelled as a
+    # background one (the Responses API is then the only way a Responses client has to stop it).
+    front.jobs.pause_after = 1
+    detached = asyncio.ensure_future(
+        client.responses.create(model=MODEL, input="x y z", extra_headers={"X-Streamq-Detach": "1"})
+    )
+    await settled(lambda: len(front.jobs.jobs) == 2)
+    [other] = [job_id for job_id in front.jobs.jobs if job_id != job_id_of(rid)]
+    stopped = await client.responses.cancel(f"resp_{other}")
+    assert stopped.status == "cancelled"
+    assert (await detached).status == "cancelled"  # what its sender asked for, on its own request
+    front.jobs.release()
 
 
 async def test_a_job_redis_lost_ends_its_response_as_failed(front: Front) -> None:
