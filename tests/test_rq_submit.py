@@ -96,6 +96,8 @@ def test_a_submit_sent_twice_creates_one_job(redis_server: RedisServer) -> None:
     assert _submit(r, queue, job_id, records, max_queued=1) == [b"exists", b""]
     assert queue.job_ids == [job_id]
     assert [fields[b"event"] for _, fields in entries(r.xrange(keys.events(job_id)))] == [b"queued"]
+    # Its records expire even if it never ends (its job hash and its stream of events).
+    assert 0 < r.ttl(keys.job(job_id)) <= 600 and 0 < r.ttl(keys.events(job_id)) <= 600
 
 
 def test_the_submit_script_keeps_the_queue_limit_and_the_key_quota(redis_server: RedisServer) -> None:
@@ -113,3 +115,4 @@ def test_the_submit_script_keeps_the_queue_limit_and_the_key_quota(redis_server:
     assert _submit(r, other, uuid.uuid4().hex, quota=quota) == [b"quota", 0]
     assert other.job_ids == [first]  # refused: nothing of it written
     assert r.zrange(keys.key_active(owner), 0, -1) == [first.encode()]
+    assert 0 < r.ttl(keys.key_active(owner)) <= 60  # the key's set of active jobs expires too

@@ -49,6 +49,11 @@ async def test_a_key_that_is_not_one_is_a_400_naming_it(front: Front, value: str
     assert answer.status_code == 400 and answer.json()["error"]["param"] == "Idempotency-Key"
 
 
+async def test_a_key_of_the_longest_length_is_one(front: Front) -> None:
+    answer = await front.http.post("/v1/jobs", json=HELLO, headers=_key("x" * 255))
+    assert answer.status_code == 202, answer.text
+
+
 @pytest.mark.parametrize(
     ("path", "body"),
     [
