@@ -25,27 +25,21 @@ from redis.exceptions import LockError
 from redis.lock import Lock
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
-from rq.queue import Queue
-from rq.registry import StartedJobRegistry
 from rq.worker import Worker
 
 from shared import keys
 from shared.background import BackgroundThread
 from shared.job_store import scripts
 from shared.job_store.payloads import Failed
-from shared.job_store.rq_ended_records import file_canceled, file_failed
+from shared.job_store.rq_ended_records import file_canceled, file_failed, file_requeued
 from shared.job_store.scripts import Answer, JobScripts
 from shared.job_store.vocabulary import JobField, JobStatus
 from shared.log_format import job_fields
-from shared.redis_text import names
+from shared.redis_text import names, text
 from shared.settings import Settings
 from shared.stranded_jobs import StrandedJobs
 
 log = logging.getLogger("streamq.janitor")
-
-
-# What the requeue answers where it ended the lost run (RQ's record then says so).
-_ENDED_RUN = (Answer.REQUEUED, JobStatus.FAILED, JobStatus.CANCELED)
 
 
 class Janitor(BackgroundThread):
@@ -124,40 +118,43 @@ class Janitor(BackgroundThread):
         pipe = self._redis.pipeline(transaction=False)
         for job_id in running:
             pipe.exists(keys.lease(job_id))
-            pipe.hget(keys.job(job_id), JobField.STATUS)
+            pipe.hmget(keys.job(job_id), [JobField.STATUS, JobField.MODEL])
         answers = pipe.execute()
         orphans = [
-            (job_id, status in (JobStatus.RUNNING, JobStatus.RUNNING.encode()))
-            for job_id, alive, status in zip(running, answers[::2], answers[1::2], strict=True)
+            # (its id, its model where it is running: "" for one no longer running)
+            (job_id, (text(model) or "") if text(status) == JobStatus.RUNNING else "")
+            for job_id, alive, (status, model) in zip(running, answers[::2], answers[1::2], strict=True)
             if not alive
         ]
         requeued = []
         s = self._settings
-        for job_id, was_running in orphans:
+        for job_id, model in orphans:
             if not still_ours():
                 break
             failure = Failed(
                 type="worker_lost",
                 message=f"the job's worker was lost {s.max_attempts} times; it is not run again",
             )
-            # The script puts the id back on its RQ queue's front as it queues the job again, in
-            # one step: no worker can take the id first (and start a job whose attempts are spent,
-            # with no "requeued" event), and a janitor that dies next strands nothing. RQ's own
-            # record follows. One no longer running (ended, or its hash gone) is only taken off
-            # the running set, by the script: queued again in RQ, it came back at every round.
-            rq_job = self._rq_job(job_id) if was_running else None
-            queue = Queue(rq_job.origin, connection=self._redis) if rq_job is not None else None
-            model = str(rq_job.origin).removeprefix(keys.queue_name("")) if rq_job is not None else ""
+            # RQ's record first, the queued job's (without a push); then the script, which queues
+            # the job again and puts the one copy of its id on its queue's front in one step: no
+            # worker can take the id before the job is queued (and failed, its attempts spent), and
+            # one that takes it at once writes its start in RQ after this record, not before. A
+            # janitor that dies in between leaves the job running with no lease: the next round
+            # does it again. One no longer running (ended, or its hash gone) is only taken off the
+            # running set, by the script: queued again in RQ, it came back at every round.
+            rq_job = self._rq_job(job_id) if model else None
+            if rq_job is not None:
+                file_requeued(self._redis, rq_job)
             requeue = scripts.requeue(
                 job_id,
                 maxlen=s.stream_maxlen,
                 ttl=s.result_ttl,
                 attempts_allowed=s.max_attempts,
                 failure=failure,
-                queue_list=queue.key if queue is not None else None,
+                queue_list=keys.rq_queue(model) if model else None,
             )
             answer = scripts.answer(self._scripts.run(requeue))
-            if answer in _ENDED_RUN:  # else it ended meanwhile, or its worker is back
+            if answer in (Answer.REQUEUED, JobStatus.FAILED, JobStatus.CANCELED):  # else it ended meanwhile
                 log.warning(
                     "janitor: job %s lost its worker: %s",
                     job_id,
@@ -166,31 +163,21 @@ class Janitor(BackgroundThread):
                 )
             if answer == Answer.REQUEUED:
                 requeued.append(job_id)
-            if rq_job is not None and queue is not None and answer in _ENDED_RUN:
-                self._file_in_rq(rq_job, queue, answer, failure.message)
+            elif answer in (JobStatus.FAILED, JobStatus.CANCELED) and rq_job is not None:
+                # RQ's failed or canceled job, off its queue, kept as long as streamq's record.
+                if answer == JobStatus.CANCELED:
+                    file_canceled(self._redis, rq_job, s.result_ttl)
+                else:
+                    file_failed(self._redis, rq_job, s.result_ttl, failure.message)
+            # "alive": its worker came back in between (its end writes RQ's record again).
         return requeued
 
     def _rq_job(self, job_id: str) -> Job | None:
         try:
             return Job.fetch(job_id, connection=self._redis)
-        except NoSuchJobError:
-            log.error("janitor: job %s has no RQ record left; it stays queued in streamq only", job_id)
+        except NoSuchJobError:  # its id goes back on its model's queue all the same
+            log.error("janitor: job %s has no RQ record left", job_id)
             return None
-
-    def _file_in_rq(self, job: Job, queue: Queue, answer: str, reason: str) -> None:
-        """RQ's record of a run the janitor ended. Requeued: RQ's enqueue writes its record and
-        pushes the id again, and the script's copy, next in line, is dropped (if a worker took
-        that copy already, this drops the new one instead: the job is delivered once). Ended (its
-        attempts spent, or a cancel its dead worker never saw): RQ's failed or canceled job, off
-        its queue and kept as long as streamq's record."""
-        StartedJobRegistry(queue=queue).remove_executions(job)
-        if answer == Answer.REQUEUED:
-            queue.enqueue_job(job, at_front=True)
-            self._redis.lrem(queue.key, -1, job.id)
-        elif answer == JobStatus.CANCELED:
-            file_canceled(self._redis, job, self._settings.result_ttl)
-        else:
-            file_failed(self._redis, job, self._settings.result_ttl, reason)
 
     def forget_dead_workers(self) -> None:
         """Drop worker processes whose heartbeat stopped, and their records in RQ's list of workers."""

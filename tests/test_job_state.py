@@ -230,7 +230,9 @@ def test_a_worker_waiting_on_the_queue_never_takes_a_lost_job_before_the_janitor
     so a worker is always first to whatever it can see."""
     import threading
 
+    from rq.job import Job
     from rq.queue import Queue
+    from rq.registry import StartedJobRegistry
 
     from shared.janitor import Janitor
     from shared.settings import Settings
@@ -251,6 +253,9 @@ def test_a_worker_waiting_on_the_queue_never_takes_a_lost_job_before_the_janitor
         taken = redis_server.client().blmove(queue.key, keys.intermediate(queue.key), 3, "LEFT", "RIGHT")
         if taken is not None:
             started.append(_start(r, job_id, "run-2"))
+            # and straight back to the queue, as a dispatcher with another free slot goes
+            again = redis_server.client().blmove(queue.key, keys.intermediate(queue.key), 1, "LEFT", "RIGHT")
+            started.append("taken twice" if again is not None else "once")
 
     worker = threading.Thread(target=waiting_worker)
     worker.start()
@@ -269,9 +274,11 @@ def test_a_worker_waiting_on_the_queue_never_takes_a_lost_job_before_the_janitor
         assert started == [] and r.hget(keys.job(job_id), JobField.STATUS) == JobStatus.FAILED
         assert _events(r, job_id) == ["started", "error"]
     else:  # queued again, then taken: its stream says so
-        assert started == ["running"] and _events(r, job_id) == ["started", "queued", "started"]
+        assert started == ["running", "once"] and _events(r, job_id) == ["started", "queued", "started"]
         assert r.hget(keys.job(job_id), JobField.ATTEMPTS) == "2"
-        assert r.llen(queue.key) == 0  # delivered once: RQ's own push was dropped
+        assert r.llen(queue.key) == 0  # delivered once: RQ's record was written, its id not pushed
+        assert Job.fetch(job_id, connection=redis_server.client()).get_status() == "queued"  # before the take
+        assert not StartedJobRegistry(queue=queue).get_job_ids()  # the dead run's execution is gone
 
 
 def test_one_janitor_holds_the_lock_and_one_whose_lock_lapsed_stops_its_round() -> None:

@@ -3,8 +3,8 @@ would notice: a withdrawn job forgotten only once it has ended (and the key sent
 told to wait), fronts that follow a new idempotency secret, a cancel told to its run by its next
 write, a run the janitor ended that writes nothing more, a job continued after a single token, a
 job's first start time kept over its runs, a job RQ failed left alone while its lease lives,
-live workers kept by the janitor, a lost job back at its queue's front, and a key's quota that
-forgets jobs whose records expired."""
+live workers kept by the janitor, a lost job back at its queue's front (with or without RQ's
+record of it), and a key's quota that forgets jobs whose records expired."""
 
 from __future__ import annotations
 
@@ -252,3 +252,19 @@ def test_a_keys_quota_forgets_jobs_whose_records_expired(redis_server: RedisServ
         await connection.aclose()
 
     asyncio.run(run())
+
+
+def test_a_lost_job_without_its_rq_record_goes_back_on_its_models_queue(redis_server: RedisServer) -> None:
+    """RQ's record can go (a failover lost it; the worker that ran the job anyway died): the job
+    goes back on its model's queue all the same, not queued with its id on no list."""
+    from shared.janitor import Janitor
+
+    r = redis_server.client(decode_responses=True)
+    _new_job(r, "je-no-record", "no-record-model")
+    r.delete(keys.rq_queue("no-record-model"))
+    assert _start(r, "je-no-record", "run-1") == "running"
+    r.delete(keys.lease("je-no-record"))
+    janitor = Janitor(redis_server.client(), Settings(redis_url=redis_server.url))
+    assert "je-no-record" in janitor.requeue_orphans()
+    assert r.hget(keys.job("je-no-record"), JobField.STATUS) == JobStatus.QUEUED
+    assert r.lrange(keys.rq_queue("no-record-model"), 0, -1) == ["je-no-record"]

@@ -1,6 +1,7 @@
 """RQ's record of a job that streamq ended outside a worker's run (a cancel of a job no run
-holds, a dead worker's job the janitor ends): filed as RQ's own tools expect it, with the
-lifetime of streamq's record of it (``STREAMQ_RESULT_TTL``)."""
+holds, a dead worker's job the janitor ends), or of a dead worker's job that goes back on its
+queue: filed as RQ's own tools expect it, an ended one with the lifetime of streamq's record of
+it (``STREAMQ_RESULT_TTL``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from rq.exceptions import InvalidJobOperation
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
 from rq.queue import Queue
-from rq.registry import CanceledJobRegistry, FailedJobRegistry
+from rq.registry import CanceledJobRegistry, FailedJobRegistry, StartedJobRegistry
+from rq.utils import now
 
 
 def file_canceled(connection: redis.Redis, job: Job, ttl: int) -> None:
@@ -30,3 +32,17 @@ def file_failed(connection: redis.Redis, job: Job, ttl: int, reason: str) -> Non
     job.set_status(RQStatus.FAILED)
     job.cleanup(ttl=ttl, remove_from_queue=False)
     FailedJobRegistry(queue=queue).add(job, ttl=ttl, exc_string=reason)
+
+
+def file_requeued(connection: redis.Redis, job: Job) -> None:
+    """The job queued again in RQ's record, its dead run's executions out of the started
+    registry, all without pushing its id: the job store's script pushes the one copy, after this,
+    so a worker that takes it at once files its own start last (a push here as well had the job
+    taken twice, RQ's record saying "queued" under the run, its execution gone)."""
+    queue = Queue(job.origin, connection=connection)
+    with connection.pipeline() as pipe:
+        StartedJobRegistry(queue=queue).remove_executions(job, pipeline=pipe)
+        job.enqueued_at = now()
+        job.set_status(RQStatus.QUEUED, pipeline=pipe)
+        job.save(pipeline=pipe)
+        pipe.execute()
