@@ -171,7 +171,8 @@ def _validation_response(request: Request, exc: Exception) -> JSONResponse:
         return error_response(
             ApiError(
                 400,
-                f"'{name}' is not a parameter this server supports (see the README's field table)",
+                f"'{name}' is not a parameter of {request.method} {_shown_path(request.url.path)} "
+                "(/docs lists its fields)",
                 param=name,
                 code="unsupported_parameter",
             )

@@ -7,6 +7,7 @@ SIGTERM stops every child and removes the private Redis.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -53,12 +54,15 @@ def ensure_tiny_model(cache: Path, shape: str = "tiny") -> Path:
     return target
 
 
-def _ready(url: str) -> bool:
+def _served(url: str) -> list[str] | None:
+    """The names the stack serves its models under, once ``/readyz`` says it is ready."""
     try:
         with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
+            if response.status != 200:
+                return None
+            return sorted(json.loads(response.read()).get("models") or {})
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
 
 
 def worker_cores(workers: int, threads: int | None = None, parallel: bool = False) -> list[dict[str, str]]:
@@ -256,9 +260,10 @@ def run_up(settings: Settings, host: str, port: int, model: str | None, workers:
                 return 1
             if not pool.restart_exited():
                 return 1
-            if not announced and _ready(url):
+            if not announced and (served := _served(url)) is not None:
                 keyed = bool(settings.api_keys.get_secret_value() or settings.api_keys_file)
-                _print_banner(url, model_path, workers, redis_url, redis_proc is not None, keyed)
+                model = f"{', '.join(served)} (from {model_path})" if served else model_path
+                _print_banner(url, model, workers, redis_url, redis_proc is not None, keyed)
                 announced = True
             elif not announced and not hinted and time.monotonic() - started > 60:
                 print(f"streamq up: still waiting for {url}/readyz (loading the model?)", file=sys.stderr)

@@ -57,6 +57,9 @@ def default_url() -> str:
 def base_headers(api_key: str | None) -> dict[str, str]:
     """Headers every request carries: the Bearer key (argument, else ``STREAMQ_API_KEY``)."""
     key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    if key and not (key.isascii() and key.isprintable()):  # httpx's own error named no key
+        where = "api_key" if api_key is not None else API_KEY_ENV
+        raise ValueError(f"{where} is not an API key: a key is printable ASCII (an sk-... string)")
     head = {"User-Agent": "streamq-client/0.1"}
     if key:
         head["Authorization"] = f"Bearer {key}"

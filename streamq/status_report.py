@@ -94,4 +94,10 @@ def print_status(settings: Settings, console: Console | None = None) -> int:
     console.print(queue_table(queues))
     console.print(worker_table(workers, now))
     console.print(job_table(queues, workers, ended, running))
+    if not workers and not models:
+        # `streamq up` runs its own private Redis: its banner says how to read that one.
+        console.print(
+            "No worker or queue in this Redis. For a `streamq up` stack, run the status command "
+            "its banner prints (STREAMQ_REDIS_URL=... streamq status); else set STREAMQ_REDIS_URL."
+        )
     return 0

@@ -98,6 +98,7 @@ def test_up_runs_the_whole_stack_and_cleans_up(tmp_path: Path) -> None:
         text = up.banner
         assert f"streamq is up at http://127.0.0.1:{port}" in text, text
         assert "curl -N" in text
+        assert "model:   streamq-tiny (from " in text  # the name to ask for, then its folder
         redis_url = up.redis_url()
         assert (tmp_path / "cache" / "streamq-tiny" / "config.json").exists()
         _answers_a_job(f"http://127.0.0.1:{port}")
@@ -325,3 +326,24 @@ def test_streamq_up_gives_each_vllm_worker_its_own_cores(monkeypatch: pytest.Mon
     assert worker_cores(1, parallel=True) == [{}]  # vLLM wants a list per rank: its own making
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "1")  # the user's own: left to every worker
     assert worker_cores(2) == [{}, {}]
+
+
+def test_status_of_a_redis_with_nothing_in_it_says_where_a_stack_is(tmp_path: Path) -> None:
+    """After `make run`, a plain `streamq status` read the default Redis, not the stack's private
+    one, and printed empty tables as if the stack had nothing."""
+    from harness.redis_server import RedisServer
+
+    server = RedisServer()
+    try:
+        shown = subprocess.run(
+            [sys.executable, "-m", "streamq", "status"],
+            env=clean_env(STREAMQ_REDIS_URL=server.url),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        server.close()
+    assert shown.returncode == 0, shown.stderr
+    assert "No worker or queue in this Redis" in shown.stdout and "STREAMQ_REDIS_URL=" in shown.stdout

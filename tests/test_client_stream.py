@@ -148,3 +148,17 @@ def test_rows_rebuild_the_text_fit_the_width_and_only_the_last_row_changes(width
 
 def test_printable_text_cannot_drive_the_terminal() -> None:
     assert printable("a\x1b[2Jb\r\n\tc\x07") == "a\ufffd[2Jb\n    c\ufffd"
+
+
+def test_a_key_that_cannot_be_one_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's "…" pasted as a key failed deep in httpx with a UnicodeEncodeError."""
+    from streamq import AsyncStreamqClient, StreamqClient
+
+    with pytest.raises(ValueError, match="api_key is not an API key"):
+        StreamqClient("http://127.0.0.1:8000", api_key="…")
+    monkeypatch.setenv("STREAMQ_API_KEY", "sk-key\n")
+    with pytest.raises(ValueError, match="STREAMQ_API_KEY is not an API key"):
+        AsyncStreamqClient("http://127.0.0.1:8000")
+    monkeypatch.setenv("STREAMQ_API_KEY", "sk-a-real-key")
+    with StreamqClient("http://127.0.0.1:8000") as client:
+        assert client._http.headers["Authorization"] == "Bearer sk-a-real-key"

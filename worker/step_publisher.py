@@ -73,15 +73,19 @@ def final_record(output: JobOutput, finished_at: float) -> Ending:
             output.error_type, output.error_message, finished_at, output.error_param, output.error_code
         )
     # A continued job's: its wait before its first run; this run's time to its first token, its
-    # time, and its rate over the tokens it generated (not those an earlier run did).
+    # time, and its rate over the tokens it generated (not those an earlier run did) after its
+    # first: the tokens after the first over the time since it (all of them over that time made
+    # a short answer look many times faster: 20 tokens, 705 tok/s).
     first = job.first_token_at
-    generated = job.completion_tokens - len(job.resume_ids)
+    after_first = job.completion_tokens - len(job.resume_ids) - 1
     timings = Timings(
         queue_seconds=round((job.first_started_at or job.started_at) - job.created_at, 6),
         first_token_seconds=round(first - job.started_at, 6) if first else None,
         generation_seconds=round(finished_at - job.started_at, 6),
         tokens_per_second=(
-            round(generated / (finished_at - first), 3) if first and finished_at > first else None
+            round(after_first / (finished_at - first), 3)
+            if first and finished_at > first and after_first > 0
+            else None
         ),
     )
     usage = Usage(prompt_tokens=job.prompt_tokens, completion_tokens=job.completion_tokens)

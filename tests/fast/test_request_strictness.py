@@ -34,7 +34,11 @@ def _tool(name: str, parameters: Any = None) -> Any:
 @pytest.mark.parametrize(
     ("fields", "param", "says"),
     [
-        ({"messages": [USER | {"foo": 1}]}, "messages.0.foo", "'messages.0.foo' is not a parameter"),
+        (
+            {"messages": [USER | {"foo": 1}]},
+            "messages.0.foo",
+            "'messages.0.foo' is not a parameter of POST /v1/chat/completions",
+        ),
         ({"messages": [USER | {"content": []}]}, "messages.0.content", "an empty list of content parts"),
         (
             {"messages": [USER | {"content": [{"type": "text", "text": "hi", "cache_control": {}}]}]},
