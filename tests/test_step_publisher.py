@@ -217,3 +217,28 @@ def test_a_handback_that_finds_its_job_queued_already_is_a_handback(
         assert connection.hget(keys.job(job.job_id), JobField.STATUS) == b"queued"
     finally:
         connection.delete(keys.job(job.job_id), keys.events(job.job_id))
+
+
+def test_each_end_is_counted_in_its_models_drain(publisher: StepPublisher, connection: redis.Redis) -> None:
+    """The fronts' wait estimates and Retry-After come from the jobs each model ended lately."""
+    connection.delete(keys.drained("m"))
+    jobs = [_running_job(connection, f"pub-drain-{i}") for i in range(2)]
+    publisher.put([_output(job, "done", 1, end=FinishReason.STOP) for job in jobs])
+    assert all(job.ended.wait(SOON) for job in jobs)
+    now = time.time()  # both counted, each at its end's time
+    assert connection.zcard(keys.drained("m")) == connection.zcount(keys.drained("m"), now - 30, now) == 2
+    assert connection.ttl(keys.drained("m")) > 0
+
+
+def test_a_job_found_lost_is_released_when_its_end_comes(
+    publisher: StepPublisher, connection: redis.Redis
+) -> None:
+    """Another run holds the job now (this worker was thought dead): its end is not written, and
+    its slot is freed at once, not when its deadline runs out."""
+    job = _running_job(connection, "pub-lost")
+    connection.hset(keys.job(job.job_id), JobField.RUN, "another-run")
+    publisher.put([_output(job, "stale", 1)])
+    assert _within(SOON, lambda: job.lost)
+    publisher.put([_output(job, "", 2, end=FinishReason.STOP)])
+    assert job.ended.wait(SOON) and job.status == "lost"
+    assert _stored(connection, job.job_id) == ""  # nothing of it written
