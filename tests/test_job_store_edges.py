@@ -268,3 +268,21 @@ def test_a_lost_job_without_its_rq_record_goes_back_on_its_models_queue(redis_se
     assert "je-no-record" in janitor.requeue_orphans()
     assert r.hget(keys.job("je-no-record"), JobField.STATUS) == JobStatus.QUEUED
     assert r.lrange(keys.rq_queue("no-record-model"), 0, -1) == ["je-no-record"]
+
+
+def test_an_ended_jobs_id_left_in_a_workers_intermediate_list_is_dropped(redis_server: RedisServer) -> None:
+    """A job that ended while its id was parked (canceled, failed by the janitor) leaves nothing
+    there for every later round to read again."""
+    from shared.stranded_jobs import StrandedJobs
+
+    r = redis_server.client(decode_responses=True)
+    _new_job(r, "je-parked", "parked-model")
+    r.delete(keys.rq_queue("parked-model"))
+    r.sadd(keys.RQ_QUEUES, keys.rq_queue("parked-model"))
+    parked = keys.intermediate(keys.rq_queue("parked-model"))
+    r.rpush(parked, "je-parked")
+    r.hset(keys.job("je-parked"), JobField.STATUS, JobStatus.CANCELED)
+    stranded = StrandedJobs(redis_server.client(), Settings(redis_url=redis_server.url))
+    stranded.sweep()  # first seen: a live worker may still start it
+    stranded.sweep()
+    assert r.llen(parked) == 0 and r.llen(keys.rq_queue("parked-model")) == 0

@@ -173,6 +173,8 @@ async def test_a_previous_response_id_chain_carries_the_conversation(front: Fron
     unstored = await client.responses.create(model=MODEL, input="forget me", store=False)
     # openai 3's Response declares no store field; the SDK keeps the one the server sent as an extra.
     assert unstored.store is False and unstored.output_text == "forget me"  # type: ignore[attr-defined]
+    _, saved = front.jobs.responses[unstored.id.removeprefix("resp_")]
+    assert "forget me" not in saved  # its input is not kept (the job's own request is, for its run)
     with pytest.raises(BadRequestError) as refused:
         await client.responses.create(model=MODEL, input="go on", previous_response_id=unstored.id)
     assert refused.value.body["param"] == "previous_response_id"  # type: ignore[index]
