@@ -9,8 +9,9 @@ from typing import TypeVar
 import pytest
 import redis.asyncio as aioredis
 
-from api.stream_hub import StreamHub, Subscription, parse_entry_id
+from api.stream_hub import WAKE_KEY_LIFE, StreamHub, Subscription, parse_entry_id
 from harness.redis_server import RedisServer
+from shared import keys
 
 T = TypeVar("T")
 
@@ -83,6 +84,9 @@ def test_a_new_subscription_joins_a_blocked_read_at_once(redis_server: RedisServ
         await r.xadd("t2:b", {"v": "hello"})
         assert await drain(second, 1) == ["hello"]  # well before the 60 s block would end
         assert first.queue.empty()
+        # The wake-up stream is the front's own (a random id per process): it expires once its
+        # front is gone, rather than stay for ever after a crash.
+        assert 0 < await r.ttl(keys.hub_wakeup("test")) <= WAKE_KEY_LIFE
 
     run(redis_server, body)
 
