@@ -12,6 +12,8 @@ import itertools
 import time
 from typing import Any, cast
 
+from redis.exceptions import RedisError
+
 from api.job_stream import JobFollower
 from api.stream_hub import CHECK_JOB, Subscription
 from shared.job_store.vocabulary import EventName, JobStatus
@@ -179,3 +181,28 @@ def test_a_job_that_left_its_queue_is_not_looked_up_in_it() -> None:
     assert (started.event, started.data["position"], asked) == (EventName.QUEUED, None, [])
     waiting, asked = asyncio.run(first_event([EventName.QUEUED]))
     assert (waiting.data["position"], asked) == (1000, ["job"])
+
+
+def test_a_redis_error_while_checking_the_job_is_no_job_lost() -> None:
+    """The check at a keep-alive fails (Redis blinked): the stream goes on, as for a job that is
+    there; only Redis's answer that its record is gone ends it with job_lost."""
+
+    class _Failing(_Jobs):
+        async def exists(self, job_id: str) -> bool:
+            raise RedisError("Timeout reading from redis")
+
+    async def follow() -> list[Any]:
+        hub = _Hub()
+        job = JobView(id="job", model="m", status=JobStatus.RUNNING, created_at=time.time())
+        follower = JobFollower(cast(Any, _Failing()), cast(Any, hub), job, None, PING, POSITION_POLL)
+        hub.sub.queue.put_nowait(CHECK_JOB)
+        items: list[Any] = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.5 * PING):
+                async for item in follower.events("0-0"):
+                    items.append(item)
+        return items
+
+    items = asyncio.run(follow())
+    assert None in items  # keep-alive ticks go on
+    assert not [item for item in items if item is not None and item.final]  # and no job_lost
