@@ -286,3 +286,35 @@ def test_an_ended_jobs_id_left_in_a_workers_intermediate_list_is_dropped(redis_s
     stranded.sweep()  # first seen: a live worker may still start it
     stranded.sweep()
     assert r.llen(parked) == 0 and r.llen(keys.rq_queue("parked-model")) == 0
+
+
+def test_the_janitor_leaves_a_job_whose_lease_lives_and_rqs_record_of_its_run(
+    redis_server: RedisServer,
+) -> None:
+    """Only a lapsed lease makes a job lost: a live run's job stays off its queue, and RQ's record
+    of the run (started, in the started registry) is left as its worker wrote it."""
+    from rq.executions import Execution
+    from rq.job import Job
+    from rq.queue import Queue
+    from rq.registry import StartedJobRegistry
+
+    from shared.janitor import Janitor
+    from worker.tasks import TASK
+
+    r = redis_server.client(decode_responses=True)
+    queue = Queue(keys.queue_name("live-model"), connection=redis_server.client())
+    _new_job(r, "je-live-run", "live-model")
+    r.delete(keys.rq_queue("live-model"))
+    job = queue.enqueue_call(TASK, args=("je-live-run",), job_id="je-live-run", result_ttl=600)
+    r.lpop(queue.key)
+    with redis_server.client().pipeline() as pipe:  # as a worker's start of its run files it
+        Execution.create(job, 600, pipeline=pipe, worker_name="w")
+        job.prepare_for_execution("w", pipeline=pipe)
+        pipe.execute()
+    assert _start(r, "je-live-run", "run-1", lease_ms=60_000) == "running"
+    janitor = Janitor(redis_server.client(), Settings(redis_url=redis_server.url))
+    for _ in range(2):
+        assert "je-live-run" not in janitor.requeue_orphans()
+    assert r.llen(queue.key) == 0 and r.hget(keys.job("je-live-run"), JobField.STATUS) == JobStatus.RUNNING
+    assert Job.fetch("je-live-run", connection=redis_server.client()).get_status() == "started"
+    assert "je-live-run" in StartedJobRegistry(queue=queue).get_job_ids()
