@@ -201,3 +201,30 @@ def test_a_job_started_as_the_engine_stops_is_handed_back_by_its_own_thread(
     state = connection.hmget(keys.job(job_id), [JobField.STATUS, JobField.ATTEMPTS])
     assert state == [StreamqStatus.QUEUED.encode(), b"0"]  # its attempt given back
     assert Job.fetch(job_id, connection=connection).get_status() == "queued"
+
+
+def test_a_job_that_ended_has_no_lease_left_to_renew(redis_server: RedisServer) -> None:
+    """Its run's lease is let go at its end: kept, the lease keeper renewed it every second for as
+    long as the worker lived (and the job's lease key came back after its end deleted it)."""
+    model = unique("rq-leases")
+    connection = redis_server.client()
+    queue, job_id = submitted(connection, model)
+    settings = Settings(redis_url=redis_server.url, backend="synthetic", served_name=model)
+    runtime = build_runtime(settings, connection, model)
+    runtime.start()
+    try:
+        runs = RqRuns(
+            connection,
+            SimpleWorker([queue], name=model, connection=connection),
+            result_ttl=600,
+            job_timeout=300,
+        )
+        (run,) = runs.begin(runs.take(4, wait=1))
+        outcome = runtime.run_job(job_id, f"{model}.0", run.fields)
+        runs.end(run, outcome)
+        assert outcome is Outcome.FINISHED
+        runtime.leases.renew()
+        assert not connection.exists(keys.lease(job_id))
+        assert job_id not in runtime.leases._jobs
+    finally:
+        runtime.stop()
