@@ -6,6 +6,7 @@ to its queue at once, in streamq and in RQ."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from typing import Any
@@ -168,6 +169,20 @@ def test_a_job_taken_as_the_worker_stops_goes_back_to_its_queue_once(
     assert StartedJobRegistry(queue=queue).get_job_ids() == []
 
 
+def _take_all(redis_server: RedisServer, queue_key: str, taken: list[str], seconds: float) -> None:
+    """A dispatcher with free slots: each id off the queue, and straight back to wait for more,
+    for half a second after the first (it never starts them: a janitor's rounds would find one
+    parked and queue it again after a second or two, as they should)."""
+    connection = redis_server.client(decode_responses=True)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        job_id = connection.blmove(queue_key, keys.intermediate(queue_key), 1, "LEFT", "RIGHT")
+        if job_id is not None:
+            if not taken:
+                deadline = time.monotonic() + 0.5
+            taken.append(str(job_id))
+
+
 def test_a_job_started_as_the_engine_stops_is_handed_back_by_its_own_thread(
     redis_server: RedisServer,
 ) -> None:
@@ -191,12 +206,18 @@ def test_a_job_started_as_the_engine_stops_is_handed_back_by_its_own_thread(
             job_timeout=300,
         )
         (run,) = runs.begin(runs.take(4, wait=1))
+        taken: list[str] = []  # what a worker waiting on the queue gets, taking again at once
+        waiting = threading.Thread(target=_take_all, args=(redis_server, queue.key, taken, 3.0))
+        waiting.start()
         began = time.monotonic()
         outcome = runtime.run_job(job_id, f"{model}.0", run.fields)
         runs.end(run, outcome)
+        waiting.join()
     finally:
         runtime.stop()
     assert outcome is Outcome.REQUEUED and time.monotonic() - began < 5
+    assert taken == [job_id]  # once: RQ's record pushed no second copy (it was taken twice)
+    connection.lmove(keys.intermediate(queue.key), queue.key, "RIGHT", "LEFT")
     assert queue.job_ids == [job_id] and connection.llen(keys.intermediate(queue.key)) == 0
     state = connection.hmget(keys.job(job_id), [JobField.STATUS, JobField.ATTEMPTS])
     assert state == [StreamqStatus.QUEUED.encode(), b"0"]  # its attempt given back

@@ -36,6 +36,7 @@ from rq.worker import SimpleWorker
 
 from shared import keys
 from shared.job_store import scripts
+from shared.job_store.rq_ended_records import file_requeued
 from shared.job_store.scripts import JobScripts
 from shared.job_store.vocabulary import JobField
 from shared.job_store.vocabulary import JobStatus as StreamqStatus
@@ -84,12 +85,11 @@ def file_ending(
                 extra=job_fields("requeued", job.id, model, worker=str(job.worker_name), reason="start_lost"),
             )
         elif outcome is Outcome.REQUEUED:
-            # The handback script already put the id back on the queue's front, so a kill here
-            # strands nothing. RQ's enqueue writes its record and pushes the id again; the
-            # script's copy, next in line, is then dropped (if a worker already took it, this
-            # drops the new one instead: either way the job is delivered once).
-            queue.enqueue_job(job, at_front=True)
-            connection.lrem(queue.key, -1, job.id)
+            # The handback script already put the one copy of the id back on the queue's front,
+            # so a kill here strands nothing; RQ's record follows, with no second push (RQ's own
+            # enqueue pushed one, which a worker with a free slot could take before it was
+            # dropped: the job delivered twice).
+            file_requeued(connection, job, executions=False)  # the run's went above
             log.info(
                 "job %s: handed back to its queue",
                 job.id,

@@ -34,14 +34,15 @@ def file_failed(connection: redis.Redis, job: Job, ttl: int, reason: str) -> Non
     FailedJobRegistry(queue=queue).add(job, ttl=ttl, exc_string=reason)
 
 
-def file_requeued(connection: redis.Redis, job: Job) -> None:
-    """The job queued again in RQ's record, its dead run's executions out of the started
-    registry, all without pushing its id: the job store's script pushes the one copy, after this,
-    so a worker that takes it at once files its own start last (a push here as well had the job
-    taken twice, RQ's record saying "queued" under the run, its execution gone)."""
+def file_requeued(connection: redis.Redis, job: Job, executions: bool = True) -> None:
+    """The job queued again in RQ's record (with ``executions``, its dead run's out of the
+    started registry), without pushing its id: the job store's script pushes the one copy (a
+    push here as well had the job taken twice). The janitor writes this before its script, so a
+    worker that takes the id at once files its own start last."""
     queue = Queue(job.origin, connection=connection)
     with connection.pipeline() as pipe:
-        StartedJobRegistry(queue=queue).remove_executions(job, pipeline=pipe)
+        if executions:
+            StartedJobRegistry(queue=queue).remove_executions(job, pipeline=pipe)
         job.enqueued_at = now()
         job.set_status(RQStatus.QUEUED, pipeline=pipe)
         job.save(pipeline=pipe)
