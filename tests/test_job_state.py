@@ -219,68 +219,6 @@ def test_a_job_the_janitor_fails_leaves_its_rq_queue_and_rq_records_it_failed(
         assert score is not None and score > time.time() + ttl - 60, job_id
 
 
-@pytest.mark.parametrize("attempts", [1, 2])
-def test_a_worker_waiting_on_the_queue_never_takes_a_lost_job_before_the_janitor_queues_it(
-    redis_server: RedisServer, attempts: int
-) -> None:
-    """A worker blocked on the queue takes an id the moment it is pushed. The janitor pushed a
-    lost job's id before its script queued the job again: a worker took it and started it at
-    once, a second start with no "requeued" event, and with its attempts spent a job that kills
-    its workers ran again (seen once in a vLLM soak). The janitor's next command is slowed here,
-    so a worker is always first to whatever it can see."""
-    import threading
-
-    from rq.job import Job
-    from rq.queue import Queue
-    from rq.registry import StartedJobRegistry
-
-    from shared.janitor import Janitor
-    from shared.settings import Settings
-    from worker.tasks import TASK
-
-    r = redis_server.client(decode_responses=True)
-    job_id, model = f"js-lost-{attempts}", f"lost-model-{attempts}"
-    queue = Queue(keys.queue_name(model), connection=redis_server.client())
-    _new_job(r, job_id, model)
-    r.delete(keys.rq_queue(model))
-    queue.enqueue_call(TASK, args=(job_id,), job_id=job_id, result_ttl=600)
-    r.lpop(queue.key)  # a worker took it and started it; then its worker died
-    assert _start(r, job_id, "run-1") == "running"
-    r.delete(keys.lease(job_id))
-    started: list[str] = []
-
-    def waiting_worker() -> None:  # as the dispatcher: the id off the queue, then the job's start
-        taken = redis_server.client().blmove(queue.key, keys.intermediate(queue.key), 3, "LEFT", "RIGHT")
-        if taken is not None:
-            started.append(_start(r, job_id, "run-2"))
-            # and straight back to the queue, as a dispatcher with another free slot goes
-            again = redis_server.client().blmove(queue.key, keys.intermediate(queue.key), 1, "LEFT", "RIGHT")
-            started.append("taken twice" if again is not None else "once")
-
-    worker = threading.Thread(target=waiting_worker)
-    worker.start()
-    time.sleep(0.2)  # blocked on the queue
-    janitor = Janitor(redis_server.client(), Settings(redis_url=redis_server.url, max_attempts=attempts))
-    run = janitor._scripts.run
-
-    def slowed(*args: object, **kwargs: object) -> object:
-        time.sleep(0.5)
-        return run(*args, **kwargs)  # type: ignore[arg-type]
-
-    janitor._scripts.run = slowed  # type: ignore[method-assign]
-    janitor.requeue_orphans()
-    worker.join()
-    if attempts == 1:  # spent: failed, and never started again
-        assert started == [] and r.hget(keys.job(job_id), JobField.STATUS) == JobStatus.FAILED
-        assert _events(r, job_id) == ["started", "error"]
-    else:  # queued again, then taken: its stream says so
-        assert started == ["running", "once"] and _events(r, job_id) == ["started", "queued", "started"]
-        assert r.hget(keys.job(job_id), JobField.ATTEMPTS) == "2"
-        assert r.llen(queue.key) == 0  # delivered once: RQ's record was written, its id not pushed
-        assert Job.fetch(job_id, connection=redis_server.client()).get_status() == "queued"  # before the take
-        assert not StartedJobRegistry(queue=queue).get_job_ids()  # the dead run's execution is gone
-
-
 def test_one_janitor_holds_the_lock_and_one_whose_lock_lapsed_stops_its_round() -> None:
     """Janitors of every front and worker share one lock. One whose lock lapsed (a round longer
     than the lock's three rounds, a pause) and went to another neither renews the other's lock
